@@ -1,0 +1,84 @@
+//! Where pack files live: a small synchronous storage trait, so nothing above it knows it is a filesystem.
+//!
+//! Objects are immutable once published. Publishing is atomic and durable: after [`ObjectWriter::publish`]
+//! returns, the object is complete under its name and survives a crash; before, it is invisible.
+
+mod local;
+mod memory;
+
+use std::io::{self, Write};
+
+pub use local::LocalBackend;
+pub use memory::MemoryBackend;
+
+/// A store of named, immutable objects (pack files).
+pub trait Backend: Send + Sync {
+    /// Starts writing a new object; its name is given only when it is published.
+    fn create(&self) -> io::Result<Box<dyn ObjectWriter>>;
+    /// Fills `buf` with the object's bytes starting at `offset`; fails if the object is shorter.
+    fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// The object's size in bytes.
+    fn size(&self, name: &str) -> io::Result<u64>;
+    /// Names of all objects whose names start with `prefix`.
+    fn list(&self, prefix: &str) -> io::Result<Vec<String>>;
+    /// Deletes an object; deleting a missing object is not an error.
+    fn remove(&self, name: &str) -> io::Result<()>;
+}
+
+/// An object being written. Dropping it without publishing discards it.
+pub trait ObjectWriter: Write + Send {
+    /// Makes the written bytes durable, then visible under `name`, atomically.
+    fn publish(self: Box<Self>, name: &str) -> io::Result<()>;
+}
+
+/// Rejects object names that could address something outside the store.
+pub(crate) fn check_name(name: &str) -> io::Result<()> {
+    let ok = !name.is_empty()
+        && !name.starts_with('/')
+        && name.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'/' || b == b'.' || b == b'_' || b == b'-');
+    if ok { Ok(()) } else { Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad object name {name:?}"))) }
+}
+
+/// Creates a local repository directory, owner-only, durably.
+pub(crate) fn local_dir(root: &std::path::Path) -> io::Result<()> {
+    local::create_dir_durable(root)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The contract every backend must keep.
+    pub(crate) fn exercise(backend: &dyn Backend) {
+        let mut w = backend.create().unwrap();
+        w.write_all(b"hello world").unwrap();
+        // Not visible before publish.
+        assert!(backend.list("packs/").unwrap().is_empty());
+        w.publish("packs/ab/abc.pack").unwrap();
+        assert_eq!(backend.list("packs/").unwrap(), vec!["packs/ab/abc.pack".to_string()]);
+        assert_eq!(backend.size("packs/ab/abc.pack").unwrap(), 11);
+        let mut buf = [0u8; 5];
+        backend.read_at("packs/ab/abc.pack", 6, &mut buf).unwrap();
+        assert_eq!(&buf, b"world");
+        let mut long = [0u8; 6];
+        assert!(backend.read_at("packs/ab/abc.pack", 6, &mut long).is_err());
+        // An abandoned writer leaves nothing.
+        let mut w = backend.create().unwrap();
+        w.write_all(b"partial").unwrap();
+        drop(w);
+        assert_eq!(backend.list("").unwrap().len(), 1);
+        backend.remove("packs/ab/abc.pack").unwrap();
+        backend.remove("packs/ab/abc.pack").unwrap();
+        assert!(backend.list("packs/").unwrap().is_empty());
+        assert!(backend.read_at("../etc/passwd", 0, &mut buf).is_err());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("packs/00/0a.pack").is_ok());
+        for bad in ["", "/etc/passwd", "packs/../x", "a//b", "a/./b", "a b"] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+}

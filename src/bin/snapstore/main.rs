@@ -1,0 +1,311 @@
+//! The `snapstore` command: a thin face over the library. It parses arguments, draws progress on a TTY,
+//! prints results (or JSON), and turns library errors into one clear line and an exit code.
+
+mod output;
+mod progress;
+
+use std::io::{self, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use snapstore::{CheckoutOptions, CommitOptions, Error, Repository};
+
+use output::{Out, human_bytes};
+
+/// Exit codes, documented in `--help`.
+const EXIT_FAILURE: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_CORRUPT: u8 = 3;
+const EXIT_NOT_FOUND: u8 = 4;
+
+const AFTER_HELP: &str = "\
+Exit codes: 0 success; 1 failure (I/O, catalog, ...); 2 bad usage or arguments; 3 damaged data detected;
+4 repository or checkpoint not found.
+
+Checkpoint ids: any unique prefix of 4 or more hex digits, or 'latest'.";
+
+/// snapstore: a checkpoint store. Each checkpoint costs only what changed since the last.
+#[derive(Parser)]
+#[command(name = "snapstore", version, about, after_help = AFTER_HELP)]
+struct Cli {
+    /// Repository directory [default: .snapstore in the current directory]
+    #[arg(long, global = true, env = "SNAPSTORE_REPO", value_name = "PATH")]
+    repo: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout instead of text
+    #[arg(long, global = true)]
+    json: bool,
+    /// Print only what scripts need (for commit: the id alone), no progress
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new, empty repository
+    Init,
+    /// Save a file, a directory tree, or stdin as a new checkpoint
+    #[command(after_help = "Files whose size, mtime, ctime and inode match the previous checkpoint of the same path \
+are not read again. Only chunks the repository lacks are compressed and stored.\n\
+The new checkpoint's full id is printed last on stdout. If the repository does not exist yet, it is created.")]
+    Commit {
+        /// File or directory to checkpoint, or - to read a stream from stdin (with --name)
+        path: PathBuf,
+        /// Message recorded with the checkpoint
+        #[arg(short, long, default_value = "")]
+        message: String,
+        /// Tag the checkpoint (repeatable)
+        #[arg(short, long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+        /// Name of the file the stream becomes (required with -)
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// Read every file, even those unchanged since the previous checkpoint
+        #[arg(long)]
+        reread: bool,
+        /// Record unreadable files as skipped instead of failing the commit
+        #[arg(long)]
+        skip_unreadable: bool,
+        /// Worker threads for hashing and compression [default: one per core]
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        threads: usize,
+    },
+    /// Recreate a checkpoint at DEST, byte for byte, verifying every chunk
+    #[command(after_help = "DEST becomes what the committed path was (the directory, or the file). \
+It must not exist, or be an empty directory; --force writes into an existing one, replacing what the checkpoint names.")]
+    Checkout {
+        /// Checkpoint id, unique prefix, or 'latest'
+        id: String,
+        /// Where to recreate it
+        dest: PathBuf,
+        /// Write into a destination that exists and is not empty
+        #[arg(long)]
+        force: bool,
+        /// Worker threads [default: one per core]
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        threads: usize,
+    },
+    /// List checkpoints, newest first
+    Log {
+        /// Show at most N checkpoints
+        #[arg(short = 'n', long, value_name = "N")]
+        limit: Option<usize>,
+    },
+    /// Show one checkpoint and its files
+    Show {
+        /// Checkpoint id, unique prefix, or 'latest'
+        id: String,
+    },
+    /// Repository totals: logical and stored bytes, dedup and compression ratios, chunks and packs
+    Stats,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut out = Out::new(cli.json);
+    match run(&cli, &mut out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Pipe) => ExitCode::SUCCESS,
+        Err(Failure::Lib(e)) => {
+            eprintln!("error: {e}");
+            if let Some(hint) = hint(&e) {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::from(exit_code(&e))
+        }
+        Err(Failure::Usage(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+enum Failure {
+    Lib(Error),
+    Usage(String),
+    /// stdout was closed (`snapstore log | head`): not an error.
+    Pipe,
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Lib(e)
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::BrokenPipe { Failure::Pipe } else { Failure::Lib(Error::io("<stdout>", e)) }
+    }
+}
+
+fn exit_code(e: &Error) -> u8 {
+    match e {
+        _ if e.is_corruption() => EXIT_CORRUPT,
+        Error::NoRepository(_) | Error::CheckpointNotFound(_) => EXIT_NOT_FOUND,
+        Error::InvalidId(_) | Error::AmbiguousId { .. } | Error::InvalidInput(_) | Error::DestinationNotEmpty(_) => {
+            EXIT_USAGE
+        }
+        _ => EXIT_FAILURE,
+    }
+}
+
+fn hint(e: &Error) -> Option<&'static str> {
+    Some(match e {
+        Error::NoRepository(_) => {
+            "create one with `snapstore init`, or point --repo or SNAPSTORE_REPO at an existing one"
+        }
+        Error::RepositoryExists(_) => "use it as it is, or choose another --repo",
+        Error::CheckpointNotFound(_) => "`snapstore log` lists the checkpoints",
+        Error::AmbiguousId { .. } => "give more digits of the id",
+        Error::DestinationNotEmpty(_) => "choose a new or empty directory, or pass --force to write into this one",
+        Error::Unreadable { .. } => "fix the permissions, or pass --skip-unreadable to record the file as skipped",
+        Error::FileChanged(_) => "stop the program writing to it, or pass --skip-unreadable to leave it out",
+        Error::Corrupt { .. } | Error::UnsafeName { .. } => {
+            "the repository is damaged; nothing was written in place of good data. Other checkpoints may still check out"
+        }
+        Error::Format(_) => "this repository needs a different snapstore version",
+        _ => return None,
+    })
+}
+
+fn repo_path(cli: &Cli) -> PathBuf {
+    cli.repo.clone().unwrap_or_else(|| PathBuf::from(".snapstore"))
+}
+
+fn show_progress(cli: &Cli) -> bool {
+    !cli.quiet && !cli.json && io::stderr().is_terminal()
+}
+
+fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
+    let repo_dir = repo_path(cli);
+    match &cli.command {
+        Command::Init => {
+            let repo = Repository::init(&repo_dir)?;
+            if cli.json {
+                out.json(&serde_json::json!({ "repository": repo.path(), "params": repo.params() }))?;
+            } else if !cli.quiet {
+                out.line(&format!("created snapstore repository at {}", repo.path().display()))?;
+            }
+        }
+        Command::Commit { path, message, tags, name, reread, skip_unreadable, threads } => {
+            let repo = match Repository::open(&repo_dir) {
+                Err(Error::NoRepository(_)) => {
+                    let repo = Repository::init(&repo_dir)?;
+                    eprintln!("created snapstore repository at {}", repo.path().display());
+                    repo
+                }
+                other => other?,
+            };
+            let bar = progress::Bar::new(show_progress(cli));
+            let opts = CommitOptions {
+                message: message.clone(),
+                tags: tags.clone(),
+                reread: *reread,
+                skip_unreadable: *skip_unreadable,
+                threads: *threads,
+                progress: bar.clone(),
+                ..Default::default()
+            };
+            let summary = if path.as_os_str() == "-" {
+                let name = name.as_deref().ok_or_else(|| {
+                    Failure::Usage("reading stdin needs --name NAME: the name of the file the stream becomes".into())
+                })?;
+                let mut stdin = io::stdin().lock();
+                repo.commit_reader(name, &mut stdin, &opts)?
+            } else {
+                if name.is_some() {
+                    return Err(Failure::Usage("--name only applies when committing stdin (-)".into()));
+                }
+                repo.commit(path, &opts)?
+            };
+            bar.finish();
+            if cli.json {
+                out.json(&summary)?;
+            } else {
+                if !cli.quiet {
+                    output::commit_summary(out, &summary)?;
+                }
+                out.line(&summary.id)?;
+            }
+        }
+        Command::Checkout { id, dest, force, threads } => {
+            let repo = Repository::open(&repo_dir)?;
+            let bar = progress::Bar::new(show_progress(cli));
+            let opts = CheckoutOptions { force: *force, threads: *threads, progress: bar.clone() };
+            let summary = repo.checkout(id, dest, &opts)?;
+            bar.finish();
+            if cli.json {
+                out.json(&summary)?;
+            } else if !cli.quiet {
+                let rate = summary.bytes as f64 / summary.seconds.max(1e-9);
+                out.line(&format!(
+                    "checked out {} to {}: {} files, {} dirs, {} symlinks, {} in {:.2} s ({}/s)",
+                    &summary.id[..snapstore::SHORT_ID_LEN],
+                    dest.display(),
+                    summary.files,
+                    summary.dirs,
+                    summary.symlinks,
+                    human_bytes(summary.bytes),
+                    summary.seconds,
+                    human_bytes(rate as u64)
+                ))?;
+            }
+        }
+        Command::Log { limit } => {
+            let repo = Repository::open(&repo_dir)?;
+            let mut list = repo.checkpoints()?;
+            if let Some(n) = limit {
+                list.truncate(*n);
+            }
+            if cli.json {
+                out.json(&list)?;
+            } else {
+                output::log(out, &list, cli.quiet)?;
+            }
+        }
+        Command::Show { id } => {
+            let repo = Repository::open(&repo_dir)?;
+            let cp = repo.checkpoint(id)?;
+            let skipped = repo.skipped(&cp.id)?;
+            if cli.json {
+                let mut files = Vec::new();
+                repo.walk(&cp.id, |f| {
+                    files.push(f.clone());
+                    Ok(())
+                })?;
+                out.json(&serde_json::json!({ "checkpoint": cp, "files": files, "skipped": skipped }))?;
+            } else {
+                output::checkpoint_header(out, &cp)?;
+                for (p, why) in &skipped {
+                    out.line(&format!("skipped   {}: {why}", p.display()))?;
+                }
+                let mut failed = None;
+                repo.walk(&cp.id, |f| {
+                    if let Err(e) = output::file_line(out, f) {
+                        failed = Some(e);
+                        return Err(Error::Internal("stdout closed".into()));
+                    }
+                    Ok(())
+                })
+                .or_else(|e| if failed.is_some() { Ok(()) } else { Err(e) })?;
+                if let Some(e) = failed {
+                    return Err(e.into());
+                }
+            }
+        }
+        Command::Stats => {
+            let repo = Repository::open(&repo_dir)?;
+            let stats = repo.stats()?;
+            if cli.json {
+                out.json(&stats)?;
+            } else {
+                output::stats(out, &repo, &stats)?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}

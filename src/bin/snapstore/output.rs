@@ -1,0 +1,181 @@
+//! Text and JSON output on stdout. Every write returns its error, so a closed pipe ends the command quietly.
+
+use std::io::{self, BufWriter, StdoutLock, Write};
+
+use snapstore::{Checkpoint, CommitSummary, EntryKind, FileInfo, RepoStats, Repository};
+
+pub struct Out {
+    w: BufWriter<StdoutLock<'static>>,
+    json: bool,
+}
+
+impl Out {
+    pub fn new(json: bool) -> Self {
+        Out { w: BufWriter::new(io::stdout().lock()), json }
+    }
+
+    pub fn line(&mut self, s: &str) -> io::Result<()> {
+        writeln!(self.w, "{s}")
+    }
+
+    pub fn json<T: serde::Serialize + ?Sized>(&mut self, v: &T) -> io::Result<()> {
+        debug_assert!(self.json);
+        serde_json::to_writer_pretty(&mut self.w, v).map_err(io::Error::other)?;
+        writeln!(self.w)
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+}
+
+/// Bytes in binary units, as restic and borg print them.
+pub fn human_bytes(n: u64) -> String {
+    indicatif::BinaryBytes(n).to_string()
+}
+
+/// A time as `YYYY-MM-DD HH:MM:SS` UTC.
+pub fn human_time(ns: i64) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+pub fn commit_summary(out: &mut Out, s: &CommitSummary) -> io::Result<()> {
+    let parent = s.parent.as_deref().map(|p| format!(" (parent {})", &p[..8])).unwrap_or_default();
+    out.line(&format!("checkpoint {}{parent}", &s.id[..8]))?;
+    out.line(&format!(
+        "  files: {} new, {} changed, {} unchanged; {} dirs, {} symlinks",
+        s.files_new, s.files_changed, s.files_unchanged, s.dirs, s.symlinks
+    ))?;
+    if s.special_skipped + s.unreadable_skipped > 0 {
+        out.line(&format!("  skipped: {} special files, {} unreadable", s.special_skipped, s.unreadable_skipped))?;
+    }
+    let rate = s.bytes_read as f64 / s.seconds.max(1e-9);
+    out.line(&format!(
+        "  size {}; read {} in {:.2} s ({}/s)",
+        human_bytes(s.logical_bytes),
+        human_bytes(s.bytes_read),
+        s.seconds,
+        human_bytes(rate as u64)
+    ))?;
+    out.line(&format!(
+        "  new after dedup {} ({} chunks new, {} reused); stored {} after compression",
+        human_bytes(s.bytes_new),
+        s.chunks_new,
+        s.chunks_reused,
+        human_bytes(s.bytes_stored)
+    ))
+}
+
+fn one_line(s: &str) -> String {
+    s.replace(['\n', '\r', '\t'], " ")
+}
+
+pub fn log(out: &mut Out, list: &[Checkpoint], quiet: bool) -> io::Result<()> {
+    if quiet {
+        for c in list {
+            out.line(&c.id)?;
+        }
+        return Ok(());
+    }
+    if list.is_empty() {
+        return out.line("no checkpoints yet: `snapstore commit PATH` makes the first");
+    }
+    out.line(&format!("{:<8}  {:<19}  {:>10}  {:>10}  {:<12}  MESSAGE", "ID", "TIME (UTC)", "SIZE", "NEW", "TAGS"))?;
+    for c in list {
+        out.line(&format!(
+            "{:<8}  {:<19}  {:>10}  {:>10}  {:<12}  {}",
+            c.short_id(),
+            human_time(c.time_ns),
+            human_bytes(c.logical_bytes),
+            human_bytes(c.new_bytes),
+            one_line(&c.tags.join(",")),
+            one_line(&c.message)
+        ))?;
+    }
+    Ok(())
+}
+
+pub fn checkpoint_header(out: &mut Out, c: &Checkpoint) -> io::Result<()> {
+    out.line(&format!("checkpoint {}", c.id))?;
+    if let Some(p) = &c.parent {
+        out.line(&format!("parent     {p}"))?;
+    }
+    out.line(&format!("time       {} UTC", human_time(c.time_ns)))?;
+    out.line(&format!("host       {}", c.host))?;
+    out.line(&format!("path       {}", c.path))?;
+    if !c.tags.is_empty() {
+        out.line(&format!("tags       {}", one_line(&c.tags.join(", "))))?;
+    }
+    if !c.message.is_empty() {
+        out.line(&format!("message    {}", one_line(&c.message)))?;
+    }
+    out.line(&format!(
+        "size       {} in {} files, {} dirs, {} symlinks; {} new ({} stored)",
+        human_bytes(c.logical_bytes),
+        c.files,
+        c.dirs,
+        c.symlinks,
+        human_bytes(c.new_bytes),
+        human_bytes(c.stored_bytes)
+    ))?;
+    out.line("")
+}
+
+pub fn file_line(out: &mut Out, f: &FileInfo) -> io::Result<()> {
+    let kind = match f.kind {
+        EntryKind::File => '-',
+        EntryKind::Dir => 'd',
+        EntryKind::Symlink => 'l',
+    };
+    let size = if f.kind == EntryKind::File { human_bytes(f.size) } else { String::new() };
+    // Debug-quote names that would break a line-oriented listing.
+    let path = f.path.to_string_lossy();
+    let path = if path.contains(['\n', '\r', '\t']) { format!("{path:?}") } else { path.into_owned() };
+    out.line(&format!("{kind}{:04o}  {:>10}  {}  {path}", f.mode & 0o7777, size, human_time(f.mtime_ns)))
+}
+
+pub fn stats(out: &mut Out, repo: &Repository, s: &RepoStats) -> io::Result<()> {
+    let c = &s.catalog;
+    out.line(&format!("repository   {}", repo.path().display()))?;
+    out.line(&format!("checkpoints  {}", c.checkpoints))?;
+    out.line(&format!("logical      {} (sum of all checkpoints)", human_bytes(c.logical_bytes)))?;
+    out.line(&format!("unique       {} in {} chunks", human_bytes(c.unique_bytes), c.chunks))?;
+    out.line(&format!(
+        "stored       {} in {} packs, catalog {}",
+        human_bytes(c.pack_bytes),
+        c.packs,
+        human_bytes(s.catalog_bytes)
+    ))?;
+    out.line(&format!("dedup        {:.2}x", s.dedup_ratio))?;
+    out.line(&format!("compression  {:.2}x", s.compression_ratio))?;
+    let p = repo.params();
+    out.line(&format!(
+        "parameters   format {}, {} {}/{}/{} B, {}, zstd level {}",
+        p.format_version, p.chunker, p.chunk_min, p.chunk_avg, p.chunk_max, p.hash, p.compression_level
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_utc_calendar_dates() {
+        assert_eq!(human_time(0), "1970-01-01 00:00:00");
+        assert_eq!(human_time(951_782_400 * 1_000_000_000), "2000-02-29 00:00:00");
+        assert_eq!(human_time(1_795_650_674 * 1_000_000_000), "2026-11-25 23:51:14");
+        assert_eq!(human_time(-1_000_000_000), "1969-12-31 23:59:59");
+    }
+}

@@ -1,0 +1,62 @@
+//! The CLI's implementation of the library's progress trait: an indicatif bar on stderr, only on a TTY.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+pub struct Bar {
+    bar: Option<ProgressBar>,
+}
+
+impl Bar {
+    pub fn new(visible: bool) -> Arc<Self> {
+        Arc::new(Bar { bar: visible.then(|| ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())) })
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl snapstore::Progress for Bar {
+    fn start(&self, operation: &str, total_bytes: Option<u64>) {
+        let Some(b) = &self.bar else { return };
+        b.set_message(operation.to_string());
+        match total_bytes {
+            Some(total) => {
+                b.set_length(total);
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "{msg:8} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+            }
+            None => b.set_style(
+                ProgressStyle::with_template("{msg:8} {spinner} {binary_bytes} {binary_bytes_per_sec} {wide_msg}")
+                    .expect("valid template"),
+            ),
+        }
+        b.enable_steady_tick(Duration::from_millis(200));
+    }
+
+    fn bytes(&self, n: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(n);
+        }
+    }
+
+    fn file(&self, _path: &Path) {}
+
+    fn warn(&self, message: &str) {
+        match &self.bar {
+            Some(b) => b.suspend(|| eprintln!("warning: {message}")),
+            None => eprintln!("warning: {message}"),
+        }
+    }
+}

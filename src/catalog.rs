@@ -1,0 +1,539 @@
+//! The SQLite catalog: repository parameters, the chunk index, trees, file contents and checkpoints.
+//!
+//! WAL mode with `synchronous=FULL`: a transaction that returned is on disk, and readers never block the one
+//! writer. Writers take the write lock up front (`BEGIN IMMEDIATE`) and wait for each other through the busy
+//! timeout, so two commits into one repository queue rather than fail.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::id::ObjectId;
+use crate::pack::PackEntry;
+use crate::params::RepoParams;
+use crate::tree::{Entry, EntryKind};
+
+/// How long a command waits for another process's write transaction before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many have run.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+     CREATE TABLE packs (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, size INTEGER NOT NULL,
+                         chunk_count INTEGER NOT NULL, created_ns INTEGER NOT NULL);
+     CREATE TABLE chunks (id BLOB PRIMARY KEY, pack INTEGER NOT NULL, offset INTEGER NOT NULL,
+                          stored_len INTEGER NOT NULL, raw_len INTEGER NOT NULL, flags INTEGER NOT NULL) WITHOUT ROWID;
+     CREATE INDEX chunks_by_pack ON chunks(pack);
+     CREATE TABLE segments (id BLOB PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
+     CREATE TABLE contents (id BLOB PRIMARY KEY, size INTEGER NOT NULL, segments BLOB NOT NULL) WITHOUT ROWID;
+     CREATE TABLE trees (id BLOB PRIMARY KEY, entries INTEGER NOT NULL) WITHOUT ROWID;
+     CREATE TABLE tree_entries (tree BLOB NOT NULL, name BLOB NOT NULL, kind INTEGER NOT NULL, mode INTEGER NOT NULL,
+                                mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, ino INTEGER NOT NULL,
+                                size INTEGER NOT NULL, target BLOB NOT NULL, PRIMARY KEY (tree, name)) WITHOUT ROWID;
+     CREATE TABLE checkpoints (id TEXT PRIMARY KEY, parent TEXT, time_ns INTEGER NOT NULL, message TEXT NOT NULL,
+                               host TEXT NOT NULL, path TEXT NOT NULL, root BLOB NOT NULL,
+                               files INTEGER NOT NULL, dirs INTEGER NOT NULL, symlinks INTEGER NOT NULL,
+                               logical_bytes INTEGER NOT NULL, new_bytes INTEGER NOT NULL,
+                               stored_bytes INTEGER NOT NULL, skipped INTEGER NOT NULL);
+     CREATE INDEX checkpoints_by_time ON checkpoints(time_ns);
+     CREATE INDEX checkpoints_by_path ON checkpoints(host, path, time_ns);
+     CREATE TABLE checkpoint_tags (checkpoint TEXT NOT NULL, tag TEXT NOT NULL,
+                                   PRIMARY KEY (checkpoint, tag)) WITHOUT ROWID;
+     CREATE TABLE skipped (checkpoint TEXT NOT NULL, path BLOB NOT NULL, reason TEXT NOT NULL);",
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Where a chunk is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkLocation {
+    /// The pack's object name.
+    pub pack: String,
+    /// Offset of the blob in the pack.
+    pub offset: u64,
+    /// Blob length.
+    pub stored_len: u32,
+    /// Chunk length.
+    pub raw_len: u32,
+    /// Pack flags of the blob.
+    pub flags: u8,
+}
+
+/// A new checkpoint row, written in the same transaction as everything it references.
+pub(crate) struct NewCheckpoint {
+    pub record: Checkpoint,
+    pub root: ObjectId,
+    pub skipped: Vec<(Vec<u8>, String)>,
+}
+
+/// Catalog rows written together in one transaction.
+#[derive(Default)]
+pub(crate) struct Batch {
+    pub packs: Vec<(String, u64, Vec<PackEntry>)>,
+    pub segments: Vec<(ObjectId, Vec<u8>)>,
+    pub contents: Vec<(ObjectId, u64, Vec<u8>)>,
+    pub trees: Vec<(ObjectId, Vec<Entry>)>,
+    pub checkpoint: Option<NewCheckpoint>,
+    /// Approximate bytes held, to decide when to write the batch out.
+    pub bytes: usize,
+}
+
+/// Repository-wide totals.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CatalogStats {
+    /// Number of checkpoints.
+    pub checkpoints: u64,
+    /// Sum of every checkpoint's logical size.
+    pub logical_bytes: u64,
+    /// Distinct chunks stored.
+    pub chunks: u64,
+    /// Sum of distinct chunks' raw lengths.
+    pub unique_bytes: u64,
+    /// Sum of distinct chunks' stored (compressed) lengths.
+    pub stored_chunk_bytes: u64,
+    /// Pack files.
+    pub packs: u64,
+    /// Sum of pack file sizes, headers and indexes included.
+    pub pack_bytes: u64,
+}
+
+/// A connection to a repository's catalog.
+pub struct Catalog {
+    conn: Connection,
+}
+
+fn to_i64(v: u64) -> i64 {
+    v as i64
+}
+
+fn to_u64(v: i64) -> u64 {
+    v as u64
+}
+
+fn blob_id(bytes: Vec<u8>) -> rusqlite::Result<ObjectId> {
+    ObjectId::from_slice(&bytes)
+        .ok_or_else(|| rusqlite::Error::InvalidColumnType(0, "id".into(), rusqlite::types::Type::Blob))
+}
+
+impl Catalog {
+    /// Creates a new catalog file (owner-only) with the current schema and the given parameters.
+    pub fn create(path: &Path, params: &RepoParams) -> Result<Self> {
+        OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| Error::io(path, e))?;
+        let mut cat = Self::open(path)?;
+        let tx = cat.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for (k, v) in params.to_pairs() {
+            tx.execute("INSERT INTO meta (key, value) VALUES (?1, ?2)", params![k, v])?;
+        }
+        tx.commit()?;
+        Ok(cat)
+    }
+
+    /// Opens an existing catalog, migrating its schema forward if it is older than this build's.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // Changing the journal mode needs a lock; on a busy database another process has already set WAL.
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::Format(format!("catalog could not be put in WAL mode (it is in {mode} mode)")));
+        }
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF;")?;
+        let mut cat = Catalog { conn };
+        cat.migrate()?;
+        Ok(cat)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let version: u32 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(Error::Format(format!(
+                "catalog schema version {version} is newer than this snapstore supports ({SCHEMA_VERSION}); upgrade snapstore"
+            )));
+        }
+        if version == SCHEMA_VERSION {
+            return Ok(());
+        }
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Re-read under the write lock: another process may have migrated meanwhile.
+        let version: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as u32)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The repository parameters recorded at `init`.
+    pub fn params(&self) -> Result<RepoParams> {
+        let mut stmt = self.conn.prepare("SELECT key, value FROM meta")?;
+        let map: HashMap<String, String> =
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+        RepoParams::from_lookup(|k| map.get(k).cloned())
+    }
+
+    /// Whether the chunk store already holds this chunk.
+    pub fn has_chunk(&self, id: &ObjectId) -> Result<bool> {
+        let mut stmt = self.conn.prepare_cached("SELECT 1 FROM chunks WHERE id = ?1")?;
+        Ok(stmt.exists([&id.0[..]])?)
+    }
+
+    /// Where a chunk is stored, if it is.
+    pub fn chunk_location(&self, id: &ObjectId) -> Result<Option<ChunkLocation>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT p.name, c.offset, c.stored_len, c.raw_len, c.flags FROM chunks c JOIN packs p ON p.id = c.pack WHERE c.id = ?1",
+        )?;
+        Ok(stmt
+            .query_row([&id.0[..]], |r| {
+                Ok(ChunkLocation {
+                    pack: r.get(0)?,
+                    offset: to_u64(r.get(1)?),
+                    stored_len: r.get(2)?,
+                    raw_len: r.get(3)?,
+                    flags: r.get(4)?,
+                })
+            })
+            .optional()?)
+    }
+
+    /// A segment's encoded chunk references.
+    pub fn segment(&self, id: &ObjectId) -> Result<Vec<u8>> {
+        let mut stmt = self.conn.prepare_cached("SELECT data FROM segments WHERE id = ?1")?;
+        stmt.query_row([&id.0[..]], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| Error::corrupt(format!("segment {id} is missing from the catalog")))
+    }
+
+    /// A file content's size and concatenated segment ids.
+    pub fn content(&self, id: &ObjectId) -> Result<(u64, Vec<u8>)> {
+        let mut stmt = self.conn.prepare_cached("SELECT size, segments FROM contents WHERE id = ?1")?;
+        let (size, segs): (i64, Vec<u8>) = stmt
+            .query_row([&id.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?
+            .ok_or_else(|| Error::corrupt(format!("file content {id} is missing from the catalog")))?;
+        if segs.len() % ObjectId::LEN != 0 {
+            return Err(Error::corrupt(format!("file content {id} has a malformed segment list")));
+        }
+        Ok((to_u64(size), segs))
+    }
+
+    /// A tree's entries, sorted by name.
+    pub fn tree(&self, id: &ObjectId) -> Result<Vec<Entry>> {
+        let expected: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT entries FROM trees WHERE id = ?1")?
+            .query_row([&id.0[..]], |r| r.get(0))
+            .optional()?;
+        let expected = expected.ok_or_else(|| Error::corrupt(format!("tree {id} is missing from the catalog")))?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, kind, mode, mtime_ns, ctime_ns, ino, size, target FROM tree_entries WHERE tree = ?1 ORDER BY name",
+        )?;
+        let rows = stmt.query_map([&id.0[..]], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, Vec<u8>>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, kind, mode, mtime_ns, ctime_ns, ino, size, target) = row?;
+            out.push(Entry {
+                name,
+                kind: EntryKind::from_code(kind)?,
+                mode,
+                mtime_ns,
+                ctime_ns,
+                ino: to_u64(ino),
+                size: to_u64(size),
+                target,
+            });
+        }
+        if out.len() as i64 != expected {
+            return Err(Error::corrupt(format!("tree {id} should have {expected} entries but has {}", out.len())));
+        }
+        Ok(out)
+    }
+
+    /// Writes a batch of rows in one transaction. Pack rows and their chunks come first, so that a
+    /// checkpoint in the same batch only ever references chunks whose packs are recorded.
+    pub(crate) fn write_batch(&mut self, batch: &Batch) -> Result<()> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let now = now_ns();
+            let mut pack_stmt =
+                tx.prepare_cached("INSERT INTO packs (name, size, chunk_count, created_ns) VALUES (?1, ?2, ?3, ?4)")?;
+            let mut chunk_stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO chunks (id, pack, offset, stored_len, raw_len, flags) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for (name, size, entries) in &batch.packs {
+                pack_stmt.execute(params![name, to_i64(*size), entries.len() as i64, now])?;
+                let pack_id = tx.last_insert_rowid();
+                for e in entries {
+                    chunk_stmt.execute(params![
+                        &e.id.0[..],
+                        pack_id,
+                        to_i64(e.offset),
+                        e.stored_len,
+                        e.raw_len,
+                        e.flags
+                    ])?;
+                }
+            }
+            let mut seg_stmt = tx.prepare_cached("INSERT OR IGNORE INTO segments (id, data) VALUES (?1, ?2)")?;
+            for (id, data) in &batch.segments {
+                seg_stmt.execute(params![&id.0[..], data])?;
+            }
+            let mut content_stmt =
+                tx.prepare_cached("INSERT OR IGNORE INTO contents (id, size, segments) VALUES (?1, ?2, ?3)")?;
+            for (id, size, segs) in &batch.contents {
+                content_stmt.execute(params![&id.0[..], to_i64(*size), segs])?;
+            }
+            let mut tree_stmt = tx.prepare_cached("INSERT OR IGNORE INTO trees (id, entries) VALUES (?1, ?2)")?;
+            let mut entry_stmt = tx.prepare_cached(
+                "INSERT INTO tree_entries (tree, name, kind, mode, mtime_ns, ctime_ns, ino, size, target)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+            for (id, entries) in &batch.trees {
+                // A tree already present was written whole with its entries: nothing to add.
+                if tree_stmt.execute(params![&id.0[..], entries.len() as i64])? == 0 {
+                    continue;
+                }
+                for e in entries {
+                    entry_stmt.execute(params![
+                        &id.0[..],
+                        &e.name,
+                        e.kind.code(),
+                        e.mode,
+                        e.mtime_ns,
+                        e.ctime_ns,
+                        to_i64(e.ino),
+                        to_i64(e.size),
+                        &e.target
+                    ])?;
+                }
+            }
+            if let Some(cp) = &batch.checkpoint {
+                let c = &cp.record;
+                tx.execute(
+                    "INSERT INTO checkpoints (id, parent, time_ns, message, host, path, root, files, dirs, symlinks,
+                                              logical_bytes, new_bytes, stored_bytes, skipped)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                    params![
+                        c.id,
+                        c.parent,
+                        c.time_ns,
+                        c.message,
+                        c.host,
+                        c.path,
+                        &cp.root.0[..],
+                        to_i64(c.files),
+                        to_i64(c.dirs),
+                        to_i64(c.symlinks),
+                        to_i64(c.logical_bytes),
+                        to_i64(c.new_bytes),
+                        to_i64(c.stored_bytes),
+                        to_i64(c.skipped)
+                    ],
+                )?;
+                for tag in &c.tags {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO checkpoint_tags (checkpoint, tag) VALUES (?1, ?2)",
+                        params![c.id, tag],
+                    )?;
+                }
+                for (path, reason) in &cp.skipped {
+                    tx.execute(
+                        "INSERT INTO skipped (checkpoint, path, reason) VALUES (?1, ?2, ?3)",
+                        params![c.id, path, reason],
+                    )?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// All checkpoints, newest first.
+    pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        self.query_checkpoints("1 ORDER BY time_ns DESC, id", params![])
+    }
+
+    /// The newest checkpoint of `path` committed from `host`.
+    pub fn latest_of_path(&self, host: &str, path: &str) -> Result<Option<Checkpoint>> {
+        Ok(self.query_checkpoints("host = ?1 AND path = ?2 ORDER BY time_ns DESC LIMIT 1", params![host, path])?.pop())
+    }
+
+    /// Finds the checkpoint named by a full id, a unique prefix of at least 4 hex digits, or `latest`.
+    pub fn resolve(&self, spec: &str) -> Result<Checkpoint> {
+        if spec == "latest" {
+            return self
+                .query_checkpoints("1 ORDER BY time_ns DESC LIMIT 1", params![])?
+                .pop()
+                .ok_or_else(|| Error::CheckpointNotFound(spec.to_string()));
+        }
+        let prefix = spec.to_ascii_lowercase();
+        if !(4..=64).contains(&prefix.len()) || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::InvalidId(spec.to_string()));
+        }
+        // Hex ids sort below 'g', so the prefix range is [prefix, prefix || 'g').
+        let mut found = self.query_checkpoints("id >= ?1 AND id < ?1 || 'g' ORDER BY id LIMIT 5", params![prefix])?;
+        match found.len() {
+            0 => Err(Error::CheckpointNotFound(spec.to_string())),
+            1 => Ok(found.remove(0)),
+            _ => Err(Error::AmbiguousId {
+                prefix: spec.to_string(),
+                candidates: found.iter().map(|c| c.id[..(prefix.len() + 4).min(64)].to_string()).collect(),
+            }),
+        }
+    }
+
+    /// The root tree id of a checkpoint.
+    pub fn checkpoint_root(&self, id: &str) -> Result<ObjectId> {
+        let root: Vec<u8> = self
+            .conn
+            .query_row("SELECT root FROM checkpoints WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| Error::CheckpointNotFound(id.to_string()))?;
+        ObjectId::from_slice(&root).ok_or_else(|| Error::corrupt(format!("checkpoint {id} has a malformed root id")))
+    }
+
+    fn query_checkpoints(&self, clause: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Checkpoint>> {
+        let sql = format!(
+            "SELECT id, parent, time_ns, message, host, path, root, files, dirs, symlinks, logical_bytes, new_bytes,
+                    stored_bytes, skipped,
+                    (SELECT group_concat(tag, char(10)) FROM (SELECT tag FROM checkpoint_tags WHERE checkpoint = id ORDER BY tag))
+             FROM checkpoints WHERE {clause}"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(args, |r| {
+            let tags: Option<String> = r.get(14)?;
+            Ok(Checkpoint {
+                id: r.get(0)?,
+                parent: r.get(1)?,
+                time_ns: r.get(2)?,
+                message: r.get(3)?,
+                host: r.get(4)?,
+                path: r.get(5)?,
+                root: blob_id(r.get(6)?)?.to_hex(),
+                files: to_u64(r.get(7)?),
+                dirs: to_u64(r.get(8)?),
+                symlinks: to_u64(r.get(9)?),
+                logical_bytes: to_u64(r.get(10)?),
+                new_bytes: to_u64(r.get(11)?),
+                stored_bytes: to_u64(r.get(12)?),
+                skipped: to_u64(r.get(13)?),
+                tags: tags.map(|t| t.split('\n').map(str::to_string).collect()).unwrap_or_default(),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Files skipped as unreadable by a checkpoint's commit, with the reason.
+    pub fn skipped(&self, id: &str) -> Result<Vec<(Vec<u8>, String)>> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT path, reason FROM skipped WHERE checkpoint = ?1 ORDER BY path")?;
+        Ok(stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Repository-wide totals.
+    pub fn stats(&self) -> Result<CatalogStats> {
+        let (checkpoints, logical_bytes): (i64, i64) =
+            self.conn.query_row("SELECT count(*), coalesce(sum(logical_bytes), 0) FROM checkpoints", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        let (chunks, unique_bytes, stored): (i64, i64, i64) = self.conn.query_row(
+            "SELECT count(*), coalesce(sum(raw_len), 0), coalesce(sum(stored_len), 0) FROM chunks",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        let (packs, pack_bytes): (i64, i64) =
+            self.conn
+                .query_row("SELECT count(*), coalesce(sum(size), 0) FROM packs", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(CatalogStats {
+            checkpoints: to_u64(checkpoints),
+            logical_bytes: to_u64(logical_bytes),
+            chunks: to_u64(chunks),
+            unique_bytes: to_u64(unique_bytes),
+            stored_chunk_bytes: to_u64(stored),
+            packs: to_u64(packs),
+            pack_bytes: to_u64(pack_bytes),
+        })
+    }
+
+    /// The underlying connection, for tests and tools that inspect the catalog directly.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+/// Now, in nanoseconds since the Unix epoch.
+pub(crate) fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_migrate_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let p = RepoParams::default();
+        Catalog::create(&path, &p).unwrap();
+        let cat = Catalog::open(&path).unwrap();
+        assert_eq!(cat.params().unwrap(), p);
+        let v: u32 = cat.connection().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let mode: String = cat.connection().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let cat = Catalog::create(&path, &RepoParams::default()).unwrap();
+        cat.connection().pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        drop(cat);
+        let err = Catalog::open(&path).err().unwrap();
+        assert!(err.to_string().contains("upgrade snapstore"), "{err}");
+    }
+
+    #[test]
+    fn tree_with_missing_entries_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cat = Catalog::create(&dir.path().join("c.db"), &RepoParams::default()).unwrap();
+        let e = Entry {
+            name: b"f".to_vec(),
+            kind: EntryKind::Symlink,
+            mode: 0o777,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            ino: u64::MAX,
+            size: 0,
+            target: b"x".to_vec(),
+        };
+        let id = crate::tree::tree_id(std::slice::from_ref(&e));
+        let batch = Batch { trees: vec![(id, vec![e.clone()])], ..Default::default() };
+        cat.write_batch(&batch).unwrap();
+        assert_eq!(cat.tree(&id).unwrap(), vec![e]);
+        cat.connection().execute("DELETE FROM tree_entries", []).unwrap();
+        assert!(cat.tree(&id).unwrap_err().is_corruption());
+    }
+}

@@ -1,0 +1,70 @@
+//! A checkpoint's record: what was committed, when, and what it cost.
+
+use crate::id::{ObjectId, domain_hasher, finish, to_hex};
+
+/// How many hex digits of an id are shown by default; any unique prefix of 4 or more is accepted.
+pub const SHORT_ID_LEN: usize = 8;
+
+/// One checkpoint as the catalog records it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Checkpoint {
+    /// 64 hex digits.
+    pub id: String,
+    /// The previous checkpoint of the same path on the same host, if any.
+    pub parent: Option<String>,
+    /// Commit time, nanoseconds since the Unix epoch.
+    pub time_ns: i64,
+    /// The message given at commit.
+    pub message: String,
+    /// Tags, sorted.
+    pub tags: Vec<String>,
+    /// Host the commit ran on.
+    pub host: String,
+    /// The committed path (absolute), or `-` followed by the stream name for stdin.
+    pub path: String,
+    /// Root tree id (a one-entry tree holding the committed file or directory), as hex.
+    pub root: String,
+    /// Regular files in the checkpoint.
+    pub files: u64,
+    /// Directories in the checkpoint.
+    pub dirs: u64,
+    /// Symbolic links in the checkpoint.
+    pub symlinks: u64,
+    /// Sum of file sizes.
+    pub logical_bytes: u64,
+    /// Raw bytes of chunks this checkpoint added to the store.
+    pub new_bytes: u64,
+    /// Bytes those new chunks occupy after compression.
+    pub stored_bytes: u64,
+    /// Files that could not be read and were skipped (`--skip-unreadable`).
+    pub skipped: u64,
+}
+
+impl Checkpoint {
+    /// The id's first [`SHORT_ID_LEN`] digits.
+    pub fn short_id(&self) -> &str {
+        &self.id[..SHORT_ID_LEN.min(self.id.len())]
+    }
+}
+
+/// A checkpoint's id: the hash of what identifies it, so that two commits never share one by chance.
+pub(crate) fn checkpoint_id(
+    root: &ObjectId,
+    parent: Option<&str>,
+    time_ns: i64,
+    host: &str,
+    path: &str,
+    nonce: u64,
+) -> String {
+    let mut h = domain_hasher("snapstore-checkpoint-v1");
+    h.update(&root.0);
+    h.update(parent.unwrap_or("").as_bytes());
+    h.update(&[0]);
+    h.update(&time_ns.to_le_bytes());
+    h.update(host.as_bytes());
+    h.update(&[0]);
+    h.update(path.as_bytes());
+    h.update(&[0]);
+    h.update(&nonce.to_le_bytes());
+    to_hex(&finish(&h).0)
+}

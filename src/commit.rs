@@ -1,0 +1,697 @@
+//! The commit pipeline: walk → read → chunk → hash → dedup → compress → pack → catalog.
+//!
+//! Three kinds of thread, joined by bounded channels so memory stays flat whatever the input:
+//! - the *walker* (the caller's thread) walks the tree, skips files unchanged since the parent checkpoint,
+//!   reads and chunks the rest, sending each chunk to the workers and an ordered event to the assembler;
+//! - *workers* (one per core) hash chunks, look them up in the chunk index and compress only the new ones;
+//! - the *assembler* consumes events in order, packs new chunks, builds segments, contents and trees, and
+//!   writes them to the catalog, the checkpoint itself last, after every pack it needs is durable.
+
+use std::collections::HashMap;
+use std::fs::{File, Metadata};
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use walkdir::WalkDir;
+
+use crate::backend::Backend;
+use crate::catalog::{Batch, Catalog, NewCheckpoint, now_ns};
+use crate::checkpoint::{Checkpoint, checkpoint_id};
+use crate::chunker::Chunker;
+use crate::error::{Error, Result};
+use crate::id::ObjectId;
+use crate::params::RepoParams;
+use crate::progress::{NoProgress, Progress};
+use crate::store::{Compressor, Packer};
+use crate::tree::{self, ChunkRef, Entry, EntryKind};
+
+/// How to commit.
+#[derive(Clone)]
+pub struct CommitOptions {
+    /// The checkpoint's message.
+    pub message: String,
+    /// Tags to attach.
+    pub tags: Vec<String>,
+    /// Read every file even if its size, mtime, ctime and inode match the parent checkpoint.
+    pub reread: bool,
+    /// Record unreadable files as skipped instead of failing the commit.
+    pub skip_unreadable: bool,
+    /// Host name to record; `None` reads the machine's.
+    pub host: Option<String>,
+    /// Worker threads for hashing and compression; 0 means one per core.
+    pub threads: usize,
+    /// Receives progress.
+    pub progress: Arc<dyn Progress>,
+}
+
+impl Default for CommitOptions {
+    fn default() -> Self {
+        CommitOptions {
+            message: String::new(),
+            tags: Vec::new(),
+            reread: false,
+            skip_unreadable: false,
+            host: None,
+            threads: 0,
+            progress: Arc::new(NoProgress),
+        }
+    }
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CommitSummary {
+    /// The new checkpoint's id.
+    pub id: String,
+    /// The parent checkpoint (previous checkpoint of the same path and host), if any.
+    pub parent: Option<String>,
+    /// Files not in the parent checkpoint.
+    pub files_new: u64,
+    /// Files in the parent checkpoint that changed (and were read).
+    pub files_changed: u64,
+    /// Files unchanged since the parent checkpoint (not read).
+    pub files_unchanged: u64,
+    /// Directories.
+    pub dirs: u64,
+    /// Symbolic links.
+    pub symlinks: u64,
+    /// Special files (devices, sockets, FIFOs) skipped.
+    pub special_skipped: u64,
+    /// Unreadable files or directories skipped (only with `skip_unreadable`).
+    pub unreadable_skipped: u64,
+    /// Bytes read from files.
+    pub bytes_read: u64,
+    /// Sum of file sizes in the checkpoint.
+    pub logical_bytes: u64,
+    /// Chunks this commit added to the store.
+    pub chunks_new: u64,
+    /// Chunks read that the store already had.
+    pub chunks_reused: u64,
+    /// Raw bytes of the new chunks.
+    pub bytes_new: u64,
+    /// Bytes the new chunks take after compression.
+    pub bytes_stored: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// What to commit.
+pub(crate) enum Source<'a> {
+    Path(&'a Path),
+    Reader { name: &'a str, reader: &'a mut dyn Read },
+}
+
+struct Job {
+    seq: u64,
+    data: Vec<u8>,
+}
+
+struct Hashed {
+    seq: u64,
+    id: ObjectId,
+    len: u32,
+    /// Flags and stored bytes, when the chunk index lacked the chunk.
+    blob: Option<(u8, Vec<u8>)>,
+}
+
+enum Event {
+    DirStart(Entry),
+    DirEnd,
+    FileStart(Entry),
+    Chunk(u64),
+    FileEnd,
+    /// The file changed while being read: drop what was gathered for it.
+    FileAbort,
+    /// An entry complete as it is (unchanged file, symlink).
+    Leaf(Entry),
+    Done,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FileStatus {
+    New,
+    Changed,
+}
+
+/// Everything a commit needs from the repository.
+pub(crate) struct Context<'a> {
+    pub catalog_path: &'a Path,
+    pub repo_root: &'a Path,
+    pub backend: Arc<dyn Backend>,
+    pub params: &'a RepoParams,
+}
+
+fn entry_from(name: Vec<u8>, kind: EntryKind, md: &Metadata) -> Entry {
+    Entry {
+        name,
+        kind,
+        mode: md.permissions().mode() & 0o7777,
+        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+        ino: md.ino(),
+        size: if kind == EntryKind::File { md.len() } else { 0 },
+        target: Vec::new(),
+    }
+}
+
+fn unchanged(prev: &Entry, now: &Entry) -> bool {
+    prev.kind == EntryKind::File
+        && prev.size == now.size
+        && prev.mtime_ns == now.mtime_ns
+        && prev.ctime_ns == now.ctime_ns
+        && prev.ino == now.ino
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// Runs a commit of `source` into the repository.
+pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions) -> Result<CommitSummary> {
+    let started = Instant::now();
+    let host = opts.host.clone().unwrap_or_else(host_name);
+    let (path_key, root_name) = match &source {
+        Source::Path(p) => {
+            let abs = std::path::absolute(p).map_err(|e| Error::io(*p, e))?;
+            let name = abs.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_else(|| b"root".to_vec());
+            (abs.to_string_lossy().into_owned(), name)
+        }
+        Source::Reader { name, .. } => {
+            tree::validate_name(name.as_bytes())
+                .map_err(|_| Error::InvalidInput(format!("invalid stream name {name:?}")))?;
+            (format!("stdin:{name}"), name.as_bytes().to_vec())
+        }
+    };
+    let catalog = Catalog::open(ctx.catalog_path)?;
+    let parent = catalog.latest_of_path(&host, &path_key)?;
+    let parent_root = match &parent {
+        Some(p) => Some(catalog.tree(&catalog.checkpoint_root(&p.id)?)?),
+        None => None,
+    };
+
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    } else {
+        opts.threads
+    };
+    let (job_tx, job_rx) = bounded::<Job>(threads * 4);
+    let (res_tx, res_rx) = bounded::<Result<Hashed>>(threads * 4);
+    let (ev_tx, ev_rx) = bounded::<Event>(1024);
+
+    let mut summary = CommitSummary { parent: parent.as_ref().map(|p| p.id.clone()), ..Default::default() };
+    let outcome = std::thread::scope(|s| {
+        let mut workers = Vec::new();
+        for _ in 0..threads {
+            let (job_rx, res_tx) = (job_rx.clone(), res_tx.clone());
+            workers.push(s.spawn(move || worker(ctx, job_rx, res_tx)));
+        }
+        drop((job_rx, res_tx));
+        let assembler = s.spawn(|| {
+            let mut asm = Assembler::new(ctx)?;
+            asm.run(ev_rx, res_rx)?;
+            Ok::<_, Error>(asm)
+        });
+        let mut walker = Walker {
+            ctx,
+            opts,
+            jobs: job_tx,
+            events: ev_tx,
+            seq: 0,
+            summary: &mut summary,
+            skipped: Vec::new(),
+            prev: vec![parent_root.map(|entries| entries.into_iter().map(|e| (e.name.clone(), e)).collect())],
+            catalog: &catalog,
+        };
+        let walked = match source {
+            Source::Path(p) => walker.walk(p, &root_name),
+            Source::Reader { reader, .. } => walker.stream(root_name.clone(), reader),
+        };
+        let walked = walked.and_then(|()| {
+            walker.events.send(Event::Done).map_err(|_| Error::Internal("assembler stopped".into()))?;
+            Ok(std::mem::take(&mut walker.skipped))
+        });
+        drop(walker);
+        let assembled = assembler.join().map_err(|_| Error::Internal("assembler panicked".into()));
+        for w in workers {
+            w.join().map_err(|_| Error::Internal("worker panicked".into()))?;
+        }
+        // The walker's error explains a stopped assembler better than the assembler's does.
+        let skipped = walked?;
+        Ok::<_, Error>((assembled??, skipped))
+    });
+    let (mut asm, skipped) = outcome?;
+
+    let (root_tree, root_entry) = asm.root()?;
+    summary.logical_bytes = asm.logical_bytes;
+    summary.unreadable_skipped = skipped.len() as u64;
+    summary.chunks_new = asm.chunks_new;
+    summary.chunks_reused = asm.chunks_reused;
+    summary.bytes_new = asm.bytes_new;
+    summary.bytes_stored = asm.bytes_stored;
+    let time_ns = now_ns();
+    let nonce = (std::process::id() as u64) << 32 | (started.elapsed().subsec_nanos() as u64);
+    let id = checkpoint_id(&root_tree, summary.parent.as_deref(), time_ns, &host, &path_key, nonce);
+    let mut tags = opts.tags.clone();
+    tags.sort();
+    tags.dedup();
+    let record = Checkpoint {
+        id: id.clone(),
+        parent: summary.parent.clone(),
+        time_ns,
+        message: opts.message.clone(),
+        tags,
+        host,
+        path: path_key,
+        root: root_tree.to_hex(),
+        files: summary.files_new + summary.files_changed + summary.files_unchanged,
+        dirs: summary.dirs,
+        symlinks: summary.symlinks,
+        logical_bytes: summary.logical_bytes,
+        new_bytes: summary.bytes_new,
+        stored_bytes: summary.bytes_stored,
+        skipped: summary.unreadable_skipped,
+    };
+    debug_assert_eq!(root_entry.name, root_name);
+    asm.publish(NewCheckpoint { record, root: root_tree, skipped })?;
+    summary.id = id;
+    summary.seconds = started.elapsed().as_secs_f64();
+    opts.progress.finish();
+    Ok(summary)
+}
+
+fn worker(ctx: &Context<'_>, jobs: Receiver<Job>, results: Sender<Result<Hashed>>) {
+    let setup = Catalog::open(ctx.catalog_path).and_then(|c| Ok((c, Compressor::new(ctx.params.compression_level)?)));
+    let (catalog, mut compressor) = match setup {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = results.send(Err(e));
+            return;
+        }
+    };
+    for job in jobs {
+        let id = ObjectId::of(&job.data);
+        let out = catalog.has_chunk(&id).map(|known| {
+            let blob = (!known).then(|| {
+                let (flags, blob) = compressor.compress(&job.data);
+                (flags, blob.to_vec())
+            });
+            Hashed { seq: job.seq, id, len: job.data.len() as u32, blob }
+        });
+        if results.send(out).is_err() {
+            return;
+        }
+    }
+}
+
+struct Walker<'a, 'b> {
+    ctx: &'a Context<'a>,
+    opts: &'a CommitOptions,
+    jobs: Sender<Job>,
+    events: Sender<Event>,
+    seq: u64,
+    summary: &'b mut CommitSummary,
+    skipped: Vec<(Vec<u8>, String)>,
+    /// For each open directory level, the parent checkpoint's entries at the same place.
+    prev: Vec<Option<HashMap<Vec<u8>, Entry>>>,
+    catalog: &'a Catalog,
+}
+
+impl Walker<'_, '_> {
+    fn send(&self, ev: Event) -> Result<()> {
+        self.events.send(ev).map_err(|_| Error::Internal("assembler stopped".into()))
+    }
+
+    fn skip(&mut self, path: &Path, rel: &Path, err: std::io::Error) -> Result<()> {
+        if !self.opts.skip_unreadable {
+            return Err(Error::Unreadable { path: path.to_path_buf(), source: err });
+        }
+        self.opts.progress.warn(&format!("skipped unreadable {}: {err}", path.display()));
+        self.skipped.push((rel.as_os_str().as_encoded_bytes().to_vec(), err.to_string()));
+        Ok(())
+    }
+
+    fn walk(&mut self, root: &Path, root_name: &[u8]) -> Result<()> {
+        let root_md = std::fs::symlink_metadata(root).map_err(|e| Error::io(root, e))?;
+        self.opts.progress.start("commit", root_md.is_file().then_some(root_md.len()));
+        let repo = std::fs::metadata(self.ctx.repo_root).ok().map(|m| (m.dev(), m.ino()));
+        let mut depth_open = 0usize;
+        let mut it = WalkDir::new(root).follow_links(false).sort_by_file_name().into_iter();
+        while let Some(item) = it.next() {
+            let entry = match item {
+                Ok(e) => e,
+                Err(err) => {
+                    let path = err.path().unwrap_or(root).to_path_buf();
+                    let io = err.into_io_error().unwrap_or_else(|| std::io::Error::other("filesystem loop"));
+                    if path == root {
+                        return Err(Error::io(path, io));
+                    }
+                    let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
+                    self.skip(&path, &rel, io)?;
+                    continue;
+                }
+            };
+            let depth = entry.depth();
+            while depth_open > depth {
+                self.send(Event::DirEnd)?;
+                self.prev.pop();
+                depth_open -= 1;
+            }
+            let md = entry.metadata().map_err(|e| {
+                Error::io(entry.path(), e.into_io_error().unwrap_or_else(|| std::io::Error::other("stat failed")))
+            })?;
+            let name = if depth == 0 { root_name.to_vec() } else { entry.file_name().as_encoded_bytes().to_vec() };
+            let rel = entry.path().strip_prefix(root).unwrap_or(entry.path()).to_path_buf();
+            let ft = md.file_type();
+            let prev = self.prev[depth].as_ref().and_then(|m| m.get(&name)).cloned();
+            if ft.is_dir() {
+                if repo == Some((md.dev(), md.ino())) {
+                    self.opts
+                        .progress
+                        .warn(&format!("not committing the repository itself ({})", entry.path().display()));
+                    it.skip_current_dir();
+                    continue;
+                }
+                let e = entry_from(name, EntryKind::Dir, &md);
+                let prev_children = match prev {
+                    Some(p) if p.kind == EntryKind::Dir => match p.object()? {
+                        Some(tree) => {
+                            Some(self.catalog.tree(&tree)?.into_iter().map(|e| (e.name.clone(), e)).collect())
+                        }
+                        None => None,
+                    },
+                    _ => None,
+                };
+                self.summary.dirs += 1;
+                self.send(Event::DirStart(e))?;
+                self.prev.push(prev_children);
+                depth_open += 1;
+            } else if ft.is_symlink() {
+                let target = std::fs::read_link(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+                let mut e = entry_from(name, EntryKind::Symlink, &md);
+                e.target = target.into_os_string().into_encoded_bytes();
+                self.summary.symlinks += 1;
+                self.send(Event::Leaf(e))?;
+            } else if ft.is_file() {
+                let e = entry_from(name, EntryKind::File, &md);
+                match prev {
+                    Some(p) if !self.opts.reread && unchanged(&p, &e) => {
+                        let mut e = e;
+                        e.target = p.target;
+                        self.summary.files_unchanged += 1;
+                        self.send(Event::Leaf(e))?;
+                    }
+                    p => {
+                        let status = if p.is_some() { FileStatus::Changed } else { FileStatus::New };
+                        self.opts.progress.file(&rel);
+                        self.file(entry.path(), &rel, e, status)?;
+                    }
+                }
+            } else {
+                self.summary.special_skipped += 1;
+                self.opts.progress.warn(&format!("skipped special file {}", entry.path().display()));
+            }
+        }
+        while depth_open > 0 {
+            self.send(Event::DirEnd)?;
+            depth_open -= 1;
+        }
+        Ok(())
+    }
+
+    /// Reads one file, retrying if it changes underneath; a file that never holds still fails the commit
+    /// (or is skipped), so no checkpoint records content that was never in the file.
+    fn file(&mut self, path: &Path, rel: &Path, entry: Entry, status: FileStatus) -> Result<()> {
+        const ATTEMPTS: usize = 3;
+        for _ in 0..ATTEMPTS {
+            let mut f = match File::open(path) {
+                Ok(f) => f,
+                Err(e) => return self.skip(path, rel, e),
+            };
+            let before = f.metadata().map_err(|e| Error::io(path, e))?;
+            let mut entry = entry_from(entry.name.clone(), EntryKind::File, &before);
+            entry.size = before.len();
+            self.send(Event::FileStart(entry))?;
+            let read = self.chunks(&mut f).map_err(|e| Error::io(path, e));
+            if let Err(e) = read {
+                self.send(Event::FileAbort)?;
+                return match e {
+                    Error::Io { source, .. } => self.skip(path, rel, source),
+                    other => Err(other),
+                };
+            }
+            let after = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+            let read_len = read.expect("checked");
+            if read_len == before.len()
+                && after.len() == before.len()
+                && after.mtime() == before.mtime()
+                && after.mtime_nsec() == before.mtime_nsec()
+                && after.ino() == before.ino()
+            {
+                self.send(Event::FileEnd)?;
+                match status {
+                    FileStatus::Changed => self.summary.files_changed += 1,
+                    _ => self.summary.files_new += 1,
+                }
+                return Ok(());
+            }
+            self.send(Event::FileAbort)?;
+            self.opts.progress.warn(&format!("{} changed while being read; reading it again", path.display()));
+        }
+        if self.opts.skip_unreadable {
+            return self.skip(path, rel, std::io::Error::other("file kept changing while being read"));
+        }
+        Err(Error::FileChanged(path.to_path_buf()))
+    }
+
+    /// Sends every chunk of `reader` to the pipeline; returns the bytes read.
+    fn chunks(&mut self, reader: &mut dyn Read) -> std::io::Result<u64> {
+        let mut chunker = Chunker::new(reader, self.ctx.params);
+        let mut total = 0u64;
+        while let Some(chunk) = chunker.next_chunk()? {
+            let seq = self.seq;
+            self.seq += 1;
+            total += chunk.len() as u64;
+            self.summary.bytes_read += chunk.len() as u64;
+            self.opts.progress.bytes(chunk.len() as u64);
+            let job = Job { seq, data: chunk.to_vec() };
+            let stopped = || std::io::Error::other("commit pipeline stopped");
+            self.jobs.send(job).map_err(|_| stopped())?;
+            self.events.send(Event::Chunk(seq)).map_err(|_| stopped())?;
+        }
+        Ok(total)
+    }
+
+    fn stream(&mut self, name: Vec<u8>, reader: &mut dyn Read) -> Result<()> {
+        self.opts.progress.start("commit", None);
+        let now = now_ns();
+        let entry = Entry {
+            name,
+            kind: EntryKind::File,
+            mode: 0o600,
+            mtime_ns: now,
+            ctime_ns: now,
+            ino: 0,
+            size: 0,
+            target: Vec::new(),
+        };
+        self.send(Event::FileStart(entry))?;
+        let read = self.chunks(reader).map_err(|e| Error::io("<stdin>", e));
+        if let Err(e) = read {
+            let _ = self.send(Event::FileAbort);
+            return Err(e);
+        }
+        self.summary.files_new += 1;
+        self.send(Event::FileEnd)
+    }
+}
+
+/// Builds one file's content from its chunks in order, cutting segments as it goes.
+struct ContentBuilder {
+    entry: Entry,
+    size: u64,
+    segment: Vec<ChunkRef>,
+    segment_ids: Vec<u8>,
+}
+
+struct Assembler {
+    catalog: Catalog,
+    packer: Packer,
+    batch: Batch,
+    /// Open directories: each with its entry and the children gathered so far. Level 0 is the virtual root.
+    stack: Vec<(Option<Entry>, Vec<Entry>)>,
+    file: Option<ContentBuilder>,
+    pending: HashMap<u64, Hashed>,
+    logical_bytes: u64,
+    chunks_new: u64,
+    chunks_reused: u64,
+    bytes_new: u64,
+    bytes_stored: u64,
+}
+
+fn push_segment(batch: &mut Batch, b: &mut ContentBuilder, refs: &[ChunkRef]) {
+    let encoded = tree::encode_segment(refs);
+    let id = tree::segment_id(&encoded);
+    batch.bytes += encoded.len() + 32;
+    batch.segments.push((id, encoded));
+    b.segment_ids.extend_from_slice(&id.0);
+}
+
+/// Catalog rows are written out once this many bytes of them are held.
+const BATCH_BYTES: usize = 8 << 20;
+
+impl Assembler {
+    fn new(ctx: &Context<'_>) -> Result<Self> {
+        Ok(Assembler {
+            catalog: Catalog::open(ctx.catalog_path)?,
+            packer: Packer::new(ctx.backend.clone(), ctx.params.pack_target_size),
+            batch: Batch::default(),
+            stack: vec![(None, Vec::new())],
+            file: None,
+            pending: HashMap::new(),
+            logical_bytes: 0,
+            chunks_new: 0,
+            chunks_reused: 0,
+            bytes_new: 0,
+            bytes_stored: 0,
+        })
+    }
+
+    fn run(&mut self, events: Receiver<Event>, results: Receiver<Result<Hashed>>) -> Result<()> {
+        for ev in events {
+            match ev {
+                Event::DirStart(e) => self.stack.push((Some(e), Vec::new())),
+                Event::DirEnd => {
+                    let (entry, children) =
+                        self.stack.pop().ok_or_else(|| Error::Internal("unbalanced tree".into()))?;
+                    let mut entry = entry.ok_or_else(|| Error::Internal("closed the root".into()))?;
+                    let id = tree::tree_id(&children);
+                    self.batch.bytes += children.len() * 96;
+                    self.batch.trees.push((id, children));
+                    entry.target = id.0.to_vec();
+                    self.add_child(entry)?;
+                }
+                Event::Leaf(e) => {
+                    if e.kind == EntryKind::File {
+                        self.logical_bytes += e.size;
+                    }
+                    self.add_child(e)?;
+                }
+                Event::FileStart(entry) => {
+                    self.file = Some(ContentBuilder { entry, size: 0, segment: Vec::new(), segment_ids: Vec::new() });
+                }
+                Event::Chunk(seq) => {
+                    let h = loop {
+                        if let Some(h) = self.pending.remove(&seq) {
+                            break h;
+                        }
+                        let r = results.recv().map_err(|_| Error::Internal("workers stopped".into()))??;
+                        self.pending.insert(r.seq, r);
+                    };
+                    self.chunk(h)?;
+                }
+                Event::FileEnd => {
+                    let b = self.file.take().ok_or_else(|| Error::Internal("file end without start".into()))?;
+                    self.finish_file(b)?;
+                }
+                Event::FileAbort => self.file = None,
+                Event::Done => return Ok(()),
+            }
+        }
+        Err(Error::Internal("commit walk ended early".into()))
+    }
+
+    fn add_child(&mut self, e: Entry) -> Result<()> {
+        self.stack.last_mut().ok_or_else(|| Error::Internal("no open directory".into()))?.1.push(e);
+        self.maybe_flush()
+    }
+
+    fn chunk(&mut self, h: Hashed) -> Result<()> {
+        if let Some((flags, blob)) = h.blob {
+            // The worker found the chunk missing; it may since have been packed by this commit or indexed by
+            // another process.
+            if self.packer.is_pending(&h.id) || self.catalog.has_chunk(&h.id)? {
+                self.chunks_reused += 1;
+            } else {
+                self.chunks_new += 1;
+                self.bytes_new += h.len as u64;
+                self.bytes_stored += blob.len() as u64;
+                if let Some(pack) = self.packer.add(h.id, flags, h.len, &blob)? {
+                    self.batch.packs.push(pack);
+                    self.write_batch()?;
+                }
+            }
+        } else {
+            self.chunks_reused += 1;
+        }
+        let b = self.file.as_mut().ok_or_else(|| Error::Internal("chunk outside a file".into()))?;
+        b.size += h.len as u64;
+        b.segment.push(ChunkRef { id: h.id, len: h.len });
+        if tree::ends_segment(&h.id, b.segment.len()) {
+            let seg = std::mem::take(&mut b.segment);
+            push_segment(&mut self.batch, b, &seg);
+        }
+        Ok(())
+    }
+
+    fn finish_file(&mut self, mut b: ContentBuilder) -> Result<()> {
+        if !b.segment.is_empty() {
+            let seg = std::mem::take(&mut b.segment);
+            push_segment(&mut self.batch, &mut b, &seg);
+        }
+        let id = tree::content_id(b.size, &b.segment_ids);
+        self.batch.bytes += b.segment_ids.len() + 48;
+        self.batch.contents.push((id, b.size, b.segment_ids));
+        let mut entry = b.entry;
+        entry.size = b.size;
+        entry.target = id.0.to_vec();
+        self.logical_bytes += b.size;
+        self.add_child(entry)
+    }
+
+    fn maybe_flush(&mut self) -> Result<()> {
+        if self.batch.bytes >= BATCH_BYTES { self.write_batch() } else { Ok(()) }
+    }
+
+    fn write_batch(&mut self) -> Result<()> {
+        let batch = std::mem::take(&mut self.batch);
+        self.catalog.write_batch(&batch)?;
+        for (_, _, entries) in &batch.packs {
+            self.packer.indexed(entries);
+        }
+        Ok(())
+    }
+
+    /// The root tree (one entry: the committed file or directory) and that entry.
+    fn root(&mut self) -> Result<(ObjectId, Entry)> {
+        if self.stack.len() != 1 {
+            return Err(Error::Internal("unbalanced tree at end of commit".into()));
+        }
+        let children = std::mem::take(&mut self.stack[0].1);
+        let entry = match children.as_slice() {
+            [only] => only.clone(),
+            _ => {
+                return Err(Error::InvalidInput("nothing to commit: the path was skipped".into()));
+            }
+        };
+        let id = tree::tree_id(&children);
+        self.batch.trees.push((id, children));
+        Ok((id, entry))
+    }
+
+    /// Publishes the last pack, then the checkpoint with every remaining row, in one transaction.
+    fn publish(&mut self, checkpoint: NewCheckpoint) -> Result<()> {
+        if let Some(pack) = self.packer.finish()? {
+            self.batch.packs.push(pack);
+        }
+        self.batch.checkpoint = Some(checkpoint);
+        self.write_batch()
+    }
+}

@@ -1,0 +1,114 @@
+//! The library's typed errors.
+//!
+//! Each variant names what failed and on what, so that the CLI can print one line and pick an exit code
+//! without parsing strings, and a program linking the library can act on the kind of failure.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in snapstore's library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O error on a file of the checkpointed tree or of a checkout destination.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An I/O error in the repository's chunk store.
+    #[error("chunk store object {name}: {source}")]
+    Backend {
+        /// The object (pack) name inside the store.
+        name: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The catalog database failed.
+    #[error("catalog: {0}")]
+    Catalog(#[from] rusqlite::Error),
+    /// No repository exists at the given place.
+    #[error("no snapstore repository at {0}")]
+    NoRepository(PathBuf),
+    /// `init` was asked to create a repository where one already is.
+    #[error("a snapstore repository already exists at {0}")]
+    RepositoryExists(PathBuf),
+    /// The repository was written by a newer snapstore, or is not a snapstore repository at all.
+    #[error("repository format: {0}")]
+    Format(String),
+    /// No checkpoint matches the given id or prefix.
+    #[error("no checkpoint matches '{0}'")]
+    CheckpointNotFound(String),
+    /// Several checkpoints match the given id prefix.
+    #[error("checkpoint prefix '{prefix}' is ambiguous: it matches {}", candidates.join(", "))]
+    AmbiguousId {
+        /// The prefix given.
+        prefix: String,
+        /// Short ids of some of the matching checkpoints.
+        candidates: Vec<String>,
+    },
+    /// An id or prefix that is not 4 to 64 hex digits (nor `latest`).
+    #[error("'{0}' is not a checkpoint id: use 4 to 64 hex digits, or 'latest'")]
+    InvalidId(String),
+    /// Stored data does not match its hash, or a stored structure is malformed.
+    #[error("corruption: {what}")]
+    Corrupt {
+        /// What was found to be damaged, naming the file or object affected.
+        what: String,
+    },
+    /// The catalog holds a name that would escape the checkout destination.
+    #[error("refusing unsafe name {name:?} in checkpoint tree (it could write outside the destination)")]
+    UnsafeName {
+        /// The offending name, lossily decoded.
+        name: String,
+    },
+    /// The checkout destination exists and is not empty.
+    #[error("destination {0} exists and is not empty")]
+    DestinationNotEmpty(PathBuf),
+    /// A file could not be read during commit (and `skip_unreadable` was not set).
+    #[error("cannot read {path}: {source}")]
+    Unreadable {
+        /// The file that could not be read.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file kept changing while it was being read, so no consistent copy could be taken.
+    #[error("{0} changed while it was being read, on every attempt")]
+    FileChanged(PathBuf),
+    /// An argument is not acceptable.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// A worker thread of a pipeline failed without an error (it panicked).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+
+    /// Wraps a chunk-store I/O error with the object name it concerns.
+    pub fn backend(name: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Backend { name: name.into(), source }
+    }
+
+    /// Reports damage to stored data.
+    pub fn corrupt(what: impl Into<String>) -> Self {
+        Error::Corrupt { what: what.into() }
+    }
+
+    /// Whether this error means stored data was found damaged (as opposed to an operational failure).
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, Error::Corrupt { .. } | Error::UnsafeName { .. })
+    }
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,285 @@
+//! snapstore: a checkpoint store.
+//!
+//! A checkpoint is the saved state of a program or system at one point in time. snapstore stores each one as
+//! content-defined chunks (FastCDC), named by their BLAKE3 hash and compressed with zstd, so that a new
+//! checkpoint costs only what changed since the last. A SQLite catalog records every checkpoint, its tree and
+//! each file's chunks; packs of chunks sit behind a small storage [`Backend`].
+//!
+//! ```
+//! use snapstore::{CheckoutOptions, CommitOptions, Repository};
+//! # fn main() -> snapstore::Result<()> {
+//! let dir = tempfile::tempdir().unwrap();
+//! std::fs::write(dir.path().join("state.bin"), b"step 1000: weights...").unwrap();
+//!
+//! let repo = Repository::init(dir.path().join("repo"))?;
+//! let opts = CommitOptions { message: "after step 1000".into(), ..Default::default() };
+//! let summary = repo.commit(dir.path().join("state.bin"), &opts)?;
+//!
+//! repo.checkout(&summary.id[..8], dir.path().join("restored.bin"), &CheckoutOptions::default())?;
+//! assert_eq!(std::fs::read(dir.path().join("restored.bin")).unwrap(), b"step 1000: weights...");
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs, unsafe_code)]
+
+pub mod backend;
+mod catalog;
+mod checkout;
+mod checkpoint;
+mod chunker;
+mod commit;
+mod error;
+mod id;
+mod pack;
+mod params;
+mod progress;
+mod store;
+mod tree;
+
+use std::ffi::OsStr;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use backend::{Backend, LocalBackend, MemoryBackend};
+pub use catalog::{Catalog, CatalogStats, ChunkLocation, SCHEMA_VERSION};
+pub use checkout::{CheckoutOptions, CheckoutSummary};
+pub use checkpoint::{Checkpoint, SHORT_ID_LEN};
+pub use chunker::Chunker;
+pub use commit::{CommitOptions, CommitSummary};
+pub use error::{Error, Result};
+pub use id::ObjectId;
+pub use pack::{PackEntry, read_index as read_pack_index};
+pub use params::{FORMAT_VERSION, RepoParams};
+pub use progress::{NoProgress, Progress};
+pub use tree::{Entry, EntryKind, validate_name};
+
+/// File name of the catalog inside a repository directory.
+pub const CATALOG_FILE: &str = "catalog.db";
+
+/// A snapstore repository: a directory holding the catalog and the packs.
+pub struct Repository {
+    root: PathBuf,
+    catalog_path: PathBuf,
+    backend: Arc<dyn Backend>,
+    params: RepoParams,
+}
+
+/// A file, directory or symlink of a checkpoint, with its path inside the checkpoint.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FileInfo {
+    /// Path relative to the checkpoint's root; the root itself is its committed name.
+    pub path: PathBuf,
+    /// What it is.
+    pub kind: EntryKind,
+    /// Size in bytes (files only).
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+}
+
+/// Repository-wide figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RepoStats {
+    /// Catalog totals.
+    #[serde(flatten)]
+    pub catalog: CatalogStats,
+    /// Size of the catalog database file, write-ahead log included.
+    pub catalog_bytes: u64,
+    /// Logical bytes per unique chunk byte (higher is better).
+    pub dedup_ratio: f64,
+    /// Unique chunk bytes per stored byte (higher is better).
+    pub compression_ratio: f64,
+}
+
+impl Repository {
+    /// Creates a repository at `path` with default parameters. The directory may exist if it is empty.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+    /// assert_eq!(repo.params().chunk_avg, 65536);
+    /// assert!(snapstore::Repository::init(dir.path().join("repo")).is_err());
+    /// ```
+    pub fn init(path: impl AsRef<Path>) -> Result<Self> {
+        Self::init_with(path, RepoParams::default())
+    }
+
+    /// Creates a repository with the given parameters, which it keeps for its whole life.
+    pub fn init_with(path: impl AsRef<Path>, params: RepoParams) -> Result<Self> {
+        let root = path.as_ref().to_path_buf();
+        params.validate()?;
+        if root.join(CATALOG_FILE).exists() {
+            return Err(Error::RepositoryExists(root));
+        }
+        if root.exists() && std::fs::read_dir(&root).map_err(|e| Error::io(&root, e))?.next().is_some() {
+            return Err(Error::InvalidInput(format!(
+                "{} exists and is not empty; choose a new or empty directory for the repository",
+                root.display()
+            )));
+        }
+        backend::local_dir(&root).map_err(|e| Error::io(&root, e))?;
+        Catalog::create(&root.join(CATALOG_FILE), &params)?;
+        Self::open(root)
+    }
+
+    /// Opens an existing repository, reading its parameters from its catalog.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir().unwrap();
+    /// assert!(matches!(snapstore::Repository::open(dir.path()), Err(snapstore::Error::NoRepository(_))));
+    /// ```
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let root = path.as_ref().to_path_buf();
+        let catalog_path = root.join(CATALOG_FILE);
+        if !catalog_path.is_file() {
+            return Err(Error::NoRepository(root));
+        }
+        let params = Catalog::open(&catalog_path)?.params()?;
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&root));
+        Ok(Repository { root, catalog_path, backend, params })
+    }
+
+    /// The repository's directory.
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// The parameters recorded at `init`.
+    pub fn params(&self) -> &RepoParams {
+        &self.params
+    }
+
+    /// A new connection to the catalog, for inspection.
+    pub fn catalog(&self) -> Result<Catalog> {
+        Catalog::open(&self.catalog_path)
+    }
+
+    /// Commits a file or directory tree as a new checkpoint.
+    ///
+    /// Files whose size, mtime, ctime and inode match the previous checkpoint of the same path are not read
+    /// again (unless [`CommitOptions::reread`]). The checkpoint becomes visible atomically, after all its
+    /// data is durable.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+    /// std::fs::create_dir(dir.path().join("run")).unwrap();
+    /// std::fs::write(dir.path().join("run/a"), vec![1u8; 100_000]).unwrap();
+    /// let first = repo.commit(dir.path().join("run"), &Default::default()).unwrap();
+    /// let second = repo.commit(dir.path().join("run"), &Default::default()).unwrap();
+    /// assert_eq!(first.files_new, 1);
+    /// assert_eq!((second.files_unchanged, second.bytes_new), (1, 0));
+    /// assert_eq!(second.parent.as_deref(), Some(first.id.as_str()));
+    /// ```
+    pub fn commit(&self, path: impl AsRef<Path>, opts: &CommitOptions) -> Result<CommitSummary> {
+        commit::commit(&self.context(), commit::Source::Path(path.as_ref()), opts)
+    }
+
+    /// Commits a stream (a state image written by another program) as a checkpoint holding one file, `name`.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+    /// let state = vec![42u8; 300_000];
+    /// let s = repo.commit_reader("model.bin", &mut &state[..], &Default::default()).unwrap();
+    /// assert_eq!(s.logical_bytes, 300_000);
+    /// assert_eq!(repo.checkpoint(&s.id).unwrap().path, "stdin:model.bin");
+    /// ```
+    pub fn commit_reader(&self, name: &str, reader: &mut dyn Read, opts: &CommitOptions) -> Result<CommitSummary> {
+        commit::commit(&self.context(), commit::Source::Reader { name, reader }, opts)
+    }
+
+    /// Recreates checkpoint `id` (full id, unique prefix or `latest`) at `dest`, verifying every chunk.
+    /// `dest` becomes what the committed path was: a directory, a file or a symlink.
+    pub fn checkout(&self, id: &str, dest: impl AsRef<Path>, opts: &CheckoutOptions) -> Result<CheckoutSummary> {
+        let cp = self.checkpoint(id)?;
+        checkout::checkout(&self.catalog_path, self.backend.clone(), &cp.id, dest.as_ref(), opts)
+    }
+
+    /// All checkpoints, newest first.
+    pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        self.catalog()?.checkpoints()
+    }
+
+    /// The checkpoint named by a full id, a unique prefix of 4 or more hex digits, or `latest`.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+    /// let s = repo.commit_reader("x", &mut &b"x"[..], &Default::default()).unwrap();
+    /// assert_eq!(repo.checkpoint(&s.id[..4]).unwrap().id, s.id);
+    /// assert_eq!(repo.checkpoint("latest").unwrap().id, s.id);
+    /// assert!(matches!(repo.checkpoint("xyz!"), Err(snapstore::Error::InvalidId(_))));
+    /// ```
+    pub fn checkpoint(&self, id: &str) -> Result<Checkpoint> {
+        self.catalog()?.resolve(id)
+    }
+
+    /// Calls `f` for every entry of a checkpoint, in depth-first name order, the root first.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+    /// let s = repo.commit_reader("x.bin", &mut &b"abc"[..], &Default::default()).unwrap();
+    /// let mut seen = Vec::new();
+    /// repo.walk(&s.id, |f| { seen.push((f.path.clone(), f.size)); Ok(()) }).unwrap();
+    /// assert_eq!(seen, vec![("x.bin".into(), 3)]);
+    /// ```
+    pub fn walk(&self, id: &str, mut f: impl FnMut(&FileInfo) -> Result<()>) -> Result<()> {
+        let catalog = self.catalog()?;
+        let cp = catalog.resolve(id)?;
+        let root = catalog.tree(&catalog.checkpoint_root(&cp.id)?)?;
+        let mut stack: Vec<(Entry, PathBuf)> = root.into_iter().rev().map(|e| (e, PathBuf::new())).collect();
+        while let Some((entry, parent)) = stack.pop() {
+            validate_name(&entry.name)?;
+            let path = parent.join(OsStr::from_bytes(&entry.name));
+            f(&FileInfo {
+                path: path.clone(),
+                kind: entry.kind,
+                size: entry.size,
+                mode: entry.mode,
+                mtime_ns: entry.mtime_ns,
+            })?;
+            if entry.kind == EntryKind::Dir {
+                let tree = entry.object()?.expect("dir has a tree");
+                for child in catalog.tree(&tree)?.into_iter().rev() {
+                    stack.push((child, path.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Files a checkpoint's commit skipped as unreadable, with the reason.
+    pub fn skipped(&self, id: &str) -> Result<Vec<(PathBuf, String)>> {
+        let catalog = self.catalog()?;
+        let cp = catalog.resolve(id)?;
+        Ok(catalog.skipped(&cp.id)?.into_iter().map(|(p, r)| (PathBuf::from(OsStr::from_bytes(&p)), r)).collect())
+    }
+
+    /// Repository-wide figures: logical and stored bytes, dedup and compression ratios, chunk and pack counts.
+    pub fn stats(&self) -> Result<RepoStats> {
+        let catalog = self.catalog()?.stats()?;
+        let file_len = |name: &str| std::fs::metadata(self.root.join(name)).map(|m| m.len()).unwrap_or(0);
+        let catalog_bytes = file_len(CATALOG_FILE) + file_len("catalog.db-wal");
+        let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
+        Ok(RepoStats {
+            dedup_ratio: ratio(catalog.logical_bytes, catalog.unique_bytes),
+            compression_ratio: ratio(catalog.unique_bytes, catalog.stored_chunk_bytes),
+            catalog,
+            catalog_bytes,
+        })
+    }
+
+    fn context(&self) -> commit::Context<'_> {
+        commit::Context {
+            catalog_path: &self.catalog_path,
+            repo_root: &self.root,
+            backend: self.backend.clone(),
+            params: &self.params,
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Pack files: many chunks in one object, with their own index at the end.
+//!
+//! ```text
+//! header   "SNAPPACK" | version u32 LE (=1) | reserved u32
+//! blobs    each chunk's stored bytes (zstd frame or raw), back to back
+//! index    per chunk: id [32] | flags u8 | raw_len u32 LE | stored_len u32 LE
+//! footer   index_offset u64 LE | count u32 LE | reserved u32 | blake3(index)[..16] | "SNAPIDX1"
+//! ```
+//!
+//! A blob's offset is the header length plus the stored lengths before it, so the index alone rebuilds the
+//! catalog's chunk locations. The pack is named by the BLAKE3 hash of all its bytes.
+
+use std::io::Write;
+
+use crate::backend::{Backend, ObjectWriter};
+use crate::error::{Error, Result};
+use crate::id::{ObjectId, to_hex};
+
+const MAGIC: &[u8; 8] = b"SNAPPACK";
+const FOOTER_MAGIC: &[u8; 8] = b"SNAPIDX1";
+const VERSION: u32 = 1;
+/// Bytes before the first blob.
+pub const HEADER_LEN: u64 = 16;
+const ENTRY_LEN: usize = 41;
+const FOOTER_LEN: usize = 40;
+
+/// Chunk flag: the blob is a zstd frame; otherwise it is the raw chunk.
+pub const FLAG_ZSTD: u8 = 1;
+
+/// One chunk's place in a pack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackEntry {
+    /// The chunk's id (BLAKE3 of its raw bytes).
+    pub id: ObjectId,
+    /// [`FLAG_ZSTD`] or 0.
+    pub flags: u8,
+    /// Length of the chunk itself.
+    pub raw_len: u32,
+    /// Length of the blob in the pack.
+    pub stored_len: u32,
+    /// Offset of the blob in the pack.
+    pub offset: u64,
+}
+
+/// The object name of a pack with content hash `hash`.
+pub fn pack_name(hash: &ObjectId) -> String {
+    let hex = hash.to_hex();
+    format!("packs/{}/{}.pack", &hex[..2], hex)
+}
+
+/// Writes one pack, streaming it to the backend so that a pack never sits whole in memory.
+pub struct PackWriter {
+    out: Box<dyn ObjectWriter>,
+    hasher: blake3::Hasher,
+    len: u64,
+    entries: Vec<PackEntry>,
+}
+
+impl PackWriter {
+    /// Starts a pack.
+    pub fn new(backend: &dyn Backend) -> Result<Self> {
+        let out = backend.create().map_err(|e| Error::backend("new pack", e))?;
+        let mut w = PackWriter { out, hasher: blake3::Hasher::new(), len: 0, entries: Vec::new() };
+        let mut header = Vec::with_capacity(HEADER_LEN as usize);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&VERSION.to_le_bytes());
+        header.extend_from_slice(&0u32.to_le_bytes());
+        w.write(&header)?;
+        Ok(w)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out.write_all(bytes).map_err(|e| Error::backend("new pack", e))?;
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Appends a chunk's stored blob and returns its entry.
+    pub fn add(&mut self, id: ObjectId, flags: u8, raw_len: u32, blob: &[u8]) -> Result<PackEntry> {
+        let entry = PackEntry { id, flags, raw_len, stored_len: blob.len() as u32, offset: self.len };
+        self.write(blob)?;
+        self.entries.push(entry.clone());
+        Ok(entry)
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether no chunk has been added.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Writes the index and footer, makes the pack durable and publishes it. Returns its name, size and entries.
+    pub fn finish(mut self) -> Result<(String, u64, Vec<PackEntry>)> {
+        let index_offset = self.len;
+        let index = encode_index(&self.entries);
+        self.write(&index)?;
+        let mut footer = Vec::with_capacity(FOOTER_LEN);
+        footer.extend_from_slice(&index_offset.to_le_bytes());
+        footer.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        footer.extend_from_slice(&0u32.to_le_bytes());
+        footer.extend_from_slice(&blake3::hash(&index).as_bytes()[..16]);
+        footer.extend_from_slice(FOOTER_MAGIC);
+        self.write(&footer)?;
+        let name = pack_name(&ObjectId(*self.hasher.finalize().as_bytes()));
+        self.out.publish(&name).map_err(|e| Error::backend(name.clone(), e))?;
+        Ok((name, self.len, self.entries))
+    }
+}
+
+fn encode_index(entries: &[PackEntry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * ENTRY_LEN);
+    for e in entries {
+        out.extend_from_slice(&e.id.0);
+        out.push(e.flags);
+        out.extend_from_slice(&e.raw_len.to_le_bytes());
+        out.extend_from_slice(&e.stored_len.to_le_bytes());
+    }
+    out
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// Reads and checks a pack's own index: what the catalog's chunk index is rebuilt from.
+pub fn read_index(backend: &dyn Backend, name: &str) -> Result<Vec<PackEntry>> {
+    let bad = |why: &str| Error::corrupt(format!("pack {name}: {why}"));
+    let size = backend.size(name).map_err(|e| Error::backend(name, e))?;
+    if size < HEADER_LEN + FOOTER_LEN as u64 {
+        return Err(bad("too short to be a pack"));
+    }
+    let mut header = [0u8; HEADER_LEN as usize];
+    backend.read_at(name, 0, &mut header).map_err(|e| Error::backend(name, e))?;
+    if &header[..8] != MAGIC || u32_at(&header, 8) != VERSION {
+        return Err(bad("bad header"));
+    }
+    let mut footer = [0u8; FOOTER_LEN];
+    backend.read_at(name, size - FOOTER_LEN as u64, &mut footer).map_err(|e| Error::backend(name, e))?;
+    if &footer[32..] != FOOTER_MAGIC {
+        return Err(bad("bad footer"));
+    }
+    let index_offset = u64::from_le_bytes(footer[..8].try_into().expect("8 bytes"));
+    let count = u32_at(&footer, 8) as u64;
+    let index_len = count * ENTRY_LEN as u64;
+    if index_offset < HEADER_LEN || index_offset.checked_add(index_len) != Some(size - FOOTER_LEN as u64) {
+        return Err(bad("index bounds do not match the file size"));
+    }
+    let mut index = vec![0u8; index_len as usize];
+    backend.read_at(name, index_offset, &mut index).map_err(|e| Error::backend(name, e))?;
+    if blake3::hash(&index).as_bytes()[..16] != footer[16..32] {
+        return Err(bad(&format!("index checksum mismatch ({})", to_hex(&footer[16..32]))));
+    }
+    decode_index(&index, index_offset).ok_or_else(|| bad("index entries do not add up to the blob area"))
+}
+
+/// Decodes index bytes, checking that the blobs exactly fill `HEADER_LEN..blobs_end`.
+pub fn decode_index(index: &[u8], blobs_end: u64) -> Option<Vec<PackEntry>> {
+    if !index.len().is_multiple_of(ENTRY_LEN) {
+        return None;
+    }
+    let mut offset = HEADER_LEN;
+    let mut out = Vec::with_capacity(index.len() / ENTRY_LEN);
+    for e in index.chunks_exact(ENTRY_LEN) {
+        let entry = PackEntry {
+            id: ObjectId::from_slice(&e[..32])?,
+            flags: e[32],
+            raw_len: u32_at(e, 33),
+            stored_len: u32_at(e, 37),
+            offset,
+        };
+        if entry.flags & !FLAG_ZSTD != 0 {
+            return None;
+        }
+        offset = offset.checked_add(entry.stored_len as u64)?;
+        out.push(entry);
+    }
+    (offset == blobs_end).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+    use proptest::prelude::*;
+
+    #[test]
+    fn pack_roundtrip_and_damage_detected() {
+        let b = MemoryBackend::new();
+        let mut w = PackWriter::new(&b).unwrap();
+        let e1 = w.add(ObjectId::of(b"one"), 0, 3, b"one").unwrap();
+        let e2 = w.add(ObjectId::of(b"two"), FLAG_ZSTD, 3, b"xx").unwrap();
+        let (name, size, entries) = w.finish().unwrap();
+        assert_eq!(entries, vec![e1.clone(), e2]);
+        assert_eq!(b.size(&name).unwrap(), size);
+        assert_eq!(read_index(&b, &name).unwrap(), entries);
+        let mut blob = [0u8; 3];
+        b.read_at(&name, e1.offset, &mut blob).unwrap();
+        assert_eq!(&blob, b"one");
+        // Flip one index byte: the checksum catches it.
+        let mut bytes = vec![0u8; size as usize];
+        b.read_at(&name, 0, &mut bytes).unwrap();
+        bytes[size as usize - FOOTER_LEN - 3] ^= 1;
+        let mut w = b.create().unwrap();
+        w.write_all(&bytes).unwrap();
+        w.publish("packs/00/bad.pack").unwrap();
+        assert!(read_index(&b, "packs/00/bad.pack").unwrap_err().is_corruption());
+    }
+
+    proptest! {
+        #[test]
+        fn decode_index_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400), end in 0u64..100_000) {
+            let _ = decode_index(&bytes, end);
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The content-addressed structure of a checkpoint: trees of entries, files as lists of segments of chunks.
+//!
+//! A directory is a *tree*: its sorted entries, named by the hash of their canonical encoding. A file's content
+//! is a list of *segments*, each a run of chunk references cut where a chunk id's first byte is zero (so a
+//! local change rewrites one segment, not the whole list). All three are stored once however many checkpoints
+//! share them, which keeps the catalog's growth per checkpoint proportional to what changed.
+
+use crate::error::{Error, Result};
+use crate::id::{ObjectId, domain_hasher, finish};
+
+/// What an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    /// A regular file; `target` is its content id.
+    File,
+    /// A directory; `target` is its tree id.
+    Dir,
+    /// A symbolic link; `target` is the link's bytes.
+    Symlink,
+}
+
+impl EntryKind {
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            EntryKind::File => 1,
+            EntryKind::Dir => 2,
+            EntryKind::Symlink => 3,
+        }
+    }
+
+    pub(crate) fn from_code(code: i64) -> Result<Self> {
+        match code {
+            1 => Ok(EntryKind::File),
+            2 => Ok(EntryKind::Dir),
+            3 => Ok(EntryKind::Symlink),
+            _ => Err(Error::corrupt(format!("unknown entry kind {code} in catalog"))),
+        }
+    }
+}
+
+/// One name in a directory of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The name's raw bytes (Unix names need not be UTF-8).
+    pub name: Vec<u8>,
+    /// File, directory or symlink.
+    pub kind: EntryKind,
+    /// Permission bits (including setuid/setgid/sticky).
+    pub mode: u32,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Status-change time when committed; used only to tell whether a file changed since.
+    pub ctime_ns: i64,
+    /// Inode number when committed; used only to tell whether a file changed since.
+    pub ino: u64,
+    /// File size in bytes (0 for directories and symlinks).
+    pub size: u64,
+    /// Content id (file), tree id (directory) or link target bytes (symlink).
+    pub target: Vec<u8>,
+}
+
+impl Entry {
+    /// The content or tree id this entry points at, `None` for a symlink.
+    pub fn object(&self) -> Result<Option<ObjectId>> {
+        match self.kind {
+            EntryKind::Symlink => Ok(None),
+            _ => ObjectId::from_slice(&self.target)
+                .map(Some)
+                .ok_or_else(|| Error::corrupt(format!("entry {:?} has a malformed id", self.name_lossy()))),
+        }
+    }
+
+    /// The name for display.
+    pub fn name_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.name).into_owned()
+    }
+}
+
+/// Checks that a name from the catalog is one plain path component, so that joining it to a destination
+/// directory can never leave that directory.
+pub fn validate_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+        return Err(Error::UnsafeName { name: String::from_utf8_lossy(name).into_owned() });
+    }
+    Ok(())
+}
+
+/// The id of a tree with these entries, which must be sorted by name with no duplicates.
+pub fn tree_id(entries: &[Entry]) -> ObjectId {
+    let mut h = domain_hasher("snapstore-tree-v1");
+    for e in entries {
+        h.update(&(e.name.len() as u32).to_le_bytes());
+        h.update(&e.name);
+        h.update(&[e.kind.code()]);
+        h.update(&e.mode.to_le_bytes());
+        h.update(&e.mtime_ns.to_le_bytes());
+        h.update(&e.ctime_ns.to_le_bytes());
+        h.update(&e.ino.to_le_bytes());
+        h.update(&e.size.to_le_bytes());
+        h.update(&(e.target.len() as u32).to_le_bytes());
+        h.update(&e.target);
+    }
+    finish(&h)
+}
+
+/// A reference from a segment to one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRef {
+    /// The chunk.
+    pub id: ObjectId,
+    /// Its length in bytes.
+    pub len: u32,
+}
+
+const REF_LEN: usize = 36;
+/// A segment never holds more chunk references than this, whatever the ids.
+pub const SEGMENT_MAX: usize = 4096;
+
+/// Whether a segment ends after this chunk: content-defined, so segments re-align after an insertion.
+pub fn ends_segment(id: &ObjectId, refs_in_segment: usize) -> bool {
+    id.0[0] == 0 || refs_in_segment >= SEGMENT_MAX
+}
+
+/// Encodes a segment: 36 bytes per chunk (id, length u32 LE).
+pub fn encode_segment(refs: &[ChunkRef]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(refs.len() * REF_LEN);
+    for r in refs {
+        out.extend_from_slice(&r.id.0);
+        out.extend_from_slice(&r.len.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes a segment, rejecting malformed bytes.
+pub fn decode_segment(bytes: &[u8]) -> Result<Vec<ChunkRef>> {
+    if !bytes.len().is_multiple_of(REF_LEN) || bytes.len() / REF_LEN > SEGMENT_MAX {
+        return Err(Error::corrupt("segment has a malformed length"));
+    }
+    Ok(bytes
+        .chunks_exact(REF_LEN)
+        .map(|r| ChunkRef {
+            id: ObjectId::from_slice(&r[..32]).expect("32 bytes"),
+            len: u32::from_le_bytes(r[32..].try_into().expect("4 bytes")),
+        })
+        .collect())
+}
+
+/// The id of an encoded segment.
+pub fn segment_id(encoded: &[u8]) -> ObjectId {
+    let mut h = domain_hasher("snapstore-segment-v1");
+    h.update(encoded);
+    finish(&h)
+}
+
+/// The id of a file content: its size and its segment ids (concatenated 32-byte ids).
+pub fn content_id(size: u64, segment_ids: &[u8]) -> ObjectId {
+    let mut h = domain_hasher("snapstore-content-v1");
+    h.update(&size.to_le_bytes());
+    h.update(segment_ids);
+    finish(&h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &[u8]) -> Entry {
+        Entry {
+            name: name.to_vec(),
+            kind: EntryKind::File,
+            mode: 0o644,
+            mtime_ns: 1,
+            ctime_ns: 2,
+            ino: 3,
+            size: 4,
+            target: vec![9; 32],
+        }
+    }
+
+    #[test]
+    fn hostile_names_are_refused() {
+        for bad in [&b""[..], b".", b"..", b"../x", b"/etc/x", b"a/b", b"a\0b"] {
+            assert!(matches!(validate_name(bad), Err(Error::UnsafeName { .. })), "{bad:?}");
+        }
+        for good in [&b"x"[..], b"...", b"\xff\xfe", "naïve ✓".as_bytes(), b"line\nbreak"] {
+            validate_name(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn tree_id_depends_on_every_field() {
+        let base = vec![entry(b"a")];
+        let id = tree_id(&base);
+        let mut changed = base.clone();
+        changed[0].mtime_ns += 1;
+        assert_ne!(tree_id(&changed), id);
+        changed = base.clone();
+        changed[0].target[0] = 0;
+        assert_ne!(tree_id(&changed), id);
+        // Name/target boundaries are length-prefixed: moving a byte between them changes the id.
+        let mut a = entry(b"ab");
+        a.kind = EntryKind::Symlink;
+        a.target = b"c".to_vec();
+        let mut b = a.clone();
+        b.name = b"a".to_vec();
+        b.target = b"bc".to_vec();
+        assert_ne!(tree_id(&[a]), tree_id(&[b]));
+    }
+
+    #[test]
+    fn segment_roundtrip_and_bad_length() {
+        let refs = vec![ChunkRef { id: ObjectId::of(b"x"), len: 7 }, ChunkRef { id: ObjectId::of(b"y"), len: 9 }];
+        let enc = encode_segment(&refs);
+        assert_eq!(decode_segment(&enc).unwrap(), refs);
+        assert!(decode_segment(&enc[1..]).is_err());
+    }
+}
