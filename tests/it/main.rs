@@ -1,0 +1,6 @@
+//! End-to-end tests of the library and the `snapstore` binary, as one test binary (one link, shared helpers).
+
+mod cli;
+mod crash;
+mod library;
+mod util;
