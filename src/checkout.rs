@@ -22,6 +22,7 @@ use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::progress::{NoProgress, Progress};
+use crate::sparse::is_zero;
 use crate::store::ChunkReader;
 use crate::tree::{self, ChunkRef, Entry, EntryKind};
 
@@ -225,7 +226,7 @@ fn worker(
         let written = reader.read_chunks(&catalog, &job.refs, |i, data| {
             // The file was extended to its full size up front: skipping zeros leaves holes, so sparse
             // files come back sparse.
-            if data.iter().any(|&b| b != 0) {
+            if !is_zero(data) {
                 task.file.write_all_at(data, offsets[i]).map_err(|e| Error::io(&task.dest, e))?;
             }
             progress.bytes(data.len() as u64);

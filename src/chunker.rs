@@ -1,14 +1,60 @@
-//! Content-defined chunking of a byte stream with FastCDC 2020, in bounded memory.
+//! Content-defined chunking with FastCDC 2020, in bounded memory.
 //!
-//! The stream is read through a window a few times the largest chunk; a cut is only taken once at least one
-//! maximum chunk of data lies beyond the cut's start (or the stream has ended), which makes every cut point
-//! identical to what FastCDC would choose over the whole input held in memory.
+//! A cut is only taken once at least one maximum chunk of data lies beyond the chunk's start (or the input
+//! has ended), which makes every cut point identical to what FastCDC would choose over the whole input held in
+//! memory. Two front ends share the cut: [`Chunker`] reads a stream through a window; `BlockChunker` cuts
+//! blocks that a reader thread fills, handing out chunks as ranges of the shared blocks without copying them.
 
 use std::io::{self, Read};
+use std::ops::Deref;
+use std::sync::Arc;
 
 use fastcdc::v2020::{Normalization, cut, select_masks};
 
 use crate::params::RepoParams;
+use crate::sparse::is_zero;
+
+/// The cut function with a repository's parameters.
+#[derive(Clone, Copy)]
+pub(crate) struct Cutter {
+    min: usize,
+    avg: usize,
+    max: usize,
+    mask_s: u64,
+    mask_l: u64,
+}
+
+impl Cutter {
+    pub fn new(params: &RepoParams) -> Self {
+        let level = match params.normalization {
+            0 => Normalization::Level0,
+            1 => Normalization::Level1,
+            2 => Normalization::Level2,
+            _ => Normalization::Level3,
+        };
+        let (mask_s, mask_l) = select_masks(params.chunk_avg as usize, level);
+        Cutter {
+            min: params.chunk_min as usize,
+            avg: params.chunk_avg as usize,
+            max: params.chunk_max as usize,
+            mask_s,
+            mask_l,
+        }
+    }
+
+    /// Length of the chunk starting at `window[0]`. `window` must hold at least `max` bytes unless the input
+    /// ends with it.
+    pub fn cut(&self, window: &[u8]) -> usize {
+        // FastCDC's hash starts afresh at `min` and never matches on zeros (see `zeros_cut_at_max`), so a
+        // window whose bytes from `min` to `max` are all zero cuts at `max`. Checking that is a memory scan,
+        // far cheaper than the rolling hash, and VM images are largely zeros.
+        if window.len() >= self.max && is_zero(&window[self.min..self.max]) {
+            return self.max;
+        }
+        let (m_s, m_l) = (self.mask_s, self.mask_l);
+        cut(window, self.min, self.avg, self.max, m_s, m_l, m_s << 1, m_l << 1).1
+    }
+}
 
 /// Cuts a reader into content-defined chunks.
 ///
@@ -28,47 +74,33 @@ pub struct Chunker<R> {
     start: usize,
     end: usize,
     eof: bool,
-    min: usize,
-    avg: usize,
-    max: usize,
-    masks: (u64, u64),
+    cutter: Cutter,
 }
 
 impl<R: Read> Chunker<R> {
     /// A chunker reading `reader` with the repository's chunk sizes.
     pub fn new(reader: R, params: &RepoParams) -> Self {
-        let level = match params.normalization {
-            0 => Normalization::Level0,
-            1 => Normalization::Level1,
-            2 => Normalization::Level2,
-            _ => Normalization::Level3,
-        };
-        let max = params.chunk_max as usize;
+        let cutter = Cutter::new(params);
         Chunker {
             reader,
             // Large reads amortise syscalls; 4 maximum chunks keeps compaction copies rare.
-            buf: vec![0; (4 * max).max(4 << 20)],
+            buf: vec![0; (4 * cutter.max).max(4 << 20)],
             start: 0,
             end: 0,
             eof: false,
-            min: params.chunk_min as usize,
-            avg: params.chunk_avg as usize,
-            max,
-            masks: select_masks(params.chunk_avg as usize, level),
+            cutter,
         }
     }
 
     /// The next chunk, or `None` at the end of the stream. The slice is valid until the next call.
     pub fn next_chunk(&mut self) -> io::Result<Option<&[u8]>> {
-        while !self.eof && self.end - self.start < self.max {
+        while !self.eof && self.end - self.start < self.cutter.max {
             self.fill()?;
         }
         if self.start == self.end {
             return Ok(None);
         }
-        let (mask_s, mask_l) = self.masks;
-        let window = &self.buf[self.start..self.end];
-        let (_, len) = cut(window, self.min, self.avg, self.max, mask_s, mask_l, mask_s << 1, mask_l << 1);
+        let len = self.cutter.cut(&self.buf[self.start..self.end]);
         let chunk_start = self.start;
         self.start += len;
         Ok(Some(&self.buf[chunk_start..chunk_start + len]))
@@ -80,19 +112,163 @@ impl<R: Read> Chunker<R> {
             self.end -= self.start;
             self.start = 0;
         }
+        self.end += read_retrying(&mut self.reader, &mut self.buf[self.end..])?;
+        if self.end - self.start < self.cutter.max && self.end < self.buf.len() {
+            // A short read is not the end; only a read of zero bytes is.
+            let n = read_retrying(&mut self.reader, &mut self.buf[self.end..])?;
+            self.eof = n == 0;
+            self.end += n;
+        }
+        Ok(())
+    }
+}
+
+fn read_retrying(r: &mut (impl Read + ?Sized), buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Fills `buf` as far as the reader allows; returns the bytes read (less than `buf.len()` only at the end).
+pub(crate) fn read_full(r: &mut (impl Read + ?Sized), buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match read_retrying(r, &mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// A buffer that goes back to its pool when the last chunk cut from it is done, so a commit reuses a few
+/// blocks instead of allocating (and page-faulting in) fresh memory for every one.
+pub(crate) struct Buf {
+    data: Vec<u8>,
+    home: Option<crossbeam_channel::Sender<Vec<u8>>>,
+}
+
+impl Buf {
+    pub fn new(data: Vec<u8>, home: Option<crossbeam_channel::Sender<Vec<u8>>>) -> Self {
+        Buf { data, home }
+    }
+}
+
+impl Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if let Some(home) = &self.home {
+            let _ = home.try_send(std::mem::take(&mut self.data));
+        }
+    }
+}
+
+/// A block of input shared by the chunks cut from it.
+pub(crate) type Block = Arc<Buf>;
+
+/// A chunk's bytes: a range of a shared block, or its own copy when it straddles two blocks.
+pub(crate) enum ChunkBytes {
+    Shared(Block, usize, usize),
+    Owned(Vec<u8>),
+}
+
+impl Deref for ChunkBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ChunkBytes::Shared(b, start, end) => &b[*start..*end],
+            ChunkBytes::Owned(v) => v,
+        }
+    }
+}
+
+/// Cuts a sequence of blocks. Every block but the last must be full (at least one maximum chunk long), so
+/// that a window shorter than a maximum chunk means the input has ended.
+pub(crate) struct BlockChunker<F> {
+    next_block: F,
+    cur: Option<Block>,
+    pos: usize,
+    lookahead: Option<Block>,
+    ended: bool,
+    cutter: Cutter,
+}
+
+impl<F: FnMut() -> io::Result<Option<Block>>> BlockChunker<F> {
+    pub fn new(cutter: Cutter, next_block: F) -> Self {
+        BlockChunker { next_block, cur: None, pos: 0, lookahead: None, ended: false, cutter }
+    }
+
+    fn fetch(&mut self) -> io::Result<Option<Block>> {
+        if self.ended {
+            return Ok(None);
+        }
         loop {
-            match self.reader.read(&mut self.buf[self.end..]) {
-                Ok(0) => {
-                    self.eof = true;
-                    return Ok(());
+            match (self.next_block)()? {
+                Some(b) if b.is_empty() => continue,
+                Some(b) => return Ok(Some(b)),
+                None => {
+                    self.ended = true;
+                    return Ok(None);
                 }
-                Ok(n) => {
-                    self.end += n;
-                    return Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
             }
+        }
+    }
+
+    pub fn next_chunk(&mut self) -> io::Result<Option<ChunkBytes>> {
+        let max = self.cutter.max;
+        loop {
+            let Some(cur) = self.cur.clone() else {
+                self.cur = match self.lookahead.take() {
+                    Some(b) => Some(b),
+                    None => self.fetch()?,
+                };
+                self.pos = 0;
+                if self.cur.is_none() {
+                    return Ok(None);
+                }
+                continue;
+            };
+            let avail = cur.len() - self.pos;
+            if avail == 0 {
+                self.cur = None;
+                continue;
+            }
+            if avail >= max {
+                let len = self.cutter.cut(&cur[self.pos..]);
+                self.pos += len;
+                return Ok(Some(ChunkBytes::Shared(cur, self.pos - len, self.pos)));
+            }
+            if self.lookahead.is_none() {
+                self.lookahead = self.fetch()?;
+            }
+            let Some(next) = self.lookahead.clone() else {
+                // The input ends inside this block.
+                let len = self.cutter.cut(&cur[self.pos..]);
+                self.pos += len;
+                return Ok(Some(ChunkBytes::Shared(cur, self.pos - len, self.pos)));
+            };
+            let take = (max - avail).min(next.len());
+            let mut window = Vec::with_capacity(avail + take);
+            window.extend_from_slice(&cur[self.pos..]);
+            window.extend_from_slice(&next[..take]);
+            let len = self.cutter.cut(&window);
+            if len <= avail {
+                self.pos += len;
+                return Ok(Some(ChunkBytes::Shared(cur, self.pos - len, self.pos)));
+            }
+            window.truncate(len);
+            self.cur = self.lookahead.take();
+            self.pos = len - avail;
+            return Ok(Some(ChunkBytes::Owned(window)));
         }
     }
 }
@@ -161,7 +337,51 @@ mod tests {
         assert_eq!(lens, vec![262144; 4]);
     }
 
+    fn block_chunks(data: &[u8], block: usize, params: &RepoParams) -> Vec<Vec<u8>> {
+        let mut blocks = data.chunks(block).map(|b| Arc::new(Buf::new(b.to_vec(), None)));
+        let mut c = BlockChunker::new(Cutter::new(params), || Ok(blocks.next()));
+        let mut out = Vec::new();
+        while let Some(ch) = c.next_chunk().unwrap() {
+            out.push(ch.to_vec());
+        }
+        out
+    }
+
+    /// Random bytes with long zero runs in them, as a disk image has.
+    fn with_zero_runs(len: usize, seed: u64) -> Vec<u8> {
+        let mut data = pseudo_random(len, seed);
+        let mut at = (seed as usize) % 5000;
+        while at < len {
+            let run = (at * 7 + 13_000) % 40_000;
+            let end = (at + run).min(len);
+            data[at..end].fill(0);
+            at = end + (at % 9000) + 100;
+        }
+        data
+    }
+
+    #[test]
+    fn zero_shortcut_matches_fastcdc() {
+        let mut data = with_zero_runs(4 << 20, 3);
+        // Runs longer than a maximum chunk, at odd offsets, so the shortcut is taken.
+        for (start, end) in [(500_001, 1_700_000), (2_000_000, 2_300_123), (3_000_000, 3_290_000)] {
+            data[start..end].fill(0);
+        }
+        let reference: Vec<usize> =
+            fastcdc::v2020::FastCDC::new(&data, 16384, 65536, 262144).map(|c| c.length).collect();
+        let ours: Vec<usize> = chunks_of(&data, 1 << 20, &RepoParams::default()).iter().map(|c| c.len()).collect();
+        assert_eq!(ours, reference);
+    }
+
     proptest! {
+        #[test]
+        fn block_chunker_matches_stream_chunker(len in 0usize..60_000, seed in any::<u64>(), blocks in 1usize..6) {
+            let p = small_params();
+            let data = with_zero_runs(len, seed);
+            let block = 4096 * blocks + (seed as usize % 3) * 2;
+            prop_assert_eq!(block_chunks(&data, block, &p), chunks_of(&data, 7000, &p));
+        }
+
         #[test]
         fn chunks_concatenate_to_input(len in 0usize..40_000, seed in any::<u64>(), step in 1usize..9000) {
             let data = pseudo_random(len, seed);

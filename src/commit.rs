@@ -21,11 +21,12 @@ use walkdir::WalkDir;
 use crate::backend::Backend;
 use crate::catalog::{Batch, Catalog, NewCheckpoint, now_ns};
 use crate::checkpoint::{Checkpoint, checkpoint_id};
-use crate::chunker::Chunker;
+use crate::chunker::{Block, BlockChunker, Buf, ChunkBytes, Cutter, read_full};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::params::RepoParams;
 use crate::progress::{NoProgress, Progress};
+use crate::sparse::is_zero;
 use crate::store::{Compressor, Packer};
 use crate::tree::{self, ChunkRef, Entry, EntryKind};
 
@@ -107,7 +108,7 @@ pub(crate) enum Source<'a> {
 
 struct Job {
     seq: u64,
-    data: Vec<u8>,
+    data: ChunkBytes,
 }
 
 struct Hashed {
@@ -205,6 +206,9 @@ pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions
     let (job_tx, job_rx) = bounded::<Job>(threads * 4);
     let (res_tx, res_rx) = bounded::<Result<Hashed>>(threads * 4);
     let (ev_tx, ev_rx) = bounded::<Event>(1024);
+    // Blocks must hold a maximum chunk; 2 MiB keeps the blocks in flight to a few MiB.
+    let block_len = (2 << 20).max(2 * ctx.params.chunk_max as usize);
+    let (pool_tx, pool_rx) = bounded::<Vec<u8>>(8);
 
     let mut summary = CommitSummary { parent: parent.as_ref().map(|p| p.id.clone()), ..Default::default() };
     let outcome = std::thread::scope(|s| {
@@ -229,6 +233,10 @@ pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions
             skipped: Vec::new(),
             prev: vec![parent_root.map(|entries| entries.into_iter().map(|e| (e.name.clone(), e)).collect())],
             catalog: &catalog,
+            cutter: Cutter::new(ctx.params),
+            block_len,
+            pool_tx,
+            pool_rx,
         };
         let walked = match source {
             Source::Path(p) => walker.walk(p, &root_name),
@@ -296,8 +304,11 @@ fn worker(ctx: &Context<'_>, jobs: Receiver<Job>, results: Sender<Result<Hashed>
             return;
         }
     };
+    let max = ctx.params.chunk_max as usize;
+    let zero_id = ObjectId::of(&vec![0u8; max]);
     for job in jobs {
-        let id = ObjectId::of(&job.data);
+        // Runs of zeros cut into maximum chunks (see Cutter::cut): their id is known without hashing.
+        let id = if job.data.len() == max && is_zero(&job.data) { zero_id } else { ObjectId::of(&job.data) };
         let out = catalog.has_chunk(&id).map(|known| {
             let blob = (!known).then(|| {
                 let (flags, blob) = compressor.compress(&job.data);
@@ -322,6 +333,11 @@ struct Walker<'a, 'b> {
     /// For each open directory level, the parent checkpoint's entries at the same place.
     prev: Vec<Option<HashMap<Vec<u8>, Entry>>>,
     catalog: &'a Catalog,
+    cutter: Cutter,
+    block_len: usize,
+    /// Spent read buffers, for reuse.
+    pool_tx: Sender<Vec<u8>>,
+    pool_rx: Receiver<Vec<u8>>,
 }
 
 impl Walker<'_, '_> {
@@ -431,7 +447,7 @@ impl Walker<'_, '_> {
     fn file(&mut self, path: &Path, rel: &Path, entry: Entry, status: FileStatus) -> Result<()> {
         const ATTEMPTS: usize = 3;
         for _ in 0..ATTEMPTS {
-            let mut f = match File::open(path) {
+            let f = match File::open(path) {
                 Ok(f) => f,
                 Err(e) => return self.skip(path, rel, e),
             };
@@ -439,7 +455,7 @@ impl Walker<'_, '_> {
             let mut entry = entry_from(entry.name.clone(), EntryKind::File, &before);
             entry.size = before.len();
             self.send(Event::FileStart(entry))?;
-            let read = self.chunks(&mut f).map_err(|e| Error::io(path, e));
+            let read = self.chunks_file(&f, before.len()).map_err(|e| Error::io(path, e));
             if let Err(e) = read {
                 self.send(Event::FileAbort)?;
                 return match e {
@@ -471,9 +487,53 @@ impl Walker<'_, '_> {
         Err(Error::FileChanged(path.to_path_buf()))
     }
 
-    /// Sends every chunk of `reader` to the pipeline; returns the bytes read.
-    fn chunks(&mut self, reader: &mut dyn Read) -> std::io::Result<u64> {
-        let mut chunker = Chunker::new(reader, self.ctx.params);
+    /// Sends every chunk of a file to the pipeline; returns the bytes read. A large file is read by a
+    /// second thread, so that reading overlaps chunking.
+    fn chunks_file(&mut self, f: &File, len: u64) -> std::io::Result<u64> {
+        if len < 2 * self.block_len as u64 {
+            return self.chunks_inline(&mut &*f);
+        }
+        let (pool_tx, pool_rx) = (self.pool_tx.clone(), self.pool_rx.clone());
+        let block_len = self.block_len;
+        std::thread::scope(|s| {
+            let (tx, rx) = bounded::<std::io::Result<Block>>(2);
+            s.spawn(move || {
+                loop {
+                    let mut v = pool_rx.try_recv().unwrap_or_default();
+                    v.resize(block_len, 0);
+                    let read = read_full(&mut &*f, &mut v);
+                    let done = !matches!(read, Ok(n) if n == block_len);
+                    let item = read.map(|n| {
+                        v.truncate(n);
+                        Arc::new(Buf::new(v, Some(pool_tx.clone())))
+                    });
+                    if tx.send(item).is_err() || done {
+                        return;
+                    }
+                }
+            });
+            let chunker = BlockChunker::new(self.cutter, || rx.recv().map_or(Ok(None), |r| r.map(Some)));
+            self.send_chunks(chunker)
+        })
+    }
+
+    /// Sends every chunk of `reader` to the pipeline, reading on this thread.
+    fn chunks_inline(&mut self, reader: &mut dyn Read) -> std::io::Result<u64> {
+        let (pool_tx, pool_rx, block_len) = (self.pool_tx.clone(), self.pool_rx.clone(), self.block_len);
+        let chunker = BlockChunker::new(self.cutter, || {
+            let mut v = pool_rx.try_recv().unwrap_or_default();
+            v.resize(block_len, 0);
+            let n = read_full(reader, &mut v)?;
+            v.truncate(n);
+            Ok((n > 0).then(|| Arc::new(Buf::new(v, Some(pool_tx.clone())))))
+        });
+        self.send_chunks(chunker)
+    }
+
+    fn send_chunks(
+        &mut self,
+        mut chunker: BlockChunker<impl FnMut() -> std::io::Result<Option<Block>>>,
+    ) -> std::io::Result<u64> {
         let mut total = 0u64;
         while let Some(chunk) = chunker.next_chunk()? {
             let seq = self.seq;
@@ -481,9 +541,8 @@ impl Walker<'_, '_> {
             total += chunk.len() as u64;
             self.summary.bytes_read += chunk.len() as u64;
             self.opts.progress.bytes(chunk.len() as u64);
-            let job = Job { seq, data: chunk.to_vec() };
             let stopped = || std::io::Error::other("commit pipeline stopped");
-            self.jobs.send(job).map_err(|_| stopped())?;
+            self.jobs.send(Job { seq, data: chunk }).map_err(|_| stopped())?;
             self.events.send(Event::Chunk(seq)).map_err(|_| stopped())?;
         }
         Ok(total)
@@ -503,7 +562,7 @@ impl Walker<'_, '_> {
             target: Vec::new(),
         };
         self.send(Event::FileStart(entry))?;
-        let read = self.chunks(reader).map_err(|e| Error::io("<stdin>", e));
+        let read = self.chunks_inline(reader).map_err(|e| Error::io("<stdin>", e));
         if let Err(e) = read {
             let _ = self.send(Event::FileAbort);
             return Err(e);

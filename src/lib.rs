@@ -32,6 +32,7 @@ mod id;
 mod pack;
 mod params;
 mod progress;
+mod sparse;
 mod store;
 mod tree;
 
