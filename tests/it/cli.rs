@@ -1,0 +1,955 @@
+//! End-to-end tests of the `snapstore` binary: what an operator types, what they see, and the exit codes.
+//!
+//! Every command runs the real binary in a child process. Helpers here check that no output ever shows a
+//! panic or a backtrace hint, and that errors come as `error: ...` lines on stderr.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+use crate::util::{bin, pseudo_random, run};
+
+// ---------------------------------------------------------------------------------------------------------
+// Helpers (local to this file).
+// ---------------------------------------------------------------------------------------------------------
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Fails if any output stream shows a panic or a backtrace hint.
+fn assert_no_panic(o: &Output, what: &str) {
+    for (name, s) in [("stdout", text(&o.stdout)), ("stderr", text(&o.stderr))] {
+        assert!(!s.contains("panicked") && !s.contains("RUST_BACKTRACE"), "{what}: {name} shows a panic:\n{s}");
+    }
+}
+
+/// Asserts success and returns stdout.
+fn ok(o: Output, what: &str) -> String {
+    assert_no_panic(&o, what);
+    assert!(
+        o.status.success(),
+        "{what}: expected success, got {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+/// Asserts the exit code, an `error: ` line on stderr and nothing on stdout; returns stderr.
+fn fails(o: Output, code: i32, what: &str) -> String {
+    assert_no_panic(&o, what);
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(o.status.code(), Some(code), "{what}: wrong exit status\nstdout:\n{out}\nstderr:\n{err}");
+    assert!(err.starts_with("error: ") || err.contains("\nerror: "), "{what}: no `error:` line on stderr:\n{err}");
+    assert!(out.trim().is_empty(), "{what}: a failing command printed on stdout:\n{out}");
+    err
+}
+
+/// Runs against `repo` and asserts success; returns stdout.
+fn sx(repo: &Path, args: &[&str]) -> String {
+    ok(run(repo, args), &format!("snapstore {}", args.join(" ")))
+}
+
+/// Runs against `repo` and asserts failure with `code`; returns stderr.
+fn sx_fail(repo: &Path, args: &[&str], code: i32) -> String {
+    fails(run(repo, args), code, &format!("snapstore {}", args.join(" ")))
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+fn is_full_id(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The last stdout line of a commit: the full id.
+fn commit_id(stdout: &str) -> String {
+    let last = stdout.lines().last().unwrap_or_default().to_string();
+    assert!(is_full_id(&last), "last stdout line of commit is not a full id: {last:?}\n{stdout}");
+    last
+}
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not valid JSON ({e}):\n{s}"))
+}
+
+/// Compares two trees: same names, kinds, file bytes, symlink targets and file permission bits; file mtimes
+/// too when `mtimes`.
+fn assert_same_tree(expected: &Path, actual: &Path, mtimes: bool) {
+    let em = fs::symlink_metadata(expected).unwrap_or_else(|e| panic!("{}: {e}", expected.display()));
+    let am = fs::symlink_metadata(actual).unwrap_or_else(|e| panic!("{} missing: {e}", actual.display()));
+    assert_eq!(em.file_type(), am.file_type(), "kind differs at {}", actual.display());
+    if em.is_symlink() {
+        assert_eq!(fs::read_link(expected).unwrap(), fs::read_link(actual).unwrap(), "{}", actual.display());
+    } else if em.is_file() {
+        let (e, a) = (fs::read(expected).unwrap(), fs::read(actual).unwrap());
+        assert!(e == a, "{}: content differs ({} vs {} bytes)", actual.display(), e.len(), a.len());
+        assert_eq!(em.permissions().mode() & 0o7777, am.permissions().mode() & 0o7777, "{}", actual.display());
+        if mtimes {
+            assert_eq!(
+                (em.mtime(), em.mtime_nsec()),
+                (am.mtime(), am.mtime_nsec()),
+                "mtime differs at {}",
+                actual.display()
+            );
+        }
+    } else {
+        let names = |d: &Path| {
+            let mut v: Vec<_> = fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect();
+            v.sort();
+            v
+        };
+        let (en, an) = (names(expected), names(actual));
+        assert_eq!(en, an, "directory listing differs at {}", actual.display());
+        for n in en {
+            assert_same_tree(&expected.join(&n), &actual.join(&n), mtimes);
+        }
+    }
+}
+
+/// Writes the operator session's source tree. `variant` 0 is the first state.
+fn make_tree(dir: &Path) {
+    fs::create_dir_all(dir.join("logs")).unwrap();
+    fs::write(dir.join("weights.bin"), pseudo_random(700_000, 1)).unwrap();
+    fs::write(dir.join("config.txt"), b"lr=0.1\nbatch=64\n").unwrap();
+    let log: String = (0..2000).map(|i| format!("step {i}: loss ok\n")).collect();
+    fs::write(dir.join("logs/step.log"), log).unwrap();
+    fs::write(dir.join("logs/empty"), b"").unwrap();
+    std::os::unix::fs::symlink("weights.bin", dir.join("latest")).unwrap();
+}
+
+/// All names (relative) under `dir`, recursively.
+fn all_names(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            out.push(e.path().strip_prefix(dir).unwrap().to_string_lossy().into_owned());
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Pack files of a repository.
+fn packs(repo: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(top) = fs::read_dir(repo.join("packs")) else { return out };
+    for sub in top {
+        for f in fs::read_dir(sub.unwrap().path()).unwrap() {
+            let f = f.unwrap().path();
+            if f.extension().is_some_and(|e| e == "pack") {
+                out.push(f);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Flips one byte in the middle of a pack's blob area (between the 16-byte header and the index, whose
+/// offset the footer's first 8 bytes give).
+fn corrupt_pack_blob(pack: &Path, fraction: f64) {
+    let mut bytes = fs::read(pack).unwrap();
+    let footer = bytes.len() - 40;
+    let index_offset = u64::from_le_bytes(bytes[footer..footer + 8].try_into().unwrap()) as usize;
+    assert!(index_offset > 16 && index_offset < footer, "unexpected pack layout");
+    let at = 16 + ((index_offset - 16) as f64 * fraction) as usize;
+    bytes[at] ^= 0x5a;
+    // Packs are written owner-only and may be read-only: replace the file.
+    fs::remove_file(pack).unwrap();
+    fs::write(pack, bytes).unwrap();
+}
+
+/// Commits a stream given as bytes on stdin.
+fn commit_stdin(repo: &Path, extra: &[&str], data: &[u8]) -> Output {
+    let mut child = Command::new(bin())
+        .arg("--repo")
+        .arg(repo)
+        .arg("commit")
+        .arg("-")
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn snapstore");
+    let mut stdin = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || {
+        // The child may refuse to read (usage error): a broken pipe here is fine.
+        let _ = stdin.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// An operator session.
+// ---------------------------------------------------------------------------------------------------------
+
+#[test]
+fn operator_session_init_commit_log_show_stats_checkout_recommit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let src = tmp.path().join("run");
+    make_tree(&src);
+    let golden = tmp.path().join("golden");
+    make_tree(&golden);
+
+    // init
+    let out = sx(&repo, &["init"]);
+    assert!(out.starts_with("created snapstore repository at "), "{out}");
+    assert!(out.contains(p(&repo)), "{out}");
+    assert!(repo.join("catalog.db").is_file());
+
+    // empty log says how to start
+    let out = sx(&repo, &["log"]);
+    assert!(out.contains("no checkpoints yet"), "{out}");
+
+    // first commit, with a message and two tags
+    let o = run(&repo, &["commit", p(&src), "-m", "first run", "--tag", "v1", "-t", "nightly"]);
+    assert!(o.stderr.is_empty(), "commit into an existing repo printed on stderr: {}", text(&o.stderr));
+    let out = ok(o, "first commit");
+    let first = commit_id(&out);
+    assert!(out.starts_with(&format!("checkpoint {}", &first[..8])), "{out}");
+    assert!(!out.contains("parent"), "first commit has no parent: {out}");
+    assert!(out.contains("files: 4 new, 0 changed, 0 unchanged; 2 dirs, 1 symlinks"), "{out}");
+    assert!(out.contains("KiB"), "sizes are human-readable: {out}");
+
+    // log shows it: short id, message, tags, human size
+    let out = sx(&repo, &["log"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "header and one row:\n{out}");
+    for col in ["ID", "TIME (UTC)", "SIZE", "NEW", "TAGS", "MESSAGE"] {
+        assert!(lines[0].contains(col), "header lacks {col}: {}", lines[0]);
+    }
+    let row = lines[1];
+    assert!(row.starts_with(&first[..8]), "{row}");
+    assert!(row.contains("first run"), "{row}");
+    assert!(row.contains("nightly,v1"), "tags sorted and joined: {row}");
+    assert!(row.contains("KiB"), "human size: {row}");
+    assert!(row.contains(" 20"), "a date: {row}");
+
+    // show by 8-digit prefix lists the files
+    let out = sx(&repo, &["show", &first[..8]]);
+    assert!(out.starts_with(&format!("checkpoint {first}\n")), "{out}");
+    assert!(out.contains("message    first run"), "{out}");
+    assert!(out.contains("tags       nightly, v1"), "{out}");
+    assert!(out.contains(&format!("path       {}", src.display())), "{out}");
+    assert!(out.contains("in 4 files, 2 dirs, 1 symlinks"), "{out}");
+    for name in [
+        "run\n",
+        "run/config.txt",
+        "run/latest",
+        "run/logs\n",
+        "run/logs/empty",
+        "run/logs/step.log",
+        "run/weights.bin",
+    ] {
+        assert!(out.contains(name), "show lacks {name:?}:\n{out}");
+    }
+    let weights = out.lines().find(|l| l.ends_with("run/weights.bin")).unwrap();
+    assert!(weights.starts_with('-') && weights.contains("KiB"), "{weights}");
+    let link = out.lines().find(|l| l.ends_with("run/latest")).unwrap();
+    assert!(link.starts_with('l'), "{link}");
+    let dir = out.lines().find(|l| l.ends_with("run/logs")).unwrap();
+    assert!(dir.starts_with('d'), "{dir}");
+    // 'latest' and a full id and an upper-case prefix name the same checkpoint
+    assert_eq!(sx(&repo, &["show", "latest"]), out);
+    assert_eq!(sx(&repo, &["show", &first]), out);
+    assert_eq!(sx(&repo, &["show", &first[..6].to_uppercase()]), out);
+
+    // stats
+    let out = sx(&repo, &["stats"]);
+    assert!(out.contains("checkpoints  1\n"), "{out}");
+    for key in ["repository", "logical", "unique", "stored", "dedup", "compression", "parameters", "packs"] {
+        assert!(out.contains(key), "stats lacks {key}:\n{out}");
+    }
+
+    // checkout to a new directory: byte for byte, modes and mtimes included
+    let dest = tmp.path().join("restored");
+    let out = sx(&repo, &["checkout", &first[..8], p(&dest)]);
+    assert!(out.contains(&format!("checked out {}", &first[..8])), "{out}");
+    assert!(out.contains("4 files, 2 dirs, 1 symlinks"), "{out}");
+    assert_same_tree(&src, &dest, true);
+
+    // recommit unchanged: nothing new, nothing read
+    let out = sx(&repo, &["commit", p(&src)]);
+    let second = commit_id(&out);
+    assert_ne!(second, first);
+    assert!(out.contains(&format!("(parent {})", &first[..8])), "{out}");
+    assert!(out.contains("files: 0 new, 0 changed, 4 unchanged"), "{out}");
+    assert!(out.contains("new after dedup 0 B (0 chunks new"), "{out}");
+
+    // modify one file: one changed
+    fs::write(src.join("config.txt"), b"lr=0.05\nbatch=128\nwarmup=10\n").unwrap();
+    let out = sx(&repo, &["commit", p(&src), "-m", "lower lr"]);
+    let third = commit_id(&out);
+    assert!(out.contains(&format!("(parent {})", &second[..8])), "{out}");
+    assert!(out.contains("files: 0 new, 1 changed, 3 unchanged"), "{out}");
+
+    // log: newest first, -n limits
+    let out = sx(&repo, &["log"]);
+    let rows: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(rows.len(), 3, "{out}");
+    assert!(rows[0].starts_with(&third[..8]) && rows[0].contains("lower lr"), "{out}");
+    assert!(rows[1].starts_with(&second[..8]), "{out}");
+    assert!(rows[2].starts_with(&first[..8]), "{out}");
+    let out = sx(&repo, &["log", "-n", "1"]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(out.lines().nth(1).unwrap().starts_with(&third[..8]), "{out}");
+    assert!(sx(&repo, &["stats"]).contains("checkpoints  3\n"));
+
+    // every checkpoint checks out as it was
+    let d3 = tmp.path().join("d3");
+    sx(&repo, &["checkout", "latest", p(&d3)]);
+    assert_same_tree(&src, &d3, true);
+    let d1 = tmp.path().join("d1");
+    sx(&repo, &["checkout", &first, p(&d1)]);
+    assert_same_tree(&golden, &d1, false);
+    // an existing empty directory is a fine destination
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    sx(&repo, &["checkout", &second[..10], p(&empty)]);
+    assert_same_tree(&golden, &empty, false);
+}
+
+#[test]
+fn quiet_prints_exactly_the_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let src = tmp.path().join("src");
+    make_tree(&src);
+    let o = run(&repo, &["-q", "init"]);
+    assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
+    ok(o, "init -q");
+
+    let o = run(&repo, &["commit", "-q", p(&src)]);
+    assert!(o.stderr.is_empty(), "{}", text(&o.stderr));
+    let out = ok(o, "commit -q");
+    assert!(out.ends_with('\n') && out.lines().count() == 1, "{out:?}");
+    let id = out.trim_end().to_string();
+    assert!(is_full_id(&id), "{out:?}");
+
+    let o = run(&repo, &["-q", "commit", p(&src)]);
+    let id2 = ok(o, "-q commit").trim_end().to_string();
+    assert!(is_full_id(&id2));
+
+    // -q log: the full ids, newest first
+    assert_eq!(sx(&repo, &["-q", "log"]), format!("{id2}\n{id}\n"));
+    // -q checkout: nothing on stdout
+    let dest = tmp.path().join("out");
+    assert_eq!(sx(&repo, &["-q", "checkout", &id[..4], p(&dest)]), "");
+    assert_same_tree(&src, &dest, true);
+}
+
+#[test]
+fn json_output_of_every_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("a.bin"), pseudo_random(200_000, 3)).unwrap();
+    fs::write(src.join("b.txt"), b"hello\n").unwrap();
+
+    let v = json(&sx(&repo, &["--json", "init"]));
+    assert_eq!(v["repository"], p(&repo));
+    assert_eq!(v["params"]["chunk_avg"], 65536);
+    assert_eq!(v["params"]["hash"], "blake3");
+
+    // commit: one JSON document, no trailing id line
+    let out = sx(&repo, &["commit", "--json", p(&src), "-m", "j1", "--tag", "b", "--tag", "a", "--tag", "a"]);
+    let c1 = json(&out);
+    let id1 = c1["id"].as_str().expect("id").to_string();
+    assert!(is_full_id(&id1), "{out}");
+    assert!(c1["parent"].is_null(), "{out}");
+    assert_eq!(c1["files_new"], 2);
+    assert_eq!(c1["files_changed"], 0);
+    assert_eq!(c1["files_unchanged"], 0);
+    assert_eq!(c1["dirs"], 1);
+    assert_eq!(c1["logical_bytes"], 200_006);
+    assert_eq!(c1["bytes_read"], 200_006);
+    assert!(c1["chunks_new"].as_u64().unwrap() >= 2, "{out}");
+    assert!(c1["bytes_stored"].as_u64().unwrap() > 0, "{out}");
+    assert!(c1["seconds"].is_number(), "{out}");
+
+    let c2 = json(&sx(&repo, &["--json", "commit", p(&src)]));
+    let id2 = c2["id"].as_str().unwrap().to_string();
+    assert_eq!(c2["parent"], id1.as_str());
+    assert_eq!(c2["files_unchanged"], 2);
+    assert_eq!(c2["bytes_new"], 0);
+
+    // log: an array, newest first
+    let log = json(&sx(&repo, &["--json", "log"]));
+    let list = log.as_array().expect("log --json is an array");
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["id"], id2.as_str());
+    assert_eq!(list[0]["parent"], id1.as_str());
+    assert_eq!(list[1]["id"], id1.as_str());
+    assert_eq!(list[1]["message"], "j1");
+    assert_eq!(list[1]["tags"], serde_json::json!(["a", "b"]), "tags sorted and deduplicated");
+    assert_eq!(list[1]["path"], p(&src));
+    assert_eq!(list[1]["files"], 2);
+    assert_eq!(list[1]["logical_bytes"], 200_006);
+    assert!(list[1]["time_ns"].as_i64().unwrap() > 1_600_000_000_000_000_000);
+    assert_eq!(json(&sx(&repo, &["--json", "log", "-n", "1"])).as_array().unwrap().len(), 1);
+
+    // show
+    let show = json(&sx(&repo, &["--json", "show", &id1[..8]]));
+    assert_eq!(show["checkpoint"]["id"], id1.as_str());
+    assert_eq!(show["skipped"], serde_json::json!([]));
+    let files = show["files"].as_array().unwrap();
+    let summary: Vec<(String, String, u64)> = files
+        .iter()
+        .map(|f| {
+            (
+                f["path"].as_str().unwrap().to_string(),
+                f["kind"].as_str().unwrap().to_string(),
+                f["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("src".to_string(), "dir".to_string(), 0),
+            ("src/a.bin".to_string(), "file".to_string(), 200_000),
+            ("src/b.txt".to_string(), "file".to_string(), 6)
+        ]
+    );
+    assert!(files[1]["mode"].is_u64() && files[1]["mtime_ns"].is_i64());
+
+    // stats
+    let stats = json(&sx(&repo, &["--json", "stats"]));
+    assert_eq!(stats["checkpoints"], 2);
+    assert_eq!(stats["logical_bytes"], 400_012);
+    assert_eq!(stats["unique_bytes"], 200_006);
+    assert!(stats["packs"].as_u64().unwrap() >= 1);
+    assert!(stats["chunks"].as_u64().unwrap() >= 2);
+    assert!(stats["catalog_bytes"].as_u64().unwrap() > 0);
+    assert!((stats["dedup_ratio"].as_f64().unwrap() - 2.0).abs() < 1e-9, "{stats}");
+    assert!(stats["compression_ratio"].is_number());
+
+    // checkout
+    let dest = tmp.path().join("out");
+    let co = json(&sx(&repo, &["--json", "checkout", "latest", p(&dest)]));
+    assert_eq!(co["id"], id2.as_str());
+    assert_eq!(co["files"], 2);
+    assert_eq!(co["dirs"], 1);
+    assert_eq!(co["symlinks"], 0);
+    assert_eq!(co["bytes"], 200_006);
+    assert!(co["seconds"].is_number());
+    assert_same_tree(&src, &dest, true);
+
+    // an error with --json: exit code, text on stderr, nothing on stdout
+    sx_fail(&repo, &["--json", "show", "ffffffff"], 4);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// stdin, env var, default repository, auto-creation.
+// ---------------------------------------------------------------------------------------------------------
+
+#[test]
+fn stdin_commit_round_trips_and_needs_a_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let mut data = pseudo_random(1_500_000, 7);
+    data.extend(std::iter::repeat_n(0u8, 300_000));
+    data.extend(pseudo_random(12_345, 8));
+
+    let out = ok(commit_stdin(&repo, &["--name", "x.bin", "-m", "from a pipe"], &data), "commit - --name x.bin");
+    let id = commit_id(&out);
+    assert!(out.contains("files: 1 new"), "{out}");
+
+    let show = json(&sx(&repo, &["--json", "show", &id]));
+    assert_eq!(show["checkpoint"]["path"], "stdin:x.bin");
+    assert_eq!(show["files"][0]["path"], "x.bin");
+    assert_eq!(show["files"][0]["size"], data.len() as u64);
+
+    // DEST becomes the file itself
+    let dest = tmp.path().join("restored.bin");
+    sx(&repo, &["checkout", &id[..8], p(&dest)]);
+    assert!(fs::read(&dest).unwrap() == data, "stdin checkpoint does not check out byte-identical");
+
+    // a second stream under the same name has the first as parent
+    let out = ok(commit_stdin(&repo, &["--name", "x.bin"], &data), "second stdin commit");
+    assert!(out.contains(&format!("(parent {})", &id[..8])), "{out}");
+
+    // without --name: usage error, exit 2, and the message says what is missing
+    let err = fails(commit_stdin(&repo, &[], b"some data"), 2, "commit - without --name");
+    assert!(err.contains("--name"), "{err}");
+    // --name without -: usage error too
+    let err = sx_fail(&repo, &["commit", p(tmp.path()), "--name", "y"], 2);
+    assert!(err.contains("--name"), "{err}");
+    // a name that is not a plain file name
+    let err = fails(commit_stdin(&repo, &["--name", "../evil"], b"x"), 2, "commit - --name ../evil");
+    assert!(err.contains("evil"), "{err}");
+    assert_eq!(json(&sx(&repo, &["--json", "log"])).as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn repository_from_env_var_flag_and_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src);
+    let env_repo = tmp.path().join("env-repo");
+    let flag_repo = tmp.path().join("flag-repo");
+
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(bin());
+        c.args(args).env("SNAPSTORE_REPO", &env_repo).current_dir(tmp.path());
+        c.output().unwrap()
+    };
+    let o = cmd(&["commit", p(&src)]);
+    let err = text(&o.stderr);
+    let id = commit_id(&ok(o, "commit with SNAPSTORE_REPO"));
+    assert!(err.contains(&format!("created snapstore repository at {}", env_repo.display())), "{err}");
+    assert!(env_repo.join("catalog.db").is_file());
+    assert_eq!(ok(cmd(&["-q", "log"]), "log with env"), format!("{id}\n"));
+    // --repo wins over the environment
+    let o = cmd(&["--repo", p(&flag_repo), "commit", "-q", p(&src)]);
+    let id2 = ok(o, "commit --repo").trim().to_string();
+    assert_eq!(ok(cmd(&["--repo", p(&flag_repo), "-q", "log"]), "log --repo"), format!("{id2}\n"));
+    assert_eq!(ok(cmd(&["-q", "log"]), "log with env"), format!("{id}\n"));
+
+    // neither: .snapstore in the current directory
+    let cwd = tmp.path().join("cwd");
+    fs::create_dir(&cwd).unwrap();
+    let o = Command::new(bin())
+        .args(["commit", "-q", p(&src)])
+        .env_remove("SNAPSTORE_REPO")
+        .current_dir(&cwd)
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    let id3 = ok(o, "commit with the default repository").trim().to_string();
+    assert!(err.contains("created snapstore repository at .snapstore"), "{err}");
+    assert!(cwd.join(".snapstore/catalog.db").is_file());
+    let o = Command::new(bin()).args(["-q", "log"]).env_remove("SNAPSTORE_REPO").current_dir(&cwd).output().unwrap();
+    assert_eq!(ok(o, "log default"), format!("{id3}\n"));
+}
+
+#[test]
+fn commit_into_missing_repository_creates_it_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("deep/new/repo");
+    let src = tmp.path().join("src");
+    make_tree(&src);
+    let o = run(&repo, &["commit", p(&src)]);
+    let err = text(&o.stderr);
+    let id = commit_id(&ok(o, "first commit"));
+    assert_eq!(err.trim(), format!("created snapstore repository at {}", repo.display()));
+    assert!(repo.join("catalog.db").is_file());
+    // only once
+    let o = run(&repo, &["commit", p(&src)]);
+    assert!(o.stderr.is_empty(), "{}", text(&o.stderr));
+    ok(o, "second commit");
+    assert!(sx(&repo, &["-q", "log"]).ends_with(&format!("{id}\n")));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Errors and exit codes.
+// ---------------------------------------------------------------------------------------------------------
+
+#[test]
+fn missing_repository_exits_4_with_a_hint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("nowhere");
+    let dest = tmp.path().join("dest");
+    for args in [&["log"][..], &["stats"], &["show", "latest"], &["checkout", "latest", p(&dest)], &["--json", "log"]] {
+        let err = sx_fail(&repo, args, 4);
+        assert!(err.contains(&format!("error: no snapstore repository at {}", repo.display())), "{err}");
+        assert!(err.contains("hint:") && err.contains("snapstore init") && err.contains("SNAPSTORE_REPO"), "{err}");
+    }
+    assert!(!repo.exists(), "read-only commands must not create the repository");
+    assert!(!dest.exists());
+}
+
+#[test]
+fn init_twice_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    sx(&repo, &["init"]);
+    let err = sx_fail(&repo, &["init"], 1);
+    assert!(err.contains("already exists"), "{err}");
+    assert!(err.contains("hint:"), "{err}");
+    // a non-empty directory that is not a repository
+    let other = tmp.path().join("other");
+    fs::create_dir(&other).unwrap();
+    fs::write(other.join("x"), b"x").unwrap();
+    let err = sx_fail(&other, &["init"], 2);
+    assert!(err.contains("not empty"), "{err}");
+}
+
+#[test]
+fn unknown_and_malformed_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    sx(&repo, &["init"]);
+    // empty repository: 'latest' names nothing
+    let err = sx_fail(&repo, &["show", "latest"], 4);
+    assert!(err.contains("no checkpoint matches 'latest'"), "{err}");
+
+    let id = commit_id(&ok(commit_stdin(&repo, &["--name", "a"], b"abc"), "commit"));
+    let unknown = if id.starts_with("ffff") { "eeeeeeee" } else { "ffffffff" };
+    let dest = tmp.path().join("dest");
+    for args in [&["show", unknown][..], &["checkout", unknown, p(&dest)]] {
+        let err = sx_fail(&repo, args, 4);
+        assert!(err.contains(&format!("no checkpoint matches '{unknown}'")), "{err}");
+        assert!(err.contains("hint:") && err.contains("snapstore log"), "{err}");
+    }
+    assert!(!dest.exists(), "a failed checkout must not create its destination");
+
+    let too_long = "a".repeat(65);
+    for bad in ["xyz!", "abc", "", "12345g", "latest2", too_long.as_str(), "-1"] {
+        for args in [vec!["show", bad], vec!["checkout", bad, p(&dest)]] {
+            let what = format!("{args:?}");
+            let o = run(&repo, &args);
+            // "-1" may be taken by clap as an unknown flag: still a usage error, exit 2.
+            let err = fails(o, 2, &what);
+            if bad != "-1" {
+                assert!(err.contains("is not a checkpoint id") && err.contains("4 to 64 hex"), "{what}: {err}");
+            }
+        }
+    }
+    // clap usage errors
+    for args in [&[][..], &["frobnicate"], &["log", "-n", "many"], &["commit"], &["checkout", "latest"], &["show"]] {
+        let o = run(&repo, args);
+        assert_no_panic(&o, &format!("{args:?}"));
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o.stderr));
+    }
+}
+
+#[test]
+fn ambiguous_prefix_exits_2_and_lists_candidates() {
+    // Real ids are random: making two share 4 hex digits would take hundreds of commits. Instead, clone the
+    // checkpoint row under a second id sharing the first five digits (the catalog schema is public).
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let id = commit_id(&ok(commit_stdin(&repo, &["--name", "a"], b"abc"), "commit"));
+    let flip = |c: char| if c == '0' { '1' } else { '0' };
+    let twin: String = id.chars().enumerate().map(|(i, c)| if i == 5 { flip(c) } else { c }).collect();
+    let cat = snapstore::Catalog::open(&repo.join("catalog.db")).unwrap();
+    cat.connection()
+        .execute(
+            "INSERT INTO checkpoints (id, parent, time_ns, message, host, path, root, files, dirs, symlinks,
+                                      logical_bytes, new_bytes, stored_bytes, skipped)
+             SELECT ?1, parent, time_ns - 1, message, host, path, root, files, dirs, symlinks,
+                    logical_bytes, new_bytes, stored_bytes, skipped FROM checkpoints WHERE id = ?2",
+            [&twin, &id],
+        )
+        .unwrap();
+    drop(cat);
+
+    let dest = tmp.path().join("dest");
+    for args in [vec!["show", &id[..4]], vec!["show", &id[..5]], vec!["checkout", &id[..5], p(&dest)]] {
+        let err = sx_fail(&repo, &args, 2);
+        assert!(err.contains("ambiguous"), "{err}");
+        assert!(err.contains(&id[..9]) && err.contains(&twin[..9]), "candidates listed: {err}");
+        assert!(err.contains("hint: give more digits"), "{err}");
+    }
+    assert!(sx(&repo, &["show", &id[..6]]).contains(&id));
+    assert!(sx(&repo, &["show", &twin[..6]]).contains(&twin));
+}
+
+#[test]
+fn checkout_into_non_empty_destination_needs_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let src = tmp.path().join("src");
+    make_tree(&src);
+    let id = commit_id(&sx(&repo, &["commit", p(&src)]));
+
+    let dest = tmp.path().join("dest");
+    fs::create_dir(&dest).unwrap();
+    fs::write(dest.join("keep.txt"), b"mine").unwrap();
+    fs::write(dest.join("config.txt"), b"stale").unwrap();
+    let err = sx_fail(&repo, &["checkout", &id[..8], p(&dest)], 2);
+    assert!(err.contains(&format!("destination {} exists and is not empty", dest.display())), "{err}");
+    assert!(err.contains("hint:") && err.contains("--force"), "{err}");
+    assert_eq!(fs::read(dest.join("config.txt")).unwrap(), b"stale", "refused checkout touched the destination");
+
+    // a file as destination is refused as well
+    let file_dest = tmp.path().join("a-file");
+    fs::write(&file_dest, b"x").unwrap();
+    sx_fail(&repo, &["checkout", &id[..8], p(&file_dest)], 2);
+    assert_eq!(fs::read(&file_dest).unwrap(), b"x");
+
+    // --force writes what the checkpoint names and leaves the rest
+    sx(&repo, &["checkout", &id[..8], p(&dest), "--force"]);
+    assert_eq!(fs::read(dest.join("keep.txt")).unwrap(), b"mine");
+    fs::remove_file(dest.join("keep.txt")).unwrap();
+    assert_same_tree(&src, &dest, true);
+}
+
+/// The help says DEST "must not exist, or be an empty directory". For a checkpoint of a single file, an
+/// empty directory is refused with a message claiming it "is not empty".
+#[test]
+fn file_checkpoint_into_empty_directory_gets_a_truthful_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let id = commit_id(&ok(commit_stdin(&repo, &["--name", "x.bin"], b"payload"), "commit"));
+    let dest = tmp.path().join("empty");
+    fs::create_dir(&dest).unwrap();
+    let o = run(&repo, &["checkout", &id[..8], p(&dest)]);
+    assert_no_panic(&o, "checkout file checkpoint into empty dir");
+    if !o.status.success() {
+        let err = text(&o.stderr);
+        assert!(!err.contains("is not empty"), "checkout into an EMPTY directory was refused with the message: {err}");
+    }
+}
+
+/// `--force` "writes into an existing one, replacing what the checkpoint names". A checkpoint of one file
+/// names one file; it must not wipe out everything else in the directory.
+#[test]
+fn forced_file_checkout_into_a_directory_does_not_delete_its_contents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let id = commit_id(&ok(commit_stdin(&repo, &["--name", "x.bin"], b"payload"), "commit"));
+    let dest = tmp.path().join("work");
+    fs::create_dir(&dest).unwrap();
+    fs::write(dest.join("precious.txt"), b"do not lose me").unwrap();
+    let o = run(&repo, &["checkout", &id[..8], p(&dest), "--force"]);
+    assert_no_panic(&o, "checkout --force");
+    assert!(
+        dest.join("precious.txt").exists(),
+        "checkout --force of a one-file checkpoint onto directory {} deleted the directory's other files \
+         (exit {:?}; {} now is a {})",
+        dest.display(),
+        o.status.code(),
+        dest.display(),
+        if dest.is_file() { "file" } else { "directory" }
+    );
+}
+
+#[test]
+fn commit_of_missing_path_exits_1_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    sx(&repo, &["init"]);
+    let missing = tmp.path().join("no-such-run");
+    let err = sx_fail(&repo, &["commit", p(&missing)], 1);
+    assert!(err.contains(p(&missing)), "message names the path: {err}");
+    assert!(err.contains("No such file or directory"), "{err}");
+    assert_eq!(sx(&repo, &["-q", "log"]), "", "a failed commit must not leave a checkpoint");
+}
+
+#[test]
+fn corrupt_pack_is_detected_at_checkout_with_exit_3() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    // A checkpoint in a pack of its own, that the damage must not affect.
+    let other = pseudo_random(300_000, 99);
+    let good = commit_id(&ok(commit_stdin(&repo, &["--name", "other.bin"], &other), "commit other"));
+    let before = packs(&repo);
+    assert_eq!(before.len(), 1);
+
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("model.bin"), pseudo_random(2_000_000, 5)).unwrap();
+    let bad = commit_id(&sx(&repo, &["commit", p(&src)]));
+    let new: Vec<_> = packs(&repo).into_iter().filter(|p| !before.contains(p)).collect();
+    assert_eq!(new.len(), 1, "{new:?}");
+    corrupt_pack_blob(&new[0], 0.5);
+
+    let dest = tmp.path().join("dest");
+    let err = sx_fail(&repo, &["checkout", &bad[..8], p(&dest)], 3);
+    assert!(err.contains("error: corruption:"), "{err}");
+    assert!(err.contains("model.bin"), "names the damaged file: {err}");
+    assert!(err.contains("does not match its hash") || err.contains("decompress"), "{err}");
+    assert!(err.contains("hint:") && err.contains("damaged"), "{err}");
+    assert!(!dest.join("model.bin").exists(), "a damaged file must not appear at its final name");
+
+    // --json does not change the exit code
+    let dest2 = tmp.path().join("dest2");
+    sx_fail(&repo, &["--json", "checkout", &bad[..8], p(&dest2)], 3);
+
+    // the other checkpoint is fine
+    let ok_dest = tmp.path().join("other.bin");
+    sx(&repo, &["checkout", &good[..8], p(&ok_dest)]);
+    assert!(fs::read(&ok_dest).unwrap() == other);
+    // reading the catalog still works
+    sx(&repo, &["show", &bad[..8]]);
+    sx(&repo, &["stats"]);
+}
+
+/// A checkout that fails on damaged data should not leave its temporary files in the user's destination.
+#[test]
+fn failed_checkout_leaves_no_temporary_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    for i in 0..8u64 {
+        fs::write(src.join(format!("f{i}.bin")), pseudo_random(600_000, 100 + i)).unwrap();
+    }
+    let id = commit_id(&sx(&repo, &["commit", p(&src)]));
+    let pk = packs(&repo);
+    assert_eq!(pk.len(), 1);
+    // Damage the first file's data (blobs are stored in commit order, f0 first).
+    corrupt_pack_blob(&pk[0], 0.01);
+    for threads in ["1", "2"] {
+        let dest = tmp.path().join(format!("dest{threads}"));
+        sx_fail(&repo, &["checkout", &id[..8], p(&dest), "--threads", threads], 3);
+        let names = all_names(&dest);
+        let temps: Vec<_> = names.iter().filter(|n| n.contains(".snapstore-tmp")).collect();
+        assert!(temps.is_empty(), "--threads {threads}: failed checkout left temporary files: {temps:?}");
+        assert!(!names.iter().any(|n| n == "f0.bin"), "damaged f0.bin appeared: {names:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Help.
+// ---------------------------------------------------------------------------------------------------------
+
+const SUBCOMMANDS: [&str; 6] = ["init", "commit", "checkout", "log", "show", "stats"];
+
+fn help(args: &[&str]) -> String {
+    let o = Command::new(bin()).args(args).output().unwrap();
+    ok(o, &format!("{args:?}"))
+}
+
+#[test]
+fn help_explains_commands_exit_codes_and_ids() {
+    let top = help(&["--help"]);
+    for s in SUBCOMMANDS {
+        assert!(top.contains(s), "top-level help lacks {s}:\n{top}");
+    }
+    assert!(top.contains("Exit codes"), "{top}");
+    for code in ["0 success", "1 failure", "2 bad usage", "3 damaged", "4 repository or checkpoint not found"] {
+        assert!(top.contains(code), "top-level help lacks {code:?}:\n{top}");
+    }
+    assert!(top.contains("unique prefix of 4 or more hex digits") && top.contains("latest"), "{top}");
+    assert!(top.contains("SNAPSTORE_REPO"), "{top}");
+
+    let commit = help(&["commit", "--help"]);
+    for s in ["--message", "--tag", "--reread", "--skip-unreadable", "--threads", "--name", "stdin", "created"] {
+        assert!(commit.contains(s), "commit --help lacks {s}:\n{commit}");
+    }
+    let checkout = help(&["checkout", "--help"]);
+    for s in ["--force", "prefix", "latest", "empty directory"] {
+        assert!(checkout.contains(s), "checkout --help lacks {s}:\n{checkout}");
+    }
+    let show = help(&["show", "--help"]);
+    assert!(show.contains("prefix") && show.contains("latest"), "{show}");
+    assert!(help(&["log", "--help"]).contains("-n"));
+    assert!(help(&["help", "stats"]).contains("dedup"));
+    for s in SUBCOMMANDS {
+        let h = help(&[s, "--help"]);
+        assert!(h.contains("Usage: snapstore"), "{s} --help:\n{h}");
+        assert!(h.contains("--repo") && h.contains("--json"), "{s} --help lacks the global options:\n{h}");
+    }
+    let v = help(&["--version"]);
+    assert!(v.starts_with("snapstore "), "{v}");
+}
+
+/// Each subcommand's --help should state the exit codes (a script writer reads `snapstore checkout --help`,
+/// not the top-level page), and the commands taking an id should say what an id may be.
+#[test]
+fn every_subcommand_help_mentions_exit_codes() {
+    let mut missing = Vec::new();
+    for s in SUBCOMMANDS {
+        let h = help(&[s, "--help"]);
+        if !h.contains("Exit codes") {
+            missing.push(s);
+        }
+    }
+    assert!(missing.is_empty(), "these subcommands' --help says nothing about exit codes: {missing:?}");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Broken pipe: `snapstore log | head -1`.
+// ---------------------------------------------------------------------------------------------------------
+
+/// A repository with enough checkpoints (with long messages) that `log` output is far larger than a pipe's
+/// buffer, so closing the reader really makes a write fail. Built through the library for speed.
+fn repo_with_many_checkpoints(dir: &Path, n: usize) -> PathBuf {
+    let repo_path = dir.join("repo");
+    let repo = snapstore::Repository::init(&repo_path).unwrap();
+    for i in 0..n {
+        let opts = snapstore::CommitOptions {
+            message: format!("checkpoint {i} {}", "with a long message ".repeat(30)),
+            tags: vec![format!("t{i}")],
+            threads: 1,
+            ..Default::default()
+        };
+        repo.commit_reader(&format!("s{}.bin", i % 3), &mut &format!("state {i}").into_bytes()[..], &opts).unwrap();
+    }
+    // Plus a directory with many files, for `show`.
+    let src = dir.join("many");
+    fs::create_dir(&src).unwrap();
+    for i in 0..2500 {
+        fs::write(src.join(format!("file-{i:05}.dat")), []).unwrap();
+    }
+    repo.commit(&src, &Default::default()).unwrap();
+    repo_path
+}
+
+/// Spawns snapstore, reads one line of stdout, closes the pipe, and returns the exit status and stderr.
+fn read_one_line_then_close(repo: &Path, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let mut child = Command::new(bin())
+        .arg("--repo")
+        .arg(repo)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    drop(reader);
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (child.wait().unwrap(), first, err)
+}
+
+#[test]
+fn closed_stdout_is_not_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = repo_with_many_checkpoints(tmp.path(), 150);
+    // Make sure the outputs do overflow a 64 KiB pipe.
+    for args in [&["log"][..], &["--json", "log"], &["show", "latest"], &["--json", "show", "latest"]] {
+        let full = sx(&repo, args);
+        assert!(full.len() > 200 * 1024, "{args:?} output too small ({} bytes) to test a closed pipe", full.len());
+    }
+    let mut failures = Vec::new();
+    for args in [&["log"][..], &["-q", "log"], &["--json", "log"], &["show", "latest"], &["--json", "show", "latest"]] {
+        for _ in 0..3 {
+            let (status, first, err) = read_one_line_then_close(&repo, args);
+            assert!(!first.is_empty(), "{args:?}: no first line");
+            assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{args:?}: {err}");
+            if !status.success() || !err.is_empty() {
+                failures.push(format!("{args:?}: exit {:?}, stderr {:?}", status.code(), err.trim()));
+                break;
+            }
+        }
+    }
+    assert!(failures.is_empty(), "closing stdout early is reported as a failure:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn log_piped_to_head_through_a_shell() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = repo_with_many_checkpoints(tmp.path(), 120);
+    let script = r#"set -o pipefail; "$0" --repo "$1" log | head -1"#;
+    let o = Command::new("bash").args(["-c", script, p(&bin()), p(&repo)]).output().unwrap();
+    assert_no_panic(&o, "log | head -1");
+    assert_eq!(text(&o.stderr), "", "stderr of `snapstore log | head -1`");
+    assert!(o.status.success(), "`snapstore log | head -1` under pipefail: {:?}", o.status);
+    assert_eq!(text(&o.stdout).lines().count(), 1);
+    assert!(text(&o.stdout).starts_with("ID "));
+}

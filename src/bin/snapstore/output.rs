@@ -70,10 +70,10 @@ pub fn commit_summary(out: &mut Out, s: &CommitSummary) -> io::Result<()> {
         human_bytes(rate as u64)
     ))?;
     out.line(&format!(
-        "  new after dedup {} ({} chunks new, {} reused); stored {} after compression",
+        "  new after dedup {} ({} of {} chunks); stored {} after compression",
         human_bytes(s.bytes_new),
         s.chunks_new,
-        s.chunks_reused,
+        s.chunks_new + s.chunks_reused,
         human_bytes(s.bytes_stored)
     ))
 }
