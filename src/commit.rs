@@ -237,6 +237,7 @@ pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions
             block_len,
             pool_tx,
             pool_rx,
+            stopped: false,
         };
         let walked = match source {
             Source::Path(p) => walker.walk(p, &root_name),
@@ -251,9 +252,12 @@ pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions
         for w in workers {
             w.join().map_err(|_| Error::Internal("worker panicked".into()))?;
         }
-        // The walker's error explains a stopped assembler better than the assembler's does.
-        let skipped = walked?;
-        Ok::<_, Error>((assembled??, skipped))
+        match (walked, assembled?) {
+            (Ok(skipped), Ok(asm)) => Ok((asm, skipped)),
+            // The walker only saw the pipeline stop; the assembler knows why.
+            (Err(Error::Internal(_)), Err(e)) => Err(e),
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+        }
     });
     let (mut asm, skipped) = outcome?;
 
@@ -338,6 +342,8 @@ struct Walker<'a, 'b> {
     /// Spent read buffers, for reuse.
     pool_tx: Sender<Vec<u8>>,
     pool_rx: Receiver<Vec<u8>>,
+    /// The pipeline behind the walker has stopped.
+    stopped: bool,
 }
 
 impl Walker<'_, '_> {
@@ -380,9 +386,15 @@ impl Walker<'_, '_> {
                 self.prev.pop();
                 depth_open -= 1;
             }
-            let md = entry.metadata().map_err(|e| {
-                Error::io(entry.path(), e.into_io_error().unwrap_or_else(|| std::io::Error::other("stat failed")))
-            })?;
+            let md = match entry.metadata() {
+                Ok(md) => md,
+                Err(e) => {
+                    let io = e.into_io_error().unwrap_or_else(|| std::io::Error::other("stat failed"));
+                    let rel = entry.path().strip_prefix(root).unwrap_or(entry.path()).to_path_buf();
+                    self.skip(entry.path(), &rel, io)?;
+                    continue;
+                }
+            };
             let name = if depth == 0 { root_name.to_vec() } else { entry.file_name().as_encoded_bytes().to_vec() };
             let rel = entry.path().strip_prefix(root).unwrap_or(entry.path()).to_path_buf();
             let ft = md.file_type();
@@ -456,6 +468,9 @@ impl Walker<'_, '_> {
             entry.size = before.len();
             self.send(Event::FileStart(entry))?;
             let read = self.chunks_file(&f, before.len()).map_err(|e| Error::io(path, e));
+            if self.stopped {
+                return Err(Error::Internal("assembler stopped".into()));
+            }
             if let Err(e) = read {
                 self.send(Event::FileAbort)?;
                 return match e {
@@ -541,9 +556,11 @@ impl Walker<'_, '_> {
             total += chunk.len() as u64;
             self.summary.bytes_read += chunk.len() as u64;
             self.opts.progress.bytes(chunk.len() as u64);
-            let stopped = || std::io::Error::other("commit pipeline stopped");
-            self.jobs.send(Job { seq, data: chunk }).map_err(|_| stopped())?;
-            self.events.send(Event::Chunk(seq)).map_err(|_| stopped())?;
+            if self.jobs.send(Job { seq, data: chunk }).is_err() || self.events.send(Event::Chunk(seq)).is_err() {
+                // Not a read error: the assembler or the workers failed, and their error is what to report.
+                self.stopped = true;
+                return Err(std::io::Error::other("commit pipeline stopped"));
+            }
         }
         Ok(total)
     }
@@ -563,6 +580,9 @@ impl Walker<'_, '_> {
         };
         self.send(Event::FileStart(entry))?;
         let read = self.chunks_inline(reader).map_err(|e| Error::io("<stdin>", e));
+        if self.stopped {
+            return Err(Error::Internal("assembler stopped".into()));
+        }
         if let Err(e) = read {
             let _ = self.send(Event::FileAbort);
             return Err(e);
@@ -752,5 +772,66 @@ impl Assembler {
         }
         self.batch.checkpoint = Some(checkpoint);
         self.write_batch()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::backend::MemoryBackend;
+    use crate::{CommitOptions, Error, Repository};
+
+    fn data(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn storage_failure_fails_the_commit_with_its_own_error_and_publishes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let params = crate::RepoParams { pack_target_size: 1 << 20, ..Default::default() };
+        Repository::init_with(dir.path().join("repo"), params).unwrap();
+        let mem = MemoryBackend::new();
+        let repo = Repository::open_with(dir.path().join("repo"), Arc::new(mem.clone())).unwrap();
+        let state = data(8 << 20, 1);
+        let first = repo.commit_reader("state", &mut &state[..], &CommitOptions::default()).unwrap();
+        mem.set_failing(true);
+        let more = data(8 << 20, 2);
+        let err = repo.commit_reader("state", &mut &more[..], &CommitOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::Backend { .. }), "{err}");
+        let list = repo.checkpoints().unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].id, first.id);
+        // Once storage works again, the next commit succeeds without any repair.
+        mem.set_failing(false);
+        let again = repo.commit_reader("state", &mut &more[..], &CommitOptions::default()).unwrap();
+        assert_eq!(again.parent.as_deref(), Some(first.id.as_str()));
+    }
+
+    #[test]
+    fn results_do_not_depend_on_thread_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path().join("repo")).unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        for i in 0..20 {
+            std::fs::write(src.join(format!("f{i}")), data(i * 50_000, i as u64)).unwrap();
+        }
+        std::fs::write(src.join("big"), data(7 << 20, 99)).unwrap();
+        let mut roots = Vec::new();
+        for threads in [1, 3] {
+            let opts = CommitOptions { threads, reread: true, ..Default::default() };
+            let s = repo.commit(&src, &opts).unwrap();
+            roots.push(repo.checkpoint(&s.id).unwrap().root);
+        }
+        assert_eq!(roots[0], roots[1]);
     }
 }

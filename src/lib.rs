@@ -143,6 +143,26 @@ impl Repository {
         Ok(Repository { root, catalog_path, backend, params })
     }
 
+    /// Opens an existing repository whose packs live in `backend` instead of its directory (the catalog
+    /// stays in the directory). This is how tests inject storage faults, and where other stores plug in.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// snapstore::Repository::init(dir.path()).unwrap();
+    /// let mem = snapstore::MemoryBackend::new();
+    /// let repo = snapstore::Repository::open_with(dir.path(), Arc::new(mem.clone())).unwrap();
+    /// mem.set_failing(true);
+    /// let err = repo.commit_reader("x", &mut &[1u8; 10][..], &Default::default()).unwrap_err();
+    /// assert!(err.to_string().contains("injected I/O failure"));
+    /// assert!(repo.checkpoints().unwrap().is_empty());
+    /// ```
+    pub fn open_with(path: impl AsRef<Path>, backend: Arc<dyn Backend>) -> Result<Self> {
+        let mut repo = Self::open(path)?;
+        repo.backend = backend;
+        Ok(repo)
+    }
+
     /// The repository's directory.
     pub fn path(&self) -> &Path {
         &self.root
