@@ -150,6 +150,15 @@ pub(crate) fn checkout(
     match fs::symlink_metadata(dest) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io(dest, e)),
+        Ok(md) if md.is_dir() && root.kind != EntryKind::Dir => {
+            // Even with --force, never replace a whole directory by a file: that is almost surely a typo.
+            return Err(Error::InvalidInput(format!(
+                "{} is a directory, but the checkpoint holds a {}: give the path it should have, e.g. {}",
+                dest.display(),
+                if root.kind == EntryKind::File { "file" } else { "symlink" },
+                dest.join(OsStr::from_bytes(&root.name)).display()
+            )));
+        }
         Ok(md) => {
             let empty_dir = md.is_dir() && fs::read_dir(dest).map_err(|e| Error::io(dest, e))?.next().is_none();
             if !(opts.force || (empty_dir && root.kind == EntryKind::Dir)) {

@@ -214,13 +214,39 @@ impl Repository {
     }
 
     /// Recreates checkpoint `id` (full id, unique prefix or `latest`) at `dest`, verifying every chunk.
-    /// `dest` becomes what the committed path was: a directory, a file or a symlink.
+    /// `dest` becomes what the committed path was: a directory, a file or a symlink. It must not exist, or
+    /// be an empty directory, unless [`CheckoutOptions::force`].
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+    /// std::fs::create_dir_all(dir.path().join("run/sub")).unwrap();
+    /// std::fs::write(dir.path().join("run/sub/a"), b"alpha").unwrap();
+    /// repo.commit(dir.path().join("run"), &Default::default()).unwrap();
+    /// let out = dir.path().join("out");
+    /// let s = repo.checkout("latest", &out, &Default::default()).unwrap();
+    /// assert_eq!((s.files, s.dirs), (1, 2));
+    /// assert_eq!(std::fs::read(out.join("sub/a")).unwrap(), b"alpha");
+    /// // A second checkout into the now non-empty destination needs `force`.
+    /// assert!(matches!(repo.checkout("latest", &out, &Default::default()), Err(snapstore::Error::DestinationNotEmpty(_))));
+    /// ```
     pub fn checkout(&self, id: &str, dest: impl AsRef<Path>, opts: &CheckoutOptions) -> Result<CheckoutSummary> {
         let cp = self.checkpoint(id)?;
         checkout::checkout(&self.catalog_path, self.backend.clone(), &cp.id, dest.as_ref(), opts)
     }
 
     /// All checkpoints, newest first.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+    /// let opts = snapstore::CommitOptions { tags: vec!["nightly".into()], ..Default::default() };
+    /// let a = repo.commit_reader("s", &mut &b"one"[..], &opts).unwrap();
+    /// let b = repo.commit_reader("s", &mut &b"two"[..], &opts).unwrap();
+    /// let list = repo.checkpoints().unwrap();
+    /// assert_eq!(list.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), vec![b.id, a.id]);
+    /// assert_eq!(list[0].tags, vec!["nightly".to_string()]);
+    /// ```
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
         self.catalog()?.checkpoints()
     }
@@ -282,6 +308,18 @@ impl Repository {
     }
 
     /// Repository-wide figures: logical and stored bytes, dedup and compression ratios, chunk and pack counts.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+    /// let zeros = vec![0u8; 1 << 20];
+    /// repo.commit_reader("a", &mut &zeros[..], &Default::default()).unwrap();
+    /// repo.commit_reader("b", &mut &zeros[..], &Default::default()).unwrap();
+    /// let st = repo.stats().unwrap();
+    /// assert_eq!(st.catalog.checkpoints, 2);
+    /// assert_eq!(st.catalog.chunks, 1); // four maximal zero chunks, one stored chunk
+    /// assert!(st.dedup_ratio > 7.9 && st.compression_ratio > 100.0);
+    /// ```
     pub fn stats(&self) -> Result<RepoStats> {
         let catalog = self.catalog()?.stats()?;
         let file_len = |name: &str| std::fs::metadata(self.root.join(name)).map(|m| m.len()).unwrap_or(0);

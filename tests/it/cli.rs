@@ -292,7 +292,8 @@ fn operator_session_init_commit_log_show_stats_checkout_recommit() {
     assert_ne!(second, first);
     assert!(out.contains(&format!("(parent {})", &first[..8])), "{out}");
     assert!(out.contains("files: 0 new, 0 changed, 4 unchanged"), "{out}");
-    assert!(out.contains("new after dedup 0 B (0 chunks new"), "{out}");
+    assert!(out.contains("read 0 B"), "unchanged files are not read: {out}");
+    assert!(out.contains("new after dedup 0 B"), "{out}");
 
     // modify one file: one changed
     fs::write(src.join("config.txt"), b"lr=0.05\nbatch=128\nwarmup=10\n").unwrap();
@@ -658,7 +659,7 @@ fn ambiguous_prefix_exits_2_and_lists_candidates() {
     for args in [vec!["show", &id[..4]], vec!["show", &id[..5]], vec!["checkout", &id[..5], p(&dest)]] {
         let err = sx_fail(&repo, &args, 2);
         assert!(err.contains("ambiguous"), "{err}");
-        assert!(err.contains(&id[..9]) && err.contains(&twin[..9]), "candidates listed: {err}");
+        assert!(err.contains(&id[..8]) && err.contains(&twin[..8]), "candidates listed: {err}");
         assert!(err.contains("hint: give more digits"), "{err}");
     }
     assert!(sx(&repo, &["show", &id[..6]]).contains(&id));
@@ -881,7 +882,7 @@ fn repo_with_many_checkpoints(dir: &Path, n: usize) -> PathBuf {
     let repo = snapstore::Repository::init(&repo_path).unwrap();
     for i in 0..n {
         let opts = snapstore::CommitOptions {
-            message: format!("checkpoint {i} {}", "with a long message ".repeat(30)),
+            message: format!("checkpoint {i} {}", "with a long message ".repeat(40)),
             tags: vec![format!("t{i}")],
             threads: 1,
             ..Default::default()
@@ -924,7 +925,7 @@ fn closed_stdout_is_not_an_error() {
     // Make sure the outputs do overflow a 64 KiB pipe.
     for args in [&["log"][..], &["--json", "log"], &["show", "latest"], &["--json", "show", "latest"]] {
         let full = sx(&repo, args);
-        assert!(full.len() > 200 * 1024, "{args:?} output too small ({} bytes) to test a closed pipe", full.len());
+        assert!(full.len() > 128 * 1024, "{args:?} output too small ({} bytes) to test a closed pipe", full.len());
     }
     let mut failures = Vec::new();
     for args in [&["log"][..], &["-q", "log"], &["--json", "log"], &["show", "latest"], &["--json", "show", "latest"]] {
