@@ -68,7 +68,7 @@ fn generate(path: &Path, mib: usize) {
             _ if !kept.is_empty() => extent.copy_from_slice(&kept[(rng.next() % kept.len() as u64) as usize]),
             _ => rng.fill(&mut extent),
         }
-        if kept.len() < 16 && rng.next() % 8 == 0 {
+        if kept.len() < 16 && rng.next().is_multiple_of(8) {
             kept.push(extent.clone());
         }
         out.write_all(&extent).unwrap();

@@ -40,6 +40,8 @@ pub(crate) fn check_name(name: &str) -> io::Result<()> {
     if ok { Ok(()) } else { Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad object name {name:?}"))) }
 }
 
+pub(crate) use local::sync_dir;
+
 /// Creates a local repository directory, owner-only, durably.
 pub(crate) fn local_dir(root: &std::path::Path) -> io::Result<()> {
     local::create_dir_durable(root)

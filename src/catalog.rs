@@ -125,15 +125,38 @@ fn blob_id(bytes: Vec<u8>) -> rusqlite::Result<ObjectId> {
 
 impl Catalog {
     /// Creates a new catalog file (owner-only) with the current schema and the given parameters.
+    ///
+    /// The catalog is built complete under a temporary name and then linked into place, so a crash leaves
+    /// either no catalog or a whole one, and of two processes creating it at once exactly one succeeds (the
+    /// other gets [`Error::RepositoryExists`]).
     pub fn create(path: &Path, params: &RepoParams) -> Result<Self> {
-        OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| Error::io(path, e))?;
-        let mut cat = Self::open(path)?;
-        let tx = cat.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for (k, v) in params.to_pairs() {
-            tx.execute("INSERT INTO meta (key, value) VALUES (?1, ?2)", params![k, v])?;
+        let nanos = now_ns();
+        let temp = path.with_extension(format!("db.init-{}-{nanos}", std::process::id()));
+        let built = (|| {
+            OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp).map_err(|e| Error::io(&temp, e))?;
+            let mut cat = Self::open(&temp)?;
+            let tx = cat.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for (k, v) in params.to_pairs() {
+                tx.execute("INSERT INTO meta (key, value) VALUES (?1, ?2)", params![k, v])?;
+            }
+            tx.commit()?;
+            // Closing the only connection checkpoints the WAL into the file and removes it.
+            cat.conn.close().map_err(|(_, e)| Error::from(e))?;
+            std::fs::File::open(&temp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&temp, e))
+        })();
+        let linked = built.and_then(|()| match std::fs::hard_link(&temp, path) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(Error::RepositoryExists(path.parent().unwrap_or(path).to_path_buf()))
+            }
+            other => other.map_err(|e| Error::io(path, e)),
+        });
+        let _ = std::fs::remove_file(&temp);
+        linked?;
+        if let Some(dir) = path.parent() {
+            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            crate::backend::sync_dir(dir).map_err(|e| Error::io(dir, e))?;
         }
-        tx.commit()?;
-        Ok(cat)
+        Self::open(path)
     }
 
     /// Opens an existing catalog, migrating its schema forward if it is older than this build's.

@@ -73,6 +73,17 @@ struct FileTask {
     /// Batches not yet written, plus one held by the walker until it has sent them all.
     remaining: AtomicUsize,
     failed: AtomicBool,
+    /// Renamed into place; until then, dropping the task removes its temporary.
+    placed: AtomicBool,
+}
+
+impl Drop for FileTask {
+    fn drop(&mut self) {
+        // Reached when the last job holding the task is done or discarded (a checkout that stopped early).
+        if !self.placed.load(Ordering::Acquire) {
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
 }
 
 struct Job {
@@ -110,7 +121,9 @@ impl FileTask {
         let io = |e| Error::io(&self.dest, e);
         self.file.set_permissions(fs::Permissions::from_mode(self.mode)).map_err(io)?;
         self.file.set_modified(mtime(self.mtime_ns)).map_err(io)?;
-        fs::rename(&self.temp, &self.dest).map_err(io)
+        fs::rename(&self.temp, &self.dest).map_err(io)?;
+        self.placed.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn fail(&self) {
@@ -259,7 +272,8 @@ fn walk(
     opts: &CheckoutOptions,
     summary: &mut CheckoutSummary,
 ) -> Result<()> {
-    let mut stack: Vec<(Entry, PathBuf, PathBuf)> = vec![(root.clone(), dest.to_path_buf(), PathBuf::new())];
+    let mut stack: Vec<(Entry, PathBuf, PathBuf)> =
+        vec![(root.clone(), dest.to_path_buf(), PathBuf::from(OsStr::from_bytes(&root.name)))];
     while let Some((entry, path, rel)) = stack.pop() {
         if abort.load(Ordering::Relaxed) {
             return Ok(());
@@ -338,6 +352,7 @@ fn file(
         mtime_ns: entry.mtime_ns,
         remaining: AtomicUsize::new(1),
         failed: AtomicBool::new(false),
+        placed: AtomicBool::new(false),
     });
     let mut offset = 0u64;
     let mut batch = Vec::new();
@@ -378,8 +393,9 @@ fn apply_dir_metadata(catalog: &Catalog, root: &Entry, dest: &Path) -> Result<()
     while let Some((entry, path, expanded)) = stack.pop() {
         if expanded {
             let t = filetime::FileTime::from_system_time(mtime(entry.mtime_ns));
-            fs::set_permissions(&path, fs::Permissions::from_mode(entry.mode)).map_err(|e| Error::io(&path, e))?;
+            // The mtime first: setting it opens the directory, which its final mode may forbid.
             filetime::set_file_mtime(&path, t).map_err(|e| Error::io(&path, e))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(entry.mode)).map_err(|e| Error::io(&path, e))?;
             continue;
         }
         let tree_id = entry.object()?.expect("dir has a tree");

@@ -20,7 +20,7 @@ pub struct Checkpoint {
     pub tags: Vec<String>,
     /// Host the commit ran on.
     pub host: String,
-    /// The committed path (absolute), or `-` followed by the stream name for stdin.
+    /// The committed path (absolute), or `stdin:NAME` for a stream committed from stdin.
     pub path: String,
     /// Root tree id (a one-entry tree holding the committed file or directory), as hex.
     pub root: String,

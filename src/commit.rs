@@ -136,6 +136,7 @@ enum Event {
 enum FileStatus {
     New,
     Changed,
+    Unchanged,
 }
 
 /// Everything a commit needs from the repository.
@@ -365,7 +366,7 @@ impl Walker<'_, '_> {
         self.opts.progress.start("commit", root_md.is_file().then_some(root_md.len()));
         let repo = std::fs::metadata(self.ctx.repo_root).ok().map(|m| (m.dev(), m.ino()));
         let mut depth_open = 0usize;
-        let mut it = WalkDir::new(root).follow_links(false).sort_by_file_name().into_iter();
+        let mut it = WalkDir::new(root).follow_links(false).follow_root_links(false).sort_by_file_name().into_iter();
         while let Some(item) = it.next() {
             let entry = match item {
                 Ok(e) => e,
@@ -437,7 +438,12 @@ impl Walker<'_, '_> {
                         self.send(Event::Leaf(e))?;
                     }
                     p => {
-                        let status = if p.is_some() { FileStatus::Changed } else { FileStatus::New };
+                        // With --reread, a file whose metadata matches still counts as unchanged.
+                        let status = match p {
+                            Some(p) if unchanged(&p, &e) => FileStatus::Unchanged,
+                            Some(_) => FileStatus::Changed,
+                            None => FileStatus::New,
+                        };
                         self.opts.progress.file(&rel);
                         self.file(entry.path(), &rel, e, status)?;
                     }
@@ -489,7 +495,8 @@ impl Walker<'_, '_> {
                 self.send(Event::FileEnd)?;
                 match status {
                     FileStatus::Changed => self.summary.files_changed += 1,
-                    _ => self.summary.files_new += 1,
+                    FileStatus::Unchanged => self.summary.files_unchanged += 1,
+                    FileStatus::New => self.summary.files_new += 1,
                 }
                 return Ok(());
             }

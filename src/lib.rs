@@ -115,7 +115,11 @@ impl Repository {
         if root.join(CATALOG_FILE).exists() {
             return Err(Error::RepositoryExists(root));
         }
-        if root.exists() && std::fs::read_dir(&root).map_err(|e| Error::io(&root, e))?.next().is_some() {
+        // Another process's unfinished `init` (a catalog being built) does not make the directory foreign.
+        let foreign = |e: &std::fs::DirEntry| !e.file_name().to_string_lossy().starts_with(CATALOG_FILE);
+        if root.exists()
+            && std::fs::read_dir(&root).map_err(|e| Error::io(&root, e))?.any(|e| e.as_ref().map_or(true, foreign))
+        {
             return Err(Error::InvalidInput(format!(
                 "{} exists and is not empty; choose a new or empty directory for the repository",
                 root.display()

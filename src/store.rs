@@ -85,7 +85,13 @@ impl ChunkReader {
             let start = locs[i].offset;
             let mut run = std::mem::take(&mut self.buf);
             run.resize((end - start) as usize, 0);
-            self.backend.read_at(&locs[i].pack, start, &mut run).map_err(|e| Error::backend(&locs[i].pack, e))?;
+            self.backend.read_at(&locs[i].pack, start, &mut run).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Error::corrupt(format!("pack {} is missing", locs[i].pack))
+                } else {
+                    Error::backend(&locs[i].pack, e)
+                }
+            })?;
             for k in i..j {
                 let at = (locs[k].offset - start) as usize;
                 let blob = &run[at..at + locs[k].stored_len as usize];

@@ -19,15 +19,18 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_CORRUPT: u8 = 3;
 const EXIT_NOT_FOUND: u8 = 4;
 
-const AFTER_HELP: &str = "\
-Exit codes: 0 success; 1 failure (I/O, catalog, ...); 2 bad usage or arguments; 3 damaged data detected;
+/// Shown under every command's help.
+macro_rules! exit_help {
+    () => {
+        "Exit codes: 0 success; 1 failure (I/O, catalog, ...); 2 bad usage or arguments; 3 damaged data detected;
 4 repository or checkpoint not found.
-
-Checkpoint ids: any unique prefix of 4 or more hex digits, or 'latest'.";
+Checkpoint ids: any unique prefix of 4 or more hex digits, or 'latest'."
+    };
+}
 
 /// snapstore: a checkpoint store. Each checkpoint costs only what changed since the last.
 #[derive(Parser)]
-#[command(name = "snapstore", version, about, after_help = AFTER_HELP)]
+#[command(name = "snapstore", version, about, after_help = exit_help!())]
 struct Cli {
     /// Repository directory [default: .snapstore in the current directory]
     #[arg(long, global = true, env = "SNAPSTORE_REPO", value_name = "PATH")]
@@ -45,11 +48,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create a new, empty repository
+    #[command(after_help = exit_help!())]
     Init,
     /// Save a file, a directory tree, or stdin as a new checkpoint
-    #[command(after_help = "Files whose size, mtime, ctime and inode match the previous checkpoint of the same path \
+    #[command(after_help = concat!("Files whose size, mtime, ctime and inode match the previous checkpoint of the same path \
 are not read again. Only chunks the repository lacks are compressed and stored.\n\
-The new checkpoint's full id is printed last on stdout. If the repository does not exist yet, it is created.")]
+The new checkpoint's full id is printed last on stdout. If the repository does not exist yet, it is created.\n\n", exit_help!()))]
     Commit {
         /// File or directory to checkpoint, or - to read a stream from stdin (with --name)
         path: PathBuf,
@@ -73,8 +77,8 @@ The new checkpoint's full id is printed last on stdout. If the repository does n
         threads: usize,
     },
     /// Recreate a checkpoint at DEST, byte for byte, verifying every chunk
-    #[command(after_help = "DEST becomes what the committed path was (the directory, or the file). \
-It must not exist, or be an empty directory; --force writes into an existing one, replacing what the checkpoint names.")]
+    #[command(after_help = concat!("DEST becomes what the committed path was (the directory, or the file). \
+It must not exist, or be an empty directory; --force writes into an existing one, replacing what the checkpoint names.\n\n", exit_help!()))]
     Checkout {
         /// Checkpoint id, unique prefix, or 'latest'
         id: String,
@@ -88,17 +92,20 @@ It must not exist, or be an empty directory; --force writes into an existing one
         threads: usize,
     },
     /// List checkpoints, newest first
+    #[command(after_help = exit_help!())]
     Log {
         /// Show at most N checkpoints
         #[arg(short = 'n', long, value_name = "N")]
         limit: Option<usize>,
     },
     /// Show one checkpoint and its files
+    #[command(after_help = exit_help!())]
     Show {
         /// Checkpoint id, unique prefix, or 'latest'
         id: String,
     },
     /// Repository totals: logical and stored bytes, dedup and compression ratios, chunks and packs
+    #[command(after_help = exit_help!())]
     Stats,
 }
 
@@ -191,12 +198,20 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             }
         }
         Command::Commit { path, message, tags, name, reread, skip_unreadable, threads } => {
+            // A commit that cannot start must not leave a new, empty repository behind.
+            if path.as_os_str() != "-" {
+                std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+            }
             let repo = match Repository::open(&repo_dir) {
-                Err(Error::NoRepository(_)) => {
-                    let repo = Repository::init(&repo_dir)?;
-                    eprintln!("created snapstore repository at {}", repo.path().display());
-                    repo
-                }
+                Err(Error::NoRepository(_)) => match Repository::init(&repo_dir) {
+                    Ok(repo) => {
+                        eprintln!("created snapstore repository at {}", repo.path().display());
+                        repo
+                    }
+                    // Another commit created it a moment ago.
+                    Err(Error::RepositoryExists(_)) => Repository::open(&repo_dir)?,
+                    Err(e) => return Err(e.into()),
+                },
                 other => other?,
             };
             let bar = progress::Bar::new(show_progress(cli));

@@ -20,7 +20,8 @@ impl Out {
 
     pub fn json<T: serde::Serialize + ?Sized>(&mut self, v: &T) -> io::Result<()> {
         debug_assert!(self.json);
-        serde_json::to_writer_pretty(&mut self.w, v).map_err(io::Error::other)?;
+        // io::Error::from keeps a broken pipe's kind, so `--json log | head` ends quietly.
+        serde_json::to_writer_pretty(&mut self.w, v).map_err(io::Error::from)?;
         writeln!(self.w)
     }
 
@@ -55,20 +56,23 @@ pub fn commit_summary(out: &mut Out, s: &CommitSummary) -> io::Result<()> {
     let parent = s.parent.as_deref().map(|p| format!(" (parent {})", &p[..8])).unwrap_or_default();
     out.line(&format!("checkpoint {}{parent}", &s.id[..8]))?;
     out.line(&format!(
-        "  files: {} new, {} changed, {} unchanged; {} dirs, {} symlinks",
-        s.files_new, s.files_changed, s.files_unchanged, s.dirs, s.symlinks
+        "  files: {} new, {} changed, {} unchanged; {}, {}",
+        s.files_new,
+        s.files_changed,
+        s.files_unchanged,
+        plural(s.dirs, "dir"),
+        plural(s.symlinks, "symlink")
     ))?;
     if s.special_skipped + s.unreadable_skipped > 0 {
         out.line(&format!("  skipped: {} special files, {} unreadable", s.special_skipped, s.unreadable_skipped))?;
     }
     let rate = s.bytes_read as f64 / s.seconds.max(1e-9);
-    out.line(&format!(
-        "  size {}; read {} in {:.2} s ({}/s)",
-        human_bytes(s.logical_bytes),
-        human_bytes(s.bytes_read),
-        s.seconds,
-        human_bytes(rate as u64)
-    ))?;
+    let read = if s.bytes_read == 0 {
+        format!("nothing read, in {:.2} s", s.seconds)
+    } else {
+        format!("read {} in {:.2} s ({}/s)", human_bytes(s.bytes_read), s.seconds, human_bytes(rate as u64))
+    };
+    out.line(&format!("  size {}; {read}", human_bytes(s.logical_bytes)))?;
     out.line(&format!(
         "  new after dedup {} ({} of {} chunks); stored {} after compression",
         human_bytes(s.bytes_new),
@@ -76,6 +80,18 @@ pub fn commit_summary(out: &mut Out, s: &CommitSummary) -> io::Result<()> {
         s.chunks_new + s.chunks_reused,
         human_bytes(s.bytes_stored)
     ))
+}
+
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 { format!("1 {what}") } else { format!("{n} {what}s") }
+}
+
+/// The last part of a committed path: enough to tell checkpoints of different paths apart in a list.
+fn short_path(path: &str) -> &str {
+    match path.strip_prefix("stdin:") {
+        Some(_) => path,
+        None => path.rsplit('/').find(|p| !p.is_empty()).unwrap_or(path),
+    }
 }
 
 fn one_line(s: &str) -> String {
@@ -92,12 +108,16 @@ pub fn log(out: &mut Out, list: &[Checkpoint], quiet: bool) -> io::Result<()> {
     if list.is_empty() {
         return out.line("no checkpoints yet: `snapstore commit PATH` makes the first");
     }
-    out.line(&format!("{:<8}  {:<19}  {:>10}  {:>10}  {:<12}  MESSAGE", "ID", "TIME (UTC)", "SIZE", "NEW", "TAGS"))?;
+    out.line(&format!(
+        "{:<8}  {:<19}  {:<16}  {:>10}  {:>10}  {:<12}  MESSAGE",
+        "ID", "TIME (UTC)", "PATH", "SIZE", "NEW", "TAGS"
+    ))?;
     for c in list {
         out.line(&format!(
-            "{:<8}  {:<19}  {:>10}  {:>10}  {:<12}  {}",
+            "{:<8}  {:<19}  {:<16}  {:>10}  {:>10}  {:<12}  {}",
             c.short_id(),
             human_time(c.time_ns),
+            one_line(short_path(&c.path)),
             human_bytes(c.logical_bytes),
             human_bytes(c.new_bytes),
             one_line(&c.tags.join(",")),
