@@ -47,7 +47,29 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE checkpoint_tags (checkpoint TEXT NOT NULL, tag TEXT NOT NULL,
                                    PRIMARY KEY (checkpoint, tag)) WITHOUT ROWID;
      CREATE TABLE skipped (checkpoint TEXT NOT NULL, path BLOB NOT NULL, reason TEXT NOT NULL);",
+    // 2: garbage collection: writer sessions, condemned objects, the GC lease (see docs/format.md).
+    "CREATE TABLE sessions (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
+                            started_ns INTEGER NOT NULL, heartbeat_ns INTEGER NOT NULL, start_epoch INTEGER NOT NULL);
+     CREATE TABLE condemned (kind INTEGER NOT NULL, id BLOB NOT NULL, epoch INTEGER NOT NULL,
+                             PRIMARY KEY (kind, id)) WITHOUT ROWID;
+     CREATE INDEX condemned_by_epoch ON condemned(epoch);
+     CREATE TABLE gc_lease (one INTEGER PRIMARY KEY CHECK (one = 1), host TEXT NOT NULL, pid INTEGER NOT NULL,
+                            started_ns INTEGER NOT NULL, heartbeat_ns INTEGER NOT NULL);
+     INSERT OR IGNORE INTO meta (key, value) VALUES ('gc_epoch', '1');",
 ];
+
+/// Kinds of object in the `condemned` table.
+pub(crate) const KIND_CHUNK: i64 = 0;
+pub(crate) const KIND_SEGMENT: i64 = 1;
+pub(crate) const KIND_CONTENT: i64 = 2;
+pub(crate) const KIND_TREE: i64 = 3;
+
+/// A writer's registration: GC never sweeps what was condemned while a session that began earlier is alive.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Session {
+    pub id: i64,
+    pub start_epoch: i64,
+}
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -134,6 +156,8 @@ impl Catalog {
         let temp = path.with_extension(format!("db.init-{}-{nanos}", std::process::id()));
         let built = (|| {
             OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp).map_err(|e| Error::io(&temp, e))?;
+            // Must precede the first table: lets GC return freed pages to the filesystem without a full VACUUM.
+            Connection::open(&temp)?.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
             let mut cat = Self::open(&temp)?;
             let tx = cat.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for (k, v) in params.to_pairs() {
@@ -204,10 +228,33 @@ impl Catalog {
         RepoParams::from_lookup(|k| map.get(k).cloned())
     }
 
-    /// Whether the chunk store already holds this chunk.
+    /// Whether the chunk store holds this chunk and a writer may rely on it: a chunk condemned by GC counts
+    /// as absent, so the writer stores its own copy rather than depend on one that may be swept.
     pub fn has_chunk(&self, id: &ObjectId) -> Result<bool> {
-        let mut stmt = self.conn.prepare_cached("SELECT 1 FROM chunks WHERE id = ?1")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT 1 FROM chunks WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM condemned WHERE kind = 0 AND id = ?1)",
+        )?;
         Ok(stmt.exists([&id.0[..]])?)
+    }
+
+    /// Registers a writer session at the current GC epoch.
+    pub(crate) fn begin_session(&mut self, kind: &str, host: &str) -> Result<Session> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let epoch = gc_epoch(&tx)?;
+        let now = now_ns();
+        tx.execute(
+            "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch) VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+            params![kind, host, std::process::id(), now, epoch],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(Session { id, start_epoch: epoch })
+    }
+
+    /// Ends a session that did not publish (a failed commit); its leftovers become garbage for GC.
+    pub(crate) fn end_session(&self, session: Session) -> Result<()> {
+        self.conn.execute("DELETE FROM sessions WHERE id = ?1", [session.id])?;
+        Ok(())
     }
 
     /// Where a chunk is stored, if it is.
@@ -294,14 +341,25 @@ impl Catalog {
 
     /// Writes a batch of rows in one transaction. Pack rows and their chunks come first, so that a
     /// checkpoint in the same batch only ever references chunks whose packs are recorded.
-    pub(crate) fn write_batch(&mut self, batch: &Batch) -> Result<()> {
+    pub(crate) fn write_batch(&mut self, batch: &Batch, session: Option<Session>) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let now = now_ns();
+            if let Some(s) = session {
+                // The heartbeat tells GC this writer lives; a session GC expired must not publish anything.
+                if tx.execute("UPDATE sessions SET heartbeat_ns = ?1 WHERE id = ?2", params![now, s.id])? == 0 {
+                    return Err(Error::SessionExpired);
+                }
+            }
+            let mut uncondemn = tx.prepare_cached("DELETE FROM condemned WHERE kind = ?1 AND id = ?2")?;
             let mut pack_stmt =
                 tx.prepare_cached("INSERT INTO packs (name, size, chunk_count, created_ns) VALUES (?1, ?2, ?3, ?4)")?;
             let mut chunk_stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO chunks (id, pack, offset, stored_len, raw_len, flags) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                // A condemned chunk's row is replaced: this writer stored its own copy (see has_chunk).
+                "INSERT INTO chunks (id, pack, offset, stored_len, raw_len, flags) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (id) DO UPDATE SET pack = excluded.pack, offset = excluded.offset,
+                     stored_len = excluded.stored_len, raw_len = excluded.raw_len, flags = excluded.flags
+                 WHERE EXISTS (SELECT 1 FROM condemned WHERE kind = 0 AND id = excluded.id)",
             )?;
             for (name, size, entries) in &batch.packs {
                 pack_stmt.execute(params![name, to_i64(*size), entries.len() as i64, now])?;
@@ -315,16 +373,19 @@ impl Catalog {
                         e.raw_len,
                         e.flags
                     ])?;
+                    uncondemn.execute(params![KIND_CHUNK, &e.id.0[..]])?;
                 }
             }
             let mut seg_stmt = tx.prepare_cached("INSERT OR IGNORE INTO segments (id, data) VALUES (?1, ?2)")?;
             for (id, data) in &batch.segments {
                 seg_stmt.execute(params![&id.0[..], data])?;
+                uncondemn.execute(params![KIND_SEGMENT, &id.0[..]])?;
             }
             let mut content_stmt =
                 tx.prepare_cached("INSERT OR IGNORE INTO contents (id, size, segments) VALUES (?1, ?2, ?3)")?;
             for (id, size, segs) in &batch.contents {
                 content_stmt.execute(params![&id.0[..], to_i64(*size), segs])?;
+                uncondemn.execute(params![KIND_CONTENT, &id.0[..]])?;
             }
             let mut tree_stmt = tx.prepare_cached("INSERT OR IGNORE INTO trees (id, entries) VALUES (?1, ?2)")?;
             let mut entry_stmt = tx.prepare_cached(
@@ -332,6 +393,7 @@ impl Catalog {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             for (id, entries) in &batch.trees {
+                uncondemn.execute(params![KIND_TREE, &id.0[..]])?;
                 // A tree already present was written whole with its entries: nothing to add.
                 if tree_stmt.execute(params![&id.0[..], entries.len() as i64])? == 0 {
                     continue;
@@ -352,6 +414,23 @@ impl Catalog {
             }
             if let Some(cp) = &batch.checkpoint {
                 let c = &cp.record;
+                if let Some(s) = session {
+                    // What GC condemned after this session began may include objects this checkpoint reaches
+                    // without having written them (unchanged files, shared subtrees): claim them back.
+                    let recent: bool = tx.query_row(
+                        "SELECT EXISTS (SELECT 1 FROM condemned WHERE epoch >= ?1)",
+                        [s.start_epoch],
+                        |r| r.get(0),
+                    )?;
+                    if recent {
+                        let mut rescue = |kind: i64, id: &ObjectId| -> Result<bool> {
+                            uncondemn.execute(params![kind, &id.0[..]])?;
+                            Ok(true)
+                        };
+                        crate::reach::walk(&tx, &[cp.root], &mut rescue)?;
+                    }
+                    tx.execute("DELETE FROM sessions WHERE id = ?1", [s.id])?;
+                }
                 tx.execute(
                     "INSERT INTO checkpoints (id, parent, time_ns, message, host, path, root, files, dirs, symlinks,
                                               logical_bytes, new_bytes, stored_bytes, skipped)
@@ -386,6 +465,18 @@ impl Catalog {
                     )?;
                 }
             }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes checkpoints (with their tags and skipped-file records) in one transaction.
+    pub(crate) fn delete_checkpoints(&mut self, ids: &[&str]) -> Result<()> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for id in ids {
+            tx.execute("DELETE FROM checkpoints WHERE id = ?1", [id])?;
+            tx.execute("DELETE FROM checkpoint_tags WHERE checkpoint = ?1", [id])?;
+            tx.execute("DELETE FROM skipped WHERE checkpoint = ?1", [id])?;
         }
         tx.commit()?;
         Ok(())
@@ -498,10 +589,29 @@ impl Catalog {
         })
     }
 
+    pub(crate) fn connection_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
     /// The underlying connection, for tests and tools that inspect the catalog directly.
     pub fn connection(&self) -> &Connection {
         &self.conn
     }
+}
+
+/// This machine's host name, recorded with checkpoints and sessions.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// The current GC epoch: objects condemned by the next mark will carry it.
+pub(crate) fn gc_epoch(conn: &Connection) -> Result<i64> {
+    let v: String = conn.query_row("SELECT value FROM meta WHERE key = 'gc_epoch'", [], |r| r.get(0))?;
+    v.parse().map_err(|_| Error::corrupt("catalog meta 'gc_epoch' is not a number"))
 }
 
 /// Now, in nanoseconds since the Unix epoch.
@@ -554,7 +664,7 @@ mod tests {
         };
         let id = crate::tree::tree_id(std::slice::from_ref(&e));
         let batch = Batch { trees: vec![(id, vec![e.clone()])], ..Default::default() };
-        cat.write_batch(&batch).unwrap();
+        cat.write_batch(&batch, None).unwrap();
         assert_eq!(cat.tree(&id).unwrap(), vec![e]);
         cat.connection().execute("DELETE FROM tree_entries", []).unwrap();
         assert!(cat.tree(&id).unwrap_err().is_corruption());

@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use walkdir::WalkDir;
 
 use crate::backend::Backend;
-use crate::catalog::{Batch, Catalog, NewCheckpoint, now_ns};
+use crate::catalog::{Batch, Catalog, NewCheckpoint, Session, host_name, now_ns};
 use crate::checkpoint::{Checkpoint, checkpoint_id};
 use crate::chunker::{Block, BlockChunker, Buf, ChunkBytes, Cutter, read_full};
 use crate::error::{Error, Result};
@@ -168,18 +168,28 @@ fn unchanged(prev: &Entry, now: &Entry) -> bool {
         && prev.ino == now.ino
 }
 
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".to_string())
+/// Runs a commit of `source` into the repository, inside a writer session (see docs/format.md, GC).
+pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions) -> Result<CommitSummary> {
+    let host = opts.host.clone().unwrap_or_else(host_name);
+    let mut catalog = Catalog::open(ctx.catalog_path)?;
+    let session = catalog.begin_session("commit", &host)?;
+    let result = run(ctx, source, opts, &catalog, session, host);
+    if result.is_err() {
+        // Best effort: a session left behind only delays GC until it is found dead.
+        let _ = catalog.end_session(session);
+    }
+    result
 }
 
-/// Runs a commit of `source` into the repository.
-pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions) -> Result<CommitSummary> {
+fn run(
+    ctx: &Context<'_>,
+    source: Source<'_>,
+    opts: &CommitOptions,
+    catalog: &Catalog,
+    session: Session,
+    host: String,
+) -> Result<CommitSummary> {
     let started = Instant::now();
-    let host = opts.host.clone().unwrap_or_else(host_name);
     let (path_key, root_name) = match &source {
         Source::Path(p) => {
             let abs = std::path::absolute(p).map_err(|e| Error::io(*p, e))?;
@@ -192,7 +202,6 @@ pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions
             (format!("stdin:{name}"), name.as_bytes().to_vec())
         }
     };
-    let catalog = Catalog::open(ctx.catalog_path)?;
     let parent = catalog.latest_of_path(&host, &path_key)?;
     let parent_root = match &parent {
         Some(p) => Some(catalog.tree(&catalog.checkpoint_root(&p.id)?)?),
@@ -220,7 +229,7 @@ pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions
         }
         drop((job_rx, res_tx));
         let assembler = s.spawn(|| {
-            let mut asm = Assembler::new(ctx)?;
+            let mut asm = Assembler::new(ctx, session)?;
             asm.run(ev_rx, res_rx)?;
             Ok::<_, Error>(asm)
         });
@@ -233,7 +242,7 @@ pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions
             summary: &mut summary,
             skipped: Vec::new(),
             prev: vec![parent_root.map(|entries| entries.into_iter().map(|e| (e.name.clone(), e)).collect())],
-            catalog: &catalog,
+            catalog,
             cutter: Cutter::new(ctx.params),
             block_len,
             pool_tx,
@@ -608,6 +617,7 @@ struct ContentBuilder {
 }
 
 struct Assembler {
+    session: Session,
     catalog: Catalog,
     packer: Packer,
     batch: Batch,
@@ -634,8 +644,9 @@ fn push_segment(batch: &mut Batch, b: &mut ContentBuilder, refs: &[ChunkRef]) {
 const BATCH_BYTES: usize = 8 << 20;
 
 impl Assembler {
-    fn new(ctx: &Context<'_>) -> Result<Self> {
+    fn new(ctx: &Context<'_>, session: Session) -> Result<Self> {
         Ok(Assembler {
+            session,
             catalog: Catalog::open(ctx.catalog_path)?,
             packer: Packer::new(ctx.backend.clone(), ctx.params.pack_target_size),
             batch: Batch::default(),
@@ -748,7 +759,7 @@ impl Assembler {
 
     fn write_batch(&mut self) -> Result<()> {
         let batch = std::mem::take(&mut self.batch);
-        self.catalog.write_batch(&batch)?;
+        self.catalog.write_batch(&batch, Some(self.session))?;
         for (_, _, entries) in &batch.packs {
             self.packer.indexed(entries);
         }

@@ -83,6 +83,22 @@ pub enum Error {
     /// An argument is not acceptable.
     #[error("{0}")]
     InvalidInput(String),
+    /// Garbage collection expired this writer's session (it looked dead), so its commit cannot publish safely.
+    #[error("this commit's session was expired by garbage collection (it looked stalled); nothing was published")]
+    SessionExpired,
+    /// Another garbage collection holds the repository's GC lease.
+    #[error("another gc is running on this repository (pid {pid} on {host}, started {started})")]
+    GcRunning {
+        /// Its process id.
+        pid: u32,
+        /// Its host.
+        host: String,
+        /// When it started, UTC.
+        started: String,
+    },
+    /// A retention policy with no rule would forget everything.
+    #[error("no retention rule given: forget needs checkpoint ids or at least one --keep-* option")]
+    EmptyPolicy,
     /// A worker thread of a pipeline failed without an error (it panicked).
     #[error("internal error: {0}")]
     Internal(String),

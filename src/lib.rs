@@ -28,10 +28,12 @@ mod checkpoint;
 mod chunker;
 mod commit;
 mod error;
+mod gc;
 mod id;
 mod pack;
 mod params;
 mod progress;
+mod reach;
 mod sparse;
 mod store;
 mod tree;
@@ -45,10 +47,11 @@ use std::sync::Arc;
 pub use backend::{Backend, LocalBackend, MemoryBackend};
 pub use catalog::{Catalog, CatalogStats, ChunkLocation, SCHEMA_VERSION};
 pub use checkout::{CheckoutOptions, CheckoutSummary};
-pub use checkpoint::{Checkpoint, SHORT_ID_LEN};
+pub use checkpoint::{Checkpoint, SHORT_ID_LEN, format_utc};
 pub use chunker::Chunker;
 pub use commit::{CommitOptions, CommitSummary};
 pub use error::{Error, Result};
+pub use gc::{GcOptions, GcSummary};
 pub use id::ObjectId;
 pub use pack::{PackEntry, read_index as read_pack_index};
 pub use params::{FORMAT_VERSION, RepoParams};
@@ -302,6 +305,49 @@ impl Repository {
             }
         }
         Ok(())
+    }
+
+    /// Forgets checkpoints: removes them from the catalog (they no longer appear anywhere and cannot be
+    /// brought back). Their data stays until [`Repository::gc`] finds it unused. Every id is resolved before
+    /// anything is removed, so a typo forgets nothing. Returns the checkpoints forgotten.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+    /// let a = repo.commit_reader("s", &mut &b"one"[..], &Default::default()).unwrap();
+    /// let b = repo.commit_reader("s", &mut &b"two"[..], &Default::default()).unwrap();
+    /// assert!(repo.forget(&[&a.id[..6], "ffff"]).is_err());
+    /// assert_eq!(repo.checkpoints().unwrap().len(), 2);
+    /// repo.forget(&[&a.id[..6]]).unwrap();
+    /// assert_eq!(repo.checkpoints().unwrap()[0].id, b.id);
+    /// ```
+    pub fn forget(&self, ids: &[&str]) -> Result<Vec<Checkpoint>> {
+        let mut catalog = self.catalog()?;
+        let found = ids.iter().map(|id| catalog.resolve(id)).collect::<Result<Vec<_>>>()?;
+        catalog.delete_checkpoints(&found.iter().map(|c| c.id.as_str()).collect::<Vec<_>>())?;
+        Ok(found)
+    }
+
+    /// Reclaims space: drops chunks and metadata no checkpoint uses, deletes packs with no live chunk and
+    /// rewrites packs mostly unused. Safe while commits run in other threads or processes (see
+    /// docs/format.md); a second GC at the same time gets [`Error::GcRunning`].
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+    /// let mut x = 88172645463325252u64;
+    /// let old: Vec<u8> = (0..2_000_000).map(|_| { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x as u8 }).collect();
+    /// let a = repo.commit_reader("s", &mut &old[..], &Default::default()).unwrap();
+    /// let b = repo.commit_reader("s", &mut &b"new state"[..], &Default::default()).unwrap();
+    /// repo.forget(&[&a.id]).unwrap();
+    /// let g = repo.gc(&Default::default()).unwrap();
+    /// assert!(g.chunks_swept > 0 && g.bytes_freed > 1_000_000);
+    /// assert_eq!(repo.stats().unwrap().catalog.packs, 1);
+    /// # let out = dir.path().join("out");
+    /// repo.checkout(&b.id, &out, &Default::default()).unwrap();
+    /// ```
+    pub fn gc(&self, opts: &GcOptions) -> Result<GcSummary> {
+        gc::gc(&self.catalog_path, self.backend.clone(), self.params.pack_target_size, opts)
     }
 
     /// Files a checkpoint's commit skipped as unreadable, with the reason.

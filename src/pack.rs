@@ -21,8 +21,10 @@ const FOOTER_MAGIC: &[u8; 8] = b"SNAPIDX1";
 const VERSION: u32 = 1;
 /// Bytes before the first blob.
 pub const HEADER_LEN: u64 = 16;
-const ENTRY_LEN: usize = 41;
-const FOOTER_LEN: usize = 40;
+/// Bytes per chunk in a pack's index.
+pub const ENTRY_LEN: usize = 41;
+/// Bytes of the footer.
+pub const FOOTER_LEN: usize = 40;
 
 /// Chunk flag: the blob is a zstd frame; otherwise it is the raw chunk.
 pub const FLAG_ZSTD: u8 = 1;

@@ -54,6 +54,17 @@ impl ChunkReader {
         &mut self,
         catalog: &Catalog,
         refs: &[ChunkRef],
+        sink: impl FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.read_from(catalog, refs, 0, false, sink)
+    }
+
+    fn read_from(
+        &mut self,
+        catalog: &Catalog,
+        refs: &[ChunkRef],
+        from: usize,
+        retried: bool,
         mut sink: impl FnMut(usize, &[u8]) -> Result<()>,
     ) -> Result<()> {
         let mut locs = Vec::with_capacity(refs.len());
@@ -69,7 +80,7 @@ impl ChunkReader {
             }
             locs.push(loc);
         }
-        let mut i = 0;
+        let mut i = from;
         while i < refs.len() {
             // Extend the run while the next blob follows this one in the same pack.
             let mut j = i + 1;
@@ -85,13 +96,18 @@ impl ChunkReader {
             let start = locs[i].offset;
             let mut run = std::mem::take(&mut self.buf);
             run.resize((end - start) as usize, 0);
-            self.backend.read_at(&locs[i].pack, start, &mut run).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Error::corrupt(format!("pack {} is missing", locs[i].pack))
-                } else {
-                    Error::backend(&locs[i].pack, e)
+            if let Err(e) = self.backend.read_at(&locs[i].pack, start, &mut run) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(Error::backend(&locs[i].pack, e));
                 }
-            })?;
+                if retried {
+                    return Err(Error::corrupt(format!("pack {} is missing", locs[i].pack)));
+                }
+                // A concurrent GC may have moved these chunks to a new pack and deleted the old one: look
+                // them up again and read them from wherever they are now.
+                self.buf = run;
+                return self.read_from(catalog, refs, i, true, sink);
+            }
             for k in i..j {
                 let at = (locs[k].offset - start) as usize;
                 let blob = &run[at..at + locs[k].stored_len as usize];
@@ -210,7 +226,7 @@ mod tests {
         assert_eq!(pack.2[2].flags, 0, "four bytes cannot shrink");
         packer.indexed(&pack.2);
         let name = pack.0.clone();
-        cat.write_batch(&Batch { packs: vec![pack], ..Default::default() }).unwrap();
+        cat.write_batch(&Batch { packs: vec![pack], ..Default::default() }, None).unwrap();
 
         let mut reader = ChunkReader::new(backend.clone()).unwrap();
         let mut got = vec![Vec::new(); 3];

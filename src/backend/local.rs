@@ -129,6 +129,16 @@ impl Backend for LocalBackend {
 
     fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
         let mut out = Vec::new();
+        // Unfinished writes live flat in tmp/.
+        let wants_tmp = "tmp/".starts_with(prefix) || prefix.starts_with("tmp/");
+        if let (true, Ok(dir)) = (wants_tmp, fs::read_dir(self.root.join("tmp"))) {
+            for f in dir {
+                let name = format!("tmp/{}", f?.file_name().to_string_lossy());
+                if name.starts_with(prefix) && check_name(&name).is_ok() {
+                    out.push(name);
+                }
+            }
+        }
         for top in ["packs"] {
             let dir = self.root.join(top);
             if !dir.is_dir() {

@@ -1,0 +1,396 @@
+//! Garbage collection: drop what no checkpoint reaches, without stopping commits.
+//!
+//! The protocol (docs/format.md, *Garbage collection*) in brief. Writers register a *session* carrying the
+//! GC *epoch* current when they began. GC *marks* in one catalog transaction: everything unreachable from a
+//! checkpoint is *condemned* with the current epoch, and the epoch advances. An object condemned at epoch E is
+//! *swept* (its rows deleted) only once no session with a start epoch <= E is alive, so every writer that could
+//! have seen it as present has finished. Writers treat condemned chunks as absent, and a writer publishing a
+//! checkpoint claims back whatever condemned objects the checkpoint reaches. Pack files are deleted only after
+//! the catalog no longer points into them.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, TransactionBehavior, params};
+
+use crate::backend::Backend;
+use crate::catalog::{Catalog, KIND_CHUNK, gc_epoch, host_name, now_ns};
+use crate::error::{Error, Result};
+use crate::id::ObjectId;
+use crate::pack::{FLAG_ZSTD, PackEntry};
+use crate::progress::{NoProgress, Progress};
+use crate::reach;
+use crate::store::Packer;
+
+/// How to collect garbage.
+#[derive(Clone)]
+pub struct GcOptions {
+    /// Report what would be done, change nothing.
+    pub dry_run: bool,
+    /// A pack whose unused share exceeds this fraction (0.0 to 1.0) is rewritten with only its live chunks.
+    pub max_unused: f64,
+    /// A session or GC lease on another host whose heartbeat is older than this is taken as dead. On this
+    /// host, a session is dead as soon as its process is gone, whatever the clocks say.
+    pub stale_after: Duration,
+    /// Receives progress.
+    pub progress: Arc<dyn Progress>,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            dry_run: false,
+            max_unused: 0.10,
+            stale_after: Duration::from_secs(3600),
+            progress: Arc::new(NoProgress),
+        }
+    }
+}
+
+/// What a GC did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GcSummary {
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// Writer sessions found dead and expired.
+    pub sessions_expired: u64,
+    /// Writer sessions alive, which may delay sweeping what was condemned during them.
+    pub sessions_alive: u64,
+    /// Chunks newly found unreachable.
+    pub chunks_condemned: u64,
+    /// Chunks removed from the index.
+    pub chunks_swept: u64,
+    /// Trees, contents and segments removed from the catalog.
+    pub metadata_swept: u64,
+    /// Condemned chunks kept until the writer sessions that might use them end.
+    pub chunks_deferred: u64,
+    /// Pack files deleted because no chunk in them is used.
+    pub packs_deleted: u64,
+    /// Pack files rewritten with only their live chunks.
+    pub packs_rewritten: u64,
+    /// Pack and temporary files that no catalog row knows, deleted.
+    pub orphans_deleted: u64,
+    /// Bytes of pack storage freed, net of rewritten packs.
+    pub bytes_freed: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+fn pid_alive(pid: u32) -> bool {
+    pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists()
+}
+
+fn dead(host: &str, pid: u32, heartbeat_ns: i64, me: &str, stale_after: Duration) -> bool {
+    if host == me { !pid_alive(pid) } else { now_ns().saturating_sub(heartbeat_ns) > stale_after.as_nanos() as i64 }
+}
+
+/// Takes the repository's GC lease, or says who holds it.
+fn acquire_lease(conn: &mut Connection, me: &str, stale_after: Duration) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let holder: Option<(String, u32, i64, i64)> = tx
+        .query_row("SELECT host, pid, started_ns, heartbeat_ns FROM gc_lease", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .map(Some)
+        .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?;
+    if let Some((host, pid, started, heartbeat)) = holder {
+        if !dead(&host, pid, heartbeat, me, stale_after) {
+            return Err(Error::GcRunning { pid, host, started: crate::checkpoint::format_utc(started) });
+        }
+        tx.execute("DELETE FROM gc_lease", [])?;
+    }
+    let now = now_ns();
+    tx.execute(
+        "INSERT INTO gc_lease (one, host, pid, started_ns, heartbeat_ns) VALUES (1, ?1, ?2, ?3, ?3)",
+        params![me, std::process::id(), now],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn touch_lease(conn: &Connection) -> Result<()> {
+    conn.execute("UPDATE gc_lease SET heartbeat_ns = ?1 WHERE pid = ?2", params![now_ns(), std::process::id()])?;
+    Ok(())
+}
+
+/// Deletes sessions whose writers are dead; returns (expired, alive).
+fn expire_sessions(conn: &Connection, me: &str, stale_after: Duration) -> Result<(u64, u64)> {
+    let sessions: Vec<(i64, String, u32, i64)> = conn
+        .prepare("SELECT id, host, pid, heartbeat_ns FROM sessions")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut expired = 0;
+    for (id, host, pid, heartbeat) in &sessions {
+        if dead(host, *pid, *heartbeat, me, stale_after) {
+            expired += conn.execute("DELETE FROM sessions WHERE id = ?1", [id])? as u64;
+        }
+    }
+    Ok((expired, sessions.len() as u64 - expired))
+}
+
+/// Condemns everything no checkpoint reaches, at the current epoch, and advances the epoch.
+/// Returns the number of chunks newly condemned.
+fn mark(conn: &Connection) -> Result<u64> {
+    conn.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS live (kind INTEGER NOT NULL, id BLOB NOT NULL, PRIMARY KEY (kind, id)) WITHOUT ROWID;
+         DELETE FROM temp.live;",
+    )?;
+    let roots: Vec<ObjectId> = conn
+        .prepare("SELECT root FROM checkpoints")?
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))?
+        .map(|r| {
+            r.map_err(Error::from)
+                .and_then(|b| ObjectId::from_slice(&b).ok_or_else(|| Error::corrupt("malformed root id")))
+        })
+        .collect::<Result<_>>()?;
+    let mut insert = conn.prepare_cached("INSERT OR IGNORE INTO temp.live (kind, id) VALUES (?1, ?2)")?;
+    reach::walk(conn, &roots, &mut |kind, id| Ok(insert.execute(params![kind, &id.0[..]])? == 1))?;
+    let epoch = gc_epoch(conn)?;
+    // Nothing reachable stays condemned (the protocol already ensures it; this keeps a mistake from spreading).
+    conn.execute(
+        "DELETE FROM condemned WHERE EXISTS (SELECT 1 FROM temp.live l WHERE l.kind = condemned.kind AND l.id = condemned.id)",
+        [],
+    )?;
+    let mut condemned_chunks = 0;
+    for (kind, table) in [(0, "chunks"), (1, "segments"), (2, "contents"), (3, "trees")] {
+        let n = conn.execute(
+            &format!(
+                "INSERT OR IGNORE INTO condemned (kind, id, epoch) SELECT {kind}, t.id, ?1 FROM {table} t
+                 WHERE NOT EXISTS (SELECT 1 FROM temp.live l WHERE l.kind = {kind} AND l.id = t.id)"
+            ),
+            [epoch],
+        )?;
+        if kind == KIND_CHUNK {
+            condemned_chunks = n as u64;
+        }
+    }
+    conn.execute("UPDATE meta SET value = ?1 WHERE key = 'gc_epoch'", [(epoch + 1).to_string()])?;
+    conn.execute("DELETE FROM temp.live", [])?;
+    Ok(condemned_chunks)
+}
+
+/// Deletes the rows of condemned objects that no live session could still rely on.
+/// Returns (chunks swept, metadata rows swept, chunks deferred).
+fn sweep(conn: &Connection) -> Result<(u64, u64, u64)> {
+    let min_start: Option<i64> = conn.query_row("SELECT min(start_epoch) FROM sessions", [], |r| r.get(0))?;
+    let safe = min_start.unwrap_or(i64::MAX);
+    let sel = |kind: i64| format!("SELECT id FROM condemned WHERE kind = {kind} AND epoch < ?1");
+    let chunks = conn.execute(&format!("DELETE FROM chunks WHERE id IN ({})", sel(0)), [safe])? as u64;
+    let mut meta = conn.execute(&format!("DELETE FROM segments WHERE id IN ({})", sel(1)), [safe])? as u64;
+    meta += conn.execute(&format!("DELETE FROM contents WHERE id IN ({})", sel(2)), [safe])? as u64;
+    conn.execute(&format!("DELETE FROM tree_entries WHERE tree IN ({})", sel(3)), [safe])?;
+    meta += conn.execute(&format!("DELETE FROM trees WHERE id IN ({})", sel(3)), [safe])? as u64;
+    conn.execute("DELETE FROM condemned WHERE epoch < ?1", [safe])?;
+    let deferred: i64 = conn.query_row("SELECT count(*) FROM condemned WHERE kind = 0", [], |r| r.get(0))?;
+    Ok((chunks, meta, deferred as u64))
+}
+
+/// A pack and how much of it is used.
+struct PackUse {
+    id: i64,
+    name: String,
+    size: u64,
+    live_bytes: u64,
+    rows: u64,
+    condemned_rows: u64,
+    /// Chunks the pack was written with.
+    chunk_count: u64,
+}
+
+fn pack_use(conn: &Connection) -> Result<Vec<PackUse>> {
+    let mut stmt = conn.prepare(
+        "SELECT p.id, p.name, p.size, p.chunk_count, count(c.id),
+                coalesce(sum(CASE WHEN d.id IS NULL THEN c.stored_len ELSE 0 END), 0),
+                count(d.id)
+         FROM packs p
+         LEFT JOIN chunks c ON c.pack = p.id
+         LEFT JOIN condemned d ON d.kind = 0 AND d.id = c.id
+         GROUP BY p.id ORDER BY p.id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(PackUse {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            size: r.get::<_, i64>(2)? as u64,
+            chunk_count: r.get::<_, i64>(3)? as u64,
+            rows: r.get::<_, i64>(4)? as u64,
+            live_bytes: r.get::<_, i64>(5)? as u64,
+            condemned_rows: r.get::<_, i64>(6)? as u64,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Runs a garbage collection.
+pub(crate) fn gc(
+    catalog_path: &Path,
+    backend: Arc<dyn Backend>,
+    pack_target: u64,
+    opts: &GcOptions,
+) -> Result<GcSummary> {
+    let started = Instant::now();
+    let me = host_name();
+    let mut cat = Catalog::open(catalog_path)?;
+    acquire_lease(cat.connection_mut(), &me, opts.stale_after)?;
+    let result = run(&mut cat, backend, pack_target, opts, &me);
+    let _ = cat.connection().execute("DELETE FROM gc_lease WHERE pid = ?1", [std::process::id()]);
+    let mut summary = result?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    opts.progress.finish();
+    Ok(summary)
+}
+
+fn run(
+    cat: &mut Catalog,
+    backend: Arc<dyn Backend>,
+    pack_target: u64,
+    opts: &GcOptions,
+    me: &str,
+) -> Result<GcSummary> {
+    let mut s = GcSummary { dry_run: opts.dry_run, ..Default::default() };
+    opts.progress.start("gc", None);
+    // Listed before anything else, so files published after this point are never taken for orphans.
+    let listed: Vec<String> = {
+        let mut names = backend.list("packs/").map_err(|e| Error::backend("packs/", e))?;
+        names.extend(backend.list("tmp/").map_err(|e| Error::backend("tmp/", e))?);
+        names
+    };
+
+    let conn = cat.connection_mut();
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    touch_lease(&tx)?;
+    (s.sessions_expired, s.sessions_alive) = expire_sessions(&tx, me, opts.stale_after)?;
+    s.chunks_condemned = mark(&tx)?;
+    if opts.dry_run {
+        // Sweep and plan inside the same transaction, then roll it all back.
+        (s.chunks_swept, s.metadata_swept, s.chunks_deferred) = sweep(&tx)?;
+        for p in pack_use(&tx)? {
+            if p.rows == 0 {
+                s.packs_deleted += 1;
+                s.bytes_freed += p.size;
+            } else if p.condemned_rows == 0 && unused_share(&p) > opts.max_unused {
+                s.packs_rewritten += 1;
+                s.bytes_freed += p.size.saturating_sub(p.live_bytes);
+            }
+        }
+        tx.rollback()?;
+        return Ok(s);
+    }
+    tx.commit()?;
+
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    touch_lease(&tx)?;
+    (s.chunks_swept, s.metadata_swept, s.chunks_deferred) = sweep(&tx)?;
+    tx.commit()?;
+
+    // Rewrite sparse packs whose dead chunks are all swept, so the old file can go right after.
+    let uses = pack_use(conn)?;
+    let sparse: Vec<&PackUse> =
+        uses.iter().filter(|p| p.rows > 0 && p.condemned_rows == 0 && unused_share(p) > opts.max_unused).collect();
+    let mut packer = Packer::new(backend.clone(), pack_target);
+    let mut moved: Vec<(String, u64, Vec<PackEntry>)> = Vec::new();
+    let rewritten: HashSet<i64> = sparse.iter().map(|p| p.id).collect();
+    let mut freed: i128 = 0;
+    for p in &sparse {
+        let chunks: Vec<(Vec<u8>, i64, u32, u32, u8)> = conn
+            .prepare("SELECT id, offset, stored_len, raw_len, flags FROM chunks WHERE pack = ?1 ORDER BY offset")?
+            .query_map([p.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (id, offset, stored_len, raw_len, flags) in chunks {
+            let id = ObjectId::from_slice(&id).ok_or_else(|| Error::corrupt("malformed chunk id"))?;
+            let mut blob = vec![0u8; stored_len as usize];
+            backend.read_at(&p.name, offset as u64, &mut blob).map_err(|e| Error::backend(&p.name, e))?;
+            verify(&id, flags, raw_len, &blob)
+                .map_err(|why| Error::corrupt(format!("chunk {id} in {}: {why}", p.name)))?;
+            if let Some(pack) = packer.add(id, flags, raw_len, &blob)? {
+                moved.push(pack);
+            }
+        }
+        s.packs_rewritten += 1;
+    }
+    if let Some(pack) = packer.finish()? {
+        moved.push(pack);
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    touch_lease(&tx)?;
+    let now = now_ns();
+    for (name, size, entries) in &moved {
+        tx.execute(
+            "INSERT INTO packs (name, size, chunk_count, created_ns) VALUES (?1, ?2, ?3, ?4)",
+            params![name, *size as i64, entries.len() as i64, now],
+        )?;
+        let pack_id = tx.last_insert_rowid();
+        let mut up = tx.prepare_cached(
+            "UPDATE chunks SET pack = ?1, offset = ?2, stored_len = ?3, raw_len = ?4, flags = ?5 WHERE id = ?6",
+        )?;
+        for e in entries {
+            up.execute(params![pack_id, e.offset as i64, e.stored_len, e.raw_len, e.flags, &e.id.0[..]])?;
+        }
+        freed -= *size as i128;
+    }
+    // Packs the catalog no longer points into: their rows go now, their files after the commit.
+    let empty: Vec<(i64, String, i64)> = tx
+        .prepare("SELECT id, name, size FROM packs p WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.pack = p.id)")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (id, _, size) in &empty {
+        tx.execute("DELETE FROM packs WHERE id = ?1", [id])?;
+        freed += *size as i128;
+    }
+    // Orphans (files no row names) are only safe to delete when no writer is between publishing a pack and
+    // recording it: that is, when no session is alive, checked in this transaction.
+    let sessions: i64 = tx.query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))?;
+    let mut orphans = Vec::new();
+    if sessions == 0 {
+        let known: HashSet<String> =
+            tx.prepare("SELECT name FROM packs")?.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        let emptied: HashSet<&String> = empty.iter().map(|(_, name, _)| name).collect();
+        orphans = listed.into_iter().filter(|n| !known.contains(n) && !emptied.contains(n)).collect();
+    }
+    tx.commit()?;
+    for (id, name, _) in &empty {
+        backend.remove(name).map_err(|e| Error::backend(name, e))?;
+        if !rewritten.contains(id) {
+            s.packs_deleted += 1;
+        }
+    }
+    for name in &orphans {
+        if let Ok(size) = backend.size(name) {
+            freed += size as i128;
+        }
+        backend.remove(name).map_err(|e| Error::backend(name, e))?;
+        s.orphans_deleted += 1;
+    }
+    s.bytes_freed = freed.max(0) as u64;
+    // Return freed catalog pages to the filesystem; both are best effort under concurrent readers.
+    let _ = conn.execute_batch("PRAGMA incremental_vacuum;");
+    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    Ok(s)
+}
+
+/// The share of a pack's blob bytes that no live chunk uses (headers and index excluded, so a small pack
+/// whose chunks are all live counts as fully used and is never rewritten into an identical copy).
+fn unused_share(p: &PackUse) -> f64 {
+    if p.rows >= p.chunk_count {
+        return 0.0;
+    }
+    let overhead =
+        crate::pack::HEADER_LEN + crate::pack::ENTRY_LEN as u64 * p.chunk_count + crate::pack::FOOTER_LEN as u64;
+    let blobs = p.size.saturating_sub(overhead);
+    if blobs == 0 { 1.0 } else { 1.0 - p.live_bytes as f64 / blobs as f64 }
+}
+
+/// Checks a blob against its chunk id before it is copied, so a repack never spreads damage.
+fn verify(id: &ObjectId, flags: u8, raw_len: u32, blob: &[u8]) -> std::result::Result<(), String> {
+    let data = if flags & FLAG_ZSTD != 0 {
+        zstd::bulk::decompress(blob, raw_len as usize).map_err(|e| format!("cannot decompress ({e})"))?
+    } else {
+        blob.to_vec()
+    };
+    if data.len() != raw_len as usize || ObjectId::of(&data) != *id {
+        return Err("content does not match its hash".into());
+    }
+    Ok(())
+}
