@@ -38,6 +38,7 @@ pub(crate) struct ChunkReader {
     backend: Arc<dyn Backend>,
     decompressor: zstd::bulk::Decompressor<'static>,
     buf: Vec<u8>,
+    out: Vec<u8>,
 }
 
 /// Reads are merged when chunks sit back to back in one pack, up to this many bytes per read.
@@ -46,7 +47,7 @@ const MAX_READ: u64 = 8 << 20;
 impl ChunkReader {
     pub fn new(backend: Arc<dyn Backend>) -> Result<Self> {
         let decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Internal(format!("zstd: {e}")))?;
-        Ok(ChunkReader { backend, decompressor, buf: Vec::new() })
+        Ok(ChunkReader { backend, decompressor, buf: Vec::new(), out: Vec::new() })
     }
 
     /// Reads `refs` in order, handing each verified chunk to `sink` with its index in `refs`.
@@ -127,9 +128,11 @@ impl ChunkReader {
         sink: impl FnOnce(&[u8]) -> Result<()>,
     ) -> Result<()> {
         let bad = |why: &str| Error::corrupt(format!("chunk {id} in {} at offset {}: {why}", loc.pack, loc.offset));
-        let mut out;
+        // One buffer reused for every chunk: a fresh allocation per chunk costs page faults.
+        let mut out = std::mem::take(&mut self.out);
         let data = if loc.flags & FLAG_ZSTD != 0 {
-            out = Vec::with_capacity(loc.raw_len as usize);
+            out.clear();
+            out.reserve(loc.raw_len as usize);
             self.decompressor
                 .decompress_to_buffer(blob, &mut out)
                 .map_err(|e| bad(&format!("cannot decompress ({e})")))?;
@@ -137,10 +140,13 @@ impl ChunkReader {
         } else {
             blob
         };
-        if data.len() != loc.raw_len as usize || ObjectId::of(data) != *id {
-            return Err(bad("content does not match its hash"));
-        }
-        sink(data)
+        let result = if data.len() != loc.raw_len as usize || ObjectId::of(data) != *id {
+            Err(bad("content does not match its hash"))
+        } else {
+            sink(data)
+        };
+        self.out = out;
+        result
     }
 }
 

@@ -87,7 +87,7 @@ It must not exist, or be an empty directory; --force writes into an existing one
         /// Write into a destination that exists and is not empty
         #[arg(long)]
         force: bool,
-        /// Worker threads [default: one per core]
+        /// Worker threads [default: two per core]
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         threads: usize,
     },
