@@ -34,6 +34,7 @@ mod pack;
 mod params;
 mod progress;
 mod reach;
+mod retention;
 mod sparse;
 mod store;
 mod tree;
@@ -56,6 +57,7 @@ pub use id::ObjectId;
 pub use pack::{PackEntry, read_index as read_pack_index};
 pub use params::{FORMAT_VERSION, RepoParams};
 pub use progress::{NoProgress, Progress};
+pub use retention::{Decision, Plan, Policy, UNLIMITED, parse_count, parse_duration};
 pub use tree::{Entry, EntryKind, validate_name};
 
 /// File name of the catalog inside a repository directory.
@@ -82,6 +84,17 @@ pub struct FileInfo {
     pub mode: u32,
     /// Modification time, nanoseconds since the Unix epoch.
     pub mtime_ns: i64,
+}
+
+/// Which checkpoints a retention policy applies to.
+#[derive(Debug, Clone, Default)]
+pub struct RetentionScope {
+    /// Only checkpoints carrying every one of these tags (none: all).
+    pub tags: Vec<String>,
+    /// Only checkpoints of these committed paths (absolute, or `stdin:NAME`; none: all).
+    pub paths: Vec<String>,
+    /// Apply the policy to all checkpoints together instead of per host and path.
+    pub across_paths: bool,
 }
 
 /// Repository-wide figures.
@@ -326,6 +339,48 @@ impl Repository {
         let found = ids.iter().map(|id| catalog.resolve(id)).collect::<Result<Vec<_>>>()?;
         catalog.delete_checkpoints(&found.iter().map(|c| c.id.as_str()).collect::<Vec<_>>())?;
         Ok(found)
+    }
+
+    /// Decides what a retention policy keeps and forgets, with the reasons, without changing anything.
+    /// Checkpoints outside `scope` are neither kept nor forgotten (they do not appear in the plan).
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+    /// for step in 0..5u8 {
+    ///     repo.commit_reader("state", &mut &[step; 100][..], &Default::default()).unwrap();
+    /// }
+    /// let policy = snapstore::Policy { keep_last: Some(2), ..Default::default() };
+    /// let plan = repo.plan_retention(&policy, &Default::default()).unwrap();
+    /// assert_eq!((plan.keep.len(), plan.forget.len()), (2, 3));
+    /// assert_eq!(plan.keep[0].reasons, vec!["last 1".to_string()]);
+    /// repo.apply_retention(&plan).unwrap();
+    /// assert_eq!(repo.checkpoints().unwrap().len(), 2);
+    /// ```
+    pub fn plan_retention(&self, policy: &Policy, scope: &RetentionScope) -> Result<Plan> {
+        if policy.is_empty() {
+            return Err(Error::EmptyPolicy);
+        }
+        let all = self.checkpoints()?;
+        let chosen: Vec<Checkpoint> = all
+            .into_iter()
+            .filter(|c| scope.tags.iter().all(|t| c.tags.contains(t)))
+            .filter(|c| scope.paths.is_empty() || scope.paths.contains(&c.path))
+            .collect();
+        let plan = retention::plan(&chosen, policy, !scope.across_paths);
+        // Like restic, never empty a whole group: that is almost always a mistyped tag.
+        if let Some((host, path)) = plan.emptied_groups(!scope.across_paths).into_iter().next() {
+            return Err(Error::InvalidInput(format!(
+                "the policy would forget every checkpoint of {path} on {host}; refusing (check --keep-tag)"
+            )));
+        }
+        Ok(plan)
+    }
+
+    /// Forgets what a plan from [`Repository::plan_retention`] says to forget.
+    pub fn apply_retention(&self, plan: &Plan) -> Result<Vec<Checkpoint>> {
+        let ids: Vec<&str> = plan.forget.iter().map(|d| d.id.as_str()).collect();
+        self.forget(&ids)
     }
 
     /// Reclaims space: drops chunks and metadata no checkpoint uses, deletes packs with no live chunk and

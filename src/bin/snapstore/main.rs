@@ -18,12 +18,13 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 const EXIT_CORRUPT: u8 = 3;
 const EXIT_NOT_FOUND: u8 = 4;
+const EXIT_BUSY: u8 = 5;
 
 /// Shown under every command's help.
 macro_rules! exit_help {
     () => {
         "Exit codes: 0 success; 1 failure (I/O, catalog, ...); 2 bad usage or arguments; 3 damaged data detected;
-4 repository or checkpoint not found.
+4 repository or checkpoint not found; 5 another gc is running.
 Checkpoint ids: any unique prefix of 4 or more hex digits, or 'latest'."
     };
 }
@@ -104,6 +105,65 @@ It must not exist, or be an empty directory; --force writes into an existing one
         /// Checkpoint id, unique prefix, or 'latest'
         id: String,
     },
+    /// Drop checkpoints, by id or by a retention policy (restic's rules)
+    #[command(after_help = concat!("Forgetting removes checkpoints from the catalog at once and for good: there is no undo, \
+so try --dry-run first. Their data stays until `snapstore gc` reclaims it.
+A policy keeps, per host and committed path (unless --across-paths), the checkpoints any rule keeps: the N newest \
+(--keep-last), the newest of each of the last N hours, days, ISO weeks, months, years that have one (periods in UTC), \
+all within a duration of the newest (--keep-within 7d; units y=365d, m=30d, w, d, h), all with a tag (--keep-tag). \
+Counts take 'unlimited'. A policy that would forget every checkpoint of a path is refused.\n\n", exit_help!()))]
+    Forget {
+        /// Checkpoints to forget (ids, prefixes or latest); or give a policy instead
+        ids: Vec<String>,
+        /// Keep the N newest checkpoints
+        #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
+        keep_last: Option<u32>,
+        /// Keep the newest checkpoint of each of the last N hours
+        #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
+        keep_hourly: Option<u32>,
+        /// Keep the newest checkpoint of each of the last N days
+        #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
+        keep_daily: Option<u32>,
+        /// Keep the newest checkpoint of each of the last N ISO weeks
+        #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
+        keep_weekly: Option<u32>,
+        /// Keep the newest checkpoint of each of the last N months
+        #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
+        keep_monthly: Option<u32>,
+        /// Keep the newest checkpoint of each of the last N years
+        #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
+        keep_yearly: Option<u32>,
+        /// Keep every checkpoint within DURATION of the newest (e.g. 2d12h)
+        #[arg(long, value_name = "DURATION", value_parser = snapstore::parse_duration)]
+        keep_within: Option<std::time::Duration>,
+        /// Keep every checkpoint with this tag (repeatable)
+        #[arg(long, value_name = "TAG")]
+        keep_tag: Vec<String>,
+        /// Only consider checkpoints with this tag (repeatable: all must match)
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+        /// Only consider checkpoints of this committed path (repeatable)
+        #[arg(long = "path", value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// Apply the policy to all checkpoints together, not per host and path
+        #[arg(long)]
+        across_paths: bool,
+        /// Show what would be kept and forgotten, and why; change nothing
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+    },
+    /// Reclaim space: drop data no checkpoint uses, delete and rewrite packs
+    #[command(after_help = concat!("Safe to run while commits run, from cron: it takes no lock that stops commits, \
+and a second gc at the same time exits with code 5. Chunks a commit in progress may still use are kept until \
+that commit ends (the next gc reclaims them). Without a terminal it prints only its summary (-q: nothing).\n\n", exit_help!()))]
+    Gc {
+        /// Show what would be reclaimed; change nothing
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+        /// Rewrite packs with more than this percentage unused
+        #[arg(long, value_name = "PERCENT", default_value_t = 10.0)]
+        max_unused: f64,
+    },
     /// Repository totals: logical and stored bytes, dedup and compression ratios, chunks and packs
     #[command(after_help = exit_help!())]
     Stats,
@@ -152,9 +212,13 @@ fn exit_code(e: &Error) -> u8 {
     match e {
         _ if e.is_corruption() => EXIT_CORRUPT,
         Error::NoRepository(_) | Error::CheckpointNotFound(_) => EXIT_NOT_FOUND,
-        Error::InvalidId(_) | Error::AmbiguousId { .. } | Error::InvalidInput(_) | Error::DestinationNotEmpty(_) => {
-            EXIT_USAGE
-        }
+        Error::GcRunning { .. } => EXIT_BUSY,
+        Error::InvalidId(_)
+        | Error::AmbiguousId { .. }
+        | Error::InvalidInput(_)
+        | Error::DestinationNotEmpty(_)
+        | Error::RepositoryExists(_)
+        | Error::EmptyPolicy => EXIT_USAGE,
         _ => EXIT_FAILURE,
     }
 }
@@ -174,6 +238,9 @@ fn hint(e: &Error) -> Option<&'static str> {
             "the repository is damaged; nothing was written in place of good data. Other checkpoints may still check out"
         }
         Error::Format(_) => "this repository needs a different snapstore version",
+        Error::GcRunning { .. } => "wait for it to finish; if its process is gone, the next gc takes over by itself",
+        Error::EmptyPolicy => "for example --keep-last 10 --keep-daily 7; try --dry-run first",
+        Error::SessionExpired => "commit again; a gc took this commit for dead after an hour without progress",
         _ => return None,
     })
 }
@@ -309,6 +376,97 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 if let Some(e) = failed {
                     return Err(e.into());
                 }
+            }
+        }
+        Command::Forget {
+            ids,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            keep_within,
+            keep_tag,
+            tags,
+            paths,
+            across_paths,
+            dry_run,
+        } => {
+            let repo = Repository::open(&repo_dir)?;
+            let policy = snapstore::Policy {
+                keep_last: *keep_last,
+                keep_hourly: *keep_hourly,
+                keep_daily: *keep_daily,
+                keep_weekly: *keep_weekly,
+                keep_monthly: *keep_monthly,
+                keep_yearly: *keep_yearly,
+                keep_within: *keep_within,
+                keep_tags: keep_tag.clone(),
+            };
+            if !ids.is_empty() {
+                if !policy.is_empty() || !tags.is_empty() || !paths.is_empty() {
+                    return Err(Failure::Usage("give checkpoint ids or a policy (--keep-*), not both".into()));
+                }
+                let forgotten = if *dry_run {
+                    ids.iter().map(|id| repo.checkpoint(id)).collect::<Result<Vec<_>, _>>()?
+                } else {
+                    repo.forget(&ids.iter().map(String::as_str).collect::<Vec<_>>())?
+                };
+                if cli.json {
+                    out.json(&serde_json::json!({ "dry_run": dry_run, "forget": forgotten }))?;
+                } else if !cli.quiet {
+                    for c in &forgotten {
+                        out.line(&format!("forget  {}  {}  {}", c.short_id(), output::human_time(c.time_ns), c.path))?;
+                    }
+                    output::forget_total(out, 0, forgotten.len(), *dry_run)?;
+                }
+                out.flush()?;
+                return Ok(());
+            }
+            let paths = paths
+                .iter()
+                .map(|p| {
+                    let s = p.to_string_lossy();
+                    if s.starts_with("stdin:") {
+                        Ok(s.into_owned())
+                    } else {
+                        std::path::absolute(p).map(|a| a.to_string_lossy().into_owned()).map_err(|e| Error::io(p, e))
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let scope = snapstore::RetentionScope { tags: tags.clone(), paths, across_paths: *across_paths };
+            let plan = repo.plan_retention(&policy, &scope)?;
+            if !dry_run {
+                repo.apply_retention(&plan)?;
+            }
+            if cli.json {
+                out.json(&serde_json::json!({
+                    "dry_run": dry_run, "policy": policy.to_string(), "keep": plan.keep, "forget": plan.forget
+                }))?;
+            } else if !cli.quiet {
+                output::plan(out, &plan)?;
+                output::forget_total(out, plan.keep.len(), plan.forget.len(), *dry_run)?;
+            }
+        }
+        Command::Gc { dry_run, max_unused } => {
+            if !(0.0..=100.0).contains(max_unused) {
+                return Err(Failure::Usage("--max-unused takes a percentage from 0 to 100".into()));
+            }
+            let repo = Repository::open(&repo_dir)?;
+            let bar = progress::Bar::new(show_progress(cli));
+            let opts = snapstore::GcOptions {
+                dry_run: *dry_run,
+                max_unused: max_unused / 100.0,
+                progress: bar.clone(),
+                ..Default::default()
+            };
+            let summary = repo.gc(&opts)?;
+            bar.finish();
+            if cli.json {
+                out.json(&summary)?;
+            } else if !cli.quiet {
+                output::gc_summary(out, &summary)?;
             }
         }
         Command::Stats => {

@@ -2,7 +2,7 @@
 
 use std::io::{self, BufWriter, StdoutLock, Write};
 
-use snapstore::{Checkpoint, CommitSummary, EntryKind, FileInfo, RepoStats, Repository};
+use snapstore::{Checkpoint, CommitSummary, EntryKind, FileInfo, GcSummary, Plan, RepoStats, Repository};
 
 pub struct Out {
     w: BufWriter<StdoutLock<'static>>,
@@ -152,6 +152,52 @@ pub fn file_line(out: &mut Out, f: &FileInfo) -> io::Result<()> {
     let path = f.path.to_string_lossy();
     let path = if path.contains(['\n', '\r', '\t']) { format!("{path:?}") } else { path.into_owned() };
     out.line(&format!("{kind}{:04o}  {:>10}  {}  {path}", f.mode & 0o7777, size, human_time(f.mtime_ns)))
+}
+
+pub fn plan(out: &mut Out, plan: &Plan) -> io::Result<()> {
+    for (what, list) in [("keep  ", &plan.keep), ("forget", &plan.forget)] {
+        for d in list.iter() {
+            let why = if d.reasons.is_empty() { String::new() } else { format!("  ({})", d.reasons.join(", ")) };
+            out.line(&format!(
+                "{what}  {}  {}  {}{why}",
+                &d.id[..snapstore::SHORT_ID_LEN],
+                human_time(d.time_ns),
+                one_line(short_path(&d.path))
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+pub fn forget_total(out: &mut Out, kept: usize, forgotten: usize, dry_run: bool) -> io::Result<()> {
+    if dry_run {
+        out.line(&format!("would keep {kept}, forget {forgotten} (dry run: nothing changed)"))
+    } else {
+        out.line(&format!("kept {kept}, forgot {forgotten}; `snapstore gc` reclaims their space"))
+    }
+}
+
+pub fn gc_summary(out: &mut Out, s: &GcSummary) -> io::Result<()> {
+    let verb = if s.dry_run { "would free" } else { "freed" };
+    out.line(&format!(
+        "gc {verb} {}: {} deleted, {} rewritten, {} orphan files removed, in {:.2} s",
+        human_bytes(s.bytes_freed),
+        plural(s.packs_deleted, "pack"),
+        plural(s.packs_rewritten, "pack"),
+        s.orphans_deleted,
+        s.seconds
+    ))?;
+    out.line(&format!(
+        "  chunks: {} newly unused, {} removed, {} kept for commits still running",
+        s.chunks_condemned, s.chunks_swept, s.chunks_deferred
+    ))?;
+    if s.sessions_expired > 0 {
+        out.line(&format!("  expired {} dead commit session(s)", s.sessions_expired))?;
+    }
+    if s.dry_run {
+        out.line("  dry run: nothing changed")?;
+    }
+    Ok(())
 }
 
 pub fn stats(out: &mut Out, repo: &Repository, s: &RepoStats) -> io::Result<()> {
