@@ -276,6 +276,7 @@ impl<F: FnMut() -> io::Result<Option<Block>>> BlockChunker<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::pseudo_random;
     use proptest::prelude::*;
 
     /// A reader that returns at most `step` bytes per call, to exercise window refills at odd places.
@@ -300,18 +301,6 @@ mod tests {
             out.push(ch.to_vec());
         }
         out
-    }
-
-    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
     }
 
     #[test]

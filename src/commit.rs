@@ -798,19 +798,8 @@ mod tests {
     use std::sync::Arc;
 
     use crate::backend::MemoryBackend;
+    use crate::testutil::pseudo_random as data;
     use crate::{CommitOptions, Error, Repository};
-
-    fn data(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     #[test]
     fn storage_failure_fails_the_commit_with_its_own_error_and_publishes_nothing() {

@@ -37,6 +37,8 @@ mod reach;
 mod retention;
 mod sparse;
 mod store;
+#[cfg(test)]
+mod testutil;
 mod tree;
 
 use std::ffi::OsStr;

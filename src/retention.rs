@@ -352,7 +352,7 @@ impl Utc {
 }
 
 /// (year, month 1-12, day 1-31) of a count of days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     // Shift to an era count starting 0000-03-01, so that the leap day ends each 400-year era's years.
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
