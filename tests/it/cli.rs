@@ -584,7 +584,7 @@ fn init_twice_fails() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
     sx(&repo, &["init"]);
-    let err = sx_fail(&repo, &["init"], 1);
+    let err = sx_fail(&repo, &["init"], 2);
     assert!(err.contains("already exists"), "{err}");
     assert!(err.contains("hint:"), "{err}");
     // a non-empty directory that is not a repository
