@@ -290,7 +290,6 @@ fn run(
     let sparse: Vec<&PackUse> =
         uses.iter().filter(|p| p.rows > 0 && p.condemned_rows == 0 && unused_share(p) > opts.max_unused).collect();
     let mut packer = Packer::new(backend.clone(), pack_target);
-    let mut moved: Vec<(String, u64, Vec<PackEntry>)> = Vec::new();
     let rewritten: HashSet<i64> = sparse.iter().map(|p| p.id).collect();
     let mut freed: i128 = 0;
     for p in &sparse {
@@ -305,31 +304,16 @@ fn run(
             verify(&id, flags, raw_len, &blob)
                 .map_err(|why| Error::corrupt(format!("chunk {id} in {}: {why}", p.name)))?;
             if let Some(pack) = packer.add(id, flags, raw_len, &blob)? {
-                moved.push(pack);
+                freed -= record_moved(conn, &mut packer, pack)? as i128;
             }
         }
         s.packs_rewritten += 1;
     }
     if let Some(pack) = packer.finish()? {
-        moved.push(pack);
+        freed -= record_moved(conn, &mut packer, pack)? as i128;
     }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     touch_lease(&tx)?;
-    let now = now_ns();
-    for (name, size, entries) in &moved {
-        tx.execute(
-            "INSERT INTO packs (name, size, chunk_count, created_ns) VALUES (?1, ?2, ?3, ?4)",
-            params![name, *size as i64, entries.len() as i64, now],
-        )?;
-        let pack_id = tx.last_insert_rowid();
-        let mut up = tx.prepare_cached(
-            "UPDATE chunks SET pack = ?1, offset = ?2, stored_len = ?3, raw_len = ?4, flags = ?5 WHERE id = ?6",
-        )?;
-        for e in entries {
-            up.execute(params![pack_id, e.offset as i64, e.stored_len, e.raw_len, e.flags, &e.id.0[..]])?;
-        }
-        freed -= *size as i128;
-    }
     // Packs the catalog no longer points into: their rows go now, their files after the commit.
     let empty: Vec<(i64, String, i64)> = tx
         .prepare("SELECT id, name, size FROM packs p WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.pack = p.id)")?
@@ -372,6 +356,30 @@ fn run(
 
 /// The share of a pack's blob bytes that no live chunk uses (headers and index excluded, so a small pack
 /// whose chunks are all live counts as fully used and is never rewritten into an identical copy).
+/// Records a pack of moved chunks as soon as it is durable, pointing the chunks' rows at it, so that neither
+/// memory nor the work lost to a crash grows with the number of packs rewritten. Returns its size.
+fn record_moved(conn: &mut Connection, packer: &mut Packer, pack: (String, u64, Vec<PackEntry>)) -> Result<u64> {
+    let (name, size, entries) = pack;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    touch_lease(&tx)?;
+    tx.execute(
+        "INSERT INTO packs (name, size, chunk_count, created_ns) VALUES (?1, ?2, ?3, ?4)",
+        params![name, size as i64, entries.len() as i64, now_ns()],
+    )?;
+    let pack_id = tx.last_insert_rowid();
+    {
+        let mut up = tx.prepare_cached(
+            "UPDATE chunks SET pack = ?1, offset = ?2, stored_len = ?3, raw_len = ?4, flags = ?5 WHERE id = ?6",
+        )?;
+        for e in &entries {
+            up.execute(params![pack_id, e.offset as i64, e.stored_len, e.raw_len, e.flags, &e.id.0[..]])?;
+        }
+    }
+    tx.commit()?;
+    packer.indexed(&entries);
+    Ok(size)
+}
+
 fn unused_share(p: &PackUse) -> f64 {
     if p.rows >= p.chunk_count {
         return 0.0;
@@ -393,4 +401,102 @@ fn verify(id: &ObjectId, flags: u8, raw_len: u32, blob: &[u8]) -> std::result::R
         return Err("content does not match its hash".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::pseudo_random;
+    use crate::{CommitOptions, Repository};
+
+    fn repo_with_two_checkpoints(dir: &Path) -> (Repository, String, String) {
+        let repo = Repository::init(dir.join("repo")).unwrap();
+        let a = repo.commit_reader("s", &mut &pseudo_random(3 << 20, 1)[..], &CommitOptions::default()).unwrap();
+        let b = repo.commit_reader("s", &mut &pseudo_random(3 << 20, 2)[..], &CommitOptions::default()).unwrap();
+        (repo, a.id, b.id)
+    }
+
+    #[test]
+    fn a_live_lease_stops_a_second_gc_and_a_dead_one_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, a, _) = repo_with_two_checkpoints(dir.path());
+        let cat = repo.catalog().unwrap();
+        let insert = |pid: u32| {
+            cat.connection().execute("DELETE FROM gc_lease", []).unwrap();
+            cat.connection()
+                .execute(
+                    "INSERT INTO gc_lease (one, host, pid, started_ns, heartbeat_ns) VALUES (1, ?1, ?2, 0, ?3)",
+                    params![host_name(), pid, now_ns()],
+                )
+                .unwrap();
+        };
+        // PID 1 is always alive.
+        insert(1);
+        assert!(matches!(repo.gc(&GcOptions::default()), Err(Error::GcRunning { pid: 1, .. })));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        insert(dead);
+        repo.forget(&[&a]).unwrap();
+        let g = repo.gc(&GcOptions::default()).unwrap();
+        assert!(g.chunks_swept > 0);
+        let left: i64 = cat.connection().query_row("SELECT count(*) FROM gc_lease", [], |r| r.get(0)).unwrap();
+        assert_eq!(left, 0, "the lease is released");
+    }
+
+    #[test]
+    fn sweeping_waits_for_sessions_that_began_before_the_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, a, b) = repo_with_two_checkpoints(dir.path());
+        let mut cat = repo.catalog().unwrap();
+        // A writer that began now (live: this process) may rely on anything it saw, including A's chunks.
+        let session = cat.begin_session("commit", &host_name()).unwrap();
+        repo.forget(&[&a]).unwrap();
+        let g = repo.gc(&GcOptions::default()).unwrap();
+        assert!(g.chunks_condemned > 0);
+        assert_eq!(g.chunks_swept, 0, "nothing condemned during a live session is swept");
+        assert_eq!(g.chunks_deferred, g.chunks_condemned);
+        // Condemned chunks are not offered for deduplication.
+        let condemned: Vec<u8> =
+            cat.connection().query_row("SELECT id FROM condemned WHERE kind = 0 LIMIT 1", [], |r| r.get(0)).unwrap();
+        assert!(!cat.has_chunk(&ObjectId::from_slice(&condemned).unwrap()).unwrap());
+        cat.end_session(session).unwrap();
+        let g = repo.gc(&GcOptions::default()).unwrap();
+        assert!(g.chunks_swept > 0 && g.chunks_deferred == 0 && g.packs_deleted > 0);
+        repo.checkout(&b, dir.path().join("b"), &Default::default()).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), pseudo_random(3 << 20, 2));
+    }
+
+    #[test]
+    fn dead_sessions_are_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _, _) = repo_with_two_checkpoints(dir.path());
+        let cat = repo.catalog().unwrap();
+        cat.connection()
+            .execute(
+                "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch)
+                 VALUES ('commit', ?1, 4000000000, 0, 0, 1), ('commit', 'elsewhere', 1, 0, 0, 1)",
+                [host_name()],
+            )
+            .unwrap();
+        let g = repo.gc(&GcOptions::default()).unwrap();
+        // One is a process gone from this host; the other's heartbeat is decades old.
+        assert_eq!((g.sessions_expired, g.sessions_alive), (2, 0));
+    }
+
+    #[test]
+    fn fully_used_packs_are_never_rewritten() {
+        let p = PackUse {
+            id: 1,
+            name: String::new(),
+            size: 200,
+            live_bytes: 9,
+            rows: 1,
+            condemned_rows: 0,
+            chunk_count: 1,
+        };
+        assert_eq!(unused_share(&p), 0.0);
+        let p = PackUse { rows: 1, chunk_count: 2, size: 16 + 82 + 40 + 100, live_bytes: 10, ..p };
+        assert!((unused_share(&p) - 0.9).abs() < 1e-9);
+    }
 }
