@@ -2,14 +2,16 @@
 //!
 //! Run: `cargo bench --bench gc` (2 million chunks; `SNAPSTORE_GC_CHUNKS=200000` for a quick run).
 //! `SNAPSTORE_BENCH_DIR` chooses where the repository goes (default: the system temp dir), and
-//! `SNAPSTORE_GC_KEEP=1` leaves it there afterwards. `SNAPSTORE_GC_TRACE=1` prints the GC's resident memory
-//! every 100 ms.
+//! `SNAPSTORE_GC_KEEP=1` leaves it there afterwards. `SNAPSTORE_GC_TRACE=1` traces the GC's resident memory
+//! (a line whenever it moves by 1 MiB, and every 5 s).
 //!
 //! Chunks are made cheap with tiny chunk sizes (64/256/1024 bytes) over incompressible xorshift streams. Four
 //! checkpoints are committed; each carries over a quarter of the 64 KiB blocks from the first half of the
 //! one before, so some packs of the two checkpoints that are then forgotten still hold live chunks (GC rewrites
-//! them) and the rest hold none (GC deletes them). The GC, after a dry run, runs in a child process (this
-//! binary, re-executed with `--gc-child`) so that its peak RSS (VmHWM) is its own.
+//! them) and the rest hold none (GC deletes them). `SNAPSTORE_GC_SCENARIO=rewrite` instead carries over 87 % of
+//! all blocks, so that nearly every live chunk of the forgotten checkpoints' packs is moved: the worst case for
+//! the rewrite. The GC, after a dry run, runs in a child process (this binary, re-executed with `--gc-child`)
+//! so that its peak RSS (VmHWM) is its own.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -22,8 +24,22 @@ use snapstore::{Chunker, CommitOptions, GcOptions, RepoParams, Repository};
 const CHECKPOINTS: u64 = 4;
 /// Unit of carry-over between consecutive checkpoints.
 const BLOCK: usize = 64 << 10;
-/// A block in the first half of a checkpoint is a copy of the previous checkpoint's with probability 1 / CARRY.
-const CARRY: u64 = 4;
+
+/// Which blocks of a checkpoint are copies of the previous checkpoint's.
+#[derive(Clone, Copy)]
+struct Carry {
+    /// Chance, in percent, that a block in the carried range is a copy.
+    percent: u64,
+    /// The carried range is the whole stream, not its first half.
+    whole: bool,
+}
+
+impl Carry {
+    /// Share of a later checkpoint's blocks that are copies.
+    fn share(self) -> f64 {
+        self.percent as f64 / 100.0 * if self.whole { 1.0 } else { 0.5 }
+    }
+}
 
 fn params() -> RepoParams {
     RepoParams { chunk_min: 64, chunk_avg: 256, chunk_max: 1024, ..Default::default() }
@@ -38,6 +54,7 @@ fn splitmix(mut x: u64) -> u64 {
 
 /// One checkpoint's state image, generated block by block as it is read.
 struct Stream {
+    carry: Carry,
     checkpoint: u64,
     blocks: u64,
     next_block: u64,
@@ -46,14 +63,15 @@ struct Stream {
 }
 
 impl Stream {
-    fn new(checkpoint: u64, blocks: u64) -> Self {
-        Stream { checkpoint, blocks, next_block: 0, buf: Vec::new(), pos: 0 }
+    fn new(carry: Carry, checkpoint: u64, blocks: u64) -> Self {
+        Stream { carry, checkpoint, blocks, next_block: 0, buf: Vec::new(), pos: 0 }
     }
 
     /// The checkpoint whose block `j` this checkpoint's block `j` is a copy of (itself if fresh).
     fn origin(&self, j: u64) -> u64 {
         let mut c = self.checkpoint;
-        while c > 0 && j < self.blocks / 2 && splitmix(c << 32 ^ j).is_multiple_of(CARRY) {
+        let in_range = self.carry.whole || j < self.blocks / 2;
+        while c > 0 && in_range && splitmix(c << 32 ^ j) % 100 < self.carry.percent {
             c -= 1;
         }
         c
@@ -91,7 +109,7 @@ impl Read for Stream {
 /// Average chunks per block, measured on a sample of fresh blocks.
 fn chunks_per_block() -> f64 {
     let sample = 64;
-    let mut chunker = Chunker::new(Stream::new(0, sample), &params());
+    let mut chunker = Chunker::new(Stream::new(Carry { percent: 0, whole: false }, 0, sample), &params());
     let mut n = 0u64;
     while chunker.next_chunk().unwrap().is_some() {
         n += 1;
@@ -140,18 +158,20 @@ fn run_child(path: &Path, dry_run: bool, trace: bool) -> GcRun {
     let started = Instant::now();
     let mut child = cmd.spawn().unwrap();
     let status_path = format!("/proc/{}/status", child.id());
-    let mut last_print = 0.0;
+    let (mut last_print, mut last_rss) = (0.0, 0);
     let exit = loop {
         if let Some(exit) = child.try_wait().unwrap() {
             break exit;
         }
         if trace && let Ok(status) = std::fs::read_to_string(&status_path) {
             let t = started.elapsed().as_secs_f64();
-            if t - last_print >= 0.1 {
-                last_print = t;
+            let rss = status_kib(&status, "VmRSS");
+            // A line whenever resident memory moved by 1 MiB, and every 5 s otherwise.
+            if rss.abs_diff(last_rss) >= 1024 || t - last_print >= 5.0 {
+                (last_print, last_rss) = (t, rss);
                 println!(
                     "  t={t:6.1} s  RSS {:6.1} MiB (anon {:6.1}, file {:5.1}, shmem {:5.1})",
-                    mib(status_kib(&status, "VmRSS")),
+                    mib(rss),
                     mib(status_kib(&status, "RssAnon")),
                     mib(status_kib(&status, "RssFile")),
                     mib(status_kib(&status, "RssShmem")),
@@ -198,6 +218,11 @@ fn main() {
     }
     let target: u64 =
         std::env::var("SNAPSTORE_GC_CHUNKS").ok().and_then(|v| v.replace('_', "").parse().ok()).unwrap_or(2_000_000);
+    let carry = match std::env::var("SNAPSTORE_GC_SCENARIO").as_deref() {
+        Ok("rewrite") => Carry { percent: 87, whole: true },
+        Ok("default") | Err(_) => Carry { percent: 25, whole: false },
+        Ok(other) => panic!("unknown SNAPSTORE_GC_SCENARIO '{other}' (default or rewrite)"),
+    };
     let keep = std::env::var_os("SNAPSTORE_GC_KEEP").is_some();
     let trace = std::env::var_os("SNAPSTORE_GC_TRACE").is_some();
     let dir = tempfile::Builder::new()
@@ -211,7 +236,7 @@ fn main() {
     let repo = Repository::init_with(&repo_dir, params()).unwrap();
 
     // Unique chunks: the first checkpoint's blocks, then the fresh ones of each later checkpoint.
-    let fresh_share = 1.0 + (CHECKPOINTS - 1) as f64 * (1.0 - 0.5 / CARRY as f64);
+    let fresh_share = 1.0 + (CHECKPOINTS - 1) as f64 * (1.0 - carry.share());
     let blocks = (target as f64 / (chunks_per_block() * fresh_share)).ceil().max(2.0) as u64;
     println!(
         "generating {CHECKPOINTS} checkpoints of {blocks} blocks of {} KiB ({:.0} MiB each), about {target} chunks",
@@ -223,7 +248,7 @@ fn main() {
     for c in 0..CHECKPOINTS {
         let opts = CommitOptions { message: format!("checkpoint {c}"), ..Default::default() };
         let t = Instant::now();
-        let s = repo.commit_reader("state.bin", &mut Stream::new(c, blocks), &opts).unwrap();
+        let s = repo.commit_reader("state.bin", &mut Stream::new(carry, c, blocks), &opts).unwrap();
         let secs = t.elapsed().as_secs_f64();
         println!(
             "  commit {c}: {} new chunks, {} reused, {secs:.1} s ({:.0} new chunks/s)",
@@ -266,7 +291,7 @@ fn main() {
     let out = dir.path().join("checkout.bin");
     let kept = ids.len() / 2;
     repo.checkout(&ids[kept], &out, &Default::default()).unwrap();
-    let same = hash_reader(std::fs::File::open(&out).unwrap()) == hash_reader(Stream::new(kept as u64, blocks));
+    let same = hash_reader(std::fs::File::open(&out).unwrap()) == hash_reader(Stream::new(carry, kept as u64, blocks));
     std::fs::remove_file(&out).unwrap();
     assert!(same, "checkpoint {kept} differs after GC");
 

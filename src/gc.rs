@@ -272,7 +272,8 @@ fn run(
                 s.bytes_freed += p.size;
             } else if p.condemned_rows == 0 && unused_share(&p) > opts.max_unused {
                 s.packs_rewritten += 1;
-                s.bytes_freed += p.size.saturating_sub(p.live_bytes);
+                // The live blobs move to a new pack, with their index entries.
+                s.bytes_freed += p.size.saturating_sub(p.live_bytes + crate::pack::ENTRY_LEN as u64 * p.rows);
             }
         }
         tx.rollback()?;
@@ -349,13 +350,18 @@ fn run(
     }
     s.bytes_freed = freed.max(0) as u64;
     // Return freed catalog pages to the filesystem; both are best effort under concurrent readers.
-    let _ = conn.execute_batch("PRAGMA incremental_vacuum;");
+    // Each step of this pragma frees one page: step it to the end.
+    let vacuum = |conn: &Connection| -> rusqlite::Result<()> {
+        let mut stmt = conn.prepare("PRAGMA incremental_vacuum")?;
+        let mut rows = stmt.query([])?;
+        while rows.next()?.is_some() {}
+        Ok(())
+    };
+    let _ = vacuum(conn);
     let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
     Ok(s)
 }
 
-/// The share of a pack's blob bytes that no live chunk uses (headers and index excluded, so a small pack
-/// whose chunks are all live counts as fully used and is never rewritten into an identical copy).
 /// Records a pack of moved chunks as soon as it is durable, pointing the chunks' rows at it, so that neither
 /// memory nor the work lost to a crash grows with the number of packs rewritten. Returns its size.
 fn record_moved(conn: &mut Connection, packer: &mut Packer, pack: (String, u64, Vec<PackEntry>)) -> Result<u64> {
@@ -380,6 +386,8 @@ fn record_moved(conn: &mut Connection, packer: &mut Packer, pack: (String, u64, 
     Ok(size)
 }
 
+/// The share of a pack's blob bytes that no live chunk uses (headers and index excluded, so a small pack
+/// whose chunks are all live counts as fully used and is never rewritten into an identical copy).
 fn unused_share(p: &PackUse) -> f64 {
     if p.rows >= p.chunk_count {
         return 0.0;
