@@ -172,7 +172,9 @@ fn unchanged(prev: &Entry, now: &Entry) -> bool {
 pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions) -> Result<CommitSummary> {
     let host = opts.host.clone().unwrap_or_else(host_name);
     let mut catalog = Catalog::open(ctx.catalog_path)?;
-    let session = catalog.begin_session("commit", &host)?;
+    // The session names the machine the process runs on, whatever host the checkpoint is labelled with:
+    // GC judges a session on this machine by its process, not by its heartbeat.
+    let session = catalog.begin_session("commit", &host_name())?;
     let result = run(ctx, source, opts, &catalog, session, host);
     if result.is_err() {
         // Best effort: a session left behind only delays GC until it is found dead.

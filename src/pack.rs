@@ -8,7 +8,8 @@
 //! ```
 //!
 //! A blob's offset is the header length plus the stored lengths before it, so the index alone rebuilds the
-//! catalog's chunk locations. The pack is named by the BLAKE3 hash of all its bytes.
+//! catalog's chunk locations. The pack is named by a BLAKE3 hash of all its bytes salted with its writer's
+//! process id, the time and a counter, so that two byte-identical packs never share a name.
 
 use std::io::Write;
 
@@ -108,7 +109,16 @@ impl PackWriter {
         footer.extend_from_slice(&blake3::hash(&index).as_bytes()[..16]);
         footer.extend_from_slice(FOOTER_MAGIC);
         self.write(&footer)?;
-        let name = pack_name(&ObjectId(*self.hasher.finalize().as_bytes()));
+        // Two writers can produce byte-identical packs (the same new chunks, at the same time, or a chunk
+        // stored again after GC condemned it): the name must still be unique, or one pack would replace the
+        // other's file and GC could delete the survivor. So the content hash is salted with who wrote it.
+        static WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut salted = blake3::Hasher::new();
+        salted.update(self.hasher.finalize().as_bytes());
+        salted.update(&std::process::id().to_le_bytes());
+        salted.update(&crate::catalog::now_ns().to_le_bytes());
+        salted.update(&WRITTEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes());
+        let name = pack_name(&ObjectId(*salted.finalize().as_bytes()));
         self.out.publish(&name).map_err(|e| Error::backend(name.clone(), e))?;
         Ok((name, self.len, self.entries))
     }

@@ -2,5 +2,6 @@
 
 mod cli;
 mod crash;
+mod gc;
 mod library;
 mod util;
