@@ -1051,15 +1051,24 @@ fn cli_gc_exits_5_while_another_holds_the_lease() {
     fs::write(&f, pseudo_random(MIB, 3)).unwrap();
     ok(&run(&repo, &["-q", "commit", p(&f)]), "commit");
     ok(&run(&repo, &["forget", &old]), "forget");
-    let mut holder = Command::new("sleep").arg("60").spawn().expect("spawn sleep");
-    insert_lease(&repo, &hostname(), holder.id(), now_ns());
+    /// A live process standing for the lease holder, killed however the test ends.
+    struct Holder(Child);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut holder = Holder(Command::new("sleep").arg("60").spawn().expect("spawn sleep"));
+    let holder_pid = holder.0.id();
+    insert_lease(&repo, &hostname(), holder_pid, now_ns());
     let o = run(&repo, &["gc"]);
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(5), "gc while the lease is held: {err}");
-    assert!(err.contains("another gc is running") && err.contains(&holder.id().to_string()), "{err}");
+    assert!(err.contains("another gc is running") && err.contains(&holder_pid.to_string()), "{err}");
     assert_eq!(table_count(&repo, "condemned"), 0);
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    holder.0.kill().unwrap();
+    holder.0.wait().unwrap();
     let s = gc_cli(&repo);
     assert!(s["chunks_swept"].as_u64().unwrap() > 0, "{s}");
     audit(&repo).assert_clean("after gc took the lease over");
@@ -1427,10 +1436,14 @@ fn commits_forgets_and_gcs_at_once_lose_nothing() {
                 }
             });
         }
-        for w in writers {
-            w.join().unwrap();
-        }
+        // Stop the loops whatever the writers did, then let a writer's panic through.
+        let joined: Vec<_> = writers.into_iter().map(|w| w.join()).collect();
         stop.store(true, Ordering::Relaxed);
+        for j in joined {
+            if let Err(panic) = j {
+                std::panic::resume_unwind(panic);
+            }
+        }
     });
     let busy_secs = started.elapsed().as_secs_f64();
 
