@@ -39,14 +39,7 @@ const MIB: usize = 1 << 20;
 
 /// A fresh temporary directory, on tmpfs when there is one (see library.rs).
 fn tmp() -> tempfile::TempDir {
-    let b = tempfile::Builder::new().prefix("snapstore-gc-").to_owned();
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir()
-        && let Ok(t) = b.tempdir_in(shm)
-    {
-        return t;
-    }
-    b.tempdir().expect("temp dir")
+    super::util::fast_tempdir("snapstore-gc-")
 }
 
 fn env_num(name: &str, default: u64) -> u64 {

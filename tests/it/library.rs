@@ -30,14 +30,7 @@ const MIB: usize = 1024 * 1024;
 /// A fresh temporary directory, on tmpfs when there is one: creating thousands of small files on this
 /// machine's disk costs milliseconds each, which would dominate the suite's run time.
 fn tmp() -> tempfile::TempDir {
-    let b = tempfile::Builder::new().prefix("snapstore-lib-").to_owned();
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir()
-        && let Ok(t) = b.tempdir_in(shm)
-    {
-        return t;
-    }
-    b.tempdir().expect("temp dir")
+    super::util::fast_tempdir("snapstore-lib-")
 }
 
 fn write(path: &Path, data: &[u8]) {

@@ -26,3 +26,16 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A temporary directory on tmpfs where there is one: creating many small files on this machine's ext4 costs
+/// milliseconds each, which made tree-heavy tests slow.
+pub fn fast_tempdir(prefix: &str) -> tempfile::TempDir {
+    let b = tempfile::Builder::new().prefix(prefix).to_owned();
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir()
+        && let Ok(t) = b.tempdir_in(shm)
+    {
+        return t;
+    }
+    b.tempdir().expect("temp dir")
+}
