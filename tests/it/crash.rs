@@ -7,10 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use crate::util::{bin, pseudo_random, run};
+use crate::util::{listed, pseudo_random, run, spawn, succeeded, text};
 
 /// Deterministic generator for delays, seeds and sizes (xorshift64*).
 struct Rng(u64);
@@ -33,35 +33,8 @@ impl Rng {
 /// What a checkpoint should hold: file name → (seed, length) of its `pseudo_random` content.
 type Manifest = BTreeMap<String, (u64, usize)>;
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 temp path")
-}
-
-fn check(o: &Output, what: &str) -> String {
-    let (out, err) = (text(&o.stdout), text(&o.stderr));
-    assert!(!out.contains("panicked") && !err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{what}: {err}");
-    assert!(o.status.success(), "{what}: {:?}\nstdout:\n{out}\nstderr:\n{err}", o.status);
-    out
-}
-
-fn spawn(repo: &Path, args: &[&str]) -> Child {
-    Command::new(bin())
-        .arg("--repo")
-        .arg(repo)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn snapstore")
-}
-
-/// Ids listed by `log -q`.
-fn listed(repo: &Path) -> Vec<String> {
-    check(&run(repo, &["-q", "log"]), "log -q").lines().map(str::to_string).collect()
 }
 
 /// Brings `dir` to exactly the manifest's files, rewriting only those whose (seed, length) changed.
@@ -147,7 +120,7 @@ fn killed_commits_never_damage_the_repository() {
     let mut completed: BTreeMap<String, Manifest> = BTreeMap::new();
     let commit = |completed: &mut BTreeMap<String, Manifest>, m: &Manifest| {
         let t = Instant::now();
-        let out = check(&run(&repo, &["-q", "commit", p(&data)]), "commit");
+        let out = succeeded(&run(&repo, &["-q", "commit", p(&data)]), "commit");
         let id = out.trim().to_string();
         assert_eq!(id.len(), 64, "{out}");
         completed.insert(id.clone(), m.clone());
@@ -218,7 +191,7 @@ fn killed_commits_never_damage_the_repository() {
         let older: Vec<&String> = completed.keys().collect();
         let pick = older[rng.range(0, older.len())].clone();
         verify(&repo, &pick, &completed[&pick], &scratch).unwrap_or_else(|e| panic!("iteration {i}: {e}"));
-        check(&run(&repo, &["stats"]), "stats after a kill");
+        succeeded(&run(&repo, &["stats"]), "stats after a kill");
     }
 
     // At the end: exactly the completed checkpoints, each byte-identical.
@@ -231,7 +204,7 @@ fn killed_commits_never_damage_the_repository() {
         }
     }
     assert!(bad.is_empty(), "checkpoints damaged by killed commits:\n{}", bad.join("\n"));
-    let stats = check(&run(&repo, &["--json", "stats"]), "stats");
+    let stats = succeeded(&run(&repo, &["--json", "stats"]), "stats");
     eprintln!(
         "crash test: {n} iterations in {:.1} s; kill window {window:?}; {killed} killed ({published_anyway} of them \
          had published), {finished_first} finished first; {} checkpoints; {} pack files on disk, {} temp files \
@@ -254,7 +227,7 @@ fn killed_init_leaves_a_usable_or_absent_repository() {
     let mut total = Duration::ZERO;
     for k in 0..3 {
         let t = Instant::now();
-        check(&run(&tmp.path().join(format!("timing{k}")), &["init"]), "init");
+        succeeded(&run(&tmp.path().join(format!("timing{k}")), &["init"]), "init");
         total += t.elapsed();
     }
     let typical = total / 3;
@@ -319,7 +292,7 @@ fn concurrent_commits_into_one_repository_both_succeed() {
     let repo = tmp.path().join("repo");
     let scratch = tmp.path().join("scratch");
     fs::create_dir(&scratch).unwrap();
-    check(&run(&repo, &["init"]), "init");
+    succeeded(&run(&repo, &["init"]), "init");
     // Two directories sharing one file, so both commits race to store the same chunks.
     let a_files = [("shared.bin", 11, 3 << 20), ("a1.bin", 12, 5 << 20), ("a2.bin", 13, 1 << 20)];
     let b_files = [("shared.bin", 11, 3 << 20), ("b1.bin", 22, 6 << 20)];

@@ -19,7 +19,7 @@ use std::fs;
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -29,7 +29,7 @@ use snapstore::{
     Repository,
 };
 
-use crate::util::{bin, pseudo_random, run};
+use crate::util::{listed, pseudo_random, run, spawn, succeeded, text};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers
@@ -44,10 +44,6 @@ fn tmp() -> tempfile::TempDir {
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 fn p(path: &Path) -> &str {
@@ -67,31 +63,6 @@ impl Rng {
     fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
-}
-
-/// Asserts a CLI run succeeded without a panic; returns its stdout.
-fn ok(o: &Output, what: &str) -> String {
-    let (out, err) = (text(&o.stdout), text(&o.stderr));
-    assert!(!out.contains("panicked") && !err.contains("panicked"), "{what}: {err}");
-    assert!(o.status.success(), "{what}: {:?}\nstdout:\n{out}\nstderr:\n{err}", o.status);
-    out
-}
-
-fn spawn(repo: &Path, args: &[&str]) -> Child {
-    Command::new(bin())
-        .arg("--repo")
-        .arg(repo)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn snapstore")
-}
-
-/// Ids listed by `log -q`, newest first.
-fn listed(repo: &Path) -> Vec<String> {
-    ok(&run(repo, &["-q", "log"]), "log -q").lines().map(str::to_string).collect()
 }
 
 /// This machine's host name, as snapstore records it in sessions and leases.
@@ -429,7 +400,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// Runs `snapstore --json gc` and returns its summary as JSON.
 fn gc_cli(repo: &Path) -> serde_json::Value {
-    let out = ok(&run(repo, &["--json", "gc"]), "gc");
+    let out = succeeded(&run(repo, &["--json", "gc"]), "gc");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("gc --json is not JSON ({e}): {out}"))
 }
 
@@ -613,20 +584,20 @@ fn sparse_packs_are_rewritten_and_kept_checkpoints_survive() {
 fn cli_forget_by_id_and_by_policy() {
     let t = tmp();
     let repo = t.path().join("repo");
-    ok(&run(&repo, &["init"]), "init");
+    succeeded(&run(&repo, &["init"]), "init");
     let (f, g) = (t.path().join("f.bin"), t.path().join("g.bin"));
     let mut f_ids = Vec::new();
     let mut data = BTreeMap::new();
     for v in 0..3u64 {
         let bytes = pseudo_random(300_000 + v as usize * 1000, 0x100 + 2 * v);
         fs::write(&f, &bytes).unwrap();
-        let id = ok(&run(&repo, &["-q", "commit", p(&f)]), "commit f").trim().to_string();
+        let id = succeeded(&run(&repo, &["-q", "commit", p(&f)]), "commit f").trim().to_string();
         data.insert(id.clone(), bytes);
         f_ids.push(id);
     }
     let g_bytes = pseudo_random(200_000, 0x9);
     fs::write(&g, &g_bytes).unwrap();
-    let g_id = ok(&run(&repo, &["-q", "commit", p(&g)]), "commit g").trim().to_string();
+    let g_id = succeeded(&run(&repo, &["-q", "commit", p(&g)]), "commit g").trim().to_string();
     data.insert(g_id.clone(), g_bytes);
     let all: BTreeSet<String> = listed(&repo).into_iter().collect();
     assert_eq!(all.len(), 4);
@@ -642,10 +613,11 @@ fn cli_forget_by_id_and_by_policy() {
     assert_eq!(listed(&repo).into_iter().collect::<BTreeSet<_>>(), all);
 
     // A dry run, in text and in JSON, changes nothing.
-    let out = ok(&run(&repo, &["forget", "--keep-last", "1", "--dry-run"]), "forget --dry-run");
+    let out = succeeded(&run(&repo, &["forget", "--keep-last", "1", "--dry-run"]), "forget --dry-run");
     assert!(out.contains("would keep 2, forget 2"), "{out}");
     let o = run(&repo, &["--json", "forget", "--keep-last", "1", "--dry-run"]);
-    let v: serde_json::Value = serde_json::from_str(&ok(&o, "forget --json --dry-run")).expect("forget --json parses");
+    let v: serde_json::Value =
+        serde_json::from_str(&succeeded(&o, "forget --json --dry-run")).expect("forget --json parses");
     assert_eq!(v["dry_run"], true);
     let ids_of = |list: &serde_json::Value| -> BTreeSet<String> {
         list.as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_string()).collect()
@@ -653,9 +625,9 @@ fn cli_forget_by_id_and_by_policy() {
     assert_eq!(ids_of(&v["keep"]), BTreeSet::from([f_ids[2].clone(), g_id.clone()]));
     assert_eq!(ids_of(&v["forget"]), BTreeSet::from([f_ids[0].clone(), f_ids[1].clone()]));
     let o = run(&repo, &["forget", "-n", &f_ids[0][..8]]);
-    ok(&o, "forget -n by id");
+    succeeded(&o, "forget -n by id");
     assert_eq!(listed(&repo).into_iter().collect::<BTreeSet<_>>(), all, "dry runs must change nothing");
-    let dry = ok(&run(&repo, &["--json", "gc", "--dry-run"]), "gc --dry-run");
+    let dry = succeeded(&run(&repo, &["--json", "gc", "--dry-run"]), "gc --dry-run");
     let dry: serde_json::Value = serde_json::from_str(&dry).unwrap();
     assert_eq!((dry["dry_run"].as_bool(), dry["chunks_condemned"].as_u64()), (Some(true), Some(0)), "{dry}");
 
@@ -664,7 +636,7 @@ fn cli_forget_by_id_and_by_policy() {
     assert_eq!(o.status.code(), Some(4), "unknown id: {}", text(&o.stderr));
     assert_eq!(listed(&repo).len(), 4);
     let o = run(&repo, &["--json", "forget", &f_ids[0][..8]]);
-    let v: serde_json::Value = serde_json::from_str(&ok(&o, "forget by id")).expect("forget --json parses");
+    let v: serde_json::Value = serde_json::from_str(&succeeded(&o, "forget by id")).expect("forget --json parses");
     assert_eq!(v["dry_run"], false);
     assert_eq!(ids_of(&v["forget"]), BTreeSet::from([f_ids[0].clone()]));
     assert_eq!(listed(&repo).len(), 3);
@@ -673,7 +645,7 @@ fn cli_forget_by_id_and_by_policy() {
 
     // gc --dry-run reports without changing anything; then gc reclaims.
     let packs_before = disk_objects(&repo);
-    let dry = ok(&run(&repo, &["--json", "gc", "--dry-run"]), "gc --dry-run");
+    let dry = succeeded(&run(&repo, &["--json", "gc", "--dry-run"]), "gc --dry-run");
     let dry: serde_json::Value = serde_json::from_str(&dry).unwrap();
     assert!(dry["chunks_condemned"].as_u64().unwrap() > 0, "{dry}");
     assert_eq!(disk_objects(&repo), packs_before);
@@ -684,10 +656,10 @@ fn cli_forget_by_id_and_by_policy() {
 
     // By policy.
     let o = run(&repo, &["--json", "forget", "--keep-last", "1"]);
-    let v: serde_json::Value = serde_json::from_str(&ok(&o, "forget --keep-last 1")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&succeeded(&o, "forget --keep-last 1")).unwrap();
     assert_eq!(ids_of(&v["forget"]), BTreeSet::from([f_ids[1].clone()]));
     assert_eq!(listed(&repo).into_iter().collect::<BTreeSet<_>>(), BTreeSet::from([f_ids[2].clone(), g_id.clone()]));
-    let out = ok(&run(&repo, &["gc"]), "gc");
+    let out = succeeded(&run(&repo, &["gc"]), "gc");
     assert!(out.contains("freed"), "{out}");
     let r = Repository::open(&repo).unwrap();
     for id in [&f_ids[2], &g_id] {
@@ -1037,13 +1009,13 @@ fn the_gc_lease_excludes_a_second_gc_and_is_taken_over_from_the_dead() {
 fn cli_gc_exits_5_while_another_holds_the_lease() {
     let t = tmp();
     let repo = t.path().join("repo");
-    ok(&run(&repo, &["init"]), "init");
+    succeeded(&run(&repo, &["init"]), "init");
     let f = t.path().join("f.bin");
     fs::write(&f, pseudo_random(MIB, 1)).unwrap();
-    let old = ok(&run(&repo, &["-q", "commit", p(&f)]), "commit").trim().to_string();
+    let old = succeeded(&run(&repo, &["-q", "commit", p(&f)]), "commit").trim().to_string();
     fs::write(&f, pseudo_random(MIB, 3)).unwrap();
-    ok(&run(&repo, &["-q", "commit", p(&f)]), "commit");
-    ok(&run(&repo, &["forget", &old]), "forget");
+    succeeded(&run(&repo, &["-q", "commit", p(&f)]), "commit");
+    succeeded(&run(&repo, &["forget", &old]), "forget");
     /// A live process standing for the lease holder, killed however the test ends.
     struct Holder(Child);
     impl Drop for Holder {
@@ -1169,7 +1141,7 @@ fn gc_killed_at_any_instant_loses_nothing_and_the_next_gc_finishes() {
 
         // The next gc needs no manual step.
         let o = run(&dir, &["--json", "gc"]);
-        let next = ok(&o, &format!("gc after kill {i} (after {delay:?})"));
+        let next = succeeded(&o, &format!("gc after kill {i} (after {delay:?})"));
         let _: serde_json::Value = serde_json::from_str(&next).unwrap();
         let a = audit(&dir);
         a.assert_clean(&format!("gc after kill {i} (after {delay:?})"));
@@ -1402,7 +1374,7 @@ fn commits_forgets_and_gcs_at_once_lose_nothing() {
                     if k % 3 == 2 {
                         // The newest checkpoint of writer 0: the parent its running commit started from.
                         let log: serde_json::Value =
-                            serde_json::from_str(&ok(&run(repo, &["--json", "log"]), "log")).unwrap();
+                            serde_json::from_str(&succeeded(&run(repo, &["--json", "log"]), "log")).unwrap();
                         let newest = log
                             .as_array()
                             .unwrap()

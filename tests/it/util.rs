@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 /// The built `snapstore` binary.
 pub fn bin() -> PathBuf {
@@ -38,4 +38,35 @@ pub fn fast_tempdir(prefix: &str) -> tempfile::TempDir {
         return t;
     }
     b.tempdir().expect("temp dir")
+}
+
+/// Output bytes as text, lossily.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Asserts a CLI run succeeded without a panic or backtrace; returns its stdout.
+pub fn succeeded(o: &Output, what: &str) -> String {
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(!out.contains("panicked") && !err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{what}: {err}");
+    assert!(o.status.success(), "{what}: {:?}\nstdout:\n{out}\nstderr:\n{err}", o.status);
+    out
+}
+
+/// Starts the binary against `repo` with piped output and no stdin, for tests that kill or race it.
+pub fn spawn(repo: &Path, args: &[&str]) -> Child {
+    Command::new(bin())
+        .arg("--repo")
+        .arg(repo)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn snapstore")
+}
+
+/// Ids listed by `log -q`, newest first.
+pub fn listed(repo: &Path) -> Vec<String> {
+    succeeded(&run(repo, &["-q", "log"]), "log -q").lines().map(str::to_string).collect()
 }
