@@ -1,6 +1,8 @@
 //! End-to-end: commit and check out a generated disk image, with scattered 4 KiB writes between versions.
 //!
 //! Run: `cargo bench --bench image` (1 GiB image; `SNAPSTORE_BENCH_MIB=256` for a smaller one).
+//! It also rolls the image back in place across a 1 % change (and forward again) and compares the time and
+//! the bytes written (the process's `wchar` in /proc/self/io) with a checkout into an empty directory.
 //! `cargo bench --bench image -- --sweep` also compares average chunk sizes (the cost of a 4 KiB write
 //! against throughput), which is how the default of 64 KiB was chosen.
 //! Figures are in decimal MB/s of image bytes; the image is in the page cache, as a just-written one is.
@@ -86,6 +88,86 @@ fn scatter_writes(path: &Path, count: usize, seed: u64) {
         rng.fill(&mut buf);
         f.seek(SeekFrom::Start(rng.next() % blocks * 4096)).unwrap();
         f.write_all(&buf).unwrap();
+    }
+}
+
+/// A guest rewriting `percent` % of the image in 64 KiB extents at random 4 KiB-aligned places.
+fn rewrite_extents(path: &Path, percent: u64, seed: u64) {
+    let mut f = OpenOptions::new().write(true).open(path).unwrap();
+    let len = f.metadata().unwrap().len();
+    let mut rng = Rng(seed);
+    let mut buf = vec![0u8; 64 << 10];
+    for _ in 0..len * percent / 100 / buf.len() as u64 {
+        rng.fill(&mut buf);
+        f.seek(SeekFrom::Start(rng.next() % ((len - buf.len() as u64) / 4096) * 4096)).unwrap();
+        f.write_all(&buf).unwrap();
+    }
+}
+
+/// Bytes this process has handed to write calls so far.
+fn wchar() -> u64 {
+    let io = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+    io.lines().find_map(|l| l.strip_prefix("wchar:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Times a checkout and counts the bytes it writes.
+fn timed_checkout(repo: &Repository, id: &str, dest: &Path, opts: &CheckoutOptions) -> (f64, u64) {
+    let (t, w) = (Instant::now(), wchar());
+    let s = repo.checkout(id, dest, opts).unwrap();
+    let (secs, written) = (t.elapsed().as_secs_f64(), wchar() - w);
+    assert!(written >= s.bytes_written, "wchar must count at least the file bytes written");
+    (secs, written)
+}
+
+/// Rolls the image back in place across a 1 % change and forward again, against a checkout into an empty
+/// directory; also a rollback of a copy no record vouches for (hashed), and of 1 % as scattered 4 KiB writes.
+fn rollback(dir: &Path, image: &Path) {
+    let size = std::fs::metadata(image).unwrap().len();
+    let repo_dir = dir.join("repo-rollback");
+    let _ = std::fs::remove_dir_all(&repo_dir);
+    let repo = Repository::init(&repo_dir).unwrap();
+    let v1 = repo.commit(image, &CommitOptions::default()).unwrap().id;
+    let h1 = file_hash(image);
+    rewrite_extents(image, 1, 7);
+    let v2 = repo.commit(image, &CommitOptions::default()).unwrap().id;
+    let h2 = file_hash(image);
+    let in_place = CheckoutOptions { in_place: true, ..Default::default() };
+    let fresh = dir.join("fresh.img");
+    let _ = std::fs::remove_file(&fresh);
+    let (full_s, full_w) = timed_checkout(&repo, &v1, &fresh, &CheckoutOptions::default());
+    assert_eq!(file_hash(&fresh), h1);
+    let (back_s, back_w) = timed_checkout(&repo, &v1, image, &in_place);
+    assert_eq!(file_hash(image), h1, "rollback is not byte-identical");
+    let (fwd_s, fwd_w) = timed_checkout(&repo, &v2, image, &in_place);
+    assert_eq!(file_hash(image), h2, "roll-forward is not byte-identical");
+    // A copy of v2 with a fresh mtime: nothing vouches for it, so it is read and hashed.
+    std::fs::copy(image, &fresh).unwrap();
+    let (hashed_s, hashed_w) = timed_checkout(&repo, &v1, &fresh, &in_place);
+    assert_eq!(file_hash(&fresh), h1);
+    // 1 % as 2,600 scattered 4 KiB writes: each dirties a whole chunk, which must be fetched and compared.
+    scatter_writes(image, (size / 100 / 4096) as usize, 9);
+    let v3 = repo.commit(image, &CommitOptions::default()).unwrap().id;
+    let (scatter_s, scatter_w) = timed_checkout(&repo, &v2, image, &in_place);
+    assert_eq!(file_hash(image), h2);
+    let _ = repo.checkout(&v3, image, &in_place).unwrap();
+    std::fs::remove_file(&fresh).unwrap();
+    let _ = std::fs::remove_dir_all(&repo_dir);
+    let pct = |w: u64| 100.0 * w as f64 / size as f64;
+    println!();
+    println!(
+        "rollback of the {:.0} MiB image, in place (time and bytes written against the full checkout)",
+        size as f64 / 1048576.0
+    );
+    println!("| checkout | time | vs full | bytes written | of image |");
+    println!("|---|---|---|---|---|");
+    for (what, s, w) in [
+        ("full, into an empty directory", full_s, full_w),
+        ("rollback across a 1 % change (64 KiB extents)", back_s, back_w),
+        ("roll forward again", fwd_s, fwd_w),
+        ("rollback of an unrecorded copy (hashed)", hashed_s, hashed_w),
+        ("rollback across 1 % as scattered 4 KiB writes", scatter_s, scatter_w),
+    ] {
+        println!("| {what} | {s:.3} s | {:.3} | {:.1} MiB | {:.2} % |", s / full_s, w as f64 / 1048576.0, pct(w));
     }
 }
 
@@ -192,6 +274,8 @@ fn main() {
     let writes = 256;
     println!("threads: {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     run(dir.path(), &image, RepoParams::default(), writes, true);
+    generate(&image, mib);
+    rollback(dir.path(), &image);
     if sweep {
         println!();
         println!("| average chunk | new bytes per 4 KiB write | first commit | incremental commit | checkout |");

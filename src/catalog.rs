@@ -56,6 +56,9 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE gc_lease (one INTEGER PRIMARY KEY CHECK (one = 1), host TEXT NOT NULL, pid INTEGER NOT NULL,
                             started_ns INTEGER NOT NULL, heartbeat_ns INTEGER NOT NULL);
      INSERT OR IGNORE INTO meta (key, value) VALUES ('gc_epoch', '1');",
+    // 3: the checkpoint last checked out whole at each destination, which an in-place checkout there trusts
+    // for files whose size and mtime still match (see docs/format.md).
+    "CREATE TABLE checkouts (dest TEXT PRIMARY KEY, checkpoint TEXT NOT NULL, time_ns INTEGER NOT NULL) WITHOUT ROWID;",
 ];
 
 /// Kinds of object in the `condemned` table.
@@ -143,6 +146,24 @@ fn to_u64(v: i64) -> u64 {
 fn blob_id(bytes: Vec<u8>) -> rusqlite::Result<ObjectId> {
     ObjectId::from_slice(&bytes)
         .ok_or_else(|| rusqlite::Error::InvalidColumnType(0, "id".into(), rusqlite::types::Type::Blob))
+}
+
+/// Decodes a `tree_entries` row (name, kind, mode, mtime_ns, ctime_ns, ino, size, target).
+fn entry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Entry>> {
+    let kind = match EntryKind::from_code(r.get(1)?) {
+        Ok(kind) => kind,
+        Err(e) => return Ok(Err(e)),
+    };
+    Ok(Ok(Entry {
+        name: r.get(0)?,
+        kind,
+        mode: r.get(2)?,
+        mtime_ns: r.get(3)?,
+        ctime_ns: r.get(4)?,
+        ino: to_u64(r.get(5)?),
+        size: to_u64(r.get(6)?),
+        target: r.get(7)?,
+    }))
 }
 
 impl Catalog {
@@ -307,36 +328,19 @@ impl Catalog {
         let mut stmt = self.conn.prepare_cached(
             "SELECT name, kind, mode, mtime_ns, ctime_ns, ino, size, target FROM tree_entries WHERE tree = ?1 ORDER BY name",
         )?;
-        let rows = stmt.query_map([&id.0[..]], |r| {
-            Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, u32>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, i64>(6)?,
-                r.get::<_, Vec<u8>>(7)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (name, kind, mode, mtime_ns, ctime_ns, ino, size, target) = row?;
-            out.push(Entry {
-                name,
-                kind: EntryKind::from_code(kind)?,
-                mode,
-                mtime_ns,
-                ctime_ns,
-                ino: to_u64(ino),
-                size: to_u64(size),
-                target,
-            });
-        }
+        let out = stmt.query_map([&id.0[..]], entry_row)?.map(|r| r?).collect::<Result<Vec<_>>>()?;
         if out.len() as i64 != expected {
             return Err(Error::corrupt(format!("tree {id} should have {expected} entries but has {}", out.len())));
         }
         Ok(out)
+    }
+
+    /// One entry of a tree, by name, without reading the others.
+    pub fn tree_entry(&self, id: &ObjectId, name: &[u8]) -> Result<Option<Entry>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, kind, mode, mtime_ns, ctime_ns, ino, size, target FROM tree_entries WHERE tree = ?1 AND name = ?2",
+        )?;
+        stmt.query_row(params![&id.0[..], name], entry_row).optional()?.transpose()
     }
 
     /// Writes a batch of rows in one transaction. Pack rows and their chunks come first, so that a
@@ -468,6 +472,27 @@ impl Catalog {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Records that checkpoint `id` was checked out whole at `dest` (an absolute path).
+    pub(crate) fn record_checkout(&self, dest: &str, id: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO checkouts (dest, checkpoint, time_ns) VALUES (?1, ?2, ?3)",
+            params![dest, id, now_ns()],
+        )?;
+        Ok(())
+    }
+
+    /// The checkpoint last checked out whole at `dest`, if it still exists.
+    pub(crate) fn last_checkout(&self, dest: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT k.checkpoint FROM checkouts k JOIN checkpoints c ON c.id = k.checkpoint WHERE k.dest = ?1",
+                [dest],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     /// Removes checkpoints (with their tags and skipped-file records) in one transaction.

@@ -1,24 +1,35 @@
-//! Checkout: rebuild a checkpoint's tree at a destination, verifying every chunk.
+//! Checkout: rebuild a checkpoint's tree at a destination, verifying every chunk and writing only what differs.
 //!
-//! The caller's thread walks the checkpoint's trees, creates directories and symlinks, and hands each file's
-//! chunks to workers in batches. Workers read, verify and write the chunks at their offsets into a temporary
-//! file beside the destination; the worker finishing a file's last batch sets its mode and mtime and renames
-//! it into place, so a file is either absent, or whole and verified. Directory modes and mtimes are applied
-//! last, deepest first, so a read-only directory does not stop its own checkout.
+//! The caller's thread walks the checkpoint's trees, creates directories and symlinks, decides for each file
+//! what must be written, and hands the chunks to workers in batches. Workers read, verify and write chunks at
+//! their offsets; the worker finishing a file's last batch sets its mode and mtime (and renames it into
+//! place). Directory modes and mtimes are applied last, deepest first, so a read-only directory does not stop
+//! its own checkout.
+//!
+//! Into a new or empty destination every file is written into a temporary file beside it and renamed into
+//! place, so a file is either absent or whole. With `in_place`, a file already at the destination is
+//! compared first: one whose size and mtime match the checkpoint's is left alone; one whose size and mtime
+//! match what a previous checkpoint recorded there (the last checkpoint checked out whole at that
+//! destination, or the last committed from it) is known to hold that checkpoint's chunks, so only the chunks
+//! that differ by position are written; any other file is read and hashed at the new chunk offsets, and only
+//! mismatching chunks are written. Large files are patched in place (a crash leaves such a file with the mtime
+//! of the crash, which matches neither version, so the next checkout hashes and finishes it); small files
+//! are rewritten through a temporary file.
 
 use std::ffi::OsStr;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, Metadata, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, bounded};
+use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::backend::Backend;
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, host_name};
+use crate::content;
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::progress::{NoProgress, Progress};
@@ -29,8 +40,15 @@ use crate::tree::{self, ChunkRef, Entry, EntryKind};
 /// How to check out.
 #[derive(Clone)]
 pub struct CheckoutOptions {
-    /// Write into a destination that exists and is not empty, replacing what the checkpoint names.
-    pub force: bool,
+    /// Update a destination that exists and is not empty, writing only what differs from the checkpoint.
+    /// Without it, such a destination is refused.
+    pub in_place: bool,
+    /// With `in_place`, also remove what the destination holds and the checkpoint lacks.
+    pub delete: bool,
+    /// With `in_place`, read and hash every existing file instead of trusting a matching size and mtime.
+    pub checksum: bool,
+    /// Restore only these paths of the checkpoint (relative to the committed directory); empty: all of it.
+    pub paths: Vec<PathBuf>,
     /// Worker threads; 0 means two per core.
     pub threads: usize,
     /// Receives progress.
@@ -39,7 +57,14 @@ pub struct CheckoutOptions {
 
 impl Default for CheckoutOptions {
     fn default() -> Self {
-        CheckoutOptions { force: false, threads: 0, progress: Arc::new(NoProgress) }
+        CheckoutOptions {
+            in_place: false,
+            delete: false,
+            checksum: false,
+            paths: Vec::new(),
+            threads: 0,
+            progress: Arc::new(NoProgress),
+        }
     }
 }
 
@@ -48,25 +73,39 @@ impl Default for CheckoutOptions {
 pub struct CheckoutSummary {
     /// The checkpoint checked out.
     pub id: String,
-    /// Regular files written.
+    /// Regular files restored or found up to date.
     pub files: u64,
+    /// Of those, files left untouched because they already matched.
+    pub files_unchanged: u64,
+    /// Of those, files updated in place by writing only the chunks that differ.
+    pub files_patched: u64,
     /// Directories created or reused.
     pub dirs: u64,
-    /// Symbolic links created.
+    /// Symbolic links created or found up to date.
     pub symlinks: u64,
-    /// Bytes of file content restored.
+    /// Files, directories and symlinks removed from the destination (`delete`).
+    pub removed: u64,
+    /// Bytes of file content the checkpoint holds at the restored paths.
     pub bytes: u64,
+    /// Bytes actually written into files (runs of zeros are left as holes, not written).
+    pub bytes_written: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
 
 /// Chunks handed to a worker at once: big enough to amortise, small enough to spread a large file.
 const BATCH_BYTES: u64 = 4 << 20;
+/// Files smaller than this are rewritten whole through a temporary file rather than patched: the write is
+/// cheap, and the file is then either old or new after a crash.
+const PATCH_MIN: u64 = 1 << 20;
+/// The unit a patched file is compared and written in: a page.
+const BLOCK: u64 = 4096;
 
 struct FileTask {
     file: File,
-    temp: PathBuf,
     dest: PathBuf,
+    /// The temporary file renamed onto `dest` when done; `None` when patching `dest` in place.
+    temp: Option<PathBuf>,
     rel: PathBuf,
     mode: u32,
     mtime_ns: i64,
@@ -80,16 +119,20 @@ struct FileTask {
 impl Drop for FileTask {
     fn drop(&mut self) {
         // Reached when the last job holding the task is done or discarded (a checkout that stopped early).
-        if !self.placed.load(Ordering::Acquire) {
-            let _ = fs::remove_file(&self.temp);
+        if let Some(temp) = &self.temp
+            && !self.placed.load(Ordering::Acquire)
+        {
+            let _ = fs::remove_file(temp);
         }
     }
 }
 
 struct Job {
     task: Arc<FileTask>,
-    offset: u64,
-    refs: Vec<ChunkRef>,
+    /// Chunks and the offsets they go to.
+    chunks: Vec<(u64, ChunkRef)>,
+    /// Hash what the file holds at each chunk's place first, and write only the chunks that differ.
+    compare: bool,
 }
 
 fn mtime(ns: i64) -> std::time::SystemTime {
@@ -100,9 +143,22 @@ fn mtime(ns: i64) -> std::time::SystemTime {
     }
 }
 
+fn mtime_ns(md: &Metadata) -> i64 {
+    md.mtime() * 1_000_000_000 + md.mtime_nsec()
+}
+
+const TEMP_PREFIX: &str = ".snapstore-tmp-";
+
 fn temp_path(dir: &Path) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
-    dir.join(format!(".snapstore-tmp-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
+    dir.join(format!("{TEMP_PREFIX}{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
+}
+
+/// Whether `name` is a temporary file left by a checkout whose process is gone.
+fn stale_temp(name: &[u8]) -> bool {
+    let Some(rest) = name.strip_prefix(TEMP_PREFIX.as_bytes()) else { return false };
+    let pid = rest.split(|&b| b == b'-').next().and_then(|p| std::str::from_utf8(p).ok()?.parse::<u32>().ok());
+    pid.is_some_and(|pid| pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists())
 }
 
 fn file_error(rel: &Path, e: Error) -> Error {
@@ -113,23 +169,77 @@ fn file_error(rel: &Path, e: Error) -> Error {
 }
 
 impl FileTask {
-    /// Called once per batch and once by the walker; the last caller puts the file in place.
+    /// Called once per batch and once by the walker; the last caller finishes the file.
     fn release(&self) -> Result<()> {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 || self.failed.load(Ordering::Acquire) {
             return Ok(());
         }
         let io = |e| Error::io(&self.dest, e);
         self.file.set_permissions(fs::Permissions::from_mode(self.mode)).map_err(io)?;
+        // The mtime last: a patched file carries the checkpoint's mtime only once it is whole.
         self.file.set_modified(mtime(self.mtime_ns)).map_err(io)?;
-        fs::rename(&self.temp, &self.dest).map_err(io)?;
+        if let Some(temp) = &self.temp {
+            fs::rename(temp, &self.dest).map_err(io)?;
+        }
         self.placed.store(true, Ordering::Release);
         Ok(())
     }
 
     fn fail(&self) {
-        if !self.failed.swap(true, Ordering::AcqRel) {
-            let _ = fs::remove_file(&self.temp);
+        if !self.failed.swap(true, Ordering::AcqRel)
+            && let Some(temp) = &self.temp
+        {
+            let _ = fs::remove_file(temp);
         }
+    }
+
+    /// Writes a verified chunk at `at`; returns the bytes written. Into a new file, runs of zeros are skipped
+    /// (they stay holes). Into a patched file, only the 4 KiB blocks whose bytes differ are written (a small
+    /// edit costs its blocks, not its whole chunk), and zeros over data are punched out as holes.
+    fn write(&self, at: u64, data: &[u8], old: &mut Vec<u8>) -> Result<u64> {
+        let io = |e| Error::io(&self.dest, e);
+        if self.temp.is_some() {
+            if is_zero(data) {
+                return Ok(0);
+            }
+            self.file.write_all_at(data, at).map_err(io)?;
+            return Ok(data.len() as u64);
+        }
+        old.resize(data.len(), 0);
+        // The file was sized to the checkpoint's length first, so the range exists.
+        self.file.read_exact_at(old, at).map_err(io)?;
+        if is_zero(data) {
+            if is_zero(old) {
+                return Ok(0);
+            }
+            let punch = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+            if rustix::fs::fallocate(&self.file, punch, at, data.len() as u64).is_ok() {
+                return Ok(0);
+            }
+        }
+        let mut written = 0;
+        let mut i = 0;
+        while i < data.len() {
+            // Blocks aligned to file offsets, so that a write covers whole pages.
+            let block_end = |i: usize| (((at + i as u64) / BLOCK + 1) * BLOCK - at).min(data.len() as u64) as usize;
+            let mut end = block_end(i);
+            if data[i..end] == old[i..end] {
+                i = end;
+                continue;
+            }
+            let start = i;
+            while end < data.len() {
+                let next = block_end(end);
+                if data[end..next] == old[end..next] {
+                    break;
+                }
+                end = next;
+            }
+            self.file.write_all_at(&data[start..end], at + start as u64).map_err(io)?;
+            written += (end - start) as u64;
+            i = end;
+        }
+        Ok(written)
     }
 }
 
@@ -143,28 +253,43 @@ fn clear(path: &Path) -> Result<()> {
     }
 }
 
-pub(crate) fn checkout(
-    catalog_path: &Path,
-    backend: Arc<dyn Backend>,
-    id: &str,
-    dest: &Path,
-    opts: &CheckoutOptions,
-) -> Result<CheckoutSummary> {
+/// What an earlier checkpoint recorded at a path of the destination, trusted for a file whose metadata
+/// still matches.
+#[derive(Clone)]
+struct Prior {
+    entry: Entry,
+    /// Recorded by a commit of this very file: ctime and inode must match too, as commit itself requires.
+    committed: bool,
+}
+
+impl Prior {
+    /// The content the file on disk holds, if this record vouches for it.
+    fn vouches(&self, md: &Metadata) -> Option<ObjectId> {
+        let e = &self.entry;
+        let same = e.kind == EntryKind::File
+            && e.size == md.len()
+            && e.mtime_ns == mtime_ns(md)
+            && (!self.committed || (e.ctime_ns == md.ctime() * 1_000_000_000 + md.ctime_nsec() && e.ino == md.ino()));
+        same.then(|| e.object().ok().flatten()).flatten()
+    }
+}
+
+/// Everything checkout needs from the repository.
+pub(crate) struct Source<'a> {
+    pub catalog_path: &'a Path,
+    pub repo_root: &'a Path,
+    pub backend: Arc<dyn Backend>,
+}
+
+pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutOptions) -> Result<CheckoutSummary> {
     let started = Instant::now();
-    let catalog = Catalog::open(catalog_path)?;
-    let root_tree = catalog.checkpoint_root(id)?;
-    let root = match catalog.tree(&root_tree)?.as_slice() {
-        [only] => only.clone(),
-        _ => {
-            return Err(Error::corrupt(format!("checkpoint {id}: root tree must hold exactly one entry")));
-        }
-    };
-    tree::validate_name(&root.name)?;
-    match fs::symlink_metadata(dest) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+    let catalog = Catalog::open(src.catalog_path)?;
+    let root = content::root_entry(&catalog, id)?;
+    let in_place = match fs::symlink_metadata(dest) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
         Err(e) => return Err(Error::io(dest, e)),
         Ok(md) if md.is_dir() && root.kind != EntryKind::Dir => {
-            // Even with --force, never replace a whole directory by a file: that is almost surely a typo.
+            // Never replace a whole directory by a file: that is almost surely a typo.
             return Err(Error::InvalidInput(format!(
                 "{} is a directory, but the checkpoint holds a {}: give the path it should have, e.g. {}",
                 dest.display(),
@@ -174,16 +299,43 @@ pub(crate) fn checkout(
         }
         Ok(md) => {
             let empty_dir = md.is_dir() && fs::read_dir(dest).map_err(|e| Error::io(dest, e))?.next().is_none();
-            if !(opts.force || (empty_dir && root.kind == EntryKind::Dir)) {
+            if !empty_dir && !opts.in_place {
                 return Err(Error::DestinationNotEmpty(dest.to_path_buf()));
             }
+            !empty_dir
+        }
+    };
+    let abs_dest = std::path::absolute(dest).map_err(|e| Error::io(dest, e))?;
+    let priors = if in_place && !opts.checksum { priors(&catalog, &abs_dest) } else { Vec::new() };
+
+    // What to restore: the whole tree, or the named parts, each with its destination path and priors. Paths
+    // in errors and progress start with the committed name, as `show` prints them.
+    let root_name = PathBuf::from(OsStr::from_bytes(&root.name));
+    let mut starts = Vec::new();
+    if opts.paths.is_empty() {
+        starts.push(Start { entry: root.clone(), path: dest.to_path_buf(), rel: root_name.clone(), priors });
+    } else {
+        for p in &opts.paths {
+            let (entry, rel) = content::lookup(&catalog, &root, p)?.ok_or_else(|| Error::PathNotFound {
+                checkpoint: id[..crate::SHORT_ID_LEN].to_string(),
+                path: p.clone(),
+            })?;
+            let path = if rel.as_os_str().is_empty() { dest.to_path_buf() } else { dest.join(&rel) };
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            }
+            let priors = priors
+                .iter()
+                .filter_map(|p| {
+                    let (entry, _) = content::lookup(&catalog, &p.entry, &rel).ok()??;
+                    Some(Prior { entry, committed: p.committed })
+                })
+                .collect();
+            let rel = if rel.as_os_str().is_empty() { root_name.clone() } else { root_name.join(rel) };
+            starts.push(Start { entry, path, rel, priors });
         }
     }
-    let total: u64 =
-        catalog
-            .connection()
-            .query_row("SELECT logical_bytes FROM checkpoints WHERE id = ?1", [id], |r| r.get::<_, i64>(0))?
-            as u64;
+    let total = starts.iter().map(|s| total_bytes(&catalog, &s.entry)).sum::<Result<u64>>()?;
     opts.progress.start("checkout", Some(total));
 
     // Twice the cores: workers spend much of their time in the kernel writing pages, often waiting on the
@@ -196,22 +348,33 @@ pub(crate) fn checkout(
     let (tx, rx) = bounded::<Job>(threads * 2);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let abort = AtomicBool::new(false);
+    let written = AtomicU64::new(0);
     let mut summary = CheckoutSummary { id: id.to_string(), ..Default::default() };
+    let protect = fs::canonicalize(src.repo_root).ok();
 
     let walked = std::thread::scope(|s| {
         for _ in 0..threads {
             let rx = rx.clone();
-            let (backend, first_error, abort) = (backend.clone(), &first_error, &abort);
+            let (backend, first_error, abort, written) = (src.backend.clone(), &first_error, &abort, &written);
             let progress = opts.progress.clone();
             s.spawn(move || {
-                if let Err(e) = worker(catalog_path, backend, rx, &*progress, abort) {
+                if let Err(e) = worker(src.catalog_path, backend, rx, &*progress, abort, written) {
                     abort.store(true, Ordering::SeqCst);
                     first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                 }
             });
         }
         drop(rx);
-        let r = walk(&catalog, &root, dest, &tx, &abort, opts, &mut summary);
+        let mut walker = Walker {
+            catalog: &catalog,
+            tx: &tx,
+            abort: &abort,
+            opts,
+            in_place,
+            protect: protect.as_deref(),
+            summary: &mut summary,
+        };
+        let r = starts.iter().try_for_each(|s| walker.walk(s));
         drop(tx);
         r
     });
@@ -219,10 +382,51 @@ pub(crate) fn checkout(
         return Err(e);
     }
     walked?;
-    apply_dir_metadata(&catalog, &root, dest)?;
+    for s in &starts {
+        apply_dir_metadata(&catalog, &s.entry, &s.path)?;
+    }
+    if opts.paths.is_empty()
+        && let Err(e) = catalog.record_checkout(&abs_dest.to_string_lossy(), id)
+    {
+        // The files are in place; without the record the next in-place checkout hashes instead of trusting.
+        opts.progress.warn(&format!("could not record the checkout in the catalog: {e}"));
+    }
+    summary.bytes_written = written.into_inner();
     summary.seconds = started.elapsed().as_secs_f64();
     opts.progress.finish();
     Ok(summary)
+}
+
+/// The records an in-place checkout at `dest` may trust: the checkpoint last checked out there whole, and
+/// the last one committed from there. A record that cannot be read (its checkpoint was just collected) is
+/// skipped: files it would have vouched for are hashed instead.
+fn priors(catalog: &Catalog, dest: &Path) -> Vec<Prior> {
+    let key = dest.to_string_lossy();
+    let mut out = Vec::new();
+    if let Ok(Some(id)) = catalog.last_checkout(&key)
+        && let Ok(entry) = content::root_entry(catalog, &id)
+    {
+        out.push(Prior { entry, committed: false });
+    }
+    if let Ok(Some(cp)) = catalog.latest_of_path(&host_name(), &key)
+        && let Ok(entry) = content::root_entry(catalog, &cp.id)
+    {
+        out.push(Prior { entry, committed: true });
+    }
+    out
+}
+
+fn total_bytes(catalog: &Catalog, entry: &Entry) -> Result<u64> {
+    let mut total = 0;
+    let mut stack = vec![entry.clone()];
+    while let Some(e) = stack.pop() {
+        match e.kind {
+            EntryKind::File => total += e.size,
+            EntryKind::Dir => stack.extend(catalog.tree(&e.object()?.expect("dir has a tree"))?),
+            EntryKind::Symlink => {}
+        }
+    }
+    Ok(total)
 }
 
 fn worker(
@@ -231,32 +435,41 @@ fn worker(
     jobs: Receiver<Job>,
     progress: &dyn Progress,
     abort: &AtomicBool,
+    written: &AtomicU64,
 ) -> Result<()> {
     let catalog = Catalog::open(catalog_path)?;
     let mut reader = ChunkReader::new(backend)?;
-    let mut offsets = Vec::new();
+    let mut existing = Vec::new();
+    let mut old = Vec::new();
+    let mut needed = Vec::new();
     for job in jobs {
         let task = &job.task;
         if abort.load(Ordering::Relaxed) || task.failed.load(Ordering::Relaxed) {
             task.fail();
             continue;
         }
-        offsets.clear();
-        let mut at = job.offset;
-        for r in &job.refs {
-            offsets.push(at);
-            at += r.len as u64;
-        }
-        let written = reader.read_chunks(&catalog, &job.refs, |i, data| {
-            // The file was extended to its full size up front: skipping zeros leaves holes, so sparse
-            // files come back sparse.
-            if !is_zero(data) {
-                task.file.write_all_at(data, offsets[i]).map_err(|e| Error::io(&task.dest, e))?;
+        let result = (|| {
+            needed.clear();
+            for &(at, r) in &job.chunks {
+                if job.compare {
+                    existing.resize(r.len as usize, 0);
+                    let held = task.file.read_exact_at(&mut existing, at).is_ok() && ObjectId::of(&existing) == r.id;
+                    if held {
+                        progress.bytes(r.len as u64);
+                        continue;
+                    }
+                }
+                needed.push((at, r));
             }
-            progress.bytes(data.len() as u64);
-            Ok(())
-        });
-        if let Err(e) = written.and_then(|()| task.release()) {
+            let refs: Vec<ChunkRef> = needed.iter().map(|&(_, r)| r).collect();
+            reader.read_chunks(&catalog, &refs, |i, data| {
+                written.fetch_add(task.write(needed[i].0, data, &mut old)?, Ordering::Relaxed);
+                progress.bytes(data.len() as u64);
+                Ok(())
+            })?;
+            task.release()
+        })();
+        if let Err(e) = result {
             task.fail();
             return Err(file_error(&task.rel, e));
         }
@@ -264,125 +477,290 @@ fn worker(
     Ok(())
 }
 
-/// Walks the checkpoint's trees depth first, creating directories and symlinks and queueing file batches.
-fn walk(
-    catalog: &Catalog,
-    root: &Entry,
-    dest: &Path,
-    tx: &crossbeam_channel::Sender<Job>,
-    abort: &AtomicBool,
-    opts: &CheckoutOptions,
-    summary: &mut CheckoutSummary,
-) -> Result<()> {
-    let mut stack: Vec<(Entry, PathBuf, PathBuf)> =
-        vec![(root.clone(), dest.to_path_buf(), PathBuf::from(OsStr::from_bytes(&root.name)))];
-    while let Some((entry, path, rel)) = stack.pop() {
-        if abort.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        match entry.kind {
-            EntryKind::Dir => {
-                match fs::symlink_metadata(&path) {
-                    Ok(md) if md.is_dir() => {}
-                    Ok(_) => {
-                        clear(&path)?;
-                        create_dir(&path)?;
+/// Where a walk starts: an entry of the checkpoint, where it goes, and what was recorded there before.
+struct Start {
+    entry: Entry,
+    path: PathBuf,
+    rel: PathBuf,
+    priors: Vec<Prior>,
+}
+
+struct Walker<'a> {
+    catalog: &'a Catalog,
+    tx: &'a Sender<Job>,
+    abort: &'a AtomicBool,
+    opts: &'a CheckoutOptions,
+    in_place: bool,
+    /// The repository's own directory, never removed by `delete`.
+    protect: Option<&'a Path>,
+    summary: &'a mut CheckoutSummary,
+}
+
+impl Walker<'_> {
+    /// Walks the checkpoint's trees depth first from `start`, creating directories and symlinks and queueing
+    /// file batches.
+    fn walk(&mut self, start: &Start) -> Result<()> {
+        let mut stack = vec![(start.entry.clone(), start.path.clone(), start.rel.clone(), start.priors.clone())];
+        while let Some((entry, path, rel, priors)) = stack.pop() {
+            if self.abort.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            match entry.kind {
+                EntryKind::Dir => {
+                    let existed = match fs::symlink_metadata(&path) {
+                        Ok(md) if md.is_dir() => true,
+                        Ok(_) => {
+                            clear(&path)?;
+                            create_dir(&path)?;
+                            false
+                        }
+                        Err(_) => {
+                            create_dir(&path)?;
+                            false
+                        }
+                    };
+                    self.summary.dirs += 1;
+                    let tree_id = entry.object()?.expect("dir has a tree");
+                    let children = self.catalog.tree(&tree_id)?;
+                    if self.in_place && existed {
+                        self.tidy(&path, &children)?;
                     }
-                    Err(_) => create_dir(&path)?,
+                    // What each prior recorded in this directory, to pair with the children by name.
+                    let prior_dirs: Vec<(bool, Vec<Entry>)> = priors
+                        .iter()
+                        .filter(|p| p.entry.kind == EntryKind::Dir)
+                        .filter_map(|p| {
+                            let id = p.entry.object().ok()??;
+                            Some((p.committed, self.catalog.tree(&id).ok()?))
+                        })
+                        .collect();
+                    for child in children.into_iter().rev() {
+                        tree::validate_name(&child.name)?;
+                        let child_priors = prior_dirs
+                            .iter()
+                            .filter_map(|(committed, entries)| {
+                                let i = entries.binary_search_by(|e| e.name.cmp(&child.name)).ok()?;
+                                Some(Prior { entry: entries[i].clone(), committed: *committed })
+                            })
+                            .collect();
+                        let name = OsStr::from_bytes(&child.name);
+                        let (p, r) = (path.join(name), rel.join(name));
+                        stack.push((child, p, r, child_priors));
+                    }
                 }
-                summary.dirs += 1;
-                let tree_id = entry.object()?.expect("dir has a tree");
-                let children = catalog.tree(&tree_id)?;
-                for child in children.into_iter().rev() {
-                    tree::validate_name(&child.name)?;
-                    let name = OsStr::from_bytes(&child.name);
-                    let (p, r) = (path.join(name), rel.join(name));
-                    stack.push((child, p, r));
+                EntryKind::Symlink => {
+                    let target = OsStr::from_bytes(&entry.target);
+                    let same = self.in_place && fs::read_link(&path).is_ok_and(|t| t.as_os_str() == target);
+                    if !same {
+                        clear(&path)?;
+                        std::os::unix::fs::symlink(target, &path).map_err(|e| Error::io(&path, e))?;
+                    }
+                    let t = filetime::FileTime::from_system_time(mtime(entry.mtime_ns));
+                    filetime::set_symlink_file_times(&path, t, t).map_err(|e| Error::io(&path, e))?;
+                    self.summary.symlinks += 1;
+                }
+                EntryKind::File => {
+                    self.summary.files += 1;
+                    self.summary.bytes += entry.size;
+                    self.opts.progress.file(&rel);
+                    self.file(&entry, &path, rel, &priors)?;
                 }
             }
-            EntryKind::Symlink => {
-                clear(&path)?;
-                std::os::unix::fs::symlink(OsStr::from_bytes(&entry.target), &path).map_err(|e| Error::io(&path, e))?;
-                let t = filetime::FileTime::from_system_time(mtime(entry.mtime_ns));
-                filetime::set_symlink_file_times(&path, t, t).map_err(|e| Error::io(&path, e))?;
-                summary.symlinks += 1;
+        }
+        Ok(())
+    }
+
+    /// In a directory that already existed: removes temporaries of crashed checkouts, and with `delete`
+    /// whatever the checkpoint lacks (never the repository itself).
+    fn tidy(&mut self, dir: &Path, children: &[Entry]) -> Result<()> {
+        let canonical = if self.opts.delete { fs::canonicalize(dir).ok() } else { None };
+        for item in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let item = item.map_err(|e| Error::io(dir, e))?;
+            let name = item.file_name();
+            let name = name.as_bytes();
+            if stale_temp(name) {
+                let _ = fs::remove_file(item.path());
+                continue;
             }
-            EntryKind::File => {
-                summary.files += 1;
-                summary.bytes += entry.size;
-                opts.progress.file(&rel);
-                file(catalog, &entry, &path, rel, tx)?;
+            if !self.opts.delete
+                || name.starts_with(TEMP_PREFIX.as_bytes())
+                || children.binary_search_by(|e| e.name.as_slice().cmp(name)).is_ok()
+            {
+                continue;
             }
+            let holds_repo = match (&canonical, self.protect) {
+                (Some(c), Some(repo)) => repo.starts_with(c.join(OsStr::from_bytes(name))),
+                _ => false,
+            };
+            if !holds_repo {
+                clear(&item.path())?;
+                self.summary.removed += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn file(&mut self, entry: &Entry, dest: &Path, rel: PathBuf, priors: &[Prior]) -> Result<()> {
+        let content = entry.object()?.expect("file has content");
+        let mut patch = None;
+        match fs::symlink_metadata(dest) {
+            Ok(md) if md.is_file() && self.in_place => {
+                let trusted = if self.opts.checksum {
+                    None
+                } else if md.len() == entry.size && mtime_ns(&md) == entry.mtime_ns {
+                    Some(content)
+                } else {
+                    priors.iter().find_map(|p| p.vouches(&md))
+                };
+                // A small file nothing vouches for is cheap to hash whole: left alone if it already matches.
+                let trusted = if trusted != Some(content)
+                    && md.len() == entry.size
+                    && entry.size < PATCH_MIN
+                    && holds(self.catalog, dest, &content)?
+                {
+                    Some(content)
+                } else {
+                    trusted
+                };
+                if trusted == Some(content) {
+                    if md.permissions().mode() & 0o7777 != entry.mode {
+                        fs::set_permissions(dest, fs::Permissions::from_mode(entry.mode))
+                            .map_err(|e| Error::io(dest, e))?;
+                    }
+                    if mtime_ns(&md) != entry.mtime_ns {
+                        filetime::set_file_mtime(dest, filetime::FileTime::from_system_time(mtime(entry.mtime_ns)))
+                            .map_err(|e| Error::io(dest, e))?;
+                    }
+                    self.summary.files_unchanged += 1;
+                    self.opts.progress.bytes(entry.size);
+                    return Ok(());
+                }
+                if entry.size >= PATCH_MIN {
+                    patch = Some((md, trusted));
+                }
+            }
+            Ok(md) if md.is_dir() => clear(dest)?,
+            _ => {}
+        }
+        let (file, temp) = match &patch {
+            Some((md, _)) => {
+                if md.permissions().mode() & 0o600 != 0o600 {
+                    // Reading and writing it needs the owner's bits; the checkpoint's mode is set when done.
+                    fs::set_permissions(dest, fs::Permissions::from_mode(md.permissions().mode() | 0o600))
+                        .map_err(|e| Error::io(dest, e))?;
+                }
+                let f = OpenOptions::new().read(true).write(true).open(dest).map_err(|e| Error::io(dest, e))?;
+                (f, None)
+            }
+            None => {
+                let dir = dest.parent().unwrap_or(Path::new("."));
+                let temp = temp_path(dir);
+                let f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&temp)
+                    .map_err(|e| Error::io(&temp, e))?;
+                (f, Some(temp))
+            }
+        };
+        file.set_len(entry.size).map_err(|e| Error::io(dest, e))?;
+        let task = Arc::new(FileTask {
+            file,
+            dest: dest.to_path_buf(),
+            temp,
+            rel,
+            mode: entry.mode,
+            mtime_ns: entry.mtime_ns,
+            remaining: AtomicUsize::new(1),
+            failed: AtomicBool::new(false),
+            placed: AtomicBool::new(false),
+        });
+        let mut batcher = Batcher { tx: self.tx, task: &task, chunks: Vec::new(), bytes: 0 };
+        let queued = match patch {
+            Some((_, Some(held))) => {
+                self.summary.files_patched += 1;
+                // Only positions where the held content differs; if its record cannot be read (collected
+                // meanwhile), hash the whole file instead: rewriting a chunk twice is harmless.
+                let r = content::compare(self.catalog, &held, &content, |at, r, same| {
+                    if same {
+                        self.opts.progress.bytes(r.len as u64);
+                        Ok(())
+                    } else {
+                        batcher.push(at, r, false)
+                    }
+                });
+                r.and_then(|()| batcher.flush(false)).or_else(|e| match e {
+                    Error::Corrupt { .. } => queue_all(self.catalog, &content, &mut batcher, true),
+                    other => Err(other),
+                })
+            }
+            Some((_, None)) => {
+                self.summary.files_patched += 1;
+                queue_all(self.catalog, &content, &mut batcher, true)
+            }
+            None => queue_all(self.catalog, &content, &mut batcher, false),
+        };
+        if let Err(e) = queued {
+            task.fail();
+            return Err(file_error(&task.rel, e));
+        }
+        task.release().map_err(|e| file_error(&task.rel, e))
+    }
+}
+
+/// Whether the file at `path` holds exactly the chunks of `content` at their offsets (its size is checked
+/// by the caller).
+fn holds(catalog: &Catalog, path: &Path, content: &ObjectId) -> Result<bool> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut cursor = content::ChunkCursor::new(catalog, content)?;
+    let mut buf = Vec::new();
+    while let Some((at, r)) = cursor.next_chunk()? {
+        buf.resize(r.len as usize, 0);
+        if file.read_exact_at(&mut buf, at).is_err() || ObjectId::of(&buf) != r.id {
+            return Ok(false);
         }
     }
-    Ok(())
+    Ok(true)
+}
+
+/// Queues every chunk of `content`; `compare` has workers skip chunks the file already holds.
+fn queue_all(catalog: &Catalog, content: &ObjectId, batcher: &mut Batcher<'_>, compare: bool) -> Result<()> {
+    let mut cursor = content::ChunkCursor::new(catalog, content)?;
+    while let Some((at, r)) = cursor.next_chunk()? {
+        batcher.push(at, r, compare)?;
+    }
+    batcher.flush(compare)
+}
+
+/// Groups a file's chunks into jobs of about [`BATCH_BYTES`].
+struct Batcher<'a> {
+    tx: &'a Sender<Job>,
+    task: &'a Arc<FileTask>,
+    chunks: Vec<(u64, ChunkRef)>,
+    bytes: u64,
+}
+
+impl Batcher<'_> {
+    fn push(&mut self, at: u64, r: ChunkRef, compare: bool) -> Result<()> {
+        self.chunks.push((at, r));
+        self.bytes += r.len as u64;
+        if self.bytes >= BATCH_BYTES { self.flush(compare) } else { Ok(()) }
+    }
+
+    fn flush(&mut self, compare: bool) -> Result<()> {
+        if self.chunks.is_empty() {
+            return Ok(());
+        }
+        self.bytes = 0;
+        self.task.remaining.fetch_add(1, Ordering::AcqRel);
+        let job = Job { task: self.task.clone(), chunks: std::mem::take(&mut self.chunks), compare };
+        self.tx.send(job).map_err(|_| Error::Internal("checkout workers stopped".into()))
+    }
 }
 
 fn create_dir(path: &Path) -> Result<()> {
     fs::DirBuilder::new().mode(0o700).create(path).map_err(|e| Error::io(path, e))
-}
-
-fn file(
-    catalog: &Catalog,
-    entry: &Entry,
-    dest: &Path,
-    rel: PathBuf,
-    tx: &crossbeam_channel::Sender<Job>,
-) -> Result<()> {
-    let content = entry.object()?.expect("file has content");
-    let (size, segment_ids) = catalog.content(&content)?;
-    if size != entry.size {
-        return Err(Error::corrupt(format!(
-            "{}: content size {size} differs from the entry's {}",
-            rel.display(),
-            entry.size
-        )));
-    }
-    if fs::symlink_metadata(dest).is_ok_and(|m| m.is_dir()) {
-        clear(dest)?;
-    }
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    let temp = temp_path(dir);
-    let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp).map_err(|e| Error::io(&temp, e))?;
-    f.set_len(size).map_err(|e| Error::io(&temp, e))?;
-    let task = Arc::new(FileTask {
-        file: f,
-        temp,
-        dest: dest.to_path_buf(),
-        rel,
-        mode: entry.mode,
-        mtime_ns: entry.mtime_ns,
-        remaining: AtomicUsize::new(1),
-        failed: AtomicBool::new(false),
-        placed: AtomicBool::new(false),
-    });
-    let mut offset = 0u64;
-    let mut batch = Vec::new();
-    let mut batch_start = 0u64;
-    let send = |refs: Vec<ChunkRef>, at: u64| -> Result<()> {
-        task.remaining.fetch_add(1, Ordering::AcqRel);
-        tx.send(Job { task: task.clone(), offset: at, refs })
-            .map_err(|_| Error::Internal("checkout workers stopped".into()))
-    };
-    for seg in segment_ids.chunks_exact(ObjectId::LEN) {
-        let seg = ObjectId::from_slice(seg).expect("32 bytes");
-        for r in tree::decode_segment(&catalog.segment(&seg)?)? {
-            batch.push(r);
-            offset += r.len as u64;
-            if offset - batch_start >= BATCH_BYTES {
-                send(std::mem::take(&mut batch), batch_start)?;
-                batch_start = offset;
-            }
-        }
-    }
-    if !batch.is_empty() {
-        send(batch, batch_start)?;
-    }
-    if offset != size {
-        task.fail();
-        return Err(Error::corrupt(format!("{}: chunks add up to {offset} bytes, not {size}", task.rel.display())));
-    }
-    task.release().map_err(|e| file_error(&task.rel, e))
 }
 
 /// Sets directory modes and mtimes, children before parents (post-order), once all files are in place.
@@ -410,4 +788,56 @@ fn apply_dir_metadata(catalog: &Catalog, root: &Entry, dest: &Path) -> Result<()
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::pseudo_random;
+
+    fn task(file: File, dest: &Path, temp: Option<PathBuf>) -> FileTask {
+        FileTask {
+            file,
+            dest: dest.to_path_buf(),
+            temp,
+            rel: PathBuf::from("f"),
+            mode: 0o600,
+            mtime_ns: 0,
+            remaining: AtomicUsize::new(1),
+            failed: AtomicBool::new(false),
+            placed: AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn patching_writes_only_the_blocks_that_differ() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let old = pseudo_random(200_000, 1);
+        fs::write(&path, &old).unwrap();
+        let t = task(OpenOptions::new().read(true).write(true).open(&path).unwrap(), &path, None);
+        // A chunk at an unaligned offset with two separate one-byte edits: two blocks written, no more.
+        let (at, len) = (10_000u64, 100_000usize);
+        let mut chunk = old[at as usize..at as usize + len].to_vec();
+        chunk[5] ^= 1;
+        chunk[50_000] ^= 1;
+        let mut scratch = Vec::new();
+        let written = t.write(at, &chunk, &mut scratch).unwrap();
+        assert!(written > 0 && written <= 2 * BLOCK, "wrote {written}");
+        let mut want = old.clone();
+        want[at as usize..at as usize + len].copy_from_slice(&chunk);
+        assert_eq!(fs::read(&path).unwrap(), want);
+        assert_eq!(t.write(at, &chunk, &mut scratch).unwrap(), 0, "nothing differs the second time");
+        // Zeros over data: punched (or written where the filesystem cannot punch), and read back as zeros.
+        t.write(0, &vec![0u8; 8192], &mut scratch).unwrap();
+        assert!(fs::read(&path).unwrap()[..8192].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn only_temporaries_of_dead_processes_are_stale() {
+        assert!(!stale_temp(format!("{TEMP_PREFIX}{}-3", std::process::id()).as_bytes()));
+        assert!(!stale_temp(b".snapstore-tmp-1-0"), "pid 1 is alive");
+        assert!(stale_temp(b".snapstore-tmp-4000000000-7"));
+        assert!(!stale_temp(b".snapstore-tmp-x-7") && !stale_temp(b"data.bin"));
+    }
 }

@@ -50,6 +50,14 @@ pub enum Error {
         /// Short ids of some of the matching checkpoints.
         candidates: Vec<String>,
     },
+    /// A checkpoint holds nothing at the given path.
+    #[error("checkpoint {checkpoint} has no {}", path.display())]
+    PathNotFound {
+        /// The checkpoint's short id.
+        checkpoint: String,
+        /// The path looked for.
+        path: PathBuf,
+    },
     /// An id or prefix that is not 4 to 64 hex digits (nor `latest`).
     #[error("'{0}' is not a checkpoint id: use 4 to 64 hex digits, or 'latest'")]
     InvalidId(String),
@@ -95,6 +103,12 @@ pub enum Error {
         host: String,
         /// When it started, UTC.
         started: String,
+    },
+    /// Commits are running, and the operation (`repair index`) must not race them.
+    #[error("{count} commit{} running on this repository", if *count == 1 { " is" } else { "s are" })]
+    CommitsRunning {
+        /// How many commit sessions are alive.
+        count: u64,
     },
     /// A retention policy with no rule would forget everything.
     #[error("no retention rule given: forget needs checkpoint ids or at least one --keep-* option")]

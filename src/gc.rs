@@ -87,7 +87,7 @@ fn dead(host: &str, pid: u32, heartbeat_ns: i64, me: &str, stale_after: Duration
 }
 
 /// Takes the repository's GC lease, or says who holds it.
-fn acquire_lease(conn: &mut Connection, me: &str, stale_after: Duration) -> Result<()> {
+pub(crate) fn acquire_lease(conn: &mut Connection, me: &str, stale_after: Duration) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let holder: Option<(String, u32, i64, i64)> = tx
         .query_row("SELECT host, pid, started_ns, heartbeat_ns FROM gc_lease", [], |r| {
@@ -110,13 +110,13 @@ fn acquire_lease(conn: &mut Connection, me: &str, stale_after: Duration) -> Resu
     Ok(())
 }
 
-fn touch_lease(conn: &Connection) -> Result<()> {
+pub(crate) fn touch_lease(conn: &Connection) -> Result<()> {
     conn.execute("UPDATE gc_lease SET heartbeat_ns = ?1 WHERE pid = ?2", params![now_ns(), std::process::id()])?;
     Ok(())
 }
 
 /// Deletes sessions whose writers are dead; returns (expired, alive).
-fn expire_sessions(conn: &Connection, me: &str, stale_after: Duration) -> Result<(u64, u64)> {
+pub(crate) fn expire_sessions(conn: &Connection, me: &str, stale_after: Duration) -> Result<(u64, u64)> {
     let sessions: Vec<(i64, String, u32, i64)> = conn
         .prepare("SELECT id, host, pid, heartbeat_ns FROM sessions")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?

@@ -27,6 +27,8 @@ mod checkout;
 mod checkpoint;
 mod chunker;
 mod commit;
+mod content;
+mod diff;
 mod error;
 mod gc;
 mod id;
@@ -34,12 +36,15 @@ mod pack;
 mod params;
 mod progress;
 mod reach;
+mod reader;
+mod repair;
 mod retention;
 mod sparse;
 mod store;
 #[cfg(test)]
 mod testutil;
 mod tree;
+mod verify;
 
 use std::ffi::OsStr;
 use std::io::Read;
@@ -53,14 +58,20 @@ pub use checkout::{CheckoutOptions, CheckoutSummary};
 pub use checkpoint::{Checkpoint, SHORT_ID_LEN, format_utc};
 pub use chunker::Chunker;
 pub use commit::{CommitOptions, CommitSummary};
+pub use diff::{Change, ChangeKind, DiffSummary};
 pub use error::{Error, Result};
 pub use gc::{GcOptions, GcSummary};
 pub use id::ObjectId;
 pub use pack::{PackEntry, read_index as read_pack_index};
 pub use params::{FORMAT_VERSION, RepoParams};
 pub use progress::{NoProgress, Progress};
+pub use reader::FileReader;
+pub use repair::{CheckpointState, RepairReport};
 pub use retention::{Decision, Plan, Policy, UNLIMITED, parse_count, parse_duration};
 pub use tree::{Entry, EntryKind, validate_name};
+pub use verify::{
+    AffectedCheckpoint, AffectedFile, DamagedChunk, DamagedObject, DamagedPack, DataSubset, VerifyOptions, VerifyReport,
+};
 
 /// File name of the catalog inside a repository directory.
 pub const CATALOG_FILE: &str = "catalog.db";
@@ -237,7 +248,8 @@ impl Repository {
 
     /// Recreates checkpoint `id` (full id, unique prefix or `latest`) at `dest`, verifying every chunk.
     /// `dest` becomes what the committed path was: a directory, a file or a symlink. It must not exist, or
-    /// be an empty directory, unless [`CheckoutOptions::force`].
+    /// be an empty directory, unless [`CheckoutOptions::in_place`], which updates it by writing only what
+    /// differs.
     ///
     /// ```
     /// # let dir = tempfile::tempdir().unwrap();
@@ -249,12 +261,14 @@ impl Repository {
     /// let s = repo.checkout("latest", &out, &Default::default()).unwrap();
     /// assert_eq!((s.files, s.dirs), (1, 2));
     /// assert_eq!(std::fs::read(out.join("sub/a")).unwrap(), b"alpha");
-    /// // A second checkout into the now non-empty destination needs `force`.
+    /// // A second checkout into the now non-empty destination needs `in_place`.
     /// assert!(matches!(repo.checkout("latest", &out, &Default::default()), Err(snapstore::Error::DestinationNotEmpty(_))));
     /// ```
     pub fn checkout(&self, id: &str, dest: impl AsRef<Path>, opts: &CheckoutOptions) -> Result<CheckoutSummary> {
         let cp = self.checkpoint(id)?;
-        checkout::checkout(&self.catalog_path, self.backend.clone(), &cp.id, dest.as_ref(), opts)
+        let src =
+            checkout::Source { catalog_path: &self.catalog_path, repo_root: &self.root, backend: self.backend.clone() };
+        checkout::checkout(&src, &cp.id, dest.as_ref(), opts)
     }
 
     /// All checkpoints, newest first.
@@ -300,26 +314,71 @@ impl Repository {
     pub fn walk(&self, id: &str, mut f: impl FnMut(&FileInfo) -> Result<()>) -> Result<()> {
         let catalog = self.catalog()?;
         let cp = catalog.resolve(id)?;
-        let root = catalog.tree(&catalog.checkpoint_root(&cp.id)?)?;
-        let mut stack: Vec<(Entry, PathBuf)> = root.into_iter().rev().map(|e| (e, PathBuf::new())).collect();
-        while let Some((entry, parent)) = stack.pop() {
-            validate_name(&entry.name)?;
-            let path = parent.join(OsStr::from_bytes(&entry.name));
-            f(&FileInfo {
-                path: path.clone(),
-                kind: entry.kind,
-                size: entry.size,
-                mode: entry.mode,
-                mtime_ns: entry.mtime_ns,
-            })?;
-            if entry.kind == EntryKind::Dir {
-                let tree = entry.object()?.expect("dir has a tree");
-                for child in catalog.tree(&tree)?.into_iter().rev() {
-                    stack.push((child, path.clone()));
-                }
-            }
+        let root = content::root_entry(&catalog, &cp.id)?;
+        let path = PathBuf::from(OsStr::from_bytes(&root.name));
+        walk_entries(&catalog, vec![(root, path)], true, &mut f)
+    }
+
+    /// Lists what a checkpoint holds at `path` (relative to the committed directory; empty for all): a
+    /// directory's entries, all the way down with `recursive`, or the file or symlink itself. Paths are
+    /// relative to the committed directory.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+    /// std::fs::create_dir_all(dir.path().join("run/sub")).unwrap();
+    /// std::fs::write(dir.path().join("run/sub/a"), b"alpha").unwrap();
+    /// std::fs::write(dir.path().join("run/b"), b"beta").unwrap();
+    /// let s = repo.commit(dir.path().join("run"), &Default::default()).unwrap();
+    /// let mut top = Vec::new();
+    /// repo.list(&s.id, "", false, |f| { top.push(f.path.clone()); Ok(()) }).unwrap();
+    /// assert_eq!(top, vec![std::path::PathBuf::from("b"), "sub".into()]);
+    /// let mut all = Vec::new();
+    /// repo.list(&s.id, "sub", true, |f| { all.push((f.path.clone(), f.size)); Ok(()) }).unwrap();
+    /// assert_eq!(all, vec![("sub/a".into(), 5)]);
+    /// ```
+    pub fn list(
+        &self,
+        id: &str,
+        path: impl AsRef<Path>,
+        recursive: bool,
+        mut f: impl FnMut(&FileInfo) -> Result<()>,
+    ) -> Result<()> {
+        let catalog = self.catalog()?;
+        let cp = catalog.resolve(id)?;
+        let root = content::root_entry(&catalog, &cp.id)?;
+        let (entry, rel) = content::lookup(&catalog, &root, path.as_ref())?
+            .ok_or_else(|| Error::PathNotFound { checkpoint: cp.short_id().to_string(), path: path.as_ref().into() })?;
+        if entry.kind != EntryKind::Dir {
+            let name = if rel.as_os_str().is_empty() { PathBuf::from(OsStr::from_bytes(&entry.name)) } else { rel };
+            return walk_entries(&catalog, vec![(entry, name)], false, &mut f);
         }
-        Ok(())
+        let tree = entry.object()?.expect("dir has a tree");
+        let children = catalog.tree(&tree)?.into_iter().rev().map(|c| {
+            let p = rel.join(OsStr::from_bytes(&c.name));
+            (c, p)
+        });
+        walk_entries(&catalog, children.collect(), recursive, &mut f)
+    }
+
+    /// Opens one file of a checkpoint for reading and seeking, without restoring it: a read fetches only the
+    /// chunks it covers. `path` is relative to the committed directory (for a checkpoint of one file, its
+    /// name or the empty path).
+    pub fn open_file(&self, id: &str, path: impl AsRef<Path>) -> Result<FileReader> {
+        let catalog = self.catalog()?;
+        let cp = catalog.resolve(id)?;
+        let root = content::root_entry(&catalog, &cp.id)?;
+        let not_found = || Error::PathNotFound { checkpoint: cp.short_id().to_string(), path: path.as_ref().into() };
+        let (entry, _) = content::lookup(&catalog, &root, path.as_ref())?.ok_or_else(not_found)?;
+        if entry.kind != EntryKind::File {
+            return Err(Error::InvalidInput(format!(
+                "{} in checkpoint {} is a {}, not a file",
+                path.as_ref().display(),
+                cp.short_id(),
+                if entry.kind == EntryKind::Dir { "directory" } else { "symlink" }
+            )));
+        }
+        FileReader::open(catalog, self.backend.clone(), &entry.object()?.expect("file has content"))
     }
 
     /// Forgets checkpoints: removes them from the catalog (they no longer appear anywhere and cannot be
@@ -440,6 +499,35 @@ impl Repository {
         })
     }
 
+    /// Compares two checkpoints from the catalog alone (no chunk data is read): calls `f` for every file,
+    /// directory or symlink added, removed or modified from `a` to `b`, in path order, and returns the totals.
+    pub fn diff(&self, a: &str, b: &str, mut f: impl FnMut(&Change) -> Result<()>) -> Result<DiffSummary> {
+        let catalog = self.catalog()?;
+        let (a, b) = (catalog.resolve(a)?, catalog.resolve(b)?);
+        diff::diff(&catalog, &a.id, &b.id, &mut f)
+    }
+
+    /// Checks the catalog against the chunk store: every chunk a checkpoint references has a location inside
+    /// an existing pack, and pack indexes agree with the catalog; with [`VerifyOptions::read_data`], also
+    /// decompresses and rehashes chunks. Damage is reported in the [`VerifyReport`], not as an error.
+    pub fn verify(&self, opts: &VerifyOptions) -> Result<VerifyReport> {
+        verify::verify(&self.catalog_path, self.backend.clone(), opts)
+    }
+
+    /// Rebuilds the catalog's chunk index from the packs' own indexes, and reports which checkpoints are
+    /// whole again. Use when `verify` finds index damage.
+    pub fn repair_index(&self) -> Result<RepairReport> {
+        repair::repair_index(&self.root, self.backend.clone())
+    }
+
+    /// Like [`Repository::repair_index`], for a repository directory that may have lost its catalog (which
+    /// [`Repository::open`] refuses): a new catalog is created and the chunk index rebuilt into it, but no
+    /// checkpoint survives the loss of the catalog.
+    pub fn repair_index_at(path: impl AsRef<Path>) -> Result<RepairReport> {
+        let root = path.as_ref();
+        repair::repair_index(root, Arc::new(LocalBackend::new(root)))
+    }
+
     fn context(&self) -> commit::Context<'_> {
         commit::Context {
             catalog_path: &self.catalog_path,
@@ -448,4 +536,32 @@ impl Repository {
             params: &self.params,
         }
     }
+}
+
+/// Calls `f` on each entry of `stack` (popped from the end) and, with `recursive`, on everything below the
+/// directories among them, depth first in name order.
+fn walk_entries(
+    catalog: &Catalog,
+    mut stack: Vec<(Entry, PathBuf)>,
+    recursive: bool,
+    f: &mut dyn FnMut(&FileInfo) -> Result<()>,
+) -> Result<()> {
+    while let Some((entry, path)) = stack.pop() {
+        validate_name(&entry.name)?;
+        f(&FileInfo {
+            path: path.clone(),
+            kind: entry.kind,
+            size: entry.size,
+            mode: entry.mode,
+            mtime_ns: entry.mtime_ns,
+        })?;
+        if recursive && entry.kind == EntryKind::Dir {
+            let tree = entry.object()?.expect("dir has a tree");
+            for child in catalog.tree(&tree)?.into_iter().rev() {
+                let p = path.join(OsStr::from_bytes(&child.name));
+                stack.push((child, p));
+            }
+        }
+    }
+    Ok(())
 }

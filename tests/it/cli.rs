@@ -5,13 +5,12 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-use crate::util::{bin, pseudo_random, run};
+use crate::util::{assert_same_tree, bin, pseudo_random, run};
 
 // ---------------------------------------------------------------------------------------------------------
 // Helpers (local to this file).
@@ -78,40 +77,6 @@ fn commit_id(stdout: &str) -> String {
 
 fn json(s: &str) -> Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not valid JSON ({e}):\n{s}"))
-}
-
-/// Compares two trees: same names, kinds, file bytes, symlink targets and file permission bits; file mtimes
-/// too when `mtimes`.
-fn assert_same_tree(expected: &Path, actual: &Path, mtimes: bool) {
-    let em = fs::symlink_metadata(expected).unwrap_or_else(|e| panic!("{}: {e}", expected.display()));
-    let am = fs::symlink_metadata(actual).unwrap_or_else(|e| panic!("{} missing: {e}", actual.display()));
-    assert_eq!(em.file_type(), am.file_type(), "kind differs at {}", actual.display());
-    if em.is_symlink() {
-        assert_eq!(fs::read_link(expected).unwrap(), fs::read_link(actual).unwrap(), "{}", actual.display());
-    } else if em.is_file() {
-        let (e, a) = (fs::read(expected).unwrap(), fs::read(actual).unwrap());
-        assert!(e == a, "{}: content differs ({} vs {} bytes)", actual.display(), e.len(), a.len());
-        assert_eq!(em.permissions().mode() & 0o7777, am.permissions().mode() & 0o7777, "{}", actual.display());
-        if mtimes {
-            assert_eq!(
-                (em.mtime(), em.mtime_nsec()),
-                (am.mtime(), am.mtime_nsec()),
-                "mtime differs at {}",
-                actual.display()
-            );
-        }
-    } else {
-        let names = |d: &Path| {
-            let mut v: Vec<_> = fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect();
-            v.sort();
-            v
-        };
-        let (en, an) = (names(expected), names(actual));
-        assert_eq!(en, an, "directory listing differs at {}", actual.display());
-        for n in en {
-            assert_same_tree(&expected.join(&n), &actual.join(&n), mtimes);
-        }
-    }
 }
 
 /// Writes the operator session's source tree. `variant` 0 is the first state.
@@ -667,7 +632,7 @@ fn ambiguous_prefix_exits_2_and_lists_candidates() {
 }
 
 #[test]
-fn checkout_into_non_empty_destination_needs_force() {
+fn checkout_into_non_empty_destination_needs_in_place() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
     let src = tmp.path().join("src");
@@ -680,7 +645,7 @@ fn checkout_into_non_empty_destination_needs_force() {
     fs::write(dest.join("config.txt"), b"stale").unwrap();
     let err = sx_fail(&repo, &["checkout", &id[..8], p(&dest)], 2);
     assert!(err.contains(&format!("destination {} exists and is not empty", dest.display())), "{err}");
-    assert!(err.contains("hint:") && err.contains("--force"), "{err}");
+    assert!(err.contains("hint:") && err.contains("--in-place"), "{err}");
     assert_eq!(fs::read(dest.join("config.txt")).unwrap(), b"stale", "refused checkout touched the destination");
 
     // a file as destination is refused as well
@@ -689,7 +654,7 @@ fn checkout_into_non_empty_destination_needs_force() {
     sx_fail(&repo, &["checkout", &id[..8], p(&file_dest)], 2);
     assert_eq!(fs::read(&file_dest).unwrap(), b"x");
 
-    // --force writes what the checkpoint names and leaves the rest
+    // --in-place (alias --force) writes what the checkpoint names and leaves the rest
     sx(&repo, &["checkout", &id[..8], p(&dest), "--force"]);
     assert_eq!(fs::read(dest.join("keep.txt")).unwrap(), b"mine");
     fs::remove_file(dest.join("keep.txt")).unwrap();
@@ -830,7 +795,9 @@ fn help_explains_commands_exit_codes_and_ids() {
         assert!(top.contains(s), "top-level help lacks {s}:\n{top}");
     }
     assert!(top.contains("Exit codes"), "{top}");
-    for code in ["0 success", "1 failure", "2 bad usage", "3 damaged", "4 repository or checkpoint not found"] {
+    for code in
+        ["0 success", "1 failure", "2 bad usage", "3 damaged", "4 repository, checkpoint or path not found", "5 busy"]
+    {
         assert!(top.contains(code), "top-level help lacks {code:?}:\n{top}");
     }
     assert!(top.contains("unique prefix of 4 or more hex digits") && top.contains("latest"), "{top}");
@@ -841,7 +808,7 @@ fn help_explains_commands_exit_codes_and_ids() {
         assert!(commit.contains(s), "commit --help lacks {s}:\n{commit}");
     }
     let checkout = help(&["checkout", "--help"]);
-    for s in ["--force", "prefix", "latest", "empty directory"] {
+    for s in ["--in-place", "--delete", "--path", "prefix", "latest", "empty directory"] {
         assert!(checkout.contains(s), "checkout --help lacks {s}:\n{checkout}");
     }
     let show = help(&["show", "--help"]);

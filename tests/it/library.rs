@@ -438,7 +438,7 @@ fn single_file_root_becomes_the_destination_file() {
     let err = repo.checkout(&s.id, t.path().join("occupied"), &CheckoutOptions::default()).unwrap_err();
     assert!(matches!(err, Error::DestinationNotEmpty(_)), "{err}");
     assert_eq!(fs::read(t.path().join("occupied")).unwrap(), b"keep me");
-    repo.checkout(&s.id, t.path().join("occupied"), &CheckoutOptions { force: true, ..Default::default() }).unwrap();
+    repo.checkout(&s.id, t.path().join("occupied"), &CheckoutOptions { in_place: true, ..Default::default() }).unwrap();
     assert_same_tree(&empty, &t.path().join("occupied"));
 }
 
@@ -574,7 +574,7 @@ fn checkout_refuses_non_empty_destination_unless_forced() {
     assert!(matches!(err, Error::DestinationNotEmpty(_)), "{err}");
     assert_eq!(fs::read(dest.join("a.txt")).unwrap(), b"old a");
     assert!(!dest.join("sub").exists());
-    repo.checkout(&s.id, &dest, &CheckoutOptions { force: true, ..Default::default() }).unwrap();
+    repo.checkout(&s.id, &dest, &CheckoutOptions { in_place: true, ..Default::default() }).unwrap();
     assert_same_tree(&src, &dest);
 }
 
@@ -593,7 +593,7 @@ fn forced_checkout_does_not_follow_symlinks_planted_in_the_destination() {
     fs::create_dir(&dest).unwrap();
     symlink(outside.join("victim.txt"), dest.join("a.txt")).unwrap();
     symlink(&outside, dest.join("sub")).unwrap();
-    repo.checkout(&s.id, &dest, &CheckoutOptions { force: true, ..Default::default() }).unwrap();
+    repo.checkout(&s.id, &dest, &CheckoutOptions { in_place: true, ..Default::default() }).unwrap();
 
     assert_eq!(sorted_names(&outside), vec![OsString::from("victim.txt")], "checkout wrote through a symlink");
     assert_eq!(fs::read(outside.join("victim.txt")).unwrap(), b"must stay");
@@ -935,9 +935,20 @@ fn corrupt_chunk_fails_checkout_naming_the_file_and_leaves_no_bad_file() {
         assert_no_wrong_file(&src, &dest);
     }
 
-    // Forced over a good copy: the good copy must not be replaced by damaged bytes.
-    let err = repo.checkout(&s.id, &good, &CheckoutOptions { force: true, ..Default::default() }).unwrap_err();
-    assert!(err.is_corruption(), "{err:?}");
+    // In place over a good copy: every file already matches, so nothing is read or written.
+    let in_place = CheckoutOptions { in_place: true, ..Default::default() };
+    let done = repo.checkout(&s.id, &good, &in_place).unwrap();
+    assert_eq!((done.files_unchanged, done.bytes_written), (done.files, 0), "{done:?}");
+    assert_no_wrong_file(&src, &good);
+    // Over a copy whose victim was damaged on disk: the bad chunk is caught before it is written, the file is
+    // named, the other files stay good, and the victim never carries the checkpoint's mtime (it does not pass
+    // for restored).
+    fs::write(good.join("sub/victim.bin"), vec![0u8; victim.len()]).unwrap();
+    let err = repo.checkout(&s.id, &good, &in_place).unwrap_err();
+    assert!(err.is_corruption() && err.to_string().contains("sub/victim.bin"), "{err:?}");
+    let restored = fs::metadata(good.join("sub/victim.bin")).unwrap().modified().unwrap();
+    assert_ne!(restored, fs::metadata(src.join("sub/victim.bin")).unwrap().modified().unwrap());
+    fs::remove_file(good.join("sub/victim.bin")).unwrap();
     assert_no_wrong_file(&src, &good);
 }
 

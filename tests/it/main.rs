@@ -2,6 +2,9 @@
 
 mod cli;
 mod crash;
+mod diff;
 mod gc;
+mod inplace;
 mod library;
 mod util;
+mod verify;

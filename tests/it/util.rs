@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests.
 #![allow(dead_code)]
 
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -69,4 +71,38 @@ pub fn spawn(repo: &Path, args: &[&str]) -> Child {
 /// Ids listed by `log -q`, newest first.
 pub fn listed(repo: &Path) -> Vec<String> {
     succeeded(&run(repo, &["-q", "log"]), "log -q").lines().map(str::to_string).collect()
+}
+
+/// Compares two trees: same names, kinds, file bytes, symlink targets and file permission bits; file mtimes
+/// too when `mtimes`.
+pub fn assert_same_tree(expected: &Path, actual: &Path, mtimes: bool) {
+    let em = fs::symlink_metadata(expected).unwrap_or_else(|e| panic!("{}: {e}", expected.display()));
+    let am = fs::symlink_metadata(actual).unwrap_or_else(|e| panic!("{} missing: {e}", actual.display()));
+    assert_eq!(em.file_type(), am.file_type(), "kind differs at {}", actual.display());
+    if em.is_symlink() {
+        assert_eq!(fs::read_link(expected).unwrap(), fs::read_link(actual).unwrap(), "{}", actual.display());
+    } else if em.is_file() {
+        let (e, a) = (fs::read(expected).unwrap(), fs::read(actual).unwrap());
+        assert!(e == a, "{}: content differs ({} vs {} bytes)", actual.display(), e.len(), a.len());
+        assert_eq!(em.permissions().mode() & 0o7777, am.permissions().mode() & 0o7777, "{}", actual.display());
+        if mtimes {
+            assert_eq!(
+                (em.mtime(), em.mtime_nsec()),
+                (am.mtime(), am.mtime_nsec()),
+                "mtime differs at {}",
+                actual.display()
+            );
+        }
+    } else {
+        let names = |d: &Path| {
+            let mut v: Vec<_> = fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect();
+            v.sort();
+            v
+        };
+        let (en, an) = (names(expected), names(actual));
+        assert_eq!(en, an, "directory listing differs at {}", actual.display());
+        for n in en {
+            assert_same_tree(&expected.join(&n), &actual.join(&n), mtimes);
+        }
+    }
 }

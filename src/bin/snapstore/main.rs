@@ -1,17 +1,19 @@
 //! The `snapstore` command: a thin face over the library. It parses arguments, draws progress on a TTY,
 //! prints results (or JSON), and turns library errors into one clear line and an exit code.
 
+mod diff;
 mod output;
 mod progress;
+mod verify;
 
-use std::io::{self, IsTerminal};
+use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use snapstore::{CheckoutOptions, CommitOptions, Error, Repository};
 
-use output::{Out, human_bytes};
+use output::Out;
 
 /// Exit codes, documented in `--help`.
 const EXIT_FAILURE: u8 = 1;
@@ -24,7 +26,7 @@ const EXIT_BUSY: u8 = 5;
 macro_rules! exit_help {
     () => {
         "Exit codes: 0 success; 1 failure (I/O, catalog, ...); 2 bad usage or arguments; 3 damaged data detected;
-4 repository or checkpoint not found; 5 another gc is running.
+4 repository, checkpoint or path not found; 5 busy (another gc, or commits during repair).
 Checkpoint ids: any unique prefix of 4 or more hex digits, or 'latest'."
     };
 }
@@ -79,18 +81,56 @@ The new checkpoint's full id is printed last on stdout. If the repository does n
     },
     /// Recreate a checkpoint at DEST, byte for byte, verifying every chunk
     #[command(after_help = concat!("DEST becomes what the committed path was (the directory, or the file). \
-It must not exist, or be an empty directory; --force writes into an existing one, replacing what the checkpoint names.\n\n", exit_help!()))]
+DEST must not exist, or be an empty directory, unless --in-place: then files that already match the checkpoint are left untouched, \
+and a file that differs is patched by writing only the chunks that differ (to roll a VM image or a training run \
+back or forward). A file is taken to match when its size and mtime are the checkpoint's, or to hold an earlier \
+checkpoint's content when its size and mtime match what that checkpoint recorded there (the last checkout into \
+DEST, or the last commit of DEST); --checksum hashes every existing file instead. Files in DEST that the \
+checkpoint lacks stay unless --delete (never the repository itself). Permissions, mtimes and symlinks end as in \
+the checkpoint; runs of zeros become holes. If a checkout is interrupted, run it again: it finishes the job.\n\n\
+Examples:\n  snapstore checkout latest ./restored\n  snapstore checkout 3fa2c1 ./vm.img --in-place\n  \
+snapstore checkout 3fa2c1 ./run --in-place --delete\n  snapstore checkout latest ./out --path config --path data/step-100\n\n", exit_help!()))]
     Checkout {
         /// Checkpoint id, unique prefix, or 'latest'
         id: String,
         /// Where to recreate it
         dest: PathBuf,
-        /// Write into a destination that exists and is not empty
-        #[arg(long)]
-        force: bool,
+        /// Update an existing destination, writing only what differs
+        #[arg(long, visible_alias = "force")]
+        in_place: bool,
+        /// With --in-place: remove files and directories the checkpoint lacks
+        #[arg(long, requires = "in_place")]
+        delete: bool,
+        /// With --in-place: hash existing files instead of trusting size and mtime
+        #[arg(long, requires = "in_place")]
+        checksum: bool,
+        /// Restore only this path of the checkpoint, relative to the committed directory (repeatable)
+        #[arg(long = "path", value_name = "SUBPATH")]
+        paths: Vec<PathBuf>,
         /// Worker threads [default: two per core]
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         threads: usize,
+    },
+    /// Write one file of a checkpoint to stdout
+    #[command(after_help = concat!("PATH is relative to the committed directory (as `snapstore ls` prints it); \
+for a checkpoint of one file, its name. Every chunk is verified before it is written.\n\n", exit_help!()))]
+    Cat {
+        /// Checkpoint id, unique prefix, or 'latest'
+        id: String,
+        /// The file inside the checkpoint
+        path: PathBuf,
+    },
+    /// List the files of a checkpoint
+    #[command(after_help = concat!("Lists the entries of PATH (default: the top of the checkpoint), or every entry \
+below it with -r. Paths are relative to the committed directory.\n\n", exit_help!()))]
+    Ls {
+        /// Checkpoint id, unique prefix, or 'latest'
+        id: String,
+        /// A directory or file inside the checkpoint [default: its top]
+        path: Option<PathBuf>,
+        /// List everything below PATH, not only its entries
+        #[arg(short, long)]
+        recursive: bool,
     },
     /// List checkpoints, newest first
     #[command(after_help = exit_help!())]
@@ -164,6 +204,15 @@ that commit ends (the next gc reclaims them). Without a terminal it prints only 
         #[arg(long, value_name = "PERCENT", default_value_t = 10.0)]
         max_unused: f64,
     },
+    /// Show what changed between two checkpoints, from the catalog alone (no data is read)
+    #[command(after_help = exit_help!())]
+    Diff(diff::DiffArgs),
+    /// Check the repository: catalog against packs, and with --read-data every chunk's bytes
+    #[command(after_help = exit_help!())]
+    Verify(verify::VerifyArgs),
+    /// Repair a damaged repository (see `snapstore repair index --help`)
+    #[command(after_help = exit_help!())]
+    Repair(verify::RepairArgs),
     /// Repository totals: logical and stored bytes, dedup and compression ratios, chunks and packs
     #[command(after_help = exit_help!())]
     Stats,
@@ -182,6 +231,7 @@ fn main() -> ExitCode {
             }
             ExitCode::from(exit_code(&e))
         }
+        Err(Failure::Exit(code)) => ExitCode::from(code),
         Err(Failure::Usage(msg)) => {
             eprintln!("error: {msg}");
             ExitCode::from(EXIT_USAGE)
@@ -189,8 +239,10 @@ fn main() -> ExitCode {
     }
 }
 
-enum Failure {
+pub(crate) enum Failure {
     Lib(Error),
+    /// The command already reported what went wrong (e.g. `verify` listing damage): exit with this code.
+    Exit(u8),
     Usage(String),
     /// stdout was closed (`snapstore log | head`): not an error.
     Pipe,
@@ -211,8 +263,8 @@ impl From<io::Error> for Failure {
 fn exit_code(e: &Error) -> u8 {
     match e {
         _ if e.is_corruption() => EXIT_CORRUPT,
-        Error::NoRepository(_) | Error::CheckpointNotFound(_) => EXIT_NOT_FOUND,
-        Error::GcRunning { .. } => EXIT_BUSY,
+        Error::NoRepository(_) | Error::CheckpointNotFound(_) | Error::PathNotFound { .. } => EXIT_NOT_FOUND,
+        Error::GcRunning { .. } | Error::CommitsRunning { .. } => EXIT_BUSY,
         Error::InvalidId(_)
         | Error::AmbiguousId { .. }
         | Error::InvalidInput(_)
@@ -231,7 +283,9 @@ fn hint(e: &Error) -> Option<&'static str> {
         Error::RepositoryExists(_) => "use it as it is, or choose another --repo",
         Error::CheckpointNotFound(_) => "`snapstore log` lists the checkpoints",
         Error::AmbiguousId { .. } => "give more digits of the id",
-        Error::DestinationNotEmpty(_) => "choose a new or empty directory, or pass --force to write into this one",
+        Error::DestinationNotEmpty(_) => {
+            "choose a new or empty directory, or pass --in-place to update this one (only what differs is written)"
+        }
         Error::Unreadable { .. } => "fix the permissions, or pass --skip-unreadable to record the file as skipped",
         Error::FileChanged(_) => "stop the program writing to it, or pass --skip-unreadable to leave it out",
         Error::Corrupt { .. } | Error::UnsafeName { .. } => {
@@ -239,6 +293,9 @@ fn hint(e: &Error) -> Option<&'static str> {
         }
         Error::Format(_) => "this repository needs a different snapstore version",
         Error::GcRunning { .. } => "wait for it to finish; if its process is gone, the next gc takes over by itself",
+        Error::CommitsRunning { .. } => {
+            "run it again when they have finished; a commit whose process is gone is cleared by itself"
+        }
         Error::EmptyPolicy => "for example --keep-last 10 --keep-daily 7; try --dry-run first",
         Error::SessionExpired => "commit again; a gc took this commit for dead after an hour without progress",
         _ => return None,
@@ -313,27 +370,55 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 out.line(&summary.id)?;
             }
         }
-        Command::Checkout { id, dest, force, threads } => {
+        Command::Checkout { id, dest, in_place, delete, checksum, paths, threads } => {
             let repo = Repository::open(&repo_dir)?;
             let bar = progress::Bar::new(show_progress(cli));
-            let opts = CheckoutOptions { force: *force, threads: *threads, progress: bar.clone() };
+            let opts = CheckoutOptions {
+                in_place: *in_place,
+                delete: *delete,
+                checksum: *checksum,
+                paths: paths.clone(),
+                threads: *threads,
+                progress: bar.clone(),
+            };
             let summary = repo.checkout(id, dest, &opts)?;
             bar.finish();
             if cli.json {
                 out.json(&summary)?;
             } else if !cli.quiet {
-                let rate = summary.bytes as f64 / summary.seconds.max(1e-9);
-                out.line(&format!(
-                    "checked out {} to {}: {} files, {} dirs, {} symlinks, {} in {:.2} s ({}/s)",
-                    &summary.id[..snapstore::SHORT_ID_LEN],
-                    dest.display(),
-                    summary.files,
-                    summary.dirs,
-                    summary.symlinks,
-                    human_bytes(summary.bytes),
-                    summary.seconds,
-                    human_bytes(rate as u64)
-                ))?;
+                output::checkout_summary(out, &summary, dest)?;
+            }
+        }
+        Command::Cat { id, path } => {
+            let repo = Repository::open(&repo_dir)?;
+            let mut file = repo.open_file(id, path)?;
+            // Reads return at most one chunk; a large buffer keeps writes to a pipe few.
+            let mut stdout = io::BufWriter::with_capacity(1 << 20, io::stdout().lock());
+            io::copy(&mut file, &mut stdout).and_then(|_| stdout.flush()).map_err(|e| {
+                // A damaged chunk comes back as the library's error inside an io::Error.
+                if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+                    let inner = e.into_inner().expect("checked").downcast::<Error>().expect("checked");
+                    Failure::Lib(*inner)
+                } else {
+                    Failure::from(e)
+                }
+            })?;
+        }
+        Command::Ls { id, path, recursive } => {
+            let repo = Repository::open(&repo_dir)?;
+            let mut files = Vec::new();
+            let mut sink = output::Sink::default();
+            let listed = repo.list(id, path.as_deref().unwrap_or(std::path::Path::new("")), *recursive, |f| {
+                if cli.json {
+                    files.push(f.clone());
+                    Ok(())
+                } else {
+                    sink.write(output::file_line(out, f))
+                }
+            });
+            sink.finish(listed)?;
+            if cli.json {
+                out.json(&files)?;
             }
         }
         Command::Log { limit } => {
@@ -364,18 +449,9 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 for (p, why) in &skipped {
                     out.line(&format!("skipped   {}: {why}", p.display()))?;
                 }
-                let mut failed = None;
-                repo.walk(&cp.id, |f| {
-                    if let Err(e) = output::file_line(out, f) {
-                        failed = Some(e);
-                        return Err(Error::Internal("stdout closed".into()));
-                    }
-                    Ok(())
-                })
-                .or_else(|e| if failed.is_some() { Ok(()) } else { Err(e) })?;
-                if let Some(e) = failed {
-                    return Err(e.into());
-                }
+                let mut sink = output::Sink::default();
+                let walked = repo.walk(&cp.id, |f| sink.write(output::file_line(out, f)));
+                sink.finish(walked)?;
             }
         }
         Command::Forget {
@@ -469,6 +545,9 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 output::gc_summary(out, &summary)?;
             }
         }
+        Command::Diff(args) => diff::diff(&repo_dir, args, cli.json, cli.quiet, out)?,
+        Command::Verify(args) => verify::verify(&repo_dir, args, cli.json, cli.quiet, out)?,
+        Command::Repair(args) => verify::repair(&repo_dir, args, cli.json, cli.quiet, out)?,
         Command::Stats => {
             let repo = Repository::open(&repo_dir)?;
             let stats = repo.stats()?;

@@ -2,7 +2,9 @@
 
 use std::io::{self, BufWriter, StdoutLock, Write};
 
-use snapstore::{Checkpoint, CommitSummary, EntryKind, FileInfo, GcSummary, Plan, RepoStats, Repository};
+use snapstore::{
+    CheckoutSummary, Checkpoint, CommitSummary, EntryKind, FileInfo, GcSummary, Plan, RepoStats, Repository,
+};
 
 pub struct Out {
     w: BufWriter<StdoutLock<'static>>,
@@ -27,6 +29,29 @@ impl Out {
 
     pub fn flush(&mut self) -> io::Result<()> {
         self.w.flush()
+    }
+}
+
+/// Prints from inside a library callback (a walk, a diff): the first failed write (stdout closed) stops the
+/// walk with a stand-in error, and [`Sink::finish`] reports the write error instead of it.
+#[derive(Default)]
+pub struct Sink {
+    failed: Option<io::Error>,
+}
+
+impl Sink {
+    pub fn write(&mut self, written: io::Result<()>) -> snapstore::Result<()> {
+        written.map_err(|e| {
+            self.failed = Some(e);
+            snapstore::Error::Internal("stdout closed".into())
+        })
+    }
+
+    pub fn finish<T>(self, walked: snapstore::Result<T>) -> Result<T, crate::Failure> {
+        match self.failed {
+            Some(e) => Err(e.into()),
+            None => Ok(walked?),
+        }
     }
 }
 
@@ -70,7 +95,32 @@ pub fn commit_summary(out: &mut Out, s: &CommitSummary) -> io::Result<()> {
     ))
 }
 
-fn plural(n: u64, what: &str) -> String {
+pub fn checkout_summary(out: &mut Out, s: &CheckoutSummary, dest: &std::path::Path) -> io::Result<()> {
+    let rate = s.bytes as f64 / s.seconds.max(1e-9);
+    out.line(&format!(
+        "checked out {} to {}: {}, {}, {}, {} in {:.2} s ({}/s)",
+        &s.id[..snapstore::SHORT_ID_LEN],
+        dest.display(),
+        plural(s.files, "file"),
+        plural(s.dirs, "dir"),
+        plural(s.symlinks, "symlink"),
+        human_bytes(s.bytes),
+        s.seconds,
+        human_bytes(rate as u64)
+    ))?;
+    if s.files_unchanged + s.files_patched + s.removed > 0 || s.bytes_written != s.bytes {
+        out.line(&format!(
+            "  {} unchanged, {} patched in place, {} removed; wrote {}",
+            s.files_unchanged,
+            s.files_patched,
+            s.removed,
+            human_bytes(s.bytes_written)
+        ))?;
+    }
+    Ok(())
+}
+
+pub fn plural(n: u64, what: &str) -> String {
     if n == 1 { format!("1 {what}") } else { format!("{n} {what}s") }
 }
 

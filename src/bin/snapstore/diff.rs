@@ -1,0 +1,84 @@
+//! `snapstore diff`: added, removed and modified files between two checkpoints.
+
+use std::path::Path;
+
+use snapstore::{Change, ChangeKind, EntryKind, Repository};
+
+use crate::Failure;
+use crate::output::{Out, Sink, human_bytes};
+
+/// Arguments of `diff`.
+#[derive(clap::Args)]
+pub struct DiffArgs {
+    /// The older checkpoint (id, unique prefix, or 'latest')
+    a: String,
+    /// The newer checkpoint
+    b: String,
+}
+
+/// Ranges listed per file in text output; `--json` lists them all.
+const RANGES_SHOWN: usize = 4;
+
+pub fn diff(repo_dir: &Path, args: &DiffArgs, json: bool, quiet: bool, out: &mut Out) -> Result<(), Failure> {
+    let repo = Repository::open(repo_dir)?;
+    let mut changes = Vec::new();
+    let mut sink = Sink::default();
+    let diffed = repo.diff(&args.a, &args.b, |c| {
+        if json {
+            changes.push(c.clone());
+            Ok(())
+        } else if quiet {
+            Ok(())
+        } else {
+            sink.write(line(out, c))
+        }
+    });
+    let summary = sink.finish(diffed)?;
+    if json {
+        out.json(&serde_json::json!({ "summary": summary, "changes": changes }))?;
+    } else {
+        out.line(&format!(
+            "{} added ({}), {} removed ({}), {} modified ({} changed)",
+            summary.added,
+            human_bytes(summary.bytes_added),
+            summary.removed,
+            human_bytes(summary.bytes_removed),
+            summary.modified,
+            human_bytes(summary.bytes_changed)
+        ))?;
+    }
+    Ok(())
+}
+
+fn line(out: &mut Out, c: &Change) -> std::io::Result<()> {
+    let mark = match c.change {
+        ChangeKind::Added => '+',
+        ChangeKind::Removed => '-',
+        ChangeKind::Modified => 'M',
+    };
+    let mut path = c.path.to_string_lossy().into_owned();
+    if path.contains(['\n', '\r', '\t']) {
+        path = format!("{path:?}");
+    }
+    if c.kind == EntryKind::Dir {
+        path.push('/');
+    }
+    let detail = match c.change {
+        ChangeKind::Modified if !c.content_changed => "  (mode or mtime only)".to_string(),
+        ChangeKind::Modified if c.kind == EntryKind::File => {
+            let mut shown: Vec<String> = c.ranges.iter().take(RANGES_SHOWN).map(|(s, e)| format!("{s}..{e}")).collect();
+            if c.ranges.len() > RANGES_SHOWN {
+                shown.push(format!("+{} more", c.ranges.len() - RANGES_SHOWN));
+            }
+            let size = if c.size_before == c.size_after {
+                human_bytes(c.size_after)
+            } else {
+                format!("{} -> {}", human_bytes(c.size_before), human_bytes(c.size_after))
+            };
+            format!("  {size}, {} changed [{}]", human_bytes(c.bytes_changed), shown.join(", "))
+        }
+        _ if c.kind == EntryKind::File => format!("  {}", human_bytes(c.size_after.max(c.size_before))),
+        _ => String::new(),
+    };
+    out.line(&format!("{mark} {path}{detail}"))
+}

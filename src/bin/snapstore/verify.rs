@@ -1,0 +1,205 @@
+//! `snapstore verify` and `snapstore repair`: their arguments and their reports, as text or JSON.
+
+use std::io::{self, IsTerminal};
+use std::path::Path;
+
+use snapstore::{DataSubset, RepairReport, Repository, VerifyOptions, VerifyReport};
+
+use crate::output::{Out, human_bytes, human_time, plural};
+use crate::{EXIT_CORRUPT, Failure, progress};
+
+/// Arguments of `verify`.
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// Also read every chunk: decompress it and check it against its hash
+    #[arg(long)]
+    read_data: bool,
+    /// Read only a share of the packs: N/M (part N of M; parts 1/M..M/M together cover every pack) or P%
+    /// (a random P percent). Implies --read-data
+    #[arg(long, value_name = "N/M|P%", value_parser = |s: &str| s.parse::<DataSubset>())]
+    read_data_subset: Option<DataSubset>,
+    /// Threads reading packs [default: one per core]
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
+    threads: usize,
+}
+
+/// Arguments of `repair`.
+#[derive(clap::Args)]
+pub struct RepairArgs {
+    #[command(subcommand)]
+    what: RepairWhat,
+}
+
+#[derive(clap::Subcommand)]
+enum RepairWhat {
+    /// Rebuild the chunk index (the catalog's packs and chunks) from the packs' own indexes
+    #[command(after_help = "Use it when `snapstore verify` reports chunks missing from the index, or when \
+catalog.db was lost (a new catalog is created; checkpoints live only in the catalog, so none survive that, \
+but the stored chunks do). Packs whose index is damaged are reported and left out. Refused while a commit is \
+running. Afterwards every checkpoint is listed as whole or damaged.
+
+Exit codes: 0 every checkpoint whole; 3 damage remains (damaged packs, checkpoints missing data, or the catalog was lost); \
+1 failure; 4 no repository; 5 a gc is running.")]
+    Index,
+}
+
+/// Lines of one kind printed before "... and N more".
+const SHOWN: usize = 50;
+
+fn show_progress(json: bool, quiet: bool) -> bool {
+    !quiet && !json && io::stderr().is_terminal()
+}
+
+pub fn verify(repo_dir: &Path, args: &VerifyArgs, json: bool, quiet: bool, out: &mut Out) -> Result<(), Failure> {
+    let read_data = match args.read_data_subset {
+        Some(subset) => subset,
+        None if args.read_data => DataSubset::All,
+        None => DataSubset::None,
+    };
+    let repo = Repository::open(repo_dir)?;
+    let bar = progress::Bar::new(show_progress(json, quiet));
+    let opts = VerifyOptions { read_data, threads: args.threads, progress: bar.clone() };
+    let report = repo.verify(&opts)?;
+    bar.finish();
+    if json {
+        out.json(&report)?;
+    } else {
+        verify_text(out, &report, read_data, quiet)?;
+    }
+    out.flush()?;
+    if report.is_clean() { Ok(()) } else { Err(Failure::Exit(EXIT_CORRUPT)) }
+}
+
+fn short(id: &str) -> &str {
+    &id[..snapstore::SHORT_ID_LEN.min(id.len())]
+}
+
+fn more(out: &mut Out, total: u64, shown: usize, what: &str) -> io::Result<()> {
+    if total > shown as u64 { out.line(&format!("... and {} more {what}", total - shown as u64)) } else { Ok(()) }
+}
+
+fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bool) -> io::Result<()> {
+    let read = match read_data {
+        DataSubset::None => "read no chunk data (--read-data reads it)".to_string(),
+        _ => format!("read {} of data ({} packs, {} chunks)", human_bytes(r.bytes_read), r.packs_read, r.chunks_read),
+    };
+    if r.is_clean() {
+        if !quiet {
+            out.line(&format!(
+                "no damage found: {}, {}, {} checked; {read}",
+                plural(r.checkpoints, "checkpoint"),
+                plural(r.packs, "pack"),
+                plural(r.chunks, "chunk")
+            ))?;
+        }
+        return Ok(());
+    }
+    for p in r.damaged_packs.iter().take(SHOWN) {
+        out.line(&format!("damaged pack {}: {}", p.pack, p.problem))?;
+    }
+    more(out, r.damaged_packs.len() as u64, SHOWN, "damaged packs")?;
+    for c in r.damaged_chunks.iter().take(SHOWN) {
+        let place = c.pack.as_deref().map(|p| format!(" in {p}")).unwrap_or_default();
+        out.line(&format!("damaged chunk {}{place}: {}", c.id, c.problem))?;
+    }
+    more(out, r.damaged_chunks_total, SHOWN.min(r.damaged_chunks.len()), "damaged chunks")?;
+    for o in r.damaged_objects.iter().take(SHOWN) {
+        out.line(&format!("damaged {} {} in the catalog: {}", o.kind, o.id, o.problem))?;
+    }
+    more(out, r.damaged_objects_total, SHOWN.min(r.damaged_objects.len()), "damaged catalog objects")?;
+    for f in &r.affected_files {
+        out.line(&format!("affected: {} {} ({})", short(&f.checkpoint), f.path, f.problem))?;
+    }
+    more(out, r.affected_files_total, r.affected_files.len(), "affected files")?;
+    if !quiet {
+        out.line(&format!(
+            "damage found: {} damaged packs, {} damaged chunks, {} damaged catalog objects; \
+             {} in {} of {} affected; {read}",
+            r.damaged_packs.len(),
+            r.damaged_chunks_total,
+            r.damaged_objects_total,
+            plural(r.affected_files_total, "file"),
+            r.affected_checkpoints.len(),
+            plural(r.checkpoints, "checkpoint")
+        ))?;
+        let index_damage = r.damaged_chunks.iter().any(|c| c.pack.is_none()) || r.packs_not_in_catalog > 0;
+        if index_damage {
+            out.line(&format!(
+                "hint: {} pack files are not in the catalog and chunks are missing from its index: \
+                 `snapstore repair index` rebuilds the index from the packs",
+                r.packs_not_in_catalog
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+pub fn repair(repo_dir: &Path, args: &RepairArgs, json: bool, quiet: bool, out: &mut Out) -> Result<(), Failure> {
+    match args.what {
+        RepairWhat::Index => {}
+    }
+    // Not `Repository::open`: that refuses a directory whose catalog is lost, which is what this repairs.
+    let report = Repository::repair_index_at(repo_dir)?;
+    if json {
+        out.json(&report)?;
+    } else {
+        repair_text(out, &report, quiet)?;
+    }
+    out.flush()?;
+    if report.is_whole() { Ok(()) } else { Err(Failure::Exit(EXIT_CORRUPT)) }
+}
+
+fn repair_text(out: &mut Out, r: &RepairReport, quiet: bool) -> io::Result<()> {
+    if r.catalog_created {
+        out.line("catalog.db was missing: created a new catalog (default parameters) and rebuilt its chunk index")?;
+    }
+    for p in &r.damaged_packs {
+        out.line(&format!("damaged pack {}: {} (left out of the index)", p.pack, p.problem))?;
+    }
+    if !quiet {
+        out.line(&format!(
+            "scanned {} packs ({} damaged); chunk index: {} chunks ({} added, {} re-pointed, {} removed); \
+             pack rows: {} added, {} removed",
+            r.packs_scanned,
+            r.damaged_packs.len(),
+            r.chunks_indexed,
+            r.chunks_added,
+            r.chunks_repointed,
+            r.chunks_removed,
+            r.packs_added,
+            r.packs_removed
+        ))?;
+        if r.sessions_expired > 0 {
+            out.line(&format!("expired {} sessions of commits that had died", r.sessions_expired))?;
+        }
+    }
+    for c in &r.checkpoints {
+        let head = format!("{}  {}  {}", short(&c.id), human_time(c.time_ns), c.path);
+        if c.whole {
+            if !quiet {
+                out.line(&format!("whole    {head}"))?;
+            }
+        } else {
+            out.line(&format!(
+                "damaged  {head}: {} files affected; missing {} trees, {} contents, {} segments, {} chunks",
+                c.files, c.missing_trees, c.missing_contents, c.missing_segments, c.missing_chunks
+            ))?;
+        }
+    }
+    for f in &r.affected_files {
+        out.line(&format!("affected: {} {} ({})", short(&f.checkpoint), f.path, f.problem))?;
+    }
+    more(out, r.affected_files_total, r.affected_files.len(), "affected files")?;
+    if quiet {
+        return Ok(());
+    }
+    let whole = r.checkpoints.iter().filter(|c| c.whole).count();
+    if r.catalog_created {
+        out.line(
+            "no checkpoints survive: trees and checkpoints live only in the catalog, which was lost; the chunks \
+             are indexed again, so committing the same data again stores little",
+        )
+    } else {
+        out.line(&format!("{whole} of {} checkpoints whole", r.checkpoints.len()))
+    }
+}

@@ -1,0 +1,1038 @@
+//! Verify: check the catalog against the chunk store, and optionally every chunk's bytes.
+//!
+//! Three phases, each bounded in memory however large the repository (what grows with the repository lives in
+//! SQLite temporary tables of this connection, as GC's mark does; only one pack's index or one tree's entries
+//! is held at a time):
+//!
+//! 1. **Structure**, in one read snapshot of the catalog. Every pack row's file must exist with the recorded
+//!    size and a sound header, footer and index ([`crate::pack::read_index`]); every chunk row must name an
+//!    existing pack row, lie inside that pack's blob area and agree with the pack's own index entry (the
+//!    catalog's rows need only be a subset of the index: GC leaves unused blobs in packs). Then every
+//!    checkpoint is walked (trees, contents, segments; objects shared between checkpoints are walked once)
+//!    and every object it reaches must be in the catalog, well formed, and every chunk it references must be
+//!    in the chunk index with the length the file expects. A missing object is recorded, not fatal, so one
+//!    damaged checkpoint does not hide another.
+//! 2. **Data** (optional): the selected packs are read sequentially in large reads and every chunk the
+//!    catalog places in them is decompressed and rehashed. Packs are selected all at once, by a fixed
+//!    partition (`n/m`: the packs whose name hashes to `n - 1` modulo `m`, so parts `1/m` to `m/m` read each
+//!    pack exactly once however the runs are spread over days), or by a random share (`5%`).
+//! 3. **Damage → files**, in a fresh snapshot: segments holding a damaged chunk (a scan of `segments`),
+//!    contents holding those or missing segments, then the trees whose entries lead to them, to a fixpoint
+//!    (one scan of `tree_entries` per directory level). Only checkpoints whose root tree is hit are walked, and
+//!    only along hit subtrees, to name the affected paths.
+//!
+//! Verify never writes the catalog, so it runs beside commits and GC. The data phase runs outside any
+//! snapshot (a read transaction held for hours would keep the write-ahead log from being checkpointed). A
+//! pack file that is missing but whose row is also gone from the current catalog was deleted by a concurrent
+//! GC (which drops rows before files): that is not damage, and rows pointing into it are not checked.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io::ErrorKind;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::backend::Backend;
+use crate::catalog::{Catalog, KIND_CONTENT, KIND_SEGMENT, KIND_TREE, now_ns};
+use crate::error::{Error, Result};
+use crate::id::ObjectId;
+use crate::pack::{FLAG_ZSTD, FOOTER_LEN, HEADER_LEN, PackEntry};
+use crate::progress::{NoProgress, Progress};
+use crate::tree::{decode_segment, validate_name};
+
+/// At most this many damaged chunks, damaged objects and affected files are listed in a report (the totals
+/// count them all), so a repository whose whole chunk index is lost still gives a report that fits in memory.
+pub(crate) const MAX_LISTED: usize = 1000;
+
+/// Reads of back-to-back blobs are merged up to this size.
+const MAX_READ: u64 = 8 << 20;
+/// Unused blobs (left by GC) shorter than this between two checked blobs are read through rather than skipped.
+const MAX_GAP: u64 = 256 << 10;
+
+/// Which share of the packs `verify` reads in full.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DataSubset {
+    /// Read no chunk data; check structure only.
+    None,
+    /// Read every pack.
+    All,
+    /// Read part `n` of `of` (1-based), a fixed partition of the packs: running 1/10 .. 10/10 covers them all.
+    Part {
+        /// Which part, 1 to `of`.
+        n: u32,
+        /// Number of parts.
+        of: u32,
+    },
+    /// Read a random share of the packs, 0.0 to 1.0.
+    Fraction(f64),
+}
+
+impl FromStr for DataSubset {
+    type Err = String;
+
+    /// Parses `N/M` (part N of M, 1 <= N <= M) or `P%` (a random P percent, 0 < P <= 100).
+    ///
+    /// ```
+    /// use snapstore::DataSubset;
+    /// assert_eq!("2/7".parse(), Ok(DataSubset::Part { n: 2, of: 7 }));
+    /// assert_eq!("5%".parse(), Ok(DataSubset::Fraction(0.05)));
+    /// assert_eq!("100%".parse(), Ok(DataSubset::All));
+    /// assert!("0/3".parse::<DataSubset>().is_err());
+    /// ```
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let bad = || format!("'{s}' is not a data subset: use N/M (part N of M, e.g. 1/10) or a percentage (e.g. 5%)");
+        if let Some(p) = s.strip_suffix('%') {
+            let p: f64 = p.trim().parse().map_err(|_| bad())?;
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(bad());
+            }
+            return Ok(if p == 100.0 { DataSubset::All } else { DataSubset::Fraction(p / 100.0) });
+        }
+        let (n, of) = s.split_once('/').ok_or_else(bad)?;
+        let (n, of): (u32, u32) = (n.trim().parse().map_err(|_| bad())?, of.trim().parse().map_err(|_| bad())?);
+        if n == 0 || n > of {
+            return Err(bad());
+        }
+        Ok(if of == 1 { DataSubset::All } else { DataSubset::Part { n, of } })
+    }
+}
+
+/// The first 8 bytes of BLAKE3 of the parts, as a number: stable across runs, builds and machines.
+fn hash64(parts: &[&[u8]]) -> u64 {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        h.update(p);
+    }
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// Which part (0-based) of `of` a pack belongs to. Depends on the name alone, so the partition does not
+/// shift as packs come and go: a pack keeps its part until GC deletes it.
+pub(crate) fn pack_part(name: &str, of: u32) -> u32 {
+    (hash64(&[name.as_bytes()]) % of as u64) as u32
+}
+
+impl DataSubset {
+    /// Whether this subset reads the pack `name`; `seed` varies random selections between runs.
+    fn selects(&self, name: &str, seed: u64) -> bool {
+        match *self {
+            DataSubset::None => false,
+            DataSubset::All => true,
+            DataSubset::Part { n, of } => pack_part(name, of) == n - 1,
+            DataSubset::Fraction(f) => (hash64(&[&seed.to_le_bytes(), name.as_bytes()]) as f64) < f * u64::MAX as f64,
+        }
+    }
+}
+
+/// How to verify.
+#[derive(Clone)]
+pub struct VerifyOptions {
+    /// How much chunk data to read, decompress and rehash.
+    pub read_data: DataSubset,
+    /// Threads reading and checking packs [0: one per core].
+    pub threads: usize,
+    /// Receives progress.
+    pub progress: Arc<dyn Progress>,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        VerifyOptions { read_data: DataSubset::None, threads: 0, progress: Arc::new(NoProgress) }
+    }
+}
+
+/// A pack file that is missing or fails its own checks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DamagedPack {
+    /// The pack's object name.
+    pub pack: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// A chunk the catalog or a checkpoint needs that cannot be read back intact.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DamagedChunk {
+    /// The chunk's id, hex.
+    pub id: String,
+    /// The pack the catalog places it in, if any.
+    pub pack: Option<String>,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// A tree, content or segment that a checkpoint reaches but the catalog lacks or holds malformed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DamagedObject {
+    /// `tree`, `content` or `segment`.
+    pub kind: String,
+    /// The object's id, hex.
+    pub id: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// A checkpoint that reaches damage, with how much.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AffectedCheckpoint {
+    /// Full checkpoint id.
+    pub id: String,
+    /// The committed path.
+    pub path: String,
+    /// Commit time, nanoseconds since the Unix epoch.
+    pub time_ns: i64,
+    /// Files and directories of this checkpoint that cannot be restored whole.
+    pub files: u64,
+    /// Directory trees missing or incomplete in the catalog.
+    pub missing_trees: u64,
+    /// File contents missing from the catalog.
+    pub missing_contents: u64,
+    /// Segments missing from the catalog.
+    pub missing_segments: u64,
+    /// References to damaged or missing chunks.
+    pub damaged_chunks: u64,
+}
+
+/// A file or directory of a checkpoint that cannot be restored whole.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AffectedFile {
+    /// Full checkpoint id.
+    pub checkpoint: String,
+    /// Path inside the checkpoint, starting with the committed name (as `show` prints it); `.` is the
+    /// checkpoint's root itself.
+    pub path: String,
+    /// Why it is affected.
+    pub problem: String,
+}
+
+/// What verify found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct VerifyReport {
+    /// Checkpoints checked.
+    pub checkpoints: u64,
+    /// Packs the catalog records.
+    pub packs: u64,
+    /// Chunks the catalog records.
+    pub chunks: u64,
+    /// Pack files in the store that the catalog does not record (GC removes them; `repair index` adopts them).
+    pub packs_not_in_catalog: u64,
+    /// Packs whose chunks were read, decompressed and rehashed.
+    pub packs_read: u64,
+    /// Chunks read and rehashed.
+    pub chunks_read: u64,
+    /// Stored bytes read.
+    pub bytes_read: u64,
+    /// Packs missing or failing their own checks (every chunk the catalog places in them counts as damaged).
+    pub damaged_packs: Vec<DamagedPack>,
+    /// Damaged chunks, at most 1000.
+    pub damaged_chunks: Vec<DamagedChunk>,
+    /// All damaged chunks.
+    pub damaged_chunks_total: u64,
+    /// Catalog objects missing or malformed, at most 1000.
+    pub damaged_objects: Vec<DamagedObject>,
+    /// All missing or malformed catalog objects.
+    pub damaged_objects_total: u64,
+    /// Every checkpoint that reaches damage, newest first.
+    pub affected_checkpoints: Vec<AffectedCheckpoint>,
+    /// Affected files and directories, at most 1000, by checkpoint (newest first) then path.
+    pub affected_files: Vec<AffectedFile>,
+    /// All affected files and directories.
+    pub affected_files_total: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+impl VerifyReport {
+    /// Whether no damage at all was found.
+    pub fn is_clean(&self) -> bool {
+        self.damaged_packs.is_empty()
+            && self.damaged_chunks_total == 0
+            && self.damaged_objects_total == 0
+            && self.affected_checkpoints.is_empty()
+    }
+}
+
+pub(crate) fn verify(catalog_path: &Path, backend: Arc<dyn Backend>, opts: &VerifyOptions) -> Result<VerifyReport> {
+    let started = Instant::now();
+    let cat = Catalog::open(catalog_path)?;
+    let conn = cat.connection();
+    create_temp_tables(conn)?;
+    let mut report = VerifyReport::default();
+    let seed = hash64(&[&std::process::id().to_le_bytes(), &now_ns().to_le_bytes()]);
+    opts.progress.start("verify", None);
+    let targets = in_snapshot(conn, || {
+        let targets = check_packs(conn, catalog_path, backend.as_ref(), &mut report)?;
+        walk_checkpoints(conn)?;
+        mark_missing_chunks(conn)?;
+        Ok(targets.into_iter().filter(|(_, name)| opts.read_data.selects(name, seed)).collect::<Vec<_>>())
+    })?;
+    if !targets.is_empty() {
+        read_data(conn, catalog_path, &backend, &targets, opts, &mut report)?;
+    }
+    in_snapshot(conn, || collect_damage(conn, &mut report))?;
+    report.seconds = started.elapsed().as_secs_f64();
+    opts.progress.finish();
+    Ok(report)
+}
+
+/// Finds what checkpoints reach that the catalog lacks (trees, contents, segments, chunk rows), and which
+/// files that affects. Pack files are not looked at: `repair index` calls this right after rebuilding the
+/// chunk index from them.
+pub(crate) fn reach_damage(conn: &Connection) -> Result<VerifyReport> {
+    create_temp_tables(conn)?;
+    let mut report = VerifyReport::default();
+    in_snapshot(conn, || {
+        walk_checkpoints(conn)?;
+        mark_missing_chunks(conn)?;
+        collect_damage(conn, &mut report)
+    })?;
+    Ok(report)
+}
+
+/// Runs `f` in one read transaction, so that everything it reads is one consistent state of the catalog.
+fn in_snapshot<T>(conn: &Connection, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    conn.execute_batch("BEGIN")?;
+    match f() {
+        Ok(v) => {
+            conn.execute_batch("COMMIT")?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+fn create_temp_tables(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS v_seen (kind INTEGER NOT NULL, id BLOB NOT NULL, PRIMARY KEY (kind, id)) WITHOUT ROWID;
+         CREATE TEMP TABLE IF NOT EXISTS v_refs (id BLOB PRIMARY KEY, len INTEGER NOT NULL) WITHOUT ROWID;
+         CREATE TEMP TABLE IF NOT EXISTS v_bad_chunk (id BLOB PRIMARY KEY, pack TEXT, problem TEXT NOT NULL) WITHOUT ROWID;
+         CREATE TEMP TABLE IF NOT EXISTS v_bad_obj (kind INTEGER NOT NULL, id BLOB NOT NULL, problem TEXT NOT NULL,
+                                                    PRIMARY KEY (kind, id)) WITHOUT ROWID;
+         CREATE TEMP TABLE IF NOT EXISTS v_hit (kind INTEGER NOT NULL, id BLOB NOT NULL, gen INTEGER NOT NULL,
+                                                PRIMARY KEY (kind, id)) WITHOUT ROWID;
+         CREATE TEMP TABLE IF NOT EXISTS v_skip_pack (id INTEGER PRIMARY KEY);
+         DELETE FROM temp.v_seen; DELETE FROM temp.v_refs; DELETE FROM temp.v_bad_chunk; DELETE FROM temp.v_bad_obj;
+         DELETE FROM temp.v_hit; DELETE FROM temp.v_skip_pack;",
+    )?;
+    Ok(())
+}
+
+/// Whether the current catalog (not this connection's snapshot) still records the pack: if not, a concurrent
+/// GC deleted it, which is not damage.
+fn pack_still_recorded(catalog_path: &Path, name: &str) -> Result<bool> {
+    let fresh = Catalog::open(catalog_path)?;
+    Ok(fresh.connection().prepare("SELECT 1 FROM packs WHERE name = ?1")?.exists([name])?)
+}
+
+/// The text of a corruption error, without the generic prefix (the report says it is damage).
+fn problem_of(e: &Error, pack: &str) -> String {
+    match e {
+        Error::Corrupt { what } => {
+            what.strip_prefix(&format!("pack {pack}: ")).map(str::to_string).unwrap_or_else(|| what.clone())
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Checks every pack row against its file and every chunk row against its pack. Returns the packs whose
+/// chunks can be read (sound packs), as (row id, name).
+fn check_packs(
+    conn: &Connection,
+    catalog_path: &Path,
+    backend: &dyn Backend,
+    report: &mut VerifyReport,
+) -> Result<Vec<(i64, String)>> {
+    report.checkpoints = conn.query_row("SELECT count(*) FROM checkpoints", [], |r| r.get::<_, i64>(0))? as u64;
+    report.chunks = conn.query_row("SELECT count(*) FROM chunks", [], |r| r.get::<_, i64>(0))? as u64;
+    let packs: Vec<(i64, String, i64)> = conn
+        .prepare("SELECT id, name, size FROM packs ORDER BY id")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    report.packs = packs.len() as u64;
+    {
+        let known: std::collections::HashSet<&str> = packs.iter().map(|(_, n, _)| n.as_str()).collect();
+        let listed = backend.list("packs/").map_err(|e| Error::backend("packs/", e))?;
+        report.packs_not_in_catalog =
+            listed.iter().filter(|n| n.ends_with(".pack") && !known.contains(n.as_str())).count() as u64;
+    }
+    let mut bad_chunk =
+        conn.prepare_cached("INSERT OR IGNORE INTO temp.v_bad_chunk (id, pack, problem) VALUES (?1, ?2, ?3)")?;
+    let mut rows_of =
+        conn.prepare_cached("SELECT id, offset, stored_len, raw_len, flags FROM chunks WHERE pack = ?1")?;
+    let mut sound = Vec::new();
+    for (id, name, size) in packs {
+        let problem = match backend.size(&name) {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                if !pack_still_recorded(catalog_path, &name)? {
+                    conn.execute("INSERT OR IGNORE INTO temp.v_skip_pack (id) VALUES (?1)", [id])?;
+                    continue;
+                }
+                Some("the pack file is missing".to_string())
+            }
+            Err(e) => return Err(Error::backend(&name, e)),
+            Ok(actual) if actual != size as u64 => {
+                Some(format!("the pack file is {actual} bytes but the catalog recorded {size}"))
+            }
+            Ok(_) => match crate::pack::read_index(backend, &name) {
+                Ok(entries) => {
+                    let index: HashMap<ObjectId, PackEntry> = entries.into_iter().map(|e| (e.id, e)).collect();
+                    let blobs_end = size as u64 - FOOTER_LEN as u64 - (index.len() * crate::pack::ENTRY_LEN) as u64;
+                    let rows = rows_of.query_map([id], |r| {
+                        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, u32>(2)?, r.get(3)?, r.get(4)?))
+                    })?;
+                    for row in rows {
+                        let (cid, offset, stored_len, raw_len, flags): (Vec<u8>, i64, u32, u32, u8) = row?;
+                        let end = (offset as u64).saturating_add(stored_len as u64);
+                        let why = if offset < HEADER_LEN as i64 || end > blobs_end {
+                            Some(format!(
+                                "the catalog places it at {offset}..{end}, outside the pack's blob area {HEADER_LEN}..{blobs_end}"
+                            ))
+                        } else {
+                            match ObjectId::from_slice(&cid).and_then(|c| index.get(&c)) {
+                                None => Some("not in its pack's own index".to_string()),
+                                Some(e)
+                                    if e.offset != offset as u64
+                                        || e.stored_len != stored_len
+                                        || e.raw_len != raw_len
+                                        || e.flags != flags =>
+                                {
+                                    Some(format!(
+                                        "the catalog (offset {offset}, {stored_len} bytes stored, {raw_len} raw, flags {flags}) \
+                                         disagrees with the pack's index (offset {}, {} stored, {} raw, flags {})",
+                                        e.offset, e.stored_len, e.raw_len, e.flags
+                                    ))
+                                }
+                                Some(_) => None,
+                            }
+                        };
+                        if let Some(why) = why {
+                            bad_chunk.execute(params![cid, name, why])?;
+                        }
+                    }
+                    None
+                }
+                Err(e) if e.is_corruption() => Some(problem_of(&e, &name)),
+                Err(e) => return Err(e),
+            },
+        };
+        match problem {
+            Some(problem) => {
+                conn.execute(
+                    "INSERT OR IGNORE INTO temp.v_bad_chunk (id, pack, problem)
+                     SELECT id, ?2, 'in a damaged pack (' || ?3 || ')' FROM chunks WHERE pack = ?1",
+                    params![id, name, problem],
+                )?;
+                report.damaged_packs.push(DamagedPack { pack: name, problem });
+            }
+            None => sound.push((id, name)),
+        }
+    }
+    conn.execute(
+        "INSERT OR IGNORE INTO temp.v_bad_chunk (id, pack, problem)
+         SELECT c.id, NULL, 'the catalog places it in pack row ' || c.pack || ', which does not exist' FROM chunks c
+         WHERE NOT EXISTS (SELECT 1 FROM packs p WHERE p.id = c.pack)",
+        [],
+    )?;
+    Ok(sound)
+}
+
+/// Walks every checkpoint, recording missing or malformed objects in `v_bad_obj` and every chunk reference
+/// in `v_refs`. Objects are deduplicated through `v_seen`, so shared subtrees are walked once.
+fn walk_checkpoints(conn: &Connection) -> Result<()> {
+    let roots: Vec<Vec<u8>> =
+        conn.prepare("SELECT root FROM checkpoints")?.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+    let mut w = Walker::new(conn)?;
+    for root in roots {
+        // A malformed root id is found again by `collect_damage`, which names the checkpoint.
+        if let Some(root) = ObjectId::from_slice(&root) {
+            w.walk(root)?;
+        }
+    }
+    Ok(())
+}
+
+struct Walker<'c> {
+    seen: rusqlite::CachedStatement<'c>,
+    bad: rusqlite::CachedStatement<'c>,
+    tree: rusqlite::CachedStatement<'c>,
+    entries: rusqlite::CachedStatement<'c>,
+    content: rusqlite::CachedStatement<'c>,
+    segment: rusqlite::CachedStatement<'c>,
+    chunk_ref: rusqlite::CachedStatement<'c>,
+}
+
+impl<'c> Walker<'c> {
+    fn new(conn: &'c Connection) -> Result<Self> {
+        Ok(Walker {
+            seen: conn.prepare_cached("INSERT OR IGNORE INTO temp.v_seen (kind, id) VALUES (?1, ?2)")?,
+            bad: conn.prepare_cached("INSERT OR IGNORE INTO temp.v_bad_obj (kind, id, problem) VALUES (?1, ?2, ?3)")?,
+            tree: conn.prepare_cached("SELECT entries FROM trees WHERE id = ?1")?,
+            entries: conn.prepare_cached("SELECT name, kind, target FROM tree_entries WHERE tree = ?1")?,
+            content: conn.prepare_cached("SELECT segments FROM contents WHERE id = ?1")?,
+            segment: conn.prepare_cached("SELECT data FROM segments WHERE id = ?1")?,
+            chunk_ref: conn.prepare_cached("INSERT OR IGNORE INTO temp.v_refs (id, len) VALUES (?1, ?2)")?,
+        })
+    }
+
+    fn first_visit(&mut self, kind: i64, id: &ObjectId) -> Result<bool> {
+        Ok(self.seen.execute(params![kind, &id.0[..]])? == 1)
+    }
+
+    fn damaged(&mut self, kind: i64, id: &ObjectId, problem: &str) -> Result<()> {
+        self.bad.execute(params![kind, &id.0[..], problem])?;
+        Ok(())
+    }
+
+    fn walk(&mut self, root: ObjectId) -> Result<()> {
+        if !self.first_visit(KIND_TREE, &root)? {
+            return Ok(());
+        }
+        let mut stack = vec![root];
+        while let Some(tree) = stack.pop() {
+            let expected: Option<i64> = self.tree.query_row([&tree.0[..]], |r| r.get(0)).optional()?;
+            let Some(expected) = expected else {
+                self.damaged(KIND_TREE, &tree, "missing from the catalog")?;
+                continue;
+            };
+            let rows: Vec<(Vec<u8>, i64, Vec<u8>)> = self
+                .entries
+                .query_map([&tree.0[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            if rows.len() as i64 != expected {
+                let why = format!("has {} of its {expected} entries in the catalog", rows.len());
+                self.damaged(KIND_TREE, &tree, &why)?;
+            }
+            for (name, kind, target) in rows {
+                if validate_name(&name).is_err() {
+                    self.damaged(KIND_TREE, &tree, "holds an unsafe name")?;
+                    continue;
+                }
+                let target_id = ObjectId::from_slice(&target);
+                match (kind, target_id) {
+                    (3, _) => {}
+                    (1 | 2, None) => self.damaged(KIND_TREE, &tree, "holds an entry with a malformed id")?,
+                    (2, Some(id)) => {
+                        if self.first_visit(KIND_TREE, &id)? {
+                            stack.push(id);
+                        }
+                    }
+                    (1, Some(id)) => {
+                        if self.first_visit(KIND_CONTENT, &id)? {
+                            self.content(id)?;
+                        }
+                    }
+                    _ => self.damaged(KIND_TREE, &tree, "holds an entry of unknown kind")?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn content(&mut self, id: ObjectId) -> Result<()> {
+        let segs: Option<Vec<u8>> = self.content.query_row([&id.0[..]], |r| r.get(0)).optional()?;
+        let Some(segs) = segs else {
+            return self.damaged(KIND_CONTENT, &id, "missing from the catalog");
+        };
+        if !segs.len().is_multiple_of(ObjectId::LEN) {
+            return self.damaged(KIND_CONTENT, &id, "has a malformed segment list");
+        }
+        for seg in segs.chunks_exact(ObjectId::LEN) {
+            let seg = ObjectId::from_slice(seg).expect("32 bytes");
+            if !self.first_visit(KIND_SEGMENT, &seg)? {
+                continue;
+            }
+            let data: Option<Vec<u8>> = self.segment.query_row([&seg.0[..]], |r| r.get(0)).optional()?;
+            let Some(data) = data else {
+                self.damaged(KIND_SEGMENT, &seg, "missing from the catalog")?;
+                continue;
+            };
+            match decode_segment(&data) {
+                Ok(refs) => {
+                    for r in refs {
+                        self.chunk_ref.execute(params![&r.id.0[..], r.len])?;
+                    }
+                }
+                Err(_) => self.damaged(KIND_SEGMENT, &seg, "is malformed")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Chunks that checkpoints reference but the chunk index lacks, or holds with another length.
+fn mark_missing_chunks(conn: &Connection) -> Result<()> {
+    conn.execute(
+        "INSERT OR IGNORE INTO temp.v_bad_chunk (id, pack, problem)
+         SELECT r.id, NULL, 'referenced by a file but missing from the chunk index' FROM temp.v_refs r
+         WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = r.id)",
+        [],
+    )?;
+    conn.execute(
+        "INSERT OR IGNORE INTO temp.v_bad_chunk (id, pack, problem)
+         SELECT r.id, p.name, 'the chunk index gives length ' || c.raw_len || ' but files expect ' || r.len
+         FROM temp.v_refs r JOIN chunks c ON c.id = r.id LEFT JOIN packs p ON p.id = c.pack
+         WHERE c.raw_len != r.len AND NOT EXISTS (SELECT 1 FROM temp.v_skip_pack s WHERE s.id = c.pack)",
+        [],
+    )?;
+    Ok(())
+}
+
+/// The result of reading one pack.
+struct PackRead {
+    name: String,
+    pack_id: i64,
+    chunks: u64,
+    bytes: u64,
+    /// The file disappeared while it was read.
+    vanished: bool,
+    bad: Vec<(ObjectId, String)>,
+}
+
+/// One chunk row to check: id, offset, stored_len, raw_len, flags.
+type Row = (ObjectId, u64, u32, u32, u8);
+
+fn read_data(
+    conn: &Connection,
+    catalog_path: &Path,
+    backend: &Arc<dyn Backend>,
+    targets: &[(i64, String)],
+    opts: &VerifyOptions,
+    report: &mut VerifyReport,
+) -> Result<()> {
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        opts.threads
+    }
+    .min(targets.len().max(1));
+    let mut rows_of = conn.prepare_cached(
+        "SELECT id, offset, stored_len, raw_len, flags FROM chunks c WHERE pack = ?1
+         AND NOT EXISTS (SELECT 1 FROM temp.v_bad_chunk b WHERE b.id = c.id) ORDER BY offset",
+    )?;
+    let (job_tx, job_rx) = crossbeam_channel::bounded::<(i64, String, Vec<Row>)>(threads * 2);
+    let (res_tx, res_rx) = crossbeam_channel::unbounded::<Result<PackRead>>();
+    let mut results = Vec::new();
+    std::thread::scope(|s| -> Result<()> {
+        for _ in 0..threads {
+            let (job_rx, res_tx) = (job_rx.clone(), res_tx.clone());
+            let backend = backend.clone();
+            let progress = opts.progress.clone();
+            s.spawn(move || {
+                let mut checker = match BlobChecker::new() {
+                    Ok(c) => c,
+                    Err(e) => return drop(res_tx.send(Err(e))),
+                };
+                for (pack_id, name, rows) in job_rx {
+                    let r = checker.read_pack(backend.as_ref(), progress.as_ref(), pack_id, name, &rows);
+                    let failed = r.is_err();
+                    if res_tx.send(r).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+        }
+        drop((job_rx, res_tx));
+        let sent = (|| -> Result<()> {
+            for (pack_id, name) in targets {
+                let rows: Vec<Row> = rows_of
+                    .query_map([pack_id], |r| {
+                        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })?
+                    .map(|r| {
+                        let (id, offset, stored, raw, flags) = r?;
+                        let id = ObjectId::from_slice(&id).ok_or_else(|| Error::corrupt("malformed chunk id"))?;
+                        Ok((id, offset as u64, stored, raw, flags))
+                    })
+                    .collect::<Result<_>>()?;
+                if job_tx.send((*pack_id, name.clone(), rows)).is_err() {
+                    break; // every worker stopped on an error, reported below
+                }
+                results.extend(res_rx.try_iter());
+            }
+            Ok(())
+        })();
+        drop(job_tx);
+        results.extend(res_rx.iter());
+        sent
+    })?;
+    for r in results {
+        let r = r?;
+        if r.vanished {
+            if !pack_still_recorded(catalog_path, &r.name)? {
+                continue;
+            }
+            let problem = "the pack file disappeared while it was read".to_string();
+            conn.execute(
+                "INSERT OR IGNORE INTO temp.v_bad_chunk (id, pack, problem)
+                 SELECT id, ?2, 'in a damaged pack (' || ?3 || ')' FROM chunks WHERE pack = ?1",
+                params![r.pack_id, r.name, problem],
+            )?;
+            report.damaged_packs.push(DamagedPack { pack: r.name, problem });
+            continue;
+        }
+        report.packs_read += 1;
+        report.chunks_read += r.chunks;
+        report.bytes_read += r.bytes;
+        for (id, why) in r.bad {
+            conn.execute(
+                "INSERT OR IGNORE INTO temp.v_bad_chunk (id, pack, problem) VALUES (?1, ?2, ?3)",
+                params![&id.0[..], r.name, why],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a pack's blobs in large sequential reads and checks each chunk against its id.
+struct BlobChecker {
+    decompressor: zstd::bulk::Decompressor<'static>,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl BlobChecker {
+    fn new() -> Result<Self> {
+        let decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Internal(format!("zstd: {e}")))?;
+        Ok(BlobChecker { decompressor, buf: Vec::new(), out: Vec::new() })
+    }
+
+    fn read_pack(
+        &mut self,
+        backend: &dyn Backend,
+        progress: &dyn Progress,
+        pack_id: i64,
+        name: String,
+        rows: &[Row],
+    ) -> Result<PackRead> {
+        let mut res = PackRead { name, pack_id, chunks: 0, bytes: 0, vanished: false, bad: Vec::new() };
+        let mut i = 0;
+        while i < rows.len() {
+            let start = rows[i].1;
+            let mut end = start + rows[i].2 as u64;
+            let mut j = i + 1;
+            while j < rows.len() {
+                let (next, next_end) = (rows[j].1, rows[j].1 + rows[j].2 as u64);
+                if next < end || next - end > MAX_GAP || next_end - start > MAX_READ {
+                    break;
+                }
+                end = next_end;
+                j += 1;
+            }
+            self.buf.resize((end - start) as usize, 0);
+            match backend.read_at(&res.name, start, &mut self.buf) {
+                Ok(()) => {
+                    for row in &rows[i..j] {
+                        let at = (row.1 - start) as usize;
+                        let blob = &self.buf[at..at + row.2 as usize];
+                        if let Err(why) = check_blob(&mut self.decompressor, &mut self.out, row, blob) {
+                            res.bad.push((row.0, why));
+                        }
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    res.vanished = true;
+                    return Ok(res);
+                }
+                // The structure check saw the file long enough; a short read now means it was damaged since.
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
+                    for row in &rows[i..j] {
+                        res.bad.push((row.0, format!("cannot be read ({e})")));
+                    }
+                }
+                Err(e) => return Err(Error::backend(&res.name, e)),
+            }
+            res.chunks += (j - i) as u64;
+            res.bytes += end - start;
+            progress.bytes(end - start);
+            i = j;
+        }
+        Ok(res)
+    }
+}
+
+fn check_blob(
+    decompressor: &mut zstd::bulk::Decompressor<'static>,
+    out: &mut Vec<u8>,
+    row: &Row,
+    blob: &[u8],
+) -> std::result::Result<(), String> {
+    let (id, _, _, raw_len, flags) = *row;
+    let data = if flags & FLAG_ZSTD != 0 {
+        out.clear();
+        out.reserve(raw_len as usize);
+        decompressor.decompress_to_buffer(blob, out).map_err(|e| format!("cannot be decompressed ({e})"))?;
+        &out[..]
+    } else {
+        blob
+    };
+    if data.len() != raw_len as usize || ObjectId::of(data) != id {
+        return Err("its content does not match its hash".into());
+    }
+    Ok(())
+}
+
+/// Fills the report's damage lists, and maps damaged objects to the checkpoints and files they affect.
+fn collect_damage(conn: &Connection, report: &mut VerifyReport) -> Result<()> {
+    let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).map(|n| n as u64);
+    report.damaged_chunks_total = count("SELECT count(*) FROM temp.v_bad_chunk")?;
+    report.damaged_objects_total = count("SELECT count(*) FROM temp.v_bad_obj")?;
+    report.damaged_chunks = conn
+        .prepare("SELECT id, pack, problem FROM temp.v_bad_chunk ORDER BY pack, id LIMIT ?1")?
+        .query_map([MAX_LISTED as i64], |r| {
+            Ok(DamagedChunk { id: crate::id::to_hex(&r.get::<_, Vec<u8>>(0)?), pack: r.get(1)?, problem: r.get(2)? })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    report.damaged_objects = conn
+        .prepare("SELECT kind, id, problem FROM temp.v_bad_obj ORDER BY kind DESC, id LIMIT ?1")?
+        .query_map([MAX_LISTED as i64], |r| {
+            Ok(DamagedObject {
+                kind: kind_name(r.get(0)?).to_string(),
+                id: crate::id::to_hex(&r.get::<_, Vec<u8>>(1)?),
+                problem: r.get(2)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    if report.damaged_chunks_total == 0 && report.damaged_objects_total == 0 {
+        let malformed = count("SELECT count(*) FROM checkpoints WHERE length(root) != 32")?;
+        if malformed == 0 {
+            return Ok(());
+        }
+    }
+    spread_damage(conn)?;
+    affected(conn, report)
+}
+
+fn kind_name(kind: i64) -> &'static str {
+    match kind {
+        KIND_TREE => "tree",
+        KIND_CONTENT => "content",
+        KIND_SEGMENT => "segment",
+        _ => "chunk",
+    }
+}
+
+/// Fills `v_hit` with every segment, content and tree that leads to damage.
+fn spread_damage(conn: &Connection) -> Result<()> {
+    conn.execute("DELETE FROM temp.v_hit", [])?;
+    conn.execute("INSERT OR IGNORE INTO temp.v_hit (kind, id, gen) SELECT kind, id, 0 FROM temp.v_bad_obj", [])?;
+    let any_bad_chunk: bool = conn.query_row("SELECT EXISTS (SELECT 1 FROM temp.v_bad_chunk)", [], |r| r.get(0))?;
+    if any_bad_chunk {
+        // One pass over all segments, one indexed lookup per chunk reference: no chunk set held in memory.
+        let mut is_bad = conn.prepare_cached("SELECT 1 FROM temp.v_bad_chunk WHERE id = ?1")?;
+        let mut hit = conn.prepare_cached("INSERT OR IGNORE INTO temp.v_hit (kind, id, gen) VALUES (?1, ?2, 0)")?;
+        let mut segments = conn.prepare("SELECT id, data FROM segments")?;
+        let mut rows = segments.query([])?;
+        while let Some(row) = rows.next()? {
+            let (id, data): (Vec<u8>, Vec<u8>) = (row.get(0)?, row.get(1)?);
+            let Ok(refs) = decode_segment(&data) else { continue };
+            for r in refs {
+                if is_bad.exists([&r.id.0[..]])? {
+                    hit.execute(params![KIND_SEGMENT, id])?;
+                    break;
+                }
+            }
+        }
+    }
+    {
+        let mut seg_hit = conn.prepare_cached("SELECT 1 FROM temp.v_hit WHERE kind = ?1 AND id = ?2")?;
+        let mut hit = conn.prepare_cached("INSERT OR IGNORE INTO temp.v_hit (kind, id, gen) VALUES (?1, ?2, 0)")?;
+        let mut contents = conn.prepare("SELECT id, segments FROM contents")?;
+        let mut rows = contents.query([])?;
+        while let Some(row) = rows.next()? {
+            let (id, segs): (Vec<u8>, Vec<u8>) = (row.get(0)?, row.get(1)?);
+            for seg in segs.chunks(ObjectId::LEN) {
+                if seg_hit.exists(params![KIND_SEGMENT, seg])? {
+                    hit.execute(params![KIND_CONTENT, id])?;
+                    break;
+                }
+            }
+        }
+    }
+    // Trees whose entries lead to something hit, one directory level per pass. EXISTS keeps SQLite scanning
+    // tree_entries once per pass with a keyed lookup in v_hit (tree_entries has no index on target).
+    let mut level = 0i64;
+    loop {
+        let added = conn.execute(
+            "INSERT OR IGNORE INTO temp.v_hit (kind, id, gen)
+             SELECT DISTINCT 3, e.tree, ?1 + 1 FROM tree_entries e
+             WHERE e.kind IN (1, 2) AND EXISTS (SELECT 1 FROM temp.v_hit h
+                 WHERE h.kind = (CASE e.kind WHEN 1 THEN 2 ELSE 3 END) AND h.id = e.target AND h.gen = ?1)",
+            [level],
+        )?;
+        if added == 0 {
+            return Ok(());
+        }
+        level += 1;
+    }
+}
+
+/// Names the affected checkpoints and, walking only their hit subtrees, the affected paths.
+fn affected(conn: &Connection, report: &mut VerifyReport) -> Result<()> {
+    let cps: Vec<(String, String, i64, Vec<u8>)> = conn
+        .prepare(
+            "SELECT id, path, time_ns, root FROM checkpoints c
+             WHERE length(root) != 32 OR EXISTS (SELECT 1 FROM temp.v_hit h WHERE h.kind = 3 AND h.id = c.root)
+             ORDER BY time_ns DESC, id",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut hit = conn.prepare_cached("SELECT 1 FROM temp.v_hit WHERE kind = ?1 AND id = ?2")?;
+    let mut bad_obj = conn.prepare_cached("SELECT problem FROM temp.v_bad_obj WHERE kind = ?1 AND id = ?2")?;
+    let mut bad_chunk = conn.prepare_cached("SELECT 1 FROM temp.v_bad_chunk WHERE id = ?1")?;
+    let mut entries =
+        conn.prepare_cached("SELECT name, kind, target FROM tree_entries WHERE tree = ?1 ORDER BY name DESC")?;
+    let mut content = conn.prepare_cached("SELECT segments FROM contents WHERE id = ?1")?;
+    let mut segment = conn.prepare_cached("SELECT data FROM segments WHERE id = ?1")?;
+    for (id, path, time_ns, root) in cps {
+        let mut a = AffectedCheckpoint {
+            id,
+            path,
+            time_ns,
+            files: 0,
+            missing_trees: 0,
+            missing_contents: 0,
+            missing_segments: 0,
+            damaged_chunks: 0,
+        };
+        let mut record = |a: &mut AffectedCheckpoint, path: &Path, problem: String| {
+            a.files += 1;
+            report.affected_files_total += 1;
+            if report.affected_files.len() < MAX_LISTED {
+                let path = if path.as_os_str().is_empty() { ".".into() } else { path.to_string_lossy().into_owned() };
+                report.affected_files.push(AffectedFile { checkpoint: a.id.clone(), path, problem });
+            }
+        };
+        let Some(root) = ObjectId::from_slice(&root) else {
+            record(&mut a, Path::new(""), "the checkpoint's root id is malformed".into());
+            report.affected_checkpoints.push(a);
+            continue;
+        };
+        let mut stack = vec![(root, PathBuf::new())];
+        while let Some((tree, path)) = stack.pop() {
+            let problem: Option<String> =
+                bad_obj.query_row(params![KIND_TREE, &tree.0[..]], |r| r.get(0)).optional()?;
+            if let Some(problem) = problem {
+                a.missing_trees += 1;
+                record(&mut a, &path, format!("directory tree {problem}"));
+            }
+            let rows: Vec<(Vec<u8>, i64, Vec<u8>)> = entries
+                .query_map([&tree.0[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            for (name, kind, target) in rows {
+                let Some(target) = ObjectId::from_slice(&target) else { continue };
+                let child = path.join(OsStr::from_bytes(&name));
+                match kind {
+                    2 if hit.exists(params![KIND_TREE, &target.0[..]])? => stack.push((target, child)),
+                    1 if hit.exists(params![KIND_CONTENT, &target.0[..]])? => {
+                        let why =
+                            file_damage(&mut a, &target, &mut bad_obj, &mut bad_chunk, &mut content, &mut segment)?;
+                        record(&mut a, &child, why);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        report.affected_checkpoints.push(a);
+    }
+    Ok(())
+}
+
+/// Says why a file's content is damaged, and counts what is missing into the checkpoint's totals.
+fn file_damage(
+    a: &mut AffectedCheckpoint,
+    content_id: &ObjectId,
+    bad_obj: &mut rusqlite::CachedStatement<'_>,
+    bad_chunk: &mut rusqlite::CachedStatement<'_>,
+    content: &mut rusqlite::CachedStatement<'_>,
+    segment: &mut rusqlite::CachedStatement<'_>,
+) -> Result<String> {
+    let mut problem_of = |kind: i64, id: &ObjectId| -> Result<Option<String>> {
+        Ok(bad_obj.query_row(params![kind, &id.0[..]], |r| r.get(0)).optional()?)
+    };
+    if let Some(p) = problem_of(KIND_CONTENT, content_id)? {
+        a.missing_contents += 1;
+        return Ok(format!("file content {p}"));
+    }
+    let segs: Vec<u8> = content.query_row([&content_id.0[..]], |r| r.get(0)).optional()?.unwrap_or_default();
+    let (mut segments_missing, mut chunks_bad) = (0u64, 0u64);
+    for seg in segs.chunks_exact(ObjectId::LEN) {
+        let seg = ObjectId::from_slice(seg).expect("32 bytes");
+        if problem_of(KIND_SEGMENT, &seg)?.is_some() {
+            segments_missing += 1;
+            continue;
+        }
+        let data: Vec<u8> = segment.query_row([&seg.0[..]], |r| r.get(0)).optional()?.unwrap_or_default();
+        for r in decode_segment(&data).unwrap_or_default() {
+            if bad_chunk.exists([&r.id.0[..]])? {
+                chunks_bad += 1;
+            }
+        }
+    }
+    a.missing_segments += segments_missing;
+    a.damaged_chunks += chunks_bad;
+    let mut parts = Vec::new();
+    if chunks_bad > 0 {
+        parts.push(format!("{chunks_bad} damaged chunk{}", if chunks_bad == 1 { "" } else { "s" }));
+    }
+    if segments_missing > 0 {
+        parts.push(format!("{segments_missing} segment{} missing", if segments_missing == 1 { "" } else { "s" }));
+    }
+    Ok(if parts.is_empty() { "damaged".to_string() } else { parts.join(", ") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subsets_parse() {
+        assert_eq!("1/10".parse(), Ok(DataSubset::Part { n: 1, of: 10 }));
+        assert_eq!(" 10/10 ".parse(), Ok(DataSubset::Part { n: 10, of: 10 }));
+        assert_eq!("1/1".parse(), Ok(DataSubset::All));
+        assert_eq!("5%".parse(), Ok(DataSubset::Fraction(0.05)));
+        assert_eq!("0.5%".parse(), Ok(DataSubset::Fraction(0.005)));
+        assert_eq!("100%".parse(), Ok(DataSubset::All));
+        for bad in ["", "0/3", "4/3", "1/0", "3", "x/3", "1/x", "0%", "101%", "-5%", "nan%", "%", "1/2/3"] {
+            assert!(bad.parse::<DataSubset>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parts_cover_every_pack_exactly_once() {
+        let names: Vec<String> = (0..500).map(|i| format!("packs/{:02x}/{i:064x}.pack", i % 256)).collect();
+        for of in [2u32, 3, 7] {
+            let mut per_part = vec![0; of as usize];
+            for name in &names {
+                let chosen: Vec<u32> = (1..=of).filter(|&n| DataSubset::Part { n, of }.selects(name, 0)).collect();
+                assert_eq!(chosen.len(), 1, "{name} in parts {chosen:?} of {of}");
+                per_part[chosen[0] as usize - 1] += 1;
+            }
+            // The hash spreads packs evenly enough that no part is empty or holds most of them.
+            assert!(per_part.iter().all(|&c| c > 500 / of as usize / 2), "{per_part:?}");
+        }
+        // Stable: the same name always falls in the same part.
+        assert_eq!(pack_part(&names[0], 10), pack_part(&names[0], 10));
+    }
+
+    #[test]
+    fn fractions_select_about_their_share_and_vary_by_seed() {
+        let names: Vec<String> = (0..2000).map(|i| format!("packs/00/{i}.pack")).collect();
+        let count = |f: f64, seed: u64| names.iter().filter(|n| DataSubset::Fraction(f).selects(n, seed)).count();
+        let n = count(0.1, 1);
+        assert!((120..=280).contains(&n), "{n}");
+        assert_ne!(
+            names.iter().filter(|n| DataSubset::Fraction(0.5).selects(n, 1)).collect::<Vec<_>>(),
+            names.iter().filter(|n| DataSubset::Fraction(0.5).selects(n, 2)).collect::<Vec<_>>()
+        );
+        assert_eq!(count(1.0, 3), names.len());
+    }
+}

@@ -1,0 +1,383 @@
+//! End-to-end tests of `verify` and `repair index`, through the library and the `snapstore` binary.
+//!
+//! Each corruption test builds a small repository (three checkpoints over a directory with a text file, a
+//! 300 KB file in a subdirectory and a 2 MB file, plus a stream; packs of 256 KiB so there are several), injects
+//! one kind of damage next to the subdirectory's file, and checks that verify reports it, names that file in
+//! exactly the checkpoints that hold it, and makes the binary exit with 3.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use snapstore::{Catalog, CheckoutOptions, DataSubset, ObjectId, RepoParams, Repository, VerifyOptions};
+
+use crate::util::{fast_tempdir, pseudo_random, run, succeeded, text};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    repo: Repository,
+    /// The two directory checkpoints (both hold `run/sub/b.bin`), then the stream's.
+    ids: [String; 3],
+    /// Where each checkpoint's content was, for comparing checkouts.
+    src: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = fast_tempdir("snapstore-verify-");
+    let src = dir.path().join("run");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("a.txt"), b"alpha\n").unwrap();
+    fs::write(src.join("sub/b.bin"), pseudo_random(300_000, 2)).unwrap();
+    fs::write(src.join("big.bin"), pseudo_random(2_000_000, 1)).unwrap();
+    let root = dir.path().join("repo");
+    let params = RepoParams { pack_target_size: 256 << 10, ..RepoParams::default() };
+    let repo = Repository::init_with(&root, params).unwrap();
+    let c1 = repo.commit(&src, &Default::default()).unwrap().id;
+    fs::write(src.join("a.txt"), b"alpha, changed\n").unwrap();
+    let c2 = repo.commit(&src, &Default::default()).unwrap().id;
+    let c3 = repo.commit_reader("stream.bin", &mut &pseudo_random(100_000, 7)[..], &Default::default()).unwrap().id;
+    Fixture { _dir: dir, root, repo, ids: [c1, c2, c3], src }
+}
+
+/// The content id a tree entry named `name` points at (unique in the fixture).
+fn content_of(cat: &Catalog, name: &str) -> Vec<u8> {
+    cat.connection()
+        .query_row("SELECT target FROM tree_entries WHERE name = ?1 AND kind = 1 LIMIT 1", [name.as_bytes()], |r| {
+            r.get(0)
+        })
+        .unwrap()
+}
+
+/// The first chunk of the file named `name`.
+fn first_chunk(cat: &Catalog, name: &str) -> ObjectId {
+    let segs: Vec<u8> = cat
+        .connection()
+        .query_row("SELECT segments FROM contents WHERE id = ?1", [content_of(cat, name)], |r| r.get(0))
+        .unwrap();
+    let data: Vec<u8> =
+        cat.connection().query_row("SELECT data FROM segments WHERE id = ?1", [&segs[..32]], |r| r.get(0)).unwrap();
+    ObjectId::from_slice(&data[..32]).unwrap()
+}
+
+impl Fixture {
+    /// The chunk of `sub/b.bin` that damage is injected next to, and the path of its pack file.
+    fn target(&self) -> (ObjectId, PathBuf, snapstore::ChunkLocation) {
+        let cat = self.repo.catalog().unwrap();
+        let id = first_chunk(&cat, "b.bin");
+        let loc = cat.chunk_location(&id).unwrap().unwrap();
+        (id, self.root.join(&loc.pack), loc)
+    }
+
+    fn verify(&self, read_data: DataSubset) -> snapstore::VerifyReport {
+        self.repo.verify(&VerifyOptions { read_data, ..Default::default() }).unwrap()
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        run(&self.root, args)
+    }
+
+    fn catalog(&self) -> Catalog {
+        self.repo.catalog().unwrap()
+    }
+}
+
+fn flip_byte(path: &Path, at: u64) {
+    let mut bytes = fs::read(path).unwrap();
+    bytes[at as usize] ^= 0x20;
+    fs::write(path, bytes).unwrap();
+}
+
+/// Asserts the report and the binary's output name `run/sub/b.bin` as affected in exactly the two directory
+/// checkpoints, and that the binary exits with 3.
+fn assert_b_affected(f: &Fixture, report: &snapstore::VerifyReport, cli_args: &[&str]) {
+    assert!(!report.is_clean());
+    let affected: BTreeSet<(String, String)> =
+        report.affected_files.iter().map(|a| (a.checkpoint.clone(), a.path.clone())).collect();
+    for id in &f.ids[..2] {
+        assert!(affected.contains(&(id.clone(), "run/sub/b.bin".to_string())), "{affected:?}");
+    }
+    let cps: BTreeSet<&str> = report.affected_checkpoints.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(cps, f.ids[..2].iter().map(String::as_str).collect(), "the stream is untouched: {report:#?}");
+    let o = f.cli(cli_args);
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(3), "{out}\n{}", text(&o.stderr));
+    for id in &f.ids[..2] {
+        assert!(out.contains(&format!("affected: {} run/sub/b.bin", &id[..8])), "{out}");
+    }
+    assert!(!out.contains(&format!("affected: {}", &f.ids[2][..8])), "{out}");
+    assert!(out.contains("damage found:"), "{out}");
+}
+
+#[test]
+fn a_sound_repository_verifies_clean() {
+    let f = fixture();
+    let r = f.verify(DataSubset::None);
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!(r.checkpoints, 3);
+    assert!(r.packs >= 4, "small packs: {}", r.packs);
+    assert_eq!((r.packs_read, r.chunks_read), (0, 0));
+    let r = f.verify(DataSubset::All);
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!((r.packs_read, r.chunks_read), (r.packs, r.chunks));
+    let out = succeeded(&f.cli(&["verify"]), "verify");
+    assert!(out.starts_with("no damage found: 3 checkpoints"), "{out}");
+    let out = succeeded(&f.cli(&["verify", "--read-data"]), "verify --read-data");
+    assert!(out.contains(&format!("{} chunks checked; read", r.chunks)), "{out}");
+    let json: serde_json::Value =
+        serde_json::from_str(&succeeded(&f.cli(&["--json", "verify", "--read-data"]), "json")).unwrap();
+    assert_eq!(json["packs_read"], r.packs);
+    assert_eq!(json["affected_files"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn a_flipped_byte_in_a_chunk_is_found_by_reading_data() {
+    let f = fixture();
+    let (id, pack, loc) = f.target();
+    flip_byte(&pack, loc.offset + loc.stored_len as u64 / 2);
+    assert!(f.verify(DataSubset::None).is_clean(), "structure alone cannot see it");
+    let r = f.verify(DataSubset::All);
+    assert_eq!(r.damaged_chunks_total, 1, "{r:?}");
+    assert_eq!(r.damaged_chunks[0].id, id.to_hex());
+    assert_eq!(r.damaged_chunks[0].pack.as_deref(), Some(loc.pack.as_str()));
+    assert_b_affected(&f, &r, &["verify", "--read-data"]);
+    let out = text(&f.cli(&["verify", "--read-data"]).stdout);
+    assert!(out.contains(&format!("damaged chunk {}", id.to_hex())), "{out}");
+    assert_eq!(f.cli(&["verify"]).status.code(), Some(0));
+}
+
+#[test]
+fn a_truncated_pack_is_reported() {
+    let f = fixture();
+    let (_, pack, _) = f.target();
+    let len = fs::metadata(&pack).unwrap().len();
+    fs::OpenOptions::new().write(true).open(&pack).unwrap().set_len(len / 2).unwrap();
+    let r = f.verify(DataSubset::None);
+    assert_eq!(r.damaged_packs.len(), 1, "{r:?}");
+    assert!(r.damaged_packs[0].problem.contains("bytes but the catalog recorded"), "{r:?}");
+    assert_b_affected(&f, &r, &["verify"]);
+}
+
+#[test]
+fn a_deleted_pack_is_reported() {
+    let f = fixture();
+    let (_, pack, loc) = f.target();
+    fs::remove_file(&pack).unwrap();
+    let r = f.verify(DataSubset::None);
+    assert_eq!(r.damaged_packs.len(), 1, "{r:?}");
+    assert_eq!(r.damaged_packs[0].pack, loc.pack);
+    assert!(r.damaged_packs[0].problem.contains("missing"), "{r:?}");
+    assert_b_affected(&f, &r, &["verify"]);
+    let out = text(&f.cli(&["verify"]).stdout);
+    assert!(out.contains(&format!("damaged pack {}", loc.pack)), "{out}");
+}
+
+#[test]
+fn a_catalog_row_pointing_past_its_packs_end_is_reported() {
+    let f = fixture();
+    let (id, pack, _) = f.target();
+    let size = fs::metadata(&pack).unwrap().len() as i64;
+    f.catalog().connection().execute("UPDATE chunks SET offset = ?1 WHERE id = ?2", (size + 100, &id.0[..])).unwrap();
+    let r = f.verify(DataSubset::None);
+    assert!(r.damaged_packs.is_empty());
+    assert_eq!(r.damaged_chunks_total, 1, "{r:?}");
+    assert!(r.damaged_chunks[0].problem.contains("outside the pack's blob area"), "{r:?}");
+    assert_b_affected(&f, &r, &["verify"]);
+}
+
+#[test]
+fn a_damaged_pack_index_is_reported() {
+    let f = fixture();
+    let (_, pack, _) = f.target();
+    let len = fs::metadata(&pack).unwrap().len();
+    flip_byte(&pack, len - 40 - 10);
+    let r = f.verify(DataSubset::None);
+    assert_eq!(r.damaged_packs.len(), 1, "{r:?}");
+    assert!(r.damaged_packs[0].problem.contains("index checksum"), "{r:?}");
+    assert_b_affected(&f, &r, &["verify"]);
+}
+
+#[test]
+fn missing_catalog_objects_are_reported_per_checkpoint() {
+    let f = fixture();
+    let cat = f.catalog();
+    // The stream's content row, and the rows of the `sub` directory's tree.
+    cat.connection().execute("DELETE FROM contents WHERE id = ?1", [content_of(&cat, "stream.bin")]).unwrap();
+    let sub: Vec<u8> = cat
+        .connection()
+        .query_row("SELECT target FROM tree_entries WHERE name = ?1 AND kind = 2", [&b"sub"[..]], |r| r.get(0))
+        .unwrap();
+    cat.connection().execute("DELETE FROM tree_entries WHERE tree = ?1", [&sub]).unwrap();
+    let r = f.verify(DataSubset::None);
+    assert_eq!(r.damaged_objects_total, 2, "{r:?}");
+    let affected: BTreeSet<(String, String)> =
+        r.affected_files.iter().map(|a| (a.checkpoint.clone(), a.path.clone())).collect();
+    let expected: BTreeSet<(String, String)> = [
+        (f.ids[0].clone(), "run/sub".to_string()),
+        (f.ids[1].clone(), "run/sub".to_string()),
+        (f.ids[2].clone(), "stream.bin".to_string()),
+    ]
+    .into();
+    assert_eq!(affected, expected);
+    assert_eq!(r.affected_checkpoints.len(), 3, "one damaged checkpoint does not hide another");
+    let o = f.cli(&["verify"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(text(&o.stdout).contains(&format!("affected: {} stream.bin", &f.ids[2][..8])));
+}
+
+#[test]
+fn data_subset_parts_read_every_pack_once() {
+    let f = fixture();
+    let (id, pack, loc) = f.target();
+    flip_byte(&pack, loc.offset + 3);
+    let total = f.verify(DataSubset::None).packs;
+    let mut read = 0;
+    let mut found = 0;
+    for n in 1..=3 {
+        let r = f.verify(DataSubset::Part { n, of: 3 });
+        read += r.packs_read;
+        if r.damaged_chunks.iter().any(|c| c.id == id.to_hex()) {
+            found += 1;
+        }
+    }
+    assert_eq!(read, total, "parts 1/3, 2/3 and 3/3 read every pack exactly once");
+    assert_eq!(found, 1, "the damage is found by exactly the part holding its pack");
+    let codes: Vec<Option<i32>> =
+        ["1/3", "2/3", "3/3"].iter().map(|s| f.cli(&["verify", "--read-data-subset", s]).status.code()).collect();
+    assert_eq!(codes.iter().filter(|c| **c == Some(3)).count(), 1, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| **c == Some(0)).count(), 2, "{codes:?}");
+    assert_eq!(f.cli(&["verify", "--read-data-subset", "100%"]).status.code(), Some(3));
+    assert!(matches!(f.cli(&["verify", "--read-data-subset", "5%"]).status.code(), Some(0 | 3)));
+    for bad in ["0/3", "4/3", "150%", "half"] {
+        let o = f.cli(&["verify", "--read-data-subset", bad]);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", text(&o.stderr));
+    }
+}
+
+fn assert_checkouts_identical(f: &Fixture) {
+    let out = f.root.parent().unwrap().join("out");
+    let _ = fs::remove_dir_all(&out);
+    fs::create_dir_all(&out).unwrap();
+    // The second checkpoint holds the directory as it is now; the stream is regenerated.
+    f.repo.checkout(&f.ids[1], out.join("dir"), &CheckoutOptions::default()).unwrap();
+    for name in ["a.txt", "sub/b.bin", "big.bin"] {
+        assert_eq!(fs::read(out.join("dir").join(name)).unwrap(), fs::read(f.src.join(name)).unwrap(), "{name}");
+    }
+    f.repo.checkout(&f.ids[2], out.join("stream.bin"), &CheckoutOptions::default()).unwrap();
+    assert_eq!(fs::read(out.join("stream.bin")).unwrap(), pseudo_random(100_000, 7));
+    f.repo.checkout(&f.ids[0], out.join("first"), &CheckoutOptions::default()).unwrap();
+    assert_eq!(fs::read(out.join("first/a.txt")).unwrap(), b"alpha\n");
+}
+
+#[test]
+fn repair_index_rebuilds_a_lost_chunk_index() {
+    let f = fixture();
+    let chunks = f.verify(DataSubset::None).chunks;
+    f.catalog().connection().execute_batch("DELETE FROM chunks; DELETE FROM packs;").unwrap();
+    let r = f.verify(DataSubset::None);
+    assert!(!r.is_clean());
+    assert_eq!(r.affected_checkpoints.len(), 3);
+    let o = f.cli(&["verify"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(text(&o.stdout).contains("snapstore repair index"), "the hint names the repair");
+
+    let out = succeeded(&f.cli(&["repair", "index"]), "repair index");
+    assert!(out.contains("3 of 3 checkpoints whole"), "{out}");
+    assert!(out.contains(&format!("whole    {}", &f.ids[0][..8])), "{out}");
+    let r = f.verify(DataSubset::All);
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!(r.chunks, chunks);
+    assert_checkouts_identical(&f);
+    // A second repair of a sound index changes nothing.
+    let again = f.repo.repair_index().unwrap();
+    assert_eq!((again.chunks_added, again.chunks_repointed, again.chunks_removed), (0, 0, 0));
+    assert!(again.is_whole());
+}
+
+#[test]
+fn repair_index_repoints_rows_and_drops_rows_of_missing_packs() {
+    let f = fixture();
+    let cat = f.catalog();
+    // One row moved to a wrong offset, one row pointing at a pack row that does not exist.
+    let (id, _, _) = f.target();
+    cat.connection().execute("UPDATE chunks SET offset = offset + 1 WHERE id = ?1", [&id.0[..]]).unwrap();
+    let other = first_chunk(&cat, "big.bin");
+    cat.connection().execute("UPDATE chunks SET pack = 999999 WHERE id = ?1", [&other.0[..]]).unwrap();
+    assert_eq!(f.verify(DataSubset::None).damaged_chunks_total, 2);
+    let rep = f.repo.repair_index().unwrap();
+    assert_eq!((rep.chunks_repointed, rep.chunks_added, rep.chunks_removed), (2, 0, 0), "{rep:?}");
+    assert!(rep.is_whole(), "{rep:?}");
+    assert!(f.verify(DataSubset::All).is_clean());
+    assert_checkouts_identical(&f);
+}
+
+#[test]
+fn repair_index_recreates_a_lost_catalog() {
+    let f = fixture();
+    let chunks = f.verify(DataSubset::None).chunks;
+    drop(f.repo.catalog());
+    for name in ["catalog.db", "catalog.db-wal", "catalog.db-shm"] {
+        let _ = fs::remove_file(f.root.join(name));
+    }
+    assert!(matches!(Repository::open(&f.root), Err(snapstore::Error::NoRepository(_))));
+    let o = f.cli(&["repair", "index"]);
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(3), "a lost catalog is lost checkpoints: {out}");
+    assert!(out.contains("no checkpoints survive"), "{out}");
+    let repo = Repository::open(&f.root).unwrap();
+    assert!(repo.checkpoints().unwrap().is_empty());
+    let r = repo.verify(&VerifyOptions { read_data: DataSubset::All, ..Default::default() }).unwrap();
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!(r.chunks, chunks, "every stored chunk is indexed again");
+    // A directory with neither catalog nor packs is not a repository to rebuild.
+    let o = run(&f.root.join("nothing-here"), &["repair", "index"]);
+    assert_eq!(o.status.code(), Some(4));
+}
+
+#[test]
+fn repair_index_reports_damaged_packs_and_damaged_checkpoints() {
+    let f = fixture();
+    let (_, pack, loc) = f.target();
+    let len = fs::metadata(&pack).unwrap().len();
+    flip_byte(&pack, len - 40 - 10);
+    let rep = f.repo.repair_index().unwrap();
+    assert_eq!(rep.damaged_packs.len(), 1);
+    assert_eq!(rep.damaged_packs[0].pack, loc.pack);
+    assert!(rep.chunks_removed > 0 && rep.packs_removed == 1, "{rep:?}");
+    let damaged: BTreeSet<&str> = rep.checkpoints.iter().filter(|c| !c.whole).map(|c| c.id.as_str()).collect();
+    assert_eq!(damaged, f.ids[..2].iter().map(String::as_str).collect());
+    assert!(rep.checkpoints.iter().filter(|c| !c.whole).all(|c| c.missing_chunks > 0));
+    assert!(rep.affected_files.iter().any(|a| a.path == "run/sub/b.bin"));
+    // The CLI says the same, with exit code 3.
+    let o = f.cli(&["repair", "index"]);
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(3), "{out}");
+    assert!(out.contains(&format!("damaged  {}", &f.ids[0][..8])), "{out}");
+    assert!(out.contains(&format!("whole    {}", &f.ids[2][..8])), "{out}");
+    assert!(out.contains(&format!("damaged pack {}", loc.pack)), "{out}");
+}
+
+#[test]
+fn repair_index_refuses_while_a_commit_runs() {
+    let f = fixture();
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default();
+    let host = if host.is_empty() { "unknown".to_string() } else { host };
+    let cat = f.catalog();
+    // PID 1 is always alive; a session whose process is gone is expired instead.
+    cat.connection()
+        .execute(
+            "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch)
+             VALUES ('commit', ?1, 1, 0, 0, 1), ('commit', ?1, 4000000000, 0, 0, 1)",
+            [&host],
+        )
+        .unwrap();
+    let o = f.cli(&["repair", "index"]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("commit is running"), "{}", text(&o.stderr));
+    let leases: i64 = cat.connection().query_row("SELECT count(*) FROM gc_lease", [], |r| r.get(0)).unwrap();
+    assert_eq!(leases, 0, "the lease is released");
+    cat.connection().execute("DELETE FROM sessions WHERE pid = 1", []).unwrap();
+    let rep = f.repo.repair_index().unwrap();
+    assert_eq!(rep.sessions_expired, 1);
+    assert!(rep.is_whole());
+}
