@@ -19,10 +19,10 @@ use crate::backend::Backend;
 use crate::catalog::{Catalog, KIND_CHUNK, gc_epoch, host_name, now_ns};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
-use crate::pack::{FLAG_ZSTD, PackEntry};
+use crate::pack::PackEntry;
 use crate::progress::{NoProgress, Progress};
 use crate::reach;
-use crate::store::Packer;
+use crate::store::{BlobDecoder, Packer};
 
 /// How to collect garbage.
 #[derive(Clone)]
@@ -291,6 +291,8 @@ fn run(
     let sparse: Vec<&PackUse> =
         uses.iter().filter(|p| p.rows > 0 && p.condemned_rows == 0 && unused_share(p) > opts.max_unused).collect();
     let mut packer = Packer::new(backend.clone(), pack_target);
+    // Every blob is checked against its chunk id before it is copied, so a repack never spreads damage.
+    let mut decoder = BlobDecoder::new()?;
     let rewritten: HashSet<i64> = sparse.iter().map(|p| p.id).collect();
     let mut freed: i128 = 0;
     for p in &sparse {
@@ -302,7 +304,8 @@ fn run(
             let id = ObjectId::from_slice(&id).ok_or_else(|| Error::corrupt("malformed chunk id"))?;
             let mut blob = vec![0u8; stored_len as usize];
             backend.read_at(&p.name, offset as u64, &mut blob).map_err(|e| Error::backend(&p.name, e))?;
-            verify(&id, flags, raw_len, &blob)
+            decoder
+                .decode(&id, flags, raw_len, &blob)
                 .map_err(|why| Error::corrupt(format!("chunk {id} in {}: {why}", p.name)))?;
             if let Some(pack) = packer.add(id, flags, raw_len, &blob)? {
                 freed -= record_moved(conn, &mut packer, pack)? as i128;
@@ -396,19 +399,6 @@ fn unused_share(p: &PackUse) -> f64 {
         crate::pack::HEADER_LEN + crate::pack::ENTRY_LEN as u64 * p.chunk_count + crate::pack::FOOTER_LEN as u64;
     let blobs = p.size.saturating_sub(overhead);
     if blobs == 0 { 1.0 } else { 1.0 - p.live_bytes as f64 / blobs as f64 }
-}
-
-/// Checks a blob against its chunk id before it is copied, so a repack never spreads damage.
-fn verify(id: &ObjectId, flags: u8, raw_len: u32, blob: &[u8]) -> std::result::Result<(), String> {
-    let data = if flags & FLAG_ZSTD != 0 {
-        zstd::bulk::decompress(blob, raw_len as usize).map_err(|e| format!("cannot decompress ({e})"))?
-    } else {
-        blob.to_vec()
-    };
-    if data.len() != raw_len as usize || ObjectId::of(&data) != *id {
-        return Err("content does not match its hash".into());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::backend::Backend;
-use crate::catalog::{Catalog, ChunkLocation};
+use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::pack::{FLAG_ZSTD, PackEntry, PackWriter};
@@ -33,12 +33,50 @@ impl Compressor {
     }
 }
 
+/// Turns a stored blob back into its chunk and checks it against the chunk's id: the one place every reader
+/// of packs (checkout, verify, GC's rewrite) decides whether bytes are good.
+pub(crate) struct BlobDecoder {
+    decompressor: zstd::bulk::Decompressor<'static>,
+    /// One buffer reused for every chunk: a fresh allocation per chunk costs page faults.
+    out: Vec<u8>,
+}
+
+impl BlobDecoder {
+    pub fn new() -> Result<Self> {
+        let decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Internal(format!("zstd: {e}")))?;
+        Ok(BlobDecoder { decompressor, out: Vec::new() })
+    }
+
+    /// The chunk `blob` holds, or why it is not chunk `id` of `raw_len` bytes.
+    pub fn decode<'a>(
+        &'a mut self,
+        id: &ObjectId,
+        flags: u8,
+        raw_len: u32,
+        blob: &'a [u8],
+    ) -> std::result::Result<&'a [u8], String> {
+        let data = if flags & FLAG_ZSTD != 0 {
+            self.out.clear();
+            self.out.reserve(raw_len as usize);
+            self.decompressor
+                .decompress_to_buffer(blob, &mut self.out)
+                .map_err(|e| format!("cannot be decompressed ({e})"))?;
+            &self.out[..]
+        } else {
+            blob
+        };
+        if data.len() != raw_len as usize || ObjectId::of(data) != *id {
+            return Err("content does not match its hash".into());
+        }
+        Ok(data)
+    }
+}
+
 /// Reads chunks back, decompressing and checking each against its id.
 pub(crate) struct ChunkReader {
     backend: Arc<dyn Backend>,
-    decompressor: zstd::bulk::Decompressor<'static>,
+    decoder: BlobDecoder,
     buf: Vec<u8>,
-    out: Vec<u8>,
 }
 
 /// Reads are merged when chunks sit back to back in one pack, up to this many bytes per read.
@@ -46,8 +84,7 @@ const MAX_READ: u64 = 8 << 20;
 
 impl ChunkReader {
     pub fn new(backend: Arc<dyn Backend>) -> Result<Self> {
-        let decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Internal(format!("zstd: {e}")))?;
-        Ok(ChunkReader { backend, decompressor, buf: Vec::new(), out: Vec::new() })
+        Ok(ChunkReader { backend, decoder: BlobDecoder::new()?, buf: Vec::new() })
     }
 
     /// Reads `refs` in order, handing each verified chunk to `sink` with its index in `refs`.
@@ -112,41 +149,18 @@ impl ChunkReader {
             for k in i..j {
                 let at = (locs[k].offset - start) as usize;
                 let blob = &run[at..at + locs[k].stored_len as usize];
-                self.decode(&refs[k].id, &locs[k], blob, |data| sink(k, data))?;
+                let data = self.decoder.decode(&refs[k].id, locs[k].flags, locs[k].raw_len, blob).map_err(|why| {
+                    Error::corrupt(format!(
+                        "chunk {} in {} at offset {}: {why}",
+                        refs[k].id, locs[k].pack, locs[k].offset
+                    ))
+                })?;
+                sink(k, data)?;
             }
             self.buf = run;
             i = j;
         }
         Ok(())
-    }
-
-    fn decode(
-        &mut self,
-        id: &ObjectId,
-        loc: &ChunkLocation,
-        blob: &[u8],
-        sink: impl FnOnce(&[u8]) -> Result<()>,
-    ) -> Result<()> {
-        let bad = |why: &str| Error::corrupt(format!("chunk {id} in {} at offset {}: {why}", loc.pack, loc.offset));
-        // One buffer reused for every chunk: a fresh allocation per chunk costs page faults.
-        let mut out = std::mem::take(&mut self.out);
-        let data = if loc.flags & FLAG_ZSTD != 0 {
-            out.clear();
-            out.reserve(loc.raw_len as usize);
-            self.decompressor
-                .decompress_to_buffer(blob, &mut out)
-                .map_err(|e| bad(&format!("cannot decompress ({e})")))?;
-            &out[..]
-        } else {
-            blob
-        };
-        let result = if data.len() != loc.raw_len as usize || ObjectId::of(data) != *id {
-            Err(bad("content does not match its hash"))
-        } else {
-            sink(data)
-        };
-        self.out = out;
-        result
     }
 }
 

@@ -41,8 +41,9 @@ use crate::backend::Backend;
 use crate::catalog::{Catalog, KIND_CONTENT, KIND_SEGMENT, KIND_TREE, now_ns};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
-use crate::pack::{FLAG_ZSTD, FOOTER_LEN, HEADER_LEN, PackEntry};
+use crate::pack::{FOOTER_LEN, HEADER_LEN, PackEntry};
 use crate::progress::{NoProgress, Progress};
+use crate::store::BlobDecoder;
 use crate::tree::{decode_segment, validate_name};
 
 /// At most this many damaged chunks, damaged objects and affected files are listed in a report (the totals
@@ -694,15 +695,13 @@ fn read_data(
 
 /// Reads a pack's blobs in large sequential reads and checks each chunk against its id.
 struct BlobChecker {
-    decompressor: zstd::bulk::Decompressor<'static>,
+    decoder: BlobDecoder,
     buf: Vec<u8>,
-    out: Vec<u8>,
 }
 
 impl BlobChecker {
     fn new() -> Result<Self> {
-        let decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Internal(format!("zstd: {e}")))?;
-        Ok(BlobChecker { decompressor, buf: Vec::new(), out: Vec::new() })
+        Ok(BlobChecker { decoder: BlobDecoder::new()?, buf: Vec::new() })
     }
 
     fn read_pack(
@@ -733,7 +732,8 @@ impl BlobChecker {
                     for row in &rows[i..j] {
                         let at = (row.1 - start) as usize;
                         let blob = &self.buf[at..at + row.2 as usize];
-                        if let Err(why) = check_blob(&mut self.decompressor, &mut self.out, row, blob) {
+                        let (id, _, _, raw_len, flags) = *row;
+                        if let Err(why) = self.decoder.decode(&id, flags, raw_len, blob) {
                             res.bad.push((row.0, why));
                         }
                     }
@@ -757,27 +757,6 @@ impl BlobChecker {
         }
         Ok(res)
     }
-}
-
-fn check_blob(
-    decompressor: &mut zstd::bulk::Decompressor<'static>,
-    out: &mut Vec<u8>,
-    row: &Row,
-    blob: &[u8],
-) -> std::result::Result<(), String> {
-    let (id, _, _, raw_len, flags) = *row;
-    let data = if flags & FLAG_ZSTD != 0 {
-        out.clear();
-        out.reserve(raw_len as usize);
-        decompressor.decompress_to_buffer(blob, out).map_err(|e| format!("cannot be decompressed ({e})"))?;
-        &out[..]
-    } else {
-        blob
-    };
-    if data.len() != raw_len as usize || ObjectId::of(data) != id {
-        return Err("its content does not match its hash".into());
-    }
-    Ok(())
 }
 
 /// Fills the report's damage lists, and maps damaged objects to the checkpoints and files they affect.
