@@ -42,6 +42,11 @@ impl Cutter {
         }
     }
 
+    /// The maximum chunk length.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// Length of the chunk starting at `window[0]`. `window` must hold at least `max` bytes unless the input
     /// ends with it.
     pub fn cut(&self, window: &[u8]) -> usize {

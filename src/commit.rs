@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::fs::{File, Metadata};
 use std::io::Read;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::params::RepoParams;
 use crate::progress::{NoProgress, Progress};
+use crate::region::{REGION, cut_region, stitch};
 use crate::sparse::is_zero;
 use crate::store::{Compressor, Packer};
 use crate::tree::{self, ChunkRef, Entry, EntryKind};
@@ -111,6 +112,7 @@ struct Job {
     data: ChunkBytes,
 }
 
+#[derive(Clone)]
 struct Hashed {
     seq: u64,
     id: ObjectId,
@@ -229,7 +231,7 @@ fn run(
             let (job_rx, res_tx) = (job_rx.clone(), res_tx.clone());
             workers.push(s.spawn(move || worker(ctx, job_rx, res_tx)));
         }
-        drop((job_rx, res_tx));
+        drop(job_rx);
         let assembler = s.spawn(|| {
             let mut asm = Assembler::new(ctx, session)?;
             asm.run(ev_rx, res_rx)?;
@@ -250,6 +252,9 @@ fn run(
             pool_tx,
             pool_rx,
             stopped: false,
+            results: res_tx.clone(),
+            threads,
+            failed: None,
         };
         let walked = match source {
             Source::Path(p) => walker.walk(p, &root_name),
@@ -320,22 +325,109 @@ fn worker(ctx: &Context<'_>, jobs: Receiver<Job>, results: Sender<Result<Hashed>
             return;
         }
     };
-    let max = ctx.params.chunk_max as usize;
-    let zero_id = ObjectId::of(&vec![0u8; max]);
+    let hasher = ChunkHasher::new(ctx.params);
     for job in jobs {
-        // Runs of zeros cut into maximum chunks (see Cutter::cut): their id is known without hashing.
-        let id = if job.data.len() == max && is_zero(&job.data) { zero_id } else { ObjectId::of(&job.data) };
-        let out = catalog.has_chunk(&id).map(|known| {
-            let blob = (!known).then(|| {
-                let (flags, blob) = compressor.compress(&job.data);
-                (flags, blob.to_vec())
-            });
-            Hashed { seq: job.seq, id, len: job.data.len() as u32, blob }
-        });
+        let out = hasher.hash(&catalog, &mut compressor, &job.data, job.seq);
         if results.send(out).is_err() {
             return;
         }
     }
+}
+
+/// Names a chunk, and compresses it when the chunk index lacks it: the work done per chunk on all cores.
+struct ChunkHasher {
+    max: usize,
+    zero_id: ObjectId,
+}
+
+impl ChunkHasher {
+    fn new(params: &RepoParams) -> Self {
+        let max = params.chunk_max as usize;
+        ChunkHasher { max, zero_id: ObjectId::of(&vec![0u8; max]) }
+    }
+
+    fn hash(&self, catalog: &Catalog, compressor: &mut Compressor, data: &[u8], seq: u64) -> Result<Hashed> {
+        // Runs of zeros cut into maximum chunks (see Cutter::cut): their id is known without hashing.
+        let id = if data.len() == self.max && is_zero(data) { self.zero_id } else { ObjectId::of(data) };
+        let known = catalog.has_chunk(&id)?;
+        let blob = (!known).then(|| {
+            let (flags, blob) = compressor.compress(data);
+            (flags, blob.to_vec())
+        });
+        Ok(Hashed { seq, id, len: data.len() as u32, blob })
+    }
+}
+
+/// What a region worker made of one region: its chunks (offset, hashed), whether the file ended early, and
+/// the runs of zeros it cut into maximum chunks, with one such chunk as hashed.
+struct RegionDone {
+    chunks: Vec<(u64, Hashed)>,
+    short: bool,
+    zero_runs: Vec<(u64, u64)>,
+    zero: Option<Hashed>,
+}
+
+/// Cuts and hashes region `k` of `f` on its own (see `region.rs`).
+fn region_worker(
+    ctx: &Context<'_>,
+    f: &File,
+    len: u64,
+    cutter: Cutter,
+    tasks: Receiver<u64>,
+    done: Sender<(u64, Result<RegionDone>)>,
+) {
+    let setup = Catalog::open(ctx.catalog_path).and_then(|c| Ok((c, Compressor::new(ctx.params.compression_level)?)));
+    let (catalog, mut compressor) = match setup {
+        Ok(v) => v,
+        Err(e) => {
+            if let Ok(k) = tasks.recv() {
+                let _ = done.send((k, Err(e)));
+            }
+            return;
+        }
+    };
+    let hasher = ChunkHasher::new(ctx.params);
+    let mut buf = Vec::new();
+    for k in tasks {
+        let start = k * REGION;
+        let end = (start + REGION).min(len);
+        // The region and one maximum chunk beyond it, so every chunk starting inside it can be cut.
+        let want = ((end + cutter.max() as u64).min(len) - start) as usize;
+        buf.resize(want, 0);
+        let out = read_at_most(f, &mut buf, start).map_err(|e| Error::io("<region>", e)).and_then(|n| {
+            let mut done = RegionDone { chunks: Vec::new(), short: n < want, zero_runs: Vec::new(), zero: None };
+            for (at, l) in cut_region(&cutter, &buf[..n], (end - start) as usize) {
+                let h = hasher.hash(&catalog, &mut compressor, &buf[at..at + l], 0)?;
+                let at = start + at as u64;
+                if h.id == hasher.zero_id && l == hasher.max {
+                    match done.zero_runs.last_mut() {
+                        Some(run) if run.1 == at => run.1 += l as u64,
+                        _ => done.zero_runs.push((at, at + l as u64)),
+                    }
+                    done.zero.get_or_insert_with(|| h.clone());
+                }
+                done.chunks.push((at, h));
+            }
+            Ok(done)
+        });
+        if done.send((k, out)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads at `offset` until `buf` is full or the file ends; returns the bytes read.
+fn read_at_most(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], offset + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 struct Walker<'a, 'b> {
@@ -356,6 +448,11 @@ struct Walker<'a, 'b> {
     pool_rx: Receiver<Vec<u8>>,
     /// The pipeline behind the walker has stopped.
     stopped: bool,
+    /// Where chunks hashed by region workers join the workers' results.
+    results: Sender<Result<Hashed>>,
+    threads: usize,
+    /// Why region chunking failed, when it was not the file's fault.
+    failed: Option<Error>,
 }
 
 impl Walker<'_, '_> {
@@ -485,6 +582,9 @@ impl Walker<'_, '_> {
             entry.size = before.len();
             self.send(Event::FileStart(entry))?;
             let read = self.chunks_file(&f, before.len()).map_err(|e| Error::io(path, e));
+            if let Some(e) = self.failed.take() {
+                return Err(e);
+            }
             if self.stopped {
                 return Err(Error::Internal("assembler stopped".into()));
             }
@@ -526,6 +626,9 @@ impl Walker<'_, '_> {
         if len < 2 * self.block_len as u64 {
             return self.chunks_inline(&mut &*f);
         }
+        if len >= 4 * REGION && self.threads > 1 {
+            return self.chunks_regions(f, len);
+        }
         let (pool_tx, pool_rx) = (self.pool_tx.clone(), self.pool_rx.clone());
         let block_len = self.block_len;
         std::thread::scope(|s| {
@@ -550,6 +653,132 @@ impl Walker<'_, '_> {
         })
     }
 
+    /// Sends every chunk of a large file to the pipeline, cut and hashed region by region on all cores and
+    /// stitched into the sequential chunking here (see `region.rs`). Returns the bytes read; fewer than `len`
+    /// when the file shrank meanwhile (the caller then reads it again).
+    fn chunks_regions(&mut self, f: &File, len: u64) -> std::io::Result<u64> {
+        let regions = len.div_ceil(REGION);
+        let (ctx, cutter, threads) = (self.ctx, self.cutter, self.threads);
+        let (task_tx, task_rx) = bounded::<u64>(regions as usize);
+        let (done_tx, done_rx) = bounded::<(u64, Result<RegionDone>)>(threads + 1);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                let (tasks, done) = (task_rx.clone(), done_tx.clone());
+                s.spawn(move || region_worker(ctx, f, len, cutter, tasks, done));
+            }
+            drop((task_rx, done_tx));
+            let stitched = self.stitch_regions(f, len, regions, &task_tx, &done_rx);
+            // Stops the workers: no more tasks, and nobody takes what they finish.
+            drop(task_tx);
+            drop(done_rx);
+            stitched
+        })
+    }
+
+    fn stitch_regions(
+        &mut self,
+        f: &File,
+        len: u64,
+        regions: u64,
+        tasks: &Sender<u64>,
+        done: &Receiver<(u64, Result<RegionDone>)>,
+    ) -> std::io::Result<u64> {
+        let stop = |walker: &mut Self, e: Error| {
+            walker.failed = Some(e);
+            std::io::Error::other("region chunking failed")
+        };
+        // At most this many regions are read or held at once, which bounds memory at a few regions.
+        let window = self.threads as u64 + 1;
+        let (mut sent, mut ready) = (0u64, HashMap::new());
+        let (mut pos, mut total) = (0u64, 0u64);
+        let mut junction_buf = Vec::new();
+        for k in 0..regions {
+            while sent < regions && sent < k + window {
+                tasks.send(sent).map_err(|_| std::io::Error::other("region workers stopped"))?;
+                sent += 1;
+            }
+            let region = loop {
+                if let Some(r) = ready.remove(&k) {
+                    break r;
+                }
+                let (i, r) = done.recv().map_err(|_| std::io::Error::other("region workers stopped"))?;
+                match r {
+                    Ok(r) => ready.insert(i, r),
+                    Err(e) => return Err(stop(self, e)),
+                };
+            };
+            let region_end = ((k + 1) * REGION).min(len);
+            let starts: Vec<u64> = region.chunks.iter().map(|(at, _)| *at).collect();
+            let max = self.cutter.max() as u64;
+            let cut_at = |p: u64| -> std::io::Result<(usize, bool)> {
+                // Inside a zero run the chunk is a maximum chunk of zeros (Cutter::cut): nothing to read.
+                if region.zero_runs.iter().any(|&(s, e)| s <= p && p + max <= e) {
+                    return Ok((max as usize, true));
+                }
+                junction_buf.resize(((p + max).min(len) - p) as usize, 0);
+                let n = read_at_most(f, &mut junction_buf, p)?;
+                if n < junction_buf.len() {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                Ok((self.cutter.cut(&junction_buf), false))
+            };
+            let (junction, first) = match stitch(&mut pos, region_end, &starts, cut_at) {
+                Ok(v) => v,
+                // The file shrank: stop here, and let the caller see a short read.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(total),
+                Err(e) => return Err(e),
+            };
+            for (at, l, zero) in junction {
+                if zero && let Some(z) = &region.zero {
+                    total += l as u64;
+                    self.forward(Some(z.clone()), ChunkBytes::Owned(Vec::new()))?;
+                    continue;
+                }
+                // Cut again here, at the boundary: hashed by the workers like any chunk.
+                let mut data = vec![0u8; l];
+                if read_at_most(f, &mut data, at)? < l {
+                    return Ok(total);
+                }
+                total += l as u64;
+                self.forward(None, ChunkBytes::Owned(data))?;
+            }
+            for (at, h) in region.chunks.into_iter().skip(first) {
+                pos = at + h.len as u64;
+                total += h.len as u64;
+                self.forward(Some(h), ChunkBytes::Owned(Vec::new()))?;
+            }
+            if region.short {
+                return Ok(total);
+            }
+        }
+        Ok(total)
+    }
+
+    /// Queues one chunk, in order: hashed already (`done`), or `data` for the workers to hash.
+    fn forward(&mut self, done: Option<Hashed>, data: ChunkBytes) -> std::io::Result<()> {
+        let seq = self.seq;
+        self.seq += 1;
+        let len = done.as_ref().map_or(data.len() as u64, |h| h.len as u64);
+        self.summary.bytes_read += len;
+        self.opts.progress.bytes(len);
+        // The event goes first: the assembler drains results while it waits for this one, so a full results
+        // channel cannot stall the walker.
+        let sent = self.events.send(Event::Chunk(seq)).is_ok()
+            && match done {
+                Some(mut h) => {
+                    h.seq = seq;
+                    self.results.send(Ok(h)).is_ok()
+                }
+                None => self.jobs.send(Job { seq, data }).is_ok(),
+            };
+        if !sent {
+            // Not a read error: the assembler or the workers failed, and their error is what to report.
+            self.stopped = true;
+            return Err(std::io::Error::other("commit pipeline stopped"));
+        }
+        Ok(())
+    }
+
     /// Sends every chunk of `reader` to the pipeline, reading on this thread.
     fn chunks_inline(&mut self, reader: &mut dyn Read) -> std::io::Result<u64> {
         let (pool_tx, pool_rx, block_len) = (self.pool_tx.clone(), self.pool_rx.clone(), self.block_len);
@@ -569,16 +798,8 @@ impl Walker<'_, '_> {
     ) -> std::io::Result<u64> {
         let mut total = 0u64;
         while let Some(chunk) = chunker.next_chunk()? {
-            let seq = self.seq;
-            self.seq += 1;
             total += chunk.len() as u64;
-            self.summary.bytes_read += chunk.len() as u64;
-            self.opts.progress.bytes(chunk.len() as u64);
-            if self.jobs.send(Job { seq, data: chunk }).is_err() || self.events.send(Event::Chunk(seq)).is_err() {
-                // Not a read error: the assembler or the workers failed, and their error is what to report.
-                self.stopped = true;
-                return Err(std::io::Error::other("commit pipeline stopped"));
-            }
+            self.forward(None, chunk)?;
         }
         Ok(total)
     }

@@ -37,6 +37,7 @@ mod params;
 mod progress;
 mod reach;
 mod reader;
+mod region;
 mod repair;
 mod retention;
 mod sparse;

@@ -1393,3 +1393,28 @@ fn checkpoint_ids_prefixes_latest_and_errors() {
     assert_eq!(repo.checkpoint(&s1.id[..61]).unwrap().id, s1.id);
     assert_eq!(repo.checkpoint("latest").unwrap().id, s2.id);
 }
+
+/// A large file is cut region by region on all cores; the cuts must be exactly those of one sequential pass
+/// (a stream is always cut sequentially), or dedup across the two would break.
+#[test]
+fn parallel_chunking_of_a_large_file_cuts_exactly_as_a_stream_does() {
+    let t = tmp();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let mut data = pseudo_random(37 * MIB + 12_345, 21);
+    // Zero runs and a repeated stretch across region boundaries (regions are 4 MiB).
+    data[4 * MIB - 100_000..4 * MIB + 900_000].fill(0);
+    let copy = data[MIB..2 * MIB].to_vec();
+    data[8 * MIB - 300_000..9 * MIB - 300_000].copy_from_slice(&copy);
+    let path = t.path().join("big.img");
+    write(&path, &data);
+    for threads in [2, 3] {
+        let opts = CommitOptions { threads, reread: true, ..Default::default() };
+        let by_regions = repo.commit(&path, &opts).unwrap();
+        assert_eq!(by_regions.bytes_read, data.len() as u64);
+        let streamed = repo.commit_reader("big.img", &mut &data[..], &opts).unwrap();
+        assert_eq!((streamed.chunks_new, streamed.bytes_new), (0, 0), "threads {threads}: cuts differ");
+        let out = t.path().join(format!("out-{threads}"));
+        repo.checkout(&by_regions.id, &out, &CheckoutOptions::default()).unwrap();
+        assert!(fs::read(&out).unwrap() == data);
+    }
+}

@@ -1,0 +1,131 @@
+//! Parallel chunking of one large file, with exactly the cut points of sequential chunking.
+//!
+//! Chunking is a scan: each cut depends on where the chunk began. To spread one file over all cores, the file
+//! is split at fixed offsets into regions, and each region is cut (and its chunks hashed) independently,
+//! starting at the region's first byte, by whichever core is free. Those cuts are right only from the first
+//! place where they meet the sequential chunking: a cut point depends only on the chunk's start and the bytes
+//! after it, so once both chunkings start a chunk at the same offset they agree from there on. The stitcher
+//! walks the regions in order, carrying the sequential chunking across each boundary itself (cutting and
+//! hashing those few chunks again) until it lands on a cut the region's worker also made, then adopts the
+//! worker's chunks to the region's end. In practice the two meet within a chunk or two of the boundary, so
+//! the repeated work is about 2 % for 4 MiB regions. They never meet inside a run of zeros (both cut it into
+//! maximum chunks, out of phase) or other periodic data; zero runs are common in disk images, so the workers
+//! report them and the stitcher cuts them without reading a byte. In other periodic data the stitcher alone
+//! cuts the region, at sequential speed. (desync's parallel chunker resynchronises the same way.)
+
+use crate::chunker::Cutter;
+
+/// Bytes per region: large enough that the junction work is small, small enough that a few regions in flight
+/// stay within the commit's memory bound.
+pub(crate) const REGION: u64 = 4 << 20;
+
+/// Offsets, relative to the region's start, and lengths of the chunks a worker cuts in a region on its own.
+/// `buf` holds the region followed by up to one maximum chunk of what comes after it (less where the file
+/// ends), so that every chunk starting inside the region can be cut.
+pub(crate) fn cut_region(cutter: &Cutter, buf: &[u8], region_len: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < region_len.min(buf.len()) {
+        let len = cutter.cut(&buf[pos..]);
+        out.push((pos, len));
+        pos += len;
+    }
+    out
+}
+
+/// Chunks the stitcher cut itself at a region's start: offset, length, and what `cut_at` noted of each.
+pub(crate) type Junction<T> = Vec<(u64, usize, T)>;
+
+/// Carries the sequential chunking from `pos` into a region ending at `region_end` whose worker cut chunks
+/// starting at `starts` (absolute offsets, ascending). `cut_at(p)` cuts the chunk starting at `p` and returns
+/// its length with whatever the caller wants to remember of it. Returns the chunks the stitcher had to cut
+/// itself, and the index of the first of `starts` that is on the sequential chunking (all of `starts` from
+/// there on are); `pos` is left after the junction.
+pub(crate) fn stitch<T, E>(
+    pos: &mut u64,
+    region_end: u64,
+    starts: &[u64],
+    mut cut_at: impl FnMut(u64) -> Result<(usize, T), E>,
+) -> Result<(Junction<T>, usize), E> {
+    let mut junction = Vec::new();
+    loop {
+        if let Ok(i) = starts.binary_search(pos) {
+            return Ok((junction, i));
+        }
+        if *pos >= region_end {
+            return Ok((junction, starts.len()));
+        }
+        let (len, t) = cut_at(*pos)?;
+        junction.push((*pos, len, t));
+        *pos += len as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::RepoParams;
+    use crate::testutil::pseudo_random;
+    use proptest::prelude::*;
+
+    fn sequential(cutter: &Cutter, data: &[u8]) -> Vec<(u64, usize)> {
+        cut_region(cutter, data, data.len()).into_iter().map(|(o, l)| (o as u64, l)).collect()
+    }
+
+    /// Chunks `data` region by region and stitches, as the commit pipeline does.
+    fn parallel(cutter: &Cutter, data: &[u8], region: usize, max: usize) -> (Vec<(u64, usize)>, usize) {
+        let mut out = Vec::new();
+        let mut pos = 0u64;
+        let mut redone = 0;
+        for start in (0..data.len()).step_by(region) {
+            let end = (start + region).min(data.len());
+            let buf = &data[start..(end + max).min(data.len())];
+            let own: Vec<(u64, usize)> =
+                cut_region(cutter, buf, end - start).into_iter().map(|(o, l)| ((start + o) as u64, l)).collect();
+            let starts: Vec<u64> = own.iter().map(|c| c.0).collect();
+            let (junction, first) = stitch(&mut pos, end as u64, &starts, |p| {
+                Ok::<_, ()>((cutter.cut(&data[p as usize..(p as usize + max).min(data.len())]), ()))
+            })
+            .unwrap();
+            redone += junction.len();
+            out.extend(junction.into_iter().map(|(o, l, ())| (o, l)));
+            if let Some(&(o, l)) = own[first..].last() {
+                pos = o + l as u64;
+            }
+            out.extend_from_slice(&own[first..]);
+        }
+        (out, redone)
+    }
+
+    fn small() -> (Cutter, usize) {
+        let p = RepoParams { chunk_min: 1024, chunk_avg: 4096, chunk_max: 16384, ..Default::default() };
+        (Cutter::new(&p), 16384)
+    }
+
+    #[test]
+    fn stitched_cuts_equal_sequential_cuts_and_resync_quickly() {
+        let (cutter, max) = small();
+        let mut data = pseudo_random(3_000_000, 5);
+        // Runs of zeros across region boundaries: cut at max, in step with the sequential chunking or not.
+        data[190_000..420_000].fill(0);
+        data[1_000_000..1_100_000].fill(7);
+        for region in [65_536usize, 200_000, 262_144, 1 << 20] {
+            let (got, redone) = parallel(&cutter, &data, region, max);
+            assert_eq!(got, sequential(&cutter, &data), "region {region}");
+            let boundaries = data.len().div_ceil(region);
+            assert!(redone <= 4 * boundaries, "region {region}: {redone} chunks recut at {boundaries} boundaries");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn stitching_never_changes_a_cut(len in 0usize..400_000, seed in any::<u64>(), region in 1usize..120_000,
+                                          zeros in 0usize..100_000) {
+            let (cutter, max) = small();
+            let mut data = pseudo_random(len, seed);
+            let z = zeros.min(len);
+            data[len - z..].fill(0);
+            prop_assert_eq!(parallel(&cutter, &data, region, max).0, sequential(&cutter, &data));
+        }
+    }
+}
