@@ -6,8 +6,9 @@
 //! place). Directory modes and mtimes are applied last, deepest first, so a read-only directory does not stop
 //! its own checkout.
 //!
-//! Into a new or empty destination every file is written into a temporary file beside it and renamed into
-//! place, so a file is either absent or whole. With `in_place`, a file already at the destination is
+//! A file whose name is free is created under it and written; until it is whole its mtime is the time of
+//! writing, not the checkpoint's, and a checkout that fails removes it. A file that replaces another is written
+//! into a temporary file beside it and renamed over it, so it is old or new. With `in_place`, a file already at the destination is
 //! compared first: one whose size and mtime match the checkpoint's is left alone; one whose size and mtime
 //! match what a previous checkpoint recorded there (the last checkpoint checked out whole at that
 //! destination, or the last committed from it) is known to hold that checkpoint's chunks, so only the chunks
@@ -101,28 +102,35 @@ const PATCH_MIN: u64 = 1 << 20;
 /// The unit a patched file is compared and written in: a page.
 const BLOCK: u64 = 4096;
 
+/// How a file reaches its name.
+enum Target {
+    /// Written under this temporary name and renamed over what is there when whole.
+    Temp(PathBuf),
+    /// Created under its own name, where nothing was; removed again if the checkout fails.
+    Created,
+    /// Patched in place.
+    Patched,
+}
+
 struct FileTask {
     file: File,
     dest: PathBuf,
-    /// The temporary file renamed onto `dest` when done; `None` when patching `dest` in place.
-    temp: Option<PathBuf>,
+    target: Target,
     rel: PathBuf,
     mode: u32,
     mtime_ns: i64,
     /// Batches not yet written, plus one held by the walker until it has sent them all.
     remaining: AtomicUsize,
     failed: AtomicBool,
-    /// Renamed into place; until then, dropping the task removes its temporary.
+    /// Finished; until then, dropping the task removes what it created.
     placed: AtomicBool,
 }
 
 impl Drop for FileTask {
     fn drop(&mut self) {
         // Reached when the last job holding the task is done or discarded (a checkout that stopped early).
-        if let Some(temp) = &self.temp
-            && !self.placed.load(Ordering::Acquire)
-        {
-            let _ = fs::remove_file(temp);
+        if !self.placed.load(Ordering::Acquire) {
+            self.discard();
         }
     }
 }
@@ -178,7 +186,7 @@ impl FileTask {
         self.file.set_permissions(fs::Permissions::from_mode(self.mode)).map_err(io)?;
         // The mtime last: a patched file carries the checkpoint's mtime only once it is whole.
         self.file.set_modified(mtime(self.mtime_ns)).map_err(io)?;
-        if let Some(temp) = &self.temp {
+        if let Target::Temp(temp) = &self.target {
             fs::rename(temp, &self.dest).map_err(io)?;
         }
         self.placed.store(true, Ordering::Release);
@@ -186,10 +194,21 @@ impl FileTask {
     }
 
     fn fail(&self) {
-        if !self.failed.swap(true, Ordering::AcqRel)
-            && let Some(temp) = &self.temp
-        {
-            let _ = fs::remove_file(temp);
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            self.discard();
+        }
+    }
+
+    /// Removes what this task created and did not finish. A patched file stays: its mtime marks it unfinished.
+    fn discard(&self) {
+        match &self.target {
+            Target::Temp(temp) => {
+                let _ = fs::remove_file(temp);
+            }
+            Target::Created => {
+                let _ = fs::remove_file(&self.dest);
+            }
+            Target::Patched => {}
         }
     }
 
@@ -198,7 +217,7 @@ impl FileTask {
     /// edit costs its blocks, not its whole chunk), and zeros over data are punched out as holes.
     fn write(&self, at: u64, data: &[u8], old: &mut Vec<u8>) -> Result<u64> {
         let io = |e| Error::io(&self.dest, e);
-        if self.temp.is_some() {
+        if !matches!(self.target, Target::Patched) {
             if is_zero(data) {
                 return Ok(0);
             }
@@ -603,7 +622,9 @@ impl Walker<'_> {
     fn file(&mut self, entry: &Entry, dest: &Path, rel: PathBuf, priors: &[Prior]) -> Result<()> {
         let content = entry.object()?.expect("file has content");
         let mut patch = None;
-        match fs::symlink_metadata(dest) {
+        let existing = fs::symlink_metadata(dest);
+        let exists = existing.is_ok();
+        match existing {
             Ok(md) if md.is_file() && self.in_place => {
                 let trusted = if self.opts.checksum {
                     None
@@ -642,7 +663,10 @@ impl Walker<'_> {
             Ok(md) if md.is_dir() => clear(dest)?,
             _ => {}
         }
-        let (file, temp) = match &patch {
+        // A directory cleared away leaves the name free.
+        let exists = exists && fs::symlink_metadata(dest).is_ok();
+        let create = |path: &Path| OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+        let (file, target) = match &patch {
             Some((md, _)) => {
                 if md.permissions().mode() & 0o600 != 0o600 {
                     // Reading and writing it needs the owner's bits; the checkpoint's mode is set when done.
@@ -650,25 +674,28 @@ impl Walker<'_> {
                         .map_err(|e| Error::io(dest, e))?;
                 }
                 let f = OpenOptions::new().read(true).write(true).open(dest).map_err(|e| Error::io(dest, e))?;
-                (f, None)
+                (f, Target::Patched)
             }
+            // Nothing there: write it under its own name (a rename per file costs as much as the create on
+            // ext4). Until it is whole its mtime is not the checkpoint's, and a failed checkout removes it.
+            None if !exists => match create(dest) {
+                Ok(f) => (f, Target::Created),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let temp = temp_path(dest.parent().unwrap_or(Path::new(".")));
+                    (create(&temp).map_err(|e| Error::io(&temp, e))?, Target::Temp(temp))
+                }
+                Err(e) => return Err(Error::io(dest, e)),
+            },
             None => {
-                let dir = dest.parent().unwrap_or(Path::new("."));
-                let temp = temp_path(dir);
-                let f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&temp)
-                    .map_err(|e| Error::io(&temp, e))?;
-                (f, Some(temp))
+                let temp = temp_path(dest.parent().unwrap_or(Path::new(".")));
+                (create(&temp).map_err(|e| Error::io(&temp, e))?, Target::Temp(temp))
             }
         };
         file.set_len(entry.size).map_err(|e| Error::io(dest, e))?;
         let task = Arc::new(FileTask {
             file,
             dest: dest.to_path_buf(),
-            temp,
+            target,
             rel,
             mode: entry.mode,
             mtime_ns: entry.mtime_ns,
@@ -795,11 +822,11 @@ mod tests {
     use super::*;
     use crate::testutil::pseudo_random;
 
-    fn task(file: File, dest: &Path, temp: Option<PathBuf>) -> FileTask {
+    fn task(file: File, dest: &Path, target: Target) -> FileTask {
         FileTask {
             file,
             dest: dest.to_path_buf(),
-            temp,
+            target,
             rel: PathBuf::from("f"),
             mode: 0o600,
             mtime_ns: 0,
@@ -815,7 +842,7 @@ mod tests {
         let path = dir.path().join("f");
         let old = pseudo_random(200_000, 1);
         fs::write(&path, &old).unwrap();
-        let t = task(OpenOptions::new().read(true).write(true).open(&path).unwrap(), &path, None);
+        let t = task(OpenOptions::new().read(true).write(true).open(&path).unwrap(), &path, Target::Patched);
         // A chunk at an unaligned offset with two separate one-byte edits: two blocks written, no more.
         let (at, len) = (10_000u64, 100_000usize);
         let mut chunk = old[at as usize..at as usize + len].to_vec();

@@ -21,12 +21,12 @@ use walkdir::WalkDir;
 use crate::backend::Backend;
 use crate::catalog::{Batch, Catalog, NewCheckpoint, Session, host_name, now_ns};
 use crate::checkpoint::{Checkpoint, checkpoint_id};
-use crate::chunker::{Block, BlockChunker, Buf, ChunkBytes, Cutter, read_full};
+use crate::chunker::{Block, BlockChunker, Buf, ChunkBytes, Cutter, read_block};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::params::RepoParams;
 use crate::progress::{NoProgress, Progress};
-use crate::region::{REGION, cut_region, stitch};
+use crate::region::{REGION, REGION_MIN_THREADS, cut_region, stitch};
 use crate::sparse::is_zero;
 use crate::store::{Compressor, Packer};
 use crate::tree::{self, ChunkRef, Entry, EntryKind};
@@ -626,7 +626,7 @@ impl Walker<'_, '_> {
         if len < 2 * self.block_len as u64 {
             return self.chunks_inline(&mut &*f);
         }
-        if len >= 4 * REGION && self.threads > 1 {
+        if len >= 4 * REGION && self.threads >= REGION_MIN_THREADS {
             return self.chunks_regions(f, len);
         }
         let (pool_tx, pool_rx) = (self.pool_tx.clone(), self.pool_rx.clone());
@@ -636,13 +636,9 @@ impl Walker<'_, '_> {
             s.spawn(move || {
                 loop {
                     let mut v = pool_rx.try_recv().unwrap_or_default();
-                    v.resize(block_len, 0);
-                    let read = read_full(&mut &*f, &mut v);
+                    let read = read_block(&mut &*f, &mut v, block_len);
                     let done = !matches!(read, Ok(n) if n == block_len);
-                    let item = read.map(|n| {
-                        v.truncate(n);
-                        Arc::new(Buf::new(v, Some(pool_tx.clone())))
-                    });
+                    let item = read.map(|_| Arc::new(Buf::new(v, Some(pool_tx.clone()))));
                     if tx.send(item).is_err() || done {
                         return;
                     }
@@ -688,7 +684,7 @@ impl Walker<'_, '_> {
             std::io::Error::other("region chunking failed")
         };
         // At most this many regions are read or held at once, which bounds memory at a few regions.
-        let window = self.threads as u64 + 1;
+        let window = self.threads as u64 + 2;
         let (mut sent, mut ready) = (0u64, HashMap::new());
         let (mut pos, mut total) = (0u64, 0u64);
         let mut junction_buf = Vec::new();
@@ -784,9 +780,7 @@ impl Walker<'_, '_> {
         let (pool_tx, pool_rx, block_len) = (self.pool_tx.clone(), self.pool_rx.clone(), self.block_len);
         let chunker = BlockChunker::new(self.cutter, || {
             let mut v = pool_rx.try_recv().unwrap_or_default();
-            v.resize(block_len, 0);
-            let n = read_full(reader, &mut v)?;
-            v.truncate(n);
+            let n = read_block(reader, &mut v, block_len)?;
             Ok((n > 0).then(|| Arc::new(Buf::new(v, Some(pool_tx.clone())))))
         });
         self.send_chunks(chunker)
