@@ -394,7 +394,8 @@ fn region_worker(
         // The region and one maximum chunk beyond it, so every chunk starting inside it can be cut.
         let want = ((end + cutter.max() as u64).min(len) - start) as usize;
         buf.resize(want, 0);
-        let out = read_at_most(f, &mut buf, start).map_err(|e| Error::io("<region>", e)).and_then(|n| {
+        // The path is a stand-in: the walker reports a read error against the file it is reading.
+        let out = read_at_most(f, &mut buf, start).map_err(|e| Error::io("", e)).and_then(|n| {
             let mut done = RegionDone { chunks: Vec::new(), short: n < want, zero_runs: Vec::new(), zero: None };
             for (at, l) in cut_region(&cutter, &buf[..n], (end - start) as usize) {
                 let h = hasher.hash(&catalog, &mut compressor, &buf[at..at + l], 0)?;
@@ -700,6 +701,8 @@ impl Walker<'_, '_> {
                 let (i, r) = done.recv().map_err(|_| std::io::Error::other("region workers stopped"))?;
                 match r {
                     Ok(r) => ready.insert(i, r),
+                    // Reading the file failed: the caller reports it against the file, as for any read.
+                    Err(Error::Io { source, .. }) => return Err(source),
                     Err(e) => return Err(stop(self, e)),
                 };
             };
