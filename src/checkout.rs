@@ -354,7 +354,12 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             starts.push(Start { entry, path, rel, priors });
         }
     }
-    let total = starts.iter().map(|s| total_bytes(&catalog, &s.entry)).sum::<Result<u64>>()?;
+    // The whole checkpoint's size is on its row; only a partial checkout walks its parts to learn theirs.
+    let total = if opts.paths.is_empty() {
+        catalog.resolve(id)?.logical_bytes
+    } else {
+        starts.iter().map(|s| total_bytes(&catalog, &s.entry)).sum::<Result<u64>>()?
+    };
     opts.progress.start("checkout", Some(total));
 
     // Twice the cores: workers spend much of their time in the kernel writing pages, often waiting on the
