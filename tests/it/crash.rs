@@ -10,25 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use crate::util::{listed, pseudo_random, run, spawn, succeeded, text};
-
-/// Deterministic generator for delays, seeds and sizes (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() % (hi - lo) as u64) as usize
-    }
-}
+use crate::util::{Rng, listed, pseudo_random, run, spawn, succeeded, text};
 
 /// What a checkpoint should hold: file name → (seed, length) of its `pseudo_random` content.
 type Manifest = BTreeMap<String, (u64, usize)>;

@@ -29,7 +29,7 @@ use snapstore::{
     Repository,
 };
 
-use crate::util::{listed, pseudo_random, run, spawn, succeeded, text};
+use crate::util::{Hooked, Rng, chunk_ids, listed, pseudo_random, run, spawn, succeeded, text};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers
@@ -48,21 +48,6 @@ fn env_num(name: &str, default: u64) -> u64 {
 
 fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 temp path")
-}
-
-/// Deterministic generator for delays, seeds and choices (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 /// This machine's host name, as snapstore records it in sessions and leases.
@@ -731,16 +716,6 @@ fn gate_at(name: &'static str) -> (Arc<GateAt>, mpsc::Receiver<()>, mpsc::Sender
         blocked_rx,
         release_tx,
     )
-}
-
-/// The chunks of `data` as the repository cuts them.
-fn chunk_ids(repo: &Repository, data: &[u8]) -> Vec<ObjectId> {
-    let mut chunker = snapstore::Chunker::new(data, repo.params());
-    let mut ids = Vec::new();
-    while let Some(c) = chunker.next_chunk().unwrap() {
-        ids.push(ObjectId::of(c));
-    }
-    ids
 }
 
 fn condemned_chunks(repo: &Path) -> HashSet<ObjectId> {
@@ -1526,38 +1501,6 @@ fn storing_condemned_chunks_again_does_not_collide_with_their_old_pack() {
     audit(repo.path()).assert_clean("after gc");
 }
 
-/// A backend whose first removal of a pack waits until released: holds GC between the transaction that drops
-/// a pack's row and the deletion of its file.
-struct PausingRemove {
-    inner: LocalBackend,
-    reached: Mutex<Option<mpsc::Sender<String>>>,
-    release: Mutex<mpsc::Receiver<()>>,
-}
-
-impl snapstore::Backend for PausingRemove {
-    fn create(&self) -> std::io::Result<Box<dyn snapstore::backend::ObjectWriter>> {
-        self.inner.create()
-    }
-    fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.inner.read_at(name, offset, buf)
-    }
-    fn size(&self, name: &str) -> std::io::Result<u64> {
-        self.inner.size(name)
-    }
-    fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
-        self.inner.list(prefix)
-    }
-    fn remove(&self, name: &str) -> std::io::Result<()> {
-        if name.starts_with("packs/")
-            && let Some(tx) = self.reached.lock().unwrap().take()
-        {
-            let _ = tx.send(name.to_string());
-            let _ = self.release.lock().unwrap().recv();
-        }
-        self.inner.remove(name)
-    }
-}
-
 /// GC drops the row of a pack no chunk uses, commits, then deletes the file. A commit that stores the same
 /// chunks again in between writes a pack with the same content, hence the same name, and records it: GC's
 /// deletion must not take that commit's pack with it.
@@ -1575,10 +1518,19 @@ fn a_pack_stored_again_while_gc_deletes_its_namesake_is_not_lost() {
 
     let (reached_tx, reached_rx) = mpsc::channel();
     let (release_tx, release_rx) = mpsc::channel();
-    let backend = PausingRemove {
-        inner: LocalBackend::new(repo.path()),
-        reached: Mutex::new(Some(reached_tx)),
-        release: Mutex::new(release_rx),
+    // The first removal of a pack waits until released: holds GC between the transaction that drops the
+    // pack's row and the deletion of its file.
+    let (reached, release) = (Mutex::new(Some(reached_tx)), Mutex::new(release_rx));
+    let backend = Hooked {
+        on_remove: Box::new(move |name| {
+            if name.starts_with("packs/")
+                && let Some(tx) = reached.lock().unwrap().take()
+            {
+                let _ = tx.send(name.to_string());
+                let _ = release.lock().unwrap().recv();
+            }
+        }),
+        ..Hooked::new(repo.path())
     };
     let gc_repo = Repository::open_with(repo.path(), Arc::new(backend)).unwrap();
     let collector = std::thread::spawn(move || gc_repo.gc(&GcOptions::default()));

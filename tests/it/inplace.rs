@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
-use snapstore::{Backend, CheckoutOptions, CheckoutSummary, LocalBackend, Repository};
+use snapstore::{CheckoutOptions, CheckoutSummary, Repository};
 
-use crate::util::{assert_same_tree, fast_tempdir, pseudo_random, run, spawn, succeeded};
+use crate::util::{Hooked, assert_same_tree, fast_tempdir, pseudo_random, run, spawn, succeeded};
 
 fn in_place() -> CheckoutOptions {
     CheckoutOptions { in_place: true, delete: true, ..Default::default() }
@@ -313,35 +313,11 @@ fn a_rollback_killed_midway_finishes_when_run_again() {
     assert!(killed >= 4, "only {killed} of 8 checkouts were still running when killed; the test proves little");
 }
 
-/// Counts reads from the chunk store.
-struct Counting {
-    inner: LocalBackend,
-    reads: AtomicU64,
-}
-
-impl Backend for Counting {
-    fn create(&self) -> std::io::Result<Box<dyn snapstore::backend::ObjectWriter>> {
-        self.inner.create()
-    }
-    fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.inner.read_at(name, offset, buf)
-    }
-    fn size(&self, name: &str) -> std::io::Result<u64> {
-        self.inner.size(name)
-    }
-    fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
-        self.inner.list(prefix)
-    }
-    fn remove(&self, name: &str) -> std::io::Result<()> {
-        self.inner.remove(name)
-    }
-}
-
 struct Fixture {
     _dir: tempfile::TempDir,
     repo: Repository,
-    counting: Arc<Counting>,
+    /// Reads from the chunk store so far.
+    reads: Arc<AtomicU64>,
     id: String,
     data: Vec<u8>,
 }
@@ -351,12 +327,18 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         Repository::init(dir.path().join("repo")).unwrap();
-        let counting =
-            Arc::new(Counting { inner: LocalBackend::new(dir.path().join("repo")), reads: AtomicU64::new(0) });
-        let repo = Repository::open_with(dir.path().join("repo"), counting.clone()).unwrap();
+        let reads = Arc::new(AtomicU64::new(0));
+        let counted = reads.clone();
+        let backend = Hooked {
+            on_read: Box::new(move |_| {
+                counted.fetch_add(1, Ordering::Relaxed);
+            }),
+            ..Hooked::new(&dir.path().join("repo"))
+        };
+        let repo = Repository::open_with(dir.path().join("repo"), Arc::new(backend)).unwrap();
         let data = pseudo_random(24 << 20, 77);
         let id = repo.commit_reader("tensors.bin", &mut &data[..], &Default::default()).unwrap().id;
-        Fixture { _dir: dir, repo, counting, id, data }
+        Fixture { _dir: dir, repo, reads, id, data }
     })
 }
 
@@ -366,11 +348,11 @@ fn a_small_read_fetches_one_or_two_chunks() {
     let mut file = f.repo.open_file(&f.id, "tensors.bin").unwrap();
     assert_eq!(file.len(), f.data.len() as u64);
     for at in [0u64, 5_000_000, 17_123_457, f.data.len() as u64 - 4096] {
-        let before = f.counting.reads.load(Ordering::Relaxed);
+        let before = f.reads.load(Ordering::Relaxed);
         let mut buf = vec![0u8; 4096];
         file.seek(SeekFrom::Start(at)).unwrap();
         file.read_exact(&mut buf).unwrap();
-        let reads = f.counting.reads.load(Ordering::Relaxed) - before;
+        let reads = f.reads.load(Ordering::Relaxed) - before;
         assert!((1..=2).contains(&reads), "a 4 KiB read at {at} took {reads} chunk reads");
         assert!(buf == f.data[at as usize..at as usize + 4096]);
     }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use snapstore::{CheckoutOptions, CommitOptions, CommitSummary, EntryKind, Error, FileInfo, ObjectId, Repository};
 
-use crate::util::pseudo_random;
+use crate::util::{chunk_ids, pseudo_random};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers
@@ -242,16 +242,6 @@ fn pack_files(repo: &Repository) -> Vec<PathBuf> {
         .collect();
     packs.sort();
     packs
-}
-
-/// The chunks the repository's chunker cuts `data` into.
-fn chunk_ids(repo: &Repository, data: &[u8]) -> Vec<ObjectId> {
-    let mut chunker = snapstore::Chunker::new(data, repo.params());
-    let mut ids = Vec::new();
-    while let Some(c) = chunker.next_chunk().unwrap() {
-        ids.push(ObjectId::of(c));
-    }
-    ids
 }
 
 /// Flips one byte in the middle of a chunk's stored blob; returns the pack's object name.

@@ -106,3 +106,67 @@ pub fn assert_same_tree(expected: &Path, actual: &Path, mtimes: bool) {
         }
     }
 }
+
+/// Deterministic generator for delays, seeds, sizes and choices (xorshift64*).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next() % (hi - lo) as u64) as usize
+    }
+}
+
+/// The chunks the repository's chunker cuts `data` into.
+pub fn chunk_ids(repo: &snapstore::Repository, data: &[u8]) -> Vec<snapstore::ObjectId> {
+    let mut chunker = snapstore::Chunker::new(data, repo.params());
+    let mut ids = Vec::new();
+    while let Some(c) = chunker.next_chunk().unwrap() {
+        ids.push(snapstore::ObjectId::of(c));
+    }
+    ids
+}
+
+type Hook = Box<dyn Fn(&str) + Send + Sync>;
+
+/// A repository's own chunk store with hooks called before each read and each removal, for tests that count
+/// reads or hold GC at a removal.
+pub struct Hooked {
+    pub inner: snapstore::LocalBackend,
+    pub on_read: Hook,
+    pub on_remove: Hook,
+}
+
+impl Hooked {
+    pub fn new(repo: &Path) -> Self {
+        Hooked { inner: snapstore::LocalBackend::new(repo), on_read: Box::new(|_| {}), on_remove: Box::new(|_| {}) }
+    }
+}
+
+impl snapstore::Backend for Hooked {
+    fn create(&self) -> std::io::Result<Box<dyn snapstore::backend::ObjectWriter>> {
+        self.inner.create()
+    }
+    fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        (self.on_read)(name);
+        self.inner.read_at(name, offset, buf)
+    }
+    fn size(&self, name: &str) -> std::io::Result<u64> {
+        self.inner.size(name)
+    }
+    fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+        self.inner.list(prefix)
+    }
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        (self.on_remove)(name);
+        self.inner.remove(name)
+    }
+}
