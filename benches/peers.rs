@@ -8,6 +8,9 @@
 //! - `--write-docs`: replace the generated part of docs/benchmarks.md (between `<!-- peers:begin -->` and
 //!   `<!-- peers:end -->`) with this run's tables, command, machine and date.
 //!
+//! - `--keep`: keep the last version of each workload and every tool's repository (for profiling one tool
+//!   on the same data); the directory is printed at the end.
+//!
 //! Data goes to `SNAPSTORE_BENCH_DIR` or the system temp directory, and is removed afterwards.
 //!
 //! Four workloads, generated from fixed seeds, five versions each; every version is made by changing the
@@ -1148,12 +1151,13 @@ struct Args {
     install: bool,
     quick: bool,
     write_docs: bool,
+    keep: bool,
     workloads: Option<Vec<String>>,
     tools: Option<Vec<String>>,
 }
 
 fn parse_args() -> Option<Args> {
-    let mut args = Args { install: false, quick: false, write_docs: false, workloads: None, tools: None };
+    let mut args = Args { install: false, quick: false, write_docs: false, keep: false, workloads: None, tools: None };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let list = |v: Option<String>| v.map(|v| v.split(',').map(str::to_owned).collect());
@@ -1163,6 +1167,7 @@ fn parse_args() -> Option<Args> {
             "--install" => args.install = true,
             "--quick" => args.quick = true,
             "--write-docs" => args.write_docs = true,
+            "--keep" => args.keep = true,
             "--workload" | "--workloads" => args.workloads = list(it.next()),
             "--tools" | "--tool" => args.tools = list(it.next()),
             other => eprintln!("peers: ignoring argument {other}"),
@@ -1220,7 +1225,7 @@ fn today() -> String {
 }
 
 /// Runs one workload through every tool; returns its markdown section.
-fn run_workload(name: &str, mut load: Box<dyn Workload>, tools: &[(Tool, String)], work: &Path) -> String {
+fn run_workload(name: &str, mut load: Box<dyn Workload>, tools: &[(Tool, String)], work: &Path, keep: bool) -> String {
     let src = work.join("src");
     let single = load.single_file();
     let mut sessions: Vec<(Session, Row)> = tools
@@ -1301,8 +1306,10 @@ fn run_workload(name: &str, mut load: Box<dyn Workload>, tools: &[(Tool, String)
         let _ = fs::remove_dir_all(&dest);
         row.repo_bytes = Some(dir_bytes(&session.repo));
         row.rss_kib = session.rss_kib;
-        let _ = fs::remove_dir_all(&session.repo);
-        let _ = fs::remove_dir_all(&session.cache);
+        if !keep {
+            let _ = fs::remove_dir_all(&session.repo);
+            let _ = fs::remove_dir_all(&session.cache);
+        }
     }
     let rows: Vec<(Tool, Row)> = sessions.into_iter().map(|(s, r)| (s.tool, r)).collect();
     let mut out = format!(
@@ -1318,7 +1325,9 @@ fn run_workload(name: &str, mut load: Box<dyn Workload>, tools: &[(Tool, String)
         out += &b3sum_line(&src.join(file), &rows);
     }
     eprintln!("peers: {name} done in {:.0} s", started.elapsed().as_secs_f64());
-    let _ = fs::remove_dir_all(&src);
+    if !keep {
+        let _ = fs::remove_dir_all(&src);
+    }
     out
 }
 
@@ -1423,11 +1432,16 @@ fn main() {
         }
         let work = dir.path().join(name);
         fs::create_dir_all(&work).unwrap();
-        let section = run_workload(name, make(&work), &tools, &work);
+        let section = run_workload(name, make(&work), &tools, &work, args.keep);
         println!("{section}");
         body += &section;
         body.push('\n');
-        let _ = fs::remove_dir_all(&work);
+        if !args.keep {
+            let _ = fs::remove_dir_all(&work);
+        }
+    }
+    if args.keep {
+        eprintln!("peers: kept {}", dir.keep().display());
     }
     let total = started.elapsed().as_secs_f64();
     let command = std::env::args()

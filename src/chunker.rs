@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use fastcdc::v2020::{Normalization, cut, select_masks};
 
+use crate::aligned::AlignedBuf;
 use crate::params::RepoParams;
 use crate::sparse::is_zero;
 
@@ -137,24 +138,15 @@ fn read_retrying(r: &mut (impl Read + ?Sized), buf: &mut [u8]) -> io::Result<usi
     }
 }
 
-/// Replaces `v`'s contents with up to `len` bytes read from `r` (fewer only at the end of the input), without
-/// zeroing the buffer first: a recycled 2 MiB block filled by a 4 KiB file would otherwise cost a 2 MiB
-/// memset per file.
-pub(crate) fn read_block(r: &mut (impl Read + ?Sized), v: &mut Vec<u8>, len: usize) -> io::Result<usize> {
-    v.clear();
-    v.reserve(len);
-    r.take(len as u64).read_to_end(v)
-}
-
 /// A buffer that goes back to its pool when the last chunk cut from it is done, so a commit reuses a few
 /// blocks instead of allocating (and page-faulting in) fresh memory for every one.
 pub(crate) struct Buf {
-    data: Vec<u8>,
-    home: Option<crossbeam_channel::Sender<Vec<u8>>>,
+    data: AlignedBuf,
+    home: Option<crossbeam_channel::Sender<AlignedBuf>>,
 }
 
 impl Buf {
-    pub fn new(data: Vec<u8>, home: Option<crossbeam_channel::Sender<Vec<u8>>>) -> Self {
+    pub fn new(data: AlignedBuf, home: Option<crossbeam_channel::Sender<AlignedBuf>>) -> Self {
         Buf { data, home }
     }
 }
@@ -225,53 +217,94 @@ impl<F: FnMut() -> io::Result<Option<Block>>> BlockChunker<F> {
         }
     }
 
+    /// Makes the block at the position current; `None` at the end of the input.
+    fn current(&mut self) -> io::Result<Option<Block>> {
+        loop {
+            match self.cur.clone() {
+                Some(cur) if self.pos < cur.len() => return Ok(Some(cur)),
+                Some(_) => self.cur = None,
+                None => {
+                    self.cur = match self.lookahead.take() {
+                        Some(b) => Some(b),
+                        None => self.fetch()?,
+                    };
+                    self.pos = 0;
+                    if self.cur.is_none() {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The `len` bytes that lie `skip` bytes past the position, without consuming them; `None` when the two
+    /// blocks at hand (the current one and the next) do not hold them, the input having ended or not.
+    pub fn peek(&mut self, skip: usize, len: usize) -> io::Result<Option<ChunkBytes>> {
+        let Some(cur) = self.current()? else { return Ok(None) };
+        let (from, avail) = (self.pos + skip, cur.len() - self.pos);
+        if skip + len <= avail {
+            return Ok(Some(ChunkBytes::Shared(cur, from, from + len)));
+        }
+        if self.lookahead.is_none() {
+            self.lookahead = self.fetch()?;
+        }
+        let Some(next) = self.lookahead.clone() else { return Ok(None) };
+        if skip >= avail {
+            let at = skip - avail;
+            return Ok((at + len <= next.len()).then(|| ChunkBytes::Shared(next, at, at + len)));
+        }
+        let (head, tail) = (avail - skip, len - (avail - skip));
+        if tail > next.len() {
+            return Ok(None);
+        }
+        let mut v = Vec::with_capacity(len);
+        v.extend_from_slice(&cur[from..from + head]);
+        v.extend_from_slice(&next[..tail]);
+        Ok(Some(ChunkBytes::Owned(v)))
+    }
+
+    /// Consumes `n` bytes that [`peek`](Self::peek) returned.
+    pub fn advance(&mut self, n: usize) {
+        let avail = self.cur.as_ref().map_or(0, |c| c.len() - self.pos);
+        if n < avail {
+            self.pos += n;
+        } else {
+            self.cur = self.lookahead.take();
+            self.pos = n - avail;
+        }
+    }
+
     pub fn next_chunk(&mut self) -> io::Result<Option<ChunkBytes>> {
         let max = self.cutter.max;
-        loop {
-            let Some(cur) = self.cur.clone() else {
-                self.cur = match self.lookahead.take() {
-                    Some(b) => Some(b),
-                    None => self.fetch()?,
-                };
-                self.pos = 0;
-                if self.cur.is_none() {
-                    return Ok(None);
-                }
-                continue;
-            };
-            let avail = cur.len() - self.pos;
-            if avail == 0 {
-                self.cur = None;
-                continue;
-            }
-            if avail >= max {
-                let len = self.cutter.cut(&cur[self.pos..]);
-                self.pos += len;
-                return Ok(Some(ChunkBytes::Shared(cur, self.pos - len, self.pos)));
-            }
-            if self.lookahead.is_none() {
-                self.lookahead = self.fetch()?;
-            }
-            let Some(next) = self.lookahead.clone() else {
-                // The input ends inside this block.
-                let len = self.cutter.cut(&cur[self.pos..]);
-                self.pos += len;
-                return Ok(Some(ChunkBytes::Shared(cur, self.pos - len, self.pos)));
-            };
-            let take = (max - avail).min(next.len());
-            let mut window = Vec::with_capacity(avail + take);
-            window.extend_from_slice(&cur[self.pos..]);
-            window.extend_from_slice(&next[..take]);
-            let len = self.cutter.cut(&window);
-            if len <= avail {
-                self.pos += len;
-                return Ok(Some(ChunkBytes::Shared(cur, self.pos - len, self.pos)));
-            }
-            window.truncate(len);
-            self.cur = self.lookahead.take();
-            self.pos = len - avail;
-            return Ok(Some(ChunkBytes::Owned(window)));
+        let Some(cur) = self.current()? else { return Ok(None) };
+        let avail = cur.len() - self.pos;
+        if avail >= max {
+            let len = self.cutter.cut(&cur[self.pos..]);
+            self.pos += len;
+            return Ok(Some(ChunkBytes::Shared(cur, self.pos - len, self.pos)));
         }
+        if self.lookahead.is_none() {
+            self.lookahead = self.fetch()?;
+        }
+        let Some(next) = self.lookahead.clone() else {
+            // The input ends inside this block.
+            let len = self.cutter.cut(&cur[self.pos..]);
+            self.pos += len;
+            return Ok(Some(ChunkBytes::Shared(cur, self.pos - len, self.pos)));
+        };
+        let take = (max - avail).min(next.len());
+        let mut window = Vec::with_capacity(avail + take);
+        window.extend_from_slice(&cur[self.pos..]);
+        window.extend_from_slice(&next[..take]);
+        let len = self.cutter.cut(&window);
+        if len <= avail {
+            self.pos += len;
+            return Ok(Some(ChunkBytes::Shared(cur, self.pos - len, self.pos)));
+        }
+        window.truncate(len);
+        self.cur = self.lookahead.take();
+        self.pos = len - avail;
+        Ok(Some(ChunkBytes::Owned(window)))
     }
 }
 
@@ -329,7 +362,12 @@ mod tests {
     }
 
     fn block_chunks(data: &[u8], block: usize, params: &RepoParams) -> Vec<Vec<u8>> {
-        let mut blocks = data.chunks(block).map(|b| Arc::new(Buf::new(b.to_vec(), None)));
+        let mut blocks = data.chunks(block).map(|b| {
+            let mut a = AlignedBuf::default();
+            a.set_len(b.len());
+            a.copy_from_slice(b);
+            Arc::new(Buf::new(a, None))
+        });
         let mut c = BlockChunker::new(Cutter::new(params), || Ok(blocks.next()));
         let mut out = Vec::new();
         while let Some(ch) = c.next_chunk().unwrap() {

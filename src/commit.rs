@@ -7,27 +7,30 @@
 //! - the *assembler* consumes events in order, packs new chunks, builds segments, contents and trees, and
 //!   writes them to the catalog, the checkpoint itself last, after every pack it needs is durable.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, Metadata};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use walkdir::WalkDir;
 
+use crate::aligned::AlignedBuf;
 use crate::backend::Backend;
 use crate::catalog::{Batch, Catalog, NewCheckpoint, Session, host_name, now_ns};
 use crate::checkpoint::{Checkpoint, checkpoint_id};
-use crate::chunker::{Block, BlockChunker, Buf, ChunkBytes, Cutter, read_block};
+use crate::chunker::{Block, BlockChunker, Buf, ChunkBytes, Cutter};
+use crate::content::ChunkCursor;
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::params::RepoParams;
 use crate::progress::{NoProgress, Progress};
 use crate::region::{REGION, REGION_MIN_THREADS, cut_region, stitch};
-use crate::sparse::is_zero;
+use crate::sparse::{HoleSkippingReader, is_zero};
 use crate::store::{Compressor, Packer};
 use crate::tree::{self, ChunkRef, Entry, EntryKind};
 
@@ -110,6 +113,23 @@ pub(crate) enum Source<'a> {
 struct Job {
     seq: u64,
     data: ChunkBytes,
+    /// Set for a chunk cut where the previous version had a chunk: the worker checks it against that chunk
+    /// and answers the walker, not the assembler (see `Walker::send_guided`).
+    verify: Option<Verify>,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Chunks taken at a previous version's cut on this thread, for tests that must know the guide was used.
+    static GUIDED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+struct Verify {
+    /// Cleared when the walker drops the candidate at a change, so that a queued one is not hashed in vain.
+    wanted: Arc<AtomicBool>,
+    expect: ObjectId,
+    /// The job's `seq`, and the chunk hashed if it is the expected one.
+    reply: Sender<(u64, Result<Option<Hashed>>)>,
 }
 
 #[derive(Clone)]
@@ -222,7 +242,7 @@ fn run(
     let (ev_tx, ev_rx) = bounded::<Event>(1024);
     // Blocks must hold a maximum chunk; 2 MiB keeps the blocks in flight to a few MiB.
     let block_len = (2 << 20).max(2 * ctx.params.chunk_max as usize);
-    let (pool_tx, pool_rx) = bounded::<Vec<u8>>(8);
+    let (pool_tx, pool_rx) = bounded::<AlignedBuf>(8);
 
     let mut summary = CommitSummary { parent: parent.as_ref().map(|p| p.id.clone()), ..Default::default() };
     let outcome = std::thread::scope(|s| {
@@ -327,8 +347,18 @@ fn worker(ctx: &Context<'_>, jobs: Receiver<Job>, results: Sender<Result<Hashed>
     };
     let hasher = ChunkHasher::new(ctx.params);
     for job in jobs {
-        let out = hasher.hash(&catalog, &mut compressor, &job.data, job.seq);
-        if results.send(out).is_err() {
+        let sent = match job.verify {
+            None => results.send(hasher.hash(&catalog, &mut compressor, &job.data, job.seq)).is_ok(),
+            Some(v) => {
+                // Nobody listening means the walker dropped this candidate at a change: not a failure.
+                if v.wanted.load(Ordering::Relaxed) {
+                    let out = hasher.verify(&catalog, &mut compressor, &job.data, &v.expect);
+                    let _ = v.reply.send((job.seq, out));
+                }
+                true
+            }
+        };
+        if !sent {
             return;
         }
     }
@@ -346,9 +376,39 @@ impl ChunkHasher {
         ChunkHasher { max, zero_id: ObjectId::of(&vec![0u8; max]) }
     }
 
-    fn hash(&self, catalog: &Catalog, compressor: &mut Compressor, data: &[u8], seq: u64) -> Result<Hashed> {
+    fn id_of(&self, data: &[u8]) -> ObjectId {
         // Runs of zeros cut into maximum chunks (see Cutter::cut): their id is known without hashing.
-        let id = if data.len() == self.max && is_zero(data) { self.zero_id } else { ObjectId::of(data) };
+        if data.len() == self.max && is_zero(data) { self.zero_id } else { ObjectId::of(data) }
+    }
+
+    fn hash(&self, catalog: &Catalog, compressor: &mut Compressor, data: &[u8], seq: u64) -> Result<Hashed> {
+        self.store(catalog, compressor, data, self.id_of(data), seq)
+    }
+
+    /// The chunk hashed if it is chunk `expect`; `None` if its bytes differ.
+    fn verify(
+        &self,
+        catalog: &Catalog,
+        compressor: &mut Compressor,
+        data: &[u8],
+        expect: &ObjectId,
+    ) -> Result<Option<Hashed>> {
+        let id = self.id_of(data);
+        if id != *expect {
+            return Ok(None);
+        }
+        // Looked up all the same: a chunk the index lost is stored again rather than referenced.
+        self.store(catalog, compressor, data, id, 0).map(Some)
+    }
+
+    fn store(
+        &self,
+        catalog: &Catalog,
+        compressor: &mut Compressor,
+        data: &[u8],
+        id: ObjectId,
+        seq: u64,
+    ) -> Result<Hashed> {
         let known = catalog.has_chunk(&id)?;
         let blob = (!known).then(|| {
             let (flags, blob) = compressor.compress(data);
@@ -445,8 +505,8 @@ struct Walker<'a, 'b> {
     cutter: Cutter,
     block_len: usize,
     /// Spent read buffers, for reuse.
-    pool_tx: Sender<Vec<u8>>,
-    pool_rx: Receiver<Vec<u8>>,
+    pool_tx: Sender<AlignedBuf>,
+    pool_rx: Receiver<AlignedBuf>,
     /// The pipeline behind the walker has stopped.
     stopped: bool,
     /// Where chunks hashed by region workers join the workers' results.
@@ -548,13 +608,15 @@ impl Walker<'_, '_> {
                     }
                     p => {
                         // With --reread, a file whose metadata matches still counts as unchanged.
-                        let status = match p {
-                            Some(p) if unchanged(&p, &e) => FileStatus::Unchanged,
+                        let status = match &p {
+                            Some(p) if unchanged(p, &e) => FileStatus::Unchanged,
                             Some(_) => FileStatus::Changed,
                             None => FileStatus::New,
                         };
+                        // The previous version's chunks guide the cutting of this one.
+                        let prior = p.filter(|p| p.kind == EntryKind::File).and_then(|p| p.object().ok().flatten());
                         self.opts.progress.file(&rel);
-                        self.file(entry.path(), &rel, e, status)?;
+                        self.file(entry.path(), &rel, e, status, prior)?;
                     }
                 }
             } else {
@@ -571,7 +633,14 @@ impl Walker<'_, '_> {
 
     /// Reads one file, retrying if it changes underneath; a file that never holds still fails the commit
     /// (or is skipped), so no checkpoint records content that was never in the file.
-    fn file(&mut self, path: &Path, rel: &Path, entry: Entry, status: FileStatus) -> Result<()> {
+    fn file(
+        &mut self,
+        path: &Path,
+        rel: &Path,
+        entry: Entry,
+        status: FileStatus,
+        prior: Option<ObjectId>,
+    ) -> Result<()> {
         const ATTEMPTS: usize = 3;
         for _ in 0..ATTEMPTS {
             let f = match File::open(path) {
@@ -582,7 +651,7 @@ impl Walker<'_, '_> {
             let mut entry = entry_from(entry.name.clone(), EntryKind::File, &before);
             entry.size = before.len();
             self.send(Event::FileStart(entry))?;
-            let read = self.chunks_file(&f, before.len()).map_err(|e| Error::io(path, e));
+            let read = self.chunks_file(&f, before.len(), prior.as_ref()).map_err(|e| Error::io(path, e));
             if let Some(e) = self.failed.take() {
                 return Err(e);
             }
@@ -622,12 +691,13 @@ impl Walker<'_, '_> {
     }
 
     /// Sends every chunk of a file to the pipeline; returns the bytes read. A large file is read by a
-    /// second thread, so that reading overlaps chunking.
-    fn chunks_file(&mut self, f: &File, len: u64) -> std::io::Result<u64> {
+    /// second thread, so that reading overlaps chunking; if it had a previous version (`prior`), that
+    /// version's cuts are tried first.
+    fn chunks_file(&mut self, f: &File, len: u64, prior: Option<&ObjectId>) -> std::io::Result<u64> {
         if len < 2 * self.block_len as u64 {
-            return self.chunks_inline(&mut &*f);
+            return self.chunks_inline(&mut &*f, prior);
         }
-        if len >= 4 * REGION && self.threads >= REGION_MIN_THREADS {
+        if prior.is_none() && len >= 4 * REGION && self.threads >= REGION_MIN_THREADS {
             return self.chunks_regions(f, len);
         }
         let (pool_tx, pool_rx) = (self.pool_tx.clone(), self.pool_rx.clone());
@@ -635,19 +705,140 @@ impl Walker<'_, '_> {
         std::thread::scope(|s| {
             let (tx, rx) = bounded::<std::io::Result<Block>>(2);
             s.spawn(move || {
+                // Every hole the size of a block is this one block of zeros, shared.
+                let mut zeros = AlignedBuf::default();
+                zeros.set_len(block_len);
+                zeros.fill(0);
+                let zeros = Arc::new(Buf::new(zeros, None));
+                let mut reader = HoleSkippingReader::new(f);
+                let mut spare = None;
                 loop {
-                    let mut v = pool_rx.try_recv().unwrap_or_default();
-                    let read = read_block(&mut &*f, &mut v, block_len);
-                    let done = !matches!(read, Ok(n) if n == block_len);
-                    let item = read.map(|_| Arc::new(Buf::new(v, Some(pool_tx.clone()))));
+                    let mut v = spare.take().or_else(|| pool_rx.try_recv().ok()).unwrap_or_default();
+                    let (item, done) = match reader.next_block(&mut v, block_len, len) {
+                        Ok(None) => {
+                            spare = Some(v);
+                            (Ok(zeros.clone()), false)
+                        }
+                        Ok(Some(n)) => (Ok(Arc::new(Buf::new(v, Some(pool_tx.clone())))), n < block_len),
+                        Err(e) => (Err(e), true),
+                    };
                     if tx.send(item).is_err() || done {
                         return;
                     }
                 }
             });
             let chunker = BlockChunker::new(self.cutter, || rx.recv().map_or(Ok(None), |r| r.map(Some)));
-            self.send_chunks(chunker)
+            match prior {
+                Some(prior) => self.send_guided(chunker, prior),
+                None => self.send_chunks(chunker),
+            }
         })
+    }
+
+    /// Sends every chunk of a changed file, taking its previous version's cuts wherever the bytes between
+    /// them are unchanged, which spares the rolling hash over all of them; elsewhere it cuts as usual. The
+    /// result is exactly the usual chunking: FastCDC's cut depends only on the bytes from the chunk's start to
+    /// the cut, unless the input ends less than a maximum chunk after the start, so a previous chunk whose
+    /// bytes are the same, at a cut of this version, far enough from both ends, is a chunk of this version.
+    ///
+    /// The workers check candidates ahead of the position, as far as the two blocks at hand reach; the walker
+    /// takes their answers in order. At the first chunk that differs, the answers beyond it are dropped and
+    /// the walker cuts as usual until a cut falls on a previous one again. The window of candidates grows by
+    /// one per chunk that holds and drops to one at a change, so a file changed throughout wastes little
+    /// hashing.
+    fn send_guided(
+        &mut self,
+        mut chunker: BlockChunker<impl FnMut() -> std::io::Result<Option<Block>>>,
+        prior: &ObjectId,
+    ) -> std::io::Result<u64> {
+        const MAX_WINDOW: usize = 48;
+        let stop = |walker: &mut Self, e: Error| {
+            walker.failed = Some(e);
+            std::io::Error::other("guided chunking failed")
+        };
+        let stopped = |walker: &mut Self| {
+            walker.stopped = true;
+            std::io::Error::other("commit pipeline stopped")
+        };
+        let mut cursor = ChunkCursor::new(self.catalog, prior).map_err(|e| stop(self, e))?;
+        let prior_len = cursor.size();
+        let max = self.cutter.max() as u64;
+        // The previous version's chunks not yet passed, in order; the first `answers.len()` are with the
+        // workers, and `answers` holds what came back for them.
+        let mut ahead: VecDeque<(u64, ChunkRef)> = VecDeque::new();
+        let mut answers: VecDeque<Option<Option<Hashed>>> = VecDeque::new();
+        // Replies come on a channel of their own per run of candidates, so that answers for candidates
+        // dropped at a change never mix with later ones.
+        let (mut reply_tx, mut reply_rx) = crossbeam_channel::unbounded();
+        let mut wanted = Arc::new(AtomicBool::new(true));
+        let (mut pos, mut first_seq, mut window) = (0u64, 0u64, 1usize);
+        // Bytes from `pos` to the end of the last candidate sent.
+        let mut sent_to = 0u64;
+        loop {
+            while answers.len() < window {
+                let n = answers.len();
+                if ahead.len() <= n {
+                    match cursor.next_chunk().map_err(|e| stop(self, e))? {
+                        Some(c) => ahead.push_back(c),
+                        None => break,
+                    }
+                }
+                let (at, r) = ahead[n];
+                if at < pos {
+                    // Passed while cutting as usual (only the first can be: the rest follow it).
+                    debug_assert_eq!(n, 0);
+                    ahead.pop_front();
+                    continue;
+                }
+                // Input must follow for more than a maximum chunk, in the previous version and in this one.
+                if at != pos + sent_to || at + max >= prior_len || chunker.peek((sent_to + max) as usize, 1)?.is_none()
+                {
+                    break;
+                }
+                let Some(data) = chunker.peek(sent_to as usize, r.len as usize)? else { break };
+                let job = Job {
+                    seq: first_seq + n as u64,
+                    data,
+                    verify: Some(Verify { wanted: wanted.clone(), expect: r.id, reply: reply_tx.clone() }),
+                };
+                if self.jobs.send(job).is_err() {
+                    return Err(stopped(self));
+                }
+                answers.push_back(None);
+                sent_to += r.len as u64;
+            }
+            if !answers.is_empty() {
+                while answers[0].is_none() {
+                    let Ok((seq, out)) = reply_rx.recv() else { return Err(stopped(self)) };
+                    answers[(seq - first_seq) as usize] = Some(out.map_err(|e| stop(self, e))?);
+                }
+                if let Some(Some(Some(h))) = answers.pop_front() {
+                    #[cfg(test)]
+                    GUIDED.with(|g| g.set(g.get() + 1));
+                    let len = h.len as u64;
+                    chunker.advance(len as usize);
+                    ahead.pop_front();
+                    (pos, sent_to, first_seq) = (pos + len, sent_to - len, first_seq + 1);
+                    window = (window + 1).min(MAX_WINDOW);
+                    self.forward(Some(h), ChunkBytes::Owned(Vec::new()))?;
+                    continue;
+                }
+                // A change: what the workers say about the candidates beyond it no longer matters.
+                answers.clear();
+                wanted.store(false, Ordering::Relaxed);
+                wanted = Arc::new(AtomicBool::new(true));
+                (reply_tx, reply_rx) = crossbeam_channel::unbounded();
+                (sent_to, window) = (0, 1);
+            }
+            // A change, or no previous cut here: cut one chunk as usual, and look again after it.
+            match chunker.next_chunk()? {
+                Some(chunk) => {
+                    pos += chunk.len() as u64;
+                    self.forward(None, chunk)?;
+                }
+                None => return Ok(pos),
+            }
+        }
     }
 
     /// Sends every chunk of a large file to the pipeline, cut and hashed region by region on all cores and
@@ -768,7 +959,7 @@ impl Walker<'_, '_> {
                     h.seq = seq;
                     self.results.send(Ok(h)).is_ok()
                 }
-                None => self.jobs.send(Job { seq, data }).is_ok(),
+                None => self.jobs.send(Job { seq, data, verify: None }).is_ok(),
             };
         if !sent {
             // Not a read error: the assembler or the workers failed, and their error is what to report.
@@ -779,14 +970,17 @@ impl Walker<'_, '_> {
     }
 
     /// Sends every chunk of `reader` to the pipeline, reading on this thread.
-    fn chunks_inline(&mut self, reader: &mut dyn Read) -> std::io::Result<u64> {
+    fn chunks_inline(&mut self, reader: &mut dyn Read, prior: Option<&ObjectId>) -> std::io::Result<u64> {
         let (pool_tx, pool_rx, block_len) = (self.pool_tx.clone(), self.pool_rx.clone(), self.block_len);
         let chunker = BlockChunker::new(self.cutter, || {
             let mut v = pool_rx.try_recv().unwrap_or_default();
-            let n = read_block(reader, &mut v, block_len)?;
+            let n = v.fill_from(reader, block_len)?;
             Ok((n > 0).then(|| Arc::new(Buf::new(v, Some(pool_tx.clone())))))
         });
-        self.send_chunks(chunker)
+        match prior {
+            Some(prior) => self.send_guided(chunker, prior),
+            None => self.send_chunks(chunker),
+        }
     }
 
     fn send_chunks(
@@ -814,8 +1008,14 @@ impl Walker<'_, '_> {
             size: 0,
             target: Vec::new(),
         };
+        // The stream committed last under this name guides the cutting.
+        let prior = self.prev[0].as_ref().and_then(|m| m.get(&entry.name)).filter(|p| p.kind == EntryKind::File);
+        let prior = prior.and_then(|p| p.object().ok().flatten());
         self.send(Event::FileStart(entry))?;
-        let read = self.chunks_inline(reader).map_err(|e| Error::io("<stdin>", e));
+        let read = self.chunks_inline(reader, prior.as_ref()).map_err(|e| Error::io("<stdin>", e));
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         if self.stopped {
             return Err(Error::Internal("assembler stopped".into()));
         }
@@ -1017,9 +1217,117 @@ impl Assembler {
 mod tests {
     use std::sync::Arc;
 
+    use proptest::prelude::*;
+
+    use super::GUIDED;
     use crate::backend::MemoryBackend;
+    use crate::content::{ChunkCursor, root_entry};
     use crate::testutil::pseudo_random as data;
-    use crate::{CommitOptions, Error, Repository};
+    use crate::{Chunker, CommitOptions, Error, ObjectId, Repository};
+
+    /// Commits `before` then `after` as one stream; returns the chunk ids recorded for `after` and how many of
+    /// them were taken at `before`'s cuts.
+    fn guided_commit(before: &[u8], after: &[u8]) -> (Vec<ObjectId>, u64, Repository, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path().join("repo")).unwrap();
+        repo.commit_reader("state", &mut &before[..], &CommitOptions::default()).unwrap();
+        GUIDED.with(|g| g.set(0));
+        let id = repo.commit_reader("state", &mut &after[..], &CommitOptions::default()).unwrap().id;
+        let guided = GUIDED.with(|g| g.get());
+        let catalog = repo.catalog().unwrap();
+        let content = root_entry(&catalog, &id).unwrap().object().unwrap().unwrap();
+        let mut cursor = ChunkCursor::new(&catalog, &content).unwrap();
+        let mut ids = Vec::new();
+        while let Some((_, r)) = cursor.next_chunk().unwrap() {
+            ids.push(r.id);
+        }
+        (ids, guided, repo, dir)
+    }
+
+    fn plain_cuts(repo: &Repository, data: &[u8]) -> Vec<ObjectId> {
+        let mut chunker = Chunker::new(data, repo.params());
+        let mut ids = Vec::new();
+        while let Some(c) = chunker.next_chunk().unwrap() {
+            ids.push(ObjectId::of(c));
+        }
+        ids
+    }
+
+    /// A state image of `len` bytes with a run of zeros in it, as VM images and sparse tensors have.
+    fn image(len: usize, seed: u64) -> Vec<u8> {
+        let mut v = data(len, seed);
+        v[len / 3..len / 3 + (1 << 20)].fill(0);
+        v
+    }
+
+    #[test]
+    fn previous_cuts_give_exactly_the_plain_chunking() {
+        let base = image(6 << 20, 7);
+        type Edit = Box<dyn Fn(&mut Vec<u8>)>;
+        let edits: Vec<(&str, Edit)> = vec![
+            ("unchanged", Box::new(|_| {})),
+            (
+                "pages rewritten in place",
+                Box::new(|v| {
+                    for at in [100_000, 2_500_000, 4_000_000] {
+                        v[at..at + 4096].fill(7);
+                    }
+                }),
+            ),
+            ("bytes inserted", Box::new(|v| drop(v.splice(1_000_000..1_000_000, data(1000, 3))))),
+            ("bytes deleted", Box::new(|v| drop(v.drain(2_000_000..2_005_000)))),
+            ("zeros written over data", Box::new(|v| v[3_000_000..3_400_000].fill(0))),
+            ("data written over zeros", Box::new(|v| v[(2 << 20) + 300_000..(2 << 20) + 310_000].fill(1))),
+            ("truncated", Box::new(|v| v.truncate(5 << 20))),
+            ("appended", Box::new(|v| v.extend(data(300_000, 4)))),
+            (
+                "edited near the end",
+                Box::new(|v| {
+                    let n = v.len();
+                    v[n - 100_000] ^= 1;
+                }),
+            ),
+            (
+                "second half replaced",
+                Box::new(|v| {
+                    let n = v.len();
+                    v[n / 2..].copy_from_slice(&data(n - n / 2, 5));
+                }),
+            ),
+        ];
+        for (what, edit) in edits {
+            let mut after = base.clone();
+            edit(&mut after);
+            let (ids, guided, repo, _dir) = guided_commit(&base, &after);
+            assert_eq!(ids, plain_cuts(&repo, &after), "{what}");
+            // Every case leaves at least a megabyte before its first change as it was (a shift stops the guide
+            // for the rest of the file): the previous cuts must have been taken there.
+            assert!(guided >= 8, "{what}: only {guided} chunks taken at previous cuts");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(6))]
+        #[test]
+        fn previous_cuts_give_the_plain_chunking_after_random_edits(
+            seed in any::<u64>(),
+            edits in proptest::collection::vec((0usize..5_000_000, 0usize..200_000, 0u8..3), 1..6),
+        ) {
+            let before = image(5 << 20, seed);
+            let mut after = before.clone();
+            for (at, len, kind) in edits {
+                let at = at.min(after.len());
+                let end = (at + len).min(after.len());
+                match kind {
+                    0 => after[at..end].fill(seed as u8),
+                    1 => drop(after.splice(at..at, data(len, seed ^ 1))),
+                    _ => drop(after.drain(at..end)),
+                }
+            }
+            let (ids, _, repo, _dir) = guided_commit(&before, &after);
+            prop_assert_eq!(ids, plain_cuts(&repo, &after));
+        }
+    }
 
     #[test]
     fn storage_failure_fails_the_commit_with_its_own_error_and_publishes_nothing() {

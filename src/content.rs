@@ -107,6 +107,11 @@ impl<'a> ChunkCursor<'a> {
         })
     }
 
+    /// The content's length in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     /// The next chunk and its offset; `None` at the end. Fails if the chunks do not add up to the size.
     pub fn next_chunk(&mut self) -> Result<Option<(u64, ChunkRef)>> {
         loop {

@@ -21,6 +21,7 @@
 //! ```
 #![deny(missing_docs, unsafe_code)]
 
+mod aligned;
 pub mod backend;
 mod catalog;
 mod checkout;

@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use crate::aligned::AlignedBuf;
 use crate::backend::Backend;
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
@@ -38,13 +39,13 @@ impl Compressor {
 pub(crate) struct BlobDecoder {
     decompressor: zstd::bulk::Decompressor<'static>,
     /// One buffer reused for every chunk: a fresh allocation per chunk costs page faults.
-    out: Vec<u8>,
+    out: AlignedBuf,
 }
 
 impl BlobDecoder {
     pub fn new() -> Result<Self> {
         let decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Internal(format!("zstd: {e}")))?;
-        Ok(BlobDecoder { decompressor, out: Vec::new() })
+        Ok(BlobDecoder { decompressor, out: AlignedBuf::default() })
     }
 
     /// The chunk `blob` holds, or why it is not chunk `id` of `raw_len` bytes.
@@ -56,12 +57,13 @@ impl BlobDecoder {
         blob: &'a [u8],
     ) -> std::result::Result<&'a [u8], String> {
         let data = if flags & FLAG_ZSTD != 0 {
-            self.out.clear();
-            self.out.reserve(raw_len as usize);
-            self.decompressor
-                .decompress_to_buffer(blob, &mut self.out)
+            // A blob that inflates beyond `raw_len` does not fit: zstd refuses it rather than growing the buffer.
+            self.out.set_len(raw_len as usize);
+            let n = self
+                .decompressor
+                .decompress_to_buffer(blob, &mut self.out[..])
                 .map_err(|e| format!("cannot be decompressed ({e})"))?;
-            &self.out[..]
+            &self.out[..n]
         } else {
             blob
         };
@@ -76,7 +78,7 @@ impl BlobDecoder {
 pub(crate) struct ChunkReader {
     backend: Arc<dyn Backend>,
     decoder: BlobDecoder,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
 }
 
 /// Reads are merged when chunks sit back to back in one pack, up to this many bytes per read.
@@ -84,7 +86,7 @@ const MAX_READ: u64 = 8 << 20;
 
 impl ChunkReader {
     pub fn new(backend: Arc<dyn Backend>) -> Result<Self> {
-        Ok(ChunkReader { backend, decoder: BlobDecoder::new()?, buf: Vec::new() })
+        Ok(ChunkReader { backend, decoder: BlobDecoder::new()?, buf: AlignedBuf::default() })
     }
 
     /// Reads `refs` in order, handing each verified chunk to `sink` with its index in `refs`.
@@ -133,7 +135,7 @@ impl ChunkReader {
             }
             let start = locs[i].offset;
             let mut run = std::mem::take(&mut self.buf);
-            run.resize((end - start) as usize, 0);
+            run.set_len((end - start) as usize);
             if let Err(e) = self.backend.read_at(&locs[i].pack, start, &mut run) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     return Err(Error::backend(&locs[i].pack, e));

@@ -72,15 +72,43 @@ fn temp_name() -> String {
     format!("{}-{}-{}.tmp", std::process::id(), nanos, COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Written bytes after which a writer has them flushed to disk in the background.
+const EARLY_SYNC: u64 = 8 << 20;
+
 struct LocalWriter {
     root: PathBuf,
     temp: PathBuf,
     file: Option<BufWriter<File>>,
+    unsynced: u64,
+    /// An fsync of what was written so far, running on its own thread: the disk writes while the writer
+    /// goes on, so the fsync before publishing waits only for the tail (a 32 MiB pack's fsync took 63 ms
+    /// here, on the commit's critical path).
+    early_sync: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl LocalWriter {
+    fn join_early_sync(&mut self) -> io::Result<()> {
+        match self.early_sync.take() {
+            Some(t) => t.join().map_err(|_| io::Error::other("fsync thread panicked"))?,
+            None => Ok(()),
+        }
+    }
 }
 
 impl Write for LocalWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.as_mut().ok_or_else(|| io::Error::other("writer closed"))?.write(buf)
+        let file = self.file.as_mut().ok_or_else(|| io::Error::other("writer closed"))?;
+        let n = file.write(buf)?;
+        self.unsynced += n as u64;
+        if self.unsynced >= EARLY_SYNC && self.early_sync.as_ref().is_none_or(|t| t.is_finished()) {
+            self.join_early_sync()?;
+            let file = self.file.as_mut().expect("checked above");
+            file.flush()?;
+            let handle = file.get_ref().try_clone()?;
+            self.early_sync = Some(std::thread::spawn(move || handle.sync_data()));
+            self.unsynced = 0;
+        }
+        Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
         self.file.as_mut().ok_or_else(|| io::Error::other("writer closed"))?.flush()
@@ -92,6 +120,7 @@ impl ObjectWriter for LocalWriter {
         check_name(name)?;
         let file = self.file.take().ok_or_else(|| io::Error::other("writer closed"))?;
         let file = file.into_inner().map_err(|e| e.into_error())?;
+        self.join_early_sync()?;
         file.sync_all()?;
         drop(file);
         let dest = self.root.join(name);
@@ -104,6 +133,7 @@ impl ObjectWriter for LocalWriter {
 
 impl Drop for LocalWriter {
     fn drop(&mut self) {
+        let _ = self.join_early_sync();
         if self.file.take().is_some() {
             let _ = fs::remove_file(&self.temp);
         }
@@ -116,7 +146,8 @@ impl Backend for LocalBackend {
         create_dir_durable(&dir)?;
         let temp = dir.join(temp_name());
         let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
-        Ok(Box::new(LocalWriter { root: self.root.clone(), temp, file: Some(BufWriter::with_capacity(1 << 20, file)) }))
+        let file = Some(BufWriter::with_capacity(1 << 20, file));
+        Ok(Box::new(LocalWriter { root: self.root.clone(), temp, file, unsynced: 0, early_sync: None }))
     }
 
     fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
