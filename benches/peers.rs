@@ -12,6 +12,7 @@
 //!   on the same data); the directory is printed at the end.
 //!
 //! Data goes to `SNAPSTORE_BENCH_DIR` or the system temp directory, and is removed afterwards.
+//! `SNAPSTORE_BENCH_INIT="--chunk-size 32"` passes options to `snapstore init`, for parameter sweeps.
 //!
 //! Four workloads, generated from fixed seeds, five versions each; every version is made by changing the
 //! previous one where it lives, as the real writer would, and every tool commits it before the next is made:
@@ -793,8 +794,14 @@ impl Tool {
         }
     }
 
-    fn settings(self) -> &'static str {
-        match self {
+    fn settings(self) -> String {
+        let s = match self {
+            Tool::Snapstore if !snapstore_init_args().is_empty() => {
+                return format!(
+                    "`init {}` (SNAPSTORE_BENCH_INIT), one hashing thread per core",
+                    snapstore_init_args().join(" ")
+                );
+            }
             Tool::Snapstore => "defaults (FastCDC 16/64/256 KiB, zstd 3, one hashing thread per core)",
             Tool::Restic => {
                 "repository version 2 (zstd, `--compression auto`), always encrypted (fixed password), local cache"
@@ -802,7 +809,8 @@ impl Tool {
             Tool::Rustic => "`init --set-compression 3`, always encrypted (fixed password), local cache",
             Tool::Borg => "`--encryption=none`, `--compression zstd,3`, files cache",
             Tool::Casync => "`--compression=zstd`, default chunk sizes (16/64/256 KiB), chunk store + .caibx/.caidx",
-        }
+        };
+        s.to_owned()
     }
 
     fn program(self) -> Option<String> {
@@ -887,7 +895,7 @@ impl Session {
         let repo = s(&self.repo);
         let cache = s(&self.cache);
         let args: Vec<String> = match self.tool {
-            Tool::Snapstore => vec!["init".into()],
+            Tool::Snapstore => std::iter::once("init".to_owned()).chain(snapstore_init_args()).collect(),
             Tool::Restic => vec![
                 "-r".into(),
                 repo,
@@ -1017,6 +1025,12 @@ impl Session {
         };
         Some(self.run(&cwd, &args))
     }
+}
+
+/// Extra options for `snapstore init`, from `SNAPSTORE_BENCH_INIT`.
+fn snapstore_init_args() -> Vec<String> {
+    std::env::var("SNAPSTORE_BENCH_INIT")
+        .map_or_else(|_| Vec::new(), |v| v.split_whitespace().map(str::to_owned).collect())
 }
 
 fn dir_bytes(dir: &Path) -> u64 {

@@ -975,7 +975,12 @@ impl Walker<'_, '_> {
         let chunker = BlockChunker::new(self.cutter, || {
             let mut v = pool_rx.try_recv().unwrap_or_default();
             let n = v.fill_from(reader, block_len)?;
-            Ok((n > 0).then(|| Arc::new(Buf::new(v, Some(pool_tx.clone())))))
+            if n == 0 {
+                // Back to the pool: the next small file would otherwise allocate a block afresh.
+                let _ = pool_tx.try_send(v);
+                return Ok(None);
+            }
+            Ok(Some(Arc::new(Buf::new(v, Some(pool_tx.clone())))))
         });
         match prior {
             Some(prior) => self.send_guided(chunker, prior),

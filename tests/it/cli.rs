@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-use crate::util::{assert_same_tree, bin, pseudo_random, run};
+use crate::util::{assert_same_tree, bin, chunk_ids, pseudo_random, run};
 
 // ---------------------------------------------------------------------------------------------------------
 // Helpers (local to this file).
@@ -558,6 +558,31 @@ fn init_twice_fails() {
     fs::write(other.join("x"), b"x").unwrap();
     let err = sx_fail(&other, &["init"], 2);
     assert!(err.contains("not empty"), "{err}");
+}
+
+#[test]
+fn init_chooses_chunk_size_and_compression() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let out: Value =
+        serde_json::from_str(&sx(&repo, &["init", "--chunk-size", "16", "--compression-level", "7", "--json"]))
+            .unwrap();
+    assert_eq!(out["params"]["chunk_avg"], 16 * 1024, "{out}");
+    assert_eq!((out["params"]["chunk_min"].as_u64(), out["params"]["chunk_max"].as_u64()), (Some(4096), Some(65536)));
+    assert_eq!(out["params"]["compression_level"], 7);
+    // The repository keeps them: a commit cuts 16 KiB chunks, and the data comes back.
+    let state = pseudo_random(1 << 20, 5);
+    fs::write(tmp.path().join("state"), &state).unwrap();
+    let commit: Value =
+        serde_json::from_str(&sx(&repo, &["commit", tmp.path().join("state").to_str().unwrap(), "--json"])).unwrap();
+    let opened = snapstore::Repository::open(&repo).unwrap();
+    assert_eq!(opened.params().chunk_avg, 16 * 1024);
+    assert_eq!(commit["chunks_new"].as_u64().unwrap() as usize, chunk_ids(&opened, &state).len());
+    assert!(commit["chunks_new"].as_u64().unwrap() > 40, "{commit}");
+    for bad in [["--chunk-size", "48"], ["--chunk-size", "8192"], ["--compression-level", "0"]] {
+        let err = sx_fail(&tmp.path().join("bad"), &[&["init"][..], &bad[..]].concat(), 2);
+        assert!(err.contains(bad[1]), "{err}");
+    }
 }
 
 #[test]

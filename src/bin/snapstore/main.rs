@@ -52,7 +52,17 @@ struct Cli {
 enum Command {
     /// Create a new, empty repository
     #[command(after_help = exit_help!())]
-    Init,
+    Init {
+        /// Average chunk size, in KiB (a power of two from 1 to 4096); chunks range from a quarter to four
+        /// times it. Smaller chunks store less of a file rewritten in small scattered pieces (a database's
+        /// pages), at more catalog per GiB. Fixed for the repository's life.
+        #[arg(long, value_name = "KIB", default_value_t = 64, value_parser = chunk_kib)]
+        chunk_size: u32,
+        /// zstd level for new chunks (1 to 22); higher is smaller and slower. Can differ between runs only
+        /// by re-creating the repository.
+        #[arg(long, value_name = "LEVEL", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
+        compression_level: i32,
+    },
     /// Save a file, a directory tree, or stdin as a new checkpoint
     #[command(after_help = concat!("Files whose size, mtime, ctime and inode match the previous checkpoint of the same path \
 are not read again. Only chunks the repository lacks are compressed and stored.\n\
@@ -313,8 +323,16 @@ fn show_progress(cli: &Cli) -> bool {
 fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
     let repo_dir = repo_path(cli);
     match &cli.command {
-        Command::Init => {
-            let repo = Repository::init(&repo_dir)?;
+        Command::Init { chunk_size, compression_level } => {
+            let kib = *chunk_size * 1024;
+            let params = snapstore::RepoParams {
+                chunk_min: kib / 4,
+                chunk_avg: kib,
+                chunk_max: kib * 4,
+                compression_level: *compression_level,
+                ..Default::default()
+            };
+            let repo = Repository::init_with(&repo_dir, params)?;
             if cli.json {
                 out.json(&serde_json::json!({ "repository": repo.path(), "params": repo.params() }))?;
             } else if !cli.quiet {
@@ -560,4 +578,13 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
     }
     out.flush()?;
     Ok(())
+}
+
+/// An average chunk size in KiB that FastCDC accepts with a quarter and four times it.
+fn chunk_kib(s: &str) -> Result<u32, String> {
+    let kib: u32 = s.parse().map_err(|_| format!("'{s}' is not a whole number of KiB"))?;
+    if !kib.is_power_of_two() || !(1..=4096).contains(&kib) {
+        return Err(format!("{kib} KiB: the average chunk size must be a power of two from 1 to 4096 KiB"));
+    }
+    Ok(kib)
 }
