@@ -760,8 +760,19 @@ impl Walker<'_, '_> {
             walker.stopped = true;
             std::io::Error::other("commit pipeline stopped")
         };
-        let mut cursor = ChunkCursor::new(self.catalog, prior).map_err(|e| stop(self, e))?;
-        let prior_len = cursor.size();
+        // A previous version the catalog cannot list (damage that `verify` reports) only costs the guide: this
+        // version is cut as usual from there on.
+        let guide_lost = |walker: &Self, e: Error| {
+            walker.opts.progress.warn(&format!("previous version unreadable, cutting as usual: {e}"));
+        };
+        let mut cursor = match ChunkCursor::new(self.catalog, prior) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                guide_lost(self, e);
+                None
+            }
+        };
+        let prior_len = cursor.as_ref().map_or(0, |c| c.size());
         let max = self.cutter.max() as u64;
         // The previous version's chunks not yet passed, in order; the first `answers.len()` are with the
         // workers, and `answers` holds what came back for them.
@@ -778,9 +789,14 @@ impl Walker<'_, '_> {
             while answers.len() < window {
                 let n = answers.len();
                 if ahead.len() <= n {
-                    match cursor.next_chunk().map_err(|e| stop(self, e))? {
-                        Some(c) => ahead.push_back(c),
-                        None => break,
+                    match cursor.as_mut().map(|c| c.next_chunk()) {
+                        Some(Ok(Some(c))) => ahead.push_back(c),
+                        Some(Ok(None)) | None => break,
+                        Some(Err(e)) => {
+                            guide_lost(self, e);
+                            cursor = None;
+                            break;
+                        }
                     }
                 }
                 let (at, r) = ahead[n];
@@ -1309,6 +1325,26 @@ mod tests {
             // for the rest of the file): the previous cuts must have been taken there.
             assert!(guided >= 8, "{what}: only {guided} chunks taken at previous cuts");
         }
+    }
+
+    #[test]
+    fn an_unreadable_previous_version_only_costs_the_guide() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path().join("repo")).unwrap();
+        let before = image(5 << 20, 11);
+        repo.commit_reader("state", &mut &before[..], &CommitOptions::default()).unwrap();
+        // Damage: the previous version's chunk lists are gone from the catalog.
+        let db = rusqlite::Connection::open(dir.path().join("repo/catalog.db")).unwrap();
+        assert!(db.execute("DELETE FROM segments", []).unwrap() > 0);
+        drop(db);
+        let mut after = before.clone();
+        after[3_000_000] ^= 1;
+        GUIDED.with(|g| g.set(0));
+        let id = repo.commit_reader("state", &mut &after[..], &CommitOptions::default()).unwrap().id;
+        assert_eq!(GUIDED.with(|g| g.get()), 0);
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut repo.open_file(&id, "").unwrap(), &mut back).unwrap();
+        assert!(back == after, "the new checkpoint must hold the new bytes");
     }
 
     proptest! {
