@@ -110,6 +110,19 @@ pub enum Error {
         /// How many commit sessions are alive.
         count: u64,
     },
+    /// The repository belongs to another user: opening it would leave files that user cannot read, and
+    /// checkpoints hold private state.
+    #[error(
+        "{path} belongs to user id {owner}, not to this user (id {me}); snapstore opens only its own user's repositories"
+    )]
+    NotOwner {
+        /// The repository.
+        path: PathBuf,
+        /// Its owner's user id.
+        owner: u32,
+        /// This process's effective user id.
+        me: u32,
+    },
     /// A retention policy with no rule would forget everything.
     #[error("no retention rule given: forget needs checkpoint ids or at least one --keep-* option")]
     EmptyPolicy,

@@ -170,9 +170,11 @@ impl Repository {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let root = path.as_ref().to_path_buf();
         let catalog_path = root.join(CATALOG_FILE);
-        if !catalog_path.is_file() {
+        let Ok(md) = std::fs::metadata(&catalog_path) else { return Err(Error::NoRepository(root)) };
+        if !md.is_file() {
             return Err(Error::NoRepository(root));
         }
+        check_owner(&root, &md)?;
         let params = Catalog::open(&catalog_path)?.params()?;
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&root));
         Ok(Repository { root, catalog_path, backend, params })
@@ -527,6 +529,9 @@ impl Repository {
     /// checkpoint survives the loss of the catalog.
     pub fn repair_index_at(path: impl AsRef<Path>) -> Result<RepairReport> {
         let root = path.as_ref();
+        if let Ok(md) = std::fs::metadata(root) {
+            check_owner(root, &md)?;
+        }
         repair::repair_index(root, Arc::new(LocalBackend::new(root)))
     }
 
@@ -538,6 +543,17 @@ impl Repository {
             params: &self.params,
         }
     }
+}
+
+/// Refuses a repository (`md`: its catalog or directory) owned by another user. Checked before anything is
+/// written: a pack or catalog file created by another user would be unreadable to the owner, even when that
+/// other user is root.
+fn check_owner(root: &Path, md: &std::fs::Metadata) -> Result<()> {
+    let (owner, me) = (std::os::unix::fs::MetadataExt::uid(md), rustix::process::geteuid().as_raw());
+    if owner != me {
+        return Err(Error::NotOwner { path: root.to_path_buf(), owner, me });
+    }
+    Ok(())
 }
 
 /// Calls `f` on each entry of `stack` (popped from the end) and, with `recursive`, on everything below the

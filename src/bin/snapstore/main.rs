@@ -307,6 +307,7 @@ fn hint(e: &Error) -> Option<&'static str> {
             "run it again when they have finished; a commit whose process is gone is cleared by itself"
         }
         Error::EmptyPolicy => "for example --keep-last 10 --keep-daily 7; try --dry-run first",
+        Error::NotOwner { .. } => "run snapstore as the user who owns the repository (for example with sudo -u)",
         Error::SessionExpired => "commit again; a gc took this commit for dead after an hour without progress",
         _ => return None,
     })
