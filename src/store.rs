@@ -226,6 +226,21 @@ mod tests {
     use crate::params::RepoParams;
 
     #[test]
+    fn a_blob_that_inflates_beyond_its_length_is_refused_without_growing() {
+        // 64 MiB of zeros compress to a few kilobytes: a hostile pack could name it a 4 KiB chunk.
+        let huge = vec![0u8; 64 << 20];
+        let bomb = zstd::bulk::compress(&huge, 3).unwrap();
+        assert!(bomb.len() < 64 << 10);
+        let mut decoder = BlobDecoder::new().unwrap();
+        let err = decoder.decode(&ObjectId::of(&huge[..4096]), FLAG_ZSTD, 4096, &bomb).unwrap_err();
+        assert!(err.contains("cannot be decompressed"), "{err}");
+        assert!(decoder.out.len() <= 4096, "the output buffer grew to {}", decoder.out.len());
+        // Garbage that is not a zstd frame at all, and a raw blob of the wrong length.
+        assert!(decoder.decode(&ObjectId::of(b"x"), FLAG_ZSTD, 1, b"not zstd").is_err());
+        assert!(decoder.decode(&ObjectId::of(b"xy"), 0, 2, b"x").is_err());
+    }
+
+    #[test]
     fn stored_chunks_read_back_and_damage_is_detected() {
         let dir = tempfile::tempdir().unwrap();
         let mut cat = Catalog::create(&dir.path().join("c.db"), &RepoParams::default()).unwrap();

@@ -12,3 +12,89 @@ pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// The seed inputs kept in `tests/corpus/KIND/` for fuzzing the decoder of KIND, sorted by name.
+pub(crate) fn corpus(kind: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus").join(kind);
+    let mut seeds: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| {
+            let path = e.unwrap().path();
+            (path.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&path).unwrap())
+        })
+        .collect();
+    seeds.sort();
+    assert!(!seeds.is_empty(), "{} holds no seeds", dir.display());
+    seeds
+}
+
+/// Writes a seed into `tests/corpus/KIND/NAME` (used by the ignored tests that regenerate the corpus).
+pub(crate) fn write_seed(kind: &str, name: &str, bytes: &[u8]) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus").join(kind);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(name), bytes).unwrap();
+}
+
+/// One way of damaging stored bytes, at positions taken modulo their length.
+#[derive(Debug, Clone)]
+pub(crate) enum Damage {
+    Flip(usize, u8),
+    Truncate(usize),
+    Insert(usize, Vec<u8>),
+    Remove(usize, usize),
+    Overwrite(usize, Vec<u8>),
+}
+
+impl Damage {
+    pub fn apply(&self, b: &mut Vec<u8>) {
+        let at = |i: usize, b: &Vec<u8>| if b.is_empty() { 0 } else { i % (b.len() + 1) };
+        match self {
+            Damage::Flip(i, mask) if !b.is_empty() => {
+                let i = i % b.len();
+                b[i] ^= mask | 1;
+            }
+            Damage::Flip(..) => {}
+            Damage::Truncate(i) => b.truncate(at(*i, b)),
+            Damage::Insert(i, bytes) => {
+                let i = at(*i, b);
+                b.splice(i..i, bytes.iter().copied());
+            }
+            Damage::Remove(i, n) => {
+                let i = at(*i, b);
+                let end = (i + n).min(b.len());
+                b.drain(i..end);
+            }
+            Damage::Overwrite(i, bytes) => {
+                let i = at(*i, b);
+                for (k, v) in bytes.iter().enumerate() {
+                    if let Some(x) = b.get_mut(i + k) {
+                        *x = *v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Any one damage, small enough to leave most of the input as it was.
+pub(crate) fn damage() -> impl proptest::strategy::Strategy<Value = Damage> {
+    use proptest::prelude::*;
+    let bytes = || proptest::collection::vec(any::<u8>(), 1..16);
+    prop_oneof![
+        (any::<usize>(), any::<u8>()).prop_map(|(i, m)| Damage::Flip(i, m)),
+        any::<usize>().prop_map(Damage::Truncate),
+        (any::<usize>(), bytes()).prop_map(|(i, b)| Damage::Insert(i, b)),
+        (any::<usize>(), 1usize..64).prop_map(|(i, n)| Damage::Remove(i, n)),
+        (any::<usize>(), bytes()).prop_map(|(i, b)| Damage::Overwrite(i, b)),
+    ]
+}
+
+/// Seed `which` of `tests/corpus/KIND/`, with `damages` applied in order.
+pub(crate) fn damaged_seed(kind: &str, which: proptest::sample::Index, damages: &[Damage]) -> Vec<u8> {
+    let seeds = corpus(kind);
+    let mut bytes = seeds[which.index(seeds.len())].1.clone();
+    for d in damages {
+        d.apply(&mut bytes);
+    }
+    bytes
+}

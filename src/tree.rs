@@ -164,6 +164,36 @@ pub fn content_id(size: u64, segment_ids: &[u8]) -> ObjectId {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Regenerates `tests/corpus/segment/`: `cargo test --lib write_segment_corpus -- --ignored`.
+    #[test]
+    #[ignore]
+    fn write_segment_corpus() {
+        let refs = |n: u32| {
+            (0..n).map(|i| ChunkRef { id: ObjectId::of(&i.to_le_bytes()), len: 65536 + i }).collect::<Vec<_>>()
+        };
+        for n in [0, 1, 7] {
+            crate::testutil::write_seed("segment", &format!("{n}-refs.seg"), &encode_segment(&refs(n)));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Segments from the corpus, damaged: decoding either fails as corruption or gives references that
+        /// encode back to exactly the bytes read.
+        #[test]
+        fn damaged_segments_are_refused_or_decoded_exactly(
+            which in any::<prop::sample::Index>(),
+            damages in proptest::collection::vec(crate::testutil::damage(), 0..4),
+        ) {
+            let bytes = crate::testutil::damaged_seed("segment", which, &damages);
+            match decode_segment(&bytes) {
+                Ok(refs) => prop_assert_eq!(encode_segment(&refs), bytes),
+                Err(e) => prop_assert!(e.is_corruption(), "{}", e),
+            }
+        }
+    }
 
     fn entry(name: &[u8]) -> Entry {
         Entry {

@@ -1409,3 +1409,43 @@ fn parallel_chunking_of_a_large_file_cuts_exactly_as_a_stream_does() {
         assert!(fs::read(&out).unwrap() == data);
     }
 }
+
+/// A file that keeps changing while it is committed is never recorded with content it did not hold: the
+/// commit reads it again, then refuses it (or skips it, when asked), and once it holds still it commits as is.
+#[test]
+fn a_file_that_keeps_changing_while_read_is_refused_or_skipped_never_half_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repository::init(tmp.path().join("repo")).unwrap();
+    let dir = tmp.path().join("run");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("steady"), b"does not change").unwrap();
+    let log = dir.join("growing.log");
+    fs::write(&log, pseudo_random(24 << 20, 3)).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (log, stop) = (log.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let f = OpenOptions::new().append(true).open(&log).unwrap();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::io::Write::write_all(&mut &f, &n.to_le_bytes().repeat(512)).unwrap();
+                n += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let err = repo.commit(&dir, &CommitOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::FileChanged(ref p) if p == &log), "{err}");
+    assert!(repo.checkpoints().unwrap().is_empty(), "a refused commit publishes nothing");
+    let opts = CommitOptions { skip_unreadable: true, ..Default::default() };
+    let skipped = repo.commit(&dir, &opts).unwrap();
+    assert_eq!(repo.skipped(&skipped.id).unwrap().len(), 1);
+    assert!(repo.open_file(&skipped.id, "growing.log").is_err(), "the log is not recorded");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    // Held still, it commits exactly as it now is.
+    let id = repo.commit(&dir, &CommitOptions::default()).unwrap().id;
+    let mut back = Vec::new();
+    repo.open_file(&id, "growing.log").unwrap().read_to_end(&mut back).unwrap();
+    assert!(back == fs::read(&log).unwrap());
+}
