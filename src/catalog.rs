@@ -149,7 +149,7 @@ fn blob_id(bytes: Vec<u8>) -> rusqlite::Result<ObjectId> {
 }
 
 /// Decodes a `tree_entries` row (name, kind, mode, mtime_ns, ctime_ns, ino, size, target).
-fn entry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Entry>> {
+pub(crate) fn entry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Entry>> {
     let kind = match EntryKind::from_code(r.get(1)?) {
         Ok(kind) => kind,
         Err(e) => return Ok(Err(e)),

@@ -9,7 +9,8 @@
 //!    existing pack row, lie inside that pack's blob area and agree with the pack's own index entry (the
 //!    catalog's rows need only be a subset of the index: GC leaves unused blobs in packs). Then every
 //!    checkpoint is walked (trees, contents, segments; objects shared between checkpoints are walked once)
-//!    and every object it reaches must be in the catalog, well formed, and every chunk it references must be
+//!    and every object it reaches must be in the catalog, well formed, hash to its own id (so a row altered in
+//!    place is found), and every chunk it references must be
 //!    in the chunk index with the length the file expects. A missing object is recorded, not fatal, so one
 //!    damaged checkpoint does not hide another.
 //! 2. **Data** (optional): the selected packs are read sequentially in large reads and every chunk the
@@ -38,13 +39,13 @@ use std::time::Instant;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::backend::Backend;
-use crate::catalog::{Catalog, KIND_CONTENT, KIND_SEGMENT, KIND_TREE, now_ns};
+use crate::catalog::{Catalog, KIND_CONTENT, KIND_SEGMENT, KIND_TREE, entry_row, now_ns};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::pack::{FOOTER_LEN, HEADER_LEN, PackEntry};
 use crate::progress::{NoProgress, Progress};
 use crate::store::BlobDecoder;
-use crate::tree::{decode_segment, validate_name};
+use crate::tree::{Entry, content_id, decode_segment, segment_id, tree_id, validate_name};
 
 /// At most this many damaged chunks, damaged objects and affected files are listed in a report (the totals
 /// count them all), so a repository whose whole chunk index is lost still gives a report that fits in memory.
@@ -477,8 +478,11 @@ impl<'c> Walker<'c> {
             seen: conn.prepare_cached("INSERT OR IGNORE INTO temp.v_seen (kind, id) VALUES (?1, ?2)")?,
             bad: conn.prepare_cached("INSERT OR IGNORE INTO temp.v_bad_obj (kind, id, problem) VALUES (?1, ?2, ?3)")?,
             tree: conn.prepare_cached("SELECT entries FROM trees WHERE id = ?1")?,
-            entries: conn.prepare_cached("SELECT name, kind, target FROM tree_entries WHERE tree = ?1")?,
-            content: conn.prepare_cached("SELECT segments FROM contents WHERE id = ?1")?,
+            entries: conn.prepare_cached(
+                "SELECT name, kind, mode, mtime_ns, ctime_ns, ino, size, target FROM tree_entries WHERE tree = ?1
+                 ORDER BY name",
+            )?,
+            content: conn.prepare_cached("SELECT size, segments FROM contents WHERE id = ?1")?,
             segment: conn.prepare_cached("SELECT data FROM segments WHERE id = ?1")?,
             chunk_ref: conn.prepare_cached("INSERT OR IGNORE INTO temp.v_refs (id, len) VALUES (?1, ?2)")?,
         })
@@ -504,15 +508,24 @@ impl<'c> Walker<'c> {
                 self.damaged(KIND_TREE, &tree, "missing from the catalog")?;
                 continue;
             };
-            let rows: Vec<(Vec<u8>, i64, Vec<u8>)> = self
+            let rows: Vec<(i64, Result<Entry>)> = self
                 .entries
-                .query_map([&tree.0[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .query_map([&tree.0[..]], |r| Ok((r.get(1)?, entry_row(r)?)))?
                 .collect::<rusqlite::Result<_>>()?;
             if rows.len() as i64 != expected {
                 let why = format!("has {} of its {expected} entries in the catalog", rows.len());
                 self.damaged(KIND_TREE, &tree, &why)?;
             }
-            for (name, kind, target) in rows {
+            // A tree is named by the hash of its entries: any altered field of any row shows here.
+            let entries: Vec<Entry> = rows.iter().filter_map(|(_, e)| e.as_ref().ok().cloned()).collect();
+            if entries.len() == rows.len() && tree_id(&entries) != tree {
+                self.damaged(KIND_TREE, &tree, "does not match its id (its entries were altered)")?;
+            }
+            for (kind, entry) in rows {
+                let Ok(Entry { name, target, .. }) = entry else {
+                    self.damaged(KIND_TREE, &tree, "holds an entry of unknown kind")?;
+                    continue;
+                };
                 if validate_name(&name).is_err() {
                     self.damaged(KIND_TREE, &tree, "holds an unsafe name")?;
                     continue;
@@ -539,12 +552,16 @@ impl<'c> Walker<'c> {
     }
 
     fn content(&mut self, id: ObjectId) -> Result<()> {
-        let segs: Option<Vec<u8>> = self.content.query_row([&id.0[..]], |r| r.get(0)).optional()?;
-        let Some(segs) = segs else {
+        let row: Option<(i64, Vec<u8>)> =
+            self.content.query_row([&id.0[..]], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        let Some((size, segs)) = row else {
             return self.damaged(KIND_CONTENT, &id, "missing from the catalog");
         };
         if !segs.len().is_multiple_of(ObjectId::LEN) {
             return self.damaged(KIND_CONTENT, &id, "has a malformed segment list");
+        }
+        if content_id(size as u64, &segs) != id {
+            self.damaged(KIND_CONTENT, &id, "does not match its id (its row was altered)")?;
         }
         for seg in segs.chunks_exact(ObjectId::LEN) {
             let seg = ObjectId::from_slice(seg).expect("32 bytes");
@@ -556,6 +573,9 @@ impl<'c> Walker<'c> {
                 self.damaged(KIND_SEGMENT, &seg, "missing from the catalog")?;
                 continue;
             };
+            if segment_id(&data) != seg {
+                self.damaged(KIND_SEGMENT, &seg, "does not match its id (its row was altered)")?;
+            }
             match decode_segment(&data) {
                 Ok(refs) => {
                     for r in refs {

@@ -412,3 +412,39 @@ fn cat_and_ls_through_the_binary() {
     assert_eq!(json[0]["size"], 6 << 20);
     assert_eq!(json[0]["path"], "data/image.bin");
 }
+
+/// A directory or file of the destination replaced by a symlink (to somewhere the checkout must never write)
+/// is not followed: the in-place checkout puts the real one back and leaves the link's target untouched.
+#[test]
+fn a_symlink_in_place_of_a_directory_is_replaced_not_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("sub/deeper")).unwrap();
+    fs::write(src.join("sub/file"), b"belongs in dest").unwrap();
+    fs::write(src.join("sub/deeper/big"), pseudo_random(3 << 20, 9)).unwrap();
+    let repo = Repository::init(tmp.path().join("repo")).unwrap();
+    let id = repo.commit(&src, &Default::default()).unwrap().id;
+    let dest = tmp.path().join("dest");
+    repo.checkout(&id, &dest, &CheckoutOptions::default()).unwrap();
+    let outside = tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("file"), b"not yours").unwrap();
+    for (link, target) in
+        [("sub", outside.clone()), ("sub/deeper", outside.clone()), ("sub/file", outside.join("file"))]
+    {
+        let was_dir = fs::symlink_metadata(dest.join(link)).unwrap().is_dir();
+        if was_dir {
+            fs::remove_dir_all(dest.join(link)).unwrap()
+        } else {
+            fs::remove_file(dest.join(link)).unwrap()
+        }
+        std::os::unix::fs::symlink(&target, dest.join(link)).unwrap();
+        repo.checkout(&id, &dest, &in_place()).unwrap();
+        let now = fs::symlink_metadata(dest.join(link)).unwrap();
+        assert!(!now.is_symlink() && now.is_dir() == was_dir, "{link} must be what it was again");
+        assert_same_tree(&src, &dest, false);
+        let left: Vec<_> = fs::read_dir(&outside).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("file")], "{link}: the link's target was written");
+        assert_eq!(fs::read(outside.join("file")).unwrap(), b"not yours");
+    }
+}

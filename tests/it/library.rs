@@ -1449,3 +1449,46 @@ fn a_file_that_keeps_changing_while_read_is_refused_or_skipped_never_half_record
     repo.open_file(&id, "growing.log").unwrap().read_to_end(&mut back).unwrap();
     assert!(back == fs::read(&log).unwrap());
 }
+
+/// Many empty files (1,000 per directory): every one is committed, checked out, and the second commit reads
+/// none of them. `SNAPSTORE_MANY_FILES` sets how many (default 20,000; the figure in docs/reliability.md is
+/// for 1,000,000, run with `--release`).
+#[test]
+fn many_empty_files_commit_and_check_out() {
+    let n: u64 = std::env::var("SNAPSTORE_MANY_FILES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let started = std::time::Instant::now();
+    for i in 0..n {
+        let dir = src.join(format!("d{:04}", i / 1000));
+        if i % 1000 == 0 {
+            fs::create_dir_all(&dir).unwrap();
+        }
+        File::create(dir.join(format!("f{i:07}"))).unwrap();
+    }
+    let made = started.elapsed();
+    let repo = Repository::init(tmp.path().join("repo")).unwrap();
+    let first = repo.commit(&src, &CommitOptions::default()).unwrap();
+    assert_eq!((first.files_new, first.dirs), (n, n.div_ceil(1000) + 1), "{first:?}");
+    let committed = started.elapsed() - made;
+    let again = repo.commit(&src, &CommitOptions::default()).unwrap();
+    assert_eq!((again.files_unchanged, again.bytes_read), (n, 0), "{again:?}");
+    let dest = tmp.path().join("dest");
+    let out = repo.checkout(&again.id, &dest, &CheckoutOptions::default()).unwrap();
+    assert_eq!(out.files, n);
+    let mut seen = 0;
+    for d in fs::read_dir(&dest).unwrap() {
+        for f in fs::read_dir(d.unwrap().path()).unwrap() {
+            assert_eq!(f.unwrap().metadata().unwrap().len(), 0);
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, n);
+    eprintln!(
+        "{n} empty files: made in {:.1} s, first commit {:.1} s, unchanged commit {:.1} s, checkout {:.1} s",
+        made.as_secs_f64(),
+        committed.as_secs_f64(),
+        again.seconds,
+        out.seconds
+    );
+}
