@@ -3,6 +3,7 @@
 mod cli;
 mod crash;
 mod diff;
+mod full_disk;
 mod gc;
 mod inplace;
 mod library;

@@ -236,7 +236,15 @@ fn main() -> ExitCode {
         Err(Failure::Pipe) => ExitCode::SUCCESS,
         Err(Failure::Lib(e)) => {
             eprintln!("error: {e}");
-            if let Some(hint) = hint(&e) {
+            let enospc = matches!(&e, Error::Io { source, .. } | Error::Backend { source, .. }
+                if source.raw_os_error() == Some(28));
+            let full = disk_full(&e, &repo_path(&cli));
+            if let Some(full) = &full {
+                eprintln!("error: {full}");
+            }
+            if enospc || full.is_some() {
+                eprintln!("hint: free some space and run the command again; nothing written before was lost");
+            } else if let Some(hint) = hint(&e) {
                 eprintln!("hint: {hint}");
             }
             ExitCode::from(exit_code(&e))
@@ -283,6 +291,16 @@ fn exit_code(e: &Error) -> u8 {
         | Error::EmptyPolicy => EXIT_USAGE,
         _ => EXIT_FAILURE,
     }
+}
+
+/// When an I/O failure came with the disk holding the repository full, says so: SQLite reports a write that
+/// hit ENOSPC in its journal as a bare "disk I/O error".
+fn disk_full(e: &Error, repo: &std::path::Path) -> Option<String> {
+    if !matches!(e, Error::Catalog(_)) {
+        return None;
+    }
+    let free = rustix::fs::statvfs(repo).ok().map(|v| v.f_bavail.saturating_mul(v.f_frsize))?;
+    (free < 1 << 20).then(|| format!("the disk holding {} is full ({free} bytes free)", repo.display()))
 }
 
 fn hint(e: &Error) -> Option<&'static str> {
