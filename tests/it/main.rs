@@ -3,6 +3,7 @@
 mod cli;
 mod crash;
 mod diff;
+mod faults;
 mod full_disk;
 mod gc;
 mod inplace;
