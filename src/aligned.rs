@@ -10,8 +10,9 @@ use std::ops::{Deref, DerefMut};
 
 const ALIGN: usize = 4096;
 
-/// A buffer of `len` bytes starting on a page boundary (writes from a page-aligned buffer measured faster too). Growing it zeroes only new memory; shrinking and
-/// growing back again does not clear what is there, so a recycled buffer costs no memset.
+/// A buffer of `len` bytes starting on a page boundary (writes from a page-aligned buffer measured faster
+/// too). Growing it zeroes only new memory; shrinking and growing back again does not clear what is there, so
+/// a recycled buffer costs no memset.
 #[derive(Default)]
 pub(crate) struct AlignedBuf {
     mem: Vec<u8>,
@@ -20,21 +21,28 @@ pub(crate) struct AlignedBuf {
 }
 
 impl AlignedBuf {
+    /// `len` zero bytes.
+    pub fn zeroed(len: usize) -> Self {
+        let mut b = AlignedBuf::default();
+        b.set_len(len);
+        b
+    }
+
     /// Sets the length to `len`. Bytes beyond the previous length hold whatever this buffer held there
     /// before, or zeros: callers overwrite them or read only what they wrote.
     pub fn set_len(&mut self, len: usize) {
         if self.start + len > self.mem.len() {
-            // Fresh zeroed memory rather than `resize`: the allocator hands out untouched pages, where
-            // `resize` would write every byte (a 2 MiB memset and 512 page faults for a 4 KiB file).
-            self.mem = vec![0; len + ALIGN];
-            self.start = self.mem.as_ptr().align_offset(ALIGN);
+            // New memory is needed: nothing worth copying into it.
+            self.len = 0;
         }
-        self.len = len;
+        self.grow_keeping(len);
     }
 
     /// Sets the length to `len`, keeping the bytes held now.
     fn grow_keeping(&mut self, len: usize) {
         if self.start + len > self.mem.len() {
+            // Fresh zeroed memory rather than `resize`: the allocator hands out untouched pages, where
+            // `resize` would write every byte (a 2 MiB memset and 512 page faults for a 4 KiB file).
             let mut mem = vec![0; len + ALIGN];
             let start = mem.as_ptr().align_offset(ALIGN);
             mem[start..start + self.len].copy_from_slice(&self.mem[self.start..self.start + self.len]);

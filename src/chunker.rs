@@ -5,8 +5,10 @@
 //! memory. Two front ends share the cut: [`Chunker`] reads a stream through a window; `BlockChunker` cuts
 //! blocks that a reader thread fills, handing out chunks as ranges of the shared blocks without copying them.
 
+use std::fs::File;
 use std::io::{self, Read};
 use std::ops::Deref;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use fastcdc::v2020::{Normalization, cut, select_masks};
@@ -136,6 +138,20 @@ fn read_retrying(r: &mut (impl Read + ?Sized), buf: &mut [u8]) -> io::Result<usi
             other => return other,
         }
     }
+}
+
+/// Reads at `offset` until `buf` is full or the file ends; returns the bytes read.
+pub(crate) fn read_at_most(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], offset + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// A buffer that goes back to its pool when the last chunk cut from it is done, so a commit reuses a few

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, Metadata};
 use std::io::Read;
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +23,7 @@ use crate::aligned::AlignedBuf;
 use crate::backend::Backend;
 use crate::catalog::{Batch, Catalog, NewCheckpoint, Session, host_name, now_ns};
 use crate::checkpoint::{Checkpoint, checkpoint_id};
-use crate::chunker::{Block, BlockChunker, Buf, ChunkBytes, Cutter};
+use crate::chunker::{Block, BlockChunker, Buf, ChunkBytes, Cutter, read_at_most};
 use crate::content::ChunkCursor;
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
@@ -477,20 +477,6 @@ fn region_worker(
     }
 }
 
-/// Reads at `offset` until `buf` is full or the file ends; returns the bytes read.
-fn read_at_most(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read_at(&mut buf[n..], offset + n as u64) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
 struct Walker<'a, 'b> {
     ctx: &'a Context<'a>,
     opts: &'a CommitOptions,
@@ -706,10 +692,7 @@ impl Walker<'_, '_> {
             let (tx, rx) = bounded::<std::io::Result<Block>>(2);
             s.spawn(move || {
                 // Every hole the size of a block is this one block of zeros, shared.
-                let mut zeros = AlignedBuf::default();
-                zeros.set_len(block_len);
-                zeros.fill(0);
-                let zeros = Arc::new(Buf::new(zeros, None));
+                let zeros = Arc::new(Buf::new(AlignedBuf::zeroed(block_len), None));
                 let mut reader = HoleSkippingReader::new(f);
                 let mut spare = None;
                 loop {

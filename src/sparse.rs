@@ -1,10 +1,10 @@
 //! Runs of zeros: found fast, so that chunking, hashing and checkout can skip them.
 
 use std::fs::File;
-use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::io;
 
 use crate::aligned::AlignedBuf;
+use crate::chunker::read_at_most;
 
 /// Whether every byte of `b` is zero. Works in 32-byte strides the compiler vectorises, unlike a
 /// short-circuiting byte loop.
@@ -56,26 +56,18 @@ impl<'a> HoleSkippingReader<'a> {
                 return Ok(None);
             }
         }
-        let n = buf.fill_from(&mut ReadAt(self.f, self.offset), len)?;
+        buf.set_len(len);
+        let n = read_at_most(self.f, buf, self.offset)?;
+        buf.set_len(n);
         self.offset += n as u64;
         Ok(Some(n))
-    }
-}
-
-/// Positional reads through `Read`, leaving the file's own offset alone.
-struct ReadAt<'a>(&'a File, u64);
-
-impl Read for ReadAt<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.0.read_at(buf, self.1)?;
-        self.1 += n as u64;
-        Ok(n)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn finds_any_nonzero_byte() {

@@ -28,11 +28,21 @@ pub(crate) fn corpus(kind: &str) -> Vec<(String, Vec<u8>)> {
     seeds
 }
 
-/// Writes a seed into `tests/corpus/KIND/NAME` (used by the ignored tests that regenerate the corpus).
-pub(crate) fn write_seed(kind: &str, name: &str, bytes: &[u8]) {
+/// Checks that `tests/corpus/KIND/` holds each of `seeds` (the inputs its writer makes today), so that a
+/// format change cannot leave the fuzzers mutating bytes no longer written; with `SNAPSTORE_WRITE_CORPUS=1`
+/// it writes them instead.
+pub(crate) fn check_seeds(kind: &str, seeds: &[(&str, Vec<u8>)]) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus").join(kind);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join(name), bytes).unwrap();
+    let write = std::env::var_os("SNAPSTORE_WRITE_CORPUS").is_some_and(|v| v == "1");
+    for (name, bytes) in seeds {
+        let path = dir.join(name);
+        if write {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, bytes).unwrap();
+        }
+        let kept = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(&kept == bytes, "{} is stale: rerun with SNAPSTORE_WRITE_CORPUS=1", path.display());
+    }
 }
 
 /// One way of damaging stored bytes, at positions taken modulo their length.
@@ -47,7 +57,7 @@ pub(crate) enum Damage {
 
 impl Damage {
     pub fn apply(&self, b: &mut Vec<u8>) {
-        let at = |i: usize, b: &Vec<u8>| if b.is_empty() { 0 } else { i % (b.len() + 1) };
+        let at = |i: usize, b: &Vec<u8>| i % (b.len() + 1);
         match self {
             Damage::Flip(i, mask) if !b.is_empty() => {
                 let i = i % b.len();

@@ -45,7 +45,7 @@ use crate::id::ObjectId;
 use crate::pack::{FOOTER_LEN, HEADER_LEN, PackEntry};
 use crate::progress::{NoProgress, Progress};
 use crate::store::BlobDecoder;
-use crate::tree::{Entry, content_id, decode_segment, segment_id, tree_id, validate_name};
+use crate::tree::{Entry, EntryKind, content_id, decode_segment, segment_id, tree_id, validate_name};
 
 /// At most this many damaged chunks, damaged objects and affected files are listed in a report (the totals
 /// count them all), so a repository whose whole chunk index is lost still gives a report that fits in memory.
@@ -508,44 +508,41 @@ impl<'c> Walker<'c> {
                 self.damaged(KIND_TREE, &tree, "missing from the catalog")?;
                 continue;
             };
-            let rows: Vec<(i64, Result<Entry>)> = self
-                .entries
-                .query_map([&tree.0[..]], |r| Ok((r.get(1)?, entry_row(r)?)))?
-                .collect::<rusqlite::Result<_>>()?;
+            let rows: Vec<Result<Entry>> =
+                self.entries.query_map([&tree.0[..]], entry_row)?.collect::<rusqlite::Result<_>>()?;
             if rows.len() as i64 != expected {
                 let why = format!("has {} of its {expected} entries in the catalog", rows.len());
                 self.damaged(KIND_TREE, &tree, &why)?;
             }
-            // A tree is named by the hash of its entries: any altered field of any row shows here.
-            let entries: Vec<Entry> = rows.iter().filter_map(|(_, e)| e.as_ref().ok().cloned()).collect();
-            if entries.len() == rows.len() && tree_id(&entries) != tree {
-                self.damaged(KIND_TREE, &tree, "does not match its id (its entries were altered)")?;
+            let known = rows.iter().filter(|r| r.is_ok()).count();
+            if known < rows.len() {
+                self.damaged(KIND_TREE, &tree, "holds an entry of unknown kind")?;
             }
-            for (kind, entry) in rows {
-                let Ok(Entry { name, target, .. }) = entry else {
-                    self.damaged(KIND_TREE, &tree, "holds an entry of unknown kind")?;
-                    continue;
-                };
-                if validate_name(&name).is_err() {
+            let entries: Vec<Entry> = rows.into_iter().flatten().collect();
+            for e in &entries {
+                if validate_name(&e.name).is_err() {
                     self.damaged(KIND_TREE, &tree, "holds an unsafe name")?;
                     continue;
                 }
-                let target_id = ObjectId::from_slice(&target);
-                match (kind, target_id) {
-                    (3, _) => {}
-                    (1 | 2, None) => self.damaged(KIND_TREE, &tree, "holds an entry with a malformed id")?,
-                    (2, Some(id)) => {
+                match (e.kind, ObjectId::from_slice(&e.target)) {
+                    (EntryKind::Symlink, _) => {}
+                    (_, None) => self.damaged(KIND_TREE, &tree, "holds an entry with a malformed id")?,
+                    (EntryKind::Dir, Some(id)) => {
                         if self.first_visit(KIND_TREE, &id)? {
                             stack.push(id);
                         }
                     }
-                    (1, Some(id)) => {
+                    (EntryKind::File, Some(id)) => {
                         if self.first_visit(KIND_CONTENT, &id)? {
                             self.content(id)?;
                         }
                     }
-                    _ => self.damaged(KIND_TREE, &tree, "holds an entry of unknown kind")?,
                 }
+            }
+            // A tree is named by the hash of its entries: any altered field of any row shows here (after the
+            // checks above, whose findings say more, since a tree keeps the first problem found).
+            if known == entries.len() && tree_id(&entries) != tree {
+                self.damaged(KIND_TREE, &tree, "does not match its id (its entries were altered)")?;
             }
         }
         Ok(())
