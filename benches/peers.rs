@@ -207,6 +207,26 @@ fn db_page(rng: &mut Rng) -> Vec<u8> {
     page
 }
 
+/// Writes files under `root` until `budget` bytes are written: file `i` is `len.0` plus up to `len.1` random
+/// bytes long, named and filled by `make(rng, i, len)`. Returns the names, in order.
+fn fill_files(
+    rng: &mut Rng,
+    root: &Path,
+    budget: u64,
+    len: (usize, u64),
+    make: impl Fn(&mut Rng, usize, usize) -> (String, Vec<u8>),
+) -> Vec<String> {
+    let (mut used, mut names) = (0, Vec::new());
+    while used < budget {
+        let n = len.0 + rng.below(len.1) as usize;
+        let (name, data) = make(rng, names.len(), n);
+        write_file(&root.join(&name), &data);
+        names.push(name);
+        used += n as u64;
+    }
+    names
+}
+
 fn write_file(path: &Path, data: &[u8]) {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).unwrap();
@@ -264,32 +284,13 @@ impl VmImage {
         let rng = &mut self.rng;
         // A root about half full, like a lived-in system disk: the rest is free space (zeros).
         let (bin, docs, photos) = (budget * 18 / 100, budget * 10 / 100, budget * 12 / 100);
-        let mut used = 0;
-        let mut i = 0;
-        while used < bin {
-            let len = 16384 + rng.below(2 << 20) as usize;
-            write_file(&root.join(format!("usr/lib/lib{i}.so")), &binary(rng, len));
-            used += len as u64;
-            i += 1;
-        }
-        used = 0;
-        i = 0;
-        while used < docs {
-            let len = 512 + rng.below(32 << 10) as usize;
-            let name = format!("usr/share/doc/pkg{}/file{i}.txt", i % 97);
-            write_file(&root.join(&name), &text(rng, len, false));
-            self.docs.push(name);
-            used += len as u64;
-            i += 1;
-        }
-        used = 0;
-        i = 0;
-        while used < photos {
-            let len = 65536 + rng.below(3 << 20) as usize;
-            write_file(&root.join(format!("home/user/photos/img{i}.jpg")), &random_bytes(rng, len));
-            used += len as u64;
-            i += 1;
-        }
+        fill_files(rng, root, bin, (16384, 2 << 20), |rng, i, len| (format!("usr/lib/lib{i}.so"), binary(rng, len)));
+        self.docs = fill_files(rng, root, docs, (512, 32 << 10), |rng, i, len| {
+            (format!("usr/share/doc/pkg{}/file{i}.txt", i % 97), text(rng, len, false))
+        });
+        fill_files(rng, root, photos, (65536, 3 << 20), |rng, i, len| {
+            (format!("home/user/photos/img{i}.jpg"), random_bytes(rng, len))
+        });
         self.syslog = text(rng, (budget / 64) as usize, true);
         write_file(&root.join("var/log/syslog"), &self.syslog);
         let mut db = Vec::with_capacity(self.db_pages * 4096);
@@ -336,16 +337,11 @@ impl Workload for VmImage {
         let rng = &mut self.rng;
         let mut cmds = format!("mkdir /home/user/dl{v}\ncd /home/user/dl{v}\n");
         let add = (self.mib << 20) / 40;
-        let mut used = 0;
-        let mut i = 0;
-        while used < add {
-            let len = 4096 + rng.below(2 << 20) as usize;
-            let data = if i % 2 == 0 { random_bytes(rng, len) } else { text(rng, len, false) };
-            let local = self.stage.join(format!("new{i}"));
-            fs::write(&local, data).unwrap();
-            cmds += &format!("write {} file{i}\n", s(&local));
-            used += len as u64;
-            i += 1;
+        let downloads = fill_files(rng, &self.stage, add, (4096, 2 << 20), |rng, i, len| {
+            (format!("new{i}"), if i % 2 == 0 { random_bytes(rng, len) } else { text(rng, len, false) })
+        });
+        for (i, name) in downloads.iter().enumerate() {
+            cmds += &format!("write {} file{i}\n", s(&self.stage.join(name)));
         }
         self.syslog.extend_from_slice(&text(rng, (self.mib << 20) as usize / 512, true));
         let local = self.stage.join("syslog");

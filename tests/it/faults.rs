@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use snapstore::backend::ObjectWriter;
-use snapstore::{Backend, DataSubset, GcOptions, LocalBackend, RepoParams, Repository, VerifyOptions};
+use snapstore::{Backend, GcOptions, LocalBackend, RepoParams, Repository};
 
-use crate::util::pseudo_random;
+use crate::util::{self, pseudo_random, three_shared_versions};
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Op {
@@ -93,28 +93,14 @@ fn faulty(dir: &Path, op: Op, after: i64) -> Repository {
     Repository::open_with(dir, Arc::new(backend)).unwrap()
 }
 
-/// Three versions of a state file, each sharing its first MiB with the one before, in small packs.
+/// A repository of small packs holding three versions of a state stream.
 fn three_versions(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let params = RepoParams { pack_target_size: 256 << 10, ..RepoParams::default() };
-    let repo = Repository::init_with(dir, params).unwrap();
-    (0..3u64)
-        .map(|v| {
-            let mut state = pseudo_random(3 << 20, 20 + v);
-            state[..1 << 20].copy_from_slice(&pseudo_random(1 << 20, 5));
-            (repo.commit_reader("state", &mut &state[..], &Default::default()).unwrap().id, state)
-        })
-        .collect()
+    three_shared_versions(&Repository::init_with(dir, params).unwrap(), 20, 5)
 }
 
 fn assert_whole(dir: &Path, kept: &[(String, Vec<u8>)], what: &str) {
-    let repo = Repository::open(dir).unwrap();
-    let report = repo.verify(&VerifyOptions { read_data: DataSubset::All, ..Default::default() }).unwrap();
-    assert!(report.is_clean(), "{what}: {report:#?}");
-    for (id, state) in kept {
-        let mut back = Vec::new();
-        io::Read::read_to_end(&mut repo.open_file(id, "").unwrap(), &mut back).unwrap();
-        assert!(&back == state, "{what}: checkpoint {id} changed");
-    }
+    util::assert_whole(&Repository::open(dir).unwrap(), kept, "", what);
 }
 
 fn gc_all(repo: &Repository) -> snapstore::Result<()> {

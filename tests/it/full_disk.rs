@@ -6,9 +6,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use snapstore::{DataSubset, Repository, VerifyOptions};
+use snapstore::Repository;
 
-use crate::util::{pseudo_random, run, text};
+use crate::util::{assert_whole, pseudo_random, run, text, three_shared_versions};
 
 /// A tmpfs of `mib` MiB mounted for the life of the value.
 struct SmallDisk {
@@ -50,15 +50,6 @@ fn fill(dir: &Path) -> PathBuf {
     filler
 }
 
-fn assert_whole(repo: &Repository, id: &str, want: &[u8], scratch: &Path) {
-    let report = repo.verify(&VerifyOptions { read_data: DataSubset::All, ..Default::default() }).unwrap();
-    assert!(report.is_clean(), "{report:#?}");
-    let dest = scratch.join(format!("check-{}", &id[..8]));
-    repo.checkout(id, &dest, &Default::default()).unwrap();
-    assert!(fs::read(dest.join("state")).unwrap() == want, "checkpoint {id} changed");
-    fs::remove_dir_all(&dest).unwrap();
-}
-
 #[test]
 fn a_commit_that_fills_the_disk_fails_clearly_and_loses_nothing() {
     let Some(disk) = SmallDisk::mount(24) else { return };
@@ -81,32 +72,22 @@ fn a_commit_that_fills_the_disk_fails_clearly_and_loses_nothing() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(repo.checkpoints().unwrap().len(), 1, "nothing published");
     assert_eq!(fs::read_dir(repo_dir.join("tmp")).unwrap().count(), 0, "no half-written pack left behind");
-    assert_whole(&repo, &id1, &first, scratch.path());
+    let first = (id1, first);
+    assert_whole(&repo, std::slice::from_ref(&first), "state", "after the failed commit");
 
     // With room again, the next commit works with no repair.
     let second = pseudo_random(2 << 20, 3);
     fs::write(src.join("state"), &second).unwrap();
     let id2 = repo.commit(&src, &Default::default()).unwrap().id;
-    assert_whole(&repo, &id2, &second, scratch.path());
-    assert_whole(&repo, &id1, &first, scratch.path());
+    assert_whole(&repo, &[(id2, second), first], "state", "after the next commit");
 }
 
 #[test]
 fn forget_and_gc_on_a_full_disk_fail_clearly_or_succeed_and_lose_nothing_kept() {
     let Some(disk) = SmallDisk::mount(32) else { return };
-    let scratch = tempfile::tempdir().unwrap();
     let repo_dir = disk.mnt.join("repo");
-    let src = scratch.path().join("src");
-    fs::create_dir(&src).unwrap();
     let repo = Repository::init(&repo_dir).unwrap();
-    let mut versions = Vec::new();
-    for v in 0..3u64 {
-        // Half of each version is shared with the one before, so GC has packs to rewrite, not only to delete.
-        let mut state = pseudo_random(3 << 20, 10 + v);
-        state[..1 << 20].copy_from_slice(&pseudo_random(1 << 20, 7));
-        fs::write(src.join("state"), &state).unwrap();
-        versions.push((repo.commit(&src, &Default::default()).unwrap().id, state));
-    }
+    let versions = three_shared_versions(&repo, 10, 7);
     let filler = fill(&disk.mnt);
     // Reading needs room too (SQLite's shared-memory index of its log grows a file), so `log` may fail; it must
     // fail as clearly as the writers.
@@ -123,14 +104,11 @@ fn forget_and_gc_on_a_full_disk_fail_clearly_or_succeed_and_lose_nothing_kept() 
     }
     // With room again, every checkpoint is whole, forget and gc finish, and the kept one is still whole.
     fs::remove_file(filler).unwrap();
-    for (id, state) in &versions {
-        assert_whole(&repo, id, state, scratch.path());
-    }
-    let (last, state) = versions.last().unwrap();
+    assert_whole(&repo, &versions, "", "with room again");
     for args in [&["forget", "--keep-last", "1"][..], &["gc"]] {
         let o = run(&repo_dir, args);
         assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
     }
     assert_eq!(repo.checkpoints().unwrap().len(), 1);
-    assert_whole(&repo, last, state, scratch.path());
+    assert_whole(&repo, &versions[2..], "", "after forget and gc");
 }

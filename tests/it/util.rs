@@ -170,3 +170,29 @@ impl snapstore::Backend for Hooked {
         self.inner.remove(name)
     }
 }
+
+/// Commits three versions of a 3 MiB state stream (seeds `seed`, `seed + 1`, `seed + 2`), each sharing its first
+/// MiB (seed `shared`) with the one before, so that GC has packs to rewrite, not only to delete; returns each
+/// checkpoint with its bytes.
+pub fn three_shared_versions(repo: &snapstore::Repository, seed: u64, shared: u64) -> Vec<(String, Vec<u8>)> {
+    (0..3u64)
+        .map(|v| {
+            let mut state = pseudo_random(3 << 20, seed + v);
+            state[..1 << 20].copy_from_slice(&pseudo_random(1 << 20, shared));
+            (repo.commit_reader("state", &mut &state[..], &Default::default()).unwrap().id, state)
+        })
+        .collect()
+}
+
+/// Asserts that `verify --read-data` finds the repository clean and that each checkpoint holds its bytes at
+/// `path` (`""` for a stream).
+pub fn assert_whole(repo: &snapstore::Repository, held: &[(String, Vec<u8>)], path: &str, what: &str) {
+    let opts = snapstore::VerifyOptions { read_data: snapstore::DataSubset::All, ..Default::default() };
+    let report = repo.verify(&opts).unwrap();
+    assert!(report.is_clean(), "{what}: {report:#?}");
+    for (id, want) in held {
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut repo.open_file(id, path).unwrap(), &mut back).unwrap();
+        assert!(&back == want, "{what}: checkpoint {id} changed");
+    }
+}
