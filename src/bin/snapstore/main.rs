@@ -236,14 +236,9 @@ fn main() -> ExitCode {
         Err(Failure::Pipe) => ExitCode::SUCCESS,
         Err(Failure::Lib(e)) => {
             eprintln!("error: {e}");
-            let enospc = matches!(&e, Error::Io { source, .. } | Error::Backend { source, .. }
-                if source.raw_os_error() == Some(28));
-            let full = disk_full(&e, &repo_path(&cli));
-            if let Some(full) = &full {
+            if let Some(full) = disk_full(&e, &repo_path(&cli)) {
                 eprintln!("error: {full}");
-            }
-            if enospc || full.is_some() {
-                eprintln!("hint: free some space and run the command again; nothing written before was lost");
+                eprintln!("hint: {FREE_SPACE}");
             } else if let Some(hint) = hint(&e) {
                 eprintln!("hint: {hint}");
             }
@@ -303,8 +298,11 @@ fn disk_full(e: &Error, repo: &std::path::Path) -> Option<String> {
     (free < 1 << 20).then(|| format!("the disk holding {} is full ({free} bytes free)", repo.display()))
 }
 
+const FREE_SPACE: &str = "free some space and run the command again; nothing written before was lost";
+
 fn hint(e: &Error) -> Option<&'static str> {
     Some(match e {
+        Error::Io { source, .. } | Error::Backend { source, .. } if source.raw_os_error() == Some(28) => FREE_SPACE,
         Error::NoRepository(_) => {
             "create one with `snapstore init`, or point --repo or SNAPSTORE_REPO at an existing one"
         }
