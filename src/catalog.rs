@@ -59,6 +59,10 @@ const MIGRATIONS: &[&str] = &[
     // 3: the checkpoint last checked out whole at each destination, which an in-place checkout there trusts
     // for files whose size and mtime still match (see docs/format.md).
     "CREATE TABLE checkouts (dest TEXT PRIMARY KEY, checkpoint TEXT NOT NULL, time_ns INTEGER NOT NULL) WITHOUT ROWID;",
+    // 4: a writer's or GC's process beyond its pid (boot id and start time), so that neither a reboot nor a
+    // reused pid keeps a dead one looking alive (see docs/format.md).
+    "ALTER TABLE sessions ADD COLUMN process TEXT NOT NULL DEFAULT '';
+     ALTER TABLE gc_lease ADD COLUMN process TEXT NOT NULL DEFAULT '';",
 ];
 
 /// Kinds of object in the `condemned` table.
@@ -264,8 +268,9 @@ impl Catalog {
         let epoch = gc_epoch(&tx)?;
         let now = now_ns();
         tx.execute(
-            "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch) VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
-            params![kind, host, std::process::id(), now, epoch],
+            "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch, process)
+             VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6)",
+            params![kind, host, std::process::id(), now, epoch, process_identity(std::process::id())],
         )?;
         let id = tx.last_insert_rowid();
         tx.commit()?;
@@ -471,6 +476,7 @@ impl Catalog {
             }
         }
         tx.commit()?;
+        crate::fault::point(if batch.checkpoint.is_some() { "commit-published" } else { "catalog-batch" });
         Ok(())
     }
 
@@ -480,6 +486,13 @@ impl Catalog {
             "INSERT OR REPLACE INTO checkouts (dest, checkpoint, time_ns) VALUES (?1, ?2, ?3)",
             params![dest, id, now_ns()],
         )?;
+        Ok(())
+    }
+
+    /// Forgets what was checked out at `dest`: done before a checkout changes anything there, so that one cut
+    /// short never leaves a record vouching for files it replaced.
+    pub(crate) fn clear_checkout(&self, dest: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM checkouts WHERE dest = ?1", [dest])?;
         Ok(())
     }
 
@@ -631,6 +644,20 @@ pub(crate) fn host_name() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// A process's identity beyond its pid, `BOOT/START`: the boot it runs in (`/proc/sys/kernel/random/boot_id`)
+/// and its start in clock ticks since that boot (`/proc/PID/stat`). Neither depends on the wall clock, which
+/// may judge liveness but never safety. Empty if the process is gone or /proc does not tell.
+pub(crate) fn process_identity(pid: u32) -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces and parentheses: count fields after its last ')'.
+    let start = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(19));
+    match (boot.trim(), start) {
+        ("", _) | (_, None) => String::new(),
+        (boot, Some(start)) => format!("{boot}/{start}"),
+    }
 }
 
 /// The current GC epoch: objects condemned by the next mark will carry it.

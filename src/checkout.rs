@@ -187,9 +187,11 @@ impl FileTask {
         // The mtime last: a patched file carries the checkpoint's mtime only once it is whole.
         self.file.set_modified(mtime(self.mtime_ns)).map_err(io)?;
         if let Target::Temp(temp) = &self.target {
+            crate::fault::point("checkout-temp");
             fs::rename(temp, &self.dest).map_err(io)?;
         }
         self.placed.store(true, Ordering::Release);
+        crate::fault::point("checkout-file");
         Ok(())
     }
 
@@ -326,6 +328,9 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     };
     let abs_dest = std::path::absolute(dest).map_err(|e| Error::io(dest, e))?;
     let priors = if in_place && !opts.checksum { priors(&catalog, &abs_dest) } else { Vec::new() };
+    // Files placed by this checkout carry its checkpoint's sizes and mtimes; were it cut short under the old
+    // record, that record could vouch for a replaced file whose size and mtime happen to match its own.
+    catalog.clear_checkout(&abs_dest.to_string_lossy())?;
 
     // What to restore: the whole tree, or the named parts, each with its destination path and priors. Paths
     // in errors and progress start with the committed name, as `show` prints them.
@@ -631,13 +636,10 @@ impl Walker<'_> {
         let exists = existing.is_ok();
         match existing {
             Ok(md) if md.is_file() && self.in_place => {
-                let trusted = if self.opts.checksum {
-                    None
-                } else if md.len() == entry.size && mtime_ns(&md) == entry.mtime_ns {
-                    Some(content)
-                } else {
-                    priors.iter().find_map(|p| p.vouches(&md))
-                };
+                // Only a record of what was put here vouches for a file's bytes. The checkpoint's own size and
+                // mtime do not: another version can share both (files restored with fixed mtimes, or two
+                // writes within one tick of the file clock), and trusting them would leave the wrong bytes.
+                let trusted = if self.opts.checksum { None } else { priors.iter().find_map(|p| p.vouches(&md)) };
                 // A small file nothing vouches for is cheap to hash whole: left alone if it already matches.
                 let trusted = if trusted != Some(content)
                     && md.len() == entry.size

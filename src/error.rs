@@ -42,6 +42,9 @@ pub enum Error {
     /// No checkpoint matches the given id or prefix.
     #[error("no checkpoint matches '{0}'")]
     CheckpointNotFound(String),
+    /// The checkpoint was forgotten (and its data collected) while it was being read.
+    #[error("checkpoint {0} was forgotten while it was being read")]
+    Forgotten(String),
     /// Several checkpoints match the given id prefix.
     #[error("checkpoint prefix '{prefix}' is ambiguous: it matches {}", candidates.join(", "))]
     AmbiguousId {
@@ -149,8 +152,17 @@ impl Error {
 
     /// Whether this error means stored data was found damaged (as opposed to an operational failure).
     pub fn is_corruption(&self) -> bool {
-        matches!(self, Error::Corrupt { .. } | Error::UnsafeName { .. })
+        match self {
+            Error::Corrupt { .. } | Error::UnsafeName { .. } => true,
+            Error::Catalog(e) => catalog_damaged(e),
+            _ => false,
+        }
     }
+}
+
+/// Whether SQLite found the catalog file's own structure damaged (as opposed to failing to read it).
+pub(crate) fn catalog_damaged(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
 }
 
 /// The library's result type.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, TransactionBehavior, params};
 
 use crate::backend::Backend;
-use crate::catalog::{Catalog, KIND_CHUNK, gc_epoch, host_name, now_ns};
+use crate::catalog::{Catalog, KIND_CHUNK, gc_epoch, host_name, now_ns, process_identity};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::pack::PackEntry;
@@ -78,33 +78,44 @@ pub struct GcSummary {
     pub seconds: f64,
 }
 
-fn pid_alive(pid: u32) -> bool {
-    pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists()
+/// A process of this host is judged by its identity (see [`process_identity`]): one recorded in an earlier
+/// boot is gone, and a pid now held by a process that started at another tick is someone else's. Rows from
+/// before schema 4 hold no identity and are judged by the pid alone.
+fn pid_alive(pid: u32, process: &str) -> bool {
+    if process.is_empty() {
+        return pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists();
+    }
+    process_identity(pid) == process
 }
 
-fn dead(host: &str, pid: u32, heartbeat_ns: i64, me: &str, stale_after: Duration) -> bool {
-    if host == me { !pid_alive(pid) } else { now_ns().saturating_sub(heartbeat_ns) > stale_after.as_nanos() as i64 }
+fn dead(holder: (&str, u32, &str), heartbeat_ns: i64, me: &str, stale_after: Duration) -> bool {
+    let (host, pid, process) = holder;
+    if host == me {
+        !pid_alive(pid, process)
+    } else {
+        now_ns().saturating_sub(heartbeat_ns) > stale_after.as_nanos() as i64
+    }
 }
 
 /// Takes the repository's GC lease, or says who holds it.
 pub(crate) fn acquire_lease(conn: &mut Connection, me: &str, stale_after: Duration) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let holder: Option<(String, u32, i64, i64)> = tx
-        .query_row("SELECT host, pid, started_ns, heartbeat_ns FROM gc_lease", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    let holder: Option<(String, u32, i64, i64, String)> = tx
+        .query_row("SELECT host, pid, started_ns, heartbeat_ns, process FROM gc_lease", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })
         .map(Some)
         .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?;
-    if let Some((host, pid, started, heartbeat)) = holder {
-        if !dead(&host, pid, heartbeat, me, stale_after) {
+    if let Some((host, pid, started, heartbeat, process)) = holder {
+        if !dead((&host, pid, &process), heartbeat, me, stale_after) {
             return Err(Error::GcRunning { pid, host, started: crate::checkpoint::format_utc(started) });
         }
         tx.execute("DELETE FROM gc_lease", [])?;
     }
     let now = now_ns();
     tx.execute(
-        "INSERT INTO gc_lease (one, host, pid, started_ns, heartbeat_ns) VALUES (1, ?1, ?2, ?3, ?3)",
-        params![me, std::process::id(), now],
+        "INSERT INTO gc_lease (one, host, pid, started_ns, heartbeat_ns, process) VALUES (1, ?1, ?2, ?3, ?3, ?4)",
+        params![me, std::process::id(), now, process_identity(std::process::id())],
     )?;
     tx.commit()?;
     Ok(())
@@ -117,13 +128,13 @@ pub(crate) fn touch_lease(conn: &Connection) -> Result<()> {
 
 /// Deletes sessions whose writers are dead; returns (expired, alive).
 pub(crate) fn expire_sessions(conn: &Connection, me: &str, stale_after: Duration) -> Result<(u64, u64)> {
-    let sessions: Vec<(i64, String, u32, i64)> = conn
-        .prepare("SELECT id, host, pid, heartbeat_ns FROM sessions")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+    let sessions: Vec<(i64, String, u32, i64, String)> = conn
+        .prepare("SELECT id, host, pid, heartbeat_ns, process FROM sessions")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
         .collect::<rusqlite::Result<_>>()?;
     let mut expired = 0;
-    for (id, host, pid, heartbeat) in &sessions {
-        if dead(host, *pid, *heartbeat, me, stale_after) {
+    for (id, host, pid, heartbeat, process) in &sessions {
+        if dead((host, *pid, process), *heartbeat, me, stale_after) {
             expired += conn.execute("DELETE FROM sessions WHERE id = ?1", [id])? as u64;
         }
     }
@@ -280,11 +291,13 @@ fn run(
         return Ok(s);
     }
     tx.commit()?;
+    crate::fault::point("gc-marked");
 
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     touch_lease(&tx)?;
     (s.chunks_swept, s.metadata_swept, s.chunks_deferred) = sweep(&tx)?;
     tx.commit()?;
+    crate::fault::point("gc-swept");
 
     // Rewrite sparse packs whose dead chunks are all swept, so the old file can go right after.
     let uses = pack_use(conn)?;
@@ -338,8 +351,10 @@ fn run(
         orphans = listed.into_iter().filter(|n| !known.contains(n) && !emptied.contains(n)).collect();
     }
     tx.commit()?;
+    crate::fault::point("gc-dropped");
     for (id, name, _) in &empty {
         backend.remove(name).map_err(|e| Error::backend(name, e))?;
+        crate::fault::point("gc-removed");
         if !rewritten.contains(id) {
             s.packs_deleted += 1;
         }
@@ -349,6 +364,7 @@ fn run(
             freed += size as i128;
         }
         backend.remove(name).map_err(|e| Error::backend(name, e))?;
+        crate::fault::point("gc-removed");
         s.orphans_deleted += 1;
     }
     s.bytes_freed = freed.max(0) as u64;
@@ -385,6 +401,7 @@ fn record_moved(conn: &mut Connection, packer: &mut Packer, pack: (String, u64, 
         }
     }
     tx.commit()?;
+    crate::fault::point("gc-moved");
     packer.indexed(&entries);
     Ok(size)
 }
@@ -480,6 +497,41 @@ mod tests {
         let g = repo.gc(&GcOptions::default()).unwrap();
         // One is a process gone from this host; the other's heartbeat is decades old.
         assert_eq!((g.sessions_expired, g.sessions_alive), (2, 0));
+    }
+
+    /// After a reboot (or when a pid is reused) a live pid no longer proves the recorded process alive.
+    #[test]
+    fn a_live_pid_of_another_boot_or_start_is_not_the_recorded_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _, _) = repo_with_two_checkpoints(dir.path());
+        let me = std::process::id();
+        let mine = process_identity(me);
+        let (boot, start) = mine.split_once('/').expect("this test needs Linux /proc");
+        let cat = repo.catalog().unwrap();
+        for process in [format!("an-earlier-boot/{start}"), format!("{boot}/{}", start.parse::<u64>().unwrap() + 1)] {
+            cat.connection()
+                .execute(
+                    "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch, process)
+                     VALUES ('commit', ?1, ?2, 0, 0, 1, ?3)",
+                    params![host_name(), me, process],
+                )
+                .unwrap();
+        }
+        let g = repo.gc(&GcOptions::default()).unwrap();
+        assert_eq!((g.sessions_expired, g.sessions_alive), (2, 0));
+        // This process itself, recorded as it is, is alive: its session holds sweeping back.
+        let session = repo.catalog().unwrap().begin_session("commit", &host_name()).unwrap();
+        let g = repo.gc(&GcOptions::default()).unwrap();
+        assert_eq!((g.sessions_expired, g.sessions_alive), (0, 1));
+        repo.catalog().unwrap().end_session(session).unwrap();
+        // A GC lease of an earlier boot is taken over at once, without waiting for its heartbeat to age.
+        cat.connection()
+            .execute(
+                "INSERT INTO gc_lease (one, host, pid, started_ns, heartbeat_ns, process) VALUES (1, ?1, ?2, 0, ?3, ?4)",
+                params![host_name(), me, now_ns(), format!("an-earlier-boot/{start}")],
+            )
+            .unwrap();
+        repo.gc(&GcOptions::default()).unwrap();
     }
 
     #[test]

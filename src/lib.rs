@@ -31,6 +31,7 @@ mod commit;
 mod content;
 mod diff;
 mod error;
+pub mod fault;
 mod gc;
 mod id;
 mod pack;
@@ -272,7 +273,19 @@ impl Repository {
         let cp = self.checkpoint(id)?;
         let src =
             checkout::Source { catalog_path: &self.catalog_path, repo_root: &self.root, backend: self.backend.clone() };
-        checkout::checkout(&src, &cp.id, dest.as_ref(), opts)
+        checkout::checkout(&src, &cp.id, dest.as_ref(), opts).map_err(|e| self.unless_forgotten(e, &cp.id))
+    }
+
+    /// A checkpoint forgotten and collected while it was read looks like damage (a tree or chunk missing):
+    /// when it no longer exists, that is what to report.
+    fn unless_forgotten(&self, e: Error, id: &str) -> Error {
+        if !e.is_corruption() {
+            return e;
+        }
+        match self.catalog().and_then(|c| c.resolve(id)) {
+            Err(Error::CheckpointNotFound(_)) => Error::Forgotten(id.to_string()),
+            _ => e,
+        }
     }
 
     /// All checkpoints, newest first.
@@ -402,7 +415,9 @@ impl Repository {
     pub fn forget(&self, ids: &[&str]) -> Result<Vec<Checkpoint>> {
         let mut catalog = self.catalog()?;
         let found = ids.iter().map(|id| catalog.resolve(id)).collect::<Result<Vec<_>>>()?;
+        fault::point("forget-chosen");
         catalog.delete_checkpoints(&found.iter().map(|c| c.id.as_str()).collect::<Vec<_>>())?;
+        fault::point("forget-done");
         Ok(found)
     }
 

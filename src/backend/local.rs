@@ -121,13 +121,18 @@ impl ObjectWriter for LocalWriter {
         let file = self.file.take().ok_or_else(|| io::Error::other("writer closed"))?;
         let file = file.into_inner().map_err(|e| e.into_error())?;
         self.join_early_sync()?;
+        crate::fault::point("pack-written");
         file.sync_all()?;
         drop(file);
+        crate::fault::point("pack-synced");
         let dest = self.root.join(name);
         let parent = dest.parent().ok_or_else(|| io::Error::other("object name has no parent"))?;
         create_dir_durable(parent)?;
         fs::rename(&self.temp, &dest)?;
-        sync_dir(parent)
+        crate::fault::point("pack-renamed");
+        sync_dir(parent)?;
+        crate::fault::point("pack-published");
+        Ok(())
     }
 }
 

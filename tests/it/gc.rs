@@ -29,7 +29,7 @@ use snapstore::{
     Repository,
 };
 
-use crate::util::{Hooked, Rng, chunk_ids, listed, pseudo_random, run, spawn, succeeded, text};
+use crate::util::{Hooked, Rng, chunk_ids, copy_dir, listed, pseudo_random, run, spawn, succeeded, text};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers
@@ -371,18 +371,6 @@ fn audit(repo_dir: &Path) -> Audit {
 }
 
 /// Copies a repository directory (no process may be writing it).
-fn copy_dir(from: &Path, to: &Path) {
-    for e in walkdir::WalkDir::new(from) {
-        let e = e.unwrap();
-        let dest = to.join(e.path().strip_prefix(from).unwrap());
-        if e.file_type().is_dir() {
-            fs::create_dir_all(&dest).unwrap();
-        } else {
-            fs::copy(e.path(), &dest).unwrap();
-        }
-    }
-}
-
 /// Runs `snapstore --json gc` and returns its summary as JSON.
 fn gc_cli(repo: &Path) -> serde_json::Value {
     let out = succeeded(&run(repo, &["--json", "gc"]), "gc");
@@ -1209,6 +1197,19 @@ fn clear_failure(o: &Output) -> bool {
         && !err.starts_with("error: internal error")
 }
 
+/// What the reader of `commits_forgets_and_gcs_at_once_lose_nothing` saw.
+#[derive(Default)]
+struct ReadTally {
+    /// Checkouts into a fresh directory that succeeded (and matched).
+    fresh: u64,
+    /// In-place checkouts into the one persistent directory that succeeded (and matched).
+    in_place: u64,
+    /// Checkouts refused, of checkpoints forgotten by then.
+    refused: u64,
+    /// `verify` runs, each clean while GC deleted packs under it.
+    verified: u64,
+}
+
 #[derive(Default)]
 struct GcTally {
     runs: u64,
@@ -1226,6 +1227,11 @@ struct GcTally {
 /// loop forgetting (`--keep-last 2`, and now and then the newest checkpoint of a writer, the parent of its
 /// running commit); two `snapstore gc` loops. Afterwards every listed checkpoint checks out as committed, and
 /// a final GC leaves nothing unreachable, no orphan file and no missing pack.
+///
+/// Meanwhile a reader checks out random checkpoints with `snapstore checkout`, into fresh directories and
+/// (every third read) in place into one persistent directory: a checkout that succeeds holds exactly what was
+/// committed, and one that fails fails clearly and only for a checkpoint forgotten by then. Every fifth time it
+/// runs `verify` instead, which must find nothing wrong while GC deletes packs under it.
 #[test]
 fn commits_forgets_and_gcs_at_once_lose_nothing() {
     const WRITERS: usize = 3;
@@ -1242,16 +1248,19 @@ fn commits_forgets_and_gcs_at_once_lose_nothing() {
     let dirs: Vec<PathBuf> = (0..WRITERS).map(|w| t.path().join(format!("writer{w}"))).collect();
 
     let committed: Mutex<BTreeMap<String, (usize, Manifest)>> = Mutex::new(BTreeMap::new());
+    // In commit order: most checkpoints are soon forgotten, so the reader favours the newest to read live ones.
+    let recent: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let read_failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let commit_failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let other_failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let tally = Mutex::new(GcTally::default());
     let stop = AtomicBool::new(false);
     let forgets = AtomicUsize::new(0);
 
-    std::thread::scope(|s| {
+    let reads = std::thread::scope(|s| {
         let mut writers = Vec::new();
         for (w, dir) in dirs.iter().enumerate() {
-            let (repo, committed, commit_failures) = (&repo, &committed, &commit_failures);
+            let (repo, committed, recent, commit_failures) = (&repo, &committed, &recent, &commit_failures);
             writers.push(s.spawn(move || {
                 fs::create_dir_all(dir).unwrap();
                 let mut gens = [0u64; 8];
@@ -1292,7 +1301,8 @@ fn commits_forgets_and_gcs_at_once_lose_nothing() {
                         let out = text(&o.stdout);
                         let id = out.lines().last().unwrap_or_default().trim().to_string();
                         assert_eq!(id.len(), 64, "commit -q printed {out:?}");
-                        committed.lock().unwrap().insert(id, (w, manifest.clone()));
+                        committed.lock().unwrap().insert(id.clone(), (w, manifest.clone()));
+                        recent.lock().unwrap().push(id);
                     } else {
                         commit_failures.lock().unwrap().push(format!(
                             "writer {w} round {round}: exit {:?}{}: {}",
@@ -1376,6 +1386,11 @@ fn commits_forgets_and_gcs_at_once_lose_nothing() {
                 }
             });
         }
+        let reader = {
+            let (repo, committed, recent, read_failures, scratch) =
+                (&repo, &committed, &recent, &read_failures, &scratch);
+            s.spawn(move || read_while_writing(repo, committed, recent, read_failures, scratch, deadline))
+        };
         // Stop the loops whatever the writers did, then let a writer's panic through.
         let joined: Vec<_> = writers.into_iter().map(|w| w.join()).collect();
         stop.store(true, Ordering::Relaxed);
@@ -1384,11 +1399,27 @@ fn commits_forgets_and_gcs_at_once_lose_nothing() {
                 std::panic::resume_unwind(panic);
             }
         }
+        reader.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     });
     let busy_secs = started.elapsed().as_secs_f64();
 
     let other_failures = other_failures.into_inner().unwrap();
     assert!(other_failures.is_empty(), "gc or forget failed:\n{}", other_failures.join("\n"));
+    let read_failures = read_failures.into_inner().unwrap();
+    assert!(
+        read_failures.is_empty(),
+        "checkouts during the stress went wrong ({} fresh and {} in place matched, {} refused as forgotten):\n{}",
+        reads.fresh,
+        reads.in_place,
+        reads.refused,
+        read_failures.join("\n")
+    );
+    assert!(
+        reads.fresh > 0 && reads.in_place > 0,
+        "the reader checked out too little: {} fresh, {} in place",
+        reads.fresh,
+        reads.in_place
+    );
     let commit_failures = commit_failures.into_inner().unwrap();
     let committed = committed.into_inner().unwrap();
     let tally = tally.into_inner().unwrap();
@@ -1441,7 +1472,8 @@ fn commits_forgets_and_gcs_at_once_lose_nothing() {
     eprintln!(
         "gc stress: {busy_secs:.1} s; {} commits reported ({} failed{}), {kept} kept; {} forgets of a running \
          commit's parent; gc: {} runs, {} refused (busy), {} swept chunks, {} runs deferring, {} packs rewritten, \
-         {} deleted, {} orphans removed; final gc {last}; total {:.1} s",
+         {} deleted, {} orphans removed; checkouts: {} fresh and {} in place identical, {} of forgotten checkpoints \
+         refused, {} clean verifies; final gc {last}; total {:.1} s",
         committed.len(),
         commit_failures.len(),
         if commit_failures.is_empty() {
@@ -1457,6 +1489,10 @@ fn commits_forgets_and_gcs_at_once_lose_nothing() {
         tally.rewritten,
         tally.deleted,
         tally.orphans,
+        reads.fresh,
+        reads.in_place,
+        reads.refused,
+        reads.verified,
         started.elapsed().as_secs_f64()
     );
     let unclear: Vec<&String> = commit_failures.iter().filter(|f| f.contains("NOT a clear failure")).collect();
@@ -1466,6 +1502,104 @@ fn commits_forgets_and_gcs_at_once_lose_nothing() {
         unclear.len(),
         unclear.iter().take(5).map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
     );
+}
+
+/// The reader of `commits_forgets_and_gcs_at_once_lose_nothing`: until `deadline`, checks out a random
+/// committed checkpoint (half the time one of the eight newest) with the CLI into a fresh directory. Every
+/// third checkout instead goes in place (`--in-place --delete`) into one persistent directory, so it patches
+/// whatever the checkouts before it left there, failed ones included.
+fn read_while_writing(
+    repo: &Path,
+    committed: &Mutex<BTreeMap<String, (usize, Manifest)>>,
+    recent: &Mutex<Vec<String>>,
+    failures: &Mutex<Vec<String>>,
+    scratch: &Path,
+    deadline: Instant,
+) -> ReadTally {
+    let mut rng = Rng(0x7ead_e125);
+    let mut tally = ReadTally::default();
+    let persistent = scratch.join("in-place");
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        n += 1;
+        if n.is_multiple_of(5) {
+            // Verify reads packs that GC may delete meanwhile: a pack gone with its row is no damage.
+            let o = run(repo, &["-q", "verify"]);
+            if o.status.success() {
+                tally.verified += 1;
+            } else {
+                failures.lock().unwrap().push(format!(
+                    "verify during the stress: exit {:?}: {}{}",
+                    o.status.code(),
+                    text(&o.stdout),
+                    text(&o.stderr)
+                ));
+            }
+            continue;
+        }
+        let in_place = n.is_multiple_of(3);
+        let pick = {
+            let committed = committed.lock().unwrap();
+            let recent = recent.lock().unwrap();
+            // Any writer's, in place too: files of different writers are written at once with the same size, and
+            // file clocks here tick every few milliseconds, so a file an interrupted in-place checkout placed can
+            // carry the size and mtime of the one it replaced. Checkout forgets the record of what was checked
+            // out before it changes anything, so such a file is hashed, never trusted.
+            let ids: Vec<&String> = if rng.next().is_multiple_of(2) {
+                recent.iter().rev().take(8).collect()
+            } else {
+                committed.keys().collect()
+            };
+            (!ids.is_empty()).then(|| {
+                let id = ids[rng.range(0, ids.len())];
+                (id.clone(), committed[id].clone())
+            })
+        };
+        let Some((id, (w, manifest))) = pick else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        let dest = if in_place { persistent.clone() } else { scratch.join(format!("read-{n}")) };
+        let mut args = vec!["-q", "checkout", &id, p(&dest)];
+        if in_place {
+            args.extend(["--in-place", "--delete"]);
+        }
+        let o = run(repo, &args);
+        let what = format!("{} checkout of writer {w}'s {}", if in_place { "in-place" } else { "fresh" }, &id[..12]);
+        let err = text(&o.stderr);
+        let got = if dest.exists() { tree_hashes(&dest) } else { Manifest::new() };
+        if o.status.success() {
+            if got == manifest {
+                *(if in_place { &mut tally.in_place } else { &mut tally.fresh }) += 1;
+            } else {
+                failures.lock().unwrap().push(format!("{what} succeeded but holds {got:?}, committed {manifest:?}"));
+            }
+        } else if listed(repo).contains(&id) {
+            failures.lock().unwrap().push(format!(
+                "{what} failed though the checkpoint is still listed: exit {:?}: {}",
+                o.status,
+                err.trim()
+            ));
+        } else if !clear_failure(&o) {
+            failures.lock().unwrap().push(format!(
+                "{what} failed as the checkpoint was forgotten, but not clearly: exit {:?}: {}",
+                o.status,
+                err.trim()
+            ));
+        } else {
+            tally.refused += 1;
+        }
+        if !in_place {
+            // A failed checkout removes what it created: nothing with other bytes may stay behind.
+            let wrong: Vec<&String> = got.iter().filter(|(f, h)| manifest.get(*f) != Some(h)).map(|(f, _)| f).collect();
+            if !o.status.success() && !wrong.is_empty() {
+                failures.lock().unwrap().push(format!("{what} failed and left {wrong:?} with other bytes"));
+            }
+            let _ = fs::remove_dir_all(&dest);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tally
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use proptest::prelude::*;
 use snapstore::{CheckoutOptions, CheckoutSummary, Repository};
 
-use crate::util::{Hooked, assert_same_tree, fast_tempdir, pseudo_random, run, spawn, succeeded};
+use crate::util::{Hooked, assert_same_tree, fast_tempdir, pseudo_random, run, spawn, succeeded, text};
 
 fn in_place() -> CheckoutOptions {
     CheckoutOptions { in_place: true, delete: true, ..Default::default() }
@@ -148,8 +148,10 @@ fn rolling_an_image_back_writes_a_few_percent() {
     assert_eq!(again.bytes_written, 0, "{again:?}");
 }
 
-/// A file whose mtime and size were kept while its bytes changed fools the metadata check (as it fools rsync
-/// and make); --checksum is the way out, and finds it.
+/// A file whose bytes changed while its size and mtime were kept. Where it was committed from, the commit's
+/// record also holds its ctime and inode, which moved: the change is found. In a checkout's destination, the
+/// record of the checkout vouches by size and mtime (as rsync and make trust them); --checksum is the way
+/// out there, and finds it.
 #[test]
 fn checksum_finds_a_change_that_kept_size_and_mtime() {
     let t = fast_tempdir("inplace");
@@ -158,13 +160,23 @@ fn checksum_finds_a_change_that_kept_size_and_mtime() {
     fs::write(&f, pseudo_random(3 << 20, 8)).unwrap();
     let original = fs::read(&f).unwrap();
     let id = repo.commit(&f, &Default::default()).unwrap().id;
-    let mtime = fs::metadata(&f).unwrap().modified().unwrap();
-    scatter_writes(&f, 2, 1);
-    fs::File::options().write(true).open(&f).unwrap().set_modified(mtime).unwrap();
-    repo.checkout(&id, &f, &in_place()).unwrap();
-    assert!(fs::read(&f).unwrap() != original, "size and mtime matched: trusted as unchanged");
-    let s = repo.checkout(&id, &f, &CheckoutOptions { checksum: true, ..in_place() }).unwrap();
-    assert!(fs::read(&f).unwrap() == original);
+    let keep_mtime = |f: &Path| {
+        let mtime = fs::metadata(f).unwrap().modified().unwrap();
+        scatter_writes(f, 2, 1);
+        fs::File::options().write(true).open(f).unwrap().set_modified(mtime).unwrap();
+    };
+    keep_mtime(&f);
+    let s = repo.checkout(&id, &f, &in_place()).unwrap();
+    assert!(fs::read(&f).unwrap() == original, "the commit's record vouched for a file whose ctime moved");
+    assert!(s.bytes_written > 0 && s.bytes_written < 1 << 20, "{s:?}");
+
+    let out = t.path().join("out");
+    repo.checkout(&id, &out, &Default::default()).unwrap();
+    keep_mtime(&out);
+    repo.checkout(&id, &out, &in_place()).unwrap();
+    assert!(fs::read(&out).unwrap() != original, "size and mtime matched the checkout's record: trusted");
+    let s = repo.checkout(&id, &out, &CheckoutOptions { checksum: true, ..in_place() }).unwrap();
+    assert!(fs::read(&out).unwrap() == original);
     assert!(s.bytes_written > 0 && s.bytes_written < 1 << 20, "{s:?}");
 }
 
@@ -447,4 +459,43 @@ fn a_symlink_in_place_of_a_directory_is_replaced_not_followed() {
         assert_eq!(left, vec![std::ffi::OsString::from("file")], "{link}: the link's target was written");
         assert_eq!(fs::read(outside.join("file")).unwrap(), b"not yours");
     }
+}
+
+/// A file placed by an in-place checkout that was then killed may carry the very size and mtime of the file it
+/// replaced (here set equal on purpose; on a coarse clock it happens by chance). The record of the checkout
+/// before must not vouch for it: checkout forgets that record before it changes anything, so rolling back
+/// hashes the file and puts the right bytes back.
+#[test]
+fn a_killed_checkout_leaves_no_record_that_vouches_for_what_it_replaced() {
+    let t = fast_tempdir("inplace-record");
+    let repo = t.path().join("repo");
+    let mtime = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    let dirs: Vec<_> = (0..2u64)
+        .map(|v| {
+            let d = t.path().join(format!("s{v}"));
+            fs::create_dir_all(&d).unwrap();
+            // Same size and mtime in both versions, other bytes.
+            let f = fs::File::create(d.join("state.bin")).unwrap();
+            f.write_all_at(&pseudo_random(100_000, 40 + 2 * v), 0).unwrap();
+            f.set_modified(mtime).unwrap();
+            d
+        })
+        .collect();
+    let ids: Vec<String> = dirs
+        .iter()
+        .map(|d| succeeded(&run(&repo, &["-q", "commit", d.to_str().unwrap()]), "commit").trim().to_string())
+        .collect();
+    let dest = t.path().join("dest");
+    succeeded(&run(&repo, &["-q", "checkout", &ids[0], dest.to_str().unwrap()]), "checkout");
+    // Roll forward, killed right after the file is in place.
+    let o = std::process::Command::new(crate::util::bin())
+        .args(["--repo", repo.to_str().unwrap(), "-q", "checkout", &ids[1], dest.to_str().unwrap(), "--in-place"])
+        .env("SNAPSTORE_FAULT", "checkout-file:1")
+        .output()
+        .unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&o.status), Some(9), "{}", text(&o.stderr));
+    assert_eq!(fs::read(dest.join("state.bin")).unwrap(), pseudo_random(100_000, 42));
+    // Roll back: the file must be rewritten, not trusted.
+    succeeded(&run(&repo, &["-q", "checkout", &ids[0], dest.to_str().unwrap(), "--in-place"]), "rollback");
+    assert_same_tree(&dirs[0], &dest, true);
 }

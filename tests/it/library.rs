@@ -590,6 +590,32 @@ fn forced_checkout_does_not_follow_symlinks_planted_in_the_destination() {
     assert_same_tree(&src, &dest);
 }
 
+/// A checkpoint holding a symlink to a directory outside: a path through the link (`link/secret`) names nothing
+/// in the checkpoint, so neither a partial checkout nor reading a file follows it out.
+#[test]
+fn a_path_through_a_symlink_in_the_checkpoint_is_not_followed() {
+    let t = tmp();
+    let outside = t.path().join("outside");
+    write(&outside.join("secret"), b"not part of the checkpoint");
+    let src = t.path().join("src");
+    write(&src.join("a.txt"), b"a");
+    symlink(&outside, src.join("link")).unwrap();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let s = commit(&repo, &src);
+
+    let err = repo.open_file(&s.id, "link/secret").err().expect("read through a symlink");
+    assert!(matches!(err, Error::PathNotFound { .. }), "{err:?}");
+    let dest = t.path().join("dest");
+    let opts = CheckoutOptions { paths: vec!["link/secret".into()], ..Default::default() };
+    let err = repo.checkout(&s.id, &dest, &opts).unwrap_err();
+    assert!(matches!(err, Error::PathNotFound { .. }), "{err:?}");
+    assert!(!dest.join("link/secret").exists() && !dest.join("secret").exists());
+    // The link itself checks out as a link, and nothing outside changed.
+    repo.checkout(&s.id, &dest, &CheckoutOptions { paths: vec!["link".into()], ..Default::default() }).unwrap();
+    assert_eq!(fs::read_link(dest.join("link")).unwrap(), outside);
+    assert_eq!(sorted_names(&outside), vec![OsString::from("secret")]);
+}
+
 #[test]
 fn committing_a_missing_path_fails_and_records_nothing() {
     let t = tmp();

@@ -1,12 +1,15 @@
 //! End-to-end tests of the library and the `snapstore` binary, as one test binary (one link, shared helpers).
 
+mod catalog_eio;
 mod cli;
 mod crash;
 mod diff;
+mod fault_points;
 mod faults;
 mod full_disk;
 mod gc;
 mod inplace;
 mod library;
+mod power_loss;
 mod util;
 mod verify;

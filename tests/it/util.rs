@@ -196,3 +196,16 @@ pub fn assert_whole(repo: &snapstore::Repository, held: &[(String, Vec<u8>)], pa
         assert!(&back == want, "{what}: checkpoint {id} changed");
     }
 }
+
+/// Copies a tree of directories and regular files (file permission bits included).
+pub fn copy_dir(from: &Path, to: &Path) {
+    for e in walkdir::WalkDir::new(from) {
+        let e = e.unwrap();
+        let dest = to.join(e.path().strip_prefix(from).unwrap());
+        if e.file_type().is_dir() {
+            fs::create_dir_all(&dest).unwrap();
+        } else {
+            fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}

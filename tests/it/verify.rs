@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use snapstore::{Catalog, CheckoutOptions, DataSubset, ObjectId, RepoParams, Repository, VerifyOptions};
 
-use crate::util::{fast_tempdir, pseudo_random, run, succeeded, text};
+use crate::util::{copy_dir, fast_tempdir, pseudo_random, run, succeeded, text};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -441,4 +441,80 @@ fn altered_catalog_rows_are_found_by_their_ids() {
         assert_eq!(o.status.code(), Some(3), "{what}: {}", text(&o.stdout));
         assert!(text(&o.stdout).contains("does not match its id"), "{what}: {}", text(&o.stdout));
     }
+}
+
+/// Damage to the catalog file itself, below what verify checks: SQLite's own structure. Each kind, on a fresh
+/// copy of the repository for each command: a page overwritten with random bytes, the file cut to half, its
+/// 100-byte header zeroed, the whole file random. Every command fails as damage (exit 3) with one `error:` line
+/// naming the catalog and a hint, no panic, and a checkout writes nothing but the checkpoint's own bytes.
+#[test]
+fn a_damaged_catalog_file_fails_every_command_clearly() {
+    let f = fixture();
+    // The page every command reads: log lists checkpoints, verify walks them, checkout resolves one, commit
+    // looks up its parent, stats counts them. Damage to a page a command never reads is no failure of it.
+    let checkpoints_page: u32 = f
+        .catalog()
+        .connection()
+        .query_row("SELECT rootpage FROM sqlite_schema WHERE name = 'checkpoints'", [], |r| r.get(0))
+        .unwrap();
+    let wal = f.root.join("catalog.db-wal");
+    assert!(fs::metadata(&wal).map_or(true, |m| m.len() == 0), "the WAL still holds transactions");
+    let good = fs::read(f.root.join("catalog.db")).unwrap();
+    let page = match u16::from_be_bytes([good[16], good[17]]) {
+        1 => 65536,
+        n => n as usize,
+    };
+    assert_eq!(good.len() % page, 0);
+    let at = (checkpoints_page as usize - 1) * page;
+    assert!(at > 0 && at + page < good.len(), "page {checkpoints_page} of {} is not in the middle", good.len() / page);
+    let damages = [
+        ("a page of random bytes", [&good[..at], &pseudo_random(page, 11)[..], &good[at + page..]].concat()),
+        ("cut to half", good[..good.len() / 2].to_vec()),
+        ("zeroed header", [&[0u8; 100][..], &good[100..]].concat()),
+        ("random bytes", pseudo_random(good.len(), 13)),
+    ];
+
+    let work = f.root.parent().unwrap().join("damaged");
+    let dest = f.root.parent().unwrap().join("dest");
+    let (id, src, dest_arg) = (&f.ids[1], f.src.to_str().unwrap(), dest.to_str().unwrap());
+    let fresh_copy = || {
+        let _ = fs::remove_dir_all(&work);
+        let _ = fs::remove_dir_all(&dest);
+        copy_dir(&f.root, &work);
+    };
+    // A copy is a working repository: what fails below fails for the damage.
+    fresh_copy();
+    assert_eq!(crate::util::listed(&work).len(), 3);
+    succeeded(&run(&work, &["checkout", id, dest_arg]), "checkout from an undamaged copy");
+
+    let commands: [&[&str]; 5] = [&["log"], &["verify"], &["checkout", id, dest_arg], &["commit", src], &["stats"]];
+    let mut observed = Vec::new();
+    for (damage, bytes) in &damages {
+        for args in commands {
+            fresh_copy();
+            fs::write(work.join("catalog.db"), bytes).unwrap();
+            let o = run(&work, args);
+            let (out, err) = (text(&o.stdout), text(&o.stderr));
+            let what = format!("{} with the catalog's {damage}", args[0]);
+            observed.push(format!("{what}: exit {:?}: {}", o.status.code(), err.trim()));
+            assert!(!out.contains("panicked") && !err.contains("panicked"), "{what}: {err}");
+            // Damage, exit 3, with what to do about it.
+            assert_eq!(o.status.code(), Some(3), "{what}: {err}");
+            assert!(err.starts_with("error: ") && err.contains("catalog"), "{what}: {err}");
+            assert!(err.contains("hint: the catalog file catalog.db is damaged"), "{what}: {err}");
+            // Whatever a failed checkout leaves must be the checkpoint's bytes, never others.
+            for e in walkdir::WalkDir::new(&dest).into_iter().filter_map(Result::ok) {
+                if e.file_type().is_file() {
+                    let rel = e.path().strip_prefix(&dest).unwrap();
+                    let want = fs::read(f.src.join(rel)).ok();
+                    assert!(
+                        want == Some(fs::read(e.path()).unwrap()),
+                        "{what}: left {} with other bytes",
+                        rel.display()
+                    );
+                }
+            }
+        }
+    }
+    eprintln!("damaged catalog:\n  {}", observed.join("\n  "));
 }

@@ -93,9 +93,9 @@ The new checkpoint's full id is printed last on stdout. If the repository does n
     #[command(after_help = concat!("DEST becomes what the committed path was (the directory, or the file). \
 DEST must not exist, or be an empty directory, unless --in-place: then files that already match the checkpoint are left untouched, \
 and a file that differs is patched by writing only the chunks that differ (to roll a VM image or a training run \
-back or forward). A file is taken to match when its size and mtime are the checkpoint's, or to hold an earlier \
-checkpoint's content when its size and mtime match what that checkpoint recorded there (the last checkout into \
-DEST, or the last commit of DEST); --checksum hashes every existing file instead. Files in DEST that the \
+back or forward). A file is taken to hold an earlier checkpoint's content when its size and mtime match what \
+that checkpoint recorded there (the last whole checkout into DEST, or the last commit of DEST); any other file \
+is hashed; --checksum hashes every existing file. Files in DEST that the \
 checkpoint lacks stay unless --delete (never the repository itself). Permissions, mtimes and symlinks end as in \
 the checkpoint; runs of zeros become holes. If a checkout is interrupted, run it again: it finishes the job.\n\n\
 Examples:\n  snapstore checkout latest ./restored\n  snapstore checkout 3fa2c1 ./vm.img --in-place\n  \
@@ -235,6 +235,15 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Pipe) => ExitCode::SUCCESS,
         Err(Failure::Lib(e)) => {
+            if e.is_corruption()
+                && matches!(e, Error::Catalog(_))
+                && let Some(io) = unreadable_catalog(&repo_path(&cli))
+            {
+                // SQLite reports an I/O error while it loads the schema as a malformed database.
+                eprintln!("error: catalog: {io}");
+                eprintln!("hint: {CATALOG_IO}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
             eprintln!("error: {e}");
             if let Some(full) = disk_full(&e, &repo_path(&cli)) {
                 eprintln!("error: {full}");
@@ -276,7 +285,9 @@ impl From<io::Error> for Failure {
 fn exit_code(e: &Error) -> u8 {
     match e {
         _ if e.is_corruption() => EXIT_CORRUPT,
-        Error::NoRepository(_) | Error::CheckpointNotFound(_) | Error::PathNotFound { .. } => EXIT_NOT_FOUND,
+        Error::NoRepository(_) | Error::CheckpointNotFound(_) | Error::Forgotten(_) | Error::PathNotFound { .. } => {
+            EXIT_NOT_FOUND
+        }
         Error::GcRunning { .. } | Error::CommitsRunning { .. } => EXIT_BUSY,
         Error::InvalidId(_)
         | Error::AmbiguousId { .. }
@@ -298,16 +309,41 @@ fn disk_full(e: &Error, repo: &std::path::Path) -> Option<String> {
     (free < 1 << 20).then(|| format!("the disk holding {} is full ({free} bytes free)", repo.display()))
 }
 
+/// Reads the catalog's files through, for the error that made a readable catalog look damaged.
+fn unreadable_catalog(repo: &std::path::Path) -> Option<String> {
+    for name in ["catalog.db", "catalog.db-wal"] {
+        let path = repo.join(name);
+        let read = std::fs::File::open(&path).and_then(|mut f| io::copy(&mut f, &mut io::sink()));
+        match read {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Some(format!("reading {}: {e}", path.display())),
+            _ => {}
+        }
+    }
+    None
+}
+
+const CATALOG_IO: &str = "the disk failed reading or writing the catalog (see `dmesg`); what was committed before is \
+                          kept. Once the disk works, run the command again, then `snapstore verify`";
+
 const FREE_SPACE: &str = "free some space and run the command again; nothing written before was lost";
 
 fn hint(e: &Error) -> Option<&'static str> {
     Some(match e {
         Error::Io { source, .. } | Error::Backend { source, .. } if source.raw_os_error() == Some(28) => FREE_SPACE,
+        Error::Catalog(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::SystemIoFailure) => CATALOG_IO,
+        Error::Catalog(_) if e.is_corruption() => {
+            "the catalog file catalog.db is damaged (the packs are not): keep a copy of the repository as it is, then \
+             put back a backup of catalog.db, or salvage its rows with `sqlite3 catalog.db .recover`"
+        }
         Error::NoRepository(_) => {
             "create one with `snapstore init`, or point --repo or SNAPSTORE_REPO at an existing one"
         }
         Error::RepositoryExists(_) => "use it as it is, or choose another --repo",
         Error::CheckpointNotFound(_) => "`snapstore log` lists the checkpoints",
+        Error::Forgotten(_) => {
+            "a forget (or a retention run) removed it during the checkout, which is incomplete; `snapstore log` lists \
+             the checkpoints left"
+        }
         Error::AmbiguousId { .. } => "give more digits of the id",
         Error::DestinationNotEmpty(_) => {
             "choose a new or empty directory, or pass --in-place to update this one (only what differs is written)"
