@@ -49,6 +49,9 @@ pub struct CommitOptions {
     pub host: Option<String>,
     /// Worker threads for hashing and compression; 0 means one per core.
     pub threads: usize,
+    /// When nothing differs from the parent checkpoint (same tree: names, contents, modes, mtimes), make no
+    /// new checkpoint and report the parent's id with [`CommitSummary::unchanged`] set.
+    pub skip_unchanged: bool,
     /// Receives progress.
     pub progress: Arc<dyn Progress>,
 }
@@ -62,6 +65,7 @@ impl Default for CommitOptions {
             skip_unreadable: false,
             host: None,
             threads: 0,
+            skip_unchanged: false,
             progress: Arc::new(NoProgress),
         }
     }
@@ -70,8 +74,10 @@ impl Default for CommitOptions {
 /// What a commit did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct CommitSummary {
-    /// The new checkpoint's id.
+    /// The new checkpoint's id; with [`CommitSummary::unchanged`], the parent's.
     pub id: String,
+    /// Nothing differed from the parent and [`CommitOptions::skip_unchanged`] was set: no checkpoint was made.
+    pub unchanged: bool,
     /// The parent checkpoint (previous checkpoint of the same path and host), if any.
     pub parent: Option<String>,
     /// Files not in the parent checkpoint.
@@ -198,8 +204,8 @@ pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions
     // GC judges a session on this machine by its process, not by its heartbeat.
     let session = catalog.begin_session("commit", &host_name())?;
     let result = run(ctx, source, opts, &catalog, session, host);
-    if result.is_err() {
-        // Best effort: a session left behind only delays GC until it is found dead.
+    if !matches!(&result, Ok(s) if !s.unchanged) {
+        // Nothing was published. Best effort: a session left behind only delays GC until it is found dead.
         let _ = catalog.end_session(session);
     }
     result
@@ -300,6 +306,18 @@ fn run(
 
     let (root_tree, root_entry) = asm.root()?;
     summary.logical_bytes = asm.logical_bytes;
+    if opts.skip_unchanged
+        && skipped.is_empty()
+        && let Some(parent) = &parent
+        && catalog.checkpoint_root(&parent.id)? == root_tree
+    {
+        // Everything it names is the parent's, so stored already; what the pipeline holds unrecorded is dropped.
+        summary.id = parent.id.clone();
+        summary.unchanged = true;
+        summary.seconds = started.elapsed().as_secs_f64();
+        opts.progress.finish();
+        return Ok(summary);
+    }
     summary.unreadable_skipped = skipped.len() as u64;
     summary.chunks_new = asm.chunks_new;
     summary.chunks_reused = asm.chunks_reused;

@@ -26,6 +26,7 @@ pub mod backend;
 mod catalog;
 mod checkout;
 mod checkpoint;
+mod checkpointer;
 mod chunker;
 mod commit;
 mod content;
@@ -48,6 +49,7 @@ mod store;
 mod testutil;
 mod tree;
 mod verify;
+mod watch;
 
 use std::ffi::OsStr;
 use std::io::Read;
@@ -59,6 +61,7 @@ pub use backend::{Backend, LocalBackend, MemoryBackend};
 pub use catalog::{Catalog, CatalogStats, ChunkLocation, SCHEMA_VERSION};
 pub use checkout::{CheckoutOptions, CheckoutSummary};
 pub use checkpoint::{Checkpoint, SHORT_ID_LEN, format_utc};
+pub use checkpointer::{Checkpointer, CheckpointerOptions, Persisted, Restored, Schedule};
 pub use chunker::Chunker;
 pub use commit::{CommitOptions, CommitSummary};
 pub use diff::{Change, ChangeKind, DiffSummary};
@@ -75,6 +78,7 @@ pub use tree::{Entry, EntryKind, validate_name};
 pub use verify::{
     AffectedCheckpoint, AffectedFile, DamagedChunk, DamagedObject, DamagedPack, DataSubset, VerifyOptions, VerifyReport,
 };
+pub use watch::{WatchEvent, WatchOptions, parse_interval};
 
 /// File name of the catalog inside a repository directory.
 pub const CATALOG_FILE: &str = "catalog.db";
@@ -455,6 +459,42 @@ impl Repository {
             )));
         }
         Ok(plan)
+    }
+
+    /// Checkpoints `path` automatically until `stop` is set: a commit every [`WatchOptions::every`] when
+    /// something changed, then the retention policy, and GC now and then. Each step is reported to `on`; a
+    /// failed step is reported and retried at the next interval. A commit under way when `stop` is set
+    /// completes first.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// std::fs::create_dir(dir.path().join("run")).unwrap();
+    /// std::fs::write(dir.path().join("run/state"), b"step 1").unwrap();
+    /// let stop = AtomicBool::new(false);
+    /// let opts = snapstore::WatchOptions { every: std::time::Duration::from_millis(10), ..Default::default() };
+    /// let mut made = Vec::new();
+    /// repo.watch(dir.path().join("run"), &opts, &stop, |event| {
+    ///     if let snapstore::WatchEvent::Checkpoint { summary, .. } = event {
+    ///         made.push(summary.id.clone());
+    ///     }
+    ///     // Nothing changes after the first checkpoint: stop at the first look that finds so.
+    ///     if made.len() == 1 && matches!(event, snapstore::WatchEvent::Unchanged(_)) {
+    ///         stop.store(true, Ordering::SeqCst);
+    ///     }
+    /// }).unwrap();
+    /// assert_eq!(made.len(), 1);
+    /// assert_eq!(repo.checkpoints().unwrap().len(), 1);
+    /// ```
+    pub fn watch(
+        &self,
+        path: impl AsRef<Path>,
+        opts: &WatchOptions,
+        stop: &std::sync::atomic::AtomicBool,
+        on: impl FnMut(WatchEvent<'_>),
+    ) -> Result<()> {
+        watch::watch(self, path.as_ref(), opts, stop, on)
     }
 
     /// Forgets what a plan from [`Repository::plan_retention`] says to forget.

@@ -5,7 +5,7 @@
 //!
 //! Each point is hit up to `SNAPSTORE_POINT_HITS` times per operation (default 3: the first, second and third
 //! pack published, ...), and each operation is killed at `SNAPSTORE_CRASH_ITERATIONS / 8` random instants
-//! (default 5). The long mode (`SNAPSTORE_CRASH_ITERATIONS=500 SNAPSTORE_POINT_HITS=50`) makes several hundred.
+//! (default 5). The long mode (`SNAPSTORE_CRASH_ITERATIONS=1500 SNAPSTORE_POINT_HITS=50`) makes about 700.
 
 use std::fs;
 use std::os::unix::process::ExitStatusExt;

@@ -1,6 +1,7 @@
 //! End-to-end tests of the library and the `snapstore` binary, as one test binary (one link, shared helpers).
 
 mod catalog_eio;
+mod checkpointer;
 mod cli;
 mod crash;
 mod diff;
@@ -13,3 +14,4 @@ mod library;
 mod power_loss;
 mod util;
 mod verify;
+mod watch;

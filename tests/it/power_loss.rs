@@ -127,8 +127,8 @@ impl PowerCut {
                 revived += 1;
             }
         }
-        // A pack being written: whatever part of it reached the disk.
-        for e in fs::read_dir(self.root.join("tmp")).unwrap() {
+        // A pack being written: whatever part of it reached the disk. (No `tmp/` before the first pack.)
+        for e in fs::read_dir(self.root.join("tmp")).into_iter().flatten() {
             let e = e.unwrap();
             let bytes = fs::read(e.path()).unwrap_or_default();
             let keep = if bytes.is_empty() { 0 } else { rng.range(0, bytes.len() + 1) };

@@ -5,6 +5,7 @@ mod diff;
 mod output;
 mod progress;
 mod verify;
+mod watch;
 
 use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
@@ -165,30 +166,8 @@ Counts take 'unlimited'. A policy that would forget every checkpoint of a path i
     Forget {
         /// Checkpoints to forget (ids, prefixes or latest); or give a policy instead
         ids: Vec<String>,
-        /// Keep the N newest checkpoints
-        #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
-        keep_last: Option<u32>,
-        /// Keep the newest checkpoint of each of the last N hours
-        #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
-        keep_hourly: Option<u32>,
-        /// Keep the newest checkpoint of each of the last N days
-        #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
-        keep_daily: Option<u32>,
-        /// Keep the newest checkpoint of each of the last N ISO weeks
-        #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
-        keep_weekly: Option<u32>,
-        /// Keep the newest checkpoint of each of the last N months
-        #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
-        keep_monthly: Option<u32>,
-        /// Keep the newest checkpoint of each of the last N years
-        #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
-        keep_yearly: Option<u32>,
-        /// Keep every checkpoint within DURATION of the newest (e.g. 2d12h)
-        #[arg(long, value_name = "DURATION", value_parser = snapstore::parse_duration)]
-        keep_within: Option<std::time::Duration>,
-        /// Keep every checkpoint with this tag (repeatable)
-        #[arg(long, value_name = "TAG")]
-        keep_tag: Vec<String>,
+        #[command(flatten)]
+        keep: KeepArgs,
         /// Only consider checkpoints with this tag (repeatable: all must match)
         #[arg(long = "tag", value_name = "TAG")]
         tags: Vec<String>,
@@ -202,6 +181,16 @@ Counts take 'unlimited'. A policy that would forget every checkpoint of a path i
         #[arg(short = 'n', long)]
         dry_run: bool,
     },
+    /// Checkpoint a path automatically: a commit at each interval when something changed
+    #[command(after_help = concat!("Commits PATH every INTERVAL when anything in it changed (an unchanged tree costs a \
+stat walk, not a read, and makes no checkpoint), then applies the --keep-* policy to PATH's checkpoints, and \
+with --gc-every collects garbage now and then. Logs one line per checkpoint on stdout (--json: one JSON object \
+per event, checkpoints, unchanged looks, gc runs and errors); a failed step is logged on stderr and tried again \
+at the next interval. SIGINT or SIGTERM ends it cleanly: a commit under way completes first; a second signal \
+ends it at once, and the commit under way leaves nothing visible.\n\n\
+Examples:\n  snapstore watch ./run --every 5min --keep-last 12 --keep-hourly 24 --gc-every 1h\n  \
+snapstore --json watch ./vm.img --every 30s --keep-within 1d\n\n", exit_help!()))]
+    Watch(watch::WatchArgs),
     /// Reclaim space: drop data no checkpoint uses, delete and rewrite packs
     #[command(after_help = concat!("Safe to run while commits run, from cron: it takes no lock that stops commits, \
 and a second gc at the same time exits with code 5. Chunks a commit in progress may still use are kept until \
@@ -226,6 +215,66 @@ that commit ends (the next gc reclaims them). Without a terminal it prints only 
     /// Repository totals: logical and stored bytes, dedup and compression ratios, chunks and packs
     #[command(after_help = exit_help!())]
     Stats,
+}
+
+/// Opens the repository, creating it first if there is none (as `commit` and `watch` do).
+fn open_or_init(repo_dir: &std::path::Path) -> Result<Repository, Error> {
+    match Repository::open(repo_dir) {
+        Err(Error::NoRepository(_)) => match Repository::init(repo_dir) {
+            Ok(repo) => {
+                eprintln!("created snapstore repository at {}", repo.path().display());
+                Ok(repo)
+            }
+            // Another commit created it a moment ago.
+            Err(Error::RepositoryExists(_)) => Repository::open(repo_dir),
+            Err(e) => Err(e),
+        },
+        other => other,
+    }
+}
+
+/// A retention policy's rules, as `forget` and `watch` take them.
+#[derive(clap::Args)]
+struct KeepArgs {
+    /// Keep the N newest checkpoints
+    #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
+    keep_last: Option<u32>,
+    /// Keep the newest checkpoint of each of the last N hours
+    #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
+    keep_hourly: Option<u32>,
+    /// Keep the newest checkpoint of each of the last N days
+    #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
+    keep_daily: Option<u32>,
+    /// Keep the newest checkpoint of each of the last N ISO weeks
+    #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
+    keep_weekly: Option<u32>,
+    /// Keep the newest checkpoint of each of the last N months
+    #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
+    keep_monthly: Option<u32>,
+    /// Keep the newest checkpoint of each of the last N years
+    #[arg(long, value_name = "N", value_parser = snapstore::parse_count)]
+    keep_yearly: Option<u32>,
+    /// Keep every checkpoint within DURATION of the newest (e.g. 2d12h)
+    #[arg(long, value_name = "DURATION", value_parser = snapstore::parse_duration)]
+    keep_within: Option<std::time::Duration>,
+    /// Keep every checkpoint with this tag (repeatable)
+    #[arg(long, value_name = "TAG")]
+    keep_tag: Vec<String>,
+}
+
+impl KeepArgs {
+    fn policy(&self) -> snapstore::Policy {
+        snapstore::Policy {
+            keep_last: self.keep_last,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            keep_yearly: self.keep_yearly,
+            keep_within: self.keep_within,
+            keep_tags: self.keep_tag.clone(),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -397,18 +446,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             if path.as_os_str() != "-" {
                 std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
             }
-            let repo = match Repository::open(&repo_dir) {
-                Err(Error::NoRepository(_)) => match Repository::init(&repo_dir) {
-                    Ok(repo) => {
-                        eprintln!("created snapstore repository at {}", repo.path().display());
-                        repo
-                    }
-                    // Another commit created it a moment ago.
-                    Err(Error::RepositoryExists(_)) => Repository::open(&repo_dir)?,
-                    Err(e) => return Err(e.into()),
-                },
-                other => other?,
-            };
+            let repo = open_or_init(&repo_dir)?;
             let bar = progress::Bar::new(show_progress(cli));
             let opts = CommitOptions {
                 message: message.clone(),
@@ -525,32 +563,9 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 sink.finish(walked)?;
             }
         }
-        Command::Forget {
-            ids,
-            keep_last,
-            keep_hourly,
-            keep_daily,
-            keep_weekly,
-            keep_monthly,
-            keep_yearly,
-            keep_within,
-            keep_tag,
-            tags,
-            paths,
-            across_paths,
-            dry_run,
-        } => {
+        Command::Forget { ids, keep, tags, paths, across_paths, dry_run } => {
             let repo = Repository::open(&repo_dir)?;
-            let policy = snapstore::Policy {
-                keep_last: *keep_last,
-                keep_hourly: *keep_hourly,
-                keep_daily: *keep_daily,
-                keep_weekly: *keep_weekly,
-                keep_monthly: *keep_monthly,
-                keep_yearly: *keep_yearly,
-                keep_within: *keep_within,
-                keep_tags: keep_tag.clone(),
-            };
+            let policy = keep.policy();
             if !ids.is_empty() {
                 if !policy.is_empty() || !tags.is_empty() || !paths.is_empty() {
                     return Err(Failure::Usage("give checkpoint ids or a policy (--keep-*), not both".into()));
@@ -618,6 +633,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
         }
         Command::Diff(args) => diff::diff(&repo_dir, args, cli.json, cli.quiet, out)?,
         Command::Verify(args) => verify::verify(&repo_dir, args, cli.json, cli.quiet, out)?,
+        Command::Watch(args) => watch::watch(&repo_dir, args, cli.json, cli.quiet, out)?,
         Command::Repair(args) => verify::repair(&repo_dir, args, cli.json, cli.quiet, out)?,
         Command::Stats => {
             let repo = Repository::open(&repo_dir)?;

@@ -1,0 +1,280 @@
+//! Checkpoints a long-running program takes of itself: [`Checkpointer`].
+//!
+//! Taking a checkpoint is split in two, as CheckFreq splits snapshot from persist. The *capture* runs on the
+//! caller's thread: the program writes its state image into a spool file (an unlinked temporary, so a crash
+//! leaves nothing behind), which costs a sequential write into the page cache. The *persist* (chunking,
+//! hashing, compressing, storing, the catalog transaction, then retention) runs on a background thread. One
+//! captured image may wait while another is persisted; a capture beyond that blocks until the store has
+//! caught up, so a program that checkpoints faster than the store can persist is slowed, never left with an
+//! unbounded queue. Memory stays bounded: the image lives in the spool file, not in memory.
+
+use std::fs::File;
+use std::io::{self, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::{Checkpoint, CommitOptions, CommitSummary, Error, Policy, Repository, Result, RetentionScope};
+
+/// When [`Checkpointer::step`] takes a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Schedule {
+    /// At every step that is a multiple of N (N > 0).
+    EverySteps(u64),
+    /// At the first step, then at the first step at least this long after the last checkpoint.
+    Every(Duration),
+    /// Never by itself: only [`Checkpointer::checkpoint`].
+    OnDemand,
+}
+
+/// How a [`Checkpointer`] names, schedules and keeps checkpoints.
+#[derive(Clone)]
+pub struct CheckpointerOptions {
+    /// The state's name: its checkpoints are those of the stream `NAME` (path `stdin:NAME` in `log`).
+    pub name: String,
+    /// When [`Checkpointer::step`] takes one.
+    pub schedule: Schedule,
+    /// Applied to this state's checkpoints after each one is persisted; `None` keeps them all.
+    pub retention: Option<Policy>,
+    /// Message and tags for each commit (a `step=N` tag is added).
+    pub commit: CommitOptions,
+    /// Where captured images wait to be persisted; `None`: the system's temporary directory.
+    pub spool_dir: Option<PathBuf>,
+}
+
+impl Default for CheckpointerOptions {
+    fn default() -> Self {
+        CheckpointerOptions {
+            name: "state".into(),
+            schedule: Schedule::OnDemand,
+            retention: None,
+            commit: CommitOptions::default(),
+            spool_dir: None,
+        }
+    }
+}
+
+/// A checkpoint made durable in the background.
+#[derive(Debug, Clone)]
+pub struct Persisted {
+    /// The step it was captured at.
+    pub step: u64,
+    /// The commit.
+    pub summary: CommitSummary,
+    /// Checkpoints the retention policy forgot after it.
+    pub forgotten: Vec<Checkpoint>,
+}
+
+/// The checkpoint [`Checkpointer::restore_latest`] brought back.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    /// Its id.
+    pub id: String,
+    /// The step it was captured at.
+    pub step: u64,
+}
+
+struct Job {
+    step: u64,
+    image: File,
+}
+
+/// Takes checkpoints of a program's state on a schedule, persisting them in the background. Dropping it waits
+/// for the checkpoints already captured to be persisted.
+///
+/// ```
+/// # let dir = tempfile::tempdir().unwrap();
+/// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+/// use std::io::Write;
+/// use snapstore::{Checkpointer, CheckpointerOptions, Schedule};
+/// let opts = CheckpointerOptions { schedule: Schedule::EverySteps(10), ..Default::default() };
+/// let mut cp = Checkpointer::new(repo, opts).unwrap();
+/// let mut state = 0u64;
+/// if let Some(r) = cp.restore_latest(&mut Vec::new()).unwrap() {
+///     unreachable!("a new repository holds no checkpoint, got {}", r.id);
+/// }
+/// for step in 1..=25u64 {
+///     state = state.wrapping_mul(31).wrapping_add(step);
+///     cp.step(step, |w| w.write_all(&state.to_le_bytes())).unwrap();
+/// }
+/// let persisted = cp.wait().unwrap();
+/// assert_eq!(persisted.iter().map(|p| p.step).collect::<Vec<_>>(), vec![10, 20]);
+/// let mut image = Vec::new();
+/// assert_eq!(cp.restore_latest(&mut image).unwrap().unwrap().step, 20);
+/// assert_eq!(image.len(), 8);
+/// ```
+pub struct Checkpointer {
+    repo: Arc<Repository>,
+    opts: CheckpointerOptions,
+    last: Option<(u64, Instant)>,
+    jobs: Option<SyncSender<Job>>,
+    done: Receiver<Result<Persisted>>,
+    /// Captured and not yet reported by [`Checkpointer::wait`].
+    in_flight: u64,
+    worker: Option<JoinHandle<()>>,
+}
+
+/// The tag that records a checkpoint's step.
+fn step_tag(step: u64) -> String {
+    format!("step={step}")
+}
+
+impl Checkpointer {
+    /// Starts the background persister. The state's name must be a valid file name.
+    pub fn new(repo: Repository, opts: CheckpointerOptions) -> Result<Self> {
+        crate::tree::validate_name(opts.name.as_bytes())
+            .map_err(|_| Error::InvalidInput(format!("invalid state name {:?}", opts.name)))?;
+        if opts.schedule == Schedule::EverySteps(0) {
+            return Err(Error::InvalidInput("Schedule::EverySteps needs a step count above zero".into()));
+        }
+        let repo = Arc::new(repo);
+        // One image waits while another is persisted; a third capture waits for room.
+        let (jobs, job_rx) = sync_channel::<Job>(1);
+        let (done_tx, done) = channel::<Result<Persisted>>();
+        let worker = {
+            let (repo, opts) = (repo.clone(), opts.clone());
+            std::thread::Builder::new()
+                .name("snapstore-persist".into())
+                .spawn(move || {
+                    for job in job_rx {
+                        if done_tx.send(persist(&repo, &opts, job)).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| Error::io("<persist thread>", e))?
+        };
+        Ok(Checkpointer { repo, opts, last: None, jobs: Some(jobs), done, in_flight: 0, worker: Some(worker) })
+    }
+
+    /// The repository it checkpoints into.
+    pub fn repository(&self) -> &Repository {
+        &self.repo
+    }
+
+    /// Whether the schedule calls for a checkpoint at `step`.
+    pub fn due(&self, step: u64) -> bool {
+        match &self.opts.schedule {
+            Schedule::EverySteps(n) => step.is_multiple_of(*n) && self.last.is_none_or(|(s, _)| s != step),
+            Schedule::Every(d) => self.last.is_none_or(|(_, at)| at.elapsed() >= *d),
+            Schedule::OnDemand => false,
+        }
+    }
+
+    /// Called at each step of the program: when [`Checkpointer::due`], captures the state (`capture` writes
+    /// its image) and queues it to be persisted. Returns whether it did. An error from persisting an earlier
+    /// checkpoint is returned here (that checkpoint is lost; earlier ones are not).
+    pub fn step(&mut self, step: u64, capture: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<bool> {
+        if !self.due(step) {
+            return Ok(false);
+        }
+        self.checkpoint(step, capture)?;
+        Ok(true)
+    }
+
+    /// Captures the state now, whatever the schedule, and queues it to be persisted.
+    pub fn checkpoint(&mut self, step: u64, capture: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<()> {
+        self.check_done()?;
+        let mut image = spool_file(self.opts.spool_dir.as_ref())?;
+        {
+            let mut w = io::BufWriter::with_capacity(1 << 20, &mut image);
+            capture(&mut w).map_err(|e| Error::io("<captured state>", e))?;
+            w.flush().map_err(|e| Error::io("<spool>", e))?;
+        }
+        image.rewind().map_err(|e| Error::io("<spool>", e))?;
+        self.last = Some((step, Instant::now()));
+        let jobs = self.jobs.as_ref().ok_or_else(|| Error::Internal("persister stopped".into()))?;
+        jobs.send(Job { step, image }).map_err(|_| Error::Internal("persister stopped".into()))?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Waits until every captured checkpoint is persisted; returns those not reported before, in order, or
+    /// the first error.
+    pub fn wait(&mut self) -> Result<Vec<Persisted>> {
+        let mut out = Vec::new();
+        let mut first_err = None;
+        while self.in_flight > 0 {
+            let r = self.done.recv().map_err(|_| Error::Internal("persister stopped".into()))?;
+            self.in_flight -= 1;
+            match r {
+                Ok(p) => out.push(p),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(out), Err)
+    }
+
+    /// Writes the newest checkpoint of this state into `into` (its bytes are verified chunk by chunk as they
+    /// are read) and returns which it was; `None` when there is none. Checkpoints still being persisted are
+    /// not considered: call [`Checkpointer::wait`] first for those.
+    pub fn restore_latest(&self, into: &mut dyn Write) -> Result<Option<Restored>> {
+        let path = format!("stdin:{}", self.opts.name);
+        let host = self.opts.commit.host.clone().unwrap_or_else(crate::catalog::host_name);
+        let Some(latest) = self.repo.catalog()?.latest_of_path(&host, &path)? else { return Ok(None) };
+        let step = latest
+            .tags
+            .iter()
+            .find_map(|t| t.strip_prefix("step=").and_then(|s| s.parse().ok()))
+            .ok_or_else(|| Error::corrupt(format!("checkpoint {} of {path} has no step tag", latest.id)))?;
+        let mut reader = self.repo.open_file(&latest.id, "")?;
+        io::copy(&mut reader, into).map_err(|e| Error::io(format!("checkpoint {} of {path}", latest.id), e))?;
+        Ok(Some(Restored { id: latest.id, step }))
+    }
+
+    fn check_done(&mut self) -> Result<()> {
+        while let Ok(r) = self.done.try_recv() {
+            self.in_flight -= 1;
+            r?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        // Closing the queue lets the persister finish what was captured, then end.
+        self.jobs = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+fn persist(repo: &Repository, opts: &CheckpointerOptions, mut job: Job) -> Result<Persisted> {
+    let mut commit = opts.commit.clone();
+    commit.tags.push(step_tag(job.step));
+    let summary = repo.commit_reader(&opts.name, &mut job.image, &commit)?;
+    let forgotten = match &opts.retention {
+        Some(policy) => {
+            let scope = RetentionScope { paths: vec![format!("stdin:{}", opts.name)], ..Default::default() };
+            repo.apply_retention(&repo.plan_retention(policy, &scope)?)?
+        }
+        None => Vec::new(),
+    };
+    Ok(Persisted { step: job.step, summary, forgotten })
+}
+
+/// A temporary file with no name: created, then unlinked at once, so that nothing is left behind whatever
+/// happens to the process.
+fn spool_file(dir: Option<&PathBuf>) -> Result<File> {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = dir.cloned().unwrap_or_else(std::env::temp_dir);
+    let path = dir.join(format!(".snapstore-spool-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        // Checkpoints hold private state: so does the spool.
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+    Ok(file)
+}

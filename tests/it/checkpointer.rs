@@ -1,0 +1,148 @@
+//! The whole promise of an embedded `Checkpointer`, shown by a simulation: it checkpoints its state every 100
+//! steps, is killed with SIGKILL at random moments, restarts from its latest checkpoint each time, and ends with
+//! exactly the state of a run that was never interrupted.
+//!
+//! The simulation runs as a child process: this test binary itself, running the ignored test
+//! `checkpointer::simulation_child` with the repository and result paths in the environment.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use snapstore::{Checkpointer, CheckpointerOptions, ObjectId, Policy, Repository, Schedule};
+
+use crate::util::{Rng, text};
+
+const WORDS: usize = 32 * 1024;
+const STEPS: u64 = 3000;
+
+fn initial() -> Vec<u64> {
+    let mut x = 0x5eed_u64;
+    (0..WORDS)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        })
+        .collect()
+}
+
+/// One step of the simulation: every cell mixes with its neighbour and the step number.
+fn advance(state: &mut [u64], step: u64) {
+    let first = state[0];
+    for i in 0..state.len() {
+        let next = if i + 1 < state.len() { state[i + 1] } else { first };
+        state[i] = state[i].rotate_left(7) ^ next.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step;
+    }
+}
+
+fn image(state: &[u64]) -> Vec<u8> {
+    state.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// The run the checkpointed one must match: all steps, no interruption, no checkpoint.
+fn uninterrupted() -> ObjectId {
+    let mut state = initial();
+    for step in 1..=STEPS {
+        advance(&mut state, step);
+    }
+    ObjectId::of(&image(&state))
+}
+
+/// The simulation, as a child process. It does nothing unless the parent test set its environment.
+#[test]
+#[ignore = "the child process of checkpointed_simulation_survives_sigkill_and_ends_as_if_never_interrupted"]
+fn simulation_child() {
+    let (Some(repo), Some(out)) = (std::env::var_os("SNAPSTORE_SIM_REPO"), std::env::var_os("SNAPSTORE_SIM_OUT"))
+    else {
+        return;
+    };
+    let repo = Repository::open(&repo).unwrap();
+    let opts = CheckpointerOptions {
+        name: "sim.state".into(),
+        schedule: Schedule::EverySteps(100),
+        retention: Some(Policy { keep_last: Some(3), ..Default::default() }),
+        ..Default::default()
+    };
+    let mut cp = Checkpointer::new(repo, opts).unwrap();
+    let mut bytes = Vec::new();
+    let (mut state, start) = match cp.restore_latest(&mut bytes).unwrap() {
+        Some(r) => {
+            let words = bytes.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().unwrap())).collect();
+            (words, r.step)
+        }
+        None => (initial(), 0),
+    };
+    eprintln!("resumed from step {start}");
+    for step in start + 1..=STEPS {
+        advance(&mut state, step);
+        if cp.step(step, |w| w.write_all(&image(&state))).unwrap() {
+            eprintln!("captured step {step}");
+        }
+    }
+    cp.wait().unwrap();
+    fs::write(out, ObjectId::of(&image(&state)).to_hex()).unwrap();
+}
+
+fn spawn_child(repo: &Path, out: &Path) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["checkpointer::simulation_child", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+        .env("SNAPSTORE_SIM_REPO", repo)
+        .env("SNAPSTORE_SIM_OUT", out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn checkpointed_simulation_survives_sigkill_and_ends_as_if_never_interrupted() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    drop(Repository::init(&repo).unwrap());
+    let out = t.path().join("result");
+    let want = uninterrupted();
+
+    let mut rng = Rng(0x5151_2026);
+    let mut resumed = Vec::new();
+    let mut killed = 0;
+    for _ in 0..3 {
+        let mut child = spawn_child(&repo, &out);
+        // Kill it a random number of captures after it resumed, a moment after a capture.
+        let lines = BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok);
+        let mut from = None;
+        let wait_for = 100 * rng.range(2, 12) as u64;
+        for line in lines {
+            if let Some(step) = line.strip_prefix("resumed from step ") {
+                from = step.parse::<u64>().ok();
+                resumed.push(line.clone());
+            }
+            let captured = line.strip_prefix("captured step ").and_then(|s| s.parse::<u64>().ok());
+            if let (Some(step), Some(from)) = (captured, from)
+                && step >= from + wait_for
+            {
+                std::thread::sleep(Duration::from_millis(rng.range(0, 20) as u64));
+                let _ = child.kill();
+                break;
+            }
+        }
+        if child.wait().unwrap().signal() == Some(9) {
+            killed += 1;
+            assert!(!out.exists(), "a killed run wrote a result");
+        }
+    }
+    let o = spawn_child(&repo, &out).wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    resumed.push(text(&o.stderr).lines().find(|l| l.starts_with("resumed from")).unwrap_or("").to_string());
+    assert_eq!(killed, 3, "runs finished before they could be killed: {resumed:?}");
+    assert!(
+        resumed.iter().skip(1).any(|l| l != "resumed from step 0"),
+        "no restart resumed from a checkpoint: {resumed:?}"
+    );
+    assert_eq!(fs::read_to_string(&out).unwrap(), want.to_hex(), "resumed runs: {resumed:?}");
+    eprintln!("simulation: {killed} kills; {}", resumed.join(", "));
+}
