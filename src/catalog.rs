@@ -63,6 +63,11 @@ const MIGRATIONS: &[&str] = &[
     // reused pid keeps a dead one looking alive (see docs/format.md).
     "ALTER TABLE sessions ADD COLUMN process TEXT NOT NULL DEFAULT '';
      ALTER TABLE gc_lease ADD COLUMN process TEXT NOT NULL DEFAULT '';",
+    // 5: coordinated checkpoints: groups of parts, complete when every part is in (see docs/format.md).
+    "CREATE TABLE groups (name TEXT PRIMARY KEY, parts INTEGER NOT NULL, created_ns INTEGER NOT NULL,
+                          complete_ns INTEGER) WITHOUT ROWID;
+     CREATE TABLE group_parts (grp TEXT NOT NULL, part INTEGER NOT NULL, checkpoint TEXT NOT NULL UNIQUE,
+                               PRIMARY KEY (grp, part)) WITHOUT ROWID;",
 ];
 
 /// Kinds of object in the `condemned` table.
@@ -101,6 +106,8 @@ pub(crate) struct NewCheckpoint {
     pub record: Checkpoint,
     pub root: ObjectId,
     pub skipped: Vec<(Vec<u8>, String)>,
+    /// The group this checkpoint is a part of, recorded in the same transaction.
+    pub group: Option<crate::group::GroupPart>,
 }
 
 /// Catalog rows written together in one transaction.
@@ -473,6 +480,9 @@ impl Catalog {
                         params![c.id, path, reason],
                     )?;
                 }
+                if let Some(part) = &cp.group {
+                    crate::group::record_part(&tx, part, &c.id)?;
+                }
             }
         }
         tx.commit()?;
@@ -512,17 +522,36 @@ impl Catalog {
     pub(crate) fn delete_checkpoints(&mut self, ids: &[&str]) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for id in ids {
-            tx.execute("DELETE FROM checkpoints WHERE id = ?1", [id])?;
-            tx.execute("DELETE FROM checkpoint_tags WHERE checkpoint = ?1", [id])?;
-            tx.execute("DELETE FROM skipped WHERE checkpoint = ?1", [id])?;
+            delete_checkpoint_rows(&tx, id)?;
         }
         tx.commit()?;
         Ok(())
     }
 
-    /// All checkpoints, newest first.
+    /// Removes groups with their parts, in one transaction.
+    pub(crate) fn delete_groups(&mut self, names: &[String]) -> Result<()> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        crate::group::delete_groups(&tx, names)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// All checkpoints that are not parts of a group, newest first (groups: [`crate::Repository::groups`]).
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
-        self.query_checkpoints("1 ORDER BY time_ns DESC, id", params![])
+        self.query_checkpoints(&format!("{} ORDER BY time_ns DESC, id", crate::group::UNGROUPED), params![])
+    }
+
+    /// The checkpoint with this full id, whatever group it is part of.
+    pub(crate) fn checkpoint_by_id(&self, id: &str) -> Result<Checkpoint> {
+        self.query_checkpoints("id = ?1", params![id])?.pop().ok_or_else(|| Error::CheckpointNotFound(id.to_string()))
+    }
+
+    /// The group and index of a checkpoint that is a group's part.
+    pub(crate) fn part_of(&self, id: &str) -> Result<Option<(String, u32)>> {
+        Ok(self
+            .conn
+            .query_row("SELECT grp, part FROM group_parts WHERE checkpoint = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
     }
 
     /// The newest checkpoint of `path` committed from `host`.
@@ -534,7 +563,7 @@ impl Catalog {
     pub fn resolve(&self, spec: &str) -> Result<Checkpoint> {
         if spec == "latest" {
             return self
-                .query_checkpoints("1 ORDER BY time_ns DESC LIMIT 1", params![])?
+                .query_checkpoints(&format!("{} ORDER BY time_ns DESC LIMIT 1", crate::group::UNGROUPED), params![])?
                 .pop()
                 .ok_or_else(|| Error::CheckpointNotFound(spec.to_string()));
         }
@@ -543,7 +572,9 @@ impl Catalog {
             return Err(Error::InvalidId(spec.to_string()));
         }
         // Hex ids sort below 'g', so the prefix range is [prefix, prefix || 'g').
-        let mut found = self.query_checkpoints("id >= ?1 AND id < ?1 || 'g' ORDER BY id LIMIT 5", params![prefix])?;
+        // A part of a group still incomplete is no restore point: it is not found.
+        let clause = format!("id >= ?1 AND id < ?1 || 'g' AND {} ORDER BY id LIMIT 5", crate::group::NOT_PENDING);
+        let mut found = self.query_checkpoints(&clause, params![prefix])?;
         match found.len() {
             0 => Err(Error::CheckpointNotFound(spec.to_string())),
             1 => Ok(found.remove(0)),
@@ -635,6 +666,14 @@ impl Catalog {
     pub fn connection(&self) -> &Connection {
         &self.conn
     }
+}
+
+/// Deletes a checkpoint's rows: the checkpoint, its tags, its skipped-file records.
+pub(crate) fn delete_checkpoint_rows(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<()> {
+    tx.execute("DELETE FROM checkpoints WHERE id = ?1", [id])?;
+    tx.execute("DELETE FROM checkpoint_tags WHERE checkpoint = ?1", [id])?;
+    tx.execute("DELETE FROM skipped WHERE checkpoint = ?1", [id])?;
+    Ok(())
 }
 
 /// This machine's host name, recorded with checkpoints and sessions.

@@ -44,6 +44,8 @@ pub struct CheckpointerOptions {
     pub commit: CommitOptions,
     /// Where captured images wait to be persisted; `None`: the system's temporary directory.
     pub spool_dir: Option<PathBuf>,
+    /// For state kept in files: the file or directory that [`Checkpointer::step_path`] checkpoints.
+    pub path: Option<PathBuf>,
 }
 
 impl Default for CheckpointerOptions {
@@ -54,6 +56,7 @@ impl Default for CheckpointerOptions {
             retention: None,
             commit: CommitOptions::default(),
             spool_dir: None,
+            path: None,
         }
     }
 }
@@ -115,6 +118,8 @@ pub struct Checkpointer {
     done: Receiver<Result<Persisted>>,
     /// Captured and not yet reported by [`Checkpointer::wait`].
     in_flight: u64,
+    /// Persisted on the caller's thread (files) and not yet reported by [`Checkpointer::wait`].
+    ready: Vec<Persisted>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -148,7 +153,16 @@ impl Checkpointer {
                 })
                 .map_err(|e| Error::io("<persist thread>", e))?
         };
-        Ok(Checkpointer { repo, opts, last: None, jobs: Some(jobs), done, in_flight: 0, worker: Some(worker) })
+        Ok(Checkpointer {
+            repo,
+            opts,
+            last: None,
+            jobs: Some(jobs),
+            done,
+            in_flight: 0,
+            ready: Vec::new(),
+            worker: Some(worker),
+        })
     }
 
     /// The repository it checkpoints into.
@@ -193,10 +207,61 @@ impl Checkpointer {
         Ok(())
     }
 
+    /// For state kept in files ([`CheckpointerOptions::path`]): when [`Checkpointer::due`], checkpoints them.
+    /// Returns whether it did.
+    pub fn step_path(&mut self, step: u64) -> Result<bool> {
+        if !self.due(step) {
+            return Ok(false);
+        }
+        self.checkpoint_path(step)?;
+        Ok(true)
+    }
+
+    /// Checkpoints [`CheckpointerOptions::path`] now. Files cannot be captured apart from being persisted
+    /// without copying them, so this commits on the caller's thread: the program must not change them until
+    /// it returns. The commit reads only files changed since the last checkpoint.
+    pub fn checkpoint_path(&mut self, step: u64) -> Result<()> {
+        let path = self.state_path()?.to_path_buf();
+        self.check_done()?;
+        let mut commit = self.opts.commit.clone();
+        commit.tags.push(step_tag(step));
+        let summary = self.repo.commit(&path, &commit)?;
+        self.last = Some((step, Instant::now()));
+        let forgotten = retain(&self.repo, &self.opts, key_of_path(&path)?)?;
+        self.ready.push(Persisted { step, summary, forgotten });
+        Ok(())
+    }
+
+    /// Puts the newest checkpoint of [`CheckpointerOptions::path`] back in place (only what differs is
+    /// written; files it lacks are removed) and returns which it was; `None` when there is none.
+    pub fn restore_latest_path(&self) -> Result<Option<Restored>> {
+        let path = self.state_path()?;
+        let Some((latest, step)) = self.latest(&key_of_path(path)?)? else { return Ok(None) };
+        let opts = crate::CheckoutOptions { in_place: true, delete: true, ..Default::default() };
+        self.repo.checkout(&latest.id, path, &opts)?;
+        Ok(Some(Restored { id: latest.id, step }))
+    }
+
+    fn state_path(&self) -> Result<&std::path::Path> {
+        self.opts.path.as_deref().ok_or_else(|| Error::InvalidInput("CheckpointerOptions::path is not set".into()))
+    }
+
+    /// The newest checkpoint recorded under `key` from this host, with its step.
+    fn latest(&self, key: &str) -> Result<Option<(Checkpoint, u64)>> {
+        let host = self.opts.commit.host.clone().unwrap_or_else(crate::catalog::host_name);
+        let Some(latest) = self.repo.catalog()?.latest_of_path(&host, key)? else { return Ok(None) };
+        let step = latest
+            .tags
+            .iter()
+            .find_map(|t| t.strip_prefix("step=").and_then(|s| s.parse().ok()))
+            .ok_or_else(|| Error::corrupt(format!("checkpoint {} of {key} has no step tag", latest.id)))?;
+        Ok(Some((latest, step)))
+    }
+
     /// Waits until every captured checkpoint is persisted; returns those not reported before, in order, or
     /// the first error.
     pub fn wait(&mut self) -> Result<Vec<Persisted>> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.ready);
         let mut first_err = None;
         while self.in_flight > 0 {
             let r = self.done.recv().map_err(|_| Error::Internal("persister stopped".into()))?;
@@ -216,13 +281,7 @@ impl Checkpointer {
     /// not considered: call [`Checkpointer::wait`] first for those.
     pub fn restore_latest(&self, into: &mut dyn Write) -> Result<Option<Restored>> {
         let path = format!("stdin:{}", self.opts.name);
-        let host = self.opts.commit.host.clone().unwrap_or_else(crate::catalog::host_name);
-        let Some(latest) = self.repo.catalog()?.latest_of_path(&host, &path)? else { return Ok(None) };
-        let step = latest
-            .tags
-            .iter()
-            .find_map(|t| t.strip_prefix("step=").and_then(|s| s.parse().ok()))
-            .ok_or_else(|| Error::corrupt(format!("checkpoint {} of {path} has no step tag", latest.id)))?;
+        let Some((latest, step)) = self.latest(&path)? else { return Ok(None) };
         let mut reader = self.repo.open_file(&latest.id, "")?;
         io::copy(&mut reader, into).map_err(|e| Error::io(format!("checkpoint {} of {path}", latest.id), e))?;
         Ok(Some(Restored { id: latest.id, step }))
@@ -251,14 +310,24 @@ fn persist(repo: &Repository, opts: &CheckpointerOptions, mut job: Job) -> Resul
     let mut commit = opts.commit.clone();
     commit.tags.push(step_tag(job.step));
     let summary = repo.commit_reader(&opts.name, &mut job.image, &commit)?;
-    let forgotten = match &opts.retention {
-        Some(policy) => {
-            let scope = RetentionScope { paths: vec![format!("stdin:{}", opts.name)], ..Default::default() };
-            repo.apply_retention(&repo.plan_retention(policy, &scope)?)?
-        }
-        None => Vec::new(),
-    };
+    let forgotten = retain(repo, opts, format!("stdin:{}", opts.name))?;
     Ok(Persisted { step: job.step, summary, forgotten })
+}
+
+/// Applies the retention policy to the checkpoints recorded under `key`.
+fn retain(repo: &Repository, opts: &CheckpointerOptions, key: String) -> Result<Vec<Checkpoint>> {
+    match &opts.retention {
+        Some(policy) => {
+            let scope = RetentionScope { paths: vec![key], ..Default::default() };
+            repo.apply_retention(&repo.plan_retention(policy, &scope)?)
+        }
+        None => Ok(Vec::new()),
+    }
+}
+
+/// The key a commit of `path` is recorded under: its absolute path.
+fn key_of_path(path: &std::path::Path) -> Result<String> {
+    Ok(std::path::absolute(path).map_err(|e| Error::io(path, e))?.to_string_lossy().into_owned())
 }
 
 /// A temporary file with no name: created, then unlinked at once, so that nothing is left behind whatever

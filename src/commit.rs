@@ -52,6 +52,9 @@ pub struct CommitOptions {
     /// When nothing differs from the parent checkpoint (same tree: names, contents, modes, mtimes), make no
     /// new checkpoint and report the parent's id with [`CommitSummary::unchanged`] set.
     pub skip_unchanged: bool,
+    /// Make this checkpoint a part of a group (a coordinated checkpoint of several processes): it is offered
+    /// as a restore point only with the whole group, once every part is in.
+    pub group: Option<crate::GroupPart>,
     /// Receives progress.
     pub progress: Arc<dyn Progress>,
 }
@@ -66,6 +69,7 @@ impl Default for CommitOptions {
             host: None,
             threads: 0,
             skip_unchanged: false,
+            group: None,
             progress: Arc::new(NoProgress),
         }
     }
@@ -200,6 +204,9 @@ fn unchanged(prev: &Entry, now: &Entry) -> bool {
 pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions) -> Result<CommitSummary> {
     let host = opts.host.clone().unwrap_or_else(host_name);
     let mut catalog = Catalog::open(ctx.catalog_path)?;
+    if let Some(part) = &opts.group {
+        crate::group::check_part(&catalog, part)?;
+    }
     // The session names the machine the process runs on, whatever host the checkpoint is labelled with:
     // GC judges a session on this machine by its process, not by its heartbeat.
     let session = catalog.begin_session("commit", &host_name())?;
@@ -307,6 +314,7 @@ fn run(
     let (root_tree, root_entry) = asm.root()?;
     summary.logical_bytes = asm.logical_bytes;
     if opts.skip_unchanged
+        && opts.group.is_none()
         && skipped.is_empty()
         && let Some(parent) = &parent
         && catalog.checkpoint_root(&parent.id)? == root_tree
@@ -347,7 +355,7 @@ fn run(
         skipped: summary.unreadable_skipped,
     };
     debug_assert_eq!(root_entry.name, root_name);
-    asm.publish(NewCheckpoint { record, root: root_tree, skipped })?;
+    asm.publish(NewCheckpoint { record, root: root_tree, skipped, group: opts.group.clone() })?;
     summary.id = id;
     summary.seconds = started.elapsed().as_secs_f64();
     opts.progress.finish();

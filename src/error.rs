@@ -42,6 +42,16 @@ pub enum Error {
     /// No checkpoint matches the given id or prefix.
     #[error("no checkpoint matches '{0}'")]
     CheckpointNotFound(String),
+    /// A group checkpoint whose parts are not all in yet: no restore point.
+    #[error("group '{name}' is incomplete: {have} of {parts} parts are in")]
+    GroupIncomplete {
+        /// The group.
+        name: String,
+        /// Parts in.
+        have: u32,
+        /// Parts it needs.
+        parts: u32,
+    },
     /// The checkpoint was forgotten (and its data collected) while it was being read.
     #[error("checkpoint {0} was forgotten while it was being read")]
     Forgotten(String),

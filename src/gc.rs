@@ -34,6 +34,9 @@ pub struct GcOptions {
     /// A session or GC lease on another host whose heartbeat is older than this is taken as dead. On this
     /// host, a session is dead as soon as its process is gone, whatever the clocks say.
     pub stale_after: Duration,
+    /// A group checkpoint still incomplete this long after its first part is dropped, with its parts (their
+    /// chunks stay if anything else uses them).
+    pub incomplete_after: Duration,
     /// Receives progress.
     pub progress: Arc<dyn Progress>,
 }
@@ -44,6 +47,7 @@ impl Default for GcOptions {
             dry_run: false,
             max_unused: 0.10,
             stale_after: Duration::from_secs(3600),
+            incomplete_after: Duration::from_secs(24 * 3600),
             progress: Arc::new(NoProgress),
         }
     }
@@ -54,6 +58,8 @@ impl Default for GcOptions {
 pub struct GcSummary {
     /// Nothing was changed.
     pub dry_run: bool,
+    /// Incomplete group checkpoints dropped after [`GcOptions::incomplete_after`].
+    pub groups_dropped: u64,
     /// Writer sessions found dead and expired.
     pub sessions_expired: u64,
     /// Writer sessions alive, which may delay sweeping what was condemned during them.
@@ -273,6 +279,10 @@ fn run(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     touch_lease(&tx)?;
     (s.sessions_expired, s.sessions_alive) = expire_sessions(&tx, me, opts.stale_after)?;
+    // Dropped in the mark's transaction, so what only they held is condemned by this run.
+    let stale = crate::group::stale(&tx, now_ns().saturating_sub(opts.incomplete_after.as_nanos() as i64))?;
+    crate::group::delete_groups(&tx, &stale)?;
+    s.groups_dropped = stale.len() as u64;
     s.chunks_condemned = mark(&tx)?;
     if opts.dry_run {
         // Sweep and plan inside the same transaction, then roll it all back.

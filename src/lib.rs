@@ -34,6 +34,7 @@ mod diff;
 mod error;
 pub mod fault;
 mod gc;
+mod group;
 mod id;
 mod pack;
 mod params;
@@ -67,6 +68,7 @@ pub use commit::{CommitOptions, CommitSummary};
 pub use diff::{Change, ChangeKind, DiffSummary};
 pub use error::{Error, Result};
 pub use gc::{GcOptions, GcSummary};
+pub use group::{Group, GroupPart};
 pub use id::ObjectId;
 pub use pack::{PackEntry, read_index as read_pack_index};
 pub use params::{FORMAT_VERSION, RepoParams};
@@ -280,6 +282,52 @@ impl Repository {
         checkout::checkout(&src, &cp.id, dest.as_ref(), opts).map_err(|e| self.unless_forgotten(e, &cp.id))
     }
 
+    /// Every group checkpoint, complete or not, newest first, with the parts it has.
+    pub fn groups(&self) -> Result<Vec<Group>> {
+        group::groups(&self.catalog()?)
+    }
+
+    /// The group checkpoint named `name`.
+    pub fn group(&self, name: &str) -> Result<Group> {
+        group::group(&self.catalog()?, name)
+    }
+
+    /// Restores every part of a complete group, part `I` into `dest/part-I`; refuses an incomplete group
+    /// ([`Error::GroupIncomplete`]).
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+    /// use snapstore::{CommitOptions, GroupPart};
+    /// let part = |i| CommitOptions { group: Some(GroupPart::parse("step-100", &format!("{i}/2")).unwrap()), ..Default::default() };
+    /// repo.commit_reader("rank0.bin", &mut &b"rank 0 state"[..], &part(0)).unwrap();
+    /// assert!(repo.checkout_group("step-100", dir.path().join("out"), &Default::default()).is_err());
+    /// repo.commit_reader("rank1.bin", &mut &b"rank 1 state"[..], &part(1)).unwrap();
+    /// repo.checkout_group("step-100", dir.path().join("out"), &Default::default()).unwrap();
+    /// assert_eq!(std::fs::read(dir.path().join("out/part-1")).unwrap(), b"rank 1 state");
+    /// ```
+    pub fn checkout_group(
+        &self,
+        name: &str,
+        dest: impl AsRef<Path>,
+        opts: &CheckoutOptions,
+    ) -> Result<Vec<CheckoutSummary>> {
+        let g = self.group(name)?;
+        if !g.is_complete() {
+            return Err(Error::GroupIncomplete { name: g.name, have: g.members.len() as u32, parts: g.parts });
+        }
+        let dest = dest.as_ref();
+        std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
+        g.members.iter().map(|(i, cp)| self.checkout(&cp.id, dest.join(format!("part-{i}")), opts)).collect()
+    }
+
+    /// Forgets group checkpoints with all their parts.
+    pub fn forget_groups(&self, names: &[&str]) -> Result<Vec<Group>> {
+        let found = names.iter().map(|n| self.group(n)).collect::<Result<Vec<_>>>()?;
+        self.catalog()?.delete_groups(&found.iter().map(|g| g.name.clone()).collect::<Vec<_>>())?;
+        Ok(found)
+    }
+
     /// A checkpoint forgotten and collected while it was read looks like damage (a tree or chunk missing):
     /// when it no longer exists, that is what to report.
     fn unless_forgotten(&self, e: Error, id: &str) -> Error {
@@ -419,6 +467,14 @@ impl Repository {
     pub fn forget(&self, ids: &[&str]) -> Result<Vec<Checkpoint>> {
         let mut catalog = self.catalog()?;
         let found = ids.iter().map(|id| catalog.resolve(id)).collect::<Result<Vec<_>>>()?;
+        for c in &found {
+            if let Some((group, part)) = catalog.part_of(&c.id)? {
+                return Err(Error::InvalidInput(format!(
+                    "checkpoint {} is part {part} of group '{group}': forget the whole group instead",
+                    &c.id[..8]
+                )));
+            }
+        }
         fault::point("forget-chosen");
         catalog.delete_checkpoints(&found.iter().map(|c| c.id.as_str()).collect::<Vec<_>>())?;
         fault::point("forget-done");

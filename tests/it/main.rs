@@ -9,6 +9,7 @@ mod fault_points;
 mod faults;
 mod full_disk;
 mod gc;
+mod groups;
 mod inplace;
 mod library;
 mod power_loss;

@@ -2,6 +2,7 @@
 //! prints results (or JSON), and turns library errors into one clear line and an exit code.
 
 mod diff;
+mod group;
 mod output;
 mod progress;
 mod verify;
@@ -89,6 +90,13 @@ The new checkpoint's full id is printed last on stdout. If the repository does n
         /// Worker threads for hashing and compression [default: one per core]
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         threads: usize,
+        /// Commit as one part of the group checkpoint NAME (with --part): the group is a restore point only
+        /// once every part is in
+        #[arg(long, value_name = "NAME", requires = "part")]
+        group: Option<String>,
+        /// This part's place in the group: I/N with 0 <= I < N, e.g. the rank and world size (with --group)
+        #[arg(long, value_name = "I/N", requires = "group")]
+        part: Option<String>,
     },
     /// Recreate a checkpoint at DEST, byte for byte, verifying every chunk
     #[command(after_help = concat!("DEST becomes what the committed path was (the directory, or the file). \
@@ -150,6 +158,11 @@ below it with -r. Paths are relative to the committed directory.\n\n", exit_help
         #[arg(short = 'n', long, value_name = "N")]
         limit: Option<usize>,
     },
+    /// List group checkpoints (coordinated checkpoints of several processes) with their parts
+    #[command(after_help = concat!("A group is a restore point once all its parts are in \
+(`snapstore checkout GROUP DEST` restores part I into DEST/part-I); until then it is listed as incomplete, and \
+`snapstore gc` drops it with its parts once it is older than --incomplete-after.\n\n", exit_help!()))]
+    Groups,
     /// Show one checkpoint and its files
     #[command(after_help = exit_help!())]
     Show {
@@ -166,6 +179,9 @@ Counts take 'unlimited'. A policy that would forget every checkpoint of a path i
     Forget {
         /// Checkpoints to forget (ids, prefixes or latest); or give a policy instead
         ids: Vec<String>,
+        /// Forget this group checkpoint with all its parts (repeatable)
+        #[arg(long = "group", value_name = "NAME")]
+        groups: Vec<String>,
         #[command(flatten)]
         keep: KeepArgs,
         /// Only consider checkpoints with this tag (repeatable: all must match)
@@ -202,6 +218,9 @@ that commit ends (the next gc reclaims them). Without a terminal it prints only 
         /// Rewrite packs with more than this percentage unused
         #[arg(long, value_name = "PERCENT", default_value_t = 10.0)]
         max_unused: f64,
+        /// Drop group checkpoints still incomplete this long after their first part (e.g. 6h, 30min)
+        #[arg(long, value_name = "INTERVAL", value_parser = snapstore::parse_interval, default_value = "24h")]
+        incomplete_after: std::time::Duration,
     },
     /// Show what changed between two checkpoints, from the catalog alone (no data is read)
     #[command(after_help = exit_help!())]
@@ -334,9 +353,11 @@ impl From<io::Error> for Failure {
 fn exit_code(e: &Error) -> u8 {
     match e {
         _ if e.is_corruption() => EXIT_CORRUPT,
-        Error::NoRepository(_) | Error::CheckpointNotFound(_) | Error::Forgotten(_) | Error::PathNotFound { .. } => {
-            EXIT_NOT_FOUND
-        }
+        Error::NoRepository(_)
+        | Error::CheckpointNotFound(_)
+        | Error::Forgotten(_)
+        | Error::GroupIncomplete { .. }
+        | Error::PathNotFound { .. } => EXIT_NOT_FOUND,
         Error::GcRunning { .. } | Error::CommitsRunning { .. } => EXIT_BUSY,
         Error::InvalidId(_)
         | Error::AmbiguousId { .. }
@@ -389,6 +410,10 @@ fn hint(e: &Error) -> Option<&'static str> {
         }
         Error::RepositoryExists(_) => "use it as it is, or choose another --repo",
         Error::CheckpointNotFound(_) => "`snapstore log` lists the checkpoints",
+        Error::GroupIncomplete { .. } => {
+            "commit the missing parts (a part committed again replaces the earlier one); `snapstore groups` shows \
+             which are in"
+        }
         Error::Forgotten(_) => {
             "a forget (or a retention run) removed it during the checkout, which is incomplete; `snapstore log` lists \
              the checkpoints left"
@@ -441,7 +466,11 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 out.line(&format!("created snapstore repository at {}", repo.path().display()))?;
             }
         }
-        Command::Commit { path, message, tags, name, reread, skip_unreadable, threads } => {
+        Command::Commit { path, message, tags, name, reread, skip_unreadable, threads, group, part } => {
+            let group = match (group, part) {
+                (Some(g), Some(p)) => Some(snapstore::GroupPart::parse(g, p)?),
+                _ => None,
+            };
             // A commit that cannot start must not leave a new, empty repository behind.
             if path.as_os_str() != "-" {
                 std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
@@ -455,6 +484,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 skip_unreadable: *skip_unreadable,
                 threads: *threads,
                 progress: bar.clone(),
+                group: group.clone(),
                 ..Default::default()
             };
             let summary = if path.as_os_str() == "-" {
@@ -470,11 +500,21 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 repo.commit(path, &opts)?
             };
             bar.finish();
+            let status = match &group {
+                Some(part) => Some((repo.group(&part.name)?, part.part)),
+                None => None,
+            };
             if cli.json {
-                out.json(&summary)?;
+                match &status {
+                    Some((g, _)) => out.json(&serde_json::json!({ "commit": summary, "group": g }))?,
+                    None => out.json(&summary)?,
+                }
             } else {
                 if !cli.quiet {
                     output::commit_summary(out, &summary)?;
+                    if let Some((g, part)) = &status {
+                        group::part_status(out, g, *part)?;
+                    }
                 }
                 out.line(&summary.id)?;
             }
@@ -490,6 +530,20 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 threads: *threads,
                 progress: bar.clone(),
             };
+            // A group checkpoint's name restores all its parts, part I into DEST/part-I.
+            if let Ok(g) = repo.group(id) {
+                let summaries = repo.checkout_group(&g.name, dest, &opts)?;
+                bar.finish();
+                if cli.json {
+                    out.json(&serde_json::json!({ "group": g.name, "parts": summaries }))?;
+                } else if !cli.quiet {
+                    for (s, (i, _)) in summaries.iter().zip(&g.members) {
+                        output::checkout_summary(out, s, &dest.join(format!("part-{i}")))?;
+                    }
+                }
+                out.flush()?;
+                return Ok(());
+            }
             let summary = repo.checkout(id, dest, &opts)?;
             bar.finish();
             if cli.json {
@@ -539,7 +593,25 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             if cli.json {
                 out.json(&list)?;
             } else {
-                output::log(out, &list, cli.quiet)?;
+                let groups = repo.groups()?;
+                // With only group checkpoints, the "no checkpoints yet" line would mislead.
+                if !list.is_empty() || groups.is_empty() || cli.quiet {
+                    output::log(out, &list, cli.quiet)?;
+                }
+                if !cli.quiet && !groups.is_empty() {
+                    if !list.is_empty() {
+                        out.line("")?;
+                    }
+                    group::list(out, &groups)?;
+                }
+            }
+        }
+        Command::Groups => {
+            let groups = Repository::open(&repo_dir)?.groups()?;
+            if cli.json {
+                out.json(&groups)?;
+            } else {
+                group::list(out, &groups)?;
             }
         }
         Command::Show { id } => {
@@ -563,9 +635,28 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 sink.finish(walked)?;
             }
         }
-        Command::Forget { ids, keep, tags, paths, across_paths, dry_run } => {
+        Command::Forget { ids, groups, keep, tags, paths, across_paths, dry_run } => {
             let repo = Repository::open(&repo_dir)?;
             let policy = keep.policy();
+            if !groups.is_empty() {
+                if !ids.is_empty() || !policy.is_empty() {
+                    return Err(Failure::Usage("give groups, checkpoint ids or a policy, one at a time".into()));
+                }
+                let names: Vec<&str> = groups.iter().map(String::as_str).collect();
+                let gone = if *dry_run {
+                    names.iter().map(|n| repo.group(n)).collect::<Result<Vec<_>, _>>()?
+                } else {
+                    repo.forget_groups(&names)?
+                };
+                if cli.json {
+                    out.json(&serde_json::json!({ "dry_run": dry_run, "forget_groups": gone }))?;
+                } else if !cli.quiet {
+                    group::list(out, &gone)?;
+                    output::forget_total(out, 0, gone.len(), *dry_run)?;
+                }
+                out.flush()?;
+                return Ok(());
+            }
             if !ids.is_empty() {
                 if !policy.is_empty() || !tags.is_empty() || !paths.is_empty() {
                     return Err(Failure::Usage("give checkpoint ids or a policy (--keep-*), not both".into()));
@@ -611,7 +702,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 output::forget_total(out, plan.keep.len(), plan.forget.len(), *dry_run)?;
             }
         }
-        Command::Gc { dry_run, max_unused } => {
+        Command::Gc { dry_run, max_unused, incomplete_after } => {
             if !(0.0..=100.0).contains(max_unused) {
                 return Err(Failure::Usage("--max-unused takes a percentage from 0 to 100".into()));
             }
@@ -620,6 +711,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             let opts = snapstore::GcOptions {
                 dry_run: *dry_run,
                 max_unused: max_unused / 100.0,
+                incomplete_after: *incomplete_after,
                 progress: bar.clone(),
                 ..Default::default()
             };

@@ -237,6 +237,9 @@ pub fn gc_summary(out: &mut Out, s: &GcSummary) -> io::Result<()> {
         s.orphans_deleted,
         s.seconds
     ))?;
+    if s.groups_dropped > 0 {
+        out.line(&format!("  dropped {} left incomplete", plural(s.groups_dropped, "group checkpoint")))?;
+    }
     out.line(&format!(
         "  chunks: {} newly unused, {} removed, {} kept for commits still running",
         s.chunks_condemned, s.chunks_swept, s.chunks_deferred

@@ -1,0 +1,202 @@
+//! Coordinated checkpoints: one checkpoint of a system of several processes (the ranks of a training job,
+//! the shards of a service), made of one part per process.
+//!
+//! Each part is an ordinary commit that names its group and its place in it (`--group NAME --part I/N`). The
+//! transaction that publishes a part also records it in `group_parts`, and the one that records the N-th part
+//! marks the group complete: the group becomes a restore point atomically, when and only when every part is in.
+//! Until then its parts are not offered as restore points at all (`log`, `latest`, id prefixes and retention
+//! skip them). A part committed again (a retry after a crash) replaces the earlier one. GC drops the parts of a
+//! group left incomplete for longer than [`crate::GcOptions::incomplete_after`]; their chunks stay if anything
+//! else uses them.
+
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use crate::catalog::{Catalog, now_ns};
+use crate::{Checkpoint, Error, Result};
+
+/// Which part of which group a commit is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPart {
+    /// The group's name, unique in the repository (e.g. `train-step-5000`).
+    pub name: String,
+    /// This part's index, from 0.
+    pub part: u32,
+    /// How many parts the group has.
+    pub parts: u32,
+}
+
+impl GroupPart {
+    /// Parses `I/N` (0 ≤ I < N) for group `name`.
+    pub fn parse(name: &str, spec: &str) -> Result<GroupPart> {
+        let bad = || Error::InvalidInput(format!("invalid part '{spec}': give I/N with 0 <= I < N, e.g. 0/4"));
+        let (i, n) = spec.split_once('/').ok_or_else(bad)?;
+        let (part, parts): (u32, u32) = (i.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
+        if part >= parts {
+            return Err(bad());
+        }
+        if name.is_empty() || name.chars().any(char::is_control) {
+            return Err(Error::InvalidInput(format!("invalid group name {name:?}")));
+        }
+        Ok(GroupPart { name: name.to_string(), part, parts })
+    }
+}
+
+/// A group and the parts it has so far.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Group {
+    /// Its name.
+    pub name: String,
+    /// How many parts it has when complete.
+    pub parts: u32,
+    /// When its first part was published, in ns since the Unix epoch.
+    pub created_ns: i64,
+    /// When its last part was published, if it is complete.
+    pub complete_ns: Option<i64>,
+    /// The parts in, by index.
+    pub members: Vec<(u32, Checkpoint)>,
+}
+
+impl Group {
+    /// Whether every part is in.
+    pub fn is_complete(&self) -> bool {
+        self.complete_ns.is_some()
+    }
+}
+
+/// A condition on a `checkpoints` row (its id column `id`): not a part of a group that is still incomplete.
+pub(crate) const NOT_PENDING: &str =
+    "id NOT IN (SELECT p.checkpoint FROM group_parts p JOIN groups g ON g.name = p.grp WHERE g.complete_ns IS NULL)";
+
+/// A condition on a `checkpoints` row: not a part of any group.
+pub(crate) const UNGROUPED: &str = "id NOT IN (SELECT checkpoint FROM group_parts)";
+
+/// Refuses a part that its group can no longer take, before any data is read.
+pub(crate) fn check_part(catalog: &Catalog, part: &GroupPart) -> Result<()> {
+    let existing: Option<(u32, Option<i64>)> = catalog
+        .connection()
+        .query_row("SELECT parts, complete_ns FROM groups WHERE name = ?1", [&part.name], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    check_against(part, existing)
+}
+
+fn check_against(part: &GroupPart, existing: Option<(u32, Option<i64>)>) -> Result<()> {
+    match existing {
+        Some((_, Some(_))) => Err(Error::InvalidInput(format!(
+            "group '{}' is complete; a new group checkpoint needs a new name (e.g. with the step in it)",
+            part.name
+        ))),
+        Some((parts, None)) if parts != part.parts => Err(Error::InvalidInput(format!(
+            "group '{}' has {parts} parts, not {}: every part must give the same N",
+            part.name, part.parts
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Records checkpoint `id` as `part`, in the transaction that publishes it; marks the group complete when
+/// this was its last missing part. A part committed before at the same index is replaced and dropped.
+pub(crate) fn record_part(tx: &Transaction<'_>, part: &GroupPart, id: &str) -> Result<()> {
+    let now = now_ns();
+    let existing: Option<(u32, Option<i64>)> = tx
+        .query_row("SELECT parts, complete_ns FROM groups WHERE name = ?1", [&part.name], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    check_against(part, existing)?;
+    if existing.is_none() {
+        tx.execute(
+            "INSERT INTO groups (name, parts, created_ns) VALUES (?1, ?2, ?3)",
+            params![part.name, part.parts, now],
+        )?;
+    }
+    let replaced: Option<String> = tx
+        .query_row(
+            "SELECT checkpoint FROM group_parts WHERE grp = ?1 AND part = ?2",
+            params![part.name, part.part],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(old) = replaced {
+        tx.execute("DELETE FROM group_parts WHERE grp = ?1 AND part = ?2", params![part.name, part.part])?;
+        crate::catalog::delete_checkpoint_rows(tx, &old)?;
+    }
+    tx.execute(
+        "INSERT INTO group_parts (grp, part, checkpoint) VALUES (?1, ?2, ?3)",
+        params![part.name, part.part, id],
+    )?;
+    let have: u32 = tx.query_row("SELECT count(*) FROM group_parts WHERE grp = ?1", [&part.name], |r| r.get(0))?;
+    if have == part.parts {
+        tx.execute("UPDATE groups SET complete_ns = ?1 WHERE name = ?2", params![now, part.name])?;
+    }
+    Ok(())
+}
+
+/// Every group, complete or not, newest first.
+pub(crate) fn groups(catalog: &Catalog) -> Result<Vec<Group>> {
+    let names: Vec<String> = catalog
+        .connection()
+        .prepare("SELECT name FROM groups ORDER BY created_ns DESC, name")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    names.iter().map(|n| group(catalog, n)).collect()
+}
+
+/// The group named `name`.
+pub(crate) fn group(catalog: &Catalog, name: &str) -> Result<Group> {
+    let (parts, created_ns, complete_ns) = catalog
+        .connection()
+        .query_row("SELECT parts, created_ns, complete_ns FROM groups WHERE name = ?1", [name], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?
+        .ok_or_else(|| Error::CheckpointNotFound(name.to_string()))?;
+    let ids: Vec<(u32, String)> = catalog
+        .connection()
+        .prepare("SELECT part, checkpoint FROM group_parts WHERE grp = ?1 ORDER BY part")?
+        .query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let members = ids.into_iter().map(|(i, id)| Ok((i, catalog.checkpoint_by_id(&id)?))).collect::<Result<_>>()?;
+    Ok(Group { name: name.to_string(), parts, created_ns, complete_ns, members })
+}
+
+/// Deletes a group and its parts' checkpoint rows, in one transaction; their data is GC's.
+pub(crate) fn delete_groups(tx: &Transaction<'_>, names: &[String]) -> Result<()> {
+    for name in names {
+        let ids: Vec<String> = tx
+            .prepare("SELECT checkpoint FROM group_parts WHERE grp = ?1")?
+            .query_map([name], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for id in &ids {
+            crate::catalog::delete_checkpoint_rows(tx, id)?;
+        }
+        tx.execute("DELETE FROM group_parts WHERE grp = ?1", [name])?;
+        tx.execute("DELETE FROM groups WHERE name = ?1", [name])?;
+    }
+    Ok(())
+}
+
+/// Names of the groups still incomplete whose first part is older than `older_than_ns`.
+pub(crate) fn stale(tx: &Transaction<'_>, older_than_ns: i64) -> Result<Vec<String>> {
+    Ok(tx
+        .prepare("SELECT name FROM groups WHERE complete_ns IS NULL AND created_ns < ?1")?
+        .query_map([older_than_ns], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_parse_as_index_over_count() {
+        assert_eq!(GroupPart::parse("g", "0/3").unwrap(), GroupPart { name: "g".into(), part: 0, parts: 3 });
+        assert_eq!(GroupPart::parse("g", "2/3").unwrap().part, 2);
+        for bad in ["3/3", "1", "a/2", "1/0", "-1/2", ""] {
+            assert!(GroupPart::parse("g", bad).is_err(), "{bad}");
+        }
+        assert!(GroupPart::parse("", "0/1").is_err());
+        assert!(GroupPart::parse("a\nb", "0/1").is_err());
+    }
+}

@@ -1,0 +1,119 @@
+//! Coordinated checkpoints: parts committed by several processes, visible as one restore point only when all
+//! are in.
+
+use std::fs;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::util::{assert_same_tree, bin, listed, pseudo_random, run, succeeded, text};
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+/// Rank `i`'s state: its own 1 MiB and a 2 MiB file every rank shares.
+fn rank_dir(root: &Path, i: u64) -> PathBuf {
+    let d = root.join(format!("rank{i}"));
+    fs::create_dir_all(&d).unwrap();
+    fs::write(d.join("own.bin"), pseudo_random(1 << 20, 100 + 2 * i)).unwrap();
+    fs::write(d.join("shared.bin"), pseudo_random(2 << 20, 7)).unwrap();
+    d
+}
+
+fn groups(repo: &Path) -> serde_json::Value {
+    serde_json::from_str(&succeeded(&run(repo, &["--json", "groups"]), "groups")).unwrap()
+}
+
+#[test]
+fn parts_committed_at_once_with_one_killed_become_a_restore_point_only_when_retried() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    succeeded(&run(&repo, &["init"]), "init");
+    let dirs: Vec<PathBuf> = (0..3).map(|i| rank_dir(t.path(), i)).collect();
+    // Three ranks commit their parts at once; rank 1 dies after its first pack is durable.
+    let children: Vec<_> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let mut cmd = Command::new(bin());
+            cmd.args(["--repo", p(&repo), "--json", "commit", p(d), "--group", "step-100", "--part"]);
+            cmd.arg(format!("{i}/3")).stdout(Stdio::piped()).stderr(Stdio::piped());
+            if i == 1 {
+                cmd.env("SNAPSTORE_FAULT", "pack-published:1");
+            }
+            cmd.spawn().unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    assert_eq!(outs[1].status.signal(), Some(9), "{}", text(&outs[1].stderr));
+    let mut ids = Vec::new();
+    for i in [0, 2] {
+        assert!(outs[i].status.success(), "part {i}: {}", text(&outs[i].stderr));
+        let v: serde_json::Value = serde_json::from_slice(&outs[i].stdout).unwrap();
+        ids.push(v["commit"]["id"].as_str().unwrap().to_string());
+    }
+
+    // Not a restore point: listed as incomplete, not checked out, its parts not offered one by one.
+    let g = &groups(&repo)[0];
+    assert_eq!(
+        (g["name"].as_str(), g["complete_ns"].is_null(), g["members"].as_array().unwrap().len()),
+        (Some("step-100"), true, 2)
+    );
+    let dest = t.path().join("restored");
+    let o = run(&repo, &["checkout", "step-100", p(&dest)]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("incomplete: 2 of 3 parts"), "{}", text(&o.stderr));
+    assert!(listed(&repo).is_empty());
+    for id in &ids {
+        assert_eq!(run(&repo, &["checkout", id, p(&t.path().join("one"))]).status.code(), Some(4));
+    }
+    assert!(text(&run(&repo, &["log"]).stdout).contains("INCOMPLETE: 2 of 3 parts in"));
+
+    // The retry completes it; the shared file is not stored again.
+    let o = run(&repo, &["--json", "commit", p(&dirs[1]), "--group", "step-100", "--part", "1/3"]);
+    let v: serde_json::Value = serde_json::from_str(&succeeded(&o, "retried part")).unwrap();
+    assert!(v["group"]["complete_ns"].is_i64(), "{v}");
+    assert!(v["commit"]["bytes_new"].as_u64().unwrap() < 3 << 20, "the shared file was stored again: {v}");
+    succeeded(&run(&repo, &["checkout", "step-100", p(&dest)]), "checkout of the complete group");
+    for (i, d) in dirs.iter().enumerate() {
+        assert_same_tree(d, &dest.join(format!("part-{i}")), true);
+    }
+    assert!(text(&run(&repo, &["log"]).stdout).contains("group step-100"));
+    succeeded(&run(&repo, &["-q", "verify", "--read-data"]), "verify");
+
+    // A complete group takes no more parts, and its parts are forgotten only together.
+    let o = run(&repo, &["commit", p(&dirs[0]), "--group", "step-100", "--part", "0/3"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert_eq!(run(&repo, &["forget", &ids[0]]).status.code(), Some(2));
+    succeeded(&run(&repo, &["forget", "--group", "step-100"]), "forget the group");
+    assert!(groups(&repo).as_array().unwrap().is_empty());
+}
+
+#[test]
+fn gc_drops_a_group_left_incomplete_after_its_timeout_and_keeps_shared_chunks() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    let dirs: Vec<PathBuf> = (0..2).map(|i| rank_dir(t.path(), i)).collect();
+    // "old" never gets its second part; "new" is complete. Both hold the shared file.
+    succeeded(&run(&repo, &["-q", "commit", p(&dirs[0]), "--group", "old", "--part", "0/2"]), "part");
+    for (i, d) in dirs.iter().enumerate() {
+        succeeded(&run(&repo, &["-q", "commit", p(d), "--group", "new", "--part", &format!("{i}/2")]), "part");
+    }
+    let gc = |after: &str| -> serde_json::Value {
+        serde_json::from_str(&succeeded(&run(&repo, &["--json", "gc", "--incomplete-after", after]), "gc")).unwrap()
+    };
+    assert_eq!(gc("1h")["groups_dropped"], 0);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let g = gc("10ms");
+    assert_eq!(g["groups_dropped"], 1, "{g}");
+    let names: Vec<String> =
+        groups(&repo).as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, vec!["new".to_string()]);
+    succeeded(&run(&repo, &["-q", "verify", "--read-data"]), "verify");
+    let dest = t.path().join("restored");
+    succeeded(&run(&repo, &["checkout", "new", p(&dest)]), "checkout");
+    for (i, d) in dirs.iter().enumerate() {
+        assert_same_tree(d, &dest.join(format!("part-{i}")), true);
+    }
+}
