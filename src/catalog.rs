@@ -541,6 +541,11 @@ impl Catalog {
         self.query_checkpoints(&format!("{} ORDER BY time_ns DESC, id", crate::group::UNGROUPED), params![])
     }
 
+    /// Every checkpoint row, group parts included, newest first.
+    pub(crate) fn all_checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        self.query_checkpoints("1 ORDER BY time_ns DESC, id", params![])
+    }
+
     /// The checkpoint with this full id, whatever group it is part of.
     pub(crate) fn checkpoint_by_id(&self, id: &str) -> Result<Checkpoint> {
         self.query_checkpoints("id = ?1", params![id])?.pop().ok_or_else(|| Error::CheckpointNotFound(id.to_string()))
@@ -556,6 +561,13 @@ impl Catalog {
 
     /// The newest checkpoint of `path` committed from `host`.
     pub fn latest_of_path(&self, host: &str, path: &str) -> Result<Option<Checkpoint>> {
+        let clause = format!("host = ?1 AND path = ?2 AND {} ORDER BY time_ns DESC LIMIT 1", crate::group::UNGROUPED);
+        Ok(self.query_checkpoints(&clause, params![host, path])?.pop())
+    }
+
+    /// The newest checkpoint of `path` from `host`, group parts included: the parent of a group's part, which
+    /// is only ever used to read less and dedup more.
+    pub(crate) fn latest_of_path_or_part(&self, host: &str, path: &str) -> Result<Option<Checkpoint>> {
         Ok(self.query_checkpoints("host = ?1 AND path = ?2 ORDER BY time_ns DESC LIMIT 1", params![host, path])?.pop())
     }
 

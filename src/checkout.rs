@@ -330,7 +330,9 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     let priors = if in_place && !opts.checksum { priors(&catalog, &abs_dest) } else { Vec::new() };
     // Files placed by this checkout carry its checkpoint's sizes and mtimes; were it cut short under the old
     // record, that record could vouch for a replaced file whose size and mtime happen to match its own.
-    catalog.clear_checkout(&abs_dest.to_string_lossy())?;
+    if catalog.last_checkout(&abs_dest.to_string_lossy())?.is_some() {
+        catalog.clear_checkout(&abs_dest.to_string_lossy())?;
+    }
 
     // What to restore: the whole tree, or the named parts, each with its destination path and priors. Paths
     // in errors and progress start with the committed name, as `show` prints them.

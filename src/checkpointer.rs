@@ -4,9 +4,10 @@
 //! caller's thread: the program writes its state image into a spool file (an unlinked temporary, so a crash
 //! leaves nothing behind), which costs a sequential write into the page cache. The *persist* (chunking,
 //! hashing, compressing, storing, the catalog transaction, then retention) runs on a background thread. One
-//! captured image may wait while another is persisted; a capture beyond that blocks until the store has
-//! caught up, so a program that checkpoints faster than the store can persist is slowed, never left with an
-//! unbounded queue. Memory stays bounded: the image lives in the spool file, not in memory.
+//! captured image may wait while another is persisted; a third capture waits, before it writes anything,
+//! until the store has caught up, so a program that checkpoints faster than the store can persist is slowed,
+//! never left with an unbounded queue, and at most two images are spooled. Memory stays bounded: the image
+//! lives in the spool file, not in memory.
 
 use std::fs::File;
 use std::io::{self, Seek, Write};
@@ -62,7 +63,7 @@ impl Default for CheckpointerOptions {
 }
 
 /// A checkpoint made durable in the background.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Persisted {
     /// The step it was captured at.
     pub step: u64,
@@ -70,6 +71,8 @@ pub struct Persisted {
     pub summary: CommitSummary,
     /// Checkpoints the retention policy forgot after it.
     pub forgotten: Vec<Checkpoint>,
+    /// Why the retention policy could not be applied after it (the checkpoint itself is durable).
+    pub retention_error: Option<Error>,
 }
 
 /// The checkpoint [`Checkpointer::restore_latest`] brought back.
@@ -87,7 +90,8 @@ struct Job {
 }
 
 /// Takes checkpoints of a program's state on a schedule, persisting them in the background. Dropping it waits
-/// for the checkpoints already captured to be persisted.
+/// for the checkpoints already captured to be persisted, but cannot report their errors: call
+/// [`Checkpointer::wait`] before the end.
 ///
 /// ```
 /// # let dir = tempfile::tempdir().unwrap();
@@ -118,8 +122,10 @@ pub struct Checkpointer {
     done: Receiver<Result<Persisted>>,
     /// Captured and not yet reported by [`Checkpointer::wait`].
     in_flight: u64,
-    /// Persisted on the caller's thread (files) and not yet reported by [`Checkpointer::wait`].
+    /// Persisted and not yet reported by [`Checkpointer::wait`].
     ready: Vec<Persisted>,
+    /// A persist that failed, not yet reported.
+    failed: Option<Error>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -161,6 +167,7 @@ impl Checkpointer {
             done,
             in_flight: 0,
             ready: Vec::new(),
+            failed: None,
             worker: Some(worker),
         })
     }
@@ -180,19 +187,32 @@ impl Checkpointer {
     }
 
     /// Called at each step of the program: when [`Checkpointer::due`], captures the state (`capture` writes
-    /// its image) and queues it to be persisted. Returns whether it did. An error from persisting an earlier
-    /// checkpoint is returned here (that checkpoint is lost; earlier ones are not).
+    /// its image) and queues it to be persisted. Returns whether it did. A failure to persist an earlier
+    /// checkpoint is returned by the first call after it is known, due or not, after this step's capture is
+    /// queued: that earlier checkpoint is lost, the others are not.
     pub fn step(&mut self, step: u64, capture: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<bool> {
-        if !self.due(step) {
-            return Ok(false);
+        let due = self.due(step);
+        if due {
+            self.capture(step, capture)?;
         }
-        self.checkpoint(step, capture)?;
-        Ok(true)
+        self.collect();
+        self.failed.take().map_or(Ok(due), Err)
     }
 
-    /// Captures the state now, whatever the schedule, and queues it to be persisted.
+    /// Captures the state now, whatever the schedule, and queues it to be persisted; reports an earlier
+    /// failure as [`Checkpointer::step`] does.
     pub fn checkpoint(&mut self, step: u64, capture: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<()> {
-        self.check_done()?;
+        self.capture(step, capture)?;
+        self.collect();
+        self.failed.take().map_or(Ok(()), Err)
+    }
+
+    fn capture(&mut self, step: u64, capture: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<()> {
+        // At most one image persisting and one waiting: wait for room before writing a third.
+        while self.in_flight >= 2 {
+            let r = self.done.recv().map_err(|_| Error::Internal("persister stopped".into()))?;
+            self.absorb(r);
+        }
         let mut image = spool_file(self.opts.spool_dir.as_ref())?;
         {
             let mut w = io::BufWriter::with_capacity(1 << 20, &mut image);
@@ -222,13 +242,12 @@ impl Checkpointer {
     /// it returns. The commit reads only files changed since the last checkpoint.
     pub fn checkpoint_path(&mut self, step: u64) -> Result<()> {
         let path = self.state_path()?.to_path_buf();
-        self.check_done()?;
         let mut commit = self.opts.commit.clone();
         commit.tags.push(step_tag(step));
         let summary = self.repo.commit(&path, &commit)?;
         self.last = Some((step, Instant::now()));
-        let forgotten = retain(&self.repo, &self.opts, key_of_path(&path)?)?;
-        self.ready.push(Persisted { step, summary, forgotten });
+        let (forgotten, retention_error) = split(retain(&self.repo, &self.opts, key_of_path(&path)?));
+        self.ready.push(Persisted { step, summary, forgotten, retention_error });
         Ok(())
     }
 
@@ -259,21 +278,32 @@ impl Checkpointer {
     }
 
     /// Waits until every captured checkpoint is persisted; returns those not reported before, in order, or
-    /// the first error.
+    /// the first failure once all are done (the others are then durable, but not listed: see
+    /// [`Checkpointer::restore_latest`]).
     pub fn wait(&mut self) -> Result<Vec<Persisted>> {
-        let mut out = std::mem::take(&mut self.ready);
-        let mut first_err = None;
         while self.in_flight > 0 {
             let r = self.done.recv().map_err(|_| Error::Internal("persister stopped".into()))?;
-            self.in_flight -= 1;
-            match r {
-                Ok(p) => out.push(p),
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
+            self.absorb(r);
+        }
+        let out = std::mem::take(&mut self.ready);
+        self.failed.take().map_or(Ok(out), Err)
+    }
+
+    /// Takes the results already in, without waiting.
+    fn collect(&mut self) {
+        while let Ok(r) = self.done.try_recv() {
+            self.absorb(r);
+        }
+    }
+
+    fn absorb(&mut self, r: Result<Persisted>) {
+        self.in_flight -= 1;
+        match r {
+            Ok(p) => self.ready.push(p),
+            Err(e) => {
+                self.failed.get_or_insert(e);
             }
         }
-        first_err.map_or(Ok(out), Err)
     }
 
     /// Writes the newest checkpoint of this state into `into` (its bytes are verified chunk by chunk as they
@@ -285,14 +315,6 @@ impl Checkpointer {
         let mut reader = self.repo.open_file(&latest.id, "")?;
         io::copy(&mut reader, into).map_err(|e| Error::io(format!("checkpoint {} of {path}", latest.id), e))?;
         Ok(Some(Restored { id: latest.id, step }))
-    }
-
-    fn check_done(&mut self) -> Result<()> {
-        while let Ok(r) = self.done.try_recv() {
-            self.in_flight -= 1;
-            r?;
-        }
-        Ok(())
     }
 }
 
@@ -310,8 +332,15 @@ fn persist(repo: &Repository, opts: &CheckpointerOptions, mut job: Job) -> Resul
     let mut commit = opts.commit.clone();
     commit.tags.push(step_tag(job.step));
     let summary = repo.commit_reader(&opts.name, &mut job.image, &commit)?;
-    let forgotten = retain(repo, opts, format!("stdin:{}", opts.name))?;
-    Ok(Persisted { step: job.step, summary, forgotten })
+    let (forgotten, retention_error) = split(retain(repo, opts, format!("stdin:{}", opts.name)));
+    Ok(Persisted { step: job.step, summary, forgotten, retention_error })
+}
+
+fn split(r: Result<Vec<Checkpoint>>) -> (Vec<Checkpoint>, Option<Error>) {
+    match r {
+        Ok(v) => (v, None),
+        Err(e) => (Vec::new(), Some(e)),
+    }
 }
 
 /// Applies the retention policy to the checkpoints recorded under `key`.

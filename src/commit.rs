@@ -239,7 +239,11 @@ fn run(
             (format!("stdin:{name}"), name.as_bytes().to_vec())
         }
     };
-    let parent = catalog.latest_of_path(&host, &path_key)?;
+    // An ordinary checkpoint's parent is never a group's part, which may never become a restore point.
+    let parent = match opts.group {
+        None => catalog.latest_of_path(&host, &path_key)?,
+        Some(_) => catalog.latest_of_path_or_part(&host, &path_key)?,
+    };
     let parent_root = match &parent {
         Some(p) => Some(catalog.tree(&catalog.checkpoint_root(&p.id)?)?),
         None => None,
@@ -317,7 +321,8 @@ fn run(
         && opts.group.is_none()
         && skipped.is_empty()
         && let Some(parent) = &parent
-        && catalog.checkpoint_root(&parent.id)? == root_tree
+        // A parent forgotten meanwhile is no reason to fail: the commit then publishes as usual.
+        && matches!(catalog.checkpoint_root(&parent.id), Ok(root) if root == root_tree)
     {
         // Everything it names is the parent's, so stored already; what the pipeline holds unrecorded is dropped.
         summary.id = parent.id.clone();

@@ -52,6 +52,31 @@ pub enum Error {
         /// Parts it needs.
         parts: u32,
     },
+    /// A part given to a group that is already complete.
+    #[error("group '{0}' is complete; a new group checkpoint needs a new name (e.g. with the step in it)")]
+    GroupComplete(String),
+    /// A part that does not fit its group: another part count, or an index beyond it.
+    #[error("group '{name}': part {part}/{parts} does not fit a group of {expected} parts")]
+    PartMismatch {
+        /// The group.
+        name: String,
+        /// The part's index.
+        part: u32,
+        /// The part count the part gave.
+        parts: u32,
+        /// The group's part count.
+        expected: u32,
+    },
+    /// A checkpoint that is a group's part, asked to be forgotten alone.
+    #[error("checkpoint {id} is part {part} of group '{group}': forget the whole group instead")]
+    PartOfGroup {
+        /// The checkpoint (short id).
+        id: String,
+        /// Its group.
+        group: String,
+        /// Its index.
+        part: u32,
+    },
     /// The checkpoint was forgotten (and its data collected) while it was being read.
     #[error("checkpoint {0} was forgotten while it was being read")]
     Forgotten(String),

@@ -96,11 +96,12 @@ fn pid_alive(pid: u32, process: &str) -> bool {
 
 fn dead(holder: (&str, u32, &str), heartbeat_ns: i64, me: &str, stale_after: Duration) -> bool {
     let (host, pid, process) = holder;
-    if host == me {
-        !pid_alive(pid, process)
-    } else {
-        now_ns().saturating_sub(heartbeat_ns) > stale_after.as_nanos() as i64
-    }
+    if host == me { !pid_alive(pid, process) } else { now_ns().saturating_sub(heartbeat_ns) > nanos(stale_after) }
+}
+
+/// A duration in nanoseconds, saturating: `Duration::MAX` means never, not a negative cutoff.
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
 }
 
 /// Takes the repository's GC lease, or says who holds it.
@@ -280,7 +281,7 @@ fn run(
     touch_lease(&tx)?;
     (s.sessions_expired, s.sessions_alive) = expire_sessions(&tx, me, opts.stale_after)?;
     // Dropped in the mark's transaction, so what only they held is condemned by this run.
-    let stale = crate::group::stale(&tx, now_ns().saturating_sub(opts.incomplete_after.as_nanos() as i64))?;
+    let stale = crate::group::stale(&tx, now_ns().saturating_sub(nanos(opts.incomplete_after)))?;
     crate::group::delete_groups(&tx, &stale)?;
     s.groups_dropped = stale.len() as u64;
     s.chunks_condemned = mark(&tx)?;

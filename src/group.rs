@@ -26,7 +26,8 @@ pub struct GroupPart {
 }
 
 impl GroupPart {
-    /// Parses `I/N` (0 ≤ I < N) for group `name`.
+    /// Parses `I/N` (0 ≤ I < N) for group `name`. A name must not read as a checkpoint id (`latest`, or 4 or
+    /// more hex digits), since `checkout` takes either.
     pub fn parse(name: &str, spec: &str) -> Result<GroupPart> {
         let bad = || Error::InvalidInput(format!("invalid part '{spec}': give I/N with 0 <= I < N, e.g. 0/4"));
         let (i, n) = spec.split_once('/').ok_or_else(bad)?;
@@ -34,8 +35,11 @@ impl GroupPart {
         if part >= parts {
             return Err(bad());
         }
-        if name.is_empty() || name.chars().any(char::is_control) {
-            return Err(Error::InvalidInput(format!("invalid group name {name:?}")));
+        let like_an_id = name == "latest" || (name.len() >= 4 && name.bytes().all(|b| b.is_ascii_hexdigit()));
+        if name.is_empty() || name.chars().any(char::is_control) || like_an_id {
+            return Err(Error::InvalidInput(format!(
+                "invalid group name {name:?}: give a name that cannot be read as a checkpoint id, e.g. step-100"
+            )));
         }
         Ok(GroupPart { name: name.to_string(), part, parts })
     }
@@ -82,15 +86,15 @@ pub(crate) fn check_part(catalog: &Catalog, part: &GroupPart) -> Result<()> {
 }
 
 fn check_against(part: &GroupPart, existing: Option<(u32, Option<i64>)>) -> Result<()> {
+    let mismatch =
+        |expected| Error::PartMismatch { name: part.name.clone(), part: part.part, parts: part.parts, expected };
+    // The fields are public: a part built by hand is checked here, not only by `parse`.
+    if part.part >= part.parts {
+        return Err(mismatch(part.parts));
+    }
     match existing {
-        Some((_, Some(_))) => Err(Error::InvalidInput(format!(
-            "group '{}' is complete; a new group checkpoint needs a new name (e.g. with the step in it)",
-            part.name
-        ))),
-        Some((parts, None)) if parts != part.parts => Err(Error::InvalidInput(format!(
-            "group '{}' has {parts} parts, not {}: every part must give the same N",
-            part.name, part.parts
-        ))),
+        Some((_, Some(_))) => Err(Error::GroupComplete(part.name.clone())),
+        Some((parts, None)) if parts != part.parts => Err(mismatch(parts)),
         _ => Ok(()),
     }
 }
@@ -197,6 +201,12 @@ mod tests {
             assert!(GroupPart::parse("g", bad).is_err(), "{bad}");
         }
         assert!(GroupPart::parse("", "0/1").is_err());
+        for like_an_id in ["latest", "cafe", "0123abcd"] {
+            assert!(GroupPart::parse(like_an_id, "0/1").is_err(), "{like_an_id}");
+        }
+        assert!(GroupPart::parse("cab", "0/1").is_ok());
+        let by_hand = GroupPart { name: "g".into(), part: 7, parts: 2 };
+        assert!(matches!(check_against(&by_hand, None), Err(Error::PartMismatch { .. })));
         assert!(GroupPart::parse("a\nb", "0/1").is_err());
     }
 }

@@ -469,10 +469,7 @@ impl Repository {
         let found = ids.iter().map(|id| catalog.resolve(id)).collect::<Result<Vec<_>>>()?;
         for c in &found {
             if let Some((group, part)) = catalog.part_of(&c.id)? {
-                return Err(Error::InvalidInput(format!(
-                    "checkpoint {} is part {part} of group '{group}': forget the whole group instead",
-                    &c.id[..8]
-                )));
+                return Err(Error::PartOfGroup { id: c.short_id().to_string(), group, part });
             }
         }
         fault::point("forget-chosen");

@@ -131,7 +131,8 @@ pub(crate) fn repair_index(root: &Path, backend: Arc<dyn Backend>) -> Result<Rep
     rebuilt?;
 
     let damage = crate::verify::reach_damage(cat.connection())?;
-    for c in cat.checkpoints()? {
+    // Every checkpoint row, group parts included: damage to a part is damage.
+    for c in cat.all_checkpoints()? {
         let hit = damage.affected_checkpoints.iter().find(|a| a.id == c.id);
         report.checkpoints.push(CheckpointState {
             whole: hit.is_none(),

@@ -1580,7 +1580,10 @@ fn read_while_writing(
                 o.status,
                 err.trim()
             ));
-        } else if !clear_failure(&o) {
+        } else if !clear_failure(&o)
+            || o.status.code() != Some(4)
+            || !(err.contains("was forgotten while it was being read") || err.contains("no checkpoint matches"))
+        {
             failures.lock().unwrap().push(format!(
                 "{what} failed as the checkpoint was forgotten, but not clearly: exit {:?}: {}",
                 o.status,

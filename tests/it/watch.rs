@@ -103,8 +103,9 @@ fn a_signal_during_a_commit_lets_it_finish_and_a_second_ends_it_at_once() {
     let dir = t.path().join("run");
     fs::create_dir(&dir).unwrap();
     for k in 0..4 {
-        fs::write(dir.join(format!("part{k}")), pseudo_random(24 << 20, 10 + k)).unwrap();
+        fs::write(dir.join(format!("part{k}")), pseudo_random(32 << 20, 10 + k)).unwrap();
     }
+    let delay = Duration::from_millis(100);
     let watch = |repo: &Path| {
         Command::new(bin())
             .args(["--repo", p(repo), "--json", "watch", p(&dir), "--every", "1h"])
@@ -114,14 +115,16 @@ fn a_signal_during_a_commit_lets_it_finish_and_a_second_ends_it_at_once() {
             .unwrap()
     };
     let child = watch(&repo);
-    std::thread::sleep(Duration::from_millis(150));
+    std::thread::sleep(delay);
     sigterm(child.id());
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let events: Vec<serde_json::Value> = text(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(events.len(), 1, "{events:?}");
     let id = events[0]["commit"]["id"].as_str().unwrap();
-    eprintln!("the commit the signal let finish took {} s", events[0]["commit"]["seconds"]);
+    // The commit began after the process started, so one that outlasted the delay was running at the signal.
+    let took = events[0]["commit"]["seconds"].as_f64().unwrap();
+    assert!(took > delay.as_secs_f64(), "the commit ({took} s) ended before the signal: nothing was shown");
     assert_eq!(listed(&repo), vec![id.to_string()]);
     let dest = t.path().join("out");
     succeeded(&run(&repo, &["-q", "checkout", id, p(&dest)]), "checkout");
@@ -130,12 +133,13 @@ fn a_signal_during_a_commit_lets_it_finish_and_a_second_ends_it_at_once() {
     // Two signals: the second ends it mid-commit with 130, leaving no checkpoint and nothing to repair.
     let second = t.path().join("repo2");
     let child = watch(&second);
-    std::thread::sleep(Duration::from_millis(150));
+    std::thread::sleep(delay);
     sigterm(child.id());
     std::thread::sleep(Duration::from_millis(20));
     sigterm(child.id());
     let o = child.wait_with_output().unwrap();
-    assert!(matches!(o.status.code(), Some(130) | Some(0)), "{:?}: {}", o.status, text(&o.stderr));
+    assert_eq!(o.status.code(), Some(130), "{:?}: {}", o.status, text(&o.stderr));
+    assert!(listed(&second).is_empty(), "the commit cut short published a checkpoint");
     if second.join("catalog.db").exists() {
         succeeded(&run(&second, &["-q", "verify", "--read-data"]), "verify after a second signal");
         succeeded(&run(&second, &["-q", "commit", p(&dir)]), "commit after a second signal");

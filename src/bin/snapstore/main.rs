@@ -110,7 +110,7 @@ the checkpoint; runs of zeros become holes. If a checkout is interrupted, run it
 Examples:\n  snapstore checkout latest ./restored\n  snapstore checkout 3fa2c1 ./vm.img --in-place\n  \
 snapstore checkout 3fa2c1 ./run --in-place --delete\n  snapstore checkout latest ./out --path config --path data/step-100\n\n", exit_help!()))]
     Checkout {
-        /// Checkpoint id, unique prefix, or 'latest'
+        /// Checkpoint id, unique prefix, 'latest', or a group checkpoint's name (part I goes to DEST/part-I)
         id: String,
         /// Where to recreate it
         dest: PathBuf,
@@ -201,7 +201,8 @@ Counts take 'unlimited'. A policy that would forget every checkpoint of a path i
     #[command(after_help = concat!("Commits PATH every INTERVAL when anything in it changed (an unchanged tree costs a \
 stat walk, not a read, and makes no checkpoint), then applies the --keep-* policy to PATH's checkpoints, and \
 with --gc-every collects garbage now and then. Logs one line per checkpoint on stdout (--json: one JSON object \
-per event, checkpoints, unchanged looks, gc runs and errors); a failed step is logged on stderr and tried again \
+per event, checkpoints, unchanged looks, gc runs and errors); a failed step is logged (on stderr, or as an \
+error event with --json) and tried again \
 at the next interval. SIGINT or SIGTERM ends it cleanly: a commit under way completes first; a second signal \
 ends it at once, and the commit under way leaves nothing visible.\n\n\
 Examples:\n  snapstore watch ./run --every 5min --keep-last 12 --keep-hourly 24 --gc-every 1h\n  \
@@ -364,7 +365,10 @@ fn exit_code(e: &Error) -> u8 {
         | Error::InvalidInput(_)
         | Error::DestinationNotEmpty(_)
         | Error::RepositoryExists(_)
-        | Error::EmptyPolicy => EXIT_USAGE,
+        | Error::EmptyPolicy
+        | Error::GroupComplete(_)
+        | Error::PartMismatch { .. }
+        | Error::PartOfGroup { .. } => EXIT_USAGE,
         _ => EXIT_FAILURE,
     }
 }
@@ -531,7 +535,12 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 progress: bar.clone(),
             };
             // A group checkpoint's name restores all its parts, part I into DEST/part-I.
-            if let Ok(g) = repo.group(id) {
+            let group = match repo.group(id) {
+                Ok(g) => Some(g),
+                Err(Error::CheckpointNotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(g) = group {
                 let summaries = repo.checkout_group(&g.name, dest, &opts)?;
                 bar.finish();
                 if cli.json {

@@ -68,6 +68,10 @@ pub fn watch(repo_dir: &Path, args: &WatchArgs, json: bool, quiet: bool, out: &m
     repo.watch(&args.path, &opts, &stop, |event| {
         if written.is_ok() {
             written = log(out, &event, json, quiet);
+            // Nobody reads the log any more (`watch --json | head -1`): stop as on a signal.
+            if written.is_err() {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
         }
     })?;
     written?;
