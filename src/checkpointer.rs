@@ -19,7 +19,7 @@ use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::{Checkpoint, CommitOptions, CommitSummary, Error, Policy, Repository, Result, RetentionScope};
+use crate::{Checkpoint, CommitOptions, CommitSummary, Error, Policy, Repository, Result};
 
 /// When [`Checkpointer::step`] takes a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,7 +246,7 @@ impl Checkpointer {
         commit.tags.push(step_tag(step));
         let summary = self.repo.commit(&path, &commit)?;
         self.last = Some((step, Instant::now()));
-        let (forgotten, retention_error) = split(retain(&self.repo, &self.opts, key_of_path(&path)?));
+        let (forgotten, retention_error) = split(retain(&self.repo, &self.opts, &crate::commit::path_key(&path)?.1));
         self.ready.push(Persisted { step, summary, forgotten, retention_error });
         Ok(())
     }
@@ -255,7 +255,7 @@ impl Checkpointer {
     /// written; files it lacks are removed) and returns which it was; `None` when there is none.
     pub fn restore_latest_path(&self) -> Result<Option<Restored>> {
         let path = self.state_path()?;
-        let Some((latest, step)) = self.latest(&key_of_path(path)?)? else { return Ok(None) };
+        let Some((latest, step)) = self.latest(&crate::commit::path_key(path)?.1)? else { return Ok(None) };
         let opts = crate::CheckoutOptions { in_place: true, delete: true, ..Default::default() };
         self.repo.checkout(&latest.id, path, &opts)?;
         Ok(Some(Restored { id: latest.id, step }))
@@ -332,7 +332,7 @@ fn persist(repo: &Repository, opts: &CheckpointerOptions, mut job: Job) -> Resul
     let mut commit = opts.commit.clone();
     commit.tags.push(step_tag(job.step));
     let summary = repo.commit_reader(&opts.name, &mut job.image, &commit)?;
-    let (forgotten, retention_error) = split(retain(repo, opts, format!("stdin:{}", opts.name)));
+    let (forgotten, retention_error) = split(retain(repo, opts, &format!("stdin:{}", opts.name)));
     Ok(Persisted { step: job.step, summary, forgotten, retention_error })
 }
 
@@ -343,20 +343,9 @@ fn split(r: Result<Vec<Checkpoint>>) -> (Vec<Checkpoint>, Option<Error>) {
     }
 }
 
-/// Applies the retention policy to the checkpoints recorded under `key`.
-fn retain(repo: &Repository, opts: &CheckpointerOptions, key: String) -> Result<Vec<Checkpoint>> {
-    match &opts.retention {
-        Some(policy) => {
-            let scope = RetentionScope { paths: vec![key], ..Default::default() };
-            repo.apply_retention(&repo.plan_retention(policy, &scope)?)
-        }
-        None => Ok(Vec::new()),
-    }
-}
-
-/// The key a commit of `path` is recorded under: its absolute path.
-fn key_of_path(path: &std::path::Path) -> Result<String> {
-    Ok(std::path::absolute(path).map_err(|e| Error::io(path, e))?.to_string_lossy().into_owned())
+/// Applies the retention policy, if any, to the checkpoints recorded under `key`.
+fn retain(repo: &Repository, opts: &CheckpointerOptions, key: &str) -> Result<Vec<Checkpoint>> {
+    opts.retention.as_ref().map_or(Ok(Vec::new()), |policy| repo.retain_path(policy, key))
 }
 
 /// A temporary file with no name: created, then unlinked at once, so that nothing is left behind whatever

@@ -229,9 +229,9 @@ fn run(
     let started = Instant::now();
     let (path_key, root_name) = match &source {
         Source::Path(p) => {
-            let abs = std::path::absolute(p).map_err(|e| Error::io(*p, e))?;
+            let (abs, key) = path_key(p)?;
             let name = abs.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_else(|| b"root".to_vec());
-            (abs.to_string_lossy().into_owned(), name)
+            (key, name)
         }
         Source::Reader { name, .. } => {
             tree::validate_name(name.as_bytes())
@@ -365,6 +365,13 @@ fn run(
     summary.seconds = started.elapsed().as_secs_f64();
     opts.progress.finish();
     Ok(summary)
+}
+
+/// A committed path's absolute form, and the key its checkpoints are recorded under (`checkpoints.path`).
+pub(crate) fn path_key(path: &Path) -> Result<(std::path::PathBuf, String)> {
+    let abs = std::path::absolute(path).map_err(|e| Error::io(path, e))?;
+    let key = abs.to_string_lossy().into_owned();
+    Ok((abs, key))
 }
 
 fn worker(ctx: &Context<'_>, jobs: Receiver<Job>, results: Sender<Result<Hashed>>) {

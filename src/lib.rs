@@ -550,6 +550,12 @@ impl Repository {
         watch::watch(self, path.as_ref(), opts, stop, on)
     }
 
+    /// Applies `policy` to the checkpoints recorded under one key (`checkpoints.path`), after a new one.
+    pub(crate) fn retain_path(&self, policy: &Policy, key: &str) -> Result<Vec<Checkpoint>> {
+        let scope = RetentionScope { paths: vec![key.to_string()], ..Default::default() };
+        self.apply_retention(&self.plan_retention(policy, &scope)?)
+    }
+
     /// Forgets what a plan from [`Repository::plan_retention`] says to forget.
     pub fn apply_retention(&self, plan: &Plan) -> Result<Vec<Checkpoint>> {
         let ids: Vec<&str> = plan.forget.iter().map(|d| d.id.as_str()).collect();

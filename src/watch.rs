@@ -10,9 +10,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::{
-    Checkpoint, CommitOptions, CommitSummary, Error, GcOptions, GcSummary, Policy, Repository, Result, RetentionScope,
-};
+use crate::{Checkpoint, CommitOptions, CommitSummary, Error, GcOptions, GcSummary, Policy, Repository, Result};
 
 /// How to watch.
 #[derive(Clone)]
@@ -80,8 +78,7 @@ pub(crate) fn watch(
     }
     // Fail at once on what retrying cannot fix; later failures are reported and retried.
     std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
-    let key = std::path::absolute(path).map_err(|e| Error::io(path, e))?.to_string_lossy().into_owned();
-    let scope = RetentionScope { paths: vec![key], ..Default::default() };
+    let (_, key) = crate::commit::path_key(path)?;
     let commit = CommitOptions { skip_unchanged: true, ..opts.commit.clone() };
     let mut next = Instant::now();
     let mut last_gc = Instant::now();
@@ -91,7 +88,7 @@ pub(crate) fn watch(
             Ok(s) => {
                 let forgotten = match &opts.policy {
                     None => Ok(Vec::new()),
-                    Some(policy) => repo.plan_retention(policy, &scope).and_then(|plan| repo.apply_retention(&plan)),
+                    Some(policy) => repo.retain_path(policy, &key),
                 };
                 match forgotten {
                     Ok(forgotten) => on(WatchEvent::Checkpoint { summary: &s, forgotten: &forgotten }),
