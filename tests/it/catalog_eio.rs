@@ -9,11 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use crate::util::{assert_same_tree, bin, copy_dir, listed, pseudo_random, run, succeeded, text};
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
+use crate::util::{assert_same_tree, bin, copy_dir, listed, p, pseudo_random, run, succeeded, text};
 
 /// The shim, built once per test run; `None` (with a message) where no C compiler is installed, except under
 /// CI, where a skipped test would hide a regression.

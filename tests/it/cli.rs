@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-use crate::util::{assert_same_tree, bin, chunk_ids, pseudo_random, run};
+use crate::util::{assert_same_tree, bin, chunk_ids, p, pseudo_random, run};
 
 // ---------------------------------------------------------------------------------------------------------
 // Helpers (local to this file).
@@ -58,10 +58,6 @@ fn sx(repo: &Path, args: &[&str]) -> String {
 /// Runs against `repo` and asserts failure with `code`; returns stderr.
 fn sx_fail(repo: &Path, args: &[&str], code: i32) -> String {
     fails(run(repo, args), code, &format!("snapstore {}", args.join(" ")))
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
 }
 
 fn is_full_id(s: &str) -> bool {

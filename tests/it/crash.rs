@@ -11,14 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use crate::util::{Rng, listed, pseudo_random, run, spawn, succeeded, text};
+use crate::util::{Rng, env_num, listed, p, pseudo_random, run, spawn, succeeded, text};
 
 /// What a checkpoint should hold: file name → (seed, length) of its `pseudo_random` content.
 type Manifest = BTreeMap<String, (u64, usize)>;
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
 
 /// Brings `dir` to exactly the manifest's files, rewriting only those whose (seed, length) changed.
 fn apply(dir: &Path, old: &Manifest, new: &Manifest) {
@@ -68,7 +64,7 @@ fn count_files(dir: &Path) -> usize {
 }
 
 fn iterations() -> usize {
-    std::env::var("SNAPSTORE_CRASH_ITERATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(40)
+    env_num("SNAPSTORE_CRASH_ITERATIONS", 40) as usize
 }
 
 /// The next state of the checkpointed directory: about half the data rewritten, one small file replaced.

@@ -15,15 +15,7 @@ use std::time::{Duration, Instant};
 
 use snapstore::fault::POINTS;
 
-use crate::util::{Rng, assert_same_tree, copy_dir, listed, pseudo_random, run, succeeded, text};
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
-
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+use crate::util::{Rng, assert_same_tree, copy_dir, env_num, listed, p, pseudo_random, run, succeeded, text};
 
 /// Version `v` of the checkpointed directory: four files, two rewritten per version, and a note whose name
 /// changes, so an in-place checkout both rewrites and deletes.
@@ -238,8 +230,8 @@ fn trial(prep: &Prepared, scratch: &Path, op: Op, kill: Kill, label: String) -> 
 #[test]
 fn every_operation_killed_at_every_fault_point_and_at_random_loses_nothing() {
     let started = Instant::now();
-    let hits = env_num("SNAPSTORE_POINT_HITS", 3);
-    let random = env_num("SNAPSTORE_CRASH_ITERATIONS", 40) / 8;
+    let hits = env_num("SNAPSTORE_POINT_HITS", 3) as usize;
+    let random = env_num("SNAPSTORE_CRASH_ITERATIONS", 40) as usize / 8;
     let prep = Prepared::new();
     let scratch = prep.root.path().join("trials");
     fs::create_dir(&scratch).unwrap();

@@ -29,7 +29,7 @@ use snapstore::{
     Repository,
 };
 
-use crate::util::{Hooked, Rng, chunk_ids, copy_dir, listed, pseudo_random, run, spawn, succeeded, text};
+use crate::util::{Hooked, Rng, chunk_ids, copy_dir, env_num, listed, p, pseudo_random, run, spawn, succeeded, text};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers
@@ -40,14 +40,6 @@ const MIB: usize = 1 << 20;
 /// A fresh temporary directory, on tmpfs when there is one (see library.rs).
 fn tmp() -> tempfile::TempDir {
     super::util::fast_tempdir("snapstore-gc-")
-}
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
 }
 
 /// This machine's host name, as snapstore records it in sessions and leases.

@@ -6,11 +6,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::util::{assert_same_tree, bin, listed, pseudo_random, run, succeeded, text};
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
+use crate::util::{assert_same_tree, bin, listed, p, pseudo_random, run, succeeded, text};
 
 /// Rank `i`'s state: its own 1 MiB and a 2 MiB file every rank shares.
 fn rank_dir(root: &Path, i: u64) -> PathBuf {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use snapstore::{CheckoutOptions, CommitOptions, CommitSummary, EntryKind, Error, FileInfo, ObjectId, Repository};
 
-use crate::util::{chunk_ids, pseudo_random};
+use crate::util::{chunk_ids, env_num, pseudo_random};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers
@@ -1481,7 +1481,7 @@ fn a_file_that_keeps_changing_while_read_is_refused_or_skipped_never_half_record
 /// for 1,000,000, run with `--release`).
 #[test]
 fn many_empty_files_commit_and_check_out() {
-    let n: u64 = std::env::var("SNAPSTORE_MANY_FILES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let n = env_num("SNAPSTORE_MANY_FILES", 20_000);
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     let started = std::time::Instant::now();

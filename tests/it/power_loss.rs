@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use snapstore::backend::ObjectWriter;
 use snapstore::{Backend, Catalog, GcOptions, LocalBackend, Repository, VerifyOptions};
 
-use crate::util::{Rng, pseudo_random};
+use crate::util::{Rng, env_num, pseudo_random};
 
 /// The durable state taken at the cut, and what the cut was.
 struct Cut {
@@ -326,7 +326,7 @@ fn check(cut: &Cut, told: &Told) -> Result<(), String> {
 #[test]
 fn a_power_cut_at_any_store_operation_loses_no_reported_checkpoint() {
     let started = std::time::Instant::now();
-    let cuts: u64 = std::env::var("SNAPSTORE_POWER_CUTS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    let cuts = env_num("SNAPSTORE_POWER_CUTS", 30);
     let tmp = crate::util::fast_tempdir("power");
     // A run without a cut counts the operations.
     let (full, _) = run_steps(&tmp.path().join("count"), u64::MAX, 1, None);

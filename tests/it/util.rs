@@ -209,3 +209,13 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A temporary path as a command-line argument.
+pub fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+/// A number from the environment, for a test's long mode.
+pub fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
+}

@@ -7,11 +7,7 @@ use std::time::Duration;
 
 use snapstore::{CommitOptions, Repository};
 
-use crate::util::{assert_same_tree, bin, listed, pseudo_random, run, succeeded, text};
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
+use crate::util::{assert_same_tree, bin, listed, p, pseudo_random, run, succeeded, text};
 
 fn sigterm(pid: u32) {
     succeeded(&Command::new("kill").args(["-TERM", &pid.to_string()]).output().unwrap(), "kill -TERM");
