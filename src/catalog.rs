@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::pack::PackEntry;
 use crate::params::RepoParams;
-use crate::tree::{Entry, EntryKind};
+use crate::tree::{ChunkRef, Entry, EntryKind};
 
 /// How long a command waits for another process's write transaction before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -68,7 +68,31 @@ const MIGRATIONS: &[&str] = &[
                           complete_ns INTEGER) WITHOUT ROWID;
      CREATE TABLE group_parts (grp TEXT NOT NULL, part INTEGER NOT NULL, checkpoint TEXT NOT NULL UNIQUE,
                                PRIMARY KEY (grp, part)) WITHOUT ROWID;",
+    // 6: a tree is one row holding its encoded entries (`tree::encode_tree`) instead of a row per entry; the
+    // entries are moved over by `convert_trees` (see docs/format.md).
+    "ALTER TABLE trees RENAME TO trees_v5;
+     CREATE TABLE trees (id BLOB PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;",
 ];
+
+/// The migration after whose SQL `convert_trees` runs.
+const TREES_AS_BLOBS: usize = 6;
+
+/// Moves schema 5's trees (a row per entry) into schema 6's (a row per tree), one tree in memory at a time.
+fn convert_trees(tx: &rusqlite::Transaction<'_>) -> Result<()> {
+    let mut ids = tx.prepare("SELECT id FROM trees_v5")?;
+    let mut entries = tx.prepare(
+        "SELECT name, kind, mode, mtime_ns, ctime_ns, ino, size, target FROM tree_entries WHERE tree = ?1 ORDER BY name",
+    )?;
+    let mut insert = tx.prepare("INSERT INTO trees (id, data) VALUES (?1, ?2)")?;
+    let mut rows = ids.query([])?;
+    while let Some(row) = rows.next()? {
+        let id: Vec<u8> = row.get(0)?;
+        let list = entries.query_map([&id], entry_row)?.map(|r| r?).collect::<Result<Vec<_>>>()?;
+        insert.execute(params![id, crate::tree::encode_tree(&list)])?;
+    }
+    tx.execute_batch("DROP TABLE tree_entries; DROP TABLE trees_v5;")?;
+    Ok(())
+}
 
 /// Kinds of object in the `condemned` table.
 pub(crate) const KIND_CHUNK: i64 = 0;
@@ -101,6 +125,14 @@ pub struct ChunkLocation {
     pub flags: u8,
 }
 
+/// How a file content's chunks are listed.
+pub(crate) enum Layout {
+    /// Concatenated ids of the segments that list the chunks.
+    Segments(Vec<u8>),
+    /// One chunk, which is the whole content and whose id is the content's.
+    Chunk(ChunkRef),
+}
+
 /// A new checkpoint row, written in the same transaction as everything it references.
 pub(crate) struct NewCheckpoint {
     pub record: Checkpoint,
@@ -116,7 +148,8 @@ pub(crate) struct Batch {
     pub packs: Vec<(String, u64, Vec<PackEntry>)>,
     pub segments: Vec<(ObjectId, Vec<u8>)>,
     pub contents: Vec<(ObjectId, u64, Vec<u8>)>,
-    pub trees: Vec<(ObjectId, Vec<Entry>)>,
+    /// Tree ids and their encoded entries.
+    pub trees: Vec<(ObjectId, Vec<u8>)>,
     pub checkpoint: Option<NewCheckpoint>,
     /// Approximate bytes held, to decide when to write the batch out.
     pub bytes: usize,
@@ -159,8 +192,8 @@ fn blob_id(bytes: Vec<u8>) -> rusqlite::Result<ObjectId> {
         .ok_or_else(|| rusqlite::Error::InvalidColumnType(0, "id".into(), rusqlite::types::Type::Blob))
 }
 
-/// Decodes a `tree_entries` row (name, kind, mode, mtime_ns, ctime_ns, ino, size, target).
-pub(crate) fn entry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Entry>> {
+/// Decodes a schema-5 `tree_entries` row (name, kind, mode, mtime_ns, ctime_ns, ino, size, target).
+fn entry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Entry>> {
     let kind = match EntryKind::from_code(r.get(1)?) {
         Ok(kind) => kind,
         Err(e) => return Ok(Err(e)),
@@ -246,6 +279,9 @@ impl Catalog {
         let version: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             tx.execute_batch(sql)?;
+            if i + 1 == TREES_AS_BLOBS {
+                convert_trees(&tx)?;
+            }
             tx.pragma_update(None, "user_version", (i + 1) as u32)?;
         }
         tx.commit()?;
@@ -316,43 +352,42 @@ impl Catalog {
             .ok_or_else(|| Error::corrupt(format!("segment {id} is missing from the catalog")))
     }
 
-    /// A file content's size and concatenated segment ids.
-    pub fn content(&self, id: &ObjectId) -> Result<(u64, Vec<u8>)> {
+    /// A file content's size and how its chunks are listed. A content of exactly one chunk has no row of its
+    /// own: its id is that chunk's id (see docs/format.md), and the chunk's row gives its size.
+    pub(crate) fn content(&self, id: &ObjectId) -> Result<(u64, Layout)> {
         let mut stmt = self.conn.prepare_cached("SELECT size, segments FROM contents WHERE id = ?1")?;
-        let (size, segs): (i64, Vec<u8>) = stmt
-            .query_row([&id.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?
-            .ok_or_else(|| Error::corrupt(format!("file content {id} is missing from the catalog")))?;
-        if segs.len() % ObjectId::LEN != 0 {
-            return Err(Error::corrupt(format!("file content {id} has a malformed segment list")));
+        let row: Option<(i64, Vec<u8>)> = stmt.query_row([&id.0[..]], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        if let Some((size, segs)) = row {
+            if segs.len() % ObjectId::LEN != 0 {
+                return Err(Error::corrupt(format!("file content {id} has a malformed segment list")));
+            }
+            return Ok((to_u64(size), Layout::Segments(segs)));
         }
-        Ok((to_u64(size), segs))
+        let mut chunk = self.conn.prepare_cached("SELECT raw_len FROM chunks WHERE id = ?1")?;
+        match chunk.query_row([&id.0[..]], |r| r.get::<_, u32>(0)).optional()? {
+            Some(len) => Ok((len.into(), Layout::Chunk(ChunkRef { id: *id, len }))),
+            None => Err(Error::corrupt(format!("file content {id} is missing from the catalog"))),
+        }
     }
 
     /// A tree's entries, sorted by name.
     pub fn tree(&self, id: &ObjectId) -> Result<Vec<Entry>> {
-        let expected: Option<i64> = self
+        let data: Vec<u8> = self
             .conn
-            .prepare_cached("SELECT entries FROM trees WHERE id = ?1")?
+            .prepare_cached("SELECT data FROM trees WHERE id = ?1")?
             .query_row([&id.0[..]], |r| r.get(0))
-            .optional()?;
-        let expected = expected.ok_or_else(|| Error::corrupt(format!("tree {id} is missing from the catalog")))?;
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT name, kind, mode, mtime_ns, ctime_ns, ino, size, target FROM tree_entries WHERE tree = ?1 ORDER BY name",
-        )?;
-        let out = stmt.query_map([&id.0[..]], entry_row)?.map(|r| r?).collect::<Result<Vec<_>>>()?;
-        if out.len() as i64 != expected {
-            return Err(Error::corrupt(format!("tree {id} should have {expected} entries but has {}", out.len())));
-        }
-        Ok(out)
+            .optional()?
+            .ok_or_else(|| Error::corrupt(format!("tree {id} is missing from the catalog")))?;
+        crate::tree::decode_tree(&data).map_err(|e| match e {
+            Error::Corrupt { what } => Error::corrupt(format!("tree {id}: {what}")),
+            other => other,
+        })
     }
 
-    /// One entry of a tree, by name, without reading the others.
+    /// One entry of a tree, by name.
     pub fn tree_entry(&self, id: &ObjectId, name: &[u8]) -> Result<Option<Entry>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT name, kind, mode, mtime_ns, ctime_ns, ino, size, target FROM tree_entries WHERE tree = ?1 AND name = ?2",
-        )?;
-        stmt.query_row(params![&id.0[..], name], entry_row).optional()?.transpose()
+        let entries = self.tree(id)?;
+        Ok(entries.binary_search_by(|e| e.name.as_slice().cmp(name)).ok().map(|i| entries[i].clone()))
     }
 
     /// Writes a batch of rows in one transaction. Pack rows and their chunks come first, so that a
@@ -403,30 +438,10 @@ impl Catalog {
                 content_stmt.execute(params![&id.0[..], to_i64(*size), segs])?;
                 uncondemn.execute(params![KIND_CONTENT, &id.0[..]])?;
             }
-            let mut tree_stmt = tx.prepare_cached("INSERT OR IGNORE INTO trees (id, entries) VALUES (?1, ?2)")?;
-            let mut entry_stmt = tx.prepare_cached(
-                "INSERT INTO tree_entries (tree, name, kind, mode, mtime_ns, ctime_ns, ino, size, target)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?;
-            for (id, entries) in &batch.trees {
+            let mut tree_stmt = tx.prepare_cached("INSERT OR IGNORE INTO trees (id, data) VALUES (?1, ?2)")?;
+            for (id, data) in &batch.trees {
                 uncondemn.execute(params![KIND_TREE, &id.0[..]])?;
-                // A tree already present was written whole with its entries: nothing to add.
-                if tree_stmt.execute(params![&id.0[..], entries.len() as i64])? == 0 {
-                    continue;
-                }
-                for e in entries {
-                    entry_stmt.execute(params![
-                        &id.0[..],
-                        &e.name,
-                        e.kind.code(),
-                        e.mode,
-                        e.mtime_ns,
-                        e.ctime_ns,
-                        to_i64(e.ino),
-                        to_i64(e.size),
-                        &e.target
-                    ])?;
-                }
+                tree_stmt.execute(params![&id.0[..], data])?;
             }
             if let Some(cp) = &batch.checkpoint {
                 let c = &cp.record;
@@ -740,6 +755,72 @@ mod tests {
         assert_eq!(mode, "wal");
     }
 
+    /// A schema-5 catalog (a row per tree entry) opens as schema 6 with the same trees under the same ids.
+    #[test]
+    fn schema_5_trees_are_converted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let entry = |name: &[u8], kind, target: Vec<u8>| Entry {
+            name: name.to_vec(),
+            kind,
+            mode: 0o644,
+            mtime_ns: 1_700_000_000_123_456_789,
+            ctime_ns: 1_700_000_000_223_456_789,
+            ino: 42,
+            size: 7,
+            target,
+        };
+        let sub = vec![entry(b"f", EntryKind::File, vec![7; 32])];
+        let sub_id = crate::tree::tree_id(&sub);
+        let root = vec![
+            entry(b"a-link", EntryKind::Symlink, b"../x".to_vec()),
+            entry(b"d", EntryKind::Dir, sub_id.0.to_vec()),
+        ];
+        let root_id = crate::tree::tree_id(&root);
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..5] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 5).unwrap();
+            for (id, entries) in [(sub_id, &sub), (root_id, &root)] {
+                conn.execute(
+                    "INSERT INTO trees (id, entries) VALUES (?1, ?2)",
+                    params![&id.0[..], entries.len() as i64],
+                )
+                .unwrap();
+                for e in entries.iter() {
+                    conn.execute(
+                        "INSERT INTO tree_entries (tree, name, kind, mode, mtime_ns, ctime_ns, ino, size, target)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                        params![
+                            &id.0[..],
+                            e.name,
+                            e.kind.code(),
+                            e.mode,
+                            e.mtime_ns,
+                            e.ctime_ns,
+                            e.ino as i64,
+                            e.size as i64,
+                            e.target
+                        ],
+                    )
+                    .unwrap();
+                }
+            }
+        }
+        let cat = Catalog::open(&path).unwrap();
+        assert_eq!(cat.tree(&root_id).unwrap(), root);
+        assert_eq!(cat.tree(&sub_id).unwrap(), sub);
+        let left: i64 = cat
+            .connection()
+            .query_row("SELECT count(*) FROM sqlite_master WHERE name IN ('tree_entries', 'trees_v5')", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(left, 0);
+    }
+
     #[test]
     fn newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -766,10 +847,15 @@ mod tests {
             target: b"x".to_vec(),
         };
         let id = crate::tree::tree_id(std::slice::from_ref(&e));
-        let batch = Batch { trees: vec![(id, vec![e.clone()])], ..Default::default() };
+        let batch =
+            Batch { trees: vec![(id, crate::tree::encode_tree(std::slice::from_ref(&e)))], ..Default::default() };
         cat.write_batch(&batch, None).unwrap();
-        assert_eq!(cat.tree(&id).unwrap(), vec![e]);
-        cat.connection().execute("DELETE FROM tree_entries", []).unwrap();
+        assert_eq!(cat.tree(&id).unwrap(), vec![e.clone()]);
+        assert_eq!(cat.tree_entry(&id, b"f").unwrap(), Some(e));
+        assert_eq!(cat.tree_entry(&id, b"g").unwrap(), None);
+        cat.connection().execute("UPDATE trees SET data = x'01'", []).unwrap();
+        assert!(cat.tree(&id).unwrap_err().is_corruption());
+        cat.connection().execute("DELETE FROM trees", []).unwrap();
         assert!(cat.tree(&id).unwrap_err().is_corruption());
     }
 }

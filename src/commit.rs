@@ -1076,6 +1076,8 @@ struct ContentBuilder {
     size: u64,
     segment: Vec<ChunkRef>,
     segment_ids: Vec<u8>,
+    first: Option<ChunkRef>,
+    chunks: u64,
 }
 
 struct Assembler {
@@ -1132,8 +1134,9 @@ impl Assembler {
                         self.stack.pop().ok_or_else(|| Error::Internal("unbalanced tree".into()))?;
                     let mut entry = entry.ok_or_else(|| Error::Internal("closed the root".into()))?;
                     let id = tree::tree_id(&children);
-                    self.batch.bytes += children.len() * 96;
-                    self.batch.trees.push((id, children));
+                    let data = tree::encode_tree(&children);
+                    self.batch.bytes += data.len() + 32;
+                    self.batch.trees.push((id, data));
                     entry.target = id.0.to_vec();
                     self.add_child(entry)?;
                 }
@@ -1144,7 +1147,14 @@ impl Assembler {
                     self.add_child(e)?;
                 }
                 Event::FileStart(entry) => {
-                    self.file = Some(ContentBuilder { entry, size: 0, segment: Vec::new(), segment_ids: Vec::new() });
+                    self.file = Some(ContentBuilder {
+                        entry,
+                        size: 0,
+                        segment: Vec::new(),
+                        segment_ids: Vec::new(),
+                        first: None,
+                        chunks: 0,
+                    });
                 }
                 Event::Chunk(seq) => {
                     let h = loop {
@@ -1192,6 +1202,8 @@ impl Assembler {
         }
         let b = self.file.as_mut().ok_or_else(|| Error::Internal("chunk outside a file".into()))?;
         b.size += h.len as u64;
+        b.chunks += 1;
+        b.first.get_or_insert(ChunkRef { id: h.id, len: h.len });
         b.segment.push(ChunkRef { id: h.id, len: h.len });
         if tree::ends_segment(&h.id, b.segment.len()) {
             let seg = std::mem::take(&mut b.segment);
@@ -1201,13 +1213,31 @@ impl Assembler {
     }
 
     fn finish_file(&mut self, mut b: ContentBuilder) -> Result<()> {
-        if !b.segment.is_empty() {
-            let seg = std::mem::take(&mut b.segment);
-            push_segment(&mut self.batch, &mut b, &seg);
-        }
-        let id = tree::content_id(b.size, &b.segment_ids);
-        self.batch.bytes += b.segment_ids.len() + 48;
-        self.batch.contents.push((id, b.size, b.segment_ids));
+        let id = match b.first {
+            // One chunk is the whole content and names it (docs/format.md): no content or segment row. Most
+            // small files are one chunk, and these rows were most of what the catalog held per file.
+            Some(only) if b.chunks == 1 => {
+                if !b.segment_ids.is_empty() {
+                    // The chunk also ended a segment (its id starts with a zero byte), which `chunk` queued
+                    // just now, after any batch write: take it back.
+                    let (seg, _) = self.batch.segments.pop().ok_or_else(|| Error::Internal("segment lost".into()))?;
+                    if seg.0[..] != b.segment_ids[..] {
+                        return Err(Error::Internal("segment order".into()));
+                    }
+                }
+                only.id
+            }
+            _ => {
+                if !b.segment.is_empty() {
+                    let seg = std::mem::take(&mut b.segment);
+                    push_segment(&mut self.batch, &mut b, &seg);
+                }
+                let id = tree::content_id(b.size, &b.segment_ids);
+                self.batch.bytes += b.segment_ids.len() + 48;
+                self.batch.contents.push((id, b.size, b.segment_ids));
+                id
+            }
+        };
         let mut entry = b.entry;
         entry.size = b.size;
         entry.target = id.0.to_vec();
@@ -1241,7 +1271,7 @@ impl Assembler {
             }
         };
         let id = tree::tree_id(&children);
-        self.batch.trees.push((id, children));
+        self.batch.trees.push((id, tree::encode_tree(&children)));
         Ok((id, entry))
     }
 
@@ -1346,6 +1376,53 @@ mod tests {
             // for the rest of the file): the previous cuts must have been taken there.
             assert!(guided >= 8, "{what}: only {guided} chunks taken at previous cuts");
         }
+    }
+
+    /// A file of one chunk is named by the chunk and adds no content or segment row, also when the chunk ends
+    /// a segment (an id starting with a zero byte); longer and empty files keep their rows. All read back.
+    #[test]
+    fn one_chunk_files_are_named_by_their_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let ends_segment = (0u64..)
+            .map(|seed| data(3000, seed))
+            .find(|d| ObjectId::of(d).0[0] == 0)
+            .expect("one in 256 ids starts with a zero byte");
+        let files: [(&str, Vec<u8>); 4] = [
+            ("small", b"one chunk\n".to_vec()),
+            ("ends-segment", ends_segment.clone()),
+            ("empty", Vec::new()),
+            ("large", data(1 << 20, 9)),
+        ];
+        for (name, bytes) in &files {
+            std::fs::write(src.join(name), bytes).unwrap();
+        }
+        let repo = Repository::init(dir.path().join("repo")).unwrap();
+        let id = repo.commit(&src, &CommitOptions::default()).unwrap().id;
+        let catalog = repo.catalog().unwrap();
+        let count = |table: &str| -> i64 {
+            catalog.connection().query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).unwrap()
+        };
+        // Contents: the empty file's and the large file's only; segments: the large file's only.
+        assert_eq!(count("contents"), 2);
+        let large_segments: i64 = catalog
+            .connection()
+            .query_row("SELECT length(segments) / 32 FROM contents WHERE size > 0", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count("segments"), large_segments);
+        for (name, bytes) in &files {
+            let mut back = Vec::new();
+            std::io::Read::read_to_end(&mut repo.open_file(&id, name).unwrap(), &mut back).unwrap();
+            assert!(back == *bytes, "{name}");
+            let entry = catalog.tree(&ObjectId::from_slice(&root_entry(&catalog, &id).unwrap().target).unwrap());
+            let entry = entry.unwrap().into_iter().find(|e| e.name == name.as_bytes()).unwrap();
+            let is_chunk = entry.target == ObjectId::of(bytes).0;
+            assert_eq!(is_chunk, matches!(*name, "small" | "ends-segment"), "{name}");
+        }
+        let report =
+            repo.verify(&crate::VerifyOptions { read_data: crate::DataSubset::All, ..Default::default() }).unwrap();
+        assert!(report.is_clean(), "{report:?}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Layout};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::tree::{self, ChunkRef, Entry, EntryKind};
@@ -95,14 +95,18 @@ pub(crate) struct ChunkCursor<'a> {
 impl<'a> ChunkCursor<'a> {
     /// Starts at the first chunk of `content`.
     pub fn new(catalog: &'a Catalog, content: &ObjectId) -> Result<Self> {
-        let (size, segments) = catalog.content(content)?;
+        let (size, layout) = catalog.content(content)?;
+        let (segments, refs) = match layout {
+            Layout::Segments(ids) => (ids, Vec::new()),
+            Layout::Chunk(r) => (Vec::new(), vec![r]),
+        };
         Ok(ChunkCursor {
             catalog,
             content: *content,
             size,
             segments,
             next_segment: 0,
-            refs: Vec::new().into_iter(),
+            refs: refs.into_iter(),
             offset: 0,
         })
     }

@@ -198,7 +198,6 @@ fn sweep(conn: &Connection) -> Result<(u64, u64, u64)> {
     let chunks = conn.execute(&format!("DELETE FROM chunks WHERE id IN ({})", sel(0)), [safe])? as u64;
     let mut meta = conn.execute(&format!("DELETE FROM segments WHERE id IN ({})", sel(1)), [safe])? as u64;
     meta += conn.execute(&format!("DELETE FROM contents WHERE id IN ({})", sel(2)), [safe])? as u64;
-    conn.execute(&format!("DELETE FROM tree_entries WHERE tree IN ({})", sel(3)), [safe])?;
     meta += conn.execute(&format!("DELETE FROM trees WHERE id IN ({})", sel(3)), [safe])? as u64;
     conn.execute("DELETE FROM condemned WHERE epoch < ?1", [safe])?;
     let deferred: i64 = conn.query_row("SELECT count(*) FROM condemned WHERE kind = 0", [], |r| r.get(0))?;

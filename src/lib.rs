@@ -76,7 +76,7 @@ pub use progress::{NoProgress, Progress};
 pub use reader::FileReader;
 pub use repair::{CheckpointState, RepairReport};
 pub use retention::{Decision, Plan, Policy, UNLIMITED, parse_count, parse_duration};
-pub use tree::{Entry, EntryKind, validate_name};
+pub use tree::{Entry, EntryKind, decode_tree, encode_tree, validate_name};
 pub use verify::{
     AffectedCheckpoint, AffectedFile, DamagedChunk, DamagedObject, DamagedPack, DataSubset, VerifyOptions, VerifyReport,
 };

@@ -9,7 +9,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::sync::Arc;
 
 use crate::backend::Backend;
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Layout};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::store::ChunkReader;
@@ -45,26 +45,28 @@ pub struct FileReader {
 
 impl FileReader {
     pub(crate) fn open(catalog: Catalog, backend: Arc<dyn Backend>, content: &ObjectId) -> Result<Self> {
-        let (size, ids) = catalog.content(content)?;
-        let mut segments = Vec::with_capacity(ids.len() / ObjectId::LEN);
+        let (size, layout) = catalog.content(content)?;
+        let (mut segments, mut segment) = (Vec::new(), None);
         let mut offset = 0u64;
-        for seg in ids.chunks_exact(ObjectId::LEN) {
-            let seg = ObjectId::from_slice(seg).expect("32 bytes");
-            segments.push((offset, seg));
-            offset += tree::decode_segment(&catalog.segment(&seg)?)?.iter().map(|r| r.len as u64).sum::<u64>();
+        match layout {
+            Layout::Segments(ids) => {
+                for seg in ids.chunks_exact(ObjectId::LEN) {
+                    let seg = ObjectId::from_slice(seg).expect("32 bytes");
+                    segments.push((offset, seg));
+                    offset += tree::decode_segment(&catalog.segment(&seg)?)?.iter().map(|r| r.len as u64).sum::<u64>();
+                }
+            }
+            Layout::Chunk(r) => {
+                // One segment that is already loaded, so its id (here the chunk's) is never looked up.
+                segments.push((0, r.id));
+                segment = Some((0, vec![(0, r)]));
+                offset = r.len.into();
+            }
         }
         if offset != size {
             return Err(Error::corrupt(format!("file content {content}: its chunks add up to {offset}, not {size}")));
         }
-        Ok(FileReader {
-            catalog,
-            chunks: ChunkReader::new(backend)?,
-            size,
-            segments,
-            segment: None,
-            chunk: None,
-            pos: 0,
-        })
+        Ok(FileReader { catalog, chunks: ChunkReader::new(backend)?, size, segments, segment, chunk: None, pos: 0 })
     }
 
     /// The file's size in bytes.

@@ -18,8 +18,8 @@
 //!    partition (`n/m`: the packs whose name hashes to `n - 1` modulo `m`, so parts `1/m` to `m/m` read each
 //!    pack exactly once however the runs are spread over days), or by a random share (`5%`).
 //! 3. **Damage → files**, in a fresh snapshot: segments holding a damaged chunk (a scan of `segments`),
-//!    contents holding those or missing segments, then the trees whose entries lead to them, to a fixpoint
-//!    (one scan of `tree_entries` per directory level). Only checkpoints whose root tree is hit are walked, and
+//!    contents holding those or missing segments (a damaged chunk is also the content of a one-chunk file),
+//!    then the trees whose entries lead to them, to a fixpoint (one scan of `trees` per directory level). Only checkpoints whose root tree is hit are walked, and
 //!    only along hit subtrees, to name the affected paths.
 //!
 //! Verify never writes the catalog, so it runs beside commits and GC. The data phase runs outside any
@@ -39,13 +39,13 @@ use std::time::Instant;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::backend::Backend;
-use crate::catalog::{Catalog, KIND_CONTENT, KIND_SEGMENT, KIND_TREE, entry_row, now_ns};
+use crate::catalog::{Catalog, KIND_CONTENT, KIND_SEGMENT, KIND_TREE, now_ns};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::pack::{FOOTER_LEN, HEADER_LEN, PackEntry};
 use crate::progress::{NoProgress, Progress};
 use crate::store::BlobDecoder;
-use crate::tree::{Entry, EntryKind, content_id, decode_segment, segment_id, tree_id, validate_name};
+use crate::tree::{EntryKind, content_id, decode_segment, decode_tree, segment_id, tree_id, validate_name};
 
 /// At most this many damaged chunks, damaged objects and affected files are listed in a report (the totals
 /// count them all), so a repository whose whole chunk index is lost still gives a report that fits in memory.
@@ -466,10 +466,10 @@ struct Walker<'c> {
     seen: rusqlite::CachedStatement<'c>,
     bad: rusqlite::CachedStatement<'c>,
     tree: rusqlite::CachedStatement<'c>,
-    entries: rusqlite::CachedStatement<'c>,
     content: rusqlite::CachedStatement<'c>,
     segment: rusqlite::CachedStatement<'c>,
     chunk_ref: rusqlite::CachedStatement<'c>,
+    chunk_exists: rusqlite::CachedStatement<'c>,
 }
 
 impl<'c> Walker<'c> {
@@ -477,14 +477,11 @@ impl<'c> Walker<'c> {
         Ok(Walker {
             seen: conn.prepare_cached("INSERT OR IGNORE INTO temp.v_seen (kind, id) VALUES (?1, ?2)")?,
             bad: conn.prepare_cached("INSERT OR IGNORE INTO temp.v_bad_obj (kind, id, problem) VALUES (?1, ?2, ?3)")?,
-            tree: conn.prepare_cached("SELECT entries FROM trees WHERE id = ?1")?,
-            entries: conn.prepare_cached(
-                "SELECT name, kind, mode, mtime_ns, ctime_ns, ino, size, target FROM tree_entries WHERE tree = ?1
-                 ORDER BY name",
-            )?,
+            tree: conn.prepare_cached("SELECT data FROM trees WHERE id = ?1")?,
             content: conn.prepare_cached("SELECT size, segments FROM contents WHERE id = ?1")?,
             segment: conn.prepare_cached("SELECT data FROM segments WHERE id = ?1")?,
             chunk_ref: conn.prepare_cached("INSERT OR IGNORE INTO temp.v_refs (id, len) VALUES (?1, ?2)")?,
+            chunk_exists: conn.prepare_cached("SELECT 1 FROM chunks WHERE id = ?1")?,
         })
     }
 
@@ -503,22 +500,22 @@ impl<'c> Walker<'c> {
         }
         let mut stack = vec![root];
         while let Some(tree) = stack.pop() {
-            let expected: Option<i64> = self.tree.query_row([&tree.0[..]], |r| r.get(0)).optional()?;
-            let Some(expected) = expected else {
+            let data: Option<Vec<u8>> = self.tree.query_row([&tree.0[..]], |r| r.get(0)).optional()?;
+            let Some(data) = data else {
                 self.damaged(KIND_TREE, &tree, "missing from the catalog")?;
                 continue;
             };
-            let rows: Vec<Result<Entry>> =
-                self.entries.query_map([&tree.0[..]], entry_row)?.collect::<rusqlite::Result<_>>()?;
-            if rows.len() as i64 != expected {
-                let why = format!("has {} of its {expected} entries in the catalog", rows.len());
-                self.damaged(KIND_TREE, &tree, &why)?;
-            }
-            let known = rows.iter().filter(|r| r.is_ok()).count();
-            if known < rows.len() {
-                self.damaged(KIND_TREE, &tree, "holds an entry of unknown kind")?;
-            }
-            let entries: Vec<Entry> = rows.into_iter().flatten().collect();
+            let entries = match decode_tree(&data) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    let why = match e {
+                        Error::Corrupt { what } => what,
+                        other => other.to_string(),
+                    };
+                    self.damaged(KIND_TREE, &tree, &why)?;
+                    continue;
+                }
+            };
             for e in &entries {
                 if validate_name(&e.name).is_err() {
                     self.damaged(KIND_TREE, &tree, "holds an unsafe name")?;
@@ -534,24 +531,29 @@ impl<'c> Walker<'c> {
                     }
                     (EntryKind::File, Some(id)) => {
                         if self.first_visit(KIND_CONTENT, &id)? {
-                            self.content(id)?;
+                            self.content(id, e.size)?;
                         }
                     }
                 }
             }
             // A tree is named by the hash of its entries: any altered field of any row shows here (after the
             // checks above, whose findings say more, since a tree keeps the first problem found).
-            if known == entries.len() && tree_id(&entries) != tree {
+            if tree_id(&entries) != tree {
                 self.damaged(KIND_TREE, &tree, "does not match its id (its entries were altered)")?;
             }
         }
         Ok(())
     }
 
-    fn content(&mut self, id: ObjectId) -> Result<()> {
+    fn content(&mut self, id: ObjectId, file_size: u64) -> Result<()> {
         let row: Option<(i64, Vec<u8>)> =
             self.content.query_row([&id.0[..]], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
         let Some((size, segs)) = row else {
+            // A content of one chunk has no row: it is the chunk, which must be indexed with the file's size.
+            if self.chunk_exists.exists([&id.0[..]])? {
+                self.chunk_ref.execute(params![&id.0[..], file_size as i64])?;
+                return Ok(());
+            }
             return self.damaged(KIND_CONTENT, &id, "missing from the catalog");
         };
         if !segs.len().is_multiple_of(ObjectId::LEN) {
@@ -822,6 +824,8 @@ fn spread_damage(conn: &Connection) -> Result<()> {
     conn.execute("INSERT OR IGNORE INTO temp.v_hit (kind, id, gen) SELECT kind, id, 0 FROM temp.v_bad_obj", [])?;
     let any_bad_chunk: bool = conn.query_row("SELECT EXISTS (SELECT 1 FROM temp.v_bad_chunk)", [], |r| r.get(0))?;
     if any_bad_chunk {
+        // A file of one chunk names that chunk as its content.
+        conn.execute("INSERT OR IGNORE INTO temp.v_hit (kind, id, gen) SELECT 2, id, 0 FROM temp.v_bad_chunk", [])?;
         // One pass over all segments, one indexed lookup per chunk reference: no chunk set held in memory.
         let mut is_bad = conn.prepare_cached("SELECT 1 FROM temp.v_bad_chunk WHERE id = ?1")?;
         let mut hit = conn.prepare_cached("INSERT OR IGNORE INTO temp.v_hit (kind, id, gen) VALUES (?1, ?2, 0)")?;
@@ -853,17 +857,30 @@ fn spread_damage(conn: &Connection) -> Result<()> {
             }
         }
     }
-    // Trees whose entries lead to something hit, one directory level per pass. EXISTS keeps SQLite scanning
-    // tree_entries once per pass with a keyed lookup in v_hit (tree_entries has no index on target).
+    // Trees whose entries lead to something hit, one directory level per pass: each pass decodes every tree
+    // once, with a keyed lookup in v_hit per entry, so nothing but one tree is held in memory.
+    let mut hit_at = conn.prepare_cached("SELECT 1 FROM temp.v_hit WHERE kind = ?1 AND id = ?2 AND gen = ?3")?;
+    let mut hit = conn.prepare_cached("INSERT OR IGNORE INTO temp.v_hit (kind, id, gen) VALUES (3, ?1, ?2)")?;
+    let mut trees = conn.prepare("SELECT id, data FROM trees")?;
     let mut level = 0i64;
     loop {
-        let added = conn.execute(
-            "INSERT OR IGNORE INTO temp.v_hit (kind, id, gen)
-             SELECT DISTINCT 3, e.tree, ?1 + 1 FROM tree_entries e
-             WHERE e.kind IN (1, 2) AND EXISTS (SELECT 1 FROM temp.v_hit h
-                 WHERE h.kind = (CASE e.kind WHEN 1 THEN 2 ELSE 3 END) AND h.id = e.target AND h.gen = ?1)",
-            [level],
-        )?;
+        let mut added = 0;
+        let mut rows = trees.query([])?;
+        while let Some(row) = rows.next()? {
+            let (id, data): (Vec<u8>, Vec<u8>) = (row.get(0)?, row.get(1)?);
+            let Ok(entries) = decode_tree(&data) else { continue };
+            for e in entries {
+                let kind = match e.kind {
+                    EntryKind::File => KIND_CONTENT,
+                    EntryKind::Dir => KIND_TREE,
+                    EntryKind::Symlink => continue,
+                };
+                if hit_at.exists(params![kind, e.target, level])? {
+                    added += hit.execute(params![id, level + 1])?;
+                    break;
+                }
+            }
+        }
         if added == 0 {
             return Ok(());
         }
@@ -884,8 +901,7 @@ fn affected(conn: &Connection, report: &mut VerifyReport) -> Result<()> {
     let mut hit = conn.prepare_cached("SELECT 1 FROM temp.v_hit WHERE kind = ?1 AND id = ?2")?;
     let mut bad_obj = conn.prepare_cached("SELECT problem FROM temp.v_bad_obj WHERE kind = ?1 AND id = ?2")?;
     let mut bad_chunk = conn.prepare_cached("SELECT 1 FROM temp.v_bad_chunk WHERE id = ?1")?;
-    let mut entries =
-        conn.prepare_cached("SELECT name, kind, target FROM tree_entries WHERE tree = ?1 ORDER BY name DESC")?;
+    let mut tree_data = conn.prepare_cached("SELECT data FROM trees WHERE id = ?1")?;
     let mut content = conn.prepare_cached("SELECT segments FROM contents WHERE id = ?1")?;
     let mut segment = conn.prepare_cached("SELECT data FROM segments WHERE id = ?1")?;
     for (id, path, time_ns, root) in cps {
@@ -920,15 +936,14 @@ fn affected(conn: &Connection, report: &mut VerifyReport) -> Result<()> {
                 a.missing_trees += 1;
                 record(&mut a, &path, format!("directory tree {problem}"));
             }
-            let rows: Vec<(Vec<u8>, i64, Vec<u8>)> = entries
-                .query_map([&tree.0[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<rusqlite::Result<_>>()?;
-            for (name, kind, target) in rows {
-                let Some(target) = ObjectId::from_slice(&target) else { continue };
-                let child = path.join(OsStr::from_bytes(&name));
-                match kind {
-                    2 if hit.exists(params![KIND_TREE, &target.0[..]])? => stack.push((target, child)),
-                    1 if hit.exists(params![KIND_CONTENT, &target.0[..]])? => {
+            let data: Option<Vec<u8>> = tree_data.query_row([&tree.0[..]], |r| r.get(0)).optional()?;
+            let entries = data.and_then(|d| decode_tree(&d).ok()).unwrap_or_default();
+            for e in entries.into_iter().rev() {
+                let Some(target) = ObjectId::from_slice(&e.target) else { continue };
+                let child = path.join(OsStr::from_bytes(&e.name));
+                match e.kind {
+                    EntryKind::Dir if hit.exists(params![KIND_TREE, &target.0[..]])? => stack.push((target, child)),
+                    EntryKind::File if hit.exists(params![KIND_CONTENT, &target.0[..]])? => {
                         let why =
                             file_damage(&mut a, &target, &mut bad_obj, &mut bad_chunk, &mut content, &mut segment)?;
                         record(&mut a, &child, why);
@@ -958,8 +973,13 @@ fn file_damage(
         a.missing_contents += 1;
         return Ok(format!("file content {p}"));
     }
-    let segs: Vec<u8> = content.query_row([&content_id.0[..]], |r| r.get(0)).optional()?.unwrap_or_default();
+    let segs: Option<Vec<u8>> = content.query_row([&content_id.0[..]], |r| r.get(0)).optional()?;
     let (mut segments_missing, mut chunks_bad) = (0u64, 0u64);
+    if segs.is_none() && bad_chunk.exists([&content_id.0[..]])? {
+        // A content of one chunk: the chunk itself.
+        chunks_bad += 1;
+    }
+    let segs = segs.unwrap_or_default();
     for seg in segs.chunks_exact(ObjectId::LEN) {
         let seg = ObjectId::from_slice(seg).expect("32 bytes");
         if problem_of(KIND_SEGMENT, &seg)?.is_some() {

@@ -219,3 +219,35 @@ pub fn p(path: &Path) -> &str {
 pub fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
 }
+
+/// Every tree entry in a catalog, with the id of the tree holding it (trees are stored encoded, one row each).
+pub fn all_entries(conn: &rusqlite::Connection) -> Vec<(Vec<u8>, snapstore::Entry)> {
+    let mut stmt = conn.prepare("SELECT id, data FROM trees").unwrap();
+    let rows: Vec<(Vec<u8>, Vec<u8>)> =
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
+    rows.into_iter()
+        .flat_map(|(id, data)| snapstore::decode_tree(&data).unwrap().into_iter().map(move |e| (id.clone(), e)))
+        .collect()
+}
+
+/// Rewrites trees in place, under their old ids (as damage would): `edit` changes a tree's entries and says
+/// whether it did. Returns how many trees were rewritten.
+pub fn edit_trees(
+    conn: &rusqlite::Connection,
+    mut edit: impl FnMut(&[u8], &mut Vec<snapstore::Entry>) -> bool,
+) -> usize {
+    let mut stmt = conn.prepare("SELECT id, data FROM trees").unwrap();
+    let rows: Vec<(Vec<u8>, Vec<u8>)> =
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
+    let mut changed = 0;
+    for (id, data) in rows {
+        let mut entries = snapstore::decode_tree(&data).unwrap();
+        if edit(&id, &mut entries) {
+            // Unsorted names are fine for the tests that rename: decoding refuses them, as damage.
+            let data = snapstore::encode_tree(&entries);
+            conn.execute("UPDATE trees SET data = ?1 WHERE id = ?2", (data, &id)).unwrap();
+            changed += 1;
+        }
+    }
+    changed
+}

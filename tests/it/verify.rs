@@ -9,9 +9,9 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use snapstore::{Catalog, CheckoutOptions, DataSubset, ObjectId, RepoParams, Repository, VerifyOptions};
+use snapstore::{Catalog, CheckoutOptions, DataSubset, EntryKind, ObjectId, RepoParams, Repository, VerifyOptions};
 
-use crate::util::{copy_dir, fast_tempdir, pseudo_random, run, succeeded, text};
+use crate::util::{all_entries, copy_dir, edit_trees, fast_tempdir, pseudo_random, run, succeeded, text};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -42,19 +42,28 @@ fn fixture() -> Fixture {
 
 /// The content id a tree entry named `name` points at (unique in the fixture).
 fn content_of(cat: &Catalog, name: &str) -> Vec<u8> {
-    cat.connection()
-        .query_row("SELECT target FROM tree_entries WHERE name = ?1 AND kind = 1 LIMIT 1", [name.as_bytes()], |r| {
-            r.get(0)
-        })
-        .unwrap()
+    entry_target(cat, name, EntryKind::File)
+}
+
+/// The target of the (first) tree entry named `name` of this kind.
+fn entry_target(cat: &Catalog, name: &str, kind: EntryKind) -> Vec<u8> {
+    all_entries(cat.connection())
+        .into_iter()
+        .find(|(_, e)| e.name == name.as_bytes() && e.kind == kind)
+        .map(|(_, e)| e.target)
+        .unwrap_or_else(|| panic!("no entry named {name}"))
 }
 
 /// The first chunk of the file named `name`.
 fn first_chunk(cat: &Catalog, name: &str) -> ObjectId {
-    let segs: Vec<u8> = cat
+    let content = content_of(cat, name);
+    let Ok(segs) = cat
         .connection()
-        .query_row("SELECT segments FROM contents WHERE id = ?1", [content_of(cat, name)], |r| r.get(0))
-        .unwrap();
+        .query_row("SELECT segments FROM contents WHERE id = ?1", [&content], |r| r.get::<_, Vec<u8>>(0))
+    else {
+        // A file of one chunk names the chunk as its content.
+        return ObjectId::from_slice(&content).unwrap();
+    };
     let data: Vec<u8> =
         cat.connection().query_row("SELECT data FROM segments WHERE id = ?1", [&segs[..32]], |r| r.get(0)).unwrap();
     ObjectId::from_slice(&data[..32]).unwrap()
@@ -203,11 +212,8 @@ fn missing_catalog_objects_are_reported_per_checkpoint() {
     let cat = f.catalog();
     // The stream's content row, and the rows of the `sub` directory's tree.
     cat.connection().execute("DELETE FROM contents WHERE id = ?1", [content_of(&cat, "stream.bin")]).unwrap();
-    let sub: Vec<u8> = cat
-        .connection()
-        .query_row("SELECT target FROM tree_entries WHERE name = ?1 AND kind = 2", [&b"sub"[..]], |r| r.get(0))
-        .unwrap();
-    cat.connection().execute("DELETE FROM tree_entries WHERE tree = ?1", [&sub]).unwrap();
+    let sub = entry_target(&cat, "sub", EntryKind::Dir);
+    assert_eq!(cat.connection().execute("DELETE FROM trees WHERE id = ?1", [&sub]).unwrap(), 1);
     let r = f.verify(DataSubset::None);
     assert_eq!(r.damaged_objects_total, 2, "{r:?}");
     let affected: BTreeSet<(String, String)> =
@@ -391,10 +397,11 @@ fn altered_catalog_rows_are_found_by_their_ids() {
         (
             "a file's mode",
             |cat| {
-                let n = cat
-                    .connection()
-                    .execute("UPDATE tree_entries SET mode = mode + 1 WHERE name = ?1", [&b"b.bin"[..]]);
-                assert_eq!(n.unwrap(), 1);
+                let n = edit_trees(cat.connection(), |_, entries| {
+                    let hit = entries.iter_mut().find(|e| e.name == b"b.bin");
+                    hit.map(|e| e.mode += 1).is_some()
+                });
+                assert_eq!(n, 1);
             },
             "run/sub",
         ),
