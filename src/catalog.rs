@@ -70,8 +70,11 @@ const MIGRATIONS: &[&str] = &[
                                PRIMARY KEY (grp, part)) WITHOUT ROWID;",
     // 6: a tree is one row holding its encoded entries (`tree::encode_tree`) instead of a row per entry; the
     // entries are moved over by `convert_trees` (see docs/format.md).
+    // The chunks-by-pack index goes too: the few readers of a pack's rows (verify, GC's repacking) take them
+    // from one sorted scan or from the pack's own index (see docs/format.md).
     "ALTER TABLE trees RENAME TO trees_v5;
-     CREATE TABLE trees (id BLOB PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;",
+     CREATE TABLE trees (id BLOB PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
+     DROP INDEX chunks_by_pack;",
 ];
 
 /// The migration after whose SQL `convert_trees` runs.
@@ -123,6 +126,64 @@ pub struct ChunkLocation {
     pub raw_len: u32,
     /// Pack flags of the blob.
     pub flags: u8,
+}
+
+/// One row of the chunk index.
+pub(crate) struct ChunkRow {
+    pub pack: i64,
+    pub id: Vec<u8>,
+    pub offset: i64,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub flags: u8,
+}
+
+/// The columns a statement feeding [`RowsByPack`] selects, in order.
+pub(crate) const CHUNK_ROW_COLUMNS: &str = "pack, id, offset, stored_len, raw_len, flags";
+
+/// Chunk rows taken pack by pack from one scan sorted by pack (there is no index by pack: it would cost 40
+/// bytes per chunk for the sake of verify and GC). SQLite sorts through temporary files, so memory stays
+/// bounded however many chunks there are.
+pub(crate) struct RowsByPack<'s> {
+    rows: rusqlite::Rows<'s>,
+    peeked: Option<ChunkRow>,
+}
+
+impl<'s> RowsByPack<'s> {
+    /// `stmt` selects [`CHUNK_ROW_COLUMNS`] ordered by pack first.
+    pub fn new(stmt: &'s mut rusqlite::Statement<'_>) -> Result<Self> {
+        Ok(RowsByPack { rows: stmt.query([])?, peeked: None })
+    }
+
+    fn next_row(&mut self) -> Result<Option<ChunkRow>> {
+        if let Some(row) = self.peeked.take() {
+            return Ok(Some(row));
+        }
+        let Some(r) = self.rows.next()? else { return Ok(None) };
+        Ok(Some(ChunkRow {
+            pack: r.get(0)?,
+            id: r.get(1)?,
+            offset: r.get(2)?,
+            stored_len: r.get(3)?,
+            raw_len: r.get(4)?,
+            flags: r.get(5)?,
+        }))
+    }
+
+    /// Calls `f` with each row of `pack`, skipping rows of lower pack ids. Packs must be asked for in
+    /// ascending order.
+    pub fn of_pack(&mut self, pack: i64, mut f: impl FnMut(ChunkRow) -> Result<()>) -> Result<()> {
+        while let Some(row) = self.next_row()? {
+            if row.pack > pack {
+                self.peeked = Some(row);
+                break;
+            }
+            if row.pack == pack {
+                f(row)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How a file content's chunks are listed.

@@ -8,12 +8,12 @@
 //! checkpoint claims back whatever condemned objects the checkpoint reaches. Pack files are deleted only after
 //! the catalog no longer points into them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::backend::Backend;
 use crate::catalog::{Catalog, KIND_CHUNK, gc_epoch, host_name, now_ns, process_identity};
@@ -217,27 +217,33 @@ struct PackUse {
 }
 
 fn pack_use(conn: &Connection) -> Result<Vec<PackUse>> {
+    // One pass over the chunks, grouped by pack (there is no index by pack), then joined to the pack rows,
+    // which are few.
+    let mut used: HashMap<i64, (u64, u64, u64)> = HashMap::new();
     let mut stmt = conn.prepare(
-        "SELECT p.id, p.name, p.size, p.chunk_count, count(c.id),
-                coalesce(sum(CASE WHEN d.id IS NULL THEN c.stored_len ELSE 0 END), 0),
-                count(d.id)
-         FROM packs p
-         LEFT JOIN chunks c ON c.pack = p.id
-         LEFT JOIN condemned d ON d.kind = 0 AND d.id = c.id
-         GROUP BY p.id ORDER BY p.id",
+        "SELECT c.pack, count(*), coalesce(sum(CASE WHEN d.id IS NULL THEN c.stored_len ELSE 0 END), 0), count(d.id)
+         FROM chunks c LEFT JOIN condemned d ON d.kind = 0 AND d.id = c.id
+         GROUP BY c.pack",
     )?;
-    let rows = stmt.query_map([], |r| {
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        used.insert(r.get(0)?, (r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64, r.get::<_, i64>(3)? as u64));
+    }
+    let mut stmt = conn.prepare("SELECT id, name, size, chunk_count FROM packs ORDER BY id")?;
+    let packs = stmt.query_map([], |r| {
+        let id = r.get(0)?;
+        let (rows, live_bytes, condemned_rows) = used.get(&id).copied().unwrap_or_default();
         Ok(PackUse {
-            id: r.get(0)?,
+            id,
             name: r.get(1)?,
             size: r.get::<_, i64>(2)? as u64,
             chunk_count: r.get::<_, i64>(3)? as u64,
-            rows: r.get::<_, i64>(4)? as u64,
-            live_bytes: r.get::<_, i64>(5)? as u64,
-            condemned_rows: r.get::<_, i64>(6)? as u64,
+            rows,
+            live_bytes,
+            condemned_rows,
         })
     })?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+    Ok(packs.collect::<rusqlite::Result<_>>()?)
 }
 
 /// Runs a garbage collection.
@@ -319,12 +325,31 @@ fn run(
     let rewritten: HashSet<i64> = sparse.iter().map(|p| p.id).collect();
     let mut freed: i128 = 0;
     for p in &sparse {
-        let chunks: Vec<(Vec<u8>, i64, u32, u32, u8)> = conn
-            .prepare("SELECT id, offset, stored_len, raw_len, flags FROM chunks WHERE pack = ?1 ORDER BY offset")?
-            .query_map([p.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
-            .collect::<rusqlite::Result<_>>()?;
+        // The pack's own index lists its chunks; the catalog's rows say which are still used, and where.
+        let mut chunks: Vec<(ObjectId, i64, u32, u32, u8)> = Vec::new();
+        {
+            let mut row_of = conn
+                .prepare_cached("SELECT offset, stored_len, raw_len, flags FROM chunks WHERE id = ?1 AND pack = ?2")?;
+            let mut entries = crate::pack::read_index(backend.as_ref(), &p.name)?;
+            // In id order the lookups walk the chunk table's pages in order instead of at random.
+            entries.sort_unstable_by_key(|e| e.id.0);
+            for e in entries {
+                let row = row_of
+                    .query_row(params![&e.id.0[..], p.id], |r| Ok((e.id, r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .optional()?;
+                chunks.extend(row);
+            }
+        }
+        if chunks.len() as u64 != p.rows {
+            return Err(Error::corrupt(format!(
+                "pack {}: the catalog has {} chunk rows in it but its index lists {} of them (run verify)",
+                p.name,
+                p.rows,
+                chunks.len()
+            )));
+        }
+        chunks.sort_by_key(|c| c.1);
         for (id, offset, stored_len, raw_len, flags) in chunks {
-            let id = ObjectId::from_slice(&id).ok_or_else(|| Error::corrupt("malformed chunk id"))?;
             let mut blob = vec![0u8; stored_len as usize];
             backend.read_at(&p.name, offset as u64, &mut blob).map_err(|e| Error::backend(&p.name, e))?;
             decoder
@@ -343,7 +368,7 @@ fn run(
     touch_lease(&tx)?;
     // Packs the catalog no longer points into: their rows go now, their files after the commit.
     let empty: Vec<(i64, String, i64)> = tx
-        .prepare("SELECT id, name, size FROM packs p WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.pack = p.id)")?
+        .prepare("SELECT id, name, size FROM packs WHERE id NOT IN (SELECT pack FROM chunks)")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<rusqlite::Result<_>>()?;
     for (id, _, size) in &empty {

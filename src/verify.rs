@@ -39,7 +39,7 @@ use std::time::Instant;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::backend::Backend;
-use crate::catalog::{Catalog, KIND_CONTENT, KIND_SEGMENT, KIND_TREE, now_ns};
+use crate::catalog::{CHUNK_ROW_COLUMNS, Catalog, ChunkRow, KIND_CONTENT, KIND_SEGMENT, KIND_TREE, RowsByPack, now_ns};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::pack::{FOOTER_LEN, HEADER_LEN, PackEntry};
@@ -368,74 +368,47 @@ fn check_packs(
     }
     let mut bad_chunk =
         conn.prepare_cached("INSERT OR IGNORE INTO temp.v_bad_chunk (id, pack, problem) VALUES (?1, ?2, ?3)")?;
-    let mut rows_of =
-        conn.prepare_cached("SELECT id, offset, stored_len, raw_len, flags FROM chunks WHERE pack = ?1")?;
+    let mut sorted = conn.prepare(&format!("SELECT {CHUNK_ROW_COLUMNS} FROM chunks ORDER BY pack"))?;
+    let mut rows = RowsByPack::new(&mut sorted)?;
     let mut sound = Vec::new();
     for (id, name, size) in packs {
-        let problem = match backend.size(&name) {
+        let index = match backend.size(&name) {
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 if !pack_still_recorded(catalog_path, &name)? {
                     conn.execute("INSERT OR IGNORE INTO temp.v_skip_pack (id) VALUES (?1)", [id])?;
                     continue;
                 }
-                Some("the pack file is missing".to_string())
+                Err("the pack file is missing".to_string())
             }
             Err(e) => return Err(Error::backend(&name, e)),
             Ok(actual) if actual != size as u64 => {
-                Some(format!("the pack file is {actual} bytes but the catalog recorded {size}"))
+                Err(format!("the pack file is {actual} bytes but the catalog recorded {size}"))
             }
             Ok(_) => match crate::pack::read_index(backend, &name) {
-                Ok(entries) => {
-                    let index: HashMap<ObjectId, PackEntry> = entries.into_iter().map(|e| (e.id, e)).collect();
-                    let blobs_end = size as u64 - FOOTER_LEN as u64 - (index.len() * crate::pack::ENTRY_LEN) as u64;
-                    let rows = rows_of.query_map([id], |r| {
-                        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, u32>(2)?, r.get(3)?, r.get(4)?))
-                    })?;
-                    for row in rows {
-                        let (cid, offset, stored_len, raw_len, flags): (Vec<u8>, i64, u32, u32, u8) = row?;
-                        let end = (offset as u64).saturating_add(stored_len as u64);
-                        let why = if offset < HEADER_LEN as i64 || end > blobs_end {
-                            Some(format!(
-                                "the catalog places it at {offset}..{end}, outside the pack's blob area {HEADER_LEN}..{blobs_end}"
-                            ))
-                        } else {
-                            match ObjectId::from_slice(&cid).and_then(|c| index.get(&c)) {
-                                None => Some("not in its pack's own index".to_string()),
-                                Some(e)
-                                    if e.offset != offset as u64
-                                        || e.stored_len != stored_len
-                                        || e.raw_len != raw_len
-                                        || e.flags != flags =>
-                                {
-                                    Some(format!(
-                                        "the catalog (offset {offset}, {stored_len} bytes stored, {raw_len} raw, flags {flags}) \
-                                         disagrees with the pack's index (offset {}, {} stored, {} raw, flags {})",
-                                        e.offset, e.stored_len, e.raw_len, e.flags
-                                    ))
-                                }
-                                Some(_) => None,
-                            }
-                        };
-                        if let Some(why) = why {
-                            bad_chunk.execute(params![cid, name, why])?;
-                        }
-                    }
-                    None
-                }
-                Err(e) if e.is_corruption() => Some(problem_of(&e, &name)),
+                Ok(entries) => Ok(entries.into_iter().map(|e| (e.id, e)).collect::<HashMap<ObjectId, PackEntry>>()),
+                Err(e) if e.is_corruption() => Err(problem_of(&e, &name)),
                 Err(e) => return Err(e),
             },
         };
-        match problem {
-            Some(problem) => {
-                conn.execute(
-                    "INSERT OR IGNORE INTO temp.v_bad_chunk (id, pack, problem)
-                     SELECT id, ?2, 'in a damaged pack (' || ?3 || ')' FROM chunks WHERE pack = ?1",
-                    params![id, name, problem],
-                )?;
+        match index {
+            Ok(index) => {
+                let blobs_end = size as u64 - FOOTER_LEN as u64 - (index.len() * crate::pack::ENTRY_LEN) as u64;
+                rows.of_pack(id, |row| {
+                    if let Some(why) = row_problem(&row, &index, blobs_end) {
+                        bad_chunk.execute(params![row.id, name, why])?;
+                    }
+                    Ok(())
+                })?;
+                sound.push((id, name));
+            }
+            Err(problem) => {
+                let why = format!("in a damaged pack ({problem})");
+                rows.of_pack(id, |row| {
+                    bad_chunk.execute(params![row.id, name, why])?;
+                    Ok(())
+                })?;
                 report.damaged_packs.push(DamagedPack { pack: name, problem });
             }
-            None => sound.push((id, name)),
         }
     }
     conn.execute(
@@ -445,6 +418,31 @@ fn check_packs(
         [],
     )?;
     Ok(sound)
+}
+
+/// What is wrong with a chunk row of a readable pack, if anything: it must lie in the blob area and agree with
+/// the pack's own index.
+fn row_problem(row: &ChunkRow, index: &HashMap<ObjectId, PackEntry>, blobs_end: u64) -> Option<String> {
+    let ChunkRow { offset, stored_len, raw_len, flags, .. } = *row;
+    let end = (offset as u64).saturating_add(stored_len as u64);
+    if offset < HEADER_LEN as i64 || end > blobs_end {
+        return Some(format!(
+            "the catalog places it at {offset}..{end}, outside the pack's blob area {HEADER_LEN}..{blobs_end}"
+        ));
+    }
+    match ObjectId::from_slice(&row.id).and_then(|c| index.get(&c)) {
+        None => Some("not in its pack's own index".to_string()),
+        Some(e)
+            if e.offset != offset as u64 || e.stored_len != stored_len || e.raw_len != raw_len || e.flags != flags =>
+        {
+            Some(format!(
+                "the catalog (offset {offset}, {stored_len} bytes stored, {raw_len} raw, flags {flags}) \
+                 disagrees with the pack's index (offset {}, {} stored, {} raw, flags {})",
+                e.offset, e.stored_len, e.raw_len, e.flags
+            ))
+        }
+        Some(_) => None,
+    }
 }
 
 /// Walks every checkpoint, recording missing or malformed objects in `v_bad_obj` and every chunk reference
@@ -634,9 +632,15 @@ fn read_data(
         opts.threads
     }
     .min(targets.len().max(1));
-    let mut rows_of = conn.prepare_cached(
+    // A pack's rows are found through its own index, one keyed lookup each, so that no statement (and so no
+    // snapshot) stays open across the phase.
+    let mut row_of = conn.prepare_cached(
+        "SELECT offset, stored_len, raw_len, flags FROM chunks c WHERE id = ?1 AND pack = ?2
+         AND NOT EXISTS (SELECT 1 FROM temp.v_bad_chunk b WHERE b.id = c.id)",
+    )?;
+    let mut scan_of = conn.prepare_cached(
         "SELECT id, offset, stored_len, raw_len, flags FROM chunks c WHERE pack = ?1
-         AND NOT EXISTS (SELECT 1 FROM temp.v_bad_chunk b WHERE b.id = c.id) ORDER BY offset",
+         AND NOT EXISTS (SELECT 1 FROM temp.v_bad_chunk b WHERE b.id = c.id)",
     )?;
     let (job_tx, job_rx) = crossbeam_channel::bounded::<(i64, String, Vec<Row>)>(threads * 2);
     let (res_tx, res_rx) = crossbeam_channel::unbounded::<Result<PackRead>>();
@@ -663,16 +667,36 @@ fn read_data(
         drop((job_rx, res_tx));
         let sent = (|| -> Result<()> {
             for (pack_id, name) in targets {
-                let rows: Vec<Row> = rows_of
-                    .query_map([pack_id], |r| {
-                        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                    })?
-                    .map(|r| {
-                        let (id, offset, stored, raw, flags) = r?;
-                        let id = ObjectId::from_slice(&id).ok_or_else(|| Error::corrupt("malformed chunk id"))?;
-                        Ok((id, offset as u64, stored, raw, flags))
-                    })
-                    .collect::<Result<_>>()?;
+                let mut rows: Vec<Row> = match crate::pack::read_index(backend.as_ref(), name) {
+                    // In id order the lookups walk the chunk table's pages in order instead of at random.
+                    Ok(mut entries) => {
+                        entries.sort_unstable_by_key(|e| e.id.0);
+                        entries
+                            .iter()
+                            .filter_map(|e| {
+                                row_of
+                                    .query_row(params![&e.id.0[..], pack_id], |r| {
+                                        Ok((e.id, r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?, r.get(3)?))
+                                    })
+                                    .optional()
+                                    .transpose()
+                            })
+                            .collect::<rusqlite::Result<_>>()?
+                    }
+                    // Changed since it was checked (a concurrent GC, or damage): a full scan for its rows, and
+                    // the read below says what happened to the file.
+                    Err(_) => scan_of
+                        .query_map([pack_id], |r| {
+                            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                        })?
+                        .map(|r| {
+                            let (id, offset, stored, raw, flags) = r?;
+                            let id = ObjectId::from_slice(&id).ok_or_else(|| Error::corrupt("malformed chunk id"))?;
+                            Ok((id, offset as u64, stored, raw, flags))
+                        })
+                        .collect::<Result<_>>()?,
+                };
+                rows.sort_by_key(|r| r.1);
                 if job_tx.send((*pack_id, name.clone(), rows)).is_err() {
                     break; // every worker stopped on an error, reported below
                 }
