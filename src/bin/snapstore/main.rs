@@ -64,6 +64,10 @@ enum Command {
         /// by re-creating the repository.
         #[arg(long, value_name = "LEVEL", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
         compression_level: i32,
+        /// FastCDC normalization level (0 to 3): higher packs chunk sizes closer around the average. Fixed for
+        /// the repository's life.
+        #[arg(long, value_name = "LEVEL", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=3))]
+        normalization: u32,
     },
     /// Save a file, a directory tree, or stdin as a new checkpoint
     #[command(after_help = concat!("Files whose size, mtime, ctime and inode match the previous checkpoint of the same path \
@@ -454,13 +458,14 @@ fn show_progress(cli: &Cli) -> bool {
 fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
     let repo_dir = repo_path(cli);
     match &cli.command {
-        Command::Init { chunk_size, compression_level } => {
+        Command::Init { chunk_size, compression_level, normalization } => {
             let kib = *chunk_size * 1024;
             let params = snapstore::RepoParams {
                 chunk_min: kib / 4,
                 chunk_avg: kib,
                 chunk_max: kib * 4,
                 compression_level: *compression_level,
+                normalization: *normalization,
                 ..Default::default()
             };
             let repo = Repository::init_with(&repo_dir, params)?;
