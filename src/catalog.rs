@@ -74,7 +74,7 @@ const MIGRATIONS: &[&str] = &[
     // from one sorted scan or from the pack's own index (see docs/format.md).
     "ALTER TABLE trees RENAME TO trees_v5;
      CREATE TABLE trees (id BLOB PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
-     DROP INDEX chunks_by_pack;",
+     DROP INDEX IF EXISTS chunks_by_pack;",
 ];
 
 /// The migration after whose SQL `convert_trees` runs.
@@ -90,7 +90,21 @@ fn convert_trees(tx: &rusqlite::Transaction<'_>) -> Result<()> {
     let mut rows = ids.query([])?;
     while let Some(row) = rows.next()? {
         let id: Vec<u8> = row.get(0)?;
-        let list = entries.query_map([&id], entry_row)?.map(|r| r?).collect::<Result<Vec<_>>>()?;
+        // A row that does not decode (damage schema 5 carried) is left out rather than failing the migration,
+        // which would leave the catalog unopenable: the tree then no longer matches its id, and verify says so.
+        let mut list = Vec::new();
+        for row in entries.query_map([&id], entry_row)? {
+            match row {
+                Ok(Ok(entry)) => list.push(entry),
+                Ok(Err(_))
+                | Err(
+                    rusqlite::Error::FromSqlConversionFailure(..)
+                    | rusqlite::Error::IntegralValueOutOfRange(..)
+                    | rusqlite::Error::InvalidColumnType(..),
+                ) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         insert.execute(params![id, crate::tree::encode_tree(&list)])?;
     }
     tx.execute_batch("DROP TABLE tree_entries; DROP TABLE trees_v5;")?;
@@ -764,6 +778,15 @@ pub(crate) fn delete_checkpoint_rows(tx: &rusqlite::Transaction<'_>, id: &str) -
     Ok(())
 }
 
+/// The repository's largest chunk: a file larger than this cannot be one chunk, so it must have a content row.
+pub(crate) fn chunk_max(conn: &Connection) -> Result<u64> {
+    let value: Option<String> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'chunk_max'", [], |r| r.get(0)).optional()?;
+    value
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::Format("the catalog's parameters lack a valid chunk_max".into()))
+}
+
 /// This machine's host name, recorded with checkpoints and sessions.
 pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -870,9 +893,27 @@ mod tests {
                 }
             }
         }
+        // Damage schema 5 carried (a kind no build writes) does not stop the migration: the row is left out,
+        // and the tree no longer matches its id, for verify to report.
+        let bad_id = ObjectId::of(b"damaged tree");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute("INSERT INTO trees (id, entries) VALUES (?1, 2)", [&bad_id.0[..]]).unwrap();
+            for (name, kind) in [(&b"good"[..], 1), (b"odd", 9)] {
+                conn.execute(
+                    "INSERT INTO tree_entries (tree, name, kind, mode, mtime_ns, ctime_ns, ino, size, target)
+                     VALUES (?1, ?2, ?3, 420, 0, 0, 0, 0, x'00')",
+                    params![&bad_id.0[..], name, kind],
+                )
+                .unwrap();
+            }
+        }
         let cat = Catalog::open(&path).unwrap();
         assert_eq!(cat.tree(&root_id).unwrap(), root);
         assert_eq!(cat.tree(&sub_id).unwrap(), sub);
+        let kept = cat.tree(&bad_id).unwrap();
+        assert_eq!(kept.iter().map(|e| e.name.as_slice()).collect::<Vec<_>>(), [&b"good"[..]]);
+        assert_ne!(crate::tree::tree_id(&kept), bad_id);
         let left: i64 = cat
             .connection()
             .query_row("SELECT count(*) FROM sqlite_master WHERE name IN ('tree_entries', 'trees_v5')", [], |r| {

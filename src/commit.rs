@@ -1216,7 +1216,7 @@ impl Assembler {
         let id = match b.first {
             // One chunk is the whole content and names it (docs/format.md): no content or segment row. Most
             // small files are one chunk, and these rows were most of what the catalog held per file.
-            Some(only) if b.chunks == 1 => {
+            Some(only) if b.chunks == 1 && tree::named_by_chunk(only.len) => {
                 if !b.segment_ids.is_empty() {
                     // The chunk also ended a segment (its id starts with a zero byte), which `chunk` queued
                     // just now, after any batch write: take it back.
@@ -1420,6 +1420,39 @@ mod tests {
             let is_chunk = entry.target == ObjectId::of(bytes).0;
             assert_eq!(is_chunk, matches!(*name, "small" | "ends-segment"), "{name}");
         }
+        let report =
+            repo.verify(&crate::VerifyOptions { read_data: crate::DataSubset::All, ..Default::default() }).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+    }
+
+    /// A file whose bytes are exactly a content id's hashed encoding has a chunk id equal to that content id.
+    /// Such lengths (29 + 32 k) keep their content row, so the two files stay apart, through GC too.
+    #[test]
+    fn a_chunk_crafted_to_carry_a_content_id_keeps_its_own_row() {
+        let mut crafted = b"snapstore-content-v1\0".to_vec();
+        crafted.extend_from_slice(&0u64.to_le_bytes());
+        assert_eq!(ObjectId::of(&crafted), crate::tree::content_id(0, &[]), "the empty file's content id");
+        assert!(!crate::tree::named_by_chunk(crafted.len() as u32));
+        assert!(crate::tree::named_by_chunk(28) && crate::tree::named_by_chunk(30));
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("crafted"), &crafted).unwrap();
+        std::fs::write(src.join("empty"), b"").unwrap();
+        let repo = Repository::init(dir.path().join("repo")).unwrap();
+        let id = repo.commit(&src, &CommitOptions::default()).unwrap().id;
+        let read = |cp: &str, name: &str| {
+            let mut back = Vec::new();
+            std::io::Read::read_to_end(&mut repo.open_file(cp, name).unwrap(), &mut back).unwrap();
+            back
+        };
+        assert!(read(&id, "crafted") == crafted && read(&id, "empty").is_empty());
+        // A second checkpoint holds only the crafted file; forgetting the first and collecting keeps its bytes.
+        std::fs::remove_file(src.join("empty")).unwrap();
+        let kept = repo.commit(&src, &CommitOptions::default()).unwrap().id;
+        repo.forget(&[id.as_str()]).unwrap();
+        repo.gc(&Default::default()).unwrap();
+        assert!(read(&kept, "crafted") == crafted);
         let report =
             repo.verify(&crate::VerifyOptions { read_data: crate::DataSubset::All, ..Default::default() }).unwrap();
         assert!(report.is_clean(), "{report:?}");

@@ -62,7 +62,9 @@ pub(crate) fn to_hex(bytes: &[u8]) -> String {
 }
 
 /// A hasher with a domain prefix, so that a tree, a segment and a content list can never share an id by
-/// accident of their encodings.
+/// accident of their encodings. Chunk ids have no prefix (they are the BLAKE3 of the chunk's bytes), so a chunk
+/// whose bytes are such a prefixed encoding shares its id: see `tree::named_by_chunk` for the one place
+/// where that matters.
 pub(crate) fn domain_hasher(domain: &str) -> blake3::Hasher {
     let mut h = blake3::Hasher::new();
     h.update(domain.as_bytes());

@@ -252,9 +252,22 @@ pub fn segment_id(encoded: &[u8]) -> ObjectId {
     finish(&h)
 }
 
+const CONTENT_DOMAIN: &str = "snapstore-content-v1";
+
+/// Whether a file of exactly one chunk of `len` bytes is named by that chunk, with no content row
+/// (docs/format.md). A chunk id is the plain BLAKE3 of the bytes, and a content id the BLAKE3 of
+/// `CONTENT_DOMAIN || 0 || size u64 || segment ids`, 29 + 32 k bytes: a chunk of such a length could be
+/// crafted to carry another file's content id, which readers would then resolve to that file. Chunks of
+/// every other length can share an id with a content only through a BLAKE3 collision; one file in 32 of the
+/// remaining length keeps its content row.
+pub fn named_by_chunk(len: u32) -> bool {
+    const PREIMAGE_HEAD: usize = CONTENT_DOMAIN.len() + 1 + 8;
+    len as usize % ObjectId::LEN != PREIMAGE_HEAD % ObjectId::LEN
+}
+
 /// The id of a file content: its size and its segment ids (concatenated 32-byte ids).
 pub fn content_id(size: u64, segment_ids: &[u8]) -> ObjectId {
-    let mut h = domain_hasher("snapstore-content-v1");
+    let mut h = domain_hasher(CONTENT_DOMAIN);
     h.update(&size.to_le_bytes());
     h.update(segment_ids);
     finish(&h)

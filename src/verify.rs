@@ -467,7 +467,7 @@ struct Walker<'c> {
     content: rusqlite::CachedStatement<'c>,
     segment: rusqlite::CachedStatement<'c>,
     chunk_ref: rusqlite::CachedStatement<'c>,
-    chunk_exists: rusqlite::CachedStatement<'c>,
+    chunk_max: u64,
 }
 
 impl<'c> Walker<'c> {
@@ -479,7 +479,7 @@ impl<'c> Walker<'c> {
             content: conn.prepare_cached("SELECT size, segments FROM contents WHERE id = ?1")?,
             segment: conn.prepare_cached("SELECT data FROM segments WHERE id = ?1")?,
             chunk_ref: conn.prepare_cached("INSERT OR IGNORE INTO temp.v_refs (id, len) VALUES (?1, ?2)")?,
-            chunk_exists: conn.prepare_cached("SELECT 1 FROM chunks WHERE id = ?1")?,
+            chunk_max: crate::catalog::chunk_max(conn)?,
         })
     }
 
@@ -547,18 +547,22 @@ impl<'c> Walker<'c> {
         let row: Option<(i64, Vec<u8>)> =
             self.content.query_row([&id.0[..]], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
         let Some((size, segs)) = row else {
-            // A content of one chunk has no row: it is the chunk, which must be indexed with the file's size.
-            if self.chunk_exists.exists([&id.0[..]])? {
-                self.chunk_ref.execute(params![&id.0[..], file_size as i64])?;
-                return Ok(());
+            // A content of one chunk has no row: it is the chunk, which must be indexed with the file's size
+            // (a missing chunk row is then reported as such, and `repair index` can bring it back). Only a file
+            // too large to be one chunk has certainly lost its content row.
+            if file_size > self.chunk_max {
+                return self.damaged(KIND_CONTENT, &id, "missing from the catalog");
             }
-            return self.damaged(KIND_CONTENT, &id, "missing from the catalog");
+            self.chunk_ref.execute(params![&id.0[..], file_size as i64])?;
+            return Ok(());
         };
         if !segs.len().is_multiple_of(ObjectId::LEN) {
             return self.damaged(KIND_CONTENT, &id, "has a malformed segment list");
         }
         if content_id(size as u64, &segs) != id {
             self.damaged(KIND_CONTENT, &id, "does not match its id (its row was altered)")?;
+        } else if size as u64 != file_size {
+            self.damaged(KIND_CONTENT, &id, &format!("is {size} bytes but its file records {file_size}"))?;
         }
         for seg in segs.chunks_exact(ObjectId::LEN) {
             let seg = ObjectId::from_slice(seg).expect("32 bytes");
@@ -638,6 +642,7 @@ fn read_data(
         "SELECT offset, stored_len, raw_len, flags FROM chunks c WHERE id = ?1 AND pack = ?2
          AND NOT EXISTS (SELECT 1 FROM temp.v_bad_chunk b WHERE b.id = c.id)",
     )?;
+    let mut pack_row = conn.prepare_cached("SELECT 1 FROM packs WHERE id = ?1")?;
     let mut scan_of = conn.prepare_cached(
         "SELECT id, offset, stored_len, raw_len, flags FROM chunks c WHERE pack = ?1
          AND NOT EXISTS (SELECT 1 FROM temp.v_bad_chunk b WHERE b.id = c.id)",
@@ -683,8 +688,11 @@ fn read_data(
                             })
                             .collect::<rusqlite::Result<_>>()?
                     }
-                    // Changed since it was checked (a concurrent GC, or damage): a full scan for its rows, and
-                    // the read below says what happened to the file.
+                    // Gone with its row (a concurrent GC): nothing to read; the read below notices the file is
+                    // gone and that the catalog no longer names it.
+                    Err(_) if !pack_row.exists([pack_id])? => Vec::new(),
+                    // Changed since it was checked (damage): a full scan for its rows, and the read below says
+                    // what happened to the file.
                     Err(_) => scan_of
                         .query_map([pack_id], |r| {
                             Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get(2)?, r.get(3)?, r.get(4)?))

@@ -210,17 +210,25 @@ fn a_damaged_pack_index_is_reported() {
 fn missing_catalog_objects_are_reported_per_checkpoint() {
     let f = fixture();
     let cat = f.catalog();
-    // The stream's content row, and the rows of the `sub` directory's tree.
-    cat.connection().execute("DELETE FROM contents WHERE id = ?1", [content_of(&cat, "stream.bin")]).unwrap();
+    // The content rows of the stream and of big.bin, and the `sub` directory's tree.
+    for name in ["stream.bin", "big.bin"] {
+        cat.connection().execute("DELETE FROM contents WHERE id = ?1", [content_of(&cat, name)]).unwrap();
+    }
     let sub = entry_target(&cat, "sub", EntryKind::Dir);
     assert_eq!(cat.connection().execute("DELETE FROM trees WHERE id = ?1", [&sub]).unwrap(), 1);
     let r = f.verify(DataSubset::None);
-    assert_eq!(r.damaged_objects_total, 2, "{r:?}");
+    // big.bin is larger than any chunk, so its content row is missing. The 100 kB stream could have been one
+    // chunk, named by that chunk with no content row: without the row, verify looks for that chunk and reports
+    // it missing from the index (a file's damage either way).
+    assert_eq!((r.damaged_objects_total, r.damaged_chunks_total), (2, 1), "{r:?}");
+    assert_eq!(r.damaged_chunks[0].id, ObjectId::from_slice(&content_of(&cat, "stream.bin")).unwrap().to_hex());
     let affected: BTreeSet<(String, String)> =
         r.affected_files.iter().map(|a| (a.checkpoint.clone(), a.path.clone())).collect();
     let expected: BTreeSet<(String, String)> = [
         (f.ids[0].clone(), "run/sub".to_string()),
         (f.ids[1].clone(), "run/sub".to_string()),
+        (f.ids[0].clone(), "run/big.bin".to_string()),
+        (f.ids[1].clone(), "run/big.bin".to_string()),
         (f.ids[2].clone(), "stream.bin".to_string()),
     ]
     .into();
@@ -298,6 +306,35 @@ fn repair_index_rebuilds_a_lost_chunk_index() {
     let again = f.repo.repair_index().unwrap();
     assert_eq!((again.chunks_added, again.chunks_repointed, again.chunks_removed), (0, 0, 0));
     assert!(again.is_whole());
+}
+
+/// A small file is one chunk, named by it, with no content row: losing that chunk's index row is a missing
+/// chunk, traced to the file, which `repair index` brings back from its pack; until then GC collects nothing.
+#[test]
+fn a_lost_index_row_of_a_one_chunk_file_is_a_missing_chunk_and_repairable() {
+    let f = fixture();
+    let chunk = first_chunk(&f.catalog(), "a.txt");
+    assert_eq!(chunk.0.to_vec(), content_of(&f.catalog(), "a.txt"), "a.txt is named by its one chunk");
+    assert_eq!(f.catalog().connection().execute("DELETE FROM chunks WHERE id = ?1", [&chunk.0[..]]).unwrap(), 1);
+    let r = f.verify(DataSubset::None);
+    assert_eq!((r.damaged_chunks_total, r.damaged_objects_total), (1, 0), "{r:?}");
+    assert_eq!((r.damaged_chunks[0].id.as_str(), r.damaged_chunks[0].pack.as_deref()), (chunk.to_hex().as_str(), None));
+    let affected: BTreeSet<String> = r.affected_files.iter().map(|a| a.path.clone()).collect();
+    assert_eq!(affected, BTreeSet::from(["run/a.txt".to_string()]), "{r:?}");
+    let o = f.cli(&["verify"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(text(&o.stdout).contains("snapstore repair index"), "the hint names the repair");
+    // GC refuses to collect while a chunk in use is unindexed: repacking its pack would lose the blob.
+    let err = f.repo.gc(&Default::default()).unwrap_err();
+    assert!(err.is_corruption() && err.to_string().contains("repair index"), "{err}");
+    let o = f.cli(&["gc"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    // Repair brings the row back from the pack, and GC runs again.
+    succeeded(&f.cli(&["repair", "index"]), "repair index");
+    f.repo.gc(&Default::default()).unwrap();
+    let r = f.verify(DataSubset::All);
+    assert!(r.is_clean(), "{r:?}");
+    assert_checkouts_identical(&f);
 }
 
 #[test]
