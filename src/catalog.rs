@@ -200,6 +200,32 @@ impl<'s> RowsByPack<'s> {
     }
 }
 
+/// A chunk row placed in a pack: id, offset, stored_len, raw_len, flags.
+pub(crate) type PackRow = (ObjectId, u64, u32, u32, u8);
+
+/// The catalog's rows in a pack, found through the pack's own index `entries` (there is no index by pack),
+/// sorted by offset. `lookup` takes (chunk id, pack row id) and selects the offset, stored_len, raw_len and
+/// flags of a row to keep. The lookups go in id order, so that they walk the chunk table's pages in order
+/// instead of at random.
+pub(crate) fn rows_in_pack(
+    mut entries: Vec<PackEntry>,
+    pack: i64,
+    lookup: &mut rusqlite::CachedStatement<'_>,
+) -> Result<Vec<PackRow>> {
+    entries.sort_unstable_by_key(|e| e.id.0);
+    let mut rows = Vec::new();
+    for e in entries {
+        let row = lookup
+            .query_row(params![&e.id.0[..], pack], |r| {
+                Ok((e.id, r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()?;
+        rows.extend(row);
+    }
+    rows.sort_by_key(|r| r.1);
+    Ok(rows)
+}
+
 /// How a file content's chunks are listed.
 pub(crate) enum Layout {
     /// Concatenated ids of the segments that list the chunks.

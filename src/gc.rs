@@ -13,10 +13,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, TransactionBehavior, params};
 
 use crate::backend::Backend;
-use crate::catalog::{Catalog, KIND_CHUNK, gc_epoch, host_name, now_ns, process_identity};
+use crate::catalog::{Catalog, KIND_CHUNK, gc_epoch, host_name, now_ns, process_identity, rows_in_pack};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::pack::PackEntry;
@@ -340,29 +340,19 @@ fn run(
     let mut freed: i128 = 0;
     for p in &sparse {
         // The pack's own index lists its chunks; the catalog's rows say which are still used, and where.
-        let mut chunks: Vec<(ObjectId, i64, u32, u32, u8)> = Vec::new();
-        {
+        let chunks = {
             let mut row_of = conn
                 .prepare_cached("SELECT offset, stored_len, raw_len, flags FROM chunks WHERE id = ?1 AND pack = ?2")?;
-            let mut entries = crate::pack::read_index(backend.as_ref(), &p.name)?;
-            // In id order the lookups walk the chunk table's pages in order instead of at random.
-            entries.sort_unstable_by_key(|e| e.id.0);
-            for e in entries {
-                let row = row_of
-                    .query_row(params![&e.id.0[..], p.id], |r| Ok((e.id, r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                    .optional()?;
-                chunks.extend(row);
-            }
-        }
+            rows_in_pack(crate::pack::read_index(backend.as_ref(), &p.name)?, p.id, &mut row_of)?
+        };
         if chunks.len() as u64 != p.rows {
             // The catalog places chunks in this pack that its own index lacks: damage for verify to report.
             // Left as it is, the pack keeps its rows and its file; every other pack is still collected.
             continue;
         }
-        chunks.sort_by_key(|c| c.1);
         for (id, offset, stored_len, raw_len, flags) in chunks {
             let mut blob = vec![0u8; stored_len as usize];
-            backend.read_at(&p.name, offset as u64, &mut blob).map_err(|e| Error::backend(&p.name, e))?;
+            backend.read_at(&p.name, offset, &mut blob).map_err(|e| Error::backend(&p.name, e))?;
             decoder
                 .decode(&id, flags, raw_len, &blob)
                 .map_err(|why| Error::corrupt(format!("chunk {id} in {}: {why}", p.name)))?;

@@ -39,7 +39,10 @@ use std::time::Instant;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::backend::Backend;
-use crate::catalog::{CHUNK_ROW_COLUMNS, Catalog, ChunkRow, KIND_CONTENT, KIND_SEGMENT, KIND_TREE, RowsByPack, now_ns};
+use crate::catalog::{
+    CHUNK_ROW_COLUMNS, Catalog, ChunkRow, KIND_CONTENT, KIND_SEGMENT, KIND_TREE, PackRow, RowsByPack, now_ns,
+    rows_in_pack,
+};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::pack::{FOOTER_LEN, HEADER_LEN, PackEntry};
@@ -619,9 +622,6 @@ struct PackRead {
     bad: Vec<(ObjectId, String)>,
 }
 
-/// One chunk row to check: id, offset, stored_len, raw_len, flags.
-type Row = (ObjectId, u64, u32, u32, u8);
-
 fn read_data(
     conn: &Connection,
     catalog_path: &Path,
@@ -645,9 +645,9 @@ fn read_data(
     let mut pack_row = conn.prepare_cached("SELECT 1 FROM packs WHERE id = ?1")?;
     let mut scan_of = conn.prepare_cached(
         "SELECT id, offset, stored_len, raw_len, flags FROM chunks c WHERE pack = ?1
-         AND NOT EXISTS (SELECT 1 FROM temp.v_bad_chunk b WHERE b.id = c.id)",
+         AND NOT EXISTS (SELECT 1 FROM temp.v_bad_chunk b WHERE b.id = c.id) ORDER BY offset",
     )?;
-    let (job_tx, job_rx) = crossbeam_channel::bounded::<(i64, String, Vec<Row>)>(threads * 2);
+    let (job_tx, job_rx) = crossbeam_channel::bounded::<(i64, String, Vec<PackRow>)>(threads * 2);
     let (res_tx, res_rx) = crossbeam_channel::unbounded::<Result<PackRead>>();
     let mut results = Vec::new();
     std::thread::scope(|s| -> Result<()> {
@@ -672,22 +672,8 @@ fn read_data(
         drop((job_rx, res_tx));
         let sent = (|| -> Result<()> {
             for (pack_id, name) in targets {
-                let mut rows: Vec<Row> = match crate::pack::read_index(backend.as_ref(), name) {
-                    // In id order the lookups walk the chunk table's pages in order instead of at random.
-                    Ok(mut entries) => {
-                        entries.sort_unstable_by_key(|e| e.id.0);
-                        entries
-                            .iter()
-                            .filter_map(|e| {
-                                row_of
-                                    .query_row(params![&e.id.0[..], pack_id], |r| {
-                                        Ok((e.id, r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?, r.get(3)?))
-                                    })
-                                    .optional()
-                                    .transpose()
-                            })
-                            .collect::<rusqlite::Result<_>>()?
-                    }
+                let rows: Vec<PackRow> = match crate::pack::read_index(backend.as_ref(), name) {
+                    Ok(entries) => rows_in_pack(entries, *pack_id, &mut row_of)?,
                     // Gone with its row (a concurrent GC): nothing to read; the read below notices the file is
                     // gone and that the catalog no longer names it.
                     Err(_) if !pack_row.exists([pack_id])? => Vec::new(),
@@ -704,7 +690,6 @@ fn read_data(
                         })
                         .collect::<Result<_>>()?,
                 };
-                rows.sort_by_key(|r| r.1);
                 if job_tx.send((*pack_id, name.clone(), rows)).is_err() {
                     break; // every worker stopped on an error, reported below
                 }
@@ -761,7 +746,7 @@ impl BlobChecker {
         progress: &dyn Progress,
         pack_id: i64,
         name: String,
-        rows: &[Row],
+        rows: &[PackRow],
     ) -> Result<PackRead> {
         let mut res = PackRead { name, pack_id, chunks: 0, bytes: 0, vanished: false, bad: Vec::new() };
         let mut i = 0;

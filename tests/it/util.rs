@@ -222,10 +222,8 @@ pub fn env_num(name: &str, default: u64) -> u64 {
 
 /// Every tree entry in a catalog, with the id of the tree holding it (trees are stored encoded, one row each).
 pub fn all_entries(conn: &rusqlite::Connection) -> Vec<(Vec<u8>, snapstore::Entry)> {
-    let mut stmt = conn.prepare("SELECT id, data FROM trees").unwrap();
-    let rows: Vec<(Vec<u8>, Vec<u8>)> =
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
-    rows.into_iter()
+    tree_rows(conn)
+        .into_iter()
         .flat_map(|(id, data)| snapstore::decode_tree(&data).unwrap().into_iter().map(move |e| (id.clone(), e)))
         .collect()
 }
@@ -236,11 +234,8 @@ pub fn edit_trees(
     conn: &rusqlite::Connection,
     mut edit: impl FnMut(&[u8], &mut Vec<snapstore::Entry>) -> bool,
 ) -> usize {
-    let mut stmt = conn.prepare("SELECT id, data FROM trees").unwrap();
-    let rows: Vec<(Vec<u8>, Vec<u8>)> =
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
     let mut changed = 0;
-    for (id, data) in rows {
+    for (id, data) in tree_rows(conn) {
         let mut entries = snapstore::decode_tree(&data).unwrap();
         if edit(&id, &mut entries) {
             // Unsorted names are fine for the tests that rename: decoding refuses them, as damage.
@@ -250,4 +245,10 @@ pub fn edit_trees(
         }
     }
     changed
+}
+
+/// Every tree row: its id and encoded entries.
+fn tree_rows(conn: &rusqlite::Connection) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut stmt = conn.prepare("SELECT id, data FROM trees").unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
 }
