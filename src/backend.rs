@@ -5,11 +5,19 @@
 
 mod local;
 mod memory;
+#[cfg(feature = "s3")]
+mod s3;
+#[cfg(not(feature = "s3"))]
+mod s3_off;
 
 use std::io::{self, Write};
 
 pub use local::LocalBackend;
 pub use memory::MemoryBackend;
+#[cfg(feature = "s3")]
+pub use s3::{Bucket, Credentials, ObjectMeta, S3Backend, Settings, create_test_bucket, parse_s3_url, test_endpoint};
+#[cfg(not(feature = "s3"))]
+pub use s3_off::{Bucket, ObjectMeta, S3Backend};
 
 /// A store of named, immutable objects (pack files).
 pub trait Backend: Send + Sync {
@@ -23,6 +31,11 @@ pub trait Backend: Send + Sync {
     fn list(&self, prefix: &str) -> io::Result<Vec<String>>;
     /// Deletes an object; deleting a missing object is not an error.
     fn remove(&self, name: &str) -> io::Result<()>;
+    /// Whether publishing is slow enough (an upload) that a writer should publish a full pack on a thread of
+    /// its own while it fills the next.
+    fn concurrent_publish(&self) -> bool {
+        false
+    }
 }
 
 /// An object being written. Dropping it without publishing discards it.

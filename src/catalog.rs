@@ -75,6 +75,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE trees RENAME TO trees_v5;
      CREATE TABLE trees (id BLOB PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
      DROP INDEX IF EXISTS chunks_by_pack;",
+    // 7: the records of a remote repository's bucket this catalog has applied (see docs/format.md, *Remote
+    // repositories*); empty in a local repository.
+    "CREATE TABLE remote_records (name TEXT PRIMARY KEY) WITHOUT ROWID;",
 ];
 
 /// The migration after whose SQL `convert_trees` runs.
@@ -254,7 +257,42 @@ pub(crate) struct Batch {
     pub checkpoint: Option<NewCheckpoint>,
     /// Approximate bytes held, to decide when to write the batch out.
     pub bytes: usize,
+    // What only forgetting and GC change; they reach the catalog through a record (`crate::record`) when a
+    // replica of a remote repository syncs, never through `write_batch`.
+    /// Packs GC wrote: their chunks are located there whatever the catalog said before.
+    pub moved: Vec<(String, u64, Vec<PackEntry>)>,
+    /// Chunks of packs GC deleted that live on elsewhere, and where (pack name and entry).
+    pub locates: Vec<(String, PackEntry)>,
+    /// Objects GC swept: (kind, id).
+    pub drops: Vec<(i64, ObjectId)>,
+    /// Packs GC deleted.
+    pub dead_packs: Vec<String>,
+    /// Checkpoints forgotten, by id.
+    pub forget: Vec<String>,
+    /// Group checkpoints forgotten, by name.
+    pub forget_groups: Vec<String>,
 }
+
+impl Batch {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.packs.is_empty()
+            && self.segments.is_empty()
+            && self.contents.is_empty()
+            && self.trees.is_empty()
+            && self.checkpoint.is_none()
+            && self.moved.is_empty()
+            && self.locates.is_empty()
+            && self.drops.is_empty()
+            && self.dead_packs.is_empty()
+            && self.forget.is_empty()
+            && self.forget_groups.is_empty()
+    }
+}
+
+/// Called inside a catalog transaction with the change it makes, before it commits: a remote repository
+/// writes the change to its bucket here, so that no change is in the catalog without being in the bucket.
+pub(crate) type Journal<'a> = &'a (dyn Fn(&rusqlite::Transaction<'_>, &Batch) -> Result<()> + Sync);
 
 /// Repository-wide totals.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -493,119 +531,255 @@ impl Catalog {
 
     /// Writes a batch of rows in one transaction. Pack rows and their chunks come first, so that a
     /// checkpoint in the same batch only ever references chunks whose packs are recorded.
+    #[cfg(test)]
     pub(crate) fn write_batch(&mut self, batch: &Batch, session: Option<Session>) -> Result<()> {
+        self.write_batch_with(batch, session, None)
+    }
+
+    /// [`Catalog::write_batch`], handing the change to `journal` before the transaction commits.
+    pub(crate) fn write_batch_with(
+        &mut self,
+        batch: &Batch,
+        session: Option<Session>,
+        journal: Option<Journal<'_>>,
+    ) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        {
-            let now = now_ns();
-            if let Some(s) = session {
-                // The heartbeat tells GC this writer lives; a session GC expired must not publish anything.
-                if tx.execute("UPDATE sessions SET heartbeat_ns = ?1 WHERE id = ?2", params![now, s.id])? == 0 {
-                    return Err(Error::SessionExpired);
-                }
+        if let Some(s) = session {
+            // The heartbeat tells GC this writer lives; a session GC expired must not publish anything.
+            if tx.execute("UPDATE sessions SET heartbeat_ns = ?1 WHERE id = ?2", params![now_ns(), s.id])? == 0 {
+                return Err(Error::SessionExpired);
             }
-            let mut uncondemn = tx.prepare_cached("DELETE FROM condemned WHERE kind = ?1 AND id = ?2")?;
-            let mut pack_stmt =
-                tx.prepare_cached("INSERT INTO packs (name, size, chunk_count, created_ns) VALUES (?1, ?2, ?3, ?4)")?;
-            let mut chunk_stmt = tx.prepare_cached(
-                // A condemned chunk's row is replaced: this writer stored its own copy (see has_chunk).
-                "INSERT INTO chunks (id, pack, offset, stored_len, raw_len, flags) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (id) DO UPDATE SET pack = excluded.pack, offset = excluded.offset,
-                     stored_len = excluded.stored_len, raw_len = excluded.raw_len, flags = excluded.flags
-                 WHERE EXISTS (SELECT 1 FROM condemned WHERE kind = 0 AND id = excluded.id)",
-            )?;
-            for (name, size, entries) in &batch.packs {
-                pack_stmt.execute(params![name, to_i64(*size), entries.len() as i64, now])?;
-                let pack_id = tx.last_insert_rowid();
-                for e in entries {
-                    chunk_stmt.execute(params![
-                        &e.id.0[..],
-                        pack_id,
-                        to_i64(e.offset),
-                        e.stored_len,
-                        e.raw_len,
-                        e.flags
-                    ])?;
-                    uncondemn.execute(params![KIND_CHUNK, &e.id.0[..]])?;
-                }
-            }
-            let mut seg_stmt = tx.prepare_cached("INSERT OR IGNORE INTO segments (id, data) VALUES (?1, ?2)")?;
-            for (id, data) in &batch.segments {
-                seg_stmt.execute(params![&id.0[..], data])?;
-                uncondemn.execute(params![KIND_SEGMENT, &id.0[..]])?;
-            }
-            let mut content_stmt =
-                tx.prepare_cached("INSERT OR IGNORE INTO contents (id, size, segments) VALUES (?1, ?2, ?3)")?;
-            for (id, size, segs) in &batch.contents {
-                content_stmt.execute(params![&id.0[..], to_i64(*size), segs])?;
-                uncondemn.execute(params![KIND_CONTENT, &id.0[..]])?;
-            }
-            let mut tree_stmt = tx.prepare_cached("INSERT OR IGNORE INTO trees (id, data) VALUES (?1, ?2)")?;
-            for (id, data) in &batch.trees {
-                uncondemn.execute(params![KIND_TREE, &id.0[..]])?;
-                tree_stmt.execute(params![&id.0[..], data])?;
-            }
-            if let Some(cp) = &batch.checkpoint {
-                let c = &cp.record;
-                if let Some(s) = session {
-                    // What GC condemned after this session began may include objects this checkpoint reaches
-                    // without having written them (unchanged files, shared subtrees): claim them back.
-                    let recent: bool = tx.query_row(
-                        "SELECT EXISTS (SELECT 1 FROM condemned WHERE epoch >= ?1)",
-                        [s.start_epoch],
-                        |r| r.get(0),
-                    )?;
-                    if recent {
-                        let mut rescue = |kind: i64, id: &ObjectId| -> Result<bool> {
-                            uncondemn.execute(params![kind, &id.0[..]])?;
-                            Ok(true)
-                        };
-                        crate::reach::walk(&tx, &[cp.root], &mut rescue)?;
-                    }
-                    tx.execute("DELETE FROM sessions WHERE id = ?1", [s.id])?;
-                }
-                tx.execute(
-                    "INSERT INTO checkpoints (id, parent, time_ns, message, host, path, root, files, dirs, symlinks,
-                                              logical_bytes, new_bytes, stored_bytes, skipped)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-                    params![
-                        c.id,
-                        c.parent,
-                        c.time_ns,
-                        c.message,
-                        c.host,
-                        c.path,
-                        &cp.root.0[..],
-                        to_i64(c.files),
-                        to_i64(c.dirs),
-                        to_i64(c.symlinks),
-                        to_i64(c.logical_bytes),
-                        to_i64(c.new_bytes),
-                        to_i64(c.stored_bytes),
-                        to_i64(c.skipped)
-                    ],
-                )?;
-                for tag in &c.tags {
-                    tx.execute(
-                        "INSERT OR IGNORE INTO checkpoint_tags (checkpoint, tag) VALUES (?1, ?2)",
-                        params![c.id, tag],
-                    )?;
-                }
-                for (path, reason) in &cp.skipped {
-                    tx.execute(
-                        "INSERT INTO skipped (checkpoint, path, reason) VALUES (?1, ?2, ?3)",
-                        params![c.id, path, reason],
-                    )?;
-                }
-                if let Some(part) = &cp.group {
-                    crate::group::record_part(&tx, part, &c.id)?;
-                }
-            }
+        }
+        insert_rows(&tx, batch, session.map(|s| s.start_epoch), false)?;
+        if let Some(s) = session.filter(|_| batch.checkpoint.is_some()) {
+            tx.execute("DELETE FROM sessions WHERE id = ?1", [s.id])?;
+        }
+        if let Some(journal) = journal {
+            journal(&tx, batch)?;
         }
         tx.commit()?;
         crate::fault::point(if batch.checkpoint.is_some() { "commit-published" } else { "catalog-batch" });
         Ok(())
     }
 
+    /// Applies a record another replica (or this one, before a crash) wrote to a remote repository's bucket,
+    /// once: `name` is remembered in the same transaction. Returns whether it was new.
+    pub(crate) fn apply_record(&mut self, name: &str, seq: u64, batch: &Batch) -> Result<bool> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if tx.query_row("SELECT 1 FROM remote_records WHERE name = ?1", [name], |_| Ok(())).optional()?.is_some() {
+            return Ok(false);
+        }
+        // Checkpoints first leave, then arrive: a record never forgets what it adds.
+        // A forgotten group is named with its parts as they were: a part committed meanwhile stays.
+        crate::group::forget_parts(&tx, &batch.forget, &batch.forget_groups)?;
+        if let Some(cp) = &batch.checkpoint {
+            let known =
+                tx.query_row("SELECT 1 FROM checkpoints WHERE id = ?1", [&cp.record.id], |_| Ok(())).optional()?;
+            // Two machines committing the same part of a group that a third part completed: the one applied
+            // last cannot join the group, and is left out rather than stop every later sync (its data is
+            // garbage for GC).
+            let misfit = match &cp.group {
+                Some(part) => !crate::group::part_fits(&tx, part)?,
+                None => false,
+            };
+            if known.is_some() || misfit {
+                let mut b = Batch { checkpoint: None, ..Default::default() };
+                b.packs = batch.packs.clone();
+                b.segments = batch.segments.clone();
+                b.contents = batch.contents.clone();
+                b.trees = batch.trees.clone();
+                insert_rows(&tx, &b, Some(0), true)?;
+            } else {
+                // Start epoch 0: every condemned object the checkpoint reaches is claimed back.
+                insert_rows(&tx, batch, Some(0), true)?;
+            }
+        } else {
+            insert_rows(&tx, batch, Some(0), true)?;
+        }
+        apply_gc(&tx, batch)?;
+        tx.execute("INSERT INTO remote_records (name) VALUES (?1)", [name])?;
+        let seen: u64 = remote_seq(&tx)?;
+        if seq > seen {
+            tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('remote_seq', ?1)", [seq.to_string()])?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+}
+
+/// The highest record sequence number this catalog has seen (0: none).
+pub(crate) fn remote_seq(conn: &Connection) -> Result<u64> {
+    let v: Option<String> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'remote_seq'", [], |r| r.get(0)).optional()?;
+    Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+}
+
+/// What GC did on another replica: its packs' chunks moved, chunks relocated, objects swept, packs deleted.
+fn apply_gc(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> Result<()> {
+    let now = now_ns();
+    let pack_id = |tx: &rusqlite::Transaction<'_>, name: &str, size: u64, count: usize| -> Result<i64> {
+        tx.execute(
+            "INSERT OR IGNORE INTO packs (name, size, chunk_count, created_ns) VALUES (?1, ?2, ?3, ?4)",
+            params![name, to_i64(size), count as i64, now],
+        )?;
+        Ok(tx.query_row("SELECT id FROM packs WHERE name = ?1", [name], |r| r.get(0))?)
+    };
+    let mut locate = tx.prepare_cached(
+        "INSERT INTO chunks (id, pack, offset, stored_len, raw_len, flags) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (id) DO UPDATE SET pack = excluded.pack, offset = excluded.offset,
+             stored_len = excluded.stored_len, raw_len = excluded.raw_len, flags = excluded.flags",
+    )?;
+    let mut put = |pack: i64, e: &PackEntry| -> Result<()> {
+        locate.execute(params![&e.id.0[..], pack, to_i64(e.offset), e.stored_len, e.raw_len, e.flags])?;
+        Ok(())
+    };
+    for (name, size, entries) in &batch.moved {
+        let id = pack_id(tx, name, *size, entries.len())?;
+        for e in entries {
+            put(id, e)?;
+        }
+    }
+    for (name, e) in &batch.locates {
+        // The pack was recorded before GC saw the chunk there (records are applied in causal order); one this
+        // replica does not know would leave the row pointing nowhere, so the row is left as it is.
+        let id: Option<i64> = tx.query_row("SELECT id FROM packs WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+        if let Some(id) = id {
+            put(id, e)?;
+        }
+    }
+    let mut drop_stmt: Vec<rusqlite::CachedStatement<'_>> = ["chunks", "segments", "contents", "trees"]
+        .iter()
+        .map(|t| tx.prepare_cached(&format!("DELETE FROM {t} WHERE id = ?1")))
+        .collect::<rusqlite::Result<_>>()?;
+    let mut uncondemn = tx.prepare_cached("DELETE FROM condemned WHERE kind = ?1 AND id = ?2")?;
+    for (kind, id) in &batch.drops {
+        let stmt = drop_stmt.get_mut(*kind as usize).ok_or_else(|| Error::corrupt("record: bad object kind"))?;
+        stmt.execute([&id.0[..]])?;
+        uncondemn.execute(params![kind, &id.0[..]])?;
+    }
+    let mut dead = Vec::new();
+    for name in &batch.dead_packs {
+        let id: Option<i64> = tx.query_row("SELECT id FROM packs WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+        dead.extend(id);
+    }
+    if !dead.is_empty() {
+        // One scan for the whole record: there is no index of chunks by pack.
+        let list = dead.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        tx.execute(&format!("DELETE FROM chunks WHERE pack IN ({list})"), [])?;
+        tx.execute(&format!("DELETE FROM packs WHERE id IN ({list})"), [])?;
+    }
+    Ok(())
+}
+
+/// Inserts a batch's rows, claiming back what they name from GC's condemned set. With a writer's
+/// `start_epoch`, a checkpoint also claims back every condemned object it reaches that was condemned since.
+/// `applying`: the batch is another replica's record (see `crate::group::record_part`).
+fn insert_rows(tx: &rusqlite::Transaction<'_>, batch: &Batch, start_epoch: Option<i64>, applying: bool) -> Result<()> {
+    {
+        let now = now_ns();
+        let mut uncondemn = tx.prepare_cached("DELETE FROM condemned WHERE kind = ?1 AND id = ?2")?;
+        // A pack already known under this name holds the same bytes (its name is their hash).
+        let mut pack_stmt = tx.prepare_cached(
+            "INSERT OR IGNORE INTO packs (name, size, chunk_count, created_ns) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let mut pack_id = tx.prepare_cached("SELECT id FROM packs WHERE name = ?1")?;
+        let mut chunk_stmt = tx.prepare_cached(
+            // A condemned chunk's row is replaced: this writer stored its own copy (see has_chunk).
+            "INSERT INTO chunks (id, pack, offset, stored_len, raw_len, flags) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (id) DO UPDATE SET pack = excluded.pack, offset = excluded.offset,
+                     stored_len = excluded.stored_len, raw_len = excluded.raw_len, flags = excluded.flags
+                 WHERE EXISTS (SELECT 1 FROM condemned WHERE kind = 0 AND id = excluded.id)",
+        )?;
+        for (name, size, entries) in &batch.packs {
+            pack_stmt.execute(params![name, to_i64(*size), entries.len() as i64, now])?;
+            let pack_id: i64 = pack_id.query_row([name], |r| r.get(0))?;
+            for e in entries {
+                chunk_stmt.execute(params![
+                    &e.id.0[..],
+                    pack_id,
+                    to_i64(e.offset),
+                    e.stored_len,
+                    e.raw_len,
+                    e.flags
+                ])?;
+                uncondemn.execute(params![KIND_CHUNK, &e.id.0[..]])?;
+            }
+        }
+        let mut seg_stmt = tx.prepare_cached("INSERT OR IGNORE INTO segments (id, data) VALUES (?1, ?2)")?;
+        for (id, data) in &batch.segments {
+            seg_stmt.execute(params![&id.0[..], data])?;
+            uncondemn.execute(params![KIND_SEGMENT, &id.0[..]])?;
+        }
+        let mut content_stmt =
+            tx.prepare_cached("INSERT OR IGNORE INTO contents (id, size, segments) VALUES (?1, ?2, ?3)")?;
+        for (id, size, segs) in &batch.contents {
+            content_stmt.execute(params![&id.0[..], to_i64(*size), segs])?;
+            uncondemn.execute(params![KIND_CONTENT, &id.0[..]])?;
+        }
+        let mut tree_stmt = tx.prepare_cached("INSERT OR IGNORE INTO trees (id, data) VALUES (?1, ?2)")?;
+        for (id, data) in &batch.trees {
+            uncondemn.execute(params![KIND_TREE, &id.0[..]])?;
+            tree_stmt.execute(params![&id.0[..], data])?;
+        }
+        if let Some(cp) = &batch.checkpoint {
+            let c = &cp.record;
+            if let Some(start_epoch) = start_epoch {
+                // What GC condemned after this session began may include objects this checkpoint reaches
+                // without having written them (unchanged files, shared subtrees): claim them back.
+                let recent: bool =
+                    tx.query_row("SELECT EXISTS (SELECT 1 FROM condemned WHERE epoch >= ?1)", [start_epoch], |r| {
+                        r.get(0)
+                    })?;
+                if recent {
+                    let mut rescue = |kind: i64, id: &ObjectId| -> Result<bool> {
+                        uncondemn.execute(params![kind, &id.0[..]])?;
+                        Ok(true)
+                    };
+                    crate::reach::walk(tx, &[cp.root], &mut rescue)?;
+                }
+            }
+            tx.execute(
+                "INSERT INTO checkpoints (id, parent, time_ns, message, host, path, root, files, dirs, symlinks,
+                                              logical_bytes, new_bytes, stored_bytes, skipped)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                params![
+                    c.id,
+                    c.parent,
+                    c.time_ns,
+                    c.message,
+                    c.host,
+                    c.path,
+                    &cp.root.0[..],
+                    to_i64(c.files),
+                    to_i64(c.dirs),
+                    to_i64(c.symlinks),
+                    to_i64(c.logical_bytes),
+                    to_i64(c.new_bytes),
+                    to_i64(c.stored_bytes),
+                    to_i64(c.skipped)
+                ],
+            )?;
+            for tag in &c.tags {
+                tx.execute(
+                    "INSERT OR IGNORE INTO checkpoint_tags (checkpoint, tag) VALUES (?1, ?2)",
+                    params![c.id, tag],
+                )?;
+            }
+            for (path, reason) in &cp.skipped {
+                tx.execute(
+                    "INSERT INTO skipped (checkpoint, path, reason) VALUES (?1, ?2, ?3)",
+                    params![c.id, path, reason],
+                )?;
+            }
+            if let Some(part) = &cp.group {
+                crate::group::record_part(tx, part, &c.id, c.time_ns, applying)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Catalog {
     /// Records that checkpoint `id` was checked out whole at `dest` (an absolute path).
     pub(crate) fn record_checkout(&self, dest: &str, id: &str) -> Result<()> {
         self.conn.execute(
@@ -635,19 +809,26 @@ impl Catalog {
     }
 
     /// Removes checkpoints (with their tags and skipped-file records) in one transaction.
-    pub(crate) fn delete_checkpoints(&mut self, ids: &[&str]) -> Result<()> {
+    pub(crate) fn delete_checkpoints(&mut self, ids: &[&str], journal: Option<Journal<'_>>) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for id in ids {
             delete_checkpoint_rows(&tx, id)?;
+        }
+        if let Some(journal) = journal {
+            journal(&tx, &Batch { forget: ids.iter().map(|s| s.to_string()).collect(), ..Default::default() })?;
         }
         tx.commit()?;
         Ok(())
     }
 
     /// Removes groups with their parts, in one transaction.
-    pub(crate) fn delete_groups(&mut self, names: &[String]) -> Result<()> {
+    pub(crate) fn delete_groups(&mut self, names: &[String], journal: Option<Journal<'_>>) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let forget = crate::group::part_ids(&tx, names)?;
         crate::group::delete_groups(&tx, names)?;
+        if let Some(journal) = journal {
+            journal(&tx, &Batch { forget, forget_groups: names.to_vec(), ..Default::default() })?;
+        }
         tx.commit()?;
         Ok(())
     }
@@ -947,6 +1128,96 @@ mod tests {
             })
             .unwrap();
         assert_eq!(left, 0);
+    }
+
+    /// Records from another replica: applied once, GC's moves and deaths followed, a part that cannot join
+    /// its group left out instead of failing the sync.
+    impl Catalog {
+        fn checkpoints_all_ids(&self) -> Vec<String> {
+            let mut stmt = self.conn.prepare("SELECT id FROM checkpoints ORDER BY id").unwrap();
+            stmt.query_map([], |r| r.get(0)).unwrap().map(|r| r.unwrap()).collect()
+        }
+    }
+
+    #[test]
+    fn records_apply_once_and_follow_gc() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cat = Catalog::create(&dir.path().join("c.db"), &RepoParams::default()).unwrap();
+        let id = |b: u8| ObjectId([b; 32]);
+        let entry = |b: u8, offset| PackEntry { id: id(b), flags: 0, raw_len: 10, stored_len: 10, offset };
+        let pack = |name: &str, ids: &[u8]| {
+            (name.to_string(), 100, ids.iter().enumerate().map(|(i, b)| entry(*b, 16 + 10 * i as u64)).collect())
+        };
+        let where_is = |cat: &Catalog, b: u8| cat.chunk_location(&id(b)).unwrap().map(|l| l.pack);
+        // Two replicas each wrote chunk 2, in their own packs; the first applied wins.
+        let a = Batch { packs: vec![pack("packs/aa/a.pack", &[1, 2])], ..Default::default() };
+        let b = Batch { packs: vec![pack("packs/bb/b.pack", &[2, 3])], ..Default::default() };
+        assert!(cat.apply_record("records/1-a", 1, &a).unwrap());
+        assert!(!cat.apply_record("records/1-a", 1, &a).unwrap(), "a record applies once");
+        assert!(cat.apply_record("records/1-b", 1, &b).unwrap());
+        assert_eq!(where_is(&cat, 2).as_deref(), Some("packs/aa/a.pack"));
+        // GC (whose catalog had chunk 2 in b.pack) repacked b.pack into c.pack and deleted a.pack, whose chunk 2
+        // lives on in c.pack, and dropped chunk 1.
+        let gc = Batch {
+            moved: vec![pack("packs/cc/c.pack", &[2, 3])],
+            locates: vec![("packs/cc/c.pack".into(), entry(2, 16))],
+            drops: vec![(KIND_CHUNK, id(1))],
+            dead_packs: vec!["packs/aa/a.pack".into(), "packs/bb/b.pack".into()],
+            ..Default::default()
+        };
+        assert!(cat.apply_record("records/2-gc", 2, &gc).unwrap());
+        assert_eq!(where_is(&cat, 2).as_deref(), Some("packs/cc/c.pack"));
+        assert_eq!(where_is(&cat, 3).as_deref(), Some("packs/cc/c.pack"));
+        assert_eq!(where_is(&cat, 1), None);
+        let packs: i64 = cat.connection().query_row("SELECT count(*) FROM packs", [], |r| r.get(0)).unwrap();
+        assert_eq!(packs, 1);
+        assert_eq!(remote_seq(cat.connection()).unwrap(), 2);
+        // Two checkpoints of one part: the later (time, id) is kept, whichever order they arrive in; a part
+        // whose group has another part count is left out, the rest of its record applied.
+        let part = |n: u32, parts: u32, cp: &str, tree: u8| {
+            let record = Checkpoint {
+                id: cp.into(),
+                parent: None,
+                time_ns: 1,
+                message: String::new(),
+                tags: vec![],
+                host: "h".into(),
+                path: "stdin:x".into(),
+                root: id(tree).to_hex(),
+                files: 1,
+                dirs: 0,
+                symlinks: 0,
+                logical_bytes: 0,
+                new_bytes: 0,
+                stored_bytes: 0,
+                skipped: 0,
+            };
+            let group = Some(crate::group::GroupPart { name: "g".into(), part: n, parts });
+            Batch {
+                trees: vec![(id(tree), crate::tree::encode_tree(&[]))],
+                checkpoint: Some(NewCheckpoint { record, root: id(tree), skipped: vec![], group }),
+                ..Default::default()
+            }
+        };
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        for (k, order) in [[(&a, 7u8), (&b, 8u8)], [(&b, 8), (&a, 7)]].iter().enumerate() {
+            let mut cat = Catalog::create(&dir.path().join(format!("g{k}.db")), &RepoParams::default()).unwrap();
+            for (i, (cp, tree)) in order.iter().enumerate() {
+                assert!(cat.apply_record(&format!("records/3-{i}"), 3, &part(0, 1, cp, *tree)).unwrap());
+            }
+            assert!(cat.apply_record("records/4-x", 4, &part(1, 2, &"c".repeat(64), 9)).unwrap());
+            let ids: Vec<String> = cat
+                .connection()
+                .prepare("SELECT checkpoint FROM group_parts")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect();
+            assert_eq!(ids, vec![b.clone()], "order {k}");
+            assert_eq!(cat.checkpoints_all_ids(), vec![b.clone()], "order {k}");
+            assert!(cat.tree(&id(9)).is_ok(), "the left-out part's rows are there, for GC");
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use walkdir::WalkDir;
 
 use crate::aligned::AlignedBuf;
 use crate::backend::Backend;
-use crate::catalog::{Batch, Catalog, NewCheckpoint, Session, host_name, now_ns};
+use crate::catalog::{Batch, Catalog, Journal, NewCheckpoint, Session, host_name, now_ns};
 use crate::checkpoint::{Checkpoint, checkpoint_id};
 use crate::chunker::{Block, BlockChunker, Buf, ChunkBytes, Cutter, read_at_most};
 use crate::content::ChunkCursor;
@@ -177,6 +177,8 @@ pub(crate) struct Context<'a> {
     pub repo_root: &'a Path,
     pub backend: Arc<dyn Backend>,
     pub params: &'a RepoParams,
+    /// Where a remote repository writes each catalog change to its bucket.
+    pub journal: Option<Journal<'a>>,
 }
 
 fn entry_from(name: Vec<u8>, kind: EntryKind, md: &Metadata) -> Entry {
@@ -1080,8 +1082,9 @@ struct ContentBuilder {
     chunks: u64,
 }
 
-struct Assembler {
+struct Assembler<'a> {
     session: Session,
+    journal: Option<Journal<'a>>,
     catalog: Catalog,
     packer: Packer,
     batch: Batch,
@@ -1107,10 +1110,11 @@ fn push_segment(batch: &mut Batch, b: &mut ContentBuilder, refs: &[ChunkRef]) {
 /// Catalog rows are written out once this many bytes of them are held.
 const BATCH_BYTES: usize = 8 << 20;
 
-impl Assembler {
-    fn new(ctx: &Context<'_>, session: Session) -> Result<Self> {
+impl<'a> Assembler<'a> {
+    fn new(ctx: &Context<'a>, session: Session) -> Result<Self> {
         Ok(Assembler {
             session,
+            journal: ctx.journal,
             catalog: Catalog::open(ctx.catalog_path)?,
             packer: Packer::new(ctx.backend.clone(), ctx.params.pack_target_size),
             batch: Batch::default(),
@@ -1192,8 +1196,9 @@ impl Assembler {
                 self.chunks_new += 1;
                 self.bytes_new += h.len as u64;
                 self.bytes_stored += blob.len() as u64;
-                if let Some(pack) = self.packer.add(h.id, flags, h.len, &blob)? {
-                    self.batch.packs.push(pack);
+                let published = self.packer.add(h.id, flags, h.len, &blob)?;
+                if !published.is_empty() {
+                    self.batch.packs.extend(published);
                     self.write_batch()?;
                 }
             }
@@ -1251,7 +1256,7 @@ impl Assembler {
 
     fn write_batch(&mut self) -> Result<()> {
         let batch = std::mem::take(&mut self.batch);
-        self.catalog.write_batch(&batch, Some(self.session))?;
+        self.catalog.write_batch_with(&batch, Some(self.session), self.journal)?;
         for (_, _, entries) in &batch.packs {
             self.packer.indexed(entries);
         }
@@ -1277,9 +1282,7 @@ impl Assembler {
 
     /// Publishes the last pack, then the checkpoint with every remaining row, in one transaction.
     fn publish(&mut self, checkpoint: NewCheckpoint) -> Result<()> {
-        if let Some(pack) = self.packer.finish()? {
-            self.batch.packs.push(pack);
-        }
+        self.batch.packs.extend(self.packer.finish()?);
         self.batch.checkpoint = Some(checkpoint);
         self.write_batch()
     }

@@ -19,6 +19,9 @@ pub const POINTS: &[&str] = &[
     "pack-published",
     // A batch of catalog rows (a commit's chunks and contents) committed, before the next one.
     "catalog-batch",
+    // A remote repository's record is in the bucket; the catalog transaction carrying the same change has
+    // not committed.
+    "record-written",
     // A commit's checkpoint committed to the catalog, before its id is reported.
     "commit-published",
     // Forget: checkpoints chosen, before their removal is committed; and after.

@@ -13,15 +13,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::backend::Backend;
-use crate::catalog::{Catalog, KIND_CHUNK, gc_epoch, host_name, now_ns, process_identity, rows_in_pack};
+use crate::catalog::{Batch, Catalog, KIND_CHUNK, gc_epoch, host_name, now_ns, process_identity, rows_in_pack};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::pack::PackEntry;
 use crate::progress::{NoProgress, Progress};
 use crate::reach;
+use crate::remote::{GC_LOCK, Lock, Remote, SWEEP_LOCK};
 use crate::store::{BlobDecoder, Packer};
 
 /// How to collect garbage.
@@ -80,6 +81,9 @@ pub struct GcSummary {
     pub orphans_deleted: u64,
     /// Bytes of pack storage freed, net of rewritten packs.
     pub bytes_freed: u64,
+    /// For a repository in a bucket: commits running anywhere (this machine included) when GC was about to
+    /// delete; GC then marked only, and leaves sweeping and deleting to a run when none is.
+    pub sweep_deferred_by: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -94,7 +98,7 @@ fn pid_alive(pid: u32, process: &str) -> bool {
     process_identity(pid) == process
 }
 
-fn dead(holder: (&str, u32, &str), heartbeat_ns: i64, me: &str, stale_after: Duration) -> bool {
+pub(crate) fn dead(holder: (&str, u32, &str), heartbeat_ns: i64, me: &str, stale_after: Duration) -> bool {
     let (host, pid, process) = holder;
     if host == me { !pid_alive(pid, process) } else { now_ns().saturating_sub(heartbeat_ns) > nanos(stale_after) }
 }
@@ -264,15 +268,30 @@ fn pack_use(conn: &Connection) -> Result<Vec<PackUse>> {
 pub(crate) fn gc(
     catalog_path: &Path,
     backend: Arc<dyn Backend>,
+    remote: Option<&Remote>,
     pack_target: u64,
     opts: &GcOptions,
 ) -> Result<GcSummary> {
     let started = Instant::now();
     let me = host_name();
     let mut cat = Catalog::open(catalog_path)?;
-    acquire_lease(cat.connection_mut(), &me, opts.stale_after)?;
-    let result = run(&mut cat, backend, pack_target, opts, &me);
-    let _ = cat.connection().execute("DELETE FROM gc_lease WHERE pid = ?1", [std::process::id()]);
+    // In a bucket, one GC runs across every machine; its catalog first takes in what they all recorded.
+    let remote_lock = match remote {
+        Some(r) => Some(r.lock(GC_LOCK)?),
+        None => None,
+    };
+    let result = (|| {
+        if let Some(r) = remote {
+            r.sync(&mut cat)?;
+        }
+        acquire_lease(cat.connection_mut(), &me, opts.stale_after)?;
+        let result = run(&mut cat, backend, remote, pack_target, opts, &me);
+        let _ = cat.connection().execute("DELETE FROM gc_lease WHERE pid = ?1", [std::process::id()]);
+        result
+    })();
+    if let (Some(r), Some(lock)) = (remote, remote_lock) {
+        r.unlock(lock);
+    }
     let mut summary = result?;
     summary.seconds = started.elapsed().as_secs_f64();
     opts.progress.finish();
@@ -282,6 +301,7 @@ pub(crate) fn gc(
 fn run(
     cat: &mut Catalog,
     backend: Arc<dyn Backend>,
+    remote: Option<&Remote>,
     pack_target: u64,
     opts: &GcOptions,
     me: &str,
@@ -301,9 +321,13 @@ fn run(
     (s.sessions_expired, s.sessions_alive) = expire_sessions(&tx, me, opts.stale_after)?;
     // Dropped in the mark's transaction, so what only they held is condemned by this run.
     let stale = crate::group::stale(&tx, now_ns().saturating_sub(nanos(opts.incomplete_after)))?;
+    let stale_parts = crate::group::part_ids(&tx, &stale)?;
     crate::group::delete_groups(&tx, &stale)?;
     s.groups_dropped = stale.len() as u64;
     s.chunks_condemned = mark(&tx)?;
+    if let (Some(r), false) = (remote, opts.dry_run) {
+        r.publish(&tx, &Batch { forget: stale_parts, forget_groups: stale, ..Default::default() })?;
+    }
     if opts.dry_run {
         // Sweep and plan inside the same transaction, then roll it all back.
         (s.chunks_swept, s.metadata_swept, s.chunks_deferred) = sweep(&tx)?;
@@ -323,8 +347,49 @@ fn run(
     tx.commit()?;
     crate::fault::point("gc-marked");
 
+    let Some(r) = remote else { return collect(cat, backend, None, pack_target, opts, listed, s) };
+    // Deleting from a bucket: no commit may run anywhere. Writers register their session before they look
+    // for this lock, and GC takes the lock before it lists the sessions, so one of the two sees the other.
+    let lock = r.lock(SWEEP_LOCK)?;
+    let result = (|| {
+        let (expired, alive) = r.sessions(opts.stale_after)?;
+        s.sessions_expired += expired;
+        if !alive.is_empty() {
+            s.sweep_deferred_by = alive.len() as u64;
+            return Ok(s);
+        }
+        // Every commit that ended before the sessions were listed has its records in the bucket: take them in
+        // and claim back what their checkpoints reach before anything is deleted.
+        if r.sync(cat)?.applied > 0 {
+            let tx = cat.connection_mut().transaction_with_behavior(TransactionBehavior::Immediate)?;
+            mark(&tx)?;
+            tx.commit()?;
+        }
+        collect(cat, backend, Some((r, &lock)), pack_target, opts, listed, s)
+    })();
+    r.unlock(lock);
+    result
+}
+
+/// Sweeps, repacks and deletes what the mark condemned (steps 4 to 7 of the protocol); in a bucket, while
+/// holding the sweep lock, writing each change as a record before the catalog commits it and before any
+/// object is deleted.
+fn collect(
+    cat: &mut Catalog,
+    backend: Arc<dyn Backend>,
+    remote: Option<(&Remote, &Lock)>,
+    pack_target: u64,
+    opts: &GcOptions,
+    listed: Vec<String>,
+    mut s: GcSummary,
+) -> Result<GcSummary> {
+    let conn = cat.connection_mut();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     touch_lease(&tx)?;
+    if let Some((r, lock)) = remote {
+        r.check_lock(lock)?;
+        publish_drops(&tx, r)?;
+    }
     (s.chunks_swept, s.metadata_swept, s.chunks_deferred) = sweep(&tx)?;
     tx.commit()?;
     crate::fault::point("gc-swept");
@@ -356,14 +421,14 @@ fn run(
             decoder
                 .decode(&id, flags, raw_len, &blob)
                 .map_err(|why| Error::corrupt(format!("chunk {id} in {}: {why}", p.name)))?;
-            if let Some(pack) = packer.add(id, flags, raw_len, &blob)? {
-                freed -= record_moved(conn, &mut packer, pack)? as i128;
+            for pack in packer.add(id, flags, raw_len, &blob)? {
+                freed -= record_moved(conn, &mut packer, pack, remote)? as i128;
             }
         }
         s.packs_rewritten += 1;
     }
-    if let Some(pack) = packer.finish()? {
-        freed -= record_moved(conn, &mut packer, pack)? as i128;
+    for pack in packer.finish()? {
+        freed -= record_moved(conn, &mut packer, pack, remote)? as i128;
     }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     touch_lease(&tx)?;
@@ -386,8 +451,15 @@ fn run(
         let emptied: HashSet<&String> = empty.iter().map(|(_, name, _)| name).collect();
         orphans = listed.into_iter().filter(|n| !known.contains(n) && !emptied.contains(n)).collect();
     }
+    if let Some((r, lock)) = remote {
+        r.check_lock(lock)?;
+        publish_dead_packs(&tx, r, backend.as_ref(), &empty)?;
+    }
     tx.commit()?;
     crate::fault::point("gc-dropped");
+    if let Some((r, lock)) = remote {
+        r.check_lock(lock)?;
+    }
     for (id, name, _) in &empty {
         backend.remove(name).map_err(|e| Error::backend(name, e))?;
         crate::fault::point("gc-removed");
@@ -419,10 +491,19 @@ fn run(
 
 /// Records a pack of moved chunks as soon as it is durable, pointing the chunks' rows at it, so that neither
 /// memory nor the work lost to a crash grows with the number of packs rewritten. Returns its size.
-fn record_moved(conn: &mut Connection, packer: &mut Packer, pack: (String, u64, Vec<PackEntry>)) -> Result<u64> {
-    let (name, size, entries) = pack;
+fn record_moved(
+    conn: &mut Connection,
+    packer: &mut Packer,
+    pack: (String, u64, Vec<PackEntry>),
+    remote: Option<(&Remote, &Lock)>,
+) -> Result<u64> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     touch_lease(&tx)?;
+    if let Some((r, lock)) = remote {
+        r.check_lock(lock)?;
+        r.publish(&tx, &Batch { moved: vec![pack.clone()], ..Default::default() })?;
+    }
+    let (name, size, entries) = pack;
     tx.execute(
         "INSERT INTO packs (name, size, chunk_count, created_ns) VALUES (?1, ?2, ?3, ?4)",
         params![name, size as i64, entries.len() as i64, now_ns()],
@@ -440,6 +521,67 @@ fn record_moved(conn: &mut Connection, packer: &mut Packer, pack: (String, u64, 
     crate::fault::point("gc-moved");
     packer.indexed(&entries);
     Ok(size)
+}
+
+/// Items per record GC writes, so that neither a record nor the memory building it grows with the repository.
+const RECORD_ITEMS: usize = 50_000;
+
+/// Writes, as records, the objects the sweep in `tx` is about to delete.
+fn publish_drops(tx: &rusqlite::Transaction<'_>, r: &Remote) -> Result<()> {
+    let min_start: Option<i64> = tx.query_row("SELECT min(start_epoch) FROM sessions", [], |r| r.get(0))?;
+    let mut stmt = tx.prepare("SELECT kind, id FROM condemned WHERE epoch < ?1")?;
+    let mut rows = stmt.query([min_start.unwrap_or(i64::MAX)])?;
+    let mut batch = Batch::default();
+    while let Some(row) = rows.next()? {
+        let id = ObjectId::from_slice(&row.get::<_, Vec<u8>>(1)?).ok_or_else(|| Error::corrupt("malformed id"))?;
+        batch.drops.push((row.get(0)?, id));
+        if batch.drops.len() >= RECORD_ITEMS {
+            r.publish(tx, &std::mem::take(&mut batch))?;
+        }
+    }
+    r.publish(tx, &batch)
+}
+
+/// Writes, as records, the packs about to be deleted and, for their chunks that live on in other packs, where:
+/// another replica may have recorded a chunk in the deleted pack while this one had it elsewhere.
+fn publish_dead_packs(
+    tx: &rusqlite::Transaction<'_>,
+    r: &Remote,
+    backend: &dyn Backend,
+    dead: &[(i64, String, i64)],
+) -> Result<()> {
+    let mut elsewhere = tx.prepare(
+        "SELECT p.name, c.offset, c.stored_len, c.raw_len, c.flags FROM chunks c JOIN packs p ON p.id = c.pack
+         WHERE c.id = ?1 AND c.pack != ?2",
+    )?;
+    let mut batch = Batch::default();
+    for (id, name, _) in dead {
+        batch.dead_packs.push(name.clone());
+        // A pack already gone (a GC cut short after deleting it) has no chunks left to account for; one whose
+        // index is damaged cannot say which it holds, and its rows in other replicas point at damage anyway.
+        let entries = crate::pack::read_index(backend, name).unwrap_or_default();
+        for e in entries {
+            let found = elsewhere
+                .query_row(params![&e.id.0[..], id], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        PackEntry {
+                            id: e.id,
+                            offset: row.get::<_, i64>(1)? as u64,
+                            stored_len: row.get(2)?,
+                            raw_len: row.get(3)?,
+                            flags: row.get(4)?,
+                        },
+                    ))
+                })
+                .optional()?;
+            batch.locates.extend(found);
+        }
+        if batch.locates.len() + batch.dead_packs.len() >= RECORD_ITEMS {
+            r.publish(tx, &std::mem::take(&mut batch))?;
+        }
+    }
+    r.publish(tx, &batch)
 }
 
 /// The share of a pack's blob bytes that no live chunk uses (headers and index excluded, so a small pack

@@ -99,30 +99,60 @@ fn check_against(part: &GroupPart, existing: Option<(u32, Option<i64>)>) -> Resu
     }
 }
 
-/// Records checkpoint `id` as `part`, in the transaction that publishes it; marks the group complete when
-/// this was its last missing part. A part committed before at the same index is replaced and dropped.
-pub(crate) fn record_part(tx: &Transaction<'_>, part: &GroupPart, id: &str) -> Result<()> {
+/// Whether a part another replica recorded can join its group here: only a part count that disagrees with
+/// the group's cannot (that record's checkpoint is then left out).
+pub(crate) fn part_fits(tx: &Transaction<'_>, part: &GroupPart) -> Result<bool> {
+    let parts: Option<u32> =
+        tx.query_row("SELECT parts FROM groups WHERE name = ?1", [&part.name], |r| r.get(0)).optional()?;
+    Ok(part.part < part.parts && parts.is_none_or(|p| p == part.parts))
+}
+
+/// Records checkpoint `id` (committed at `time_ns`) as `part`, in the transaction that publishes it; marks the
+/// group complete when this was its last missing part. Of two checkpoints for one part, the later `(time_ns,
+/// id)` is kept and the other's rows deleted, whichever arrives first, so that replicas of a bucket that
+/// apply them in different orders agree. A commit (not `applying` another replica's record) is refused
+/// instead of recorded when the part it would replace is later, or its group is complete.
+pub(crate) fn record_part(
+    tx: &Transaction<'_>,
+    part: &GroupPart,
+    id: &str,
+    time_ns: i64,
+    applying: bool,
+) -> Result<()> {
     let now = now_ns();
     let existing: Option<(u32, Option<i64>)> = tx
         .query_row("SELECT parts, complete_ns FROM groups WHERE name = ?1", [&part.name], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })
         .optional()?;
-    check_against(part, existing)?;
+    if !applying {
+        check_against(part, existing)?;
+    }
     if existing.is_none() {
         tx.execute(
             "INSERT INTO groups (name, parts, created_ns) VALUES (?1, ?2, ?3)",
             params![part.name, part.parts, now],
         )?;
     }
-    let replaced: Option<String> = tx
+    let replaced: Option<(String, Option<i64>)> = tx
         .query_row(
-            "SELECT checkpoint FROM group_parts WHERE grp = ?1 AND part = ?2",
+            "SELECT g.checkpoint, c.time_ns FROM group_parts g LEFT JOIN checkpoints c ON c.id = g.checkpoint
+             WHERE g.grp = ?1 AND g.part = ?2",
             params![part.name, part.part],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    if let Some(old) = replaced {
+    if let Some((old, old_time)) = replaced {
+        if (old_time.unwrap_or(i64::MIN), old.as_str()) > (time_ns, id) {
+            if !applying {
+                return Err(Error::InvalidInput(format!(
+                    "part {} of group '{}' was committed again meanwhile, later than this commit (by this clock);                      nothing was published",
+                    part.part, part.name
+                )));
+            }
+            crate::catalog::delete_checkpoint_rows(tx, id)?;
+            return Ok(());
+        }
         tx.execute("DELETE FROM group_parts WHERE grp = ?1 AND part = ?2", params![part.name, part.part])?;
         crate::catalog::delete_checkpoint_rows(tx, &old)?;
     }
@@ -132,7 +162,38 @@ pub(crate) fn record_part(tx: &Transaction<'_>, part: &GroupPart, id: &str) -> R
     )?;
     let have: u32 = tx.query_row("SELECT count(*) FROM group_parts WHERE grp = ?1", [&part.name], |r| r.get(0))?;
     if have == part.parts {
-        tx.execute("UPDATE groups SET complete_ns = ?1 WHERE name = ?2", params![now, part.name])?;
+        tx.execute(
+            "UPDATE groups SET complete_ns = coalesce(complete_ns, ?1) WHERE name = ?2",
+            params![now, part.name],
+        )?;
+    }
+    Ok(())
+}
+
+/// The checkpoints that are parts of the named groups.
+pub(crate) fn part_ids(tx: &Transaction<'_>, names: &[String]) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    let mut stmt = tx.prepare("SELECT checkpoint FROM group_parts WHERE grp = ?1")?;
+    for name in names {
+        for id in stmt.query_map([name], |r| r.get(0))? {
+            ids.push(id?);
+        }
+    }
+    Ok(ids)
+}
+
+/// Forgets checkpoints that may be group parts (applying another replica's forget, which names them): their
+/// part rows go too, and a group left with no part.
+pub(crate) fn forget_parts(tx: &Transaction<'_>, ids: &[String], groups: &[String]) -> Result<()> {
+    for id in ids {
+        crate::catalog::delete_checkpoint_rows(tx, id)?;
+        tx.execute("DELETE FROM group_parts WHERE checkpoint = ?1", [id])?;
+    }
+    for name in groups {
+        tx.execute(
+            "DELETE FROM groups WHERE name = ?1 AND NOT EXISTS (SELECT 1 FROM group_parts WHERE grp = ?1)",
+            [name],
+        )?;
     }
     Ok(())
 }

@@ -41,7 +41,9 @@ mod params;
 mod progress;
 mod reach;
 mod reader;
+mod record;
 mod region;
+mod remote;
 mod repair;
 mod retention;
 mod sparse;
@@ -74,6 +76,7 @@ pub use pack::{PackEntry, read_index as read_pack_index};
 pub use params::{FORMAT_VERSION, RepoParams};
 pub use progress::{NoProgress, Progress};
 pub use reader::FileReader;
+pub use remote::SyncSummary;
 pub use repair::{CheckpointState, RepairReport};
 pub use retention::{Decision, Plan, Policy, UNLIMITED, parse_count, parse_duration};
 pub use tree::{Entry, EntryKind, decode_tree, encode_tree, validate_name};
@@ -85,12 +88,19 @@ pub use watch::{WatchEvent, WatchOptions, parse_interval};
 /// File name of the catalog inside a repository directory.
 pub const CATALOG_FILE: &str = "catalog.db";
 
-/// A snapstore repository: a directory holding the catalog and the packs.
+/// A snapstore repository: a directory holding the catalog and the packs, or an S3 bucket prefix
+/// (`s3://BUCKET/PREFIX`) holding the packs and the catalog's records, with a local working copy of the catalog.
 pub struct Repository {
     root: PathBuf,
     catalog_path: PathBuf,
     backend: Arc<dyn Backend>,
     params: RepoParams,
+    remote: Option<Arc<remote::Remote>>,
+}
+
+/// The bucket URL when `path` names a remote repository (`s3://...`).
+fn remote_url(path: &Path) -> Option<&str> {
+    path.to_str().filter(|s| s.starts_with("s3://"))
 }
 
 /// A file, directory or symlink of a checkpoint, with its path inside the checkpoint.
@@ -148,8 +158,11 @@ impl Repository {
 
     /// Creates a repository with the given parameters, which it keeps for its whole life.
     pub fn init_with(path: impl AsRef<Path>, params: RepoParams) -> Result<Self> {
-        let root = path.as_ref().to_path_buf();
         params.validate()?;
+        if let Some(url) = remote_url(path.as_ref()) {
+            return Ok(Self::open_remote(url, Some(&params))?.0);
+        }
+        let root = path.as_ref().to_path_buf();
         if root.join(CATALOG_FILE).exists() {
             return Err(Error::RepositoryExists(root));
         }
@@ -175,6 +188,9 @@ impl Repository {
     /// assert!(matches!(snapstore::Repository::open(dir.path()), Err(snapstore::Error::NoRepository(_))));
     /// ```
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        if let Some(url) = remote_url(path.as_ref()) {
+            return Ok(Self::open_remote(url, None)?.0);
+        }
         let root = path.as_ref().to_path_buf();
         let catalog_path = root.join(CATALOG_FILE);
         let Ok(md) = std::fs::metadata(&catalog_path) else { return Err(Error::NoRepository(root)) };
@@ -184,7 +200,118 @@ impl Repository {
         check_owner(&root, &md)?;
         let params = Catalog::open(&catalog_path)?.params()?;
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&root));
-        Ok(Repository { root, catalog_path, backend, params })
+        Ok(Repository { root, catalog_path, backend, params, remote: None })
+    }
+
+    /// Opens (or, with `init`, creates) the repository in a bucket, bringing the local working copy of its
+    /// catalog up to date: created from the bucket's records when missing, synced when behind.
+    fn open_remote(url: &str, init: Option<&RepoParams>) -> Result<(Self, SyncSummary)> {
+        let bucket = Arc::new(backend::Bucket::connect(url).map_err(|e| Error::backend(url, e))?);
+        let remote = Arc::new(remote::Remote { bucket: bucket.clone() });
+        if let Some(params) = init {
+            remote.init(params)?;
+        }
+        let root = remote::cache_dir(bucket.url())?;
+        let catalog_path = root.join(CATALOG_FILE);
+        let repo_id = remote.repo_id()?;
+        if catalog_path.exists() {
+            check_owner(&root, &std::fs::metadata(&catalog_path).map_err(|e| Error::io(&catalog_path, e))?)?;
+            let cat = Catalog::open(&catalog_path)?;
+            if remote::local_repo_id(cat.connection())?.is_some_and(|id| id != repo_id) {
+                // The bucket prefix holds another repository than the one this copy was made from.
+                drop(cat);
+                remote::discard_copy(&root)?;
+            }
+        }
+        if !catalog_path.exists() {
+            backend::local_dir(&root).map_err(|e| Error::io(&root, e))?;
+            match Catalog::create(&catalog_path, &remote.params()?) {
+                Ok(_) | Err(Error::RepositoryExists(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut cat = Catalog::open(&catalog_path)?;
+        remote::set_local_repo_id(cat.connection(), &repo_id)?;
+        let params = cat.params()?;
+        let synced = remote.sync(&mut cat)?;
+        let backend: Arc<dyn Backend> = Arc::new(backend::S3Backend::new(bucket, root.join("tmp")));
+        Ok((Repository { root, catalog_path, backend, params, remote: Some(remote) }, synced))
+    }
+
+    /// For a repository in a bucket: applies every change other machines wrote to the bucket since the last
+    /// sync to the local copy of the catalog (done by every command on opening, too).
+    pub fn sync(&self) -> Result<SyncSummary> {
+        let remote = self.remote.as_ref().ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "{} is a local repository; sync is for s3:// repositories",
+                self.root.display()
+            ))
+        })?;
+        remote.sync(&mut self.catalog()?)
+    }
+
+    /// For a repository in a bucket: discards this machine's copy of the catalog without reading it (it may be
+    /// damaged, or fail to sync) and builds it again from the bucket alone.
+    pub fn rebuild(path: impl AsRef<Path>) -> Result<(Self, SyncSummary)> {
+        let url = remote_url(path.as_ref()).ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "{} is a local repository; rebuilding the catalog from a bucket is for s3:// repositories",
+                path.as_ref().display()
+            ))
+        })?;
+        let bucket = backend::Bucket::connect(url).map_err(|e| Error::backend(url, e))?;
+        remote::discard_copy(&remote::cache_dir(bucket.url())?)?;
+        Self::open_remote(url, None)
+    }
+
+    /// The repository's directory, or its bucket URL.
+    pub fn location(&self) -> String {
+        match &self.remote {
+            Some(r) => r.bucket.url().to_string(),
+            None => self.root.display().to_string(),
+        }
+    }
+
+    /// Whether the repository lives in a bucket.
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// Requests sent to the bucket so far by this process (0 for a local repository).
+    pub fn requests(&self) -> u64 {
+        self.remote.as_ref().map_or(0, |r| r.bucket.requests())
+    }
+
+    /// Runs a writer: for a remote repository inside a session registered in the bucket, after a sync, with
+    /// every catalog change journaled to the bucket.
+    fn writer<T>(&self, f: impl FnOnce(commit::Context<'_>) -> Result<T>) -> Result<T> {
+        let Some(remote) = &self.remote else { return f(self.context(None)) };
+        let session = remote.begin_session()?;
+        let result = remote.sync(&mut self.catalog()?).and_then(|_| {
+            let journal = |tx: &rusqlite::Transaction<'_>, b: &catalog::Batch| {
+                remote.check_session(&session)?;
+                remote.publish(tx, b)
+            };
+            f(self.context(Some(&journal)))
+        });
+        remote.end_session(session);
+        result
+    }
+
+    /// Runs a reader of packs (checkout, verify): for a remote repository inside a session registered in the
+    /// bucket, after a sync, so that no GC deletes what it reads meanwhile (a reader on another machine would
+    /// take a pack deleted under it for damage).
+    fn reader<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let Some(remote) = &self.remote else { return f() };
+        let session = remote.begin_session()?;
+        let result = remote.sync(&mut self.catalog()?).and_then(|_| f());
+        remote.end_session(session);
+        result
+    }
+
+    /// Where forgetting writes its change, for a remote repository.
+    fn forget_journal(&self) -> Option<impl Fn(&rusqlite::Transaction<'_>, &catalog::Batch) -> Result<()> + Sync + '_> {
+        self.remote.as_ref().map(|r| move |tx: &rusqlite::Transaction<'_>, b: &catalog::Batch| r.publish(tx, b))
     }
 
     /// Opens an existing repository whose packs live in `backend` instead of its directory (the catalog
@@ -202,6 +329,9 @@ impl Repository {
     /// assert!(repo.checkpoints().unwrap().is_empty());
     /// ```
     pub fn open_with(path: impl AsRef<Path>, backend: Arc<dyn Backend>) -> Result<Self> {
+        if remote_url(path.as_ref()).is_some() {
+            return Err(Error::InvalidInput("open_with takes a local repository directory".into()));
+        }
         let mut repo = Self::open(path)?;
         repo.backend = backend;
         Ok(repo)
@@ -240,7 +370,7 @@ impl Repository {
     /// assert_eq!(second.parent.as_deref(), Some(first.id.as_str()));
     /// ```
     pub fn commit(&self, path: impl AsRef<Path>, opts: &CommitOptions) -> Result<CommitSummary> {
-        commit::commit(&self.context(), commit::Source::Path(path.as_ref()), opts)
+        self.writer(|ctx| commit::commit(&ctx, commit::Source::Path(path.as_ref()), opts))
     }
 
     /// Commits a stream (a state image written by another program) as a checkpoint holding one file, `name`.
@@ -254,7 +384,7 @@ impl Repository {
     /// assert_eq!(repo.checkpoint(&s.id).unwrap().path, "stdin:model.bin");
     /// ```
     pub fn commit_reader(&self, name: &str, reader: &mut dyn Read, opts: &CommitOptions) -> Result<CommitSummary> {
-        commit::commit(&self.context(), commit::Source::Reader { name, reader }, opts)
+        self.writer(|ctx| commit::commit(&ctx, commit::Source::Reader { name, reader }, opts))
     }
 
     /// Recreates checkpoint `id` (full id, unique prefix or `latest`) at `dest`, verifying every chunk.
@@ -276,10 +406,15 @@ impl Repository {
     /// assert!(matches!(repo.checkout("latest", &out, &Default::default()), Err(snapstore::Error::DestinationNotEmpty(_))));
     /// ```
     pub fn checkout(&self, id: &str, dest: impl AsRef<Path>, opts: &CheckoutOptions) -> Result<CheckoutSummary> {
-        let cp = self.checkpoint(id)?;
-        let src =
-            checkout::Source { catalog_path: &self.catalog_path, repo_root: &self.root, backend: self.backend.clone() };
-        checkout::checkout(&src, &cp.id, dest.as_ref(), opts).map_err(|e| self.unless_forgotten(e, &cp.id))
+        self.reader(|| {
+            let cp = self.checkpoint(id)?;
+            let src = checkout::Source {
+                catalog_path: &self.catalog_path,
+                repo_root: &self.root,
+                backend: self.backend.clone(),
+            };
+            checkout::checkout(&src, &cp.id, dest.as_ref(), opts).map_err(|e| self.unless_forgotten(e, &cp.id))
+        })
     }
 
     /// Every group checkpoint, complete or not, newest first, with the parts it has.
@@ -324,7 +459,9 @@ impl Repository {
     /// Forgets group checkpoints with all their parts.
     pub fn forget_groups(&self, names: &[&str]) -> Result<Vec<Group>> {
         let found = names.iter().map(|n| self.group(n)).collect::<Result<Vec<_>>>()?;
-        self.catalog()?.delete_groups(&found.iter().map(|g| g.name.clone()).collect::<Vec<_>>())?;
+        let journal = self.forget_journal();
+        let journal = journal.as_ref().map(|j| j as catalog::Journal<'_>);
+        self.catalog()?.delete_groups(&found.iter().map(|g| g.name.clone()).collect::<Vec<_>>(), journal)?;
         Ok(found)
     }
 
@@ -473,7 +610,9 @@ impl Repository {
             }
         }
         fault::point("forget-chosen");
-        catalog.delete_checkpoints(&found.iter().map(|c| c.id.as_str()).collect::<Vec<_>>())?;
+        let journal = self.forget_journal();
+        let journal = journal.as_ref().map(|j| j as catalog::Journal<'_>);
+        catalog.delete_checkpoints(&found.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), journal)?;
         fault::point("forget-done");
         Ok(found)
     }
@@ -581,7 +720,7 @@ impl Repository {
     /// repo.checkout(&b.id, &out, &Default::default()).unwrap();
     /// ```
     pub fn gc(&self, opts: &GcOptions) -> Result<GcSummary> {
-        gc::gc(&self.catalog_path, self.backend.clone(), self.params.pack_target_size, opts)
+        gc::gc(&self.catalog_path, self.backend.clone(), self.remote.as_deref(), self.params.pack_target_size, opts)
     }
 
     /// Files a checkpoint's commit skipped as unreadable, with the reason.
@@ -629,12 +768,18 @@ impl Repository {
     /// an existing pack, and pack indexes agree with the catalog; with [`VerifyOptions::read_data`], also
     /// decompresses and rehashes chunks. Damage is reported in the [`VerifyReport`], not as an error.
     pub fn verify(&self, opts: &VerifyOptions) -> Result<VerifyReport> {
-        verify::verify(&self.catalog_path, self.backend.clone(), opts)
+        self.reader(|| verify::verify(&self.catalog_path, self.backend.clone(), opts))
     }
 
     /// Rebuilds the catalog's chunk index from the packs' own indexes, and reports which checkpoints are
     /// whole again. Use when `verify` finds index damage.
     pub fn repair_index(&self) -> Result<RepairReport> {
+        if self.remote.is_some() {
+            return Err(Error::InvalidInput(
+                "the bucket holds the catalog of an s3:// repository: rebuild the local copy with `snapstore sync --rebuild`"
+                    .into(),
+            ));
+        }
         repair::repair_index(&self.root, self.backend.clone())
     }
 
@@ -649,12 +794,13 @@ impl Repository {
         repair::repair_index(root, Arc::new(LocalBackend::new(root)))
     }
 
-    fn context(&self) -> commit::Context<'_> {
+    fn context<'a>(&'a self, journal: Option<catalog::Journal<'a>>) -> commit::Context<'a> {
         commit::Context {
             catalog_path: &self.catalog_path,
             repo_root: &self.root,
             backend: self.backend.clone(),
             params: &self.params,
+            journal,
         }
     }
 }

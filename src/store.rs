@@ -1,6 +1,6 @@
 //! The chunk store: chunks go into packs on the way in, and come out verified against their hash.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::aligned::AlignedBuf;
@@ -166,6 +166,12 @@ impl ChunkReader {
     }
 }
 
+/// A pack published: its name, size and index entries.
+pub(crate) type Published = (String, u64, Vec<PackEntry>);
+
+/// Packs published at once on threads of their own, beyond which filling the next pack waits.
+const PUBLISHING: usize = 2;
+
 /// Fills packs with new chunks, never storing one chunk twice within a commit.
 pub(crate) struct Packer {
     backend: Arc<dyn Backend>,
@@ -173,11 +179,14 @@ pub(crate) struct Packer {
     current: Option<PackWriter>,
     /// Chunks written by this packer whose pack is not yet recorded in the catalog.
     pending: HashSet<ObjectId>,
+    /// Full packs being published, oldest first, when the backend's publishing is slow (an upload): the next
+    /// pack fills meanwhile.
+    publishing: VecDeque<std::thread::JoinHandle<Result<Published>>>,
 }
 
 impl Packer {
     pub fn new(backend: Arc<dyn Backend>, target: u64) -> Self {
-        Packer { backend, target, current: None, pending: HashSet::new() }
+        Packer { backend, target, current: None, pending: HashSet::new(), publishing: VecDeque::new() }
     }
 
     /// Whether this packer holds the chunk in a pack not yet indexed.
@@ -185,35 +194,64 @@ impl Packer {
         self.pending.contains(id)
     }
 
-    /// Appends a chunk; returns a finished, published pack once the current one is full.
-    pub fn add(
-        &mut self,
-        id: ObjectId,
-        flags: u8,
-        raw_len: u32,
-        blob: &[u8],
-    ) -> Result<Option<(String, u64, Vec<PackEntry>)>> {
+    /// Appends a chunk; returns the packs whose publishing has completed since the last call (a pack is
+    /// published once it is full).
+    pub fn add(&mut self, id: ObjectId, flags: u8, raw_len: u32, blob: &[u8]) -> Result<Vec<Published>> {
         if self.current.is_none() {
             self.current = Some(PackWriter::new(self.backend.as_ref())?);
         }
         let w = self.current.as_mut().expect("just set");
         w.add(id, flags, raw_len, blob)?;
         self.pending.insert(id);
-        if w.len() >= self.target { self.finish() } else { Ok(None) }
+        let mut done = Vec::new();
+        if w.len() >= self.target {
+            let w = self.current.take().expect("just used");
+            if !self.backend.concurrent_publish() {
+                return Ok(vec![w.finish()?]);
+            }
+            if self.publishing.len() >= PUBLISHING {
+                done.push(self.join_oldest()?);
+            }
+            self.publishing.push_back(std::thread::spawn(move || w.finish()));
+        }
+        while self.publishing.front().is_some_and(|h| h.is_finished()) {
+            done.push(self.join_oldest()?);
+        }
+        Ok(done)
     }
 
-    /// Publishes the current pack, if it holds anything.
-    pub fn finish(&mut self) -> Result<Option<(String, u64, Vec<PackEntry>)>> {
-        match self.current.take() {
-            Some(w) if !w.is_empty() => Ok(Some(w.finish()?)),
-            _ => Ok(None),
+    fn join_oldest(&mut self) -> Result<Published> {
+        let h = self.publishing.pop_front().ok_or_else(|| Error::Internal("no pack being published".into()))?;
+        h.join().map_err(|_| Error::Internal("publishing a pack panicked".into()))?
+    }
+
+    /// Publishes the current pack, if it holds anything, and waits for every pack being published.
+    pub fn finish(&mut self) -> Result<Vec<Published>> {
+        let mut done = Vec::new();
+        while !self.publishing.is_empty() {
+            done.push(self.join_oldest()?);
         }
+        match self.current.take() {
+            Some(w) if !w.is_empty() => done.push(w.finish()?),
+            _ => {}
+        }
+        Ok(done)
     }
 
     /// Forgets pending ids once their pack is recorded in the catalog (where dedup finds them from then on).
     pub fn indexed(&mut self, entries: &[PackEntry]) {
         for e in entries {
             self.pending.remove(&e.id);
+        }
+    }
+}
+
+impl Drop for Packer {
+    /// A packer dropped on an error path waits for its uploads: nothing keeps running behind the caller's back
+    /// (what they published is an orphan for GC).
+    fn drop(&mut self) {
+        for h in self.publishing.drain(..) {
+            let _ = h.join();
         }
     }
 }
@@ -254,11 +292,11 @@ mod tests {
         for c in &chunks {
             let id = ObjectId::of(c);
             let (flags, blob) = comp.compress(c);
-            assert!(packer.add(id, flags, c.len() as u32, blob).unwrap().is_none());
+            assert!(packer.add(id, flags, c.len() as u32, blob).unwrap().is_empty());
             refs.push(ChunkRef { id, len: c.len() as u32 });
         }
         assert!(packer.is_pending(&refs[0].id));
-        let pack = packer.finish().unwrap().unwrap();
+        let pack = packer.finish().unwrap().pop().unwrap();
         assert_eq!(pack.2[0].flags, FLAG_ZSTD, "a run of one byte must compress");
         assert_eq!(pack.2[2].flags, 0, "four bytes cannot shrink");
         packer.indexed(&pack.2);

@@ -13,6 +13,8 @@ mod groups;
 mod inplace;
 mod library;
 mod power_loss;
+#[cfg(feature = "s3")]
+mod s3;
 mod util;
 mod verify;
 mod watch;

@@ -37,8 +37,10 @@ Checkpoint ids: any unique prefix of 4 or more hex digits, or 'latest'."
 #[derive(Parser)]
 #[command(name = "snapstore", version, about, after_help = exit_help!())]
 struct Cli {
-    /// Repository directory [default: .snapstore in the current directory]
-    #[arg(long, global = true, env = "SNAPSTORE_REPO", value_name = "PATH")]
+    /// Repository: a directory, or s3://BUCKET/PREFIX for one in S3-compatible storage (endpoint, region and
+    /// credentials from the AWS_* environment variables and ~/.aws files) [default: .snapstore in the current
+    /// directory]
+    #[arg(long, global = true, env = "SNAPSTORE_REPO", value_name = "PATH|URL")]
     repo: Option<PathBuf>,
     /// Print machine-readable JSON on stdout instead of text
     #[arg(long, global = true)]
@@ -239,6 +241,16 @@ that commit ends (the next gc reclaims them). Without a terminal it prints only 
     /// Repository totals: logical and stored bytes, dedup and compression ratios, chunks and packs
     #[command(after_help = exit_help!())]
     Stats,
+    /// Bring the local copy of an s3:// repository's catalog up to date with its bucket
+    ///
+    /// Every command does this when it opens an s3:// repository; `sync` does only that, and reports it.
+    /// The local copy lives in SNAPSTORE_CACHE_DIR (default ~/.cache/snapstore).
+    #[command(after_help = exit_help!())]
+    Sync {
+        /// Discard the local copy and rebuild it from the bucket alone
+        #[arg(long)]
+        rebuild: bool,
+    },
 }
 
 /// Opens the repository, creating it first if there is none (as `commit` and `watch` do).
@@ -246,7 +258,7 @@ fn open_or_init(repo_dir: &std::path::Path) -> Result<Repository, Error> {
     match Repository::open(repo_dir) {
         Err(Error::NoRepository(_)) => match Repository::init(repo_dir) {
             Ok(repo) => {
-                eprintln!("created snapstore repository at {}", repo.path().display());
+                eprintln!("created snapstore repository at {}", repo.location());
                 Ok(repo)
             }
             // Another commit created it a moment ago.
@@ -470,9 +482,9 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             };
             let repo = Repository::init_with(&repo_dir, params)?;
             if cli.json {
-                out.json(&serde_json::json!({ "repository": repo.path(), "params": repo.params() }))?;
+                out.json(&serde_json::json!({ "repository": repo.location(), "params": repo.params() }))?;
             } else if !cli.quiet {
-                out.line(&format!("created snapstore repository at {}", repo.path().display()))?;
+                out.line(&format!("created snapstore repository at {}", repo.location()))?;
             }
         }
         Command::Commit { path, message, tags, name, reread, skip_unreadable, threads, group, part } => {
@@ -741,6 +753,26 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
         Command::Verify(args) => verify::verify(&repo_dir, args, cli.json, cli.quiet, out)?,
         Command::Watch(args) => watch::watch(&repo_dir, args, cli.json, cli.quiet, out)?,
         Command::Repair(args) => verify::repair(&repo_dir, args, cli.json, cli.quiet, out)?,
+        Command::Sync { rebuild } => {
+            let (repo, s) = if *rebuild {
+                Repository::rebuild(&repo_dir)?
+            } else {
+                let repo = Repository::open(&repo_dir)?;
+                let s = repo.sync()?;
+                (repo, s)
+            };
+            if cli.json {
+                out.json(&s)?;
+            } else if !cli.quiet {
+                out.line(&format!(
+                    "synced {}: applied {} of {} records; {} checkpoints",
+                    repo.location(),
+                    s.applied,
+                    s.records,
+                    s.checkpoints
+                ))?;
+            }
+        }
         Command::Stats => {
             let repo = Repository::open(&repo_dir)?;
             let stats = repo.stats()?;

@@ -247,6 +247,12 @@ pub fn gc_summary(out: &mut Out, s: &GcSummary) -> io::Result<()> {
     if s.sessions_expired > 0 {
         out.line(&format!("  expired {} dead commit session(s)", s.sessions_expired))?;
     }
+    if s.sweep_deferred_by > 0 {
+        out.line(&format!(
+            "  marked only: {} running on the bucket; the next gc with none running deletes what is unused",
+            plural(s.sweep_deferred_by, "commit")
+        ))?;
+    }
     if s.dry_run {
         out.line("  dry run: nothing changed")?;
     }
@@ -255,7 +261,7 @@ pub fn gc_summary(out: &mut Out, s: &GcSummary) -> io::Result<()> {
 
 pub fn stats(out: &mut Out, repo: &Repository, s: &RepoStats) -> io::Result<()> {
     let c = &s.catalog;
-    out.line(&format!("repository   {}", repo.path().display()))?;
+    out.line(&format!("repository   {}", repo.location()))?;
     out.line(&format!("checkpoints  {}", c.checkpoints))?;
     out.line(&format!("logical      {} (sum of all checkpoints)", human_bytes(c.logical_bytes)))?;
     out.line(&format!("unique       {} in {} chunks", human_bytes(c.unique_bytes), c.chunks))?;

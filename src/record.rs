@@ -1,0 +1,351 @@
+//! Records: a catalog change set ([`Batch`]) as one immutable object, so that a bucket holds the catalog too.
+//!
+//! Every transaction that changes a remote repository's catalog writes the same change as a record
+//! (docs/format.md, *Remote repositories*): a commit's packs, chunk locations, segments, contents, trees and
+//! checkpoint; a forget; what GC swept, moved and deleted. Replaying every record rebuilds the catalog.
+//!
+//! Layout: `"SNAPREC1"`, then one zstd frame of items, each a tag byte and its fields; integers little-endian,
+//! strings and byte strings as a u32 length and the bytes.
+
+use std::io::{Read, Write};
+
+use crate::catalog::{Batch, NewCheckpoint};
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::group::GroupPart;
+use crate::id::ObjectId;
+use crate::pack::PackEntry;
+
+const MAGIC: &[u8; 8] = b"SNAPREC1";
+
+const T_PACK: u8 = 1;
+const T_SEGMENT: u8 = 2;
+const T_CONTENT: u8 = 3;
+const T_TREE: u8 = 4;
+const T_CHECKPOINT: u8 = 5;
+const T_FORGET: u8 = 6;
+const T_FORGET_GROUP: u8 = 7;
+const T_MOVED: u8 = 8;
+const T_DROP: u8 = 9;
+const T_DEAD_PACK: u8 = 10;
+const T_LOCATE: u8 = 11;
+
+/// A length field larger than this is damage, not data: no record item comes near it.
+const MAX_FIELD: u32 = 1 << 28;
+
+/// Encodes a change set.
+pub(crate) fn encode(batch: &Batch) -> Result<Vec<u8>> {
+    let mut out = MAGIC.to_vec();
+    let mut z = zstd::Encoder::new(&mut out, 3).map_err(|e| Error::Internal(format!("zstd: {e}")))?;
+    let mut w = Writer(Vec::with_capacity(1 << 16));
+    for (tag, packs) in [(T_PACK, &batch.packs), (T_MOVED, &batch.moved)] {
+        for (name, size, entries) in packs {
+            w.u8(tag);
+            w.str(name);
+            w.u64(*size);
+            w.u32(entries.len() as u32);
+            for e in entries {
+                w.entry(e);
+            }
+        }
+    }
+    for (id, data) in &batch.segments {
+        w.u8(T_SEGMENT);
+        w.id(id);
+        w.bytes(data);
+    }
+    for (id, size, segs) in &batch.contents {
+        w.u8(T_CONTENT);
+        w.id(id);
+        w.u64(*size);
+        w.bytes(segs);
+    }
+    for (id, data) in &batch.trees {
+        w.u8(T_TREE);
+        w.id(id);
+        w.bytes(data);
+    }
+    for (pack, e) in &batch.locates {
+        w.u8(T_LOCATE);
+        w.str(pack);
+        w.entry(e);
+    }
+    for (kind, id) in &batch.drops {
+        w.u8(T_DROP);
+        w.u8(*kind as u8);
+        w.id(id);
+    }
+    for name in &batch.dead_packs {
+        w.u8(T_DEAD_PACK);
+        w.str(name);
+    }
+    for id in &batch.forget {
+        w.u8(T_FORGET);
+        w.str(id);
+    }
+    for name in &batch.forget_groups {
+        w.u8(T_FORGET_GROUP);
+        w.str(name);
+    }
+    if let Some(cp) = &batch.checkpoint {
+        w.u8(T_CHECKPOINT);
+        let c = &cp.record;
+        w.str(&c.id);
+        w.str(c.parent.as_deref().unwrap_or(""));
+        w.u64(c.time_ns as u64);
+        w.str(&c.message);
+        w.str(&c.host);
+        w.str(&c.path);
+        w.id(&cp.root);
+        for v in [c.files, c.dirs, c.symlinks, c.logical_bytes, c.new_bytes, c.stored_bytes, c.skipped] {
+            w.u64(v);
+        }
+        w.u32(c.tags.len() as u32);
+        for t in &c.tags {
+            w.str(t);
+        }
+        w.u32(cp.skipped.len() as u32);
+        for (path, reason) in &cp.skipped {
+            w.bytes(path);
+            w.str(reason);
+        }
+        match &cp.group {
+            Some(g) => {
+                w.u8(1);
+                w.str(&g.name);
+                w.u32(g.part);
+                w.u32(g.parts);
+            }
+            None => w.u8(0),
+        }
+    }
+    z.write_all(&w.0).map_err(|e| Error::Internal(format!("zstd: {e}")))?;
+    z.finish().map_err(|e| Error::Internal(format!("zstd: {e}")))?;
+    Ok(out)
+}
+
+/// Decodes a record, refusing anything malformed.
+pub(crate) fn decode(data: &[u8]) -> Result<Batch> {
+    let bad = |what: &str| Error::corrupt(format!("record: {what}"));
+    let body = data.strip_prefix(&MAGIC[..]).ok_or_else(|| bad("not a snapstore record"))?;
+    let mut raw = Vec::new();
+    zstd::Decoder::new(body)
+        .and_then(|mut d| d.read_to_end(&mut raw))
+        .map_err(|e| bad(&format!("cannot be decompressed ({e})")))?;
+    let mut r = Reader { data: &raw, at: 0 };
+    let mut b = Batch::default();
+    while r.at < raw.len() {
+        match r.u8()? {
+            tag @ (T_PACK | T_MOVED) => {
+                let name = r.str()?;
+                let size = r.u64()?;
+                let n = r.u32()?;
+                let entries = (0..n).map(|_| r.entry()).collect::<Result<Vec<_>>>()?;
+                if tag == T_PACK { &mut b.packs } else { &mut b.moved }.push((name, size, entries));
+            }
+            T_SEGMENT => b.segments.push((r.id()?, r.bytes()?)),
+            T_CONTENT => b.contents.push((r.id()?, r.u64()?, r.bytes()?)),
+            T_TREE => b.trees.push((r.id()?, r.bytes()?)),
+            T_LOCATE => b.locates.push((r.str()?, r.entry()?)),
+            T_DROP => b.drops.push((r.u8()? as i64, r.id()?)),
+            T_DEAD_PACK => b.dead_packs.push(r.str()?),
+            T_FORGET => b.forget.push(r.str()?),
+            T_FORGET_GROUP => b.forget_groups.push(r.str()?),
+            T_CHECKPOINT => {
+                if b.checkpoint.is_some() {
+                    return Err(bad("two checkpoints"));
+                }
+                let id = r.str()?;
+                let parent = Some(r.str()?).filter(|p| !p.is_empty());
+                let time_ns = r.u64()? as i64;
+                let (message, host, path) = (r.str()?, r.str()?, r.str()?);
+                let root = r.id()?;
+                let mut v = [0u64; 7];
+                for x in &mut v {
+                    *x = r.u64()?;
+                }
+                let tags = (0..r.u32()?).map(|_| r.str()).collect::<Result<Vec<_>>>()?;
+                let skipped = (0..r.u32()?).map(|_| Ok((r.bytes()?, r.str()?))).collect::<Result<Vec<_>>>()?;
+                let group = match r.u8()? {
+                    0 => None,
+                    1 => Some(GroupPart { name: r.str()?, part: r.u32()?, parts: r.u32()? }),
+                    _ => return Err(bad("bad group flag")),
+                };
+                let record = Checkpoint {
+                    id,
+                    parent,
+                    time_ns,
+                    message,
+                    tags,
+                    host,
+                    path,
+                    root: root.to_string(),
+                    files: v[0],
+                    dirs: v[1],
+                    symlinks: v[2],
+                    logical_bytes: v[3],
+                    new_bytes: v[4],
+                    stored_bytes: v[5],
+                    skipped: v[6],
+                };
+                b.checkpoint = Some(NewCheckpoint { record, root, skipped, group });
+            }
+            t => return Err(bad(&format!("unknown item {t}"))),
+        }
+    }
+    Ok(b)
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn id(&mut self, id: &ObjectId) {
+        self.0.extend_from_slice(&id.0);
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+    }
+    fn str(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+    fn entry(&mut self, e: &PackEntry) {
+        self.id(&e.id);
+        self.u8(e.flags);
+        self.u32(e.raw_len);
+        self.u32(e.stored_len);
+        self.u64(e.offset);
+    }
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.data.len());
+        let end = end.ok_or_else(|| Error::corrupt("record: truncated"))?;
+        let s = &self.data[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn id(&mut self) -> Result<ObjectId> {
+        Ok(ObjectId::from_slice(self.take(32)?).expect("32 bytes"))
+    }
+    fn bytes(&mut self) -> Result<Vec<u8>> {
+        let n = self.u32()?;
+        if n > MAX_FIELD {
+            return Err(Error::corrupt("record: field too long"));
+        }
+        Ok(self.take(n as usize)?.to_vec())
+    }
+    fn str(&mut self) -> Result<String> {
+        String::from_utf8(self.bytes()?).map_err(|_| Error::corrupt("record: text is not UTF-8"))
+    }
+    fn entry(&mut self) -> Result<PackEntry> {
+        Ok(PackEntry {
+            id: self.id()?,
+            flags: self.u8()?,
+            raw_len: self.u32()?,
+            stored_len: self.u32()?,
+            offset: self.u64()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Batch {
+        let id = |b: u8| ObjectId([b; 32]);
+        let e = |b: u8| PackEntry { id: id(b), flags: 1, raw_len: 100, stored_len: 60, offset: 16 };
+        let record = Checkpoint {
+            id: "ab".repeat(32),
+            parent: None,
+            time_ns: 1_700_000_000_000_000_000,
+            message: "before upgrade".into(),
+            tags: vec!["nightly".into()],
+            host: "node-1".into(),
+            path: "/data/run".into(),
+            root: id(9).to_string(),
+            files: 1,
+            dirs: 2,
+            symlinks: 3,
+            logical_bytes: 4,
+            new_bytes: 5,
+            stored_bytes: 6,
+            skipped: 1,
+        };
+        Batch {
+            packs: vec![("packs/aa/x.pack".into(), 1000, vec![e(1), e(2)])],
+            moved: vec![("packs/bb/y.pack".into(), 500, vec![e(3)])],
+            segments: vec![(id(4), vec![1, 2, 3])],
+            contents: vec![(id(5), 77, vec![4; 32])],
+            trees: vec![(id(6), vec![0; 10])],
+            locates: vec![("packs/cc/z.pack".into(), e(7))],
+            drops: vec![(2, id(8))],
+            dead_packs: vec!["packs/dd/w.pack".into()],
+            forget: vec!["cd".repeat(32)],
+            forget_groups: vec!["step-5".into()],
+            checkpoint: Some(NewCheckpoint {
+                record,
+                root: id(9),
+                skipped: vec![(b"bad/file".to_vec(), "permission denied".into())],
+                group: Some(GroupPart { name: "g".into(), part: 1, parts: 4 }),
+            }),
+            bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_record_decodes_to_what_was_encoded() {
+        let b = sample();
+        let d = decode(&encode(&b).unwrap()).unwrap();
+        assert_eq!(d.packs[0].0, b.packs[0].0);
+        assert_eq!(d.packs[0].2, b.packs[0].2);
+        assert_eq!(d.moved[0].2, b.moved[0].2);
+        assert_eq!(d.segments, b.segments);
+        assert_eq!(d.contents, b.contents);
+        assert_eq!(d.trees, b.trees);
+        assert_eq!(d.locates, b.locates);
+        assert_eq!(d.drops, b.drops);
+        assert_eq!((d.dead_packs, d.forget, d.forget_groups), (b.dead_packs, b.forget, b.forget_groups));
+        let (x, y) = (d.checkpoint.unwrap(), b.checkpoint.unwrap());
+        assert_eq!((x.record, x.root, x.skipped, x.group), (y.record, y.root, y.skipped, y.group));
+    }
+
+    #[test]
+    fn damaged_records_are_refused() {
+        let good = encode(&sample()).unwrap();
+        assert!(decode(&good[..good.len() - 3]).is_err());
+        assert!(decode(b"SNAPREC2").is_err());
+        // A valid frame around truncated items.
+        let mut raw = MAGIC.to_vec();
+        raw.extend(zstd::encode_all(&[T_TREE, 1, 2][..], 3).unwrap());
+        assert!(matches!(decode(&raw), Err(Error::Corrupt { .. })));
+        let mut raw = MAGIC.to_vec();
+        raw.extend(zstd::encode_all(&[200u8][..], 3).unwrap());
+        assert!(decode(&raw).is_err());
+    }
+}

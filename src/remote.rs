@@ -1,0 +1,456 @@
+//! A repository in an S3 bucket: the bucket holds the packs and, as records, every change to the catalog;
+//! the SQLite catalog is a local working copy rebuilt from the records.
+//!
+//! The protocol (docs/format.md, *Remote repositories*) in brief. Every catalog transaction of a remote
+//! repository first writes its change to the bucket as a record (`records/SEQ-HASH`), inside the transaction,
+//! so nothing is in a catalog that is not in the bucket. `SEQ` is one more than the highest sequence number the
+//! writer had applied, so replaying records in `(SEQ, name)` order respects causality. Writers register a
+//! session object and wait while a GC sweeps; GC sweeps only while no session exists anywhere, holding a sweep
+//! lock that new writers wait on and sync after.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::backend::Bucket;
+use crate::catalog::{Batch, Catalog, host_name, now_ns, process_identity, remote_seq};
+use crate::error::{Error, Result};
+use crate::id::ObjectId;
+use crate::params::RepoParams;
+
+/// The repository's parameters, written once at `init`.
+const CONFIG: &str = "config";
+/// Change records, one per catalog transaction.
+const RECORDS: &str = "records/";
+/// One object per running commit.
+const SESSIONS: &str = "sessions/";
+/// Held by the one GC running.
+pub(crate) const GC_LOCK: &str = "locks/gc";
+/// Held by a GC while it deletes: writers do not start meanwhile.
+pub(crate) const SWEEP_LOCK: &str = "locks/sweep";
+
+/// Sessions and locks are refreshed this often, by a thread of their own; GC takes a session of another host
+/// that was not refreshed for its `stale_after` (1 hour by default) for dead.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(60);
+
+/// A lock (GC's, or its sweep lock) not refreshed for this long, by the server's clock, belongs to a GC that
+/// is gone or stalled, and is taken over.
+const LOCK_STALE: Duration = Duration::from_secs(600);
+
+/// How long a writer waits for a GC's sweep to end before giving up (`SNAPSTORE_SWEEP_WAIT`, seconds).
+const SWEEP_WAIT: Duration = Duration::from_secs(600);
+
+/// Who holds a session or lock, and since when.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Holder {
+    pub host: String,
+    pub pid: u32,
+    pub process: String,
+    /// Unique per holder: a lock read back with another token belongs to someone else.
+    pub token: String,
+    pub started_ns: i64,
+    pub heartbeat_ns: i64,
+}
+
+impl Holder {
+    fn me() -> Holder {
+        let now = now_ns();
+        let pid = std::process::id();
+        Holder {
+            host: host_name(),
+            pid,
+            process: process_identity(pid),
+            token: token(),
+            started_ns: now,
+            heartbeat_ns: now,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("plain struct")
+    }
+}
+
+fn token() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seed = format!("{}/{}/{}/{n}", host_name(), std::process::id(), now_ns());
+    ObjectId::of(seed.as_bytes()).to_hex()[..32].to_string()
+}
+
+/// A running commit's (or reader's) session object.
+pub(crate) struct RemoteSession {
+    name: String,
+    beat: Heartbeat,
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SyncSummary {
+    /// Records in the bucket.
+    pub records: u64,
+    /// Records applied now (written by other machines, or by this one before a crash).
+    pub applied: u64,
+    /// Checkpoints in the catalog afterwards (group parts included).
+    pub checkpoints: u64,
+}
+
+/// The bucket side of a remote repository.
+pub(crate) struct Remote {
+    pub bucket: Arc<Bucket>,
+}
+
+impl Remote {
+    fn err(&self, name: &str, e: std::io::Error) -> Error {
+        Error::backend(format!("{}/{name}", self.bucket.url()), e)
+    }
+
+    /// Writes the parameters of a new repository; fails if the bucket prefix holds one already.
+    pub fn init(&self, params: &RepoParams) -> Result<()> {
+        let mut pairs: std::collections::BTreeMap<&str, String> = params.to_pairs().into_iter().collect();
+        pairs.insert("repo_id", token());
+        let body = serde_json::to_vec_pretty(&pairs).expect("strings");
+        if !self.bucket.create(CONFIG, body).map_err(|e| self.err(CONFIG, e))? {
+            return Err(Error::RepositoryExists(PathBuf::from(self.bucket.url())));
+        }
+        Ok(())
+    }
+
+    /// The parameters written at `init`.
+    pub fn params(&self) -> Result<RepoParams> {
+        let pairs = self.config()?;
+        RepoParams::from_lookup(|k| pairs.get(k).cloned())
+    }
+
+    /// The id `init` gave the repository: a local copy made from another repository is discarded.
+    pub fn repo_id(&self) -> Result<String> {
+        Ok(self.config()?.remove("repo_id").unwrap_or_default())
+    }
+
+    fn config(&self) -> Result<std::collections::HashMap<String, String>> {
+        let body = match self.bucket.get(CONFIG) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NoRepository(PathBuf::from(self.bucket.url())));
+            }
+            other => other.map_err(|e| self.err(CONFIG, e))?,
+        };
+        let pairs: std::collections::HashMap<String, String> = serde_json::from_slice(&body).map_err(|e| {
+            Error::Format(format!("{}/{CONFIG} is not a snapstore configuration: {e}", self.bucket.url()))
+        })?;
+        Ok(pairs)
+    }
+
+    /// Writes `batch` as a record, inside the catalog transaction `tx` that makes the same change locally.
+    pub fn publish(&self, tx: &rusqlite::Transaction<'_>, batch: &Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let seq = remote_seq(tx)? + 1;
+        let data = crate::record::encode(batch)?;
+        let name = format!("{RECORDS}{seq:016x}-{}", &ObjectId::of(&data).to_hex()[..32]);
+        self.bucket.put(&name, data).map_err(|e| self.err(&name, e))?;
+        crate::fault::point("record-written");
+        tx.execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [&name])?;
+        tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('remote_seq', ?1)", [seq.to_string()])?;
+        Ok(())
+    }
+
+    /// Applies every record of the bucket the catalog has not applied, in causal order.
+    pub fn sync(&self, catalog: &mut Catalog) -> Result<SyncSummary> {
+        let listed = self.bucket.list(RECORDS).map_err(|e| self.err(RECORDS, e))?;
+        let known: HashSet<String> = catalog
+            .connection()
+            .prepare("SELECT name FROM remote_records")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut new: Vec<(u64, String)> = Vec::new();
+        for o in &listed {
+            if known.contains(&o.name) {
+                continue;
+            }
+            let seq = o.name[RECORDS.len()..]
+                .split('-')
+                .next()
+                .and_then(|s| u64::from_str_radix(s, 16).ok())
+                .ok_or_else(|| Error::corrupt(format!("{}/{}: not a record name", self.bucket.url(), o.name)))?;
+            new.push((seq, o.name.clone()));
+        }
+        new.sort();
+        let mut s = SyncSummary { records: listed.len() as u64, ..Default::default() };
+        for (seq, name) in new {
+            let data = self.bucket.get(&name).map_err(|e| self.err(&name, e))?;
+            let batch = crate::record::decode(&data).map_err(|e| match e {
+                Error::Corrupt { what } => Error::corrupt(format!("{}/{name}: {what}", self.bucket.url())),
+                other => other,
+            })?;
+            if catalog.apply_record(&name, seq, &batch)? {
+                s.applied += 1;
+            }
+        }
+        s.checkpoints =
+            catalog.connection().query_row("SELECT count(*) FROM checkpoints", [], |r| r.get::<_, i64>(0))? as u64;
+        Ok(s)
+    }
+
+    /// Registers a commit (or a reader of packs) in the bucket, after any sweep under way has ended. The
+    /// caller syncs next, so that whatever that sweep deleted is gone from its catalog before it relies on
+    /// anything there.
+    pub fn begin_session(&self) -> Result<RemoteSession> {
+        let holder = Holder::me();
+        let name = format!("{SESSIONS}{}", holder.token);
+        self.bucket.put(&name, holder.encode()).map_err(|e| self.err(&name, e))?;
+        let session = RemoteSession { beat: Heartbeat::start(self.bucket.clone(), name.clone(), holder), name };
+        // The session is visible before the lock is read: a GC that takes the lock after this read sees the
+        // session and defers its sweep; one that took it before is waited for.
+        let wait = std::env::var("SNAPSTORE_SWEEP_WAIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(SWEEP_WAIT);
+        let started = Instant::now();
+        while let Some((lock, modified_ns)) = self.holder(SWEEP_LOCK)? {
+            // A GC killed while it held the lock would otherwise stop every commit and restore; its lock
+            // stops being refreshed, and the first to see that removes it (the GC, if only stalled, finds
+            // its lock gone before it deletes anything more).
+            if self.dead(&lock, modified_ns, LOCK_STALE)? {
+                self.bucket.delete(SWEEP_LOCK).map_err(|e| self.err(SWEEP_LOCK, e))?;
+                continue;
+            }
+            if started.elapsed() > wait {
+                self.end_session(session);
+                return Err(Error::GcRunning {
+                    pid: lock.pid,
+                    host: lock.host,
+                    started: crate::checkpoint::format_utc(lock.started_ns),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Ok(session)
+    }
+
+    /// Fails if GC took this session for dead (it may have swept what the commit relies on).
+    pub fn check_session(&self, s: &RemoteSession) -> Result<()> {
+        if s.beat.lost() || self.bucket.head(&s.name).map_err(|e| self.err(&s.name, e))?.is_none() {
+            return Err(Error::SessionExpired);
+        }
+        Ok(())
+    }
+
+    /// Ends a session; best effort (a session left behind delays GC's sweeps until it is found dead).
+    pub fn end_session(&self, s: RemoteSession) {
+        drop(s.beat);
+        let _ = self.bucket.delete(&s.name);
+    }
+
+    /// The sessions alive in the bucket; dead ones are deleted. Returns (expired, alive holders).
+    pub fn sessions(&self, stale_after: Duration) -> Result<(u64, Vec<Holder>)> {
+        let mut alive = Vec::new();
+        let mut expired = 0;
+        for o in self.bucket.list(SESSIONS).map_err(|e| self.err(SESSIONS, e))? {
+            let Some((h, modified_ns)) = self.holder(&o.name)? else { continue };
+            if self.dead(&h, modified_ns, stale_after)? {
+                self.bucket.delete(&o.name).map_err(|e| self.err(&o.name, e))?;
+                expired += 1;
+            } else {
+                alive.push(h);
+            }
+        }
+        Ok((expired, alive))
+    }
+
+    /// Whether a holder is gone: on this host, its process; on another, no heartbeat for `stale` by the
+    /// server's clock (its objects' modification times), so that no two machines' clocks are compared.
+    fn dead(&self, h: &Holder, modified_ns: i64, stale: Duration) -> Result<bool> {
+        if h.host == host_name() {
+            return Ok(crate::gc::dead((&h.host, h.pid, &h.process), h.heartbeat_ns, &h.host, stale));
+        }
+        let stale_ns = i64::try_from(stale.as_nanos()).unwrap_or(i64::MAX);
+        Ok(self.server_now()?.saturating_sub(modified_ns) > stale_ns)
+    }
+
+    /// The server's clock: the modification time of an object written now.
+    fn server_now(&self) -> Result<i64> {
+        let probe = format!("locks/clock-{}", token());
+        self.bucket.put(&probe, Vec::new()).map_err(|e| self.err(&probe, e))?;
+        let meta = self.bucket.head(&probe).map_err(|e| self.err(&probe, e))?;
+        let _ = self.bucket.delete(&probe);
+        meta.map(|m| m.modified_ns).ok_or_else(|| Error::Internal(format!("{probe} vanished")))
+    }
+
+    /// A session's or lock's holder and the object's modification time (server clock).
+    fn holder(&self, name: &str) -> Result<Option<(Holder, i64)>> {
+        let Some(meta) = self.bucket.head(name).map_err(|e| self.err(name, e))? else { return Ok(None) };
+        match self.bucket.get(name) {
+            Ok(body) => Ok(Some((
+                serde_json::from_slice(&body).unwrap_or_else(|_| Holder {
+                    // Unreadable: judged by its age alone, as from another host.
+                    host: "?".into(),
+                    pid: 0,
+                    process: String::new(),
+                    token: String::new(),
+                    started_ns: 0,
+                    heartbeat_ns: 0,
+                }),
+                meta.modified_ns,
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err(name, e)),
+        }
+    }
+
+    /// Takes lock `name` with a conditional create, taking over one whose holder is dead.
+    pub fn lock(&self, name: &str) -> Result<Lock> {
+        let me = Holder::me();
+        for _ in 0..2 {
+            let created = self.bucket.create(name, me.encode()).map_err(|e| self.err(name, e))?;
+            let found = self.holder(name)?;
+            // A create retried after a lost response reports the object as existing: it may be ours.
+            if created || found.as_ref().is_some_and(|(h, _)| h.token == me.token) {
+                // Two takers of one dead lock can both delete and create; the later create wins, and the
+                // earlier taker finds another token here after a pause and backs off.
+                std::thread::sleep(Duration::from_millis(if created { 0 } else { 1000 }));
+                if matches!(self.holder(name)?, Some((h, _)) if h.token == me.token) {
+                    let beat = Heartbeat::start(self.bucket.clone(), name.to_string(), me.clone());
+                    return Ok(Lock { name: name.to_string(), token: me.token, beat });
+                }
+                continue;
+            }
+            match found {
+                Some((h, modified_ns)) if !self.dead(&h, modified_ns, LOCK_STALE)? => {
+                    return Err(Error::GcRunning {
+                        pid: h.pid,
+                        host: h.host,
+                        started: crate::checkpoint::format_utc(h.started_ns),
+                    });
+                }
+                Some(_) => self.bucket.delete(name).map_err(|e| self.err(name, e))?,
+                None => {}
+            }
+        }
+        Err(Error::GcRunning { pid: 0, host: "another machine".into(), started: "just now".into() })
+    }
+
+    /// Fails unless `lock` is still ours: a holder that stopped refreshing it for [`LOCK_STALE`] may have been
+    /// taken over.
+    pub fn check_lock(&self, lock: &Lock) -> Result<()> {
+        match self.holder(&lock.name)? {
+            Some((h, _)) if h.token == lock.token && !lock.beat.lost() => Ok(()),
+            _ => Err(Error::Internal(format!(
+                "lost {} to another process while holding it; nothing more was deleted",
+                lock.name
+            ))),
+        }
+    }
+
+    /// Releases a lock if it is still ours.
+    pub fn unlock(&self, lock: Lock) {
+        drop(lock.beat);
+        if matches!(self.holder(&lock.name), Ok(Some((h, _))) if h.token == lock.token) {
+            let _ = self.bucket.delete(&lock.name);
+        }
+    }
+}
+
+/// Refreshes a session or lock object every [`HEARTBEAT_EVERY`] on a thread of its own, for as long as the
+/// operation holding it runs, however long it goes without writing anything else.
+struct Heartbeat {
+    stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    fn start(bucket: Arc<Bucket>, name: String, mut holder: Holder) -> Heartbeat {
+        let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, l) = (stop.clone(), lost.clone());
+        let thread = std::thread::spawn(move || {
+            let (flag, cv) = &*s;
+            let mut stopped = flag.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                stopped = cv.wait_timeout(stopped, HEARTBEAT_EVERY).unwrap_or_else(|e| e.into_inner()).0;
+                if *stopped {
+                    return;
+                }
+                match bucket.head(&name) {
+                    // Gone: GC took the holder for dead. Putting it back would hide that.
+                    Ok(None) => {
+                        l.store(true, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                    Ok(Some(_)) => {
+                        holder.heartbeat_ns = now_ns();
+                        let _ = bucket.put(&name, holder.encode());
+                    }
+                    // A transient failure: the next beat tries again, well within the staleness limit.
+                    Err(_) => {}
+                }
+            }
+        });
+        Heartbeat { stop, lost, thread: Some(thread) }
+    }
+
+    fn lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        *self.stop.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.stop.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A lock object held in the bucket.
+pub(crate) struct Lock {
+    name: String,
+    token: String,
+    beat: Heartbeat,
+}
+
+/// Where the local working copy of a remote repository's catalog lives: `SNAPSTORE_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/snapstore`, else `~/.cache/snapstore`; one directory per bucket URL.
+pub(crate) fn cache_dir(url: &str) -> Result<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let base = env("SNAPSTORE_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("snapstore")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache/snapstore")))
+        .ok_or_else(|| {
+            Error::InvalidInput("set SNAPSTORE_CACHE_DIR (or HOME) for the local copy of the catalog".into())
+        })?;
+    let bucket: String = url
+        .trim_start_matches("s3://")
+        .chars()
+        .take_while(|c| *c != '/')
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .collect();
+    Ok(base.join(format!("{bucket}-{}", &ObjectId::of(url.as_bytes()).to_hex()[..16])))
+}
+
+/// The repository id recorded in a local copy, if any.
+pub(crate) fn local_repo_id(conn: &rusqlite::Connection) -> Result<Option<String>> {
+    use rusqlite::OptionalExtension;
+    Ok(conn.query_row("SELECT value FROM meta WHERE key = 'remote_repo_id'", [], |r| r.get(0)).optional()?)
+}
+
+pub(crate) fn set_local_repo_id(conn: &rusqlite::Connection, id: &str) -> Result<()> {
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('remote_repo_id', ?1)", [id])?;
+    Ok(())
+}
+
+/// Deletes a local copy of a catalog (it is rebuilt from the bucket).
+pub(crate) fn discard_copy(root: &std::path::Path) -> Result<()> {
+    for f in [crate::CATALOG_FILE, "catalog.db-wal", "catalog.db-shm"] {
+        match std::fs::remove_file(root.join(f)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(root.join(f), e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,426 @@
+//! Repositories in a bucket, against a real S3 server (`SNAPSTORE_TEST_S3`, started by `.ci/run`): several
+//! "machines" (processes with their own local catalog copies) sharing one bucket, GC while another commits,
+//! and the server failing under a commit.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::util::{pseudo_random, succeeded, text};
+
+/// One machine: its own local copy of the catalog, talking to `endpoint`.
+struct Machine {
+    cache: tempfile::TempDir,
+    endpoint: String,
+    url: String,
+}
+
+impl Machine {
+    fn new(endpoint: &str, url: &str) -> Machine {
+        Machine { cache: tempfile::tempdir().unwrap(), endpoint: endpoint.to_string(), url: url.to_string() }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(crate::util::bin());
+        c.args(args)
+            .env("SNAPSTORE_REPO", &self.url)
+            .env("SNAPSTORE_CACHE_DIR", self.cache.path())
+            .env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env_remove("AWS_PROFILE")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Starts the binary with stdin, stdout and stderr piped.
+    fn piped(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
+        let mut c = self.cmd(args);
+        c.envs(env.iter().copied()).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.spawn().expect("spawn snapstore")
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run snapstore")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        succeeded(&self.run(args), &args.join(" "))
+    }
+
+    fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.ok(&["-q", "log"]).lines().map(str::to_string).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Commits `data` as stream `name`; returns the checkpoint id.
+    fn commit_stream(&self, name: &str, data: &[u8]) -> String {
+        let mut child = self.piped(&["-q", "commit", "-", "--name", name], &[]);
+        child.stdin.take().unwrap().write_all(data).unwrap();
+        let out = child.wait_with_output().unwrap();
+        succeeded(&out, "commit").trim().to_string()
+    }
+}
+
+/// The server and a fresh bucket, or `None` (with a note) when no server is configured outside CI.
+fn server() -> Option<(String, String)> {
+    let endpoint = snapstore::backend::test_endpoint()?;
+    let url = snapstore::backend::create_test_bucket(&endpoint);
+    Some((endpoint, url))
+}
+
+/// Checks out every checkpoint `m` lists and compares it with what was committed.
+fn assert_all_restore(m: &Machine, expected: &[(String, Vec<u8>)]) {
+    let out = tempfile::tempdir().unwrap();
+    assert_eq!(m.ids().len(), expected.len(), "checkpoints listed");
+    for (i, (id, data)) in expected.iter().enumerate() {
+        let dest = out.path().join(format!("c{i}"));
+        m.ok(&["-q", "checkout", id, dest.to_str().unwrap()]);
+        assert!(std::fs::read(&dest).unwrap() == *data, "checkpoint {id} restored different bytes");
+    }
+}
+
+#[test]
+fn two_machines_commit_concurrently_and_a_third_rebuilds_every_checkpoint() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+    a.ok(&["init"]);
+    let mut expected = Vec::new();
+    let shared = pseudo_random(3 << 20, 7);
+    for round in 0..3u64 {
+        // Both machines commit at once: each state shares a large part with the other machine's.
+        let mut data = [shared.clone(), shared.clone()];
+        for (m, d) in data.iter_mut().enumerate() {
+            d.extend(pseudo_random(1 << 20, 100 + round * 2 + m as u64));
+        }
+        let (da, db) = (data[0].clone(), data[1].clone());
+        let ta = std::thread::scope(|s| {
+            let ta = s.spawn(|| a.commit_stream("rank0.bin", &da));
+            let tb = s.spawn(|| b.commit_stream("rank1.bin", &db));
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        expected.push((ta.0, da));
+        expected.push((ta.1, db));
+    }
+    // Each sees the other's checkpoints once synced.
+    let mut all: Vec<String> = expected.iter().map(|(id, _)| id.clone()).collect();
+    all.sort();
+    a.ok(&["sync"]);
+    assert_eq!(a.ids(), all);
+    assert_eq!(b.ids(), all, "opening syncs too");
+    // A third machine, starting from nothing but the bucket's address.
+    let c = Machine::new(&endpoint, &url);
+    let synced: serde_json::Value = serde_json::from_str(&c.ok(&["--json", "sync"])).unwrap();
+    assert_eq!(synced["checkpoints"], 6);
+    assert_all_restore(&c, &expected);
+    let verify = c.ok(&["verify", "--read-data"]);
+    assert!(verify.contains("no damage found"), "{verify}");
+    // Both machines wrote the shared part in round 0, at the same time; later rounds found it stored.
+    let stats: serde_json::Value = serde_json::from_str(&c.ok(&["--json", "stats"])).unwrap();
+    let packs = stats["pack_bytes"].as_u64().unwrap();
+    assert!(packs < 2 * (3 << 20) + 6 * (1 << 20) + (1 << 20), "pack bytes {packs}");
+    // GC on one machine, with the replicas holding different copies of the shared chunks: every machine,
+    // synced by its next command, still restores everything and verifies clean.
+    a.ok(&["gc", "--max-unused", "0"]);
+    for m in [&a, &b, &c] {
+        assert_all_restore(m, &expected);
+        let verify = m.ok(&["verify", "--read-data"]);
+        assert!(verify.contains("no damage found"), "{verify}");
+    }
+}
+
+#[test]
+fn machines_committing_one_group_part_twice_agree_on_the_winner() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b, c) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+    a.ok(&["init"]);
+    let part = |m: &Machine, spec: &str, data: &[u8]| {
+        let mut child = m.piped(&["-q", "commit", "-", "--name", "rank", "--group", "step-1", "--part", spec], &[]);
+        child.stdin.take().unwrap().write_all(data).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    // Part 0 from two machines at once (a rank restarted elsewhere), then part 1.
+    let (x, y) = (pseudo_random(1 << 20, 31), pseudo_random(1 << 20, 32));
+    std::thread::scope(|s| {
+        let t1 = s.spawn(|| part(&a, "0/2", &x));
+        let t2 = s.spawn(|| part(&b, "0/2", &y));
+        succeeded(&t1.join().unwrap(), "part 0 on a");
+        succeeded(&t2.join().unwrap(), "part 0 on b");
+    });
+    let last = pseudo_random(1 << 20, 33);
+    succeeded(&part(&c, "1/2", &last), "part 1 on c");
+    // Membership and completeness; the times are each replica's own.
+    let groups = |m: &Machine| -> Vec<(String, bool, Vec<String>)> {
+        let v: serde_json::Value = serde_json::from_str(&m.ok(&["--json", "groups"])).unwrap();
+        let g = v.as_array().unwrap().iter();
+        g.map(|g| {
+            let ids = g["members"].as_array().unwrap().iter().map(|m| m[1]["id"].as_str().unwrap().to_string());
+            (g["name"].as_str().unwrap().to_string(), !g["complete_ns"].is_null(), ids.collect())
+        })
+        .collect()
+    };
+    let seen = [groups(&a), groups(&b), groups(&c)];
+    assert_eq!(seen[0], seen[1]);
+    assert_eq!(seen[1], seen[2]);
+    c.ok(&["gc", "--max-unused", "0"]);
+    for m in [&a, &b, &c] {
+        let verify = m.ok(&["verify", "--read-data"]);
+        assert!(verify.contains("no damage found"), "{verify}");
+        let out = tempfile::tempdir().unwrap();
+        m.ok(&["-q", "checkout", "step-1", out.path().join("g").to_str().unwrap()]);
+        let p0 = std::fs::read(out.path().join("g/part-0")).unwrap();
+        assert!(p0 == x || p0 == y);
+        assert!(std::fs::read(out.path().join("g/part-1")).unwrap() == last);
+    }
+    assert_eq!(groups(&a), seen[0], "unchanged by GC");
+}
+
+#[test]
+fn gc_on_one_machine_while_another_commits_loses_nothing() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+    a.ok(&["init"]);
+    // Garbage: versions that will be forgotten, whose chunks B's later commits reuse.
+    let base: Vec<Vec<u8>> = (0..4).map(|i| pseudo_random(2 << 20, 500 + i)).collect();
+    let old: Vec<String> = base.iter().map(|d| a.commit_stream("state", d)).collect();
+    b.ok(&["sync"]);
+    let forget: Vec<&str> = old.iter().map(String::as_str).collect();
+    a.ok(&[&["forget"][..], &forget].concat());
+    let stop = AtomicBool::new(false);
+    let mut expected = Vec::new();
+    let gcs = std::thread::scope(|s| {
+        let gc = s.spawn(|| {
+            let mut runs = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let o = a.run(&["--json", "gc", "--max-unused", "0"]);
+                if o.status.success() {
+                    runs.push(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap());
+                } else {
+                    // Only "another gc is running" is acceptable (exit 5), never damage.
+                    assert_eq!(o.status.code(), Some(5), "gc failed: {}", text(&o.stderr));
+                }
+            }
+            runs
+        });
+        for i in 0..6u64 {
+            // Each new state reuses one forgotten version's chunks, which GC is trying to collect.
+            let mut d = base[(i % 4) as usize].clone();
+            d.extend(pseudo_random(256 << 10, 900 + i));
+            expected.push((b.commit_stream("state", &d), d));
+        }
+        stop.store(true, Ordering::SeqCst);
+        gc.join().unwrap()
+    });
+    assert!(!gcs.is_empty(), "gc ran alongside the commits");
+    let deferred = gcs.iter().filter(|g| g["sweep_deferred_by"].as_u64() > Some(0)).count();
+    let swept: u64 = gcs.iter().map(|g| g["chunks_swept"].as_u64().unwrap()).sum();
+    eprintln!("{} gc runs alongside 6 commits: {deferred} deferred, {swept} chunks swept", gcs.len());
+    // With no commit running, GC collects: the forgotten versions' unshared chunks go.
+    let last: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc", "--max-unused", "0"])).unwrap();
+    assert_eq!(last["sweep_deferred_by"], 0);
+    let c = Machine::new(&endpoint, &url);
+    assert_all_restore(&c, &expected);
+    let verify = c.ok(&["verify", "--read-data"]);
+    assert!(verify.contains("no damage found"), "{verify}");
+    assert_all_restore(&b, &expected);
+    assert_all_restore(&a, &expected);
+}
+
+/// A TCP proxy in front of the server that can refuse service or fail requests, as a network or server would.
+struct Proxy {
+    port: u16,
+    down: Arc<AtomicBool>,
+    fail_next: Arc<AtomicU32>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(upstream: &str) -> Proxy {
+        let upstream = upstream.trim_start_matches("http://").trim_end_matches('/').to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (down, fail_next) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU32::new(0)));
+        let open = Arc::new(Mutex::new(Vec::new()));
+        let (d, f, o) = (down.clone(), fail_next.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { continue };
+                if d.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection closes at once
+                }
+                if f.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                    // Read the request head, answer 503 as a busy server does, and close.
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && client.read(&mut byte).is_ok_and(|n| n == 1) {
+                        head.push(byte[0]);
+                    }
+                    let _ = client.write_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&upstream) else { continue };
+                o.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, down, fail_next, open }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts every open connection, so that the next request opens a new one.
+    fn cut(&self) {
+        for c in self.open.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        self.cut();
+    }
+
+    fn fail_next(&self, n: u32) {
+        self.fail_next.store(n, Ordering::SeqCst);
+        self.cut();
+    }
+}
+
+#[test]
+fn a_commit_cut_off_from_the_server_fails_cleanly_and_a_retry_succeeds() {
+    let Some((endpoint, url)) = server() else { return };
+    let proxy = Proxy::start(&endpoint);
+    let a = Machine::new(&proxy.endpoint(), &url);
+    a.ok(&["init"]);
+    let first = pseudo_random(1 << 20, 1);
+    let first_id = a.commit_stream("state", &first);
+    // 48 MiB: the first 32 MiB pack goes up while the stream is still being written, then the server goes away.
+    let big = pseudo_random(48 << 20, 2);
+    let mut child = a.piped(&["-q", "commit", "-", "--name", "state"], &[]);
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&big[..40 << 20]).unwrap();
+    proxy.set_down(true);
+    let _ = stdin.write_all(&big[40 << 20..]);
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the commit fails: {err}");
+    assert!(!err.contains("panicked") && err.contains("error"), "{err}");
+    proxy.set_down(false);
+    // Nothing of it was published; the retry succeeds, and a fresh machine restores both.
+    assert_eq!(a.ids(), vec![first_id.clone()]);
+    let second_id = a.commit_stream("state", &big);
+    let c = Machine::new(&endpoint, &url);
+    let mut expected = vec![(first_id, first), (second_id, big)];
+    expected.sort();
+    assert_all_restore(&c, &expected);
+    assert!(c.ok(&["verify", "--read-data"]).contains("no damage found"));
+}
+
+#[test]
+fn requests_failing_transiently_are_retried() {
+    let Some((endpoint, url)) = server() else { return };
+    let proxy = Proxy::start(&endpoint);
+    let a = Machine::new(&proxy.endpoint(), &url);
+    a.ok(&["init"]);
+    let data = pseudo_random(3 << 20, 3);
+    proxy.fail_next(2);
+    let id = a.commit_stream("state", &data);
+    assert_eq!(proxy.fail_next.load(Ordering::SeqCst), 0, "the failures were served");
+    proxy.fail_next(2);
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("out");
+    a.ok(&["-q", "checkout", &id, dest.to_str().unwrap()]);
+    assert_eq!(proxy.fail_next.load(Ordering::SeqCst), 0);
+    assert!(std::fs::read(&dest).unwrap() == data);
+}
+
+/// An unsigned request to the test server (moto accepts them); returns the body.
+fn http(endpoint: &str, method: &str, path: &str) -> String {
+    let host = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let mut conn = TcpStream::connect(host).unwrap();
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    conn.write_all(req.as_bytes()).unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 2"), "{method} {path}: {response}");
+    response
+}
+
+/// The bucket as the library's client sees it, for changing it behind snapstore's back.
+fn bucket(endpoint: &str, url: &str) -> snapstore::backend::Bucket {
+    let mut settings = snapstore::backend::Settings::new(snapstore::backend::Credentials::Keys {
+        access_key_id: "test".into(),
+        secret_access_key: "test".into(),
+        session_token: None,
+    });
+    settings.endpoint = Some(endpoint.to_string());
+    snapstore::backend::Bucket::connect_with(url, &settings).unwrap()
+}
+
+fn packs(endpoint: &str, url: &str) -> Vec<String> {
+    let (bucket, prefix) = url.trim_start_matches("s3://").split_once('/').unwrap();
+    let body = http(endpoint, "GET", &format!("/{bucket}?list-type=2&prefix={prefix}/packs/"));
+    body.split("<Key>").skip(1).map(|k| k.split('<').next().unwrap().to_string()).collect()
+}
+
+#[test]
+fn verify_names_what_an_object_deleted_behind_our_back_lost() {
+    let Some((endpoint, url)) = server() else { return };
+    let a = Machine::new(&endpoint, &url);
+    a.ok(&["init"]);
+    let one = pseudo_random(2 << 20, 11);
+    let id1 = a.commit_stream("one", &one);
+    let before = packs(&endpoint, &url);
+    let two = pseudo_random(2 << 20, 12);
+    let id2 = a.commit_stream("two", &two);
+    assert_eq!(before.len(), 1);
+    let (_, prefix) = url.trim_start_matches("s3://").split_once('/').unwrap();
+    bucket(&endpoint, &url).delete(&before[0][prefix.len() + 1..]).unwrap();
+    let o = a.run(&["verify"]);
+    let report = text(&o.stdout) + &text(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{report}");
+    let pack = before[0].rsplit('/').next().unwrap();
+    assert!(report.contains(&pack[..16]) || report.contains(pack), "names the pack: {report}");
+    assert!(report.contains(&id1[..8]), "names the checkpoint: {report}");
+    assert!(!report.contains(&id2[..8]), "the other checkpoint is whole: {report}");
+    let dir = tempfile::tempdir().unwrap();
+    a.ok(&["-q", "checkout", &id2, dir.path().join("two").to_str().unwrap()]);
+    assert!(std::fs::read(dir.path().join("two")).unwrap() == two);
+}
+
+#[test]
+fn a_commit_killed_after_its_record_went_up_is_a_checkpoint_after_the_next_sync() {
+    let Some((endpoint, url)) = server() else { return };
+    let a = Machine::new(&endpoint, &url);
+    a.ok(&["init"]);
+    let data = pseudo_random(3 << 20, 21);
+    // The last record (the checkpoint's) is in the bucket; the local transaction never commits.
+    let mut child = a.piped(&["-q", "commit", "-", "--name", "state"], &[("SNAPSTORE_FAULT", "record-written:1")]);
+    child.stdin.take().unwrap().write_all(&data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&out.status), Some(9), "{}", text(&out.stderr));
+    // The next command on the same machine syncs it in; so does another machine.
+    let ids = a.ids();
+    assert_eq!(ids.len(), 1, "the checkpoint whose record was written exists");
+    assert_all_restore(&a, &[(ids[0].clone(), data.clone())]);
+    assert_all_restore(&Machine::new(&endpoint, &url), &[(ids[0].clone(), data)]);
+    // A GC with the killed commit's session left behind finds it dead, and deletes nothing in use.
+    let g: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc"])).unwrap();
+    assert_eq!(g["sweep_deferred_by"], 0, "{g}");
+    assert!(a.ok(&["verify", "--read-data"]).contains("no damage found"));
+}
