@@ -424,3 +424,31 @@ fn a_commit_killed_after_its_record_went_up_is_a_checkpoint_after_the_next_sync(
     assert_eq!(g["sweep_deferred_by"], 0, "{g}");
     assert!(a.ok(&["verify", "--read-data"]).contains("no damage found"));
 }
+
+#[test]
+fn a_sweep_lock_left_by_a_dead_gc_is_cleared_and_a_live_one_waited_for() {
+    let Some((endpoint, url)) = server() else { return };
+    let a = Machine::new(&endpoint, &url);
+    a.ok(&["init"]);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let lock = |pid: u32| {
+        let body = serde_json::json!({
+            "host": host, "pid": pid, "process": "", "token": format!("t{pid}"), "started_ns": 0, "heartbeat_ns": 0
+        });
+        bucket(&endpoint, &url).put("locks/sweep", serde_json::to_vec(&body).unwrap()).unwrap();
+    };
+    // A GC of this host that is still running (pid 1 always is): commits wait for it, then give up, busy.
+    lock(1);
+    let o = a.cmd(&["commit", "-", "--name", "x"]).env("SNAPSTORE_SWEEP_WAIT", "2").output().unwrap();
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("gc"), "{}", text(&o.stderr));
+    // One whose process is gone: the commit clears its lock and goes on.
+    let mut child = Command::new("true").spawn().unwrap();
+    let gone = child.id();
+    child.wait().unwrap();
+    lock(gone);
+    let data = pseudo_random(1 << 20, 41);
+    let id = a.commit_stream("x", &data);
+    assert!(bucket(&endpoint, &url).head("locks/sweep").unwrap().is_none());
+    assert_all_restore(&a, &[(id, data)]);
+}
