@@ -571,6 +571,15 @@ impl Repository {
     /// chunks it covers. `path` is relative to the committed directory (for a checkpoint of one file, its
     /// name or the empty path).
     pub fn open_file(&self, id: &str, path: impl AsRef<Path>) -> Result<FileReader> {
+        // In a bucket, the reader holds a session for its whole life, as a checkout does for its run.
+        let session = match &self.remote {
+            Some(remote) => {
+                let s = remote.begin_session()?;
+                remote.sync(&mut self.catalog()?)?;
+                Some(s)
+            }
+            None => None,
+        };
         let catalog = self.catalog()?;
         let cp = catalog.resolve(id)?;
         let root = content::root_entry(&catalog, &cp.id)?;
@@ -584,7 +593,11 @@ impl Repository {
                 if entry.kind == EntryKind::Dir { "directory" } else { "symlink" }
             )));
         }
-        FileReader::open(catalog, self.backend.clone(), &entry.object()?.expect("file has content"))
+        let reader = FileReader::open(catalog, self.backend.clone(), &entry.object()?.expect("file has content"))?;
+        Ok(match session {
+            Some(s) => reader.hold(Box::new(s)),
+            None => reader,
+        })
     }
 
     /// Forgets checkpoints: removes them from the catalog (they no longer appear anywhere and cannot be

@@ -41,9 +41,17 @@ pub struct FileReader {
     /// The cached chunk's offset and bytes.
     chunk: Option<(u64, Vec<u8>)>,
     pos: u64,
+    /// For a repository in a bucket, the session that keeps GC from deleting what this reader reads.
+    session: Option<Box<dyn Send>>,
 }
 
 impl FileReader {
+    /// Keeps `session` for as long as the reader lives.
+    pub(crate) fn hold(mut self, session: Box<dyn Send>) -> Self {
+        self.session = Some(session);
+        self
+    }
+
     pub(crate) fn open(catalog: Catalog, backend: Arc<dyn Backend>, content: &ObjectId) -> Result<Self> {
         let (size, layout) = catalog.content(content)?;
         let (mut segments, mut segment) = (Vec::new(), None);
@@ -66,7 +74,8 @@ impl FileReader {
         if offset != size {
             return Err(Error::corrupt(format!("file content {content}: its chunks add up to {offset}, not {size}")));
         }
-        Ok(FileReader { catalog, chunks: ChunkReader::new(backend)?, size, segments, segment, chunk: None, pos: 0 })
+        let chunks = ChunkReader::new(backend)?;
+        Ok(FileReader { catalog, chunks, size, segments, segment, chunk: None, pos: 0, session: None })
     }
 
     /// The file's size in bytes.

@@ -79,10 +79,19 @@ fn token() -> String {
     ObjectId::of(seed.as_bytes()).to_hex()[..32].to_string()
 }
 
-/// A running commit's (or reader's) session object.
+/// A running commit's (or reader's) session object, deleted when dropped.
 pub(crate) struct RemoteSession {
     name: String,
-    beat: Heartbeat,
+    beat: Option<Heartbeat>,
+    bucket: Arc<Bucket>,
+}
+
+impl Drop for RemoteSession {
+    /// Best effort: a session left behind only delays GC's sweeps until it is found dead.
+    fn drop(&mut self) {
+        drop(self.beat.take());
+        let _ = self.bucket.delete(&self.name);
+    }
 }
 
 /// What a sync did.
@@ -200,7 +209,8 @@ impl Remote {
         let holder = Holder::me();
         let name = format!("{SESSIONS}{}", holder.token);
         self.bucket.put(&name, holder.encode()).map_err(|e| self.err(&name, e))?;
-        let session = RemoteSession { beat: Heartbeat::start(self.bucket.clone(), name.clone(), holder), name };
+        let beat = Some(Heartbeat::start(self.bucket.clone(), name.clone(), holder));
+        let session = RemoteSession { beat, name, bucket: self.bucket.clone() };
         // The session is visible before the lock is read: a GC that takes the lock after this read sees the
         // session and defers its sweep; one that took it before is waited for.
         let wait = std::env::var("SNAPSTORE_SWEEP_WAIT")
@@ -232,16 +242,17 @@ impl Remote {
 
     /// Fails if GC took this session for dead (it may have swept what the commit relies on).
     pub fn check_session(&self, s: &RemoteSession) -> Result<()> {
-        if s.beat.lost() || self.bucket.head(&s.name).map_err(|e| self.err(&s.name, e))?.is_none() {
+        if s.beat.as_ref().is_some_and(|b| b.lost())
+            || self.bucket.head(&s.name).map_err(|e| self.err(&s.name, e))?.is_none()
+        {
             return Err(Error::SessionExpired);
         }
         Ok(())
     }
 
-    /// Ends a session; best effort (a session left behind delays GC's sweeps until it is found dead).
+    /// Ends a session (see the `Drop` of [`RemoteSession`]).
     pub fn end_session(&self, s: RemoteSession) {
-        drop(s.beat);
-        let _ = self.bucket.delete(&s.name);
+        drop(s);
     }
 
     /// The sessions alive in the bucket; dead ones are deleted. Returns (expired, alive holders).

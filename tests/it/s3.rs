@@ -324,6 +324,9 @@ fn a_commit_cut_off_from_the_server_fails_cleanly_and_a_retry_succeeds() {
     // Nothing of it was published; the retry succeeds, and a fresh machine restores both.
     assert_eq!(a.ids(), vec![first_id.clone()]);
     let second_id = a.commit_stream("state", &big);
+    // One file read straight from the bucket, without a checkout.
+    let cat = a.run(&["cat", &first_id, "state"]);
+    assert!(cat.status.success() && cat.stdout == first, "{}", text(&cat.stderr));
     let c = Machine::new(&endpoint, &url);
     let mut expected = vec![(first_id, first), (second_id, big)];
     expected.sort();
