@@ -550,7 +550,7 @@ impl Catalog {
                 return Err(Error::SessionExpired);
             }
         }
-        insert_rows(&tx, batch, session.map(|s| s.start_epoch), false)?;
+        insert_rows(&tx, batch, batch.checkpoint.as_ref(), session.map(|s| s.start_epoch), false)?;
         if let Some(s) = session.filter(|_| batch.checkpoint.is_some()) {
             tx.execute("DELETE FROM sessions WHERE id = ?1", [s.id])?;
         }
@@ -572,30 +572,22 @@ impl Catalog {
         // Checkpoints first leave, then arrive: a record never forgets what it adds.
         // A forgotten group is named with its parts as they were: a part committed meanwhile stays.
         crate::group::forget_parts(&tx, &batch.forget, &batch.forget_groups)?;
-        if let Some(cp) = &batch.checkpoint {
+        let mut checkpoint = batch.checkpoint.as_ref();
+        if let Some(cp) = checkpoint {
             let known =
                 tx.query_row("SELECT 1 FROM checkpoints WHERE id = ?1", [&cp.record.id], |_| Ok(())).optional()?;
-            // Two machines committing the same part of a group that a third part completed: the one applied
-            // last cannot join the group, and is left out rather than stop every later sync (its data is
-            // garbage for GC).
+            // A part whose group has another part count cannot join it, and is left out rather than stop every
+            // later sync (its data is garbage for GC).
             let misfit = match &cp.group {
                 Some(part) => !crate::group::part_fits(&tx, part)?,
                 None => false,
             };
             if known.is_some() || misfit {
-                let mut b = Batch { checkpoint: None, ..Default::default() };
-                b.packs = batch.packs.clone();
-                b.segments = batch.segments.clone();
-                b.contents = batch.contents.clone();
-                b.trees = batch.trees.clone();
-                insert_rows(&tx, &b, Some(0), true)?;
-            } else {
-                // Start epoch 0: every condemned object the checkpoint reaches is claimed back.
-                insert_rows(&tx, batch, Some(0), true)?;
+                checkpoint = None;
             }
-        } else {
-            insert_rows(&tx, batch, Some(0), true)?;
         }
+        // Start epoch 0: every condemned object the checkpoint reaches is claimed back.
+        insert_rows(&tx, batch, checkpoint, Some(0), true)?;
         apply_gc(&tx, batch)?;
         tx.execute("INSERT INTO remote_records (name) VALUES (?1)", [name])?;
         let seen: u64 = remote_seq(&tx)?;
@@ -671,10 +663,17 @@ fn apply_gc(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> Result<()> {
     Ok(())
 }
 
-/// Inserts a batch's rows, claiming back what they name from GC's condemned set. With a writer's
-/// `start_epoch`, a checkpoint also claims back every condemned object it reaches that was condemned since.
-/// `applying`: the batch is another replica's record (see `crate::group::record_part`).
-fn insert_rows(tx: &rusqlite::Transaction<'_>, batch: &Batch, start_epoch: Option<i64>, applying: bool) -> Result<()> {
+/// Inserts a batch's rows and `checkpoint` (the batch's, or none when it is to be left out), claiming back what
+/// they name from GC's condemned set. With a writer's `start_epoch`, the checkpoint also claims back every
+/// condemned object it reaches that was condemned since. `applying`: the batch is another replica's record
+/// (see `crate::group::record_part`).
+fn insert_rows(
+    tx: &rusqlite::Transaction<'_>,
+    batch: &Batch,
+    checkpoint: Option<&NewCheckpoint>,
+    start_epoch: Option<i64>,
+    applying: bool,
+) -> Result<()> {
     {
         let now = now_ns();
         let mut uncondemn = tx.prepare_cached("DELETE FROM condemned WHERE kind = ?1 AND id = ?2")?;
@@ -721,7 +720,7 @@ fn insert_rows(tx: &rusqlite::Transaction<'_>, batch: &Batch, start_epoch: Optio
             uncondemn.execute(params![KIND_TREE, &id.0[..]])?;
             tree_stmt.execute(params![&id.0[..], data])?;
         }
-        if let Some(cp) = &batch.checkpoint {
+        if let Some(cp) = checkpoint {
             let c = &cp.record;
             if let Some(start_epoch) = start_epoch {
                 // What GC condemned after this session began may include objects this checkpoint reaches

@@ -272,41 +272,36 @@ impl Repository {
         }
     }
 
-    /// Whether the repository lives in a bucket.
-    pub fn is_remote(&self) -> bool {
-        self.remote.is_some()
-    }
-
     /// Requests sent to the bucket so far by this process (0 for a local repository).
     pub fn requests(&self) -> u64 {
         self.remote.as_ref().map_or(0, |r| r.bucket.requests())
     }
 
-    /// Runs a writer: for a remote repository inside a session registered in the bucket, after a sync, with
-    /// every catalog change journaled to the bucket.
-    fn writer<T>(&self, f: impl FnOnce(commit::Context<'_>) -> Result<T>) -> Result<T> {
-        let Some(remote) = &self.remote else { return f(self.context(None)) };
+    /// For a repository in a bucket: a session registered there (after any sweep under way), then a sync, so
+    /// that no GC deletes what the caller relies on or reads while the session lives (a reader on another
+    /// machine would take a pack deleted under it for damage). It ends when dropped.
+    fn session(&self) -> Result<Option<(&remote::Remote, remote::RemoteSession)>> {
+        let Some(remote) = &self.remote else { return Ok(None) };
         let session = remote.begin_session()?;
-        let result = remote.sync(&mut self.catalog()?).and_then(|_| {
-            let journal = |tx: &rusqlite::Transaction<'_>, b: &catalog::Batch| {
-                remote.check_session(&session)?;
-                remote.publish(tx, b)
-            };
-            f(self.context(Some(&journal)))
-        });
-        remote.end_session(session);
-        result
+        remote.sync(&mut self.catalog()?)?;
+        Ok(Some((remote, session)))
     }
 
-    /// Runs a reader of packs (checkout, verify): for a remote repository inside a session registered in the
-    /// bucket, after a sync, so that no GC deletes what it reads meanwhile (a reader on another machine would
-    /// take a pack deleted under it for damage).
+    /// Runs a writer: for a remote repository inside a [`Repository::session`], with every catalog change
+    /// journaled to the bucket.
+    fn writer<T>(&self, f: impl FnOnce(commit::Context<'_>) -> Result<T>) -> Result<T> {
+        let Some((remote, session)) = self.session()? else { return f(self.context(None)) };
+        let journal = |tx: &rusqlite::Transaction<'_>, b: &catalog::Batch| {
+            remote.check_session(&session)?;
+            remote.publish(tx, b)
+        };
+        f(self.context(Some(&journal)))
+    }
+
+    /// Runs a reader of packs (checkout, verify): for a remote repository inside a [`Repository::session`].
     fn reader<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let Some(remote) = &self.remote else { return f() };
-        let session = remote.begin_session()?;
-        let result = remote.sync(&mut self.catalog()?).and_then(|_| f());
-        remote.end_session(session);
-        result
+        let _session = self.session()?;
+        f()
     }
 
     /// Where forgetting writes its change, for a remote repository.
@@ -572,14 +567,7 @@ impl Repository {
     /// name or the empty path).
     pub fn open_file(&self, id: &str, path: impl AsRef<Path>) -> Result<FileReader> {
         // In a bucket, the reader holds a session for its whole life, as a checkout does for its run.
-        let session = match &self.remote {
-            Some(remote) => {
-                let s = remote.begin_session()?;
-                remote.sync(&mut self.catalog()?)?;
-                Some(s)
-            }
-            None => None,
-        };
+        let session = self.session()?;
         let catalog = self.catalog()?;
         let cp = catalog.resolve(id)?;
         let root = content::root_entry(&catalog, &cp.id)?;
@@ -595,7 +583,7 @@ impl Repository {
         }
         let reader = FileReader::open(catalog, self.backend.clone(), &entry.object()?.expect("file has content"))?;
         Ok(match session {
-            Some(s) => reader.hold(Box::new(s)),
+            Some((_, s)) => reader.hold(Box::new(s)),
             None => reader,
         })
     }

@@ -228,7 +228,7 @@ impl Remote {
                 continue;
             }
             if started.elapsed() > wait {
-                self.end_session(session);
+                drop(session);
                 return Err(Error::GcRunning {
                     pid: lock.pid,
                     host: lock.host,
@@ -248,11 +248,6 @@ impl Remote {
             return Err(Error::SessionExpired);
         }
         Ok(())
-    }
-
-    /// Ends a session (see the `Drop` of [`RemoteSession`]).
-    pub fn end_session(&self, s: RemoteSession) {
-        drop(s);
     }
 
     /// The sessions alive in the bucket; dead ones are deleted. Returns (expired, alive holders).
