@@ -437,6 +437,11 @@ impl Bucket {
             // With no credentials configured object_store falls back to the metadata service.
             Credentials::InstanceMetadata => builder,
         };
+        // reqwest is built without a TLS crypto provider of its own (Cargo.toml: it would bring aws-lc-rs) and
+        // panics without a process default, so install ring's; Err only means one is installed already, which
+        // then serves as well. A program linking this library that installs a provider of its own must do so
+        // before it opens an S3 repository (docs/architecture.md).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let s3 = builder.build().map_err(|e| io::Error::other(format!("{url}: cannot set up the S3 client: {e}")))?;
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4));
         let runtime = tokio::runtime::Builder::new_multi_thread()
