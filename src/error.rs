@@ -19,7 +19,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// An I/O error in the repository's chunk store.
-    #[error("chunk store object {name}: {source}")]
+    #[error("{}", backend_message(name, source))]
     Backend {
         /// The object (pack) name inside the store.
         name: String,
@@ -169,6 +169,16 @@ pub enum Error {
     Internal(String),
 }
 
+/// A bucket's client names the object in its errors already (as its URL); a local store's do not.
+fn backend_message(name: &str, source: &std::io::Error) -> String {
+    let message = source.to_string();
+    if message.contains(name) {
+        format!("chunk store: {message}")
+    } else {
+        format!("chunk store object {name}: {message}")
+    }
+}
+
 impl Error {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
@@ -202,3 +212,17 @@ pub(crate) fn catalog_damaged(e: &rusqlite::Error) -> bool {
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_error_names_its_object_once() {
+        let local = Error::backend("packs/ab/ab12.pack", std::io::ErrorKind::NotFound.into());
+        assert_eq!(local.to_string(), "chunk store object packs/ab/ab12.pack: entity not found");
+        let url = "s3://b/p/config";
+        let remote = Error::backend(url, std::io::Error::other(format!("{url}: no such object")));
+        assert_eq!(remote.to_string(), "chunk store: s3://b/p/config: no such object");
+    }
+}

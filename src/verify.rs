@@ -390,6 +390,14 @@ fn check_packs(
             Ok(_) => match crate::pack::read_index(backend, &name) {
                 Ok(entries) => Ok(entries.into_iter().map(|e| (e.id, e)).collect::<HashMap<ObjectId, PackEntry>>()),
                 Err(e) if e.is_corruption() => Err(problem_of(&e, &name)),
+                // Deleted between the two looks, by a GC that dropped its row first.
+                Err(Error::Backend { source, .. }) if source.kind() == ErrorKind::NotFound => {
+                    if !pack_still_recorded(catalog_path, &name)? {
+                        conn.execute("INSERT OR IGNORE INTO temp.v_skip_pack (id) VALUES (?1)", [id])?;
+                        continue;
+                    }
+                    Err("the pack file is missing".to_string())
+                }
                 Err(e) => return Err(e),
             },
         };
@@ -1025,6 +1033,58 @@ fn file_damage(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store whose first pack a GC deletes, row first, right after verify has looked at its size.
+    struct CollectedAfterSize {
+        inner: crate::backend::LocalBackend,
+        catalog: PathBuf,
+        done: std::sync::atomic::AtomicBool,
+    }
+
+    impl Backend for CollectedAfterSize {
+        fn create(&self) -> std::io::Result<Box<dyn crate::backend::ObjectWriter>> {
+            self.inner.create()
+        }
+        fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            self.inner.read_at(name, offset, buf)
+        }
+        fn size(&self, name: &str) -> std::io::Result<u64> {
+            let size = self.inner.size(name)?;
+            if name.ends_with(".pack") && !self.done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let conn = Connection::open(&self.catalog).unwrap();
+                let id: i64 = conn.query_row("SELECT id FROM packs WHERE name = ?1", [name], |r| r.get(0)).unwrap();
+                conn.execute("DELETE FROM chunks WHERE pack = ?1", [id]).unwrap();
+                conn.execute("DELETE FROM packs WHERE id = ?1", [id]).unwrap();
+                self.inner.remove(name)?;
+            }
+            Ok(size)
+        }
+        fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+            self.inner.list(prefix)
+        }
+        fn remove(&self, name: &str) -> std::io::Result<()> {
+            self.inner.remove(name)
+        }
+    }
+
+    #[test]
+    fn a_pack_collected_while_verify_looks_at_it_is_no_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo_path, src) = (dir.path().join("repo"), dir.path().join("state.bin"));
+        let repo = crate::Repository::init(&repo_path).unwrap();
+        std::fs::write(&src, crate::testutil::pseudo_random(1 << 20, 5)).unwrap();
+        let id = repo.commit(&src, &Default::default()).unwrap().id;
+        // Forgotten, so that its pack is garbage: deleting it and its rows is what GC does.
+        repo.forget(&[id.as_str()]).unwrap();
+        let catalog = repo_path.join("catalog.db");
+        let backend = CollectedAfterSize {
+            inner: crate::backend::LocalBackend::new(&repo_path),
+            catalog: catalog.clone(),
+            done: Default::default(),
+        };
+        let report = verify(&catalog, Arc::new(backend), &VerifyOptions::default()).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+    }
 
     #[test]
     fn subsets_parse() {

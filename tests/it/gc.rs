@@ -1189,7 +1189,7 @@ fn clear_failure(o: &Output) -> bool {
         && err.starts_with("error: ")
         && !err.contains("panicked")
         && !err.starts_with("error: catalog:")
-        && !err.starts_with("error: chunk store object")
+        && !err.starts_with("error: chunk store")
         && !err.starts_with("error: internal error")
 }
 
