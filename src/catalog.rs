@@ -494,6 +494,17 @@ impl Catalog {
     /// A file content's size and how its chunks are listed. A content of exactly one chunk has no row of its
     /// own: its id is that chunk's id (see docs/format.md), and the chunk's row gives its size.
     pub(crate) fn content(&self, id: &ObjectId) -> Result<(u64, Layout)> {
+        self.content_of_size(id, None)
+    }
+
+    /// [`Catalog::content`] of a file known to be `size` bytes long: a file that size is likelier one chunk
+    /// named by it (most small files) than a content row, so the chunk index is asked first, which spares a
+    /// query per small file on checkout. Either way the answer is the same: an id is in one table only.
+    pub(crate) fn content_of_size(&self, id: &ObjectId, size: Option<u64>) -> Result<(u64, Layout)> {
+        let chunk_first = size.and_then(|s| u32::try_from(s).ok()).is_some_and(crate::tree::named_by_chunk);
+        if chunk_first && let Some(found) = self.content_as_chunk(id)? {
+            return Ok(found);
+        }
         let mut stmt = self.conn.prepare_cached("SELECT size, segments FROM contents WHERE id = ?1")?;
         let row: Option<(i64, Vec<u8>)> = stmt.query_row([&id.0[..]], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
         if let Some((size, segs)) = row {
@@ -502,11 +513,14 @@ impl Catalog {
             }
             return Ok((to_u64(size), Layout::Segments(segs)));
         }
+        let found = if chunk_first { None } else { self.content_as_chunk(id)? };
+        found.ok_or_else(|| Error::corrupt(format!("file content {id} is missing from the catalog")))
+    }
+
+    fn content_as_chunk(&self, id: &ObjectId) -> Result<Option<(u64, Layout)>> {
         let mut chunk = self.conn.prepare_cached("SELECT raw_len FROM chunks WHERE id = ?1")?;
-        match chunk.query_row([&id.0[..]], |r| r.get::<_, u32>(0)).optional()? {
-            Some(len) => Ok((len.into(), Layout::Chunk(ChunkRef { id: *id, len }))),
-            None => Err(Error::corrupt(format!("file content {id} is missing from the catalog"))),
-        }
+        let len = chunk.query_row([&id.0[..]], |r| r.get::<_, u32>(0)).optional()?;
+        Ok(len.map(|len| (len.into(), Layout::Chunk(ChunkRef { id: *id, len }))))
     }
 
     /// A tree's entries, sorted by name.

@@ -118,7 +118,13 @@ struct FileTask {
     target: Target,
     rel: PathBuf,
     mode: u32,
+    /// The file was created with `mode` already (its permission bits, which the umask left whole).
+    mode_set: bool,
     mtime_ns: i64,
+    size: u64,
+    /// Where the last byte written so far ends: a new file is sized only if runs of zeros at its end left it
+    /// short, since most files reach their size by their own writes and a truncate per file costs.
+    end: AtomicU64,
     /// Batches not yet written, plus one held by the walker until it has sent them all.
     remaining: AtomicUsize,
     failed: AtomicBool,
@@ -183,7 +189,12 @@ impl FileTask {
             return Ok(());
         }
         let io = |e| Error::io(&self.dest, e);
-        self.file.set_permissions(fs::Permissions::from_mode(self.mode)).map_err(io)?;
+        if !matches!(self.target, Target::Patched) && self.end.load(Ordering::Acquire) < self.size {
+            self.file.set_len(self.size).map_err(io)?;
+        }
+        if !self.mode_set {
+            self.file.set_permissions(fs::Permissions::from_mode(self.mode)).map_err(io)?;
+        }
         // The mtime last: a patched file carries the checkpoint's mtime only once it is whole.
         self.file.set_modified(mtime(self.mtime_ns)).map_err(io)?;
         if let Target::Temp(temp) = &self.target {
@@ -224,6 +235,7 @@ impl FileTask {
                 return Ok(0);
             }
             self.file.write_all_at(data, at).map_err(io)?;
+            self.end.fetch_max(at + data.len() as u64, Ordering::AcqRel);
             return Ok(data.len() as u64);
         }
         old.resize(data.len(), 0);
@@ -403,6 +415,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             opts,
             in_place,
             protect: protect.as_deref(),
+            umask: umask(),
             summary: &mut summary,
         };
         let r = starts.iter().try_for_each(|s| walker.walk(s));
@@ -524,6 +537,8 @@ struct Walker<'a> {
     in_place: bool,
     /// The repository's own directory, never removed by `delete`.
     protect: Option<&'a Path>,
+    /// The process's umask, if it can be read without changing it.
+    umask: Option<u32>,
     summary: &'a mut CheckoutSummary,
 }
 
@@ -634,7 +649,9 @@ impl Walker<'_> {
     fn file(&mut self, entry: &Entry, dest: &Path, rel: PathBuf, priors: &[Prior]) -> Result<()> {
         let content = entry.object()?.expect("file has content");
         let mut patch = None;
-        let existing = fs::symlink_metadata(dest);
+        // Into an empty directory there is nothing to look at (`create_new` still refuses to overwrite).
+        let existing =
+            if self.in_place { fs::symlink_metadata(dest) } else { Err(std::io::ErrorKind::NotFound.into()) };
         let exists = existing.is_ok();
         match existing {
             Ok(md) if md.is_file() && self.in_place => {
@@ -674,7 +691,12 @@ impl Walker<'_> {
         }
         // A directory cleared away leaves the name free.
         let exists = exists && fs::symlink_metadata(dest).is_ok();
-        let create = |path: &Path| OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+        // Created with the checkpoint's permission bits where the umask leaves them whole, which spares a chmod
+        // per file; otherwise private until `release` sets the mode. Set-id bits always come last: a write
+        // would clear them.
+        let mode_set = self.umask.is_some_and(|u| entry.mode & 0o7777 == entry.mode & 0o777 & !u);
+        let create_mode = if mode_set { entry.mode & 0o777 } else { 0o600 };
+        let create = |path: &Path| OpenOptions::new().write(true).create_new(true).mode(create_mode).open(path);
         let (file, target) = match &patch {
             Some((md, _)) => {
                 if md.permissions().mode() & 0o600 != 0o600 {
@@ -700,14 +722,19 @@ impl Walker<'_> {
                 (create(&temp).map_err(|e| Error::io(&temp, e))?, Target::Temp(temp))
             }
         };
-        file.set_len(entry.size).map_err(|e| Error::io(dest, e))?;
+        if matches!(target, Target::Patched) {
+            file.set_len(entry.size).map_err(|e| Error::io(dest, e))?;
+        }
         let task = Arc::new(FileTask {
             file,
+            mode_set: mode_set && !matches!(target, Target::Patched),
             dest: dest.to_path_buf(),
             target,
             rel,
             mode: entry.mode,
             mtime_ns: entry.mtime_ns,
+            size: entry.size,
+            end: AtomicU64::new(0),
             remaining: AtomicUsize::new(1),
             failed: AtomicBool::new(false),
             placed: AtomicBool::new(false),
@@ -727,15 +754,15 @@ impl Walker<'_> {
                     }
                 });
                 r.and_then(|()| batcher.flush(false)).or_else(|e| match e {
-                    Error::Corrupt { .. } => queue_all(self.catalog, &content, &mut batcher, true),
+                    Error::Corrupt { .. } => queue_all(self.catalog, &content, entry.size, &mut batcher, true),
                     other => Err(other),
                 })
             }
             Some((_, None)) => {
                 self.summary.files_patched += 1;
-                queue_all(self.catalog, &content, &mut batcher, true)
+                queue_all(self.catalog, &content, entry.size, &mut batcher, true)
             }
-            None => queue_all(self.catalog, &content, &mut batcher, false),
+            None => queue_all(self.catalog, &content, entry.size, &mut batcher, false),
         };
         if let Err(e) = queued {
             task.fail();
@@ -761,8 +788,8 @@ fn holds(catalog: &Catalog, path: &Path, content: &ObjectId) -> Result<bool> {
 }
 
 /// Queues every chunk of `content`; `compare` has workers skip chunks the file already holds.
-fn queue_all(catalog: &Catalog, content: &ObjectId, batcher: &mut Batcher<'_>, compare: bool) -> Result<()> {
-    let mut cursor = content::ChunkCursor::new(catalog, content)?;
+fn queue_all(catalog: &Catalog, content: &ObjectId, size: u64, batcher: &mut Batcher<'_>, compare: bool) -> Result<()> {
+    let mut cursor = content::ChunkCursor::of_size(catalog, content, Some(size))?;
     while let Some((at, r)) = cursor.next_chunk()? {
         batcher.push(at, r, compare)?;
     }
@@ -793,6 +820,13 @@ impl Batcher<'_> {
         let job = Job { task: self.task.clone(), chunks: std::mem::take(&mut self.chunks), compare };
         self.tx.send(job).map_err(|_| Error::Internal("checkout workers stopped".into()))
     }
+}
+
+/// The umask, read from /proc (Linux 4.7 and later): setting it to learn it would race with other threads.
+fn umask() -> Option<u32> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let value = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+    u32::from_str_radix(value.trim(), 8).ok()
 }
 
 fn create_dir(path: &Path) -> Result<()> {
@@ -838,7 +872,10 @@ mod tests {
             target,
             rel: PathBuf::from("f"),
             mode: 0o600,
+            mode_set: false,
             mtime_ns: 0,
+            size: 0,
+            end: AtomicU64::new(0),
             remaining: AtomicUsize::new(1),
             failed: AtomicBool::new(false),
             placed: AtomicBool::new(false),

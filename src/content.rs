@@ -95,7 +95,12 @@ pub(crate) struct ChunkCursor<'a> {
 impl<'a> ChunkCursor<'a> {
     /// Starts at the first chunk of `content`.
     pub fn new(catalog: &'a Catalog, content: &ObjectId) -> Result<Self> {
-        let (size, layout) = catalog.content(content)?;
+        Self::of_size(catalog, content, None)
+    }
+
+    /// [`ChunkCursor::new`] for a file whose size its tree entry gives (see [`Catalog::content_of_size`]).
+    pub fn of_size(catalog: &'a Catalog, content: &ObjectId, size: Option<u64>) -> Result<Self> {
+        let (size, layout) = catalog.content_of_size(content, size)?;
         let (segments, refs) = match layout {
             Layout::Segments(ids) => (ids, Vec::new()),
             Layout::Chunk(r) => (Vec::new(), vec![r]),
