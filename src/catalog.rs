@@ -499,10 +499,15 @@ impl Catalog {
 
     /// [`Catalog::content`] of a file known to be `size` bytes long: a file that size is likelier one chunk
     /// named by it (most small files) than a content row, so the chunk index is asked first, which spares a
-    /// query per small file on checkout. Either way the answer is the same: an id is in one table only.
+    /// query per small file on checkout. The chunk is taken only if it is `size` bytes long: a chunk crafted to
+    /// carry a content id (29 + 32 k bytes, docs/format.md) has another length than the file whose id it
+    /// carries, which is then looked up as usual, contents first.
     pub(crate) fn content_of_size(&self, id: &ObjectId, size: Option<u64>) -> Result<(u64, Layout)> {
         let chunk_first = size.and_then(|s| u32::try_from(s).ok()).is_some_and(crate::tree::named_by_chunk);
-        if chunk_first && let Some(found) = self.content_as_chunk(id)? {
+        if chunk_first
+            && let Some(found) = self.content_as_chunk(id)?
+            && Some(found.0) == size
+        {
             return Ok(found);
         }
         let mut stmt = self.conn.prepare_cached("SELECT size, segments FROM contents WHERE id = ?1")?;
@@ -513,8 +518,8 @@ impl Catalog {
             }
             return Ok((to_u64(size), Layout::Segments(segs)));
         }
-        let found = if chunk_first { None } else { self.content_as_chunk(id)? };
-        found.ok_or_else(|| Error::corrupt(format!("file content {id} is missing from the catalog")))
+        self.content_as_chunk(id)?
+            .ok_or_else(|| Error::corrupt(format!("file content {id} is missing from the catalog")))
     }
 
     fn content_as_chunk(&self, id: &ObjectId) -> Result<Option<(u64, Layout)>> {

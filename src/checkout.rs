@@ -118,8 +118,6 @@ struct FileTask {
     target: Target,
     rel: PathBuf,
     mode: u32,
-    /// The file was created with `mode` already (its permission bits, which the umask left whole).
-    mode_set: bool,
     mtime_ns: i64,
     size: u64,
     /// Where the last byte written so far ends: a new file is sized only if runs of zeros at its end left it
@@ -192,9 +190,7 @@ impl FileTask {
         if !matches!(self.target, Target::Patched) && self.end.load(Ordering::Acquire) < self.size {
             self.file.set_len(self.size).map_err(io)?;
         }
-        if !self.mode_set {
-            self.file.set_permissions(fs::Permissions::from_mode(self.mode)).map_err(io)?;
-        }
+        self.file.set_permissions(fs::Permissions::from_mode(self.mode)).map_err(io)?;
         // The mtime last: a patched file carries the checkpoint's mtime only once it is whole.
         self.file.set_modified(mtime(self.mtime_ns)).map_err(io)?;
         if let Target::Temp(temp) = &self.target {
@@ -415,7 +411,6 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             opts,
             in_place,
             protect: protect.as_deref(),
-            umask: umask(),
             summary: &mut summary,
         };
         let r = starts.iter().try_for_each(|s| walker.walk(s));
@@ -537,8 +532,6 @@ struct Walker<'a> {
     in_place: bool,
     /// The repository's own directory, never removed by `delete`.
     protect: Option<&'a Path>,
-    /// The process's umask, if it can be read without changing it.
-    umask: Option<u32>,
     summary: &'a mut CheckoutSummary,
 }
 
@@ -691,12 +684,7 @@ impl Walker<'_> {
         }
         // A directory cleared away leaves the name free.
         let exists = exists && fs::symlink_metadata(dest).is_ok();
-        // Created with the checkpoint's permission bits where the umask leaves them whole, which spares a chmod
-        // per file; otherwise private until `release` sets the mode. Set-id bits always come last: a write
-        // would clear them.
-        let mode_set = self.umask.is_some_and(|u| entry.mode & 0o7777 == entry.mode & 0o777 & !u);
-        let create_mode = if mode_set { entry.mode & 0o777 } else { 0o600 };
-        let create = |path: &Path| OpenOptions::new().write(true).create_new(true).mode(create_mode).open(path);
+        let create = |path: &Path| OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
         let (file, target) = match &patch {
             Some((md, _)) => {
                 if md.permissions().mode() & 0o600 != 0o600 {
@@ -727,7 +715,6 @@ impl Walker<'_> {
         }
         let task = Arc::new(FileTask {
             file,
-            mode_set: mode_set && !matches!(target, Target::Patched),
             dest: dest.to_path_buf(),
             target,
             rel,
@@ -822,13 +809,6 @@ impl Batcher<'_> {
     }
 }
 
-/// The umask, read from /proc (Linux 4.7 and later): setting it to learn it would race with other threads.
-fn umask() -> Option<u32> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
-    let value = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
-    u32::from_str_radix(value.trim(), 8).ok()
-}
-
 fn create_dir(path: &Path) -> Result<()> {
     fs::DirBuilder::new().mode(0o700).create(path).map_err(|e| Error::io(path, e))
 }
@@ -872,7 +852,6 @@ mod tests {
             target,
             rel: PathBuf::from("f"),
             mode: 0o600,
-            mode_set: false,
             mtime_ns: 0,
             size: 0,
             end: AtomicU64::new(0),
