@@ -1252,4 +1252,30 @@ mod tests {
         assert!(msg.to_lowercase().contains("refused"), "{msg}");
         assert!(b.list("").is_err());
     }
+
+    /// An https endpoint is spoken to in TLS (CI's moto speaks plain HTTP): the crypto provider is in place
+    /// and the client opens with a handshake record, then fails cleanly on a peer that is no TLS server.
+    #[test]
+    fn s3_https_endpoint_speaks_tls() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let first_bytes = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut head = [0u8; 3];
+            conn.read_exact(&mut head).map(|()| head)
+        });
+        let settings = Settings {
+            max_retries: 0,
+            retry_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+            ..test_settings(&format!("https://127.0.0.1:{port}"))
+        };
+        let b = Bucket::connect_with("s3://tls/repo", &settings).unwrap();
+        assert!(b.put("packs/00/x.pack", b"x".to_vec()).is_err());
+        let head = first_bytes.join().unwrap().expect("the client sent nothing");
+        // A TLS record: content type 22 (handshake), protocol version 3.x.
+        assert_eq!((head[0], head[1]), (22, 3), "{head:?}");
+    }
 }
