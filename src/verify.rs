@@ -375,31 +375,28 @@ fn check_packs(
     let mut rows = RowsByPack::new(&mut sorted)?;
     let mut sound = Vec::new();
     for (id, name, size) in packs {
-        let index = match backend.size(&name) {
-            Err(e) if e.kind() == ErrorKind::NotFound => {
+        // The index, or the damage that keeps it from being read.
+        let looked = backend.size(&name).map_err(|e| Error::backend(&name, e)).and_then(|actual| {
+            if actual != size as u64 {
+                return Ok(Err(format!("the pack file is {actual} bytes but the catalog recorded {size}")));
+            }
+            match crate::pack::read_index(backend, &name) {
+                Ok(entries) => Ok(Ok(entries.into_iter().map(|e| (e.id, e)).collect::<HashMap<ObjectId, PackEntry>>())),
+                Err(e) if e.is_corruption() => Ok(Err(problem_of(&e, &name))),
+                Err(e) => Err(e),
+            }
+        });
+        let index = match looked {
+            Ok(index) => index,
+            // Gone, before its size was looked at or after: with its row gone too, a concurrent GC deleted it.
+            Err(Error::Backend { source, .. }) if source.kind() == ErrorKind::NotFound => {
                 if !pack_still_recorded(catalog_path, &name)? {
                     conn.execute("INSERT OR IGNORE INTO temp.v_skip_pack (id) VALUES (?1)", [id])?;
                     continue;
                 }
                 Err("the pack file is missing".to_string())
             }
-            Err(e) => return Err(Error::backend(&name, e)),
-            Ok(actual) if actual != size as u64 => {
-                Err(format!("the pack file is {actual} bytes but the catalog recorded {size}"))
-            }
-            Ok(_) => match crate::pack::read_index(backend, &name) {
-                Ok(entries) => Ok(entries.into_iter().map(|e| (e.id, e)).collect::<HashMap<ObjectId, PackEntry>>()),
-                Err(e) if e.is_corruption() => Err(problem_of(&e, &name)),
-                // Deleted between the two looks, by a GC that dropped its row first.
-                Err(Error::Backend { source, .. }) if source.kind() == ErrorKind::NotFound => {
-                    if !pack_still_recorded(catalog_path, &name)? {
-                        conn.execute("INSERT OR IGNORE INTO temp.v_skip_pack (id) VALUES (?1)", [id])?;
-                        continue;
-                    }
-                    Err("the pack file is missing".to_string())
-                }
-                Err(e) => return Err(e),
-            },
+            Err(e) => return Err(e),
         };
         match index {
             Ok(index) => {
