@@ -276,22 +276,14 @@ pub(crate) fn gc(
     let me = host_name();
     let mut cat = Catalog::open(catalog_path)?;
     // In a bucket, one GC runs across every machine; its catalog first takes in what they all recorded.
-    let remote_lock = match remote {
-        Some(r) => Some(r.lock(GC_LOCK)?),
-        None => None,
-    };
-    let result = (|| {
-        if let Some(r) = remote {
-            r.sync(&mut cat)?;
-        }
-        acquire_lease(cat.connection_mut(), &me, opts.stale_after)?;
-        let result = run(&mut cat, backend, remote, pack_target, opts, &me);
-        let _ = cat.connection().execute("DELETE FROM gc_lease WHERE pid = ?1", [std::process::id()]);
-        result
-    })();
-    if let (Some(r), Some(lock)) = (remote, remote_lock) {
-        r.unlock(lock);
+    let remote_lock = remote.map(|r| r.lock(GC_LOCK)).transpose()?;
+    if let Some(r) = remote {
+        r.sync(&mut cat)?;
     }
+    acquire_lease(cat.connection_mut(), &me, opts.stale_after)?;
+    let result = run(&mut cat, backend, remote, pack_target, opts, &me);
+    let _ = cat.connection().execute("DELETE FROM gc_lease WHERE pid = ?1", [std::process::id()]);
+    drop(remote_lock);
     let mut summary = result?;
     summary.seconds = started.elapsed().as_secs_f64();
     opts.progress.finish();
@@ -351,24 +343,20 @@ fn run(
     // Deleting from a bucket: no commit may run anywhere. Writers register their session before they look
     // for this lock, and GC takes the lock before it lists the sessions, so one of the two sees the other.
     let lock = r.lock(SWEEP_LOCK)?;
-    let result = (|| {
-        let (expired, alive) = r.sessions(opts.stale_after)?;
-        s.sessions_expired += expired;
-        if !alive.is_empty() {
-            s.sweep_deferred_by = alive.len() as u64;
-            return Ok(s);
-        }
-        // Every commit that ended before the sessions were listed has its records in the bucket: take them in
-        // and claim back what their checkpoints reach before anything is deleted.
-        if r.sync(cat)?.applied > 0 {
-            let tx = cat.connection_mut().transaction_with_behavior(TransactionBehavior::Immediate)?;
-            mark(&tx)?;
-            tx.commit()?;
-        }
-        collect(cat, backend, Some((r, &lock)), pack_target, opts, listed, s)
-    })();
-    r.unlock(lock);
-    result
+    let (expired, alive) = r.sessions(opts.stale_after)?;
+    s.sessions_expired += expired;
+    if !alive.is_empty() {
+        s.sweep_deferred_by = alive.len() as u64;
+        return Ok(s);
+    }
+    // Every commit that ended before the sessions were listed has its records in the bucket: take them in and
+    // claim back what their checkpoints reach before anything is deleted.
+    if r.sync(cat)?.applied > 0 {
+        let tx = cat.connection_mut().transaction_with_behavior(TransactionBehavior::Immediate)?;
+        mark(&tx)?;
+        tx.commit()?;
+    }
+    collect(cat, backend, Some((r, &lock)), pack_target, opts, listed, s)
 }
 
 /// Sweeps, repacks and deletes what the mark condemned (steps 4 to 7 of the protocol); in a bucket, while

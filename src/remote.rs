@@ -318,8 +318,9 @@ impl Remote {
                 // earlier taker finds another token here after a pause and backs off.
                 std::thread::sleep(Duration::from_millis(if created { 0 } else { 1000 }));
                 if matches!(self.holder(name)?, Some((h, _)) if h.token == me.token) {
-                    let beat = Heartbeat::start(self.bucket.clone(), name.to_string(), me.clone());
-                    return Ok(Lock { name: name.to_string(), token: me.token, beat });
+                    let beat = Some(Heartbeat::start(self.bucket.clone(), name.to_string(), me.clone()));
+                    let remote = Remote { bucket: self.bucket.clone() };
+                    return Ok(Lock { name: name.to_string(), token: me.token, beat, remote });
                 }
                 continue;
             }
@@ -342,19 +343,11 @@ impl Remote {
     /// taken over.
     pub fn check_lock(&self, lock: &Lock) -> Result<()> {
         match self.holder(&lock.name)? {
-            Some((h, _)) if h.token == lock.token && !lock.beat.lost() => Ok(()),
+            Some((h, _)) if h.token == lock.token && !lock.beat.as_ref().is_some_and(|b| b.lost()) => Ok(()),
             _ => Err(Error::Internal(format!(
                 "lost {} to another process while holding it; nothing more was deleted",
                 lock.name
             ))),
-        }
-    }
-
-    /// Releases a lock if it is still ours.
-    pub fn unlock(&self, lock: Lock) {
-        drop(lock.beat);
-        if matches!(self.holder(&lock.name), Ok(Some((h, _))) if h.token == lock.token) {
-            let _ = self.bucket.delete(&lock.name);
         }
     }
 }
@@ -413,11 +406,23 @@ impl Drop for Heartbeat {
     }
 }
 
-/// A lock object held in the bucket.
+/// A lock object held in the bucket, released when dropped.
 pub(crate) struct Lock {
     name: String,
     token: String,
-    beat: Heartbeat,
+    beat: Option<Heartbeat>,
+    remote: Remote,
+}
+
+impl Drop for Lock {
+    /// Deletes the lock object if it is still ours. Best effort: one left behind goes stale after
+    /// [`LOCK_STALE`].
+    fn drop(&mut self) {
+        drop(self.beat.take());
+        if matches!(self.remote.holder(&self.name), Ok(Some((h, _))) if h.token == self.token) {
+            let _ = self.remote.bucket.delete(&self.name);
+        }
+    }
 }
 
 /// Where the local working copy of a remote repository's catalog lives: `SNAPSTORE_CACHE_DIR`, else
