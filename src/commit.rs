@@ -377,7 +377,8 @@ pub(crate) fn path_key(path: &Path) -> Result<(std::path::PathBuf, String)> {
 }
 
 fn worker(ctx: &Context<'_>, jobs: Receiver<Job>, results: Sender<Result<Hashed>>) {
-    let setup = Catalog::open(ctx.catalog_path).and_then(|c| Ok((c, Compressor::new(ctx.params.compression_level)?)));
+    let setup = Catalog::open(ctx.catalog_path)
+        .and_then(|c| Ok((c, Compressor::new(ctx.params.compression_level, ctx.params.groups_bytes())?)));
     let (catalog, mut compressor) = match setup {
         Ok(v) => v,
         Err(e) => {
@@ -476,7 +477,8 @@ fn region_worker(
     tasks: Receiver<u64>,
     done: Sender<(u64, Result<RegionDone>)>,
 ) {
-    let setup = Catalog::open(ctx.catalog_path).and_then(|c| Ok((c, Compressor::new(ctx.params.compression_level)?)));
+    let setup = Catalog::open(ctx.catalog_path)
+        .and_then(|c| Ok((c, Compressor::new(ctx.params.compression_level, ctx.params.groups_bytes())?)));
     let (catalog, mut compressor) = match setup {
         Ok(v) => v,
         Err(e) => {

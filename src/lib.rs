@@ -35,6 +35,7 @@ mod error;
 pub mod fault;
 mod gc;
 mod group;
+mod grouping;
 mod id;
 mod pack;
 mod params;

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! header   "SNAPPACK" | version u32 LE (=1) | reserved u32 (zero)
-//! blobs    each chunk's stored bytes (zstd frame or raw), back to back
+//! blobs    each chunk's stored bytes (zstd frame, byte planes or raw), back to back
 //! index    per chunk: id [32] | flags u8 | raw_len u32 LE | stored_len u32 LE
 //! footer   index_offset u64 LE | count u32 LE | reserved u32 (zero) | blake3(index)[..16] | "SNAPIDX1"
 //! ```
@@ -27,15 +27,17 @@ pub const ENTRY_LEN: usize = 41;
 /// Bytes of the footer.
 pub const FOOTER_LEN: usize = 40;
 
-/// Chunk flag: the blob is a zstd frame; otherwise it is the raw chunk.
+/// Chunk flag: the blob is a zstd frame. Flags are 0 (the blob is the raw chunk), this, or [`FLAG_GROUPED`].
 pub const FLAG_ZSTD: u8 = 1;
+/// Chunk flag: the blob is the chunk's byte planes (see `grouping`); written in format 2 onwards.
+pub const FLAG_GROUPED: u8 = 2;
 
 /// One chunk's place in a pack.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackEntry {
     /// The chunk's id (BLAKE3 of its raw bytes).
     pub id: ObjectId,
-    /// [`FLAG_ZSTD`] or 0.
+    /// 0, [`FLAG_ZSTD`] or [`FLAG_GROUPED`].
     pub flags: u8,
     /// Length of the chunk itself.
     pub raw_len: u32,
@@ -186,7 +188,7 @@ pub fn decode_index(index: &[u8], blobs_end: u64) -> Option<Vec<PackEntry>> {
             stored_len: u32_at(e, 37),
             offset,
         };
-        if entry.flags & !FLAG_ZSTD != 0 {
+        if entry.flags > FLAG_GROUPED {
             return None;
         }
         offset = offset.checked_add(entry.stored_len as u64)?;
@@ -229,21 +231,33 @@ mod tests {
     #[test]
     fn pack_corpus_is_current() {
         let text: Vec<u8> = b"fn main() { println!(\"checkpoint\"); }\n".repeat(200);
+        let weights: Vec<u8> = (0..4096u32)
+            .flat_map(|i| {
+                let u = (i.wrapping_mul(2_654_435_761) >> 8) as f32 / 16_777_216.0;
+                let v = (i * 7919 % 65_521) as f32 / 65_521.0;
+                ((u + v - 1.0) * 0.03).to_le_bytes()
+            })
+            .collect();
         let seeds: Vec<(&str, Vec<Vec<u8>>)> = vec![
             ("one-raw.pack", vec![b"tiny chunk".to_vec()]),
             ("mixed.pack", vec![text.clone(), vec![0u8; 4096], (0..3000u32).map(|i| (i * 7919 % 251) as u8).collect()]),
             ("many-small.pack", (0..40u32).map(|i| format!("chunk number {i}").into_bytes()).collect()),
+            // float32 weights (a sum of two uniforms), stored as byte planes.
+            ("grouped.pack", vec![weights.clone()]),
         ];
         let mut packs = Vec::new();
         for (name, chunks) in seeds {
             let b = MemoryBackend::new();
             let mut w = PackWriter::new(&b).unwrap();
-            let mut comp = crate::store::Compressor::new(3).unwrap();
+            let mut comp = crate::store::Compressor::new(3, true).unwrap();
             for c in &chunks {
                 let (flags, blob) = comp.compress(c);
                 w.add(ObjectId::of(c), flags, c.len() as u32, blob).unwrap();
             }
-            let (pack, size, _) = w.finish().unwrap();
+            let (pack, size, entries) = w.finish().unwrap();
+            if name == "grouped.pack" {
+                assert_eq!(entries[0].flags, FLAG_GROUPED);
+            }
             let mut bytes = vec![0u8; size as usize];
             b.read_at(&pack, 0, &mut bytes).unwrap();
             packs.push((name, bytes));

@@ -6,8 +6,9 @@
 
 use crate::error::{Error, Result};
 
-/// The newest repository format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest repository format this build reads and writes. Format 2 adds byte-grouped chunk blobs (pack
+/// flag 2); a format 1 repository is read and written as format 1, so that older builds can still read it.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The only chunker algorithm so far: FastCDC 2020 as implemented by the `fastcdc` crate at the exact version
 /// pinned in Cargo.toml (its cut points changed between releases, so the version is part of the name).
@@ -56,6 +57,11 @@ impl Default for RepoParams {
 }
 
 impl RepoParams {
+    /// Whether chunks may be stored as byte planes (format 2 onwards).
+    pub fn groups_bytes(&self) -> bool {
+        self.format_version >= 2
+    }
+
     /// Checks that the parameters are ones this build can honour.
     pub fn validate(&self) -> Result<()> {
         use fastcdc::v2020::{AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN};

@@ -7,24 +7,38 @@ use crate::aligned::AlignedBuf;
 use crate::backend::Backend;
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
+use crate::grouping;
 use crate::id::ObjectId;
-use crate::pack::{FLAG_ZSTD, PackEntry, PackWriter};
+use crate::pack::{FLAG_GROUPED, FLAG_ZSTD, PackEntry, PackWriter};
 use crate::tree::ChunkRef;
 
-/// Compresses a chunk for storage: the zstd frame if it is smaller, else the chunk itself.
+/// Compresses a chunk for storage: as byte planes if the chunk looks like an array of numbers and the
+/// repository's format allows it, else as a zstd frame; and as the chunk itself if neither is smaller.
 pub(crate) struct Compressor {
     inner: zstd::bulk::Compressor<'static>,
+    /// Present when byte planes may be written.
+    planes: Option<grouping::Encoder>,
     out: Vec<u8>,
 }
 
 impl Compressor {
-    pub fn new(level: i32) -> Result<Self> {
-        let inner = zstd::bulk::Compressor::new(level).map_err(|e| Error::Internal(format!("zstd: {e}")))?;
-        Ok(Compressor { inner, out: Vec::new() })
+    /// `group`: whether byte planes may be written ([`crate::RepoParams::groups_bytes`]).
+    pub fn new(level: i32, group: bool) -> Result<Self> {
+        let zstd_error = |e| Error::Internal(format!("zstd: {e}"));
+        let inner = zstd::bulk::Compressor::new(level).map_err(zstd_error)?;
+        let planes = if group { Some(grouping::Encoder::new().map_err(zstd_error)?) } else { None };
+        Ok(Compressor { inner, planes, out: Vec::new() })
     }
 
     /// Returns the flags and the blob to store.
     pub fn compress<'a>(&'a mut self, data: &'a [u8]) -> (u8, &'a [u8]) {
+        if let Some((encoder, plan)) = self.planes.as_mut().and_then(|e| Some((e, grouping::plan(data)?))) {
+            grouping::encode(data, plan, encoder, &mut self.out);
+            return match self.out.len() < data.len() {
+                true => (FLAG_GROUPED, &self.out),
+                false => (0, data),
+            };
+        }
         self.out.clear();
         self.out.reserve(zstd::zstd_safe::compress_bound(data.len()));
         match self.inner.compress_to_buffer(data, &mut self.out) {
@@ -40,12 +54,14 @@ pub(crate) struct BlobDecoder {
     decompressor: zstd::bulk::Decompressor<'static>,
     /// One buffer reused for every chunk: a fresh allocation per chunk costs page faults.
     out: AlignedBuf,
+    /// The decompressed planes of a grouped blob, reused likewise.
+    planes: Vec<u8>,
 }
 
 impl BlobDecoder {
     pub fn new() -> Result<Self> {
         let decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Internal(format!("zstd: {e}")))?;
-        Ok(BlobDecoder { decompressor, out: AlignedBuf::default() })
+        Ok(BlobDecoder { decompressor, out: AlignedBuf::default(), planes: Vec::new() })
     }
 
     /// The chunk `blob` holds, or why it is not chunk `id` of `raw_len` bytes.
@@ -56,16 +72,24 @@ impl BlobDecoder {
         raw_len: u32,
         blob: &'a [u8],
     ) -> std::result::Result<&'a [u8], String> {
-        let data = if flags & FLAG_ZSTD != 0 {
-            // A blob that inflates beyond `raw_len` does not fit: zstd refuses it rather than growing the buffer.
-            self.out.set_len(raw_len as usize);
-            let n = self
-                .decompressor
-                .decompress_to_buffer(blob, &mut self.out[..])
-                .map_err(|e| format!("cannot be decompressed ({e})"))?;
-            &self.out[..n]
-        } else {
-            blob
+        let data = match flags {
+            FLAG_ZSTD => {
+                // A blob that inflates beyond `raw_len` does not fit: zstd refuses it rather than growing the
+                // buffer.
+                self.out.set_len(raw_len as usize);
+                let n = self
+                    .decompressor
+                    .decompress_to_buffer(blob, &mut self.out[..])
+                    .map_err(|e| format!("cannot be decompressed ({e})"))?;
+                &self.out[..n]
+            }
+            FLAG_GROUPED => {
+                self.out.set_len(raw_len as usize);
+                grouping::decode(blob, &mut self.out[..], &mut self.decompressor, &mut self.planes)?;
+                &self.out[..]
+            }
+            0 => blob,
+            _ => return Err(format!("has unknown flags {flags}")),
         };
         if data.len() != raw_len as usize || ObjectId::of(data) != *id {
             return Err("content does not match its hash".into());
@@ -285,7 +309,7 @@ mod tests {
         let mem = MemoryBackend::new();
         let backend: Arc<dyn Backend> = Arc::new(mem.clone());
         let mut packer = Packer::new(backend.clone(), 1 << 20);
-        let mut comp = Compressor::new(3).unwrap();
+        let mut comp = Compressor::new(3, true).unwrap();
         let chunks: Vec<Vec<u8>> =
             vec![vec![7u8; 5000], (0..3000u32).map(|i| (i * 7919 % 251) as u8).collect(), b"tiny".to_vec()];
         let mut refs = Vec::new();

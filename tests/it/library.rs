@@ -1527,3 +1527,72 @@ fn many_empty_files_commit_and_check_out() {
         out.seconds
     );
 }
+
+/// float32 values like a layer's weights (σ 0.02): a sum of four uniforms from a SplitMix64 stream.
+fn float_weights(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed;
+    let mut next = move || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    (0..n)
+        .flat_map(|_| {
+            let u: u64 = (0..4).map(|_| next() & 0xffff).sum();
+            ((u as f32 - 131_070.0) / 37_837.0 * 0.02).to_le_bytes()
+        })
+        .collect()
+}
+
+/// How many of the repository's chunks are stored with each flag (0 raw, 1 zstd, 2 byte planes).
+fn chunks_by_flags(repo: &Repository) -> BTreeMap<i64, i64> {
+    let catalog = repo.catalog().unwrap();
+    let mut stmt = catalog.connection().prepare("SELECT flags, count(*) FROM chunks GROUP BY flags").unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(|r| r.unwrap()).collect()
+}
+
+#[test]
+fn float_tensors_are_stored_as_byte_planes_in_format_2_only_and_read_back_verified() {
+    let t = tmp();
+    let src = t.path().join("model.safetensors");
+    // A header, then weights: the header's length puts the floats at an odd offset, as in a real file.
+    let mut data = b"{\"w\":{\"dtype\":\"F32\",\"shape\":[262144]}}".to_vec();
+    data.extend(float_weights(256 * 1024, 11));
+    write(&src, &data);
+
+    let old = snapstore::RepoParams { format_version: 1, ..Default::default() };
+    let v1 = Repository::init_with(t.path().join("v1"), old).unwrap();
+    let v2 = Repository::init(t.path().join("v2")).unwrap();
+    assert_eq!(v2.params().format_version, snapstore::FORMAT_VERSION);
+    let (s1, s2) = (commit(&v1, &src), commit(&v2, &src));
+    let (f1, f2) = (chunks_by_flags(&v1), chunks_by_flags(&v2));
+    assert!(!f1.contains_key(&2), "a format 1 repository got byte planes: {f1:?}");
+    assert_eq!(f2.keys().copied().collect::<Vec<_>>(), vec![2], "every chunk of weights is grouped: {f2:?}");
+    assert!(
+        (s2.bytes_stored as f64) < s1.bytes_stored as f64 * 0.95,
+        "planes {} against zstd's {}",
+        s2.bytes_stored,
+        s1.bytes_stored
+    );
+    for (repo, s) in [(&v1, &s1), (&v2, &s2)] {
+        let out = t.path().join(format!("out-{}", repo.params().format_version));
+        checkout(repo, &s.id, &out);
+        assert_eq!(fs::read(&out).unwrap(), data);
+    }
+    let all = snapstore::VerifyOptions { read_data: snapstore::DataSubset::All, ..Default::default() };
+    assert!(v2.verify(&all).unwrap().damaged_chunks.is_empty());
+
+    // A damaged plane is caught: by checkout, and by verify.
+    let ids = chunk_ids(&v2, &data);
+    corrupt_chunk(&v2, &ids[1]);
+    let err = v2.checkout(&s2.id, t.path().join("bad"), &CheckoutOptions::default()).unwrap_err();
+    assert!(err.is_corruption(), "{err:?}");
+    let report = v2.verify(&all).unwrap();
+    assert_eq!(
+        report.damaged_chunks.iter().map(|d| d.id.clone()).collect::<Vec<_>>(),
+        vec![ids[1].to_hex()],
+        "{report:?}"
+    );
+}
