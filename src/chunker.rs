@@ -354,15 +354,22 @@ mod tests {
         out
     }
 
+    /// The chunk lengths the `fastcdc` crate itself cuts `data` into with the default sizes and `level`.
+    fn reference(data: &[u8], level: u32) -> Vec<usize> {
+        use fastcdc::v2020::{FastCDC, Normalization};
+        let levels = [Normalization::Level0, Normalization::Level1, Normalization::Level2, Normalization::Level3];
+        FastCDC::with_level(data, 16384, 65536, 262144, levels[level as usize]).map(|c| c.length).collect()
+    }
+
     #[test]
     fn matches_fastcdc_over_whole_input() {
         let data = pseudo_random(3 << 20, 7);
-        let p = RepoParams::default();
-        let ours: Vec<usize> = chunks_of(&data, 100_003, &p).iter().map(|c| c.len()).collect();
-        let reference: Vec<usize> =
-            fastcdc::v2020::FastCDC::new(&data, 16384, 65536, 262144).map(|c| c.length).collect();
-        assert_eq!(ours, reference);
-        assert!(ours.iter().take(ours.len() - 1).all(|&l| (16384..=262144).contains(&l)));
+        for normalization in 0..=3 {
+            let p = RepoParams { normalization, ..Default::default() };
+            let ours: Vec<usize> = chunks_of(&data, 100_003, &p).iter().map(|c| c.len()).collect();
+            assert_eq!(ours, reference(&data, normalization), "normalization {normalization}");
+            assert!(ours.iter().take(ours.len() - 1).all(|&l| (16384..=262144).contains(&l)));
+        }
     }
 
     #[test]
@@ -412,10 +419,9 @@ mod tests {
         for (start, end) in [(500_001, 1_700_000), (2_000_000, 2_300_123), (3_000_000, 3_290_000)] {
             data[start..end].fill(0);
         }
-        let reference: Vec<usize> =
-            fastcdc::v2020::FastCDC::new(&data, 16384, 65536, 262144).map(|c| c.length).collect();
-        let ours: Vec<usize> = chunks_of(&data, 1 << 20, &RepoParams::default()).iter().map(|c| c.len()).collect();
-        assert_eq!(ours, reference);
+        let p = RepoParams::default();
+        let ours: Vec<usize> = chunks_of(&data, 1 << 20, &p).iter().map(|c| c.len()).collect();
+        assert_eq!(ours, reference(&data, p.normalization));
     }
 
     proptest! {

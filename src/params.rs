@@ -40,7 +40,9 @@ pub struct RepoParams {
 impl Default for RepoParams {
     /// Defaults chosen by measurement (see docs/benchmarks.md): a 64 KiB average keeps the cost of a 4 KiB
     /// in-place write in a VM image to about one chunk, while keeping the index small enough (16 Ki chunks per
-    /// GiB) that per-chunk overhead does not dominate throughput.
+    /// GiB) that per-chunk overhead does not dominate throughput. Normalization 2 (chunk sizes held closer
+    /// to the average) stores a VM image's scattered writes in fewer bytes and costs the other workloads
+    /// nothing measurable once numeric chunks are grouped.
     fn default() -> Self {
         RepoParams {
             format_version: FORMAT_VERSION,
@@ -48,7 +50,7 @@ impl Default for RepoParams {
             chunk_min: 16 * 1024,
             chunk_avg: 64 * 1024,
             chunk_max: 256 * 1024,
-            normalization: 1,
+            normalization: 2,
             hash: "blake3".to_string(),
             compression_level: 3,
             pack_target_size: 32 * 1024 * 1024,

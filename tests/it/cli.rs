@@ -562,20 +562,20 @@ fn init_chooses_chunk_size_compression_and_normalization() {
     let repo = tmp.path().join("repo");
     let out: Value = serde_json::from_str(&sx(
         &repo,
-        &["init", "--chunk-size", "16", "--compression-level", "7", "--normalization", "2", "--json"],
+        &["init", "--chunk-size", "16", "--compression-level", "7", "--normalization", "3", "--json"],
     ))
     .unwrap();
     assert_eq!(out["params"]["chunk_avg"], 16 * 1024, "{out}");
     assert_eq!((out["params"]["chunk_min"].as_u64(), out["params"]["chunk_max"].as_u64()), (Some(4096), Some(65536)));
     assert_eq!(out["params"]["compression_level"], 7);
-    assert_eq!(out["params"]["normalization"], 2);
+    assert_eq!(out["params"]["normalization"], 3);
     // The repository keeps them: a commit cuts 16 KiB chunks, and the data comes back.
     let state = pseudo_random(1 << 20, 5);
     fs::write(tmp.path().join("state"), &state).unwrap();
     let commit: Value =
         serde_json::from_str(&sx(&repo, &["commit", tmp.path().join("state").to_str().unwrap(), "--json"])).unwrap();
     let opened = snapstore::Repository::open(&repo).unwrap();
-    assert_eq!((opened.params().chunk_avg, opened.params().normalization), (16 * 1024, 2));
+    assert_eq!((opened.params().chunk_avg, opened.params().normalization), (16 * 1024, 3));
     assert_eq!(commit["chunks_new"].as_u64().unwrap() as usize, chunk_ids(&opened, &state).len());
     assert!(commit["chunks_new"].as_u64().unwrap() > 40, "{commit}");
     for bad in

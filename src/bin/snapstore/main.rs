@@ -68,7 +68,7 @@ enum Command {
         compression_level: i32,
         /// FastCDC normalization level (0 to 3): higher packs chunk sizes closer around the average. Fixed for
         /// the repository's life.
-        #[arg(long, value_name = "LEVEL", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=3))]
+        #[arg(long, value_name = "LEVEL", default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=3))]
         normalization: u32,
     },
     /// Save a file, a directory tree, or stdin as a new checkpoint
