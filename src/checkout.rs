@@ -23,7 +23,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -113,9 +113,11 @@ enum Target {
 }
 
 struct FileTask {
-    file: File,
+    /// The file and how it reaches its name. Set by the walker, except for a new file of one batch, which the
+    /// worker writing it creates: creating files is most of a small-file checkout's kernel time, and on the
+    /// walker alone it kept the workers waiting.
+    opened: OnceLock<(File, Target)>,
     dest: PathBuf,
-    target: Target,
     rel: PathBuf,
     mode: u32,
     mtime_ns: i64,
@@ -180,20 +182,47 @@ fn file_error(rel: &Path, e: Error) -> Error {
     }
 }
 
+/// Creates a new file at `dest`, or under a temporary name beside it if something is there already.
+fn create_new(dest: &Path) -> Result<(File, Target)> {
+    let create = |path: &Path| OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+    match create(dest) {
+        Ok(f) => Ok((f, Target::Created)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let temp = temp_path(dest.parent().unwrap_or(Path::new(".")));
+            Ok((create(&temp).map_err(|e| Error::io(&temp, e))?, Target::Temp(temp)))
+        }
+        Err(e) => Err(Error::io(dest, e)),
+    }
+}
+
 impl FileTask {
+    /// The file, created now if the walker left that to the worker.
+    fn opened(&self) -> Result<(&File, &Target)> {
+        let (file, target) = match self.opened.get() {
+            Some(o) => o,
+            // Only the one worker writing the file's only batch gets here.
+            None => {
+                let o = create_new(&self.dest)?;
+                self.opened.get_or_init(|| o)
+            }
+        };
+        Ok((file, target))
+    }
+
     /// Called once per batch and once by the walker; the last caller finishes the file.
     fn release(&self) -> Result<()> {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 || self.failed.load(Ordering::Acquire) {
             return Ok(());
         }
         let io = |e| Error::io(&self.dest, e);
-        if !matches!(self.target, Target::Patched) && self.end.load(Ordering::Acquire) < self.size {
-            self.file.set_len(self.size).map_err(io)?;
+        let (file, target) = self.opened()?;
+        if !matches!(target, Target::Patched) && self.end.load(Ordering::Acquire) < self.size {
+            file.set_len(self.size).map_err(io)?;
         }
-        self.file.set_permissions(fs::Permissions::from_mode(self.mode)).map_err(io)?;
+        file.set_permissions(fs::Permissions::from_mode(self.mode)).map_err(io)?;
         // The mtime last: a patched file carries the checkpoint's mtime only once it is whole.
-        self.file.set_modified(mtime(self.mtime_ns)).map_err(io)?;
-        if let Target::Temp(temp) = &self.target {
+        file.set_modified(mtime(self.mtime_ns)).map_err(io)?;
+        if let Target::Temp(temp) = target {
             crate::fault::point("checkout-temp");
             fs::rename(temp, &self.dest).map_err(io)?;
         }
@@ -210,14 +239,14 @@ impl FileTask {
 
     /// Removes what this task created and did not finish. A patched file stays: its mtime marks it unfinished.
     fn discard(&self) {
-        match &self.target {
-            Target::Temp(temp) => {
+        match self.opened.get() {
+            Some((_, Target::Temp(temp))) => {
                 let _ = fs::remove_file(temp);
             }
-            Target::Created => {
+            Some((_, Target::Created)) => {
                 let _ = fs::remove_file(&self.dest);
             }
-            Target::Patched => {}
+            Some((_, Target::Patched)) | None => {}
         }
     }
 
@@ -226,23 +255,24 @@ impl FileTask {
     /// edit costs its blocks, not its whole chunk), and zeros over data are punched out as holes.
     fn write(&self, at: u64, data: &[u8], old: &mut Vec<u8>) -> Result<u64> {
         let io = |e| Error::io(&self.dest, e);
-        if !matches!(self.target, Target::Patched) {
+        let (file, target) = self.opened()?;
+        if !matches!(target, Target::Patched) {
             if is_zero(data) {
                 return Ok(0);
             }
-            self.file.write_all_at(data, at).map_err(io)?;
+            file.write_all_at(data, at).map_err(io)?;
             self.end.fetch_max(at + data.len() as u64, Ordering::AcqRel);
             return Ok(data.len() as u64);
         }
         old.resize(data.len(), 0);
         // The file was sized to the checkpoint's length first, so the range exists.
-        self.file.read_exact_at(old, at).map_err(io)?;
+        file.read_exact_at(old, at).map_err(io)?;
         if is_zero(data) {
             if is_zero(old) {
                 return Ok(0);
             }
             let punch = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
-            if rustix::fs::fallocate(&self.file, punch, at, data.len() as u64).is_ok() {
+            if rustix::fs::fallocate(file, punch, at, data.len() as u64).is_ok() {
                 return Ok(0);
             }
         }
@@ -264,7 +294,7 @@ impl FileTask {
                 }
                 end = next;
             }
-            self.file.write_all_at(&data[start..end], at + start as u64).map_err(io)?;
+            file.write_all_at(&data[start..end], at + start as u64).map_err(io)?;
             written += (end - start) as u64;
             i = end;
         }
@@ -492,7 +522,8 @@ fn worker(
             for &(at, r) in &job.chunks {
                 if job.compare {
                     existing.resize(r.len as usize, 0);
-                    let held = task.file.read_exact_at(&mut existing, at).is_ok() && ObjectId::of(&existing) == r.id;
+                    let held =
+                        task.opened()?.0.read_exact_at(&mut existing, at).is_ok() && ObjectId::of(&existing) == r.id;
                     if held {
                         progress.bytes(r.len as u64);
                         continue;
@@ -685,7 +716,7 @@ impl Walker<'_> {
         // A directory cleared away leaves the name free.
         let exists = exists && fs::symlink_metadata(dest).is_ok();
         let create = |path: &Path| OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
-        let (file, target) = match &patch {
+        let opened = match &patch {
             Some((md, _)) => {
                 if md.permissions().mode() & 0o600 != 0o600 {
                     // Reading and writing it needs the owner's bits; the checkpoint's mode is set when done.
@@ -693,30 +724,22 @@ impl Walker<'_> {
                         .map_err(|e| Error::io(dest, e))?;
                 }
                 let f = OpenOptions::new().read(true).write(true).open(dest).map_err(|e| Error::io(dest, e))?;
-                (f, Target::Patched)
+                f.set_len(entry.size).map_err(|e| Error::io(dest, e))?;
+                OnceLock::from((f, Target::Patched))
             }
             // Nothing there: write it under its own name (a rename per file costs as much as the create on
             // ext4). Until it is whole its mtime is not the checkpoint's, and a failed checkout removes it.
-            None if !exists => match create(dest) {
-                Ok(f) => (f, Target::Created),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let temp = temp_path(dest.parent().unwrap_or(Path::new(".")));
-                    (create(&temp).map_err(|e| Error::io(&temp, e))?, Target::Temp(temp))
-                }
-                Err(e) => return Err(Error::io(dest, e)),
-            },
+            // A file of one batch is created by the worker that writes it.
+            None if !exists && entry.size > 0 && entry.size < BATCH_BYTES => OnceLock::new(),
+            None if !exists => OnceLock::from(create_new(dest)?),
             None => {
                 let temp = temp_path(dest.parent().unwrap_or(Path::new(".")));
-                (create(&temp).map_err(|e| Error::io(&temp, e))?, Target::Temp(temp))
+                OnceLock::from((create(&temp).map_err(|e| Error::io(&temp, e))?, Target::Temp(temp)))
             }
         };
-        if matches!(target, Target::Patched) {
-            file.set_len(entry.size).map_err(|e| Error::io(dest, e))?;
-        }
         let task = Arc::new(FileTask {
-            file,
+            opened,
             dest: dest.to_path_buf(),
-            target,
             rel,
             mode: entry.mode,
             mtime_ns: entry.mtime_ns,
@@ -847,9 +870,8 @@ mod tests {
 
     fn task(file: File, dest: &Path, target: Target) -> FileTask {
         FileTask {
-            file,
+            opened: OnceLock::from((file, target)),
             dest: dest.to_path_buf(),
-            target,
             rel: PathBuf::from("f"),
             mode: 0o600,
             mtime_ns: 0,
