@@ -1303,7 +1303,8 @@ fn run_workload(
     }
     let logical: u64 = manifests[VERSIONS - 1].values().flatten().map(|(len, _)| len).sum();
     // Checkouts are timed CHECKOUT_RUNS times, the tools taking turns, and the best counts. Nothing is deleted
-    // until the whole run is over (see `main`): on an ext4 without a journal, as on these machines, creating a
+    // until the workload is done, and the checkouts of many files not until the whole run is over (see the
+    // end of this function and `main`): on an ext4 without a journal, as on these machines, creating a
     // file skips every inode freed in the last minute or more (`recently_deleted` in ext4's allocator), so a
     // checkout of thousands of files right after thousands were deleted took 5-15x as long.
     let dest_of = |session: &Session, run: usize| work.join(format!("restore-{}-{run}", session.tool.name()));

@@ -349,13 +349,13 @@ fn entry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Entry>> {
     }))
 }
 
-/// Where a chunk is: the pack's name by a subquery, not a join. SQLite (built with STAT4, as rusqlite bundles
-/// it) marks a joined statement's parameters as shaping its plan, so every reuse from the statement cache,
-/// which clears its bindings, compiled the join again: a quarter of a small-file checkout's CPU.
 /// Whether a chunk is stored and not condemned.
 const HAS_CHUNK: &str =
     "SELECT 1 FROM chunks WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM condemned WHERE kind = 0 AND id = ?1)";
 
+/// Where a chunk is: the pack's name by a subquery, not a join. SQLite (built with STAT4, as rusqlite bundles
+/// it) marks a joined statement's parameters as shaping its plan, so every reuse from the statement cache,
+/// which clears its bindings, compiled the join again: a quarter of a small-file checkout's CPU.
 const CHUNK_LOCATION: &str = "SELECT (SELECT name FROM packs WHERE id = c.pack), c.offset, c.stored_len, c.raw_len, \
                               c.flags FROM chunks c WHERE c.id = ?1";
 

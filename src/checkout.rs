@@ -19,6 +19,7 @@
 
 use std::ffi::OsStr;
 use std::fs::{self, File, Metadata, OpenOptions};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
+use rustix::fs::{AtFlags, Mode, OFlags};
 
 use crate::backend::Backend;
 use crate::catalog::{Catalog, host_name};
@@ -117,6 +119,12 @@ struct FileTask {
     /// worker writing it creates: creating files is most of a small-file checkout's kernel time, and on the
     /// walker alone it kept the workers waiting.
     opened: OnceLock<(File, Target)>,
+    /// For a file the worker creates: its directory, opened by the walker when it made or entered it, so that
+    /// the file is created, renamed and removed in that directory whatever its path leads to by then (a
+    /// later entry of the checkpoint may replace a parent by a symlink on a case-insensitive filesystem).
+    dir: Option<Arc<OwnedFd>>,
+    /// Serializes the creation in `opened`.
+    creating: Mutex<()>,
     dest: PathBuf,
     rel: PathBuf,
     mode: u32,
@@ -198,15 +206,46 @@ fn create_new(dest: &Path) -> Result<(File, Target)> {
 impl FileTask {
     /// The file, created now if the walker left that to the worker.
     fn opened(&self) -> Result<(&File, &Target)> {
-        let (file, target) = match self.opened.get() {
-            Some(o) => o,
-            // Only the one worker writing the file's only batch gets here.
-            None => {
-                let o = create_new(&self.dest)?;
-                self.opened.get_or_init(|| o)
-            }
-        };
+        if let Some((file, target)) = self.opened.get() {
+            return Ok((file, target));
+        }
+        let _one_at_a_time = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((file, target)) = self.opened.get() {
+            return Ok((file, target));
+        }
+        let created = self.create_in_dir()?;
+        let (file, target) = self.opened.get_or_init(|| created);
         Ok((file, target))
+    }
+
+    /// Creates the file in its directory, or under a temporary name there if its name is taken.
+    fn create_in_dir(&self) -> Result<(File, Target)> {
+        let dir = self.dir.as_ref().ok_or_else(|| Error::Internal("a deferred file has no directory".into()))?;
+        let name = self.dest.file_name().unwrap_or_default();
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mode = Mode::from_raw_mode(0o600);
+        match rustix::fs::openat(dir, name, flags, mode) {
+            Ok(fd) => Ok((File::from(fd), Target::Created)),
+            Err(rustix::io::Errno::EXIST) => {
+                let temp = temp_path(self.dest.parent().unwrap_or(Path::new(".")));
+                let fd = rustix::fs::openat(dir, temp.file_name().unwrap_or_default(), flags, mode)
+                    .map_err(|e| Error::io(&temp, e.into()))?;
+                Ok((File::from(fd), Target::Temp(temp)))
+            }
+            Err(e) => Err(Error::io(&self.dest, e.into())),
+        }
+    }
+
+    /// Removes `path` (the destination or a temporary beside it): within the task's directory if it has one.
+    fn remove(&self, path: &Path) {
+        match &self.dir {
+            Some(dir) => {
+                let _ = rustix::fs::unlinkat(dir, path.file_name().unwrap_or_default(), AtFlags::empty());
+            }
+            None => {
+                let _ = fs::remove_file(path);
+            }
+        }
     }
 
     /// Called once per batch and once by the walker; the last caller finishes the file.
@@ -224,7 +263,13 @@ impl FileTask {
         file.set_modified(mtime(self.mtime_ns)).map_err(io)?;
         if let Target::Temp(temp) = target {
             crate::fault::point("checkout-temp");
-            fs::rename(temp, &self.dest).map_err(io)?;
+            match &self.dir {
+                Some(dir) => {
+                    let (from, to) = (temp.file_name().unwrap_or_default(), self.dest.file_name().unwrap_or_default());
+                    rustix::fs::renameat(dir, from, dir, to).map_err(|e| io(e.into()))?
+                }
+                None => fs::rename(temp, &self.dest).map_err(io)?,
+            }
         }
         self.placed.store(true, Ordering::Release);
         crate::fault::point("checkout-file");
@@ -240,12 +285,8 @@ impl FileTask {
     /// Removes what this task created and did not finish. A patched file stays: its mtime marks it unfinished.
     fn discard(&self) {
         match self.opened.get() {
-            Some((_, Target::Temp(temp))) => {
-                let _ = fs::remove_file(temp);
-            }
-            Some((_, Target::Created)) => {
-                let _ = fs::remove_file(&self.dest);
-            }
+            Some((_, Target::Temp(temp))) => self.remove(temp),
+            Some((_, Target::Created)) => self.remove(&self.dest),
             Some((_, Target::Patched)) | None => {}
         }
     }
@@ -570,8 +611,9 @@ impl Walker<'_> {
     /// Walks the checkpoint's trees depth first from `start`, creating directories and symlinks and queueing
     /// file batches.
     fn walk(&mut self, start: &Start) -> Result<()> {
-        let mut stack = vec![(start.entry.clone(), start.path.clone(), start.rel.clone(), start.priors.clone())];
-        while let Some((entry, path, rel, priors)) = stack.pop() {
+        // Each item carries the directory it is in, open, for a file the worker will create (see `FileTask`).
+        let mut stack = vec![(start.entry.clone(), start.path.clone(), start.rel.clone(), start.priors.clone(), None)];
+        while let Some((entry, path, rel, priors, dir)) = stack.pop() {
             if self.abort.load(Ordering::Relaxed) {
                 return Ok(());
             }
@@ -590,6 +632,11 @@ impl Walker<'_> {
                         }
                     };
                     self.summary.dirs += 1;
+                    // Never a symlink: the name was just made a directory, or found to be one.
+                    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                    let this_dir = Some(Arc::new(
+                        rustix::fs::open(&path, flags, Mode::empty()).map_err(|e| Error::io(&path, e.into()))?,
+                    ));
                     let tree_id = entry.object()?.expect("dir has a tree");
                     let children = self.catalog.tree(&tree_id)?;
                     if self.in_place && existed {
@@ -615,7 +662,7 @@ impl Walker<'_> {
                             .collect();
                         let name = OsStr::from_bytes(&child.name);
                         let (p, r) = (path.join(name), rel.join(name));
-                        stack.push((child, p, r, child_priors));
+                        stack.push((child, p, r, child_priors, this_dir.clone()));
                     }
                 }
                 EntryKind::Symlink => {
@@ -633,7 +680,7 @@ impl Walker<'_> {
                     self.summary.files += 1;
                     self.summary.bytes += entry.size;
                     self.opts.progress.file(&rel);
-                    self.file(&entry, &path, rel, &priors)?;
+                    self.file(&entry, &path, rel, &priors, dir)?;
                 }
             }
         }
@@ -670,7 +717,14 @@ impl Walker<'_> {
         Ok(())
     }
 
-    fn file(&mut self, entry: &Entry, dest: &Path, rel: PathBuf, priors: &[Prior]) -> Result<()> {
+    fn file(
+        &mut self,
+        entry: &Entry,
+        dest: &Path,
+        rel: PathBuf,
+        priors: &[Prior],
+        dir: Option<Arc<OwnedFd>>,
+    ) -> Result<()> {
         let content = entry.object()?.expect("file has content");
         let mut patch = None;
         // Into an empty directory there is nothing to look at (`create_new` still refuses to overwrite).
@@ -729,16 +783,19 @@ impl Walker<'_> {
             }
             // Nothing there: write it under its own name (a rename per file costs as much as the create on
             // ext4). Until it is whole its mtime is not the checkpoint's, and a failed checkout removes it.
-            // A file of one batch is created by the worker that writes it.
-            None if !exists && entry.size > 0 && entry.size < BATCH_BYTES => OnceLock::new(),
+            // A file of one batch is created by the worker that writes it, in the directory opened here.
+            None if !exists && entry.size > 0 && entry.size < BATCH_BYTES && dir.is_some() => OnceLock::new(),
             None if !exists => OnceLock::from(create_new(dest)?),
             None => {
                 let temp = temp_path(dest.parent().unwrap_or(Path::new(".")));
                 OnceLock::from((create(&temp).map_err(|e| Error::io(&temp, e))?, Target::Temp(temp)))
             }
         };
+        let dir = if opened.get().is_none() { dir } else { None };
         let task = Arc::new(FileTask {
             opened,
+            dir,
+            creating: Mutex::new(()),
             dest: dest.to_path_buf(),
             rel,
             mode: entry.mode,
@@ -800,6 +857,11 @@ fn holds(catalog: &Catalog, path: &Path, content: &ObjectId) -> Result<bool> {
 /// Queues every chunk of `content`; `compare` has workers skip chunks the file already holds.
 fn queue_all(catalog: &Catalog, content: &ObjectId, size: u64, batcher: &mut Batcher<'_>, compare: bool) -> Result<()> {
     let mut cursor = content::ChunkCursor::of_size(catalog, content, Some(size))?;
+    // The tree entry's size decides how the file is written (one batch or several); a content of another
+    // size is damage, not a file to write.
+    if cursor.size() != size {
+        return Err(Error::corrupt(format!("content {content} holds {} bytes, its entry says {size}", cursor.size())));
+    }
     while let Some((at, r)) = cursor.next_chunk()? {
         batcher.push(at, r, compare)?;
     }
@@ -871,6 +933,8 @@ mod tests {
     fn task(file: File, dest: &Path, target: Target) -> FileTask {
         FileTask {
             opened: OnceLock::from((file, target)),
+            dir: None,
+            creating: Mutex::new(()),
             dest: dest.to_path_buf(),
             rel: PathBuf::from("f"),
             mode: 0o600,
@@ -905,6 +969,98 @@ mod tests {
         // Zeros over data: punched (or written where the filesystem cannot punch), and read back as zeros.
         t.write(0, &vec![0u8; 8192], &mut scratch).unwrap();
         assert!(fs::read(&path).unwrap()[..8192].iter().all(|&b| b == 0));
+    }
+
+    /// A task whose file the worker creates, in directory `dir` (opened as the walker opens it).
+    fn deferred(dir: &Path, name: &str) -> FileTask {
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        FileTask {
+            opened: OnceLock::new(),
+            dir: Some(Arc::new(rustix::fs::open(dir, flags, Mode::empty()).unwrap())),
+            creating: Mutex::new(()),
+            dest: dir.join(name),
+            rel: PathBuf::from(name),
+            mode: 0o600,
+            mtime_ns: 0,
+            size: 10,
+            end: AtomicU64::new(0),
+            remaining: AtomicUsize::new(3),
+            failed: AtomicBool::new(false),
+            placed: AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn a_deferred_file_is_created_once_however_many_ask_and_removed_on_failure() {
+        for _ in 0..50 {
+            let dir = tempfile::tempdir().unwrap();
+            let t = deferred(dir.path(), "f");
+            let barrier = std::sync::Barrier::new(3);
+            std::thread::scope(|s| {
+                for _ in 0..3 {
+                    s.spawn(|| {
+                        barrier.wait();
+                        t.opened().unwrap();
+                    });
+                }
+            });
+            assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "created more than once");
+            t.fail();
+            drop(t);
+            assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "a failed task left its file");
+        }
+    }
+
+    /// A parent replaced by a symlink after the walker opened it (two entries whose names collide on a
+    /// case-insensitive filesystem can do that) does not lead the file out of the destination.
+    #[test]
+    fn a_deferred_file_stays_in_its_directory_when_the_path_to_it_changes() {
+        let root = tempfile::tempdir().unwrap();
+        let (d, outside, moved) = (root.path().join("d"), root.path().join("outside"), root.path().join("moved"));
+        fs::create_dir(&d).unwrap();
+        fs::create_dir(&outside).unwrap();
+        let t = deferred(&d, "f");
+        fs::rename(&d, &moved).unwrap();
+        std::os::unix::fs::symlink(&outside, &d).unwrap();
+        t.write(0, b"0123456789", &mut Vec::new()).unwrap();
+        t.remaining.store(1, Ordering::SeqCst);
+        t.release().unwrap();
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "written through the symlink");
+        assert_eq!(fs::read(moved.join("f")).unwrap(), b"0123456789");
+    }
+
+    #[test]
+    fn an_entry_whose_size_disagrees_with_its_content_is_refused() {
+        use crate::tree::{decode_tree, encode_tree};
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("big"), pseudo_random(5 << 20, 5)).unwrap();
+        let repo = crate::Repository::init(dir.path().join("repo")).unwrap();
+        let s = repo.commit(&src, &Default::default()).unwrap();
+        // A damaged tree says the 5 MiB file has 100 bytes: one batch by its size, two by its content.
+        let conn = rusqlite::Connection::open(dir.path().join("repo").join(crate::CATALOG_FILE)).unwrap();
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = conn
+            .prepare("SELECT id, data FROM trees")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        for (id, data) in rows {
+            let mut entries = decode_tree(&data).unwrap();
+            if let Some(e) = entries.iter_mut().find(|e| e.name == b"big") {
+                e.size = 100;
+                conn.execute("UPDATE trees SET data = ?1 WHERE id = ?2", rusqlite::params![encode_tree(&entries), id])
+                    .unwrap();
+            }
+        }
+        for i in 0..5 {
+            let dest = dir.path().join(format!("out{i}"));
+            let err = repo.checkout(&s.id, &dest, &CheckoutOptions { threads: 4, ..Default::default() }).unwrap_err();
+            assert!(err.is_corruption(), "{err:?}");
+            assert_eq!(fs::read_dir(&dest).unwrap().count(), 0, "a refused file was left");
+        }
     }
 
     #[test]

@@ -11,7 +11,10 @@
 //! Whether to group a chunk, by 4 or 8, and which planes to leave raw, is decided from byte histograms of a
 //! sample of it (about 2 % of zstd's time on the chunk): grouping must beat the chunk's own order-0 entropy,
 //! and a chunk that entropy already calls compressible (text, code, sparse data) is left to zstd, whose
-//! matches grouping would break. Measured per workload in docs/benchmarks.md.
+//! matches grouping would break. Measured per workload in docs/benchmarks.md. Histograms cannot see repeats:
+//! floats that repeat within a chunk (a short pattern tiled) are stored as planes even where one zstd frame
+//! would be smaller; checkpoint tensors and fields do not repeat that way, and trying both would double
+//! the compression time of every numeric chunk.
 //!
 //! A grouped blob (pack flag 2, format 2 onwards):
 //! ```text

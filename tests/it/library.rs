@@ -1529,7 +1529,7 @@ fn many_empty_files_commit_and_check_out() {
 }
 
 /// float32 values like a layer's weights (σ 0.02): a sum of four uniforms from a SplitMix64 stream.
-fn float_weights(n: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn float_weights(n: usize, seed: u64) -> Vec<u8> {
     let mut s = seed;
     let mut next = move || {
         s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -372,6 +372,20 @@ fn repair_index_recreates_a_lost_catalog() {
     let r = repo.verify(&VerifyOptions { read_data: DataSubset::All, ..Default::default() }).unwrap();
     assert!(r.is_clean(), "{r:?}");
     assert_eq!(r.chunks, chunks, "every stored chunk is indexed again");
+    // The parameters were lost too: packs without byte planes are taken for a format 1 repository, which
+    // the builds that made it can still read; packs with them keep format 2.
+    assert_eq!((repo.params().format_version, repo.params().normalization), (1, 1));
+    let t = fast_tempdir("repair-format");
+    let grouped = Repository::init(t.path().join("repo")).unwrap();
+    fs::write(t.path().join("w.bin"), crate::library::float_weights(64 * 1024, 3)).unwrap();
+    grouped.commit(t.path().join("w.bin"), &Default::default()).unwrap();
+    drop(grouped);
+    for name in ["catalog.db", "catalog.db-wal", "catalog.db-shm"] {
+        let _ = fs::remove_file(t.path().join("repo").join(name));
+    }
+    let report = Repository::repair_index_at(t.path().join("repo")).unwrap();
+    assert!(report.catalog_created);
+    assert_eq!(Repository::open(t.path().join("repo")).unwrap().params().format_version, 2);
     // A directory with neither catalog nor packs is not a repository to rebuild.
     let o = run(&f.root.join("nothing-here"), &["repair", "index"]);
     assert_eq!(o.status.code(), Some(4));
