@@ -802,7 +802,9 @@ impl Tool {
                     snapstore_init_args().join(" ")
                 );
             }
-            Tool::Snapstore => "defaults (FastCDC 16/64/256 KiB, zstd 3, one hashing thread per core)",
+            Tool::Snapstore => {
+                "defaults (FastCDC 16/64/256 KiB normalization 2, zstd 3, byte planes for numeric chunks, one hashing thread per core)"
+            }
             Tool::Restic => {
                 "repository version 2 (zstd, `--compression auto`), always encrypted (fixed password), local cache"
             }

@@ -101,6 +101,8 @@ const BATCH_BYTES: u64 = 4 << 20;
 /// Files smaller than this are rewritten whole through a temporary file rather than patched: the write is
 /// cheap, and the file is then either old or new after a crash.
 const PATCH_MIN: u64 = 1 << 20;
+/// Files the walker looks up per read transaction.
+const READ_BATCH: usize = 256;
 /// The unit a patched file is compared and written in: a page.
 const BLOCK: u64 = 4096;
 
@@ -483,8 +485,10 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             in_place,
             protect: protect.as_deref(),
             summary: &mut summary,
+            in_read: 0,
         };
         let r = starts.iter().try_for_each(|s| walker.walk(s));
+        walker.end_read();
         drop(tx);
         r
     });
@@ -605,9 +609,33 @@ struct Walker<'a> {
     /// The repository's own directory, never removed by `delete`.
     protect: Option<&'a Path>,
     summary: &'a mut CheckoutSummary,
+    /// Files looked up in the current read transaction (0: none open).
+    in_read: usize,
 }
 
 impl Walker<'_> {
+    /// The walker's lookups run in read transactions of [`READ_BATCH`] files each: one per query cost four
+    /// `fcntl` locks apiece. Trees and contents of the checkpoint being checked out cannot go while its
+    /// session lives, so a snapshot shows them as a fresh read would; the transaction is renewed so that it
+    /// never holds the WAL back for long.
+    fn read_in_batches(&mut self) -> Result<()> {
+        if self.in_read == 0 {
+            self.catalog.connection().execute_batch("BEGIN DEFERRED")?;
+        }
+        self.in_read += 1;
+        if self.in_read == READ_BATCH {
+            self.end_read();
+        }
+        Ok(())
+    }
+
+    fn end_read(&mut self) {
+        if self.in_read > 0 {
+            let _ = self.catalog.connection().execute_batch("COMMIT");
+            self.in_read = 0;
+        }
+    }
+
     /// Walks the checkpoint's trees depth first from `start`, creating directories and symlinks and queueing
     /// file batches.
     fn walk(&mut self, start: &Start) -> Result<()> {
@@ -677,6 +705,7 @@ impl Walker<'_> {
                     self.summary.symlinks += 1;
                 }
                 EntryKind::File => {
+                    self.read_in_batches()?;
                     self.summary.files += 1;
                     self.summary.bytes += entry.size;
                     self.opts.progress.file(&rel);
