@@ -21,7 +21,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -121,10 +121,10 @@ struct FileTask {
     /// worker writing it creates: creating files is most of a small-file checkout's kernel time, and on the
     /// walker alone it kept the workers waiting.
     opened: OnceLock<(File, Target)>,
-    /// For a file the worker creates: its directory, opened by the walker when it made or entered it, so that
-    /// the file is created, renamed and removed in that directory whatever its path leads to by then (a
-    /// later entry of the checkpoint may replace a parent by a symlink on a case-insensitive filesystem).
-    dir: Option<Arc<OwnedFd>>,
+    /// The file's directory, opened by the walker when it made or entered it: the file is created, renamed
+    /// and removed in that directory whatever its path leads to by then (a later entry of the checkpoint may
+    /// replace a parent by a symlink on a case-insensitive filesystem, before a worker creates the file).
+    dir: Arc<OwnedFd>,
     /// Serializes the creation in `opened`.
     creating: Mutex<()>,
     dest: PathBuf,
@@ -192,17 +192,22 @@ fn file_error(rel: &Path, e: Error) -> Error {
     }
 }
 
-/// Creates a new file at `dest`, or under a temporary name beside it if something is there already.
-fn create_new(dest: &Path) -> Result<(File, Target)> {
-    let create = |path: &Path| OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
-    match create(dest) {
-        Ok(f) => Ok((f, Target::Created)),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let temp = temp_path(dest.parent().unwrap_or(Path::new(".")));
-            Ok((create(&temp).map_err(|e| Error::io(&temp, e))?, Target::Temp(temp)))
+/// Creates the file `dest` in `dir`, its directory: under its own name unless `temp` or the name is taken,
+/// else under a temporary name beside it. Never through a symlink.
+fn create_in(dir: &OwnedFd, dest: &Path, temp: bool) -> Result<(File, Target)> {
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mode = Mode::from_raw_mode(0o600);
+    if !temp {
+        match rustix::fs::openat(dir, dest.file_name().unwrap_or_default(), flags, mode) {
+            Ok(fd) => return Ok((File::from(fd), Target::Created)),
+            Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(Error::io(dest, e.into())),
         }
-        Err(e) => Err(Error::io(dest, e)),
     }
+    let temp = temp_path(dest.parent().unwrap_or(Path::new(".")));
+    let fd = rustix::fs::openat(dir, temp.file_name().unwrap_or_default(), flags, mode)
+        .map_err(|e| Error::io(&temp, e.into()))?;
+    Ok((File::from(fd), Target::Temp(temp)))
 }
 
 impl FileTask {
@@ -215,39 +220,14 @@ impl FileTask {
         if let Some((file, target)) = self.opened.get() {
             return Ok((file, target));
         }
-        let created = self.create_in_dir()?;
+        let created = create_in(&self.dir, &self.dest, false)?;
         let (file, target) = self.opened.get_or_init(|| created);
         Ok((file, target))
     }
 
-    /// Creates the file in its directory, or under a temporary name there if its name is taken.
-    fn create_in_dir(&self) -> Result<(File, Target)> {
-        let dir = self.dir.as_ref().ok_or_else(|| Error::Internal("a deferred file has no directory".into()))?;
-        let name = self.dest.file_name().unwrap_or_default();
-        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let mode = Mode::from_raw_mode(0o600);
-        match rustix::fs::openat(dir, name, flags, mode) {
-            Ok(fd) => Ok((File::from(fd), Target::Created)),
-            Err(rustix::io::Errno::EXIST) => {
-                let temp = temp_path(self.dest.parent().unwrap_or(Path::new(".")));
-                let fd = rustix::fs::openat(dir, temp.file_name().unwrap_or_default(), flags, mode)
-                    .map_err(|e| Error::io(&temp, e.into()))?;
-                Ok((File::from(fd), Target::Temp(temp)))
-            }
-            Err(e) => Err(Error::io(&self.dest, e.into())),
-        }
-    }
-
-    /// Removes `path` (the destination or a temporary beside it): within the task's directory if it has one.
+    /// Removes `path` (the destination or a temporary beside it) from the task's directory.
     fn remove(&self, path: &Path) {
-        match &self.dir {
-            Some(dir) => {
-                let _ = rustix::fs::unlinkat(dir, path.file_name().unwrap_or_default(), AtFlags::empty());
-            }
-            None => {
-                let _ = fs::remove_file(path);
-            }
-        }
+        let _ = rustix::fs::unlinkat(&self.dir, path.file_name().unwrap_or_default(), AtFlags::empty());
     }
 
     /// Called once per batch and once by the walker; the last caller finishes the file.
@@ -265,13 +245,8 @@ impl FileTask {
         file.set_modified(mtime(self.mtime_ns)).map_err(io)?;
         if let Target::Temp(temp) = target {
             crate::fault::point("checkout-temp");
-            match &self.dir {
-                Some(dir) => {
-                    let (from, to) = (temp.file_name().unwrap_or_default(), self.dest.file_name().unwrap_or_default());
-                    rustix::fs::renameat(dir, from, dir, to).map_err(|e| io(e.into()))?
-                }
-                None => fs::rename(temp, &self.dest).map_err(io)?,
-            }
+            let (from, to) = (temp.file_name().unwrap_or_default(), self.dest.file_name().unwrap_or_default());
+            rustix::fs::renameat(&self.dir, from, &self.dir, to).map_err(|e| io(e.into()))?;
         }
         self.placed.store(true, Ordering::Release);
         crate::fault::point("checkout-file");
@@ -639,8 +614,14 @@ impl Walker<'_> {
     /// Walks the checkpoint's trees depth first from `start`, creating directories and symlinks and queueing
     /// file batches.
     fn walk(&mut self, start: &Start) -> Result<()> {
-        // Each item carries the directory it is in, open, for a file the worker will create (see `FileTask`).
-        let mut stack = vec![(start.entry.clone(), start.path.clone(), start.rel.clone(), start.priors.clone(), None)];
+        // Each item carries the directory it is in, open, where its file is created (see `FileTask`). The
+        // start's is the parent the caller named, symlinks and all.
+        let parent = start.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let start_dir =
+            Arc::new(rustix::fs::open(parent, flags, Mode::empty()).map_err(|e| Error::io(parent, e.into()))?);
+        let mut stack =
+            vec![(start.entry.clone(), start.path.clone(), start.rel.clone(), start.priors.clone(), start_dir)];
         while let Some((entry, path, rel, priors, dir)) = stack.pop() {
             if self.abort.load(Ordering::Relaxed) {
                 return Ok(());
@@ -662,9 +643,9 @@ impl Walker<'_> {
                     self.summary.dirs += 1;
                     // Never a symlink: the name was just made a directory, or found to be one.
                     let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-                    let this_dir = Some(Arc::new(
+                    let this_dir = Arc::new(
                         rustix::fs::open(&path, flags, Mode::empty()).map_err(|e| Error::io(&path, e.into()))?,
-                    ));
+                    );
                     let tree_id = entry.object()?.expect("dir has a tree");
                     let children = self.catalog.tree(&tree_id)?;
                     if self.in_place && existed {
@@ -746,14 +727,7 @@ impl Walker<'_> {
         Ok(())
     }
 
-    fn file(
-        &mut self,
-        entry: &Entry,
-        dest: &Path,
-        rel: PathBuf,
-        priors: &[Prior],
-        dir: Option<Arc<OwnedFd>>,
-    ) -> Result<()> {
+    fn file(&mut self, entry: &Entry, dest: &Path, rel: PathBuf, priors: &[Prior], dir: Arc<OwnedFd>) -> Result<()> {
         let content = entry.object()?.expect("file has content");
         let mut patch = None;
         // Into an empty directory there is nothing to look at (`create_new` still refuses to overwrite).
@@ -798,7 +772,6 @@ impl Walker<'_> {
         }
         // A directory cleared away leaves the name free.
         let exists = exists && fs::symlink_metadata(dest).is_ok();
-        let create = |path: &Path| OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
         let opened = match &patch {
             Some((md, _)) => {
                 if md.permissions().mode() & 0o600 != 0o600 {
@@ -813,14 +786,9 @@ impl Walker<'_> {
             // Nothing there: write it under its own name (a rename per file costs as much as the create on
             // ext4). Until it is whole its mtime is not the checkpoint's, and a failed checkout removes it.
             // A file of one batch is created by the worker that writes it, in the directory opened here.
-            None if !exists && entry.size > 0 && entry.size < BATCH_BYTES && dir.is_some() => OnceLock::new(),
-            None if !exists => OnceLock::from(create_new(dest)?),
-            None => {
-                let temp = temp_path(dest.parent().unwrap_or(Path::new(".")));
-                OnceLock::from((create(&temp).map_err(|e| Error::io(&temp, e))?, Target::Temp(temp)))
-            }
+            None if !exists && entry.size > 0 && entry.size < BATCH_BYTES => OnceLock::new(),
+            None => OnceLock::from(create_in(&dir, dest, exists)?),
         };
-        let dir = if opened.get().is_none() { dir } else { None };
         let task = Arc::new(FileTask {
             opened,
             dir,
@@ -960,12 +928,20 @@ mod tests {
     use crate::testutil::pseudo_random;
 
     fn task(file: File, dest: &Path, target: Target) -> FileTask {
+        let task = deferred(dest.parent().unwrap(), dest.file_name().unwrap().to_str().unwrap());
+        task.opened.set((file, target)).unwrap_or_else(|_| unreachable!());
+        task
+    }
+
+    /// A task whose file the worker creates, in directory `dir` (opened as the walker opens it).
+    fn deferred(dir: &Path, name: &str) -> FileTask {
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         FileTask {
-            opened: OnceLock::from((file, target)),
-            dir: None,
+            opened: OnceLock::new(),
+            dir: Arc::new(rustix::fs::open(dir, flags, Mode::empty()).unwrap()),
             creating: Mutex::new(()),
-            dest: dest.to_path_buf(),
-            rel: PathBuf::from("f"),
+            dest: dir.join(name),
+            rel: PathBuf::from(name),
             mode: 0o600,
             mtime_ns: 0,
             size: 0,
@@ -998,25 +974,6 @@ mod tests {
         // Zeros over data: punched (or written where the filesystem cannot punch), and read back as zeros.
         t.write(0, &vec![0u8; 8192], &mut scratch).unwrap();
         assert!(fs::read(&path).unwrap()[..8192].iter().all(|&b| b == 0));
-    }
-
-    /// A task whose file the worker creates, in directory `dir` (opened as the walker opens it).
-    fn deferred(dir: &Path, name: &str) -> FileTask {
-        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        FileTask {
-            opened: OnceLock::new(),
-            dir: Some(Arc::new(rustix::fs::open(dir, flags, Mode::empty()).unwrap())),
-            creating: Mutex::new(()),
-            dest: dir.join(name),
-            rel: PathBuf::from(name),
-            mode: 0o600,
-            mtime_ns: 0,
-            size: 10,
-            end: AtomicU64::new(0),
-            remaining: AtomicUsize::new(3),
-            failed: AtomicBool::new(false),
-            placed: AtomicBool::new(false),
-        }
     }
 
     #[test]
