@@ -133,8 +133,11 @@ pub(crate) fn repair_index(root: &Path, backend: Arc<dyn Backend>) -> Result<Rep
         // The parameters were lost with the catalog. Packs without a byte-planes blob most likely come from a
         // format 1 repository, made with normalization 1: keep it readable by the builds that made it, and
         // cutting as it did.
-        let grouped: bool =
-            cat.connection().query_row("SELECT EXISTS (SELECT 1 FROM chunks WHERE flags = 2)", [], |r| r.get(0))?;
+        let grouped: bool = cat.connection().query_row(
+            "SELECT EXISTS (SELECT 1 FROM chunks WHERE flags = ?1)",
+            [crate::pack::FLAG_GROUPED],
+            |r| r.get(0),
+        )?;
         if !grouped {
             cat.connection()
                 .execute("UPDATE meta SET value = '1' WHERE key IN ('format_version', 'normalization')", [])?;
