@@ -191,13 +191,10 @@ pub(crate) fn decode(
     if lens.iter().sum::<usize>().checked_add(header + tail) != Some(blob.len()) {
         return bad("lengths do not add up to its size");
     }
-    // Where each plane's bytes are: in the blob for a raw plane, in `scratch` for a decompressed one.
+    let starts: Vec<usize> = lens.iter().scan(header, |at, &len| Some(std::mem::replace(at, *at + len))).collect();
     scratch.resize(n * s, 0);
-    let mut at = header;
-    let mut from_blob = [true; 8];
-    let mut starts = [0usize; 8];
     for p in 0..s {
-        let stored = &blob[at..at + lens[p]];
+        let stored = &blob[starts[p]..starts[p] + lens[p]];
         if mask & 1 << p != 0 {
             let got = zstd
                 .decompress_to_buffer(stored, &mut scratch[p * n..(p + 1) * n])
@@ -205,16 +202,13 @@ pub(crate) fn decode(
             if got != n {
                 return bad("has a plane of the wrong length");
             }
-            (from_blob[p], starts[p]) = (false, p * n);
         } else if lens[p] != n {
             return bad("has a plane of the wrong length");
-        } else {
-            starts[p] = at;
         }
-        at += lens[p];
     }
+    // A raw plane is read where it lies in the blob; a compressed one from `scratch`.
     let planes: Vec<&[u8]> = (0..s)
-        .map(|p| if from_blob[p] { &blob[starts[p]..starts[p] + n] } else { &scratch[starts[p]..starts[p] + n] })
+        .map(|p| if mask & 1 << p != 0 { &scratch[p * n..(p + 1) * n] } else { &blob[starts[p]..starts[p] + n] })
         .collect();
     let (body, rest) = out.split_at_mut(n * s);
     match s {
@@ -273,29 +267,14 @@ fn word<const S: usize>(w: &[u8; S]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A SplitMix64 stream from `seed`.
-    fn stream(seed: u64) -> impl FnMut() -> u64 {
-        let mut s = seed;
-        move || {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-    }
+    use crate::testutil::pseudo_random;
 
     /// Float32 values like a layer's weights (σ 0.02), from a fixed seed.
     fn weights(n: usize, seed: u64) -> Vec<u8> {
-        let mut next = stream(seed);
-        (0..n)
-            .flat_map(|_| {
-                // Sum of four uniforms: close enough to a normal for byte statistics.
-                let u: u64 = (0..4).map(|_| next() & 0xffff).sum();
-                ((u as f32 - 131_070.0) / 37_837.0 * 0.02).to_le_bytes()
-            })
-            .collect()
+        // Sum of four uniforms: close enough to a normal for byte statistics.
+        let uniforms = pseudo_random(8 * n, seed);
+        let normal = |w: &[u8]| w.chunks(2).map(|u| u16::from_le_bytes([u[0], u[1]]) as u32).sum::<u32>();
+        uniforms.chunks(8).flat_map(|w| ((normal(w) as f32 - 131_070.0) / 37_837.0 * 0.02).to_le_bytes()).collect()
     }
 
     fn roundtrip(data: &[u8], plan: Plan) -> Vec<u8> {
@@ -333,9 +312,7 @@ mod tests {
     fn text_random_bytes_and_short_chunks_stay_whole() {
         let text = b"fn main() { println!(\"checkpoint {}\", 42); }\n".repeat(2000);
         assert_eq!(plan(&text), None);
-        let mut next = stream(3);
-        let random: Vec<u8> = (0..8192).flat_map(|_| next().to_le_bytes()).collect();
-        assert_eq!(plan(&random), None);
+        assert_eq!(plan(&pseudo_random(65536, 3)), None);
         assert_eq!(plan(&weights(1000, 1)), None, "4,000 bytes is under the minimum");
     }
 

@@ -1528,22 +1528,11 @@ fn many_empty_files_commit_and_check_out() {
     );
 }
 
-/// float32 values like a layer's weights (σ 0.02): a sum of four uniforms from a SplitMix64 stream.
+/// float32 values like a layer's weights (σ 0.02): each a sum of four uniforms, as a normal's stand-in.
 pub(crate) fn float_weights(n: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed;
-    let mut next = move || {
-        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    (0..n)
-        .flat_map(|_| {
-            let u: u64 = (0..4).map(|_| next() & 0xffff).sum();
-            ((u as f32 - 131_070.0) / 37_837.0 * 0.02).to_le_bytes()
-        })
-        .collect()
+    let uniforms = pseudo_random(8 * n, seed);
+    let normal = |w: &[u8]| w.chunks(2).map(|u| u16::from_le_bytes([u[0], u[1]]) as u32).sum::<u32>();
+    uniforms.chunks(8).flat_map(|w| ((normal(w) as f32 - 131_070.0) / 37_837.0 * 0.02).to_le_bytes()).collect()
 }
 
 /// How many of the repository's chunks are stored with each flag (0 raw, 1 zstd, 2 byte planes).
