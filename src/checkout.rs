@@ -3,8 +3,9 @@
 //! The caller's thread walks the checkpoint's trees, creates directories and symlinks, decides for each file
 //! what must be written, and hands the chunks to workers in batches. Workers read, verify and write chunks at
 //! their offsets; the worker finishing a file's last batch sets its mode and mtime (and renames it into
-//! place). Directory modes and mtimes are applied last, deepest first, so a read-only directory does not stop
-//! its own checkout.
+//! place). A directory's mode and mtime are set by whichever thread puts its last entry in place, so children
+//! come before parents (a read-only directory does not stop its own checkout) and the directories' metadata is
+//! spread over the workers instead of being a serial pass at the end.
 //!
 //! A file whose name is free is created under it and written; until it is whole its mtime is the time of
 //! writing, not the checkpoint's, and a checkout that fails removes it. A file that replaces another is written
@@ -101,6 +102,8 @@ const BATCH_BYTES: u64 = 4 << 20;
 /// Files smaller than this are rewritten whole through a temporary file rather than patched: the write is
 /// cheap, and the file is then either old or new after a crash.
 const PATCH_MIN: u64 = 1 << 20;
+/// Files whose jobs travel to a worker together at most (fewer when they reach [`BATCH_BYTES`]).
+const BATCH_FILES: usize = 32;
 /// Files the walker looks up per read transaction.
 const READ_BATCH: usize = 256;
 /// The unit a patched file is compared and written in: a page.
@@ -140,6 +143,93 @@ struct FileTask {
     failed: AtomicBool,
     /// Finished; until then, dropping the task removes what it created.
     placed: AtomicBool,
+    /// Created with its final mode, so no `chmod` is needed once it is whole (see [`FinalModes`]).
+    create_mode: Option<u32>,
+    /// The directory this file is an entry of, released once the file is in place.
+    parent: Option<Arc<DirTask>>,
+}
+
+/// A directory of the checkpoint whose mode and mtime wait for its entries to be in place.
+struct DirTask {
+    path: PathBuf,
+    mode: u32,
+    mtime_ns: i64,
+    /// Entries not yet in place, plus one held by the walker until it has gone through them all.
+    remaining: AtomicUsize,
+    /// The directory this one is an entry of (none for where a walk starts).
+    parent: Option<Arc<DirTask>>,
+}
+
+impl DirTask {
+    /// Called once per entry and once by the walker. The last caller sets the directory's mtime and mode
+    /// (nothing changes it after that), then releases the directory's own place in its parent.
+    fn release(&self) -> Result<()> {
+        let mut dir = self;
+        while dir.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let t = filetime::FileTime::from_system_time(mtime(dir.mtime_ns));
+            // The mtime first: setting it opens the directory, which its final mode may forbid.
+            filetime::set_file_mtime(&dir.path, t).map_err(|e| Error::io(&dir.path, e))?;
+            fs::set_permissions(&dir.path, fs::Permissions::from_mode(dir.mode))
+                .map_err(|e| Error::io(&dir.path, e))?;
+            match &dir.parent {
+                Some(parent) => dir = parent,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    fn done(&self) -> bool {
+        self.remaining.load(Ordering::Acquire) == 0
+    }
+}
+
+/// Releases an entry's place in its directory, if it has one of the checkpoint's.
+fn entry_done(parent: Option<&Arc<DirTask>>) -> Result<()> {
+    parent.map_or(Ok(()), |p| p.release())
+}
+
+/// Whether a new file can be created with its final mode, saving a `chmod` per file: the kernel masks a
+/// created file's mode with the umask, or, where the directory has a default ACL, with that ACL instead.
+/// Known only into a new or empty destination with no default ACL (every directory below it is then made
+/// by the checkout and inherits none).
+#[derive(Clone, Copy)]
+struct FinalModes {
+    umask: Option<u32>,
+}
+
+impl FinalModes {
+    fn probe(dest: &Path, in_place: bool) -> FinalModes {
+        if in_place {
+            return FinalModes { umask: None };
+        }
+        let at = if dest.is_dir() {
+            dest
+        } else {
+            dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+        };
+        let mut buf = [0u8; 256];
+        // No such attribute, or a filesystem without ACLs; anything else (an ACL, an error) keeps the chmod.
+        let no_default_acl = matches!(
+            rustix::fs::getxattr(at, "system.posix_acl_default", &mut buf),
+            Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP)
+        );
+        FinalModes { umask: if no_default_acl { process_umask() } else { None } }
+    }
+
+    /// The mode to create a file of final mode `mode` with, if it then needs no `chmod`: permission bits
+    /// the umask leaves alone, and no set-id or sticky bit (writing clears those).
+    fn create_mode(self, mode: u32) -> Option<u32> {
+        let umask = self.umask?;
+        (mode & !0o777 == 0 && mode & umask == 0).then_some(mode)
+    }
+}
+
+/// The process's umask, read without setting it (which would race with other threads creating files).
+fn process_umask() -> Option<u32> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+    u32::from_str_radix(line.trim(), 8).ok()
 }
 
 impl Drop for FileTask {
@@ -194,11 +284,13 @@ fn file_error(rel: &Path, e: Error) -> Error {
 
 /// Creates the file `dest` in `dir`, its directory: under its own name unless `temp` or the name is taken,
 /// else under a temporary name beside it. Never through a symlink.
-fn create_in(dir: &OwnedFd, dest: &Path, temp: bool) -> Result<(File, Target)> {
+/// A file created under its own name gets `create_mode` if given, else (and a temporary always) 0600.
+fn create_in(dir: &OwnedFd, dest: &Path, temp: bool, create_mode: Option<u32>) -> Result<(File, Target)> {
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let mode = Mode::from_raw_mode(0o600);
     if !temp {
-        match rustix::fs::openat(dir, dest.file_name().unwrap_or_default(), flags, mode) {
+        let own = Mode::from_raw_mode(create_mode.unwrap_or(0o600));
+        match rustix::fs::openat(dir, dest.file_name().unwrap_or_default(), flags, own) {
             Ok(fd) => return Ok((File::from(fd), Target::Created)),
             Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(Error::io(dest, e.into())),
@@ -220,7 +312,7 @@ impl FileTask {
         if let Some((file, target)) = self.opened.get() {
             return Ok((file, target));
         }
-        let created = create_in(&self.dir, &self.dest, false)?;
+        let created = create_in(&self.dir, &self.dest, false, self.create_mode)?;
         let (file, target) = self.opened.get_or_init(|| created);
         Ok((file, target))
     }
@@ -240,7 +332,9 @@ impl FileTask {
         if !matches!(target, Target::Patched) && self.end.load(Ordering::Acquire) < self.size {
             file.set_len(self.size).map_err(io)?;
         }
-        file.set_permissions(fs::Permissions::from_mode(self.mode)).map_err(io)?;
+        if !(matches!(target, Target::Created) && self.create_mode.is_some()) {
+            file.set_permissions(fs::Permissions::from_mode(self.mode)).map_err(io)?;
+        }
         // The mtime last: a patched file carries the checkpoint's mtime only once it is whole.
         file.set_modified(mtime(self.mtime_ns)).map_err(io)?;
         if let Target::Temp(temp) = target {
@@ -250,7 +344,7 @@ impl FileTask {
         }
         self.placed.store(true, Ordering::Release);
         crate::fault::point("checkout-file");
-        Ok(())
+        entry_done(self.parent.as_ref())
     }
 
     fn fail(&self) {
@@ -432,12 +526,14 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     } else {
         opts.threads
     };
-    let (tx, rx) = bounded::<Job>(threads * 2);
+    let (tx, rx) = bounded::<Vec<Job>>(threads * 2);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let abort = AtomicBool::new(false);
     let written = AtomicU64::new(0);
     let mut summary = CheckoutSummary { id: id.to_string(), ..Default::default() };
     let protect = fs::canonicalize(src.repo_root).ok();
+    let final_modes = FinalModes::probe(dest, in_place);
+    let mut roots = Vec::new();
 
     let walked = std::thread::scope(|s| {
         for _ in 0..threads {
@@ -454,15 +550,17 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
         drop(rx);
         let mut walker = Walker {
             catalog: &catalog,
-            tx: &tx,
+            outbox: Outbox { tx: &tx, jobs: Vec::new(), bytes: 0 },
             abort: &abort,
             opts,
             in_place,
             protect: protect.as_deref(),
             summary: &mut summary,
             in_read: 0,
+            final_modes,
+            roots: &mut roots,
         };
-        let r = starts.iter().try_for_each(|s| walker.walk(s));
+        let r = starts.iter().try_for_each(|s| walker.walk(s)).and_then(|()| walker.outbox.send());
         walker.end_read();
         drop(tx);
         r
@@ -471,8 +569,9 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
         return Err(e);
     }
     walked?;
-    for s in &starts {
-        apply_dir_metadata(&catalog, &s.entry, &s.path)?;
+    // Every entry was released once it was in place, so each start's directory has had its metadata set.
+    if let Some(root) = roots.iter().find(|r| !r.done()) {
+        return Err(Error::Internal(format!("{}: directory metadata was never set", root.path.display())));
     }
     if opts.paths.is_empty()
         && let Err(e) = catalog.record_checkout(&abs_dest.to_string_lossy(), id)
@@ -521,7 +620,7 @@ fn total_bytes(catalog: &Catalog, entry: &Entry) -> Result<u64> {
 fn worker(
     catalog_path: &Path,
     backend: Arc<dyn Backend>,
-    jobs: Receiver<Job>,
+    batches: Receiver<Vec<Job>>,
     progress: &dyn Progress,
     abort: &AtomicBool,
     written: &AtomicU64,
@@ -530,38 +629,63 @@ fn worker(
     let mut reader = ChunkReader::new(backend)?;
     let mut existing = Vec::new();
     let mut old = Vec::new();
-    let mut needed = Vec::new();
-    for job in jobs {
-        let task = &job.task;
-        if abort.load(Ordering::Relaxed) || task.failed.load(Ordering::Relaxed) {
-            task.fail();
+    // The chunks to fetch for the whole batch, and for each the job it belongs to and its offset: read in one
+    // go, blobs of files committed together are read back with one `pread`.
+    let mut refs = Vec::new();
+    let mut needed: Vec<(usize, u64)> = Vec::new();
+    // On any error the checkout stops, so every file of the batch is given up, as those of queued batches are.
+    let fail_all = |batch: &[Job]| batch.iter().for_each(|j| j.task.fail());
+    for batch in batches {
+        if abort.load(Ordering::Relaxed) {
+            fail_all(&batch);
             continue;
         }
-        let result = (|| {
-            needed.clear();
+        refs.clear();
+        needed.clear();
+        for (n, job) in batch.iter().enumerate() {
+            let task = &job.task;
+            if task.failed.load(Ordering::Relaxed) {
+                continue;
+            }
             for &(at, r) in &job.chunks {
                 if job.compare {
                     existing.resize(r.len as usize, 0);
-                    let held =
-                        task.opened()?.0.read_exact_at(&mut existing, at).is_ok() && ObjectId::of(&existing) == r.id;
-                    if held {
+                    let file = match task.opened() {
+                        Ok((file, _)) => file,
+                        Err(e) => {
+                            fail_all(&batch);
+                            return Err(file_error(&task.rel, e));
+                        }
+                    };
+                    if file.read_exact_at(&mut existing, at).is_ok() && ObjectId::of(&existing) == r.id {
                         progress.bytes(r.len as u64);
                         continue;
                     }
                 }
-                needed.push((at, r));
+                refs.push(r);
+                needed.push((n, at));
             }
-            let refs: Vec<ChunkRef> = needed.iter().map(|&(_, r)| r).collect();
-            reader.read_chunks(&catalog, &refs, |i, data| {
-                written.fetch_add(task.write(needed[i].0, data, &mut old)?, Ordering::Relaxed);
-                progress.bytes(data.len() as u64);
-                Ok(())
-            })?;
-            task.release()
-        })();
-        if let Err(e) = result {
-            task.fail();
-            return Err(file_error(&task.rel, e));
+        }
+        let read = reader.read_chunks_indexed(&catalog, &refs, |i, data| {
+            let (n, at) = needed[i];
+            written.fetch_add(batch[n].task.write(at, data, &mut old)?, Ordering::Relaxed);
+            progress.bytes(data.len() as u64);
+            Ok(())
+        });
+        if let Err((i, e)) = read {
+            let rel = batch[needed[i].0].task.rel.clone();
+            fail_all(&batch);
+            return Err(file_error(&rel, e));
+        }
+        for job in &batch {
+            if job.task.failed.load(Ordering::Relaxed) {
+                continue;
+            }
+            if let Err(e) = job.task.release() {
+                let rel = job.task.rel.clone();
+                fail_all(&batch);
+                return Err(file_error(&rel, e));
+            }
         }
     }
     Ok(())
@@ -577,7 +701,7 @@ struct Start {
 
 struct Walker<'a> {
     catalog: &'a Catalog,
-    tx: &'a Sender<Job>,
+    outbox: Outbox<'a>,
     abort: &'a AtomicBool,
     opts: &'a CheckoutOptions,
     in_place: bool,
@@ -586,6 +710,9 @@ struct Walker<'a> {
     summary: &'a mut CheckoutSummary,
     /// Files looked up in the current read transaction (0: none open).
     in_read: usize,
+    final_modes: FinalModes,
+    /// The directories walks started at, checked when all is done.
+    roots: &'a mut Vec<Arc<DirTask>>,
 }
 
 impl Walker<'_> {
@@ -621,25 +748,14 @@ impl Walker<'_> {
         let start_dir =
             Arc::new(rustix::fs::open(parent, flags, Mode::empty()).map_err(|e| Error::io(parent, e.into()))?);
         let mut stack =
-            vec![(start.entry.clone(), start.path.clone(), start.rel.clone(), start.priors.clone(), start_dir)];
-        while let Some((entry, path, rel, priors, dir)) = stack.pop() {
+            vec![(start.entry.clone(), start.path.clone(), start.rel.clone(), start.priors.clone(), start_dir, None)];
+        while let Some((entry, path, rel, priors, dir, parent)) = stack.pop() {
             if self.abort.load(Ordering::Relaxed) {
                 return Ok(());
             }
             match entry.kind {
                 EntryKind::Dir => {
-                    let existed = match fs::symlink_metadata(&path) {
-                        Ok(md) if md.is_dir() => true,
-                        Ok(_) => {
-                            clear(&path)?;
-                            create_dir(&path)?;
-                            false
-                        }
-                        Err(_) => {
-                            create_dir(&path)?;
-                            false
-                        }
-                    };
+                    let existed = self.make_dir(&path)?;
                     self.summary.dirs += 1;
                     // Never a symlink: the name was just made a directory, or found to be one.
                     let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -660,6 +776,16 @@ impl Walker<'_> {
                             Some((p.committed, self.catalog.tree(&id).ok()?))
                         })
                         .collect();
+                    let task = Arc::new(DirTask {
+                        path: path.clone(),
+                        mode: entry.mode,
+                        mtime_ns: entry.mtime_ns,
+                        remaining: AtomicUsize::new(children.len() + 1),
+                        parent,
+                    });
+                    if task.parent.is_none() {
+                        self.roots.push(task.clone());
+                    }
                     for child in children.into_iter().rev() {
                         tree::validate_name(&child.name)?;
                         let child_priors = prior_dirs
@@ -671,8 +797,9 @@ impl Walker<'_> {
                             .collect();
                         let name = OsStr::from_bytes(&child.name);
                         let (p, r) = (path.join(name), rel.join(name));
-                        stack.push((child, p, r, child_priors, this_dir.clone()));
+                        stack.push((child, p, r, child_priors, this_dir.clone(), Some(task.clone())));
                     }
+                    task.release()?;
                 }
                 EntryKind::Symlink => {
                     let target = OsStr::from_bytes(&entry.target);
@@ -684,17 +811,42 @@ impl Walker<'_> {
                     let t = filetime::FileTime::from_system_time(mtime(entry.mtime_ns));
                     filetime::set_symlink_file_times(&path, t, t).map_err(|e| Error::io(&path, e))?;
                     self.summary.symlinks += 1;
+                    entry_done(parent.as_ref())?;
                 }
                 EntryKind::File => {
                     self.read_in_batches()?;
                     self.summary.files += 1;
                     self.summary.bytes += entry.size;
                     self.opts.progress.file(&rel);
-                    self.file(&entry, &path, rel, &priors, dir)?;
+                    self.file(&entry, &path, rel, &priors, dir, parent)?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Makes directory `path`, or finds one there; returns whether it existed.
+    fn make_dir(&self, path: &Path) -> Result<bool> {
+        // Into an empty destination the name is free: no `stat` first (mkdir still refuses a taken one).
+        if !self.in_place {
+            match fs::DirBuilder::new().mode(0o700).create(path) {
+                Ok(()) => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io(path, e)),
+            }
+        }
+        match fs::symlink_metadata(path) {
+            Ok(md) if md.is_dir() => Ok(true),
+            Ok(_) => {
+                clear(path)?;
+                create_dir(path)?;
+                Ok(false)
+            }
+            Err(_) => {
+                create_dir(path)?;
+                Ok(false)
+            }
+        }
     }
 
     /// In a directory that already existed: removes temporaries of crashed checkouts, and with `delete`
@@ -727,7 +879,16 @@ impl Walker<'_> {
         Ok(())
     }
 
-    fn file(&mut self, entry: &Entry, dest: &Path, rel: PathBuf, priors: &[Prior], dir: Arc<OwnedFd>) -> Result<()> {
+    /// Restores one file; `parent` is released once it is in place.
+    fn file(
+        &mut self,
+        entry: &Entry,
+        dest: &Path,
+        rel: PathBuf,
+        priors: &[Prior],
+        dir: Arc<OwnedFd>,
+        parent: Option<Arc<DirTask>>,
+    ) -> Result<()> {
         let content = entry.object()?.expect("file has content");
         let mut patch = None;
         // Into an empty directory there is nothing to look at (`create_new` still refuses to overwrite).
@@ -761,7 +922,7 @@ impl Walker<'_> {
                     }
                     self.summary.files_unchanged += 1;
                     self.opts.progress.bytes(entry.size);
-                    return Ok(());
+                    return entry_done(parent.as_ref());
                 }
                 if entry.size >= PATCH_MIN {
                     patch = Some((md, trusted));
@@ -772,6 +933,7 @@ impl Walker<'_> {
         }
         // A directory cleared away leaves the name free.
         let exists = exists && fs::symlink_metadata(dest).is_ok();
+        let create_mode = self.final_modes.create_mode(entry.mode);
         let opened = match &patch {
             Some((md, _)) => {
                 if md.permissions().mode() & 0o600 != 0o600 {
@@ -787,7 +949,7 @@ impl Walker<'_> {
             // ext4). Until it is whole its mtime is not the checkpoint's, and a failed checkout removes it.
             // A file of one batch is created by the worker that writes it, in the directory opened here.
             None if !exists && entry.size > 0 && entry.size < BATCH_BYTES => OnceLock::new(),
-            None => OnceLock::from(create_in(&dir, dest, exists)?),
+            None => OnceLock::from(create_in(&dir, dest, exists, create_mode)?),
         };
         let task = Arc::new(FileTask {
             opened,
@@ -802,8 +964,10 @@ impl Walker<'_> {
             remaining: AtomicUsize::new(1),
             failed: AtomicBool::new(false),
             placed: AtomicBool::new(false),
+            create_mode,
+            parent,
         });
-        let mut batcher = Batcher { tx: self.tx, task: &task, chunks: Vec::new(), bytes: 0 };
+        let mut batcher = Batcher { outbox: &mut self.outbox, task: &task, chunks: Vec::new(), bytes: 0 };
         let queued = match patch {
             Some((_, Some(held))) => {
                 self.summary.files_patched += 1;
@@ -852,7 +1016,13 @@ fn holds(catalog: &Catalog, path: &Path, content: &ObjectId) -> Result<bool> {
 }
 
 /// Queues every chunk of `content`; `compare` has workers skip chunks the file already holds.
-fn queue_all(catalog: &Catalog, content: &ObjectId, size: u64, batcher: &mut Batcher<'_>, compare: bool) -> Result<()> {
+fn queue_all(
+    catalog: &Catalog,
+    content: &ObjectId,
+    size: u64,
+    batcher: &mut Batcher<'_, '_>,
+    compare: bool,
+) -> Result<()> {
     let mut cursor = content::ChunkCursor::of_size(catalog, content, Some(size))?;
     // The tree entry's size decides how the file is written (one batch or several); a content of another
     // size is damage, not a file to write.
@@ -865,15 +1035,39 @@ fn queue_all(catalog: &Catalog, content: &ObjectId, size: u64, batcher: &mut Bat
     batcher.flush(compare)
 }
 
+/// Jobs on their way to the workers, sent together up to [`BATCH_BYTES`] or [`BATCH_FILES`]: a message per
+/// small file cost a channel hand-off, often a wake-up, and a `pread` of its own.
+struct Outbox<'a> {
+    tx: &'a Sender<Vec<Job>>,
+    jobs: Vec<Job>,
+    bytes: u64,
+}
+
+impl Outbox<'_> {
+    fn push(&mut self, job: Job) -> Result<()> {
+        self.bytes += job.chunks.iter().map(|(_, r)| r.len as u64).sum::<u64>();
+        self.jobs.push(job);
+        if self.bytes >= BATCH_BYTES || self.jobs.len() >= BATCH_FILES { self.send() } else { Ok(()) }
+    }
+
+    fn send(&mut self) -> Result<()> {
+        if self.jobs.is_empty() {
+            return Ok(());
+        }
+        self.bytes = 0;
+        self.tx.send(std::mem::take(&mut self.jobs)).map_err(|_| Error::Internal("checkout workers stopped".into()))
+    }
+}
+
 /// Groups a file's chunks into jobs of about [`BATCH_BYTES`].
-struct Batcher<'a> {
-    tx: &'a Sender<Job>,
-    task: &'a Arc<FileTask>,
+struct Batcher<'a, 'b> {
+    outbox: &'b mut Outbox<'a>,
+    task: &'b Arc<FileTask>,
     chunks: Vec<(u64, ChunkRef)>,
     bytes: u64,
 }
 
-impl Batcher<'_> {
+impl Batcher<'_, '_> {
     fn push(&mut self, at: u64, r: ChunkRef, compare: bool) -> Result<()> {
         self.chunks.push((at, r));
         self.bytes += r.len as u64;
@@ -887,39 +1081,12 @@ impl Batcher<'_> {
         self.bytes = 0;
         self.task.remaining.fetch_add(1, Ordering::AcqRel);
         let job = Job { task: self.task.clone(), chunks: std::mem::take(&mut self.chunks), compare };
-        self.tx.send(job).map_err(|_| Error::Internal("checkout workers stopped".into()))
+        self.outbox.push(job)
     }
 }
 
 fn create_dir(path: &Path) -> Result<()> {
     fs::DirBuilder::new().mode(0o700).create(path).map_err(|e| Error::io(path, e))
-}
-
-/// Sets directory modes and mtimes, children before parents (post-order), once all files are in place.
-fn apply_dir_metadata(catalog: &Catalog, root: &Entry, dest: &Path) -> Result<()> {
-    if root.kind != EntryKind::Dir {
-        return Ok(());
-    }
-    // (entry, path, children expanded yet?)
-    let mut stack = vec![(root.clone(), dest.to_path_buf(), false)];
-    while let Some((entry, path, expanded)) = stack.pop() {
-        if expanded {
-            let t = filetime::FileTime::from_system_time(mtime(entry.mtime_ns));
-            // The mtime first: setting it opens the directory, which its final mode may forbid.
-            filetime::set_file_mtime(&path, t).map_err(|e| Error::io(&path, e))?;
-            fs::set_permissions(&path, fs::Permissions::from_mode(entry.mode)).map_err(|e| Error::io(&path, e))?;
-            continue;
-        }
-        let tree_id = entry.object()?.expect("dir has a tree");
-        stack.push((entry, path.clone(), true));
-        for child in catalog.tree(&tree_id)? {
-            if child.kind == EntryKind::Dir {
-                let p = path.join(OsStr::from_bytes(&child.name));
-                stack.push((child, p, false));
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -949,6 +1116,8 @@ mod tests {
             remaining: AtomicUsize::new(1),
             failed: AtomicBool::new(false),
             placed: AtomicBool::new(false),
+            create_mode: None,
+            parent: None,
         }
     }
 

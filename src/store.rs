@@ -120,6 +120,18 @@ impl ChunkReader {
         refs: &[ChunkRef],
         sink: impl FnMut(usize, &[u8]) -> Result<()>,
     ) -> Result<()> {
+        self.read_from(catalog, refs, 0, false, sink).map_err(|(_, e)| e)
+    }
+
+    /// As [`read_chunks`](Self::read_chunks), and a failure names the index of the chunk it concerns (for a
+    /// pack that cannot be read, the first chunk read from it), so that a caller reading for many files at
+    /// once can say which file failed.
+    pub fn read_chunks_indexed(
+        &mut self,
+        catalog: &Catalog,
+        refs: &[ChunkRef],
+        sink: impl FnMut(usize, &[u8]) -> Result<()>,
+    ) -> std::result::Result<(), (usize, Error)> {
         self.read_from(catalog, refs, 0, false, sink)
     }
 
@@ -130,17 +142,18 @@ impl ChunkReader {
         from: usize,
         retried: bool,
         mut sink: impl FnMut(usize, &[u8]) -> Result<()>,
-    ) -> Result<()> {
+    ) -> std::result::Result<(), (usize, Error)> {
         let mut locs = Vec::with_capacity(refs.len());
-        for r in refs {
+        for (k, r) in refs.iter().enumerate() {
             let loc = catalog
-                .chunk_location(&r.id)?
-                .ok_or_else(|| Error::corrupt(format!("chunk {} is missing from the chunk index", r.id)))?;
+                .chunk_location(&r.id)
+                .and_then(|loc| {
+                    loc.ok_or_else(|| Error::corrupt(format!("chunk {} is missing from the chunk index", r.id)))
+                })
+                .map_err(|e| (k, e))?;
             if loc.raw_len != r.len {
-                return Err(Error::corrupt(format!(
-                    "chunk {} has length {} in the index but {} in the file",
-                    r.id, loc.raw_len, r.len
-                )));
+                let why = format!("chunk {} has length {} in the index but {} in the file", r.id, loc.raw_len, r.len);
+                return Err((k, Error::corrupt(why)));
             }
             locs.push(loc);
         }
@@ -162,10 +175,10 @@ impl ChunkReader {
             run.set_len((end - start) as usize);
             if let Err(e) = self.backend.read_at(&locs[i].pack, start, &mut run) {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    return Err(Error::backend(&locs[i].pack, e));
+                    return Err((i, Error::backend(&locs[i].pack, e)));
                 }
                 if retried {
-                    return Err(Error::corrupt(format!("pack {} is missing", locs[i].pack)));
+                    return Err((i, Error::corrupt(format!("pack {} is missing", locs[i].pack))));
                 }
                 // A concurrent GC may have moved these chunks to a new pack and deleted the old one: look
                 // them up again and read them from wherever they are now.
@@ -176,12 +189,10 @@ impl ChunkReader {
                 let at = (locs[k].offset - start) as usize;
                 let blob = &run[at..at + locs[k].stored_len as usize];
                 let data = self.decoder.decode(&refs[k].id, locs[k].flags, locs[k].raw_len, blob).map_err(|why| {
-                    Error::corrupt(format!(
-                        "chunk {} in {} at offset {}: {why}",
-                        refs[k].id, locs[k].pack, locs[k].offset
-                    ))
+                    let at = format!("chunk {} in {} at offset {}", refs[k].id, locs[k].pack, locs[k].offset);
+                    (k, Error::corrupt(format!("{at}: {why}")))
                 })?;
-                sink(k, data)?;
+                sink(k, data).map_err(|e| (k, e))?;
             }
             self.buf = run;
             i = j;

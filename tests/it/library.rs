@@ -307,6 +307,9 @@ fn build_every_kind_tree(root: &Path) -> (u64, u64, u64) {
     file(b"mode-2755-setgid", b"setgid", 0o2755);
     file(b"mode-400", b"read only", 0o400);
     file(b"mode-000", b"no access", 0o000);
+    // Bits the usual umask (022) takes from a created file: the checkout must add them back.
+    file(b"mode-666", b"anyone may write", 0o666);
+    file(b"mode-777", b"anyone may run", 0o777);
     // Odd names: non-UTF-8, newline, spaces, leading dashes, glob characters, unicode.
     file(b"bad-\xff\xfe-utf8", b"latin1", 0o644);
     file(b"line\nbreak", b"newline", 0o644);
@@ -397,6 +400,48 @@ fn commit_then_checkout_restores_every_kind_of_entry() {
     let big = walked.iter().find(|(p, _, _)| p.ends_with("many-chunks.bin")).unwrap();
     assert_eq!((big.1, big.2), (EntryKind::File, 5 * MIB as u64 + 12_345));
     assert!(walked.iter().any(|(p, _, _)| p.as_os_str().as_bytes() == b"src/bad-\xff\xfe-utf8"));
+}
+
+/// Under a default ACL a new file's mode is masked by the ACL, not the umask, so a file created with its final
+/// mode would come out wrong: the checkout must still give every file the checkpoint's mode.
+#[test]
+fn checkout_under_a_default_acl_gives_every_file_its_mode() {
+    let t = tmp();
+    let src = t.path().join("src");
+    let files: [(&str, Vec<u8>, u32); 4] = [
+        ("small.txt", b"one batch, created by a worker".to_vec(), 0o644),
+        ("sub/tool", pseudo_random(100_000, 9), 0o755),
+        ("big.bin", pseudo_random(5 * MIB, 10), 0o644),
+        ("empty", Vec::new(), 0o640),
+    ];
+    for (name, data, mode) in &files {
+        write(&src.join(name), data);
+        set_mode(&src.join(name), *mode);
+    }
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let s = commit(&repo, &src);
+
+    let dest = t.path().join("dest");
+    fs::create_dir(&dest).unwrap();
+    // Version 2 of the xattr's layout, then (tag, permissions, id) entries: owner rw-, group ---, others ---.
+    let entry = |tag: u16, perm: u16| [&tag.to_le_bytes()[..], &perm.to_le_bytes(), &u32::MAX.to_le_bytes()].concat();
+    let acl = [2u32.to_le_bytes().to_vec(), entry(0x01, 6), entry(0x04, 0), entry(0x20, 0)].concat();
+    match rustix::fs::setxattr(&dest, "system.posix_acl_default", &acl, rustix::fs::XattrFlags::empty()) {
+        Err(rustix::io::Errno::NOTSUP) => {
+            eprintln!("no POSIX ACLs on {}: nothing to check", dest.display());
+            return;
+        }
+        r => r.unwrap(),
+    }
+    let probe = dest.join("probe");
+    std::os::unix::fs::OpenOptionsExt::mode(OpenOptions::new().write(true).create_new(true), 0o644)
+        .open(&probe)
+        .unwrap();
+    assert_eq!(fs::metadata(&probe).unwrap().permissions().mode() & 0o777, 0o600, "the ACL masks new files");
+    fs::remove_file(&probe).unwrap();
+
+    checkout(&repo, &s.id, &dest);
+    assert_same_tree(&src, &dest);
 }
 
 #[test]
