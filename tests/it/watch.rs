@@ -56,11 +56,14 @@ fn watch_commits_each_change_once_applies_retention_and_stops_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Three changes, each given several intervals to be seen in.
+    // Three changes, each given several intervals to be seen in. Each is one rename, as a careful writer
+    // does: written in place, a poll could land between the truncate and the write (or between two files)
+    // and rightly commit that state too.
     for step in 2..=4u64 {
         std::thread::sleep(Duration::from_millis(700));
-        fs::write(dir.join("state"), pseudo_random(200_000, step)).unwrap();
-        fs::write(dir.join(format!("note{step}")), format!("step {step}")).unwrap();
+        let staged = t.path().join("staged");
+        fs::write(&staged, pseudo_random(200_000, step)).unwrap();
+        fs::rename(&staged, dir.join("state")).unwrap();
     }
     std::thread::sleep(Duration::from_millis(700));
     sigterm(child.id());
