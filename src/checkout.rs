@@ -154,7 +154,8 @@ struct DirTask {
     path: PathBuf,
     mode: u32,
     mtime_ns: i64,
-    /// Entries not yet in place, plus one held by the walker until it has gone through them all.
+    /// Entries not yet in place, plus one the walker holds while it lists them (so that the count cannot reach
+    /// zero before every entry is counted).
     remaining: AtomicUsize,
     /// The directory this one is an entry of (none for where a walk starts).
     parent: Option<Arc<DirTask>>,
@@ -214,7 +215,19 @@ impl FinalModes {
             rustix::fs::getxattr(at, "system.posix_acl_default", &mut buf),
             Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP)
         );
-        FinalModes { umask: if no_default_acl { process_umask() } else { None } }
+        let umask = process_umask().filter(|_| no_default_acl);
+        FinalModes { umask: umask.filter(|&u| Self::created_as_asked(at, 0o777 & !u)) }
+    }
+
+    /// Whether a file created in `dir` with `mode` gets exactly that mode: the last word on what the kernel (or
+    /// a network filesystem's server, whose ACLs no xattr shows) does to a new file's mode.
+    fn created_as_asked(dir: &Path, mode: u32) -> bool {
+        let probe = temp_path(dir);
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let Ok(fd) = rustix::fs::open(&probe, flags, Mode::from_raw_mode(mode)) else { return false };
+        let got = rustix::fs::fstat(&fd).map(|st| st.st_mode & 0o7777);
+        let _ = rustix::fs::unlink(&probe);
+        got.is_ok_and(|m| m == mode)
     }
 
     /// The mode to create a file of final mode `mode` with, if it then needs no `chmod`: permission bits
@@ -225,9 +238,10 @@ impl FinalModes {
     }
 }
 
-/// The process's umask, read without setting it (which would race with other threads creating files).
+/// The calling thread's umask, read without setting it (which would race with other threads creating files).
 fn process_umask() -> Option<u32> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let status =
+        fs::read_to_string("/proc/thread-self/status").or_else(|_| fs::read_to_string("/proc/self/status")).ok()?;
     let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
     u32::from_str_radix(line.trim(), 8).ok()
 }
@@ -347,8 +361,9 @@ impl FileTask {
         entry_done(self.parent.as_ref())
     }
 
+    /// Gives the file up: removes what it created, unless it is already finished and in place.
     fn fail(&self) {
-        if !self.failed.swap(true, Ordering::AcqRel) {
+        if !self.failed.swap(true, Ordering::AcqRel) && !self.placed.load(Ordering::Acquire) {
             self.discard();
         }
     }
@@ -491,11 +506,23 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     if opts.paths.is_empty() {
         starts.push(Start { entry: root.clone(), path: dest.to_path_buf(), rel: root_name.clone(), priors });
     } else {
+        let mut found = Vec::new();
         for p in &opts.paths {
             let (entry, rel) = content::lookup(&catalog, &root, p)?.ok_or_else(|| Error::PathNotFound {
                 checkpoint: id[..crate::SHORT_ID_LEN].to_string(),
                 path: p.clone(),
             })?;
+            found.push((entry, rel));
+        }
+        // A path named twice, or inside another named path, is restored by the outer one's walk. Walked again it
+        // would write into directories whose final mode and mtime may already be set (see `DirTask`).
+        found.sort_by_key(|(_, rel)| rel.components().count());
+        let mut kept: Vec<PathBuf> = Vec::new();
+        for (entry, rel) in found {
+            if kept.iter().any(|k| rel.starts_with(k)) {
+                continue;
+            }
+            kept.push(rel.clone());
             let path = if rel.as_os_str().is_empty() { dest.to_path_buf() } else { dest.join(&rel) };
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                 fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;

@@ -423,9 +423,10 @@ fn checkout_under_a_default_acl_gives_every_file_its_mode() {
 
     let dest = t.path().join("dest");
     fs::create_dir(&dest).unwrap();
-    // Version 2 of the xattr's layout, then (tag, permissions, id) entries: owner rw-, group ---, others ---.
+    // Version 2 of the xattr's layout, then (tag, permissions, id) entries: owner rwx (so that directories made
+    // under it can be entered by a user who is not root), group ---, others ---.
     let entry = |tag: u16, perm: u16| [&tag.to_le_bytes()[..], &perm.to_le_bytes(), &u32::MAX.to_le_bytes()].concat();
-    let acl = [2u32.to_le_bytes().to_vec(), entry(0x01, 6), entry(0x04, 0), entry(0x20, 0)].concat();
+    let acl = [2u32.to_le_bytes().to_vec(), entry(0x01, 7), entry(0x04, 0), entry(0x20, 0)].concat();
     match rustix::fs::setxattr(&dest, "system.posix_acl_default", &acl, rustix::fs::XattrFlags::empty()) {
         Err(rustix::io::Errno::NOTSUP) => {
             eprintln!("no POSIX ACLs on {}: nothing to check", dest.display());
@@ -442,6 +443,34 @@ fn checkout_under_a_default_acl_gives_every_file_its_mode() {
 
     checkout(&repo, &s.id, &dest);
     assert_same_tree(&src, &dest);
+}
+
+/// Paths of a partial checkout that repeat or lie inside another are restored once, by the outer walk: a
+/// second walk would write into a directory whose final mode and mtime were already set.
+#[test]
+fn a_partial_checkout_of_nested_paths_restores_each_entry_once() {
+    let t = tmp();
+    let src = t.path().join("src");
+    write(&src.join("ro/a.txt"), b"first");
+    write(&src.join("ro/deeper/b.txt"), b"second");
+    write(&src.join("other.txt"), b"not asked for");
+    for (i, p) in ["ro/deeper/b.txt", "ro/deeper", "ro/a.txt", "ro"].iter().enumerate() {
+        set_mtime(&src.join(p), 1_000_000_000 + i as i64 * 3_600, 123);
+    }
+    set_mode(&src.join("ro/deeper"), 0o555);
+    set_mode(&src.join("ro"), 0o555);
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let s = commit(&repo, &src);
+
+    let dest = t.path().join("dest");
+    let paths = ["ro/a.txt", "ro", "ro/deeper/b.txt", "ro", "ro/deeper"].map(PathBuf::from).to_vec();
+    let summary = repo.checkout(&s.id, &dest, &CheckoutOptions { paths, ..Default::default() }).unwrap();
+    assert_eq!((summary.files, summary.dirs), (2, 2), "{summary:?}");
+    assert_same_tree(&src.join("ro"), &dest.join("ro"));
+    set_mode(&src.join("ro/deeper"), 0o755);
+    set_mode(&src.join("ro"), 0o755);
+    set_mode(&dest.join("ro/deeper"), 0o755);
+    set_mode(&dest.join("ro"), 0o755);
 }
 
 #[test]
