@@ -191,9 +191,9 @@ fn entry_done(parent: Option<&Arc<DirTask>>) -> Result<()> {
 }
 
 /// Whether a new file can be created with its final mode, saving a `chmod` per file: the kernel masks a
-/// created file's mode with the umask, or, where the directory has a default ACL, with that ACL instead.
-/// Known only into a new or empty destination with no default ACL (every directory below it is then made
-/// by the checkout and inherits none).
+/// created file's mode with the umask, or, where the directory has a default ACL, with that ACL instead (and a
+/// network filesystem's server may apply ACLs of its own). Known only into a new or empty destination, by a
+/// probe file there: every directory below it is made by the checkout and inherits what the probe saw.
 #[derive(Clone, Copy)]
 struct FinalModes {
     umask: Option<u32>,
@@ -204,23 +204,13 @@ impl FinalModes {
         if in_place {
             return FinalModes { umask: None };
         }
-        let at = if dest.is_dir() {
-            dest
-        } else {
-            dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
-        };
-        let mut buf = [0u8; 256];
-        // No such attribute, or a filesystem without ACLs; anything else (an ACL, an error) keeps the chmod.
-        let no_default_acl = matches!(
-            rustix::fs::getxattr(at, "system.posix_acl_default", &mut buf),
-            Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP)
-        );
-        let umask = process_umask().filter(|_| no_default_acl);
-        FinalModes { umask: umask.filter(|&u| Self::created_as_asked(at, 0o777 & !u)) }
+        let at = if dest.is_dir() { dest } else { parent_dir(dest) };
+        // The widest mode the umask allows: an ACL that leaves it whole leaves every narrower mode whole too.
+        FinalModes { umask: current_umask().filter(|&u| Self::created_as_asked(at, 0o777 & !u)) }
     }
 
-    /// Whether a file created in `dir` with `mode` gets exactly that mode: the last word on what the kernel (or
-    /// a network filesystem's server, whose ACLs no xattr shows) does to a new file's mode.
+    /// Whether a file created in `dir` with `mode` gets exactly that mode: what the kernel (or a network
+    /// filesystem's server, whose ACLs no xattr shows) does to a new file's mode, seen rather than guessed.
     fn created_as_asked(dir: &Path, mode: u32) -> bool {
         let probe = temp_path(dir);
         let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -239,7 +229,7 @@ impl FinalModes {
 }
 
 /// The calling thread's umask, read without setting it (which would race with other threads creating files).
-fn process_umask() -> Option<u32> {
+fn current_umask() -> Option<u32> {
     let status =
         fs::read_to_string("/proc/thread-self/status").or_else(|_| fs::read_to_string("/proc/self/status")).ok()?;
     let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
@@ -296,6 +286,11 @@ fn file_error(rel: &Path, e: Error) -> Error {
     }
 }
 
+/// The directory `path` is in; "." for a bare name.
+fn parent_dir(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
 /// Creates the file `dest` in `dir`, its directory: under its own name unless `temp` or the name is taken,
 /// else under a temporary name beside it. Never through a symlink.
 /// A file created under its own name gets `create_mode` if given, else (and a temporary always) 0600.
@@ -310,7 +305,7 @@ fn create_in(dir: &OwnedFd, dest: &Path, temp: bool, create_mode: Option<u32>) -
             Err(e) => return Err(Error::io(dest, e.into())),
         }
     }
-    let temp = temp_path(dest.parent().unwrap_or(Path::new(".")));
+    let temp = temp_path(parent_dir(dest));
     let fd = rustix::fs::openat(dir, temp.file_name().unwrap_or_default(), flags, mode)
         .map_err(|e| Error::io(&temp, e.into()))?;
     Ok((File::from(fd), Target::Temp(temp)))
@@ -660,8 +655,13 @@ fn worker(
     // go, blobs of files committed together are read back with one `pread`.
     let mut refs = Vec::new();
     let mut needed: Vec<(usize, u64)> = Vec::new();
-    // On any error the checkout stops, so every file of the batch is given up, as those of queued batches are.
+    // On any error the checkout stops, so every file of the batch is given up, as those of queued batches are;
+    // the error names the file of job `n`.
     let fail_all = |batch: &[Job]| batch.iter().for_each(|j| j.task.fail());
+    let give_up = |batch: &[Job], n: usize, e: Error| {
+        fail_all(batch);
+        file_error(&batch[n].task.rel, e)
+    };
     for batch in batches {
         if abort.load(Ordering::Relaxed) {
             fail_all(&batch);
@@ -679,10 +679,7 @@ fn worker(
                     existing.resize(r.len as usize, 0);
                     let file = match task.opened() {
                         Ok((file, _)) => file,
-                        Err(e) => {
-                            fail_all(&batch);
-                            return Err(file_error(&task.rel, e));
-                        }
+                        Err(e) => return Err(give_up(&batch, n, e)),
                     };
                     if file.read_exact_at(&mut existing, at).is_ok() && ObjectId::of(&existing) == r.id {
                         progress.bytes(r.len as u64);
@@ -700,18 +697,14 @@ fn worker(
             Ok(())
         });
         if let Err((i, e)) = read {
-            let rel = batch[needed[i].0].task.rel.clone();
-            fail_all(&batch);
-            return Err(file_error(&rel, e));
+            return Err(give_up(&batch, needed[i].0, e));
         }
-        for job in &batch {
+        for (n, job) in batch.iter().enumerate() {
             if job.task.failed.load(Ordering::Relaxed) {
                 continue;
             }
             if let Err(e) = job.task.release() {
-                let rel = job.task.rel.clone();
-                fail_all(&batch);
-                return Err(file_error(&rel, e));
+                return Err(give_up(&batch, n, e));
             }
         }
     }
@@ -770,7 +763,7 @@ impl Walker<'_> {
     fn walk(&mut self, start: &Start) -> Result<()> {
         // Each item carries the directory it is in, open, where its file is created (see `FileTask`). The
         // start's is the parent the caller named, symlinks and all.
-        let parent = start.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = parent_dir(&start.path);
         let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
         let start_dir =
             Arc::new(rustix::fs::open(parent, flags, Mode::empty()).map_err(|e| Error::io(parent, e.into()))?);
@@ -854,26 +847,22 @@ impl Walker<'_> {
 
     /// Makes directory `path`, or finds one there; returns whether it existed.
     fn make_dir(&self, path: &Path) -> Result<bool> {
+        let mkdir = |path: &Path| fs::DirBuilder::new().mode(0o700).create(path);
         // Into an empty destination the name is free: no `stat` first (mkdir still refuses a taken one).
         if !self.in_place {
-            match fs::DirBuilder::new().mode(0o700).create(path) {
+            match mkdir(path) {
                 Ok(()) => return Ok(false),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(Error::io(path, e)),
             }
         }
         match fs::symlink_metadata(path) {
-            Ok(md) if md.is_dir() => Ok(true),
-            Ok(_) => {
-                clear(path)?;
-                create_dir(path)?;
-                Ok(false)
-            }
-            Err(_) => {
-                create_dir(path)?;
-                Ok(false)
-            }
+            Ok(md) if md.is_dir() => return Ok(true),
+            Ok(_) => clear(path)?,
+            Err(_) => {}
         }
+        mkdir(path).map_err(|e| Error::io(path, e))?;
+        Ok(false)
     }
 
     /// In a directory that already existed: removes temporaries of crashed checkouts, and with `delete`
@@ -1110,10 +1099,6 @@ impl Batcher<'_, '_> {
         let job = Job { task: self.task.clone(), chunks: std::mem::take(&mut self.chunks), compare };
         self.outbox.push(job)
     }
-}
-
-fn create_dir(path: &Path) -> Result<()> {
-    fs::DirBuilder::new().mode(0o700).create(path).map_err(|e| Error::io(path, e))
 }
 
 #[cfg(test)]
