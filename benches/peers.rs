@@ -1369,8 +1369,9 @@ fn run_workload(
     }
     // The checkouts filled the page cache (7.5 GiB for vm's fifteen): left there, the next workload's
     // checkouts ran while the kernel reclaimed pages (an ml checkout took 0.57 s in a full run and 0.31-0.36 s
-    // alone). Restores of a few files go now; thousands of files would free inodes and slow the next file
-    // creations (see above), and src, the one workload of many files, runs last.
+    // alone). Restores of a few files go now, and `settle` waits out their discards and drops the cache;
+    // thousands of files would free inodes and slow the next file creations (see above), and src, the one
+    // workload of many files, runs last.
     let files = manifests[VERSIONS - 1].len();
     if free_restores && files < 1000 {
         for (tool, _) in &rows {
@@ -1378,9 +1379,51 @@ fn run_workload(
                 let _ = fs::remove_dir_all(work.join(format!("restore-{}-{run}", tool.name())));
             }
         }
+        settle(work);
     }
     eprintln!("peers: {name} done in {:.0} s", started.elapsed().as_secs_f64());
     out
+}
+
+/// Leaves the machine as a workload found it, so the next one is not timed against its leftovers: waits,
+/// for at most two minutes, until the disk under `dir` has stopped discarding what was just deleted, then
+/// drops the clean page cache.
+///
+/// On a filesystem mounted with online `discard` the kernel discards freed extents once the journal commits
+/// them; `/proc/diskstats` counts discarded sectors per device, so the wait ends once that count has held
+/// still for a second. Dropping the cache needs root; without, the run goes on and says so. (The weights'
+/// checkout after `vm` ranged 0.17-0.45 s across runs with this in place, as without: see
+/// docs/benchmarks.md.)
+fn settle(dir: &Path) {
+    let _ = Command::new("sync").status();
+    let started = Instant::now();
+    if let Ok(md) = fs::metadata(dir) {
+        let dev = md.dev();
+        let (major, minor) = (((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff), (dev & 0xff) | ((dev >> 12) & !0xff));
+        let discarded = || -> Option<u64> {
+            let stats = fs::read_to_string("/proc/diskstats").ok()?;
+            let fields = stats
+                .lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .find(|f| f.len() >= 17 && f[0].parse() == Ok(major) && f[1].parse() == Ok(minor))?;
+            // After the name: reads (4 fields), writes (4), in flight, io time, weighted time, then discards
+            // completed, merged, sectors, time.
+            fields[16].parse().ok()
+        };
+        if let Some(mut last) = discarded() {
+            let mut still = 0;
+            while still < 4 && started.elapsed().as_secs() < 120 {
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                let now = discarded().unwrap_or(last);
+                still = if now == last { still + 1 } else { 0 };
+                last = now;
+            }
+        }
+    }
+    if let Err(e) = fs::write("/proc/sys/vm/drop_caches", "1") {
+        eprintln!("peers: could not drop the page cache between workloads ({e}); later workloads may be slowed");
+    }
+    eprintln!("peers: settled in {:.1} s", started.elapsed().as_secs_f64());
 }
 
 fn changed_between(
