@@ -1398,8 +1398,7 @@ fn settle(dir: &Path) {
     let _ = Command::new("sync").status();
     let started = Instant::now();
     if let Ok(md) = fs::metadata(dir) {
-        let dev = md.dev();
-        let (major, minor) = (((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff), (dev & 0xff) | ((dev >> 12) & !0xff));
+        let (major, minor) = (rustix::fs::major(md.dev()), rustix::fs::minor(md.dev()));
         let discarded = || -> Option<u64> {
             let stats = fs::read_to_string("/proc/diskstats").ok()?;
             let fields = stats
