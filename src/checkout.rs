@@ -478,6 +478,14 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
                 dest.join(OsStr::from_bytes(&root.name)).display()
             )));
         }
+        Ok(md) if md.is_file() && root.kind == EntryKind::Dir => {
+            // Nor a file by a whole directory, even with --in-place: that too is almost surely a typo.
+            return Err(Error::InvalidInput(format!(
+                "{} is a file, but the checkpoint holds a directory: give a new path, or an existing directory \
+                 to update with --in-place",
+                dest.display()
+            )));
+        }
         Ok(md) => {
             let empty_dir = md.is_dir() && fs::read_dir(dest).map_err(|e| Error::io(dest, e))?.next().is_none();
             if !empty_dir && !opts.in_place {
@@ -486,6 +494,10 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             !empty_dir
         }
     };
+    // Like `mkdir -p`: a destination in directories not made yet is what the user asked for.
+    if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
     let abs_dest = std::path::absolute(dest).map_err(|e| Error::io(dest, e))?;
     let priors = if in_place && !opts.checksum { priors(&catalog, &abs_dest) } else { Vec::new() };
     // Files placed by this checkout carry its checkpoint's sizes and mtimes; were it cut short under the old

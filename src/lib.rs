@@ -194,7 +194,15 @@ impl Repository {
         }
         let root = path.as_ref().to_path_buf();
         let catalog_path = root.join(CATALOG_FILE);
-        let Ok(md) = std::fs::metadata(&catalog_path) else { return Err(Error::NoRepository(root)) };
+        // Only a catalog that is not there means no repository: one that cannot be looked at (a directory
+        // another user keeps private) is that error, not an invitation to `init`.
+        let md = match std::fs::metadata(&catalog_path) {
+            Ok(md) => md,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+                return Err(Error::NoRepository(root));
+            }
+            Err(e) => return Err(Error::io(&catalog_path, e)),
+        };
         if !md.is_file() {
             return Err(Error::NoRepository(root));
         }

@@ -718,11 +718,19 @@ fn checkout_into_non_empty_destination_needs_in_place() {
     assert!(err.contains("hint:") && err.contains("--in-place"), "{err}");
     assert_eq!(fs::read(dest.join("config.txt")).unwrap(), b"stale", "refused checkout touched the destination");
 
-    // a file as destination is refused as well
+    // a file as destination is refused as well, and with --in-place too: a directory checkpoint replacing a
+    // file is almost surely a typo
     let file_dest = tmp.path().join("a-file");
     fs::write(&file_dest, b"x").unwrap();
     sx_fail(&repo, &["checkout", &id[..8], p(&file_dest)], 2);
+    let err = sx_fail(&repo, &["checkout", &id[..8], p(&file_dest), "--in-place"], 2);
+    assert!(err.contains("is a file, but the checkpoint holds a directory"), "{err}");
     assert_eq!(fs::read(&file_dest).unwrap(), b"x");
+
+    // directories on the way to a new destination are made, as `mkdir -p` would
+    let nested = tmp.path().join("not/yet/there");
+    sx(&repo, &["checkout", &id[..8], p(&nested)]);
+    assert_same_tree(&src, &nested, true);
 
     // --in-place (alias --force) writes what the checkpoint names and leaves the rest
     sx(&repo, &["checkout", &id[..8], p(&dest), "--force"]);
@@ -991,4 +999,35 @@ fn log_piped_to_head_through_a_shell() {
     assert!(o.status.success(), "`snapstore log | head -1` under pipefail: {:?}", o.status);
     assert_eq!(text(&o.stdout).lines().count(), 1);
     assert!(text(&o.stdout).starts_with("ID "));
+}
+
+#[test]
+fn a_missing_path_exits_4_and_a_lost_catalog_points_to_repair() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let src = tmp.path().join("src");
+    make_tree(&src);
+    sx(&repo, &["commit", p(&src)]);
+
+    // exit code 4 is "repository, checkpoint or path not found", a path to commit included
+    let err = sx_fail(&repo, &["commit", p(&tmp.path().join("no-such-file"))], 4);
+    assert!(err.contains("no-such-file"), "{err}");
+
+    // a --repo that is a file is no repository, not an I/O failure
+    let file = tmp.path().join("plain-file");
+    fs::write(&file, b"x").unwrap();
+    let err = fails(run(&file, &["log"]), 4, "log in a file");
+    assert!(err.contains("no snapstore repository"), "{err}");
+
+    // packs without a catalog: `init` refuses the directory, so the hint names what rebuilds it
+    fs::remove_file(repo.join("catalog.db")).unwrap();
+    let err = sx_fail(&repo, &["log"], 4);
+    assert!(err.contains("no catalog.db") && err.contains("repair index"), "{err}");
+    assert!(!err.contains("snapstore init"), "the hint leads back to init, which refuses this directory:\n{err}");
+    // it says the checkpoints are gone (not whole: exit 3), and leaves a repository that works
+    let o = run(&repo, &["repair", "index"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("no checkpoints survive"), "{}", text(&o.stdout));
+    sx(&repo, &["commit", p(&src)]);
+    sx(&repo, &["log"]);
 }

@@ -112,7 +112,8 @@ back or forward). A file is taken to hold an earlier checkpoint's content when i
 that checkpoint recorded there (the last whole checkout into DEST, or the last commit of DEST); any other file \
 is hashed; --checksum hashes every existing file. Files in DEST that the \
 checkpoint lacks stay unless --delete (never the repository itself). Permissions, mtimes and symlinks end as in \
-the checkpoint; runs of zeros become holes. If a checkout is interrupted, run it again: it finishes the job.\n\n\
+the checkpoint; runs of zeros become holes. If a checkout is interrupted, run it again with --in-place: it \
+finishes the job, writing only what is missing or incomplete.\n\n\
 Examples:\n  snapstore checkout latest ./restored\n  snapstore checkout 3fa2c1 ./vm.img --in-place\n  \
 snapstore checkout 3fa2c1 ./run --in-place --delete\n  snapstore checkout latest ./out --path config --path data/step-100\n\n", exit_help!()))]
     Checkout {
@@ -333,6 +334,8 @@ fn main() -> ExitCode {
             if let Some(full) = disk_full(&e, &repo_path(&cli)) {
                 eprintln!("error: {full}");
                 eprintln!("hint: {FREE_SPACE}");
+            } else if let Some(hint) = catalog_lost(&e) {
+                eprintln!("hint: {hint}");
             } else if let Some(hint) = hint(&e) {
                 eprintln!("hint: {hint}");
             }
@@ -375,6 +378,7 @@ fn exit_code(e: &Error) -> u8 {
         | Error::Forgotten(_)
         | Error::GroupIncomplete { .. }
         | Error::PathNotFound { .. } => EXIT_NOT_FOUND,
+        Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => EXIT_NOT_FOUND,
         Error::GcRunning { .. } | Error::CommitsRunning { .. } => EXIT_BUSY,
         Error::InvalidId(_)
         | Error::AmbiguousId { .. }
@@ -397,6 +401,20 @@ fn disk_full(e: &Error, repo: &std::path::Path) -> Option<String> {
     }
     let free = rustix::fs::statvfs(repo).ok().map(|v| v.f_bavail.saturating_mul(v.f_frsize))?;
     (free < 1 << 20).then(|| format!("the disk holding {} is full ({free} bytes free)", repo.display()))
+}
+
+/// For a directory that holds packs but no catalog: `init` would refuse it, and the packs are what `repair
+/// index` rebuilds a catalog from.
+fn catalog_lost(e: &Error) -> Option<String> {
+    let Error::NoRepository(root) = e else { return None };
+    std::fs::read_dir(root.join("packs")).ok()?;
+    Some(format!(
+        "{} has packs but no catalog.db: put back a copy of catalog.db if there is one, else `snapstore --repo {} \
+         repair index` makes a new one holding the packs' chunks (the checkpoints were listed in catalog.db alone, so \
+         committing the same data again stores little, but the old checkpoints are not recovered)",
+        root.display(),
+        root.display()
+    ))
 }
 
 /// Reads the catalog's files through, for the error that made a readable catalog look damaged.
@@ -440,7 +458,8 @@ fn hint(e: &Error) -> Option<&'static str> {
         }
         Error::AmbiguousId { .. } => "give more digits of the id",
         Error::DestinationNotEmpty(_) => {
-            "choose a new or empty directory, or pass --in-place to update this one (only what differs is written)"
+            "choose a new or empty directory, or pass --in-place to update this one or to finish an interrupted \
+             checkout into it (only what differs is written)"
         }
         Error::Unreadable { .. } => "fix the permissions, or pass --skip-unreadable to record the file as skipped",
         Error::FileChanged(_) => "stop the program writing to it, or pass --skip-unreadable to leave it out",
