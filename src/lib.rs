@@ -790,7 +790,7 @@ impl Repository {
                     .into(),
             ));
         }
-        repair::repair_index(&self.root, self.backend.clone())
+        repair::repair_index(&self.root, self.backend.clone(), None)
     }
 
     /// Like [`Repository::repair_index`], for a repository directory that may have lost its catalog (which
@@ -801,7 +801,20 @@ impl Repository {
         if let Ok(md) = std::fs::metadata(root) {
             check_owner(root, &md)?;
         }
-        repair::repair_index(root, Arc::new(LocalBackend::new(root)))
+        repair::repair_index(root, Arc::new(LocalBackend::new(root)), None)
+    }
+
+    /// [`Repository::repair_index_at`], then every indexed chunk read and checked as [`Repository::verify`]
+    /// does with `opts.read_data`, and the blobs whose bytes are wrong left out of the index. Each chunk left
+    /// out is stored afresh by the next commit that meets it (commit the original data again with
+    /// [`CommitOptions::reread`], so that files unchanged by their stat are read), and from then on every
+    /// checkpoint that uses it is whole again.
+    pub fn repair_index_reading_data(path: impl AsRef<Path>, opts: &VerifyOptions) -> Result<RepairReport> {
+        let root = path.as_ref();
+        if let Ok(md) = std::fs::metadata(root) {
+            check_owner(root, &md)?;
+        }
+        repair::repair_index(root, Arc::new(LocalBackend::new(root)), Some(opts))
     }
 
     fn context<'a>(&'a self, journal: Option<catalog::Journal<'a>>) -> commit::Context<'a> {

@@ -85,6 +85,13 @@ pub struct RepairReport {
     pub chunks_repointed: u64,
     /// Chunk rows removed: the chunk is in no sound pack.
     pub chunks_removed: u64,
+    /// Chunk data was read and checked against the chunks' ids (`--read-data`).
+    pub data_read: bool,
+    /// Blobs whose bytes do not match their chunk id, left out of the index (the row re-pointed to a sound
+    /// copy, or removed so that the next commit of the same data stores the chunk afresh).
+    pub chunks_damaged: u64,
+    /// Those blobs (at most 1000 listed).
+    pub damaged_chunks: Vec<crate::verify::DamagedChunk>,
     /// Every checkpoint, newest first, whole or damaged.
     pub checkpoints: Vec<CheckpointState>,
     /// Files of damaged checkpoints that cannot be restored whole (at most 1000 listed).
@@ -103,7 +110,15 @@ impl RepairReport {
 
 /// Rebuilds the chunk index of the repository at `root`, whose packs are in `backend`; creates the catalog
 /// if it is missing (but only where pack files are, so a mistyped path does not become a repository).
-pub(crate) fn repair_index(root: &Path, backend: Arc<dyn Backend>) -> Result<RepairReport> {
+///
+/// With `read_data`, every indexed chunk's bytes are then read and checked as `verify --read-data` does, and
+/// the index is rebuilt once more leaving out the blobs that fail: a chunk the index does not hold is stored
+/// again by the next commit that meets it, which makes whole every checkpoint that uses it.
+pub(crate) fn repair_index(
+    root: &Path,
+    backend: Arc<dyn Backend>,
+    read_data: Option<&crate::verify::VerifyOptions>,
+) -> Result<RepairReport> {
     let catalog_path = root.join(crate::CATALOG_FILE);
     let mut report = RepairReport::default();
     if !catalog_path.is_file() {
@@ -126,7 +141,26 @@ pub(crate) fn repair_index(root: &Path, backend: Arc<dyn Backend>) -> Result<Rep
     let mut cat = Catalog::open(&catalog_path)?;
     let me = host_name();
     crate::gc::acquire_lease(cat.connection_mut(), &me, STALE_AFTER)?;
-    let rebuilt = rebuild(&mut cat, backend.as_ref(), &me, &mut report);
+    let rebuilt = rebuild(&mut cat, backend.as_ref(), &me, false, &mut report).and_then(|()| {
+        let Some(opts) = read_data else { return Ok(()) };
+        report.data_read = true;
+        let found = crate::verify::verify_with(&cat, &catalog_path, backend.clone(), opts)?;
+        // Only blobs whose bytes were read and found wrong: a chunk missing from the index is not in a pack.
+        let bad: Vec<_> = found.damaged_chunks.into_iter().filter(|c| c.pack.is_some()).collect();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        report.damaged_chunks = bad;
+        // What the first pass changed, added to what the second one does.
+        let first = report.clone();
+        rebuild(&mut cat, backend.as_ref(), &me, true, &mut report)?;
+        report.chunks_added += first.chunks_added;
+        report.chunks_repointed += first.chunks_repointed;
+        report.chunks_removed += first.chunks_removed;
+        report.packs_added += first.packs_added;
+        report.packs_removed += first.packs_removed;
+        Ok(())
+    });
     let _ = cat.connection().execute("DELETE FROM gc_lease WHERE pid = ?1", [std::process::id()]);
     rebuilt?;
     if report.catalog_created {
@@ -165,7 +199,14 @@ pub(crate) fn repair_index(root: &Path, backend: Arc<dyn Backend>) -> Result<Rep
     Ok(report)
 }
 
-fn rebuild(cat: &mut Catalog, backend: &dyn Backend, me: &str, report: &mut RepairReport) -> Result<()> {
+/// `drop_bad`: leave out the blobs the last verify on this connection found damaged (`temp.v_bad_chunk`).
+fn rebuild(
+    cat: &mut Catalog,
+    backend: &dyn Backend,
+    me: &str,
+    drop_bad: bool,
+    report: &mut RepairReport,
+) -> Result<()> {
     let conn = cat.connection_mut();
     conn.execute_batch(
         "CREATE TEMP TABLE IF NOT EXISTS r_scan (id BLOB NOT NULL, pack TEXT NOT NULL, offset INTEGER NOT NULL,
@@ -193,6 +234,7 @@ fn rebuild(cat: &mut Catalog, backend: &dyn Backend, me: &str, report: &mut Repa
         .collect();
     names.sort();
     report.packs_scanned = names.len() as u64;
+    report.damaged_packs.clear();
     {
         let mut add_pack =
             tx.prepare_cached("INSERT INTO temp.r_packs (name, size, chunk_count) VALUES (?1, ?2, ?3)")?;
@@ -222,6 +264,13 @@ fn rebuild(cat: &mut Catalog, backend: &dyn Backend, me: &str, report: &mut Repa
                 Err(e) => return Err(e),
             }
         }
+    }
+    if drop_bad {
+        report.chunks_damaged = tx.execute(
+            "DELETE FROM temp.r_scan WHERE EXISTS
+                 (SELECT 1 FROM temp.v_bad_chunk b WHERE b.id = r_scan.id AND b.pack = r_scan.pack)",
+            [],
+        )? as u64;
     }
     report.packs_added = tx.execute(
         "INSERT INTO packs (name, size, chunk_count, created_ns)

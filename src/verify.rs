@@ -264,8 +264,18 @@ impl VerifyReport {
 }
 
 pub(crate) fn verify(catalog_path: &Path, backend: Arc<dyn Backend>, opts: &VerifyOptions) -> Result<VerifyReport> {
+    verify_with(&Catalog::open(catalog_path)?, catalog_path, backend, opts)
+}
+
+/// [`verify`] on an open catalog, whose connection keeps the damage found in `temp.v_bad_chunk` (chunk id,
+/// pack name, problem) until the next verify on it: `repair index --read-data` leaves those blobs out.
+pub(crate) fn verify_with(
+    cat: &Catalog,
+    catalog_path: &Path,
+    backend: Arc<dyn Backend>,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport> {
     let started = Instant::now();
-    let cat = Catalog::open(catalog_path)?;
     let conn = cat.connection();
     create_temp_tables(conn)?;
     let mut report = VerifyReport::default();

@@ -156,6 +156,43 @@ fn a_flipped_byte_in_a_chunk_is_found_by_reading_data() {
 }
 
 #[test]
+fn a_damaged_chunk_is_left_out_by_repair_with_read_data_and_healed_by_committing_again() {
+    let f = fixture();
+    let (id, pack, loc) = f.target();
+    flip_byte(&pack, loc.offset + loc.stored_len as u64 / 2);
+    // Plain repair reads no chunk data: it cannot see the damage, and says how far its "whole" goes.
+    let o = f.cli(&["repair", "index"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("3 of 3 checkpoints whole (as far as the index shows"), "{}", text(&o.stdout));
+    // verify points to the repair that helps.
+    let out = text(&f.cli(&["verify", "--read-data"]).stdout);
+    assert!(out.contains("repair index --read-data"), "{out}");
+
+    // Without the repair, a new commit of the very same data deduplicates against the damaged blob.
+    let o = f.cli(&["repair", "index", "--read-data"]);
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(3), "damage remains until the chunk is stored again:\n{out}");
+    assert!(out.contains(&format!("damaged chunk {} in {}", id.to_hex(), loc.pack)), "{out}");
+    assert!(out.contains("1 of 3 checkpoints whole") && out.contains("--reread"), "{out}");
+    for old in &f.ids[..2] {
+        assert!(out.contains(&format!("damaged  {}", &old[..8])), "{out}");
+    }
+    assert!(f.catalog().chunk_location(&id).unwrap().is_none(), "the damaged blob is out of the index");
+
+    // The original data committed again: the chunk is stored afresh, and the old checkpoints are whole.
+    let opts = snapstore::CommitOptions { reread: true, ..Default::default() };
+    let c = f.repo.commit(&f.src, &opts).unwrap();
+    assert!(c.bytes_new >= 1, "the chunk was stored again: {c:?}");
+    let fresh = f.catalog().chunk_location(&id).unwrap().unwrap();
+    assert_ne!((fresh.pack.as_str(), fresh.offset), (loc.pack.as_str(), loc.offset));
+    assert!(f.verify(DataSubset::All).is_clean());
+    assert_checkouts_identical(&f);
+    // A later repair with --read-data keeps the sound copy.
+    assert_eq!(f.cli(&["repair", "index", "--read-data"]).status.code(), Some(0));
+    assert_eq!(f.catalog().chunk_location(&id).unwrap().unwrap().pack, fresh.pack);
+}
+
+#[test]
 fn a_truncated_pack_is_reported() {
     let f = fixture();
     let (_, pack, _) = f.target();

@@ -38,9 +38,22 @@ catalog.db was lost (a new catalog is created; checkpoints live only in the cata
 but the stored chunks do). Packs whose index is damaged are reported and left out. Refused while a commit is \
 running. Afterwards every checkpoint is listed as whole or damaged.
 
+With --read-data it then reads every indexed chunk, checks it against its id as `verify --read-data` does, \
+and leaves the blobs whose bytes are wrong out of the index (moving the chunk to a sound copy if a pack has \
+one). A chunk left out is stored afresh by the next commit that meets it: commit the original data again \
+with --reread (so that files whose stat is unchanged are read), and every checkpoint that uses it is whole \
+again. A later `repair index` without --read-data would index such a blob again.
+
 Exit codes: 0 every checkpoint whole; 3 damage remains (damaged packs, checkpoints missing data, or the catalog was lost); \
 1 failure; 4 no repository; 5 a gc is running.")]
-    Index,
+    Index {
+        /// Also read every chunk and leave the ones whose bytes are damaged out of the index
+        #[arg(long)]
+        read_data: bool,
+        /// Threads reading chunk data (default: one per core)
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        threads: usize,
+    },
 }
 
 /// Lines of one kind printed before "... and N more".
@@ -122,6 +135,13 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
             r.affected_checkpoints.len(),
             plural(r.checkpoints, "checkpoint")
         ))?;
+        if r.damaged_chunks.iter().any(|c| c.pack.is_some()) {
+            out.line(
+                "hint: `snapstore repair index --read-data` leaves the damaged chunks out of the index; committing \
+                 the original data again (with --reread) then stores them afresh and makes the checkpoints that use \
+                 them whole",
+            )?;
+        }
         let index_damage = r.damaged_chunks.iter().any(|c| c.pack.is_none()) || r.packs_not_in_catalog > 0;
         if index_damage {
             out.line(&format!(
@@ -135,11 +155,17 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
 }
 
 pub fn repair(repo_dir: &Path, args: &RepairArgs, json: bool, quiet: bool, out: &mut Out) -> Result<(), Failure> {
-    match args.what {
-        RepairWhat::Index => {}
-    }
+    let RepairWhat::Index { read_data, threads } = args.what;
     // Not `Repository::open`: that refuses a directory whose catalog is lost, which is what this repairs.
-    let report = Repository::repair_index_at(repo_dir)?;
+    let report = if read_data {
+        let bar = progress::Bar::new(show_progress(json, quiet));
+        let opts = VerifyOptions { read_data: DataSubset::All, threads, progress: bar.clone() };
+        let report = Repository::repair_index_reading_data(repo_dir, &opts);
+        bar.finish();
+        report?
+    } else {
+        Repository::repair_index_at(repo_dir)?
+    };
     if json {
         out.json(&report)?;
     } else {
@@ -156,6 +182,11 @@ fn repair_text(out: &mut Out, r: &RepairReport, quiet: bool) -> io::Result<()> {
     for p in &r.damaged_packs {
         out.line(&format!("damaged pack {}: {} (left out of the index)", p.pack, p.problem))?;
     }
+    for c in r.damaged_chunks.iter().take(SHOWN) {
+        let place = c.pack.as_deref().map(|p| format!(" in {p}")).unwrap_or_default();
+        out.line(&format!("damaged chunk {}{place}: {} (left out of the index)", c.id, c.problem))?;
+    }
+    more(out, r.chunks_damaged, SHOWN.min(r.damaged_chunks.len()), "damaged chunks")?;
     if !quiet {
         out.line(&format!(
             "scanned {} packs ({} damaged); chunk index: {} chunks ({} added, {} re-pointed, {} removed); \
@@ -200,6 +231,15 @@ fn repair_text(out: &mut Out, r: &RepairReport, quiet: bool) -> io::Result<()> {
              are indexed again, so committing the same data again stores little",
         )
     } else {
-        out.line(&format!("{whole} of {} checkpoints whole", r.checkpoints.len()))
+        let read =
+            if r.data_read { "" } else { " (as far as the index shows: --read-data also checks every chunk's bytes)" };
+        out.line(&format!("{whole} of {} checkpoints whole{read}", r.checkpoints.len()))?;
+        if r.chunks_damaged > 0 && whole < r.checkpoints.len() {
+            out.line(
+                "hint: commit the original data again with --reread: the chunks left out are stored afresh, and \
+                 every checkpoint that uses them is whole again",
+            )?;
+        }
+        Ok(())
     }
 }
