@@ -111,8 +111,9 @@ const BLOCK: u64 = 4096;
 
 /// How a file reaches its name.
 enum Target {
-    /// Written under this temporary name and renamed over what is there when whole.
-    Temp(PathBuf),
+    /// Written under this temporary name and renamed into place when whole: over what is there (`replace`),
+    /// or onto a name that must still be free.
+    Temp { path: PathBuf, replace: bool },
     /// Created under its own name, where nothing was; removed again if the checkout fails.
     Created,
     /// Patched in place.
@@ -279,6 +280,14 @@ fn stale_temp(name: &[u8]) -> bool {
     pid.is_some_and(|pid| pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists())
 }
 
+fn remove_stale_temps(dir: &Path) {
+    for item in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if stale_temp(item.file_name().as_bytes()) {
+            let _ = fs::remove_file(item.path());
+        }
+    }
+}
+
 fn file_error(rel: &Path, e: Error) -> Error {
     match e {
         Error::Corrupt { what } => Error::corrupt(format!("{}: {what}", rel.display())),
@@ -294,10 +303,18 @@ fn parent_dir(path: &Path) -> &Path {
 /// Creates the file `dest` in `dir`, its directory: under its own name unless `temp` or the name is taken,
 /// else under a temporary name beside it. Never through a symlink.
 /// A file created under its own name gets `create_mode` if given, else (and a temporary always) 0600.
-fn create_in(dir: &OwnedFd, dest: &Path, temp: bool, create_mode: Option<u32>) -> Result<(File, Target)> {
+/// Creates the file for `dest` in `dir`: under its own name if it is free and the file small (`staged`
+/// false), else under a temporary name, renamed into place when whole.
+fn create_in(
+    dir: &OwnedFd,
+    dest: &Path,
+    exists: bool,
+    staged: bool,
+    create_mode: Option<u32>,
+) -> Result<(File, Target)> {
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let mode = Mode::from_raw_mode(0o600);
-    if !temp {
+    if !exists && !staged {
         let own = Mode::from_raw_mode(create_mode.unwrap_or(0o600));
         match rustix::fs::openat(dir, dest.file_name().unwrap_or_default(), flags, own) {
             Ok(fd) => return Ok((File::from(fd), Target::Created)),
@@ -308,7 +325,16 @@ fn create_in(dir: &OwnedFd, dest: &Path, temp: bool, create_mode: Option<u32>) -
     let temp = temp_path(parent_dir(dest));
     let fd = rustix::fs::openat(dir, temp.file_name().unwrap_or_default(), flags, mode)
         .map_err(|e| Error::io(&temp, e.into()))?;
-    Ok((File::from(fd), Target::Temp(temp)))
+    Ok((File::from(fd), Target::Temp { path: temp, replace: exists }))
+}
+
+/// Renames `from` to `to` in `dir`, failing with `AlreadyExists` if `to` is taken, on filesystems that can
+/// refuse that; elsewhere it replaces, as a plain rename.
+fn rename_noreplace(dir: &OwnedFd, from: &OsStr, to: &OsStr) -> std::io::Result<()> {
+    match rustix::fs::renameat_with(dir, from, dir, to, rustix::fs::RenameFlags::NOREPLACE) {
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => Ok(rustix::fs::renameat(dir, from, dir, to)?),
+        r => Ok(r?),
+    }
 }
 
 impl FileTask {
@@ -321,7 +347,7 @@ impl FileTask {
         if let Some((file, target)) = self.opened.get() {
             return Ok((file, target));
         }
-        let created = create_in(&self.dir, &self.dest, false, self.create_mode)?;
+        let created = create_in(&self.dir, &self.dest, false, false, self.create_mode)?;
         let (file, target) = self.opened.get_or_init(|| created);
         Ok((file, target))
     }
@@ -346,10 +372,14 @@ impl FileTask {
         }
         // The mtime last: a patched file carries the checkpoint's mtime only once it is whole.
         file.set_modified(mtime(self.mtime_ns)).map_err(io)?;
-        if let Target::Temp(temp) = target {
+        if let Target::Temp { path, replace } = target {
             crate::fault::point("checkout-temp");
-            let (from, to) = (temp.file_name().unwrap_or_default(), self.dest.file_name().unwrap_or_default());
-            rustix::fs::renameat(&self.dir, from, &self.dir, to).map_err(|e| io(e.into()))?;
+            let (from, to) = (path.file_name().unwrap_or_default(), self.dest.file_name().unwrap_or_default());
+            if *replace {
+                rustix::fs::renameat(&self.dir, from, &self.dir, to).map_err(|e| io(e.into()))?;
+            } else {
+                rename_noreplace(&self.dir, from, to).map_err(io)?;
+            }
         }
         self.placed.store(true, Ordering::Release);
         crate::fault::point("checkout-file");
@@ -366,7 +396,7 @@ impl FileTask {
     /// Removes what this task created and did not finish. A patched file stays: its mtime marks it unfinished.
     fn discard(&self) {
         match self.opened.get() {
-            Some((_, Target::Temp(temp))) => self.remove(temp),
+            Some((_, Target::Temp { path, .. })) => self.remove(path),
             Some((_, Target::Created)) => self.remove(&self.dest),
             Some((_, Target::Patched)) | None => {}
         }
@@ -497,6 +527,10 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     // Like `mkdir -p`: a destination in directories not made yet is what the user asked for.
     if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    if root.kind == EntryKind::File {
+        // A killed checkout of a large file leaves its temporary beside it, in a directory no walk tidies.
+        remove_stale_temps(parent_dir(dest));
     }
     let abs_dest = std::path::absolute(dest).map_err(|e| Error::io(dest, e))?;
     let priors = if in_place && !opts.checksum { priors(&catalog, &abs_dest) } else { Vec::new() };
@@ -973,11 +1007,13 @@ impl Walker<'_> {
                 f.set_len(entry.size).map_err(|e| Error::io(dest, e))?;
                 OnceLock::from((f, Target::Patched))
             }
-            // Nothing there: write it under its own name (a rename per file costs as much as the create on
-            // ext4). Until it is whole its mtime is not the checkpoint's, and a failed checkout removes it.
-            // A file of one batch is created by the worker that writes it, in the directory opened here.
+            // Nothing there: a small file is written under its own name (a rename per file costs as much as
+            // the create on ext4). Until it is whole its mtime is not the checkpoint's, and a failed checkout
+            // removes it. A file of one batch is created by the worker that writes it, in the directory
+            // opened here. A larger one is staged under a temporary name, so that a checkout killed while
+            // writing a disk image leaves no file that looks restored; one rename per 4 MiB costs nothing.
             None if !exists && entry.size > 0 && entry.size < BATCH_BYTES => OnceLock::new(),
-            None => OnceLock::from(create_in(&dir, dest, exists, create_mode)?),
+            None => OnceLock::from(create_in(&dir, dest, exists, entry.size >= BATCH_BYTES, create_mode)?),
         };
         let task = Arc::new(FileTask {
             opened,

@@ -3,16 +3,22 @@
 //! Both trees are walked together in name order; a subtree whose id is the same on both sides is identical
 //! and skipped whole. For a file whose content changed, the chunk lists are compared by position: the bytes
 //! of the new version at offsets where the old one does not hold the same chunk are reported as changed
-//! ranges. No chunk data is read, so a diff of two 100 GiB images costs a few catalog reads per segment.
+//! ranges, except where both hold zeros. Runs of zeros are cut into maximum chunks from wherever the run
+//! starts, so when data before a run grows or shrinks the two versions' zero chunks are out of phase and no
+//! chunk matches, though not a byte differs; in a disk image that would report most of its free space as
+//! changed. No chunk data is read, so a diff of two 100 GiB images costs a few catalog reads per segment.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use std::collections::VecDeque;
+
 use crate::catalog::Catalog;
-use crate::content;
+use crate::content::{self, ChunkCursor};
 use crate::error::Result;
-use crate::tree::{self, Entry, EntryKind};
+use crate::id::ObjectId;
+use crate::tree::{self, ChunkRef, Entry, EntryKind};
 
 /// How an entry changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -70,6 +76,8 @@ pub struct DiffSummary {
 
 struct Differ<'a> {
     catalog: &'a Catalog,
+    /// The id of a maximum chunk of zeros, which is what runs of zeros are cut into.
+    zero: ChunkRef,
     f: &'a mut dyn FnMut(&Change) -> Result<()>,
     summary: DiffSummary,
 }
@@ -81,8 +89,10 @@ pub(crate) fn diff(
     f: &mut dyn FnMut(&Change) -> Result<()>,
 ) -> Result<DiffSummary> {
     let (ra, rb) = (content::root_entry(catalog, a)?, content::root_entry(catalog, b)?);
-    let mut d =
-        Differ { catalog, f, summary: DiffSummary { from: a.to_string(), to: b.to_string(), ..Default::default() } };
+    let max = catalog.params()?.chunk_max;
+    let zero = ChunkRef { id: ObjectId::of(&vec![0u8; max as usize]), len: max };
+    let summary = DiffSummary { from: a.to_string(), to: b.to_string(), ..Default::default() };
+    let mut d = Differ { catalog, zero, f, summary };
     // The root's path is empty for a directory (its entries are named relative to it), its name otherwise.
     let rel = if rb.kind == EntryKind::Dir { PathBuf::new() } else { PathBuf::from(OsStr::from_bytes(&rb.name)) };
     d.pair(&ra, &rb, &rel)?;
@@ -146,19 +156,46 @@ impl Differ<'_> {
                     return Ok(());
                 }
                 let (before, after) = (a.object()?.expect("file"), b.object()?.expect("file"));
-                let mut ranges: Vec<(u64, u64)> = Vec::new();
-                content::compare(self.catalog, &before, &after, |at, r, same| {
-                    if !same {
-                        match ranges.last_mut() {
-                            Some(last) if last.1 == at => last.1 += r.len as u64,
-                            _ => ranges.push((at, at + r.len as u64)),
-                        }
-                    }
-                    Ok(())
-                })?;
+                let ranges = self.changed_ranges(&before, &after)?;
                 self.emit(b, rel, ChangeKind::Modified, a.size, true, ranges)
             }
         }
+    }
+
+    /// The ranges of `after` whose bytes may differ from `before`'s at the same offsets, merged where adjacent:
+    /// every chunk of `after` unless `before` holds the same chunk at its offset, or zeros wherever it lies.
+    fn changed_ranges(&self, before: &ObjectId, after: &ObjectId) -> Result<Vec<(u64, u64)>> {
+        let mut old = ChunkCursor::new(self.catalog, before)?;
+        let mut new = ChunkCursor::new(self.catalog, after)?;
+        // The old chunks that overlap the new chunk at hand, in order (contiguous), and the next one after.
+        let mut overlap: VecDeque<(u64, ChunkRef)> = VecDeque::new();
+        let mut next = old.next_chunk()?;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        while let Some((at, r)) = new.next_chunk()? {
+            let end = at + r.len as u64;
+            while let Some(c) = next.filter(|c| c.0 < end) {
+                overlap.push_back(c);
+                next = old.next_chunk()?;
+            }
+            while overlap.front().is_some_and(|&(s, c)| s + c.len as u64 <= at) {
+                overlap.pop_front();
+            }
+            let same = match overlap.front() {
+                Some(&(s, c)) if s == at && c == r => true,
+                Some(&(s, _)) if r == self.zero && s <= at => {
+                    overlap.iter().all(|(_, c)| *c == self.zero)
+                        && overlap.back().is_some_and(|&(s, c)| s + c.len as u64 >= end)
+                }
+                _ => false,
+            };
+            if !same {
+                match ranges.last_mut() {
+                    Some(last) if last.1 == at => last.1 = end,
+                    _ => ranges.push((at, end)),
+                }
+            }
+        }
+        Ok(ranges)
     }
 
     /// Reports `e` and everything below it as added or removed.

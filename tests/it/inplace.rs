@@ -499,3 +499,32 @@ fn a_killed_checkout_leaves_no_record_that_vouches_for_what_it_replaced() {
     succeeded(&run(&repo, &["-q", "checkout", &ids[0], dest.to_str().unwrap(), "--in-place"]), "rollback");
     assert_same_tree(&dirs[0], &dest, true);
 }
+
+#[test]
+fn a_killed_checkout_of_a_large_file_leaves_no_file_under_its_name_and_a_rerun_finishes() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    let img = t.path().join("vm.img");
+    let data = pseudo_random(6 << 20, 9);
+    fs::write(&img, &data).unwrap();
+    let id = succeeded(&run(&repo, &["-q", "commit", img.to_str().unwrap()]), "commit").trim().to_string();
+    let out = t.path().join("restore");
+    fs::create_dir(&out).unwrap();
+    let dest = out.join("vm.img");
+    // Killed with every byte written, just before the file would take its name.
+    let o = std::process::Command::new(crate::util::bin())
+        .args(["--repo", repo.to_str().unwrap(), "-q", "checkout", &id, dest.to_str().unwrap()])
+        .env("SNAPSTORE_FAULT", "checkout-temp:1")
+        .output()
+        .unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&o.status), Some(9), "{}", text(&o.stderr));
+    assert!(!dest.exists(), "a file that looks restored but is not");
+    let left: Vec<_> = fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].to_string_lossy().starts_with(".snapstore-tmp-"), "{left:?}");
+    // The same command again finishes the job and clears the dead checkout's temporary.
+    succeeded(&run(&repo, &["-q", "checkout", &id, dest.to_str().unwrap()]), "checkout again");
+    assert_eq!(fs::read(&dest).unwrap(), data);
+    let left: Vec<_> = fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("vm.img")]);
+}

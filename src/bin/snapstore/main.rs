@@ -231,7 +231,10 @@ that commit ends (the next gc reclaims them). Without a terminal it prints only 
         incomplete_after: std::time::Duration,
     },
     /// Show what changed between two checkpoints, from the catalog alone (no data is read)
-    #[command(after_help = exit_help!())]
+    #[command(after_help = concat!("For a modified file, the byte ranges listed are where its new version may \
+differ from the old one at the same offsets, to the nearest chunk: a chunk held at the same offset by both, or \
+zeros in both, is unchanged. Bytes inserted or removed shift everything after them, which is then listed as \
+changed (the commit itself stores only the chunks that are new).\n\n", exit_help!()))]
     Diff(diff::DiffArgs),
     /// Check the repository: catalog against packs, and with --read-data every chunk's bytes
     #[command(after_help = exit_help!())]
@@ -458,8 +461,8 @@ fn hint(e: &Error) -> Option<&'static str> {
         }
         Error::AmbiguousId { .. } => "give more digits of the id",
         Error::DestinationNotEmpty(_) => {
-            "choose a new or empty directory, or pass --in-place to update this one or to finish an interrupted \
-             checkout into it (only what differs is written)"
+            "choose a path that does not exist yet (or an empty directory), or pass --in-place to update what is \
+             there or to finish an interrupted checkout into it (only what differs is written)"
         }
         Error::Unreadable { .. } => "fix the permissions, or pass --skip-unreadable to record the file as skipped",
         Error::FileChanged(_) => "stop the program writing to it, or pass --skip-unreadable to leave it out",
