@@ -571,7 +571,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             let priors = priors
                 .iter()
                 .filter_map(|p| {
-                    let (entry, _) = content::lookup(&catalog, &p.entry, &rel).ok()??;
+                    let (entry, _) = content::lookup_relative(&catalog, &p.entry, &rel).ok()??;
                     Some(Prior { entry, committed: p.committed })
                 })
                 .collect();

@@ -44,17 +44,38 @@ fn components(path: &Path) -> Result<Vec<&[u8]>> {
 
 /// Finds the entry at `path` inside a checkpoint, relative to the committed directory (`sub/file`), or to its
 /// parent (`run/sub/file`, as `show` prints paths). An empty path names the root entry. Returns the entry and
-/// its path relative to the committed directory, or `None` when nothing is there.
+/// its path relative to the committed directory, or `None` when nothing is there. A path that names an entry
+/// both ways (`run/x` in a checkpoint of `run` holding `x` and `run/x`) is refused as ambiguous rather than
+/// resolved to either: a path copied from `show` must not restore another file. `./` in front makes a path
+/// relative to the committed directory only.
 pub(crate) fn lookup(catalog: &Catalog, root: &Entry, path: &Path) -> Result<Option<(Entry, PathBuf)>> {
     let parts = components(path)?;
-    if let Some(found) = descend(catalog, root, &parts)? {
-        return Ok(Some(found));
+    let inside = descend(catalog, root, &parts)?;
+    if path.components().next() == Some(Component::CurDir) {
+        return Ok(inside);
     }
     // `run/sub/file` for a checkpoint of `run`: the form `show` and `ls -r` print.
-    match parts.split_first() {
-        Some((first, rest)) if *first == root.name.as_slice() => descend(catalog, root, rest),
-        _ => Ok(None),
+    let shown = match parts.split_first() {
+        Some((first, rest)) if *first == root.name.as_slice() => descend(catalog, root, rest)?,
+        _ => None,
+    };
+    match (inside, shown) {
+        (Some((_, a)), Some((_, b))) => Err(Error::InvalidInput(format!(
+            "{} names two entries of this checkpoint: {} as `show` prints it (write {}), and {} inside the \
+             committed directory (write ./{})",
+            path.display(),
+            path.display(),
+            b.display(),
+            Path::new(OsStr::from_bytes(&root.name)).join(&a).display(),
+            a.display()
+        ))),
+        (inside, shown) => Ok(inside.or(shown)),
     }
+}
+
+/// [`lookup`] of a path known to be relative to the committed directory.
+pub(crate) fn lookup_relative(catalog: &Catalog, root: &Entry, rel: &Path) -> Result<Option<(Entry, PathBuf)>> {
+    descend(catalog, root, &components(rel)?)
 }
 
 fn descend(catalog: &Catalog, root: &Entry, parts: &[&[u8]]) -> Result<Option<(Entry, PathBuf)>> {
@@ -253,5 +274,24 @@ mod tests {
         assert!(lookup(&cat, &root, Path::new("sub/nope")).unwrap().is_none());
         assert!(lookup(&cat, &root, Path::new("sub/a/deeper")).unwrap().is_none());
         assert!(matches!(lookup(&cat, &root, Path::new("sub/../sub/a")), Err(Error::InvalidInput(_))));
+    }
+
+    #[test]
+    fn a_path_naming_two_entries_is_refused_and_each_has_a_form_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("top");
+        std::fs::create_dir_all(src.join("top")).unwrap();
+        std::fs::write(src.join("x"), b"outer").unwrap();
+        std::fs::write(src.join("top/x"), b"inner!").unwrap();
+        let repo = Repository::init(dir.path().join("repo")).unwrap();
+        let id = repo.commit(&src, &Default::default()).unwrap().id;
+        let cat = repo.catalog().unwrap();
+        let root = root_entry(&cat, &id).unwrap();
+        let err = lookup(&cat, &root, Path::new("top/x")).unwrap_err();
+        assert!(err.to_string().contains("write x") && err.to_string().contains("write ./top/x"), "{err}");
+        let size = |p: &str| lookup(&cat, &root, Path::new(p)).unwrap().unwrap().0.size;
+        assert_eq!((size("x"), size("./x")), (5, 5));
+        assert_eq!((size("./top/x"), size("top/top/x")), (6, 6));
+        assert_eq!(lookup_relative(&cat, &root, Path::new("top/x")).unwrap().unwrap().0.size, 6);
     }
 }
