@@ -60,6 +60,11 @@ pub(crate) fn local_dir(root: &std::path::Path) -> io::Result<()> {
     local::create_dir_durable(root)
 }
 
+/// fsyncs a local directory, making a rename inside it durable.
+pub(crate) fn sync_local_dir(dir: &std::path::Path) -> io::Result<()> {
+    local::sync_dir(dir)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

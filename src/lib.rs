@@ -179,6 +179,7 @@ impl Repository {
         }
         backend::local_dir(&root).map_err(|e| Error::io(&root, e))?;
         Catalog::create(&root.join(CATALOG_FILE), &params)?;
+        params.write_copy(&root).map_err(|e| Error::io(root.join(params::PARAMS_FILE), e))?;
         Self::open(root)
     }
 
@@ -299,7 +300,14 @@ impl Repository {
     /// Runs a writer: for a remote repository inside a [`Repository::session`], with every catalog change
     /// journaled to the bucket.
     fn writer<T>(&self, f: impl FnOnce(commit::Context<'_>) -> Result<T>) -> Result<T> {
-        let Some((remote, session)) = self.session()? else { return f(self.context(None)) };
+        let Some((remote, session)) = self.session()? else {
+            // A repository made before `init` wrote the copy of its parameters gets it from its first writer.
+            // Only a redundancy (the catalog holds the parameters), so a failure here fails nothing.
+            if !self.root.join(params::PARAMS_FILE).exists() {
+                let _ = self.params.write_copy(&self.root);
+            }
+            return f(self.context(None));
+        };
         let journal = |tx: &rusqlite::Transaction<'_>, b: &catalog::Batch| {
             remote.check_session(&session)?;
             remote.publish(tx, b)

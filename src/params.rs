@@ -4,6 +4,11 @@
 //! command reads them from there rather than from compiled-in defaults: a future release that changes its
 //! defaults still deduplicates against, and reads, today's repositories.
 
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
 use crate::error::{Error, Result};
 
 /// The newest repository format this build reads and writes. Format 2 adds byte-grouped chunk blobs (pack
@@ -144,10 +149,39 @@ impl RepoParams {
     }
 }
 
+/// A copy of the parameters beside the catalog, `REPO/params`: the catalog is their home, but a repository whose
+/// catalog is lost still needs them to cut and compress as before (`repair index` creates the new catalog
+/// with them), and the packs do not record them.
+pub(crate) const PARAMS_FILE: &str = "params";
+
+impl RepoParams {
+    /// Writes `root/params` durably: a temporary in `root/tmp`, fsynced, renamed, the directory fsynced.
+    pub(crate) fn write_copy(&self, root: &Path) -> std::io::Result<()> {
+        let mut text = String::from("# snapstore repository parameters: a copy of the catalog's meta table\n");
+        for (k, v) in self.to_pairs() {
+            text.push_str(&format!("{k}={v}\n"));
+        }
+        crate::backend::local_dir(&root.join("tmp"))?;
+        let temp = root.join("tmp").join(format!("params-{}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&temp, root.join(PARAMS_FILE))?;
+        crate::backend::sync_local_dir(root)
+    }
+
+    /// The parameters in `root/params`, if that file is there and holds a whole, valid set.
+    pub(crate) fn read_copy(root: &Path) -> Option<Self> {
+        let text = std::fs::read_to_string(root.join(PARAMS_FILE)).ok()?;
+        let map: HashMap<&str, &str> =
+            text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split_once('=')).collect();
+        Self::from_lookup(|k| map.get(k).map(|v| v.to_string())).ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     #[test]
     fn defaults_are_valid_and_roundtrip() {
@@ -156,6 +190,19 @@ mod tests {
         let map: HashMap<_, _> = p.to_pairs().into_iter().collect();
         let back = RepoParams::from_lookup(|k| map.get(k).cloned()).unwrap();
         assert_eq!(back, p);
+    }
+
+    #[test]
+    fn the_copy_beside_the_catalog_roundtrips() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("tmp")).unwrap();
+        assert_eq!(RepoParams::read_copy(dir.path()), None);
+        let p =
+            RepoParams { chunk_avg: 32768, chunk_min: 8192, chunk_max: 131072, normalization: 0, ..Default::default() };
+        p.write_copy(dir.path()).unwrap();
+        assert_eq!(RepoParams::read_copy(dir.path()), Some(p));
+        std::fs::write(dir.path().join(PARAMS_FILE), "chunk_avg=65536\n").unwrap();
+        assert_eq!(RepoParams::read_copy(dir.path()), None, "an incomplete copy is no copy");
     }
 
     #[test]

@@ -67,6 +67,9 @@ pub struct CheckpointState {
 pub struct RepairReport {
     /// The catalog was missing and a new one was created (no checkpoint survives that).
     pub catalog_created: bool,
+    /// The parameters the new catalog was given from the copy beside the lost one (`REPO/params`); `None`
+    /// when there was no copy and the defaults (or format 1's) were taken.
+    pub params_recovered: Option<RepoParams>,
     /// Dead writer sessions expired before the rebuild.
     pub sessions_expired: u64,
     /// Pack files found in the store.
@@ -135,7 +138,8 @@ pub(crate) fn repair_index(
                 _ => {}
             }
         }
-        Catalog::create(&catalog_path, &RepoParams::default())?;
+        report.params_recovered = RepoParams::read_copy(root);
+        Catalog::create(&catalog_path, report.params_recovered.as_ref().unwrap_or(&RepoParams::default()))?;
         report.catalog_created = true;
     }
     let mut cat = Catalog::open(&catalog_path)?;
@@ -163,10 +167,10 @@ pub(crate) fn repair_index(
     });
     let _ = cat.connection().execute("DELETE FROM gc_lease WHERE pid = ?1", [std::process::id()]);
     rebuilt?;
-    if report.catalog_created {
-        // The parameters were lost with the catalog. Packs without a byte-planes blob most likely come from a
-        // format 1 repository, made with normalization 1: keep it readable by the builds that made it, and
-        // cutting as it did.
+    if report.catalog_created && report.params_recovered.is_none() {
+        // The parameters were lost with the catalog, and the repository predates their copy beside it. Packs
+        // without a byte-planes blob most likely come from a format 1 repository, made with normalization 1:
+        // keep it readable by the builds that made it, and cutting as it did.
         let grouped: bool = cat.connection().query_row(
             "SELECT EXISTS (SELECT 1 FROM chunks WHERE flags = ?1)",
             [crate::pack::FLAG_GROUPED],
@@ -176,6 +180,12 @@ pub(crate) fn repair_index(
             cat.connection()
                 .execute("UPDATE meta SET value = '1' WHERE key IN ('format_version', 'normalization')", [])?;
         }
+    }
+
+    // A repository from before the copy of its parameters gets one (from the catalog it has now).
+    let copy = root.join(crate::params::PARAMS_FILE);
+    if !copy.exists() {
+        cat.params()?.write_copy(root).map_err(|e| Error::io(&copy, e))?;
     }
 
     let damage = crate::verify::reach_damage(cat.connection())?;

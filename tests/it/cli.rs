@@ -1008,6 +1008,9 @@ fn a_lost_catalog_points_to_repair() {
     let repo = tmp.path().join("repo");
     let src = tmp.path().join("src");
     make_tree(&src);
+    fs::write(src.join("big.bin"), pseudo_random(3 << 20, 5)).unwrap();
+    // Parameters other than the defaults: the repair must cut as this repository did.
+    sx(&repo, &["init", "--chunk-size", "32", "--normalization", "0"]);
     sx(&repo, &["commit", p(&src)]);
 
     // a --repo that is a file is no repository, not an I/O failure
@@ -1025,6 +1028,7 @@ fn a_lost_catalog_points_to_repair() {
     let o = run(&repo, &["repair", "index"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
     assert!(text(&o.stdout).contains("no checkpoints survive"), "{}", text(&o.stdout));
-    sx(&repo, &["commit", p(&src)]);
+    let c = json(&sx(&repo, &["--json", "commit", p(&src)]));
+    assert_eq!(c["bytes_new"], 0, "the same data deduplicates against the packs: {c}");
     sx(&repo, &["log"]);
 }

@@ -395,33 +395,42 @@ fn repair_index_repoints_rows_and_drops_rows_of_missing_packs() {
 fn repair_index_recreates_a_lost_catalog() {
     let f = fixture();
     let chunks = f.verify(DataSubset::None).chunks;
+    let params = f.repo.params().clone();
+    let lose = |root: &Path, files: &[&str]| {
+        for name in files {
+            let _ = fs::remove_file(root.join(name));
+        }
+    };
     drop(f.repo.catalog());
-    for name in ["catalog.db", "catalog.db-wal", "catalog.db-shm"] {
-        let _ = fs::remove_file(f.root.join(name));
-    }
+    lose(&f.root, &["catalog.db", "catalog.db-wal", "catalog.db-shm"]);
     assert!(matches!(Repository::open(&f.root), Err(snapstore::Error::NoRepository(_))));
     let o = f.cli(&["repair", "index"]);
     let out = text(&o.stdout);
     assert_eq!(o.status.code(), Some(3), "a lost catalog is lost checkpoints: {out}");
-    assert!(out.contains("no checkpoints survive"), "{out}");
+    assert!(out.contains("no checkpoints survive") && out.contains("from its copy of them"), "{out}");
     let repo = Repository::open(&f.root).unwrap();
     assert!(repo.checkpoints().unwrap().is_empty());
+    assert_eq!(repo.params(), &params, "the copy beside the catalog keeps them");
     let r = repo.verify(&VerifyOptions { read_data: DataSubset::All, ..Default::default() }).unwrap();
     assert!(r.is_clean(), "{r:?}");
     assert_eq!(r.chunks, chunks, "every stored chunk is indexed again");
-    // The parameters were lost too: packs without byte planes are taken for a format 1 repository, which
-    // the builds that made it can still read; packs with them keep format 2.
+    // A repository from before that copy loses its parameters with the catalog: packs without byte planes
+    // are taken for a format 1 repository, which the builds that made it can still read; packs with them
+    // keep format 2. Either way the repair leaves a copy for next time.
+    drop(repo);
+    lose(&f.root, &["catalog.db", "catalog.db-wal", "catalog.db-shm", "params"]);
+    assert_eq!(f.cli(&["repair", "index"]).status.code(), Some(3));
+    let repo = Repository::open(&f.root).unwrap();
     assert_eq!((repo.params().format_version, repo.params().normalization), (1, 1));
+    assert!(fs::read_to_string(f.root.join("params")).unwrap().contains("normalization=1"));
     let t = fast_tempdir("repair-format");
     let grouped = Repository::init(t.path().join("repo")).unwrap();
     fs::write(t.path().join("w.bin"), crate::library::float_weights(64 * 1024, 3)).unwrap();
     grouped.commit(t.path().join("w.bin"), &Default::default()).unwrap();
     drop(grouped);
-    for name in ["catalog.db", "catalog.db-wal", "catalog.db-shm"] {
-        let _ = fs::remove_file(t.path().join("repo").join(name));
-    }
+    lose(&t.path().join("repo"), &["catalog.db", "catalog.db-wal", "catalog.db-shm", "params"]);
     let report = Repository::repair_index_at(t.path().join("repo")).unwrap();
-    assert!(report.catalog_created);
+    assert!(report.catalog_created && report.params_recovered.is_none());
     assert_eq!(Repository::open(t.path().join("repo")).unwrap().params().format_version, 2);
     // A directory with neither catalog nor packs is not a repository to rebuild.
     let o = run(&f.root.join("nothing-here"), &["repair", "index"]);

@@ -177,7 +177,11 @@ pub fn repair(repo_dir: &Path, args: &RepairArgs, json: bool, quiet: bool, out: 
 
 fn repair_text(out: &mut Out, r: &RepairReport, quiet: bool) -> io::Result<()> {
     if r.catalog_created {
-        out.line("catalog.db was missing: created a new catalog (default parameters) and rebuilt its chunk index")?;
+        let params = match r.params_recovered {
+            Some(_) => "the repository's parameters, from its copy of them in `params`",
+            None => "default parameters: the repository has no copy of its own in `params`",
+        };
+        out.line(&format!("catalog.db was missing: created a new catalog ({params}) and rebuilt its chunk index"))?;
     }
     for p in &r.damaged_packs {
         out.line(&format!("damaged pack {}: {} (left out of the index)", p.pack, p.problem))?;
