@@ -216,6 +216,9 @@ fn a_deleted_pack_is_reported() {
     assert_b_affected(&f, &r, &["verify"]);
     let out = text(&f.cli(&["verify"]).stdout);
     assert!(out.contains(&format!("damaged pack {}", loc.pack)), "{out}");
+    // Its chunks are in the report, but the text says the pack once rather than a line per chunk.
+    assert!(r.damaged_chunks.len() > 1 && !out.contains("damaged chunk "), "{out}");
+    assert!(out.contains("hint: `snapstore repair index --read-data`"), "{out}");
 }
 
 #[test]

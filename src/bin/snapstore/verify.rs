@@ -111,11 +111,16 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
         out.line(&format!("damaged pack {}: {}", p.pack, p.problem))?;
     }
     more(out, r.damaged_packs.len() as u64, SHOWN, "damaged packs")?;
-    for c in r.damaged_chunks.iter().take(SHOWN) {
+    // A chunk in a damaged pack is damaged for that reason alone: the pack's line says it once, not per chunk.
+    let in_damaged_pack =
+        |c: &&snapstore::DamagedChunk| r.damaged_packs.iter().any(|p| c.pack.as_deref() == Some(p.pack.as_str()));
+    let own: Vec<_> = r.damaged_chunks.iter().filter(|c| !in_damaged_pack(c)).collect();
+    for c in own.iter().take(SHOWN) {
         let place = c.pack.as_deref().map(|p| format!(" in {p}")).unwrap_or_default();
         out.line(&format!("damaged chunk {}{place}: {}", c.id, c.problem))?;
     }
-    more(out, r.damaged_chunks_total, SHOWN.min(r.damaged_chunks.len()), "damaged chunks")?;
+    let own_total = r.damaged_chunks_total - (r.damaged_chunks.len() - own.len()) as u64;
+    more(out, own_total, SHOWN.min(own.len()), "damaged chunks")?;
     for o in r.damaged_objects.iter().take(SHOWN) {
         out.line(&format!("damaged {} {} in the catalog: {}", o.kind, o.id, o.problem))?;
     }
@@ -126,11 +131,10 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
     more(out, r.affected_files_total, r.affected_files.len(), "affected files")?;
     if !quiet {
         out.line(&format!(
-            "damage found: {} damaged packs, {} damaged chunks, {} damaged catalog objects; \
-             {} in {} of {} affected; {read}",
-            r.damaged_packs.len(),
-            r.damaged_chunks_total,
-            r.damaged_objects_total,
+            "damage found: {}, {}, {}; {} in {} of {} affected; {read}",
+            plural(r.damaged_packs.len() as u64, "damaged pack"),
+            plural(r.damaged_chunks_total, "damaged chunk"),
+            plural(r.damaged_objects_total, "damaged catalog object"),
             plural(r.affected_files_total, "file"),
             r.affected_checkpoints.len(),
             plural(r.checkpoints, "checkpoint")
