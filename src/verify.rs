@@ -288,6 +288,13 @@ pub(crate) fn verify_with(
         Ok(targets.into_iter().filter(|(_, name)| opts.read_data.selects(name, seed)).collect::<Vec<_>>())
     })?;
     if !targets.is_empty() {
+        // Now that the packs to read are known, the bar can show how far through them it is.
+        let mut size = conn.prepare_cached("SELECT size FROM packs WHERE id = ?1")?;
+        let mut total = 0u64;
+        for (id, _) in &targets {
+            total += size.query_row([id], |r| r.get::<_, i64>(0)).unwrap_or(0) as u64;
+        }
+        opts.progress.start("verify", Some(total));
         read_data(conn, catalog_path, &backend, &targets, opts, &mut report)?;
     }
     in_snapshot(conn, || collect_damage(conn, &mut report))?;

@@ -12,7 +12,8 @@ pub struct Bar {
 
 impl Bar {
     pub fn new(visible: bool) -> Arc<Self> {
-        Arc::new(Bar { bar: visible.then(|| ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())) })
+        // Hidden until `start` has set it up: each setting draws a frame, in indicatif's default style first.
+        Arc::new(Bar { bar: visible.then(|| ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden())) })
     }
 
     pub fn finish(&self) {
@@ -25,10 +26,9 @@ impl Bar {
 impl snapstore::Progress for Bar {
     fn start(&self, operation: &str, total_bytes: Option<u64>) {
         let Some(b) = &self.bar else { return };
-        b.set_message(operation.to_string());
+        b.set_draw_target(ProgressDrawTarget::hidden());
         match total_bytes {
-            Some(total) => {
-                b.set_length(total);
+            Some(_) => {
                 b.set_style(
                     ProgressStyle::with_template(
                         "{msg:8} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
@@ -38,10 +38,15 @@ impl snapstore::Progress for Bar {
                 );
             }
             None => b.set_style(
-                ProgressStyle::with_template("{msg:8} {spinner} {binary_bytes} {binary_bytes_per_sec} {wide_msg}")
+                ProgressStyle::with_template("{msg:8} {spinner} {binary_bytes} {binary_bytes_per_sec}")
                     .expect("valid template"),
             ),
         }
+        if let Some(total) = total_bytes {
+            b.set_length(total);
+        }
+        b.set_message(operation.to_string());
+        b.set_draw_target(ProgressDrawTarget::stderr());
         b.enable_steady_tick(Duration::from_millis(200));
     }
 
