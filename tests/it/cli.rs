@@ -1032,3 +1032,28 @@ fn a_lost_catalog_points_to_repair() {
     assert_eq!(c["bytes_new"], 0, "the same data deduplicates against the packs: {c}");
     sx(&repo, &["log"]);
 }
+
+#[test]
+fn summaries_count_in_words_that_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    sx(&repo, &["init"]);
+    let stats = sx(&repo, &["stats"]);
+    assert!(
+        stats.contains("dedup        -\n") && !stats.contains("0.00x"),
+        "an empty repository has no ratio:\n{stats}"
+    );
+    let src = tmp.path().join("one");
+    fs::create_dir(&src).unwrap();
+    let mut sparse = vec![0u8; 3 << 20];
+    sparse[..1000].copy_from_slice(&pseudo_random(1000, 3));
+    fs::write(src.join("f.img"), &sparse).unwrap();
+    let id = commit_id(&sx(&repo, &["commit", p(&src)]));
+    let show = sx(&repo, &["show", &id[..8]]);
+    assert!(show.contains("in 1 file, 1 dir, 0 symlinks;"), "{show}");
+    let out = sx(&repo, &["checkout", &id[..8], p(&tmp.path().join("dest"))]);
+    assert!(out.contains("1 file, 1 dir, 0 symlinks"), "{out}");
+    // A fresh checkout has nothing unchanged, patched or removed to count; the zeros it left as holes show as
+    // fewer bytes written.
+    assert!(!out.contains("unchanged") && !out.contains("patched") && out.contains("wrote"), "{out}");
+}

@@ -109,13 +109,21 @@ pub fn checkout_summary(out: &mut Out, s: &CheckoutSummary, dest: &std::path::Pa
         human_bytes(rate as u64)
     ))?;
     if s.files_unchanged + s.files_patched + s.removed > 0 || s.bytes_written != s.bytes {
-        out.line(&format!(
-            "  {} unchanged, {} patched in place, {} removed; wrote {}",
-            s.files_unchanged,
-            s.files_patched,
-            s.removed,
-            human_bytes(s.bytes_written)
-        ))?;
+        // Only the counts that say something: a fresh checkout has nothing unchanged, patched or removed.
+        let mut parts: Vec<String> = [(s.files_unchanged, "unchanged"), (s.files_patched, "patched in place")]
+            .into_iter()
+            .filter(|&(n, _)| n > 0)
+            .map(|(n, what)| format!("{} {what}", plural(n, "file")))
+            .collect();
+        if s.removed > 0 {
+            parts.push(if s.removed == 1 {
+                "1 entry removed".into()
+            } else {
+                format!("{} entries removed", s.removed)
+            });
+        }
+        parts.push(format!("wrote {}", human_bytes(s.bytes_written)));
+        out.line(&format!("  {}", parts.join(", ")))?;
     }
     Ok(())
 }
@@ -180,11 +188,11 @@ pub fn checkpoint_header(out: &mut Out, c: &Checkpoint) -> io::Result<()> {
         out.line(&format!("message    {}", one_line(&c.message)))?;
     }
     out.line(&format!(
-        "size       {} in {} files, {} dirs, {} symlinks; {} new ({} stored)",
+        "size       {} in {}, {}, {}; {} new ({} stored)",
         human_bytes(c.logical_bytes),
-        c.files,
-        c.dirs,
-        c.symlinks,
+        plural(c.files, "file"),
+        plural(c.dirs, "dir"),
+        plural(c.symlinks, "symlink"),
         human_bytes(c.new_bytes),
         human_bytes(c.stored_bytes)
     ))?;
@@ -271,8 +279,10 @@ pub fn stats(out: &mut Out, repo: &Repository, s: &RepoStats) -> io::Result<()> 
         c.packs,
         human_bytes(s.catalog_bytes)
     ))?;
-    out.line(&format!("dedup        {:.2}x", s.dedup_ratio))?;
-    out.line(&format!("compression  {:.2}x", s.compression_ratio))?;
+    // An empty repository has no ratio to show.
+    let ratio = |r: f64| if c.chunks == 0 { "-".to_string() } else { format!("{r:.2}x") };
+    out.line(&format!("dedup        {}", ratio(s.dedup_ratio)))?;
+    out.line(&format!("compression  {}", ratio(s.compression_ratio)))?;
     let p = repo.params();
     out.line(&format!(
         "parameters   format {}, {} {}/{}/{} B, {}, zstd level {}",
