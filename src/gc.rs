@@ -323,15 +323,17 @@ fn run(
     if opts.dry_run {
         // Sweep and plan inside the same transaction, then roll it all back.
         (s.chunks_swept, s.metadata_swept, s.chunks_deferred) = sweep(&tx)?;
-        for p in pack_use(&tx)? {
+        let uses = pack_use(&tx)?;
+        for p in &uses {
             if p.rows == 0 {
                 s.packs_deleted += 1;
                 s.bytes_freed += p.size;
-            } else if p.condemned_rows == 0 && unused_share(&p) > opts.max_unused {
-                s.packs_rewritten += 1;
-                // The live blobs move to a new pack, with their index entries.
-                s.bytes_freed += p.size.saturating_sub(p.live_bytes + crate::pack::ENTRY_LEN as u64 * p.rows);
             }
+        }
+        for p in to_rewrite(&uses, opts, pack_target) {
+            s.packs_rewritten += 1;
+            // The live blobs move to a new pack, with their index entries.
+            s.bytes_freed += p.size.saturating_sub(p.live_bytes + crate::pack::ENTRY_LEN as u64 * p.rows);
         }
         tx.rollback()?;
         return Ok(s);
@@ -382,10 +384,10 @@ fn collect(
     tx.commit()?;
     crate::fault::point("gc-swept");
 
-    // Rewrite sparse packs whose dead chunks are all swept, so the old file can go right after.
+    // Rewrite sparse packs whose dead chunks are all swept, so the old file can go right after, and merge
+    // small ones.
     let uses = pack_use(conn)?;
-    let sparse: Vec<&PackUse> =
-        uses.iter().filter(|p| p.rows > 0 && p.condemned_rows == 0 && unused_share(p) > opts.max_unused).collect();
+    let sparse = to_rewrite(&uses, opts, pack_target);
     let mut packer = Packer::new(backend.clone(), pack_target);
     // Every blob is checked against its chunk id before it is copied, so a repack never spreads damage.
     let mut decoder = BlobDecoder::new()?;
@@ -570,6 +572,23 @@ fn publish_dead_packs(
         }
     }
     r.publish(tx, &batch)
+}
+
+/// A pack under this share of the target size counts as small: a commit of a few changed bytes writes one, and
+/// checkpoints every few minutes would otherwise leave a file per commit for good.
+const SMALL_PACK_SHARE: u64 = 4;
+
+/// Small packs are merged once there are this many: fewer would rewrite the same merged pack at every GC.
+const SMALL_PACKS_TO_MERGE: usize = 8;
+
+/// The packs to rewrite: those whose unused share exceeds `max_unused`, and, once there are enough of them,
+/// all small ones (merged into as few packs as the target size allows). None holds a condemned chunk: its
+/// blob must stay where a deferred sweep may still need it.
+fn to_rewrite<'a>(uses: &'a [PackUse], opts: &GcOptions, pack_target: u64) -> Vec<&'a PackUse> {
+    let candidates = || uses.iter().filter(|p| p.rows > 0 && p.condemned_rows == 0);
+    let small = |p: &PackUse| p.size < pack_target / SMALL_PACK_SHARE;
+    let merge_small = candidates().filter(|p| small(p)).count() >= SMALL_PACKS_TO_MERGE;
+    candidates().filter(|p| unused_share(p) > opts.max_unused || (merge_small && small(p))).collect()
 }
 
 /// The share of a pack's blob bytes that no live chunk uses (headers and index excluded, so a small pack

@@ -1740,3 +1740,39 @@ fn two_commits_storing_the_same_new_chunks_at_once_both_succeed() {
         assert_checks_out(&repo, &s.id, &data, &scratch);
     }
 }
+
+/// A checkpoint every few minutes of a few changed bytes writes a small pack each time; GC merges them once
+/// there are enough, and every checkpoint still checks out byte for byte.
+#[test]
+fn small_packs_are_merged() {
+    let t = tmp();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let pack_files = || disk_objects(repo.path()).keys().filter(|n| n.starts_with("packs/")).count();
+    let mut held = Vec::new();
+    for i in 0..12u64 {
+        let data = pseudo_random(20_000 + i as usize * 100, 2 * i);
+        let id = repo.commit_reader("state.bin", &mut &data[..], &Default::default()).unwrap().id;
+        held.push((id, data));
+    }
+    assert_eq!(pack_files(), 12, "one small pack per commit");
+    let dry = repo.gc(&GcOptions { dry_run: true, ..Default::default() }).unwrap();
+    assert_eq!(dry.packs_rewritten, 12, "{dry:?}");
+    assert_eq!(pack_files(), 12, "a dry run changes nothing");
+    let s = gc(&repo);
+    assert_eq!(s.packs_rewritten, 12, "{s:?}");
+    assert_eq!(pack_files(), 1, "merged into one pack");
+    for (id, data) in &held {
+        assert_checks_out(&repo, id, data, t.path());
+    }
+    assert!(
+        repo.verify(&snapstore::VerifyOptions { read_data: snapstore::DataSubset::All, ..Default::default() })
+            .unwrap()
+            .is_clean()
+    );
+    // A few more small packs are left alone until there are enough to be worth a rewrite.
+    for i in 0..3u64 {
+        repo.commit_reader("state.bin", &mut &pseudo_random(5_000, 200 + 2 * i)[..], &Default::default()).unwrap();
+    }
+    assert_eq!(gc(&repo).packs_rewritten, 0);
+    assert_eq!(pack_files(), 4);
+}

@@ -218,7 +218,9 @@ snapstore --json watch ./vm.img --every 30s --keep-within 1d\n\n", exit_help!())
     /// Reclaim space: drop data no checkpoint uses, delete and rewrite packs
     #[command(after_help = concat!("Safe to run while commits run, from cron: it takes no lock that stops commits, \
 and a second gc at the same time exits with code 5. Chunks a commit in progress may still use are kept until \
-that commit ends (the next gc reclaims them). Without a terminal it prints only its summary (-q: nothing).\n\n", exit_help!()))]
+that commit ends (the next gc reclaims them). Packs with more than --max-unused unused are rewritten, and once \
+there are 8 or more small packs (under a quarter of the pack size: frequent commits of few changes make them) \
+they are merged. Without a terminal it prints only its summary (-q: nothing).\n\n", exit_help!()))]
     Gc {
         /// Show what would be reclaimed; change nothing
         #[arg(short = 'n', long)]
