@@ -280,6 +280,17 @@ fn stale_temp(name: &[u8]) -> bool {
     pid.is_some_and(|pid| pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists())
 }
 
+/// The error for a name that should have been free; says why it may not be when it was taken.
+fn name_error(path: &Path, e: std::io::Error) -> Error {
+    if e.kind() != std::io::ErrorKind::AlreadyExists {
+        return Error::io(path, e);
+    }
+    let why = "the name is taken, most likely by another entry of the checkpoint whose name this filesystem \
+               takes for the same one (it ignores case, or normalizes Unicode): check out to a filesystem that \
+               tells the names apart, or the colliding paths one at a time with --path";
+    Error::io(path, std::io::Error::new(std::io::ErrorKind::AlreadyExists, why))
+}
+
 fn remove_stale_temps(dir: &Path) {
     for item in fs::read_dir(dir).into_iter().flatten().flatten() {
         if stale_temp(item.file_name().as_bytes()) {
@@ -318,8 +329,7 @@ fn create_in(
         let own = Mode::from_raw_mode(create_mode.unwrap_or(0o600));
         match rustix::fs::openat(dir, dest.file_name().unwrap_or_default(), flags, own) {
             Ok(fd) => return Ok((File::from(fd), Target::Created)),
-            Err(rustix::io::Errno::EXIST) => {}
-            Err(e) => return Err(Error::io(dest, e.into())),
+            Err(e) => return Err(name_error(dest, e.into())),
         }
     }
     let temp = temp_path(parent_dir(dest));
@@ -378,7 +388,7 @@ impl FileTask {
             if *replace {
                 rustix::fs::renameat(&self.dir, from, &self.dir, to).map_err(|e| io(e.into()))?;
             } else {
-                rename_noreplace(&self.dir, from, to).map_err(io)?;
+                rename_noreplace(&self.dir, from, to).map_err(|e| name_error(&self.dest, e))?;
             }
         }
         self.placed.store(true, Ordering::Release);
@@ -821,7 +831,7 @@ impl Walker<'_> {
             }
             match entry.kind {
                 EntryKind::Dir => {
-                    let existed = self.make_dir(&path)?;
+                    let existed = self.make_dir(&path, !self.in_place && parent.is_some())?;
                     self.summary.dirs += 1;
                     // Never a symlink: the name was just made a directory, or found to be one.
                     let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -871,8 +881,12 @@ impl Walker<'_> {
                     let target = OsStr::from_bytes(&entry.target);
                     let same = self.in_place && fs::read_link(&path).is_ok_and(|t| t.as_os_str() == target);
                     if !same {
-                        clear(&path)?;
-                        std::os::unix::fs::symlink(target, &path).map_err(|e| Error::io(&path, e))?;
+                        // Into an empty destination whatever has this name came from this checkout: never
+                        // cleared away (see `make_dir`).
+                        if self.in_place || parent.is_none() {
+                            clear(&path)?;
+                        }
+                        std::os::unix::fs::symlink(target, &path).map_err(|e| name_error(&path, e))?;
                     }
                     let t = filetime::FileTime::from_system_time(mtime(entry.mtime_ns));
                     filetime::set_symlink_file_times(&path, t, t).map_err(|e| Error::io(&path, e))?;
@@ -891,13 +905,17 @@ impl Walker<'_> {
         Ok(())
     }
 
-    /// Makes directory `path`, or finds one there; returns whether it existed.
-    fn make_dir(&self, path: &Path) -> Result<bool> {
+    /// Makes directory `path`, or finds one there; returns whether it existed. `new`: the name must be free,
+    /// as every name below the start of a checkout into an empty destination is, unless another entry of the
+    /// checkpoint already took it: on a case-insensitive filesystem `A` and `a` are one name, and reusing or
+    /// clearing what the other entry put there would merge or lose it.
+    fn make_dir(&self, path: &Path, new: bool) -> Result<bool> {
         let mkdir = |path: &Path| fs::DirBuilder::new().mode(0o700).create(path);
         // Into an empty destination the name is free: no `stat` first (mkdir still refuses a taken one).
         if !self.in_place {
             match mkdir(path) {
                 Ok(()) => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && new => return Err(name_error(path, e)),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(Error::io(path, e)),
             }
