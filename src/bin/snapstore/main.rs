@@ -644,8 +644,8 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 out.json(&list)?;
             } else {
                 let groups = repo.groups()?;
-                // With only group checkpoints, the "no checkpoints yet" line would mislead.
-                if !list.is_empty() || groups.is_empty() || cli.quiet {
+                // With only group checkpoints, or with `-n 0`, the "no checkpoints yet" line would mislead.
+                if (!list.is_empty() || groups.is_empty() || cli.quiet) && *limit != Some(0) {
                     output::log(out, &list, cli.quiet)?;
                 }
                 if !cli.quiet && !groups.is_empty() {
