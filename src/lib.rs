@@ -117,6 +117,9 @@ pub struct FileInfo {
     pub mode: u32,
     /// Modification time, nanoseconds since the Unix epoch.
     pub mtime_ns: i64,
+    /// Where a symlink points (its bytes as recorded); `None` for files and directories.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link_target: Option<PathBuf>,
 }
 
 /// Which checkpoints a retention policy applies to.
@@ -863,6 +866,7 @@ fn walk_entries(
             size: entry.size,
             mode: entry.mode,
             mtime_ns: entry.mtime_ns,
+            link_target: (entry.kind == EntryKind::Symlink).then(|| PathBuf::from(OsStr::from_bytes(&entry.target))),
         })?;
         if recursive && entry.kind == EntryKind::Dir {
             let tree = entry.object()?.expect("dir has a tree");

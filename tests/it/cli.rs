@@ -224,7 +224,7 @@ fn operator_session_init_commit_log_show_stats_checkout_recommit() {
     }
     let weights = out.lines().find(|l| l.ends_with("run/weights.bin")).unwrap();
     assert!(weights.starts_with('-') && weights.contains("KiB"), "{weights}");
-    let link = out.lines().find(|l| l.ends_with("run/latest")).unwrap();
+    let link = out.lines().find(|l| l.contains("run/latest -> ")).unwrap();
     assert!(link.starts_with('l'), "{link}");
     let dir = out.lines().find(|l| l.ends_with("run/logs")).unwrap();
     assert!(dir.starts_with('d'), "{dir}");
@@ -1048,11 +1048,16 @@ fn summaries_count_in_words_that_fit() {
     let mut sparse = vec![0u8; 3 << 20];
     sparse[..1000].copy_from_slice(&pseudo_random(1000, 3));
     fs::write(src.join("f.img"), &sparse).unwrap();
+    std::os::unix::fs::symlink("f.img", src.join("link")).unwrap();
     let id = commit_id(&sx(&repo, &["commit", p(&src)]));
     let show = sx(&repo, &["show", &id[..8]]);
-    assert!(show.contains("in 1 file, 1 dir, 0 symlinks;"), "{show}");
+    assert!(show.contains("in 1 file, 1 dir, 1 symlink;"), "{show}");
+    // Listings say where a symlink points, as `ls -l` does.
+    assert!(show.contains("one/link -> f.img"), "{show}");
+    let ls = json(&sx(&repo, &["--json", "ls", &id[..8], "-r"]));
+    assert!(ls.to_string().contains(r#""link_target":"f.img""#), "{ls}");
     let out = sx(&repo, &["checkout", &id[..8], p(&tmp.path().join("dest"))]);
-    assert!(out.contains("1 file, 1 dir, 0 symlinks"), "{out}");
+    assert!(out.contains("1 file, 1 dir, 1 symlink"), "{out}");
     // A fresh checkout has nothing unchanged, patched or removed to count; the zeros it left as holes show as
     // fewer bytes written.
     assert!(!out.contains("unchanged") && !out.contains("patched") && out.contains("wrote"), "{out}");

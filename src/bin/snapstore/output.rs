@@ -209,7 +209,14 @@ pub fn file_line(out: &mut Out, f: &FileInfo) -> io::Result<()> {
     // Debug-quote names that would break a line-oriented listing.
     let path = f.path.to_string_lossy();
     let path = if path.contains(['\n', '\r', '\t']) { format!("{path:?}") } else { path.into_owned() };
-    out.line(&format!("{kind}{:04o}  {:>10}  {}  {path}", f.mode & 0o7777, size, human_time(f.mtime_ns)))
+    let target = match &f.link_target {
+        Some(t) => {
+            let t = t.to_string_lossy();
+            if t.contains(['\n', '\r', '\t']) { format!(" -> {t:?}") } else { format!(" -> {t}") }
+        }
+        None => String::new(),
+    };
+    out.line(&format!("{kind}{:04o}  {:>10}  {}  {path}{target}", f.mode & 0o7777, size, human_time(f.mtime_ns)))
 }
 
 pub fn plan(out: &mut Out, plan: &Plan) -> io::Result<()> {
