@@ -40,13 +40,13 @@ struct Cli {
     /// Repository: a directory, or s3://BUCKET/PREFIX for one in S3-compatible storage (endpoint, region and
     /// credentials from the AWS_* environment variables and ~/.aws files) [default: .snapstore in the current
     /// directory]
-    #[arg(long, global = true, env = "SNAPSTORE_REPO", value_name = "PATH|URL")]
+    #[arg(long, global = true, env = "SNAPSTORE_REPO", value_name = "PATH|URL", help_heading = "Global options")]
     repo: Option<PathBuf>,
     /// Print machine-readable JSON on stdout instead of text
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
     /// Print only what scripts need (for commit: the id alone), no progress
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, help_heading = "Global options")]
     quiet: bool,
     #[command(subcommand)]
     command: Command,
