@@ -848,6 +848,23 @@ impl Catalog {
         Ok(())
     }
 
+    /// Adds and removes tags of checkpoint `id`, in one transaction.
+    pub(crate) fn retag(&mut self, id: &str, add: &[String], remove: &[String]) -> Result<()> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Forgotten meanwhile: nothing to tag.
+        if tx.query_row("SELECT 1 FROM checkpoints WHERE id = ?1", [id], |_| Ok(())).optional()?.is_none() {
+            return Err(Error::CheckpointNotFound(id.to_string()));
+        }
+        for tag in remove {
+            tx.execute("DELETE FROM checkpoint_tags WHERE checkpoint = ?1 AND tag = ?2", params![id, tag])?;
+        }
+        for tag in add {
+            tx.execute("INSERT OR IGNORE INTO checkpoint_tags (checkpoint, tag) VALUES (?1, ?2)", params![id, tag])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Removes groups with their parts, in one transaction.
     pub(crate) fn delete_groups(&mut self, names: &[String], journal: Option<Journal<'_>>) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;

@@ -5,6 +5,17 @@ use crate::id::{ObjectId, domain_hasher, finish, to_hex};
 /// How many hex digits of an id are shown by default; any unique prefix of 4 or more is accepted.
 pub const SHORT_ID_LEN: usize = 8;
 
+/// Refuses a tag that would not survive a listing: empty, or holding a control character (the catalog lists
+/// tags one per line), or longer than 255 bytes.
+pub(crate) fn validate_tag(tag: &str) -> crate::error::Result<()> {
+    if tag.is_empty() || tag.len() > 255 || tag.chars().any(char::is_control) {
+        return Err(crate::error::Error::InvalidInput(format!(
+            "invalid tag {tag:?}: a tag is 1 to 255 bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
 /// One checkpoint as the catalog records it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Checkpoint {

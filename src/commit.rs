@@ -204,6 +204,10 @@ fn unchanged(prev: &Entry, now: &Entry) -> bool {
 
 /// Runs a commit of `source` into the repository, inside a writer session (see docs/format.md, GC).
 pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions) -> Result<CommitSummary> {
+    // Before any work: a bad tag would otherwise fail the commit at its very end.
+    for t in &opts.tags {
+        crate::checkpoint::validate_tag(t)?;
+    }
     let host = opts.host.clone().unwrap_or_else(host_name);
     let mut catalog = Catalog::open(ctx.catalog_path)?;
     if let Some(part) = &opts.group {

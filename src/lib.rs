@@ -608,6 +608,36 @@ impl Repository {
         })
     }
 
+    /// Adds tags to checkpoint `id` and removes others (a tag in both is added), and returns it as it is
+    /// then. A tag keeps a checkpoint from any retention policy with `keep_tags` naming it, so this is how a
+    /// checkpoint committed without one is protected later. Local repositories only: in an `s3://` one a
+    /// checkpoint's tags are part of its record in the bucket, written once.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+    /// let c = repo.commit_reader("state", &mut &b"step 1"[..], &Default::default()).unwrap();
+    /// let tagged = repo.tag(&c.id[..8], &["keep".into()], &[]).unwrap();
+    /// assert_eq!(tagged.tags, vec!["keep".to_string()]);
+    /// ```
+    pub fn tag(&self, id: &str, add: &[String], remove: &[String]) -> Result<Checkpoint> {
+        if self.remote.is_some() {
+            return Err(Error::InvalidInput(
+                "the tags of a checkpoint in an s3:// repository are written with it and cannot be changed later \
+                 (yet): tag it when committing, with --tag"
+                    .into(),
+            ));
+        }
+        for t in add {
+            checkpoint::validate_tag(t)?;
+        }
+        let mut catalog = self.catalog()?;
+        let c = catalog.resolve(id)?;
+        let remove: Vec<String> = remove.iter().filter(|t| !add.contains(t)).cloned().collect();
+        catalog.retag(&c.id, add, &remove)?;
+        catalog.resolve(&c.id)
+    }
+
     /// Forgets checkpoints: removes them from the catalog (they no longer appear anywhere and cannot be
     /// brought back). Their data stays until [`Repository::gc`] finds it unused. Every id is resolved before
     /// anything is removed, so a typo forgets nothing. Returns the checkpoints forgotten.

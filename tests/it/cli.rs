@@ -1062,3 +1062,33 @@ fn summaries_count_in_words_that_fit() {
     // fewer bytes written.
     assert!(!out.contains("unchanged") && !out.contains("patched") && out.contains("wrote"), "{out}");
 }
+
+#[test]
+fn a_checkpoint_tagged_after_the_fact_is_kept_by_retention() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let file = tmp.path().join("state.bin");
+    let mut ids = Vec::new();
+    for step in 0..3u64 {
+        fs::write(&file, pseudo_random(10_000, 2 * step)).unwrap();
+        ids.push(commit_id(&sx(&repo, &["commit", p(&file), "-m", &format!("step {step}")])));
+    }
+    let out = sx(&repo, &["tag", &ids[0][..8], "--add", "keep", "--add", "before-upgrade"]);
+    assert_eq!(out.trim(), format!("{}: before-upgrade, keep", &ids[0][..8]));
+    let listed = sx(&repo, &["-q", "log", "--tag", "keep"]);
+    assert_eq!(listed.trim(), ids[0], "log --tag lists only the tagged checkpoint");
+    // The retention run a cron job would make keeps the newest and the tagged one.
+    sx(&repo, &["forget", "--keep-last", "1", "--keep-tag", "keep"]);
+    let left: Vec<String> = sx(&repo, &["-q", "log"]).lines().map(str::to_string).collect();
+    assert_eq!(left, vec![ids[2].clone(), ids[0].clone()]);
+    let c = json(&sx(&repo, &["--json", "tag", &ids[0][..8], "--remove", "keep"]));
+    assert_eq!(c["tags"], serde_json::json!(["before-upgrade"]));
+    // A tag that a listing could not show as it is, whether added later or at commit, is refused.
+    let err = sx_fail(&repo, &["tag", &ids[0][..8], "--add", "a\nb"], 2);
+    assert!(err.contains("invalid tag"), "{err}");
+    sx_fail(&repo, &["commit", p(&file), "--tag", ""], 2);
+    assert_eq!(sx(&repo, &["-q", "log"]).lines().count(), 2, "no checkpoint from the refused commit");
+    sx_fail(&repo, &["tag", "ffff", "--add", "x"], 4);
+    let o = run(&repo, &["tag", &ids[0][..8]]);
+    assert_eq!(o.status.code(), Some(2), "nothing to do is a usage error");
+}

@@ -164,6 +164,25 @@ below it with -r. Paths are relative to the committed directory.\n\n", exit_help
         /// Show at most N checkpoints
         #[arg(short = 'n', long, value_name = "N")]
         limit: Option<usize>,
+        /// Only checkpoints with this tag (repeatable: all must match)
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+    },
+    /// Add or remove tags of a checkpoint
+    #[command(after_help = concat!("A tag named by a retention policy's --keep-tag keeps the checkpoint whatever \
+else the policy says: tag one after the fact to protect it from `forget` and the cron job that runs it.\n\n\
+Examples:\n  snapstore tag 3fa2c1 --add keep\n  snapstore tag latest --add release-1.2 --remove candidate\n\n",
+        exit_help!()
+    ))]
+    Tag {
+        /// Checkpoint id, unique prefix, or 'latest'
+        id: String,
+        /// Add this tag (repeatable)
+        #[arg(long, value_name = "TAG", required_unless_present = "remove")]
+        add: Vec<String>,
+        /// Remove this tag (repeatable)
+        #[arg(long, value_name = "TAG")]
+        remove: Vec<String>,
     },
     /// List group checkpoints (coordinated checkpoints of several processes) with their parts
     #[command(after_help = concat!("A group is a restore point once all its parts are in \
@@ -634,9 +653,19 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 out.json(&files)?;
             }
         }
-        Command::Log { limit } => {
+        Command::Tag { id, add, remove } => {
+            let c = Repository::open(&repo_dir)?.tag(id, add, remove)?;
+            if cli.json {
+                out.json(&c)?;
+            } else if !cli.quiet {
+                let tags = if c.tags.is_empty() { "no tags".to_string() } else { c.tags.join(", ") };
+                out.line(&format!("{}: {tags}", c.short_id()))?;
+            }
+        }
+        Command::Log { limit, tags } => {
             let repo = Repository::open(&repo_dir)?;
             let mut list = repo.checkpoints()?;
+            list.retain(|c| tags.iter().all(|t| c.tags.contains(t)));
             if let Some(n) = limit {
                 list.truncate(*n);
             }
