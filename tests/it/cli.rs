@@ -416,8 +416,14 @@ fn json_output_of_every_command() {
     assert!(co["seconds"].is_number());
     assert_same_tree(&src, &dest, true);
 
-    // an error with --json: exit code, text on stderr, nothing on stdout
-    sx_fail(&repo, &["--json", "show", "ffffffff"], 4);
+    // an error with --json: the exit code, one JSON object on stderr for scripts, nothing on stdout
+    let o = run(&repo, &["--json", "show", "ffffffff"]);
+    assert_eq!(o.status.code(), Some(4));
+    assert!(o.stdout.is_empty());
+    let err = json(&text(&o.stderr));
+    assert_eq!(err["exit_code"], 4);
+    assert!(err["error"].as_str().unwrap().contains("ffffffff"), "{err}");
+    assert!(err["hint"].as_str().unwrap().contains("snapstore log"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -531,11 +537,16 @@ fn missing_repository_exits_4_with_a_hint() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("nowhere");
     let dest = tmp.path().join("dest");
-    for args in [&["log"][..], &["stats"], &["show", "latest"], &["checkout", "latest", p(&dest)], &["--json", "log"]] {
+    for args in [&["log"][..], &["stats"], &["show", "latest"], &["checkout", "latest", p(&dest)]] {
         let err = sx_fail(&repo, args, 4);
         assert!(err.contains(&format!("error: no snapstore repository at {}", repo.display())), "{err}");
         assert!(err.contains("hint:") && err.contains("snapstore init") && err.contains("SNAPSTORE_REPO"), "{err}");
     }
+    let o = run(&repo, &["--json", "log"]);
+    let err = json(&text(&o.stderr));
+    assert_eq!((o.status.code(), &err["exit_code"]), (Some(4), &serde_json::json!(4)));
+    assert_eq!(err["error"], format!("no snapstore repository at {}", repo.display()));
+    assert!(err["hint"].as_str().unwrap().contains("snapstore init"), "{err}");
     assert!(!repo.exists(), "read-only commands must not create the repository");
     assert!(!dest.exists());
 }
@@ -820,7 +831,9 @@ fn corrupt_pack_is_detected_at_checkout_with_exit_3() {
 
     // --json does not change the exit code
     let dest2 = tmp.path().join("dest2");
-    sx_fail(&repo, &["--json", "checkout", &bad[..8], p(&dest2)], 3);
+    let o = run(&repo, &["--json", "checkout", &bad[..8], p(&dest2)]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert_eq!(json(&text(&o.stderr))["exit_code"], 3);
 
     // the other checkpoint is fine
     let ok_dest = tmp.path().join("other.bin");

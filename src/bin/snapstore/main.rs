@@ -345,32 +345,51 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Pipe) => ExitCode::SUCCESS,
         Err(Failure::Lib(e)) => {
-            if e.is_corruption()
-                && matches!(e, Error::Catalog(_))
-                && let Some(io) = unreadable_catalog(&repo_path(&cli))
-            {
-                // SQLite reports an I/O error while it loads the schema as a malformed database.
-                eprintln!("error: catalog: {io}");
-                eprintln!("hint: {CATALOG_IO}");
-                return ExitCode::from(EXIT_FAILURE);
-            }
-            eprintln!("error: {e}");
-            if let Some(full) = disk_full(&e, &repo_path(&cli)) {
-                eprintln!("error: {full}");
-                eprintln!("hint: {FREE_SPACE}");
-            } else if let Some(hint) = catalog_lost(&e) {
-                eprintln!("hint: {hint}");
-            } else if let Some(hint) = hint(&e) {
-                eprintln!("hint: {hint}");
-            }
-            ExitCode::from(exit_code(&e))
+            let (errors, hint, code) = describe(&e, &repo_path(&cli));
+            report(cli.json, &errors, hint.as_deref(), code)
         }
         Err(Failure::Exit(code)) => ExitCode::from(code),
-        Err(Failure::Usage(msg)) => {
-            eprintln!("error: {msg}");
-            ExitCode::from(EXIT_USAGE)
+        Err(Failure::Usage(msg)) => report(cli.json, &[msg], None, EXIT_USAGE),
+    }
+}
+
+/// What went wrong (one or more lines), what to do about it, and the exit code.
+fn describe(e: &Error, repo: &std::path::Path) -> (Vec<String>, Option<String>, u8) {
+    if e.is_corruption()
+        && matches!(e, Error::Catalog(_))
+        && let Some(io) = unreadable_catalog(repo)
+    {
+        // SQLite reports an I/O error while it loads the schema as a malformed database.
+        return (vec![format!("catalog: {io}")], Some(CATALOG_IO.to_string()), EXIT_FAILURE);
+    }
+    let mut errors = vec![e.to_string()];
+    let hint = if let Some(full) = disk_full(e, repo) {
+        errors.push(full);
+        Some(FREE_SPACE.to_string())
+    } else {
+        catalog_lost(e).or_else(|| hint(e).map(str::to_string))
+    };
+    (errors, hint, exit_code(e))
+}
+
+/// Prints an error on stderr: `error:` and `hint:` lines, or with --json one JSON object that scripts can parse
+/// (`error`, `hint` when there is one, `exit_code`).
+fn report(json: bool, errors: &[String], hint: Option<&str>, code: u8) -> ExitCode {
+    if json {
+        let mut v = serde_json::json!({ "error": errors.join("; "), "exit_code": code });
+        if let Some(h) = hint {
+            v["hint"] = h.into();
+        }
+        eprintln!("{v}");
+    } else {
+        for e in errors {
+            eprintln!("error: {e}");
+        }
+        if let Some(h) = hint {
+            eprintln!("hint: {h}");
         }
     }
+    ExitCode::from(code)
 }
 
 pub(crate) enum Failure {
