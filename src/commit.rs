@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::params::RepoParams;
 use crate::progress::{NoProgress, Progress};
-use crate::region::{REGION, REGION_MIN_THREADS, cut_region, stitch};
+use crate::region::{REGION_MAX_WORKERS, REGION_MIN_THREADS, cut_region, region_len, stitch};
 use crate::sparse::{HoleSkippingReader, is_zero};
 use crate::store::{Compressor, Packer};
 use crate::tree::{self, ChunkRef, Entry, EntryKind};
@@ -381,23 +381,32 @@ pub(crate) fn path_key(path: &Path) -> Result<(std::path::PathBuf, String)> {
 }
 
 fn worker(ctx: &Context<'_>, jobs: Receiver<Job>, results: Sender<Result<Hashed>>) {
-    let setup = Catalog::open(ctx.catalog_path)
-        .and_then(|c| Ok((c, Compressor::new(ctx.params.compression_level, ctx.params.groups_bytes())?)));
-    let (catalog, mut compressor) = match setup {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = results.send(Err(e));
-            return;
-        }
-    };
+    // Opened at the first job: while region workers cut a large file these workers may get none, and a
+    // catalog connection and a compressor cost each of them about 2 MiB.
+    let mut setup = None;
     let hasher = ChunkHasher::new(ctx.params);
     for job in jobs {
+        let (catalog, compressor) = match &mut setup {
+            Some(s) => s,
+            None => {
+                let opened = Catalog::open(ctx.catalog_path)
+                    .and_then(|c| Ok((c, Compressor::new(ctx.params.compression_level, ctx.params.groups_bytes())?)));
+                match opened {
+                    Ok(v) => setup.insert(v),
+                    Err(e) => {
+                        let _ = results.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        };
+        let (catalog, compressor) = (&*catalog, compressor);
         let sent = match job.verify {
-            None => results.send(hasher.hash(&catalog, &mut compressor, &job.data, job.seq)).is_ok(),
+            None => results.send(hasher.hash(catalog, compressor, &job.data, job.seq)).is_ok(),
             Some(v) => {
                 // Nobody listening means the walker dropped this candidate at a change: not a failure.
                 if v.wanted.load(Ordering::Relaxed) {
-                    let out = hasher.verify(&catalog, &mut compressor, &job.data, &v.expect);
+                    let out = hasher.verify(catalog, compressor, &job.data, &v.expect);
                     let _ = v.reply.send((job.seq, out));
                 }
                 true
@@ -476,7 +485,7 @@ struct RegionDone {
 fn region_worker(
     ctx: &Context<'_>,
     f: &File,
-    len: u64,
+    (len, region): (u64, u64),
     cutter: Cutter,
     tasks: Receiver<u64>,
     done: Sender<(u64, Result<RegionDone>)>,
@@ -495,8 +504,8 @@ fn region_worker(
     let hasher = ChunkHasher::new(ctx.params);
     let mut buf = Vec::new();
     for k in tasks {
-        let start = k * REGION;
-        let end = (start + REGION).min(len);
+        let start = k * region;
+        let end = (start + region).min(len);
         // The region and one maximum chunk beyond it, so every chunk starting inside it can be cut.
         let want = ((end + cutter.max() as u64).min(len) - start) as usize;
         buf.resize(want, 0);
@@ -729,7 +738,7 @@ impl Walker<'_, '_> {
         if len < 2 * self.block_len as u64 {
             return self.chunks_inline(&mut &*f, prior);
         }
-        if prior.is_none() && len >= 4 * REGION && self.threads >= REGION_MIN_THREADS {
+        if prior.is_none() && len >= 4 * region_len(self.threads) && self.threads >= REGION_MIN_THREADS {
             return self.chunks_regions(f, len);
         }
         let (pool_tx, pool_rx) = (self.pool_tx.clone(), self.pool_rx.clone());
@@ -890,17 +899,18 @@ impl Walker<'_, '_> {
     /// stitched into the sequential chunking here (see `region.rs`). Returns the bytes read; fewer than `len`
     /// when the file shrank meanwhile (the caller then reads it again).
     fn chunks_regions(&mut self, f: &File, len: u64) -> std::io::Result<u64> {
-        let regions = len.div_ceil(REGION);
-        let (ctx, cutter, threads) = (self.ctx, self.cutter, self.threads);
+        let (ctx, cutter, threads) = (self.ctx, self.cutter, self.threads.min(REGION_MAX_WORKERS));
+        let region = region_len(threads);
+        let regions = len.div_ceil(region);
         let (task_tx, task_rx) = bounded::<u64>(regions as usize);
         let (done_tx, done_rx) = bounded::<(u64, Result<RegionDone>)>(threads + 1);
         std::thread::scope(|s| {
             for _ in 0..threads {
                 let (tasks, done) = (task_rx.clone(), done_tx.clone());
-                s.spawn(move || region_worker(ctx, f, len, cutter, tasks, done));
+                s.spawn(move || region_worker(ctx, f, (len, region), cutter, tasks, done));
             }
             drop((task_rx, done_tx));
-            let stitched = self.stitch_regions(f, len, regions, &task_tx, &done_rx);
+            let stitched = self.stitch_regions(f, (len, region, threads), regions, &task_tx, &done_rx);
             // Stops the workers: no more tasks, and nobody takes what they finish.
             drop(task_tx);
             drop(done_rx);
@@ -908,10 +918,11 @@ impl Walker<'_, '_> {
         })
     }
 
+    /// With the file's length, the regions' length (`span`) and the number of region workers.
     fn stitch_regions(
         &mut self,
         f: &File,
-        len: u64,
+        (len, span, workers): (u64, u64, usize),
         regions: u64,
         tasks: &Sender<u64>,
         done: &Receiver<(u64, Result<RegionDone>)>,
@@ -921,7 +932,7 @@ impl Walker<'_, '_> {
             std::io::Error::other("region chunking failed")
         };
         // At most this many regions are read or held at once, which bounds memory at a few regions.
-        let window = self.threads as u64 + 2;
+        let window = workers as u64 + 2;
         let (mut sent, mut ready) = (0u64, HashMap::new());
         let (mut pos, mut total) = (0u64, 0u64);
         let mut junction_buf = Vec::new();
@@ -942,7 +953,7 @@ impl Walker<'_, '_> {
                     Err(e) => return Err(stop(self, e)),
                 };
             };
-            let region_end = ((k + 1) * REGION).min(len);
+            let region_end = ((k + 1) * span).min(len);
             let starts: Vec<u64> = region.chunks.iter().map(|(at, _)| *at).collect();
             let max = self.cutter.max() as u64;
             let cut_at = |p: u64| -> std::io::Result<(usize, bool)> {

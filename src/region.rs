@@ -20,9 +20,26 @@ use crate::chunker::Cutter;
 /// cores: 0.95–1.09 s against 1.11–1.18 s for the incremental commit of a 1 GiB image (docs/benchmarks.md).
 pub(crate) const REGION_MIN_THREADS: usize = 4;
 
-/// Bytes per region: large enough that the junction work is small, small enough that a few regions in flight
-/// stay within the commit's memory bound.
-pub(crate) const REGION: u64 = 4 << 20;
+/// The most bytes per region: large enough that the junction work is small (about 2 % at 4 MiB).
+pub(crate) const REGION_MAX: u64 = 4 << 20;
+
+/// What the regions in flight may hold: each worker's buffer (a region and a maximum chunk), and the results
+/// of the regions read ahead of the stitcher (their new chunks' blobs: up to a region each where nothing
+/// compresses). With 4 MiB regions whatever the thread count, a first commit of incompressible data peaked at
+/// 78 MiB with 4 threads and 142 MiB with 8, against the commit's bound of 64 MiB.
+const REGION_BUDGET: u64 = 24 << 20;
+
+/// At most this many region workers, however many cores: each holds a catalog connection and a compressor
+/// (about 2 MiB) besides its buffer, and more would shrink regions toward 1 MiB, where the junctions' repeated
+/// work grows, to stay within [`REGION_BUDGET`].
+pub(crate) const REGION_MAX_WORKERS: usize = 4;
+
+/// The region length for `workers` region workers, which keep `workers + 2` regions in flight: a power of two
+/// from 1 MiB to [`REGION_MAX`] such that a buffer per worker and a result per region in flight fit the budget.
+pub(crate) fn region_len(workers: usize) -> u64 {
+    let per = REGION_BUDGET / (2 * workers as u64 + 2);
+    (1u64 << per.max(1).ilog2()).clamp(1 << 20, REGION_MAX)
+}
 
 /// Offsets, relative to the region's start, and lengths of the chunks a worker cuts in a region on its own.
 /// `buf` holds the region followed by up to one maximum chunk of what comes after it (less where the file
@@ -119,6 +136,17 @@ mod tests {
             assert_eq!(got, sequential(&cutter, &data), "region {region}");
             let boundaries = data.len().div_ceil(region);
             assert!(redone <= 4 * boundaries, "region {region}: {redone} chunks recut at {boundaries} boundaries");
+        }
+    }
+
+    #[test]
+    fn regions_shrink_with_more_workers_to_stay_within_the_budget() {
+        assert_eq!(region_len(1), REGION_MAX);
+        assert_eq!(region_len(4), 2 << 20);
+        assert_eq!(region_len(8), 1 << 20);
+        for w in 1..=8 {
+            let len = region_len(w);
+            assert!(len.is_power_of_two() && (w as u64 * (len + (256 << 10)) + (w as u64 + 2) * len) <= 28 << 20);
         }
     }
 
