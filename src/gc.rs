@@ -180,7 +180,9 @@ fn mark(conn: &Connection) -> Result<u64> {
         return Err(Error::corrupt(format!(
             "{unindexed} chunk(s) that checkpoints use are missing from the chunk index, so GC collected nothing \
              (their packs must not be repacked or deleted); run `snapstore verify` to see the files affected, then \
-             `snapstore repair index`"
+             `snapstore repair index --read-data` (it indexes what the packs still hold soundly); chunks it leaves \
+             out are stored again by committing the original data with --reread, or forget the checkpoints \
+             that use them"
         )));
     }
     let epoch = gc_epoch(conn)?;

@@ -148,9 +148,22 @@ pub(crate) fn repair_index(
     let rebuilt = rebuild(&mut cat, backend.as_ref(), &me, false, &mut report).and_then(|()| {
         let Some(opts) = read_data else { return Ok(()) };
         report.data_read = true;
-        let found = crate::verify::verify_with(&cat, &catalog_path, backend.clone(), opts)?;
+        crate::verify::verify_with(&cat, &catalog_path, backend.clone(), opts)?;
         // Only blobs whose bytes were read and found wrong: a chunk missing from the index is not in a pack.
-        let bad: Vec<_> = found.damaged_chunks.into_iter().filter(|c| c.pack.is_some()).collect();
+        // Read from the table, not the report, whose list stops at 1000 and starts with the missing ones.
+        let bad: Vec<crate::verify::DamagedChunk> = cat
+            .connection()
+            .prepare(
+                "SELECT id, pack, problem FROM temp.v_bad_chunk WHERE pack IS NOT NULL ORDER BY pack, id LIMIT 1000",
+            )?
+            .query_map([], |r| {
+                Ok(crate::verify::DamagedChunk {
+                    id: crate::id::to_hex(&r.get::<_, Vec<u8>>(0)?),
+                    pack: r.get(1)?,
+                    problem: r.get(2)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
         if bad.is_empty() {
             return Ok(());
         }

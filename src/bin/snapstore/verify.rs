@@ -149,9 +149,13 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
         let index_damage = r.damaged_chunks.iter().any(|c| c.pack.is_none()) || r.packs_not_in_catalog > 0;
         if index_damage {
             out.line(&format!(
-                "hint: {} pack files are not in the catalog and chunks are missing from its index: \
-                 `snapstore repair index` rebuilds the index from the packs",
-                r.packs_not_in_catalog
+                "hint: {} and chunks missing from its index: `snapstore repair index --read-data` rebuilds the \
+                 index from what the packs hold soundly; chunks it cannot find are stored again by committing the \
+                 original data with --reread",
+                match r.packs_not_in_catalog {
+                    1 => "1 pack file not in the catalog".to_string(),
+                    n => format!("{n} pack files not in the catalog"),
+                }
             ))?;
         }
     }
