@@ -838,11 +838,7 @@ impl Repository {
     /// [`Repository::open`] refuses): a new catalog is created and the chunk index rebuilt into it, but no
     /// checkpoint survives the loss of the catalog.
     pub fn repair_index_at(path: impl AsRef<Path>) -> Result<RepairReport> {
-        let root = path.as_ref();
-        if let Ok(md) = std::fs::metadata(root) {
-            check_owner(root, &md)?;
-        }
-        repair::repair_index(root, Arc::new(LocalBackend::new(root)), None)
+        Self::repair_local(path.as_ref(), None)
     }
 
     /// [`Repository::repair_index_at`], then every indexed chunk read and checked as [`Repository::verify`]
@@ -851,11 +847,15 @@ impl Repository {
     /// [`CommitOptions::reread`], so that files unchanged by their stat are read), and from then on every
     /// checkpoint that uses it is whole again.
     pub fn repair_index_reading_data(path: impl AsRef<Path>, opts: &VerifyOptions) -> Result<RepairReport> {
-        let root = path.as_ref();
+        Self::repair_local(path.as_ref(), Some(opts))
+    }
+
+    /// `repair index` of the repository directory `root`, which may have lost its catalog.
+    fn repair_local(root: &Path, read_data: Option<&VerifyOptions>) -> Result<RepairReport> {
         if let Ok(md) = std::fs::metadata(root) {
             check_owner(root, &md)?;
         }
-        repair::repair_index(root, Arc::new(LocalBackend::new(root)), Some(opts))
+        repair::repair_index(root, Arc::new(LocalBackend::new(root)), read_data)
     }
 
     fn context<'a>(&'a self, journal: Option<catalog::Journal<'a>>) -> commit::Context<'a> {
