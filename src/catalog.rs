@@ -442,7 +442,10 @@ impl Catalog {
         let mut stmt = self.conn.prepare("SELECT key, value FROM meta")?;
         let map: HashMap<String, String> =
             stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
-        RepoParams::from_lookup(|k| map.get(k).cloned())
+        RepoParams::from_lookup(|k| map.get(k).cloned()).map_err(|e| match e {
+            Error::Format(why) => Error::Format(format!("catalog meta table: {why}")),
+            other => other,
+        })
     }
 
     /// Whether the chunk store holds this chunk and a writer may rely on it: a chunk condemned by GC counts
@@ -836,16 +839,39 @@ impl Catalog {
     }
 
     /// Removes checkpoints (with their tags and skipped-file records) in one transaction.
-    pub(crate) fn delete_checkpoints(&mut self, ids: &[&str], journal: Option<Journal<'_>>) -> Result<()> {
+    /// Deletes checkpoints, except those that carry one of `spare_tags` when the transaction runs (the empty
+    /// tag stands for "no tag"), and those already gone. Returns the ids deleted.
+    pub(crate) fn delete_checkpoints(
+        &mut self,
+        ids: &[&str],
+        spare_tags: &[String],
+        journal: Option<Journal<'_>>,
+    ) -> Result<Vec<String>> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for id in ids {
-            delete_checkpoint_rows(&tx, id)?;
+        let mut deleted = Vec::with_capacity(ids.len());
+        {
+            let mut exists = tx.prepare_cached("SELECT 1 FROM checkpoints WHERE id = ?1")?;
+            let mut tags_of = tx.prepare_cached("SELECT tag FROM checkpoint_tags WHERE checkpoint = ?1")?;
+            for id in ids {
+                if !exists.exists([id])? {
+                    continue;
+                }
+                if !spare_tags.is_empty() {
+                    let tags: Vec<String> = tags_of.query_map([id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+                    let untagged = tags.is_empty() && spare_tags.iter().any(String::is_empty);
+                    if untagged || tags.iter().any(|t| spare_tags.contains(t)) {
+                        continue;
+                    }
+                }
+                delete_checkpoint_rows(&tx, id)?;
+                deleted.push(id.to_string());
+            }
         }
         if let Some(journal) = journal {
-            journal(&tx, &Batch { forget: ids.iter().map(|s| s.to_string()).collect(), ..Default::default() })?;
+            journal(&tx, &Batch { forget: deleted.clone(), ..Default::default() })?;
         }
         tx.commit()?;
-        Ok(())
+        Ok(deleted)
     }
 
     /// Adds and removes tags of checkpoint `id`, in one transaction.

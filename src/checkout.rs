@@ -273,11 +273,30 @@ fn temp_path(dir: &Path) -> PathBuf {
     dir.join(format!("{TEMP_PREFIX}{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
 }
 
-/// Whether `name` is a temporary file left by a checkout whose process is gone.
-fn stale_temp(name: &[u8]) -> bool {
+/// Whether `name` in `dir` is a temporary file left by a checkout whose process is gone: its pid is not
+/// running here, and no process holds its lock (a checkout in another PID namespace sharing the directory has
+/// a pid this one cannot see, but its lock shows).
+fn stale_temp(dir: &Path, name: &[u8]) -> bool {
     let Some(rest) = name.strip_prefix(TEMP_PREFIX.as_bytes()) else { return false };
     let pid = rest.split(|&b| b == b'-').next().and_then(|p| std::str::from_utf8(p).ok()?.parse::<u32>().ok());
     pid.is_some_and(|pid| pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists())
+        && !locked(&dir.join(OsStr::from_bytes(name)))
+}
+
+/// Locks a temporary for as long as `fd` is open, so that no other checkout takes it for a dead one's.
+/// Filesystems without locks fall back to the pid alone.
+fn lock_temp(fd: &OwnedFd) {
+    let _ = rustix::fs::flock(fd, rustix::fs::FlockOperation::NonBlockingLockExclusive);
+}
+
+/// Whether another process holds the lock of the temporary at `path`.
+fn locked(path: &Path) -> bool {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+    let Ok(fd) = rustix::fs::open(path, flags, Mode::empty()) else { return false };
+    matches!(
+        rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive),
+        Err(rustix::io::Errno::WOULDBLOCK)
+    )
 }
 
 /// The error for a name that should have been free; says why it may not be when it was taken.
@@ -293,7 +312,7 @@ fn name_error(path: &Path, e: std::io::Error) -> Error {
 
 fn remove_stale_temps(dir: &Path) {
     for item in fs::read_dir(dir).into_iter().flatten().flatten() {
-        if stale_temp(item.file_name().as_bytes()) {
+        if stale_temp(dir, item.file_name().as_bytes()) {
             let _ = fs::remove_file(item.path());
         }
     }
@@ -311,11 +330,10 @@ fn parent_dir(path: &Path) -> &Path {
     path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
-/// Creates the file `dest` in `dir`, its directory: under its own name unless `temp` or the name is taken,
-/// else under a temporary name beside it. Never through a symlink.
-/// A file created under its own name gets `create_mode` if given, else (and a temporary always) 0600.
-/// Creates the file for `dest` in `dir`: under its own name if it is free and the file small (`staged`
-/// false), else under a temporary name, renamed into place when whole.
+/// Creates the file for `dest` in `dir`, its directory: under its own name if it is free and the file small
+/// (`staged` false), else under a temporary name beside it, renamed into place when whole. Never through a
+/// symlink. A file created under its own name gets `create_mode` if given, else (and a temporary always)
+/// 0600.
 fn create_in(
     dir: &OwnedFd,
     dest: &Path,
@@ -335,15 +353,34 @@ fn create_in(
     let temp = temp_path(parent_dir(dest));
     let fd = rustix::fs::openat(dir, temp.file_name().unwrap_or_default(), flags, mode)
         .map_err(|e| Error::io(&temp, e.into()))?;
+    lock_temp(&fd);
     Ok((File::from(fd), Target::Temp { path: temp, replace: exists }))
 }
 
-/// Renames `from` to `to` in `dir`, failing with `AlreadyExists` if `to` is taken, on filesystems that can
-/// refuse that; elsewhere it replaces, as a plain rename.
+/// Renames `from` to `to` in `dir`, failing with `AlreadyExists` if `to` is taken. Where the filesystem
+/// cannot rename that way (NFS, some FUSE), a hard link does the same atomically; only where it has no hard
+/// links either is the name checked first, leaving a window in which a name taken meanwhile is replaced.
 fn rename_noreplace(dir: &OwnedFd, from: &OsStr, to: &OsStr) -> std::io::Result<()> {
+    use rustix::io::Errno;
     match rustix::fs::renameat_with(dir, from, dir, to, rustix::fs::RenameFlags::NOREPLACE) {
-        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => Ok(rustix::fs::renameat(dir, from, dir, to)?),
+        Err(Errno::INVAL | Errno::NOSYS) => move_noreplace(dir, from, to),
         r => Ok(r?),
+    }
+}
+
+/// `rename_noreplace` for filesystems whose rename cannot refuse a taken name.
+fn move_noreplace(dir: &OwnedFd, from: &OsStr, to: &OsStr) -> std::io::Result<()> {
+    use rustix::io::Errno;
+    match rustix::fs::linkat(dir, from, dir, to, AtFlags::empty()) {
+        Ok(()) => Ok(rustix::fs::unlinkat(dir, from, AtFlags::empty())?),
+        Err(Errno::PERM | Errno::OPNOTSUPP | Errno::MLINK) => {
+            match rustix::fs::statat(dir, to, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(_) => Err(Errno::EXIST.into()),
+                Err(Errno::NOENT) => Ok(rustix::fs::renameat(dir, from, dir, to)?),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -538,10 +575,6 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    if root.kind == EntryKind::File {
-        // A killed checkout of a large file leaves its temporary beside it, in a directory no walk tidies.
-        remove_stale_temps(parent_dir(dest));
-    }
     let abs_dest = std::path::absolute(dest).map_err(|e| Error::io(dest, e))?;
     let priors = if in_place && !opts.checksum { priors(&catalog, &abs_dest) } else { Vec::new() };
     // Files placed by this checkout carry its checkpoint's sizes and mtimes; were it cut short under the old
@@ -588,6 +621,12 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             let rel = if rel.as_os_str().is_empty() { root_name.clone() } else { root_name.join(rel) };
             starts.push(Start { entry, path, rel, priors });
         }
+    }
+    // A killed checkout of a large file leaves its temporary beside it, in a directory no walk tidies.
+    let file_dirs: std::collections::BTreeSet<&Path> =
+        starts.iter().filter(|s| s.entry.kind == EntryKind::File).map(|s| parent_dir(&s.path)).collect();
+    for dir in file_dirs {
+        remove_stale_temps(dir);
     }
     // The whole checkpoint's size is on its row; only a partial checkout walks its parts to learn theirs.
     let total = if opts.paths.is_empty() {
@@ -937,7 +976,7 @@ impl Walker<'_> {
             let item = item.map_err(|e| Error::io(dir, e))?;
             let name = item.file_name();
             let name = name.as_bytes();
-            if stale_temp(name) {
+            if stale_temp(dir, name) {
                 let _ = fs::remove_file(item.path());
                 continue;
             }
@@ -1298,9 +1337,44 @@ mod tests {
 
     #[test]
     fn only_temporaries_of_dead_processes_are_stale() {
-        assert!(!stale_temp(format!("{TEMP_PREFIX}{}-3", std::process::id()).as_bytes()));
-        assert!(!stale_temp(b".snapstore-tmp-1-0"), "pid 1 is alive");
-        assert!(stale_temp(b".snapstore-tmp-4000000000-7"));
-        assert!(!stale_temp(b".snapstore-tmp-x-7") && !stale_temp(b"data.bin"));
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert!(!stale_temp(d, format!("{TEMP_PREFIX}{}-3", std::process::id()).as_bytes()));
+        assert!(!stale_temp(d, b".snapstore-tmp-1-0"), "pid 1 is alive");
+        assert!(stale_temp(d, b".snapstore-tmp-4000000000-7"));
+        assert!(!stale_temp(d, b".snapstore-tmp-x-7") && !stale_temp(d, b"data.bin"));
+    }
+
+    /// A pid this process cannot see (another PID namespace) with its temporary locked is alive.
+    #[test]
+    fn a_locked_temporary_is_not_stale_whatever_its_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = ".snapstore-tmp-4000000000-7";
+        let held = OwnedFd::from(File::create(dir.path().join(name)).unwrap());
+        lock_temp(&held);
+        assert!(!stale_temp(dir.path(), name.as_bytes()));
+        remove_stale_temps(dir.path());
+        assert!(dir.path().join(name).exists());
+        drop(held);
+        assert!(stale_temp(dir.path(), name.as_bytes()));
+        remove_stale_temps(dir.path());
+        assert!(!dir.path().join(name).exists());
+    }
+
+    /// Renaming into a taken name is refused, by the kernel's flag or, where it has none, the fallback.
+    #[test]
+    fn rename_noreplace_never_replaces() {
+        for rename in [rename_noreplace, move_noreplace] {
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(dir.path().join("a"), b"new").unwrap();
+            fs::write(dir.path().join("b"), b"old").unwrap();
+            let fd = OwnedFd::from(File::open(dir.path()).unwrap());
+            let err = rename(&fd, OsStr::new("a"), OsStr::new("b")).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+            assert_eq!(fs::read(dir.path().join("b")).unwrap(), b"old");
+            rename(&fd, OsStr::new("a"), OsStr::new("c")).unwrap();
+            assert_eq!(fs::read(dir.path().join("c")).unwrap(), b"new");
+            assert!(!dir.path().join("a").exists());
+        }
     }
 }

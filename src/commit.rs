@@ -572,7 +572,7 @@ impl Walker<'_, '_> {
     }
 
     fn walk(&mut self, root: &Path, root_name: &[u8]) -> Result<()> {
-        let root_md = std::fs::symlink_metadata(root).map_err(|e| Error::io(root, e))?;
+        let root_md = std::fs::symlink_metadata(root).map_err(|e| Error::reading_source(root, e))?;
         self.opts.progress.start("commit", root_md.is_file().then_some(root_md.len()));
         let repo = std::fs::metadata(self.ctx.repo_root).ok().map(|m| (m.dev(), m.ino()));
         let mut depth_open = 0usize;
@@ -738,7 +738,10 @@ impl Walker<'_, '_> {
         if len < 2 * self.block_len as u64 {
             return self.chunks_inline(&mut &*f, prior);
         }
-        if prior.is_none() && len >= 4 * region_len(self.threads) && self.threads >= REGION_MIN_THREADS {
+        if prior.is_none()
+            && len >= 4 * region_len(self.threads.min(REGION_MAX_WORKERS))
+            && self.threads >= REGION_MIN_THREADS
+        {
             return self.chunks_regions(f, len);
         }
         let (pool_tx, pool_rx) = (self.pool_tx.clone(), self.pool_rx.clone());

@@ -65,7 +65,8 @@ pub(crate) fn lookup(catalog: &Catalog, root: &Entry, path: &Path) -> Result<Opt
              committed directory (write ./{})",
             path.display(),
             path.display(),
-            b.display(),
+            // The committed directory itself: `.` names it.
+            if b.as_os_str().is_empty() { Path::new(".") } else { &b }.display(),
             Path::new(OsStr::from_bytes(&root.name)).join(&a).display(),
             a.display()
         ))),
@@ -293,5 +294,9 @@ mod tests {
         assert_eq!((size("x"), size("./x")), (5, 5));
         assert_eq!((size("./top/x"), size("top/top/x")), (6, 6));
         assert_eq!(lookup_relative(&cat, &root, Path::new("top/x")).unwrap().unwrap().0.size, 6);
+        // The root named like its child: the root's own form is `.`.
+        let err = lookup(&cat, &root, Path::new("top")).unwrap_err().to_string();
+        assert!(err.contains("(write .)") && err.contains("(write ./top)"), "{err}");
+        assert_eq!(lookup(&cat, &root, Path::new(".")).unwrap().unwrap().0, root);
     }
 }

@@ -88,6 +88,9 @@ pub enum Error {
         /// Short ids of some of the matching checkpoints.
         candidates: Vec<String>,
     },
+    /// The path given to commit (or watch) does not exist.
+    #[error("{}: No such file or directory", .0.display())]
+    SourceNotFound(PathBuf),
     /// A checkpoint holds nothing at the given path.
     #[error("checkpoint {checkpoint} has no {}", path.display())]
     PathNotFound {
@@ -183,6 +186,15 @@ impl Error {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
+    }
+
+    /// An error reading the path given to commit: [`Error::SourceNotFound`] if it does not exist, else I/O.
+    pub fn reading_source(path: &std::path::Path, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            Error::SourceNotFound(path.to_path_buf())
+        } else {
+            Error::io(path, source)
+        }
     }
 
     /// Wraps a chunk-store I/O error with the object name it concerns.

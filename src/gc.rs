@@ -31,6 +31,7 @@ pub struct GcOptions {
     /// Report what would be done, change nothing.
     pub dry_run: bool,
     /// A pack whose unused share exceeds this fraction (0.0 to 1.0) is rewritten with only its live chunks.
+    /// At 1.0 no pack is rewritten, and small packs are not merged either.
     pub max_unused: f64,
     /// A session or GC lease on another host whose heartbeat is older than this is taken as dead. On this
     /// host, a session is dead as soon as its process is gone, whatever the clocks say.
@@ -79,6 +80,10 @@ pub struct GcSummary {
     pub packs_rewritten: u64,
     /// Pack and temporary files that no catalog row knows, deleted.
     pub orphans_deleted: u64,
+    /// Packs due for a rewrite but left as they are because they are damaged (an index that does not match
+    /// the catalog, or a live blob that fails its check). Everything else was collected; `verify` says
+    /// what the damage reaches.
+    pub packs_damaged: Vec<String>,
     /// Bytes of pack storage freed, net of rewritten packs.
     pub bytes_freed: u64,
     /// For a repository in a bucket: commits running anywhere (this machine included) when GC was about to
@@ -391,33 +396,23 @@ fn collect(
     let uses = pack_use(conn)?;
     let sparse = to_rewrite(&uses, opts, pack_target);
     let mut packer = Packer::new(backend.clone(), pack_target);
-    // Every blob is checked against its chunk id before it is copied, so a repack never spreads damage.
     let mut decoder = BlobDecoder::new()?;
     let rewritten: HashSet<i64> = sparse.iter().map(|p| p.id).collect();
     let mut freed: i128 = 0;
     for p in &sparse {
-        // The pack's own index lists its chunks; the catalog's rows say which are still used, and where.
-        let chunks = {
-            let mut row_of = conn
-                .prepare_cached("SELECT offset, stored_len, raw_len, flags FROM chunks WHERE id = ?1 AND pack = ?2")?;
-            rows_in_pack(crate::pack::read_index(backend.as_ref(), &p.name)?, p.id, &mut row_of)?
-        };
-        if chunks.len() as u64 != p.rows {
-            // The catalog places chunks in this pack that its own index lacks: damage for verify to report.
-            // Left as it is, the pack keeps its rows and its file; every other pack is still collected.
-            continue;
-        }
-        for (id, offset, stored_len, raw_len, flags) in chunks {
-            let mut blob = vec![0u8; stored_len as usize];
-            backend.read_at(&p.name, offset, &mut blob).map_err(|e| Error::backend(&p.name, e))?;
-            decoder
-                .decode(&id, flags, raw_len, &blob)
-                .map_err(|why| Error::corrupt(format!("chunk {id} in {}: {why}", p.name)))?;
-            for pack in packer.add(id, flags, raw_len, &blob)? {
-                freed -= record_moved(conn, &mut packer, pack, remote)? as i128;
+        match copy_live(conn, backend.as_ref(), p, &mut packer, &mut decoder, remote) {
+            Ok(moved) => {
+                freed -= moved;
+                s.packs_rewritten += 1;
             }
+            // Left as it is, the pack keeps its file and the rows still in it (blobs copied before the damage
+            // was met are in the new pack already); every other pack is still collected.
+            Err((moved, e)) if e.is_corruption() => {
+                freed -= moved;
+                s.packs_damaged.push(p.name.clone());
+            }
+            Err((_, e)) => return Err(e),
         }
-        s.packs_rewritten += 1;
     }
     for pack in packer.finish()? {
         freed -= record_moved(conn, &mut packer, pack, remote)? as i128;
@@ -479,6 +474,46 @@ fn collect(
     let _ = vacuum(conn);
     let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
     Ok(s)
+}
+
+/// Copies the live chunks of a pack into `packer`, each checked against its id first so that a repack never
+/// spreads damage. Returns the bytes of the new packs written meanwhile; on failure, with those bytes, since
+/// the chunks copied before it are already recorded where they moved.
+fn copy_live(
+    conn: &mut Connection,
+    backend: &dyn Backend,
+    p: &PackUse,
+    packer: &mut Packer,
+    decoder: &mut BlobDecoder,
+    remote: Option<(&Remote, &Lock)>,
+) -> std::result::Result<i128, (i128, Error)> {
+    let mut written: i128 = 0;
+    let mut copy = || -> Result<()> {
+        // The pack's own index lists its chunks; the catalog's rows say which are still used, and where.
+        let chunks = {
+            let mut row_of = conn
+                .prepare_cached("SELECT offset, stored_len, raw_len, flags FROM chunks WHERE id = ?1 AND pack = ?2")?;
+            rows_in_pack(crate::pack::read_index(backend, &p.name)?, p.id, &mut row_of)?
+        };
+        if chunks.len() as u64 != p.rows {
+            return Err(Error::corrupt(format!("{}: its index lacks chunks the catalog places in it", p.name)));
+        }
+        for (id, offset, stored_len, raw_len, flags) in chunks {
+            let mut blob = vec![0u8; stored_len as usize];
+            backend.read_at(&p.name, offset, &mut blob).map_err(|e| Error::backend(&p.name, e))?;
+            decoder
+                .decode(&id, flags, raw_len, &blob)
+                .map_err(|why| Error::corrupt(format!("chunk {id} in {}: {why}", p.name)))?;
+            for pack in packer.add(id, flags, raw_len, &blob)? {
+                written += record_moved(conn, packer, pack, remote)? as i128;
+            }
+        }
+        Ok(())
+    };
+    match copy() {
+        Ok(()) => Ok(written),
+        Err(e) => Err((written, e)),
+    }
 }
 
 /// Records a pack of moved chunks as soon as it is durable, pointing the chunks' rows at it, so that neither
@@ -587,6 +622,9 @@ const SMALL_PACKS_TO_MERGE: usize = 8;
 /// all small ones (merged into as few packs as the target size allows). None holds a condemned chunk: its
 /// blob must stay where a deferred sweep may still need it.
 fn to_rewrite<'a>(uses: &'a [PackUse], opts: &GcOptions, pack_target: u64) -> Vec<&'a PackUse> {
+    if opts.max_unused >= 1.0 {
+        return Vec::new();
+    }
     let candidates = || uses.iter().filter(|p| p.rows > 0 && p.condemned_rows == 0);
     let small = |p: &PackUse| p.size < pack_target / SMALL_PACK_SHARE;
     let merge_small = candidates().filter(|p| small(p)).count() >= SMALL_PACKS_TO_MERGE;

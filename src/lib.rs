@@ -660,12 +660,18 @@ impl Repository {
                 return Err(Error::PartOfGroup { id: c.short_id().to_string(), group, part });
             }
         }
+        self.delete(&mut catalog, found, &[])
+    }
+
+    /// Deletes `found`, but not those that carry one of `spare_tags` by then. Returns those deleted.
+    fn delete(&self, catalog: &mut Catalog, found: Vec<Checkpoint>, spare_tags: &[String]) -> Result<Vec<Checkpoint>> {
         fault::point("forget-chosen");
         let journal = self.forget_journal();
         let journal = journal.as_ref().map(|j| j as catalog::Journal<'_>);
-        catalog.delete_checkpoints(&found.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), journal)?;
+        let ids: Vec<&str> = found.iter().map(|c| c.id.as_str()).collect();
+        let deleted = catalog.delete_checkpoints(&ids, spare_tags, journal)?;
         fault::point("forget-done");
-        Ok(found)
+        Ok(found.into_iter().filter(|c| deleted.contains(&c.id)).collect())
     }
 
     /// Decides what a retention policy keeps and forgets, with the reasons, without changing anything.
@@ -746,10 +752,20 @@ impl Repository {
         self.apply_retention(&self.plan_retention(policy, &scope)?)
     }
 
-    /// Forgets what a plan from [`Repository::plan_retention`] says to forget.
+    /// Forgets what a plan from [`Repository::plan_retention`] says to forget, and returns what it forgot.
+    /// What changed since the plan was made is honoured: a checkpoint tagged meanwhile with a tag the policy
+    /// keeps stays, and one forgotten meanwhile is skipped.
     pub fn apply_retention(&self, plan: &Plan) -> Result<Vec<Checkpoint>> {
-        let ids: Vec<&str> = plan.forget.iter().map(|d| d.id.as_str()).collect();
-        self.forget(&ids)
+        let mut catalog = self.catalog()?;
+        let mut found = Vec::with_capacity(plan.forget.len());
+        for d in &plan.forget {
+            match catalog.resolve(&d.id) {
+                Ok(c) => found.push(c),
+                Err(Error::CheckpointNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.delete(&mut catalog, found, &plan.keep_tags)
     }
 
     /// Reclaims space: drops chunks and metadata no checkpoint uses, deletes packs with no live chunk and

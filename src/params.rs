@@ -125,9 +125,7 @@ impl RepoParams {
     /// Rebuilds the parameters from the catalog's key/value pairs.
     pub(crate) fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
         fn need<T: std::str::FromStr>(get: &impl Fn(&str) -> Option<String>, key: &str) -> Result<T> {
-            get(key)
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| Error::Format(format!("catalog lacks a valid '{key}' parameter")))
+            get(key).and_then(|v| v.parse().ok()).ok_or_else(|| Error::Format(format!("no valid '{key}' parameter")))
         }
         let compression: String = need(&get, "compression")?;
         if compression != "zstd" {
@@ -161,21 +159,40 @@ impl RepoParams {
         for (k, v) in self.to_pairs() {
             text.push_str(&format!("{k}={v}\n"));
         }
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         crate::backend::local_dir(&root.join("tmp"))?;
-        let temp = root.join("tmp").join(format!("params-{}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temp)?;
+        // Unique among threads too: two repositories opened in one process may both write their copy.
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let temp = root.join("tmp").join(format!("params-{}-{n}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&temp, root.join(PARAMS_FILE))?;
         crate::backend::sync_local_dir(root)
     }
 
-    /// The parameters in `root/params`, if that file is there and holds a whole, valid set.
-    pub(crate) fn read_copy(root: &Path) -> Option<Self> {
-        let text = std::fs::read_to_string(root.join(PARAMS_FILE)).ok()?;
+    /// The parameters in `root/params`; `None` if there is no such file. One that does not hold a whole set
+    /// this build can honour is an error, never a reason to guess: cutting with other parameters than the
+    /// repository's would store everything again.
+    pub(crate) fn read_copy(root: &Path) -> Result<Option<Self>> {
+        let path = root.join(PARAMS_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            r => r.map_err(|e| Error::io(&path, e))?,
+        };
         let map: HashMap<&str, &str> =
             text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split_once('=')).collect();
-        Self::from_lookup(|k| map.get(k).map(|v| v.to_string())).ok()
+        Self::from_lookup(|k| map.get(k).map(|v| v.to_string())).map(Some).map_err(|e| {
+            let why = match e {
+                Error::Format(why) => why,
+                other => other.to_string(),
+            };
+            Error::Format(format!(
+                "{}: {why}. If a newer snapstore wrote it, use that; else restore it, or move it away to rebuild \
+                 the catalog with the default parameters",
+                path.display()
+            ))
+        })
     }
 }
 
@@ -196,13 +213,20 @@ mod tests {
     fn the_copy_beside_the_catalog_roundtrips() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("tmp")).unwrap();
-        assert_eq!(RepoParams::read_copy(dir.path()), None);
+        assert_eq!(RepoParams::read_copy(dir.path()).unwrap(), None);
         let p =
             RepoParams { chunk_avg: 32768, chunk_min: 8192, chunk_max: 131072, normalization: 0, ..Default::default() };
         p.write_copy(dir.path()).unwrap();
-        assert_eq!(RepoParams::read_copy(dir.path()), Some(p));
+        assert_eq!(RepoParams::read_copy(dir.path()).unwrap(), Some(p.clone()));
+        p.write_copy(dir.path()).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temporary left");
         std::fs::write(dir.path().join(PARAMS_FILE), "chunk_avg=65536\n").unwrap();
-        assert_eq!(RepoParams::read_copy(dir.path()), None, "an incomplete copy is no copy");
+        let err = RepoParams::read_copy(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("no valid 'compression' parameter") && err.contains("move it away"), "{err}");
+        let newer = RepoParams { format_version: FORMAT_VERSION + 1, ..Default::default() };
+        newer.write_copy(dir.path()).unwrap();
+        let err = RepoParams::read_copy(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("upgrade snapstore"), "{err}");
     }
 
     #[test]

@@ -17,8 +17,12 @@
 //! a commit between publishing a pack and recording it would race the rebuild. Its transaction holds the
 //! catalog's write lock while it reads the pack indexes, so commits started meanwhile wait for it.
 //!
-//! If the catalog file is gone, a new one is created with default parameters and the chunk index rebuilt
-//! into it. Trees, file contents and checkpoints live only in the catalog, so none survives that; the chunks
+//! With `--read-data` it then reads every indexed chunk (refreshing its lease meanwhile) and rebuilds once
+//! more leaving out the blobs that fail their hash; commits started during the read delay that second
+//! rebuild until they end (up to ten minutes), rather than throw the reading away.
+//!
+//! If the catalog file is gone, a new one is created with the parameters of the copy beside it
+//! (`REPO/params`; a copy this build cannot use stops the repair) and the chunk index rebuilt into it. Trees, file contents and checkpoints live only in the catalog, so none survives that; the chunks
 //! stay, and later commits of the same data deduplicate against them.
 //!
 //! Afterwards each checkpoint is reported whole or damaged, with what it misses, by the same reachability
@@ -38,6 +42,13 @@ use crate::verify::{AffectedFile, DamagedPack};
 
 /// A session or lease on another host is taken for dead after this long without a heartbeat (as GC does).
 const STALE_AFTER: Duration = Duration::from_secs(3600);
+
+/// How often a long read refreshes the lease: well inside [`STALE_AFTER`].
+const HEARTBEAT: Duration = Duration::from_secs(60);
+
+/// How long the second rebuild of `--read-data` waits for running commits to end before it gives up: the read
+/// before it may have taken hours, and commits take seconds.
+const WAIT_FOR_COMMITS: Duration = Duration::from_secs(600);
 
 /// A checkpoint's state after a repair.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -130,6 +141,8 @@ pub(crate) fn repair_index(
         if packs.is_empty() && !root.join("packs").is_dir() {
             return Err(Error::NoRepository(root.to_path_buf()));
         }
+        // Read first: a copy this build cannot use stops the repair before it changes anything.
+        report.params_recovered = RepoParams::read_copy(root)?;
         // The write-ahead log of a lost catalog belongs to no database any more; SQLite would replay it
         // into the new one.
         for stale in ["catalog.db-wal", "catalog.db-shm"] {
@@ -138,7 +151,6 @@ pub(crate) fn repair_index(
                 _ => {}
             }
         }
-        report.params_recovered = RepoParams::read_copy(root);
         Catalog::create(&catalog_path, report.params_recovered.as_ref().unwrap_or(&RepoParams::default()))?;
         report.catalog_created = true;
     }
@@ -148,29 +160,26 @@ pub(crate) fn repair_index(
     let rebuilt = rebuild(&mut cat, backend.as_ref(), &me, false, &mut report).and_then(|()| {
         let Some(opts) = read_data else { return Ok(()) };
         report.data_read = true;
-        crate::verify::verify_with(&cat, &catalog_path, backend.clone(), opts)?;
+        with_heartbeat(&catalog_path, || crate::verify::verify_with(&cat, &catalog_path, backend.clone(), opts))?;
         // Only blobs whose bytes were read and found wrong: a chunk missing from the index is not in a pack.
         // Read from the table, not the report, whose list stops at 1000 and starts with the missing ones.
-        let bad: Vec<crate::verify::DamagedChunk> = cat
-            .connection()
-            .prepare(
-                "SELECT id, pack, problem FROM temp.v_bad_chunk WHERE pack IS NOT NULL ORDER BY pack, id LIMIT 1000",
-            )?
-            .query_map([], |r| {
-                Ok(crate::verify::DamagedChunk {
-                    id: crate::id::to_hex(&r.get::<_, Vec<u8>>(0)?),
-                    pack: r.get(1)?,
-                    problem: r.get(2)?,
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
+        let bad = crate::verify::listed_bad_chunks(cat.connection(), true)?;
         if bad.is_empty() {
             return Ok(());
         }
         report.damaged_chunks = bad;
         // What the first pass changed, added to what the second one does.
         let first = report.clone();
-        rebuild(&mut cat, backend.as_ref(), &me, true, &mut report)?;
+        let deadline = std::time::Instant::now() + WAIT_FOR_COMMITS;
+        loop {
+            match rebuild(&mut cat, backend.as_ref(), &me, true, &mut report) {
+                Err(Error::CommitsRunning { .. }) if std::time::Instant::now() < deadline => {
+                    crate::gc::touch_lease(cat.connection())?;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                r => break r,
+            }
+        }?;
         report.chunks_added += first.chunks_added;
         report.chunks_repointed += first.chunks_repointed;
         report.chunks_removed += first.chunks_removed;
@@ -220,6 +229,23 @@ pub(crate) fn repair_index(
     report.affected_files = damage.affected_files;
     report.affected_files_total = damage.affected_files_total;
     Ok(report)
+}
+
+/// Runs `read` while a thread keeps this process's lease fresh, so that a read of many hours is not taken
+/// for a dead repair by a machine whose clock is all it can go by.
+fn with_heartbeat<T>(catalog_path: &Path, read: impl FnOnce() -> T) -> T {
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let Ok(cat) = Catalog::open(catalog_path) else { return };
+            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(HEARTBEAT) {
+                let _ = crate::gc::touch_lease(cat.connection());
+            }
+        });
+        let out = read();
+        drop(stop);
+        out
+    })
 }
 
 /// `drop_bad`: leave out the blobs the last verify on this connection found damaged (`temp.v_bad_chunk`).

@@ -136,6 +136,10 @@ pub struct Plan {
     pub keep: Vec<Decision>,
     /// Checkpoints to forget; their `reasons` are empty.
     pub forget: Vec<Decision>,
+    /// The policy's `keep_tags`: applying the plan checks them again, so that a checkpoint tagged to keep
+    /// after the plan was made is not forgotten.
+    #[serde(skip)]
+    pub(crate) keep_tags: Vec<String>,
 }
 
 /// One checkpoint's fate.
@@ -188,7 +192,7 @@ pub fn plan_at(checkpoints: &[Checkpoint], policy: &Policy, group_by_path: bool,
         let key = if group_by_path { (cp.host.as_str(), cp.path.as_str()) } else { ("", "") };
         groups.entry(key).or_default().push(cp);
     }
-    let mut plan = Plan::default();
+    let mut plan = Plan { keep_tags: policy.keep_tags.clone(), ..Default::default() };
     for mut group in groups.into_values() {
         group.sort_by(|a, b| newest_first(a.time_ns, &a.id, b.time_ns, &b.id));
         for (cp, reasons) in group.iter().zip(judge(&group, policy, now_ns)) {

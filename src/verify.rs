@@ -27,7 +27,7 @@
 //! pack file that is missing but whose row is also gone from the current catalog was deleted by a concurrent
 //! GC (which drops rows before files): that is not damage, and rows pointing into it are not checked.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io::ErrorKind;
 use std::os::unix::ffi::OsStrExt;
@@ -239,6 +239,8 @@ pub struct VerifyReport {
     pub damaged_chunks: Vec<DamagedChunk>,
     /// All damaged chunks.
     pub damaged_chunks_total: u64,
+    /// Of those, the chunks in damaged packs (damaged for that reason alone).
+    pub damaged_chunks_in_damaged_packs: u64,
     /// Catalog objects missing or malformed, at most 1000.
     pub damaged_objects: Vec<DamagedObject>,
     /// All missing or malformed catalog objects.
@@ -381,7 +383,7 @@ fn check_packs(
         .collect::<rusqlite::Result<_>>()?;
     report.packs = packs.len() as u64;
     {
-        let known: std::collections::HashSet<&str> = packs.iter().map(|(_, n, _)| n.as_str()).collect();
+        let known: HashSet<&str> = packs.iter().map(|(_, n, _)| n.as_str()).collect();
         let listed = backend.list("packs/").map_err(|e| Error::backend("packs/", e))?;
         report.packs_not_in_catalog =
             listed.iter().filter(|n| n.ends_with(".pack") && !known.contains(n.as_str())).count() as u64;
@@ -817,17 +819,35 @@ impl BlobChecker {
     }
 }
 
+/// The damaged chunks the last verify on this connection found, at most [`MAX_LISTED`] (by pack, then id);
+/// with `in_packs_only`, only blobs read and found wrong (not chunks missing from every pack).
+pub(crate) fn listed_bad_chunks(conn: &Connection, in_packs_only: bool) -> Result<Vec<DamagedChunk>> {
+    let filter = if in_packs_only { "WHERE pack IS NOT NULL" } else { "" };
+    Ok(conn
+        .prepare(&format!("SELECT id, pack, problem FROM temp.v_bad_chunk {filter} ORDER BY pack, id LIMIT ?1"))?
+        .query_map([MAX_LISTED as i64], |r| {
+            Ok(DamagedChunk { id: crate::id::to_hex(&r.get::<_, Vec<u8>>(0)?), pack: r.get(1)?, problem: r.get(2)? })
+        })?
+        .collect::<rusqlite::Result<_>>()?)
+}
+
 /// Fills the report's damage lists, and maps damaged objects to the checkpoints and files they affect.
 fn collect_damage(conn: &Connection, report: &mut VerifyReport) -> Result<()> {
     let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).map(|n| n as u64);
     report.damaged_chunks_total = count("SELECT count(*) FROM temp.v_bad_chunk")?;
     report.damaged_objects_total = count("SELECT count(*) FROM temp.v_bad_obj")?;
-    report.damaged_chunks = conn
-        .prepare("SELECT id, pack, problem FROM temp.v_bad_chunk ORDER BY pack, id LIMIT ?1")?
-        .query_map([MAX_LISTED as i64], |r| {
-            Ok(DamagedChunk { id: crate::id::to_hex(&r.get::<_, Vec<u8>>(0)?), pack: r.get(1)?, problem: r.get(2)? })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
+    report.damaged_chunks = listed_bad_chunks(conn, false)?;
+    if !report.damaged_packs.is_empty() {
+        let damaged: HashSet<&str> = report.damaged_packs.iter().map(|p| p.pack.as_str()).collect();
+        let mut stmt =
+            conn.prepare("SELECT pack, count(*) FROM temp.v_bad_chunk WHERE pack IS NOT NULL GROUP BY pack")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            if damaged.contains(r.get::<_, String>(0)?.as_str()) {
+                report.damaged_chunks_in_damaged_packs += r.get::<_, i64>(1)? as u64;
+            }
+        }
+    }
     report.damaged_objects = conn
         .prepare("SELECT kind, id, problem FROM temp.v_bad_obj ORDER BY kind DESC, id LIMIT ?1")?
         .query_map([MAX_LISTED as i64], |r| {

@@ -77,7 +77,7 @@ pub(crate) fn watch(
         return Err(Error::InvalidInput("the watch interval must be longer than zero".into()));
     }
     // Fail at once on what retrying cannot fix; later failures are reported and retried.
-    std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+    std::fs::symlink_metadata(path).map_err(|e| Error::reading_source(path, e))?;
     let (_, key) = crate::commit::path_key(path)?;
     let commit = CommitOptions { skip_unchanged: true, ..opts.commit.clone() };
     let mut next = Instant::now();

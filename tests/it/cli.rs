@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-use crate::util::{assert_same_tree, bin, chunk_ids, p, pseudo_random, run};
+use crate::util::{assert_same_tree, bin, chunk_ids, corrupt_pack_blob, p, pseudo_random, run};
 
 // ---------------------------------------------------------------------------------------------------------
 // Helpers (local to this file).
@@ -117,20 +117,6 @@ fn packs(repo: &Path) -> Vec<PathBuf> {
     }
     out.sort();
     out
-}
-
-/// Flips one byte in the middle of a pack's blob area (between the 16-byte header and the index, whose
-/// offset the footer's first 8 bytes give).
-fn corrupt_pack_blob(pack: &Path, fraction: f64) {
-    let mut bytes = fs::read(pack).unwrap();
-    let footer = bytes.len() - 40;
-    let index_offset = u64::from_le_bytes(bytes[footer..footer + 8].try_into().unwrap()) as usize;
-    assert!(index_offset > 16 && index_offset < footer, "unexpected pack layout");
-    let at = 16 + ((index_offset - 16) as f64 * fraction) as usize;
-    bytes[at] ^= 0x5a;
-    // Packs are written owner-only and may be read-only: replace the file.
-    fs::remove_file(pack).unwrap();
-    fs::write(pack, bytes).unwrap();
 }
 
 /// Commits a stream given as bytes on stdin.

@@ -29,7 +29,9 @@ use snapstore::{
     Repository,
 };
 
-use crate::util::{Hooked, Rng, chunk_ids, copy_dir, env_num, listed, p, pseudo_random, run, spawn, succeeded, text};
+use crate::util::{
+    Hooked, Rng, chunk_ids, copy_dir, corrupt_pack_blob, env_num, listed, p, pseudo_random, run, spawn, succeeded, text,
+};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers
@@ -369,7 +371,11 @@ fn audit(repo_dir: &Path) -> Audit {
 /// Copies a repository directory (no process may be writing it).
 /// Runs `snapstore --json gc` and returns its summary as JSON.
 fn gc_cli(repo: &Path) -> serde_json::Value {
-    let out = succeeded(&run(repo, &["--json", "gc"]), "gc");
+    gc_cli_args(repo, &[])
+}
+
+fn gc_cli_args(repo: &Path, args: &[&str]) -> serde_json::Value {
+    let out = succeeded(&run(repo, &[&["--json", "gc"], args].concat()), "gc");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("gc --json is not JSON ({e}): {out}"))
 }
 
@@ -1739,6 +1745,44 @@ fn two_commits_storing_the_same_new_chunks_at_once_both_succeed() {
         let s = r.as_ref().unwrap_or_else(|e| panic!("a commit of data another commit stored meanwhile failed: {e}"));
         assert_checks_out(&repo, &s.id, &data, &scratch);
     }
+}
+
+/// A damaged pack due for a merge is left as it is and named, every other small pack is still merged and gc
+/// exits with code 3; `--max-unused 100` rewrites nothing.
+#[test]
+fn a_damaged_small_pack_is_left_out_of_the_merge() {
+    let t = tmp();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let pack_files =
+        || -> Vec<String> { disk_objects(repo.path()).into_keys().filter(|n| n.starts_with("packs/")).collect() };
+    let mut held = Vec::new();
+    for i in 0..12u64 {
+        let data = pseudo_random(20_000 + i as usize * 100, 2 * i);
+        let id = repo.commit_reader("state.bin", &mut &data[..], &Default::default()).unwrap().id;
+        held.push((id, data));
+    }
+    let none = gc_cli_args(repo.path(), &["--max-unused", "100"]);
+    assert_eq!(none["packs_rewritten"], 0, "{none}");
+    assert_eq!(pack_files().len(), 12);
+
+    let damaged = pack_files()[3].clone();
+    corrupt_pack_blob(&repo.path().join(&damaged), 0.5);
+    let out = run(repo.path(), &["--json", "gc"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["packs_damaged"], serde_json::json!([damaged]), "{s}");
+    assert_eq!(s["packs_rewritten"], 11, "{s}");
+    let left = pack_files();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.contains(&damaged));
+    let lost: Vec<_> =
+        held.iter().filter(|(id, data)| checkout_file(&repo, id, t.path()).ok().as_ref() != Some(data)).collect();
+    assert_eq!(lost.len(), 1, "only the checkpoint in the damaged pack is lost");
+
+    // Two small packs are too few to merge: the next gc has nothing to rewrite and succeeds.
+    let again = gc_cli(repo.path());
+    assert_eq!(again["packs_rewritten"], 0, "{again}");
+    assert_eq!(pack_files(), left);
 }
 
 /// A checkpoint every few minutes of a few changed bytes writes a small pack each time; GC merges them once

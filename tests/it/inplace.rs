@@ -529,3 +529,40 @@ fn a_killed_checkout_of_a_large_file_leaves_no_file_under_its_name_and_a_rerun_f
     let left: Vec<_> = fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, vec![std::ffi::OsString::from("vm.img")]);
 }
+
+/// The same for one file of a directory checkpoint restored with `--path`: its temporary sits in a directory
+/// that no walk of the checkout tidies, and the rerun still clears it.
+#[test]
+fn a_killed_checkout_of_one_large_file_by_path_is_finished_by_a_rerun() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    let tree = t.path().join("tree");
+    fs::create_dir_all(tree.join("sub")).unwrap();
+    let data = pseudo_random(6 << 20, 11);
+    fs::write(tree.join("sub/vm.img"), &data).unwrap();
+    fs::write(tree.join("small"), b"small").unwrap();
+    let id = succeeded(&run(&repo, &["-q", "commit", tree.to_str().unwrap()]), "commit").trim().to_string();
+    let out = t.path().join("restore");
+    let checkout = |fault: Option<&str>| {
+        let mut c = std::process::Command::new(crate::util::bin());
+        c.args(["--repo", repo.to_str().unwrap(), "-q", "checkout", &id, out.to_str().unwrap()]);
+        c.args(["--path", "sub/vm.img", "--in-place"]);
+        if let Some(f) = fault {
+            c.env("SNAPSTORE_FAULT", f);
+        }
+        c.output().unwrap()
+    };
+    let o = checkout(Some("checkout-temp:1"));
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&o.status), Some(9), "{}", text(&o.stderr));
+    let names = |dir: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        v.sort();
+        v
+    };
+    let left = names(&out.join("sub"));
+    assert!(left.len() == 1 && left[0].starts_with(".snapstore-tmp-"), "{left:?}");
+    succeeded(&checkout(None), "checkout again");
+    assert_eq!(fs::read(out.join("sub/vm.img")).unwrap(), data);
+    assert_eq!(names(&out.join("sub")), vec!["vm.img".to_string()]);
+    assert_eq!(names(&out), vec!["sub".to_string()], "only the named path is restored");
+}

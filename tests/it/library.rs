@@ -695,7 +695,7 @@ fn committing_a_missing_path_fails_and_records_nothing() {
     let t = tmp();
     let repo = Repository::init(t.path().join("repo")).unwrap();
     let err = repo.commit(t.path().join("no-such-dir"), &CommitOptions::default()).unwrap_err();
-    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    assert!(matches!(err, Error::SourceNotFound(_)), "{err:?}");
     assert!(err.to_string().contains("no-such-dir"), "{err}");
     assert!(repo.checkpoints().unwrap().is_empty());
 }
@@ -1658,4 +1658,27 @@ fn float_tensors_are_stored_as_byte_planes_in_format_2_only_and_read_back_verifi
         vec![ids[1].to_hex()],
         "{report:?}"
     );
+}
+
+/// A retention plan made before a checkpoint was tagged to keep, or before another process forgot one, is
+/// applied to the catalog as it is by then: the tagged checkpoint stays and the gone one is no error.
+#[test]
+fn retention_applies_the_tags_of_the_moment_not_those_of_the_plan() {
+    let t = tmp();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let ids: Vec<String> = (0..4u64)
+        .map(|i| repo.commit_reader("state", &mut &pseudo_random(5_000, 2 * i)[..], &Default::default()).unwrap().id)
+        .collect();
+    let policy = snapstore::Policy { keep_last: Some(1), keep_tags: vec!["keep".into()], ..Default::default() };
+    let plan = repo.plan_retention(&policy, &Default::default()).unwrap();
+    assert_eq!(plan.forget.len(), 3);
+    repo.tag(&ids[0], &["keep".to_string()], &[]).unwrap();
+    repo.forget(&[&ids[1]]).unwrap();
+    let forgotten: Vec<String> = repo.apply_retention(&plan).unwrap().into_iter().map(|c| c.id).collect();
+    assert_eq!(forgotten, vec![ids[2].clone()]);
+    let mut left: Vec<String> = repo.checkpoints().unwrap().into_iter().map(|c| c.id).collect();
+    left.sort();
+    let mut want = vec![ids[0].clone(), ids[3].clone()];
+    want.sort();
+    assert_eq!(left, want);
 }

@@ -252,3 +252,17 @@ fn tree_rows(conn: &rusqlite::Connection) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut stmt = conn.prepare("SELECT id, data FROM trees").unwrap();
     stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
 }
+
+/// Flips one byte in the middle of a pack's blob area (between the 16-byte header and the index, whose
+/// offset the footer's first 8 bytes give).
+pub fn corrupt_pack_blob(pack: &Path, fraction: f64) {
+    let mut bytes = fs::read(pack).unwrap();
+    let footer = bytes.len() - 40;
+    let index_offset = u64::from_le_bytes(bytes[footer..footer + 8].try_into().unwrap()) as usize;
+    assert!(index_offset > 16 && index_offset < footer, "unexpected pack layout");
+    let at = 16 + ((index_offset - 16) as f64 * fraction) as usize;
+    bytes[at] ^= 0x5a;
+    // Packs are written owner-only and may be read-only: replace the file.
+    fs::remove_file(pack).unwrap();
+    fs::write(pack, bytes).unwrap();
+}

@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use snapstore::{Catalog, CheckoutOptions, DataSubset, EntryKind, ObjectId, RepoParams, Repository, VerifyOptions};
 
@@ -192,6 +193,44 @@ fn a_damaged_chunk_is_left_out_by_repair_with_read_data_and_healed_by_committing
     assert_eq!(f.catalog().chunk_location(&id).unwrap().unwrap().pack, fresh.pack);
 }
 
+/// A commit that starts while `repair index --read-data` reads (which may take hours) does not throw the
+/// reading away: the rebuild after it waits for the commit to end.
+#[test]
+fn repair_with_read_data_waits_for_a_commit_that_started_during_the_read() {
+    struct CommitStartsDuringRead {
+        catalog: Mutex<Option<Catalog>>,
+        ended: Mutex<Option<std::thread::JoinHandle<()>>>,
+    }
+    impl snapstore::Progress for CommitStartsDuringRead {
+        fn start(&self, _: &str, _: Option<u64>) {
+            let Some(cat) = self.catalog.lock().unwrap().take() else { return };
+            let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+            let host = if host.is_empty() { "unknown".to_string() } else { host };
+            // PID 1 is always alive: a commit that runs until the row goes.
+            cat.connection()
+                .execute(
+                    "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch)
+                     VALUES ('commit', ?1, 1, 0, 0, 1)",
+                    [host],
+                )
+                .unwrap();
+            *self.ended.lock().unwrap() = Some(std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                cat.connection().execute("DELETE FROM sessions WHERE pid = 1", []).unwrap();
+            }));
+        }
+    }
+    let f = fixture();
+    let (id, pack, loc) = f.target();
+    flip_byte(&pack, loc.offset + loc.stored_len as u64 / 2);
+    let hook = Arc::new(CommitStartsDuringRead { catalog: Mutex::new(Some(f.catalog())), ended: Mutex::new(None) });
+    let opts = VerifyOptions { read_data: DataSubset::All, progress: hook.clone(), ..Default::default() };
+    let rep = snapstore::Repository::repair_index_reading_data(&f.root, &opts).unwrap();
+    hook.ended.lock().unwrap().take().expect("the hook ran during the read").join().unwrap();
+    assert_eq!(rep.damaged_chunks.len(), 1, "{rep:?}");
+    assert!(f.catalog().chunk_location(&id).unwrap().is_none(), "the damaged blob is out of the index");
+}
+
 #[test]
 fn a_truncated_pack_is_reported() {
     let f = fixture();
@@ -211,6 +250,8 @@ fn a_deleted_pack_is_reported() {
     fs::remove_file(&pack).unwrap();
     let r = f.verify(DataSubset::None);
     assert_eq!(r.damaged_packs.len(), 1, "{r:?}");
+    // Every damaged chunk is in the missing pack, whose line stands for them.
+    assert!(r.damaged_chunks_total > 0 && r.damaged_chunks_in_damaged_packs == r.damaged_chunks_total, "{r:?}");
     assert_eq!(r.damaged_packs[0].pack, loc.pack);
     assert!(r.damaged_packs[0].problem.contains("missing"), "{r:?}");
     assert_b_affected(&f, &r, &["verify"]);
@@ -407,6 +448,14 @@ fn repair_index_recreates_a_lost_catalog() {
     drop(f.repo.catalog());
     lose(&f.root, &["catalog.db", "catalog.db-wal", "catalog.db-shm"]);
     assert!(matches!(Repository::open(&f.root), Err(snapstore::Error::NoRepository(_))));
+    // A copy this build cannot use (damaged, or from a newer snapstore) stops the repair before it guesses.
+    let copy = fs::read_to_string(f.root.join("params")).unwrap();
+    fs::write(f.root.join("params"), copy.replace("chunk_avg=", "chunk_avg=x")).unwrap();
+    let o = f.cli(&["repair", "index"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("'chunk_avg'") && text(&o.stderr).contains("move it away"), "{}", text(&o.stderr));
+    assert!(!f.root.join("catalog.db").exists(), "nothing was created");
+    fs::write(f.root.join("params"), copy).unwrap();
     let o = f.cli(&["repair", "index"]);
     let out = text(&o.stdout);
     assert_eq!(o.status.code(), Some(3), "a lost catalog is lost checkpoints: {out}");

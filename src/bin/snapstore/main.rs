@@ -239,7 +239,8 @@ snapstore --json watch ./vm.img --every 30s --keep-within 1d\n\n", exit_help!())
 and a second gc at the same time exits with code 5. Chunks a commit in progress may still use are kept until \
 that commit ends (the next gc reclaims them). Packs with more than --max-unused unused are rewritten, and once \
 there are 8 or more small packs (under a quarter of the pack size: frequent commits of few changes make them) \
-they are merged. Without a terminal it prints only its summary (-q: nothing).\n\n", exit_help!()))]
+they are merged (--max-unused 100 rewrites and merges nothing). A damaged pack due for a rewrite is left as it \
+is, everything else is collected, and gc exits with code 3. Without a terminal it prints only its summary (-q: nothing).\n\n", exit_help!()))]
     Gc {
         /// Show what would be reclaimed; change nothing
         #[arg(short = 'n', long)]
@@ -420,8 +421,8 @@ fn exit_code(e: &Error) -> u8 {
         | Error::CheckpointNotFound(_)
         | Error::Forgotten(_)
         | Error::GroupIncomplete { .. }
-        | Error::PathNotFound { .. } => EXIT_NOT_FOUND,
-        Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => EXIT_NOT_FOUND,
+        | Error::PathNotFound { .. }
+        | Error::SourceNotFound(_) => EXIT_NOT_FOUND,
         Error::GcRunning { .. } | Error::CommitsRunning { .. } => EXIT_BUSY,
         Error::InvalidId(_)
         | Error::AmbiguousId { .. }
@@ -491,6 +492,7 @@ fn hint(e: &Error) -> Option<&'static str> {
         }
         Error::RepositoryExists(_) => "use it as it is, or choose another --repo",
         Error::CheckpointNotFound(_) => "`snapstore log` lists the checkpoints",
+        Error::SourceNotFound(_) => "check the path; to commit a stream from a pipe, give - and --name",
         Error::GroupIncomplete { .. } => {
             "commit the missing parts (a part committed again replaces the earlier one); `snapstore groups` shows \
              which are in"
@@ -556,7 +558,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             };
             // A commit that cannot start must not leave a new, empty repository behind.
             if path.as_os_str() != "-" {
-                std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+                std::fs::symlink_metadata(path).map_err(|e| Error::reading_source(path, e))?;
             }
             let repo = open_or_init(&repo_dir)?;
             let bar = progress::Bar::new(show_progress(cli));
@@ -787,9 +789,20 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let scope = snapstore::RetentionScope { tags: tags.clone(), paths, across_paths: *across_paths };
-            let plan = repo.plan_retention(&policy, &scope)?;
+            let mut plan = repo.plan_retention(&policy, &scope)?;
             if !dry_run {
-                repo.apply_retention(&plan)?;
+                let forgotten: std::collections::HashSet<String> =
+                    repo.apply_retention(&plan)?.into_iter().map(|c| c.id).collect();
+                // Tagged to keep while this ran: kept, and shown so (one forgotten by another process is gone).
+                let (gone, spared): (Vec<_>, Vec<_>) = std::mem::take(&mut plan.forget)
+                    .into_iter()
+                    .partition(|d| forgotten.contains(&d.id) || repo.checkpoint(&d.id).is_err());
+                plan.forget = gone;
+                plan.keep.extend(spared.into_iter().map(|mut d| {
+                    d.reasons.push("tagged while forget ran".into());
+                    d
+                }));
+                plan.keep.sort_by(|a, b| b.time_ns.cmp(&a.time_ns).then_with(|| a.id.cmp(&b.id)));
             }
             if cli.json {
                 out.json(&serde_json::json!({
@@ -819,6 +832,19 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 out.json(&summary)?;
             } else if !cli.quiet {
                 output::gc_summary(out, &summary)?;
+            }
+            if !summary.packs_damaged.is_empty() {
+                // Everything else was collected; the exit code is what tells cron that someone must look.
+                if !cli.json {
+                    for name in &summary.packs_damaged {
+                        eprintln!("warning: {name} is damaged and was left as it is");
+                    }
+                    eprintln!(
+                        "hint: `snapstore verify --read-data` shows what the damage reaches; \
+                         `snapstore repair index --read-data` then drops what is lost"
+                    );
+                }
+                return Err(Failure::Exit(EXIT_CORRUPT));
             }
         }
         Command::Diff(args) => diff::diff(&repo_dir, args, cli.json, cli.quiet, out)?,

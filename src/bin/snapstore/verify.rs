@@ -119,7 +119,7 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
         let place = c.pack.as_deref().map(|p| format!(" in {p}")).unwrap_or_default();
         out.line(&format!("damaged chunk {}{place}: {}", c.id, c.problem))?;
     }
-    let own_total = r.damaged_chunks_total - (r.damaged_chunks.len() - own.len()) as u64;
+    let own_total = r.damaged_chunks_total - r.damaged_chunks_in_damaged_packs;
     more(out, own_total, SHOWN.min(own.len()), "damaged chunks")?;
     for o in r.damaged_objects.iter().take(SHOWN) {
         out.line(&format!("damaged {} {} in the catalog: {}", o.kind, o.id, o.problem))?;
