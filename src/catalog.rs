@@ -413,6 +413,16 @@ impl Catalog {
         Ok(cat)
     }
 
+    /// [`Catalog::open`] for one of many workers that only look chunks up: a page cache of 512 KiB instead of
+    /// SQLite's 2 MiB, which with a worker per core (two for checkout) would add up to more than the work
+    /// itself holds. The upper levels of the index, which every lookup passes, still fit; the rest comes from
+    /// the kernel's page cache.
+    pub(crate) fn open_for_worker(path: &Path) -> Result<Self> {
+        let cat = Self::open(path)?;
+        cat.conn.execute_batch("PRAGMA cache_size = -512")?;
+        Ok(cat)
+    }
+
     fn migrate(&mut self) -> Result<()> {
         let version: u32 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > SCHEMA_VERSION {

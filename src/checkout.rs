@@ -102,6 +102,8 @@ const BATCH_BYTES: u64 = 4 << 20;
 /// Files smaller than this are rewritten whole through a temporary file rather than patched: the write is
 /// cheap, and the file is then either old or new after a crash.
 const PATCH_MIN: u64 = 1 << 20;
+/// Bytes of merged pack reads all workers hold at once (see `ChunkReader::with_max_read`).
+const READ_BUDGET: u64 = 16 << 20;
 /// Files whose jobs travel to a worker together at most (fewer when they reach [`BATCH_BYTES`]).
 const BATCH_FILES: usize = 32;
 /// Files the walker looks up per read transaction.
@@ -644,6 +646,8 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
         opts.threads
     };
     let (tx, rx) = bounded::<Vec<Job>>(threads * 2);
+    // Each worker's merged reads share one budget: many workers need no long reads to keep the disk busy.
+    let max_read = (READ_BUDGET / threads as u64).clamp(512 << 10, crate::store::MAX_READ);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let abort = AtomicBool::new(false);
     let written = AtomicU64::new(0);
@@ -658,7 +662,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             let (backend, first_error, abort, written) = (src.backend.clone(), &first_error, &abort, &written);
             let progress = opts.progress.clone();
             s.spawn(move || {
-                if let Err(e) = worker(src.catalog_path, backend, rx, &*progress, abort, written) {
+                if let Err(e) = worker(src.catalog_path, backend, max_read, rx, &*progress, abort, written) {
                     abort.store(true, Ordering::SeqCst);
                     first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                 }
@@ -737,13 +741,14 @@ fn total_bytes(catalog: &Catalog, entry: &Entry) -> Result<u64> {
 fn worker(
     catalog_path: &Path,
     backend: Arc<dyn Backend>,
+    max_read: u64,
     batches: Receiver<Vec<Job>>,
     progress: &dyn Progress,
     abort: &AtomicBool,
     written: &AtomicU64,
 ) -> Result<()> {
-    let catalog = Catalog::open(catalog_path)?;
-    let mut reader = ChunkReader::new(backend)?;
+    let catalog = Catalog::open_for_worker(catalog_path)?;
+    let mut reader = ChunkReader::with_max_read(backend, max_read)?;
     let mut existing = Vec::new();
     let mut old = Vec::new();
     // The chunks to fetch for the whole batch, and for each the job it belongs to and its offset: read in one

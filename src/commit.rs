@@ -27,6 +27,7 @@ use crate::chunker::{Block, BlockChunker, Buf, ChunkBytes, Cutter, read_at_most}
 use crate::content::ChunkCursor;
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
+use crate::inflight::InFlight;
 use crate::params::RepoParams;
 use crate::progress::{NoProgress, Progress};
 use crate::region::{REGION_MAX_WORKERS, REGION_MIN_THREADS, cut_region, region_len, stitch};
@@ -155,7 +156,8 @@ enum Event {
     DirStart(Entry),
     DirEnd,
     FileStart(Entry),
-    Chunk(u64),
+    /// The next chunk, by sequence number, with what it took from the [`InFlight`] budget.
+    Chunk(u64, u64),
     FileEnd,
     /// The file changed while being read: drop what was gathered for it.
     FileAbort,
@@ -268,6 +270,7 @@ fn run(
     let (pool_tx, pool_rx) = bounded::<AlignedBuf>(8);
 
     let mut summary = CommitSummary { parent: parent.as_ref().map(|p| p.id.clone()), ..Default::default() };
+    let inflight = InFlight::new(IN_FLIGHT_BYTES);
     let outcome = std::thread::scope(|s| {
         let mut workers = Vec::new();
         for _ in 0..threads {
@@ -275,9 +278,12 @@ fn run(
             workers.push(s.spawn(move || worker(ctx, job_rx, res_tx)));
         }
         drop(job_rx);
-        let assembler = s.spawn(|| {
+        let inflight = &inflight;
+        let assembler = s.spawn(move || {
+            // Closed however the assembler ends, a panic included: the walker must not wait for it.
+            let _close = inflight.closer();
             let mut asm = Assembler::new(ctx, session)?;
-            asm.run(ev_rx, res_rx)?;
+            asm.run(ev_rx, res_rx, inflight)?;
             Ok::<_, Error>(asm)
         });
         let mut walker = Walker {
@@ -296,6 +302,7 @@ fn run(
             pool_rx,
             stopped: false,
             results: res_tx.clone(),
+            inflight,
             threads,
             failed: None,
         };
@@ -389,7 +396,7 @@ fn worker(ctx: &Context<'_>, jobs: Receiver<Job>, results: Sender<Result<Hashed>
         let (catalog, compressor) = match &mut setup {
             Some(s) => s,
             None => {
-                let opened = Catalog::open(ctx.catalog_path)
+                let opened = Catalog::open_for_worker(ctx.catalog_path)
                     .and_then(|c| Ok((c, Compressor::new(ctx.params.compression_level, ctx.params.groups_bytes())?)));
                 match opened {
                     Ok(v) => setup.insert(v),
@@ -490,7 +497,7 @@ fn region_worker(
     tasks: Receiver<u64>,
     done: Sender<(u64, Result<RegionDone>)>,
 ) {
-    let setup = Catalog::open(ctx.catalog_path)
+    let setup = Catalog::open_for_worker(ctx.catalog_path)
         .and_then(|c| Ok((c, Compressor::new(ctx.params.compression_level, ctx.params.groups_bytes())?)));
     let (catalog, mut compressor) = match setup {
         Ok(v) => v,
@@ -552,6 +559,7 @@ struct Walker<'a, 'b> {
     stopped: bool,
     /// Where chunks hashed by region workers join the workers' results.
     results: Sender<Result<Hashed>>,
+    inflight: &'b InFlight,
     threads: usize,
     /// Why region chunking failed, when it was not the file's fault.
     failed: Option<Error>,
@@ -939,6 +947,10 @@ impl Walker<'_, '_> {
         let (mut sent, mut ready) = (0u64, HashMap::new());
         let (mut pos, mut total) = (0u64, 0u64);
         let mut junction_buf = Vec::new();
+        // Junction chunks are hashed here, in order, not by the hashing workers: the assembler would hold
+        // every region's chunks forwarded meanwhile while it waited for a worker's hash, and each worker
+        // woken would set up a compressor and a catalog connection for one chunk a region.
+        let mut own: Option<(ChunkHasher, Compressor)> = None;
         for k in 0..regions {
             while sent < regions && sent < k + window {
                 tasks.send(sent).map_err(|_| std::io::Error::other("region workers stopped"))?;
@@ -983,13 +995,21 @@ impl Walker<'_, '_> {
                     self.forward(Some(z.clone()), ChunkBytes::Owned(Vec::new()))?;
                     continue;
                 }
-                // Cut again here, at the boundary: hashed by the workers like any chunk.
-                let mut data = vec![0u8; l];
-                if read_at_most(f, &mut data, at)? < l {
+                // Cut again here, at the boundary.
+                junction_buf.resize(l, 0);
+                if read_at_most(f, &mut junction_buf, at)? < l {
                     return Ok(total);
                 }
+                let (hasher, compressor) = match &mut own {
+                    Some(v) => v,
+                    None => {
+                        let c = Compressor::new(self.ctx.params.compression_level, self.ctx.params.groups_bytes());
+                        own.insert((ChunkHasher::new(self.ctx.params), c.map_err(|e| stop(self, e))?))
+                    }
+                };
+                let h = hasher.hash(self.catalog, compressor, &junction_buf, 0).map_err(|e| stop(self, e))?;
                 total += l as u64;
-                self.forward(None, ChunkBytes::Owned(data))?;
+                self.forward(Some(h), ChunkBytes::Owned(Vec::new()))?;
             }
             for (at, h) in region.chunks.into_iter().skip(first) {
                 pos = at + h.len as u64;
@@ -1010,9 +1030,14 @@ impl Walker<'_, '_> {
         let len = done.as_ref().map_or(data.len() as u64, |h| h.len as u64);
         self.summary.bytes_read += len;
         self.opts.progress.bytes(len);
+        // What the chunk holds alive until the assembler has used it: its bytes, or its blob; at least a
+        // little, for the result itself, so that a long run of known chunks is bounded too.
+        let held = done.as_ref().map_or(data.len(), |h| h.blob.as_ref().map_or(0, |(_, b)| b.len()));
+        let charge = held.max(MIN_CHARGE) as u64;
         // The event goes first: the assembler drains results while it waits for this one, so a full results
         // channel cannot stall the walker.
-        let sent = self.events.send(Event::Chunk(seq)).is_ok()
+        let sent = self.inflight.acquire(charge)
+            && self.events.send(Event::Chunk(seq, charge)).is_ok()
             && match done {
                 Some(mut h) => {
                     h.seq = seq;
@@ -1127,6 +1152,13 @@ fn push_segment(batch: &mut Batch, b: &mut ContentBuilder, refs: &[ChunkRef]) {
     b.segment_ids.extend_from_slice(&id.0);
 }
 
+/// Bytes of chunks and blobs alive between the walker and the assembler (see `inflight.rs`): enough to keep
+/// every worker busy through a few chunks' worth of scheduling jitter.
+const IN_FLIGHT_BYTES: u64 = 8 << 20;
+
+/// The least a chunk is charged to the budget: its result, map entry and event.
+const MIN_CHARGE: usize = 256;
+
 /// Catalog rows are written out once this many bytes of them are held.
 const BATCH_BYTES: usize = 8 << 20;
 
@@ -1149,7 +1181,7 @@ impl<'a> Assembler<'a> {
         })
     }
 
-    fn run(&mut self, events: Receiver<Event>, results: Receiver<Result<Hashed>>) -> Result<()> {
+    fn run(&mut self, events: Receiver<Event>, results: Receiver<Result<Hashed>>, inflight: &InFlight) -> Result<()> {
         for ev in events {
             match ev {
                 Event::DirStart(e) => self.stack.push((Some(e), Vec::new())),
@@ -1180,7 +1212,7 @@ impl<'a> Assembler<'a> {
                         chunks: 0,
                     });
                 }
-                Event::Chunk(seq) => {
+                Event::Chunk(seq, charge) => {
                     let h = loop {
                         if let Some(h) = self.pending.remove(&seq) {
                             break h;
@@ -1189,6 +1221,7 @@ impl<'a> Assembler<'a> {
                         self.pending.insert(r.seq, r);
                     };
                     self.chunk(h)?;
+                    inflight.release(charge);
                 }
                 Event::FileEnd => {
                     let b = self.file.take().ok_or_else(|| Error::Internal("file end without start".into()))?;

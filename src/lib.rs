@@ -37,6 +37,7 @@ mod gc;
 mod group;
 mod grouping;
 mod id;
+mod inflight;
 mod pack;
 mod params;
 mod progress;

@@ -103,14 +103,21 @@ pub(crate) struct ChunkReader {
     backend: Arc<dyn Backend>,
     decoder: BlobDecoder,
     buf: AlignedBuf,
+    max_read: u64,
 }
 
 /// Reads are merged when chunks sit back to back in one pack, up to this many bytes per read.
-const MAX_READ: u64 = 8 << 20;
+pub(crate) const MAX_READ: u64 = 8 << 20;
 
 impl ChunkReader {
     pub fn new(backend: Arc<dyn Backend>) -> Result<Self> {
-        Ok(ChunkReader { backend, decoder: BlobDecoder::new()?, buf: AlignedBuf::default() })
+        Self::with_max_read(backend, MAX_READ)
+    }
+
+    /// A reader whose merged reads stop at `max_read` bytes (a single blob larger than that is still read
+    /// whole): its buffer, held for as long as the reader, is what many readers at once multiply.
+    pub fn with_max_read(backend: Arc<dyn Backend>, max_read: u64) -> Result<Self> {
+        Ok(ChunkReader { backend, decoder: BlobDecoder::new()?, buf: AlignedBuf::default(), max_read })
     }
 
     /// Reads `refs` in order, handing each verified chunk to `sink` with its index in `refs`.
@@ -165,7 +172,7 @@ impl ChunkReader {
             while j < refs.len()
                 && locs[j].pack == locs[i].pack
                 && locs[j].offset == end
-                && end + locs[j].stored_len as u64 - locs[i].offset <= MAX_READ
+                && end + locs[j].stored_len as u64 - locs[i].offset <= self.max_read
             {
                 end += locs[j].stored_len as u64;
                 j += 1;

@@ -340,6 +340,7 @@ impl KeepArgs {
 }
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let mut out = Out::new(cli.json);
     match run(&cli, &mut out) {
@@ -436,6 +437,25 @@ fn exit_code(e: &Error) -> u8 {
         _ => EXIT_FAILURE,
     }
 }
+
+/// glibc gives every thread that allocates an arena of its own and keeps what each one frees for it: with a
+/// worker per core, that came to more than the live heap (a first commit of a tree of 4 MiB files with 16
+/// threads: 107 MiB peak RSS against a heap of 60 MiB; with two arenas, 64-69 MiB). The workers allocate a few
+/// times per chunk, so sharing two arenas costs them no measurable time. Before any thread starts.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    unsafe extern "C" {
+        fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+    }
+    const M_ARENA_MAX: std::ffi::c_int = -8;
+    // SAFETY: mallopt only sets an allocator parameter; called before any other thread exists.
+    unsafe {
+        mallopt(M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
 
 /// When an I/O failure came with the disk holding the repository full, says so: SQLite reports a write that
 /// hit ENOSPC in its journal as a bare "disk I/O error".
