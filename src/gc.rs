@@ -615,20 +615,33 @@ fn publish_dead_packs(
 /// checkpoints every few minutes would otherwise leave a file per commit for good.
 const SMALL_PACK_SHARE: u64 = 4;
 
-/// Small packs are merged once there are this many: fewer would rewrite the same merged pack at every GC.
+/// Small packs of one size tier are merged once there are this many: fewer would rewrite the same merged pack
+/// at every GC.
 const SMALL_PACKS_TO_MERGE: usize = 8;
 
-/// The packs to rewrite: those whose unused share exceeds `max_unused`, and, once there are enough of them,
-/// all small ones (merged into as few packs as the target size allows). None holds a condemned chunk: its
-/// blob must stay where a deferred sweep may still need it.
+/// A small pack's size tier: tiers are [`SMALL_PACKS_TO_MERGE`] times apart, so the pack merged from a full
+/// tier lands in the next one and is copied again only when that tier fills too. Merging every small pack
+/// together instead rewrote the growing merged pack every few commits (quadratic in its size); by tiers each
+/// byte is copied about once per tier, a handful of times before its pack outgrows "small".
+fn tier(size: u64) -> u32 {
+    size.max(1).ilog2() / SMALL_PACKS_TO_MERGE.ilog2()
+}
+
+/// The packs to rewrite: those whose unused share exceeds `max_unused`, and the small ones of every size tier
+/// that holds enough of them (merged into as few packs as the target size allows). None holds a condemned
+/// chunk: its blob must stay where a deferred sweep may still need it.
 fn to_rewrite<'a>(uses: &'a [PackUse], opts: &GcOptions, pack_target: u64) -> Vec<&'a PackUse> {
     if opts.max_unused >= 1.0 {
         return Vec::new();
     }
     let candidates = || uses.iter().filter(|p| p.rows > 0 && p.condemned_rows == 0);
     let small = |p: &PackUse| p.size < pack_target / SMALL_PACK_SHARE;
-    let merge_small = candidates().filter(|p| small(p)).count() >= SMALL_PACKS_TO_MERGE;
-    candidates().filter(|p| unused_share(p) > opts.max_unused || (merge_small && small(p))).collect()
+    let mut per_tier: HashMap<u32, usize> = HashMap::new();
+    for p in candidates().filter(|p| small(p)) {
+        *per_tier.entry(tier(p.size)).or_default() += 1;
+    }
+    let merge = |p: &PackUse| small(p) && per_tier[&tier(p.size)] >= SMALL_PACKS_TO_MERGE;
+    candidates().filter(|p| unused_share(p) > opts.max_unused || merge(p)).collect()
 }
 
 /// The share of a pack's blob bytes that no live chunk uses (headers and index excluded, so a small pack
@@ -757,6 +770,33 @@ mod tests {
             )
             .unwrap();
         repo.gc(&GcOptions::default()).unwrap();
+    }
+
+    #[test]
+    fn small_packs_merge_by_size_tier() {
+        let pack = |id: i64, size: u64| PackUse {
+            id,
+            name: String::new(),
+            size,
+            live_bytes: size,
+            rows: 1,
+            condemned_rows: 0,
+            chunk_count: 1,
+        };
+        let target = 16 << 20;
+        let ids = |uses: &[PackUse]| -> Vec<i64> {
+            to_rewrite(uses, &GcOptions::default(), target).iter().map(|p| p.id).collect()
+        };
+        // Seven commits' packs and one merged from eight earlier: no tier is full, nothing is copied.
+        let mut uses: Vec<PackUse> = (0..7).map(|i| pack(i, 20_000)).collect();
+        uses.push(pack(100, 160_000));
+        assert!(ids(&uses).is_empty());
+        // The eighth small pack fills its tier: those eight merge, the earlier merged pack stays.
+        uses.push(pack(7, 21_000));
+        assert_eq!(ids(&uses), (0..8).collect::<Vec<_>>());
+        // Large packs are never merged, however many.
+        let large: Vec<PackUse> = (0..20).map(|i| pack(i, target / 2)).collect();
+        assert!(ids(&large).is_empty());
     }
 
     #[test]

@@ -238,8 +238,8 @@ snapstore --json watch ./vm.img --every 30s --keep-within 1d\n\n", exit_help!())
     #[command(after_help = concat!("Safe to run while commits run, from cron: it takes no lock that stops commits, \
 and a second gc at the same time exits with code 5. Chunks a commit in progress may still use are kept until \
 that commit ends (the next gc reclaims them). Packs with more than --max-unused unused are rewritten, and once \
-there are 8 or more small packs (under a quarter of the pack size: frequent commits of few changes make them) \
-they are merged (--max-unused 100 rewrites and merges nothing). A damaged pack due for a rewrite is left as it \
+there are 8 or more small packs of about the same size (under a quarter of the pack size: frequent commits \
+of few changes make them) they are merged (--max-unused 100 rewrites and merges nothing). A damaged pack due for a rewrite is left as it \
 is, everything else is collected, and gc exits with code 3. Without a terminal it prints only its summary (-q: nothing).\n\n", exit_help!()))]
     Gc {
         /// Show what would be reclaimed; change nothing
