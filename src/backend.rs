@@ -36,6 +36,11 @@ pub trait Backend: Send + Sync {
     fn concurrent_publish(&self) -> bool {
         false
     }
+    /// Whether each read is a request of its own (a bucket's ranged GET), which makes fewer, larger reads
+    /// worth the memory their buffers hold.
+    fn reads_are_requests(&self) -> bool {
+        false
+    }
 }
 
 /// An object being written. Dropping it without publishing discards it.

@@ -291,14 +291,23 @@ fn lock_temp(fd: &OwnedFd) {
     let _ = rustix::fs::flock(fd, rustix::fs::FlockOperation::NonBlockingLockExclusive);
 }
 
-/// Whether another process holds the lock of the temporary at `path`.
+/// Whether another process holds the lock of the temporary at `path`, or it cannot be told. Probed with a
+/// shared lock: it conflicts with the writer's exclusive one and, unlike an exclusive probe, needs only read
+/// access (NFS emulates `flock` with byte-range locks, and an exclusive one there needs the file open for
+/// writing).
 fn locked(path: &Path) -> bool {
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
-    let Ok(fd) = rustix::fs::open(path, flags, Mode::empty()) else { return false };
-    matches!(
-        rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive),
-        Err(rustix::io::Errno::WOULDBLOCK)
-    )
+    let fd = match rustix::fs::open(path, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return false,
+        Err(_) => return true,
+    };
+    match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockShared) {
+        Ok(()) => false,
+        Err(rustix::io::Errno::WOULDBLOCK) => true,
+        // No locks on this filesystem: the pid, already found dead, decides.
+        Err(_) => false,
+    }
 }
 
 /// The error for a name that should have been free; says why it may not be when it was taken.
@@ -375,7 +384,8 @@ fn move_noreplace(dir: &OwnedFd, from: &OsStr, to: &OsStr) -> std::io::Result<()
     use rustix::io::Errno;
     match rustix::fs::linkat(dir, from, dir, to, AtFlags::empty()) {
         Ok(()) => Ok(rustix::fs::unlinkat(dir, from, AtFlags::empty())?),
-        Err(Errno::PERM | Errno::OPNOTSUPP | Errno::MLINK) => {
+        // No hard links here (some FUSE filesystems answer ENOSYS): check the name, then rename.
+        Err(Errno::PERM | Errno::OPNOTSUPP | Errno::MLINK | Errno::NOSYS) => {
             match rustix::fs::statat(dir, to, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(_) => Err(Errno::EXIST.into()),
                 Err(Errno::NOENT) => Ok(rustix::fs::renameat(dir, from, dir, to)?),
@@ -646,8 +656,13 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
         opts.threads
     };
     let (tx, rx) = bounded::<Vec<Job>>(threads * 2);
-    // Each worker's merged reads share one budget: many workers need no long reads to keep the disk busy.
-    let max_read = (READ_BUDGET / threads as u64).clamp(512 << 10, crate::store::MAX_READ);
+    // Each worker's merged reads share one budget: many workers need no long reads to keep a disk busy. A
+    // bucket is another matter: every read is a request.
+    let max_read = if src.backend.reads_are_requests() {
+        crate::store::MAX_READ
+    } else {
+        (READ_BUDGET / threads as u64).clamp(512 << 10, crate::store::MAX_READ)
+    };
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let abort = AtomicBool::new(false);
     let written = AtomicU64::new(0);

@@ -270,7 +270,7 @@ fn run(
     let (pool_tx, pool_rx) = bounded::<AlignedBuf>(8);
 
     let mut summary = CommitSummary { parent: parent.as_ref().map(|p| p.id.clone()), ..Default::default() };
-    let inflight = InFlight::new(IN_FLIGHT_BYTES);
+    let inflight = InFlight::new(in_flight_budget(threads, ctx.params.chunk_max));
     let outcome = std::thread::scope(|s| {
         let mut workers = Vec::new();
         for _ in 0..threads {
@@ -1156,6 +1156,16 @@ fn push_segment(batch: &mut Batch, b: &mut ContentBuilder, refs: &[ChunkRef]) {
 /// every worker busy through a few chunks' worth of scheduling jitter.
 const IN_FLIGHT_BYTES: u64 = 8 << 20;
 
+/// The byte budget between walker and assembler: room for a few of the largest chunks per worker too, or a
+/// repository of large chunks would compress only one or two at a time.
+fn in_flight_budget(threads: usize, chunk_max: u32) -> u64 {
+    #[cfg(test)]
+    if let Some(b) = tests::BUDGET.with(|b| b.get()) {
+        return b;
+    }
+    IN_FLIGHT_BYTES.max((threads as u64 + 2) * chunk_max as u64)
+}
+
 /// The least a chunk is charged to the budget: its result, map entry and event.
 const MIN_CHARGE: usize = 256;
 
@@ -1561,6 +1571,29 @@ mod tests {
             let (ids, _, repo, _dir) = guided_commit(&before, &after);
             prop_assert_eq!(ids, plain_cuts(&repo, &after));
         }
+    }
+
+    thread_local! {
+        /// A budget for the commits this thread makes, in place of the real one.
+        pub(super) static BUDGET: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    }
+
+    /// With a budget of one chunk the walker waits for room after every chunk: a store that fails makes the
+    /// assembler stop, and the commit must end with its error instead of waiting for good.
+    #[test]
+    fn a_failing_store_ends_a_commit_whose_walker_waits_for_room() {
+        let dir = tempfile::tempdir().unwrap();
+        Repository::init(dir.path().join("repo")).unwrap();
+        let mem = MemoryBackend::new();
+        let repo = Repository::open_with(dir.path().join("repo"), Arc::new(mem.clone())).unwrap();
+        mem.set_failing(true);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            BUDGET.with(|b| b.set(Some(1)));
+            let _ = tx.send(repo.commit_reader("state", &mut &data(8 << 20, 3)[..], &CommitOptions::default()));
+        });
+        let result = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the commit waited for good");
+        assert!(matches!(result, Err(Error::Backend { .. })), "{result:?}");
     }
 
     #[test]

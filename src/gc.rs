@@ -80,10 +80,10 @@ pub struct GcSummary {
     pub packs_rewritten: u64,
     /// Pack and temporary files that no catalog row knows, deleted.
     pub orphans_deleted: u64,
-    /// Packs due for a rewrite but left as they are because they are damaged (an index that does not match
-    /// the catalog, or a live blob that fails its check). Everything else was collected; `verify` says
-    /// what the damage reaches.
-    pub packs_damaged: Vec<String>,
+    /// Packs due for a rewrite but left as they are because they are damaged (missing, an index that does
+    /// not match the catalog, or live blobs that fail their check: those stay, the sound ones moved).
+    /// Everything else was collected; `verify` says what the damage reaches.
+    pub packs_damaged: Vec<crate::verify::DamagedPack>,
     /// Bytes of pack storage freed, net of rewritten packs.
     pub bytes_freed: u64,
     /// For a repository in a bucket: commits running anywhere (this machine included) when GC was about to
@@ -400,18 +400,13 @@ fn collect(
     let rewritten: HashSet<i64> = sparse.iter().map(|p| p.id).collect();
     let mut freed: i128 = 0;
     for p in &sparse {
-        match copy_live(conn, backend.as_ref(), p, &mut packer, &mut decoder, remote) {
-            Ok(moved) => {
-                freed -= moved;
-                s.packs_rewritten += 1;
-            }
-            // Left as it is, the pack keeps its file and the rows still in it (blobs copied before the damage
-            // was met are in the new pack already); every other pack is still collected.
-            Err((moved, e)) if e.is_corruption() => {
-                freed -= moved;
-                s.packs_damaged.push(p.name.clone());
-            }
-            Err((_, e)) => return Err(e),
+        let copied = copy_live(conn, backend.as_ref(), p, &mut packer, &mut decoder, remote)?;
+        freed -= copied.written;
+        match copied.damage {
+            None => s.packs_rewritten += 1,
+            // Left as it is, the pack keeps its file and the rows of what could not be copied; every other
+            // pack is still collected.
+            Some(problem) => s.packs_damaged.push(crate::verify::DamagedPack { pack: p.name.clone(), problem }),
         }
     }
     for pack in packer.finish()? {
@@ -476,9 +471,18 @@ fn collect(
     Ok(s)
 }
 
+/// What copying a pack's live chunks came to.
+struct Copied {
+    /// Bytes of the new packs written meanwhile.
+    written: i128,
+    /// Why the pack is damaged, if it is: its index missing, unreadable or lacking chunks the catalog places
+    /// in it (then nothing was copied), or blobs that fail their hash (those stay, every sound one moved).
+    damage: Option<String>,
+}
+
 /// Copies the live chunks of a pack into `packer`, each checked against its id first so that a repack never
-/// spreads damage. Returns the bytes of the new packs written meanwhile; on failure, with those bytes, since
-/// the chunks copied before it are already recorded where they moved.
+/// spreads damage. Damage to the pack itself is reported in [`Copied`], for the caller to leave the pack as
+/// it is and go on; any other failure (the catalog, I/O) is an error that stops the GC.
 fn copy_live(
     conn: &mut Connection,
     backend: &dyn Backend,
@@ -486,34 +490,54 @@ fn copy_live(
     packer: &mut Packer,
     decoder: &mut BlobDecoder,
     remote: Option<(&Remote, &Lock)>,
-) -> std::result::Result<i128, (i128, Error)> {
-    let mut written: i128 = 0;
-    let mut copy = || -> Result<()> {
-        // The pack's own index lists its chunks; the catalog's rows say which are still used, and where.
-        let chunks = {
-            let mut row_of = conn
-                .prepare_cached("SELECT offset, stored_len, raw_len, flags FROM chunks WHERE id = ?1 AND pack = ?2")?;
-            rows_in_pack(crate::pack::read_index(backend, &p.name)?, p.id, &mut row_of)?
-        };
-        if chunks.len() as u64 != p.rows {
-            return Err(Error::corrupt(format!("{}: its index lacks chunks the catalog places in it", p.name)));
+) -> Result<Copied> {
+    let mut out = Copied { written: 0, damage: None };
+    let index = match crate::pack::read_index(backend, &p.name) {
+        Ok(index) => index,
+        Err(Error::Corrupt { what }) => {
+            let prefix = format!("pack {}: ", p.name);
+            let why = what.strip_prefix(&prefix).map_or(what.clone(), str::to_string);
+            return Ok(Copied { damage: Some(why), ..out });
         }
-        for (id, offset, stored_len, raw_len, flags) in chunks {
-            let mut blob = vec![0u8; stored_len as usize];
-            backend.read_at(&p.name, offset, &mut blob).map_err(|e| Error::backend(&p.name, e))?;
-            decoder
-                .decode(&id, flags, raw_len, &blob)
-                .map_err(|why| Error::corrupt(format!("chunk {id} in {}: {why}", p.name)))?;
-            for pack in packer.add(id, flags, raw_len, &blob)? {
-                written += record_moved(conn, packer, pack, remote)? as i128;
-            }
+        Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Copied { damage: Some("missing".into()), ..out });
         }
-        Ok(())
+        Err(e) => return Err(e),
     };
-    match copy() {
-        Ok(()) => Ok(written),
-        Err(e) => Err((written, e)),
+    // The pack's own index lists its chunks; the catalog's rows say which are still used, and where.
+    let chunks = {
+        let mut row_of =
+            conn.prepare_cached("SELECT offset, stored_len, raw_len, flags FROM chunks WHERE id = ?1 AND pack = ?2")?;
+        rows_in_pack(index, p.id, &mut row_of)?
+    };
+    if chunks.len() as u64 != p.rows {
+        let why = "its index lacks chunks the catalog places in it".to_string();
+        return Ok(Copied { damage: Some(why), ..out });
     }
+    let mut bad = 0;
+    for (id, offset, stored_len, raw_len, flags) in chunks {
+        let mut blob = vec![0u8; stored_len as usize];
+        match backend.read_at(&p.name, offset, &mut blob) {
+            Ok(()) => {}
+            // Cut short since its index was read: the blobs past the end are damage, like a wrong byte.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                bad += 1;
+                continue;
+            }
+            Err(e) => return Err(Error::backend(&p.name, e)),
+        }
+        if decoder.decode(&id, flags, raw_len, &blob).is_err() {
+            bad += 1;
+            continue;
+        }
+        for pack in packer.add(id, flags, raw_len, &blob)? {
+            out.written += record_moved(conn, packer, pack, remote)? as i128;
+        }
+    }
+    if bad > 0 {
+        out.damage = Some(format!("{bad} of its live blobs fail their hash or are cut short (the others moved)"));
+    }
+    Ok(out)
 }
 
 /// Records a pack of moved chunks as soon as it is durable, pointing the chunks' rows at it, so that neither

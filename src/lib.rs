@@ -766,6 +766,12 @@ impl Repository {
                 Err(e) => return Err(e),
             }
         }
+        // A plan is plain data: one made by hand must not take a part out of its group either.
+        for c in &found {
+            if let Some((group, part)) = catalog.part_of(&c.id)? {
+                return Err(Error::PartOfGroup { id: c.short_id().to_string(), group, part });
+            }
+        }
         self.delete(&mut catalog, found, &plan.keep_tags)
     }
 

@@ -161,10 +161,17 @@ impl RepoParams {
         }
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         crate::backend::local_dir(&root.join("tmp"))?;
-        // Unique among threads too: two repositories opened in one process may both write their copy.
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let temp = root.join("tmp").join(format!("params-{}-{n}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
+        // Unique among threads too (two repositories opened in one process may both write their copy), and
+        // past a name left by a crashed process whose pid this one now has.
+        let (temp, mut f) = loop {
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let temp = root.join("tmp").join(format!("params-{}-{n}", std::process::id()));
+            match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp) {
+                Ok(f) => break (temp, f),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        };
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&temp, root.join(PARAMS_FILE))?;

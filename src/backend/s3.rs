@@ -877,6 +877,10 @@ impl Backend for S3Backend {
     fn concurrent_publish(&self) -> bool {
         true
     }
+
+    fn reads_are_requests(&self) -> bool {
+        true
+    }
 }
 
 /// The S3 server tests run against, from `SNAPSTORE_TEST_S3` (e.g. `http://127.0.0.1:9000`).

@@ -1770,7 +1770,8 @@ fn a_damaged_small_pack_is_left_out_of_the_merge() {
     let out = run(repo.path(), &["--json", "gc"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(s["packs_damaged"], serde_json::json!([damaged]), "{s}");
+    assert_eq!(s["packs_damaged"][0]["pack"], damaged, "{s}");
+    assert_eq!(s["packs_damaged"].as_array().map(Vec::len), Some(1), "{s}");
     assert_eq!(s["packs_rewritten"], 11, "{s}");
     let left = pack_files();
     assert_eq!(left.len(), 2, "{left:?}");
@@ -1783,6 +1784,53 @@ fn a_damaged_small_pack_is_left_out_of_the_merge() {
     let again = gc_cli(repo.path());
     assert_eq!(again["packs_rewritten"], 0, "{again}");
     assert_eq!(pack_files(), left);
+}
+
+/// A damaged blob near the end of a pack of several chunks: the sound blobs before and after it move, the
+/// pack keeps only the damaged one's row, and only the checkpoint that needs it is lost. A pack that has
+/// gone missing is reported the same way, not as a failed GC.
+#[test]
+fn a_damaged_pack_keeps_only_what_cannot_be_copied() {
+    let t = tmp();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let pack_files =
+        || -> Vec<String> { disk_objects(repo.path()).into_keys().filter(|n| n.starts_with("packs/")).collect() };
+    let mut held = Vec::new();
+    for i in 0..9u64 {
+        let data = pseudo_random(400_000 + i as usize * 1000, 2 * i + 100);
+        let id = repo.commit_reader("state.bin", &mut &data[..], &Default::default()).unwrap().id;
+        held.push((id, data));
+    }
+    let damaged = pack_files()[4].clone();
+    let rows_in = |pack: &str| -> i64 {
+        let cat = repo.catalog().unwrap();
+        cat.connection()
+            .query_row("SELECT count(*) FROM chunks c JOIN packs p ON c.pack = p.id WHERE p.name = ?1", [pack], |r| {
+                r.get(0)
+            })
+            .unwrap()
+    };
+    let rows_before = rows_in(&damaged);
+    assert!(rows_before >= 4, "a pack of several chunks: {rows_before}");
+    corrupt_pack_blob(&repo.path().join(&damaged), 0.95);
+    let out = run(repo.path(), &["--json", "gc"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["packs_damaged"][0]["pack"], damaged, "{s}");
+    assert!(s["packs_damaged"][0]["problem"].as_str().unwrap().contains("1 of its live blobs"), "{s}");
+    assert_eq!(rows_in(&damaged), 1, "only the damaged blob's row stays in the damaged pack");
+    let lost: Vec<_> =
+        held.iter().filter(|(id, data)| checkout_file(&repo, id, t.path()).ok().as_ref() != Some(data)).collect();
+    assert_eq!(lost.len(), 1, "only the checkpoint that needs the damaged blob is lost");
+
+    // The pack gone altogether, with more small packs to merge: reported, everything else collected.
+    for i in 0..8u64 {
+        repo.commit_reader("other.bin", &mut &pseudo_random(400_000, 2 * i + 300)[..], &Default::default()).unwrap();
+    }
+    fs::remove_file(repo.path().join(&damaged)).unwrap();
+    let out = run(repo.path(), &["gc"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(&format!("damaged pack {damaged}: missing")), "{}", text(&out.stderr));
 }
 
 /// A checkpoint every few minutes of a few changed bytes writes a small pack each time; GC merges them once

@@ -197,36 +197,45 @@ fn a_damaged_chunk_is_left_out_by_repair_with_read_data_and_healed_by_committing
 /// reading away: the rebuild after it waits for the commit to end.
 #[test]
 fn repair_with_read_data_waits_for_a_commit_that_started_during_the_read() {
-    struct CommitStartsDuringRead {
+    const COMMIT_RUNS_ON: std::time::Duration = std::time::Duration::from_millis(300);
+    /// A commit (a session of PID 1, always alive) that starts when the read starts and ends a little after
+    /// the read has ended, so that it is certainly running when the rebuild after the read begins.
+    struct CommitDuringRead {
         catalog: Mutex<Option<Catalog>>,
-        ended: Mutex<Option<std::thread::JoinHandle<()>>>,
+        ended: Mutex<Option<(std::time::Instant, std::thread::JoinHandle<()>)>>,
     }
-    impl snapstore::Progress for CommitStartsDuringRead {
+    impl snapstore::Progress for CommitDuringRead {
         fn start(&self, _: &str, _: Option<u64>) {
-            let Some(cat) = self.catalog.lock().unwrap().take() else { return };
+            let cat = self.catalog.lock().unwrap();
+            let Some(cat) = cat.as_ref() else { return };
             let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
             let host = if host.is_empty() { "unknown".to_string() } else { host };
-            // PID 1 is always alive: a commit that runs until the row goes.
             cat.connection()
                 .execute(
                     "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch)
-                     VALUES ('commit', ?1, 1, 0, 0, 1)",
+                     SELECT 'commit', ?1, 1, 0, 0, 1 WHERE NOT EXISTS (SELECT 1 FROM sessions WHERE pid = 1)",
                     [host],
                 )
                 .unwrap();
-            *self.ended.lock().unwrap() = Some(std::thread::spawn(move || {
-                std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        fn finish(&self) {
+            let Some(cat) = self.catalog.lock().unwrap().take() else { return };
+            let ends = std::thread::spawn(move || {
+                std::thread::sleep(COMMIT_RUNS_ON);
                 cat.connection().execute("DELETE FROM sessions WHERE pid = 1", []).unwrap();
-            }));
+            });
+            *self.ended.lock().unwrap() = Some((std::time::Instant::now(), ends));
         }
     }
     let f = fixture();
     let (id, pack, loc) = f.target();
     flip_byte(&pack, loc.offset + loc.stored_len as u64 / 2);
-    let hook = Arc::new(CommitStartsDuringRead { catalog: Mutex::new(Some(f.catalog())), ended: Mutex::new(None) });
+    let hook = Arc::new(CommitDuringRead { catalog: Mutex::new(Some(f.catalog())), ended: Mutex::new(None) });
     let opts = VerifyOptions { read_data: DataSubset::All, progress: hook.clone(), ..Default::default() };
     let rep = snapstore::Repository::repair_index_reading_data(&f.root, &opts).unwrap();
-    hook.ended.lock().unwrap().take().expect("the hook ran during the read").join().unwrap();
+    let (read_ended, commit) = hook.ended.lock().unwrap().take().expect("the read ended");
+    assert!(read_ended.elapsed() >= COMMIT_RUNS_ON, "the rebuild did not wait for the commit");
+    commit.join().unwrap();
     assert_eq!(rep.damaged_chunks.len(), 1, "{rep:?}");
     assert!(f.catalog().chunk_location(&id).unwrap().is_none(), "the damaged blob is out of the index");
 }

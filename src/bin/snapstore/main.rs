@@ -856,8 +856,8 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             if !summary.packs_damaged.is_empty() {
                 // Everything else was collected; the exit code is what tells cron that someone must look.
                 if !cli.json {
-                    for name in &summary.packs_damaged {
-                        eprintln!("warning: {name} is damaged and was left as it is");
+                    for d in &summary.packs_damaged {
+                        eprintln!("warning: damaged pack {}: {}; left as it is", d.pack, d.problem);
                     }
                     eprintln!(
                         "hint: `snapstore verify --read-data` shows what the damage reaches; \

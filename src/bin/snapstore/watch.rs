@@ -40,7 +40,7 @@ pub struct WatchArgs {
 
 pub fn watch(repo_dir: &Path, args: &WatchArgs, json: bool, quiet: bool, out: &mut Out) -> Result<(), Failure> {
     // A commit that cannot start must not leave a new, empty repository behind.
-    std::fs::symlink_metadata(&args.path).map_err(|e| snapstore::Error::io(&args.path, e))?;
+    std::fs::symlink_metadata(&args.path).map_err(|e| snapstore::Error::reading_source(&args.path, e))?;
     let repo = crate::open_or_init(repo_dir)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -123,6 +123,11 @@ fn log(out: &mut Out, event: &WatchEvent<'_>, json: bool, quiet: bool) -> std::i
             WatchEvent::Gc(g) => {
                 if !quiet && g.bytes_freed + g.chunks_swept > 0 {
                     out.line(&format!("{at}  gc  freed {}", human_bytes(g.bytes_freed)))?;
+                }
+                // On stderr with the errors: damage needs someone to look, and the watch goes on.
+                for d in &g.packs_damaged {
+                    let what = format!("damaged pack {}: {}; left as it is", d.pack, d.problem);
+                    eprintln!("{at}  error: gc: {what} (`snapstore verify --read-data` says what it reaches)");
                 }
             }
             // On stderr, as every error: the watch goes on.
