@@ -535,7 +535,7 @@ fn copy_live(
         }
     }
     if bad > 0 {
-        out.damage = Some(format!("{bad} of its live blobs fail their hash or are cut short (the others moved)"));
+        out.damage = Some(format!("live blobs failing their hash or cut short: {bad} of {}", p.rows));
     }
     Ok(out)
 }
