@@ -387,6 +387,16 @@ pub(crate) fn path_key(path: &Path) -> Result<(std::path::PathBuf, String)> {
     Ok((abs, key))
 }
 
+/// The compressor new chunks of this repository are stored with.
+fn compressor(params: &RepoParams) -> Result<Compressor> {
+    Compressor::new(params.compression_level, params.groups_bytes())
+}
+
+/// What a hashing or region worker holds: its own catalog connection for lookups, and a compressor.
+fn worker_setup(ctx: &Context<'_>) -> Result<(Catalog, Compressor)> {
+    Ok((Catalog::open_for_worker(ctx.catalog_path)?, compressor(ctx.params)?))
+}
+
 fn worker(ctx: &Context<'_>, jobs: Receiver<Job>, results: Sender<Result<Hashed>>) {
     // Opened at the first job: while region workers cut a large file these workers may get none, and a
     // catalog connection and a compressor cost each of them about 2 MiB.
@@ -396,8 +406,7 @@ fn worker(ctx: &Context<'_>, jobs: Receiver<Job>, results: Sender<Result<Hashed>
         let (catalog, compressor) = match &mut setup {
             Some(s) => s,
             None => {
-                let opened = Catalog::open_for_worker(ctx.catalog_path)
-                    .and_then(|c| Ok((c, Compressor::new(ctx.params.compression_level, ctx.params.groups_bytes())?)));
+                let opened = worker_setup(ctx);
                 match opened {
                     Ok(v) => setup.insert(v),
                     Err(e) => {
@@ -497,8 +506,7 @@ fn region_worker(
     tasks: Receiver<u64>,
     done: Sender<(u64, Result<RegionDone>)>,
 ) {
-    let setup = Catalog::open_for_worker(ctx.catalog_path)
-        .and_then(|c| Ok((c, Compressor::new(ctx.params.compression_level, ctx.params.groups_bytes())?)));
+    let setup = worker_setup(ctx);
     let (catalog, mut compressor) = match setup {
         Ok(v) => v,
         Err(e) => {
@@ -1003,8 +1011,8 @@ impl Walker<'_, '_> {
                 let (hasher, compressor) = match &mut own {
                     Some(v) => v,
                     None => {
-                        let c = Compressor::new(self.ctx.params.compression_level, self.ctx.params.groups_bytes());
-                        own.insert((ChunkHasher::new(self.ctx.params), c.map_err(|e| stop(self, e))?))
+                        let c = compressor(self.ctx.params).map_err(|e| stop(self, e))?;
+                        own.insert((ChunkHasher::new(self.ctx.params), c))
                     }
                 };
                 let h = hasher.hash(self.catalog, compressor, &junction_buf, 0).map_err(|e| stop(self, e))?;
