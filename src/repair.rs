@@ -22,7 +22,8 @@
 //! rebuild until they end (up to ten minutes), rather than throw the reading away.
 //!
 //! If the catalog file is gone, a new one is created with the parameters of the copy beside it
-//! (`REPO/params`; a copy this build cannot use stops the repair) and the chunk index rebuilt into it. Trees, file contents and checkpoints live only in the catalog, so none survives that; the chunks
+//! (`REPO/params`; a copy this build cannot use stops the repair) and the chunk index rebuilt into it.
+//! Trees, file contents and checkpoints live only in the catalog, so none survives that; the chunks
 //! stay, and later commits of the same data deduplicate against them.
 //!
 //! Afterwards each checkpoint is reported whole or damaged, with what it misses, by the same reachability
