@@ -76,6 +76,33 @@ fn disk_objects(repo: &Path) -> BTreeMap<String, u64> {
     out
 }
 
+/// The names of the files under `packs/`.
+fn pack_files(repo: &Path) -> Vec<String> {
+    disk_objects(repo).into_keys().filter(|n| n.starts_with("packs/")).collect()
+}
+
+/// Commits `n` versions of a stream (version `i`: `len(i)` pseudo-random bytes from seed `seed(i)`), each
+/// into a small pack of its own; returns each checkpoint's id with its bytes.
+fn commit_states(
+    repo: &Repository,
+    n: u64,
+    len: impl Fn(u64) -> usize,
+    seed: impl Fn(u64) -> u64,
+) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let data = pseudo_random(len(i), seed(i));
+            let id = repo.commit_reader("state.bin", &mut &data[..], &Default::default()).unwrap().id;
+            (id, data)
+        })
+        .collect()
+}
+
+/// How many of `held` no longer check out byte for byte.
+fn not_restored(repo: &Repository, held: &[(String, Vec<u8>)], scratch: &Path) -> usize {
+    held.iter().filter(|(id, data)| checkout_file(repo, id, scratch).ok().as_ref() != Some(data)).count()
+}
+
 /// Sum of the sizes of the files under `packs/`.
 fn disk_pack_bytes(repo: &Path) -> u64 {
     disk_objects(repo).iter().filter(|(n, _)| n.starts_with("packs/")).map(|(_, s)| s).sum()
@@ -1626,7 +1653,7 @@ fn storing_condemned_chunks_again_does_not_collide_with_their_old_pack() {
     repo.forget(&[&x.id]).unwrap();
     let g = gc(&repo);
     assert!(g.chunks_deferred > 0 && g.chunks_swept == 0, "{g:?}");
-    let packs: Vec<String> = disk_objects(repo.path()).into_keys().filter(|n| n.starts_with("packs/")).collect();
+    let packs: Vec<String> = pack_files(repo.path());
 
     // The same data again, as another file: its chunks are condemned, so they are stored again.
     let y = repo.commit_reader("y.bin", &mut &data[..], &CommitOptions::default());
@@ -1753,14 +1780,8 @@ fn two_commits_storing_the_same_new_chunks_at_once_both_succeed() {
 fn a_damaged_small_pack_is_left_out_of_the_merge() {
     let t = tmp();
     let repo = Repository::init(t.path().join("repo")).unwrap();
-    let pack_files =
-        || -> Vec<String> { disk_objects(repo.path()).into_keys().filter(|n| n.starts_with("packs/")).collect() };
-    let mut held = Vec::new();
-    for i in 0..12u64 {
-        let data = pseudo_random(20_000 + i as usize * 100, 2 * i);
-        let id = repo.commit_reader("state.bin", &mut &data[..], &Default::default()).unwrap().id;
-        held.push((id, data));
-    }
+    let pack_files = || pack_files(repo.path());
+    let held = commit_states(&repo, 12, |i| 20_000 + i as usize * 100, |i| 2 * i);
     let none = gc_cli_args(repo.path(), &["--max-unused", "100"]);
     assert_eq!(none["packs_rewritten"], 0, "{none}");
     assert_eq!(pack_files().len(), 12);
@@ -1776,9 +1797,7 @@ fn a_damaged_small_pack_is_left_out_of_the_merge() {
     let left = pack_files();
     assert_eq!(left.len(), 2, "{left:?}");
     assert!(left.contains(&damaged));
-    let lost: Vec<_> =
-        held.iter().filter(|(id, data)| checkout_file(&repo, id, t.path()).ok().as_ref() != Some(data)).collect();
-    assert_eq!(lost.len(), 1, "only the checkpoint in the damaged pack is lost");
+    assert_eq!(not_restored(&repo, &held, t.path()), 1, "only the checkpoint in the damaged pack is lost");
 
     // Two small packs are too few to merge: the next gc has nothing to rewrite and succeeds.
     let again = gc_cli(repo.path());
@@ -1793,15 +1812,8 @@ fn a_damaged_small_pack_is_left_out_of_the_merge() {
 fn a_damaged_pack_keeps_only_what_cannot_be_copied() {
     let t = tmp();
     let repo = Repository::init(t.path().join("repo")).unwrap();
-    let pack_files =
-        || -> Vec<String> { disk_objects(repo.path()).into_keys().filter(|n| n.starts_with("packs/")).collect() };
-    let mut held = Vec::new();
-    for i in 0..9u64 {
-        let data = pseudo_random(400_000 + i as usize * 1000, 2 * i + 100);
-        let id = repo.commit_reader("state.bin", &mut &data[..], &Default::default()).unwrap().id;
-        held.push((id, data));
-    }
-    let damaged = pack_files()[4].clone();
+    let held = commit_states(&repo, 9, |i| 400_000 + i as usize * 1000, |i| 2 * i + 100);
+    let damaged = pack_files(repo.path())[4].clone();
     let rows_in = |pack: &str| -> i64 {
         let cat = repo.catalog().unwrap();
         cat.connection()
@@ -1822,9 +1834,7 @@ fn a_damaged_pack_keeps_only_what_cannot_be_copied() {
         "{s}"
     );
     assert_eq!(rows_in(&damaged), 1, "only the damaged blob's row stays in the damaged pack");
-    let lost: Vec<_> =
-        held.iter().filter(|(id, data)| checkout_file(&repo, id, t.path()).ok().as_ref() != Some(data)).collect();
-    assert_eq!(lost.len(), 1, "only the checkpoint that needs the damaged blob is lost");
+    assert_eq!(not_restored(&repo, &held, t.path()), 1, "only the checkpoint that needs the damaged blob is lost");
 
     // The pack gone altogether, with more small packs to merge: reported, everything else collected.
     for i in 0..8u64 {
@@ -1842,13 +1852,8 @@ fn a_damaged_pack_keeps_only_what_cannot_be_copied() {
 fn small_packs_are_merged() {
     let t = tmp();
     let repo = Repository::init(t.path().join("repo")).unwrap();
-    let pack_files = || disk_objects(repo.path()).keys().filter(|n| n.starts_with("packs/")).count();
-    let mut held = Vec::new();
-    for i in 0..12u64 {
-        let data = pseudo_random(20_000 + i as usize * 100, 2 * i);
-        let id = repo.commit_reader("state.bin", &mut &data[..], &Default::default()).unwrap().id;
-        held.push((id, data));
-    }
+    let pack_files = || pack_files(repo.path()).len();
+    let held = commit_states(&repo, 12, |i| 20_000 + i as usize * 100, |i| 2 * i);
     assert_eq!(pack_files(), 12, "one small pack per commit");
     let dry = repo.gc(&GcOptions { dry_run: true, ..Default::default() }).unwrap();
     assert_eq!(dry.packs_rewritten, 12, "{dry:?}");
