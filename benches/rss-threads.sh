@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Peak RSS (KiB, /usr/bin/time's %M) of a first commit and of a checkout into an empty directory, by thread
-# count, with --threads standing in for the cores of a larger machine: commit uses one worker per core and
-# checkout two, as their defaults do. Data: a 512 MiB file and a tree of 60 files of 4 MiB, all from
-# /dev/urandom (nothing compresses, so every new chunk's blob is as large as the chunk).
+# Peak RSS of a first commit, of a checkout into an empty directory and of `verify --read-data`, by core count,
+# with --threads standing in for the cores of a larger machine as the defaults would set it: commit one worker
+# per core (at most 16), checkout two (at most 32), verify one. Data: a 512 MiB file and a tree of 60 files of
+# 4 MiB, all from /dev/urandom (nothing compresses, so every new chunk's blob is as large as the chunk).
 #
-#   bash benches/rss-threads.sh [CORES...]        default: 2 4 8 16
+#   bash benches/rss-threads.sh [CORES...]        default: 2 4 8 16 32
 #
 # SNAPSTORE_BIN picks the binary (default: the release build, made first); SNAPSTORE_BENCH_DIR where the data
 # goes (default: $TMPDIR). Prints a markdown table; each cell is the peak of REPEAT runs (default 2).
 set -euo pipefail
 cores=("${@:-}")
-[ -z "${cores[*]}" ] && cores=(2 4 8 16)
+[ -z "${cores[*]}" ] && cores=(2 4 8 16 32)
 repeat=${REPEAT:-2}
 bin=${SNAPSTORE_BIN:-}
 if [ -z "$bin" ]; then
@@ -35,12 +35,14 @@ peak() {
     echo $((max / 1024))
 }
 
-echo "| cores (commit / checkout threads) | commit 512 MiB file | commit tree | checkout 512 MiB file | checkout tree |"
-echo "|---|---|---|---|---|"
+echo "| cores (commit / checkout threads) | commit 512 MiB file | commit tree | checkout 512 MiB file | checkout tree | verify --read-data |"
+echo "|---|---|---|---|---|---|"
 for c in "${cores[@]}"; do
-    row="| $c ($c / $((2 * c))) |"
+    commit_threads=$((c < 16 ? c : 16))
+    checkout_threads=$((2 * c < 32 ? 2 * c : 32))
+    row="| $c ($commit_threads / $checkout_threads) |"
     for what in image tree; do
-        mib=$(peak "rm -rf '$dir/repo'; '$bin' --repo '$dir/repo' -q init" "$bin" --repo "$dir/repo" -q commit --threads "$c" "$dir/$what")
+        mib=$(peak "rm -rf '$dir/repo'; '$bin' --repo '$dir/repo' -q init" "$bin" --repo "$dir/repo" -q commit --threads "$commit_threads" "$dir/$what")
         row="$row $mib MiB |"
     done
     rm -rf "$dir/repo"
@@ -48,8 +50,9 @@ for c in "${cores[@]}"; do
     image=$("$bin" --repo "$dir/repo" -q commit "$dir/image")
     tree=$("$bin" --repo "$dir/repo" -q commit "$dir/tree")
     for id in "$image" "$tree"; do
-        mib=$(peak "rm -rf '$dir/out'" "$bin" --repo "$dir/repo" -q checkout --threads $((2 * c)) "$id" "$dir/out")
+        mib=$(peak "rm -rf '$dir/out'" "$bin" --repo "$dir/repo" -q checkout --threads "$checkout_threads" "$id" "$dir/out")
         row="$row $mib MiB |"
     done
-    echo "$row"
+    mib=$(peak : "$bin" --repo "$dir/repo" -q verify --read-data --threads "$c")
+    echo "$row $mib MiB |"
 done

@@ -48,7 +48,7 @@ pub struct CommitOptions {
     pub skip_unreadable: bool,
     /// Host name to record; `None` reads the machine's.
     pub host: Option<String>,
-    /// Worker threads for hashing and compression; 0 means one per core.
+    /// Worker threads for hashing and compression; 0 means one per core, at most 16.
     pub threads: usize,
     /// When nothing differs from the parent checkpoint (same tree: names, contents, modes, mtimes), make no
     /// new checkpoint and report the parent's id with [`CommitSummary::unchanged`] set.
@@ -258,15 +258,17 @@ fn run(
     };
 
     let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+        std::thread::available_parallelism().map_or(2, |n| n.get().min(DEFAULT_MAX_THREADS))
     } else {
         opts.threads
     };
     let (job_tx, job_rx) = bounded::<Job>(threads * 4);
     let (res_tx, res_rx) = bounded::<Result<Hashed>>(threads * 4);
     let (ev_tx, ev_rx) = bounded::<Event>(1024);
-    // Blocks must hold a maximum chunk; 2 MiB keeps the blocks in flight to a few MiB.
-    let block_len = (2 << 20).max(2 * ctx.params.chunk_max as usize);
+    // Blocks must hold a maximum chunk. A chunk in flight keeps its whole block alive, so the block size, not
+    // the budget, sets what the blocks cost: 2 MiB blocks took 8 MiB more at 16 threads than 1 MiB ones, and
+    // 512 KiB ones copied twice as many chunks that straddle two blocks (docs/benchmarks.md, levers).
+    let block_len = (1 << 20).max(2 * ctx.params.chunk_max as usize);
     let (pool_tx, pool_rx) = bounded::<AlignedBuf>(8);
 
     let mut summary = CommitSummary { parent: parent.as_ref().map(|p| p.id.clone()), ..Default::default() };
@@ -1159,6 +1161,12 @@ fn push_segment(batch: &mut Batch, b: &mut ContentBuilder, refs: &[ChunkRef]) {
     batch.segments.push((id, encoded));
     b.segment_ids.extend_from_slice(&id.0);
 }
+
+/// The most hashing workers a commit starts unless told otherwise. Each costs about 2 MiB (its compressor,
+/// catalog connection and output buffer): 32 took a first commit of a tree to 83 MiB, 16 to 55. At the
+/// 160-240 MB/s per core that zstd compresses new chunks here, 16 already take in 3 GB/s of new data, about
+/// what a fast NVMe disk reads; unchanged chunks are only hashed, many times faster.
+const DEFAULT_MAX_THREADS: usize = 16;
 
 /// Bytes of chunks and blobs alive between the walker and the assembler (see `inflight.rs`): enough to keep
 /// every worker busy through a few chunks' worth of scheduling jitter.

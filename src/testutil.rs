@@ -1,5 +1,49 @@
 //! Helpers for the unit tests.
 
+use std::io;
+
+use crate::backend::{Backend, LocalBackend, ObjectWriter};
+
+/// A local store that calls a hook before each read (with the object's name and the read's length) and
+/// after each size query, for tests that act at those moments or count what was read.
+pub(crate) struct Hooked {
+    pub inner: LocalBackend,
+    pub on_read: Box<ReadHook>,
+    pub after_size: Box<SizeHook>,
+}
+
+/// Called with an object's name and the length of the read about to be made.
+pub(crate) type ReadHook = dyn Fn(&str, usize) + Send + Sync;
+/// Called with the store and an object's name once its size has been read.
+pub(crate) type SizeHook = dyn Fn(&LocalBackend, &str) -> io::Result<()> + Send + Sync;
+
+impl Hooked {
+    pub fn new(root: &std::path::Path) -> Self {
+        Hooked { inner: LocalBackend::new(root), on_read: Box::new(|_, _| {}), after_size: Box::new(|_, _| Ok(())) }
+    }
+}
+
+impl Backend for Hooked {
+    fn create(&self) -> io::Result<Box<dyn ObjectWriter>> {
+        self.inner.create()
+    }
+    fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        (self.on_read)(name, buf.len());
+        self.inner.read_at(name, offset, buf)
+    }
+    fn size(&self, name: &str) -> io::Result<u64> {
+        let size = self.inner.size(name)?;
+        (self.after_size)(&self.inner, name)?;
+        Ok(size)
+    }
+    fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        self.inner.list(prefix)
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.inner.remove(name)
+    }
+}
+
 /// Deterministic pseudo-random bytes (xorshift64), so failures reproduce.
 pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;

@@ -93,7 +93,7 @@ The new checkpoint's full id is printed last on stdout. If the repository does n
         /// Record unreadable files as skipped instead of failing the commit
         #[arg(long)]
         skip_unreadable: bool,
-        /// Worker threads for hashing and compression [default: one per core]
+        /// Worker threads for hashing and compression [default: one per core, at most 16]
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         threads: usize,
         /// Commit as one part of the group checkpoint NAME (with --part): the group is a restore point only
@@ -133,7 +133,7 @@ snapstore checkout 3fa2c1 ./run --in-place --delete\n  snapstore checkout latest
         /// Restore only this path of the checkpoint, relative to the committed directory (repeatable)
         #[arg(long = "path", value_name = "SUBPATH")]
         paths: Vec<PathBuf>,
-        /// Worker threads [default: two per core]
+        /// Worker threads [default: two per core, at most 32]
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         threads: usize,
     },
