@@ -266,8 +266,9 @@ fn run(
     let (res_tx, res_rx) = bounded::<Result<Hashed>>(threads * 4);
     let (ev_tx, ev_rx) = bounded::<Event>(1024);
     // Blocks must hold a maximum chunk. A chunk in flight keeps its whole block alive, so the block size, not
-    // the budget, sets what the blocks cost: 2 MiB blocks took 8 MiB more at 16 threads than 1 MiB ones, and
-    // 512 KiB ones copied twice as many chunks that straddle two blocks (docs/benchmarks.md, levers).
+    // the budget, sets what the blocks cost: 2 MiB blocks took about 6 MiB more at 16 threads than 1 MiB ones,
+    // and 512 KiB ones cost 4 % more instructions, copying the chunks that straddle two blocks
+    // (docs/benchmarks.md, *Peak RSS by core count*).
     let block_len = (1 << 20).max(2 * ctx.params.chunk_max as usize);
     let (pool_tx, pool_rx) = bounded::<AlignedBuf>(8);
 
