@@ -53,7 +53,7 @@ impl AlignedBuf {
 
     /// Fills the buffer with up to `len` bytes read from `r` (fewer only at the end of the input); returns
     /// how many, which is also the new length. The buffer grows as the input goes on, so a small file read
-    /// through a fresh 2 MiB block touches kilobytes, not the block.
+    /// through a fresh 1 MiB block touches kilobytes, not the block.
     pub fn fill_from(&mut self, r: &mut (impl Read + ?Sized), len: usize) -> io::Result<usize> {
         let have = self.mem.len().saturating_sub(self.start);
         let mut room = have.max(64 << 10).min(len);

@@ -3,7 +3,7 @@
 //! Three kinds of thread, joined by bounded channels so memory stays flat whatever the input:
 //! - the *walker* (the caller's thread) walks the tree, skips files unchanged since the parent checkpoint,
 //!   reads and chunks the rest, sending each chunk to the workers and an ordered event to the assembler;
-//! - *workers* (one per core) hash chunks, look them up in the chunk index and compress only the new ones;
+//! - *workers* (one per core, at most 16) hash chunks, look them up in the chunk index and compress only the new ones;
 //! - the *assembler* consumes events in order, packs new chunks, builds segments, contents and trees, and
 //!   writes them to the catalog, the checkpoint itself last, after every pack it needs is durable.
 
