@@ -102,8 +102,6 @@ const BATCH_BYTES: u64 = 4 << 20;
 /// Files smaller than this are rewritten whole through a temporary file rather than patched: the write is
 /// cheap, and the file is then either old or new after a crash.
 const PATCH_MIN: u64 = 1 << 20;
-/// Bytes of merged pack reads all workers hold at once (see `ChunkReader::with_max_read`).
-const READ_BUDGET: u64 = 16 << 20;
 /// The most workers a checkout starts unless told otherwise (see `checkout`).
 const DEFAULT_MAX_THREADS: usize = 32;
 /// Files whose jobs travel to a worker together at most (fewer when they reach [`BATCH_BYTES`]).
@@ -659,13 +657,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
         opts.threads
     };
     let (tx, rx) = bounded::<Vec<Job>>(threads * 2);
-    // Each worker's merged reads share one budget: many workers need no long reads to keep a disk busy. A
-    // bucket is another matter: every read is a request.
-    let max_read = if src.backend.reads_are_requests() {
-        crate::store::MAX_READ
-    } else {
-        (READ_BUDGET / threads as u64).clamp(512 << 10, crate::store::MAX_READ)
-    };
+    let max_read = crate::store::read_share(src.backend.reads_are_requests(), threads);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let abort = AtomicBool::new(false);
     let written = AtomicU64::new(0);

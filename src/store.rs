@@ -109,6 +109,18 @@ pub(crate) struct ChunkReader {
 /// Reads are merged when chunks sit back to back in one pack, up to this many bytes per read.
 pub(crate) const MAX_READ: u64 = 8 << 20;
 
+/// How long one of `threads` readers' merged reads may be. From a disk all of them share 16 MiB (at least
+/// 512 KiB each): many readers need no long reads to keep it busy, and 8 MiB each took a checkout on 32
+/// threads to 166 MiB. From a bucket every read is a request ([`Backend::reads_are_requests`]), and each
+/// reads up to 8 MiB: a 32 MiB budget took a checkout on 16 threads from 107 to 71 MiB against a local S3
+/// server, but from 1.2 to 2.2 s, its requests multiplied by 8 (docs/benchmarks.md, *Repositories in S3*).
+pub(crate) fn read_share(reads_are_requests: bool, threads: usize) -> u64 {
+    if reads_are_requests {
+        return MAX_READ;
+    }
+    ((16 << 20) / threads.max(1) as u64).clamp(512 << 10, MAX_READ)
+}
+
 impl ChunkReader {
     pub fn new(backend: Arc<dyn Backend>) -> Result<Self> {
         Self::with_max_read(backend, MAX_READ)
@@ -301,6 +313,18 @@ impl Drop for Packer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_shares_keep_all_readers_within_the_budget() {
+        for threads in 1..=256 {
+            let share = read_share(false, threads);
+            assert!((512 << 10..=MAX_READ).contains(&share), "{threads}: {share}");
+            assert!(share == 512 << 10 || threads as u64 * share <= 16 << 20, "{threads}: {share}");
+            assert_eq!(read_share(true, threads), MAX_READ);
+        }
+        // On 2 cores a checkout runs 4 workers and verify 2: they read 4 and 8 MiB at a time.
+        assert_eq!((read_share(false, 4), read_share(false, 2)), (4 << 20, MAX_READ));
+    }
     use crate::backend::MemoryBackend;
     use crate::catalog::Batch;
     use crate::params::RepoParams;

@@ -54,11 +54,6 @@ use crate::tree::{EntryKind, content_id, decode_segment, decode_tree, segment_id
 /// count them all), so a repository whose whole chunk index is lost still gives a report that fits in memory.
 pub(crate) const MAX_LISTED: usize = 1000;
 
-/// Reads of back-to-back blobs are merged up to this size.
-const MAX_READ: u64 = 8 << 20;
-/// Bytes of merged reads all threads hold at once: 8 MiB each took `verify --read-data` to 141 MiB at 16
-/// threads. A bucket is exempt, as in checkout: there every read is a request.
-const READ_BUDGET: u64 = 16 << 20;
 /// Unused blobs (left by GC) shorter than this between two checked blobs are read through rather than skipped.
 const MAX_GAP: u64 = 256 << 10;
 
@@ -663,8 +658,8 @@ fn read_data(
         opts.threads
     }
     .min(targets.len().max(1));
-    let max_read =
-        if backend.reads_are_requests() { MAX_READ } else { (READ_BUDGET / threads as u64).clamp(512 << 10, MAX_READ) };
+    // Shared as checkout's are: 8 MiB each took `verify --read-data` to 141 MiB at 16 threads.
+    let max_read = crate::store::read_share(backend.reads_are_requests(), threads);
     // A pack's rows are found through its own index, one keyed lookup each, so that no statement (and so no
     // snapshot) stays open across the phase.
     let mut row_of = conn.prepare_cached(
@@ -1130,7 +1125,7 @@ mod tests {
             (r.unwrap(), reads.lock().unwrap().clone())
         };
         // One thread's share reads the whole pack at once; a share of 512 KiB takes many reads, none longer.
-        let (whole, reads) = read(MAX_READ);
+        let (whole, reads) = read(crate::store::MAX_READ);
         assert_eq!(reads.len(), 1, "{reads:?}");
         let (shared, reads) = read(512 << 10);
         assert!(reads.len() >= 8 && reads.iter().all(|&n| n <= 512 << 10), "{reads:?}");
