@@ -113,7 +113,7 @@ pub(crate) const MAX_READ: u64 = 8 << 20;
 /// 512 KiB each): many readers need no long reads to keep it busy, and 8 MiB each took a checkout on 32
 /// threads to 166 MiB. From a bucket every read is a request ([`Backend::reads_are_requests`]), and each
 /// reads up to 8 MiB: a 32 MiB budget took a checkout on 16 threads from 107 to 71 MiB against a local S3
-/// server, but from 1.2 to 2.2 s, its requests multiplied by 8 (docs/benchmarks.md, *Repositories in S3*).
+/// server, but from 1.2 to 2.2 s, its requests multiplied by 4 (docs/benchmarks.md, *Repositories in S3*).
 pub(crate) fn read_share(reads_are_requests: bool, threads: usize) -> u64 {
     if reads_are_requests {
         return MAX_READ;

@@ -138,7 +138,7 @@ impl DataSubset {
 pub struct VerifyOptions {
     /// How much chunk data to read, decompress and rehash.
     pub read_data: DataSubset,
-    /// Threads reading and checking packs [0: one per core].
+    /// Threads reading and checking packs [0: one per core, at most 32].
     pub threads: usize,
     /// Receives progress.
     pub progress: Arc<dyn Progress>,
@@ -652,8 +652,9 @@ fn read_data(
     opts: &VerifyOptions,
     report: &mut VerifyReport,
 ) -> Result<()> {
+    // Capped so that the threads' shares of the read budget stay above its floor (see `read_share`).
     let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(32))
     } else {
         opts.threads
     }
@@ -1106,13 +1107,39 @@ mod tests {
         assert!(report.is_clean(), "{report:?}");
     }
 
+    /// A store over `repo_path` that logs the length of every read.
+    fn logging_reads(repo_path: &Path) -> (Hooked, Arc<Mutex<Vec<usize>>>) {
+        let reads = Arc::new(Mutex::new(Vec::new()));
+        let mut backend = Hooked::new(repo_path);
+        let log = reads.clone();
+        backend.on_read = Box::new(move |_, len| log.lock().unwrap().push(len));
+        (backend, reads)
+    }
+
+    #[test]
+    fn verify_threads_read_within_their_share_of_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo_path, src) = (dir.path().join("repo"), dir.path().join("state.bin"));
+        let params = crate::RepoParams { pack_target_size: 2 << 20, ..Default::default() };
+        let repo = crate::Repository::init_with(&repo_path, params).unwrap();
+        std::fs::write(&src, crate::testutil::pseudo_random(24 << 20, 11)).unwrap();
+        repo.commit(&src, &Default::default()).unwrap();
+        let (backend, reads) = logging_reads(&repo_path);
+        let packs = backend.list("packs/").unwrap().iter().filter(|n| n.ends_with(".pack")).count();
+        assert!(packs >= 8, "{packs} packs");
+        let opts = VerifyOptions { read_data: DataSubset::All, threads: 64, ..Default::default() };
+        let report = verify(&repo_path.join("catalog.db"), Arc::new(backend), &opts).unwrap();
+        assert!(report.is_clean() && report.packs_read == packs as u64, "{report:?}");
+        // One thread per pack, each reading at most its share of 16 MiB; the packs are larger than that.
+        let share = (16 << 20) / packs;
+        let longest = reads.lock().unwrap().iter().copied().max().unwrap();
+        assert!(longest <= share && longest > share / 4, "longest read {longest}, share {share}");
+    }
+
     #[test]
     fn merged_reads_stay_within_their_share_and_still_check_every_chunk() {
         let (_dir, repo_path, ..) = repo_with_one_checkpoint(4 << 20, 9);
-        let reads = Arc::new(Mutex::new(Vec::new()));
-        let mut backend = Hooked::new(&repo_path);
-        let log = reads.clone();
-        backend.on_read = Box::new(move |_, len| log.lock().unwrap().push(len));
+        let (backend, reads) = logging_reads(&repo_path);
         let pack = backend.list("packs/").unwrap().into_iter().find(|n| n.ends_with(".pack")).unwrap();
         let rows: Vec<PackRow> = crate::pack::read_index(&backend, &pack)
             .unwrap()
@@ -1125,11 +1152,11 @@ mod tests {
             (r.unwrap(), reads.lock().unwrap().clone())
         };
         // One thread's share reads the whole pack at once; a share of 512 KiB takes many reads, none longer.
-        let (whole, reads) = read(crate::store::MAX_READ);
-        assert_eq!(reads.len(), 1, "{reads:?}");
-        let (shared, reads) = read(512 << 10);
-        assert!(reads.len() >= 8 && reads.iter().all(|&n| n <= 512 << 10), "{reads:?}");
-        for r in [&whole, &shared] {
+        let (whole, whole_reads) = read(crate::store::MAX_READ);
+        assert_eq!(whole_reads.len(), 1, "{whole_reads:?}");
+        let (shared, shared_reads) = read(512 << 10);
+        assert!(shared_reads.len() >= 8 && shared_reads.iter().all(|&n| n <= 512 << 10), "{shared_reads:?}");
+        for (r, reads) in [(&whole, &whole_reads), (&shared, &shared_reads)] {
             assert_eq!((r.chunks, r.bytes, r.bad.len()), (rows.len() as u64, reads.iter().sum::<usize>() as u64, 0));
         }
 

@@ -18,7 +18,7 @@ pub struct VerifyArgs {
     /// (a random P percent). Implies --read-data
     #[arg(long, value_name = "N/M|P%", value_parser = |s: &str| s.parse::<DataSubset>())]
     read_data_subset: Option<DataSubset>,
-    /// Threads reading packs [default: one per core]
+    /// Threads reading packs [default: one per core, at most 32]
     #[arg(long, default_value_t = 0, hide_default_value = true)]
     threads: usize,
 }
@@ -50,7 +50,7 @@ Exit codes: 0 every checkpoint whole; 3 damage remains (damaged packs, checkpoin
         /// Also read every chunk and leave the ones whose bytes are damaged out of the index
         #[arg(long)]
         read_data: bool,
-        /// Threads reading chunk data (default: one per core)
+        /// Threads reading chunk data (default: one per core, at most 32)
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         threads: usize,
     },
