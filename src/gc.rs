@@ -494,10 +494,8 @@ fn copy_live(
     let mut out = Copied { written: 0, damage: None };
     let index = match crate::pack::read_index(backend, &p.name) {
         Ok(index) => index,
-        Err(Error::Corrupt { what }) => {
-            let prefix = format!("pack {}: ", p.name);
-            let why = what.strip_prefix(&prefix).map_or(what.clone(), str::to_string);
-            return Ok(Copied { damage: Some(why), ..out });
+        Err(e @ Error::Corrupt { .. }) => {
+            return Ok(Copied { damage: Some(crate::pack::problem_of(&e, &p.name)), ..out });
         }
         Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             return Ok(Copied { damage: Some("missing".into()), ..out });

@@ -141,6 +141,15 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
+/// What is wrong with pack `name`, from an error reading it: a corruption's text without the pack's name that
+/// [`read_index`] puts in front (a report names the pack beside it), anything else as it reads.
+pub(crate) fn problem_of(e: &Error, name: &str) -> String {
+    match e {
+        Error::Corrupt { what } => what.strip_prefix(&format!("pack {name}: ")).unwrap_or(what).to_string(),
+        other => other.to_string(),
+    }
+}
+
 /// Reads and checks a pack's own index: what the catalog's chunk index is rebuilt from.
 pub fn read_index(backend: &dyn Backend, name: &str) -> Result<Vec<PackEntry>> {
     let bad = |why: &str| Error::corrupt(format!("pack {name}: {why}"));

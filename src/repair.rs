@@ -307,8 +307,8 @@ fn rebuild(
                         ])?;
                     }
                 }
-                Err(Error::Corrupt { what }) => {
-                    let problem = what.strip_prefix(&format!("pack {name}: ")).unwrap_or(&what).to_string();
+                Err(e @ Error::Corrupt { .. }) => {
+                    let problem = crate::pack::problem_of(&e, &name);
                     report.damaged_packs.push(DamagedPack { pack: name, problem });
                 }
                 Err(e) => return Err(e),

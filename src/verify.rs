@@ -355,16 +355,6 @@ fn pack_still_recorded(catalog_path: &Path, name: &str) -> Result<bool> {
     Ok(fresh.connection().prepare("SELECT 1 FROM packs WHERE name = ?1")?.exists([name])?)
 }
 
-/// The text of a corruption error, without the generic prefix (the report says it is damage).
-fn problem_of(e: &Error, pack: &str) -> String {
-    match e {
-        Error::Corrupt { what } => {
-            what.strip_prefix(&format!("pack {pack}: ")).map(str::to_string).unwrap_or_else(|| what.clone())
-        }
-        other => other.to_string(),
-    }
-}
-
 /// Checks every pack row against its file and every chunk row against its pack. Returns the packs whose
 /// chunks can be read (sound packs), as (row id, name).
 fn check_packs(
@@ -399,7 +389,7 @@ fn check_packs(
             }
             match crate::pack::read_index(backend, &name) {
                 Ok(entries) => Ok(Ok(entries.into_iter().map(|e| (e.id, e)).collect::<HashMap<ObjectId, PackEntry>>())),
-                Err(e) if e.is_corruption() => Ok(Err(problem_of(&e, &name))),
+                Err(e) if e.is_corruption() => Ok(Err(crate::pack::problem_of(&e, &name))),
                 Err(e) => Err(e),
             }
         });
