@@ -118,8 +118,15 @@ pub(crate) fn read_share(reads_are_requests: bool, threads: usize) -> u64 {
     if reads_are_requests {
         return MAX_READ;
     }
-    ((16 << 20) / threads.max(1) as u64).clamp(512 << 10, MAX_READ)
+    (READ_BUDGET / threads.max(1) as u64).clamp(MIN_READ_SHARE, MAX_READ)
 }
+
+/// What all of a disk's readers' merged reads hold at once (see [`read_share`]).
+const READ_BUDGET: u64 = 16 << 20;
+/// The least one reader's share, however many there are.
+const MIN_READ_SHARE: u64 = 512 << 10;
+/// Readers beyond this many each get the least share, and together hold more than the budget.
+pub(crate) const READERS_WITHIN_BUDGET: usize = (READ_BUDGET / MIN_READ_SHARE) as usize;
 
 impl ChunkReader {
     pub fn new(backend: Arc<dyn Backend>) -> Result<Self> {
@@ -313,6 +320,9 @@ impl Drop for Packer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::MemoryBackend;
+    use crate::catalog::Batch;
+    use crate::params::RepoParams;
 
     #[test]
     fn read_shares_keep_all_readers_within_the_budget() {
@@ -324,10 +334,9 @@ mod tests {
         }
         // On 2 cores a checkout runs 4 workers and verify 2: they read 4 and 8 MiB at a time.
         assert_eq!((read_share(false, 4), read_share(false, 2)), (4 << 20, MAX_READ));
+        // The most readers that fit: each at the least share, all of them the whole budget.
+        assert_eq!(read_share(false, READERS_WITHIN_BUDGET) * READERS_WITHIN_BUDGET as u64, 16 << 20);
     }
-    use crate::backend::MemoryBackend;
-    use crate::catalog::Batch;
-    use crate::params::RepoParams;
 
     #[test]
     fn a_blob_that_inflates_beyond_its_length_is_refused_without_growing() {

@@ -644,7 +644,7 @@ fn read_data(
 ) -> Result<()> {
     // Capped so that the threads' shares of the read budget stay above its floor (see `read_share`).
     let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(32))
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(crate::store::READERS_WITHIN_BUDGET))
     } else {
         opts.threads
     }
