@@ -1063,12 +1063,16 @@ mod tests {
     use crate::testutil::Hooked;
     use std::sync::Mutex;
 
-    /// A new repository (in the returned directory's `repo`) holding one checkpoint of `len` pseudo-random
-    /// bytes; returns the checkpoint's id too.
-    fn repo_with_one_checkpoint(len: usize, seed: u64) -> (tempfile::TempDir, PathBuf, crate::Repository, String) {
+    /// A new repository with `params` (in the returned directory's `repo`) holding one checkpoint of `len`
+    /// pseudo-random bytes; returns the checkpoint's id too.
+    fn repo_with_one_checkpoint(
+        params: crate::RepoParams,
+        len: usize,
+        seed: u64,
+    ) -> (tempfile::TempDir, PathBuf, crate::Repository, String) {
         let dir = tempfile::tempdir().unwrap();
         let (repo_path, src) = (dir.path().join("repo"), dir.path().join("state.bin"));
-        let repo = crate::Repository::init(&repo_path).unwrap();
+        let repo = crate::Repository::init_with(&repo_path, params).unwrap();
         std::fs::write(&src, crate::testutil::pseudo_random(len, seed)).unwrap();
         let id = repo.commit(&src, &Default::default()).unwrap().id;
         (dir, repo_path, repo, id)
@@ -1076,7 +1080,7 @@ mod tests {
 
     #[test]
     fn a_pack_collected_while_verify_looks_at_it_is_no_damage() {
-        let (_dir, repo_path, repo, id) = repo_with_one_checkpoint(1 << 20, 5);
+        let (_dir, repo_path, repo, id) = repo_with_one_checkpoint(Default::default(), 1 << 20, 5);
         // Forgotten, so that its pack is garbage: deleting it and its rows is what GC does.
         repo.forget(&[id.as_str()]).unwrap();
         let catalog = repo_path.join("catalog.db");
@@ -1108,12 +1112,8 @@ mod tests {
 
     #[test]
     fn verify_threads_read_within_their_share_of_the_budget() {
-        let dir = tempfile::tempdir().unwrap();
-        let (repo_path, src) = (dir.path().join("repo"), dir.path().join("state.bin"));
         let params = crate::RepoParams { pack_target_size: 2 << 20, ..Default::default() };
-        let repo = crate::Repository::init_with(&repo_path, params).unwrap();
-        std::fs::write(&src, crate::testutil::pseudo_random(24 << 20, 11)).unwrap();
-        repo.commit(&src, &Default::default()).unwrap();
+        let (_dir, repo_path, ..) = repo_with_one_checkpoint(params, 24 << 20, 11);
         let (backend, reads) = logging_reads(&repo_path);
         let packs = backend.list("packs/").unwrap().iter().filter(|n| n.ends_with(".pack")).count();
         assert!(packs >= 8, "{packs} packs");
@@ -1128,7 +1128,7 @@ mod tests {
 
     #[test]
     fn merged_reads_stay_within_their_share_and_still_check_every_chunk() {
-        let (_dir, repo_path, ..) = repo_with_one_checkpoint(4 << 20, 9);
+        let (_dir, repo_path, ..) = repo_with_one_checkpoint(Default::default(), 4 << 20, 9);
         let (backend, reads) = logging_reads(&repo_path);
         let pack = backend.list("packs/").unwrap().into_iter().find(|n| n.ends_with(".pack")).unwrap();
         let rows: Vec<PackRow> = crate::pack::read_index(&backend, &pack)
