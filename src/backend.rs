@@ -10,12 +10,14 @@ mod s3;
 #[cfg(not(feature = "s3"))]
 mod s3_off;
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 
 pub use local::LocalBackend;
 pub use memory::MemoryBackend;
 #[cfg(feature = "s3")]
-pub use s3::{Bucket, Credentials, ObjectMeta, S3Backend, Settings, create_test_bucket, parse_s3_url, test_endpoint};
+pub use s3::{
+    Bucket, Credentials, ObjectMeta, RangeReader, S3Backend, Settings, create_test_bucket, parse_s3_url, test_endpoint,
+};
 #[cfg(not(feature = "s3"))]
 pub use s3_off::{Bucket, ObjectMeta, S3Backend};
 
@@ -25,6 +27,21 @@ pub trait Backend: Send + Sync {
     fn create(&self) -> io::Result<Box<dyn ObjectWriter>>;
     /// Fills `buf` with the object's bytes starting at `offset`; fails if the object is shorter.
     fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// The `len` bytes from `offset` as a stream, for a reader that takes them in order. Opening fails with
+    /// [`io::ErrorKind::NotFound`] if the object is missing; reading fails with
+    /// [`io::ErrorKind::UnexpectedEof`] where the object ends short of `offset + len`.
+    ///
+    /// A backend whose reads are requests sends one request and hands its body on as it arrives, so that a
+    /// reader of many blobs holds one blob at a time, not the whole range. The default reads through
+    /// [`read_at`](Self::read_at), one call per read.
+    fn read_range(&self, name: &str, offset: u64, len: u64) -> io::Result<Box<dyn Read + '_>> {
+        let size = self.size(name)?;
+        if len == 0 && offset > size {
+            let why = format!("{name}: an empty read at {offset}, past the end of the object ({size} bytes)");
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, why));
+        }
+        Ok(Box::new(AtReader { backend: self, name: name.to_string(), pos: offset, end: offset.saturating_add(len) }))
+    }
     /// The object's size in bytes.
     fn size(&self, name: &str) -> io::Result<u64>;
     /// Names of all objects whose names start with `prefix`.
@@ -40,6 +57,26 @@ pub trait Backend: Send + Sync {
     /// worth the memory their buffers hold.
     fn reads_are_requests(&self) -> bool {
         false
+    }
+}
+
+/// [`Backend::read_range`] over [`Backend::read_at`].
+struct AtReader<'a, B: ?Sized> {
+    backend: &'a B,
+    name: String,
+    pos: u64,
+    end: u64,
+}
+
+impl<B: Backend + ?Sized> Read for AtReader<'_, B> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (self.end - self.pos).min(buf.len() as u64) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.backend.read_at(&self.name, self.pos, &mut buf[..n])?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
@@ -88,6 +125,16 @@ pub(crate) mod tests {
         assert_eq!(&buf, b"world");
         let mut long = [0u8; 6];
         assert!(backend.read_at("packs/ab/abc.pack", 6, &mut long).is_err());
+        let mut streamed = Vec::new();
+        backend.read_range("packs/ab/abc.pack", 2, 7).unwrap().read_to_end(&mut streamed).unwrap();
+        assert_eq!(streamed, b"llo wor");
+        let mut short = vec![0u8; 6];
+        let err = backend.read_range("packs/ab/abc.pack", 6, 6).unwrap().read_exact(&mut short).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        let err = backend.read_range("packs/ab/none.pack", 0, 1).err().expect("a missing object cannot be read");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        let err = backend.read_range("packs/ab/abc.pack", 12, 0).err().expect("an empty read past the end");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         // An abandoned writer leaves nothing.
         let mut w = backend.create().unwrap();
         w.write_all(b"partial").unwrap();

@@ -23,7 +23,8 @@ use crate::pack::PackEntry;
 use crate::progress::{NoProgress, Progress};
 use crate::reach;
 use crate::remote::{GC_LOCK, Lock, Remote, SWEEP_LOCK};
-use crate::store::{BlobDecoder, Packer};
+use crate::runs::{MAX_GAP, RunError, RunReader, Span, run_len};
+use crate::store::{BlobDecoder, MAX_READ, Packer};
 
 /// How to collect garbage.
 #[derive(Clone)]
@@ -513,24 +514,43 @@ fn copy_live(
         return Ok(Copied { damage: Some(why), ..out });
     }
     let mut bad = 0;
-    for (id, offset, stored_len, raw_len, flags) in chunks {
-        let mut blob = vec![0u8; stored_len as usize];
-        match backend.read_at(&p.name, offset, &mut blob) {
+    // Runs of live blobs, as verify reads them: from a bucket one request per 8 MiB instead of one per blob.
+    // From a disk, 1 MiB runs took as long as 8 MiB ones, which took the GC's peak RSS from 42 to 51 MiB.
+    let max_read = if backend.reads_are_requests() { MAX_READ } else { 1 << 20 };
+    let spans: Vec<Span> = chunks.iter().map(|c| (c.1, c.2)).collect();
+    let mut runs = RunReader::default();
+    // A run's good blobs, handed to the packer only once the run is read: adding one can wait for a pack's
+    // upload, and a bucket's GET left open that long would time out.
+    let (mut good, mut held) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while i < chunks.len() {
+        let j = i + run_len(&spans[i..], max_read, MAX_GAP);
+        let read = runs.read(backend, &p.name, &spans[i..j], |n, blob| {
+            let (id, _, _, raw_len, flags) = chunks[i + n];
+            match decoder.decode(&id, flags, raw_len, blob) {
+                Ok(_) => {
+                    good.push((i + n, held.len()..held.len() + blob.len()));
+                    held.extend_from_slice(blob);
+                }
+                Err(_) => bad += 1,
+            }
+            Ok::<_, std::convert::Infallible>(())
+        });
+        match read {
             Ok(()) => {}
             // Cut short since its index was read: the blobs past the end are damage, like a wrong byte.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                bad += 1;
-                continue;
+            Err(RunError::Read(n, e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => bad += j - i - n,
+            Err(RunError::Read(_, e)) => return Err(Error::backend(&p.name, e)),
+            Err(RunError::Handler(never)) => match never {},
+        }
+        for (k, at) in good.drain(..) {
+            let (id, _, _, raw_len, flags) = chunks[k];
+            for pack in packer.add(id, flags, raw_len, &held[at])? {
+                out.written += record_moved(conn, packer, pack, remote)? as i128;
             }
-            Err(e) => return Err(Error::backend(&p.name, e)),
         }
-        if decoder.decode(&id, flags, raw_len, &blob).is_err() {
-            bad += 1;
-            continue;
-        }
-        for pack in packer.add(id, flags, raw_len, &blob)? {
-            out.written += record_moved(conn, packer, pack, remote)? as i128;
-        }
+        held.clear();
+        i = j;
     }
     if bad > 0 {
         out.damage = Some(format!("live blobs failing their hash or cut short: {bad} of {}", p.rows));

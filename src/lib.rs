@@ -48,6 +48,7 @@ mod region;
 mod remote;
 mod repair;
 mod retention;
+mod runs;
 mod sparse;
 mod store;
 #[cfg(test)]

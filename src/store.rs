@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::grouping;
 use crate::id::ObjectId;
 use crate::pack::{FLAG_GROUPED, FLAG_ZSTD, PackEntry, PackWriter};
+use crate::runs::{RunError, RunReader, Span};
 use crate::tree::ChunkRef;
 
 /// Compresses a chunk for storage: as byte planes if the chunk looks like an array of numbers and the
@@ -102,7 +103,7 @@ impl BlobDecoder {
 pub(crate) struct ChunkReader {
     backend: Arc<dyn Backend>,
     decoder: BlobDecoder,
-    buf: AlignedBuf,
+    runs: RunReader,
     max_read: u64,
 }
 
@@ -112,8 +113,8 @@ pub(crate) const MAX_READ: u64 = 8 << 20;
 /// How long one of `threads` readers' merged reads may be. From a disk all of them share 16 MiB (at least
 /// 512 KiB each): many readers need no long reads to keep it busy, and 8 MiB each took a checkout on 32
 /// threads to 166 MiB. From a bucket every read is a request ([`Backend::reads_are_requests`]), and each
-/// reads up to 8 MiB: a 32 MiB budget took a checkout on 16 threads from 107 to 71 MiB against a local S3
-/// server, but from 1.2 to 2.2 s, its requests multiplied by 4 (docs/benchmarks.md, *Repositories in S3*).
+/// reads up to 8 MiB, the fewer requests the better; its body is taken blob by blob as it arrives
+/// ([`crate::runs::RunReader`]), so the length costs no memory.
 pub(crate) fn read_share(reads_are_requests: bool, threads: usize) -> u64 {
     if reads_are_requests {
         return MAX_READ;
@@ -136,7 +137,7 @@ impl ChunkReader {
     /// A reader whose merged reads stop at `max_read` bytes (a single blob larger than that is still read
     /// whole): its buffer, held for as long as the reader, is what many readers at once multiply.
     pub fn with_max_read(backend: Arc<dyn Backend>, max_read: u64) -> Result<Self> {
-        Ok(ChunkReader { backend, decoder: BlobDecoder::new()?, buf: AlignedBuf::default(), max_read })
+        Ok(ChunkReader { backend, decoder: BlobDecoder::new()?, runs: RunReader::default(), max_read })
     }
 
     /// Reads `refs` in order, handing each verified chunk to `sink` with its index in `refs`.
@@ -150,8 +151,8 @@ impl ChunkReader {
     }
 
     /// As [`read_chunks`](Self::read_chunks), and a failure names the index of the chunk it concerns (for a
-    /// pack that cannot be read, the first chunk read from it), so that a caller reading for many files at
-    /// once can say which file failed.
+    /// pack that cannot be read, the first chunk not handed to `sink`), so that a caller reading for many
+    /// files at once can say which file failed.
     pub fn read_chunks_indexed(
         &mut self,
         catalog: &Catalog,
@@ -183,44 +184,34 @@ impl ChunkReader {
             }
             locs.push(loc);
         }
+        let spans: Vec<Span> = locs.iter().map(|l| (l.offset, l.stored_len)).collect();
         let mut i = from;
         while i < refs.len() {
-            // Extend the run while the next blob follows this one in the same pack.
-            let mut j = i + 1;
-            let mut end = locs[i].offset + locs[i].stored_len as u64;
-            while j < refs.len()
-                && locs[j].pack == locs[i].pack
-                && locs[j].offset == end
-                && end + locs[j].stored_len as u64 - locs[i].offset <= self.max_read
-            {
-                end += locs[j].stored_len as u64;
-                j += 1;
-            }
-            let start = locs[i].offset;
-            let mut run = std::mem::take(&mut self.buf);
-            run.set_len((end - start) as usize);
-            if let Err(e) = self.backend.read_at(&locs[i].pack, start, &mut run) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    return Err((i, Error::backend(&locs[i].pack, e)));
-                }
-                if retried {
-                    return Err((i, Error::corrupt(format!("pack {} is missing", locs[i].pack))));
-                }
-                // A concurrent GC may have moved these chunks to a new pack and deleted the old one: look
-                // them up again and read them from wherever they are now.
-                self.buf = run;
-                return self.read_from(catalog, refs, i, true, sink);
-            }
-            for k in i..j {
-                let at = (locs[k].offset - start) as usize;
-                let blob = &run[at..at + locs[k].stored_len as usize];
-                let data = self.decoder.decode(&refs[k].id, locs[k].flags, locs[k].raw_len, blob).map_err(|why| {
+            // A run is of blobs back to back in one pack, as a file's new chunks were written.
+            let in_pack = locs[i..].iter().take_while(|l| l.pack == locs[i].pack).count();
+            let j = i + crate::runs::run_len(&spans[i..i + in_pack], self.max_read, 0);
+            let decoder = &mut self.decoder;
+            let read = self.runs.read(self.backend.as_ref(), &locs[i].pack, &spans[i..j], |n, blob| {
+                let k = i + n;
+                let data = decoder.decode(&refs[k].id, locs[k].flags, locs[k].raw_len, blob).map_err(|why| {
                     let at = format!("chunk {} in {} at offset {}", refs[k].id, locs[k].pack, locs[k].offset);
                     (k, Error::corrupt(format!("{at}: {why}")))
                 })?;
-                sink(k, data).map_err(|e| (k, e))?;
+                sink(k, data).map_err(|e| (k, e))
+            });
+            match read {
+                Ok(()) => {}
+                Err(RunError::Handler(e)) => return Err(e),
+                Err(RunError::Read(n, e)) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err((i + n, Error::backend(&locs[i].pack, e)));
+                }
+                Err(RunError::Read(n, _)) if retried => {
+                    return Err((i + n, Error::corrupt(format!("pack {} is missing", locs[i].pack))));
+                }
+                // A concurrent GC may have moved these chunks to a new pack and deleted the old one: look
+                // them up again and read them from wherever they are now.
+                Err(RunError::Read(n, _)) => return self.read_from(catalog, refs, i + n, true, sink),
             }
-            self.buf = run;
             i = j;
         }
         Ok(())

@@ -5,11 +5,13 @@ use std::io;
 use crate::backend::{Backend, LocalBackend, ObjectWriter};
 
 /// A local store that calls a hook before each read (with the object's name and the read's length) and
-/// after each size query, for tests that act at those moments or count what was read.
+/// after each size query, for tests that act at those moments or count what was read. With `requests` it
+/// says its reads are requests, as a bucket does, so that readers stream ranges from it.
 pub(crate) struct Hooked {
     pub inner: LocalBackend,
     pub on_read: Box<ReadHook>,
     pub after_size: Box<SizeHook>,
+    pub requests: bool,
 }
 
 /// Called with an object's name and the length of the read about to be made.
@@ -19,7 +21,12 @@ pub(crate) type SizeHook = dyn Fn(&LocalBackend, &str) -> io::Result<()> + Send 
 
 impl Hooked {
     pub fn new(root: &std::path::Path) -> Self {
-        Hooked { inner: LocalBackend::new(root), on_read: Box::new(|_, _| {}), after_size: Box::new(|_, _| Ok(())) }
+        Hooked {
+            inner: LocalBackend::new(root),
+            on_read: Box::new(|_, _| {}),
+            after_size: Box::new(|_, _| Ok(())),
+            requests: false,
+        }
     }
 }
 
@@ -41,6 +48,9 @@ impl Backend for Hooked {
     }
     fn remove(&self, name: &str) -> io::Result<()> {
         self.inner.remove(name)
+    }
+    fn reads_are_requests(&self) -> bool {
+        self.requests
     }
 }
 

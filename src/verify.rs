@@ -47,15 +47,13 @@ use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::pack::{FOOTER_LEN, HEADER_LEN, PackEntry};
 use crate::progress::{NoProgress, Progress};
+use crate::runs::{MAX_GAP, RunError, RunReader, Span, run_len};
 use crate::store::BlobDecoder;
 use crate::tree::{EntryKind, content_id, decode_segment, decode_tree, segment_id, tree_id, validate_name};
 
 /// At most this many damaged chunks, damaged objects and affected files are listed in a report (the totals
 /// count them all), so a repository whose whole chunk index is lost still gives a report that fits in memory.
 pub(crate) const MAX_LISTED: usize = 1000;
-
-/// Unused blobs (left by GC) shorter than this between two checked blobs are read through rather than skipped.
-const MAX_GAP: u64 = 256 << 10;
 
 /// Which share of the packs `verify` reads in full.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -747,14 +745,15 @@ fn read_data(
 /// Reads a pack's blobs in large sequential reads and checks each chunk against its id.
 struct BlobChecker {
     decoder: BlobDecoder,
-    buf: Vec<u8>,
+    runs: RunReader,
+    spans: Vec<Span>,
     /// Reads of back-to-back blobs are merged up to this size (a blob larger than it is read alone).
     max_read: u64,
 }
 
 impl BlobChecker {
     fn new(max_read: u64) -> Result<Self> {
-        Ok(BlobChecker { decoder: BlobDecoder::new()?, buf: Vec::new(), max_read })
+        Ok(BlobChecker { decoder: BlobDecoder::new()?, runs: RunReader::default(), spans: Vec::new(), max_read })
     }
 
     fn read_pack(
@@ -766,43 +765,36 @@ impl BlobChecker {
         rows: &[PackRow],
     ) -> Result<PackRead> {
         let mut res = PackRead { name, pack_id, chunks: 0, bytes: 0, vanished: false, bad: Vec::new() };
+        self.spans.clear();
+        self.spans.extend(rows.iter().map(|r| (r.1, r.2)));
         let mut i = 0;
         while i < rows.len() {
-            let start = rows[i].1;
-            let mut end = start + rows[i].2 as u64;
-            let mut j = i + 1;
-            while j < rows.len() {
-                let (next, next_end) = (rows[j].1, rows[j].1 + rows[j].2 as u64);
-                if next < end || next - end > MAX_GAP || next_end - start > self.max_read {
-                    break;
+            let j = i + run_len(&self.spans[i..], self.max_read, MAX_GAP);
+            let decoder = &mut self.decoder;
+            let bad = &mut res.bad;
+            let read = self.runs.read(backend, &res.name, &self.spans[i..j], |n, blob| {
+                let (id, _, _, raw_len, flags) = rows[i + n];
+                if let Err(why) = decoder.decode(&id, flags, raw_len, blob) {
+                    bad.push((id, why));
                 }
-                end = next_end;
-                j += 1;
-            }
-            self.buf.resize((end - start) as usize, 0);
-            match backend.read_at(&res.name, start, &mut self.buf) {
-                Ok(()) => {
-                    for row in &rows[i..j] {
-                        let at = (row.1 - start) as usize;
-                        let blob = &self.buf[at..at + row.2 as usize];
-                        let (id, _, _, raw_len, flags) = *row;
-                        if let Err(why) = self.decoder.decode(&id, flags, raw_len, blob) {
-                            res.bad.push((row.0, why));
-                        }
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::NotFound => {
+                Ok::<_, std::convert::Infallible>(())
+            });
+            match read {
+                Ok(()) => {}
+                Err(RunError::Read(_, e)) if e.kind() == ErrorKind::NotFound => {
                     res.vanished = true;
                     return Ok(res);
                 }
                 // The structure check saw the file long enough; a short read now means it was damaged since.
-                Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
-                    for row in &rows[i..j] {
+                Err(RunError::Read(n, e)) if e.kind() == ErrorKind::UnexpectedEof => {
+                    for row in &rows[i + n..j] {
                         res.bad.push((row.0, format!("cannot be read ({e})")));
                     }
                 }
-                Err(e) => return Err(Error::backend(&res.name, e)),
+                Err(RunError::Read(_, e)) => return Err(Error::backend(&res.name, e)),
+                Err(RunError::Handler(never)) => match never {},
             }
+            let (start, end) = (rows[i].1, rows[j - 1].1 + rows[j - 1].2 as u64);
             res.chunks += (j - i) as u64;
             res.bytes += end - start;
             progress.bytes(end - start);

@@ -10,27 +10,28 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::client::{HttpError, HttpErrorKind};
 use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
 use object_store::{
     BackoffConfig, ClientOptions, GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig,
-    WriteMultipart,
 };
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{Backend, ObjectWriter, check_name};
 
-/// Files from this size on are uploaded in parts of this size: big enough that a GiB costs 128 part requests,
-/// small enough that four parts in flight stay modest in memory and a failed part is cheap to resend.
-const PART_SIZE: usize = 8 << 20;
-/// Parts of one upload sent at once.
-const PARTS_IN_FLIGHT: usize = 4;
+/// Files from this size on are uploaded in parts of this size: big enough that a GiB costs 171 part requests,
+/// small enough that four parts in flight hold 24 MiB (with 8 MiB parts a commit's peak RSS went to 64-68 MiB)
+/// and a failed part is cheap to resend. S3 takes no part under 5 MiB but the last.
+const PART_SIZE: usize = 6 << 20;
 /// `get_to` fetches big objects in ranges of this size, so that every request can finish within the request
 /// timeout however big the object is.
 const GET_SEGMENT: u64 = 64 << 20;
@@ -115,11 +116,15 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Limit for establishing a connection.
     pub connect_timeout: Duration,
+    /// Parts of multipart uploads in memory and on their way at once, across all of the bucket's uploads; each
+    /// part is 6 MiB. More can fill a fast, distant link better, at 6 MiB of memory each, held until the
+    /// bucket is dropped.
+    pub upload_parts: usize,
 }
 
 impl Settings {
     /// AWS in us-east-1 with `credentials`, and the default retries and timeouts: 6 retries within 120 s,
-    /// 60 s per request, 5 s to connect.
+    /// 60 s per request, 5 s to connect; 4 upload parts at once.
     pub fn new(credentials: Credentials) -> Self {
         Settings {
             endpoint: None,
@@ -130,6 +135,7 @@ impl Settings {
             retry_timeout: Duration::from_secs(120),
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
+            upload_parts: 4,
         }
     }
 
@@ -366,6 +372,16 @@ pub struct Bucket {
     endpoint: String,
     store: PrefixStore<AmazonS3>,
     requests: AtomicU64,
+    /// One permit per upload part that may be in memory ([`Settings::upload_parts`]): two packs uploading at
+    /// once with four parts each and one filling held 67 MiB (docs/benchmarks.md, *Repositories in S3*).
+    upload_slots: Arc<Semaphore>,
+    /// Part buffers, kept for the next part: allocating each part afresh and freeing it on another thread left
+    /// glibc's arenas holding far more than the parts in flight (a commit's peak RSS 86-99 MiB, against 64-68
+    /// with the buffers kept). At most one per upload slot.
+    spare_parts: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Parts alive at once, and the most ever: what the upload slots are to bound.
+    #[cfg(test)]
+    live_parts: Arc<tests::Live>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -451,7 +467,17 @@ impl Bucket {
             .build()
             .map_err(|e| io::Error::new(e.kind(), format!("{url}: starting the S3 client's threads: {e}")))?;
         let endpoint = endpoint.unwrap_or_else(|| format!("AWS S3 ({})", settings.region));
-        Ok(Bucket { url, endpoint, store: PrefixStore::new(s3, prefix.as_str()), requests: AtomicU64::new(0), runtime })
+        Ok(Bucket {
+            url,
+            endpoint,
+            store: PrefixStore::new(s3, prefix.as_str()),
+            requests: AtomicU64::new(0),
+            upload_slots: Arc::new(Semaphore::new(settings.upload_parts.max(1))),
+            spare_parts: Arc::default(),
+            #[cfg(test)]
+            live_parts: Arc::default(),
+            runtime,
+        })
     }
 
     /// The URL it was opened with, normalised: `s3://BUCKET/PREFIX`, or `s3://BUCKET` without a prefix.
@@ -557,6 +583,50 @@ impl Bucket {
         }
     }
 
+    /// Streams `len` bytes from `offset` with one ranged GET, handing its body on as it arrives; see
+    /// [`Backend::read_range`].
+    pub fn read_range(&self, name: &str, offset: u64, len: u64) -> io::Result<RangeReader<'_>> {
+        let path = self.path(name)?;
+        let end = offset.checked_add(len).ok_or_else(|| invalid("read range overflows"))?;
+        let reader = |stream, sent| RangeReader {
+            bucket: self,
+            name: name.to_string(),
+            stream,
+            chunk: Bytes::new(),
+            pos: offset,
+            sent,
+            end,
+        };
+        if len == 0 {
+            // No such thing as an empty range request; the object must still exist and reach `offset`.
+            return match self.head(name)? {
+                Some(meta) if meta.size >= offset => Ok(reader(futures_util::stream::empty().boxed(), offset)),
+                Some(meta) => Err(self.past_end(name, offset, end, meta.size)),
+                None => Err(self.missing(name)),
+            };
+        }
+        self.count(1);
+        let options = GetOptions::new().with_range(Some(offset..end));
+        match self.runtime.block_on(self.store.get_opts(&path, options)) {
+            // object_store hands back whatever part of the range exists: the reader fails where it stops.
+            Ok(result) if result.range.start == offset => {
+                let sent = result.range.end.min(end);
+                Ok(reader(result.into_stream(), sent))
+            }
+            Ok(result) => Err(io::Error::other(format!(
+                "{}: asked for bytes from {offset}, the server sent them from {}",
+                self.object_url(name),
+                result.range.start
+            ))),
+            Err(e @ object_store::Error::NotFound { .. }) => Err(self.error(name, e)),
+            // As in read_at: a range wholly past the end is answered with 416.
+            Err(e) => match self.head(name) {
+                Ok(Some(meta)) if meta.size <= offset => Ok(reader(futures_util::stream::empty().boxed(), offset)),
+                _ => Err(self.error(name, e)),
+            },
+        }
+    }
+
     /// Writes an object, replacing any of the same name.
     pub fn put(&self, name: &str, data: Vec<u8>) -> io::Result<()> {
         let path = self.path(name)?;
@@ -565,8 +635,9 @@ impl Bucket {
         result.map(drop).map_err(|e| self.error(name, e))
     }
 
-    /// Uploads a local file as an object, replacing any of the same name: in one request below 8 MiB, else as
-    /// a multipart upload of 8 MiB parts, four at a time, aborted if anything fails.
+    /// Uploads a local file as an object, replacing any of the same name: in one request below 6 MiB, else as
+    /// a multipart upload of 6 MiB parts, as many at a time as the bucket's upload slots allow, aborted if
+    /// anything fails.
     pub fn put_file(&self, name: &str, local: &Path) -> io::Result<()> {
         let path = self.path(name)?;
         let context = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", local.display()));
@@ -579,30 +650,45 @@ impl Bucket {
         }
         self.count(1);
         self.runtime.block_on(async {
-            let upload = self.store.put_multipart(&path).await.map_err(|e| self.error(name, e))?;
-            let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-            let mut buf = vec![0u8; 1 << 20];
-            let mut total = 0u64;
-            let failure = loop {
-                if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
-                    break self.error(name, e);
-                }
-                match file.read(&mut buf) {
-                    Ok(0) => {
-                        self.count(total.div_ceil(PART_SIZE as u64) + 1);
-                        return writer.finish().await.map(drop).map_err(|e| self.error(name, e));
+            let mut upload = self.store.put_multipart(&path).await.map_err(|e| self.error(name, e))?;
+            let mut sending = tokio::task::JoinSet::new();
+            let sent = async {
+                for _ in 0..size.div_ceil(PART_SIZE as u64) {
+                    // A part is read into memory only once it may be sent: the slot is what bounds memory.
+                    let slot = self.upload_slots.clone().acquire_owned().await.map_err(io::Error::other)?;
+                    let spare = self.spare_parts.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                    let mut data = spare.unwrap_or_else(|| Vec::with_capacity(PART_SIZE));
+                    (&mut file).take(PART_SIZE as u64).read_to_end(&mut data).map_err(context)?;
+                    if data.is_empty() {
+                        let why = "the file shrank while it was uploaded";
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("{}: {why}", local.display()),
+                        ));
                     }
-                    Ok(n) => {
-                        writer.write(&buf[..n]);
-                        total += n as u64;
+                    self.count(1);
+                    let part = Part::new(data, self, slot);
+                    sending.spawn(upload.put_part(PutPayload::from(Bytes::from_owner(part))));
+                    // Failures surface as they happen, not only once the whole file is read.
+                    while let Some(done) = sending.try_join_next() {
+                        done.map_err(io::Error::other)?.map_err(|e| self.error(name, e))?;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => break context(e),
                 }
+                while let Some(done) = sending.join_next().await {
+                    done.map_err(io::Error::other)?.map_err(|e| self.error(name, e))?;
+                }
+                self.count(1);
+                upload.complete().await.map(drop).map_err(|e| self.error(name, e))
             };
+            let failure = match sent.await {
+                Ok(()) => return Ok(()),
+                Err(failure) => failure,
+            };
+            sending.shutdown().await;
             self.count(1);
+            // Left unfinished, the parts sent would be stored (and billed) until a lifecycle rule removes them.
             // The failure that stopped the upload is the one worth reporting, not the abort's.
-            let _ = writer.abort().await;
+            let _ = upload.abort().await;
             Err(failure)
         })
     }
@@ -735,6 +821,90 @@ impl Bucket {
     }
 }
 
+/// An upload part's bytes, which go back to the spare parts, and free their slot, once sent.
+struct Part {
+    data: Vec<u8>,
+    spares: Arc<Mutex<Vec<Vec<u8>>>>,
+    _slot: OwnedSemaphorePermit,
+    #[cfg(test)]
+    live: Arc<tests::Live>,
+}
+
+impl Part {
+    fn new(data: Vec<u8>, bucket: &Bucket, slot: OwnedSemaphorePermit) -> Self {
+        #[cfg(test)]
+        bucket.live_parts.add();
+        Part {
+            data,
+            spares: bucket.spare_parts.clone(),
+            _slot: slot,
+            #[cfg(test)]
+            live: bucket.live_parts.clone(),
+        }
+    }
+}
+
+impl AsRef<[u8]> for Part {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        #[cfg(test)]
+        self.live.remove();
+        let mut data = std::mem::take(&mut self.data);
+        data.clear();
+        self.spares.lock().unwrap_or_else(|e| e.into_inner()).push(data);
+    }
+}
+
+/// The body of one ranged GET, read as it arrives ([`Bucket::read_range`]).
+pub struct RangeReader<'a> {
+    bucket: &'a Bucket,
+    name: String,
+    stream: BoxStream<'static, object_store::Result<Bytes>>,
+    /// What is left of the piece of the body last received.
+    chunk: Bytes,
+    /// The offset in the object of the next byte to hand on.
+    pos: u64,
+    /// Where the bytes the server said it would send end (short of `end` if the object is).
+    sent: u64,
+    /// Where the range asked for ends.
+    end: u64,
+}
+
+impl Read for RangeReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.chunk.is_empty() {
+            if self.pos >= self.end {
+                return Ok(0);
+            }
+            if self.pos >= self.sent {
+                return Err(self.bucket.past_end(&self.name, self.pos, self.end, self.sent));
+            }
+            match self.bucket.runtime.block_on(self.stream.next()) {
+                Some(Ok(chunk)) => self.chunk = chunk,
+                Some(Err(e)) => return Err(self.bucket.error(&self.name, e)),
+                None => {
+                    // The server said it would send up to `sent`: a body cut short is the connection's fault, not
+                    // a short object (which readers take as damage).
+                    let why = format!("the server stopped sending at byte {} of {}", self.pos, self.sent);
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        format!("{}: {why}", self.bucket.object_url(&self.name)),
+                    ));
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len()).min((self.end - self.pos) as usize);
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
 /// `scheme://BUCKET.host/...` from `scheme://host/...`.
 fn bucket_host(endpoint: &str, bucket: &str) -> String {
     match endpoint.split_once("://") {
@@ -860,6 +1030,10 @@ impl Backend for S3Backend {
         self.bucket.read_at(name, offset, buf)
     }
 
+    fn read_range(&self, name: &str, offset: u64, len: u64) -> io::Result<Box<dyn Read + '_>> {
+        Ok(Box::new(self.bucket.read_range(name, offset, len)?))
+    }
+
     fn size(&self, name: &str) -> io::Result<u64> {
         self.bucket.head(name)?.map(|m| m.size).ok_or_else(|| self.bucket.missing(name))
     }
@@ -924,7 +1098,27 @@ pub fn create_test_bucket(endpoint: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
     use super::*;
+
+    /// A count of things alive, and the most alive at once.
+    #[derive(Default)]
+    pub(super) struct Live {
+        now: AtomicUsize,
+        most: AtomicUsize,
+    }
+
+    impl Live {
+        pub(super) fn add(&self) {
+            let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+        }
+
+        pub(super) fn remove(&self) {
+            self.now.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
     use std::time::Instant;
 
     #[test]
@@ -1145,6 +1339,41 @@ mod tests {
     }
 
     #[test]
+    fn s3_ranges_stream_in_one_request() {
+        let Some(b) = test_bucket() else { return };
+        let data = crate::testutil::pseudo_random(3 << 20, 21);
+        b.put("packs/aa/r.pack", data.clone()).unwrap();
+        let before = b.requests();
+        // Taken in small reads, as blobs are: one request, every byte in order.
+        let mut r = b.read_range("packs/aa/r.pack", 1000, 2 << 20).unwrap();
+        let mut got = Vec::new();
+        let mut piece = [0u8; 1000];
+        loop {
+            match r.read(&mut piece).unwrap() {
+                0 => break,
+                n => got.extend_from_slice(&piece[..n]),
+            }
+        }
+        assert!(got == data[1000..1000 + (2 << 20)]);
+        assert_eq!(b.requests(), before + 1);
+        // A range past the object's end hands on what exists, then fails where the object ends.
+        let mut r = b.read_range("packs/aa/r.pack", (3 << 20) - 10, 20).unwrap();
+        let mut tail = [0u8; 10];
+        r.read_exact(&mut tail).unwrap();
+        assert_eq!(tail[..], data[(3 << 20) - 10..]);
+        let e = r.read(&mut tail).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(e.to_string().contains("packs/aa/r.pack"), "{e}");
+        let mut beyond = b.read_range("packs/aa/r.pack", 4 << 20, 5).unwrap();
+        assert_eq!(beyond.read(&mut tail).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(b.read_range("packs/aa/r.pack", 5, 0).unwrap().read(&mut tail).unwrap(), 0);
+        let e = b.read_range("packs/aa/r.pack", 4 << 20, 0).err().expect("an empty range past the end");
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(b.read_range("packs/aa/none.pack", 0, 5).err().unwrap().kind(), io::ErrorKind::NotFound);
+        assert_eq!(b.read_range("packs/aa/none.pack", 0, 0).err().unwrap().kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
     fn s3_small_objects() {
         let Some(b) = test_bucket() else { return };
         let e = b.get("x/missing").unwrap_err();
@@ -1206,8 +1435,8 @@ mod tests {
         fs::write(&file, &data).unwrap();
         let before = b.requests();
         b.put_file("packs/cd/big.pack", &file).unwrap();
-        // Three 8 MiB parts, plus starting and completing the upload.
-        assert_eq!(b.requests() - before, 5);
+        // Its parts, plus starting and completing the upload.
+        assert_eq!(b.requests() - before, data.len().div_ceil(PART_SIZE) as u64 + 2);
         assert_eq!(b.head("packs/cd/big.pack").unwrap().unwrap().size, data.len() as u64);
         let mut out = Vec::new();
         assert_eq!(b.get_to("packs/cd/big.pack", &mut out).unwrap(), data.len() as u64);
@@ -1233,9 +1462,47 @@ mod tests {
         b.put_file("packs/cd/small.pack", &file).unwrap();
         assert_eq!(b.requests() - before, 1);
         assert!(b.get("packs/cd/small.pack").unwrap() == data[..PART_SIZE - 1]);
+        // Whole parts, the last as full as the others: no empty part is read or sent.
+        for parts in [1, 2] {
+            fs::write(&file, &data[..parts * PART_SIZE]).unwrap();
+            let before = b.requests();
+            b.put_file("packs/cd/whole.pack", &file).unwrap();
+            assert_eq!(b.requests() - before, parts as u64 + 2);
+            assert!(b.get("packs/cd/whole.pack").unwrap() == data[..parts * PART_SIZE]);
+        }
         let e = b.put_file("packs/cd/x.pack", &dir.path().join("absent")).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
         assert!(e.to_string().contains("absent"), "{e}");
+    }
+
+    #[test]
+    fn s3_uploads_at_once_share_the_upload_slots() {
+        let Some(endpoint) = test_endpoint() else { return };
+        let settings = Settings { upload_parts: 2, ..test_settings(&endpoint) };
+        let b = Bucket::connect_with(&create_test_bucket(&endpoint), &settings).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<(PathBuf, Vec<u8>)> = (0..3)
+            .map(|i| {
+                let data = crate::testutil::pseudo_random(3 * PART_SIZE + 1000 * i, 50 + i as u64);
+                let path = dir.path().join(format!("f{i}"));
+                fs::write(&path, &data).unwrap();
+                (path, data)
+            })
+            .collect();
+        std::thread::scope(|s| {
+            for (i, (path, _)) in files.iter().enumerate() {
+                let b = &b;
+                s.spawn(move || b.put_file(&format!("packs/ee/{i}.pack"), path).unwrap());
+            }
+        });
+        for (i, (_, data)) in files.iter().enumerate() {
+            assert!(b.get(&format!("packs/ee/{i}.pack")).unwrap() == *data, "upload {i} differs");
+        }
+        // Parts in memory never outnumber the slots, however many uploads ran at once (11 parts in all).
+        assert_eq!(b.live_parts.most.load(Ordering::SeqCst), 2);
+        assert_eq!(b.live_parts.now.load(Ordering::SeqCst), 0);
+        assert!(b.spare_parts.lock().unwrap().len() <= 2);
+        assert_eq!(b.upload_slots.available_permits(), 2);
     }
 
     #[test]

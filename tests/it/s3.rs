@@ -381,29 +381,105 @@ fn packs(endpoint: &str, url: &str) -> Vec<String> {
     body.split("<Key>").skip(1).map(|k| k.split('<').next().unwrap().to_string()).collect()
 }
 
-#[test]
-fn verify_names_what_an_object_deleted_behind_our_back_lost() {
-    let Some((endpoint, url)) = server() else { return };
-    let a = Machine::new(&endpoint, &url);
+/// A machine with two checkpoints of `len` pseudo-random bytes (seeds `seed` and `seed + 1`), each in a pack of
+/// its own; returns it, the first one's pack as `packs` lists it, and the checkpoints' ids and bytes.
+fn two_checkpoints(endpoint: &str, url: &str, len: usize, seed: u64) -> (Machine, String, [(String, Vec<u8>); 2]) {
+    let a = Machine::new(endpoint, url);
     a.ok(&["init"]);
-    let one = pseudo_random(2 << 20, 11);
+    let one = pseudo_random(len, seed);
     let id1 = a.commit_stream("one", &one);
-    let before = packs(&endpoint, &url);
-    let two = pseudo_random(2 << 20, 12);
+    let first = packs(endpoint, url);
+    assert_eq!(first.len(), 1);
+    let two = pseudo_random(len, seed + 1);
     let id2 = a.commit_stream("two", &two);
-    assert_eq!(before.len(), 1);
+    (a, first[0].clone(), [(id1, one), (id2, two)])
+}
+
+/// An object's name under the repository's prefix, from its key as `packs` lists it.
+fn object_name<'a>(url: &str, key: &'a str) -> &'a str {
     let (_, prefix) = url.trim_start_matches("s3://").split_once('/').unwrap();
-    bucket(&endpoint, &url).delete(&before[0][prefix.len() + 1..]).unwrap();
-    let o = a.run(&["verify"]);
+    &key[prefix.len() + 1..]
+}
+
+/// `verify` of a repository whose first checkpoint (of `two_checkpoints`) is damaged: exit 3, naming it and
+/// not the second, which still restores whole.
+fn assert_only_the_first_is_damaged(a: &Machine, verify_args: &[&str], checkpoints: &[(String, Vec<u8>); 2]) -> String {
+    let [(id1, _), (id2, two)] = checkpoints;
+    let o = a.run(verify_args);
     let report = text(&o.stdout) + &text(&o.stderr);
     assert_eq!(o.status.code(), Some(3), "{report}");
-    let pack = before[0].rsplit('/').next().unwrap();
-    assert!(report.contains(&pack[..16]) || report.contains(pack), "names the pack: {report}");
     assert!(report.contains(&id1[..8]), "names the checkpoint: {report}");
     assert!(!report.contains(&id2[..8]), "the other checkpoint is whole: {report}");
     let dir = tempfile::tempdir().unwrap();
-    a.ok(&["-q", "checkout", &id2, dir.path().join("two").to_str().unwrap()]);
-    assert!(std::fs::read(dir.path().join("two")).unwrap() == two);
+    a.ok(&["-q", "checkout", id2, dir.path().join("two").to_str().unwrap()]);
+    assert!(std::fs::read(dir.path().join("two")).unwrap() == *two);
+    report
+}
+
+#[test]
+fn verify_names_what_an_object_deleted_behind_our_back_lost() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, first, checkpoints) = two_checkpoints(&endpoint, &url, 2 << 20, 11);
+    bucket(&endpoint, &url).delete(object_name(&url, &first)).unwrap();
+    let report = assert_only_the_first_is_damaged(&a, &["verify"], &checkpoints);
+    let pack = first.rsplit('/').next().unwrap();
+    assert!(report.contains(&pack[..16]) || report.contains(pack), "names the pack: {report}");
+}
+
+#[test]
+fn a_byte_flipped_in_a_bucket_is_caught_by_checkout_and_verify() {
+    let Some((endpoint, url)) = server() else { return };
+    // Incompressible, so its chunks are stored as they are and read back in runs streamed blob by blob.
+    let (a, first, checkpoints) = two_checkpoints(&endpoint, &url, 3 << 20, 31);
+    flip_byte_in(&endpoint, &url, &first, 0.5);
+    let dir = tempfile::tempdir().unwrap();
+    let o = a.run(&["checkout", &checkpoints[0].0, dir.path().join("one").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("does not match its hash"), "{}", text(&o.stderr));
+    assert_only_the_first_is_damaged(&a, &["verify", "--read-data"], &checkpoints);
+}
+
+/// Flips a byte of the bucket's object `key` (as `packs` lists it) at `at` of its length, behind snapstore's back.
+fn flip_byte_in(endpoint: &str, url: &str, key: &str, at: f64) {
+    let b = bucket(endpoint, url);
+    let mut object = b.get(object_name(url, key)).unwrap();
+    let at = (object.len() as f64 * at) as usize;
+    object[at] ^= 0x40;
+    b.put(object_name(url, key), object).unwrap();
+}
+
+#[test]
+fn gc_copies_the_live_chunks_out_of_a_bucket_pack_and_keeps_one_it_cannot_copy() {
+    for damaged in [false, true] {
+        let Some((endpoint, url)) = server() else { return };
+        let a = Machine::new(&endpoint, &url);
+        a.ok(&["init"]);
+        // One pack holds both halves; once the first checkpoint is forgotten only the second half is used.
+        let (head, tail) = (pseudo_random(3 << 20, 41), pseudo_random(3 << 20, 42));
+        let id1 = a.commit_stream("state", &[head.clone(), tail.clone()].concat());
+        let first = packs(&endpoint, &url);
+        let id2 = a.commit_stream("state", &tail);
+        if damaged {
+            flip_byte_in(&endpoint, &url, &first[0], 0.75);
+        }
+        a.ok(&["forget", &id1]);
+        let o = a.run(&["--json", "gc"]);
+        let g: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("{}", text(&o.stderr)));
+        let still_there = packs(&endpoint, &url).contains(&first[0]);
+        if damaged {
+            assert_eq!(o.status.code(), Some(3), "{g}");
+            assert_eq!(g["packs_damaged"].as_array().unwrap().len(), 1, "{g}");
+            assert!(still_there, "a pack whose live blobs cannot all be copied stays");
+            let dir = tempfile::tempdir().unwrap();
+            assert_eq!(a.run(&["checkout", &id2, dir.path().join("s").to_str().unwrap()]).status.code(), Some(3));
+        } else {
+            assert!(o.status.success(), "{g}");
+            assert_eq!(g["packs_rewritten"], 1, "{g}");
+            assert!(!still_there, "the rewritten pack is deleted");
+            assert_all_restore(&a, &[(id2.clone(), tail.clone())]);
+            assert!(a.ok(&["verify", "--read-data"]).contains("no damage found"));
+        }
+    }
 }
 
 #[test]
