@@ -384,14 +384,18 @@ fn move_noreplace(dir: &OwnedFd, from: &OsStr, to: &OsStr) -> std::io::Result<()
     use rustix::io::Errno;
     match rustix::fs::linkat(dir, from, dir, to, AtFlags::empty()) {
         Ok(()) => Ok(rustix::fs::unlinkat(dir, from, AtFlags::empty())?),
-        // No hard links here (some FUSE filesystems answer ENOSYS): check the name, then rename.
-        Err(Errno::PERM | Errno::OPNOTSUPP | Errno::MLINK | Errno::NOSYS) => {
-            match rustix::fs::statat(dir, to, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(_) => Err(Errno::EXIST.into()),
-                Err(Errno::NOENT) => Ok(rustix::fs::renameat(dir, from, dir, to)?),
-                Err(e) => Err(e.into()),
-            }
-        }
+        // No hard links here (some FUSE filesystems answer ENOSYS).
+        Err(Errno::PERM | Errno::OPNOTSUPP | Errno::MLINK | Errno::NOSYS) => rename_if_absent(dir, from, to),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The last resort of `rename_noreplace`: checks the name, then renames.
+fn rename_if_absent(dir: &OwnedFd, from: &OsStr, to: &OsStr) -> std::io::Result<()> {
+    use rustix::io::Errno;
+    match rustix::fs::statat(dir, to, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(_) => Err(Errno::EXIST.into()),
+        Err(Errno::NOENT) => Ok(rustix::fs::renameat(dir, from, dir, to)?),
         Err(e) => Err(e.into()),
     }
 }
@@ -1376,17 +1380,22 @@ mod tests {
         assert!(!dir.path().join(name).exists());
     }
 
-    /// Renaming into a taken name is refused, by the kernel's flag or, where it has none, the fallback.
+    /// Renaming into a taken name (a file, or a symlink to nothing) is refused: by the kernel's flag, or where
+    /// it has none by a hard link, or where there are none by checking the name first.
     #[test]
     fn rename_noreplace_never_replaces() {
-        for rename in [rename_noreplace, move_noreplace] {
+        for rename in [rename_noreplace, move_noreplace, rename_if_absent] {
             let dir = tempfile::tempdir().unwrap();
             fs::write(dir.path().join("a"), b"new").unwrap();
             fs::write(dir.path().join("b"), b"old").unwrap();
+            std::os::unix::fs::symlink("nowhere", dir.path().join("l")).unwrap();
             let fd = OwnedFd::from(File::open(dir.path()).unwrap());
-            let err = rename(&fd, OsStr::new("a"), OsStr::new("b")).unwrap_err();
-            assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+            for taken in ["b", "l"] {
+                let err = rename(&fd, OsStr::new("a"), OsStr::new(taken)).unwrap_err();
+                assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+            }
             assert_eq!(fs::read(dir.path().join("b")).unwrap(), b"old");
+            assert_eq!(fs::read_link(dir.path().join("l")).unwrap(), Path::new("nowhere"));
             rename(&fd, OsStr::new("a"), OsStr::new("c")).unwrap();
             assert_eq!(fs::read(dir.path().join("c")).unwrap(), b"new");
             assert!(!dir.path().join("a").exists());

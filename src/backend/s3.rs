@@ -118,7 +118,7 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Parts of multipart uploads in memory and on their way at once, across all of the bucket's uploads; each
     /// part is 6 MiB. More can fill a fast, distant link better, at 6 MiB of memory each, held until the
-    /// bucket is dropped.
+    /// bucket is dropped. `SNAPSTORE_S3_UPLOAD_PARTS` sets it for [`Settings::from_env`].
     pub upload_parts: usize,
 }
 
@@ -144,6 +144,7 @@ impl Settings {
     /// - endpoint: `AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`, else `endpoint_url` in the config file;
     /// - region: `AWS_REGION`, `AWS_DEFAULT_REGION`, else `region` in the config file, else `us-east-1`;
     /// - `AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true|false` overrides the addressing style;
+    /// - `SNAPSTORE_S3_UPLOAD_PARTS=N` sets [`Settings::upload_parts`];
     /// - profile: `AWS_PROFILE`, else `default`; its section is `[NAME]` in the credentials file
     ///   (`AWS_SHARED_CREDENTIALS_FILE`, else `~/.aws/credentials`) and `[profile NAME]` (or `[default]`) in
     ///   the config file (`AWS_CONFIG_FILE`, else `~/.aws/config`).
@@ -192,8 +193,22 @@ impl Settings {
             })
             .transpose()?;
 
+        let upload_parts = env("SNAPSTORE_S3_UPLOAD_PARTS")
+            .map(|v| match v.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(invalid(format!("SNAPSTORE_S3_UPLOAD_PARTS={v:?}: expected a number of parts, 1 or more"))),
+            })
+            .transpose()?;
+
         let credentials = find_credentials(&env, &profile, &[from_creds, from_config])?;
-        Ok(Settings { endpoint, region, virtual_hosted_style, ..Settings::new(credentials) })
+        let defaults = Settings::new(credentials);
+        Ok(Settings {
+            endpoint,
+            region,
+            virtual_hosted_style,
+            upload_parts: upload_parts.unwrap_or(defaults.upload_parts),
+            ..defaults
+        })
     }
 }
 
@@ -1220,6 +1235,12 @@ mod tests {
         // Empty variables count as unset.
         let s = settings(&[("AWS_ACCESS_KEY_ID", ""), ("AWS_REGION", "")], creds, config).unwrap();
         assert_eq!((keys(&s).0.as_str(), s.region.as_str()), ("D", "eu-west-1"));
+        assert_eq!(s.upload_parts, 4);
+        assert_eq!(settings(&[("SNAPSTORE_S3_UPLOAD_PARTS", "16")], creds, "").unwrap().upload_parts, 16);
+        for bad in ["0", "-1", "many"] {
+            let e = settings(&[("SNAPSTORE_S3_UPLOAD_PARTS", bad)], creds, "").unwrap_err();
+            assert!(e.to_string().contains("SNAPSTORE_S3_UPLOAD_PARTS"), "{e}");
+        }
     }
 
     #[test]
