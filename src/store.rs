@@ -185,11 +185,16 @@ impl ChunkReader {
             locs.push(loc);
         }
         let spans: Vec<Span> = locs.iter().map(|l| (l.offset, l.stored_len)).collect();
+        // Where the stretch of chunks in the same pack as each one ends, worked out once: scanning ahead for
+        // every run would cost a file of many chunks, all in one pack but not back to back, quadratic time.
+        let mut same_pack_until = vec![locs.len(); locs.len()];
+        for k in (0..locs.len().saturating_sub(1)).rev() {
+            same_pack_until[k] = if locs[k + 1].pack == locs[k].pack { same_pack_until[k + 1] } else { k + 1 };
+        }
         let mut i = from;
         while i < refs.len() {
             // A run is of blobs back to back in one pack, as a file's new chunks were written.
-            let in_pack = locs[i..].iter().take_while(|l| l.pack == locs[i].pack).count();
-            let j = i + crate::runs::run_len(&spans[i..i + in_pack], self.max_read, 0);
+            let j = i + crate::runs::run_len(&spans[i..same_pack_until[i]], self.max_read, 0);
             let decoder = &mut self.decoder;
             let read = self.runs.read(self.backend.as_ref(), &locs[i].pack, &spans[i..j], |n, blob| {
                 let k = i + n;
@@ -342,6 +347,56 @@ mod tests {
         // Garbage that is not a zstd frame at all, and a raw blob of the wrong length.
         assert!(decoder.decode(&ObjectId::of(b"x"), FLAG_ZSTD, 1, b"not zstd").is_err());
         assert!(decoder.decode(&ObjectId::of(b"xy"), 0, 2, b"x").is_err());
+    }
+
+    /// Chunks of two packs asked for out of order, one twice: each comes back in the order asked, and only
+    /// chunks back to back in one pack share a read.
+    #[test]
+    fn chunks_of_two_packs_in_any_order_come_back_as_asked() {
+        for requests in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cat = Catalog::create(&dir.path().join("c.db"), &RepoParams::default()).unwrap();
+            std::fs::create_dir(dir.path().join("store")).unwrap();
+            let mut hooked = crate::testutil::Hooked::new(&dir.path().join("store"));
+            let reads = Arc::new(std::sync::Mutex::new(0));
+            let counted = reads.clone();
+            hooked.on_read = Box::new(move |_, _| *counted.lock().unwrap() += 1);
+            hooked.requests = requests;
+            let backend: Arc<dyn Backend> = Arc::new(hooked);
+            let mut comp = Compressor::new(3, true).unwrap();
+            // Packs A and B, four chunks each.
+            let mut chunks = Vec::new();
+            for pack in 0..2u64 {
+                let mut packer = Packer::new(backend.clone(), 1 << 20);
+                for c in 0..4u64 {
+                    let data = crate::testutil::pseudo_random(3000 + 100 * c as usize, 10 * pack + c);
+                    let (flags, blob) = comp.compress(&data);
+                    packer.add(ObjectId::of(&data), flags, data.len() as u32, blob).unwrap();
+                    chunks.push(data);
+                }
+                let pack = packer.finish().unwrap().pop().unwrap();
+                cat.write_batch(&Batch { packs: vec![pack], ..Default::default() }, None).unwrap();
+            }
+            // Runs: A0 A1 | B0 | A3 | A2 | B1 B2 | A0 | B1. Raw blobs, and A0 as long as B0: B1 starts in B
+            // where A0 ends in A, so only the packs tell those two apart.
+            let order = [0, 1, 4, 3, 2, 5, 6, 0, 5];
+            let refs: Vec<ChunkRef> =
+                order.iter().map(|&k| ChunkRef { id: ObjectId::of(&chunks[k]), len: chunks[k].len() as u32 }).collect();
+            *reads.lock().unwrap() = 0;
+            let mut got = Vec::new();
+            ChunkReader::new(backend.clone())
+                .unwrap()
+                .read_chunks(&cat, &refs, |i, d| {
+                    assert_eq!(i, got.len());
+                    got.push(d.to_vec());
+                    Ok(())
+                })
+                .unwrap();
+            assert!(got.iter().zip(order).all(|(g, k)| *g == chunks[k]), "requests: {requests}");
+            if !requests {
+                assert_eq!(*reads.lock().unwrap(), 7);
+            }
+        }
     }
 
     #[test]
