@@ -101,6 +101,15 @@ pub struct Repository {
     remote: Option<Arc<remote::Remote>>,
 }
 
+/// Connects to a bucket. A setting that cannot work (the URL, an endpoint without http(s)://, a malformed
+/// variable, half a key pair) is for the caller to fix, so it is bad input, not a failure of the store.
+fn connect_bucket(url: &str) -> Result<backend::Bucket> {
+    backend::Bucket::connect(url).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => Error::InvalidInput(e.to_string()),
+        _ => Error::backend(url, e),
+    })
+}
+
 /// The bucket URL when `path` names a remote repository (`s3://...`).
 fn remote_url(path: &Path) -> Option<&str> {
     path.to_str().filter(|s| s.starts_with("s3://"))
@@ -221,7 +230,7 @@ impl Repository {
     /// Opens (or, with `init`, creates) the repository in a bucket, bringing the local working copy of its
     /// catalog up to date: created from the bucket's records when missing, synced when behind.
     fn open_remote(url: &str, init: Option<&RepoParams>) -> Result<(Self, SyncSummary)> {
-        let bucket = Arc::new(backend::Bucket::connect(url).map_err(|e| Error::backend(url, e))?);
+        let bucket = Arc::new(connect_bucket(url)?);
         let remote = Arc::new(remote::Remote { bucket: bucket.clone() });
         if let Some(params) = init {
             remote.init(params)?;
@@ -274,7 +283,7 @@ impl Repository {
                 path.as_ref().display()
             ))
         })?;
-        let bucket = backend::Bucket::connect(url).map_err(|e| Error::backend(url, e))?;
+        let bucket = connect_bucket(url)?;
         remote::discard_copy(&remote::cache_dir(bucket.url())?)?;
         Self::open_remote(url, None)
     }

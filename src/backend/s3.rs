@@ -418,7 +418,7 @@ impl Bucket {
         let virtual_hosted = settings.virtual_hosted_style.unwrap_or(settings.endpoint.is_none() && dns_safe);
         let endpoint = match settings.endpoint.as_deref().map(|e| e.trim_end_matches('/')) {
             Some(e) if !e.starts_with("http://") && !e.starts_with("https://") => {
-                return Err(invalid(format!("S3 endpoint {e:?} must start with http:// or https://")));
+                return Err(invalid(format!("{url}: S3 endpoint {e:?} must start with http:// or https://")));
             }
             // object_store takes a virtual-hosted endpoint to name the bucket already; AWS SDKs add it themselves.
             Some(e) if virtual_hosted => Some(bucket_host(e, &bucket)),
@@ -460,7 +460,7 @@ impl Bucket {
             Credentials::Ambient(vars) => {
                 for (key, value) in vars {
                     let key: AmazonS3ConfigKey =
-                        key.to_ascii_lowercase().parse().map_err(|e| invalid(format!("{key}: {e}")))?;
+                        key.to_ascii_lowercase().parse().map_err(|e| invalid(format!("{url}: {key}: {e}")))?;
                     builder = builder.with_config(key, value);
                 }
                 builder

@@ -518,6 +518,27 @@ fn commit_into_missing_repository_creates_it_and_says_so() {
 // Errors and exit codes.
 // ---------------------------------------------------------------------------------------------------------
 
+#[cfg(feature = "s3")]
+#[test]
+fn s3_settings_that_cannot_work_are_bad_usage() {
+    let cases = [
+        ("SNAPSTORE_S3_UPLOAD_PARTS", "zero", "SNAPSTORE_S3_UPLOAD_PARTS"),
+        ("AWS_ENDPOINT_URL", "ftp://example", "must start with http:// or https://"),
+        ("AWS_VIRTUAL_HOSTED_STYLE_REQUEST", "maybe", "expected true or false"),
+    ];
+    for (var, value, says) in cases {
+        let o = std::process::Command::new(crate::util::bin())
+            .args(["--repo", "s3://bucket/prefix", "log"])
+            .env("AWS_ACCESS_KEY_ID", "a")
+            .env("AWS_SECRET_ACCESS_KEY", "b")
+            .env(var, value)
+            .output()
+            .unwrap();
+        let err = fails(o, 2, var);
+        assert!(err.contains(says) && err.contains("s3://bucket/prefix"), "{err}");
+    }
+}
+
 #[test]
 fn missing_repository_exits_4_with_a_hint() {
     let tmp = tempfile::tempdir().unwrap();
