@@ -524,7 +524,7 @@ fn copy_live(
     let (mut good, mut held) = (Vec::new(), Vec::new());
     let mut i = 0;
     while i < chunks.len() {
-        let j = i + run_len(&spans[i..], max_read, MAX_GAP);
+        let j = i + run_len(spans[i..].iter().copied(), max_read, MAX_GAP);
         let read = runs.read(backend, &p.name, &spans[i..j], |n, blob| {
             let (id, _, _, raw_len, flags) = chunks[i + n];
             match decoder.decode(&id, flags, raw_len, blob) {

@@ -12,14 +12,16 @@ pub(crate) const MAX_GAP: u64 = 256 << 10;
 /// Where a blob sits in its pack: its offset and stored length.
 pub(crate) type Span = (u64, u32);
 
-/// How many of `spans` (in one pack, by offset) one run takes from the first: each next blob starts at most
+/// How many of `spans` (in one pack, by offset) one run takes from the first, taking no more of them than
+/// it needs: each next blob starts at most
 /// `max_gap` bytes past the end of the one before, and the run spans at most `max_read` bytes (a blob longer
 /// than that is a run of its own). A blob before the end of the one before ends the run.
-pub(crate) fn run_len(spans: &[Span], max_read: u64, max_gap: u64) -> usize {
-    let Some(&(start, len)) = spans.first() else { return 0 };
+pub(crate) fn run_len(spans: impl IntoIterator<Item = Span>, max_read: u64, max_gap: u64) -> usize {
+    let mut spans = spans.into_iter();
+    let Some((start, len)) = spans.next() else { return 0 };
     let mut end = start + len as u64;
     let mut n = 1;
-    for &(offset, len) in &spans[1..] {
+    for (offset, len) in spans {
         let next_end = offset + len as u64;
         if offset < end || offset - end > max_gap || next_end - start > max_read {
             break;
@@ -137,13 +139,13 @@ mod tests {
     #[test]
     fn runs_stop_at_long_gaps_overlaps_and_the_length_limit() {
         let back_to_back = [(0, 10), (10, 5), (15, 5)];
-        assert_eq!(run_len(&back_to_back, 100, 0), 3);
-        assert_eq!(run_len(&back_to_back, 15, 0), 2);
-        assert_eq!(run_len(&[(0, 10), (20, 5)], 100, 10), 2);
-        assert_eq!(run_len(&[(0, 10), (20, 5)], 100, 9), 1);
-        assert_eq!(run_len(&[(0, 10), (5, 5)], 100, 100), 1, "a blob before the last one's end");
-        assert_eq!(run_len(&[(0, 200), (200, 5)], 100, 0), 1, "a blob longer than the limit is a run alone");
-        assert_eq!(run_len(&[], 100, 0), 0);
+        assert_eq!(run_len(back_to_back, 100, 0), 3);
+        assert_eq!(run_len(back_to_back, 15, 0), 2);
+        assert_eq!(run_len([(0, 10), (20, 5)], 100, 10), 2);
+        assert_eq!(run_len([(0, 10), (20, 5)], 100, 9), 1);
+        assert_eq!(run_len([(0, 10), (5, 5)], 100, 100), 1, "a blob before the last one's end");
+        assert_eq!(run_len([(0, 200), (200, 5)], 100, 0), 1, "a blob longer than the limit is a run alone");
+        assert_eq!(run_len(std::iter::empty(), 100, 0), 0);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::grouping;
 use crate::id::ObjectId;
 use crate::pack::{FLAG_GROUPED, FLAG_ZSTD, PackEntry, PackWriter};
-use crate::runs::{RunError, RunReader, Span};
+use crate::runs::{RunError, RunReader, Span, run_len};
 use crate::tree::ChunkRef;
 
 /// Compresses a chunk for storage: as byte planes if the chunk looks like an array of numbers and the
@@ -185,16 +185,11 @@ impl ChunkReader {
             locs.push(loc);
         }
         let spans: Vec<Span> = locs.iter().map(|l| (l.offset, l.stored_len)).collect();
-        // Where the stretch of chunks in the same pack as each one ends, worked out once: scanning ahead for
-        // every run would cost a file of many chunks, all in one pack but not back to back, quadratic time.
-        let mut same_pack_until = vec![locs.len(); locs.len()];
-        for k in (0..locs.len().saturating_sub(1)).rev() {
-            same_pack_until[k] = if locs[k + 1].pack == locs[k].pack { same_pack_until[k + 1] } else { k + 1 };
-        }
         let mut i = from;
         while i < refs.len() {
             // A run is of blobs back to back in one pack, as a file's new chunks were written.
-            let j = i + crate::runs::run_len(&spans[i..same_pack_until[i]], self.max_read, 0);
+            let in_pack = locs[i..].iter().take_while(|l| l.pack == locs[i].pack);
+            let j = i + run_len(in_pack.map(|l| (l.offset, l.stored_len)), self.max_read, 0);
             let decoder = &mut self.decoder;
             let read = self.runs.read(self.backend.as_ref(), &locs[i].pack, &spans[i..j], |n, blob| {
                 let k = i + n;

@@ -769,7 +769,7 @@ impl BlobChecker {
         self.spans.extend(rows.iter().map(|r| (r.1, r.2)));
         let mut i = 0;
         while i < rows.len() {
-            let j = i + run_len(&self.spans[i..], self.max_read, MAX_GAP);
+            let j = i + run_len(self.spans[i..].iter().copied(), self.max_read, MAX_GAP);
             let decoder = &mut self.decoder;
             let bad = &mut res.bad;
             let read = self.runs.read(backend, &res.name, &self.spans[i..j], |n, blob| {

@@ -571,31 +571,7 @@ impl Bucket {
 
     /// Fills `buf` from `offset`; fails with [`io::ErrorKind::UnexpectedEof`] if the object is shorter.
     pub fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let path = self.path(name)?;
-        let end = offset.checked_add(buf.len() as u64).ok_or_else(|| invalid("read range overflows"))?;
-        if buf.is_empty() {
-            // No such thing as an empty range request; the object must still exist and reach `offset`.
-            return match self.head(name)? {
-                Some(meta) if meta.size >= offset => Ok(()),
-                Some(meta) => Err(self.past_end(name, offset, end, meta.size)),
-                None => Err(self.missing(name)),
-            };
-        }
-        self.count(1);
-        match self.runtime.block_on(self.store.get_range(&path, offset..end)) {
-            // object_store hands back whatever part of the range exists, so the length must be checked here.
-            Ok(bytes) if bytes.len() == buf.len() => {
-                buf.copy_from_slice(&bytes);
-                Ok(())
-            }
-            Ok(bytes) => Err(self.past_end(name, offset, end, offset + bytes.len() as u64)),
-            Err(e @ object_store::Error::NotFound { .. }) => Err(self.error(name, e)),
-            // S3 answers a range wholly past the end with 416; tell that apart from a real failure.
-            Err(e) => match self.head(name) {
-                Ok(Some(meta)) if meta.size < end => Err(self.past_end(name, offset, end, meta.size)),
-                _ => Err(self.error(name, e)),
-            },
-        }
+        self.read_range(name, offset, buf.len() as u64)?.read_exact(buf)
     }
 
     /// Streams `len` bytes from `offset` with one ranged GET, handing its body on as it arrives; see
@@ -634,9 +610,9 @@ impl Bucket {
                 result.range.start
             ))),
             Err(e @ object_store::Error::NotFound { .. }) => Err(self.error(name, e)),
-            // As in read_at: a range wholly past the end is answered with 416.
+            // S3 answers a range wholly past the end with 416; tell that apart from a real failure.
             Err(e) => match self.head(name) {
-                Ok(Some(meta)) if meta.size <= offset => Ok(reader(futures_util::stream::empty().boxed(), offset)),
+                Ok(Some(meta)) if meta.size <= offset => Ok(reader(futures_util::stream::empty().boxed(), meta.size)),
                 _ => Err(self.error(name, e)),
             },
         }
