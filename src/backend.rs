@@ -58,6 +58,11 @@ pub trait Backend: Send + Sync {
     fn reads_are_requests(&self) -> bool {
         false
     }
+    /// The most memory this backend's own writing may hold at once (a bucket's upload parts), beside what
+    /// its callers hand it: a caller working to a memory bound leaves this much of it to the backend.
+    fn write_memory(&self) -> u64 {
+        0
+    }
 }
 
 /// [`Backend::read_range`] over [`Backend::read_at`].

@@ -30,7 +30,7 @@ use crate::id::ObjectId;
 use crate::inflight::InFlight;
 use crate::params::RepoParams;
 use crate::progress::{NoProgress, Progress};
-use crate::region::{REGION_MAX_WORKERS, REGION_MIN_THREADS, cut_region, region_len, stitch};
+use crate::region::{REGION_MAX_WORKERS, REGION_MIN_THREADS, cut_region, region_budget, region_len, stitch};
 use crate::sparse::{HoleSkippingReader, is_zero};
 use crate::store::{Compressor, Packer};
 use crate::tree::{self, ChunkRef, Entry, EntryKind};
@@ -133,6 +133,8 @@ struct Job {
 thread_local! {
     /// Chunks taken at a previous version's cut on this thread, for tests that must know the guide was used.
     static GUIDED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// Regions of large files stitched on this thread, for tests of the regions' length.
+    static REGIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 struct Verify {
@@ -757,10 +759,7 @@ impl Walker<'_, '_> {
         if len < 2 * self.block_len as u64 {
             return self.chunks_inline(&mut &*f, prior);
         }
-        if prior.is_none()
-            && len >= 4 * region_len(self.threads.min(REGION_MAX_WORKERS))
-            && self.threads >= REGION_MIN_THREADS
-        {
+        if prior.is_none() && len >= 4 * self.region_len() && self.threads >= REGION_MIN_THREADS {
             return self.chunks_regions(f, len);
         }
         let (pool_tx, pool_rx) = (self.pool_tx.clone(), self.pool_rx.clone());
@@ -917,12 +916,18 @@ impl Walker<'_, '_> {
         }
     }
 
+    /// The length of the regions a large file is cut in, with what the store's writes hold left out of their
+    /// budget.
+    fn region_len(&self) -> u64 {
+        region_len(self.threads.min(REGION_MAX_WORKERS), region_budget(self.ctx.backend.write_memory()))
+    }
+
     /// Sends every chunk of a large file to the pipeline, cut and hashed region by region on all cores and
     /// stitched into the sequential chunking here (see `region.rs`). Returns the bytes read; fewer than `len`
     /// when the file shrank meanwhile (the caller then reads it again).
     fn chunks_regions(&mut self, f: &File, len: u64) -> std::io::Result<u64> {
         let (ctx, cutter, threads) = (self.ctx, self.cutter, self.threads.min(REGION_MAX_WORKERS));
-        let region = region_len(threads);
+        let region = self.region_len();
         let regions = len.div_ceil(region);
         let (task_tx, task_rx) = bounded::<u64>(regions as usize);
         let (done_tx, done_rx) = bounded::<(u64, Result<RegionDone>)>(threads + 1);
@@ -963,6 +968,8 @@ impl Walker<'_, '_> {
         // woken would set up a compressor and a catalog connection for one chunk a region.
         let mut own: Option<(ChunkHasher, Compressor)> = None;
         for k in 0..regions {
+            #[cfg(test)]
+            REGIONS.with(|r| r.set(r.get() + 1));
             while sent < regions && sent < k + window {
                 tasks.send(sent).map_err(|_| std::io::Error::other("region workers stopped"))?;
                 sent += 1;
@@ -1374,7 +1381,7 @@ mod tests {
 
     use proptest::prelude::*;
 
-    use super::GUIDED;
+    use super::{GUIDED, REGIONS};
     use crate::backend::MemoryBackend;
     use crate::content::{ChunkCursor, root_entry};
     use crate::testutil::pseudo_random as data;
@@ -1389,14 +1396,19 @@ mod tests {
         GUIDED.with(|g| g.set(0));
         let id = repo.commit_reader("state", &mut &after[..], &CommitOptions::default()).unwrap().id;
         let guided = GUIDED.with(|g| g.get());
+        (chunk_ids(&repo, &id), guided, repo, dir)
+    }
+
+    /// The chunks checkpoint `id` recorded for its one file or stream, in order.
+    fn chunk_ids(repo: &Repository, id: &str) -> Vec<ObjectId> {
         let catalog = repo.catalog().unwrap();
-        let content = root_entry(&catalog, &id).unwrap().object().unwrap().unwrap();
+        let content = root_entry(&catalog, id).unwrap().object().unwrap().unwrap();
         let mut cursor = ChunkCursor::new(&catalog, &content).unwrap();
         let mut ids = Vec::new();
         while let Some((_, r)) = cursor.next_chunk().unwrap() {
             ids.push(r.id);
         }
-        (ids, guided, repo, dir)
+        ids
     }
 
     fn plain_cuts(repo: &Repository, data: &[u8]) -> Vec<ObjectId> {
@@ -1652,5 +1664,33 @@ mod tests {
             roots.push(repo.checkpoint(&s.id).unwrap().root);
         }
         assert_eq!(roots[0], roots[1]);
+    }
+
+    /// A store whose writes hold memory (a bucket's upload parts) gets it from the regions' budget, so a
+    /// large file is cut in shorter regions, into exactly the same chunks.
+    #[test]
+    fn a_store_holding_uploads_shortens_the_regions_not_the_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("image");
+        std::fs::write(&src, image(9 << 20, 8)).unwrap();
+        let opts = CommitOptions { threads: 4, ..Default::default() };
+        let mut seen = Vec::new();
+        for write_memory in [0, 18 << 20] {
+            let root = dir.path().join(format!("repo-{write_memory}"));
+            Repository::init(&root).unwrap();
+            let mem = MemoryBackend::new();
+            mem.set_write_memory(write_memory);
+            let repo = Repository::open_with(&root, Arc::new(mem)).unwrap();
+            REGIONS.with(|r| r.set(0));
+            let id = repo.commit(&src, &opts).unwrap().id;
+            assert_eq!(
+                chunk_ids(&repo, &id),
+                plain_cuts(&repo, &std::fs::read(&src).unwrap()),
+                "write memory {write_memory}"
+            );
+            seen.push(REGIONS.with(|r| r.get()));
+        }
+        // 2 MiB regions beside a local store; 1 MiB beside 18 MiB of uploads.
+        assert_eq!(seen, [5, 9]);
     }
 }

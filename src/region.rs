@@ -29,15 +29,26 @@ pub(crate) const REGION_MAX: u64 = 4 << 20;
 /// 78 MiB with 4 threads and 142 MiB with 8, against the commit's bound of 64 MiB.
 const REGION_BUDGET: u64 = 24 << 20;
 
+/// What the regions get however much the store's writes hold: 1 MiB regions for up to three workers.
+const REGION_BUDGET_MIN: u64 = 8 << 20;
+
+/// The regions' budget beside a store whose own writes hold `store_writes` bytes ([`crate::backend::Backend::
+/// write_memory`]: a bucket's upload parts). Both come out of the commit's bound: a first commit into a bucket
+/// with 4 or 16 threads peaked at 74-81 MiB with the whole [`REGION_BUDGET`] beside four 6 MiB parts.
+pub(crate) fn region_budget(store_writes: u64) -> u64 {
+    REGION_BUDGET.saturating_sub(store_writes).max(REGION_BUDGET_MIN)
+}
+
 /// At most this many region workers, however many cores: each holds a catalog connection and a compressor
 /// (about 2 MiB) besides its buffer, and more would shrink regions toward 1 MiB, where the junctions' repeated
 /// work grows, to stay within [`REGION_BUDGET`].
 pub(crate) const REGION_MAX_WORKERS: usize = 4;
 
 /// The region length for `workers` region workers, which keep `workers + 2` regions in flight: a power of two
-/// from 1 MiB to [`REGION_MAX`] such that a buffer per worker and a result per region in flight fit the budget.
-pub(crate) fn region_len(workers: usize) -> u64 {
-    let per = REGION_BUDGET / (2 * workers as u64 + 2);
+/// from 1 MiB to [`REGION_MAX`] such that a buffer per worker and a result per region in flight fit `budget`
+/// (from [`region_budget`]).
+pub(crate) fn region_len(workers: usize, budget: u64) -> u64 {
+    let per = budget / (2 * workers as u64 + 2);
     (1u64 << per.max(1).ilog2()).clamp(1 << 20, REGION_MAX)
 }
 
@@ -141,13 +152,26 @@ mod tests {
 
     #[test]
     fn regions_shrink_with_more_workers_to_stay_within_the_budget() {
-        assert_eq!(region_len(1), REGION_MAX);
-        assert_eq!(region_len(4), 2 << 20);
-        assert_eq!(region_len(8), 1 << 20);
+        let local = region_budget(0);
+        assert_eq!(region_len(1, local), REGION_MAX);
+        assert_eq!(region_len(4, local), 2 << 20);
+        assert_eq!(region_len(8, local), 1 << 20);
         for w in 1..=8 {
-            let len = region_len(w);
+            let len = region_len(w, local);
             assert!(len.is_power_of_two() && (w as u64 * (len + (256 << 10)) + (w as u64 + 2) * len) <= 28 << 20);
         }
+    }
+
+    #[test]
+    fn a_store_that_holds_uploads_takes_its_memory_from_the_regions() {
+        assert_eq!(region_budget(0), REGION_BUDGET);
+        assert_eq!(region_budget(6 << 20), REGION_BUDGET - (6 << 20));
+        // A bucket's default three 6 MiB parts leave the floor: 1 MiB regions for the four workers.
+        assert_eq!(region_budget(18 << 20), REGION_BUDGET_MIN);
+        assert_eq!(region_budget(u64::MAX), REGION_BUDGET_MIN);
+        assert_eq!(region_len(4, region_budget(18 << 20)), 1 << 20);
+        assert_eq!(region_len(2, region_budget(18 << 20)), 1 << 20);
+        assert_eq!(region_len(1, region_budget(12 << 20)), 2 << 20);
     }
 
     proptest! {

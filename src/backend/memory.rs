@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::{Backend, ObjectWriter, check_name};
@@ -12,6 +12,7 @@ use super::{Backend, ObjectWriter, check_name};
 pub struct MemoryBackend {
     objects: Arc<RwLock<BTreeMap<String, Arc<Vec<u8>>>>>,
     failing: Arc<AtomicBool>,
+    write_memory: Arc<AtomicU64>,
 }
 
 impl MemoryBackend {
@@ -23,6 +24,11 @@ impl MemoryBackend {
     /// From now on every operation fails with an I/O error (or, with `false`, works again).
     pub fn set_failing(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// From now on [`Backend::write_memory`] reports `bytes`, as a bucket reports its upload parts.
+    pub fn set_write_memory(&self, bytes: u64) {
+        self.write_memory.store(bytes, Ordering::SeqCst);
     }
 
     fn check(&self) -> io::Result<()> {
@@ -98,6 +104,10 @@ impl Backend for MemoryBackend {
         check_name(name)?;
         self.objects.write().unwrap_or_else(|e| e.into_inner()).remove(name);
         Ok(())
+    }
+
+    fn write_memory(&self) -> u64 {
+        self.write_memory.load(Ordering::SeqCst)
     }
 }
 

@@ -124,7 +124,7 @@ pub struct Settings {
 
 impl Settings {
     /// AWS in us-east-1 with `credentials`, and the default retries and timeouts: 6 retries within 120 s,
-    /// 60 s per request, 5 s to connect; 4 upload parts at once.
+    /// 60 s per request, 5 s to connect; 3 upload parts at once (18 MiB).
     pub fn new(credentials: Credentials) -> Self {
         Settings {
             endpoint: None,
@@ -135,7 +135,7 @@ impl Settings {
             retry_timeout: Duration::from_secs(120),
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
-            upload_parts: 4,
+            upload_parts: 3,
         }
     }
 
@@ -390,6 +390,8 @@ pub struct Bucket {
     /// One permit per upload part that may be in memory ([`Settings::upload_parts`]): two packs uploading at
     /// once with four parts each and one filling held 67 MiB (docs/benchmarks.md, *Repositories in S3*).
     upload_slots: Arc<Semaphore>,
+    /// How many permits `upload_slots` was made with.
+    upload_parts: usize,
     /// Part buffers, kept for the next part: allocating each part afresh and freeing it on another thread left
     /// glibc's arenas holding far more than the parts in flight (a commit's peak RSS 86-99 MiB, against 64-68
     /// with the buffers kept). At most one per upload slot.
@@ -488,6 +490,7 @@ impl Bucket {
             store: PrefixStore::new(s3, prefix.as_str()),
             requests: AtomicU64::new(0),
             upload_slots: Arc::new(Semaphore::new(settings.upload_parts.max(1))),
+            upload_parts: settings.upload_parts.max(1),
             spare_parts: Arc::default(),
             #[cfg(test)]
             live_parts: Arc::default(),
@@ -498,6 +501,11 @@ impl Bucket {
     /// The URL it was opened with, normalised: `s3://BUCKET/PREFIX`, or `s3://BUCKET` without a prefix.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The most memory uploads hold at once: a part per upload slot.
+    pub fn upload_memory(&self) -> u64 {
+        (self.upload_parts * PART_SIZE) as u64
     }
 
     /// Requests sent so far, counting each HTTP request a call makes (retries excepted): one per get, put,
@@ -1046,6 +1054,10 @@ impl Backend for S3Backend {
     fn reads_are_requests(&self) -> bool {
         true
     }
+
+    fn write_memory(&self) -> u64 {
+        self.bucket.upload_memory()
+    }
 }
 
 /// The S3 server tests run against, from `SNAPSTORE_TEST_S3` (e.g. `http://127.0.0.1:9000`).
@@ -1211,7 +1223,7 @@ mod tests {
         // Empty variables count as unset.
         let s = settings(&[("AWS_ACCESS_KEY_ID", ""), ("AWS_REGION", "")], creds, config).unwrap();
         assert_eq!((keys(&s).0.as_str(), s.region.as_str()), ("D", "eu-west-1"));
-        assert_eq!(s.upload_parts, 4);
+        assert_eq!(s.upload_parts, 3);
         assert_eq!(settings(&[("SNAPSTORE_S3_UPLOAD_PARTS", "16")], creds, "").unwrap().upload_parts, 16);
         for bad in ["0", "-1", "many"] {
             let e = settings(&[("SNAPSTORE_S3_UPLOAD_PARTS", bad)], creds, "").unwrap_err();
