@@ -1514,6 +1514,9 @@ mod tests {
         assert_eq!(b.live_parts.now.load(Ordering::SeqCst), 0);
         assert!(b.spare_parts.lock().unwrap().len() <= 2);
         assert_eq!(b.upload_slots.available_permits(), 2);
+        // What a commit leaves to these uploads out of its own budget (`Backend::write_memory`).
+        let backend = S3Backend::new(Arc::new(b), dir.path().join("spool"));
+        assert_eq!(crate::backend::Backend::write_memory(&backend), 2 * PART_SIZE as u64);
     }
 
     #[test]
