@@ -13,7 +13,9 @@
 //!
 //! Data goes to `SNAPSTORE_BENCH_DIR` or the system temp directory (about 7 GiB for a full run), and is
 //! removed at the end of the run, except the checkouts of the workloads of few files, removed when their
-//! workload is done to give their page cache back (see `run_workload`).
+//! workload is done to give their page cache back (see `run_workload`). The run's header names the filesystem
+//! the data is on; on an ext4 without a journal the run warns first that mass deletions there in the minutes
+//! before slow the checkouts of many files.
 //! `SNAPSTORE_BENCH_INIT="--chunk-size 32"` passes options to `snapstore init`, for parameter sweeps.
 //!
 //! Four workloads, generated from fixed seeds, five versions each; every version is made by changing the
@@ -1240,6 +1242,33 @@ fn machine() -> String {
     format!("{model}, {cores} cores, {:.1} GiB memory, Linux {}", mem_kib as f64 / 1048576.0, kernel.trim())
 }
 
+/// The filesystem under `dir`, as the run's header names it, and whether it is an ext4 without a journal: the
+/// only kind where ext4 skips recently freed inodes when it creates a file (`recently_deleted`), which slows
+/// checkouts of many files for minutes after many were deleted (see `run_workload`).
+fn filesystem(dir: &Path) -> (String, bool) {
+    let kind = match rustix::fs::statfs(dir).map(|s| s.f_type as u64) {
+        Ok(0xEF53) => "ext4",
+        Ok(0x5846_5342) => "XFS",
+        Ok(0x9123_683E) => "btrfs",
+        Ok(0x0102_1994) => "tmpfs",
+        _ => return ("a filesystem not recognised".into(), false),
+    };
+    if kind != "ext4" {
+        return (kind.into(), false);
+    }
+    // /sys/fs/ext4/DEV/journal_task names the journal's thread, or says `<none>`.
+    let journal = fs::metadata(dir).ok().and_then(|md| {
+        let dev = format!("/sys/dev/block/{}:{}", rustix::fs::major(md.dev()), rustix::fs::minor(md.dev()));
+        let name = fs::read_link(dev).ok()?.file_name()?.to_owned();
+        fs::read_to_string(Path::new("/sys/fs/ext4").join(name).join("journal_task")).ok()
+    });
+    match journal.as_deref().map(str::trim) {
+        Some("<none>") => ("ext4 without a journal".into(), true),
+        Some(_) => ("ext4 with a journal".into(), false),
+        None => ("ext4".into(), false),
+    }
+}
+
 fn today() -> String {
     Command::new("date")
         .args(["-u", "+%Y-%m-%d"])
@@ -1511,6 +1540,15 @@ fn main() {
     }
     let base = std::env::var("SNAPSTORE_BENCH_DIR").map_or_else(|_| std::env::temp_dir(), PathBuf::from);
     let dir = tempfile::Builder::new().prefix("snapstore-peers").tempdir_in(base).unwrap();
+    let (fs_kind, slow_after_deletes) = filesystem(dir.path());
+    if slow_after_deletes {
+        eprintln!(
+            "peers: {} is on ext4 without a journal, which skips inodes freed in the last 1-6 minutes when it \
+             creates files: if many files were deleted there lately, the checkouts of `src` are timed slow (a \
+             run 30 s after deleting 150,000 files gave 1.005x casync instead of 0.5-0.6x)",
+            dir.path().display()
+        );
+    }
     let q = args.quick;
     let workloads: Vec<(&str, MakeWorkload)> = vec![
         ("vm", Box::new(move |w| Box::new(VmImage::new(if q { 64 } else { 512 }, w)))),
@@ -1541,7 +1579,7 @@ fn main() {
         .filter(|a| a != "--bench" && a != "--write-docs" && a != "--install")
         .collect::<Vec<_>>();
     let header = format!(
-        "Run of {} (`cargo bench --bench peers{}{}`, {:.0} s in all), on {}. Tools:\n\n{}\n\n",
+        "Run of {} (`cargo bench --bench peers{}{}`, {:.0} s in all), on {}, the data on {fs_kind}. Tools:\n\n{}\n\n",
         today(),
         if command.is_empty() { "" } else { " -- " },
         command.join(" "),
