@@ -3,7 +3,8 @@
 //! Three kinds of thread, joined by bounded channels so memory stays flat whatever the input:
 //! - the *walker* (the caller's thread) walks the tree, skips files unchanged since the parent checkpoint,
 //!   reads and chunks the rest, sending each chunk to the workers and an ordered event to the assembler;
-//! - *workers* (one per core, at most 16) hash chunks, look them up in the chunk index and compress only the new ones;
+//! - *workers* (one per core, at most 16, or 4 into a bucket) hash chunks, look them up in the chunk index
+//!   and compress only the new ones;
 //! - the *assembler* consumes events in order, packs new chunks, builds segments, contents and trees, and
 //!   writes them to the catalog, the checkpoint itself last, after every pack it needs is durable.
 
@@ -30,7 +31,9 @@ use crate::id::ObjectId;
 use crate::inflight::InFlight;
 use crate::params::RepoParams;
 use crate::progress::{NoProgress, Progress};
-use crate::region::{REGION_MAX_WORKERS, REGION_MIN_THREADS, cut_region, region_budget, region_len, stitch};
+use crate::region::{
+    REGION_MAX_WORKERS, REGION_MIN_THREADS, cut_region, region_budget, region_len, region_min_file, stitch,
+};
 use crate::sparse::{HoleSkippingReader, is_zero};
 use crate::store::{Compressor, Packer};
 use crate::tree::{self, ChunkRef, Entry, EntryKind};
@@ -48,7 +51,7 @@ pub struct CommitOptions {
     pub skip_unreadable: bool,
     /// Host name to record; `None` reads the machine's.
     pub host: Option<String>,
-    /// Worker threads for hashing and compression; 0 means one per core, at most 16.
+    /// Worker threads for hashing and compression; 0 means one per core, at most 16 (at most 4 into a bucket).
     pub threads: usize,
     /// When nothing differs from the parent checkpoint (same tree: names, contents, modes, mtimes), make no
     /// new checkpoint and report the parent's id with [`CommitSummary::unchanged`] set.
@@ -260,7 +263,8 @@ fn run(
     };
 
     let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get().min(DEFAULT_MAX_THREADS))
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        default_threads(cores, ctx.backend.write_memory())
     } else {
         opts.threads
     };
@@ -759,7 +763,10 @@ impl Walker<'_, '_> {
         if len < 2 * self.block_len as u64 {
             return self.chunks_inline(&mut &*f, prior);
         }
-        if prior.is_none() && len >= 4 * self.region_len() && self.threads >= REGION_MIN_THREADS {
+        if prior.is_none()
+            && len >= region_min_file(self.threads.min(REGION_MAX_WORKERS))
+            && self.threads >= REGION_MIN_THREADS
+        {
             return self.chunks_regions(f, len);
         }
         let (pool_tx, pool_rx) = (self.pool_tx.clone(), self.pool_rx.clone());
@@ -1175,6 +1182,18 @@ fn push_segment(batch: &mut Batch, b: &mut ContentBuilder, refs: &[ChunkRef]) {
 /// 160-240 MB/s per core that zstd compresses new chunks here, 16 already take in 3 GB/s of new data, about
 /// what a fast NVMe disk reads; unchanged chunks are only hashed, many times faster.
 const DEFAULT_MAX_THREADS: usize = 16;
+
+/// The same into a store whose writes hold memory of their own (a bucket's upload parts, 18 MiB by default):
+/// its uploads set the pace, and 4 workers compress far more than three parts in flight send, while each one
+/// more costs memory the uploads already took. A first commit into a bucket (moto) of 60 files of 4 MiB
+/// peaked at 58-61 MiB with 4 threads, 66-67 with 8 and 79-84 with 16, in about the same time.
+const UPLOADING_MAX_THREADS: usize = 4;
+
+/// Worker threads for a commit left to choose, on `cores` cores, into a store whose writes hold `store_writes`
+/// bytes ([`crate::backend::Backend::write_memory`]).
+fn default_threads(cores: usize, store_writes: u64) -> usize {
+    cores.min(if store_writes > 0 { UPLOADING_MAX_THREADS } else { DEFAULT_MAX_THREADS })
+}
 
 /// Bytes of chunks and blobs alive between the walker and the assembler (see `inflight.rs`): enough to keep
 /// every worker busy through a few chunks' worth of scheduling jitter.
@@ -1664,6 +1683,14 @@ mod tests {
             roots.push(repo.checkpoint(&s.id).unwrap().root);
         }
         assert_eq!(roots[0], roots[1]);
+    }
+
+    #[test]
+    fn a_commit_into_a_bucket_starts_fewer_workers_by_default() {
+        assert_eq!(super::default_threads(2, 0), 2);
+        assert_eq!(super::default_threads(64, 0), 16);
+        assert_eq!(super::default_threads(2, 18 << 20), 2);
+        assert_eq!(super::default_threads(64, 18 << 20), 4);
     }
 
     /// A store whose writes hold memory (a bucket's upload parts) gets it from the regions' budget, so a

@@ -52,6 +52,13 @@ pub(crate) fn region_len(workers: usize, budget: u64) -> u64 {
     (1u64 << per.max(1).ilog2()).clamp(1 << 20, REGION_MAX)
 }
 
+/// The least length of a file cut in regions by `workers` workers: four regions as long as a local store's.
+/// Each file cut in regions starts its workers, each with a catalog connection and a compressor, so the
+/// shorter regions beside a bucket's uploads ([`region_budget`]) do not bring smaller files to them.
+pub(crate) fn region_min_file(workers: usize) -> u64 {
+    4 * region_len(workers, REGION_BUDGET)
+}
+
 /// Offsets, relative to the region's start, and lengths of the chunks a worker cuts in a region on its own.
 /// `buf` holds the region followed by up to one maximum chunk of what comes after it (less where the file
 /// ends), so that every chunk starting inside the region can be cut.
@@ -172,6 +179,8 @@ mod tests {
         assert_eq!(region_len(4, region_budget(18 << 20)), 1 << 20);
         assert_eq!(region_len(2, region_budget(18 << 20)), 1 << 20);
         assert_eq!(region_len(1, region_budget(12 << 20)), 2 << 20);
+        // Which files are cut in regions does not change with the budget.
+        assert_eq!(region_min_file(4), 8 << 20);
     }
 
     proptest! {

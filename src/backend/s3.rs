@@ -119,8 +119,8 @@ pub struct Settings {
     /// Parts of multipart uploads in memory and on their way at once, across all of the bucket's uploads; each
     /// part is 6 MiB. More can fill a fast, distant link better, at 6 MiB of memory each, held until the
     /// bucket is dropped. A commit leaves this memory out of what it cuts large files with, but only down to
-    /// a floor: the default of 3 keeps a commit under 64 MiB with the default thread counts (up to 16), and
-    /// each part more adds 6 MiB. `SNAPSTORE_S3_UPLOAD_PARTS` sets it for [`Settings::from_env`].
+    /// a floor: the default of 3 keeps a commit with its default threads (at most 4 into a bucket) under
+    /// 64 MiB, and each part more adds 6 MiB. `SNAPSTORE_S3_UPLOAD_PARTS` sets it for [`Settings::from_env`].
     pub upload_parts: usize,
 }
 

@@ -93,7 +93,7 @@ The new checkpoint's full id is printed last on stdout. If the repository does n
         /// Record unreadable files as skipped instead of failing the commit
         #[arg(long)]
         skip_unreadable: bool,
-        /// Worker threads for hashing and compression [default: one per core, at most 16]
+        /// Worker threads for hashing and compression [default: one per core, at most 16; at most 4 into s3://]
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         threads: usize,
         /// Commit as one part of the group checkpoint NAME (with --part): the group is a restore point only
