@@ -29,8 +29,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::{Backend, ObjectWriter, check_name};
 
 /// Files from this size on are uploaded in parts of this size: big enough that a GiB costs 171 part requests,
-/// small enough that four parts in flight hold 24 MiB (with 8 MiB parts a commit's peak RSS went to 64-68 MiB)
-/// and a failed part is cheap to resend. S3 takes no part under 5 MiB but the last.
+/// small enough that the parts in flight hold little (three by default, 18 MiB; with four of 8 MiB a commit's
+/// peak RSS went to 64-68 MiB) and a failed part is cheap to resend. S3 takes no part under 5 MiB but the last.
 const PART_SIZE: usize = 6 << 20;
 /// `get_to` fetches big objects in ranges of this size, so that every request can finish within the request
 /// timeout however big the object is.
@@ -486,13 +486,14 @@ impl Bucket {
             .build()
             .map_err(|e| io::Error::new(e.kind(), format!("{url}: starting the S3 client's threads: {e}")))?;
         let endpoint = endpoint.unwrap_or_else(|| format!("AWS S3 ({})", settings.region));
+        let upload_parts = settings.upload_parts.max(1);
         Ok(Bucket {
             url,
             endpoint,
             store: PrefixStore::new(s3, prefix.as_str()),
             requests: AtomicU64::new(0),
-            upload_slots: Arc::new(Semaphore::new(settings.upload_parts.max(1))),
-            upload_parts: settings.upload_parts.max(1),
+            upload_slots: Arc::new(Semaphore::new(upload_parts)),
+            upload_parts,
             spare_parts: Arc::default(),
             #[cfg(test)]
             live_parts: Arc::default(),
@@ -1104,6 +1105,7 @@ pub fn create_test_bucket(endpoint: &str) -> String {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
 
     use super::*;
 
@@ -1124,7 +1126,6 @@ mod tests {
             self.now.fetch_sub(1, Ordering::SeqCst);
         }
     }
-    use std::time::Instant;
 
     #[test]
     fn parses_s3_urls() {
