@@ -402,6 +402,12 @@ impl Catalog {
         let conn =
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
+        // `create` gives a file with no tables the schema; one with tables of its own and no schema version is
+        // another program's, left unchanged (even the journal mode below would rewrite its header).
+        let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version == 0 && conn.query_row("SELECT EXISTS (SELECT 1 FROM sqlite_schema)", [], |r| r.get(0))? {
+            return Err(Error::CatalogEmpty(path.to_path_buf()));
+        }
         // Changing the journal mode needs a lock; on a busy database another process has already set WAL.
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
@@ -452,6 +458,10 @@ impl Catalog {
         let mut stmt = self.conn.prepare("SELECT key, value FROM meta")?;
         let map: HashMap<String, String> =
             stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+        if RepoParams::default().to_pairs().iter().all(|(k, _)| !map.contains_key(*k)) {
+            // `create` writes the parameters before the catalog takes its name: one without any is not one.
+            return Err(Error::CatalogEmpty(self.conn.path().unwrap_or_default().into()));
+        }
         RepoParams::from_lookup(|k| map.get(k).cloned()).map_err(|e| match e {
             Error::Format(why) => Error::Format(format!("catalog meta table: {why}")),
             other => other,

@@ -155,6 +155,10 @@ struct FileTask {
 /// A directory of the checkpoint whose mode and mtime wait for its entries to be in place.
 struct DirTask {
     path: PathBuf,
+    /// The directory holding this one, open, and this one's name in it: its mtime and mode are set through
+    /// them, one lookup of one name rather than of the whole path twice (and never through a symlink put in
+    /// its place). None where a walk starts, whose parent may be anything the caller named.
+    at: Option<(Arc<OwnedFd>, std::ffi::OsString)>,
     mode: u32,
     mtime_ns: i64,
     /// Entries not yet in place, plus one the walker holds while it lists them (so that the count cannot reach
@@ -170,11 +174,21 @@ impl DirTask {
     fn release(&self) -> Result<()> {
         let mut dir = self;
         while dir.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let t = filetime::FileTime::from_system_time(mtime(dir.mtime_ns));
-            // The mtime first: setting it opens the directory, which its final mode may forbid.
-            filetime::set_file_mtime(&dir.path, t).map_err(|e| Error::io(&dir.path, e))?;
-            fs::set_permissions(&dir.path, fs::Permissions::from_mode(dir.mode))
-                .map_err(|e| Error::io(&dir.path, e))?;
+            let io = |e: rustix::io::Errno| Error::io(&dir.path, e.into());
+            if let Some((parent, name)) = &dir.at {
+                let times = rustix::fs::Timestamps {
+                    last_access: rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
+                    last_modification: timespec(dir.mtime_ns),
+                };
+                rustix::fs::utimensat(parent, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(io)?;
+                rustix::fs::chmodat(parent, name, Mode::from_raw_mode(dir.mode), AtFlags::empty()).map_err(io)?;
+            } else {
+                let t = filetime::FileTime::from_system_time(mtime(dir.mtime_ns));
+                // The mtime first: setting it opens the directory, which its final mode may forbid.
+                filetime::set_file_mtime(&dir.path, t).map_err(|e| Error::io(&dir.path, e))?;
+                fs::set_permissions(&dir.path, fs::Permissions::from_mode(dir.mode))
+                    .map_err(|e| Error::io(&dir.path, e))?;
+            }
             match &dir.parent {
                 Some(parent) => dir = parent,
                 None => break,
@@ -262,6 +276,10 @@ fn mtime(ns: i64) -> std::time::SystemTime {
     } else {
         UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
     }
+}
+
+fn timespec(ns: i64) -> rustix::fs::Timespec {
+    rustix::fs::Timespec { tv_sec: ns.div_euclid(1_000_000_000), tv_nsec: ns.rem_euclid(1_000_000_000) }
 }
 
 fn mtime_ns(md: &Metadata) -> i64 {
@@ -527,6 +545,57 @@ fn clear(path: &Path) -> Result<()> {
     }
 }
 
+/// [`clear`], unless `path` is a directory holding the repository (`protect`, canonical): an entry of the
+/// checkpoint that is not a directory where the destination has one would otherwise take the repository with it.
+fn clear_sparing(path: &Path, protect: Option<&Path>) -> Result<()> {
+    if let Some(repo) = protect
+        && fs::symlink_metadata(path).is_ok_and(|md| md.is_dir())
+        && fs::canonicalize(path).is_ok_and(|c| repo.starts_with(c))
+    {
+        return Err(Error::InvalidInput(format!(
+            "refusing to replace {} by the checkpoint's entry: the repository {} is there",
+            path.display(),
+            repo.display()
+        )));
+    }
+    clear(path)
+}
+
+/// Refuses a destination that is the repository or lies inside it (`repo`, canonical), where a checkout
+/// would overwrite, and with `--delete` remove, the repository's own files. Compared canonically, through
+/// symlinks, as far as the destination exists.
+fn refuse_repository(dest: &Path, repo: &Path) -> Result<()> {
+    let abs = std::path::absolute(dest).map_err(|e| Error::io(dest, e))?;
+    let mut existing = abs.as_path();
+    let mut rest = Vec::new();
+    let canonical = loop {
+        match fs::canonicalize(existing) {
+            Ok(c) => break c,
+            Err(_) => match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name);
+                    existing = parent;
+                }
+                _ => return Ok(()),
+            },
+        }
+    };
+    let full = rest.iter().rev().fold(canonical, |p, name| p.join(name));
+    if full.starts_with(repo) {
+        let what = if full == repo {
+            "the repository".to_string()
+        } else {
+            format!("inside the repository {}", repo.display())
+        };
+        return Err(Error::InvalidInput(format!(
+            "refusing to check out into {}: it is {what}, whose files a checkout there would overwrite; choose a \
+             destination outside it",
+            dest.display(),
+        )));
+    }
+    Ok(())
+}
+
 /// What an earlier checkpoint recorded at a path of the destination, trusted for a file whose metadata
 /// still matches.
 #[derive(Clone)]
@@ -587,6 +656,10 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             !empty_dir
         }
     };
+    let protect = fs::canonicalize(src.repo_root).ok();
+    if let Some(repo) = &protect {
+        refuse_repository(dest, repo)?;
+    }
     // Like `mkdir -p`: a destination in directories not made yet is what the user asked for.
     if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
@@ -595,8 +668,9 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     let priors = if in_place && !opts.checksum { priors(&catalog, &abs_dest) } else { Vec::new() };
     // Files placed by this checkout carry its checkpoint's sizes and mtimes; were it cut short under the old
     // record, that record could vouch for a replaced file whose size and mtime happen to match its own.
-    if catalog.last_checkout(&abs_dest.to_string_lossy())?.is_some() {
-        catalog.clear_checkout(&abs_dest.to_string_lossy())?;
+    let dest_key = crate::commit::key_of(&abs_dest);
+    if catalog.last_checkout(&dest_key)?.is_some() {
+        catalog.clear_checkout(&dest_key)?;
     }
 
     // What to restore: the whole tree, or the named parts, each with its destination path and priors. Paths
@@ -666,7 +740,6 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     let abort = AtomicBool::new(false);
     let written = AtomicU64::new(0);
     let mut summary = CheckoutSummary { id: id.to_string(), ..Default::default() };
-    let protect = fs::canonicalize(src.repo_root).ok();
     let final_modes = FinalModes::probe(dest, in_place);
     let mut roots = Vec::new();
 
@@ -690,6 +763,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             opts,
             in_place,
             protect: protect.as_deref(),
+            protect_id: protect.as_ref().and_then(|p| fs::metadata(p).ok()).map(|md| (md.dev(), md.ino())),
             summary: &mut summary,
             in_read: 0,
             final_modes,
@@ -709,7 +783,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
         return Err(Error::Internal(format!("{}: directory metadata was never set", root.path.display())));
     }
     if opts.paths.is_empty()
-        && let Err(e) = catalog.record_checkout(&abs_dest.to_string_lossy(), id)
+        && let Err(e) = catalog.record_checkout(&dest_key, id)
     {
         // The files are in place; without the record the next in-place checkout hashes instead of trusting.
         opts.progress.warn(&format!("could not record the checkout in the catalog: {e}"));
@@ -724,7 +798,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
 /// the last one committed from there. A record that cannot be read (its checkpoint was just collected) is
 /// skipped: files it would have vouched for are hashed instead.
 fn priors(catalog: &Catalog, dest: &Path) -> Vec<Prior> {
-    let key = dest.to_string_lossy();
+    let key = crate::commit::key_of(dest);
     let mut out = Vec::new();
     if let Ok(Some(id)) = catalog.last_checkout(&key)
         && let Ok(entry) = content::root_entry(catalog, &id)
@@ -841,6 +915,8 @@ struct Walker<'a> {
     in_place: bool,
     /// The repository's own directory, never removed by `delete`.
     protect: Option<&'a Path>,
+    /// The repository's device and inode, to know it when the walk comes to it.
+    protect_id: Option<(u64, u64)>,
     summary: &'a mut CheckoutSummary,
     /// Files looked up in the current read transaction (0: none open).
     in_read: usize,
@@ -896,6 +972,19 @@ impl Walker<'_> {
                     let this_dir = Arc::new(
                         rustix::fs::open(&path, flags, Mode::empty()).map_err(|e| Error::io(&path, e.into()))?,
                     );
+                    if existed && let Some(repo) = self.protect_id {
+                        // A directory of the checkpoint where the repository is (put inside the destination):
+                        // its files would be written over the repository's own.
+                        let here = rustix::fs::fstat(&*this_dir).map_err(|e| Error::io(&path, e.into()))?;
+                        if repo == (here.st_dev, here.st_ino) {
+                            return Err(Error::InvalidInput(format!(
+                                "refusing to check out into {}: it is the repository; the checkpoint has a \
+                                 directory there. Move the repository out of the destination, or check out \
+                                 elsewhere",
+                                path.display()
+                            )));
+                        }
+                    }
                     let tree_id = entry.object()?.expect("dir has a tree");
                     let children = self.catalog.tree(&tree_id)?;
                     if self.in_place && existed {
@@ -910,8 +999,13 @@ impl Walker<'_> {
                             Some((p.committed, self.catalog.tree(&id).ok()?))
                         })
                         .collect();
+                    let at = match (&parent, path.file_name()) {
+                        (Some(_), Some(name)) => Some((dir.clone(), name.to_owned())),
+                        _ => None,
+                    };
                     let task = Arc::new(DirTask {
                         path: path.clone(),
+                        at,
                         mode: entry.mode,
                         mtime_ns: entry.mtime_ns,
                         remaining: AtomicUsize::new(children.len() + 1),
@@ -942,7 +1036,7 @@ impl Walker<'_> {
                         // Into an empty destination whatever has this name came from this checkout: never
                         // cleared away (see `make_dir`).
                         if self.in_place || parent.is_none() {
-                            clear(&path)?;
+                            clear_sparing(&path, self.protect)?;
                         }
                         std::os::unix::fs::symlink(target, &path).map_err(|e| name_error(&path, e))?;
                     }
@@ -1066,7 +1160,7 @@ impl Walker<'_> {
                     patch = Some((md, trusted));
                 }
             }
-            Ok(md) if md.is_dir() => clear(dest)?,
+            Ok(md) if md.is_dir() => clear_sparing(dest, self.protect)?,
             _ => {}
         }
         // A directory cleared away leaves the name free.

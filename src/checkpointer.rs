@@ -246,7 +246,7 @@ impl Checkpointer {
         commit.tags.push(step_tag(step));
         let summary = self.repo.commit(&path, &commit)?;
         self.last = Some((step, Instant::now()));
-        let (forgotten, retention_error) = split(retain(&self.repo, &self.opts, &crate::commit::path_key(&path)?.1));
+        let (forgotten, retention_error) = split(retain(&self.repo, &self.opts, &crate::commit::path_key(&path)?));
         self.ready.push(Persisted { step, summary, forgotten, retention_error });
         Ok(())
     }
@@ -255,7 +255,7 @@ impl Checkpointer {
     /// written; files it lacks are removed) and returns which it was; `None` when there is none.
     pub fn restore_latest_path(&self) -> Result<Option<Restored>> {
         let path = self.state_path()?;
-        let Some((latest, step)) = self.latest(&crate::commit::path_key(path)?.1)? else { return Ok(None) };
+        let Some((latest, step)) = self.latest(&crate::commit::path_key(path)?)? else { return Ok(None) };
         let opts = crate::CheckoutOptions { in_place: true, delete: true, ..Default::default() };
         self.repo.checkout(&latest.id, path, &opts)?;
         Ok(Some(Restored { id: latest.id, step }))

@@ -11,6 +11,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, Metadata};
 use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -242,7 +243,7 @@ fn run(
     let started = Instant::now();
     let (path_key, root_name) = match &source {
         Source::Path(p) => {
-            let (abs, key) = path_key(p)?;
+            let (abs, key) = abs_and_key(p)?;
             let name = abs.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_else(|| b"root".to_vec());
             (key, name)
         }
@@ -389,11 +390,40 @@ fn run(
     Ok(summary)
 }
 
+/// The key the checkpoints of a committed path are recorded under ([`crate::Checkpoint::path`]): its absolute
+/// form, as [`key_of`] writes it. What retention's path scope and `--path` filters compare with.
+///
+/// ```
+/// assert_eq!(snapstore::path_key("/data/run-1").unwrap(), "/data/run-1");
+/// ```
+pub fn path_key(path: impl AsRef<Path>) -> Result<String> {
+    Ok(abs_and_key(path.as_ref())?.1)
+}
+
 /// A committed path's absolute form, and the key its checkpoints are recorded under (`checkpoints.path`).
-pub(crate) fn path_key(path: &Path) -> Result<(std::path::PathBuf, String)> {
+fn abs_and_key(path: &Path) -> Result<(std::path::PathBuf, String)> {
     let abs = std::path::absolute(path).map_err(|e| Error::io(path, e))?;
-    let key = abs.to_string_lossy().into_owned();
+    let key = key_of(&abs);
     Ok((abs, key))
+}
+
+/// The catalog's key for an absolute path: the path itself where it is UTF-8, else `bytes:` and the path with
+/// each byte that is not part of UTF-8 written `\xNN` and each backslash doubled. Two paths never share a
+/// key: a lossy conversion made `job\xff` and `job\xfe` one path, so that retention took their checkpoints
+/// for one series and forgot one directory's only checkpoint. No absolute path starts with `bytes:`.
+pub(crate) fn key_of(abs: &Path) -> String {
+    let bytes = abs.as_os_str().as_bytes();
+    if let Ok(s) = std::str::from_utf8(bytes) {
+        return s.to_owned();
+    }
+    let mut key = String::from("bytes:");
+    for chunk in bytes.utf8_chunks() {
+        key.push_str(&chunk.valid().replace('\\', "\\\\"));
+        for b in chunk.invalid() {
+            key.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    key
 }
 
 /// The compressor new chunks of this repository are stored with.
@@ -1719,5 +1749,25 @@ mod tests {
         }
         // 2 MiB regions beside a local store; 1 MiB beside 18 MiB of uploads.
         assert_eq!(seen, [5, 9]);
+    }
+
+    #[test]
+    fn path_keys_keep_utf8_paths_and_never_merge_two_paths() {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        let key = |b: &[u8]| super::key_of(std::path::Path::new(OsStr::from_bytes(b)));
+        assert_eq!(key(b"/data/run-1"), "/data/run-1");
+        assert_eq!(key("/données/é\\x".as_bytes()), "/données/é\\x");
+        assert_eq!(key(b"/tmp/job\xff"), "bytes:/tmp/job\\xff");
+        let paths: [&[u8]; 6] = [
+            b"/tmp/job\xff",
+            b"/tmp/job\xfe",
+            b"/tmp/job\\xff",
+            b"/tmp/job\\\xff",
+            b"/tmp/a\\xff\xfe",
+            b"/bytes:/tmp/job\\xff",
+        ];
+        let keys: std::collections::HashSet<String> = paths.iter().map(|p| key(p)).collect();
+        assert_eq!(keys.len(), paths.len(), "{keys:?}");
     }
 }

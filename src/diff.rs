@@ -35,7 +35,9 @@ pub enum ChangeKind {
 /// One difference between two checkpoints.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Change {
-    /// Path relative to the committed directory (a checkpoint of one file: its name).
+    /// Path relative to the committed directory (a checkpoint of one file: its name). In JSON, a byte of a
+    /// name that is not part of UTF-8 shows as U+FFFD.
+    #[serde(serialize_with = "crate::json_path::path")]
     pub path: PathBuf,
     /// Added, removed or modified.
     pub change: ChangeKind,

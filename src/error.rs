@@ -33,6 +33,10 @@ pub enum Error {
     /// No repository exists at the given place.
     #[error("no snapstore repository at {0}")]
     NoRepository(PathBuf),
+    /// The catalog file is empty, or holds no repository parameters: it was emptied, or is not a catalog
+    /// snapstore made. The packs may be whole.
+    #[error("the catalog {0} records no repository: it is empty, or not a snapstore catalog")]
+    CatalogEmpty(PathBuf),
     /// `init` was asked to create a repository where one already is.
     #[error("a snapstore repository already exists at {0}")]
     RepositoryExists(PathBuf),
@@ -210,7 +214,7 @@ impl Error {
     /// Whether this error means stored data was found damaged (as opposed to an operational failure).
     pub fn is_corruption(&self) -> bool {
         match self {
-            Error::Corrupt { .. } | Error::UnsafeName { .. } => true,
+            Error::Corrupt { .. } | Error::UnsafeName { .. } | Error::CatalogEmpty(_) => true,
             Error::Catalog(e) => catalog_damaged(e),
             _ => false,
         }

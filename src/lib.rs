@@ -69,7 +69,7 @@ pub use checkout::{CheckoutOptions, CheckoutSummary};
 pub use checkpoint::{Checkpoint, SHORT_ID_LEN, format_utc};
 pub use checkpointer::{Checkpointer, CheckpointerOptions, Persisted, Restored, Schedule};
 pub use chunker::Chunker;
-pub use commit::{CommitOptions, CommitSummary};
+pub use commit::{CommitOptions, CommitSummary, path_key};
 pub use diff::{Change, ChangeKind, DiffSummary};
 pub use error::{Error, Result};
 pub use gc::{GcOptions, GcSummary};
@@ -115,10 +115,29 @@ fn remote_url(path: &Path) -> Option<&str> {
     path.to_str().filter(|s| s.starts_with("s3://"))
 }
 
+/// Paths as JSON strings, which are Unicode: a byte that is not part of UTF-8 shows as U+FFFD, as in text
+/// output. serde's own serialization of a path refuses such a name, and `--json` failed on one.
+pub(crate) mod json_path {
+    use std::path::{Path, PathBuf};
+
+    pub fn path<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&p.to_string_lossy())
+    }
+
+    pub fn opt_path<S: serde::Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        match p {
+            Some(p) => s.serialize_some(&*p.to_string_lossy()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 /// A file, directory or symlink of a checkpoint, with its path inside the checkpoint.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FileInfo {
-    /// Path relative to the checkpoint's root; the root itself is its committed name.
+    /// Path relative to the checkpoint's root; the root itself is its committed name. In JSON, a byte of a
+    /// name that is not part of UTF-8 shows as U+FFFD.
+    #[serde(serialize_with = "json_path::path")]
     pub path: PathBuf,
     /// What it is.
     pub kind: EntryKind,
@@ -129,7 +148,7 @@ pub struct FileInfo {
     /// Modification time, nanoseconds since the Unix epoch.
     pub mtime_ns: i64,
     /// Where a symlink points (its bytes as recorded); `None` for files and directories.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "json_path::opt_path")]
     pub link_target: Option<PathBuf>,
 }
 
@@ -222,6 +241,10 @@ impl Repository {
             return Err(Error::NoRepository(root));
         }
         check_owner(&root, &md)?;
+        if md.len() == 0 {
+            // SQLite would take it for a new database and write a schema into it.
+            return Err(Error::CatalogEmpty(catalog_path));
+        }
         let params = Catalog::open(&catalog_path)?.params()?;
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&root));
         Ok(Repository { root, catalog_path, backend, params, remote: None })

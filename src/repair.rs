@@ -136,6 +136,10 @@ pub(crate) fn repair_index(
 ) -> Result<RepairReport> {
     let catalog_path = root.join(crate::CATALOG_FILE);
     let mut report = RepairReport::default();
+    if std::fs::metadata(&catalog_path).is_ok_and(|md| md.is_file() && md.len() == 0) {
+        // An empty catalog holds nothing to keep: it is made anew, as a lost one is.
+        std::fs::remove_file(&catalog_path).map_err(|e| Error::io(&catalog_path, e))?;
+    }
     if !catalog_path.is_file() {
         let packs =
             if root.is_dir() { backend.list("packs/").map_err(|e| Error::backend("packs/", e))? } else { vec![] };

@@ -78,7 +78,7 @@ pub(crate) fn watch(
     }
     // Fail at once on what retrying cannot fix; later failures are reported and retried.
     std::fs::symlink_metadata(path).map_err(|e| Error::reading_source(path, e))?;
-    let (_, key) = crate::commit::path_key(path)?;
+    let key = crate::commit::path_key(path)?;
     let commit = CommitOptions { skip_unchanged: true, ..opts.commit.clone() };
     let mut next = Instant::now();
     let mut last_gc = Instant::now();

@@ -416,6 +416,51 @@ fn json_output_of_every_command() {
 // stdin, env var, default repository, auto-creation.
 // ---------------------------------------------------------------------------------------------------------
 
+/// Names that are not UTF-8: two directories that differ only in such a byte are two paths to retention, and
+/// every `--json` output shows such names (as U+FFFD) instead of failing.
+#[test]
+fn names_that_are_not_utf8_stay_apart_and_print_as_json() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let a = tmp.path().join(OsStr::from_bytes(b"job\xff"));
+    let b = tmp.path().join(OsStr::from_bytes(b"job\xfe"));
+    for (dir, data) in [(&a, "one"), (&b, "two")] {
+        fs::create_dir(dir).unwrap();
+        fs::write(dir.join("f"), data).unwrap();
+        fs::write(dir.join(OsStr::from_bytes(b"bad\xffname")), data).unwrap();
+        std::os::unix::fs::symlink(OsStr::from_bytes(b"target\xfe"), dir.join(OsStr::from_bytes(b"link\xfd"))).unwrap();
+    }
+    let commit = |dir: &Path| {
+        commit_id(&ok(Command::new(bin()).arg("--repo").arg(&repo).arg("commit").arg(dir).output().unwrap(), "commit"))
+    };
+    let first = commit(&a);
+    let second = commit(&b);
+    // One checkpoint per path: none is the other's parent, and keeping the last of each path keeps both.
+    let show = json(&sx(&repo, &["--json", "show", &second[..8]]));
+    assert!(show["checkpoint"]["parent"].is_null(), "{show}");
+    assert_ne!(show["checkpoint"]["path"], json(&sx(&repo, &["--json", "show", &first[..8]]))["checkpoint"]["path"]);
+    sx(&repo, &["forget", "--keep-last", "1"]);
+    assert_eq!(sx(&repo, &["log", "-q"]).lines().count(), 2, "retention merged two paths into one series");
+
+    let names: Vec<String> =
+        show["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap().into()).collect();
+    assert!(names.iter().any(|n| n.ends_with("bad\u{fffd}name")), "{names:?}");
+    let ls = json(&sx(&repo, &["--json", "ls", &second[..8]]));
+    let link = ls.as_array().unwrap().iter().find(|f| f["kind"] == "symlink").expect("the symlink is listed");
+    assert_eq!((link["path"].as_str(), link["link_target"].as_str()), (Some("link\u{fffd}"), Some("target\u{fffd}")));
+    fs::write(b.join(OsStr::from_bytes(b"new\xfa")), "x").unwrap();
+    let third = commit(&b);
+    let diff = json(&sx(&repo, &["--json", "diff", &second[..8], &third[..8]]));
+    assert_eq!(diff["changes"][0]["path"], "new\u{fffd}", "{diff}");
+
+    // Checked out byte for byte whatever JSON shows.
+    let out = tmp.path().join("out");
+    sx(&repo, &["checkout", &third[..8], p(&out)]);
+    assert_same_tree(&b, &out, true);
+}
+
 #[test]
 fn stdin_commit_round_trips_and_needs_a_name() {
     let tmp = tempfile::tempdir().unwrap();
@@ -797,6 +842,75 @@ fn forced_file_checkout_into_a_directory_does_not_delete_its_contents() {
     );
 }
 
+/// The repository's own files as a checkout could damage them: every file's path and bytes.
+fn repository_files(repo: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out: Vec<_> = walkdir::WalkDir::new(repo)
+        .into_iter()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().is_file() && !e.file_name().to_string_lossy().starts_with("catalog.db-"))
+        .map(|e| (e.path().to_path_buf(), fs::read(e.path()).unwrap()))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_checkout_into_the_repository_is_refused_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let src = tmp.path().join("work");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("params"), b"not the repository's parameters").unwrap();
+    fs::write(src.join("catalog.db"), b"not the repository's catalog").unwrap();
+    let id = commit_id(&sx(&repo, &["commit", p(&src)]));
+    let before = repository_files(&repo);
+
+    // The repository itself, a directory inside it, and the repository reached through a symlink.
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&repo, &link).unwrap();
+    for (dest, args) in [
+        (repo.clone(), &["--in-place", "--delete"][..]),
+        (repo.clone(), &["--in-place"][..]),
+        (repo.join("packs").join("new"), &[][..]),
+        (link.join("new"), &[][..]),
+    ] {
+        let mut a = vec!["checkout", &id[..8], p(&dest)];
+        a.extend_from_slice(args);
+        let err = sx_fail(&repo, &a, 2);
+        assert!(err.contains("repository") && err.contains("outside"), "{err}");
+        assert_eq!(repository_files(&repo), before, "checkout {a:?} changed the repository");
+        assert!(!repo.join("packs").join("new").exists());
+    }
+
+    // The repository inside the destination, where the checkpoint has a directory or a file of its name: the
+    // walk meets it and stops there, leaving it whole.
+    for as_dir in [true, false] {
+        let tree = tmp.path().join(format!("tree-{as_dir}"));
+        fs::create_dir(&tree).unwrap();
+        fs::write(tree.join("f"), b"data").unwrap();
+        if as_dir {
+            fs::create_dir(tree.join("store")).unwrap();
+            fs::write(tree.join("store").join("catalog.db"), b"junk").unwrap();
+        } else {
+            fs::write(tree.join("store"), b"junk").unwrap();
+        }
+        let other = tmp.path().join(format!("other-{as_dir}"));
+        let id = commit_id(&sx(&other, &["commit", p(&tree)]));
+        clear_path(&tree.join("store"));
+        fs::rename(&other, tree.join("store")).unwrap();
+        let nested = tree.join("store");
+        let before = repository_files(&nested);
+        let err = sx_fail(&nested, &["checkout", &id[..8], p(&tree), "--in-place", "--delete"], 2);
+        assert!(err.contains("repository"), "{err}");
+        assert_eq!(repository_files(&nested), before, "a checkout around the repository changed it");
+        sx(&nested, &["verify", "--read-data"]);
+    }
+}
+
+fn clear_path(path: &Path) {
+    if path.is_dir() { fs::remove_dir_all(path).unwrap() } else { fs::remove_file(path).unwrap() }
+}
+
 #[test]
 fn commit_of_missing_path_exits_4_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -894,9 +1008,14 @@ fn help_explains_commands_exit_codes_and_ids() {
         assert!(top.contains(s), "top-level help lacks {s}:\n{top}");
     }
     assert!(top.contains("Exit codes"), "{top}");
-    for code in
-        ["0 success", "1 failure", "2 bad usage", "3 damaged", "4 repository, checkpoint or path not found", "5 busy"]
-    {
+    for code in [
+        "0  success",
+        "1  failure",
+        "2  bad usage",
+        "3  damaged",
+        "4  repository, checkpoint or path not found",
+        "5  busy",
+    ] {
         assert!(top.contains(code), "top-level help lacks {code:?}:\n{top}");
     }
     assert!(top.contains("unique prefix of 4 or more hex digits") && top.contains("latest"), "{top}");

@@ -683,3 +683,39 @@ fn a_damaged_catalog_file_fails_every_command_clearly() {
     }
     eprintln!("damaged catalog:\n  {}", observed.join("\n  "));
 }
+
+/// An emptied catalog (or another program's SQLite file in its place) is damage too, not a version problem:
+/// exit 3 with what to do, nothing written into it, and `repair index` makes a new one that works.
+#[test]
+fn an_empty_catalog_is_reported_as_damage_and_repair_makes_a_new_one() {
+    let f = fixture();
+    let work = f.root.parent().unwrap().join("emptied");
+    let src = f.src.to_str().unwrap();
+    for (what, foreign) in [("an empty file", false), ("a SQLite file of another program", true)] {
+        let _ = fs::remove_dir_all(&work);
+        copy_dir(&f.root, &work);
+        let catalog = work.join("catalog.db");
+        fs::remove_file(&catalog).unwrap();
+        if foreign {
+            rusqlite::Connection::open(&catalog).unwrap().execute_batch("CREATE TABLE notes (text TEXT)").unwrap();
+        } else {
+            fs::write(&catalog, b"").unwrap();
+        }
+        let before = fs::read(&catalog).unwrap();
+        for args in [&["log"][..], &["commit", src], &["verify"]] {
+            let o = run(&work, args);
+            let err = text(&o.stderr);
+            assert_eq!(o.status.code(), Some(3), "{} on {what}: {err}", args[0]);
+            assert!(err.contains("records no repository") && err.contains("repair index"), "{what}: {err}");
+        }
+        assert!(fs::read(&catalog).unwrap() == before, "{what}: the commands wrote into it");
+        if !foreign {
+            // Exit 3: the checkpoints, recorded only in the catalog, are gone; the data is indexed again.
+            let o = run(&work, &["repair", "index"]);
+            assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+            assert!(text(&o.stdout).contains("missing or empty: created a new catalog"), "{}", text(&o.stdout));
+            succeeded(&run(&work, &["commit", src]), "commit after the repair");
+            succeeded(&run(&work, &["verify", "--read-data"]), "verify after the repair");
+        }
+    }
+}

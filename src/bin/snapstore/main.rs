@@ -27,8 +27,14 @@ const EXIT_BUSY: u8 = 5;
 /// Shown under every command's help.
 macro_rules! exit_help {
     () => {
-        "Exit codes: 0 success; 1 failure (I/O, catalog, ...); 2 bad usage or arguments; 3 damaged data detected;
-4 repository, checkpoint or path not found; 5 busy (another gc, or commits during repair).
+        "Exit codes:
+  0  success
+  1  failure (I/O, catalog, ...)
+  2  bad usage or arguments
+  3  damaged data detected
+  4  repository, checkpoint or path not found
+  5  busy (another gc, or commits during repair)
+
 Checkpoint ids: any unique prefix of 4 or more hex digits, or 'latest'."
     };
 }
@@ -111,7 +117,8 @@ and a file that differs is patched by writing only the chunks that differ (to ro
 back or forward). A file is taken to hold an earlier checkpoint's content when its size and mtime match what \
 that checkpoint recorded there (the last whole checkout into DEST, or the last commit of DEST); any other file \
 is hashed; --checksum hashes every existing file. Files in DEST that the \
-checkpoint lacks stay unless --delete (never the repository itself). Permissions, mtimes and symlinks end as in \
+checkpoint lacks stay unless --delete (never the repository itself; a DEST in the repository, or a checkpoint \
+entry where the repository is, is refused). Permissions, mtimes and symlinks end as in \
 the checkpoint; runs of zeros become holes. If a checkout is interrupted, run it again with --in-place: it \
 finishes the job, writing only what is missing or incomplete.\n\n\
 Examples:\n  snapstore checkout latest ./restored\n  snapstore checkout 3fa2c1 ./vm.img --in-place\n  \
@@ -507,6 +514,11 @@ fn hint(e: &Error) -> Option<&'static str> {
             "the catalog file catalog.db is damaged (the packs are not): keep a copy of the repository as it is, then \
              put back a backup of catalog.db, or salvage its rows with `sqlite3 catalog.db .recover`"
         }
+        Error::CatalogEmpty(_) => {
+            "put back a backup of catalog.db; without one, `snapstore repair index` makes a new catalog from the \
+             packs (the checkpoints were recorded only in the catalog and are lost; their data is kept). For an \
+             s3:// repository, `snapstore sync --rebuild`"
+        }
         Error::NoRepository(_) => {
             "create one with `snapstore init`, or point --repo or SNAPSTORE_REPO at an existing one"
         }
@@ -744,6 +756,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                     files.push(f.clone());
                     Ok(())
                 })?;
+                let skipped: Vec<_> = skipped.iter().map(|(p, why)| (p.to_string_lossy(), why)).collect();
                 out.json(&serde_json::json!({ "checkpoint": cp, "files": files, "skipped": skipped }))?;
             } else {
                 output::checkpoint_header(out, &cp)?;
@@ -801,11 +814,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 .iter()
                 .map(|p| {
                     let s = p.to_string_lossy();
-                    if s.starts_with("stdin:") {
-                        Ok(s.into_owned())
-                    } else {
-                        std::path::absolute(p).map(|a| a.to_string_lossy().into_owned()).map_err(|e| Error::io(p, e))
-                    }
+                    if s.starts_with("stdin:") { Ok(s.into_owned()) } else { snapstore::path_key(p) }
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let scope = snapstore::RetentionScope { tags: tags.clone(), paths, across_paths: *across_paths };

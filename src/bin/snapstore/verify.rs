@@ -44,8 +44,12 @@ one). A chunk left out is stored afresh by the next commit that meets it: commit
 with --reread (so that files whose stat is unchanged are read), and every checkpoint that uses it is whole \
 again. A later `repair index` without --read-data would index such a blob again.
 
-Exit codes: 0 every checkpoint whole; 3 damage remains (damaged packs, checkpoints missing data, or the catalog was lost); \
-1 failure; 4 no repository; 5 a gc is running.")]
+Exit codes:
+  0  every checkpoint whole
+  1  failure
+  3  damage remains (damaged packs, checkpoints missing data, or the catalog was lost)
+  4  no repository
+  5  a gc is running")]
     Index {
         /// Also read every chunk and leave the ones whose bytes are damaged out of the index
         #[arg(long)]
@@ -189,7 +193,9 @@ fn repair_text(out: &mut Out, r: &RepairReport, quiet: bool) -> io::Result<()> {
             Some(_) => "the repository's parameters, from its copy of them in `params`",
             None => "default parameters: the repository has no copy of its own in `params`",
         };
-        out.line(&format!("catalog.db was missing: created a new catalog ({params}) and rebuilt its chunk index"))?;
+        out.line(&format!(
+            "catalog.db was missing or empty: created a new catalog ({params}) and rebuilt its chunk index"
+        ))?;
     }
     for p in &r.damaged_packs {
         out.line(&format!("damaged pack {}: {} (left out of the index)", p.pack, p.problem))?;
