@@ -83,6 +83,8 @@ pub struct CheckoutSummary {
     pub files_unchanged: u64,
     /// Of those, files updated in place by writing only the chunks that differ.
     pub files_patched: u64,
+    /// Of those, files written whole: new at the destination, or replaced (`files` less the two above).
+    pub files_written: u64,
     /// Directories created or reused.
     pub dirs: u64,
     /// Symbolic links created or found up to date.
@@ -789,6 +791,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
         opts.progress.warn(&format!("could not record the checkout in the catalog: {e}"));
     }
     summary.bytes_written = written.into_inner();
+    summary.files_written = summary.files.saturating_sub(summary.files_unchanged + summary.files_patched);
     summary.seconds = started.elapsed().as_secs_f64();
     opts.progress.finish();
     Ok(summary)
@@ -1156,7 +1159,14 @@ impl Walker<'_> {
                     self.opts.progress.bytes(entry.size);
                     return entry_done(parent.as_ref());
                 }
-                if entry.size >= PATCH_MIN {
+                if entry.size >= PATCH_MIN && md.nlink() > 1 {
+                    // Patched, the file's other names (a backup made with `ln`) would change with it.
+                    self.opts.progress.warn(&format!(
+                        "{} has other hard links: written anew instead of patched in place, so that they keep \
+                         their content",
+                        dest.display()
+                    ));
+                } else if entry.size >= PATCH_MIN {
                     patch = Some((md, trusted));
                 }
             }

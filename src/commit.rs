@@ -103,6 +103,9 @@ pub struct CommitSummary {
     pub special_skipped: u64,
     /// Unreadable files or directories skipped (only with `skip_unreadable`).
     pub unreadable_skipped: u64,
+    /// Files, directories or symlinks left out because they vanished after their directory was listed
+    /// (recorded as skipped, with the reason [`VANISHED`]).
+    pub vanished: u64,
     /// Bytes read from files.
     pub bytes_read: u64,
     /// Sum of file sizes in the checkpoint.
@@ -354,7 +357,8 @@ fn run(
         opts.progress.finish();
         return Ok(summary);
     }
-    summary.unreadable_skipped = skipped.len() as u64;
+    summary.vanished = skipped.iter().filter(|(_, why)| why == VANISHED).count() as u64;
+    summary.unreadable_skipped = skipped.len() as u64 - summary.vanished;
     summary.chunks_new = asm.chunks_new;
     summary.chunks_reused = asm.chunks_reused;
     summary.bytes_new = asm.bytes_new;
@@ -380,7 +384,7 @@ fn run(
         logical_bytes: summary.logical_bytes,
         new_bytes: summary.bytes_new,
         stored_bytes: summary.bytes_stored,
-        skipped: summary.unreadable_skipped,
+        skipped: skipped.len() as u64,
     };
     debug_assert_eq!(root_entry.name, root_name);
     asm.publish(NewCheckpoint { record, root: root_tree, skipped, group: opts.group.clone() })?;
@@ -389,6 +393,9 @@ fn run(
     opts.progress.finish();
     Ok(summary)
 }
+
+/// Why an entry that vanished while a commit ran is recorded as skipped.
+pub const VANISHED: &str = "vanished while the commit ran";
 
 /// The key the checkpoints of a committed path are recorded under ([`crate::Checkpoint::path`]): its absolute
 /// form, as [`key_of`] writes it. What retention's path scope and `--path` filters compare with.
@@ -617,7 +624,16 @@ impl Walker<'_, '_> {
         self.events.send(ev).map_err(|_| Error::Internal("assembler stopped".into()))
     }
 
+    /// Leaves out an entry that could not be read: recorded as skipped with `skip_unreadable`, else the
+    /// commit fails. An entry that vanished after its directory was listed (a program deleting its temporary
+    /// files while its state is committed) is always left out and recorded: it is not part of the state any
+    /// more, and failing would make committing a live directory fail at random.
     fn skip(&mut self, path: &Path, rel: &Path, err: std::io::Error) -> Result<()> {
+        if err.kind() == std::io::ErrorKind::NotFound {
+            self.opts.progress.warn(&format!("left out {}: it vanished while the commit ran", path.display()));
+            self.skipped.push((rel.as_os_str().as_encoded_bytes().to_vec(), VANISHED.to_string()));
+            return Ok(());
+        }
         if !self.opts.skip_unreadable {
             return Err(Error::Unreadable { path: path.to_path_buf(), source: err });
         }
@@ -658,6 +674,11 @@ impl Walker<'_, '_> {
                     let io = e.into_io_error().unwrap_or_else(|| std::io::Error::other("stat failed"));
                     let rel = entry.path().strip_prefix(root).unwrap_or(entry.path()).to_path_buf();
                     self.skip(entry.path(), &rel, io)?;
+                    if entry.file_type().is_dir() {
+                        // Listed as a directory but not there to stat: not to be read either (it would be
+                        // recorded twice).
+                        it.skip_current_dir();
+                    }
                     continue;
                 }
             };
@@ -688,7 +709,13 @@ impl Walker<'_, '_> {
                 self.prev.push(prev_children);
                 depth_open += 1;
             } else if ft.is_symlink() {
-                let target = std::fs::read_link(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+                let target = match std::fs::read_link(entry.path()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.skip(entry.path(), &rel, e)?;
+                        continue;
+                    }
+                };
                 let mut e = entry_from(name, EntryKind::Symlink, &md);
                 e.target = target.into_os_string().into_encoded_bytes();
                 self.summary.symlinks += 1;
@@ -761,7 +788,13 @@ impl Walker<'_, '_> {
                     other => Err(other),
                 };
             }
-            let after = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+            let after = match std::fs::symlink_metadata(path) {
+                Ok(md) => md,
+                Err(e) => {
+                    self.send(Event::FileAbort)?;
+                    return self.skip(path, rel, e);
+                }
+            };
             let read_len = read.expect("checked");
             if read_len == before.len()
                 && after.len() == before.len()

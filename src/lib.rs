@@ -69,7 +69,7 @@ pub use checkout::{CheckoutOptions, CheckoutSummary};
 pub use checkpoint::{Checkpoint, SHORT_ID_LEN, format_utc};
 pub use checkpointer::{Checkpointer, CheckpointerOptions, Persisted, Restored, Schedule};
 pub use chunker::Chunker;
-pub use commit::{CommitOptions, CommitSummary, path_key};
+pub use commit::{CommitOptions, CommitSummary, VANISHED, path_key};
 pub use diff::{Change, ChangeKind, DiffSummary};
 pub use error::{Error, Result};
 pub use gc::{GcOptions, GcSummary};
@@ -642,10 +642,10 @@ impl Repository {
         })
     }
 
-    /// Adds tags to checkpoint `id` and removes others (a tag in both is added), and returns it as it is
-    /// then. A tag keeps a checkpoint from any retention policy with `keep_tags` naming it, so this is how a
-    /// checkpoint committed without one is protected later. Local repositories only: in an `s3://` one a
-    /// checkpoint's tags are part of its record in the bucket, written once.
+    /// Adds tags to checkpoint `id` and removes others (a tag in both is refused: [`Error::InvalidInput`]),
+    /// and returns it as it is then. A tag keeps a checkpoint from any retention policy with `keep_tags`
+    /// naming it, so this is how a checkpoint committed without one is protected later. Local repositories
+    /// only: in an `s3://` one a checkpoint's tags are part of its record in the bucket, written once.
     ///
     /// ```
     /// # let dir = tempfile::tempdir().unwrap();
@@ -667,8 +667,10 @@ impl Repository {
         }
         let mut catalog = self.catalog()?;
         let c = catalog.resolve(id)?;
-        let remove: Vec<String> = remove.iter().filter(|t| !add.contains(t)).cloned().collect();
-        catalog.retag(&c.id, add, &remove)?;
+        if let Some(both) = remove.iter().find(|t| add.contains(t)) {
+            return Err(Error::InvalidInput(format!("tag {both:?} is both added and removed: give it once")));
+        }
+        catalog.retag(&c.id, add, remove)?;
         catalog.resolve(&c.id)
     }
 
@@ -688,7 +690,10 @@ impl Repository {
     /// ```
     pub fn forget(&self, ids: &[&str]) -> Result<Vec<Checkpoint>> {
         let mut catalog = self.catalog()?;
-        let found = ids.iter().map(|id| catalog.resolve(id)).collect::<Result<Vec<_>>>()?;
+        let mut found = ids.iter().map(|id| catalog.resolve(id)).collect::<Result<Vec<_>>>()?;
+        // One checkpoint named twice (a full id and a prefix of it) is forgotten, and reported, once.
+        let mut seen = std::collections::HashSet::new();
+        found.retain(|c| seen.insert(c.id.clone()));
         for c in &found {
             if let Some((group, part)) = catalog.part_of(&c.id)? {
                 return Err(Error::PartOfGroup { id: c.short_id().to_string(), group, part });

@@ -104,17 +104,17 @@ impl fmt::Display for Policy {
             return f.write_str("keep everything (no rule given)");
         }
         let mut clauses = Vec::new();
-        let counts: Vec<String> = self
-            .counts()
+        let given: Vec<(u32, Period)> = self.counts().into_iter().filter(|(n, _)| *n > 0).collect();
+        let counts: Vec<String> = given
             .iter()
-            .filter(|(n, _)| *n > 0)
             .map(|&(n, period)| {
                 let name = if period == Period::Last { "latest" } else { period.name() };
                 if n == UNLIMITED { format!("all {name}") } else { format!("{n} {name}") }
             })
             .collect();
         if !counts.is_empty() {
-            clauses.push(format!("{} checkpoints", counts.join(", ")));
+            let noun = if matches!(given[..], [(1, _)]) { "checkpoint" } else { "checkpoints" };
+            clauses.push(format!("{} {noun}", counts.join(", ")));
         }
         if !self.keep_tags.is_empty() {
             let tags: Vec<String> =
@@ -1174,6 +1174,10 @@ mod tests {
              checkpoints within 30d of the newest"
         );
         assert_eq!(Policy::default().to_string(), "keep everything (no rule given)");
+        let one = Policy { keep_last: Some(1), ..Default::default() };
+        assert_eq!(one.to_string(), "keep 1 latest checkpoint");
+        let two = Policy { keep_last: Some(1), keep_daily: Some(1), ..Default::default() };
+        assert_eq!(two.to_string(), "keep 1 latest, 1 daily checkpoints");
     }
 
     #[test]

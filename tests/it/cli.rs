@@ -410,6 +410,31 @@ fn json_output_of_every_command() {
     assert_eq!(err["exit_code"], 4);
     assert!(err["error"].as_str().unwrap().contains("ffffffff"), "{err}");
     assert!(err["hint"].as_str().unwrap().contains("snapstore log"), "{err}");
+
+    // A usage error too, where --json comes before or after the subcommand; --help stays text.
+    for args in [&["--json", "tag", "latest"][..], &["tag", "latest", "--json"], &["--json", "log", "--bogus"]] {
+        let o = run(&repo, args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert!(o.stdout.is_empty(), "{args:?}");
+        let err = json(&text(&o.stderr));
+        assert_eq!(err["exit_code"], 2, "{err}");
+        assert!(err["hint"].as_str().unwrap().contains("Usage:"), "{err}");
+    }
+    assert!(ok(run(&repo, &["--json", "tag", "--help"]), "tag --help").contains("--remove"));
+}
+
+#[test]
+fn tag_takes_add_or_remove_and_refuses_a_tag_in_both() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let id = commit_id(&ok(commit_stdin(&repo, &["--name", "x.bin", "--tag", "old"], b"payload"), "commit"));
+    let err = sx_fail(&repo, &["tag", &id[..8]], 2);
+    assert!(err.contains("--add") && err.contains("--remove"), "{err}");
+    sx(&repo, &["tag", &id[..8], "--remove", "old"]);
+    let err = sx_fail(&repo, &["tag", &id[..8], "--add", "x", "--remove", "x"], 2);
+    assert!(err.contains("both added and removed"), "{err}");
+    sx(&repo, &["tag", &id[..8], "--add", "keep"]);
+    assert_eq!(json(&sx(&repo, &["--json", "show", &id[..8]]))["checkpoint"]["tags"], serde_json::json!(["keep"]));
 }
 
 // ---------------------------------------------------------------------------------------------------------

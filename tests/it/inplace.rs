@@ -74,6 +74,7 @@ fn rollback_and_roll_forward_of_a_tree_write_only_what_differs() {
     let first = repo.checkout(&ids[0], &dest, &Default::default()).unwrap();
     assert_same_tree(&t.path().join("v1"), &dest, true);
     assert_eq!(first.bytes_written, first.bytes, "a fresh checkout writes everything (no zeros here)");
+    assert_eq!((first.files_written, first.files_unchanged, first.files_patched), (first.files, 0, 0), "{first:?}");
     let image = 6u64 << 20;
     let ino = fs::metadata(dest.join("data/image.bin")).unwrap().ino();
     // Forward two versions, back to the first, then to the middle: each ends identical to its source.
@@ -82,6 +83,7 @@ fn rollback_and_roll_forward_of_a_tree_write_only_what_differs() {
         assert_same_tree(&t.path().join(format!("v{v}")), &dest, true);
         assert_eq!(s.files_patched, 1, "step {step}: the image is patched in place: {s:?}");
         assert!(s.files_unchanged >= 1, "step {step}: data/deep/constant is left alone: {s:?}");
+        assert_eq!(s.files_unchanged + s.files_patched + s.files_written, s.files, "step {step}: {s:?}");
         // 16 changed 4 KiB blocks touch at most 32 chunks of at most 256 KiB; the grown tail is 300 KB.
         assert!(s.bytes_written < image / 3, "step {step}: wrote {} of {}", s.bytes_written, s.bytes);
         assert_eq!(fs::metadata(dest.join("data/image.bin")).unwrap().ino(), ino, "step {step}: not patched in place");
@@ -89,6 +91,39 @@ fn rollback_and_roll_forward_of_a_tree_write_only_what_differs() {
     // Checking out what is already there writes nothing.
     let s = repo.checkout(&ids[1], &dest, &in_place()).unwrap();
     assert_eq!((s.bytes_written, s.files_patched, s.removed), (0, 0, 0), "{s:?}");
+}
+
+/// A large file with another name (a backup made with `ln`) is written anew rather than patched, so that
+/// the other name keeps its bytes; one without is patched as usual.
+#[test]
+fn a_hard_linked_file_is_replaced_not_patched_so_its_other_names_keep_their_bytes() {
+    let t = fast_tempdir("hardlink");
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let image = |seed| {
+        let mut bytes = pseudo_random(3 << 20, 7);
+        bytes[1 << 20..(1 << 20) + 4096].copy_from_slice(&pseudo_random(4096, seed));
+        bytes
+    };
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("vm.img"), image(1)).unwrap();
+    let v1 = repo.commit(&src, &Default::default()).unwrap().id;
+    fs::write(src.join("vm.img"), image(2)).unwrap();
+    let v2 = repo.commit(&src, &Default::default()).unwrap().id;
+
+    let dest = t.path().join("dest");
+    repo.checkout(&v2, &dest, &Default::default()).unwrap();
+    let backup = t.path().join("vm.bak");
+    fs::hard_link(dest.join("vm.img"), &backup).unwrap();
+    let s = repo.checkout(&v1, &dest, &in_place()).unwrap();
+    assert_eq!((s.files_patched, s.files_written), (0, 1), "{s:?}");
+    assert!(fs::read(dest.join("vm.img")).unwrap() == image(1), "the rollback did not restore v1");
+    assert!(fs::read(&backup).unwrap() == image(2), "the rollback changed the file's other name");
+
+    // Without another name it is patched in place again.
+    let s = repo.checkout(&v2, &dest, &in_place()).unwrap();
+    assert_eq!(s.files_patched, 1, "{s:?}");
+    assert!(fs::read(dest.join("vm.img")).unwrap() == image(2));
 }
 
 #[test]

@@ -1282,6 +1282,43 @@ fn run_without_dac(name: &str, env: &[(&str, &OsStr)]) -> bool {
     }
 }
 
+/// A file, directory or symlink deleted after its directory was listed (a program clearing its temporaries
+/// while its state is committed) is left out and recorded, without `skip_unreadable`: the commit succeeds
+/// with what is there.
+#[test]
+fn entries_that_vanish_during_the_commit_are_left_out_and_recorded() {
+    struct DeleteOnFirstFile(PathBuf);
+    impl snapstore::Progress for DeleteOnFirstFile {
+        fn file(&self, path: &Path) {
+            if path == Path::new("a.txt") {
+                fs::remove_file(self.0.join("b.txt")).unwrap();
+                fs::remove_dir_all(self.0.join("c_dir")).unwrap();
+                fs::remove_file(self.0.join("d_link")).unwrap();
+            }
+        }
+    }
+    let t = tmp();
+    let src = t.path().join("src");
+    write(&src.join("a.txt"), b"first");
+    write(&src.join("b.txt"), b"deleted before it is read");
+    write(&src.join("c_dir").join("inner.txt"), b"deleted with its directory");
+    symlink("a.txt", src.join("d_link")).unwrap();
+    write(&src.join("e.txt"), b"last");
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let opts = CommitOptions { progress: Arc::new(DeleteOnFirstFile(src.clone())), ..Default::default() };
+    let s = repo.commit(&src, &opts).unwrap();
+    assert_eq!((s.vanished, s.unreadable_skipped, s.files_new), (3, 0, 2), "{s:?}");
+    let skipped = repo.skipped(&s.id).unwrap();
+    assert_eq!(
+        skipped,
+        ["b.txt", "c_dir", "d_link"].map(|p| (PathBuf::from(p), snapstore::VANISHED.to_string())).to_vec()
+    );
+    assert_eq!(repo.checkpoint(&s.id).unwrap().skipped, 3);
+    let dest = t.path().join("dest");
+    checkout(&repo, &s.id, &dest);
+    crate::util::assert_same_tree(&src, &dest, true);
+}
+
 #[test]
 fn unreadable_files_fail_the_commit_or_are_skipped() {
     let t = tmp();

@@ -96,7 +96,8 @@ The new checkpoint's full id is printed last on stdout. If the repository does n
         /// Read every file, even those unchanged since the previous checkpoint
         #[arg(long)]
         reread: bool,
-        /// Record unreadable files as skipped instead of failing the commit
+        /// Record unreadable files as skipped instead of failing the commit (files deleted while the commit
+        /// runs are always left out and recorded as skipped)
         #[arg(long)]
         skip_unreadable: bool,
         /// Worker threads for hashing and compression [default: one per core, at most 16; at most 4 into s3://]
@@ -114,7 +115,7 @@ The new checkpoint's full id is printed last on stdout. If the repository does n
     #[command(after_help = concat!("DEST becomes what the committed path was (the directory, or the file). \
 DEST must not exist, or be an empty directory, unless --in-place: then files that already match the checkpoint are left untouched, \
 and a file that differs is patched by writing only the chunks that differ (to roll a VM image or a training run \
-back or forward). A file is taken to hold an earlier checkpoint's content when its size and mtime match what \
+back or forward; a file with other hard links is written anew instead, so that they keep their content). A file is taken to hold an earlier checkpoint's content when its size and mtime match what \
 that checkpoint recorded there (the last whole checkout into DEST, or the last commit of DEST); any other file \
 is hashed; --checksum hashes every existing file. Files in DEST that the \
 checkpoint lacks stay unless --delete (never the repository itself; a DEST in the repository, or a checkpoint \
@@ -181,11 +182,12 @@ else the policy says: tag one after the fact to protect it from `forget` and the
 Examples:\n  snapstore tag 3fa2c1 --add keep\n  snapstore tag latest --add release-1.2 --remove candidate\n\n",
         exit_help!()
     ))]
+    #[command(group(clap::ArgGroup::new("change").args(["add", "remove"]).required(true).multiple(true)))]
     Tag {
         /// Checkpoint id, unique prefix, or 'latest'
         id: String,
         /// Add this tag (repeatable)
-        #[arg(long, value_name = "TAG", required_unless_present = "remove")]
+        #[arg(long, value_name = "TAG")]
         add: Vec<String>,
         /// Remove this tag (repeatable)
         #[arg(long, value_name = "TAG")]
@@ -348,7 +350,21 @@ impl KeepArgs {
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // With --json, a usage error is one JSON object too, as every other error is (--help and --version
+        // are not errors).
+        Err(e) if e.use_stderr() && std::env::args_os().any(|a| a == "--json") => {
+            let text = e.render().to_string();
+            let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            let usage = lines.iter().position(|l| l.starts_with("Usage:") || l.starts_with("tip:"));
+            let (what, rest) = lines.split_at(usage.unwrap_or(lines.len()));
+            let error = what.join(" ").trim_start_matches("error: ").to_string();
+            let hint = (!rest.is_empty()).then(|| rest.join(" "));
+            return report(true, &[error], hint.as_deref(), EXIT_USAGE);
+        }
+        Err(e) => e.exit(),
+    };
     let mut out = Out::new(cli.json);
     match run(&cli, &mut out) {
         Ok(()) => ExitCode::SUCCESS,
@@ -538,7 +554,12 @@ fn hint(e: &Error) -> Option<&'static str> {
             "choose a path that does not exist yet (or an empty directory), or pass --in-place to update what is \
              there or to finish an interrupted checkout into it (only what differs is written)"
         }
-        Error::Unreadable { .. } => "fix the permissions, or pass --skip-unreadable to record the file as skipped",
+        Error::Unreadable { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+            "fix the permissions, or pass --skip-unreadable to record the file as skipped"
+        }
+        Error::Unreadable { .. } => {
+            "the error above says why it could not be read; pass --skip-unreadable to record such files as skipped"
+        }
         Error::FileChanged(_) => "stop the program writing to it, or pass --skip-unreadable to leave it out",
         Error::Corrupt { .. } | Error::UnsafeName { .. } => {
             "the repository is damaged; nothing was written in place of good data. Other checkpoints may still check out"
@@ -795,7 +816,10 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                     return Err(Failure::Usage("give checkpoint ids or a policy (--keep-*), not both".into()));
                 }
                 let forgotten = if *dry_run {
-                    ids.iter().map(|id| repo.checkpoint(id)).collect::<Result<Vec<_>, _>>()?
+                    let mut found = ids.iter().map(|id| repo.checkpoint(id)).collect::<Result<Vec<_>, _>>()?;
+                    let mut seen = std::collections::HashSet::new();
+                    found.retain(|c| seen.insert(c.id.clone()));
+                    found
                 } else {
                     repo.forget(&ids.iter().map(String::as_str).collect::<Vec<_>>())?
                 };

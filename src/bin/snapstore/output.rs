@@ -76,8 +76,11 @@ pub fn commit_summary(out: &mut Out, s: &CommitSummary) -> io::Result<()> {
         plural(s.dirs, "dir"),
         plural(s.symlinks, "symlink")
     ))?;
-    if s.special_skipped + s.unreadable_skipped > 0 {
-        out.line(&format!("  skipped: {} special files, {} unreadable", s.special_skipped, s.unreadable_skipped))?;
+    if s.special_skipped + s.unreadable_skipped + s.vanished > 0 {
+        out.line(&format!(
+            "  skipped: {} special, {} unreadable, {} vanished while the commit ran",
+            s.special_skipped, s.unreadable_skipped, s.vanished
+        ))?;
     }
     let rate = s.bytes_read as f64 / s.seconds.max(1e-9);
     let read = if s.bytes_read == 0 {
@@ -110,7 +113,9 @@ pub fn checkout_summary(out: &mut Out, s: &CheckoutSummary, dest: &std::path::Pa
     ))?;
     if s.files_unchanged + s.files_patched + s.removed > 0 || s.bytes_written != s.bytes {
         // Only the counts that say something: a fresh checkout has nothing unchanged, patched or removed.
-        let mut parts: Vec<String> = [(s.files_unchanged, "unchanged"), (s.files_patched, "patched in place")]
+        let counts =
+            [(s.files_unchanged, "unchanged"), (s.files_patched, "patched in place"), (s.files_written, "written")];
+        let mut parts: Vec<String> = counts
             .into_iter()
             .filter(|&(n, _)| n > 0)
             .map(|(n, what)| format!("{} {what}", plural(n, "file")))
@@ -288,7 +293,10 @@ pub fn stats(out: &mut Out, repo: &Repository, s: &RepoStats) -> io::Result<()> 
     ))?;
     // An empty repository has no ratio to show.
     let ratio = |r: f64| if c.chunks == 0 { "-".to_string() } else { format!("{r:.2}x") };
-    out.line(&format!("dedup        {}", ratio(s.dedup_ratio)))?;
+    // Chunks stay counted until GC collects them, so forgetting checkpoints lowers the ratio until then.
+    let uncollected =
+        if c.chunks > 0 && s.dedup_ratio < 1.0 { " (counts chunks `snapstore gc` may collect)" } else { "" };
+    out.line(&format!("dedup        {}{uncollected}", ratio(s.dedup_ratio)))?;
     out.line(&format!("compression  {}", ratio(s.compression_ratio)))?;
     let p = repo.params();
     out.line(&format!(

@@ -152,14 +152,16 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
         }
         let index_damage = r.damaged_chunks.iter().any(|c| c.pack.is_none()) || r.packs_not_in_catalog > 0;
         if index_damage {
+            let chunks_missing = r.damaged_chunks.iter().any(|c| c.pack.is_none());
+            let what = match (r.packs_not_in_catalog, chunks_missing) {
+                (0, _) => "chunks missing from the catalog's index".to_string(),
+                (1, false) => "a pack file not in the catalog".to_string(),
+                (n, false) => format!("{n} pack files not in the catalog"),
+                (n, true) => format!("{} not in the catalog, and chunks missing from its index", plural_packs(n)),
+            };
             out.line(&format!(
-                "hint: {} and chunks missing from its index: `snapstore repair index --read-data` rebuilds the \
-                 index from what the packs hold soundly; chunks it cannot find are stored again by committing the \
-                 original data with --reread",
-                match r.packs_not_in_catalog {
-                    1 => "1 pack file not in the catalog".to_string(),
-                    n => format!("{n} pack files not in the catalog"),
-                }
+                "hint: {what}: `snapstore repair index --read-data` rebuilds the index from what the packs hold \
+                 soundly; chunks it cannot find are stored again by committing the original data with --reread"
             ))?;
         }
     }
@@ -230,8 +232,12 @@ fn repair_text(out: &mut Out, r: &RepairReport, quiet: bool) -> io::Result<()> {
             }
         } else {
             out.line(&format!(
-                "damaged  {head}: {} files affected; missing {} trees, {} contents, {} segments, {} chunks",
-                c.files, c.missing_trees, c.missing_contents, c.missing_segments, c.missing_chunks
+                "damaged  {head}: {} affected; missing {} trees, {} contents, {} segments, {} chunks",
+                crate::output::plural(c.files, "file"),
+                c.missing_trees,
+                c.missing_contents,
+                c.missing_segments,
+                c.missing_chunks
             ))?;
         }
     }
@@ -260,4 +266,8 @@ fn repair_text(out: &mut Out, r: &RepairReport, quiet: bool) -> io::Result<()> {
         }
         Ok(())
     }
+}
+
+fn plural_packs(n: u64) -> String {
+    if n == 1 { "1 pack file".into() } else { format!("{n} pack files") }
 }
