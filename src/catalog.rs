@@ -397,6 +397,25 @@ impl Catalog {
         Self::open(path)
     }
 
+    /// Removes what a `create` killed midway left beside the catalog in `dir` (`catalog.db.init-PID-NANOS`,
+    /// with its `-wal` and `-shm`) once its process is gone; returns how many files went. Nothing else ever
+    /// removes them.
+    pub(crate) fn remove_abandoned_inits(dir: &Path) -> u64 {
+        let prefix = format!("{}.init-", crate::CATALOG_FILE);
+        let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
+            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+            let gone = pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists();
+            if gone && std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Opens an existing catalog, migrating its schema forward if it is older than this build's.
     pub fn open(path: &Path) -> Result<Self> {
         let conn =
@@ -865,12 +884,21 @@ impl Catalog {
         &mut self,
         ids: &[&str],
         spare_tags: &[String],
+        kept: &[&str],
         journal: Option<Journal<'_>>,
     ) -> Result<Vec<String>> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut deleted = Vec::with_capacity(ids.len());
         {
             let mut exists = tx.prepare_cached("SELECT 1 FROM checkpoints WHERE id = ?1")?;
+            // A retention plan's deletions stand on what it keeps: if another process forgot one of those
+            // since, the two runs together could forget every checkpoint of a path. Checked in the same
+            // transaction as the deletions, so no third run slips between.
+            for id in kept {
+                if !exists.exists([id])? {
+                    return Err(Error::RetentionRaced { kept: id[..id.len().min(crate::SHORT_ID_LEN)].to_string() });
+                }
+            }
             let mut tags_of = tx.prepare_cached("SELECT tag FROM checkpoint_tags WHERE checkpoint = ?1")?;
             for id in ids {
                 if !exists.exists([id])? {

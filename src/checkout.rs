@@ -666,11 +666,11 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    let abs_dest = std::path::absolute(dest).map_err(|e| Error::io(dest, e))?;
-    let priors = if in_place && !opts.checksum { priors(&catalog, &abs_dest) } else { Vec::new() };
+    // Keyed as commits key their paths, so that a commit of `run/` vouches for a checkout into `run`.
+    let dest_key = crate::commit::path_key(dest)?;
+    let priors = if in_place && !opts.checksum { priors(&catalog, &dest_key) } else { Vec::new() };
     // Files placed by this checkout carry its checkpoint's sizes and mtimes; were it cut short under the old
     // record, that record could vouch for a replaced file whose size and mtime happen to match its own.
-    let dest_key = crate::commit::key_of(&abs_dest);
     if catalog.last_checkout(&dest_key)?.is_some() {
         catalog.clear_checkout(&dest_key)?;
     }
@@ -800,15 +800,14 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
 /// The records an in-place checkout at `dest` may trust: the checkpoint last checked out there whole, and
 /// the last one committed from there. A record that cannot be read (its checkpoint was just collected) is
 /// skipped: files it would have vouched for are hashed instead.
-fn priors(catalog: &Catalog, dest: &Path) -> Vec<Prior> {
-    let key = crate::commit::key_of(dest);
+fn priors(catalog: &Catalog, key: &str) -> Vec<Prior> {
     let mut out = Vec::new();
-    if let Ok(Some(id)) = catalog.last_checkout(&key)
+    if let Ok(Some(id)) = catalog.last_checkout(key)
         && let Ok(entry) = content::root_entry(catalog, &id)
     {
         out.push(Prior { entry, committed: false });
     }
-    if let Ok(Some(cp)) = catalog.latest_of_path(&host_name(), &key)
+    if let Ok(Some(cp)) = catalog.latest_of_path(&host_name(), key)
         && let Ok(entry) = content::root_entry(catalog, &cp.id)
     {
         out.push(Prior { entry, committed: true });

@@ -407,18 +407,32 @@ pub fn path_key(path: impl AsRef<Path>) -> Result<String> {
     Ok(abs_and_key(path.as_ref())?.1)
 }
 
-/// A committed path's absolute form, and the key its checkpoints are recorded under (`checkpoints.path`).
+/// A committed path's absolute form, cleaned, and the key its checkpoints are recorded under
+/// (`checkpoints.path`). Cleaned as restic (Go's `filepath.Clean`) does, by the letters: `dir/`, `./dir`
+/// and `x/../dir` are one series, where they had been three, each without a parent to guide it and each
+/// its own retention group. A `..` after a symlink is taken by the letters too; the files read are those
+/// the path names on disk, only the key is cleaned.
 fn abs_and_key(path: &Path) -> Result<(std::path::PathBuf, String)> {
     let abs = std::path::absolute(path).map_err(|e| Error::io(path, e))?;
-    let key = key_of(&abs);
-    Ok((abs, key))
+    let mut clean = std::path::PathBuf::new();
+    for c in abs.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                clean.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => clean.push(other),
+        }
+    }
+    let key = key_of(&clean);
+    Ok((clean, key))
 }
 
 /// The catalog's key for an absolute path: the path itself where it is UTF-8, else `bytes:` and the path with
 /// each byte that is not part of UTF-8 written `\xNN` and each backslash doubled. Two paths never share a
 /// key: a lossy conversion made `job\xff` and `job\xfe` one path, so that retention took their checkpoints
 /// for one series and forgot one directory's only checkpoint. No absolute path starts with `bytes:`.
-pub(crate) fn key_of(abs: &Path) -> String {
+fn key_of(abs: &Path) -> String {
     let bytes = abs.as_os_str().as_bytes();
     if let Ok(s) = std::str::from_utf8(bytes) {
         return s.to_owned();

@@ -37,6 +37,9 @@ pub enum Error {
     /// snapstore made. The packs may be whole.
     #[error("the catalog {0} records no repository: it is empty, or not a snapstore catalog")]
     CatalogEmpty(PathBuf),
+    /// No group checkpoint has this name.
+    #[error("no group checkpoint named '{0}'")]
+    GroupNotFound(String),
     /// `init` was asked to create a repository where one already is.
     #[error("a snapstore repository already exists at {0}")]
     RepositoryExists(PathBuf),
@@ -154,6 +157,16 @@ pub enum Error {
     CommitsRunning {
         /// How many commit sessions are alive.
         count: u64,
+    },
+    /// A retention plan met checkpoints changed since it was made: one it keeps was forgotten meanwhile (by
+    /// another `forget` or `watch`), so what it would forget may no longer leave what the policy keeps.
+    /// Nothing was forgotten.
+    #[error(
+        "checkpoint {kept} that the policy keeps was forgotten by another process while it ran; nothing was forgotten"
+    )]
+    RetentionRaced {
+        /// The short id of a kept checkpoint found gone.
+        kept: String,
     },
     /// The repository belongs to another user: opening it would leave files that user cannot read, and
     /// checkpoints hold private state.

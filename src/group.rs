@@ -216,7 +216,7 @@ pub(crate) fn group(catalog: &Catalog, name: &str) -> Result<Group> {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })
         .optional()?
-        .ok_or_else(|| Error::CheckpointNotFound(name.to_string()))?;
+        .ok_or_else(|| Error::GroupNotFound(name.to_string()))?;
     let ids: Vec<(u32, String)> = catalog
         .connection()
         .prepare("SELECT part, checkpoint FROM group_parts WHERE grp = ?1 ORDER BY part")?

@@ -338,6 +338,10 @@ impl Repository {
     /// journaled to the bucket.
     fn writer<T>(&self, f: impl FnOnce(commit::Context<'_>) -> Result<T>) -> Result<T> {
         let Some((remote, session)) = self.session()? else {
+            // Gone since it was opened (moved, deleted, unmounted): writing would make a half repository there.
+            if !self.catalog_path.is_file() {
+                return Err(Error::NoRepository(self.root.clone()));
+            }
             // A repository made before `init` wrote the copy of its parameters gets it from its first writer.
             // Only a redundancy (the catalog holds the parameters), so a failure here fails nothing.
             if !self.root.join(params::PARAMS_FILE).exists() {
@@ -699,16 +703,23 @@ impl Repository {
                 return Err(Error::PartOfGroup { id: c.short_id().to_string(), group, part });
             }
         }
-        self.delete(&mut catalog, found, &[])
+        self.delete(&mut catalog, found, &[], &[])
     }
 
-    /// Deletes `found`, but not those that carry one of `spare_tags` by then. Returns those deleted.
-    fn delete(&self, catalog: &mut Catalog, found: Vec<Checkpoint>, spare_tags: &[String]) -> Result<Vec<Checkpoint>> {
+    /// Deletes `found`, but not those that carry one of `spare_tags` by then, and nothing if one of `kept`
+    /// is gone by then ([`Error::RetentionRaced`]). Returns those deleted.
+    fn delete(
+        &self,
+        catalog: &mut Catalog,
+        found: Vec<Checkpoint>,
+        spare_tags: &[String],
+        kept: &[&str],
+    ) -> Result<Vec<Checkpoint>> {
         fault::point("forget-chosen");
         let journal = self.forget_journal();
         let journal = journal.as_ref().map(|j| j as catalog::Journal<'_>);
         let ids: Vec<&str> = found.iter().map(|c| c.id.as_str()).collect();
-        let deleted = catalog.delete_checkpoints(&ids, spare_tags, journal)?;
+        let deleted = catalog.delete_checkpoints(&ids, spare_tags, kept, journal)?;
         fault::point("forget-done");
         Ok(found.into_iter().filter(|c| deleted.contains(&c.id)).collect())
     }
@@ -810,7 +821,8 @@ impl Repository {
                 return Err(Error::PartOfGroup { id: c.short_id().to_string(), group, part });
             }
         }
-        self.delete(&mut catalog, found, &plan.keep_tags)
+        let kept: Vec<&str> = plan.keep.iter().map(|d| d.id.as_str()).collect();
+        self.delete(&mut catalog, found, &plan.keep_tags, &kept)
     }
 
     /// Reclaims space: drops chunks and metadata no checkpoint uses, deletes packs with no live chunk and
@@ -832,7 +844,17 @@ impl Repository {
     /// repo.checkout(&b.id, &out, &Default::default()).unwrap();
     /// ```
     pub fn gc(&self, opts: &GcOptions) -> Result<GcSummary> {
-        gc::gc(&self.catalog_path, self.backend.clone(), self.remote.as_deref(), self.params.pack_target_size, opts)
+        let mut s = gc::gc(
+            &self.catalog_path,
+            self.backend.clone(),
+            self.remote.as_deref(),
+            self.params.pack_target_size,
+            opts,
+        )?;
+        if !opts.dry_run {
+            s.orphans_deleted += Catalog::remove_abandoned_inits(&self.root);
+        }
+        Ok(s)
     }
 
     /// Files a checkpoint's commit skipped as unreadable, with the reason.

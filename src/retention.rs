@@ -80,6 +80,11 @@ impl Policy {
     }
 
     /// The counting rules, newest-first in restic's order; 0 stands for an absent rule.
+    /// Whether the policy keeps by tags alone (no count and no time rule).
+    pub fn keeps_only_tags(&self) -> bool {
+        !self.keep_tags.is_empty() && self.counts().iter().all(|(n, _)| *n == 0) && self.within().is_none()
+    }
+
     fn counts(&self) -> [(u32, Period); 6] {
         [
             (self.keep_last.unwrap_or(0), Period::Last),
@@ -414,6 +419,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         let Some(unit) = rest[digits..].chars().next() else {
             return Err(format!("invalid duration '{text}': no unit after {number} (use y, m, w, d or h)"));
         };
+        if rest[digits..].starts_with("min") || rest[digits..].starts_with('s') {
+            // `watch --every` takes minutes and seconds; a retention window counts hours at the finest.
+            return Err(format!(
+                "invalid duration '{text}': retention counts hours at the finest (use y, m for months, w, d or h)"
+            ));
+        }
         let unit_hours = match unit {
             'y' => 365 * 24,
             'm' => 30 * 24,
@@ -1135,7 +1146,8 @@ mod tests {
             assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
         }
         assert!(parse_duration("1d1d").unwrap_err().contains("twice"));
-        assert!(parse_duration("5s").unwrap_err().contains("unknown unit 's'"));
+        assert!(parse_duration("5s").unwrap_err().contains("hours at the finest"));
+        assert!(parse_duration("90min").unwrap_err().contains("hours at the finest"));
         assert!(parse_duration("9000000000000000y").unwrap_err().contains("too long"));
     }
 

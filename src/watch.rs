@@ -78,6 +78,19 @@ pub(crate) fn watch(
     }
     // Fail at once on what retrying cannot fix; later failures are reported and retried.
     std::fs::symlink_metadata(path).map_err(|e| Error::reading_source(path, e))?;
+    if let Some(policy) = &opts.policy
+        && policy.keeps_only_tags()
+        && !policy
+            .keep_tags
+            .iter()
+            .any(|t| if t.is_empty() { opts.commit.tags.is_empty() } else { opts.commit.tags.contains(t) })
+    {
+        return Err(Error::InvalidInput(format!(
+            "the policy keeps only checkpoints tagged {}, which this watch's commits are not: every run would \
+             be refused for forgetting them all; add a --keep-last or --keep-within rule, or --tag the commits",
+            policy.keep_tags.join(" or ")
+        )));
+    }
     let key = crate::commit::path_key(path)?;
     let commit = CommitOptions { skip_unchanged: true, ..opts.commit.clone() };
     let mut next = Instant::now();
@@ -97,6 +110,11 @@ pub(crate) fn watch(
                         on(WatchEvent::Failed { step: "retention", error: &error });
                     }
                 }
+            }
+            Err(error @ Error::NoRepository(_)) => {
+                // Nothing later can commit there; retrying would only repeat this.
+                on(WatchEvent::Failed { step: "commit", error: &error });
+                return Err(error);
             }
             Err(error) => on(WatchEvent::Failed { step: "commit", error: &error }),
         }

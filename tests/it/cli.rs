@@ -423,6 +423,58 @@ fn json_output_of_every_command() {
     assert!(ok(run(&repo, &["--json", "tag", "--help"]), "tag --help").contains("--remove"));
 }
 
+/// `dir`, `dir/` and `x/../dir` are one committed path: one series, each commit guided by the one before,
+/// and one retention group, which `forget --path` names in any of those spellings.
+#[test]
+fn spellings_of_one_path_are_one_series() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let dir = tmp.path().join("a");
+    fs::create_dir(&dir).unwrap();
+    fs::create_dir(tmp.path().join("x")).unwrap();
+    let spellings = [p(&dir).to_string(), format!("{}/", p(&dir)), format!("{}/x/../a", p(tmp.path()))];
+    let mut ids = Vec::new();
+    for (i, path) in spellings.iter().enumerate() {
+        fs::write(dir.join("f"), format!("version {i}")).unwrap();
+        ids.push(commit_id(&sx(&repo, &["commit", path])));
+    }
+    let log = json(&sx(&repo, &["--json", "log"]));
+    let paths: std::collections::BTreeSet<&str> =
+        log.as_array().unwrap().iter().map(|c| c["path"].as_str().unwrap()).collect();
+    assert_eq!(paths.len(), 1, "{log}");
+    assert_eq!(json(&sx(&repo, &["--json", "show", &ids[2][..8]]))["checkpoint"]["parent"], ids[1].as_str());
+    let o = run(&repo, &["forget", "--keep-last", "1", "--path", &spellings[1], "--dry-run"]);
+    assert!(ok(o.clone(), "forget --path DIR/").contains("would keep 1, forget 2"));
+    assert!(!text(&o.stderr).contains("warning"), "{}", text(&o.stderr));
+    let o = run(&repo, &["forget", "--keep-last", "1", "--path", p(&tmp.path().join("nothing")), "--dry-run"]);
+    assert!(text(&o.stderr).contains("warning: no checkpoint of"), "{}", text(&o.stderr));
+}
+
+/// Messages that say what is actually missing: a group, a tag, a unit; and GC clears what a killed `init`
+/// left beside the catalog once its process is gone.
+#[test]
+fn missing_groups_tags_and_units_are_named_and_gc_clears_abandoned_inits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    commit_id(&ok(commit_stdin(&repo, &["--name", "x.bin"], b"payload"), "commit"));
+    let err = sx_fail(&repo, &["forget", "--group", "nosuch"], 4);
+    assert!(err.contains("no group checkpoint named 'nosuch'") && err.contains("snapstore groups"), "{err}");
+    assert_eq!(sx(&repo, &["log", "--tag", "nosuch"]).trim(), "no checkpoint is tagged nosuch");
+    let err = sx_fail(&repo, &["forget", "--keep-within", "90min"], 2);
+    assert!(err.contains("hours at the finest"), "{err}");
+
+    // A dead process's (no pid that high runs here) and a live one's (this test's own).
+    let dead = ["catalog.db.init-4190000-17", "catalog.db.init-4190000-17-wal"];
+    let live = format!("catalog.db.init-{}-18", std::process::id());
+    for name in dead.iter().copied().chain([live.as_str()]) {
+        fs::write(repo.join(name), b"").unwrap();
+    }
+    let gc = json(&sx(&repo, &["--json", "gc"]));
+    assert!(gc["orphans_deleted"].as_u64().unwrap() >= 2, "{gc}");
+    assert!(dead.iter().all(|n| !repo.join(n).exists()), "the dead init's files are still there");
+    assert!(repo.join(&live).exists(), "a running init's file was removed");
+}
+
 #[test]
 fn tag_takes_add_or_remove_and_refuses_a_tag_in_both() {
     let tmp = tempfile::tempdir().unwrap();

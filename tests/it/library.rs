@@ -1697,6 +1697,37 @@ fn float_tensors_are_stored_as_byte_planes_in_format_2_only_and_read_back_verifi
     );
 }
 
+/// Two retention runs at once, each safe alone (keep the latest; keep what is tagged release), must not
+/// together forget every checkpoint of the path: the second finds a checkpoint it keeps gone and forgets
+/// nothing. Run again, it is planned afresh and refused (it would empty the path).
+#[test]
+fn two_retention_runs_at_once_never_empty_a_path() {
+    let t = tmp();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let ids: Vec<String> = (0..4u64)
+        .map(|i| {
+            let tags = if i == 0 { vec!["release".to_string()] } else { Vec::new() };
+            let opts = CommitOptions { tags, ..Default::default() };
+            repo.commit_reader("state", &mut &pseudo_random(5_000, 3 * i)[..], &opts).unwrap().id
+        })
+        .collect();
+    let latest = snapstore::Policy { keep_last: Some(1), ..Default::default() };
+    let release = snapstore::Policy { keep_tags: vec!["release".into()], ..Default::default() };
+    let by_latest = repo.plan_retention(&latest, &Default::default()).unwrap();
+    let by_release = repo.plan_retention(&release, &Default::default()).unwrap();
+    assert_eq!(by_latest.keep.iter().map(|d| &d.id).collect::<Vec<_>>(), [&ids[3]]);
+    assert_eq!(by_release.keep.iter().map(|d| &d.id).collect::<Vec<_>>(), [&ids[0]]);
+
+    assert_eq!(repo.apply_retention(&by_latest).unwrap().len(), 3);
+    match repo.apply_retention(&by_release) {
+        Err(Error::RetentionRaced { kept }) => assert!(ids[0].starts_with(&kept), "{kept}"),
+        other => panic!("expected RetentionRaced, got {other:?}"),
+    }
+    let left: Vec<String> = repo.checkpoints().unwrap().into_iter().map(|c| c.id).collect();
+    assert_eq!(left, [ids[3].clone()], "the path lost its last checkpoint");
+    assert!(matches!(repo.plan_retention(&release, &Default::default()), Err(Error::InvalidInput(_))));
+}
+
 /// A retention plan made before a checkpoint was tagged to keep, or before another process forgot one, is
 /// applied to the catalog as it is by then: the tagged checkpoint stays and the gone one is no error.
 #[test]

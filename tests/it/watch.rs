@@ -144,3 +144,48 @@ fn a_signal_during_a_commit_lets_it_finish_and_a_second_ends_it_at_once() {
         succeeded(&run(&second, &["-q", "commit", p(&dir)]), "commit after a second signal");
     }
 }
+
+/// A watch whose repository disappears (moved, deleted, unmounted) stops with exit 4 instead of retrying for
+/// ever, and makes nothing where the repository was; one given a policy that keeps only tags its own
+/// commits lack is refused before it starts.
+#[test]
+fn a_watch_stops_when_its_repository_goes_and_refuses_a_policy_it_cannot_keep() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    let dir = t.path().join("run");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("state"), b"one").unwrap();
+    succeeded(&run(&repo, &["commit", p(&dir)]), "first commit");
+
+    let o = run(&repo, &["watch", p(&dir), "--every", "100ms", "--keep-tag", "release"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("keeps only checkpoints tagged release"), "{}", text(&o.stderr));
+
+    let child = Command::new(bin())
+        .args(["--repo", p(&repo), "watch", p(&dir), "--every", "100ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    fs::rename(&repo, t.path().join("moved")).unwrap();
+    fs::write(dir.join("state"), b"two").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut child = child;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "the watch kept running without its repository");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(4), "{}", text(&out.stderr));
+    assert!(
+        !repo.exists(),
+        "the watch made {} again: {:?}",
+        repo.display(),
+        fs::read_dir(&repo).ok().map(|d| d.count())
+    );
+    assert_eq!(listed(&t.path().join("moved")).len(), 1);
+}

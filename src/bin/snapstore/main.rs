@@ -33,7 +33,7 @@ macro_rules! exit_help {
   2  bad usage or arguments
   3  damaged data detected
   4  repository, checkpoint or path not found
-  5  busy (another gc, or commits during repair)
+  5  busy (another gc, commits during repair, or another forget meanwhile)
 
 Checkpoint ids: any unique prefix of 4 or more hex digits, or 'latest'."
     };
@@ -443,11 +443,12 @@ fn exit_code(e: &Error) -> u8 {
         _ if e.is_corruption() => EXIT_CORRUPT,
         Error::NoRepository(_)
         | Error::CheckpointNotFound(_)
+        | Error::GroupNotFound(_)
         | Error::Forgotten(_)
         | Error::GroupIncomplete { .. }
         | Error::PathNotFound { .. }
         | Error::SourceNotFound(_) => EXIT_NOT_FOUND,
-        Error::GcRunning { .. } | Error::CommitsRunning { .. } => EXIT_BUSY,
+        Error::GcRunning { .. } | Error::CommitsRunning { .. } | Error::RetentionRaced { .. } => EXIT_BUSY,
         Error::InvalidId(_)
         | Error::AmbiguousId { .. }
         | Error::InvalidInput(_)
@@ -540,6 +541,7 @@ fn hint(e: &Error) -> Option<&'static str> {
         }
         Error::RepositoryExists(_) => "use it as it is, or choose another --repo",
         Error::CheckpointNotFound(_) => "`snapstore log` lists the checkpoints",
+        Error::GroupNotFound(_) => "`snapstore groups` lists the group checkpoints",
         Error::SourceNotFound(_) => "check the path; to commit a stream from a pipe, give - and --name",
         Error::GroupIncomplete { .. } => {
             "commit the missing parts (a part committed again replaces the earlier one); `snapstore groups` shows \
@@ -566,6 +568,7 @@ fn hint(e: &Error) -> Option<&'static str> {
         }
         Error::Format(_) => "this repository needs a different snapstore version",
         Error::GcRunning { .. } => "wait for it to finish; if its process is gone, the next gc takes over by itself",
+        Error::RetentionRaced { .. } => "run the policy again: it is planned afresh against the checkpoints left",
         Error::CommitsRunning { .. } => {
             "run it again when they have finished; a commit whose process is gone is cleared by itself"
         }
@@ -671,7 +674,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             // A group checkpoint's name restores all its parts, part I into DEST/part-I.
             let group = match repo.group(id) {
                 Ok(g) => Some(g),
-                Err(Error::CheckpointNotFound(_)) => None,
+                Err(Error::GroupNotFound(_)) => None,
                 Err(e) => return Err(e.into()),
             };
             if let Some(g) = group {
@@ -739,19 +742,25 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
         Command::Log { limit, tags } => {
             let repo = Repository::open(&repo_dir)?;
             let mut list = repo.checkpoints()?;
+            let any = !list.is_empty();
             list.retain(|c| tags.iter().all(|t| c.tags.contains(t)));
             if let Some(n) = limit {
                 list.truncate(*n);
             }
             if cli.json {
                 out.json(&list)?;
+            } else if any && list.is_empty() && !tags.is_empty() {
+                if !cli.quiet {
+                    out.line(&format!("no checkpoint is tagged {}", tags.join(" and ")))?;
+                }
             } else {
                 let groups = repo.groups()?;
                 // With only group checkpoints, or with `-n 0`, the "no checkpoints yet" line would mislead.
                 if (!list.is_empty() || groups.is_empty() || cli.quiet) && *limit != Some(0) {
                     output::log(out, &list, cli.quiet)?;
                 }
-                if !cli.quiet && !groups.is_empty() {
+                // The groups are their own listing; a filtered or shortened log is about checkpoints only.
+                if !cli.quiet && !groups.is_empty() && tags.is_empty() && limit.is_none() {
                     if !list.is_empty() {
                         out.line("")?;
                     }
@@ -843,6 +852,12 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 .collect::<Result<Vec<_>, _>>()?;
             let scope = snapstore::RetentionScope { tags: tags.clone(), paths, across_paths: *across_paths };
             let mut plan = repo.plan_retention(&policy, &scope)?;
+            // A mistyped --path in a cron job would otherwise prune nothing, silently, for ever.
+            for p in &scope.paths {
+                if !plan.keep.iter().chain(&plan.forget).any(|d| &d.path == p) {
+                    eprintln!("warning: no checkpoint of {p} (`snapstore log` shows the committed paths)");
+                }
+            }
             if !dry_run {
                 let forgotten: std::collections::HashSet<String> =
                     repo.apply_retention(&plan)?.into_iter().map(|c| c.id).collect();

@@ -258,7 +258,8 @@ pub fn gc_summary(out: &mut Out, s: &GcSummary) -> io::Result<()> {
         s.seconds
     ))?;
     if s.groups_dropped > 0 {
-        out.line(&format!("  dropped {} left incomplete", plural(s.groups_dropped, "group checkpoint")))?;
+        let verb = if s.dry_run { "would drop" } else { "dropped" };
+        out.line(&format!("  {verb} {} left incomplete", plural(s.groups_dropped, "group checkpoint")))?;
     }
     out.line(&format!(
         "  chunks: {} newly unused, {} removed, {} kept for commits still running",
