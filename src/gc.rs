@@ -116,16 +116,26 @@ fn nanos(d: Duration) -> i64 {
 
 /// Takes the repository's GC lease, or says who holds it.
 pub(crate) fn acquire_lease(conn: &mut Connection, me: &str, stale_after: Duration) -> Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let holder: Option<(String, u32, i64, i64, String)> = tx
-        .query_row("SELECT host, pid, started_ns, heartbeat_ns, process FROM gc_lease", [], |r| {
+    type Holder = (String, u32, i64, i64, String);
+    let holder = |c: &Connection| -> Result<Option<Holder>> {
+        Ok(c.query_row("SELECT host, pid, started_ns, heartbeat_ns, process FROM gc_lease", [], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })
-        .map(Some)
-        .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?;
-    if let Some((host, pid, started, heartbeat, process)) = holder {
-        if !dead((&host, pid, &process), heartbeat, me, stale_after) {
-            return Err(Error::GcRunning { pid, host, started: crate::checkpoint::format_utc(started) });
+        .optional()?)
+    };
+    let running = |(host, pid, started, heartbeat, process): Holder| {
+        (!dead((&host, pid, &process), heartbeat, me, stale_after))
+            .then(|| Error::GcRunning { pid, host, started: crate::checkpoint::format_utc(started) })
+    };
+    // Read first, which never waits in WAL mode: a GC in one of its long write transactions would otherwise
+    // keep this one waiting on the lock instead of told at once that a GC runs.
+    if let Some(e) = holder(conn)?.and_then(running) {
+        return Err(e);
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if let Some(h) = holder(&tx)? {
+        if let Some(e) = running(h) {
+            return Err(e);
         }
         tx.execute("DELETE FROM gc_lease", [])?;
     }

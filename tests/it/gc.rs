@@ -1019,7 +1019,12 @@ fn cli_gc_exits_5_while_another_holds_the_lease() {
     let mut holder = Holder(Command::new("sleep").arg("60").spawn().expect("spawn sleep"));
     let holder_pid = holder.0.id();
     insert_lease(&repo, &hostname(), holder_pid, now_ns());
+    // The holder in one of its write transactions as well, held until this gc returns: it must be told from
+    // the lease it can read, not wait out the lock (which ended in "database is locked", exit 1).
+    let lock = rusqlite::Connection::open(repo.join("catalog.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
     let o = run(&repo, &["gc"]);
+    lock.execute_batch("ROLLBACK").unwrap();
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(5), "gc while the lease is held: {err}");
     assert!(err.contains("another gc is running") && err.contains(&holder_pid.to_string()), "{err}");
