@@ -124,8 +124,11 @@ pub(crate) fn acquire_lease(conn: &mut Connection, me: &str, stale_after: Durati
         .optional()?)
     };
     let running = |(host, pid, started, heartbeat, process): Holder| {
-        (!dead((&host, pid, &process), heartbeat, me, stale_after))
-            .then(|| Error::GcRunning { pid, host, started: crate::checkpoint::format_utc(started) })
+        (!dead((&host, pid, &process), heartbeat, me, stale_after)).then(|| Error::GcRunning {
+            pid,
+            host,
+            started: crate::checkpoint::format_utc(started),
+        })
     };
     // Read first, which never waits in WAL mode: a GC in one of its long write transactions would otherwise
     // keep this one waiting on the lock instead of told at once that a GC runs.
