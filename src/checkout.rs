@@ -630,6 +630,10 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     let started = Instant::now();
     let catalog = Catalog::open(src.catalog_path)?;
     let root = content::root_entry(&catalog, id)?;
+    let protect = fs::canonicalize(src.repo_root).ok();
+    if let Some(repo) = &protect {
+        refuse_repository(dest, repo)?;
+    }
     let in_place = match fs::symlink_metadata(dest) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
         Err(e) => return Err(Error::io(dest, e)),
@@ -658,10 +662,6 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             !empty_dir
         }
     };
-    let protect = fs::canonicalize(src.repo_root).ok();
-    if let Some(repo) = &protect {
-        refuse_repository(dest, repo)?;
-    }
     // Like `mkdir -p`: a destination in directories not made yet is what the user asked for.
     if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;

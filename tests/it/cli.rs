@@ -958,6 +958,10 @@ fn a_checkout_into_the_repository_is_refused_and_changes_nothing() {
         assert_eq!(repository_files(&repo), before, "checkout {a:?} changed the repository");
         assert!(!repo.join("packs").join("new").exists());
     }
+    // A checkpoint of one file: refused for the repository, not given a path inside it to try instead.
+    let one = commit_id(&ok(commit_stdin(&repo, &["--name", "x.bin"], b"payload"), "commit"));
+    let err = sx_fail(&repo, &["checkout", &one[..8], p(&repo)], 2);
+    assert!(err.contains("it is the repository"), "{err}");
 
     // The repository inside the destination, where the checkpoint has a directory or a file of its name: the
     // walk meets it and stops there, leaving it whole.
