@@ -372,7 +372,7 @@ impl Catalog {
             OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp).map_err(|e| Error::io(&temp, e))?;
             // Must precede the first table: lets GC return freed pages to the filesystem without a full VACUUM.
             Connection::open(&temp)?.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
-            let mut cat = Self::open(&temp)?;
+            let mut cat = Self::open_new(&temp)?;
             let tx = cat.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for (k, v) in params.to_pairs() {
                 tx.execute("INSERT INTO meta (key, value) VALUES (?1, ?2)", params![k, v])?;
@@ -418,13 +418,22 @@ impl Catalog {
 
     /// Opens an existing catalog, migrating its schema forward if it is older than this build's.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, false)
+    }
+
+    /// [`Catalog::open`] of the file `create` is building, which has no schema yet.
+    fn open_new(path: &Path) -> Result<Self> {
+        Self::open_with(path, true)
+    }
+
+    fn open_with(path: &Path, new: bool) -> Result<Self> {
         let conn =
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
-        // `create` gives a file with no tables the schema; one with tables of its own and no schema version is
-        // another program's, left unchanged (even the journal mode below would rewrite its header).
+        // Every catalog has a schema version from `create` on: a file without one (emptied, or another
+        // program's database) is left unchanged, since even the journal mode below would rewrite its header.
         let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version == 0 && conn.query_row("SELECT EXISTS (SELECT 1 FROM sqlite_schema)", [], |r| r.get(0))? {
+        if version == 0 && !new {
             return Err(Error::CatalogEmpty(path.to_path_buf()));
         }
         // Changing the journal mode needs a lock; on a busy database another process has already set WAL.
@@ -906,8 +915,7 @@ impl Catalog {
                 }
                 if !spare_tags.is_empty() {
                     let tags: Vec<String> = tags_of.query_map([id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-                    let untagged = tags.is_empty() && spare_tags.iter().any(String::is_empty);
-                    if untagged || tags.iter().any(|t| spare_tags.contains(t)) {
+                    if spare_tags.iter().any(|keep| crate::retention::carries(&tags, keep)) {
                         continue;
                     }
                 }

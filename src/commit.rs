@@ -398,7 +398,8 @@ fn run(
 pub const VANISHED: &str = "vanished while the commit ran";
 
 /// The key the checkpoints of a committed path are recorded under ([`crate::Checkpoint::path`]): its absolute
-/// form, as [`key_of`] writes it. What retention's path scope and `--path` filters compare with.
+/// form cleaned by its letters (no `.`, `..` or trailing `/`), and where it is not UTF-8 written `bytes:` with
+/// the bytes outside UTF-8 escaped. What retention's path scope and `--path` filters compare with.
 ///
 /// ```
 /// assert_eq!(snapstore::path_key("/data/run-1").unwrap(), "/data/run-1");

@@ -115,6 +115,19 @@ fn remote_url(path: &Path) -> Option<&str> {
     path.to_str().filter(|s| s.starts_with("s3://"))
 }
 
+/// What [`Repository::checkpoints_named`] returns, from an open catalog.
+fn named(catalog: &Catalog, ids: &[&str]) -> Result<Vec<Checkpoint>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut found = Vec::with_capacity(ids.len());
+    for id in ids {
+        let c = catalog.resolve(id)?;
+        if seen.insert(c.id.clone()) {
+            found.push(c);
+        }
+    }
+    Ok(found)
+}
+
 /// Paths as JSON strings, which are Unicode: a byte that is not part of UTF-8 shows as U+FFFD, as in text
 /// output. serde's own serialization of a path refuses such a name, and `--json` failed on one.
 pub(crate) mod json_path {
@@ -241,10 +254,6 @@ impl Repository {
             return Err(Error::NoRepository(root));
         }
         check_owner(&root, &md)?;
-        if md.len() == 0 {
-            // SQLite would take it for a new database and write a schema into it.
-            return Err(Error::CatalogEmpty(catalog_path));
-        }
         let params = Catalog::open(&catalog_path)?.params()?;
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&root));
         Ok(Repository { root, catalog_path, backend, params, remote: None })
@@ -560,6 +569,12 @@ impl Repository {
         self.catalog()?.resolve(id)
     }
 
+    /// The checkpoints `ids` name (full ids, prefixes or `latest`), each once however often it is named, in
+    /// the order first named.
+    pub fn checkpoints_named(&self, ids: &[&str]) -> Result<Vec<Checkpoint>> {
+        named(&self.catalog()?, ids)
+    }
+
     /// Calls `f` for every entry of a checkpoint, in depth-first name order, the root first.
     ///
     /// ```
@@ -694,10 +709,8 @@ impl Repository {
     /// ```
     pub fn forget(&self, ids: &[&str]) -> Result<Vec<Checkpoint>> {
         let mut catalog = self.catalog()?;
-        let mut found = ids.iter().map(|id| catalog.resolve(id)).collect::<Result<Vec<_>>>()?;
         // One checkpoint named twice (a full id and a prefix of it) is forgotten, and reported, once.
-        let mut seen = std::collections::HashSet::new();
-        found.retain(|c| seen.insert(c.id.clone()));
+        let found = named(&catalog, ids)?;
         for c in &found {
             if let Some((group, part)) = catalog.part_of(&c.id)? {
                 return Err(Error::PartOfGroup { id: c.short_id().to_string(), group, part });

@@ -79,12 +79,12 @@ impl Policy {
         self.counts().iter().all(|(n, _)| *n == 0) && self.within().is_none() && self.keep_tags.is_empty()
     }
 
-    /// The counting rules, newest-first in restic's order; 0 stands for an absent rule.
     /// Whether the policy keeps by tags alone (no count and no time rule).
     pub fn keeps_only_tags(&self) -> bool {
         !self.keep_tags.is_empty() && self.counts().iter().all(|(n, _)| *n == 0) && self.within().is_none()
     }
 
+    /// The counting rules, newest-first in restic's order; 0 stands for an absent rule.
     fn counts(&self) -> [(u32, Period); 6] {
         [
             (self.keep_last.unwrap_or(0), Period::Last),
@@ -99,6 +99,11 @@ impl Policy {
     fn within(&self) -> Option<Duration> {
         self.keep_within.filter(|d| !d.is_zero())
     }
+}
+
+/// Whether a checkpoint with `tags` carries the keep tag `keep`; the empty tag stands for having none.
+pub(crate) fn carries(tags: &[String], keep: &str) -> bool {
+    if keep.is_empty() { tags.is_empty() } else { tags.iter().any(|t| t == keep) }
 }
 
 /// A one-line description, e.g. `keep 7 daily, all monthly checkpoints and all checkpoints within 30d of
@@ -244,7 +249,7 @@ fn judge(group: &[&Checkpoint], policy: &Policy, now_ns: i64) -> Vec<Vec<String>
     for (rank, cp) in group.iter().enumerate() {
         let mut reasons = Vec::new();
         for tag in &policy.keep_tags {
-            if (tag.is_empty() && cp.tags.is_empty()) || cp.tags.iter().any(|t| t == tag) {
+            if carries(&cp.tags, tag) {
                 reasons.push(if tag.is_empty() { "tag ''".to_string() } else { format!("tag {tag}") });
             }
         }

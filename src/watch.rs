@@ -80,10 +80,7 @@ pub(crate) fn watch(
     std::fs::symlink_metadata(path).map_err(|e| Error::reading_source(path, e))?;
     if let Some(policy) = &opts.policy
         && policy.keeps_only_tags()
-        && !policy
-            .keep_tags
-            .iter()
-            .any(|t| if t.is_empty() { opts.commit.tags.is_empty() } else { opts.commit.tags.contains(t) })
+        && !policy.keep_tags.iter().any(|t| crate::retention::carries(&opts.commit.tags, t))
     {
         return Err(Error::InvalidInput(format!(
             "the policy keeps only checkpoints tagged {}, which this watch's commits are not: every run would \

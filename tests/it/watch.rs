@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use snapstore::{CommitOptions, Repository};
 
-use crate::util::{assert_same_tree, bin, listed, p, pseudo_random, run, succeeded, text};
+use crate::util::{assert_same_tree, bin, listed, p, pseudo_random, run, spawn, succeeded, text};
 
 fn sigterm(pid: u32) {
     succeeded(&Command::new("kill").args(["-TERM", &pid.to_string()]).output().unwrap(), "kill -TERM");
@@ -161,17 +161,11 @@ fn a_watch_stops_when_its_repository_goes_and_refuses_a_policy_it_cannot_keep() 
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("keeps only checkpoints tagged release"), "{}", text(&o.stderr));
 
-    let child = Command::new(bin())
-        .args(["--repo", p(&repo), "watch", p(&dir), "--every", "100ms"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(&repo, &["watch", p(&dir), "--every", "100ms"]);
     std::thread::sleep(Duration::from_millis(400));
     fs::rename(&repo, t.path().join("moved")).unwrap();
     fs::write(dir.join("state"), b"two").unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut child = child;
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;

@@ -824,14 +824,8 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 if !policy.is_empty() || !tags.is_empty() || !paths.is_empty() {
                     return Err(Failure::Usage("give checkpoint ids or a policy (--keep-*), not both".into()));
                 }
-                let forgotten = if *dry_run {
-                    let mut found = ids.iter().map(|id| repo.checkpoint(id)).collect::<Result<Vec<_>, _>>()?;
-                    let mut seen = std::collections::HashSet::new();
-                    found.retain(|c| seen.insert(c.id.clone()));
-                    found
-                } else {
-                    repo.forget(&ids.iter().map(String::as_str).collect::<Vec<_>>())?
-                };
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                let forgotten = if *dry_run { repo.checkpoints_named(&ids)? } else { repo.forget(&ids)? };
                 if cli.json {
                     out.json(&serde_json::json!({ "dry_run": dry_run, "forget": forgotten }))?;
                 } else if !cli.quiet {

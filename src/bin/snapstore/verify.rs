@@ -150,14 +150,13 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
                  them whole",
             )?;
         }
-        let index_damage = r.damaged_chunks.iter().any(|c| c.pack.is_none()) || r.packs_not_in_catalog > 0;
-        if index_damage {
-            let chunks_missing = r.damaged_chunks.iter().any(|c| c.pack.is_none());
+        let chunks_missing = r.damaged_chunks.iter().any(|c| c.pack.is_none());
+        if chunks_missing || r.packs_not_in_catalog > 0 {
+            let packs = crate::output::plural(r.packs_not_in_catalog, "pack file");
             let what = match (r.packs_not_in_catalog, chunks_missing) {
                 (0, _) => "chunks missing from the catalog's index".to_string(),
-                (1, false) => "a pack file not in the catalog".to_string(),
-                (n, false) => format!("{n} pack files not in the catalog"),
-                (n, true) => format!("{} not in the catalog, and chunks missing from its index", plural_packs(n)),
+                (_, false) => format!("{packs} not in the catalog"),
+                (_, true) => format!("{packs} not in the catalog, and chunks missing from its index"),
             };
             out.line(&format!(
                 "hint: {what}: `snapstore repair index --read-data` rebuilds the index from what the packs hold \
@@ -266,8 +265,4 @@ fn repair_text(out: &mut Out, r: &RepairReport, quiet: bool) -> io::Result<()> {
         }
         Ok(())
     }
-}
-
-fn plural_packs(n: u64) -> String {
-    if n == 1 { "1 pack file".into() } else { format!("{n} pack files") }
 }
