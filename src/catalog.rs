@@ -961,12 +961,12 @@ impl Catalog {
 
     /// All checkpoints that are not parts of a group, newest first (groups: [`crate::Repository::groups`]).
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
-        self.query_checkpoints(&format!("{} ORDER BY time_ns DESC, id", crate::group::UNGROUPED), params![])
+        self.query_checkpoints(&format!("{} ORDER BY {NEWEST_FIRST}", crate::group::UNGROUPED), params![])
     }
 
     /// Every checkpoint row, group parts included, newest first.
     pub(crate) fn all_checkpoints(&self) -> Result<Vec<Checkpoint>> {
-        self.query_checkpoints("1 ORDER BY time_ns DESC, id", params![])
+        self.query_checkpoints(&format!("1 ORDER BY {NEWEST_FIRST}"), params![])
     }
 
     /// The checkpoint with this full id, whatever group it is part of.
@@ -984,21 +984,22 @@ impl Catalog {
 
     /// The newest checkpoint of `path` committed from `host`.
     pub fn latest_of_path(&self, host: &str, path: &str) -> Result<Option<Checkpoint>> {
-        let clause = format!("host = ?1 AND path = ?2 AND {} ORDER BY time_ns DESC LIMIT 1", crate::group::UNGROUPED);
+        let clause = format!("host = ?1 AND path = ?2 AND {} ORDER BY {NEWEST_FIRST} LIMIT 1", crate::group::UNGROUPED);
         Ok(self.query_checkpoints(&clause, params![host, path])?.pop())
     }
 
     /// The newest checkpoint of `path` from `host`, group parts included: the parent of a group's part, which
     /// is only ever used to read less and dedup more.
     pub(crate) fn latest_of_path_or_part(&self, host: &str, path: &str) -> Result<Option<Checkpoint>> {
-        Ok(self.query_checkpoints("host = ?1 AND path = ?2 ORDER BY time_ns DESC LIMIT 1", params![host, path])?.pop())
+        let clause = format!("host = ?1 AND path = ?2 ORDER BY {NEWEST_FIRST} LIMIT 1");
+        Ok(self.query_checkpoints(&clause, params![host, path])?.pop())
     }
 
     /// Finds the checkpoint named by a full id, a unique prefix of at least 4 hex digits, or `latest`.
     pub fn resolve(&self, spec: &str) -> Result<Checkpoint> {
         if spec == "latest" {
             return self
-                .query_checkpoints(&format!("{} ORDER BY time_ns DESC LIMIT 1", crate::group::UNGROUPED), params![])?
+                .query_checkpoints(&latest_clause(), params![])?
                 .pop()
                 .ok_or_else(|| Error::CheckpointNotFound(spec.to_string()));
         }
@@ -1149,6 +1150,21 @@ pub(crate) fn gc_epoch(conn: &Connection) -> Result<i64> {
     v.parse().map_err(|_| Error::corrupt("catalog meta 'gc_epoch' is not a number"))
 }
 
+/// The one order of "newest" (`latest`, a path's parent, `log`, retention's ranks): the greatest `time_ns`,
+/// and of equal times the smaller id (as restic's own tests rank them). Two checkpoints share a time only when
+/// a clock stepped back or is coarse; with two rules, `latest` could name the checkpoint `--keep-last 1` forgets.
+pub(crate) const NEWEST_FIRST: &str = "time_ns DESC, id";
+
+/// `latest` by [`NEWEST_FIRST`], written so that the time index serves it: ordered by time and id at once,
+/// SQLite scans every row and sorts.
+fn latest_clause() -> String {
+    let ungrouped = crate::group::UNGROUPED;
+    format!(
+        "{ungrouped} AND time_ns = (SELECT time_ns FROM checkpoints WHERE {ungrouped} ORDER BY time_ns DESC LIMIT 1)
+         ORDER BY id LIMIT 1"
+    )
+}
+
 /// Now, in nanoseconds since the Unix epoch.
 pub(crate) fn now_ns() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
@@ -1157,6 +1173,25 @@ pub(crate) fn now_ns() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `latest` and a path's newest checkpoint are found through an index, whatever the number of
+    /// checkpoints: never a scan of the whole table, nor a sort of all of a path's rows.
+    #[test]
+    fn the_newest_checkpoint_is_found_through_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::create(&dir.path().join("c.db"), &RepoParams::default()).unwrap();
+        let by_path =
+            format!("host = 'h' AND path = 'p' AND {} ORDER BY {NEWEST_FIRST} LIMIT 1", crate::group::UNGROUPED);
+        // `latest` sorts only the rows of the newest time, so a sort is allowed there.
+        for (clause, sorts_ties) in [(latest_clause(), true), (by_path, false)] {
+            let mut stmt =
+                cat.conn.prepare(&format!("EXPLAIN QUERY PLAN SELECT id FROM checkpoints WHERE {clause}")).unwrap();
+            let plan: Vec<String> = stmt.query_map([], |r| r.get(3)).unwrap().map(|d| d.unwrap()).collect();
+            let scans = plan.iter().any(|d| d.starts_with("SCAN checkpoints") && !d.contains("USING INDEX"));
+            let sorts = plan.iter().any(|d| d == "USE TEMP B-TREE FOR ORDER BY");
+            assert!(!scans && (sorts_ties || !sorts), "{clause}: {plan:?}");
+        }
+    }
 
     /// A lookup made once per chunk read must not compile its statement again at each call.
     #[test]

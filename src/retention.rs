@@ -26,7 +26,8 @@
 //! - Each `keep_tags` entry is one tag. restic reads `--keep-tag a,b` as "both a and b"; snapstore tags may
 //!   contain commas, so no such splitting happens here. As in restic, the empty tag `""` matches checkpoints
 //!   without tags.
-//! - Checkpoints with the same time are ordered by id, so that the outcome never depends on input order;
+//! - Checkpoints with the same time are ordered by id (the smaller id is the newer), so that the outcome
+//!   never depends on input order and the checkpoint kept by `keep_last 1` is the one `latest` names;
 //!   restic keeps the order in which it happened to load them.
 //! - An empty policy keeps everything (reason `policy is empty`) instead of forgetting everything. The
 //!   caller must refuse it anyway ([`Policy::is_empty`]), as restic refuses a `forget` without `--keep-*`;
@@ -139,7 +140,7 @@ impl fmt::Display for Policy {
 }
 
 /// What a policy decides: the checkpoints to keep, with why, and those to forget. Both lists are newest
-/// first (equal times by id).
+/// first, as `latest` and `log` count it (of equal times, the smaller id first).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Plan {
     /// Checkpoints kept, each with at least one reason.
@@ -169,6 +170,13 @@ pub struct Decision {
 }
 
 impl Plan {
+    /// Puts both lists back in their order, newest first, after a caller moved decisions between them.
+    pub fn sort(&mut self) {
+        for list in [&mut self.keep, &mut self.forget] {
+            list.sort_by(|a, b| newest_first(a.time_ns, &a.id, b.time_ns, &b.id));
+        }
+    }
+
     /// The groups that would lose every checkpoint, as (host, path) pairs; empty when the plan is safe.
     ///
     /// With `group_by_path` (as given to [`plan`]) these are the (host, path) groups with nothing kept.
@@ -216,12 +224,11 @@ pub fn plan_at(checkpoints: &[Checkpoint], policy: &Policy, group_by_path: bool,
             if decision.reasons.is_empty() { plan.forget.push(decision) } else { plan.keep.push(decision) }
         }
     }
-    for list in [&mut plan.keep, &mut plan.forget] {
-        list.sort_by(|a, b| newest_first(a.time_ns, &a.id, b.time_ns, &b.id));
-    }
+    plan.sort();
     plan
 }
 
+/// `catalog::NEWEST_FIRST` in Rust: of equal times, the smaller id is the newer.
 fn newest_first(a_time: i64, a_id: &str, b_time: i64, b_id: &str) -> std::cmp::Ordering {
     b_time.cmp(&a_time).then_with(|| a_id.cmp(b_id))
 }

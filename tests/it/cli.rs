@@ -1312,3 +1312,51 @@ fn a_checkpoint_tagged_after_the_fact_is_kept_by_retention() {
     let o = run(&repo, &["tag", &ids[0][..8]]);
     assert_eq!(o.status.code(), Some(2), "nothing to do is a usage error");
 }
+
+/// Names, a message and a tag holding terminal escapes (a hostile catalog, or a careless script) are printed
+/// escaped by every listing and in errors: no ESC or other control byte reaches the terminal, and the
+/// checkout still writes the names byte for byte.
+#[test]
+fn terminal_escapes_in_names_and_messages_are_printed_escaped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let data = tmp.path().join("data");
+    fs::create_dir(&data).unwrap();
+    let evil = "evil\x1b[2J\x1b]0;owned\x07";
+    fs::write(data.join(evil), "x").unwrap();
+    std::os::unix::fs::symlink("to\x1b[31m", data.join("link")).unwrap();
+    let commit = |message: &str| {
+        let mut cmd = Command::new(bin());
+        cmd.arg("--repo").arg(&repo).args(["commit", "-m", message]).arg(&data);
+        commit_id(&ok(cmd.output().unwrap(), "commit"))
+    };
+    let first = commit("msg\x1b[2Jclear");
+    fs::write(data.join(evil), "changed").unwrap();
+    let second = commit("second");
+    // Tags with control characters are refused by `commit` and `tag`: only a hostile catalog has one.
+    rusqlite::Connection::open(repo.join("catalog.db"))
+        .unwrap()
+        .execute("INSERT INTO checkpoint_tags VALUES (?1, 't\x1b[0m')", [&first])
+        .unwrap();
+    let mut printed = String::new();
+    for args in [
+        vec!["log"],
+        vec!["show", &first[..8]],
+        vec!["ls", &first[..8]],
+        vec!["diff", &first[..8], &second[..8]],
+        vec!["forget", "--dry-run", "--keep-last", "1"],
+    ] {
+        printed += &sx(&repo, &args);
+    }
+    assert!(!printed.contains('\x1b') && !printed.contains('\x07'), "{printed:?}");
+    assert!(printed.contains("evil\\u{1b}[2J") && printed.contains("msg\\u{1b}[2Jclear"), "{printed}");
+    assert!(printed.contains("t\\u{1b}[0m") && printed.contains("to\\u{1b}[31m"), "{printed}");
+    let missing = Command::new(bin()).arg("--repo").arg(&repo).args(["cat", &second[..8], "no\x1b[2Jsuch"]).output();
+    let stderr = String::from_utf8_lossy(&missing.unwrap().stderr).into_owned();
+    assert!(stderr.contains("no\\u{1b}[2Jsuch") && !stderr.contains('\x1b'), "{stderr}");
+
+    let out = tmp.path().join("out");
+    sx(&repo, &["checkout", &second[..8], p(&out)]);
+    assert_eq!(fs::read(out.join(evil)).unwrap(), b"changed");
+    assert_eq!(fs::read_link(out.join("link")).unwrap(), Path::new("to\x1b[31m"));
+}

@@ -1750,3 +1750,37 @@ fn retention_applies_the_tags_of_the_moment_not_those_of_the_plan() {
     want.sort();
     assert_eq!(left, want);
 }
+
+/// Two checkpoints of one path with the same time (a clock stepped back, or a coarse one): `latest`, the next
+/// commit's parent, `log` and `--keep-last 1` must all take the same one as the newest, the smaller id, or
+/// retention would forget the checkpoint that `latest` names. The pair is chosen with the earlier commit's id
+/// the smaller, so that a scan of the time index (which meets the later insert first) cannot pass for the rule.
+#[test]
+fn checkpoints_of_one_time_have_one_newest_everywhere() {
+    let t = tmp();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let mut ids: Vec<String> = Vec::new();
+    let (earlier, later) = loop {
+        let i = ids.len() as u64;
+        assert!(i < 40, "40 ids in increasing order");
+        ids.push(repo.commit_reader("state", &mut &pseudo_random(3_000, i)[..], &Default::default()).unwrap().id);
+        if let Some(e) = ids[..ids.len() - 1].iter().find(|e| **e < ids[ids.len() - 1]) {
+            break (e.clone(), ids[ids.len() - 1].clone());
+        }
+    };
+    let conn = rusqlite::Connection::open(t.path().join("repo/catalog.db")).unwrap();
+    let max: i64 = conn.query_row("SELECT max(time_ns) FROM checkpoints", [], |r| r.get(0)).unwrap();
+    for id in [&earlier, &later] {
+        conn.execute("UPDATE checkpoints SET time_ns = ?1 WHERE id = ?2", rusqlite::params![max + 1_000, id]).unwrap();
+    }
+    drop(conn);
+
+    let newest = repo.checkpoint("latest").unwrap().id;
+    assert_eq!(newest, earlier, "latest is the smaller id of the two");
+    assert_eq!(repo.checkpoints().unwrap()[0].id, newest, "log lists it first");
+    let keep_last = snapstore::Policy { keep_last: Some(1), ..Default::default() };
+    let plan = repo.plan_retention(&keep_last, &Default::default()).unwrap();
+    assert_eq!(plan.keep.iter().map(|d| &d.id).collect::<Vec<_>>(), [&newest], "keep-last 1 keeps latest");
+    let next = repo.commit_reader("state", &mut &pseudo_random(3_000, 99)[..], &Default::default()).unwrap();
+    assert_eq!(next.parent.as_deref(), Some(newest.as_str()), "the next commit's parent is latest");
+}

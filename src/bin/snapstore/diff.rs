@@ -56,10 +56,7 @@ fn line(out: &mut Out, c: &Change) -> std::io::Result<()> {
         ChangeKind::Removed => '-',
         ChangeKind::Modified => 'M',
     };
-    let mut path = c.path.to_string_lossy().into_owned();
-    if path.contains(['\n', '\r', '\t']) {
-        path = format!("{path:?}");
-    }
+    let mut path = crate::output::listed_name(&c.path.to_string_lossy());
     if c.kind == EntryKind::Dir {
         path.push('/');
     }

@@ -408,10 +408,10 @@ fn report(json: bool, errors: &[String], hint: Option<&str>, code: u8) -> ExitCo
         eprintln!("{v}");
     } else {
         for e in errors {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", output::printable(e));
         }
         if let Some(h) = hint {
-            eprintln!("hint: {h}");
+            eprintln!("hint: {}", output::printable(h));
         }
     }
     ExitCode::from(code)
@@ -849,6 +849,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             // A mistyped --path in a cron job would otherwise prune nothing, silently, for ever.
             for p in &scope.paths {
                 if !plan.keep.iter().chain(&plan.forget).any(|d| &d.path == p) {
+                    let p = output::printable(p);
                     eprintln!("warning: no checkpoint of {p} (`snapstore log` shows the committed paths)");
                 }
             }
@@ -864,7 +865,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                     d.reasons.push("tagged while forget ran".into());
                     d
                 }));
-                plan.keep.sort_by(|a, b| b.time_ns.cmp(&a.time_ns).then_with(|| a.id.cmp(&b.id)));
+                plan.sort();
             }
             if cli.json {
                 out.json(&serde_json::json!({

@@ -1,5 +1,6 @@
 //! Text and JSON output on stdout. Every write returns its error, so a closed pipe ends the command quietly.
 
+use std::borrow::Cow;
 use std::io::{self, BufWriter, StdoutLock, Write};
 
 use snapstore::{
@@ -16,8 +17,9 @@ impl Out {
         Out { w: BufWriter::new(io::stdout().lock()), json }
     }
 
+    /// Writes one line of text, with any control character left in it escaped (see [`printable`]).
     pub fn line(&mut self, s: &str) -> io::Result<()> {
-        writeln!(self.w, "{s}")
+        writeln!(self.w, "{}", printable(s))
     }
 
     pub fn json<T: serde::Serialize + ?Sized>(&mut self, v: &T) -> io::Result<()> {
@@ -145,8 +147,25 @@ fn short_path(path: &str) -> &str {
     }
 }
 
+/// A message or tags on one line: line breaks and tabs become spaces, other control characters escapes.
 fn one_line(s: &str) -> String {
-    s.replace(['\n', '\r', '\t'], " ")
+    printable(&s.replace(['\n', '\r', '\t'], " ")).into_owned()
+}
+
+/// Text from a catalog (names, messages, hosts: a hostile catalog chooses them) made safe for a terminal: each
+/// control character, an escape sequence's ESC among them, is written as its Rust escape (`\u{1b}`), so that
+/// no name can move the cursor, recolour, retitle or clear the screen, or fake a line of output.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(s.chars().map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() }).collect())
+}
+
+/// A name in a line-oriented listing: quoted with escapes (as Rust's `{:?}` does) when it holds a control
+/// character, or starts with a quote and would otherwise read as quoted; as it is otherwise.
+pub fn listed_name(s: &str) -> String {
+    if s.starts_with('"') || s.chars().any(char::is_control) { format!("{s:?}") } else { s.to_string() }
 }
 
 pub fn log(out: &mut Out, list: &[Checkpoint], quiet: bool) -> io::Result<()> {
@@ -184,8 +203,8 @@ pub fn checkpoint_header(out: &mut Out, c: &Checkpoint) -> io::Result<()> {
         out.line(&format!("parent     {p}"))?;
     }
     out.line(&format!("time       {} UTC", human_time(c.time_ns)))?;
-    out.line(&format!("host       {}", c.host))?;
-    out.line(&format!("path       {}", c.path))?;
+    out.line(&format!("host       {}", listed_name(&c.host)))?;
+    out.line(&format!("path       {}", listed_name(&c.path)))?;
     if !c.tags.is_empty() {
         out.line(&format!("tags       {}", one_line(&c.tags.join(", "))))?;
     }
@@ -211,14 +230,9 @@ pub fn file_line(out: &mut Out, f: &FileInfo) -> io::Result<()> {
         EntryKind::Symlink => 'l',
     };
     let size = if f.kind == EntryKind::File { human_bytes(f.size) } else { String::new() };
-    // Debug-quote names that would break a line-oriented listing.
-    let path = f.path.to_string_lossy();
-    let path = if path.contains(['\n', '\r', '\t']) { format!("{path:?}") } else { path.into_owned() };
+    let path = listed_name(&f.path.to_string_lossy());
     let target = match &f.link_target {
-        Some(t) => {
-            let t = t.to_string_lossy();
-            if t.contains(['\n', '\r', '\t']) { format!(" -> {t:?}") } else { format!(" -> {t}") }
-        }
+        Some(t) => format!(" -> {}", listed_name(&t.to_string_lossy())),
         None => String::new(),
     };
     out.line(&format!("{kind}{:04o}  {:>10}  {}  {path}{target}", f.mode & 0o7777, size, human_time(f.mtime_ns)))
@@ -309,6 +323,21 @@ pub fn stats(out: &mut Out, repo: &Repository, s: &RepoStats) -> io::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        assert!(matches!(printable("plain, ünïcode"), Cow::Borrowed(_)));
+        assert_eq!(
+            printable("red\x1b[31m bell\x07 del\x7f c1\u{9b}"),
+            "red\\u{1b}[31m bell\\u{7} del\\u{7f} c1\\u{9b}"
+        );
+        assert_eq!(one_line("a\nb\tc\x1b]0;title\x07"), "a b c\\u{1b}]0;title\\u{7}");
+        assert_eq!(listed_name("dir/file"), "dir/file");
+        assert_eq!(listed_name("x\x1bc"), "\"x\\u{1b}c\"");
+        assert_eq!(listed_name("a\nb"), "\"a\\nb\"");
+        // A name that begins with a quote is quoted too, or `"a\nb"` could be a real name or an escaped one.
+        assert_eq!(listed_name("\"q\""), "\"\\\"q\\\"\"");
+    }
 
     #[test]
     fn times_are_utc_calendar_dates() {

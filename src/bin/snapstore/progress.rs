@@ -59,6 +59,7 @@ impl snapstore::Progress for Bar {
     fn file(&self, _path: &Path) {}
 
     fn warn(&self, message: &str) {
+        let message = crate::output::printable(message);
         match &self.bar {
             Some(b) => b.suspend(|| eprintln!("warning: {message}")),
             None => eprintln!("warning: {message}"),

@@ -131,7 +131,9 @@ fn log(out: &mut Out, event: &WatchEvent<'_>, json: bool, quiet: bool) -> std::i
                 }
             }
             // On stderr, as every error: the watch goes on.
-            WatchEvent::Failed { step, error } => eprintln!("{at}  error: {step}: {error}"),
+            WatchEvent::Failed { step, error } => {
+                eprintln!("{at}  error: {step}: {}", crate::output::printable(&error.to_string()))
+            }
         }
     }
     out.flush()
