@@ -427,8 +427,16 @@ impl Catalog {
     }
 
     fn open_with(path: &Path, new: bool) -> Result<Self> {
-        let conn =
-            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+        let conn = match Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        ) {
+            Ok(conn) => conn,
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen) => {
+                return Err(cannot_open(path, e));
+            }
+            Err(e) => return Err(e.into()),
+        };
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // Every catalog has a schema version from `create` on: a file without one (emptied, or another
         // program's database) is left unchanged, since even the journal mode below would rewrite its header.
@@ -988,6 +996,25 @@ impl Catalog {
         Ok(self.query_checkpoints(&clause, params![host, path])?.pop())
     }
 
+    /// The newest checkpoint of `path`, from `host` or (`None`) from any host, that carries a tag starting
+    /// with `tag_prefix` (a [`crate::Checkpointer`]'s `step=`). Found through the time index; a path with few
+    /// checkpoints among many others costs a longer walk of it.
+    pub(crate) fn latest_of_path_tagged(
+        &self,
+        path: &str,
+        host: Option<&str>,
+        tag_prefix: &str,
+    ) -> Result<Option<Checkpoint>> {
+        // Tags that start with the prefix sort in [prefix, prefix + U+10FFFF).
+        let clause = format!(
+            "path = ?1 AND (?2 IS NULL OR host = ?2) AND {} AND EXISTS (SELECT 1 FROM checkpoint_tags t
+               WHERE t.checkpoint = id AND t.tag >= ?3 AND t.tag < ?3 || char(1114111))
+             ORDER BY {NEWEST_FIRST} LIMIT 1",
+            crate::group::UNGROUPED
+        );
+        Ok(self.query_checkpoints(&clause, params![path, host, tag_prefix])?.pop())
+    }
+
     /// The newest checkpoint of `path` from `host`, group parts included: the parent of a group's part, which
     /// is only ever used to read less and dedup more.
     pub(crate) fn latest_of_path_or_part(&self, host: &str, path: &str) -> Result<Option<Checkpoint>> {
@@ -1154,6 +1181,18 @@ pub(crate) fn gc_epoch(conn: &Connection) -> Result<i64> {
 /// and of equal times the smaller id (as restic's own tests rank them). Two checkpoints share a time only when
 /// a clock stepped back or is coarse; with two rules, `latest` could name the checkpoint `--keep-last 1` forgets.
 pub(crate) const NEWEST_FIRST: &str = "time_ns DESC, id";
+
+/// SQLite's "unable to open database file" names neither the file nor the reason: opening it as SQLite
+/// does (read and write) says which, a repository gone, a read-only filesystem, a permission.
+fn cannot_open(path: &Path, e: rusqlite::Error) -> Error {
+    match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+        Err(io) if io.kind() == std::io::ErrorKind::NotFound => {
+            Error::NoRepository(path.parent().unwrap_or(path).to_path_buf())
+        }
+        Err(io) => Error::io(path, io),
+        Ok(_) => e.into(),
+    }
+}
 
 /// `latest` by [`NEWEST_FIRST`], written so that the time index serves it: ordered by time and id at once,
 /// SQLite scans every row and sorts.

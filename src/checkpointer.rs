@@ -19,7 +19,7 @@ use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::{Checkpoint, CommitOptions, CommitSummary, Error, Policy, Repository, Result};
+use crate::{Checkpoint, CommitOptions, CommitSummary, Error, GcSummary, Policy, Repository, Result};
 
 /// When [`Checkpointer::step`] takes a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,19 +33,32 @@ pub enum Schedule {
 }
 
 /// How a [`Checkpointer`] names, schedules and keeps checkpoints.
+///
+/// One state is one series of checkpoints, named by `name` (or by `path`), **whatever host made them**: a
+/// job restarted on another machine or in a new container (another hostname) resumes from the series, and
+/// retention counts the series as a whole. Give each job's state a name of its own: two programs that
+/// checkpoint under one name at once resume from, and let retention forget, each other's checkpoints.
+/// Setting `commit.host` pins the series to that host name instead.
 #[derive(Clone)]
 pub struct CheckpointerOptions {
     /// The state's name: its checkpoints are those of the stream `NAME` (path `stdin:NAME` in `log`).
     pub name: String,
     /// When [`Checkpointer::step`] takes one.
     pub schedule: Schedule,
-    /// Applied to this state's checkpoints after each one is persisted; `None` keeps them all.
+    /// Applied to this state's checkpoints after each one is persisted; `None` keeps them all. The
+    /// checkpoint just persisted is always kept, even if a clock that stepped back dated the others later.
+    /// A policy that keeps only tags the commits do not carry is refused by [`Checkpointer::new`].
     pub retention: Option<Policy>,
+    /// Collect garbage after a checkpoint is persisted and retention applied, when this long has passed
+    /// since the last collection (or since the `Checkpointer` started); `None`: never. Retention only forgets
+    /// checkpoints: without a collection their chunks stay on disk. Skipped when another collection runs.
+    pub gc_every: Option<Duration>,
     /// Message and tags for each commit (a `step=N` tag is added).
     pub commit: CommitOptions,
     /// Where captured images wait to be persisted; `None`: the system's temporary directory.
     pub spool_dir: Option<PathBuf>,
-    /// For state kept in files: the file or directory that [`Checkpointer::step_path`] checkpoints.
+    /// For state kept in files: the file or directory that [`Checkpointer::step_path`] checkpoints. A
+    /// relative path is taken from the current directory when the `Checkpointer` is made, not at each call.
     pub path: Option<PathBuf>,
 }
 
@@ -55,6 +68,7 @@ impl Default for CheckpointerOptions {
             name: "state".into(),
             schedule: Schedule::OnDemand,
             retention: None,
+            gc_every: None,
             commit: CommitOptions::default(),
             spool_dir: None,
             path: None,
@@ -73,6 +87,10 @@ pub struct Persisted {
     pub forgotten: Vec<Checkpoint>,
     /// Why the retention policy could not be applied after it (the checkpoint itself is durable).
     pub retention_error: Option<Error>,
+    /// The garbage collection run after it ([`CheckpointerOptions::gc_every`]), if one was due and ran.
+    pub gc: Option<GcSummary>,
+    /// Why that collection failed (the checkpoint itself is durable).
+    pub gc_error: Option<Error>,
 }
 
 /// The checkpoint [`Checkpointer::restore_latest`] brought back.
@@ -87,6 +105,45 @@ pub struct Restored {
 struct Job {
     step: u64,
     image: File,
+}
+
+/// What follows a checkpoint: retention, then now and then a garbage collection.
+struct Upkeep {
+    last_gc: Instant,
+}
+
+impl Upkeep {
+    fn new() -> Self {
+        Upkeep { last_gc: Instant::now() }
+    }
+
+    fn after(
+        &mut self,
+        repo: &Repository,
+        opts: &CheckpointerOptions,
+        key: &str,
+        step: u64,
+        summary: CommitSummary,
+    ) -> Persisted {
+        let host = opts.commit.host.as_deref();
+        let retained = opts.retention.as_ref().map(|policy| repo.retain_path(policy, key, host, &summary.id));
+        let (forgotten, retention_error) = match retained {
+            None => (Vec::new(), None),
+            Some(Ok(v)) => (v, None),
+            Some(Err(e)) => (Vec::new(), Some(e)),
+        };
+        let (mut gc, mut gc_error) = (None, None);
+        if opts.gc_every.is_some_and(|every| self.last_gc.elapsed() >= every) {
+            self.last_gc = Instant::now();
+            match repo.gc(&Default::default()) {
+                Ok(g) => gc = Some(g),
+                // Another collection is running: this one is not needed.
+                Err(Error::GcRunning { .. }) => {}
+                Err(e) => gc_error = Some(e),
+            }
+        }
+        Persisted { step, summary, forgotten, retention_error, gc, gc_error }
+    }
 }
 
 /// Takes checkpoints of a program's state on a schedule, persisting them in the background. Dropping it waits
@@ -127,6 +184,8 @@ pub struct Checkpointer {
     /// A persist that failed, not yet reported.
     failed: Option<Error>,
     worker: Option<JoinHandle<()>>,
+    /// Retention and GC after [`Checkpointer::checkpoint_path`], which commits on the caller's thread.
+    upkeep: Upkeep,
 }
 
 /// The tag that records a checkpoint's step.
@@ -136,11 +195,24 @@ fn step_tag(step: u64) -> String {
 
 impl Checkpointer {
     /// Starts the background persister. The state's name must be a valid file name.
-    pub fn new(repo: Repository, opts: CheckpointerOptions) -> Result<Self> {
+    pub fn new(repo: Repository, mut opts: CheckpointerOptions) -> Result<Self> {
+        if let Some(p) = &opts.path {
+            opts.path = Some(std::path::absolute(p).map_err(|e| Error::io(p, e))?);
+        }
         crate::tree::validate_name(opts.name.as_bytes())
             .map_err(|_| Error::InvalidInput(format!("invalid state name {:?}", opts.name)))?;
         if opts.schedule == Schedule::EverySteps(0) {
             return Err(Error::InvalidInput("Schedule::EverySteps needs a step count above zero".into()));
+        }
+        if let Some(policy) = &opts.retention
+            && policy.keeps_none_tagged(&opts.commit.tags)
+        {
+            return Err(Error::InvalidInput(format!(
+                "the retention policy keeps only checkpoints tagged {}, which this Checkpointer's commits are \
+                 not: it would be refused after every checkpoint; add a keep_last or keep_within rule, or the \
+                 tag to CheckpointerOptions::commit",
+                policy.keep_tags.join(" or ")
+            )));
         }
         let repo = Arc::new(repo);
         // One image waits while another is persisted; a third capture waits for room.
@@ -151,8 +223,9 @@ impl Checkpointer {
             std::thread::Builder::new()
                 .name("snapstore-persist".into())
                 .spawn(move || {
+                    let mut upkeep = Upkeep::new();
                     for job in job_rx {
-                        if done_tx.send(persist(&repo, &opts, job)).is_err() {
+                        if done_tx.send(persist(&repo, &opts, &mut upkeep, job)).is_err() {
                             break;
                         }
                     }
@@ -169,6 +242,7 @@ impl Checkpointer {
             ready: Vec::new(),
             failed: None,
             worker: Some(worker),
+            upkeep: Upkeep::new(),
         })
     }
 
@@ -208,16 +282,30 @@ impl Checkpointer {
     }
 
     fn capture(&mut self, step: u64, capture: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<()> {
+        if self.opts.path.is_some() {
+            // One schedule serves one state: shared with files, the stream would never be due when they are.
+            return Err(Error::InvalidInput(
+                "this Checkpointer checkpoints the files of CheckpointerOptions::path (step_path, checkpoint_path); \
+                 a state written as a stream needs a Checkpointer of its own, with another name"
+                    .into(),
+            ));
+        }
         // At most one image persisting and one waiting: wait for room before writing a third.
         while self.in_flight >= 2 {
             let r = self.done.recv().map_err(|_| Error::Internal("persister stopped".into()))?;
             self.absorb(r);
         }
-        let mut image = spool_file(self.opts.spool_dir.as_ref())?;
+        let (mut image, spool) = spool_file(self.opts.spool_dir.as_ref())?;
         {
-            let mut w = io::BufWriter::with_capacity(1 << 20, &mut image);
-            capture(&mut w).map_err(|e| Error::io("<captured state>", e))?;
-            w.flush().map_err(|e| Error::io("<spool>", e))?;
+            let mut spooled = Spool { file: &mut image, failed: false };
+            let mut w = io::BufWriter::with_capacity(1 << 20, &mut spooled);
+            // A full or failing spool disk shows in the capture's own error: it is named, not the capture.
+            let captured = capture(&mut w).and_then(|()| w.flush());
+            drop(w);
+            captured.map_err(|e| {
+                let what = if spooled.failed { spool.as_str() } else { "<captured state>" };
+                Error::io(what, e)
+            })?;
         }
         image.rewind().map_err(|e| Error::io("<spool>", e))?;
         self.last = Some((step, Instant::now()));
@@ -246,18 +334,22 @@ impl Checkpointer {
         commit.tags.push(step_tag(step));
         let summary = self.repo.commit(&path, &commit)?;
         self.last = Some((step, Instant::now()));
-        let (forgotten, retention_error) = split(retain(&self.repo, &self.opts, &crate::commit::path_key(&path)?));
-        self.ready.push(Persisted { step, summary, forgotten, retention_error });
+        let key = crate::commit::path_key(&path)?;
+        let persisted = self.upkeep.after(&self.repo, &self.opts, &key, step, summary);
+        self.ready.push(persisted);
         Ok(())
     }
 
     /// Puts the newest checkpoint of [`CheckpointerOptions::path`] back in place (only what differs is
     /// written; files it lacks are removed) and returns which it was; `None` when there is none.
-    pub fn restore_latest_path(&self) -> Result<Option<Restored>> {
+    ///
+    /// The schedule counts the restored step as just checkpointed, as [`Checkpointer::restore_latest`] does.
+    pub fn restore_latest_path(&mut self) -> Result<Option<Restored>> {
         let path = self.state_path()?;
         let Some((latest, step)) = self.latest(&crate::commit::path_key(path)?)? else { return Ok(None) };
         let opts = crate::CheckoutOptions { in_place: true, delete: true, ..Default::default() };
         self.repo.checkout(&latest.id, path, &opts)?;
+        self.last = Some((step, Instant::now()));
         Ok(Some(Restored { id: latest.id, step }))
     }
 
@@ -265,10 +357,12 @@ impl Checkpointer {
         self.opts.path.as_deref().ok_or_else(|| Error::InvalidInput("CheckpointerOptions::path is not set".into()))
     }
 
-    /// The newest checkpoint recorded under `key` from this host, with its step.
+    /// The newest checkpoint of this series (recorded under `key`, from any host unless `commit.host` pins
+    /// one) that carries a step tag, with its step: a checkpoint committed under the same name by other
+    /// means (`snapstore commit - --name NAME`) has none and is passed over.
     fn latest(&self, key: &str) -> Result<Option<(Checkpoint, u64)>> {
-        let host = self.opts.commit.host.clone().unwrap_or_else(crate::catalog::host_name);
-        let Some(latest) = self.repo.catalog()?.latest_of_path(&host, key)? else { return Ok(None) };
+        let host = self.opts.commit.host.as_deref();
+        let Some(latest) = self.repo.catalog()?.latest_of_path_tagged(key, host, "step=")? else { return Ok(None) };
         let step = latest
             .tags
             .iter()
@@ -309,11 +403,29 @@ impl Checkpointer {
     /// Writes the newest checkpoint of this state into `into` (its bytes are verified chunk by chunk as they
     /// are read) and returns which it was; `None` when there is none. Checkpoints still being persisted are
     /// not considered: call [`Checkpointer::wait`] first for those.
-    pub fn restore_latest(&self, into: &mut dyn Write) -> Result<Option<Restored>> {
+    ///
+    /// A chunk that fails its check is returned as the library's own error ([`Error::is_corruption`]), after
+    /// `into` took the bytes before it: discard them. To fall back to an older checkpoint, list the series
+    /// with [`Repository::checkpoints`] (path `stdin:NAME`, tag `step=N`) and read one with
+    /// [`Repository::open_file`].
+    ///
+    /// The schedule then counts the restored step as just checkpointed: a loop that resumes at that step
+    /// does not checkpoint it again, and [`Schedule::Every`] waits its interval from now.
+    pub fn restore_latest(&mut self, into: &mut dyn Write) -> Result<Option<Restored>> {
         let path = format!("stdin:{}", self.opts.name);
         let Some((latest, step)) = self.latest(&path)? else { return Ok(None) };
         let mut reader = self.repo.open_file(&latest.id, "")?;
-        io::copy(&mut reader, into).map_err(|e| Error::io(format!("checkpoint {} of {path}", latest.id), e))?;
+        io::copy(&mut reader, into).map_err(|e| {
+            // The reader carries the store's typed error (a corrupt chunk, a failed read) inside io::Error.
+            if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+                match e.into_inner().map(|i| i.downcast::<Error>()) {
+                    Some(Ok(inner)) => return *inner,
+                    _ => unreachable!("checked to hold an Error"),
+                }
+            }
+            Error::io(format!("<restore target of checkpoint {} of {path}>", latest.short_id()), e)
+        })?;
+        self.last = Some((step, Instant::now()));
         Ok(Some(Restored { id: latest.id, step }))
     }
 }
@@ -328,40 +440,53 @@ impl Drop for Checkpointer {
     }
 }
 
-fn persist(repo: &Repository, opts: &CheckpointerOptions, mut job: Job) -> Result<Persisted> {
+fn persist(repo: &Repository, opts: &CheckpointerOptions, upkeep: &mut Upkeep, mut job: Job) -> Result<Persisted> {
     let mut commit = opts.commit.clone();
     commit.tags.push(step_tag(job.step));
     let summary = repo.commit_reader(&opts.name, &mut job.image, &commit)?;
-    let (forgotten, retention_error) = split(retain(repo, opts, &format!("stdin:{}", opts.name)));
-    Ok(Persisted { step: job.step, summary, forgotten, retention_error })
+    Ok(upkeep.after(repo, opts, &format!("stdin:{}", opts.name), job.step, summary))
 }
 
-fn split(r: Result<Vec<Checkpoint>>) -> (Vec<Checkpoint>, Option<Error>) {
-    match r {
-        Ok(v) => (v, None),
-        Err(e) => (Vec::new(), Some(e)),
+/// The spool file as the capture writes it, remembering whether a write to it failed.
+struct Spool<'a> {
+    file: &'a mut File,
+    failed: bool,
+}
+
+impl Write for Spool<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf).inspect_err(|_| self.failed = true)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush().inspect_err(|_| self.failed = true)
     }
 }
 
-/// Applies the retention policy, if any, to the checkpoints recorded under `key`.
-fn retain(repo: &Repository, opts: &CheckpointerOptions, key: &str) -> Result<Vec<Checkpoint>> {
-    opts.retention.as_ref().map_or(Ok(Vec::new()), |policy| repo.retain_path(policy, key))
-}
-
 /// A temporary file with no name: created, then unlinked at once, so that nothing is left behind whatever
-/// happens to the process.
-fn spool_file(dir: Option<&PathBuf>) -> Result<File> {
+/// happens to the process. Returned with a description of where it is, for errors.
+fn spool_file(dir: Option<&PathBuf>) -> Result<(File, String)> {
     static N: AtomicU64 = AtomicU64::new(0);
     let dir = dir.cloned().unwrap_or_else(std::env::temp_dir);
-    let path = dir.join(format!(".snapstore-spool-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        // Checkpoints hold private state: so does the spool.
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
-    std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-    Ok(file)
+    loop {
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!(".snapstore-spool-{}-{n}", std::process::id()));
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            // Checkpoints hold private state: so does the spool.
+            .mode(0o600)
+            .open(&path);
+        match opened {
+            Ok(file) => {
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                return Ok((file, format!("{} (the spool directory)", dir.display())));
+            }
+            // Left by a process killed between create and unlink whose pid this one has (as in containers):
+            // not this process's to remove while another may hold it, so the next name is tried.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 1 << 20 => {}
+            Err(e) => return Err(Error::io(format!("{} (spool directory)", path.display()), e)),
+        }
+    }
 }

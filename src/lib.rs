@@ -259,6 +259,30 @@ impl Repository {
         Ok(Repository { root, catalog_path, backend, params, remote: None })
     }
 
+    /// Opens the repository at `path`, or creates it with the default parameters if there is none there;
+    /// says which (`true`: created). Two processes that start at once both end with the one repository.
+    /// A directory that holds something else, or a catalog that cannot be read, is an error, as in
+    /// [`Repository::init`] and [`Repository::open`]: nothing there is replaced.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let (repo, created) = snapstore::Repository::open_or_init(dir.path().join("repo")).unwrap();
+    /// assert!(created);
+    /// drop(repo);
+    /// assert!(!snapstore::Repository::open_or_init(dir.path().join("repo")).unwrap().1);
+    /// ```
+    pub fn open_or_init(path: impl AsRef<Path>) -> Result<(Self, bool)> {
+        match Self::open(&path) {
+            Err(Error::NoRepository(_)) => match Self::init(&path) {
+                Ok(repo) => Ok((repo, true)),
+                // Another process created it a moment ago.
+                Err(Error::RepositoryExists(_)) => Ok((Self::open(&path)?, false)),
+                Err(e) => Err(e),
+            },
+            other => other.map(|repo| (repo, false)),
+        }
+    }
+
     /// Opens (or, with `init`, creates) the repository in a bucket, bringing the local working copy of its
     /// catalog up to date: created from the bucket's records when missing, synced when behind.
     fn open_remote(url: &str, init: Option<&RepoParams>) -> Result<(Self, SyncSummary)> {
@@ -810,9 +834,30 @@ impl Repository {
     }
 
     /// Applies `policy` to the checkpoints recorded under one key (`checkpoints.path`), after a new one.
-    pub(crate) fn retain_path(&self, policy: &Policy, key: &str) -> Result<Vec<Checkpoint>> {
-        let scope = RetentionScope { paths: vec![key.to_string()], ..Default::default() };
-        self.apply_retention(&self.plan_retention(policy, &scope)?)
+    /// Applies `policy` to the checkpoints of one committed path, those of `host` or (`None`) those of every
+    /// host as one series, after a commit made `just_made`: that one is kept whatever the policy says. Its
+    /// time comes from this machine's clock; if that clock stepped back, older checkpoints carry later times,
+    /// and `--keep-last` would otherwise forget each new checkpoint as it is made.
+    pub(crate) fn retain_path(
+        &self,
+        policy: &Policy,
+        key: &str,
+        host: Option<&str>,
+        just_made: &str,
+    ) -> Result<Vec<Checkpoint>> {
+        let scope = RetentionScope { paths: vec![key.to_string()], across_paths: host.is_none(), ..Default::default() };
+        let mut plan = self.plan_retention(policy, &scope)?;
+        if let Some(host) = host {
+            // Another host's checkpoints of the same path are its own series, not this one's to forget.
+            plan.forget.retain(|d| d.host == host);
+        }
+        if let Some(i) = plan.forget.iter().position(|d| d.id == just_made) {
+            let mut d = plan.forget.remove(i);
+            d.reasons.push("just made".into());
+            plan.keep.push(d);
+            plan.sort();
+        }
+        self.apply_retention(&plan)
     }
 
     /// Forgets what a plan from [`Repository::plan_retention`] says to forget, and returns what it forgot.

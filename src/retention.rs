@@ -85,6 +85,12 @@ impl Policy {
         !self.keep_tags.is_empty() && self.counts().iter().all(|(n, _)| *n == 0) && self.within().is_none()
     }
 
+    /// Whether the policy keeps by tags alone and none of them is among `tags`: applied after each commit
+    /// carrying `tags` (a watch, a `Checkpointer`), it would be refused every time for forgetting them all.
+    pub fn keeps_none_tagged(&self, tags: &[String]) -> bool {
+        self.keeps_only_tags() && !self.keep_tags.iter().any(|t| carries(tags, t))
+    }
+
     /// The counting rules, newest-first in restic's order; 0 stands for an absent rule.
     fn counts(&self) -> [(u32, Period); 6] {
         [

@@ -79,8 +79,7 @@ pub(crate) fn watch(
     // Fail at once on what retrying cannot fix; later failures are reported and retried.
     std::fs::symlink_metadata(path).map_err(|e| Error::reading_source(path, e))?;
     if let Some(policy) = &opts.policy
-        && policy.keeps_only_tags()
-        && !policy.keep_tags.iter().any(|t| crate::retention::carries(&opts.commit.tags, t))
+        && policy.keeps_none_tagged(&opts.commit.tags)
     {
         return Err(Error::InvalidInput(format!(
             "the policy keeps only checkpoints tagged {}, which this watch's commits are not: every run would \
@@ -89,6 +88,7 @@ pub(crate) fn watch(
         )));
     }
     let key = crate::commit::path_key(path)?;
+    let host = opts.commit.host.clone().unwrap_or_else(crate::catalog::host_name);
     let commit = CommitOptions { skip_unchanged: true, ..opts.commit.clone() };
     let mut next = Instant::now();
     let mut last_gc = Instant::now();
@@ -98,7 +98,7 @@ pub(crate) fn watch(
             Ok(s) => {
                 let forgotten = match &opts.policy {
                     None => Ok(Vec::new()),
-                    Some(policy) => repo.retain_path(policy, &key),
+                    Some(policy) => repo.retain_path(policy, &key, Some(&host), &s.id),
                 };
                 match forgotten {
                     Ok(forgotten) => on(WatchEvent::Checkpoint { summary: &s, forgotten: &forgotten }),

@@ -200,3 +200,209 @@ fn state_in_files_is_checkpointed_on_schedule_and_restored_in_place() {
     assert_eq!(fs::read_to_string(dir.join("step")).unwrap(), "30");
     assert!(!dir.join("half-written.tmp").exists());
 }
+
+fn stream_checkpointer(repo: &Path, opts: CheckpointerOptions) -> Checkpointer {
+    Checkpointer::new(Repository::open(repo).unwrap(), opts).unwrap()
+}
+
+fn take(cp: &mut Checkpointer, step: u64, image: &[u8]) -> snapstore::Persisted {
+    cp.checkpoint(step, |w| w.write_all(image)).unwrap();
+    cp.wait().unwrap().pop().unwrap()
+}
+
+fn ids_of(repo: &Path, path: &str) -> Vec<String> {
+    let repo = Repository::open(repo).unwrap();
+    repo.checkpoints().unwrap().into_iter().filter(|c| c.path == path).map(|c| c.id).collect()
+}
+
+/// A job restarted on another machine or in a new container (another host name) resumes from its series,
+/// and retention counts the series across hosts: the old host's checkpoints are not kept for ever.
+#[test]
+fn a_job_restarted_under_another_host_name_resumes_and_retention_counts_the_whole_series() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    Repository::init(&repo).unwrap();
+    let keep2 = || CheckpointerOptions {
+        retention: Some(Policy { keep_last: Some(2), ..Default::default() }),
+        ..Default::default()
+    };
+    let mut cp = stream_checkpointer(&repo, keep2());
+    for step in 1..=3 {
+        take(&mut cp, step, &crate::util::pseudo_random(50_000, step));
+    }
+    drop(cp);
+    // The first run's host was another pod.
+    rusqlite::Connection::open(repo.join("catalog.db"))
+        .unwrap()
+        .execute("UPDATE checkpoints SET host = 'pod-1'", [])
+        .unwrap();
+    let mut cp = stream_checkpointer(&repo, keep2());
+    let mut image = Vec::new();
+    let r = cp.restore_latest(&mut image).unwrap().expect("resumes from the other host's checkpoints");
+    assert_eq!((r.step, image), (3, crate::util::pseudo_random(50_000, 3)));
+    let p = take(&mut cp, 4, b"step 4");
+    assert_eq!(p.forgotten.len(), 1, "keep-last 2 counts the series across hosts: {:?}", p.forgotten);
+    assert_eq!(ids_of(&repo, "stdin:state").len(), 2);
+
+    // Pinned to a host, the series is that host's alone.
+    let pinned = CheckpointerOptions {
+        commit: snapstore::CommitOptions { host: Some("pod-9".into()), ..Default::default() },
+        ..keep2()
+    };
+    let mut cp = stream_checkpointer(&repo, pinned);
+    assert!(cp.restore_latest(&mut Vec::new()).unwrap().is_none());
+}
+
+/// After the clock steps back, the earlier checkpoints carry later times. Retention still never forgets the
+/// checkpoint just persisted (it used to forget each new one at once under keep-last).
+#[test]
+fn a_clock_stepped_back_never_makes_retention_forget_the_checkpoint_just_made() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    Repository::init(&repo).unwrap();
+    let opts = || CheckpointerOptions {
+        retention: Some(Policy { keep_last: Some(2), ..Default::default() }),
+        ..Default::default()
+    };
+    let mut cp = stream_checkpointer(&repo, opts());
+    for step in 1..=3 {
+        take(&mut cp, step, format!("state {step}").as_bytes());
+    }
+    let hour = 3_600_000_000_000i64;
+    rusqlite::Connection::open(repo.join("catalog.db"))
+        .unwrap()
+        .execute("UPDATE checkpoints SET time_ns = time_ns + ?1", [hour])
+        .unwrap();
+    for step in 4..=6 {
+        let p = take(&mut cp, step, format!("state {step}").as_bytes());
+        assert!(!p.forgotten.iter().any(|c| c.id == p.summary.id), "step {step} forgot itself");
+        assert!(ids_of(&repo, "stdin:state").contains(&p.summary.id), "step {step} is gone");
+    }
+}
+
+/// What a Checkpointer refuses at once: a tag-only policy its commits cannot meet (it would forget every new
+/// checkpoint), and a stream capture on a Checkpointer of files (one schedule serves one state).
+#[test]
+fn a_checkpointer_refuses_what_would_lose_or_skip_checkpoints() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    Repository::init(&repo).unwrap();
+    let tag_only = Policy { keep_tags: vec!["best".into()], ..Default::default() };
+    let opts = CheckpointerOptions { retention: Some(tag_only.clone()), ..Default::default() };
+    match Checkpointer::new(Repository::open(&repo).unwrap(), opts) {
+        Err(snapstore::Error::InvalidInput(m)) => assert!(m.contains("best"), "{m}"),
+        other => panic!("expected InvalidInput, got {:?}", other.err()),
+    }
+    let tagged = snapstore::CommitOptions { tags: vec!["best".into()], ..Default::default() };
+    let opts = CheckpointerOptions { retention: Some(tag_only), commit: tagged, ..Default::default() };
+    assert!(Checkpointer::new(Repository::open(&repo).unwrap(), opts).is_ok(), "its commits carry the tag");
+
+    let dir = t.path().join("files");
+    fs::create_dir(&dir).unwrap();
+    let opts = CheckpointerOptions { path: Some(dir), schedule: Schedule::EverySteps(1), ..Default::default() };
+    let mut cp = stream_checkpointer(&repo, opts);
+    assert!(matches!(cp.step(1, |w| w.write_all(b"x")), Err(snapstore::Error::InvalidInput(_))));
+    assert!(cp.step_path(1).unwrap(), "the files are still checkpointed on schedule");
+}
+
+/// `restore_latest` passes over a checkpoint committed under the state's name by other means (no step tag),
+/// reports a corrupt chunk as corruption (not as an I/O error), and a repository deleted under it as gone.
+#[test]
+fn restore_latest_skips_untagged_checkpoints_and_types_its_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    Repository::init(&repo).unwrap();
+    let mut cp = stream_checkpointer(&repo, Default::default());
+    let state = crate::util::pseudo_random(2 << 20, 7);
+    take(&mut cp, 10, &state);
+    Repository::open(&repo).unwrap().commit_reader("state", &mut &b"by hand"[..], &Default::default()).unwrap();
+    let mut image = Vec::new();
+    assert_eq!(cp.restore_latest(&mut image).unwrap().unwrap().step, 10);
+    assert!(image == state, "restored bytes differ");
+
+    // One byte flipped in the middle of the only pack of chunk data.
+    let mut packs: Vec<_> = walkdir::WalkDir::new(repo.join("packs"))
+        .into_iter()
+        .map(|e| e.unwrap().into_path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pack"))
+        .collect();
+    packs.sort_by_key(|p| std::cmp::Reverse(fs::metadata(p).unwrap().len()));
+    let mut bytes = fs::read(&packs[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    fs::write(&packs[0], bytes).unwrap();
+    match cp.restore_latest(&mut Vec::new()) {
+        Err(e) => assert!(e.is_corruption(), "{e:?}"),
+        Ok(r) => panic!("a flipped byte went unnoticed: {r:?}"),
+    }
+
+    fs::remove_dir_all(&repo).unwrap();
+    assert!(matches!(cp.restore_latest(&mut Vec::new()), Err(snapstore::Error::NoRepository(_))));
+}
+
+/// With `gc_every`, the space of checkpoints retention forgot is given back: states that share nothing
+/// (weights that all move) no longer pile up on disk under keep-last.
+#[test]
+fn gc_every_gives_back_the_space_retention_forgot() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    Repository::init(&repo).unwrap();
+    let opts = CheckpointerOptions {
+        retention: Some(Policy { keep_last: Some(2), ..Default::default() }),
+        gc_every: Some(Duration::ZERO),
+        ..Default::default()
+    };
+    let mut cp = stream_checkpointer(&repo, opts);
+    let mut collected = 0;
+    for step in 1..=8 {
+        let p = take(&mut cp, step, &crate::util::pseudo_random(1 << 20, 100 + step));
+        assert!(p.gc_error.is_none(), "{:?}", p.gc_error);
+        collected += p.gc.map_or(0, |g| g.bytes_freed);
+    }
+    let stored: u64 = walkdir::WalkDir::new(repo.join("packs"))
+        .into_iter()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(stored < 3 << 20, "{stored} bytes of packs for two 1 MiB states kept");
+    // A chunk is swept one collection after it is condemned (docs/format.md), so the count lags.
+    assert!(collected >= 3 << 20, "collections freed only {collected} bytes");
+}
+
+/// A spool file left by a killed process whose pid this one now has (common in containers) does not make a
+/// capture fail: the next name is taken.
+#[test]
+fn spool_files_left_by_an_earlier_process_with_this_pid_are_stepped_over() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    Repository::init(&repo).unwrap();
+    let spool = t.path().join("spool");
+    fs::create_dir(&spool).unwrap();
+    // The counter behind the names is per process, and other tests here took some: cover them all.
+    for n in 0..2_000 {
+        fs::write(spool.join(format!(".snapstore-spool-{}-{n}", std::process::id())), b"").unwrap();
+    }
+    let opts = CheckpointerOptions { spool_dir: Some(spool), ..Default::default() };
+    let mut cp = stream_checkpointer(&repo, opts);
+    assert_eq!(take(&mut cp, 1, b"state").step, 1);
+}
+
+/// A restored state counts as just checkpointed: a loop that resumes at the restored step does not store it
+/// again, and the next due step is.
+#[test]
+fn the_restored_step_is_not_checkpointed_again() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    Repository::init(&repo).unwrap();
+    let every10 = || CheckpointerOptions { schedule: Schedule::EverySteps(10), ..Default::default() };
+    let mut cp = stream_checkpointer(&repo, every10());
+    take(&mut cp, 10, b"state at 10");
+    drop(cp);
+    let mut cp = stream_checkpointer(&repo, every10());
+    assert_eq!(cp.restore_latest(&mut Vec::new()).unwrap().unwrap().step, 10);
+    assert!(!cp.step(10, |w| w.write_all(b"state at 10")).unwrap(), "step 10 stored twice");
+    assert!(cp.step(20, |w| w.write_all(b"state at 20")).unwrap());
+    cp.wait().unwrap();
+    assert_eq!(ids_of(&repo, "stdin:state").len(), 2);
+}

@@ -290,18 +290,11 @@ changed (the commit itself stores only the chunks that are new).\n\n", exit_help
 
 /// Opens the repository, creating it first if there is none (as `commit` and `watch` do).
 fn open_or_init(repo_dir: &std::path::Path) -> Result<Repository, Error> {
-    match Repository::open(repo_dir) {
-        Err(Error::NoRepository(_)) => match Repository::init(repo_dir) {
-            Ok(repo) => {
-                eprintln!("created snapstore repository at {}", repo.location());
-                Ok(repo)
-            }
-            // Another commit created it a moment ago.
-            Err(Error::RepositoryExists(_)) => Repository::open(repo_dir),
-            Err(e) => Err(e),
-        },
-        other => other,
+    let (repo, created) = Repository::open_or_init(repo_dir)?;
+    if created {
+        eprintln!("created snapstore repository at {}", repo.location());
     }
+    Ok(repo)
 }
 
 /// A retention policy's rules, as `forget` and `watch` take them.
