@@ -186,6 +186,8 @@ pub struct Checkpointer {
     worker: Option<JoinHandle<()>>,
     /// Retention and GC after [`Checkpointer::checkpoint_path`], which commits on the caller's thread.
     upkeep: Upkeep,
+    /// Held for the Checkpointer's life: no other process checkpoints this series meanwhile.
+    _series_lock: File,
 }
 
 /// The tag that records a checkpoint's step.
@@ -214,6 +216,11 @@ impl Checkpointer {
                 policy.keep_tags.join(" or ")
             )));
         }
+        let key = match &opts.path {
+            Some(p) => crate::commit::path_key(p)?,
+            None => format!("stdin:{}", opts.name),
+        };
+        let series_lock = lock_series(&repo, &key, opts.commit.host.as_deref())?;
         let repo = Arc::new(repo);
         // One image waits while another is persisted; a third capture waits for room.
         let (jobs, job_rx) = sync_channel::<Job>(1);
@@ -243,6 +250,7 @@ impl Checkpointer {
             failed: None,
             worker: Some(worker),
             upkeep: Upkeep::new(),
+            _series_lock: series_lock,
         })
     }
 
@@ -372,15 +380,17 @@ impl Checkpointer {
     }
 
     /// Waits until every captured checkpoint is persisted; returns those not reported before, in order, or
-    /// the first failure once all are done (the others are then durable, but not listed: see
-    /// [`Checkpointer::restore_latest`]).
+    /// the first failure once all are done. After a failure the others are durable, and the next call
+    /// returns them.
     pub fn wait(&mut self) -> Result<Vec<Persisted>> {
         while self.in_flight > 0 {
             let r = self.done.recv().map_err(|_| Error::Internal("persister stopped".into()))?;
             self.absorb(r);
         }
-        let out = std::mem::take(&mut self.ready);
-        self.failed.take().map_or(Ok(out), Err)
+        match self.failed.take() {
+            Some(e) => Err(e),
+            None => Ok(std::mem::take(&mut self.ready)),
+        }
     }
 
     /// Takes the results already in, without waiting.
@@ -445,6 +455,44 @@ fn persist(repo: &Repository, opts: &CheckpointerOptions, upkeep: &mut Upkeep, m
     commit.tags.push(step_tag(job.step));
     let summary = repo.commit_reader(&opts.name, &mut job.image, &commit)?;
     Ok(upkeep.after(repo, opts, &format!("stdin:{}", opts.name), job.step, summary))
+}
+
+/// Locks the series `key` (a name's stream or a path; of one host, if pinned) in the repository,
+/// exclusively and without waiting: two Checkpointers of one series would resume from, and let retention
+/// forget, each other's checkpoints. The lock is `REPO/locks/series-H` (H: 16 hex digits of a BLAKE3 of key
+/// and host), which records the holder's pid for the error; `flock` ends with the process, however it ends.
+/// For a repository in a bucket the file lies in the local copy, so it keeps apart one machine's processes.
+fn lock_series(repo: &Repository, key: &str, host: Option<&str>) -> Result<File> {
+    let dir = repo.root.join("locks");
+    crate::backend::local_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+    let series = match host {
+        Some(host) => format!("{key}\0{host}"),
+        None => key.to_string(),
+    };
+    let path = dir.join(format!("series-{}", &blake3::hash(series.as_bytes()).to_hex()[..16]));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(Error::InvalidInput(format!(
+                "another Checkpointer ({}) is checkpointing {key} in this repository; give this one another \
+                 CheckpointerOptions::name, or stop the other first",
+                holder.trim().strip_prefix("pid ").map_or("pid unknown".into(), |p| format!("pid {p}"))
+            )));
+        }
+        // A filesystem without locks: nothing to keep apart with, as before locks.
+        Err(_) => return Ok(file),
+    }
+    file.set_len(0).and_then(|()| file.write_all(format!("pid {}\n", std::process::id()).as_bytes())).ok();
+    Ok(file)
 }
 
 /// The spool file as the capture writes it, remembering whether a write to it failed.

@@ -406,3 +406,58 @@ fn the_restored_step_is_not_checkpointed_again() {
     cp.wait().unwrap();
     assert_eq!(ids_of(&repo, "stdin:state").len(), 2);
 }
+
+/// Two Checkpointers of one series at once are refused (they would resume from, and let retention forget,
+/// each other's checkpoints), in another process as in this one; the lock ends with its holder, even killed.
+#[test]
+fn a_series_has_one_checkpointer_at_a_time() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    Repository::init(&repo).unwrap();
+    let first = stream_checkpointer(&repo, Default::default());
+    match Checkpointer::new(Repository::open(&repo).unwrap(), Default::default()) {
+        Err(snapstore::Error::InvalidInput(m)) => {
+            assert!(m.contains(&format!("pid {}", std::process::id())) && m.contains("stdin:state"), "{m}")
+        }
+        other => panic!("a second Checkpointer of one series was let in: {:?}", other.err().is_none()),
+    }
+    let other_name = CheckpointerOptions { name: "other".into(), ..Default::default() };
+    drop(stream_checkpointer(&repo, other_name));
+    drop(first);
+    drop(stream_checkpointer(&repo, Default::default()));
+
+    // Held by a process that is then killed: free again.
+    let mut child = spawn_child(&repo, &t.path().join("out"));
+    // It says so once its Checkpointer is made (stderr stays open: the child goes on writing to it).
+    let mut said = BufReader::new(child.stderr.take().unwrap()).lines();
+    assert!(said.any(|l| l.unwrap().starts_with("resumed from")), "the child never started");
+    let busy = CheckpointerOptions { name: "sim.state".into(), ..Default::default() };
+    let refused = Checkpointer::new(Repository::open(&repo).unwrap(), busy.clone()).is_err();
+    // Unless the child was already done (its whole run takes a moment), it held the series.
+    assert!(refused || child.try_wait().unwrap().is_some(), "let in while the child checkpoints");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(stream_checkpointer(&repo, busy));
+}
+
+/// A failed persist is reported by `wait`, and the checkpoints persisted beside it are not lost from the
+/// report: the next `wait` returns them.
+#[test]
+fn wait_reports_a_failure_then_the_checkpoints_that_were_persisted() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    Repository::init(&repo).unwrap();
+    let store = std::sync::Arc::new(snapstore::MemoryBackend::new());
+    let mut cp = Checkpointer::new(Repository::open_with(&repo, store.clone()).unwrap(), Default::default()).unwrap();
+    cp.checkpoint(1, |w| w.write_all(b"state 1")).unwrap();
+    while ids_of(&repo, "stdin:state").is_empty() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    store.set_failing(true);
+    cp.checkpoint(2, |w| w.write_all(&crate::util::pseudo_random(100_000, 2))).unwrap();
+    assert!(cp.wait().is_err(), "step 2 could not be stored");
+    store.set_failing(false);
+    let persisted = cp.wait().unwrap();
+    assert_eq!(persisted.iter().map(|p| p.step).collect::<Vec<_>>(), [1]);
+    assert!(cp.wait().unwrap().is_empty(), "reported once");
+}
