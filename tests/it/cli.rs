@@ -444,7 +444,7 @@ fn spellings_of_one_path_are_one_series() {
     assert_eq!(paths.len(), 1, "{log}");
     assert_eq!(json(&sx(&repo, &["--json", "show", &ids[2][..8]]))["checkpoint"]["parent"], ids[1].as_str());
     let o = run(&repo, &["forget", "--keep-last", "1", "--path", &spellings[1], "--dry-run"]);
-    assert!(ok(o.clone(), "forget --path DIR/").contains("would keep 1, forget 2"));
+    assert!(ok(o.clone(), "forget --path DIR/").contains("would keep 1, forget 2 checkpoints"));
     assert!(!text(&o.stderr).contains("warning"), "{}", text(&o.stderr));
     let o = run(&repo, &["forget", "--keep-last", "1", "--path", p(&tmp.path().join("nothing")), "--dry-run"]);
     assert!(text(&o.stderr).contains("warning: no checkpoint of"), "{}", text(&o.stderr));

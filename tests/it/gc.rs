@@ -616,7 +616,7 @@ fn cli_forget_by_id_and_by_policy() {
 
     // A dry run, in text and in JSON, changes nothing.
     let out = succeeded(&run(&repo, &["forget", "--keep-last", "1", "--dry-run"]), "forget --dry-run");
-    assert!(out.contains("would keep 2, forget 2"), "{out}");
+    assert!(out.contains("would keep 2, forget 2 checkpoints"), "{out}");
     let o = run(&repo, &["--json", "forget", "--keep-last", "1", "--dry-run"]);
     let v: serde_json::Value =
         serde_json::from_str(&succeeded(&o, "forget --json --dry-run")).expect("forget --json parses");

@@ -808,7 +808,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                     out.json(&serde_json::json!({ "dry_run": dry_run, "forget_groups": gone }))?;
                 } else if !cli.quiet {
                     group::list(out, &gone)?;
-                    output::forget_total(out, 0, gone.len(), *dry_run)?;
+                    output::forget_total(out, None, gone.len(), "group", *dry_run)?;
                 }
                 out.flush()?;
                 return Ok(());
@@ -823,9 +823,9 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                     out.json(&serde_json::json!({ "dry_run": dry_run, "forget": forgotten }))?;
                 } else if !cli.quiet {
                     for c in &forgotten {
-                        out.line(&format!("forget  {}  {}  {}", c.short_id(), output::human_time(c.time_ns), c.path))?;
+                        output::fate_line(out, "forget", &c.id, c.time_ns, &c.path, "")?;
                     }
-                    output::forget_total(out, 0, forgotten.len(), *dry_run)?;
+                    output::forget_total(out, None, forgotten.len(), "checkpoint", *dry_run)?;
                 }
                 out.flush()?;
                 return Ok(());
@@ -866,7 +866,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 }))?;
             } else if !cli.quiet {
                 output::plan(out, &plan)?;
-                output::forget_total(out, plan.keep.len(), plan.forget.len(), *dry_run)?;
+                output::forget_total(out, Some(plan.keep.len()), plan.forget.len(), "checkpoint", *dry_run)?;
             }
         }
         Command::Gc { dry_run, max_unused, incomplete_after } => {

@@ -242,22 +242,28 @@ pub fn plan(out: &mut Out, plan: &Plan) -> io::Result<()> {
     for (what, list) in [("keep  ", &plan.keep), ("forget", &plan.forget)] {
         for d in list.iter() {
             let why = if d.reasons.is_empty() { String::new() } else { format!("  ({})", d.reasons.join(", ")) };
-            out.line(&format!(
-                "{what}  {}  {}  {}{why}",
-                &d.id[..snapstore::SHORT_ID_LEN],
-                human_time(d.time_ns),
-                one_line(short_path(&d.path))
-            ))?;
+            fate_line(out, what, &d.id, d.time_ns, &d.path, &why)?;
         }
     }
     Ok(())
 }
 
-pub fn forget_total(out: &mut Out, kept: usize, forgotten: usize, dry_run: bool) -> io::Result<()> {
-    if dry_run {
-        out.line(&format!("would keep {kept}, forget {forgotten} (dry run: nothing changed)"))
-    } else {
-        out.line(&format!("kept {kept}, forgot {forgotten}; `snapstore gc` reclaims their space"))
+/// One checkpoint a `forget` keeps or forgets, alike for a policy's plan and for ids given.
+pub fn fate_line(out: &mut Out, what: &str, id: &str, time_ns: i64, path: &str, why: &str) -> io::Result<()> {
+    let short = &id[..snapstore::SHORT_ID_LEN.min(id.len())];
+    out.line(&format!("{what}  {short}  {}  {}{why}", human_time(time_ns), one_line(short_path(path))))
+}
+
+/// The last line of a `forget`: with a policy, how many it kept too; by id or group, only what it forgot.
+pub fn forget_total(out: &mut Out, kept: Option<usize>, forgotten: usize, what: &str, dry_run: bool) -> io::Result<()> {
+    let forgotten = plural(forgotten as u64, what);
+    match (kept, dry_run) {
+        (Some(kept), true) => out.line(&format!("would keep {kept}, forget {forgotten} (dry run: nothing changed)")),
+        (Some(kept), false) => {
+            out.line(&format!("kept {kept}, forgot {forgotten}; `snapstore gc` reclaims their space"))
+        }
+        (None, true) => out.line(&format!("would forget {forgotten} (dry run: nothing changed)")),
+        (None, false) => out.line(&format!("forgot {forgotten}; `snapstore gc` reclaims their space")),
     }
 }
 
