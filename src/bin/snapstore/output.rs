@@ -259,11 +259,9 @@ pub fn forget_total(out: &mut Out, kept: Option<usize>, forgotten: usize, what: 
     let forgotten = plural(forgotten as u64, what);
     match (kept, dry_run) {
         (Some(kept), true) => out.line(&format!("would keep {kept}, forget {forgotten} (dry run: nothing changed)")),
-        (Some(kept), false) => {
-            out.line(&format!("kept {kept}, forgot {forgotten}; `snapstore gc` reclaims their space"))
-        }
+        (Some(kept), false) => out.line(&format!("kept {kept}, forgot {forgotten}; `snapstore gc` reclaims the space")),
         (None, true) => out.line(&format!("would forget {forgotten} (dry run: nothing changed)")),
-        (None, false) => out.line(&format!("forgot {forgotten}; `snapstore gc` reclaims their space")),
+        (None, false) => out.line(&format!("forgot {forgotten}; `snapstore gc` reclaims the space")),
     }
 }
 
