@@ -36,9 +36,9 @@ pub enum Schedule {
 ///
 /// One state is one series of checkpoints, named by `name` (or by `path`), **whatever host made them**: a
 /// job restarted on another machine or in a new container (another hostname) resumes from the series, and
-/// retention counts the series as a whole. Give each job's state a name of its own: two programs that
-/// checkpoint under one name at once resume from, and let retention forget, each other's checkpoints.
-/// Setting `commit.host` pins the series to that host name instead.
+/// retention counts the series as a whole. Give each job's state a name of its own: [`Checkpointer::new`]
+/// refuses a series another `Checkpointer` is using, since the two would resume from, and let retention
+/// forget, each other's checkpoints. Setting `commit.host` pins the series to that host name instead.
 #[derive(Clone)]
 pub struct CheckpointerOptions {
     /// The state's name: its checkpoints are those of the stream `NAME` (path `stdin:NAME` in `log`).
@@ -186,7 +186,7 @@ pub struct Checkpointer {
     worker: Option<JoinHandle<()>>,
     /// Retention and GC after [`Checkpointer::checkpoint_path`], which commits on the caller's thread.
     upkeep: Upkeep,
-    /// Held for the Checkpointer's life: no other process checkpoints this series meanwhile.
+    /// Held for the Checkpointer's life: no other Checkpointer takes this series meanwhile.
     _series_lock: File,
 }
 
@@ -196,7 +196,8 @@ fn step_tag(step: u64) -> String {
 }
 
 impl Checkpointer {
-    /// Starts the background persister. The state's name must be a valid file name.
+    /// Starts the background persister. The state's name must be a valid file name, and no other
+    /// `Checkpointer`, in this process or another, may be using its series (see [`CheckpointerOptions`]).
     pub fn new(repo: Repository, mut opts: CheckpointerOptions) -> Result<Self> {
         if let Some(p) = &opts.path {
             opts.path = Some(std::path::absolute(p).map_err(|e| Error::io(p, e))?);
