@@ -176,13 +176,15 @@ pub struct Checkpointer {
     opts: CheckpointerOptions,
     last: Option<(u64, Instant)>,
     jobs: Option<SyncSender<Job>>,
-    done: Receiver<Result<Persisted>>,
+    done: Receiver<(u64, Result<Persisted>)>,
     /// Captured and not yet reported by [`Checkpointer::wait`].
     in_flight: u64,
     /// Persisted and not yet reported by [`Checkpointer::wait`].
     ready: Vec<Persisted>,
     /// A persist that failed, not yet reported.
     failed: Option<Error>,
+    /// The steps whose captured checkpoint could not be persisted.
+    lost: Vec<u64>,
     worker: Option<JoinHandle<()>>,
     /// Retention and GC after [`Checkpointer::checkpoint_path`], which commits on the caller's thread.
     upkeep: Upkeep,
@@ -225,7 +227,7 @@ impl Checkpointer {
         let repo = Arc::new(repo);
         // One image waits while another is persisted; a third capture waits for room.
         let (jobs, job_rx) = sync_channel::<Job>(1);
-        let (done_tx, done) = channel::<Result<Persisted>>();
+        let (done_tx, done) = channel::<(u64, Result<Persisted>)>();
         let worker = {
             let (repo, opts) = (repo.clone(), opts.clone());
             std::thread::Builder::new()
@@ -233,7 +235,8 @@ impl Checkpointer {
                 .spawn(move || {
                     let mut upkeep = Upkeep::new();
                     for job in job_rx {
-                        if done_tx.send(persist(&repo, &opts, &mut upkeep, job)).is_err() {
+                        let step = job.step;
+                        if done_tx.send((step, persist(&repo, &opts, &mut upkeep, job))).is_err() {
                             break;
                         }
                     }
@@ -249,6 +252,7 @@ impl Checkpointer {
             in_flight: 0,
             ready: Vec::new(),
             failed: None,
+            lost: Vec::new(),
             worker: Some(worker),
             upkeep: Upkeep::new(),
             _series_lock: series_lock,
@@ -401,14 +405,21 @@ impl Checkpointer {
         }
     }
 
-    fn absorb(&mut self, r: Result<Persisted>) {
+    fn absorb(&mut self, (step, r): (u64, Result<Persisted>)) {
         self.in_flight -= 1;
         match r {
             Ok(p) => self.ready.push(p),
             Err(e) => {
+                self.lost.push(step);
                 self.failed.get_or_insert(e);
             }
         }
+    }
+
+    /// The steps captured so far whose checkpoint could not be persisted, in the order they failed: the
+    /// errors say why, this says which (an error is reported once, by the call after it is known).
+    pub fn lost(&self) -> &[u64] {
+        &self.lost
     }
 
     /// Writes the newest checkpoint of this state into `into` (its bytes are verified chunk by chunk as they

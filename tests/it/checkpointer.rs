@@ -456,6 +456,7 @@ fn wait_reports_a_failure_then_the_checkpoints_that_were_persisted() {
     store.set_failing(true);
     cp.checkpoint(2, |w| w.write_all(&crate::util::pseudo_random(100_000, 2))).unwrap();
     assert!(cp.wait().is_err(), "step 2 could not be stored");
+    assert_eq!(cp.lost(), [2], "the lost step is named");
     store.set_failing(false);
     let persisted = cp.wait().unwrap();
     assert_eq!(persisted.iter().map(|p| p.step).collect::<Vec<_>>(), [1]);
