@@ -78,6 +78,10 @@ const MIGRATIONS: &[&str] = &[
     // 7: the records of a remote repository's bucket this catalog has applied (see docs/format.md, *Remote
     // repositories*); empty in a local repository.
     "CREATE TABLE remote_records (name TEXT PRIMARY KEY) WITHOUT ROWID;",
+    // 8: the pid namespace of a session's and the GC lease's process: a pid is judged only where it means
+    // the same process (see `pid_namespace`).
+    "ALTER TABLE sessions ADD COLUMN pidns TEXT NOT NULL DEFAULT '';
+     ALTER TABLE gc_lease ADD COLUMN pidns TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The migration after whose SQL `convert_trees` runs.
@@ -517,9 +521,9 @@ impl Catalog {
         let epoch = gc_epoch(&tx)?;
         let now = now_ns();
         tx.execute(
-            "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch, process)
-             VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6)",
-            params![kind, host, std::process::id(), now, epoch, process_identity(std::process::id())],
+            "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch, process, pidns)
+             VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7)",
+            params![kind, host, std::process::id(), now, epoch, process_identity(std::process::id()), pid_namespace()],
         )?;
         let id = tx.last_insert_rowid();
         tx.commit()?;
@@ -1160,6 +1164,56 @@ pub(crate) fn host_name() -> String {
 /// A process's identity beyond its pid, `BOOT/START`: the boot it runs in (`/proc/sys/kernel/random/boot_id`)
 /// and its start in clock ticks since that boot (`/proc/PID/stat`). Neither depends on the wall clock, which
 /// may judge liveness but never safety. Empty if the process is gone or /proc does not tell.
+/// This process's pid namespace (`pid:[INODE]`), or `""` where it cannot be read. Containers that share a
+/// host name (host networking, a fixed `--hostname`) see each other's processes under other pids or not at
+/// all: a pid recorded in another namespace says nothing here.
+pub(crate) fn pid_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/pid").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// What a holder recorded under this host's name is, as far as this process can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Whose {
+    /// Of this boot and pid namespace: its pid names it, and its process decides.
+    Ours,
+    /// Of another boot, silent since before this one began: a process of this machine before a reboot.
+    EarlierBoot,
+    /// Anything else: a machine that only shares the host name (a cloned VM: another boot id, heard from
+    /// since this boot began), a container sharing it (host networking, a fixed `--hostname`: another pid
+    /// namespace, where pids name other processes or none), or a holder recorded without its identity.
+    /// Judged by its heartbeat, as another host is.
+    Unknown,
+}
+
+/// Sorts a holder recorded as `process` (`BOOT/START`) in pid namespace `pidns`, last heard from at
+/// `heartbeat_ns` by its clock. Telling an earlier boot of this machine from a live namesake compares that
+/// heartbeat with this boot's start by the wall clock: a namesake whose clock lags by more than this
+/// machine's uptime could be taken for an earlier boot. Everything else reads no clock.
+pub(crate) fn whose(process: &str, pidns: &str, heartbeat_ns: i64) -> Whose {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let boot = boot.trim();
+    match process.split_once('/') {
+        Some((b, _)) if !b.is_empty() && !boot.is_empty() && b != boot => {
+            if heartbeat_ns < boot_time_ns() {
+                Whose::EarlierBoot
+            } else {
+                Whose::Unknown
+            }
+        }
+        Some((b, _)) if b == boot && !pidns.is_empty() && pidns == pid_namespace() => Whose::Ours,
+        _ => Whose::Unknown,
+    }
+}
+
+/// When this boot began, by the wall clock (`btime` of `/proc/stat`); `i64::MIN` where it cannot be read, so
+/// that no holder passes for an earlier boot's.
+fn boot_time_ns() -> i64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")?.trim().parse::<i64>().ok()))
+        .map_or(i64::MIN, |secs| secs.saturating_mul(1_000_000_000))
+}
+
 pub(crate) fn process_identity(pid: u32) -> String {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -94,19 +94,22 @@ pub struct GcSummary {
     pub seconds: f64,
 }
 
-/// A process of this host is judged by its identity (see [`process_identity`]): one recorded in an earlier
-/// boot is gone, and a pid now held by a process that started at another tick is someone else's. Rows from
-/// before schema 4 hold no identity and are judged by the pid alone.
-fn pid_alive(pid: u32, process: &str) -> bool {
-    if process.is_empty() {
-        return pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists();
-    }
-    process_identity(pid) == process
-}
+/// Who holds a session or a lease: host name, pid, process identity (see [`process_identity`]) and pid
+/// namespace (see [`crate::catalog::pid_namespace`]).
+pub(crate) type Holder<'a> = (&'a str, u32, &'a str, &'a str);
 
-pub(crate) fn dead(holder: (&str, u32, &str), heartbeat_ns: i64, me: &str, stale_after: Duration) -> bool {
-    let (host, pid, process) = holder;
-    if host == me { !pid_alive(pid, process) } else { now_ns().saturating_sub(heartbeat_ns) > nanos(stale_after) }
+/// Whether the holder is gone. One of this host name is sorted by [`crate::catalog::whose`]: of this boot and
+/// pid namespace, gone when its pid is free or held by a process that started at another tick; of an earlier
+/// boot, gone. Any other, of another host or only of this host's name, when its heartbeat is older than
+/// `stale_after`.
+pub(crate) fn dead(holder: Holder<'_>, heartbeat_ns: i64, me: &str, stale_after: Duration) -> bool {
+    use crate::catalog::Whose;
+    let (host, pid, process, pidns) = holder;
+    match (host == me).then(|| crate::catalog::whose(process, pidns, heartbeat_ns)) {
+        Some(Whose::Ours) => process_identity(pid) != process,
+        Some(Whose::EarlierBoot) => true,
+        Some(Whose::Unknown) | None => now_ns().saturating_sub(heartbeat_ns) > nanos(stale_after),
+    }
 }
 
 /// A duration in nanoseconds, saturating: `Duration::MAX` means never, not a negative cutoff.
@@ -116,15 +119,15 @@ fn nanos(d: Duration) -> i64 {
 
 /// Takes the repository's GC lease, or says who holds it.
 pub(crate) fn acquire_lease(conn: &mut Connection, me: &str, stale_after: Duration) -> Result<()> {
-    type Holder = (String, u32, i64, i64, String);
-    let holder = |c: &Connection| -> Result<Option<Holder>> {
-        Ok(c.query_row("SELECT host, pid, started_ns, heartbeat_ns, process FROM gc_lease", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    type Lease = (String, u32, i64, i64, String, String);
+    let holder = |c: &Connection| -> Result<Option<Lease>> {
+        Ok(c.query_row("SELECT host, pid, started_ns, heartbeat_ns, process, pidns FROM gc_lease", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
         })
         .optional()?)
     };
-    let running = |(host, pid, started, heartbeat, process): Holder| {
-        (!dead((&host, pid, &process), heartbeat, me, stale_after)).then(|| Error::GcRunning {
+    let running = |(host, pid, started, heartbeat, process, pidns): Lease| {
+        (!dead((&host, pid, &process, &pidns), heartbeat, me, stale_after)).then(|| Error::GcRunning {
             pid,
             host,
             started: crate::checkpoint::format_utc(started),
@@ -144,8 +147,9 @@ pub(crate) fn acquire_lease(conn: &mut Connection, me: &str, stale_after: Durati
     }
     let now = now_ns();
     tx.execute(
-        "INSERT INTO gc_lease (one, host, pid, started_ns, heartbeat_ns, process) VALUES (1, ?1, ?2, ?3, ?3, ?4)",
-        params![me, std::process::id(), now, process_identity(std::process::id())],
+        "INSERT INTO gc_lease (one, host, pid, started_ns, heartbeat_ns, process, pidns)
+         VALUES (1, ?1, ?2, ?3, ?3, ?4, ?5)",
+        params![me, std::process::id(), now, process_identity(std::process::id()), crate::catalog::pid_namespace()],
     )?;
     tx.commit()?;
     Ok(())
@@ -158,13 +162,13 @@ pub(crate) fn touch_lease(conn: &Connection) -> Result<()> {
 
 /// Deletes sessions whose writers are dead; returns (expired, alive).
 pub(crate) fn expire_sessions(conn: &Connection, me: &str, stale_after: Duration) -> Result<(u64, u64)> {
-    let sessions: Vec<(i64, String, u32, i64, String)> = conn
-        .prepare("SELECT id, host, pid, heartbeat_ns, process FROM sessions")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+    let sessions: Vec<(i64, String, u32, i64, String, String)> = conn
+        .prepare("SELECT id, host, pid, heartbeat_ns, process, pidns FROM sessions")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
         .collect::<rusqlite::Result<_>>()?;
     let mut expired = 0;
-    for (id, host, pid, heartbeat, process) in &sessions {
-        if dead((host, *pid, process), *heartbeat, me, stale_after) {
+    for (id, host, pid, heartbeat, process, pidns) in &sessions {
+        if dead((host, *pid, process, pidns), *heartbeat, me, stale_after) {
             expired += conn.execute("DELETE FROM sessions WHERE id = ?1", [id])? as u64;
         }
     }
@@ -729,22 +733,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (repo, a, _) = repo_with_two_checkpoints(dir.path());
         let cat = repo.catalog().unwrap();
-        let insert = |pid: u32| {
+        // Recorded as this boot and namespace's processes, with fresh heartbeats: only the pids decide.
+        let insert = |pid: u32, process: String| {
             cat.connection().execute("DELETE FROM gc_lease", []).unwrap();
             cat.connection()
                 .execute(
-                    "INSERT INTO gc_lease (one, host, pid, started_ns, heartbeat_ns) VALUES (1, ?1, ?2, 0, ?3)",
-                    params![host_name(), pid, now_ns()],
+                    "INSERT INTO gc_lease (one, host, pid, started_ns, heartbeat_ns, process, pidns)
+                     VALUES (1, ?1, ?2, 0, ?3, ?4, ?5)",
+                    params![host_name(), pid, now_ns(), process, crate::catalog::pid_namespace()],
                 )
                 .unwrap();
         };
         // PID 1 is always alive.
-        insert(1);
+        insert(1, process_identity(1));
         assert!(matches!(repo.gc(&GcOptions::default()), Err(Error::GcRunning { pid: 1, .. })));
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let dead = child.id();
         child.wait().unwrap();
-        insert(dead);
+        let boot = process_identity(std::process::id()).split_once('/').unwrap().0.to_string();
+        insert(dead, format!("{boot}/1"));
         repo.forget(&[&a]).unwrap();
         let g = repo.gc(&GcOptions::default()).unwrap();
         assert!(g.chunks_swept > 0);
@@ -792,39 +799,89 @@ mod tests {
         assert_eq!((g.sessions_expired, g.sessions_alive), (2, 0));
     }
 
-    /// After a reboot (or when a pid is reused) a live pid no longer proves the recorded process alive.
+    /// When a pid is reused, a live pid no longer proves the recorded process alive.
     #[test]
-    fn a_live_pid_of_another_boot_or_start_is_not_the_recorded_process() {
+    fn a_live_pid_of_another_start_is_not_the_recorded_process() {
         let dir = tempfile::tempdir().unwrap();
         let (repo, _, _) = repo_with_two_checkpoints(dir.path());
         let me = std::process::id();
         let mine = process_identity(me);
         let (boot, start) = mine.split_once('/').expect("this test needs Linux /proc");
         let cat = repo.catalog().unwrap();
-        for process in [format!("an-earlier-boot/{start}"), format!("{boot}/{}", start.parse::<u64>().unwrap() + 1)] {
-            cat.connection()
-                .execute(
-                    "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch, process)
-                     VALUES ('commit', ?1, ?2, 0, 0, 1, ?3)",
-                    params![host_name(), me, process],
-                )
-                .unwrap();
-        }
+        // Its heartbeat is fresh: only its process can show it gone.
+        cat.connection()
+            .execute(
+                "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch, process, pidns)
+                 VALUES ('commit', ?1, ?2, 0, ?3, 1, ?4, ?5)",
+                params![
+                    host_name(),
+                    me,
+                    now_ns(),
+                    format!("{boot}/{}", start.parse::<u64>().unwrap() + 1),
+                    crate::catalog::pid_namespace()
+                ],
+            )
+            .unwrap();
         let g = repo.gc(&GcOptions::default()).unwrap();
-        assert_eq!((g.sessions_expired, g.sessions_alive), (2, 0));
+        assert_eq!((g.sessions_expired, g.sessions_alive), (1, 0));
         // This process itself, recorded as it is, is alive: its session holds sweeping back.
         let session = repo.catalog().unwrap().begin_session("commit", &host_name()).unwrap();
         let g = repo.gc(&GcOptions::default()).unwrap();
         assert_eq!((g.sessions_expired, g.sessions_alive), (0, 1));
         repo.catalog().unwrap().end_session(session).unwrap();
-        // A GC lease of an earlier boot is taken over at once, without waiting for its heartbeat to age.
+        // A GC lease of a process gone from this boot is taken over at once, without waiting for its heartbeat.
         cat.connection()
             .execute(
-                "INSERT INTO gc_lease (one, host, pid, started_ns, heartbeat_ns, process) VALUES (1, ?1, ?2, 0, ?3, ?4)",
-                params![host_name(), me, now_ns(), format!("an-earlier-boot/{start}")],
+                "INSERT INTO gc_lease (one, host, pid, started_ns, heartbeat_ns, process, pidns)
+                 VALUES (1, ?1, ?2, 0, ?3, ?4, ?5)",
+                params![host_name(), me, now_ns(), format!("{boot}/1"), crate::catalog::pid_namespace()],
             )
             .unwrap();
         repo.gc(&GcOptions::default()).unwrap();
+    }
+
+    /// A holder with this host's name on another machine (another boot id: a cloned VM) or in another pid
+    /// namespace (a container sharing the host name) may be alive under a pid that means nothing here: it is
+    /// judged by its heartbeat, never by the pid. Before, GC took such a live writer for dead and swept the
+    /// chunks its commit relied on.
+    #[test]
+    fn a_holder_of_this_host_name_elsewhere_is_judged_by_its_heartbeat() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _, _) = repo_with_two_checkpoints(dir.path());
+        let me = std::process::id();
+        let (boot, start) = process_identity(me).split_once('/').map(|(b, s)| (b.to_string(), s.to_string())).unwrap();
+        let ns = crate::catalog::pid_namespace();
+        assert!(!ns.is_empty(), "this test needs /proc/self/ns/pid");
+        let elsewhere = [
+            (format!("another-boot/{start}"), ns.clone(), 4_000_000_000u32),
+            (format!("{boot}/{start}"), "pid:[1]".to_string(), 4_000_000_000),
+            (format!("{boot}/{start}"), String::new(), 4_000_000_000),
+        ];
+        let cat = repo.catalog().unwrap();
+        for (fresh, expect) in [(true, (0, 3)), (false, (3, 0))] {
+            let heartbeat = if fresh { now_ns() } else { 0 };
+            for (process, pidns, pid) in &elsewhere {
+                cat.connection()
+                    .execute(
+                        "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch, process, pidns)
+                         VALUES ('commit', ?1, ?2, 0, ?3, 1, ?4, ?5)",
+                        params![host_name(), pid, heartbeat, process, pidns],
+                    )
+                    .unwrap();
+            }
+            let g = repo.gc(&GcOptions::default()).unwrap();
+            assert_eq!((g.sessions_expired, g.sessions_alive), expect, "fresh heartbeats: {fresh}");
+            cat.connection().execute("DELETE FROM sessions", []).unwrap();
+        }
+        // Their GC lease is respected while its heartbeat is fresh.
+        cat.connection()
+            .execute(
+                "INSERT INTO gc_lease (one, host, pid, started_ns, heartbeat_ns, process, pidns)
+                 VALUES (1, ?1, 4000000000, 0, ?2, ?3, 'pid:[1]')",
+                params![host_name(), now_ns(), format!("{boot}/{start}")],
+            )
+            .unwrap();
+        assert!(matches!(repo.gc(&GcOptions::default()), Err(Error::GcRunning { .. })));
     }
 
     #[test]

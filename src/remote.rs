@@ -47,6 +47,9 @@ pub(crate) struct Holder {
     pub host: String,
     pub pid: u32,
     pub process: String,
+    /// Its pid namespace ([`crate::catalog::pid_namespace`]); absent from holders written before it was.
+    #[serde(default)]
+    pub pidns: String,
     /// Unique per holder: a lock read back with another token belongs to someone else.
     pub token: String,
     pub started_ns: i64,
@@ -61,6 +64,7 @@ impl Holder {
             host: host_name(),
             pid,
             process: process_identity(pid),
+            pidns: crate::catalog::pid_namespace(),
             token: token(),
             started_ns: now,
             heartbeat_ns: now,
@@ -266,11 +270,15 @@ impl Remote {
         Ok((expired, alive))
     }
 
-    /// Whether a holder is gone: on this host, its process; on another, no heartbeat for `stale` by the
-    /// server's clock (its objects' modification times), so that no two machines' clocks are compared.
+    /// Whether a holder is gone: one of this boot and pid namespace, by its process; one of an earlier boot of
+    /// this machine, gone ([`crate::catalog::whose`]); any other (another host, or one that only shares this
+    /// host's name), by no heartbeat for `stale` by the server's clock (its objects' modification times), so
+    /// that no two machines' clocks are compared.
     fn dead(&self, h: &Holder, modified_ns: i64, stale: Duration) -> Result<bool> {
-        if h.host == host_name() {
-            return Ok(crate::gc::dead((&h.host, h.pid, &h.process), h.heartbeat_ns, &h.host, stale));
+        if h.host == host_name()
+            && crate::catalog::whose(&h.process, &h.pidns, h.heartbeat_ns) != crate::catalog::Whose::Unknown
+        {
+            return Ok(crate::gc::dead((&h.host, h.pid, &h.process, &h.pidns), h.heartbeat_ns, &h.host, stale));
         }
         let stale_ns = i64::try_from(stale.as_nanos()).unwrap_or(i64::MAX);
         Ok(self.server_now()?.saturating_sub(modified_ns) > stale_ns)
@@ -295,6 +303,7 @@ impl Remote {
                     host: "?".into(),
                     pid: 0,
                     process: String::new(),
+                    pidns: String::new(),
                     token: String::new(),
                     started_ns: 0,
                     heartbeat_ns: 0,

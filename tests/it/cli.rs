@@ -1360,3 +1360,20 @@ fn terminal_escapes_in_names_and_messages_are_printed_escaped() {
     assert_eq!(fs::read(out.join(evil)).unwrap(), b"changed");
     assert_eq!(fs::read_link(out.join("link")).unwrap(), Path::new("to\x1b[31m"));
 }
+
+/// A stderr that cannot be written (full, closed) changes no outcome: the exit code still says how the
+/// command ended, instead of a panic's 101.
+#[test]
+fn an_unwritable_stderr_does_not_turn_into_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let data = tmp.path().join("data");
+    fs::create_dir(&data).unwrap();
+    fs::write(data.join("f"), "x").unwrap();
+    let full = || fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    // `commit` says on stderr that it created the repository; `log` of no repository says why it failed.
+    let commit = Command::new(bin()).arg("--repo").arg(&repo).arg("commit").arg(&data).stderr(full()).output();
+    assert_eq!(commit.unwrap().status.code(), Some(0));
+    let log = Command::new(bin()).arg("--repo").arg(tmp.path().join("none")).arg("log").stderr(full()).output();
+    assert_eq!(log.unwrap().status.code(), Some(4));
+}

@@ -865,10 +865,11 @@ fn insert_session(repo: &Path, host: &str, pid: u32, heartbeat_ns: i64) {
     let cat = Repository::open(repo).unwrap().catalog().unwrap();
     let c = cat.connection();
     let epoch: String = c.query_row("SELECT value FROM meta WHERE key = 'gc_epoch'", [], |r| r.get(0)).unwrap();
+    let (process, pidns) = crate::util::process_record(pid);
     c.execute(
-        "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch)
-         VALUES ('commit', ?1, ?2, ?3, ?3, ?4)",
-        (host, pid, heartbeat_ns, epoch.parse::<i64>().unwrap()),
+        "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch, process, pidns)
+         VALUES ('commit', ?1, ?2, ?3, ?3, ?4, ?5, ?6)",
+        (host, pid, heartbeat_ns, epoch.parse::<i64>().unwrap(), process, pidns),
     )
     .unwrap();
 }
@@ -948,10 +949,12 @@ fn a_commit_labelled_with_another_host_is_not_taken_for_a_remote_writer() {
 
 fn insert_lease(repo: &Path, host: &str, pid: u32, heartbeat_ns: i64) {
     let cat = Repository::open(repo).unwrap().catalog().unwrap();
+    let (process, pidns) = crate::util::process_record(pid);
     cat.connection()
         .execute(
-            "INSERT INTO gc_lease (one, host, pid, started_ns, heartbeat_ns) VALUES (1, ?1, ?2, ?3, ?3)",
-            (host, pid, heartbeat_ns),
+            "INSERT INTO gc_lease (one, host, pid, started_ns, heartbeat_ns, process, pidns)
+             VALUES (1, ?1, ?2, ?3, ?3, ?4, ?5)",
+            (host, pid, heartbeat_ns, process, pidns),
         )
         .unwrap();
 }

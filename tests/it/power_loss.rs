@@ -282,12 +282,13 @@ fn run_steps(dir: &Path, cut_at: u64, seed: u64, catalog_from: Option<u64>) -> (
 fn check(cut: &Cut, told: &Told) -> Result<(), String> {
     let repo = Repository::open(&cut.dir).map_err(|e| format!("open: {e}"))?;
     // The power comes back as a new boot. This test's process lives on, so the boot id its sessions and GC
-    // lease recorded is made an earlier one: what a reboot does to them.
+    // lease recorded is made an earlier one, last heard from before this boot: what a reboot does to them.
     repo.catalog()
         .unwrap()
         .connection()
         .execute_batch(
-            "UPDATE sessions SET process = 'an-earlier-boot/' || pid; UPDATE gc_lease SET process = 'an-earlier-boot/1';",
+            "UPDATE sessions SET process = 'an-earlier-boot/' || pid, heartbeat_ns = 0;
+             UPDATE gc_lease SET process = 'an-earlier-boot/1', heartbeat_ns = 0;",
         )
         .unwrap();
     let whole = |when: &str| -> Result<(), String> {

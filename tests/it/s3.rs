@@ -511,8 +511,10 @@ fn a_sweep_lock_left_by_a_dead_gc_is_cleared_and_a_live_one_waited_for() {
     a.ok(&["init"]);
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
     let lock = |pid: u32| {
+        let (process, pidns) = crate::util::process_record(pid);
         let body = serde_json::json!({
-            "host": host, "pid": pid, "process": "", "token": format!("t{pid}"), "started_ns": 0, "heartbeat_ns": 0
+            "host": host, "pid": pid, "process": process, "pidns": pidns, "token": format!("t{pid}"),
+            "started_ns": 0, "heartbeat_ns": 0
         });
         bucket(&endpoint, &url).put("locks/sweep", serde_json::to_vec(&body).unwrap()).unwrap();
     };

@@ -266,3 +266,13 @@ pub fn corrupt_pack_blob(pack: &Path, fraction: f64) {
     fs::remove_file(pack).unwrap();
     fs::write(pack, bytes).unwrap();
 }
+
+/// How snapstore records process `pid` of this machine in a session or lock: (`BOOT/START`, pid namespace).
+/// For a pid with no process, a start tick no process has, so that the holder reads as gone.
+pub fn process_record(pid: u32) -> (String, String) {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap().trim().to_string();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let start = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(19)).unwrap_or("0");
+    let pidns = std::fs::read_link("/proc/self/ns/pid").unwrap().to_string_lossy().into_owned();
+    (format!("{boot}/{start}"), pidns)
+}

@@ -210,11 +210,12 @@ fn repair_with_read_data_waits_for_a_commit_that_started_during_the_read() {
             let Some(cat) = cat.as_ref() else { return };
             let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
             let host = if host.is_empty() { "unknown".to_string() } else { host };
+            let (process, pidns) = crate::util::process_record(1);
             cat.connection()
                 .execute(
-                    "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch)
-                     SELECT 'commit', ?1, 1, 0, 0, 1 WHERE NOT EXISTS (SELECT 1 FROM sessions WHERE pid = 1)",
-                    [host],
+                    "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch, process, pidns)
+                     SELECT 'commit', ?1, 1, 0, 0, 1, ?2, ?3 WHERE NOT EXISTS (SELECT 1 FROM sessions WHERE pid = 1)",
+                    [host, process, pidns],
                 )
                 .unwrap();
         }
@@ -528,11 +529,12 @@ fn repair_index_refuses_while_a_commit_runs() {
     let host = if host.is_empty() { "unknown".to_string() } else { host };
     let cat = f.catalog();
     // PID 1 is always alive; a session whose process is gone is expired instead.
+    let ((alive, ns), (gone, _)) = (crate::util::process_record(1), crate::util::process_record(4_000_000_000));
     cat.connection()
         .execute(
-            "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch)
-             VALUES ('commit', ?1, 1, 0, 0, 1), ('commit', ?1, 4000000000, 0, 0, 1)",
-            [&host],
+            "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch, process, pidns)
+             VALUES ('commit', ?1, 1, 0, 0, 1, ?2, ?4), ('commit', ?1, 4000000000, 0, 0, 1, ?3, ?4)",
+            [&host, &alive, &gone, &ns],
         )
         .unwrap();
     let o = f.cli(&["repair", "index"]);

@@ -1,6 +1,15 @@
 //! The `snapstore` command: a thin face over the library. It parses arguments, draws progress on a TTY,
 //! prints results (or JSON), and turns library errors into one clear line and an exit code.
 
+/// `eprintln!` that ignores a failed write: a closed or full stderr must not turn an answer into a panic
+/// (exit 101); the exit code still says how the command ended.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod diff;
 mod group;
 mod output;
@@ -292,7 +301,7 @@ changed (the commit itself stores only the chunks that are new).\n\n", exit_help
 fn open_or_init(repo_dir: &std::path::Path) -> Result<Repository, Error> {
     let (repo, created) = Repository::open_or_init(repo_dir)?;
     if created {
-        eprintln!("created snapstore repository at {}", repo.location());
+        say!("created snapstore repository at {}", repo.location());
     }
     Ok(repo)
 }
@@ -398,13 +407,13 @@ fn report(json: bool, errors: &[String], hint: Option<&str>, code: u8) -> ExitCo
         if let Some(h) = hint {
             v["hint"] = h.into();
         }
-        eprintln!("{v}");
+        say!("{v}");
     } else {
         for e in errors {
-            eprintln!("error: {}", output::printable(e));
+            say!("error: {}", output::printable(e));
         }
         if let Some(h) = hint {
-            eprintln!("hint: {}", output::printable(h));
+            say!("hint: {}", output::printable(h));
         }
     }
     ExitCode::from(code)
@@ -843,7 +852,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             for p in &scope.paths {
                 if !plan.keep.iter().chain(&plan.forget).any(|d| &d.path == p) {
                     let p = output::printable(p);
-                    eprintln!("warning: no checkpoint of {p} (`snapstore log` shows the committed paths)");
+                    say!("warning: no checkpoint of {p} (`snapstore log` shows the committed paths)");
                 }
             }
             if !dry_run {
@@ -893,9 +902,9 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 // Everything else was collected; the exit code is what tells cron that someone must look.
                 if !cli.json {
                     for d in &summary.packs_damaged {
-                        eprintln!("warning: damaged pack {}: {}; left as it is", d.pack, d.problem);
+                        say!("warning: damaged pack {}: {}; left as it is", d.pack, d.problem);
                     }
-                    eprintln!(
+                    say!(
                         "hint: `snapstore verify --read-data` shows what the damage reaches; \
                          `snapstore repair index --read-data` then drops what is lost"
                     );

@@ -61,8 +61,8 @@ impl snapstore::Progress for Bar {
     fn warn(&self, message: &str) {
         let message = crate::output::printable(message);
         match &self.bar {
-            Some(b) => b.suspend(|| eprintln!("warning: {message}")),
-            None => eprintln!("warning: {message}"),
+            Some(b) => b.suspend(|| say!("warning: {message}")),
+            None => say!("warning: {message}"),
         }
     }
 }

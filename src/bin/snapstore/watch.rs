@@ -127,12 +127,12 @@ fn log(out: &mut Out, event: &WatchEvent<'_>, json: bool, quiet: bool) -> std::i
                 // On stderr with the errors: damage needs someone to look, and the watch goes on.
                 for d in &g.packs_damaged {
                     let what = format!("damaged pack {}: {}; left as it is", d.pack, d.problem);
-                    eprintln!("{at}  error: gc: {what} (`snapstore verify --read-data` says what it reaches)");
+                    say!("{at}  error: gc: {what} (`snapstore verify --read-data` says what it reaches)");
                 }
             }
             // On stderr, as every error: the watch goes on.
             WatchEvent::Failed { step, error } => {
-                eprintln!("{at}  error: {step}: {}", crate::output::printable(&error.to_string()))
+                say!("{at}  error: {step}: {}", crate::output::printable(&error.to_string()))
             }
         }
     }
