@@ -76,6 +76,13 @@ impl Holder {
     }
 }
 
+/// The sequence number of a record named `SEQ-HASH` (both in hex); `None` for any other name.
+fn record_seq(name: &str) -> Option<u64> {
+    let (seq, hash) = name.split_once('-')?;
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if hex(seq) && hex(hash) { u64::from_str_radix(seq, 16).ok() } else { None }
+}
+
 fn token() -> String {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -182,11 +189,9 @@ impl Remote {
             if known.contains(&o.name) {
                 continue;
             }
-            let seq = o.name[RECORDS.len()..]
-                .split('-')
-                .next()
-                .and_then(|s| u64::from_str_radix(s, 16).ok())
-                .ok_or_else(|| Error::corrupt(format!("{}/{}: not a record name", self.bucket.url(), o.name)))?;
+            // Not a name snapstore writes (a README someone put there): not a record, so nothing to apply.
+            // Refusing it would stop every command on every machine for an object that holds no checkpoint.
+            let Some(seq) = record_seq(&o.name[RECORDS.len()..]) else { continue };
             new.push((seq, o.name.clone()));
         }
         new.sort();

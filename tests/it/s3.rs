@@ -533,3 +533,40 @@ fn a_sweep_lock_left_by_a_dead_gc_is_cleared_and_a_live_one_waited_for() {
     assert!(bucket(&endpoint, &url).head("locks/sweep").unwrap().is_none());
     assert_all_restore(&a, &[(id, data)]);
 }
+
+/// An object under `records/` that snapstore did not write (a README put there by hand) is no record: every
+/// command goes on, instead of failing with "corruption" on every machine.
+#[test]
+fn a_stray_object_among_the_records_is_passed_over() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, _, checkpoints) = two_checkpoints(&endpoint, &url, 100_000, 21);
+    bucket(&endpoint, &url).put("records/README.txt", b"notes".to_vec()).unwrap();
+    let b = Machine::new(&endpoint, &url);
+    for m in [&a, &b] {
+        let log = m.ok(&["log", "-q"]);
+        assert_eq!(log.lines().count(), 2, "{log}");
+    }
+    assert_all_restore(&b, &checkpoints);
+}
+
+/// A damaged local copy of the catalog is named as that, with `sync --rebuild` as the way out, which then
+/// brings every checkpoint back from the bucket.
+#[test]
+fn a_damaged_local_copy_of_the_catalog_points_to_sync_rebuild() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, _, checkpoints) = two_checkpoints(&endpoint, &url, 100_000, 31);
+    let copies: Vec<_> = walkdir::WalkDir::new(a.cache.path())
+        .into_iter()
+        .map(|e| e.unwrap().into_path())
+        .filter(|p| p.file_name().is_some_and(|n| n == "catalog.db"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    let mut bytes = std::fs::read(&copies[0]).unwrap();
+    bytes[..100].fill(0x55);
+    std::fs::write(&copies[0], bytes).unwrap();
+    let o = a.run(&["log"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("sync --rebuild"), "{}", text(&o.stderr));
+    a.ok(&["sync", "--rebuild"]);
+    assert_all_restore(&a, &checkpoints);
+}

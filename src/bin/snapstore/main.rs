@@ -390,7 +390,15 @@ fn describe(e: &Error, repo: &std::path::Path) -> (Vec<String>, Option<String>, 
         return (vec![format!("catalog: {io}")], Some(CATALOG_IO.to_string()), EXIT_FAILURE);
     }
     let mut errors = vec![e.to_string()];
-    let hint = if let Some(full) = disk_full(e, repo) {
+    let remote = repo.to_str().is_some_and(|r| r.starts_with("s3://"));
+    let hint = if remote && matches!(e, Error::Catalog(_) | Error::CatalogEmpty(_)) && e.is_corruption() {
+        // This machine's copy of the catalog, not the repository: the bucket's records make it again.
+        Some(
+            "this machine's copy of the catalog (under SNAPSTORE_CACHE_DIR, default ~/.cache/snapstore) is damaged, \
+             not the repository: `snapstore sync --rebuild` makes it again from the bucket"
+                .to_string(),
+        )
+    } else if let Some(full) = disk_full(e, repo) {
         errors.push(full);
         Some(FREE_SPACE.to_string())
     } else {
