@@ -222,11 +222,12 @@ impl Remote {
         let session = RemoteSession { beat, name, bucket: self.bucket.clone() };
         // The session is visible before the lock is read: a GC that takes the lock after this read sees the
         // session and defers its sweep; one that took it before is waited for.
-        let wait = std::env::var("SNAPSTORE_SWEEP_WAIT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_secs)
-            .unwrap_or(SWEEP_WAIT);
+        let wait = match std::env::var("SNAPSTORE_SWEEP_WAIT") {
+            Err(_) => SWEEP_WAIT,
+            Ok(v) => Duration::from_secs(v.trim().parse().map_err(|_| {
+                Error::InvalidInput(format!("SNAPSTORE_SWEEP_WAIT={v:?}: give a whole number of seconds"))
+            })?),
+        };
         let started = Instant::now();
         while let Some((lock, modified_ns)) = self.holder(SWEEP_LOCK)? {
             // A GC killed while it held the lock would otherwise stop every commit and restore; its lock

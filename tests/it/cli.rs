@@ -459,6 +459,11 @@ fn missing_groups_tags_and_units_are_named_and_gc_clears_abandoned_inits() {
     commit_id(&ok(commit_stdin(&repo, &["--name", "x.bin"], b"payload"), "commit"));
     let err = sx_fail(&repo, &["forget", "--group", "nosuch"], 4);
     assert!(err.contains("no group checkpoint named 'nosuch'") && err.contains("snapstore groups"), "{err}");
+    // `checkout NAME` of a name no id can be is a group not found, not a malformed id.
+    let dest = tmp.path().join("dest");
+    let err = sx_fail(&repo, &["checkout", "step-100", p(&dest)], 4);
+    assert!(err.contains("no group checkpoint named 'step-100'"), "{err}");
+    assert!(!dest.exists());
     assert_eq!(sx(&repo, &["log", "--tag", "nosuch"]).trim(), "no checkpoint is tagged nosuch");
     let err = sx_fail(&repo, &["forget", "--keep-within", "90min"], 2);
     assert!(err.contains("hours at the finest"), "{err}");

@@ -700,6 +700,10 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 out.flush()?;
                 return Ok(());
             }
+            // Not a group, and a valid group name (which no id can be): a group mistyped or not made yet.
+            if snapstore::GroupPart::parse(id, "0/1").is_ok() {
+                return Err(Error::GroupNotFound(id.clone()).into());
+            }
             let summary = repo.checkout(id, dest, &opts)?;
             bar.finish();
             if cli.json {
