@@ -11,7 +11,7 @@
 
 use rusqlite::{OptionalExtension, Transaction, params};
 
-use crate::catalog::{Catalog, now_ns};
+use crate::catalog::Catalog;
 use crate::{Checkpoint, Error, Result};
 
 /// Which part of which group a commit is.
@@ -52,9 +52,10 @@ pub struct Group {
     pub name: String,
     /// How many parts it has when complete.
     pub parts: u32,
-    /// When its first part was published, in ns since the Unix epoch.
+    /// The commit time of its earliest part (of all ever recorded, replaced ones included), in ns since the
+    /// Unix epoch: the same on every machine that applied the same parts, whenever it synced.
     pub created_ns: i64,
-    /// When its last part was published, if it is complete.
+    /// The commit time of the part that completed it, if it is complete.
     pub complete_ns: Option<i64>,
     /// The parts in, by index.
     pub members: Vec<(u32, Checkpoint)>,
@@ -119,7 +120,6 @@ pub(crate) fn record_part(
     time_ns: i64,
     applying: bool,
 ) -> Result<()> {
-    let now = now_ns();
     let existing: Option<(u32, Option<i64>)> = tx
         .query_row("SELECT parts, complete_ns FROM groups WHERE name = ?1", [&part.name], |r| {
             Ok((r.get(0)?, r.get(1)?))
@@ -128,11 +128,15 @@ pub(crate) fn record_part(
     if !applying {
         check_against(part, existing)?;
     }
+    // Times are the parts' commit times, not this machine's clock at applying them: a machine that syncs late
+    // or rebuilds its catalog must count `--incomplete-after` from the same instant as the others.
     if existing.is_none() {
         tx.execute(
             "INSERT INTO groups (name, parts, created_ns) VALUES (?1, ?2, ?3)",
-            params![part.name, part.parts, now],
+            params![part.name, part.parts, time_ns],
         )?;
+    } else {
+        tx.execute("UPDATE groups SET created_ns = min(created_ns, ?1) WHERE name = ?2", params![time_ns, part.name])?;
     }
     let replaced: Option<(String, Option<i64>)> = tx
         .query_row(
@@ -164,7 +168,7 @@ pub(crate) fn record_part(
     if have == part.parts {
         tx.execute(
             "UPDATE groups SET complete_ns = coalesce(complete_ns, ?1) WHERE name = ?2",
-            params![now, part.name],
+            params![time_ns, part.name],
         )?;
     }
     Ok(())

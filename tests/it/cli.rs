@@ -459,10 +459,10 @@ fn missing_groups_tags_and_units_are_named_and_gc_clears_abandoned_inits() {
     commit_id(&ok(commit_stdin(&repo, &["--name", "x.bin"], b"payload"), "commit"));
     let err = sx_fail(&repo, &["forget", "--group", "nosuch"], 4);
     assert!(err.contains("no group checkpoint named 'nosuch'") && err.contains("snapstore groups"), "{err}");
-    // `checkout NAME` of a name no id can be is a group not found, not a malformed id.
+    // `checkout NAME` of a name that is no id, nor a group's, points to both lists.
     let dest = tmp.path().join("dest");
-    let err = sx_fail(&repo, &["checkout", "step-100", p(&dest)], 4);
-    assert!(err.contains("no group checkpoint named 'step-100'"), "{err}");
+    let err = sx_fail(&repo, &["checkout", "step-100", p(&dest)], 2);
+    assert!(err.contains("is not a checkpoint id") && err.contains("snapstore groups"), "{err}");
     assert!(!dest.exists());
     assert_eq!(sx(&repo, &["log", "--tag", "nosuch"]).trim(), "no checkpoint is tagged nosuch");
     let err = sx_fail(&repo, &["forget", "--keep-within", "90min"], 2);

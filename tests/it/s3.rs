@@ -570,3 +570,32 @@ fn a_damaged_local_copy_of_the_catalog_points_to_sync_rebuild() {
     a.ok(&["sync", "--rebuild"]);
     assert_all_restore(&a, &checkpoints);
 }
+
+/// A group's times are its parts' commit times, so a machine that syncs later, or rebuilds its catalog, counts
+/// `gc --incomplete-after` from the same instant as the machine that committed the first part.
+#[test]
+fn a_groups_times_are_the_same_on_every_machine_whenever_it_synced() {
+    let Some((endpoint, url)) = server() else { return };
+    let a = Machine::new(&endpoint, &url);
+    a.ok(&["init"]);
+    let mut child = a.piped(&["-q", "commit", "-", "--name", "rank0", "--group", "step-1", "--part", "0/2"], &[]);
+    child.stdin.take().unwrap().write_all(b"rank 0").unwrap();
+    succeeded(&child.wait_with_output().unwrap(), "commit part 0");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let b = Machine::new(&endpoint, &url);
+    let created = |m: &Machine| {
+        let groups: serde_json::Value = serde_json::from_str(&m.ok(&["--json", "groups"])).unwrap();
+        groups[0]["created_ns"].as_i64().expect("one group")
+    };
+    assert_eq!(created(&a), created(&b), "b synced 200 ms later");
+    let mut child = b.piped(&["-q", "commit", "-", "--name", "rank1", "--group", "step-1", "--part", "1/2"], &[]);
+    child.stdin.take().unwrap().write_all(b"rank 1").unwrap();
+    succeeded(&child.wait_with_output().unwrap(), "commit part 1");
+    b.ok(&["sync", "--rebuild"]);
+    let complete = |m: &Machine| {
+        let groups: serde_json::Value = serde_json::from_str(&m.ok(&["--json", "groups"])).unwrap();
+        (groups[0]["created_ns"].as_i64(), groups[0]["complete_ns"].as_i64())
+    };
+    assert_eq!(complete(&a), complete(&b));
+    assert!(complete(&a).1.is_some());
+}

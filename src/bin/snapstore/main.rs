@@ -552,6 +552,10 @@ fn hint(e: &Error) -> Option<&'static str> {
         Error::RepositoryExists(_) => "use it as it is, or choose another --repo",
         Error::CheckpointNotFound(_) => "`snapstore log` lists the checkpoints",
         Error::GroupNotFound(_) => "`snapstore groups` lists the group checkpoints",
+        Error::InvalidId(_) => {
+            "`snapstore log` lists the checkpoints; `checkout` also takes a group checkpoint's name, and \
+             `snapstore groups` lists those"
+        }
         Error::SourceNotFound(_) => "check the path; to commit a stream from a pipe, give - and --name",
         Error::GroupIncomplete { .. } => {
             "commit the missing parts (a part committed again replaces the earlier one); `snapstore groups` shows \
@@ -699,10 +703,6 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 }
                 out.flush()?;
                 return Ok(());
-            }
-            // Not a group, and a valid group name (which no id can be): a group mistyped or not made yet.
-            if snapstore::GroupPart::parse(id, "0/1").is_ok() {
-                return Err(Error::GroupNotFound(id.clone()).into());
             }
             let summary = repo.checkout(id, dest, &opts)?;
             bar.finish();
