@@ -1001,22 +1001,15 @@ impl Catalog {
     }
 
     /// The newest checkpoint of `path`, from `host` or (`None`) from any host, that carries a tag starting
-    /// with `tag_prefix` (a [`crate::Checkpointer`]'s `step=`). Found through the time index; a path with few
-    /// checkpoints among many others costs a longer walk of it.
+    /// with `tag_prefix` (a [`crate::Checkpointer`]'s `step=`). Found through the time index, newest first;
+    /// a path with few checkpoints among many others costs a longer walk of it.
     pub(crate) fn latest_of_path_tagged(
         &self,
         path: &str,
         host: Option<&str>,
         tag_prefix: &str,
     ) -> Result<Option<Checkpoint>> {
-        // Tags that start with the prefix sort in [prefix, prefix + U+10FFFF).
-        let clause = format!(
-            "path = ?1 AND (?2 IS NULL OR host = ?2) AND {} AND EXISTS (SELECT 1 FROM checkpoint_tags t
-               WHERE t.checkpoint = id AND t.tag >= ?3 AND t.tag < ?3 || char(1114111))
-             ORDER BY {NEWEST_FIRST} LIMIT 1",
-            crate::group::UNGROUPED
-        );
-        Ok(self.query_checkpoints(&clause, params![path, host, tag_prefix])?.pop())
+        Ok(self.query_checkpoints(&newest_clause(&tagged_filter()), params![path, host, tag_prefix])?.pop())
     }
 
     /// The newest checkpoint of `path` from `host`, group parts included: the parent of a group's part, which
@@ -1030,7 +1023,7 @@ impl Catalog {
     pub fn resolve(&self, spec: &str) -> Result<Checkpoint> {
         if spec == "latest" {
             return self
-                .query_checkpoints(&latest_clause(), params![])?
+                .query_checkpoints(&newest_clause(crate::group::UNGROUPED), params![])?
                 .pop()
                 .ok_or_else(|| Error::CheckpointNotFound(spec.to_string()));
         }
@@ -1161,9 +1154,6 @@ pub(crate) fn host_name() -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
-/// A process's identity beyond its pid, `BOOT/START`: the boot it runs in (`/proc/sys/kernel/random/boot_id`)
-/// and its start in clock ticks since that boot (`/proc/PID/stat`). Neither depends on the wall clock, which
-/// may judge liveness but never safety. Empty if the process is gone or /proc does not tell.
 /// This process's pid namespace (`pid:[INODE]`), or `""` where it cannot be read. Containers that share a
 /// host name (host networking, a fixed `--hostname`) see each other's processes under other pids or not at
 /// all: a pid recorded in another namespace says nothing here.
@@ -1190,8 +1180,8 @@ pub(crate) enum Whose {
 /// heartbeat with this boot's start by the wall clock: a namesake whose clock lags by more than this
 /// machine's uptime could be taken for an earlier boot. Everything else reads no clock.
 pub(crate) fn whose(process: &str, pidns: &str, heartbeat_ns: i64) -> Whose {
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let boot = boot.trim();
+    let boot = boot_id();
+    let boot = boot.as_str();
     match process.split_once('/') {
         Some((b, _)) if !b.is_empty() && !boot.is_empty() && b != boot => {
             if heartbeat_ns < boot_time_ns() {
@@ -1214,15 +1204,23 @@ fn boot_time_ns() -> i64 {
         .map_or(i64::MIN, |secs| secs.saturating_mul(1_000_000_000))
 }
 
+/// A process's identity beyond its pid, `BOOT/START`: the boot it runs in (`/proc/sys/kernel/random/boot_id`)
+/// and its start in clock ticks since that boot (`/proc/PID/stat`). Neither depends on the wall clock, which
+/// may judge liveness but never safety. Empty if the process is gone or /proc does not tell.
 pub(crate) fn process_identity(pid: u32) -> String {
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let boot = boot_id();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The command name (field 2) may hold spaces and parentheses: count fields after its last ')'.
     let start = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(19));
-    match (boot.trim(), start) {
+    match (boot.as_str(), start) {
         ("", _) | (_, None) => String::new(),
         (boot, Some(start)) => format!("{boot}/{start}"),
     }
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), or `""` where it cannot be read.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|b| b.trim().to_string()).unwrap_or_default()
 }
 
 /// The current GC epoch: objects condemned by the next mark will carry it.
@@ -1248,13 +1246,22 @@ fn cannot_open(path: &Path, e: rusqlite::Error) -> Error {
     }
 }
 
-/// `latest` by [`NEWEST_FIRST`], written so that the time index serves it: ordered by time and id at once,
-/// SQLite scans every row and sorts.
-fn latest_clause() -> String {
-    let ungrouped = crate::group::UNGROUPED;
+/// The newest checkpoint matching `filter` by [`NEWEST_FIRST`], written so that the time index serves it:
+/// ordered by time and id at once, SQLite scans every matching row and sorts them all.
+fn newest_clause(filter: &str) -> String {
     format!(
-        "{ungrouped} AND time_ns = (SELECT time_ns FROM checkpoints WHERE {ungrouped} ORDER BY time_ns DESC LIMIT 1)
+        "{filter} AND time_ns = (SELECT time_ns FROM checkpoints WHERE {filter} ORDER BY time_ns DESC LIMIT 1)
          ORDER BY id LIMIT 1"
+    )
+}
+
+/// [`Catalog::latest_of_path_tagged`]'s rows: path `?1`, host `?2` unless NULL, a tag starting with `?3`
+/// (such tags sort in [prefix, prefix + U+10FFFF)), not a group's part.
+fn tagged_filter() -> String {
+    format!(
+        "path = ?1 AND (?2 IS NULL OR host = ?2) AND {} AND EXISTS (SELECT 1 FROM checkpoint_tags t
+           WHERE t.checkpoint = id AND t.tag >= ?3 AND t.tag < ?3 || char(1114111))",
+        crate::group::UNGROUPED
     )
 }
 
@@ -1267,8 +1274,8 @@ pub(crate) fn now_ns() -> i64 {
 mod tests {
     use super::*;
 
-    /// `latest` and a path's newest checkpoint are found through an index, whatever the number of
-    /// checkpoints: never a scan of the whole table, nor a sort of all of a path's rows.
+    /// `latest`, a path's newest checkpoint and a Checkpointer's newest are found through an index, whatever
+    /// the number of checkpoints: never a scan of the whole table, nor a sort of all of a path's rows.
     #[test]
     fn the_newest_checkpoint_is_found_through_an_index() {
         let dir = tempfile::tempdir().unwrap();
@@ -1276,10 +1283,13 @@ mod tests {
         let by_path =
             format!("host = 'h' AND path = 'p' AND {} ORDER BY {NEWEST_FIRST} LIMIT 1", crate::group::UNGROUPED);
         // `latest` sorts only the rows of the newest time, so a sort is allowed there.
-        for (clause, sorts_ties) in [(latest_clause(), true), (by_path, false)] {
+        let clauses =
+            [(newest_clause(crate::group::UNGROUPED), true), (newest_clause(&tagged_filter()), true), (by_path, false)];
+        for (clause, sorts_ties) in clauses {
             let mut stmt =
                 cat.conn.prepare(&format!("EXPLAIN QUERY PLAN SELECT id FROM checkpoints WHERE {clause}")).unwrap();
-            let plan: Vec<String> = stmt.query_map([], |r| r.get(3)).unwrap().map(|d| d.unwrap()).collect();
+            let args = rusqlite::params_from_iter(std::iter::repeat_n("x", stmt.parameter_count()));
+            let plan: Vec<String> = stmt.query_map(args, |r| r.get(3)).unwrap().map(|d| d.unwrap()).collect();
             let scans = plan.iter().any(|d| d.starts_with("SCAN checkpoints") && !d.contains("USING INDEX"));
             let sorts = plan.iter().any(|d| d == "USE TEMP B-TREE FOR ORDER BY");
             assert!(!scans && (sorts_ties || !sorts), "{clause}: {plan:?}");

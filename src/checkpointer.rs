@@ -109,12 +109,12 @@ struct Job {
 
 /// What follows a checkpoint: retention, then now and then a garbage collection.
 struct Upkeep {
-    last_gc: Instant,
+    gc: crate::gc::GcEvery,
 }
 
 impl Upkeep {
-    fn new() -> Self {
-        Upkeep { last_gc: Instant::now() }
+    fn new(opts: &CheckpointerOptions) -> Self {
+        Upkeep { gc: crate::gc::GcEvery::new(opts.gc_every) }
     }
 
     fn after(
@@ -132,16 +132,11 @@ impl Upkeep {
             Some(Ok(v)) => (v, None),
             Some(Err(e)) => (Vec::new(), Some(e)),
         };
-        let (mut gc, mut gc_error) = (None, None);
-        if opts.gc_every.is_some_and(|every| self.last_gc.elapsed() >= every) {
-            self.last_gc = Instant::now();
-            match repo.gc(&Default::default()) {
-                Ok(g) => gc = Some(g),
-                // Another collection is running: this one is not needed.
-                Err(Error::GcRunning { .. }) => {}
-                Err(e) => gc_error = Some(e),
-            }
-        }
+        let (gc, gc_error) = match self.gc.run_if_due(repo, &Default::default()) {
+            None => (None, None),
+            Some(Ok(g)) => (Some(g), None),
+            Some(Err(e)) => (None, Some(e)),
+        };
         Persisted { step, summary, forgotten, retention_error, gc, gc_error }
     }
 }
@@ -233,7 +228,7 @@ impl Checkpointer {
             std::thread::Builder::new()
                 .name("snapstore-persist".into())
                 .spawn(move || {
-                    let mut upkeep = Upkeep::new();
+                    let mut upkeep = Upkeep::new(&opts);
                     for job in job_rx {
                         let step = job.step;
                         if done_tx.send((step, persist(&repo, &opts, &mut upkeep, job))).is_err() {
@@ -244,6 +239,7 @@ impl Checkpointer {
                 .map_err(|e| Error::io("<persist thread>", e))?
         };
         Ok(Checkpointer {
+            upkeep: Upkeep::new(&opts),
             repo,
             opts,
             last: None,
@@ -254,7 +250,6 @@ impl Checkpointer {
             failed: None,
             lost: Vec::new(),
             worker: Some(worker),
-            upkeep: Upkeep::new(),
             _series_lock: series_lock,
         })
     }

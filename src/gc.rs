@@ -94,6 +94,32 @@ pub struct GcSummary {
     pub seconds: f64,
 }
 
+/// Garbage collection now and then, for loops that commit (`watch`, a `Checkpointer`): due when `every`
+/// has passed since the last one, or since the loop began.
+pub(crate) struct GcEvery {
+    every: Option<Duration>,
+    last: Instant,
+}
+
+impl GcEvery {
+    pub(crate) fn new(every: Option<Duration>) -> Self {
+        GcEvery { every, last: Instant::now() }
+    }
+
+    /// Collects if one is due; `None` if none was, or if another collection is running (then this one is
+    /// not needed).
+    pub(crate) fn run_if_due(&mut self, repo: &crate::Repository, opts: &GcOptions) -> Option<Result<GcSummary>> {
+        if self.every.is_none_or(|every| self.last.elapsed() < every) {
+            return None;
+        }
+        self.last = Instant::now();
+        match repo.gc(opts) {
+            Err(Error::GcRunning { .. }) => None,
+            done => Some(done),
+        }
+    }
+}
+
 /// Who holds a session or a lease: host name, pid, process identity (see [`process_identity`]) and pid
 /// namespace (see [`crate::catalog::pid_namespace`]).
 pub(crate) type Holder<'a> = (&'a str, u32, &'a str, &'a str);
@@ -103,12 +129,19 @@ pub(crate) type Holder<'a> = (&'a str, u32, &'a str, &'a str);
 /// boot, gone. Any other, of another host or only of this host's name, when its heartbeat is older than
 /// `stale_after`.
 pub(crate) fn dead(holder: Holder<'_>, heartbeat_ns: i64, me: &str, stale_after: Duration) -> bool {
+    dead_here(holder, heartbeat_ns, me).unwrap_or_else(|| now_ns().saturating_sub(heartbeat_ns) > nanos(stale_after))
+}
+
+/// Whether the holder is gone, where this machine can tell without a heartbeat's age: one of host `me`, of
+/// this boot and pid namespace (by its process) or of an earlier boot (gone). `None` for any other, which
+/// its heartbeat must judge, by whichever clock the caller trusts.
+pub(crate) fn dead_here(holder: Holder<'_>, heartbeat_ns: i64, me: &str) -> Option<bool> {
     use crate::catalog::Whose;
     let (host, pid, process, pidns) = holder;
-    match (host == me).then(|| crate::catalog::whose(process, pidns, heartbeat_ns)) {
-        Some(Whose::Ours) => process_identity(pid) != process,
-        Some(Whose::EarlierBoot) => true,
-        Some(Whose::Unknown) | None => now_ns().saturating_sub(heartbeat_ns) > nanos(stale_after),
+    match (host == me).then(|| crate::catalog::whose(process, pidns, heartbeat_ns))? {
+        Whose::Ours => Some(process_identity(pid) != process),
+        Whose::EarlierBoot => Some(true),
+        Whose::Unknown => None,
     }
 }
 

@@ -281,10 +281,8 @@ impl Remote {
     /// host's name), by no heartbeat for `stale` by the server's clock (its objects' modification times), so
     /// that no two machines' clocks are compared.
     fn dead(&self, h: &Holder, modified_ns: i64, stale: Duration) -> Result<bool> {
-        if h.host == host_name()
-            && crate::catalog::whose(&h.process, &h.pidns, h.heartbeat_ns) != crate::catalog::Whose::Unknown
-        {
-            return Ok(crate::gc::dead((&h.host, h.pid, &h.process, &h.pidns), h.heartbeat_ns, &h.host, stale));
+        if let Some(dead) = crate::gc::dead_here((&h.host, h.pid, &h.process, &h.pidns), h.heartbeat_ns, &host_name()) {
+            return Ok(dead);
         }
         let stale_ns = i64::try_from(stale.as_nanos()).unwrap_or(i64::MAX);
         Ok(self.server_now()?.saturating_sub(modified_ns) > stale_ns)

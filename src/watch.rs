@@ -91,7 +91,7 @@ pub(crate) fn watch(
     let host = opts.commit.host.clone().unwrap_or_else(crate::catalog::host_name);
     let commit = CommitOptions { skip_unchanged: true, ..opts.commit.clone() };
     let mut next = Instant::now();
-    let mut last_gc = Instant::now();
+    let mut gc = crate::gc::GcEvery::new(opts.gc_every);
     while !stop.load(Ordering::SeqCst) {
         match repo.commit(path, &commit) {
             Ok(s) if s.unchanged => on(WatchEvent::Unchanged(&s)),
@@ -115,16 +115,11 @@ pub(crate) fn watch(
             }
             Err(error) => on(WatchEvent::Failed { step: "commit", error: &error }),
         }
-        if let Some(gc_every) = opts.gc_every
-            && last_gc.elapsed() >= gc_every
-            && !stop.load(Ordering::SeqCst)
-        {
-            last_gc = Instant::now();
-            match repo.gc(&opts.gc) {
-                Ok(g) => on(WatchEvent::Gc(&g)),
-                // Another collection is running: this one is not needed.
-                Err(Error::GcRunning { .. }) => {}
-                Err(error) => on(WatchEvent::Failed { step: "gc", error: &error }),
+        if !stop.load(Ordering::SeqCst) {
+            match gc.run_if_due(repo, &opts.gc) {
+                Some(Ok(g)) => on(WatchEvent::Gc(&g)),
+                Some(Err(error)) => on(WatchEvent::Failed { step: "gc", error: &error }),
+                None => {}
             }
         }
         next += opts.every;
