@@ -242,6 +242,7 @@ pub(crate) enum Layout {
 }
 
 /// A new checkpoint row, written in the same transaction as everything it references.
+#[derive(Clone)]
 pub(crate) struct NewCheckpoint {
     pub record: Checkpoint,
     pub root: ObjectId,
@@ -320,6 +321,8 @@ pub struct CatalogStats {
 /// A connection to a repository's catalog.
 pub struct Catalog {
     conn: Connection,
+    /// Opened on a read-only filesystem ([`Catalog::open`]): every write fails with SQLite's "readonly".
+    read_only: bool,
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -431,6 +434,11 @@ impl Catalog {
     }
 
     fn open_with(path: &Path, new: bool) -> Result<Self> {
+        // A repository on a read-only mount (a snapshot, an archive disk, a read-only export) can still be
+        // read: SQLite's WAL mode would otherwise fail to create its shared-memory file before the first read.
+        if !new && on_read_only_fs(path) {
+            return Self::open_read_only(path);
+        }
         let conn = match Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -454,9 +462,59 @@ impl Catalog {
             return Err(Error::Format(format!("catalog could not be put in WAL mode (it is in {mode} mode)")));
         }
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF;")?;
-        let mut cat = Catalog { conn };
+        let mut cat = Catalog { conn, read_only: false };
         cat.migrate()?;
         Ok(cat)
+    }
+
+    /// Opens a catalog on a read-only filesystem, for reading only. With no write-ahead log beside it, the
+    /// file alone is the whole catalog, and SQLite is told it cannot change (`immutable`: no locks, no
+    /// shared memory), which is true of what nobody can write. With one (the repository was copied or
+    /// snapshotted while a process had it open), SQLite reads the log too, which it can only do with the
+    /// log's shared-memory file beside it.
+    fn open_read_only(path: &Path) -> Result<Self> {
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal = std::path::PathBuf::from(wal);
+        let has_wal = std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0);
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+        let opened = if has_wal {
+            Connection::open_with_flags(path, flags)
+        } else {
+            Connection::open_with_flags(immutable_uri(path), flags)
+        };
+        let unreadable = |e: rusqlite::Error| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::CannotOpen) if !path.exists() => {
+                Error::NoRepository(path.parent().unwrap_or(path).to_path_buf())
+            }
+            Some(rusqlite::ErrorCode::CannotOpen) if has_wal => {
+                Error::ReadOnlyWal(path.parent().unwrap_or(path).to_path_buf())
+            }
+            _ => e.into(),
+        };
+        let conn = opened.map_err(unreadable)?;
+        let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(unreadable)?;
+        if version == 0 {
+            return Err(Error::CatalogEmpty(path.to_path_buf()));
+        }
+        if version > SCHEMA_VERSION {
+            return Err(Error::Format(format!(
+                "catalog schema version {version} is newer than this snapstore supports ({SCHEMA_VERSION}); upgrade snapstore"
+            )));
+        }
+        if version < SCHEMA_VERSION {
+            return Err(Error::Format(format!(
+                "catalog schema version {version} is older than this snapstore's ({SCHEMA_VERSION}) and the \
+                 repository is on a read-only filesystem, where it cannot be brought forward; read it with the \
+                 snapstore that wrote it, or copy the repository to writable storage"
+            )));
+        }
+        Ok(Catalog { conn, read_only: true })
+    }
+
+    /// Whether this catalog was opened on a read-only filesystem, for reading only.
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// [`Catalog::open`] for one of many workers that only look chunks up: a page cache of 512 KiB instead of
@@ -664,17 +722,22 @@ impl Catalog {
         // A forgotten group is named with its parts as they were: a part committed meanwhile stays.
         crate::group::forget_parts(&tx, &batch.forget, &batch.forget_groups)?;
         let mut checkpoint = batch.checkpoint.as_ref();
+        let ungrouped;
         if let Some(cp) = checkpoint {
             let known =
                 tx.query_row("SELECT 1 FROM checkpoints WHERE id = ?1", [&cp.record.id], |_| Ok(())).optional()?;
-            // A part whose group has another part count cannot join it, and is left out rather than stop every
-            // later sync (its data is garbage for GC).
             let misfit = match &cp.group {
                 Some(part) => !crate::group::part_fits(&tx, part)?,
                 None => false,
             };
-            if known.is_some() || misfit {
+            if known.is_some() {
                 checkpoint = None;
+            } else if misfit {
+                // A part whose group has another part count here (two writers gave one group name different
+                // counts) cannot join it. It is kept as a checkpoint of its own: its writer reported it
+                // committed, and leaving it out would let this replica's GC delete its data.
+                ungrouped = NewCheckpoint { group: None, ..cp.clone() };
+                checkpoint = Some(&ungrouped);
             }
         }
         // Start epoch 0: every condemned object the checkpoint reaches is claimed back.
@@ -1236,6 +1299,28 @@ pub(crate) const NEWEST_FIRST: &str = "time_ns DESC, id";
 
 /// SQLite's "unable to open database file" names neither the file nor the reason: opening it as SQLite
 /// does (read and write) says which, a repository gone, a read-only filesystem, a permission.
+/// Whether `path` (a catalog file) is on a filesystem mounted read-only.
+fn on_read_only_fs(path: &Path) -> bool {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    rustix::fs::statvfs(dir).is_ok_and(|v| v.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+}
+
+/// An SQLite URI opening `path` as immutable. Every byte but unreserved ones is percent-encoded, so `?`, `#`,
+/// `%` and bytes that are not UTF-8 in the path stay the path's.
+fn immutable_uri(path: &Path) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStringExt;
+    let mut uri = b"file:".to_vec();
+    for &b in path.as_os_str().as_encoded_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            uri.push(b);
+        } else {
+            uri.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    uri.extend_from_slice(b"?immutable=1");
+    std::ffi::OsString::from_vec(uri)
+}
+
 fn cannot_open(path: &Path, e: rusqlite::Error) -> Error {
     match std::fs::OpenOptions::new().read(true).write(true).open(path) {
         Err(io) if io.kind() == std::io::ErrorKind::NotFound => {
@@ -1464,7 +1549,7 @@ mod tests {
         assert_eq!(packs, 1);
         assert_eq!(remote_seq(cat.connection()).unwrap(), 2);
         // Two checkpoints of one part: the later (time, id) is kept, whichever order they arrive in; a part
-        // whose group has another part count is left out, the rest of its record applied.
+        // whose group has another part count is kept as a checkpoint outside the group.
         let part = |n: u32, parts: u32, cp: &str, tree: u8| {
             let record = Checkpoint {
                 id: cp.into(),
@@ -1506,9 +1591,32 @@ mod tests {
                 .map(|r| r.unwrap())
                 .collect();
             assert_eq!(ids, vec![b.clone()], "order {k}");
-            assert_eq!(cat.checkpoints_all_ids(), vec![b.clone()], "order {k}");
-            assert!(cat.tree(&id(9)).is_ok(), "the left-out part's rows are there, for GC");
+            assert_eq!(cat.checkpoints_all_ids(), vec![b.clone(), "c".repeat(64)], "order {k}");
+            assert!(cat.tree(&id(9)).is_ok());
+            assert_eq!(cat.part_of(&"c".repeat(64)).unwrap(), None, "outside the group");
         }
+    }
+
+    /// The read-only open names the file by URI: characters a URI gives meaning to, and bytes that are not
+    /// UTF-8, must still name the same file; and the catalog it opens refuses writes.
+    #[test]
+    fn a_read_only_open_finds_any_path_and_writes_nothing() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let odd = dir.path().join(std::ffi::OsStr::from_bytes(b"we?ird #%20 \xff&immutable=0"));
+        std::fs::create_dir(&odd).unwrap();
+        let path = odd.join("catalog.db");
+        drop(Catalog::create(&path, &RepoParams::default()).unwrap());
+        let cat = Catalog::open_read_only(&path).unwrap();
+        assert!(cat.is_read_only());
+        assert!(cat.checkpoints().unwrap().is_empty());
+        let err = cat.record_checkout("/x", "y").unwrap_err();
+        assert!(
+            matches!(&err, Error::Catalog(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ReadOnly)),
+            "{err}"
+        );
+        let missing = Catalog::open_read_only(&odd.join("nothing.db")).err().unwrap();
+        assert!(matches!(missing, Error::NoRepository(_)), "{missing}");
     }
 
     #[test]

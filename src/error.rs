@@ -152,6 +152,24 @@ pub enum Error {
         /// When it started, UTC.
         started: String,
     },
+    /// A repository on a read-only filesystem whose catalog has a write-ahead log but not the shared-memory
+    /// file SQLite needs to read it there (it was copied while a process had it open, without that file).
+    #[error(
+        "{} is on a read-only filesystem and its catalog has an unfinished write-ahead log (catalog.db-wal) without \
+         the shared-memory file (catalog.db-shm) SQLite needs to read it there",
+        .0.display()
+    )]
+    ReadOnlyWal(PathBuf),
+    /// Another forget (or retention run) held a bucket's forget lock for longer than this one would wait.
+    #[error("another forget is running on this repository (pid {pid} on {host}, started {started})")]
+    ForgetRunning {
+        /// Its process id.
+        pid: u32,
+        /// Its host.
+        host: String,
+        /// When it started, UTC.
+        started: String,
+    },
     /// Commits are running, and the operation (`repair index`) must not race them.
     #[error("{count} commit{} running on this repository", if *count == 1 { " is" } else { "s are" })]
     CommitsRunning {

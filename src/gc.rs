@@ -38,7 +38,8 @@ pub struct GcOptions {
     /// host, a session is dead as soon as its process is gone, whatever the clocks say.
     pub stale_after: Duration,
     /// A group checkpoint still incomplete this long after its first part is dropped, with its parts (their
-    /// chunks stay if anything else uses them).
+    /// chunks stay if anything else uses them). In a bucket, only by a run that sweeps: one deferred by a
+    /// commit running anywhere drops nothing, since that commit may be completing the group.
     pub incomplete_after: Duration,
     /// Receives progress.
     pub progress: Arc<dyn Progress>,
@@ -369,15 +370,13 @@ fn run(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     touch_lease(&tx)?;
     (s.sessions_expired, s.sessions_alive) = expire_sessions(&tx, me, opts.stale_after)?;
-    // Dropped in the mark's transaction, so what only they held is condemned by this run.
-    let stale = crate::group::stale(&tx, now_ns().saturating_sub(nanos(opts.incomplete_after)))?;
-    let stale_parts = crate::group::part_ids(&tx, &stale)?;
-    crate::group::delete_groups(&tx, &stale)?;
-    s.groups_dropped = stale.len() as u64;
-    s.chunks_condemned = mark(&tx)?;
-    if let (Some(r), false) = (remote, opts.dry_run) {
-        r.publish(&tx, &Batch { forget: stale_parts, forget_groups: stale, ..Default::default() })?;
+    // Dropped in the mark's transaction, so what only they held is condemned by this run. In a bucket, not
+    // here but at the sweep, once no commit runs anywhere: another machine may be committing a group's last
+    // part right now, and would report complete a group this drop then empties on every replica.
+    if remote.is_none() || opts.dry_run {
+        s.groups_dropped = drop_stale_groups(&tx, None, opts)?;
     }
+    s.chunks_condemned = mark(&tx)?;
     if opts.dry_run {
         // Sweep and plan inside the same transaction, then roll it all back.
         (s.chunks_swept, s.metadata_swept, s.chunks_deferred) = sweep(&tx)?;
@@ -410,13 +409,38 @@ fn run(
         return Ok(s);
     }
     // Every commit that ended before the sessions were listed has its records in the bucket: take them in and
-    // claim back what their checkpoints reach before anything is deleted.
-    if r.sync(cat)?.applied > 0 {
-        let tx = cat.connection_mut().transaction_with_behavior(TransactionBehavior::Immediate)?;
-        mark(&tx)?;
-        tx.commit()?;
+    // claim back what their checkpoints reach before anything is deleted. A group whose last part one of them
+    // committed is complete now, and stays; the rest of the stale groups go, and what only they held is
+    // condemned, while no commit anywhere can be relying on them.
+    let applied = r.sync(cat)?.applied;
+    let tx = cat.connection_mut().transaction_with_behavior(TransactionBehavior::Immediate)?;
+    s.groups_dropped = drop_stale_groups(&tx, Some((r, &lock)), opts)?;
+    if applied > 0 || s.groups_dropped > 0 {
+        s.chunks_condemned += mark(&tx)?;
     }
+    tx.commit()?;
     collect(cat, backend, Some((r, &lock)), pack_target, opts, listed, s)
+}
+
+/// Drops the groups still incomplete [`GcOptions::incomplete_after`] after their first part, with their parts;
+/// in a bucket, recording the drop (under the sweep lock, checked first). Returns how many.
+fn drop_stale_groups(
+    tx: &rusqlite::Transaction<'_>,
+    remote: Option<(&Remote, &Lock)>,
+    opts: &GcOptions,
+) -> Result<u64> {
+    let stale = crate::group::stale(tx, now_ns().saturating_sub(nanos(opts.incomplete_after)))?;
+    if stale.is_empty() {
+        return Ok(0);
+    }
+    let parts = crate::group::part_ids(tx, &stale)?;
+    crate::group::delete_groups(tx, &stale)?;
+    let n = stale.len() as u64;
+    if let Some((r, lock)) = remote {
+        r.check_lock(lock)?;
+        r.publish(tx, &Batch { forget: parts, forget_groups: stale, ..Default::default() })?;
+    }
+    Ok(n)
 }
 
 /// Sweeps, repacks and deletes what the mark condemned (steps 4 to 7 of the protocol); in a bucket, while

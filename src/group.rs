@@ -101,7 +101,7 @@ fn check_against(part: &GroupPart, existing: Option<(u32, Option<i64>)>) -> Resu
 }
 
 /// Whether a part another replica recorded can join its group here: only a part count that disagrees with
-/// the group's cannot (that record's checkpoint is then left out).
+/// the group's cannot (that record's checkpoint is then kept outside the group).
 pub(crate) fn part_fits(tx: &Transaction<'_>, part: &GroupPart) -> Result<bool> {
     let parts: Option<u32> =
         tx.query_row("SELECT parts FROM groups WHERE name = ?1", [&part.name], |r| r.get(0)).optional()?;

@@ -395,9 +395,22 @@ impl Repository {
         f()
     }
 
-    /// Where forgetting writes its change, for a remote repository.
-    fn forget_journal(&self) -> Option<impl Fn(&rusqlite::Transaction<'_>, &catalog::Batch) -> Result<()> + Sync + '_> {
-        self.remote.as_ref().map(|r| move |tx: &rusqlite::Transaction<'_>, b: &catalog::Batch| r.publish(tx, b))
+    /// Runs a forget: for a remote repository holding the bucket's forget lock, with the catalog synced after
+    /// taking it, so that a forget on another machine is either finished and seen (a retention plan's kept
+    /// checkpoints are checked against it) or waits for this one; its change is journaled to the bucket.
+    fn forgetting<T>(
+        &self,
+        catalog: &mut Catalog,
+        f: impl FnOnce(&mut Catalog, Option<catalog::Journal<'_>>) -> Result<T>,
+    ) -> Result<T> {
+        let Some(remote) = &self.remote else { return f(catalog, None) };
+        let lock = remote.forget_lock()?;
+        remote.sync(catalog)?;
+        let journal = |tx: &rusqlite::Transaction<'_>, b: &catalog::Batch| {
+            remote.check_lock(&lock)?;
+            remote.publish(tx, b)
+        };
+        f(catalog, Some(&journal))
     }
 
     /// Opens an existing repository whose packs live in `backend` instead of its directory (the catalog
@@ -545,9 +558,8 @@ impl Repository {
     /// Forgets group checkpoints with all their parts.
     pub fn forget_groups(&self, names: &[&str]) -> Result<Vec<Group>> {
         let found = names.iter().map(|n| self.group(n)).collect::<Result<Vec<_>>>()?;
-        let journal = self.forget_journal();
-        let journal = journal.as_ref().map(|j| j as catalog::Journal<'_>);
-        self.catalog()?.delete_groups(&found.iter().map(|g| g.name.clone()).collect::<Vec<_>>(), journal)?;
+        let names: Vec<String> = found.iter().map(|g| g.name.clone()).collect();
+        self.forgetting(&mut self.catalog()?, |catalog, journal| catalog.delete_groups(&names, journal))?;
         Ok(found)
     }
 
@@ -719,7 +731,8 @@ impl Repository {
 
     /// Forgets checkpoints: removes them from the catalog (they no longer appear anywhere and cannot be
     /// brought back). Their data stays until [`Repository::gc`] finds it unused. Every id is resolved before
-    /// anything is removed, so a typo forgets nothing. Returns the checkpoints forgotten.
+    /// anything is removed, so a typo forgets nothing. Returns the checkpoints forgotten. In a bucket, forgets
+    /// of all machines take turns ([`Error::ForgetRunning`] after two minutes' wait).
     ///
     /// ```
     /// # let dir = tempfile::tempdir().unwrap();
@@ -753,10 +766,9 @@ impl Repository {
         kept: &[&str],
     ) -> Result<Vec<Checkpoint>> {
         fault::point("forget-chosen");
-        let journal = self.forget_journal();
-        let journal = journal.as_ref().map(|j| j as catalog::Journal<'_>);
         let ids: Vec<&str> = found.iter().map(|c| c.id.as_str()).collect();
-        let deleted = catalog.delete_checkpoints(&ids, spare_tags, kept, journal)?;
+        let deleted =
+            self.forgetting(catalog, |catalog, journal| catalog.delete_checkpoints(&ids, spare_tags, kept, journal))?;
         fault::point("forget-done");
         Ok(found.into_iter().filter(|c| deleted.contains(&c.id)).collect())
     }

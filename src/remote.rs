@@ -30,6 +30,12 @@ pub(crate) const GC_LOCK: &str = "locks/gc";
 /// Held by a GC while it deletes: writers do not start meanwhile.
 pub(crate) const SWEEP_LOCK: &str = "locks/sweep";
 
+/// Held by a forget (or retention) from the sync before it plans against the catalog to its record: two
+/// forgets on two machines, each keeping what the other forgets, would otherwise empty a path between them.
+pub(crate) const FORGET_LOCK: &str = "locks/forget";
+/// How long a forget waits for another to end.
+const FORGET_WAIT: Duration = Duration::from_secs(120);
+
 /// Sessions and locks are refreshed this often, by a thread of their own; GC takes a session of another host
 /// that was not refreshed for its `stale_after` (1 hour by default) for dead.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(60);
@@ -319,8 +325,38 @@ impl Remote {
         }
     }
 
-    /// Takes lock `name` with a conditional create, taking over one whose holder is dead.
+    /// Takes GC's lock `name` with a conditional create, taking over one whose holder is dead; fails with
+    /// [`Error::GcRunning`] if another process holds it.
     pub fn lock(&self, name: &str) -> Result<Lock> {
+        self.try_lock(name)?.map_err(|h| Error::GcRunning {
+            pid: h.pid,
+            host: h.host,
+            started: crate::checkpoint::format_utc(h.started_ns),
+        })
+    }
+
+    /// Takes the lock that forgets hold from their sync to their record ([`FORGET_LOCK`]), waiting up to
+    /// [`FORGET_WAIT`] for another forget to end.
+    pub fn forget_lock(&self) -> Result<Lock> {
+        let started = Instant::now();
+        loop {
+            match self.try_lock(FORGET_LOCK)? {
+                Ok(lock) => return Ok(lock),
+                Err(h) if started.elapsed() > FORGET_WAIT => {
+                    return Err(Error::ForgetRunning {
+                        pid: h.pid,
+                        host: h.host,
+                        started: crate::checkpoint::format_utc(h.started_ns),
+                    });
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(250)),
+            }
+        }
+    }
+
+    /// Takes lock `name` with a conditional create, taking over one whose holder is dead; `Err` names the
+    /// live holder.
+    fn try_lock(&self, name: &str) -> Result<std::result::Result<Lock, Holder>> {
         let me = Holder::me();
         for _ in 0..2 {
             let created = self.bucket.create(name, me.encode()).map_err(|e| self.err(name, e))?;
@@ -333,23 +369,18 @@ impl Remote {
                 if matches!(self.holder(name)?, Some((h, _)) if h.token == me.token) {
                     let beat = Some(Heartbeat::start(self.bucket.clone(), name.to_string(), me.clone()));
                     let remote = Remote { bucket: self.bucket.clone() };
-                    return Ok(Lock { name: name.to_string(), token: me.token, beat, remote });
+                    return Ok(Ok(Lock { name: name.to_string(), token: me.token, beat, remote }));
                 }
                 continue;
             }
             match found {
-                Some((h, modified_ns)) if !self.dead(&h, modified_ns, LOCK_STALE)? => {
-                    return Err(Error::GcRunning {
-                        pid: h.pid,
-                        host: h.host,
-                        started: crate::checkpoint::format_utc(h.started_ns),
-                    });
-                }
+                Some((h, modified_ns)) if !self.dead(&h, modified_ns, LOCK_STALE)? => return Ok(Err(h)),
                 Some(_) => self.bucket.delete(name).map_err(|e| self.err(name, e))?,
                 None => {}
             }
         }
-        Err(Error::GcRunning { pid: 0, host: "another machine".into(), started: "just now".into() })
+        // Taken by another process between our delete and our create, twice over.
+        Ok(Err(Holder { host: "another machine".into(), pid: 0, started_ns: now_ns(), ..Holder::me() }))
     }
 
     /// Fails unless `lock` is still ours: a holder that stopped refreshing it for [`LOCK_STALE`] may have been

@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-use crate::util::{assert_same_tree, bin, chunk_ids, corrupt_pack_blob, p, pseudo_random, run};
+use crate::util::{assert_same_tree, bin, chunk_ids, corrupt_pack_blob, p, pseudo_random, run, succeeded};
 
 // ---------------------------------------------------------------------------------------------------------
 // Helpers (local to this file).
@@ -1381,4 +1381,73 @@ fn an_unwritable_stderr_does_not_turn_into_a_panic() {
     assert_eq!(commit.unwrap().status.code(), Some(0));
     let log = Command::new(bin()).arg("--repo").arg(tmp.path().join("none")).arg("log").stderr(full()).output();
     assert_eq!(log.unwrap().status.code(), Some(4));
+}
+
+/// Runs snapstore on `repo` mounted read-only at `mnt` (a bind mount in a mount namespace of its own), or
+/// `None` where this process may not make one (not root).
+fn on_read_only_mount(repo: &Path, mnt: &Path, args: &[&str]) -> Option<std::process::Output> {
+    let script = r#"mount --bind "$1" "$2" && mount -o remount,bind,ro "$2" || exit 99
+bin=$3; mnt=$2; shift 3; exec "$bin" --repo "$mnt" "$@""#;
+    let o = Command::new("unshare")
+        .args(["-m", "sh", "-c", script, "sh", p(repo), p(mnt), p(&crate::util::bin())])
+        .args(args)
+        .output()
+        .ok()?;
+    (o.status.code() != Some(99) && !text(&o.stderr).contains("unshare failed")).then_some(o)
+}
+
+/// A repository on a read-only mount (a snapshot, an archive disk) is read as it is: listed, checked out byte
+/// for byte and verified; writes are refused with a hint and change nothing. A copy made while a process had
+/// the catalog open is read with its write-ahead log (the checkpoint only the log holds is there), and one
+/// whose log lost its shared-memory file is refused with what to do.
+#[test]
+fn a_repository_on_a_read_only_mount_can_be_read_but_not_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, mnt) = (tmp.path().join("repo"), tmp.path().join("mnt"));
+    fs::create_dir(&mnt).unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("a"), crate::util::pseudo_random(300_000, 5)).unwrap();
+    fs::write(src.join("b"), b"second file").unwrap();
+    let first = sx(&repo, &["-q", "commit", p(&src)]).trim().to_string();
+    let Some(log) = on_read_only_mount(&repo, &mnt, &["-q", "log"]) else {
+        eprintln!("SKIPPED: cannot make a read-only bind mount here (not root); read-only repositories are untested");
+        return;
+    };
+    assert_eq!(succeeded(&log, "log"), format!("{first}\n"));
+    let before = modes_under(&repo);
+    let dest = tmp.path().join("restored");
+    succeeded(&on_read_only_mount(&repo, &mnt, &["-q", "checkout", &first, p(&dest)]).unwrap(), "checkout");
+    crate::util::assert_same_tree(&src, &dest, true);
+    let verify = succeeded(&on_read_only_mount(&repo, &mnt, &["verify", "--read-data"]).unwrap(), "verify");
+    assert!(verify.contains("no damage found"), "{verify}");
+    for args in [&["commit", p(&src)][..], &["gc"], &["forget", &first]] {
+        let o = on_read_only_mount(&repo, &mnt, args).unwrap();
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o.stderr));
+        assert!(text(&o.stderr).contains("read-only filesystem"), "{args:?}: {}", text(&o.stderr));
+    }
+    assert_eq!(modes_under(&repo), before, "nothing in the repository changed");
+
+    // A copy taken while another connection held the catalog open: the second checkpoint is in the log only.
+    fs::write(src.join("b"), b"changed").unwrap();
+    let held = rusqlite::Connection::open(repo.join("catalog.db")).unwrap();
+    held.query_row("SELECT count(*) FROM checkpoints", [], |r| r.get::<_, i64>(0)).unwrap();
+    let second = sx(&repo, &["-q", "commit", p(&src)]).trim().to_string();
+    let copy = tmp.path().join("copy");
+    crate::util::copy_dir(&repo, &copy);
+    drop(held);
+    assert!(fs::metadata(copy.join("catalog.db-wal")).unwrap().len() > 0, "the copy has a log");
+    let log = on_read_only_mount(&copy, &mnt, &["-q", "log"]).unwrap();
+    assert_eq!(succeeded(&log, "log of the copy"), format!("{second}\n{first}\n"));
+    let dest = tmp.path().join("restored-2");
+    succeeded(&on_read_only_mount(&copy, &mnt, &["-q", "checkout", &second, p(&dest)]).unwrap(), "checkout");
+    crate::util::assert_same_tree(&src, &dest, true);
+    fs::remove_file(copy.join("catalog.db-shm")).unwrap();
+    let o = on_read_only_mount(&copy, &mnt, &["log"]).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("write-ahead log") && text(&o.stderr).contains("hint: copy"),
+        "{}",
+        text(&o.stderr)
+    );
 }

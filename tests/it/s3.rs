@@ -599,3 +599,145 @@ fn a_groups_times_are_the_same_on_every_machine_whenever_it_synced() {
     assert_eq!(complete(&a), complete(&b));
     assert!(complete(&a).1.is_some());
 }
+
+/// Polls until `n` commit sessions are registered in the bucket.
+fn await_sessions(endpoint: &str, url: &str, n: usize) {
+    let started = std::time::Instant::now();
+    while bucket(endpoint, url).list("sessions/").unwrap().len() < n {
+        assert!(started.elapsed().as_secs() < 60, "{n} sessions never appeared");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Each registers its session, then syncs: give the sync time to end before the test goes on.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+}
+
+/// A commit of stream `name` as `part` of `group`, started with some of its data and held open (its session
+/// registered, its catalog synced) until the caller writes the rest and closes its input.
+fn held_part(m: &Machine, name: &str, group: &str, part: &str, data: &[u8]) -> std::process::Child {
+    let mut child = m.piped(&["-q", "commit", "-", "--name", name, "--group", group, "--part", part], &[]);
+    child.stdin.as_mut().unwrap().write_all(&data[..data.len() / 2]).unwrap();
+    child
+}
+
+fn finish(mut child: std::process::Child, data: &[u8], what: &str) -> String {
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&data[data.len() / 2..]).unwrap();
+    drop(stdin);
+    succeeded(&child.wait_with_output().unwrap(), what).trim().to_string()
+}
+
+/// `gc --incomplete-after` on one machine while another commits a group's last part: the drop waits for the
+/// sweep (no commit running anywhere), so the group the commit completes stays complete on every machine.
+/// Dropped while the commit ran, the group was reported complete, then emptied everywhere.
+#[test]
+fn a_group_is_not_dropped_while_another_machine_commits_its_last_part() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+    a.ok(&["init"]);
+    let (r0, r1) = (pseudo_random(1 << 20, 61), pseudo_random(1 << 20, 62));
+    finish(held_part(&a, "rank0", "step-1", "0/2", &r0), &r0, "part 0");
+    let last = held_part(&b, "rank1", "step-1", "1/2", &r1);
+    await_sessions(&endpoint, &url, 1);
+    let gc = |after: &str| -> serde_json::Value {
+        serde_json::from_str(&a.ok(&["--json", "gc", "--incomplete-after", after])).unwrap()
+    };
+    let g = gc("1ms");
+    assert_eq!((g["groups_dropped"].as_u64(), g["sweep_deferred_by"].as_u64()), (Some(0), Some(1)), "{g}");
+    finish(last, &r1, "part 1");
+    assert_eq!(gc("1ms")["groups_dropped"], 0, "complete now");
+    for m in [&a, &b] {
+        let groups: serde_json::Value = serde_json::from_str(&m.ok(&["--json", "groups"])).unwrap();
+        assert!(groups[0]["complete_ns"].is_i64(), "{groups}");
+        let out = tempfile::tempdir().unwrap();
+        m.ok(&["-q", "checkout", "step-1", out.path().join("g").to_str().unwrap()]);
+        assert!(std::fs::read(out.path().join("g/part-0")).unwrap() == r0);
+        assert!(std::fs::read(out.path().join("g/part-1")).unwrap() == r1);
+    }
+    // With no commit running, a group left incomplete is dropped, on every machine.
+    finish(held_part(&b, "rank0", "step-2", "0/2", &r0), &r0, "step-2 part 0");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(gc("10ms")["groups_dropped"], 1);
+    let groups: serde_json::Value = serde_json::from_str(&b.ok(&["--json", "groups"])).unwrap();
+    let names: Vec<&str> = groups.as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["step-1"]);
+}
+
+/// Two machines commit parts of one group name with different part counts at once. Neither knew of the other's,
+/// so both are checkpoints; each replica keeps the other's as a checkpoint outside its group. Left out, its
+/// data was garbage to that replica's GC, and the other machine's checkpoint was damaged.
+#[test]
+fn a_part_whose_group_has_another_count_elsewhere_is_kept_outside_the_group() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+    a.ok(&["init"]);
+    b.ok(&["sync"]);
+    let (da, db) = (pseudo_random(1 << 20, 71), pseudo_random(1 << 20, 72));
+    let ca = held_part(&a, "rank0", "step-1", "0/2", &da);
+    await_sessions(&endpoint, &url, 1);
+    let cb = held_part(&b, "rank1", "step-1", "1/3", &db);
+    await_sessions(&endpoint, &url, 2);
+    let ia = finish(ca, &da, "part 0/2 on a");
+    let ib = finish(cb, &db, "part 1/3 on b");
+    // Each lists the other's (its own is a part of an incomplete group, not a restore point yet).
+    assert_eq!(a.ids(), vec![ib.clone()]);
+    assert_eq!(b.ids(), vec![ia.clone()]);
+    let c = Machine::new(&endpoint, &url);
+    for m in [&a, &b] {
+        m.ok(&["gc", "--max-unused", "0"]);
+    }
+    for m in [&a, &b, &c] {
+        let synced: serde_json::Value = serde_json::from_str(&m.ok(&["--json", "sync"])).unwrap();
+        assert_eq!(synced["checkpoints"], 2, "{synced}");
+        let verify = m.ok(&["verify", "--read-data"]);
+        assert!(verify.contains("no damage found"), "{verify}");
+    }
+    let out = tempfile::tempdir().unwrap();
+    a.ok(&["-q", "checkout", &ib, out.path().join("b").to_str().unwrap()]);
+    b.ok(&["-q", "checkout", &ia, out.path().join("a").to_str().unwrap()]);
+    assert!(std::fs::read(out.path().join("b")).unwrap() == db);
+    assert!(std::fs::read(out.path().join("a")).unwrap() == da);
+}
+
+/// A retention run on one machine planned while another machine forgot a checkpoint the plan keeps: forgets
+/// hold the bucket's forget lock from a sync to their record, so the plan is checked against the other's
+/// forget and refused, and the path keeps a checkpoint. Without it, the two together emptied the path.
+#[test]
+fn two_forgets_on_two_machines_never_empty_a_path() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+    a.ok(&["init"]);
+    let older = a.commit_stream("state", b"older");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let newest = a.commit_stream("state", b"newest");
+    b.ok(&["sync"]);
+    // Another forget (pid 1 of this host: alive) holds the lock while A plans `--keep-last 1`.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let (process, pidns) = crate::util::process_record(1);
+    let holder = serde_json::json!({
+        "host": host, "pid": 1, "process": process, "pidns": pidns, "token": "t1", "started_ns": 0, "heartbeat_ns": 0
+    });
+    bucket(&endpoint, &url).put("locks/forget", serde_json::to_vec(&holder).unwrap()).unwrap();
+    let retention = a.piped(&["forget", "--keep-last", "1"], &[]);
+    std::thread::sleep(std::time::Duration::from_millis(2000));
+    let signal = |sig: &str| {
+        assert!(Command::new("kill").args([sig, &retention.id().to_string()]).status().unwrap().success());
+    };
+    // A waits for the lock, its plan made (keep the newest, forget the older); B forgets the newest meanwhile.
+    signal("-STOP");
+    bucket(&endpoint, &url).delete("locks/forget").unwrap();
+    b.ok(&["forget", &newest]);
+    signal("-CONT");
+    let o = retention.wait_with_output().unwrap();
+    // Refused as raced (or, on a machine so slow that A planned only after B's forget, nothing to forget).
+    assert!(
+        o.status.code() == Some(5) && text(&o.stderr).contains("forgotten by another process")
+            || o.status.success() && text(&o.stdout).contains("forgot 0"),
+        "{}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    for m in [&a, &b] {
+        assert_eq!(m.ids(), vec![older.clone()]);
+    }
+    assert!(bucket(&endpoint, &url).head("locks/forget").unwrap().is_none(), "released");
+}

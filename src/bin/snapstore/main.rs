@@ -458,7 +458,10 @@ fn exit_code(e: &Error) -> u8 {
         | Error::GroupIncomplete { .. }
         | Error::PathNotFound { .. }
         | Error::SourceNotFound(_) => EXIT_NOT_FOUND,
-        Error::GcRunning { .. } | Error::CommitsRunning { .. } | Error::RetentionRaced { .. } => EXIT_BUSY,
+        Error::GcRunning { .. }
+        | Error::ForgetRunning { .. }
+        | Error::CommitsRunning { .. }
+        | Error::RetentionRaced { .. } => EXIT_BUSY,
         Error::InvalidId(_)
         | Error::AmbiguousId { .. }
         | Error::InvalidInput(_)
@@ -537,6 +540,10 @@ fn hint(e: &Error) -> Option<&'static str> {
     Some(match e {
         Error::Io { source, .. } | Error::Backend { source, .. } if source.raw_os_error() == Some(28) => FREE_SPACE,
         Error::Catalog(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::SystemIoFailure) => CATALOG_IO,
+        Error::Catalog(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ReadOnly) => {
+            "the repository is on a read-only filesystem (or its catalog.db is read-only): it can be read (log, show, \
+             ls, diff, cat, checkout, verify) but not changed; copy it to writable storage to change it"
+        }
         Error::Catalog(_) if e.is_corruption() => {
             "the catalog file catalog.db is damaged (the packs are not): keep a copy of the repository as it is, then \
              put back a backup of catalog.db, or salvage its rows with `sqlite3 catalog.db .recover`"
@@ -582,6 +589,13 @@ fn hint(e: &Error) -> Option<&'static str> {
         }
         Error::Format(_) => "this repository needs a different snapstore version",
         Error::GcRunning { .. } => "wait for it to finish; if its process is gone, the next gc takes over by itself",
+        Error::ReadOnlyWal(_) => {
+            "copy the repository, catalog.db-wal included, to writable storage and run snapstore on the copy \
+             (it then replays the log); nothing in the repository was changed"
+        }
+        Error::ForgetRunning { .. } => {
+            "run this again once it ends; a lock whose process is gone is taken over after 10 minutes (at once on its own machine)"
+        }
         Error::RetentionRaced { .. } => "run the policy again: it is planned afresh against the checkpoints left",
         Error::CommitsRunning { .. } => {
             "run it again when they have finished; a commit whose process is gone is cleared by itself"
