@@ -321,8 +321,9 @@ pub struct CatalogStats {
 /// A connection to a repository's catalog.
 pub struct Catalog {
     conn: Connection,
-    /// Opened on a read-only filesystem ([`Catalog::open`]): every write fails with SQLite's "readonly".
-    read_only: bool,
+    /// Opened on a read-only filesystem, with what its files looked like then ([`crate::readonly`]): every
+    /// write fails with SQLite's "readonly".
+    read_only: Option<crate::readonly::Fingerprint>,
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -436,7 +437,7 @@ impl Catalog {
     fn open_with(path: &Path, new: bool) -> Result<Self> {
         // A repository on a read-only mount (a snapshot, an archive disk, a read-only export) can still be
         // read: SQLite's WAL mode would otherwise fail to create its shared-memory file before the first read.
-        if !new && on_read_only_fs(path) {
+        if !new && crate::readonly::on_read_only_fs(path) {
             return Self::open_read_only(path);
         }
         let conn = match Connection::open_with_flags(
@@ -462,38 +463,15 @@ impl Catalog {
             return Err(Error::Format(format!("catalog could not be put in WAL mode (it is in {mode} mode)")));
         }
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF;")?;
-        let mut cat = Catalog { conn, read_only: false };
+        let mut cat = Catalog { conn, read_only: None };
         cat.migrate()?;
         Ok(cat)
     }
 
-    /// Opens a catalog on a read-only filesystem, for reading only. With no write-ahead log beside it, the
-    /// file alone is the whole catalog, and SQLite is told it cannot change (`immutable`: no locks, no
-    /// shared memory), which is true of what nobody can write. With one (the repository was copied or
-    /// snapshotted while a process had it open), SQLite reads the log too, which it can only do with the
-    /// log's shared-memory file beside it.
+    /// Opens a catalog on a read-only filesystem, for reading only ([`crate::readonly`]).
     fn open_read_only(path: &Path) -> Result<Self> {
-        let mut wal = path.as_os_str().to_owned();
-        wal.push("-wal");
-        let wal = std::path::PathBuf::from(wal);
-        let has_wal = std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0);
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
-        let opened = if has_wal {
-            Connection::open_with_flags(path, flags)
-        } else {
-            Connection::open_with_flags(immutable_uri(path), flags)
-        };
-        let unreadable = |e: rusqlite::Error| match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::CannotOpen) if !path.exists() => {
-                Error::NoRepository(path.parent().unwrap_or(path).to_path_buf())
-            }
-            Some(rusqlite::ErrorCode::CannotOpen) if has_wal => {
-                Error::ReadOnlyWal(path.parent().unwrap_or(path).to_path_buf())
-            }
-            _ => e.into(),
-        };
-        let conn = opened.map_err(unreadable)?;
-        let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(unreadable)?;
+        let (conn, fingerprint) = crate::readonly::open(path)?;
+        let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version == 0 {
             return Err(Error::CatalogEmpty(path.to_path_buf()));
         }
@@ -509,12 +487,17 @@ impl Catalog {
                  snapstore that wrote it, or copy the repository to writable storage"
             )));
         }
-        Ok(Catalog { conn, read_only: true })
+        Ok(Catalog { conn, read_only: Some(fingerprint) })
     }
 
     /// Whether this catalog was opened on a read-only filesystem, for reading only.
     pub(crate) fn is_read_only(&self) -> bool {
-        self.read_only
+        self.read_only.is_some()
+    }
+
+    /// What its files looked like when it was opened on a read-only filesystem.
+    pub(crate) fn read_only(&self) -> Option<&crate::readonly::Fingerprint> {
+        self.read_only.as_ref()
     }
 
     /// [`Catalog::open`] for one of many workers that only look chunks up: a page cache of 512 KiB instead of
@@ -722,7 +705,7 @@ impl Catalog {
         // A forgotten group is named with its parts as they were: a part committed meanwhile stays.
         crate::group::forget_parts(&tx, &batch.forget, &batch.forget_groups)?;
         let mut checkpoint = batch.checkpoint.as_ref();
-        let ungrouped;
+        let set_apart;
         if let Some(cp) = checkpoint {
             let known =
                 tx.query_row("SELECT 1 FROM checkpoints WHERE id = ?1", [&cp.record.id], |_| Ok(())).optional()?;
@@ -733,11 +716,10 @@ impl Catalog {
             if known.is_some() {
                 checkpoint = None;
             } else if misfit {
-                // A part whose group has another part count here (two writers gave one group name different
-                // counts) cannot join it. It is kept as a checkpoint of its own: its writer reported it
-                // committed, and leaving it out would let this replica's GC delete its data.
-                ungrouped = NewCheckpoint { group: None, ..cp.clone() };
-                checkpoint = Some(&ungrouped);
+                // Leaving it out would let this replica's GC delete what its writer was told it committed.
+                let part = cp.group.as_ref().map(crate::group::GroupPart::set_apart);
+                set_apart = NewCheckpoint { group: part, ..cp.clone() };
+                checkpoint = Some(&set_apart);
             }
         }
         // Start epoch 0: every condemned object the checkpoint reaches is claimed back.
@@ -1099,13 +1081,34 @@ impl Catalog {
         let clause = format!("id >= ?1 AND id < ?1 || 'g' AND {} ORDER BY id LIMIT 5", crate::group::NOT_PENDING);
         let mut found = self.query_checkpoints(&clause, params![prefix])?;
         match found.len() {
-            0 => Err(Error::CheckpointNotFound(spec.to_string())),
+            0 => Err(self.pending_part(&prefix)?.unwrap_or_else(|| Error::CheckpointNotFound(spec.to_string()))),
             1 => Ok(found.remove(0)),
             _ => Err(Error::AmbiguousId {
                 prefix: spec.to_string(),
                 candidates: found.iter().map(|c| c.id[..(prefix.len() + 4).min(64)].to_string()).collect(),
             }),
         }
+    }
+
+    /// For an id prefix that only a part of an incomplete group has: that group, as the reason it is no
+    /// restore point (a plain "not found" would send the user to `log`, which does not list it either).
+    fn pending_part(&self, prefix: &str) -> Result<Option<Error>> {
+        let found: Option<(String, u32, u32)> = self
+            .conn
+            .query_row(
+                "SELECT p.grp, g.parts, (SELECT count(*) FROM group_parts WHERE grp = p.grp)
+                 FROM group_parts p JOIN groups g ON g.name = p.grp
+                 WHERE p.checkpoint >= ?1 AND p.checkpoint < ?1 || 'g' AND g.complete_ns IS NULL LIMIT 1",
+                [prefix],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        Ok(found.map(|(name, parts, have)| Error::GroupIncomplete {
+            // A part set apart here is named after its own group, as its writer knows it.
+            name: name.split('\u{1}').next().unwrap_or_default().to_string(),
+            have,
+            parts,
+        }))
     }
 
     /// The root tree id of a checkpoint.
@@ -1299,28 +1302,6 @@ pub(crate) const NEWEST_FIRST: &str = "time_ns DESC, id";
 
 /// SQLite's "unable to open database file" names neither the file nor the reason: opening it as SQLite
 /// does (read and write) says which, a repository gone, a read-only filesystem, a permission.
-/// Whether `path` (a catalog file) is on a filesystem mounted read-only.
-fn on_read_only_fs(path: &Path) -> bool {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    rustix::fs::statvfs(dir).is_ok_and(|v| v.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
-}
-
-/// An SQLite URI opening `path` as immutable. Every byte but unreserved ones is percent-encoded, so `?`, `#`,
-/// `%` and bytes that are not UTF-8 in the path stay the path's.
-fn immutable_uri(path: &Path) -> std::ffi::OsString {
-    use std::os::unix::ffi::OsStringExt;
-    let mut uri = b"file:".to_vec();
-    for &b in path.as_os_str().as_encoded_bytes() {
-        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
-            uri.push(b);
-        } else {
-            uri.extend_from_slice(format!("%{b:02X}").as_bytes());
-        }
-    }
-    uri.extend_from_slice(b"?immutable=1");
-    std::ffi::OsString::from_vec(uri)
-}
-
 fn cannot_open(path: &Path, e: rusqlite::Error) -> Error {
     match std::fs::OpenOptions::new().read(true).write(true).open(path) {
         Err(io) if io.kind() == std::io::ErrorKind::NotFound => {
@@ -1549,7 +1530,7 @@ mod tests {
         assert_eq!(packs, 1);
         assert_eq!(remote_seq(cat.connection()).unwrap(), 2);
         // Two checkpoints of one part: the later (time, id) is kept, whichever order they arrive in; a part
-        // whose group has another part count is kept as a checkpoint outside the group.
+        // whose group has another part count is set apart, still a checkpoint and still a part.
         let part = |n: u32, parts: u32, cp: &str, tree: u8| {
             let record = Checkpoint {
                 id: cp.into(),
@@ -1584,7 +1565,7 @@ mod tests {
             assert!(cat.apply_record("records/4-x", 4, &part(1, 2, &"c".repeat(64), 9)).unwrap());
             let ids: Vec<String> = cat
                 .connection()
-                .prepare("SELECT checkpoint FROM group_parts")
+                .prepare("SELECT checkpoint FROM group_parts WHERE grp = 'g'")
                 .unwrap()
                 .query_map([], |r| r.get(0))
                 .unwrap()
@@ -1593,7 +1574,9 @@ mod tests {
             assert_eq!(ids, vec![b.clone()], "order {k}");
             assert_eq!(cat.checkpoints_all_ids(), vec![b.clone(), "c".repeat(64)], "order {k}");
             assert!(cat.tree(&id(9)).is_ok());
-            assert_eq!(cat.part_of(&"c".repeat(64)).unwrap(), None, "outside the group");
+            assert_eq!(cat.part_of(&"c".repeat(64)).unwrap(), Some(("g\u{1}2".to_string(), 1)), "set apart");
+            let listed: Vec<String> = crate::group::groups(&cat).unwrap().into_iter().map(|g| g.name).collect();
+            assert_eq!(listed, ["g"], "a set-apart group is not listed");
         }
     }
 

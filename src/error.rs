@@ -160,6 +160,28 @@ pub enum Error {
         .0.display()
     )]
     ReadOnlyWal(PathBuf),
+    /// A retention plan would forget every checkpoint of a path; nothing was forgotten.
+    #[error(
+        "the policy would forget every checkpoint of {path} on {host}{}; refusing",
+        match others { 0 => String::new(), 1 => " (and of 1 other path)".into(), n => format!(" (and of {n} other paths)") }
+    )]
+    PolicyEmptiesPath {
+        /// The host of the checkpoints it would forget (empty when planned across hosts and paths).
+        host: String,
+        /// Their committed path (empty when planned across paths).
+        path: String,
+        /// How many other (host, path) pairs it would empty.
+        others: usize,
+    },
+    /// A repository read through a read-only mount was written through another mount meanwhile: what was
+    /// read may mix two states of it.
+    #[error("{} changed while it was read through a read-only mount (a process writes it through another mount)", .0.display())]
+    ChangedWhileRead(PathBuf),
+    /// A bucket lock this process held (GC's, its sweep lock, or a forget's) was taken over by another
+    /// process, which took this one for stalled (no heartbeat for 10 minutes); it stopped before changing
+    /// anything more.
+    #[error("another process took over {0}, taking this one for stalled; it stopped before changing anything more")]
+    LockLost(String),
     /// Another forget (or retention run) held a bucket's forget lock for longer than this one would wait.
     #[error("another forget is running on this repository (pid {pid} on {host}, started {started})")]
     ForgetRunning {

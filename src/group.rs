@@ -25,7 +25,21 @@ pub struct GroupPart {
     pub parts: u32,
 }
 
+/// Joins a group's name and a part count into the name under which a replica keeps parts whose count
+/// disagrees with its group's ([`GroupPart::set_apart`]). `parse` refuses control characters in names, so no
+/// group a user names can be one of these.
+const SET_APART: char = '\u{1}';
+
 impl GroupPart {
+    /// This part as a replica keeps it when its group there has another part count (two writers gave one
+    /// group name different counts at once): in a group of its own, named after both, that no command lists
+    /// or drops as stale. It stays a checkpoint, as every replica must hold every checkpoint another writer
+    /// was told it committed (else that replica's GC deletes its data), and a part, as a part must not be
+    /// forgotten on its own: a forget is applied on every replica, where it may complete a group.
+    pub(crate) fn set_apart(&self) -> GroupPart {
+        GroupPart { name: format!("{}{SET_APART}{}", self.name, self.parts), ..self.clone() }
+    }
+
     /// Parses `I/N` (0 ≤ I < N) for group `name`. A name must not read as a checkpoint id (`latest`, or 4 or
     /// more hex digits), since `checkout` takes either.
     pub fn parse(name: &str, spec: &str) -> Result<GroupPart> {
@@ -62,9 +76,10 @@ pub struct Group {
 }
 
 impl Group {
-    /// Whether every part is in.
+    /// Whether every part is in. A group completed once can lose a part since (another machine forgot it
+    /// by id); it is then incomplete, rather than restored without that part.
     pub fn is_complete(&self) -> bool {
-        self.complete_ns.is_some()
+        self.complete_ns.is_some() && self.members.len() == self.parts as usize
     }
 }
 
@@ -101,7 +116,7 @@ fn check_against(part: &GroupPart, existing: Option<(u32, Option<i64>)>) -> Resu
 }
 
 /// Whether a part another replica recorded can join its group here: only a part count that disagrees with
-/// the group's cannot (that record's checkpoint is then kept outside the group).
+/// the group's cannot (that record's checkpoint is then set apart: [`GroupPart::set_apart`]).
 pub(crate) fn part_fits(tx: &Transaction<'_>, part: &GroupPart) -> Result<bool> {
     let parts: Option<u32> =
         tx.query_row("SELECT parts FROM groups WHERE name = ?1", [&part.name], |r| r.get(0)).optional()?;
@@ -199,6 +214,12 @@ pub(crate) fn forget_parts(tx: &Transaction<'_>, ids: &[String], groups: &[Strin
             [name],
         )?;
     }
+    // Parts set apart here are forgotten by the forget of their own group, written on another replica under
+    // its plain name.
+    tx.execute(
+        "DELETE FROM groups WHERE instr(name, char(1)) > 0 AND NOT EXISTS (SELECT 1 FROM group_parts WHERE grp = name)",
+        [],
+    )?;
     Ok(())
 }
 
@@ -206,7 +227,7 @@ pub(crate) fn forget_parts(tx: &Transaction<'_>, ids: &[String], groups: &[Strin
 pub(crate) fn groups(catalog: &Catalog) -> Result<Vec<Group>> {
     let names: Vec<String> = catalog
         .connection()
-        .prepare("SELECT name FROM groups ORDER BY created_ns DESC, name")?
+        .prepare("SELECT name FROM groups WHERE instr(name, char(1)) = 0 ORDER BY created_ns DESC, name")?
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     names.iter().map(|n| group(catalog, n)).collect()
@@ -249,7 +270,7 @@ pub(crate) fn delete_groups(tx: &Transaction<'_>, names: &[String]) -> Result<()
 /// Names of the groups still incomplete whose first part is older than `older_than_ns`.
 pub(crate) fn stale(tx: &Transaction<'_>, older_than_ns: i64) -> Result<Vec<String>> {
     Ok(tx
-        .prepare("SELECT name FROM groups WHERE complete_ns IS NULL AND created_ns < ?1")?
+        .prepare("SELECT name FROM groups WHERE complete_ns IS NULL AND created_ns < ?1 AND instr(name, char(1)) = 0")?
         .query_map([older_than_ns], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?)
 }

@@ -43,6 +43,7 @@ mod params;
 mod progress;
 mod reach;
 mod reader;
+pub mod readonly;
 mod record;
 mod region;
 mod remote;
@@ -99,6 +100,8 @@ pub struct Repository {
     backend: Arc<dyn Backend>,
     params: RepoParams,
     remote: Option<Arc<remote::Remote>>,
+    /// On a read-only mount: the catalog as it was when opened, which every later open must still find.
+    read_only: Option<readonly::Fingerprint>,
 }
 
 /// Connects to a bucket. A setting that cannot work (the URL, an endpoint without http(s)://, a malformed
@@ -254,9 +257,11 @@ impl Repository {
             return Err(Error::NoRepository(root));
         }
         check_owner(&root, &md)?;
-        let params = Catalog::open(&catalog_path)?.params()?;
+        let catalog = Catalog::open(&catalog_path)?;
+        let params = catalog.params()?;
+        let read_only = catalog.read_only().cloned();
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&root));
-        Ok(Repository { root, catalog_path, backend, params, remote: None })
+        Ok(Repository { root, catalog_path, backend, params, remote: None, read_only })
     }
 
     /// Opens the repository at `path`, or creates it with the default parameters if there is none there;
@@ -315,7 +320,7 @@ impl Repository {
         let params = cat.params()?;
         let synced = remote.sync(&mut cat)?;
         let backend: Arc<dyn Backend> = Arc::new(backend::S3Backend::new(bucket, root.join("tmp")));
-        Ok((Repository { root, catalog_path, backend, params, remote: Some(remote) }, synced))
+        Ok((Repository { root, catalog_path, backend, params, remote: Some(remote), read_only: None }, synced))
     }
 
     /// For a repository in a bucket: applies every change other machines wrote to the bucket since the last
@@ -448,7 +453,12 @@ impl Repository {
 
     /// A new connection to the catalog, for inspection.
     pub fn catalog(&self) -> Result<Catalog> {
-        Catalog::open(&self.catalog_path)
+        let catalog = Catalog::open(&self.catalog_path)?;
+        if let Some(opened) = &self.read_only {
+            // Written through another mount since: what this handle read before and reads now could mix.
+            opened.check(&self.catalog_path)?;
+        }
+        Ok(catalog)
     }
 
     /// Commits a file or directory tree as a new checkpoint.
@@ -766,6 +776,11 @@ impl Repository {
         kept: &[&str],
     ) -> Result<Vec<Checkpoint>> {
         fault::point("forget-chosen");
+        // Nothing to delete needs no lock: a Checkpointer's or watch's retention after each commit, which
+        // mostly forgets nothing, must not wait on another machine's forget (or its lock left by a crash).
+        if found.is_empty() {
+            return Ok(found);
+        }
         let ids: Vec<&str> = found.iter().map(|c| c.id.as_str()).collect();
         let deleted =
             self.forgetting(catalog, |catalog, journal| catalog.delete_checkpoints(&ids, spare_tags, kept, journal))?;
@@ -774,7 +789,9 @@ impl Repository {
     }
 
     /// Decides what a retention policy keeps and forgets, with the reasons, without changing anything.
-    /// Checkpoints outside `scope` are neither kept nor forgotten (they do not appear in the plan).
+    /// Checkpoints outside `scope` are neither kept nor forgotten (they do not appear in the plan). A plan that
+    /// would forget every checkpoint of a path is returned, to be shown; applying it is refused
+    /// ([`Plan::refuse_emptying`]).
     ///
     /// ```
     /// # let dir = tempfile::tempdir().unwrap();
@@ -799,14 +816,7 @@ impl Repository {
             .filter(|c| scope.tags.iter().all(|t| c.tags.contains(t)))
             .filter(|c| scope.paths.is_empty() || scope.paths.contains(&c.path))
             .collect();
-        let plan = retention::plan(&chosen, policy, !scope.across_paths);
-        // Like restic, never empty a whole group: that is almost always a mistyped tag.
-        if let Some((host, path)) = plan.emptied_groups(!scope.across_paths).into_iter().next() {
-            return Err(Error::InvalidInput(format!(
-                "the policy would forget every checkpoint of {path} on {host}; refusing (check --keep-tag)"
-            )));
-        }
-        Ok(plan)
+        Ok(retention::plan(&chosen, policy, !scope.across_paths))
     }
 
     /// Checkpoints `path` automatically until `stop` is set: a commit every [`WatchOptions::every`] when
@@ -874,8 +884,10 @@ impl Repository {
 
     /// Forgets what a plan from [`Repository::plan_retention`] says to forget, and returns what it forgot.
     /// What changed since the plan was made is honoured: a checkpoint tagged meanwhile with a tag the policy
-    /// keeps stays, and one forgotten meanwhile is skipped.
+    /// keeps stays, and one forgotten meanwhile is skipped. A plan that would forget every checkpoint of a
+    /// path forgets nothing ([`Error::PolicyEmptiesPath`]).
     pub fn apply_retention(&self, plan: &Plan) -> Result<Vec<Checkpoint>> {
+        plan.refuse_emptying()?;
         let mut catalog = self.catalog()?;
         let mut found = Vec::with_capacity(plan.forget.len());
         for d in &plan.forget {

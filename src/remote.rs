@@ -388,10 +388,7 @@ impl Remote {
     pub fn check_lock(&self, lock: &Lock) -> Result<()> {
         match self.holder(&lock.name)? {
             Some((h, _)) if h.token == lock.token && !lock.beat.as_ref().is_some_and(|b| b.lost()) => Ok(()),
-            _ => Err(Error::Internal(format!(
-                "lost {} to another process while holding it; nothing more was deleted",
-                lock.name
-            ))),
+            _ => Err(Error::LockLost(lock.name.clone())),
         }
     }
 }

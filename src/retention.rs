@@ -157,6 +157,10 @@ pub struct Plan {
     /// after the plan was made is not forgotten.
     #[serde(skip)]
     pub(crate) keep_tags: Vec<String>,
+    /// Whether it was planned per (host, path): applying it refuses to empty one of those
+    /// ([`Plan::emptied_groups`]).
+    #[serde(skip)]
+    pub(crate) by_path: bool,
 }
 
 /// One checkpoint's fate.
@@ -198,6 +202,17 @@ impl Plan {
         let kept: BTreeSet<(String, String)> = self.keep.iter().map(key).collect();
         forgotten.difference(&kept).cloned().collect()
     }
+
+    /// Refuses, like restic, a plan that would forget every checkpoint of a (host, path) it was planned for:
+    /// that is almost always a mistyped `--keep-tag`. Checked when the plan is applied, so that a dry run
+    /// still shows what it would have done.
+    pub fn refuse_emptying(&self) -> crate::Result<()> {
+        let mut emptied = self.emptied_groups(self.by_path).into_iter();
+        match emptied.next() {
+            Some((host, path)) => Err(crate::Error::PolicyEmptiesPath { host, path, others: emptied.len() }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Applies `policy` to `checkpoints`, per (host, path) group if `group_by_path`, else to all of them as
@@ -216,7 +231,7 @@ pub fn plan_at(checkpoints: &[Checkpoint], policy: &Policy, group_by_path: bool,
         let key = if group_by_path { (cp.host.as_str(), cp.path.as_str()) } else { ("", "") };
         groups.entry(key).or_default().push(cp);
     }
-    let mut plan = Plan { keep_tags: policy.keep_tags.clone(), ..Default::default() };
+    let mut plan = Plan { keep_tags: policy.keep_tags.clone(), by_path: group_by_path, ..Default::default() };
     for mut group in groups.into_values() {
         group.sort_by(|a, b| newest_first(a.time_ns, &a.id, b.time_ns, &b.id));
         for (cp, reasons) in group.iter().zip(judge(&group, policy, now_ns)) {
@@ -893,7 +908,8 @@ mod tests {
         assert!(!Policy { keep_last: Some(1), ..Default::default() }.is_empty());
         assert!(!Policy { keep_within: Some(Duration::from_secs(1)), ..Default::default() }.is_empty());
         assert!(!Policy { keep_tags: strs(&[""]), ..Default::default() }.is_empty());
-        assert_eq!(run(&[], &Policy { keep_last: Some(1), ..Default::default() }), Plan::default());
+        let none = run(&[], &Policy { keep_last: Some(1), ..Default::default() });
+        assert!(none.keep.is_empty() && none.forget.is_empty());
     }
 
     #[test]

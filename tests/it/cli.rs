@@ -4,7 +4,7 @@
 //! panic or a backtrace hint, and that errors come as `error: ...` lines on stderr.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -1428,7 +1428,30 @@ fn a_repository_on_a_read_only_mount_can_be_read_but_not_changed() {
     }
     assert_eq!(modes_under(&repo), before, "nothing in the repository changed");
 
-    // A copy taken while another connection held the catalog open: the second checkpoint is in the log only.
+    // Written through another mount while a `cat` streams through the read-only one: the reader says so.
+    let big = pseudo_random(8 << 20, 9);
+    fs::write(src.join("big"), &big).unwrap();
+    let third = sx(&repo, &["-q", "commit", p(&src)]).trim().to_string();
+    let script = r#"mount --bind "$1" "$2" && mount -o remount,bind,ro "$2" && exec "$3" --repo "$2" cat "$4" big"#;
+    let mut reader = Command::new("unshare")
+        .args(["-m", "sh", "-c", script, "sh", p(&repo), p(&mnt), p(&crate::util::bin()), &third])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = reader.stdout.take().unwrap();
+    let mut head = vec![0; 1 << 16];
+    stdout.read_exact(&mut head).unwrap();
+    assert!(head[..] == big[..1 << 16]);
+    fs::write(src.join("b"), b"written meanwhile").unwrap();
+    sx(&repo, &["-q", "commit", p(&src)]);
+    io::copy(&mut stdout, &mut io::sink()).unwrap();
+    let o = reader.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("changed while it was read"), "{}", text(&o.stderr));
+    fs::remove_file(src.join("big")).unwrap();
+
+    // A copy taken while another connection held the catalog open: the newest checkpoint is in the log only.
     fs::write(src.join("b"), b"changed").unwrap();
     let held = rusqlite::Connection::open(repo.join("catalog.db")).unwrap();
     held.query_row("SELECT count(*) FROM checkpoints", [], |r| r.get::<_, i64>(0)).unwrap();
@@ -1438,7 +1461,9 @@ fn a_repository_on_a_read_only_mount_can_be_read_but_not_changed() {
     drop(held);
     assert!(fs::metadata(copy.join("catalog.db-wal")).unwrap().len() > 0, "the copy has a log");
     let log = on_read_only_mount(&copy, &mnt, &["-q", "log"]).unwrap();
-    assert_eq!(succeeded(&log, "log of the copy"), format!("{second}\n{first}\n"));
+    let listed: Vec<String> = succeeded(&log, "log of the copy").lines().map(str::to_string).collect();
+    assert_eq!(listed.len(), 4, "{listed:?}");
+    assert_eq!((&listed[0], &listed[3]), (&second, &first));
     let dest = tmp.path().join("restored-2");
     succeeded(&on_read_only_mount(&copy, &mnt, &["-q", "checkout", &second, p(&dest)]).unwrap(), "checkout");
     crate::util::assert_same_tree(&src, &dest, true);
@@ -1450,4 +1475,44 @@ fn a_repository_on_a_read_only_mount_can_be_read_but_not_changed() {
         "{}",
         text(&o.stderr)
     );
+}
+
+/// A policy that would forget every checkpoint of a path (a mistyped `--keep-tag`) is refused and forgets
+/// nothing; its dry run shows the plan first, so the refusal can be understood, and fails the same way.
+#[test]
+fn a_policy_that_would_empty_a_path_is_shown_by_its_dry_run_and_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let (f, g) = (tmp.path().join("f"), tmp.path().join("g"));
+    fs::write(&f, b"one").unwrap();
+    let tagged = sx(&repo, &["-q", "commit", p(&f), "-t", "keep"]).trim().to_string();
+    fs::write(&f, b"two").unwrap();
+    sx(&repo, &["-q", "commit", p(&f)]);
+    fs::write(&g, b"other").unwrap();
+    sx(&repo, &["-q", "commit", p(&g)]);
+    let before = crate::util::listed(&repo);
+    let o = run(&repo, &["forget", "--keep-tag", "kep", "--dry-run"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    let shown = text(&o.stdout);
+    assert_eq!(shown.lines().filter(|l| l.starts_with("forget")).count(), 3, "{shown}");
+    let err = text(&o.stderr);
+    assert!(err.contains("would forget every checkpoint of") && err.contains("and of 1 other path"), "{err}");
+    assert!(err.contains("hint: check --keep-tag"), "{err}");
+    let err = sx_fail(&repo, &["forget", "--keep-tag", "kep"], 2);
+    assert!(err.contains("refusing"), "{err}");
+    assert_eq!(crate::util::listed(&repo), before, "nothing forgotten");
+    // Scoped to the path that keeps its tagged checkpoint, the same kind of policy runs.
+    sx(&repo, &["forget", "--keep-tag", "keep", "--path", p(&f)]);
+    let left = crate::util::listed(&repo);
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.contains(&tagged));
+
+    // The library: the plan is returned to be shown, and applying it is refused.
+    let lib = snapstore::Repository::open(&repo).unwrap();
+    let policy = snapstore::Policy { keep_tags: vec!["kep".into()], ..Default::default() };
+    let plan = lib.plan_retention(&policy, &Default::default()).unwrap();
+    assert_eq!((plan.keep.len(), plan.forget.len()), (0, 2));
+    let err = lib.apply_retention(&plan).unwrap_err();
+    assert!(matches!(err, snapstore::Error::PolicyEmptiesPath { others: 1, .. }), "{err}");
+    assert_eq!(crate::util::listed(&repo), left);
 }

@@ -662,40 +662,57 @@ fn a_group_is_not_dropped_while_another_machine_commits_its_last_part() {
     assert_eq!(names, ["step-1"]);
 }
 
-/// Two machines commit parts of one group name with different part counts at once. Neither knew of the other's,
-/// so both are checkpoints; each replica keeps the other's as a checkpoint outside its group. Left out, its
-/// data was garbage to that replica's GC, and the other machine's checkpoint was damaged.
+/// Two machines commit parts of one group name with different part counts at once, neither knowing of the
+/// other's: both are checkpoints, and each replica sets the other's apart (a part still, of no group it
+/// lists). Left out, its data was garbage to that replica's GC; kept as a plain checkpoint, that replica could
+/// forget it by id, which every replica applies, taking a part out of the writer's complete group.
 #[test]
-fn a_part_whose_group_has_another_count_elsewhere_is_kept_outside_the_group() {
+fn a_part_whose_group_has_another_count_elsewhere_is_set_apart_and_kept() {
     let Some((endpoint, url)) = server() else { return };
     let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
     a.ok(&["init"]);
     b.ok(&["sync"]);
-    let (da, db) = (pseudo_random(1 << 20, 71), pseudo_random(1 << 20, 72));
-    let ca = held_part(&a, "rank0", "step-1", "0/2", &da);
+    let data: Vec<Vec<u8>> = (0..4).map(|i| pseudo_random(1 << 20, 71 + i)).collect();
+    let ca = held_part(&a, "rank0", "step-1", "0/2", &data[0]);
     await_sessions(&endpoint, &url, 1);
-    let cb = held_part(&b, "rank1", "step-1", "1/3", &db);
+    let cb = held_part(&b, "rank1", "step-1", "1/3", &data[1]);
     await_sessions(&endpoint, &url, 2);
-    let ia = finish(ca, &da, "part 0/2 on a");
-    let ib = finish(cb, &db, "part 1/3 on b");
-    // Each lists the other's (its own is a part of an incomplete group, not a restore point yet).
-    assert_eq!(a.ids(), vec![ib.clone()]);
-    assert_eq!(b.ids(), vec![ia.clone()]);
-    let c = Machine::new(&endpoint, &url);
-    for m in [&a, &b] {
-        m.ok(&["gc", "--max-unused", "0"]);
+    let ia = finish(ca, &data[0], "part 0/2 on a");
+    let ib = finish(cb, &data[1], "part 1/3 on b");
+    // B completes its group of three; A's stays incomplete.
+    for (i, d) in [(0, &data[2]), (2, &data[3])] {
+        finish(held_part(&b, &format!("rank{i}"), "step-1", &format!("{i}/3"), d), d, "b's other parts");
     }
+    // A cannot forget B's part, by id or by policy, nor drop it as an incomplete group; its own group of two,
+    // incomplete, is dropped, on every replica.
+    let o = a.run(&["forget", &ib]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    a.ok(&["forget", "--keep-last", "1"]);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let g: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc", "--incomplete-after", "10ms"])).unwrap();
+    assert_eq!(g["groups_dropped"], 1, "{g}");
+    b.ok(&["gc", "--max-unused", "0"]);
+    let c = Machine::new(&endpoint, &url);
     for m in [&a, &b, &c] {
         let synced: serde_json::Value = serde_json::from_str(&m.ok(&["--json", "sync"])).unwrap();
-        assert_eq!(synced["checkpoints"], 2, "{synced}");
+        assert_eq!(synced["checkpoints"], 3, "{synced}");
         let verify = m.ok(&["verify", "--read-data"]);
         assert!(verify.contains("no damage found"), "{verify}");
     }
     let out = tempfile::tempdir().unwrap();
-    a.ok(&["-q", "checkout", &ib, out.path().join("b").to_str().unwrap()]);
-    b.ok(&["-q", "checkout", &ia, out.path().join("a").to_str().unwrap()]);
-    assert!(std::fs::read(out.path().join("b")).unwrap() == db);
-    assert!(std::fs::read(out.path().join("a")).unwrap() == da);
+    b.ok(&["-q", "checkout", "step-1", out.path().join("b").to_str().unwrap()]);
+    for (i, d) in [(0, &data[2]), (1, &data[1]), (2, &data[3])] {
+        assert!(std::fs::read(out.path().join(format!("b/part-{i}"))).unwrap() == *d, "part {i}");
+    }
+    let o = a.run(&["checkout", &ia, out.path().join("a").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(4), "a's part went with its group: {}", text(&o.stderr));
+    // B's forget of its group takes the parts A had set apart too.
+    b.ok(&["forget", "--group", "step-1"]);
+    for m in [&a, &b, &c] {
+        let synced: serde_json::Value = serde_json::from_str(&m.ok(&["--json", "sync"])).unwrap();
+        assert_eq!(synced["checkpoints"], 0, "{synced}");
+        assert_eq!(m.ok(&["--json", "groups"]).trim(), "[]");
+    }
 }
 
 /// A retention run on one machine planned while another machine forgot a checkpoint the plan keeps: forgets

@@ -258,7 +258,9 @@ and a second gc at the same time exits with code 5. Chunks a commit in progress 
 that commit ends (the next gc reclaims them). Packs with more than --max-unused unused are rewritten, and once \
 there are 8 or more small packs of about the same size (under a quarter of the pack size: frequent commits \
 of few changes make them) they are merged (--max-unused 100 rewrites and merges nothing). A damaged pack due for a rewrite is left as it \
-is, everything else is collected, and gc exits with code 3. Without a terminal it prints only its summary (-q: nothing).\n\n", exit_help!()))]
+is, everything else is collected, and gc exits with code 3. In an s3:// bucket it deletes, and drops incomplete \
+groups, only while no commit, checkout or verify runs on any machine; otherwise it marks what is unused and leaves \
+the rest to the next run. Without a terminal it prints only its summary (-q: nothing).\n\n", exit_help!()))]
     Gc {
         /// Show what would be reclaimed; change nothing
         #[arg(short = 'n', long)]
@@ -368,7 +370,18 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     let mut out = Out::new(cli.json);
-    match run(&cli, &mut out) {
+    let repo = repo_path(&cli);
+    let read_only = snapstore::readonly::catalog_fingerprint(&repo);
+    let mut result = run(&cli, &mut out);
+    // Read through a read-only mount while another mount wrote it: whatever it printed or wrote, or whatever
+    // damage it thought it saw, may come from two states mixed.
+    if read_only.is_some()
+        && matches!(result, Ok(()) | Err(Failure::Lib(_)))
+        && snapstore::readonly::catalog_fingerprint(&repo) != read_only
+    {
+        result = Err(Failure::Lib(Error::ChangedWhileRead(repo)));
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Pipe) => ExitCode::SUCCESS,
         Err(Failure::Lib(e)) => {
@@ -460,6 +473,8 @@ fn exit_code(e: &Error) -> u8 {
         | Error::SourceNotFound(_) => EXIT_NOT_FOUND,
         Error::GcRunning { .. }
         | Error::ForgetRunning { .. }
+        | Error::LockLost(_)
+        | Error::ChangedWhileRead(_)
         | Error::CommitsRunning { .. }
         | Error::RetentionRaced { .. } => EXIT_BUSY,
         Error::InvalidId(_)
@@ -468,6 +483,7 @@ fn exit_code(e: &Error) -> u8 {
         | Error::DestinationNotEmpty(_)
         | Error::RepositoryExists(_)
         | Error::EmptyPolicy
+        | Error::PolicyEmptiesPath { .. }
         | Error::GroupComplete(_)
         | Error::PartMismatch { .. }
         | Error::PartOfGroup { .. } => EXIT_USAGE,
@@ -589,6 +605,11 @@ fn hint(e: &Error) -> Option<&'static str> {
         }
         Error::Format(_) => "this repository needs a different snapstore version",
         Error::GcRunning { .. } => "wait for it to finish; if its process is gone, the next gc takes over by itself",
+        Error::ChangedWhileRead(_) => {
+            "run the command again: what it printed or wrote may mix the two states; nothing in the repository \
+             was changed by it"
+        }
+        Error::LockLost(_) => "run it again; what it did before is kept, and the run that took over goes on",
         Error::ReadOnlyWal(_) => {
             "copy the repository, catalog.db-wal included, to writable storage and run snapstore on the copy \
              (it then replays the log); nothing in the repository was changed"
@@ -599,6 +620,10 @@ fn hint(e: &Error) -> Option<&'static str> {
         Error::RetentionRaced { .. } => "run the policy again: it is planned afresh against the checkpoints left",
         Error::CommitsRunning { .. } => {
             "run it again when they have finished; a commit whose process is gone is cleared by itself"
+        }
+        Error::PolicyEmptiesPath { .. } => {
+            "check --keep-tag for a typo: a policy of tags alone keeps only what carries them. `--dry-run` shows \
+             the plan; add --keep-last 1 to keep each path's newest whatever its tags"
         }
         Error::EmptyPolicy => "for example --keep-last 10 --keep-daily 7; try --dry-run first",
         Error::NotOwner { .. } => "run snapstore as the user who owns the repository (for example with sudo -u)",
@@ -902,6 +927,11 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             } else if !cli.quiet {
                 output::plan(out, &plan)?;
                 output::forget_total(out, Some(plan.keep.len()), plan.forget.len(), "checkpoint", *dry_run)?;
+            }
+            if *dry_run {
+                // Shown first, so the refusal can be understood; it still fails the dry run as the real one fails.
+                out.flush()?;
+                plan.refuse_emptying()?;
             }
         }
         Command::Gc { dry_run, max_unused, incomplete_after } => {

@@ -288,8 +288,9 @@ pub fn gc_summary(out: &mut Out, s: &GcSummary) -> io::Result<()> {
     }
     if s.sweep_deferred_by > 0 {
         out.line(&format!(
-            "  marked only: {} running on the bucket; the next gc with none running deletes what is unused",
-            plural(s.sweep_deferred_by, "commit")
+            "  marked only: {} running on the bucket (commits, checkouts, verifies or readers); the next gc with \
+             none running deletes what is unused and drops groups left incomplete",
+            plural(s.sweep_deferred_by, "session")
         ))?;
     }
     if s.dry_run {

@@ -1,0 +1,157 @@
+//! Reading a repository on a read-only mount: a filesystem snapshot, an archive disk, a read-only export or
+//! bind mount.
+//!
+//! SQLite cannot open a WAL-mode catalog there the usual way (it must create the log's shared-memory file), so
+//! the catalog is opened for reading only: `immutable` when no write-ahead log is beside it (the file alone
+//! is then the whole catalog), and with the log when one is (which SQLite can read only with its
+//! shared-memory file beside it). Neither takes locks. The mount being read-only does not make the files so:
+//! the same filesystem may be written through another mount (a container's read-only volume of a live
+//! repository, an NFS export its server writes). So what the catalog files looked like at open is kept
+//! ([`Fingerprint`]), and a change seen later makes the read fail as "changed while read, run again" instead
+//! of returning a mix of two states, or reporting the catalog damaged.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags};
+
+use crate::{Error, Result};
+
+/// Whether `path` (a catalog file) is on a filesystem mounted read-only.
+pub(crate) fn on_read_only_fs(path: &Path) -> bool {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    rustix::fs::statvfs(dir).is_ok_and(|v| v.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+}
+
+/// For a local repository on a read-only mount: what its catalog's files look like now. Two that differ
+/// tell that another mount wrote the repository between them; `None` for any other repository.
+pub fn catalog_fingerprint(repo: &Path) -> Option<Fingerprint> {
+    let path = repo.join(crate::CATALOG_FILE);
+    on_read_only_fs(&path).then(|| Fingerprint::of(&path))
+}
+
+/// What the files of a catalog on a read-only mount looked like: the catalog's identity, size and mtime, and
+/// its write-ahead log's size and mtime (an empty log, which any reader elsewhere creates, counts as none).
+/// A writer elsewhere changes one of them with every transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    db: Option<(u64, u64, u64, i64, i64)>,
+    wal: Option<(u64, i64, i64)>,
+}
+
+impl Fingerprint {
+    /// The fingerprint of the catalog `path` now.
+    pub(crate) fn of(path: &Path) -> Fingerprint {
+        use std::os::unix::fs::MetadataExt;
+        let db = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
+        let wal = std::fs::metadata(sibling(path, "-wal"))
+            .ok()
+            .filter(|m| m.size() > 0)
+            .map(|m| (m.size(), m.mtime(), m.mtime_nsec()));
+        Fingerprint { db, wal }
+    }
+
+    /// Fails if the catalog `path` no longer looks as it did.
+    pub(crate) fn check(&self, path: &Path) -> Result<()> {
+        if Fingerprint::of(path) == *self {
+            return Ok(());
+        }
+        Err(Error::ChangedWhileRead(path.parent().unwrap_or(path).to_path_buf()))
+    }
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Opens the catalog `path` of a read-only mount for reading only, and returns it with its fingerprint as it
+/// was before the open and still was after the first read (the schema version).
+pub(crate) fn open(path: &Path) -> Result<(Connection, Fingerprint)> {
+    let before = Fingerprint::of(path);
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    let has_wal = before.wal.is_some();
+    let opened = if has_wal {
+        Connection::open_with_flags(path, flags)
+    } else {
+        Connection::open_with_flags(immutable_uri(path)?, flags)
+    };
+    let version =
+        opened.and_then(|conn| conn.query_row("PRAGMA user_version", [], |r| r.get::<_, u32>(0)).map(|_| conn));
+    // Whatever went wrong, a writer elsewhere changing the files under the open is the first explanation.
+    before.check(path)?;
+    let conn = version.map_err(|e| match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::CannotOpen) if before.db.is_none() => {
+            Error::NoRepository(path.parent().unwrap_or(path).to_path_buf())
+        }
+        Some(rusqlite::ErrorCode::CannotOpen) if has_wal && !sibling(path, "-shm").exists() => {
+            Error::ReadOnlyWal(path.parent().unwrap_or(path).to_path_buf())
+        }
+        _ => e.into(),
+    })?;
+    Ok((conn, before))
+}
+
+/// An SQLite URI opening `path` as immutable: `file://` and the absolute path (one leading slash, or SQLite
+/// would take what follows `//` for a host), every byte but unreserved ones percent-encoded so that `?`, `#`,
+/// `%` and bytes that are not UTF-8 stay the path's.
+fn immutable_uri(path: &Path) -> Result<std::ffi::OsString> {
+    use std::os::unix::ffi::OsStringExt;
+    let absolute = std::path::absolute(path).map_err(|e| Error::io(path, e))?;
+    let bytes = absolute.as_os_str().as_encoded_bytes();
+    let trimmed = &bytes[bytes.iter().take_while(|&&b| b == b'/').count().saturating_sub(1)..];
+    let mut uri = b"file://".to_vec();
+    for &b in trimmed {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            uri.push(b);
+        } else {
+            uri.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    uri.extend_from_slice(b"?immutable=1");
+    Ok(std::ffi::OsString::from_vec(uri))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Characters a URI gives meaning to, bytes that are not UTF-8, a relative path and leading slashes all
+    /// still name the file.
+    #[test]
+    fn the_uri_names_the_file_whatever_its_path() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let odd = dir.path().join(std::ffi::OsStr::from_bytes(b"we?ird #%20 \xff&immutable=0"));
+        std::fs::create_dir(&odd).unwrap();
+        let path = odd.join("catalog.db");
+        Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 7").unwrap();
+        let mut slashes = std::ffi::OsString::from("/");
+        slashes.push(path.as_os_str());
+        let slashes = PathBuf::from(slashes);
+        for p in [path.clone(), slashes] {
+            let uri = immutable_uri(&p).unwrap();
+            let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI;
+            let conn = Connection::open_with_flags(&uri, flags).unwrap();
+            assert_eq!(conn.query_row("PRAGMA user_version", [], |r| r.get::<_, u32>(0)).unwrap(), 7, "{uri:?}");
+        }
+    }
+
+    /// A transaction written elsewhere changes the fingerprint; a reader elsewhere, which only creates an
+    /// empty log, does not.
+    #[test]
+    fn a_write_elsewhere_changes_the_fingerprint_a_read_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let writer = Connection::open(&path).unwrap();
+        writer
+            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x); PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
+        let before = Fingerprint::of(&path);
+        let reader = Connection::open(&path).unwrap();
+        reader.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)).unwrap();
+        before.check(&path).unwrap();
+        writer.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        assert!(matches!(before.check(&path), Err(Error::ChangedWhileRead(_))));
+    }
+}
