@@ -82,6 +82,11 @@ const MIGRATIONS: &[&str] = &[
     // the same process (see `pid_namespace`).
     "ALTER TABLE sessions ADD COLUMN pidns TEXT NOT NULL DEFAULT '';
      ALTER TABLE gc_lease ADD COLUMN pidns TEXT NOT NULL DEFAULT '';",
+    // 9: a group is keyed by its name and part count, NAME U+0001 COUNT (see `group::GroupPart::key`), so that
+    // replicas that learn of two namesakes in different orders sort their parts alike.
+    "UPDATE group_parts SET grp = grp || char(1) || (SELECT parts FROM groups WHERE name = group_parts.grp)
+       WHERE instr(grp, char(1)) = 0;
+     UPDATE groups SET name = name || char(1) || parts WHERE instr(name, char(1)) = 0;",
 ];
 
 /// The migration after whose SQL `convert_trees` runs.
@@ -705,21 +710,17 @@ impl Catalog {
         // A forgotten group is named with its parts as they were: a part committed meanwhile stays.
         crate::group::forget_parts(&tx, &batch.forget, &batch.forget_groups)?;
         let mut checkpoint = batch.checkpoint.as_ref();
-        let set_apart;
+        let ungrouped;
         if let Some(cp) = checkpoint {
             let known =
                 tx.query_row("SELECT 1 FROM checkpoints WHERE id = ?1", [&cp.record.id], |_| Ok(())).optional()?;
-            let misfit = match &cp.group {
-                Some(part) => !crate::group::part_fits(&tx, part)?,
-                None => false,
-            };
             if known.is_some() {
                 checkpoint = None;
-            } else if misfit {
-                // Leaving it out would let this replica's GC delete what its writer was told it committed.
-                let part = cp.group.as_ref().map(crate::group::GroupPart::set_apart);
-                set_apart = NewCheckpoint { group: part, ..cp.clone() };
-                checkpoint = Some(&set_apart);
+            } else if cp.group.as_ref().is_some_and(|g| g.part >= g.parts) {
+                // No writer records such a part; a record that does still names a checkpoint, kept whole (a
+                // replica that left it out would collect its data).
+                ungrouped = NewCheckpoint { group: None, ..cp.clone() };
+                checkpoint = Some(&ungrouped);
             }
         }
         // Start epoch 0: every condemned object the checkpoint reaches is claimed back.
@@ -1033,10 +1034,11 @@ impl Catalog {
 
     /// The group and index of a checkpoint that is a group's part.
     pub(crate) fn part_of(&self, id: &str) -> Result<Option<(String, u32)>> {
-        Ok(self
+        let found: Option<(String, u32)> = self
             .conn
             .query_row("SELECT grp, part FROM group_parts WHERE checkpoint = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?)
+            .optional()?;
+        Ok(found.map(|(key, part)| (crate::group::name_of(&key).to_string(), part)))
     }
 
     /// The newest checkpoint of `path` committed from `host`.
@@ -1104,8 +1106,7 @@ impl Catalog {
             )
             .optional()?;
         Ok(found.map(|(name, parts, have)| Error::GroupIncomplete {
-            // A part set apart here is named after its own group, as its writer knows it.
-            name: name.split('\u{1}').next().unwrap_or_default().to_string(),
+            name: crate::group::name_of(&name).to_string(),
             have,
             parts,
         }))
@@ -1403,6 +1404,35 @@ mod tests {
         assert_eq!(mode, "wal");
     }
 
+    /// A schema-8 catalog's groups (keyed by name alone) open keyed by name and part count, found by name.
+    #[test]
+    fn schema_8_groups_are_keyed_by_name_and_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        drop(Catalog::create(&path, &RepoParams::default()).unwrap());
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "INSERT INTO groups (name, parts, created_ns, complete_ns) VALUES ('step-1', 1, 5, 5), ('step-2', 2, 6, NULL);
+                 INSERT INTO group_parts (grp, part, checkpoint) VALUES ('step-1', 0, 'a'), ('step-2', 1, 'b');
+                 PRAGMA user_version = 8;",
+            )
+            .unwrap();
+        }
+        let cat = Catalog::open(&path).unwrap();
+        let keys: Vec<(String, String)> = cat
+            .connection()
+            .prepare("SELECT g.name, p.grp FROM groups g JOIN group_parts p ON p.grp = g.name ORDER BY g.name")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        let key = |k: &str| (k.to_string(), k.to_string());
+        assert_eq!(keys, [key("step-1\u{1}1"), key("step-2\u{1}2")]);
+        assert_eq!(cat.part_of("b").unwrap(), Some(("step-2".to_string(), 1)));
+    }
+
     /// A schema-5 catalog (a row per tree entry) opens as schema 6 with the same trees under the same ids.
     #[test]
     fn schema_5_trees_are_converted() {
@@ -1530,7 +1560,7 @@ mod tests {
         assert_eq!(packs, 1);
         assert_eq!(remote_seq(cat.connection()).unwrap(), 2);
         // Two checkpoints of one part: the later (time, id) is kept, whichever order they arrive in; a part
-        // whose group has another part count is set apart, still a checkpoint and still a part.
+        // of another part count is a part of another group of that name.
         let part = |n: u32, parts: u32, cp: &str, tree: u8| {
             let record = Checkpoint {
                 id: cp.into(),
@@ -1565,7 +1595,7 @@ mod tests {
             assert!(cat.apply_record("records/4-x", 4, &part(1, 2, &"c".repeat(64), 9)).unwrap());
             let ids: Vec<String> = cat
                 .connection()
-                .prepare("SELECT checkpoint FROM group_parts WHERE grp = 'g'")
+                .prepare("SELECT checkpoint FROM group_parts WHERE grp = 'g' || char(1) || '1'")
                 .unwrap()
                 .query_map([], |r| r.get(0))
                 .unwrap()
@@ -1574,9 +1604,11 @@ mod tests {
             assert_eq!(ids, vec![b.clone()], "order {k}");
             assert_eq!(cat.checkpoints_all_ids(), vec![b.clone(), "c".repeat(64)], "order {k}");
             assert!(cat.tree(&id(9)).is_ok());
-            assert_eq!(cat.part_of(&"c".repeat(64)).unwrap(), Some(("g\u{1}2".to_string(), 1)), "set apart");
-            let listed: Vec<String> = crate::group::groups(&cat).unwrap().into_iter().map(|g| g.name).collect();
-            assert_eq!(listed, ["g"], "a set-apart group is not listed");
+            assert_eq!(cat.part_of(&"c".repeat(64)).unwrap(), Some(("g".to_string(), 1)));
+            let listed: Vec<(String, u32)> =
+                crate::group::groups(&cat).unwrap().into_iter().map(|g| (g.name, g.parts)).collect();
+            assert_eq!(listed, [("g".to_string(), 1), ("g".to_string(), 2)], "order {k}");
+            assert_eq!(crate::group::group(&cat, "g").unwrap().parts, 1, "the complete one is the name's");
         }
     }
 

@@ -264,6 +264,25 @@ impl Error {
         Error::Corrupt { what: what.into() }
     }
 
+    /// Whether this error can come from reading a repository while another process changed it (through
+    /// another mount of a read-only one): damage, or something missing, that a consistent read would not
+    /// have met. Errors of the caller's input or destination cannot.
+    pub fn may_come_from_a_changing_read(&self) -> bool {
+        self.is_corruption()
+            || matches!(
+                self,
+                Error::Catalog(_)
+                    | Error::Backend { .. }
+                    | Error::CheckpointNotFound(_)
+                    | Error::Forgotten(_)
+                    | Error::GroupNotFound(_)
+                    | Error::GroupIncomplete { .. }
+                    | Error::PathNotFound { .. }
+                    | Error::AmbiguousId { .. }
+                    | Error::ReadOnlyWal(_)
+            )
+    }
+
     /// Whether this error means stored data was found damaged (as opposed to an operational failure).
     pub fn is_corruption(&self) -> bool {
         match self {

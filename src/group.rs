@@ -8,6 +8,14 @@
 //! skip them). A part committed again (a retry after a crash) replaces the earlier one. GC drops the parts of a
 //! group left incomplete for longer than [`crate::GcOptions::incomplete_after`]; their chunks stay if anything
 //! else uses them.
+//!
+//! A group is keyed by its name and part count together ([`GroupPart::key`]). One machine refuses a part whose
+//! count disagrees with its group's, but two machines of a bucket can each commit one before seeing the
+//! other's; each such part must stay a checkpoint (a replica that left it out would collect its data) and a
+//! part (forgotten alone on one replica, it would leave its writer's group incomplete everywhere). Keyed by
+//! count too, every replica sorts every part into the same group whatever order it learns of them in, so
+//! the two groups complete, are dropped as stale and are forgotten alike everywhere. Users name a group by
+//! its name alone ([`group`] picks among the rare namesakes).
 
 use rusqlite::{OptionalExtension, Transaction, params};
 
@@ -25,19 +33,22 @@ pub struct GroupPart {
     pub parts: u32,
 }
 
-/// Joins a group's name and a part count into the name under which a replica keeps parts whose count
-/// disagrees with its group's ([`GroupPart::set_apart`]). `parse` refuses control characters in names, so no
-/// group a user names can be one of these.
-const SET_APART: char = '\u{1}';
+/// Separates a group's name from its part count in its key. `parse` refuses control characters in names, so
+/// the first one in a key ends the name.
+const KEY_SEP: char = '\u{1}';
+
+/// The name of the group with this key (`groups.name`, `group_parts.grp`).
+pub(crate) fn name_of(key: &str) -> &str {
+    key.split(KEY_SEP).next().unwrap_or(key)
+}
+
+/// SQL: the keys of the groups named `?1`.
+const NAMED: &str = "name >= ?1 || char(1) AND name < ?1 || char(2)";
 
 impl GroupPart {
-    /// This part as a replica keeps it when its group there has another part count (two writers gave one
-    /// group name different counts at once): in a group of its own, named after both, that no command lists
-    /// or drops as stale. It stays a checkpoint, as every replica must hold every checkpoint another writer
-    /// was told it committed (else that replica's GC deletes its data), and a part, as a part must not be
-    /// forgotten on its own: a forget is applied on every replica, where it may complete a group.
-    pub(crate) fn set_apart(&self) -> GroupPart {
-        GroupPart { name: format!("{}{SET_APART}{}", self.name, self.parts), ..self.clone() }
+    /// The key of the group this part belongs to: its name and part count.
+    pub(crate) fn key(&self) -> String {
+        format!("{}{KEY_SEP}{}", self.name, self.parts)
     }
 
     /// Parses `I/N` (0 ≤ I < N) for group `name`. A name must not read as a checkpoint id (`latest`, or 4 or
@@ -64,6 +75,9 @@ impl GroupPart {
 pub struct Group {
     /// Its name.
     pub name: String,
+    /// Its key in the catalog (name and part count).
+    #[serde(skip)]
+    pub(crate) key: String,
     /// How many parts it has when complete.
     pub parts: u32,
     /// The commit time of its earliest part (of all ever recorded, replaced ones included), in ns since the
@@ -92,42 +106,40 @@ pub(crate) const UNGROUPED: &str = "id NOT IN (SELECT checkpoint FROM group_part
 
 /// Refuses a part that its group can no longer take, before any data is read.
 pub(crate) fn check_part(catalog: &Catalog, part: &GroupPart) -> Result<()> {
-    let existing: Option<(u32, Option<i64>)> = catalog
-        .connection()
-        .query_row("SELECT parts, complete_ns FROM groups WHERE name = ?1", [&part.name], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
-    check_against(part, existing)
+    check_against(catalog.connection(), part)
 }
 
-fn check_against(part: &GroupPart, existing: Option<(u32, Option<i64>)>) -> Result<()> {
+/// Its own group (of its name and part count) refuses a part once complete. Without one, a group of its name
+/// refuses it too: complete (name each group checkpoint after its step), or still incomplete with another
+/// part count (a typo in `--part`, caught before it makes a second group of that name). A group of its own
+/// that exists beside such a namesake (two machines of a bucket began one each) goes on taking its parts.
+fn check_against(conn: &rusqlite::Connection, part: &GroupPart) -> Result<()> {
     let mismatch =
         |expected| Error::PartMismatch { name: part.name.clone(), part: part.part, parts: part.parts, expected };
     // The fields are public: a part built by hand is checked here, not only by `parse`.
     if part.part >= part.parts {
         return Err(mismatch(part.parts));
     }
-    match existing {
-        Some((_, Some(_))) => Err(Error::GroupComplete(part.name.clone())),
-        Some((parts, None)) if parts != part.parts => Err(mismatch(parts)),
-        _ => Ok(()),
+    let namesakes: Vec<(u32, Option<i64>)> = conn
+        .prepare(&format!("SELECT parts, complete_ns FROM groups WHERE {NAMED}"))?
+        .query_map([&part.name], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let own = namesakes.iter().find(|(parts, _)| *parts == part.parts);
+    let complete = |g: &&(u32, Option<i64>)| g.1.is_some();
+    match own {
+        Some(g) if complete(&g) => Err(Error::GroupComplete(part.name.clone())),
+        Some(_) => Ok(()),
+        None if namesakes.iter().any(|g| complete(&g)) => Err(Error::GroupComplete(part.name.clone())),
+        None => namesakes.first().map_or(Ok(()), |(parts, _)| Err(mismatch(*parts))),
     }
-}
-
-/// Whether a part another replica recorded can join its group here: only a part count that disagrees with
-/// the group's cannot (that record's checkpoint is then set apart: [`GroupPart::set_apart`]).
-pub(crate) fn part_fits(tx: &Transaction<'_>, part: &GroupPart) -> Result<bool> {
-    let parts: Option<u32> =
-        tx.query_row("SELECT parts FROM groups WHERE name = ?1", [&part.name], |r| r.get(0)).optional()?;
-    Ok(part.part < part.parts && parts.is_none_or(|p| p == part.parts))
 }
 
 /// Records checkpoint `id` (committed at `time_ns`) as `part`, in the transaction that publishes it; marks the
 /// group complete when this was its last missing part. Of two checkpoints for one part, the later `(time_ns,
 /// id)` is kept and the other's rows deleted, whichever arrives first, so that replicas of a bucket that
 /// apply them in different orders agree. A commit (not `applying` another replica's record) is refused
-/// instead of recorded when the part it would replace is later, or its group is complete.
+/// instead of recorded when the part it would replace is later, or its group cannot take it
+/// ([`check_part`]).
 pub(crate) fn record_part(
     tx: &Transaction<'_>,
     part: &GroupPart,
@@ -135,29 +147,22 @@ pub(crate) fn record_part(
     time_ns: i64,
     applying: bool,
 ) -> Result<()> {
-    let existing: Option<(u32, Option<i64>)> = tx
-        .query_row("SELECT parts, complete_ns FROM groups WHERE name = ?1", [&part.name], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
     if !applying {
-        check_against(part, existing)?;
+        check_against(tx, part)?;
     }
+    let key = part.key();
     // Times are the parts' commit times, not this machine's clock at applying them: a machine that syncs late
     // or rebuilds its catalog must count `--incomplete-after` from the same instant as the others.
-    if existing.is_none() {
-        tx.execute(
-            "INSERT INTO groups (name, parts, created_ns) VALUES (?1, ?2, ?3)",
-            params![part.name, part.parts, time_ns],
-        )?;
-    } else {
-        tx.execute("UPDATE groups SET created_ns = min(created_ns, ?1) WHERE name = ?2", params![time_ns, part.name])?;
-    }
+    tx.execute(
+        "INSERT INTO groups (name, parts, created_ns) VALUES (?1, ?2, ?3)
+         ON CONFLICT (name) DO UPDATE SET created_ns = min(created_ns, excluded.created_ns)",
+        params![key, part.parts, time_ns],
+    )?;
     let replaced: Option<(String, Option<i64>)> = tx
         .query_row(
             "SELECT g.checkpoint, c.time_ns FROM group_parts g LEFT JOIN checkpoints c ON c.id = g.checkpoint
              WHERE g.grp = ?1 AND g.part = ?2",
-            params![part.name, part.part],
+            params![key, part.part],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
@@ -165,31 +170,26 @@ pub(crate) fn record_part(
         if (old_time.unwrap_or(i64::MIN), old.as_str()) > (time_ns, id) {
             if !applying {
                 return Err(Error::InvalidInput(format!(
-                    "part {} of group '{}' was committed again meanwhile, later than this commit (by this clock);                      nothing was published",
+                    "part {} of group '{}' was committed again meanwhile, later than this commit (by this clock); \
+                     nothing was published",
                     part.part, part.name
                 )));
             }
             crate::catalog::delete_checkpoint_rows(tx, id)?;
             return Ok(());
         }
-        tx.execute("DELETE FROM group_parts WHERE grp = ?1 AND part = ?2", params![part.name, part.part])?;
+        tx.execute("DELETE FROM group_parts WHERE grp = ?1 AND part = ?2", params![key, part.part])?;
         crate::catalog::delete_checkpoint_rows(tx, &old)?;
     }
-    tx.execute(
-        "INSERT INTO group_parts (grp, part, checkpoint) VALUES (?1, ?2, ?3)",
-        params![part.name, part.part, id],
-    )?;
-    let have: u32 = tx.query_row("SELECT count(*) FROM group_parts WHERE grp = ?1", [&part.name], |r| r.get(0))?;
+    tx.execute("INSERT INTO group_parts (grp, part, checkpoint) VALUES (?1, ?2, ?3)", params![key, part.part, id])?;
+    let have: u32 = tx.query_row("SELECT count(*) FROM group_parts WHERE grp = ?1", [&key], |r| r.get(0))?;
     if have == part.parts {
-        tx.execute(
-            "UPDATE groups SET complete_ns = coalesce(complete_ns, ?1) WHERE name = ?2",
-            params![time_ns, part.name],
-        )?;
+        tx.execute("UPDATE groups SET complete_ns = coalesce(complete_ns, ?1) WHERE name = ?2", params![time_ns, key])?;
     }
     Ok(())
 }
 
-/// The checkpoints that are parts of the named groups.
+/// The checkpoints that are parts of the groups with these keys.
 pub(crate) fn part_ids(tx: &Transaction<'_>, names: &[String]) -> Result<Vec<String>> {
     let mut ids = Vec::new();
     let mut stmt = tx.prepare("SELECT checkpoint FROM group_parts WHERE grp = ?1")?;
@@ -201,57 +201,93 @@ pub(crate) fn part_ids(tx: &Transaction<'_>, names: &[String]) -> Result<Vec<Str
     Ok(ids)
 }
 
-/// Forgets checkpoints that may be group parts (applying another replica's forget, which names them): their
-/// part rows go too, and a group left with no part.
+/// Forgets checkpoints that may be group parts (applying another replica's forget, which names them), and
+/// the groups named: each group they leave with no part goes. One left short of a part (a part of a complete
+/// group forgotten alone, which only a build from before groups were keyed by count could do) is incomplete
+/// again, so that nothing restores it without that part and a commit of the part can complete it again.
 pub(crate) fn forget_parts(tx: &Transaction<'_>, ids: &[String], groups: &[String]) -> Result<()> {
+    let mut touched: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     for id in ids {
+        let key: Option<String> =
+            tx.query_row("SELECT grp FROM group_parts WHERE checkpoint = ?1", [id], |r| r.get(0)).optional()?;
+        touched.extend(key);
         crate::catalog::delete_checkpoint_rows(tx, id)?;
         tx.execute("DELETE FROM group_parts WHERE checkpoint = ?1", [id])?;
     }
     for name in groups {
+        touched.insert(name.clone());
+        // A record written before groups were keyed by count names a group by its name alone.
+        touched.extend(keys_named(tx, name)?);
+    }
+    for key in &touched {
         tx.execute(
             "DELETE FROM groups WHERE name = ?1 AND NOT EXISTS (SELECT 1 FROM group_parts WHERE grp = ?1)",
-            [name],
+            [key],
+        )?;
+        tx.execute(
+            "UPDATE groups SET complete_ns = NULL WHERE name = ?1 AND parts > (SELECT count(*) FROM group_parts WHERE grp = ?1)",
+            [key],
         )?;
     }
-    // Parts set apart here are forgotten by the forget of their own group, written on another replica under
-    // its plain name.
-    tx.execute(
-        "DELETE FROM groups WHERE instr(name, char(1)) > 0 AND NOT EXISTS (SELECT 1 FROM group_parts WHERE grp = name)",
-        [],
-    )?;
     Ok(())
+}
+
+/// The keys of the groups named `name`: the complete ones first, the last completed first, then the newest.
+fn keys_named(conn: &rusqlite::Connection, name: &str) -> Result<Vec<String>> {
+    Ok(conn
+        .prepare(&format!(
+            "SELECT name FROM groups WHERE {NAMED} ORDER BY complete_ns IS NULL, complete_ns DESC, created_ns DESC, name"
+        ))?
+        .query_map([name], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?)
 }
 
 /// Every group, complete or not, newest first.
 pub(crate) fn groups(catalog: &Catalog) -> Result<Vec<Group>> {
-    let names: Vec<String> = catalog
+    let keys: Vec<String> = catalog
         .connection()
-        .prepare("SELECT name FROM groups WHERE instr(name, char(1)) = 0 ORDER BY created_ns DESC, name")?
+        .prepare("SELECT name FROM groups ORDER BY created_ns DESC, name")?
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
-    names.iter().map(|n| group(catalog, n)).collect()
+    keys.iter().map(|k| group_by_key(catalog, k)).collect()
 }
 
-/// The group named `name`.
+/// The group named `name`. Two machines of a bucket may each have made one of that name with another part
+/// count; of those, every machine picks the same: a complete one before an incomplete one, the last
+/// completed, else the newest.
 pub(crate) fn group(catalog: &Catalog, name: &str) -> Result<Group> {
+    let key = keys_named(catalog.connection(), name)?.into_iter().next();
+    group_by_key(catalog, &key.ok_or_else(|| Error::GroupNotFound(name.to_string()))?)
+}
+
+/// Every group named `name` (at least one), in [`group`]'s order.
+pub(crate) fn groups_named(catalog: &Catalog, name: &str) -> Result<Vec<Group>> {
+    let keys = keys_named(catalog.connection(), name)?;
+    if keys.is_empty() {
+        return Err(Error::GroupNotFound(name.to_string()));
+    }
+    keys.iter().map(|k| group_by_key(catalog, k)).collect()
+}
+
+pub(crate) fn group_by_key(catalog: &Catalog, key: &str) -> Result<Group> {
     let (parts, created_ns, complete_ns) = catalog
         .connection()
-        .query_row("SELECT parts, created_ns, complete_ns FROM groups WHERE name = ?1", [name], |r| {
+        .query_row("SELECT parts, created_ns, complete_ns FROM groups WHERE name = ?1", [key], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })
         .optional()?
-        .ok_or_else(|| Error::GroupNotFound(name.to_string()))?;
+        .ok_or_else(|| Error::GroupNotFound(name_of(key).to_string()))?;
     let ids: Vec<(u32, String)> = catalog
         .connection()
         .prepare("SELECT part, checkpoint FROM group_parts WHERE grp = ?1 ORDER BY part")?
-        .query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map([key], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
     let members = ids.into_iter().map(|(i, id)| Ok((i, catalog.checkpoint_by_id(&id)?))).collect::<Result<_>>()?;
-    Ok(Group { name: name.to_string(), parts, created_ns, complete_ns, members })
+    Ok(Group { name: name_of(key).to_string(), key: key.to_string(), parts, created_ns, complete_ns, members })
 }
 
-/// Deletes a group and its parts' checkpoint rows, in one transaction; their data is GC's.
+/// Deletes the groups with these keys and their parts' checkpoint rows, in one transaction; their data is
+/// GC's.
 pub(crate) fn delete_groups(tx: &Transaction<'_>, names: &[String]) -> Result<()> {
     for name in names {
         let ids: Vec<String> = tx
@@ -267,10 +303,10 @@ pub(crate) fn delete_groups(tx: &Transaction<'_>, names: &[String]) -> Result<()
     Ok(())
 }
 
-/// Names of the groups still incomplete whose first part is older than `older_than_ns`.
+/// Keys of the groups still incomplete whose first part is older than `older_than_ns`.
 pub(crate) fn stale(tx: &Transaction<'_>, older_than_ns: i64) -> Result<Vec<String>> {
     Ok(tx
-        .prepare("SELECT name FROM groups WHERE complete_ns IS NULL AND created_ns < ?1 AND instr(name, char(1)) = 0")?
+        .prepare("SELECT name FROM groups WHERE complete_ns IS NULL AND created_ns < ?1")?
         .query_map([older_than_ns], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?)
 }
@@ -278,6 +314,24 @@ pub(crate) fn stale(tx: &Transaction<'_>, older_than_ns: i64) -> Result<Vec<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A part count that disagrees with its name's group is a typo, refused; but where another machine's
+    /// record already made a group of this part's own count, that group goes on taking its parts.
+    #[test]
+    fn a_group_of_the_parts_own_count_takes_it_beside_a_namesake() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cat = Catalog::create(&dir.path().join("c.db"), &crate::params::RepoParams::default()).unwrap();
+        let tx = cat.connection_mut().transaction().unwrap();
+        let part = |spec: &str| GroupPart::parse("g", spec).unwrap();
+        record_part(&tx, &part("0/2"), "a", 1, false).unwrap();
+        assert!(matches!(record_part(&tx, &part("1/3"), "b", 2, false), Err(Error::PartMismatch { expected: 2, .. })));
+        record_part(&tx, &part("1/3"), "b", 2, true).unwrap();
+        check_against(&tx, &part("2/3")).unwrap();
+        record_part(&tx, &part("1/2"), "c", 3, false).unwrap();
+        assert!(matches!(check_against(&tx, &part("0/4")), Err(Error::GroupComplete(_))));
+        assert!(matches!(check_against(&tx, &part("0/2")), Err(Error::GroupComplete(_))));
+        check_against(&tx, &part("2/3")).unwrap();
+    }
 
     #[test]
     fn parts_parse_as_index_over_count() {
@@ -292,7 +346,8 @@ mod tests {
         }
         assert!(GroupPart::parse("cab", "0/1").is_ok());
         let by_hand = GroupPart { name: "g".into(), part: 7, parts: 2 };
-        assert!(matches!(check_against(&by_hand, None), Err(Error::PartMismatch { .. })));
+        let empty = rusqlite::Connection::open_in_memory().unwrap();
+        assert!(matches!(check_against(&empty, &by_hand), Err(Error::PartMismatch { .. })));
         assert!(GroupPart::parse("a\nb", "0/1").is_err());
     }
 }

@@ -104,6 +104,11 @@ pub struct Repository {
     read_only: Option<readonly::Fingerprint>,
 }
 
+/// The error for `sync` asked of a local repository.
+fn not_remote(path: &Path) -> Error {
+    Error::InvalidInput(format!("{} is a local repository; sync is for s3:// repositories", path.display()))
+}
+
 /// Connects to a bucket. A setting that cannot work (the URL, an endpoint without http(s)://, a malformed
 /// variable, half a key pair) is for the caller to fix, so it is bad input, not a failure of the store.
 fn connect_bucket(url: &str) -> Result<backend::Bucket> {
@@ -326,13 +331,15 @@ impl Repository {
     /// For a repository in a bucket: applies every change other machines wrote to the bucket since the last
     /// sync to the local copy of the catalog (done by every command on opening, too).
     pub fn sync(&self) -> Result<SyncSummary> {
-        let remote = self.remote.as_ref().ok_or_else(|| {
-            Error::InvalidInput(format!(
-                "{} is a local repository; sync is for s3:// repositories",
-                self.root.display()
-            ))
-        })?;
+        let remote = self.remote.as_ref().ok_or_else(|| not_remote(&self.root))?;
         remote.sync(&mut self.catalog()?)
+    }
+
+    /// Opens a repository in a bucket, returning what its sync on opening applied (a [`Repository::sync`]
+    /// right after would find nothing new).
+    pub fn open_synced(path: impl AsRef<Path>) -> Result<(Self, SyncSummary)> {
+        let url = remote_url(path.as_ref()).ok_or_else(|| not_remote(path.as_ref()))?;
+        Self::open_remote(url, None)
     }
 
     /// For a repository in a bucket: discards this machine's copy of the catalog without reading it (it may be
@@ -395,9 +402,17 @@ impl Repository {
     }
 
     /// Runs a reader of packs (checkout, verify): for a remote repository inside a [`Repository::session`].
+    /// On a read-only mount, a reader whose repository another mount wrote meanwhile fails as such: what it
+    /// read, restored or reported damaged may mix two states.
     fn reader<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let _session = self.session()?;
-        f()
+        let result = f();
+        if let Some(opened) = &self.read_only
+            && result.as_ref().err().is_none_or(Error::may_come_from_a_changing_read)
+        {
+            opened.check(&self.catalog_path)?;
+        }
+        result
     }
 
     /// Runs a forget: for a remote repository holding the bucket's forget lock, with the catalog synced after
@@ -536,6 +551,11 @@ impl Repository {
         group::group(&self.catalog()?, name)
     }
 
+    /// The group that `part` belongs to (of its name and part count): after its commit, how far along it is.
+    pub fn group_of(&self, part: &GroupPart) -> Result<Group> {
+        group::group_by_key(&self.catalog()?, &part.key())
+    }
+
     /// Restores every part of a complete group, part `I` into `dest/part-I`; refuses an incomplete group
     /// ([`Error::GroupIncomplete`]).
     ///
@@ -565,10 +585,16 @@ impl Repository {
         g.members.iter().map(|(i, cp)| self.checkout(&cp.id, dest.join(format!("part-{i}")), opts)).collect()
     }
 
-    /// Forgets group checkpoints with all their parts.
+    /// The group checkpoints named `name`: one, unless two machines of a bucket each committed a part of that
+    /// name with another part count before seeing the other's.
+    pub fn groups_named(&self, name: &str) -> Result<Vec<Group>> {
+        group::groups_named(&self.catalog()?, name)
+    }
+
+    /// Forgets group checkpoints with all their parts: every group of each name.
     pub fn forget_groups(&self, names: &[&str]) -> Result<Vec<Group>> {
-        let found = names.iter().map(|n| self.group(n)).collect::<Result<Vec<_>>>()?;
-        let names: Vec<String> = found.iter().map(|g| g.name.clone()).collect();
+        let found: Vec<Group> = names.iter().map(|n| self.groups_named(n)).collect::<Result<Vec<_>>>()?.concat();
+        let names: Vec<String> = found.iter().map(|g| g.key.clone()).collect();
         self.forgetting(&mut self.catalog()?, |catalog, journal| catalog.delete_groups(&names, journal))?;
         Ok(found)
     }

@@ -29,24 +29,37 @@ pub fn catalog_fingerprint(repo: &Path) -> Option<Fingerprint> {
     on_read_only_fs(&path).then(|| Fingerprint::of(&path))
 }
 
-/// What the files of a catalog on a read-only mount looked like: the catalog's identity, size and mtime, and
-/// its write-ahead log's size and mtime (an empty log, which any reader elsewhere creates, counts as none).
-/// A writer elsewhere changes one of them with every transaction.
+/// What the files of a catalog on a read-only mount looked like: the catalog's identity, size, mtime and
+/// ctime; its write-ahead log's, with the log header's checkpoint sequence number and salts, which change
+/// when a writer starts the log over in place at the same size, within one tick of a coarse file clock (an
+/// empty log, which any reader elsewhere creates, counts as none). A writer elsewhere changes one of them
+/// with every transaction. Each file is opened, not only looked up: an NFS client checks its cached
+/// attributes with the server on open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fingerprint {
-    db: Option<(u64, u64, u64, i64, i64)>,
-    wal: Option<(u64, i64, i64)>,
+    db: Option<FileState>,
+    wal: Option<(FileState, [u8; 12])>,
 }
+
+/// A file's identity, size, mtime and ctime.
+type FileState = (u64, u64, u64, i64, i64, i64, i64);
 
 impl Fingerprint {
     /// The fingerprint of the catalog `path` now.
     pub(crate) fn of(path: &Path) -> Fingerprint {
+        use std::io::Read;
         use std::os::unix::fs::MetadataExt;
-        let db = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
-        let wal = std::fs::metadata(sibling(path, "-wal"))
-            .ok()
-            .filter(|m| m.size() > 0)
-            .map(|m| (m.size(), m.mtime(), m.mtime_nsec()));
+        let state = |f: &std::fs::File| -> Option<FileState> {
+            let m = f.metadata().ok()?;
+            Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
+        };
+        let db = std::fs::File::open(path).ok().and_then(|f| state(&f));
+        let wal = std::fs::File::open(sibling(path, "-wal")).ok().and_then(|mut f| {
+            let s = state(&f).filter(|s| s.2 > 0)?;
+            let mut header = [0u8; 24];
+            f.read_exact(&mut header).ok()?;
+            Some((s, header[12..24].try_into().ok()?))
+        });
         Fingerprint { db, wal }
     }
 

@@ -663,11 +663,13 @@ fn a_group_is_not_dropped_while_another_machine_commits_its_last_part() {
 }
 
 /// Two machines commit parts of one group name with different part counts at once, neither knowing of the
-/// other's: both are checkpoints, and each replica sets the other's apart (a part still, of no group it
-/// lists). Left out, its data was garbage to that replica's GC; kept as a plain checkpoint, that replica could
-/// forget it by id, which every replica applies, taking a part out of the writer's complete group.
+/// other's: both are checkpoints and both parts, of two groups of that name, on every replica whatever order
+/// it learns of them in (a machine rebuilding its catalog from the bucket too). Before, a replica left the
+/// other's out (its GC then deleted that data), or kept it as a plain checkpoint it could forget by id, out
+/// of its writer's complete group on every replica, or split the writer's group in two, one half dropped as
+/// incomplete.
 #[test]
-fn a_part_whose_group_has_another_count_elsewhere_is_set_apart_and_kept() {
+fn parts_of_one_group_name_with_two_part_counts_make_two_groups_everywhere() {
     let Some((endpoint, url)) = server() else { return };
     let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
     a.ok(&["init"]);
@@ -683,8 +685,20 @@ fn a_part_whose_group_has_another_count_elsewhere_is_set_apart_and_kept() {
     for (i, d) in [(0, &data[2]), (2, &data[3])] {
         finish(held_part(&b, &format!("rank{i}"), "step-1", &format!("{i}/3"), d), d, "b's other parts");
     }
-    // A cannot forget B's part, by id or by policy, nor drop it as an incomplete group; its own group of two,
-    // incomplete, is dropped, on every replica.
+    let groups = |m: &Machine| -> Vec<(u64, usize)> {
+        let v: serde_json::Value = serde_json::from_str(&m.ok(&["--json", "groups"])).unwrap();
+        let mut g: Vec<(u64, usize)> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| (g["parts"].as_u64().unwrap(), g["members"].as_array().unwrap().len()))
+            .collect();
+        g.sort();
+        g
+    };
+    assert_eq!(groups(&a), [(2, 1), (3, 3)]);
+    assert_eq!(groups(&b), [(2, 1), (3, 3)]);
+    // A cannot forget B's part by id, nor its policy touch it; its own group, incomplete, is dropped everywhere.
     let o = a.run(&["forget", &ib]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
     a.ok(&["forget", "--keep-last", "1"]);
@@ -692,21 +706,23 @@ fn a_part_whose_group_has_another_count_elsewhere_is_set_apart_and_kept() {
     let g: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc", "--incomplete-after", "10ms"])).unwrap();
     assert_eq!(g["groups_dropped"], 1, "{g}");
     b.ok(&["gc", "--max-unused", "0"]);
+    b.ok(&["sync", "--rebuild"]);
     let c = Machine::new(&endpoint, &url);
-    for m in [&a, &b, &c] {
+    let out = tempfile::tempdir().unwrap();
+    for (n, m) in [&a, &b, &c].into_iter().enumerate() {
         let synced: serde_json::Value = serde_json::from_str(&m.ok(&["--json", "sync"])).unwrap();
         assert_eq!(synced["checkpoints"], 3, "{synced}");
+        assert_eq!(groups(m), [(3, 3)]);
         let verify = m.ok(&["verify", "--read-data"]);
         assert!(verify.contains("no damage found"), "{verify}");
-    }
-    let out = tempfile::tempdir().unwrap();
-    b.ok(&["-q", "checkout", "step-1", out.path().join("b").to_str().unwrap()]);
-    for (i, d) in [(0, &data[2]), (1, &data[1]), (2, &data[3])] {
-        assert!(std::fs::read(out.path().join(format!("b/part-{i}"))).unwrap() == *d, "part {i}");
+        let dest = out.path().join(format!("m{n}"));
+        m.ok(&["-q", "checkout", "step-1", dest.to_str().unwrap()]);
+        for (i, d) in [(0, &data[2]), (1, &data[1]), (2, &data[3])] {
+            assert!(std::fs::read(dest.join(format!("part-{i}"))).unwrap() == *d, "machine {n}, part {i}");
+        }
     }
     let o = a.run(&["checkout", &ia, out.path().join("a").to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(4), "a's part went with its group: {}", text(&o.stderr));
-    // B's forget of its group takes the parts A had set apart too.
     b.ok(&["forget", "--group", "step-1"]);
     for m in [&a, &b, &c] {
         let synced: serde_json::Value = serde_json::from_str(&m.ok(&["--json", "sync"])).unwrap();

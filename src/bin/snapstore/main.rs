@@ -223,7 +223,7 @@ Counts take 'unlimited'. A policy that would forget every checkpoint of a path i
     Forget {
         /// Checkpoints to forget (ids, prefixes or latest); or give a policy instead
         ids: Vec<String>,
-        /// Forget this group checkpoint with all its parts (repeatable)
+        /// Forget this group checkpoint with all its parts (every group of that name; repeatable)
         #[arg(long = "group", value_name = "NAME")]
         groups: Vec<String>,
         #[command(flatten)]
@@ -374,9 +374,14 @@ fn main() -> ExitCode {
     let read_only = snapstore::readonly::catalog_fingerprint(&repo);
     let mut result = run(&cli, &mut out);
     // Read through a read-only mount while another mount wrote it: whatever it printed or wrote, or whatever
-    // damage it thought it saw, may come from two states mixed.
+    // damage or absence it thought it saw, may come from two states mixed. Errors of the command line or the
+    // destination stand.
     if read_only.is_some()
-        && matches!(result, Ok(()) | Err(Failure::Lib(_)))
+        && match &result {
+            Ok(()) | Err(Failure::Exit(_)) => true,
+            Err(Failure::Lib(e)) => e.may_come_from_a_changing_read(),
+            _ => false,
+        }
         && snapstore::readonly::catalog_fingerprint(&repo) != read_only
     {
         result = Err(Failure::Lib(Error::ChangedWhileRead(repo)));
@@ -695,7 +700,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             };
             bar.finish();
             let status = match &group {
-                Some(part) => Some((repo.group(&part.name)?, part.part)),
+                Some(part) => Some((repo.group_of(part)?, part.part)),
                 None => None,
             };
             if cli.json {
@@ -860,7 +865,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 }
                 let names: Vec<&str> = groups.iter().map(String::as_str).collect();
                 let gone = if *dry_run {
-                    names.iter().map(|n| repo.group(n)).collect::<Result<Vec<_>, _>>()?
+                    names.iter().map(|n| repo.groups_named(n)).collect::<Result<Vec<_>, _>>()?.concat()
                 } else {
                     repo.forget_groups(&names)?
                 };
@@ -973,13 +978,8 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
         Command::Watch(args) => watch::watch(&repo_dir, args, cli.json, cli.quiet, out)?,
         Command::Repair(args) => verify::repair(&repo_dir, args, cli.json, cli.quiet, out)?,
         Command::Sync { rebuild } => {
-            let (repo, s) = if *rebuild {
-                Repository::rebuild(&repo_dir)?
-            } else {
-                let repo = Repository::open(&repo_dir)?;
-                let s = repo.sync()?;
-                (repo, s)
-            };
+            let (repo, s) =
+                if *rebuild { Repository::rebuild(&repo_dir)? } else { Repository::open_synced(&repo_dir)? };
             if cli.json {
                 out.json(&s)?;
             } else if !cli.quiet {
