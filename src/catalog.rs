@@ -84,9 +84,12 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE gc_lease ADD COLUMN pidns TEXT NOT NULL DEFAULT '';",
     // 9: a group is keyed by its name and part count, NAME U+0001 COUNT (see `group::GroupPart::key`), so that
     // replicas that learn of two namesakes in different orders sort their parts alike.
-    "UPDATE group_parts SET grp = grp || char(1) || (SELECT parts FROM groups WHERE name = group_parts.grp)
+    // A bucket's local copy is rebuilt instead (`rebuild_pending`): the build that made it left out parts
+    // whose count disagreed with their group's, and records once applied are not applied again.
+    "UPDATE group_parts SET grp = grp || char(1) || coalesce((SELECT parts FROM groups WHERE name = group_parts.grp), 0)
        WHERE instr(grp, char(1)) = 0;
-     UPDATE groups SET name = name || char(1) || parts WHERE instr(name, char(1)) = 0;",
+     UPDATE groups SET name = name || char(1) || parts WHERE instr(name, char(1)) = 0;
+     INSERT OR REPLACE INTO meta (key, value) SELECT 'rebuild_pending', '9' WHERE EXISTS (SELECT 1 FROM remote_records);",
 ];
 
 /// The migration after whose SQL `convert_trees` runs.
@@ -1415,6 +1418,7 @@ mod tests {
             conn.execute_batch(
                 "INSERT INTO groups (name, parts, created_ns, complete_ns) VALUES ('step-1', 1, 5, 5), ('step-2', 2, 6, NULL);
                  INSERT INTO group_parts (grp, part, checkpoint) VALUES ('step-1', 0, 'a'), ('step-2', 1, 'b');
+                 INSERT INTO remote_records (name) VALUES ('records/0000000000000001-ab');
                  PRAGMA user_version = 8;",
             )
             .unwrap();
@@ -1431,6 +1435,7 @@ mod tests {
         let key = |k: &str| (k.to_string(), k.to_string());
         assert_eq!(keys, [key("step-1\u{1}1"), key("step-2\u{1}2")]);
         assert_eq!(cat.part_of("b").unwrap(), Some(("step-2".to_string(), 1)));
+        assert!(crate::remote::rebuild_pending(cat.connection()).unwrap(), "a bucket's copy is built again");
     }
 
     /// A schema-5 catalog (a row per tree entry) opens as schema 6 with the same trees under the same ids.

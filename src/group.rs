@@ -184,7 +184,13 @@ pub(crate) fn record_part(
     tx.execute("INSERT INTO group_parts (grp, part, checkpoint) VALUES (?1, ?2, ?3)", params![key, part.part, id])?;
     let have: u32 = tx.query_row("SELECT count(*) FROM group_parts WHERE grp = ?1", [&key], |r| r.get(0))?;
     if have == part.parts {
-        tx.execute("UPDATE groups SET complete_ns = coalesce(complete_ns, ?1) WHERE name = ?2", params![time_ns, key])?;
+        // Its parts' latest commit time, not that of the part that happened to arrive last here: replicas
+        // learn of parts in different orders, and `group` picks among namesakes by this time.
+        tx.execute(
+            "UPDATE groups SET complete_ns = max(?2, coalesce((SELECT max(c.time_ns) FROM group_parts p
+               JOIN checkpoints c ON c.id = p.checkpoint WHERE p.grp = ?1), ?2)) WHERE name = ?1",
+            params![key, time_ns],
+        )?;
     }
     Ok(())
 }
@@ -331,6 +337,33 @@ mod tests {
         assert!(matches!(check_against(&tx, &part("0/4")), Err(Error::GroupComplete(_))));
         assert!(matches!(check_against(&tx, &part("0/2")), Err(Error::GroupComplete(_))));
         check_against(&tx, &part("2/3")).unwrap();
+    }
+
+    /// A group's completion time is its parts' latest commit time, whichever part a replica learned of last:
+    /// `group` picks among namesakes by it, the same on every replica.
+    #[test]
+    fn completion_time_does_not_depend_on_arrival_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seen = Vec::new();
+        for (n, order) in [[(0, "a", 20), (1, "b", 10)], [(1, "b", 10), (0, "a", 20)]].iter().enumerate() {
+            let path = dir.path().join(format!("c{n}.db"));
+            let mut cat = Catalog::create(&path, &crate::params::RepoParams::default()).unwrap();
+            let tx = cat.connection_mut().transaction().unwrap();
+            for (i, id, t) in order {
+                tx.execute(
+                    "INSERT INTO checkpoints (id, time_ns, message, host, path, root, files, dirs, symlinks,
+                         logical_bytes, new_bytes, stored_bytes, skipped) VALUES (?1, ?2, '', 'h', 'p', x'00', 0, 0, 0, 0, 0, 0, 0)",
+                    params![*id, *t],
+                )
+                .unwrap();
+                record_part(&tx, &GroupPart::parse("g", &format!("{i}/2")).unwrap(), id, *t, true).unwrap();
+            }
+            tx.commit().unwrap();
+            let complete: Option<i64> =
+                cat.connection().query_row("SELECT complete_ns FROM groups", [], |r| r.get(0)).unwrap();
+            seen.push(complete);
+        }
+        assert_eq!(seen, [Some(20), Some(20)]);
     }
 
     #[test]

@@ -307,8 +307,11 @@ impl Repository {
         if catalog_path.exists() {
             check_owner(&root, &std::fs::metadata(&catalog_path).map_err(|e| Error::io(&catalog_path, e))?)?;
             let cat = Catalog::open(&catalog_path)?;
-            if remote::local_repo_id(cat.connection())?.is_some_and(|id| id != repo_id) {
-                // The bucket prefix holds another repository than the one this copy was made from.
+            // The bucket prefix holds another repository than the one this copy was made from; or a migration
+            // found that the copy's rows cannot be brought forward, only built again from the records.
+            if remote::local_repo_id(cat.connection())?.is_some_and(|id| id != repo_id)
+                || remote::rebuild_pending(cat.connection())?
+            {
                 drop(cat);
                 remote::discard_copy(&root)?;
             }
@@ -593,10 +596,14 @@ impl Repository {
 
     /// Forgets group checkpoints with all their parts: every group of each name.
     pub fn forget_groups(&self, names: &[&str]) -> Result<Vec<Group>> {
-        let found: Vec<Group> = names.iter().map(|n| self.groups_named(n)).collect::<Result<Vec<_>>>()?.concat();
-        let names: Vec<String> = found.iter().map(|g| g.key.clone()).collect();
-        self.forgetting(&mut self.catalog()?, |catalog, journal| catalog.delete_groups(&names, journal))?;
-        Ok(found)
+        // Resolved after the forget lock's sync, so that a namesake another machine began is forgotten too.
+        self.forgetting(&mut self.catalog()?, |catalog, journal| {
+            let found: Vec<Group> =
+                names.iter().map(|n| group::groups_named(catalog, n)).collect::<Result<Vec<_>>>()?.concat();
+            let keys: Vec<String> = found.iter().map(|g| g.key.clone()).collect();
+            catalog.delete_groups(&keys, journal)?;
+            Ok(found)
+        })
     }
 
     /// A checkpoint forgotten and collected while it was read looks like damage (a tree or chunk missing):

@@ -29,6 +29,12 @@ const T_MOVED: u8 = 8;
 const T_DROP: u8 = 9;
 const T_DEAD_PACK: u8 = 10;
 const T_LOCATE: u8 = 11;
+/// First in every record from groups keyed by part count on (catalog schema 9): builds before it refuse the
+/// item as malformed, so they stop at their next sync instead of applying, by their older rules, records whose
+/// group parts they would leave out and whose group forgets they would misread.
+const T_PROTOCOL: u8 = 12;
+/// The protocol [`T_PROTOCOL`] names.
+const PROTOCOL: u8 = 2;
 
 /// A length field larger than this is damage, not data: no record item comes near it.
 const MAX_FIELD: u32 = 1 << 28;
@@ -38,6 +44,8 @@ pub(crate) fn encode(batch: &Batch) -> Result<Vec<u8>> {
     let mut out = MAGIC.to_vec();
     let mut z = zstd::Encoder::new(&mut out, 3).map_err(|e| Error::Internal(format!("zstd: {e}")))?;
     let mut w = Writer(Vec::with_capacity(1 << 16));
+    w.u8(T_PROTOCOL);
+    w.u8(PROTOCOL);
     for (tag, packs) in [(T_PACK, &batch.packs), (T_MOVED, &batch.moved)] {
         for (name, size, entries) in packs {
             w.u8(tag);
@@ -151,6 +159,14 @@ pub(crate) fn decode(data: &[u8]) -> Result<Batch> {
             T_DEAD_PACK => b.dead_packs.push(r.str()?),
             T_FORGET => b.forget.push(r.str()?),
             T_FORGET_GROUP => b.forget_groups.push(r.str()?),
+            T_PROTOCOL => {
+                let v = r.u8()?;
+                if v > PROTOCOL {
+                    return Err(Error::Format(format!(
+                        "a record in the bucket was written by a newer snapstore (protocol {v}); upgrade snapstore"
+                    )));
+                }
+            }
             T_CHECKPOINT => {
                 if b.checkpoint.is_some() {
                     return Err(bad("two checkpoints"));
@@ -331,6 +347,13 @@ mod tests {
         assert_eq!(d.locates, b.locates);
         assert_eq!(d.drops, b.drops);
         assert_eq!((d.dead_packs, d.forget, d.forget_groups), (b.dead_packs, b.forget, b.forget_groups));
+        // A record of a newer protocol is refused as such, not applied by older rules.
+        let mut raw = Vec::new();
+        zstd::Decoder::new(&encode(&Batch::default()).unwrap()[MAGIC.len()..]).unwrap().read_to_end(&mut raw).unwrap();
+        assert_eq!(raw[..2], [T_PROTOCOL, PROTOCOL]);
+        raw[1] = PROTOCOL + 1;
+        let newer = [&MAGIC[..], &zstd::encode_all(&raw[..], 3).unwrap()].concat();
+        assert!(matches!(decode(&newer), Err(Error::Format(_))));
         let (x, y) = (d.checkpoint.unwrap(), b.checkpoint.unwrap());
         assert_eq!((x.record, x.root, x.skipped, x.group), (y.record, y.root, y.skipped, y.group));
     }

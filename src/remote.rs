@@ -491,6 +491,14 @@ pub(crate) fn local_repo_id(conn: &rusqlite::Connection) -> Result<Option<String
     Ok(conn.query_row("SELECT value FROM meta WHERE key = 'remote_repo_id'", [], |r| r.get(0)).optional()?)
 }
 
+/// Whether a migration marked this local copy to be built again from the bucket (see migration 9).
+pub(crate) fn rebuild_pending(conn: &rusqlite::Connection) -> Result<bool> {
+    use rusqlite::OptionalExtension;
+    let v: Option<String> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'rebuild_pending'", [], |r| r.get(0)).optional()?;
+    Ok(v.is_some())
+}
+
 pub(crate) fn set_local_repo_id(conn: &rusqlite::Connection, id: &str) -> Result<()> {
     conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('remote_repo_id', ?1)", [id])?;
     Ok(())
