@@ -95,6 +95,13 @@ const MIGRATIONS: &[&str] = &[
 /// The migration after whose SQL `convert_trees` runs.
 const TREES_AS_BLOBS: usize = 6;
 
+/// The refusal of a catalog that a newer build has migrated past this one's schema.
+fn newer_schema(version: u32) -> Error {
+    Error::Format(format!(
+        "catalog schema version {version} is newer than this snapstore supports ({SCHEMA_VERSION}); upgrade snapstore"
+    ))
+}
+
 /// Moves schema 5's trees (a row per entry) into schema 6's (a row per tree), one tree in memory at a time.
 fn convert_trees(tx: &rusqlite::Transaction<'_>) -> Result<()> {
     let mut ids = tx.prepare("SELECT id FROM trees_v5")?;
@@ -478,15 +485,12 @@ impl Catalog {
 
     /// Opens a catalog on a read-only filesystem, for reading only ([`crate::readonly`]).
     fn open_read_only(path: &Path) -> Result<Self> {
-        let (conn, fingerprint) = crate::readonly::open(path)?;
-        let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let (conn, version, fingerprint) = crate::readonly::open(path)?;
         if version == 0 {
             return Err(Error::CatalogEmpty(path.to_path_buf()));
         }
         if version > SCHEMA_VERSION {
-            return Err(Error::Format(format!(
-                "catalog schema version {version} is newer than this snapstore supports ({SCHEMA_VERSION}); upgrade snapstore"
-            )));
+            return Err(newer_schema(version));
         }
         if version < SCHEMA_VERSION {
             return Err(Error::Format(format!(
@@ -521,9 +525,7 @@ impl Catalog {
     fn migrate(&mut self) -> Result<()> {
         let version: u32 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > SCHEMA_VERSION {
-            return Err(Error::Format(format!(
-                "catalog schema version {version} is newer than this snapstore supports ({SCHEMA_VERSION}); upgrade snapstore"
-            )));
+            return Err(newer_schema(version));
         }
         if version == SCHEMA_VERSION {
             return Ok(());

@@ -78,9 +78,9 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Opens the catalog `path` of a read-only mount for reading only, and returns it with its fingerprint as it
-/// was before the open and still was after the first read (the schema version).
-pub(crate) fn open(path: &Path) -> Result<(Connection, Fingerprint)> {
+/// Opens the catalog `path` of a read-only mount for reading only, and returns it with its schema version
+/// and its fingerprint as it was before the open and still was after that first read.
+pub(crate) fn open(path: &Path) -> Result<(Connection, u32, Fingerprint)> {
     let before = Fingerprint::of(path);
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
     let has_wal = before.wal.is_some();
@@ -89,11 +89,10 @@ pub(crate) fn open(path: &Path) -> Result<(Connection, Fingerprint)> {
     } else {
         Connection::open_with_flags(immutable_uri(path)?, flags)
     };
-    let version =
-        opened.and_then(|conn| conn.query_row("PRAGMA user_version", [], |r| r.get::<_, u32>(0)).map(|_| conn));
+    let read = opened.and_then(|conn| Ok((conn.query_row("PRAGMA user_version", [], |r| r.get::<_, u32>(0))?, conn)));
     // Whatever went wrong, a writer elsewhere changing the files under the open is the first explanation.
     before.check(path)?;
-    let conn = version.map_err(|e| match e.sqlite_error_code() {
+    let (version, conn) = read.map_err(|e| match e.sqlite_error_code() {
         Some(rusqlite::ErrorCode::CannotOpen) if before.db.is_none() => {
             Error::NoRepository(path.parent().unwrap_or(path).to_path_buf())
         }
@@ -102,7 +101,7 @@ pub(crate) fn open(path: &Path) -> Result<(Connection, Fingerprint)> {
         }
         _ => e.into(),
     })?;
-    Ok((conn, before))
+    Ok((conn, version, before))
 }
 
 /// An SQLite URI opening `path` as immutable: `file://` and the absolute path (one leading slash, or SQLite
