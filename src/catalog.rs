@@ -502,12 +502,8 @@ impl Catalog {
         Ok(Catalog { conn, read_only: Some(fingerprint) })
     }
 
-    /// Whether this catalog was opened on a read-only filesystem, for reading only.
-    pub(crate) fn is_read_only(&self) -> bool {
-        self.read_only.is_some()
-    }
-
-    /// What its files looked like when it was opened on a read-only filesystem.
+    /// What its files looked like when it was opened on a read-only filesystem, for reading only; `None` for
+    /// a catalog opened as usual.
     pub(crate) fn read_only(&self) -> Option<&crate::readonly::Fingerprint> {
         self.read_only.as_ref()
     }
@@ -743,9 +739,12 @@ impl Catalog {
 
 /// The highest record sequence number this catalog has seen (0: none).
 pub(crate) fn remote_seq(conn: &Connection) -> Result<u64> {
-    let v: Option<String> =
-        conn.query_row("SELECT value FROM meta WHERE key = 'remote_seq'", [], |r| r.get(0)).optional()?;
-    Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+    Ok(meta_value(conn, "remote_seq")?.and_then(|v| v.parse().ok()).unwrap_or(0))
+}
+
+/// The value of `key` in the catalog's `meta` table, if it has one.
+pub(crate) fn meta_value(conn: &Connection, key: &str) -> Result<Option<String>> {
+    Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
 }
 
 /// What GC did on another replica: its packs' chunks moved, chunks relocated, objects swept, packs deleted.
@@ -1210,9 +1209,7 @@ pub(crate) fn delete_checkpoint_rows(tx: &rusqlite::Transaction<'_>, id: &str) -
 
 /// The repository's largest chunk: a file larger than this cannot be one chunk, so it must have a content row.
 pub(crate) fn chunk_max(conn: &Connection) -> Result<u64> {
-    let value: Option<String> =
-        conn.query_row("SELECT value FROM meta WHERE key = 'chunk_max'", [], |r| r.get(0)).optional()?;
-    value
+    meta_value(conn, "chunk_max")?
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| Error::Format("the catalog's parameters lack a valid chunk_max".into()))
 }
@@ -1626,7 +1623,7 @@ mod tests {
         let path = dir.path().join("catalog.db");
         drop(Catalog::create(&path, &RepoParams::default()).unwrap());
         let cat = Catalog::open_read_only(&path).unwrap();
-        assert!(cat.is_read_only());
+        assert!(cat.read_only().is_some());
         assert!(cat.checkpoints().unwrap().is_empty());
         let err = cat.record_checkout("/x", "y").unwrap_err();
         assert!(

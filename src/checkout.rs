@@ -672,7 +672,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     // Files placed by this checkout carry its checkpoint's sizes and mtimes; were it cut short under the old
     // record, that record could vouch for a replaced file whose size and mtime happen to match its own.
     if catalog.last_checkout(&dest_key)?.is_some() {
-        if catalog.is_read_only() {
+        if catalog.read_only().is_some() {
             // Left in place, the record would vouch later for files this checkout replaced.
             return Err(Error::InvalidInput(format!(
                 "the catalog records an earlier checkout into {}, which a read-only repository cannot clear; \
@@ -793,7 +793,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
         return Err(Error::Internal(format!("{}: directory metadata was never set", root.path.display())));
     }
     if opts.paths.is_empty()
-        && !catalog.is_read_only()
+        && catalog.read_only().is_none()
         && let Err(e) = catalog.record_checkout(&dest_key, id)
     {
         // The files are in place; without the record the next in-place checkout hashes instead of trusting.

@@ -83,7 +83,8 @@ pub struct Group {
     /// The commit time of its earliest part (of all ever recorded, replaced ones included), in ns since the
     /// Unix epoch: the same on every machine that applied the same parts, whenever it synced.
     pub created_ns: i64,
-    /// The commit time of the part that completed it, if it is complete.
+    /// Once every part is in, the latest commit time of its parts: the same on every machine, whatever order
+    /// it learned of them in.
     pub complete_ns: Option<i64>,
     /// The parts in, by index.
     pub members: Vec<(u32, Checkpoint)>,
@@ -124,12 +125,12 @@ fn check_against(conn: &rusqlite::Connection, part: &GroupPart) -> Result<()> {
         .prepare(&format!("SELECT parts, complete_ns FROM groups WHERE {NAMED}"))?
         .query_map([&part.name], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
-    let own = namesakes.iter().find(|(parts, _)| *parts == part.parts);
-    let complete = |g: &&(u32, Option<i64>)| g.1.is_some();
-    match own {
-        Some(g) if complete(&g) => Err(Error::GroupComplete(part.name.clone())),
+    match namesakes.iter().find(|(parts, _)| *parts == part.parts) {
+        Some((_, Some(_))) => Err(Error::GroupComplete(part.name.clone())),
         Some(_) => Ok(()),
-        None if namesakes.iter().any(|g| complete(&g)) => Err(Error::GroupComplete(part.name.clone())),
+        None if namesakes.iter().any(|(_, complete)| complete.is_some()) => {
+            Err(Error::GroupComplete(part.name.clone()))
+        }
         None => namesakes.first().map_or(Ok(()), |(parts, _)| Err(mismatch(*parts))),
     }
 }
@@ -187,8 +188,8 @@ pub(crate) fn record_part(
         // Its parts' latest commit time, not that of the part that happened to arrive last here: replicas
         // learn of parts in different orders, and `group` picks among namesakes by this time.
         tx.execute(
-            "UPDATE groups SET complete_ns = max(?2, coalesce((SELECT max(c.time_ns) FROM group_parts p
-               JOIN checkpoints c ON c.id = p.checkpoint WHERE p.grp = ?1), ?2)) WHERE name = ?1",
+            "UPDATE groups SET complete_ns = coalesce((SELECT max(c.time_ns) FROM group_parts p
+               JOIN checkpoints c ON c.id = p.checkpoint WHERE p.grp = ?1), ?2) WHERE name = ?1",
             params![key, time_ns],
         )?;
     }

@@ -30,8 +30,8 @@ pub(crate) const GC_LOCK: &str = "locks/gc";
 /// Held by a GC while it deletes: writers do not start meanwhile.
 pub(crate) const SWEEP_LOCK: &str = "locks/sweep";
 
-/// Held by a forget (or retention) from the sync before it plans against the catalog to its record: two
-/// forgets on two machines, each keeping what the other forgets, would otherwise empty a path between them.
+/// Held by a forget (or retention) from the sync before it deletes to its record: two forgets on two machines,
+/// each keeping what the other forgets, would otherwise empty a path between them.
 pub(crate) const FORGET_LOCK: &str = "locks/forget";
 /// How long a forget waits for another to end.
 const FORGET_WAIT: Duration = Duration::from_secs(120);
@@ -487,16 +487,12 @@ pub(crate) fn cache_dir(url: &str) -> Result<PathBuf> {
 
 /// The repository id recorded in a local copy, if any.
 pub(crate) fn local_repo_id(conn: &rusqlite::Connection) -> Result<Option<String>> {
-    use rusqlite::OptionalExtension;
-    Ok(conn.query_row("SELECT value FROM meta WHERE key = 'remote_repo_id'", [], |r| r.get(0)).optional()?)
+    crate::catalog::meta_value(conn, "remote_repo_id")
 }
 
 /// Whether a migration marked this local copy to be built again from the bucket (see migration 9).
 pub(crate) fn rebuild_pending(conn: &rusqlite::Connection) -> Result<bool> {
-    use rusqlite::OptionalExtension;
-    let v: Option<String> =
-        conn.query_row("SELECT value FROM meta WHERE key = 'rebuild_pending'", [], |r| r.get(0)).optional()?;
-    Ok(v.is_some())
+    Ok(crate::catalog::meta_value(conn, "rebuild_pending")?.is_some())
 }
 
 pub(crate) fn set_local_repo_id(conn: &rusqlite::Connection, id: &str) -> Result<()> {

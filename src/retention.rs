@@ -189,14 +189,14 @@ impl Plan {
 
     /// The groups that would lose every checkpoint, as (host, path) pairs; empty when the plan is safe.
     ///
-    /// With `group_by_path` (as given to [`plan`]) these are the (host, path) groups with nothing kept.
-    /// Without it, all checkpoints form one group: if nothing at all is kept, every (host, path) of the
-    /// forget list is returned. restic refuses such a `forget` ("refusing to delete last snapshot of
-    /// snapshot group"), because it is almost always a mistyped `--keep-tag`; callers should refuse too.
-    pub fn emptied_groups(&self, group_by_path: bool) -> Vec<(String, String)> {
+    /// Planned per (host, path) (`group_by_path` given to [`plan`]), these are the (host, path) groups with
+    /// nothing kept. Otherwise all checkpoints form one group: if nothing at all is kept, every (host, path) of
+    /// the forget list is returned. restic refuses such a `forget` ("refusing to delete last snapshot of
+    /// snapshot group"), because it is almost always a mistyped `--keep-tag`: see [`Plan::refuse_emptying`].
+    pub fn emptied_groups(&self) -> Vec<(String, String)> {
         let key = |d: &Decision| (d.host.clone(), d.path.clone());
         let forgotten: BTreeSet<(String, String)> = self.forget.iter().map(key).collect();
-        if !group_by_path {
+        if !self.by_path {
             return if self.keep.is_empty() { forgotten.into_iter().collect() } else { Vec::new() };
         }
         let kept: BTreeSet<(String, String)> = self.keep.iter().map(key).collect();
@@ -207,7 +207,7 @@ impl Plan {
     /// that is almost always a mistyped `--keep-tag`. Checked when the plan is applied, so that a dry run
     /// still shows what it would have done.
     pub fn refuse_emptying(&self) -> crate::Result<()> {
-        let mut emptied = self.emptied_groups(self.by_path).into_iter();
+        let mut emptied = self.emptied_groups().into_iter();
         match emptied.next() {
             Some((host, path)) => Err(crate::Error::PolicyEmptiesPath { host, path, others: emptied.len() }),
             None => Ok(()),
@@ -921,16 +921,16 @@ mod tests {
         ];
         let typo = Policy { keep_tags: strs(&["kep"]), ..Default::default() };
         let all_gone = plan_at(&list, &typo, false, now());
-        assert_eq!(all_gone.emptied_groups(false).len(), 3);
+        assert_eq!(all_gone.emptied_groups().len(), 3);
         let policy = Policy { keep_tags: strs(&["keep"]), ..Default::default() };
         let grouped = plan_at(&list, &policy, true, now());
         assert_eq!(
-            grouped.emptied_groups(true),
+            grouped.emptied_groups(),
             vec![("a".to_string(), "/logs".to_string()), ("b".to_string(), "/data".to_string())]
         );
-        assert!(plan_at(&list, &policy, false, now()).emptied_groups(false).is_empty());
+        assert!(plan_at(&list, &policy, false, now()).emptied_groups().is_empty());
         let last = plan_at(&list, &Policy { keep_last: Some(1), ..Default::default() }, true, now());
-        assert!(last.emptied_groups(true).is_empty());
+        assert!(last.emptied_groups().is_empty());
     }
 
     // ---- restic's documentation and test suite ----
