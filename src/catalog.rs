@@ -291,6 +291,8 @@ pub(crate) struct Batch {
     pub forget: Vec<String>,
     /// Group checkpoints forgotten, by name.
     pub forget_groups: Vec<String>,
+    /// Tags changed after a commit: checkpoint id, tags added, tags removed.
+    pub retags: Vec<(String, Vec<String>, Vec<String>)>,
 }
 
 impl Batch {
@@ -307,6 +309,7 @@ impl Batch {
             && self.dead_packs.is_empty()
             && self.forget.is_empty()
             && self.forget_groups.is_empty()
+            && self.retags.is_empty()
     }
 }
 
@@ -726,6 +729,10 @@ impl Catalog {
         }
         // Start epoch 0: every condemned object the checkpoint reaches is claimed back.
         insert_rows(&tx, batch, checkpoint, Some(0), true)?;
+        // A checkpoint forgotten before its tags changed (in record order) stays forgotten.
+        for (id, add, remove) in &batch.retags {
+            retag_rows(&tx, id, add, remove)?;
+        }
         apply_gc(&tx, batch)?;
         tx.execute("INSERT INTO remote_records (name) VALUES (?1)", [name])?;
         let seen: u64 = remote_seq(&tx)?;
@@ -993,17 +1000,23 @@ impl Catalog {
     }
 
     /// Adds and removes tags of checkpoint `id`, in one transaction.
-    pub(crate) fn retag(&mut self, id: &str, add: &[String], remove: &[String]) -> Result<()> {
+    pub(crate) fn retag(
+        &mut self,
+        id: &str,
+        add: &[String],
+        remove: &[String],
+        journal: Option<Journal<'_>>,
+    ) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         // Forgotten meanwhile: nothing to tag.
-        if tx.query_row("SELECT 1 FROM checkpoints WHERE id = ?1", [id], |_| Ok(())).optional()?.is_none() {
+        if !retag_rows(&tx, id, add, remove)? {
             return Err(Error::CheckpointNotFound(id.to_string()));
         }
-        for tag in remove {
-            tx.execute("DELETE FROM checkpoint_tags WHERE checkpoint = ?1 AND tag = ?2", params![id, tag])?;
-        }
-        for tag in add {
-            tx.execute("INSERT OR IGNORE INTO checkpoint_tags (checkpoint, tag) VALUES (?1, ?2)", params![id, tag])?;
+        if let Some(journal) = journal {
+            journal(
+                &tx,
+                &Batch { retags: vec![(id.to_string(), add.to_vec(), remove.to_vec())], ..Default::default() },
+            )?;
         }
         tx.commit()?;
         Ok(())
@@ -1197,6 +1210,41 @@ impl Catalog {
     pub fn connection(&self) -> &Connection {
         &self.conn
     }
+}
+
+/// Runs `f` in one read transaction, so that everything it reads is one consistent state of the catalog;
+/// inside a transaction already open, in that one. Also cheaper than a statement each: SQLite sets up every
+/// read transaction anew, an `fstat` of the database among it once the write-ahead log is empty.
+pub(crate) fn in_snapshot<T>(conn: &Connection, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    if !conn.is_autocommit() {
+        return f();
+    }
+    conn.execute_batch("BEGIN")?;
+    match f() {
+        Ok(v) => {
+            conn.execute_batch("COMMIT")?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+/// Removes tags `remove` from checkpoint `id` and adds `add`; returns false, changing nothing, if there is no
+/// such checkpoint.
+fn retag_rows(tx: &rusqlite::Transaction<'_>, id: &str, add: &[String], remove: &[String]) -> Result<bool> {
+    if tx.query_row("SELECT 1 FROM checkpoints WHERE id = ?1", [id], |_| Ok(())).optional()?.is_none() {
+        return Ok(false);
+    }
+    for tag in remove {
+        tx.execute("DELETE FROM checkpoint_tags WHERE checkpoint = ?1 AND tag = ?2", params![id, tag])?;
+    }
+    for tag in add {
+        tx.execute("INSERT OR IGNORE INTO checkpoint_tags (checkpoint, tag) VALUES (?1, ?2)", params![id, tag])?;
+    }
+    Ok(true)
 }
 
 /// Deletes a checkpoint's rows: the checkpoint, its tags, its skipped-file records.
@@ -1614,6 +1662,24 @@ mod tests {
             assert_eq!(listed, [("g".to_string(), 1), ("g".to_string(), 2)], "order {k}");
             assert_eq!(crate::group::group(&cat, "g").unwrap().parts, 1, "the complete one is the name's");
         }
+        // Tag changes apply in record order; one naming a checkpoint an earlier record forgot changes nothing.
+        let c = "c".repeat(64);
+        let retag = |add: &[&str], remove: &[&str]| Batch {
+            retags: vec![(
+                c.clone(),
+                add.iter().map(|t| t.to_string()).collect(),
+                remove.iter().map(|t| t.to_string()).collect(),
+            )],
+            ..Default::default()
+        };
+        assert!(cat.apply_record("records/5-c", 5, &part(0, 1, &c, 9)).unwrap());
+        assert!(cat.apply_record("records/6-t", 6, &retag(&["keep", "v1"], &[])).unwrap());
+        assert!(cat.apply_record("records/7-t", 7, &retag(&["v2"], &["v1"])).unwrap());
+        assert_eq!(cat.resolve(&c).unwrap().tags, ["keep", "v2"]);
+        assert!(cat.apply_record("records/8-f", 8, &Batch { forget: vec![c.clone()], ..Default::default() }).unwrap());
+        assert!(cat.apply_record("records/9-t", 9, &retag(&["late"], &[])).unwrap());
+        let tags: i64 = cat.connection().query_row("SELECT count(*) FROM checkpoint_tags", [], |r| r.get(0)).unwrap();
+        assert_eq!(tags, 0, "no tag row for a forgotten checkpoint");
     }
 
     /// A catalog opened for reading only refuses writes, and a missing one is no repository.

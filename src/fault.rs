@@ -2,7 +2,8 @@
 //! kill the process exactly there instead of hoping a random instant lands on them.
 //!
 //! `SNAPSTORE_FAULT=NAME:N` ends the process with SIGKILL the N-th time (from 1) it reaches point `NAME`, as a
-//! crash there would: no destructor runs, nothing is flushed. The points are listed in [`POINTS`] and in
+//! crash there would: no destructor runs, nothing is flushed. `NAME:N:stop` stops it there with SIGSTOP
+//! instead, so that a race test can run another process at exactly that step and then continue it. The points are listed in [`POINTS`] and in
 //! docs/reliability.md. The hook is an environment variable rather than a cargo feature because the crash
 //! tests drive the release binary that users run; unset, a point costs one atomic load.
 
@@ -27,6 +28,9 @@ pub const POINTS: &[&str] = &[
     // Forget: checkpoints chosen, before their removal is committed; and after.
     "forget-chosen",
     "forget-done",
+    // A repository in a bucket: a forget (or a change of tags) holds the forget lock and has synced, and has not
+    // yet written its change.
+    "forget-synced",
     // GC: after its mark, its sweep, each rewritten pack recorded, its final catalog transaction, and each
     // file removed.
     "gc-marked",
@@ -42,6 +46,7 @@ pub const POINTS: &[&str] = &[
 struct Armed {
     name: String,
     at: u64,
+    stop: bool,
     hits: AtomicU64,
 }
 
@@ -51,7 +56,12 @@ fn armed() -> Option<&'static Armed> {
         .get_or_init(|| {
             let spec = std::env::var("SNAPSTORE_FAULT").ok()?;
             let (name, at) = spec.split_once(':').unwrap_or((&spec, "1"));
-            Some(Armed { name: name.to_string(), at: at.parse().ok()?, hits: AtomicU64::new(0) })
+            let (at, stop) = match at.split_once(':') {
+                Some((at, "stop")) => (at, true),
+                Some(_) => return None,
+                None => (at, false),
+            };
+            Some(Armed { name: name.to_string(), at: at.parse().ok()?, stop, hits: AtomicU64::new(0) })
         })
         .as_ref()
 }
@@ -61,6 +71,11 @@ pub(crate) fn point(name: &'static str) {
     debug_assert!(POINTS.contains(&name), "unlisted fault point {name}");
     let Some(armed) = armed() else { return };
     if armed.name == name && armed.hits.fetch_add(1, Ordering::SeqCst) + 1 == armed.at {
+        if armed.stop {
+            // Returns once continued (SIGCONT).
+            let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
+            return;
+        }
         let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
         // SIGKILL cannot be caught; should delivery lag, never run past the point.
         loop {

@@ -418,9 +418,11 @@ impl Repository {
         result
     }
 
-    /// Runs a forget: for a remote repository holding the bucket's forget lock, with the catalog synced after
-    /// taking it, so that a forget on another machine is either finished and seen (a retention plan's kept
-    /// checkpoints are checked against it) or waits for this one; its change is journaled to the bucket.
+    /// Runs a forget, or a change of tags (what retention decides by): for a remote repository holding the
+    /// bucket's forget lock, with the catalog synced after taking it, so that a forget or tag change on another
+    /// machine is either finished and seen (a retention plan's kept checkpoints are checked against it, and
+    /// its tags are read in its deleting transaction) or waits for this one; its change is journaled to the
+    /// bucket.
     fn forgetting<T>(
         &self,
         catalog: &mut Catalog,
@@ -429,6 +431,7 @@ impl Repository {
         let Some(remote) = &self.remote else { return f(catalog, None) };
         let lock = remote.forget_lock()?;
         remote.sync(catalog)?;
+        fault::point("forget-synced");
         let journal = |tx: &rusqlite::Transaction<'_>, b: &catalog::Batch| {
             remote.check_lock(&lock)?;
             remote.publish(tx, b)
@@ -742,8 +745,9 @@ impl Repository {
 
     /// Adds tags to checkpoint `id` and removes others (a tag in both is refused: [`Error::InvalidInput`]),
     /// and returns it as it is then. A tag keeps a checkpoint from any retention policy with `keep_tags`
-    /// naming it, so this is how a checkpoint committed without one is protected later. Local repositories
-    /// only: in an `s3://` one a checkpoint's tags are part of its record in the bucket, written once.
+    /// naming it, so this is how a checkpoint committed without one is protected later. In a bucket the
+    /// change takes turns with forgets ([`Repository::forget`]): a retention run on another machine either
+    /// ran before it (and a checkpoint it forgot cannot be tagged: [`Error::CheckpointNotFound`]) or sees it.
     ///
     /// ```
     /// # let dir = tempfile::tempdir().unwrap();
@@ -753,13 +757,6 @@ impl Repository {
     /// assert_eq!(tagged.tags, vec!["keep".to_string()]);
     /// ```
     pub fn tag(&self, id: &str, add: &[String], remove: &[String]) -> Result<Checkpoint> {
-        if self.remote.is_some() {
-            return Err(Error::InvalidInput(
-                "the tags of a checkpoint in an s3:// repository are written with it and cannot be changed later \
-                 (yet): tag it when committing, with --tag"
-                    .into(),
-            ));
-        }
         for t in add {
             checkpoint::validate_tag(t)?;
         }
@@ -768,7 +765,7 @@ impl Repository {
         if let Some(both) = remove.iter().find(|t| add.contains(t)) {
             return Err(Error::InvalidInput(format!("tag {both:?} is both added and removed: give it once")));
         }
-        catalog.retag(&c.id, add, remove)?;
+        self.forgetting(&mut catalog, |catalog, journal| catalog.retag(&c.id, add, remove, journal))?;
         catalog.resolve(&c.id)
     }
 

@@ -33,8 +33,14 @@ const T_LOCATE: u8 = 11;
 /// item as malformed, so they stop at their next sync instead of applying, by their older rules, records whose
 /// group parts they would leave out and whose group forgets they would misread.
 const T_PROTOCOL: u8 = 12;
-/// The protocol [`T_PROTOCOL`] names.
-const PROTOCOL: u8 = 2;
+/// A checkpoint's tags changed after its commit: its id, then the tags added and the tags removed, each a u32
+/// count and the tags.
+const T_RETAG: u8 = 13;
+/// The newest protocol [`T_PROTOCOL`] names, the one this build reads. Protocol 3 added [`T_RETAG`]; a record
+/// without that item still says 2 ([`PROTOCOL_BASE`]), so builds of protocol 2 read all but tag changes, and
+/// ask to be upgraded at the first of those.
+const PROTOCOL: u8 = 3;
+const PROTOCOL_BASE: u8 = 2;
 
 /// A length field larger than this is damage, not data: no record item comes near it.
 const MAX_FIELD: u32 = 1 << 28;
@@ -45,7 +51,7 @@ pub(crate) fn encode(batch: &Batch) -> Result<Vec<u8>> {
     let mut z = zstd::Encoder::new(&mut out, 3).map_err(|e| Error::Internal(format!("zstd: {e}")))?;
     let mut w = Writer(Vec::with_capacity(1 << 16));
     w.u8(T_PROTOCOL);
-    w.u8(PROTOCOL);
+    w.u8(if batch.retags.is_empty() { PROTOCOL_BASE } else { PROTOCOL });
     for (tag, packs) in [(T_PACK, &batch.packs), (T_MOVED, &batch.moved)] {
         for (name, size, entries) in packs {
             w.u8(tag);
@@ -94,6 +100,16 @@ pub(crate) fn encode(batch: &Batch) -> Result<Vec<u8>> {
     for name in &batch.forget_groups {
         w.u8(T_FORGET_GROUP);
         w.str(name);
+    }
+    for (id, add, remove) in &batch.retags {
+        w.u8(T_RETAG);
+        w.str(id);
+        for tags in [add, remove] {
+            w.u32(tags.len() as u32);
+            for t in tags {
+                w.str(t);
+            }
+        }
     }
     if let Some(cp) = &batch.checkpoint {
         w.u8(T_CHECKPOINT);
@@ -159,6 +175,16 @@ pub(crate) fn decode(data: &[u8]) -> Result<Batch> {
             T_DEAD_PACK => b.dead_packs.push(r.str()?),
             T_FORGET => b.forget.push(r.str()?),
             T_FORGET_GROUP => b.forget_groups.push(r.str()?),
+            T_RETAG => {
+                let id = r.str()?;
+                let mut tags = || (0..r.u32()?).map(|_| r.str()).collect::<Result<Vec<_>>>();
+                let (add, remove) = (tags()?, tags()?);
+                // Shown by `log`: a tag no command could have added is damage (removing one changes nothing).
+                if add.iter().any(|t| crate::checkpoint::validate_tag(t).is_err()) {
+                    return Err(bad("bad tag"));
+                }
+                b.retags.push((id, add, remove));
+            }
             T_PROTOCOL => {
                 let v = r.u8()?;
                 if v > PROTOCOL {
@@ -324,6 +350,7 @@ mod tests {
             dead_packs: vec!["packs/dd/w.pack".into()],
             forget: vec!["cd".repeat(32)],
             forget_groups: vec!["step-5".into()],
+            retags: vec![("ef".repeat(32), vec!["keep".into(), "v2".into()], vec!["nightly".into()])],
             checkpoint: Some(NewCheckpoint {
                 record,
                 root: id(9),
@@ -347,10 +374,17 @@ mod tests {
         assert_eq!(d.locates, b.locates);
         assert_eq!(d.drops, b.drops);
         assert_eq!((d.dead_packs, d.forget, d.forget_groups), (b.dead_packs, b.forget, b.forget_groups));
+        assert_eq!(d.retags, b.retags);
+        let items = |b: &Batch| {
+            let mut raw = Vec::new();
+            zstd::Decoder::new(&encode(b).unwrap()[MAGIC.len()..]).unwrap().read_to_end(&mut raw).unwrap();
+            raw
+        };
+        // Only a record that changes tags needs protocol 3: builds of protocol 2 read the others.
+        assert_eq!(items(&sample())[..2], [T_PROTOCOL, PROTOCOL]);
+        let mut raw = items(&Batch::default());
+        assert_eq!(raw[..2], [T_PROTOCOL, PROTOCOL_BASE]);
         // A record of a newer protocol is refused as such, not applied by older rules.
-        let mut raw = Vec::new();
-        zstd::Decoder::new(&encode(&Batch::default()).unwrap()[MAGIC.len()..]).unwrap().read_to_end(&mut raw).unwrap();
-        assert_eq!(raw[..2], [T_PROTOCOL, PROTOCOL]);
         raw[1] = PROTOCOL + 1;
         let newer = [&MAGIC[..], &zstd::encode_all(&raw[..], 3).unwrap()].concat();
         assert!(matches!(decode(&newer), Err(Error::Format(_))));
@@ -370,5 +404,8 @@ mod tests {
         let mut raw = MAGIC.to_vec();
         raw.extend(zstd::encode_all(&[200u8][..], 3).unwrap());
         assert!(decode(&raw).is_err());
+        // A tag change whose tag no commit could give (a control character, shown by `log`).
+        let hostile = Batch { retags: vec![("ab".repeat(32), vec!["a\x1b[2J".into()], vec![])], ..Default::default() };
+        assert!(matches!(decode(&encode(&hostile).unwrap()), Err(Error::Corrupt { .. })));
     }
 }

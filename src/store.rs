@@ -170,20 +170,30 @@ impl ChunkReader {
         retried: bool,
         mut sink: impl FnMut(usize, &[u8]) -> Result<()>,
     ) -> std::result::Result<(), (usize, Error)> {
-        let mut locs = Vec::with_capacity(refs.len());
-        for (k, r) in refs.iter().enumerate() {
-            let loc = catalog
-                .chunk_location(&r.id)
-                .and_then(|loc| {
-                    loc.ok_or_else(|| Error::corrupt(format!("chunk {} is missing from the chunk index", r.id)))
-                })
-                .map_err(|e| (k, e))?;
-            if loc.raw_len != r.len {
-                let why = format!("chunk {} has length {} in the index but {} in the file", r.id, loc.raw_len, r.len);
-                return Err((k, Error::corrupt(why)));
-            }
-            locs.push(loc);
+        if refs.is_empty() {
+            return Ok(());
         }
+        // All lookups in one read transaction: one per chunk cost a checkout of small files a tenth of its
+        // CPU.
+        let lookup = || {
+            let mut locs = Vec::with_capacity(refs.len());
+            for (k, r) in refs.iter().enumerate() {
+                let loc = catalog
+                    .chunk_location(&r.id)
+                    .and_then(|loc| {
+                        loc.ok_or_else(|| Error::corrupt(format!("chunk {} is missing from the chunk index", r.id)))
+                    })
+                    .map_err(|e| (k, e))?;
+                if loc.raw_len != r.len {
+                    let why =
+                        format!("chunk {} has length {} in the index but {} in the file", r.id, loc.raw_len, r.len);
+                    return Err((k, Error::corrupt(why)));
+                }
+                locs.push(loc);
+            }
+            Ok(locs)
+        };
+        let locs = crate::catalog::in_snapshot(catalog.connection(), || Ok(lookup())).map_err(|e| (from, e))??;
         let spans: Vec<Span> = locs.iter().map(|l| (l.offset, l.stored_len)).collect();
         let mut i = from;
         while i < refs.len() {

@@ -40,8 +40,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::backend::Backend;
 use crate::catalog::{
-    CHUNK_ROW_COLUMNS, Catalog, ChunkRow, KIND_CONTENT, KIND_SEGMENT, KIND_TREE, PackRow, RowsByPack, now_ns,
-    rows_in_pack,
+    CHUNK_ROW_COLUMNS, Catalog, ChunkRow, KIND_CONTENT, KIND_SEGMENT, KIND_TREE, PackRow, RowsByPack, in_snapshot,
+    now_ns, rows_in_pack,
 };
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
@@ -313,21 +313,6 @@ pub(crate) fn reach_damage(conn: &Connection) -> Result<VerifyReport> {
         collect_damage(conn, &mut report)
     })?;
     Ok(report)
-}
-
-/// Runs `f` in one read transaction, so that everything it reads is one consistent state of the catalog.
-fn in_snapshot<T>(conn: &Connection, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    conn.execute_batch("BEGIN")?;
-    match f() {
-        Ok(v) => {
-            conn.execute_batch("COMMIT")?;
-            Ok(v)
-        }
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            Err(e)
-        }
-    }
 }
 
 fn create_temp_tables(conn: &Connection) -> Result<()> {

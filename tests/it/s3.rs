@@ -731,35 +731,48 @@ fn parts_of_one_group_name_with_two_part_counts_make_two_groups_everywhere() {
     }
 }
 
+/// Machines A and B sharing a fresh repository in which A committed two checkpoints of path `stdin:state`
+/// ("older", then "newest"); both synced.
+fn two_machines_and_two_checkpoints(endpoint: &str, url: &str) -> (Machine, Machine, String, String) {
+    let (a, b) = (Machine::new(endpoint, url), Machine::new(endpoint, url));
+    a.ok(&["init"]);
+    let older = a.commit_stream("state", b"older");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let newest = a.commit_stream("state", b"newest");
+    b.ok(&["sync"]);
+    (a, b, older, newest)
+}
+
+/// Puts a forget lock held by a live process (pid 1 of this host), which only deleting it frees.
+fn hold_forget_lock(endpoint: &str, url: &str) {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let (process, pidns) = crate::util::process_record(1);
+    let holder = serde_json::json!({
+        "host": host, "pid": 1, "process": process, "pidns": pidns, "token": "t1", "started_ns": 0, "heartbeat_ns": 0
+    });
+    bucket(endpoint, url).put("locks/forget", serde_json::to_vec(&holder).unwrap()).unwrap();
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
+}
+
 /// A retention run on one machine planned while another machine forgot a checkpoint the plan keeps: forgets
 /// hold the bucket's forget lock from a sync to their record, so the plan is checked against the other's
 /// forget and refused, and the path keeps a checkpoint. Without it, the two together emptied the path.
 #[test]
 fn two_forgets_on_two_machines_never_empty_a_path() {
     let Some((endpoint, url)) = server() else { return };
-    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
-    a.ok(&["init"]);
-    let older = a.commit_stream("state", b"older");
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    let newest = a.commit_stream("state", b"newest");
-    b.ok(&["sync"]);
+    let (a, b, older, newest) = two_machines_and_two_checkpoints(&endpoint, &url);
     // Another forget (pid 1 of this host: alive) holds the lock while A plans `--keep-last 1`.
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
-    let (process, pidns) = crate::util::process_record(1);
-    let holder = serde_json::json!({
-        "host": host, "pid": 1, "process": process, "pidns": pidns, "token": "t1", "started_ns": 0, "heartbeat_ns": 0
-    });
-    bucket(&endpoint, &url).put("locks/forget", serde_json::to_vec(&holder).unwrap()).unwrap();
+    hold_forget_lock(&endpoint, &url);
     let retention = a.piped(&["forget", "--keep-last", "1"], &[]);
     std::thread::sleep(std::time::Duration::from_millis(2000));
-    let signal = |sig: &str| {
-        assert!(Command::new("kill").args([sig, &retention.id().to_string()]).status().unwrap().success());
-    };
     // A waits for the lock, its plan made (keep the newest, forget the older); B forgets the newest meanwhile.
-    signal("-STOP");
+    signal(&retention, "-STOP");
     bucket(&endpoint, &url).delete("locks/forget").unwrap();
     b.ok(&["forget", &newest]);
-    signal("-CONT");
+    signal(&retention, "-CONT");
     let o = retention.wait_with_output().unwrap();
     // Refused as raced (or, on a machine so slow that A planned only after B's forget, nothing to forget).
     assert!(
@@ -773,4 +786,92 @@ fn two_forgets_on_two_machines_never_empty_a_path() {
         assert_eq!(m.ids(), vec![older.clone()]);
     }
     assert!(bucket(&endpoint, &url).head("locks/forget").unwrap().is_none(), "released");
+}
+
+/// Tags changed after the commit reach every machine, and protect as tags given at commit do: a retention run
+/// on one machine that planned before another machine tagged a checkpoint to keep still keeps it, because tag
+/// changes take the forget lock as forgets do and the run re-reads the tags after its sync.
+#[test]
+fn a_checkpoint_tagged_on_one_machine_is_kept_by_retention_on_another() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+    a.ok(&["init"]);
+    let mut ids = Vec::new();
+    for step in 0..3u8 {
+        ids.push(a.commit_stream("state", &[step; 1000]));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let tags_of = |m: &Machine| -> Vec<(String, Vec<String>)> {
+        let log: serde_json::Value = serde_json::from_str(&m.ok(&["--json", "log"])).unwrap();
+        let mut all: Vec<(String, Vec<String>)> = log
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let tags = c["tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+                (c["id"].as_str().unwrap().to_string(), tags)
+            })
+            .collect();
+        all.sort();
+        all
+    };
+    let tags_of_one = |m: &Machine, id: &str| tags_of(m).into_iter().find(|(i, _)| i == id).map(|(_, tags)| tags);
+    b.ok(&["tag", &ids[1][..8], "--add", "candidate"]);
+    assert_eq!(tags_of_one(&a, &ids[1]), Some(vec!["candidate".to_string()]), "a tag added on B reaches A");
+    // A's retention (keep the newest and what is tagged "keep") plans while another forget holds the lock:
+    // it would forget the two older checkpoints. B tags the oldest to keep before A gets the lock.
+    hold_forget_lock(&endpoint, &url);
+    let retention = a.piped(&["forget", "--keep-last", "1", "--keep-tag", "keep"], &[]);
+    std::thread::sleep(std::time::Duration::from_millis(2000));
+    signal(&retention, "-STOP");
+    bucket(&endpoint, &url).delete("locks/forget").unwrap();
+    b.ok(&["tag", &ids[0][..8], "--add", "keep", "--add", "v1"]);
+    signal(&retention, "-CONT");
+    let o = retention.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    let mut expected = vec![(ids[0].clone(), vec!["keep".to_string(), "v1".to_string()]), (ids[2].clone(), vec![])];
+    expected.sort();
+    // A machine that has only the bucket rebuilds the same tags from the records.
+    let c = Machine::new(&endpoint, &url);
+    for m in [&a, &b, &c] {
+        assert_eq!(tags_of(m), expected);
+    }
+    // A removal travels too, and a rebuilt copy agrees.
+    c.ok(&["tag", &ids[0][..8], "--remove", "v1"]);
+    a.ok(&["sync", "--rebuild"]);
+    for m in [&a, &b, &c] {
+        assert_eq!(tags_of_one(m, &ids[0]), Some(vec!["keep".to_string()]));
+    }
+    assert!(bucket(&endpoint, &url).head("locks/forget").unwrap().is_none(), "released");
+}
+
+/// A tag given on one machine while a retention run on another holds the forget lock, stopped between its sync
+/// and its change: the tag waits for the run, then finds the checkpoint forgotten and says so. Without the
+/// lock it reported the tag given, and the run forgot the checkpoint anyway.
+#[test]
+fn a_tag_given_while_another_machine_forgets_waits_and_is_refused() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b, older, newest) = two_machines_and_two_checkpoints(&endpoint, &url);
+    let retention =
+        a.piped(&["forget", "--keep-last", "1", "--keep-tag", "keep"], &[("SNAPSTORE_FAULT", "forget-synced:1:stop")]);
+    let stat = format!("/proc/{}/stat", retention.id());
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&stat).unwrap().rsplit(") ").next().unwrap().starts_with('T') {
+        assert!(start.elapsed().as_secs() < 30, "the retention run never reached forget-synced");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let tag = std::thread::scope(|s| {
+        let tag = s.spawn(|| b.run(&["tag", &older[..8], "--add", "keep"]));
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        assert!(!tag.is_finished(), "the tag did not wait for the forget lock");
+        signal(&retention, "-CONT");
+        tag.join().unwrap()
+    });
+    let o = retention.wait_with_output().unwrap();
+    assert!(o.status.success() && text(&o.stdout).contains("forgot 1"), "{}{}", text(&o.stdout), text(&o.stderr));
+    assert_eq!(tag.status.code(), Some(4), "{}{}", text(&tag.stdout), text(&tag.stderr));
+    assert!(text(&tag.stderr).contains("no checkpoint"), "{}", text(&tag.stderr));
+    for m in [&a, &b] {
+        assert_eq!(m.ids(), vec![newest.clone()]);
+    }
 }
