@@ -434,8 +434,8 @@ impl Catalog {
             let name = entry.file_name();
             let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
             let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-            let gone = pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists();
-            if gone && std::fs::remove_file(entry.path()).is_ok() {
+            // An init in another pid namespace can only fail here: the catalog it would create exists.
+            if process_gone(pid) && std::fs::remove_file(entry.path()).is_ok() {
                 removed += 1;
             }
         }
@@ -1276,6 +1276,12 @@ pub(crate) fn host_name() -> String {
 /// all: a pid recorded in another namespace says nothing here.
 pub(crate) fn pid_namespace() -> String {
     std::fs::read_link("/proc/self/ns/pid").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Whether `pid`, taken as a pid of this namespace, names no running process (never true of this one). A pid
+/// written by a process of another namespace says nothing: callers that can meet one check a lock too.
+pub(crate) fn process_gone(pid: u32) -> bool {
+    pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists()
 }
 
 /// What a holder recorded under this host's name is, as far as this process can tell.

@@ -301,8 +301,7 @@ fn temp_path(dir: &Path) -> PathBuf {
 fn stale_temp(dir: &Path, name: &[u8]) -> bool {
     let Some(rest) = name.strip_prefix(TEMP_PREFIX.as_bytes()) else { return false };
     let pid = rest.split(|&b| b == b'-').next().and_then(|p| std::str::from_utf8(p).ok()?.parse::<u32>().ok());
-    pid.is_some_and(|pid| pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists())
-        && !locked(&dir.join(OsStr::from_bytes(name)))
+    pid.is_some_and(crate::catalog::process_gone) && !locked(&dir.join(OsStr::from_bytes(name)))
 }
 
 /// Locks a temporary for as long as `fd` is open, so that no other checkout takes it for a dead one's.

@@ -409,7 +409,12 @@ impl Repository {
     /// read, restored or reported damaged may mix two states.
     fn reader<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let _session = self.session()?;
-        let result = f();
+        self.checked_read(f())
+    }
+
+    /// `result` of a read, or on a read-only mount whose repository another mount wrote meanwhile,
+    /// [`Error::ChangedWhileRead`].
+    fn checked_read<T>(&self, result: Result<T>) -> Result<T> {
         if let Some(opened) = &self.read_only
             && result.as_ref().err().is_none_or(Error::may_come_from_a_changing_read)
         {
@@ -721,17 +726,25 @@ impl Repository {
     /// chunks it covers. `path` is relative to the committed directory (for a checkpoint of one file, its
     /// name or the empty path).
     pub fn open_file(&self, id: &str, path: impl AsRef<Path>) -> Result<FileReader> {
+        let reader = self.checked_read(self.open_file_unchecked(id, path.as_ref()))?;
+        Ok(match &self.read_only {
+            Some(opened) => reader.watch(self.catalog_path.clone(), opened.clone()),
+            None => reader,
+        })
+    }
+
+    fn open_file_unchecked(&self, id: &str, path: &Path) -> Result<FileReader> {
         // In a bucket, the reader holds a session for its whole life, as a checkout does for its run.
         let session = self.session()?;
         let catalog = self.catalog()?;
         let cp = catalog.resolve(id)?;
         let root = content::root_entry(&catalog, &cp.id)?;
-        let not_found = || Error::PathNotFound { checkpoint: cp.short_id().to_string(), path: path.as_ref().into() };
-        let (entry, _) = content::lookup(&catalog, &root, path.as_ref())?.ok_or_else(not_found)?;
+        let not_found = || Error::PathNotFound { checkpoint: cp.short_id().to_string(), path: path.into() };
+        let (entry, _) = content::lookup(&catalog, &root, path)?.ok_or_else(not_found)?;
         if entry.kind != EntryKind::File {
             return Err(Error::InvalidInput(format!(
                 "{} in checkpoint {} is a {}, not a file",
-                path.as_ref().display(),
+                path.display(),
                 cp.short_id(),
                 if entry.kind == EntryKind::Dir { "directory" } else { "symlink" }
             )));

@@ -6,17 +6,20 @@
 //! two where it straddles a boundary.
 
 use std::io::{self, Read, Seek, SeekFrom};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::catalog::{Catalog, Layout};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
+use crate::readonly::Fingerprint;
 use crate::store::ChunkReader;
 use crate::tree::{self, ChunkRef};
 
 /// A file of a checkpoint, readable and seekable without restoring it. Every chunk read is verified against
-/// its hash; damage surfaces as an [`io::Error`] of kind `InvalidData` wrapping the library's error.
+/// its hash; damage surfaces as an [`io::Error`] of kind `InvalidData` wrapping the library's error (on a
+/// read-only mount, [`Error::ChangedWhileRead`] when another mount wrote the repository meanwhile).
 ///
 /// ```
 /// use std::io::{Read, Seek, SeekFrom};
@@ -43,12 +46,21 @@ pub struct FileReader {
     pos: u64,
     /// For a repository in a bucket, the session that keeps GC from deleting what this reader reads.
     session: Option<Box<dyn Send>>,
+    /// For a repository on a read-only mount, its catalog's path and fingerprint at open: a read that fails
+    /// after another mount wrote the repository fails as [`Error::ChangedWhileRead`], not as damage.
+    watch: Option<(PathBuf, Fingerprint)>,
 }
 
 impl FileReader {
     /// Keeps `session` for as long as the reader lives.
     pub(crate) fn hold(mut self, session: Box<dyn Send>) -> Self {
         self.session = Some(session);
+        self
+    }
+
+    /// Checks catalog `path` against `fingerprint` when a read fails.
+    pub(crate) fn watch(mut self, path: PathBuf, fingerprint: Fingerprint) -> Self {
+        self.watch = Some((path, fingerprint));
         self
     }
 
@@ -75,7 +87,7 @@ impl FileReader {
             return Err(Error::corrupt(format!("file content {content}: its chunks add up to {offset}, not {size}")));
         }
         let chunks = ChunkReader::new(backend)?;
-        Ok(FileReader { catalog, chunks, size, segments, segment, chunk: None, pos: 0, session: None })
+        Ok(FileReader { catalog, chunks, size, segments, segment, chunk: None, pos: 0, session: None, watch: None })
     }
 
     /// The file's size in bytes.
@@ -128,7 +140,13 @@ impl Read for FileReader {
         if buf.is_empty() || self.pos >= self.size {
             return Ok(0);
         }
-        self.load(self.pos).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if let Err(e) = self.load(self.pos) {
+            let e = match &self.watch {
+                Some((path, opened)) if e.may_come_from_a_changing_read() => opened.check(path).err().unwrap_or(e),
+                _ => e,
+            };
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
         let (start, data) = self.chunk.as_ref().expect("just loaded");
         let from = (self.pos - start) as usize;
         let n = buf.len().min(data.len() - from);
@@ -148,5 +166,42 @@ impl Seek for FileReader {
         self.pos = target
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek to a negative or overflowing offset"))?;
         Ok(self.pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::pseudo_random;
+
+    /// A read that fails after the catalog changed (on a read-only mount: another mount wrote the repository)
+    /// says so; the same failure with the catalog as it was is damage.
+    #[test]
+    fn a_read_failing_after_the_catalog_changed_is_reported_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        let repo = crate::Repository::init(&root).unwrap();
+        let data = pseudo_random(1 << 20, 3);
+        let c = repo.commit_reader("state", &mut &data[..], &Default::default()).unwrap();
+        let catalog = root.join(crate::CATALOG_FILE);
+        let open = || {
+            let r = repo.open_file(&c.id, "").unwrap();
+            r.watch(catalog.clone(), Fingerprint::of(&catalog))
+        };
+        let (mut changed, mut same) = (open(), open());
+        for pack in walkdir::WalkDir::new(root.join("packs")).into_iter().flatten() {
+            if pack.file_type().is_file() {
+                std::fs::remove_file(pack.path()).unwrap();
+            }
+        }
+        let error = |r: &mut FileReader| {
+            let e = r.read(&mut [0u8; 10]).unwrap_err();
+            *e.into_inner().unwrap().downcast::<Error>().unwrap()
+        };
+        let damage = error(&mut same);
+        assert!(damage.is_corruption(), "{damage}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        repo.commit_reader("other", &mut &b"written elsewhere"[..], &Default::default()).unwrap();
+        assert!(matches!(error(&mut changed), Error::ChangedWhileRead(_)));
     }
 }
