@@ -402,7 +402,11 @@ struct Heartbeat {
 }
 
 impl Heartbeat {
-    fn start(bucket: Arc<Bucket>, name: String, mut holder: Holder) -> Heartbeat {
+    fn start(bucket: Arc<Bucket>, name: String, holder: Holder) -> Heartbeat {
+        Self::every(HEARTBEAT_EVERY, bucket, name, holder)
+    }
+
+    fn every(interval: Duration, bucket: Arc<Bucket>, name: String, mut holder: Holder) -> Heartbeat {
         let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
         let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (s, l) = (stop.clone(), lost.clone());
@@ -410,19 +414,27 @@ impl Heartbeat {
             let (flag, cv) = &*s;
             let mut stopped = flag.lock().unwrap_or_else(|e| e.into_inner());
             loop {
-                stopped = cv.wait_timeout(stopped, HEARTBEAT_EVERY).unwrap_or_else(|e| e.into_inner()).0;
+                stopped = cv.wait_timeout(stopped, interval).unwrap_or_else(|e| e.into_inner()).0;
                 if *stopped {
                     return;
                 }
-                match bucket.head(&name) {
-                    // Gone: GC took the holder for dead. Putting it back would hide that.
-                    Ok(None) => {
+                // Gone (GC took the holder for dead), or a lock taken over by another holder after this
+                // process stalled: putting ours back would hide that, and take the lock from its new holder,
+                // whose check would then fail while ours passed. (Another holder taking it between this read
+                // and the write is not seen: that needs a takeover within those milliseconds.)
+                let ours = |body: &[u8]| serde_json::from_slice::<Holder>(body).is_ok_and(|h| h.token == holder.token);
+                match bucket.get(&name) {
+                    Ok(body) if ours(&body) => {
+                        holder.heartbeat_ns = now_ns();
+                        let _ = bucket.put(&name, holder.encode());
+                    }
+                    Ok(_) => {
                         l.store(true, std::sync::atomic::Ordering::SeqCst);
                         return;
                     }
-                    Ok(Some(_)) => {
-                        holder.heartbeat_ns = now_ns();
-                        let _ = bucket.put(&name, holder.encode());
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        l.store(true, std::sync::atomic::Ordering::SeqCst);
+                        return;
                     }
                     // A transient failure: the next beat tries again, well within the staleness limit.
                     Err(_) => {}
@@ -509,4 +521,49 @@ pub(crate) fn discard_copy(root: &std::path::Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(all(test, feature = "s3"))]
+mod tests {
+    use super::*;
+
+    fn test_bucket() -> Option<Arc<Bucket>> {
+        let endpoint = crate::backend::test_endpoint()?;
+        let url = crate::backend::create_test_bucket(&endpoint);
+        let mut settings = crate::backend::Settings::new(crate::backend::Credentials::Keys {
+            access_key_id: "test".into(),
+            secret_access_key: "test".into(),
+            session_token: None,
+        });
+        settings.endpoint = Some(endpoint);
+        Some(Arc::new(Bucket::connect_with(&url, &settings).unwrap()))
+    }
+
+    fn token_at(bucket: &Bucket, name: &str) -> String {
+        serde_json::from_slice::<Holder>(&bucket.get(name).unwrap()).unwrap().token
+    }
+
+    /// A holder whose lock another took over (after it stalled past the staleness limit) stops beating and
+    /// knows it lost the lock; it never writes itself back over the new holder.
+    #[test]
+    fn a_heartbeat_never_takes_back_a_lock_another_holder_took_over() {
+        let Some(bucket) = test_bucket() else { return };
+        let (old, new) = (Holder::me(), Holder::me());
+        bucket.put("locks/gc", old.encode()).unwrap();
+        let beat = Heartbeat::every(Duration::from_millis(50), bucket.clone(), "locks/gc".into(), old.clone());
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!beat.lost());
+        assert_eq!(token_at(&bucket, "locks/gc"), old.token);
+        bucket.put("locks/gc", new.encode()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(beat.lost());
+        assert_eq!(token_at(&bucket, "locks/gc"), new.token, "the new holder keeps the lock");
+        // Deleted outright (a session GC expired): lost as well, and not put back.
+        bucket.put("sessions/x", old.encode()).unwrap();
+        let beat = Heartbeat::every(Duration::from_millis(50), bucket.clone(), "sessions/x".into(), old);
+        bucket.delete("sessions/x").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(beat.lost());
+        assert!(bucket.head("sessions/x").unwrap().is_none());
+    }
 }
