@@ -962,6 +962,7 @@ impl Catalog {
         &mut self,
         ids: &[&str],
         spare_tags: &[String],
+        scope_tags: &[String],
         kept: &[&str],
         journal: Option<Journal<'_>>,
     ) -> Result<Vec<String>> {
@@ -982,9 +983,12 @@ impl Catalog {
                 if !exists.exists([id])? {
                     continue;
                 }
-                if !spare_tags.is_empty() {
+                if !spare_tags.is_empty() || !scope_tags.is_empty() {
                     let tags: Vec<String> = tags_of.query_map([id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-                    if spare_tags.iter().any(|keep| crate::retention::carries(&tags, keep)) {
+                    // Tagged to keep since the plan was made, or taken out of the tags the policy covers.
+                    if spare_tags.iter().any(|keep| crate::retention::carries(&tags, keep))
+                        || !scope_tags.iter().all(|t| tags.contains(t))
+                    {
                         continue;
                     }
                 }
@@ -1009,14 +1013,13 @@ impl Catalog {
     ) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         // Forgotten meanwhile: nothing to tag.
-        if !retag_rows(&tx, id, add, remove)? {
+        let Some((added, removed)) = retag_rows(&tx, id, add, remove)? else {
             return Err(Error::CheckpointNotFound(id.to_string()));
-        }
-        if let Some(journal) = journal {
-            journal(
-                &tx,
-                &Batch { retags: vec![(id.to_string(), add.to_vec(), remove.to_vec())], ..Default::default() },
-            )?;
+        };
+        // A change that changes nothing writes no record: one that said protocol 3 for nothing would stop
+        // every older build sharing the bucket.
+        if let Some(journal) = journal.filter(|_| !(added.is_empty() && removed.is_empty())) {
+            journal(&tx, &Batch { retags: vec![(id.to_string(), added, removed)], ..Default::default() })?;
         }
         tx.commit()?;
         Ok(())
@@ -1232,19 +1235,34 @@ pub(crate) fn in_snapshot<T>(conn: &Connection, f: impl FnOnce() -> Result<T>) -
     }
 }
 
-/// Removes tags `remove` from checkpoint `id` and adds `add`; returns false, changing nothing, if there is no
-/// such checkpoint.
-fn retag_rows(tx: &rusqlite::Transaction<'_>, id: &str, add: &[String], remove: &[String]) -> Result<bool> {
+/// Tags added to a checkpoint, and tags removed from it.
+type TagChange = (Vec<String>, Vec<String>);
+
+/// Removes tags `remove` from checkpoint `id` and adds `add`; returns those it added that the checkpoint lacked
+/// and those it removed that it had, or `None`, changing nothing, if there is no such checkpoint.
+fn retag_rows(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    add: &[String],
+    remove: &[String],
+) -> Result<Option<TagChange>> {
     if tx.query_row("SELECT 1 FROM checkpoints WHERE id = ?1", [id], |_| Ok(())).optional()?.is_none() {
-        return Ok(false);
+        return Ok(None);
     }
+    let mut removed = Vec::new();
     for tag in remove {
-        tx.execute("DELETE FROM checkpoint_tags WHERE checkpoint = ?1 AND tag = ?2", params![id, tag])?;
+        if tx.execute("DELETE FROM checkpoint_tags WHERE checkpoint = ?1 AND tag = ?2", params![id, tag])? > 0 {
+            removed.push(tag.clone());
+        }
     }
+    let mut added = Vec::new();
     for tag in add {
-        tx.execute("INSERT OR IGNORE INTO checkpoint_tags (checkpoint, tag) VALUES (?1, ?2)", params![id, tag])?;
+        let insert = "INSERT OR IGNORE INTO checkpoint_tags (checkpoint, tag) VALUES (?1, ?2)";
+        if tx.execute(insert, params![id, tag])? > 0 {
+            added.push(tag.clone());
+        }
     }
-    Ok(true)
+    Ok(Some((added, removed)))
 }
 
 /// Deletes a checkpoint's rows: the checkpoint, its tags, its skipped-file records.

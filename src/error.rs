@@ -87,6 +87,10 @@ pub enum Error {
     /// The checkpoint was forgotten (and its data collected) while it was being read.
     #[error("checkpoint {0} was forgotten while it was being read")]
     Forgotten(String),
+    /// The checkpoint to tag was forgotten by another process (another machine, in a bucket) between naming
+    /// it and tagging it; nothing was tagged.
+    #[error("checkpoint {0} was forgotten by another process before it could be tagged; nothing was tagged")]
+    ForgottenBeforeTagged(String),
     /// Several checkpoints match the given id prefix.
     #[error("checkpoint prefix '{prefix}' is ambiguous: it matches {}", candidates.join(", "))]
     AmbiguousId {

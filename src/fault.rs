@@ -58,12 +58,18 @@ fn armed() -> Option<&'static Armed> {
             let (name, at) = spec.split_once(':').unwrap_or((&spec, "1"));
             let (at, stop) = match at.split_once(':') {
                 Some((at, "stop")) => (at, true),
-                Some(_) => return None,
                 None => (at, false),
+                Some(_) => malformed(&spec),
             };
-            Some(Armed { name: name.to_string(), at: at.parse().ok()?, stop, hits: AtomicU64::new(0) })
+            let at = at.parse().unwrap_or_else(|_| malformed(&spec));
+            Some(Armed { name: name.to_string(), at, stop, hits: AtomicU64::new(0) })
         })
         .as_ref()
+}
+
+/// A test that sets a fault it did not spell right must fail, not run without it.
+fn malformed(spec: &str) -> ! {
+    panic!("SNAPSTORE_FAULT={spec:?}: expected NAME, NAME:N or NAME:N:stop")
 }
 
 /// Marks reaching fault point `name` (one of [`POINTS`]).

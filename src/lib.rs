@@ -774,11 +774,21 @@ impl Repository {
             checkpoint::validate_tag(t)?;
         }
         let mut catalog = self.catalog()?;
-        let c = catalog.resolve(id)?;
+        // Resolved now to fail at once on a typo, and again once synced under the lock: `latest` is then the
+        // newest of every machine's, and a checkpoint forgotten meanwhile is told from one never there.
+        let named = catalog.resolve(id)?;
         if let Some(both) = remove.iter().find(|t| add.contains(t)) {
             return Err(Error::InvalidInput(format!("tag {both:?} is both added and removed: give it once")));
         }
-        self.forgetting(&mut catalog, |catalog, journal| catalog.retag(&c.id, add, remove, journal))?;
+        let forgotten = |e| match e {
+            Error::CheckpointNotFound(_) => Error::ForgottenBeforeTagged(named.short_id().to_string()),
+            e => e,
+        };
+        let c = self.forgetting(&mut catalog, |catalog, journal| {
+            let c = catalog.resolve(id).map_err(forgotten)?;
+            catalog.retag(&c.id, add, remove, journal).map_err(forgotten)?;
+            Ok(c)
+        })?;
         catalog.resolve(&c.id)
     }
 
@@ -806,16 +816,17 @@ impl Repository {
                 return Err(Error::PartOfGroup { id: c.short_id().to_string(), group, part });
             }
         }
-        self.delete(&mut catalog, found, &[], &[])
+        self.delete(&mut catalog, found, &[], &[], &[])
     }
 
-    /// Deletes `found`, but not those that carry one of `spare_tags` by then, and nothing if one of `kept`
-    /// is gone by then ([`Error::RetentionRaced`]). Returns those deleted.
+    /// Deletes `found`, but not those that carry one of `spare_tags` by then or lack one of `scope_tags` by
+    /// then, and nothing if one of `kept` is gone by then ([`Error::RetentionRaced`]). Returns those deleted.
     fn delete(
         &self,
         catalog: &mut Catalog,
         found: Vec<Checkpoint>,
         spare_tags: &[String],
+        scope_tags: &[String],
         kept: &[&str],
     ) -> Result<Vec<Checkpoint>> {
         fault::point("forget-chosen");
@@ -825,8 +836,9 @@ impl Repository {
             return Ok(found);
         }
         let ids: Vec<&str> = found.iter().map(|c| c.id.as_str()).collect();
-        let deleted =
-            self.forgetting(catalog, |catalog, journal| catalog.delete_checkpoints(&ids, spare_tags, kept, journal))?;
+        let deleted = self.forgetting(catalog, |catalog, journal| {
+            catalog.delete_checkpoints(&ids, spare_tags, scope_tags, kept, journal)
+        })?;
         fault::point("forget-done");
         Ok(found.into_iter().filter(|c| deleted.contains(&c.id)).collect())
     }
@@ -859,7 +871,9 @@ impl Repository {
             .filter(|c| scope.tags.iter().all(|t| c.tags.contains(t)))
             .filter(|c| scope.paths.is_empty() || scope.paths.contains(&c.path))
             .collect();
-        Ok(retention::plan(&chosen, policy, !scope.across_paths))
+        let mut plan = retention::plan(&chosen, policy, !scope.across_paths);
+        plan.scope_tags = scope.tags.clone();
+        Ok(plan)
     }
 
     /// Checkpoints `path` automatically until `stop` is set: a commit every [`WatchOptions::every`] when
@@ -947,7 +961,7 @@ impl Repository {
             }
         }
         let kept: Vec<&str> = plan.keep.iter().map(|d| d.id.as_str()).collect();
-        self.delete(&mut catalog, found, &plan.keep_tags, &kept)
+        self.delete(&mut catalog, found, &plan.keep_tags, &plan.scope_tags, &kept)
     }
 
     /// Reclaims space: drops chunks and metadata no checkpoint uses, deletes packs with no live chunk and

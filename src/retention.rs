@@ -157,6 +157,10 @@ pub struct Plan {
     /// after the plan was made is not forgotten.
     #[serde(skip)]
     pub(crate) keep_tags: Vec<String>,
+    /// The tags the plan was limited to ([`crate::RetentionScope::tags`]): applying it checks them again,
+    /// so that a checkpoint whose tag was removed since (taken out of the rotation) is not forgotten.
+    #[serde(skip)]
+    pub(crate) scope_tags: Vec<String>,
     /// Whether it was planned per (host, path): applying it refuses to empty one of those
     /// ([`Plan::emptied_groups`]).
     #[serde(skip)]

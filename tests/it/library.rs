@@ -1754,6 +1754,30 @@ fn retention_applies_the_tags_of_the_moment_not_those_of_the_plan() {
     assert_eq!(left, want);
 }
 
+/// A retention plan limited to a tag (`forget --tag nightly`) and a checkpoint taken out of that rotation
+/// (its tag removed) before the plan is applied: it is no longer the plan's to forget.
+#[test]
+fn retention_limited_to_a_tag_spares_a_checkpoint_that_lost_the_tag_meanwhile() {
+    let t = tmp();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let nightly = snapstore::CommitOptions { tags: vec!["nightly".into()], ..Default::default() };
+    let ids: Vec<String> = (0..3u64)
+        .map(|i| repo.commit_reader("state", &mut &pseudo_random(5_000, i)[..], &nightly).unwrap().id)
+        .collect();
+    let policy = snapstore::Policy { keep_last: Some(1), ..Default::default() };
+    let scope = snapstore::RetentionScope { tags: vec!["nightly".into()], ..Default::default() };
+    let plan = repo.plan_retention(&policy, &scope).unwrap();
+    assert_eq!(plan.forget.len(), 2);
+    repo.tag(&ids[0], &[], &["nightly".to_string()]).unwrap();
+    let forgotten: Vec<String> = repo.apply_retention(&plan).unwrap().into_iter().map(|c| c.id).collect();
+    assert_eq!(forgotten, vec![ids[1].clone()]);
+    let mut left: Vec<String> = repo.checkpoints().unwrap().into_iter().map(|c| c.id).collect();
+    left.sort();
+    let mut want = vec![ids[0].clone(), ids[2].clone()];
+    want.sort();
+    assert_eq!(left, want);
+}
+
 /// Two checkpoints of one path with the same time (a clock stepped back, or a coarse one): `latest`, the next
 /// commit's parent, `log` and `--keep-last 1` must all take the same one as the newest, the smaller id, or
 /// retention would forget the checkpoint that `latest` names. The pair is chosen with the earlier commit's id

@@ -473,6 +473,7 @@ fn exit_code(e: &Error) -> u8 {
         | Error::CheckpointNotFound(_)
         | Error::GroupNotFound(_)
         | Error::Forgotten(_)
+        | Error::ForgottenBeforeTagged(_)
         | Error::GroupIncomplete { .. }
         | Error::PathNotFound { .. }
         | Error::SourceNotFound(_) => EXIT_NOT_FOUND,
@@ -593,6 +594,7 @@ fn hint(e: &Error) -> Option<&'static str> {
             "a forget (or a retention run) removed it during the checkout, which is incomplete; `snapstore log` lists \
              the checkpoints left"
         }
+        Error::ForgottenBeforeTagged(_) => "`snapstore log` lists the checkpoints left",
         Error::AmbiguousId { .. } => "give more digits of the id",
         Error::DestinationNotEmpty(_) => {
             "choose a path that does not exist yet (or an empty directory), or pass --in-place to update what is \
