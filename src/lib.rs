@@ -760,7 +760,8 @@ impl Repository {
     /// and returns it as it is then. A tag keeps a checkpoint from any retention policy with `keep_tags`
     /// naming it, so this is how a checkpoint committed without one is protected later. In a bucket the
     /// change takes turns with forgets ([`Repository::forget`]): a retention run on another machine either
-    /// ran before it (and a checkpoint it forgot cannot be tagged: [`Error::CheckpointNotFound`]) or sees it.
+    /// ran before it (and a checkpoint it forgot cannot be tagged: [`Error::ForgottenBeforeTagged`]) or sees
+    /// it. `id` is resolved again after that sync, so `latest` is the newest of every machine's.
     ///
     /// ```
     /// # let dir = tempfile::tempdir().unwrap();
