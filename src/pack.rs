@@ -37,7 +37,7 @@ pub const FLAG_GROUPED: u8 = 2;
 pub struct PackEntry {
     /// The chunk's id (BLAKE3 of its raw bytes).
     pub id: ObjectId,
-    /// 0, [`FLAG_ZSTD`] or [`FLAG_GROUPED`].
+    /// 0, `FLAG_ZSTD` (1) or `FLAG_GROUPED` (2).
     pub flags: u8,
     /// Length of the chunk itself.
     pub raw_len: u32,

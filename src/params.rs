@@ -24,7 +24,7 @@ pub const CHUNKER_FASTCDC_2020: &str = "fastcdc-v2020/5.0.0";
 pub struct RepoParams {
     /// Repository format version.
     pub format_version: u32,
-    /// Chunker algorithm, see [`CHUNKER_FASTCDC_2020`].
+    /// Chunker algorithm, see `CHUNKER_FASTCDC_2020`.
     pub chunker: String,
     /// Smallest chunk in bytes (except a file's last).
     pub chunk_min: u32,

@@ -193,10 +193,11 @@ impl Plan {
 
     /// The groups that would lose every checkpoint, as (host, path) pairs; empty when the plan is safe.
     ///
-    /// Planned per (host, path) (`group_by_path` given to [`plan`]), these are the (host, path) groups with
-    /// nothing kept. Otherwise all checkpoints form one group: if nothing at all is kept, every (host, path) of
-    /// the forget list is returned. restic refuses such a `forget` ("refusing to delete last snapshot of
-    /// snapshot group"), because it is almost always a mistyped `--keep-tag`: see [`Plan::refuse_emptying`].
+    /// Planned per (host, path) (`RetentionScope::across_paths` false, in [`crate::Repository::plan_retention`]),
+    /// these are the (host, path) groups with nothing kept. Otherwise all checkpoints form one group: if nothing
+    /// at all is kept, every (host, path) of the forget list is returned. restic refuses such a `forget`
+    /// ("refusing to delete last snapshot of snapshot group"), because it is almost always a mistyped
+    /// `--keep-tag`: see [`Plan::refuse_emptying`].
     pub fn emptied_groups(&self) -> Vec<(String, String)> {
         let key = |d: &Decision| (d.host.clone(), d.path.clone());
         let forgotten: BTreeSet<(String, String)> = self.forget.iter().map(key).collect();

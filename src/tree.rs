@@ -109,7 +109,7 @@ pub fn tree_id(entries: &[Entry]) -> ObjectId {
 /// delta from the mtime, inode, size and target (length-prefixed), integers as LEB128 varints (deltas
 /// zigzagged). Directories' times sit close together and most fields are small, so an entry costs about its
 /// name plus its 32-byte target plus a dozen bytes, where a row per entry cost three times that. The id is
-/// not over this encoding but over [`tree_id`]'s fixed-width one, so the storage form can change without
+/// not over this encoding but over `tree_id`'s fixed-width one, so the storage form can change without
 /// renaming any tree.
 pub fn encode_tree(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(entries.iter().map(|e| e.name.len() + e.target.len() + 24).sum());
