@@ -3,9 +3,10 @@
 //!
 //! `SNAPSTORE_FAULT=NAME:N` ends the process with SIGKILL the N-th time (from 1) it reaches point `NAME`, as a
 //! crash there would: no destructor runs, nothing is flushed. `NAME:N:stop` stops it there with SIGSTOP
-//! instead, so that a race test can run another process at exactly that step and then continue it. The points are listed in [`POINTS`] and in
-//! docs/reliability.md. The hook is an environment variable rather than a cargo feature because the crash
-//! tests drive the release binary that users run; unset, a point costs one atomic load.
+//! instead, so that a race test can run another process at exactly that step and then continue it. The
+//! points are listed in [`POINTS`] and in docs/reliability.md. The hook is an environment variable rather
+//! than a cargo feature because the crash tests drive the release binary that users run; unset, a point
+//! costs one atomic load.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -37,8 +37,9 @@ const T_PROTOCOL: u8 = 12;
 /// count and the tags.
 const T_RETAG: u8 = 13;
 /// The newest protocol [`T_PROTOCOL`] names, the one this build reads. Protocol 3 added [`T_RETAG`]; a record
-/// without that item still says 2 ([`PROTOCOL_BASE`]), so builds of protocol 2 read all but tag changes, and
-/// ask to be upgraded at the first of those.
+/// without that item still says 2 ([`PROTOCOL_BASE`]), so builds of protocol 2 go on working beside this one
+/// until the first record that changes tags, where they stop (every command, since no later record can be
+/// applied before it) and ask to be upgraded.
 const PROTOCOL: u8 = 3;
 const PROTOCOL_BASE: u8 = 2;
 
@@ -380,7 +381,7 @@ mod tests {
             zstd::Decoder::new(&encode(b).unwrap()[MAGIC.len()..]).unwrap().read_to_end(&mut raw).unwrap();
             raw
         };
-        // Only a record that changes tags needs protocol 3: builds of protocol 2 read the others.
+        // Only a record that changes tags says protocol 3: builds of protocol 2 still read the others.
         assert_eq!(items(&sample())[..2], [T_PROTOCOL, PROTOCOL]);
         let mut raw = items(&Batch::default());
         assert_eq!(raw[..2], [T_PROTOCOL, PROTOCOL_BASE]);
