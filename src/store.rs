@@ -173,8 +173,8 @@ impl ChunkReader {
         if refs.is_empty() {
             return Ok(());
         }
-        // All lookups in one read transaction: one per chunk cost a checkout of small files a tenth of its
-        // CPU.
+        // All lookups in one read transaction: one per chunk had SQLite set up every read anew, an `fstat` of
+        // the catalog each (5,100 for a checkout of 5,100 small files).
         let lookup = || {
             let mut locs = Vec::with_capacity(refs.len());
             for (k, r) in refs.iter().enumerate() {
