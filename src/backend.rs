@@ -21,6 +21,28 @@ pub use s3::{
 #[cfg(not(feature = "s3"))]
 pub use s3_off::{Bucket, ObjectMeta, S3Backend};
 
+/// A small object of a bucket as [`Bucket::get_versioned`] read it.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    /// The object's bytes.
+    pub body: Vec<u8>,
+    /// When it was last written, by the server's clock, in nanoseconds since the Unix epoch.
+    pub modified_ns: i64,
+    /// The server's name for this version of the object, which [`Bucket::replace`] is conditional on.
+    pub e_tag: Option<String>,
+}
+
+/// What a [`Bucket::replace`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replaced {
+    /// Written over the version given.
+    Done,
+    /// Not written: another writer replaced or deleted that version first.
+    Changed,
+    /// Not written: the server does not do conditional writes, or named the version with no ETag.
+    Unsupported,
+}
+
 /// A store of named, immutable objects (pack files).
 pub trait Backend: Send + Sync {
     /// Starts writing a new object; its name is given only when it is published.

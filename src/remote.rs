@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::Bucket;
+use crate::backend::{Bucket, Replaced};
 use crate::catalog::{Batch, Catalog, host_name, now_ns, process_identity, remote_seq};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
@@ -80,6 +80,25 @@ impl Holder {
     fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("plain struct")
     }
+
+    /// The error for a GC (or its sweep) that this holder's lock shows running.
+    fn gc_running(self) -> Error {
+        Error::GcRunning { pid: self.pid, host: self.host, started: crate::checkpoint::format_utc(self.started_ns) }
+    }
+
+    /// The error for a forget that this holder's `locks/forget` shows running.
+    fn forget_running(self) -> Error {
+        Error::ForgetRunning { pid: self.pid, host: self.host, started: crate::checkpoint::format_utc(self.started_ns) }
+    }
+}
+
+/// A session's or lock's object as read: whose, since when, and which version.
+struct Held {
+    holder: Holder,
+    /// When the object was last written, by the server's clock.
+    modified_ns: i64,
+    /// The version read, for a write that must not overwrite anyone else's since.
+    e_tag: Option<String>,
 }
 
 /// The sequence number of a record named `SEQ-HASH` (both in hex); `None` for any other name.
@@ -235,7 +254,7 @@ impl Remote {
             })?),
         };
         let started = Instant::now();
-        while let Some((lock, modified_ns)) = self.holder(SWEEP_LOCK)? {
+        while let Some(Held { holder: lock, modified_ns, .. }) = self.holder(SWEEP_LOCK)? {
             // A GC killed while it held the lock would otherwise stop every commit and restore; its lock
             // stops being refreshed, and the first to see that removes it (the GC, if only stalled, finds
             // its lock gone before it deletes anything more).
@@ -245,11 +264,7 @@ impl Remote {
             }
             if started.elapsed() > wait {
                 drop(session);
-                return Err(Error::GcRunning {
-                    pid: lock.pid,
-                    host: lock.host,
-                    started: crate::checkpoint::format_utc(lock.started_ns),
-                });
+                return Err(lock.gc_running());
             }
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -271,7 +286,7 @@ impl Remote {
         let mut alive = Vec::new();
         let mut expired = 0;
         for o in self.bucket.list(SESSIONS).map_err(|e| self.err(SESSIONS, e))? {
-            let Some((h, modified_ns)) = self.holder(&o.name)? else { continue };
+            let Some(Held { holder: h, modified_ns, .. }) = self.holder(&o.name)? else { continue };
             if self.dead(&h, modified_ns, stale_after)? {
                 self.bucket.delete(&o.name).map_err(|e| self.err(&o.name, e))?;
                 expired += 1;
@@ -303,36 +318,26 @@ impl Remote {
         meta.map(|m| m.modified_ns).ok_or_else(|| Error::Internal(format!("{probe} vanished")))
     }
 
-    /// A session's or lock's holder and the object's modification time (server clock).
-    fn holder(&self, name: &str) -> Result<Option<(Holder, i64)>> {
-        let Some(meta) = self.bucket.head(name).map_err(|e| self.err(name, e))? else { return Ok(None) };
-        match self.bucket.get(name) {
-            Ok(body) => Ok(Some((
-                serde_json::from_slice(&body).unwrap_or_else(|_| Holder {
-                    // Unreadable: judged by its age alone, as from another host.
-                    host: "?".into(),
-                    pid: 0,
-                    process: String::new(),
-                    pidns: String::new(),
-                    token: String::new(),
-                    started_ns: 0,
-                    heartbeat_ns: 0,
-                }),
-                meta.modified_ns,
-            ))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.err(name, e)),
-        }
+    /// A session's or lock's holder as the bucket has it now.
+    fn holder(&self, name: &str) -> Result<Option<Held>> {
+        let Some(read) = self.bucket.get_versioned(name).map_err(|e| self.err(name, e))? else { return Ok(None) };
+        let holder = serde_json::from_slice(&read.body).unwrap_or_else(|_| Holder {
+            // Unreadable: judged by its age alone, as from another host.
+            host: "?".into(),
+            pid: 0,
+            process: String::new(),
+            pidns: String::new(),
+            token: String::new(),
+            started_ns: 0,
+            heartbeat_ns: 0,
+        });
+        Ok(Some(Held { holder, modified_ns: read.modified_ns, e_tag: read.e_tag }))
     }
 
     /// Takes GC's lock `name` with a conditional create, taking over one whose holder is dead; fails with
     /// [`Error::GcRunning`] if another process holds it.
     pub fn lock(&self, name: &str) -> Result<Lock> {
-        self.try_lock(name)?.map_err(|h| Error::GcRunning {
-            pid: h.pid,
-            host: h.host,
-            started: crate::checkpoint::format_utc(h.started_ns),
-        })
+        self.try_lock(name)?.map_err(Holder::gc_running)
     }
 
     /// Takes the lock that forgets hold from their sync to their record ([`FORGET_LOCK`]), waiting up to
@@ -343,11 +348,7 @@ impl Remote {
             match self.try_lock(FORGET_LOCK)? {
                 Ok(lock) => return Ok(lock),
                 Err(h) if started.elapsed() > FORGET_WAIT => {
-                    return Err(Error::ForgetRunning {
-                        pid: h.pid,
-                        host: h.host,
-                        started: crate::checkpoint::format_utc(h.started_ns),
-                    });
+                    return Err(h.forget_running());
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(250)),
             }
@@ -356,38 +357,53 @@ impl Remote {
 
     /// Takes lock `name` with a conditional create, taking over one whose holder is dead; `Err` names the
     /// live holder.
+    ///
+    /// A dead holder's lock is replaced only while it is the version judged dead (`If-Match`), so of two
+    /// takers who judged it so, one wins and the other finds the winner's lock alive. Where the server has no
+    /// conditional writes, the dead lock is deleted and created afresh, and the later of two such takers wins:
+    /// the earlier finds another token at its check and backs off, or at its lock's next check.
     fn try_lock(&self, name: &str) -> Result<std::result::Result<Lock, Holder>> {
         let me = Holder::me();
-        for _ in 0..2 {
+        for _ in 0..3 {
             let created = self.bucket.create(name, me.encode()).map_err(|e| self.err(name, e))?;
-            let found = self.holder(name)?;
-            // A create retried after a lost response reports the object as existing: it may be ours.
-            if created || found.as_ref().is_some_and(|(h, _)| h.token == me.token) {
-                // Two takers of one dead lock can both delete and create; the later create wins, and the
-                // earlier taker finds another token here after a pause and backs off.
-                std::thread::sleep(Duration::from_millis(if created { 0 } else { 1000 }));
-                if matches!(self.holder(name)?, Some((h, _)) if h.token == me.token) {
+            let (taken, pause) = match self.holder(name)? {
+                _ if created => (true, 0),
+                // A create retried after a lost response reports the object as existing: it may be ours.
+                Some(f) if f.holder.token == me.token => (true, 1000),
+                Some(f) if !self.dead(&f.holder, f.modified_ns, LOCK_STALE)? => return Ok(Err(f.holder)),
+                Some(dead) => (self.take_over(name, &me, &dead)?, 0),
+                None => (false, 0),
+            };
+            if taken {
+                std::thread::sleep(Duration::from_millis(pause));
+                if self.holder(name)?.is_some_and(|f| f.holder.token == me.token) {
                     let beat = Some(Heartbeat::start(self.bucket.clone(), name.to_string(), me.clone()));
                     let remote = Remote { bucket: self.bucket.clone() };
                     return Ok(Ok(Lock { name: name.to_string(), token: me.token, beat, remote }));
                 }
-                continue;
-            }
-            match found {
-                Some((h, modified_ns)) if !self.dead(&h, modified_ns, LOCK_STALE)? => return Ok(Err(h)),
-                Some(_) => self.bucket.delete(name).map_err(|e| self.err(name, e))?,
-                None => {}
             }
         }
-        // Taken by another process between our delete and our create, twice over.
+        // Taken by another process between our reads and our writes, every time.
         Ok(Err(Holder { host: "another machine".into(), pid: 0, started_ns: now_ns(), ..Holder::me() }))
+    }
+
+    /// Replaces lock `name`, read as `dead`, with `me`'s; `false` if another taker was first.
+    fn take_over(&self, name: &str, me: &Holder, dead: &Held) -> Result<bool> {
+        match self.bucket.replace(name, me.encode(), dead.e_tag.as_deref()).map_err(|e| self.err(name, e))? {
+            Replaced::Done => Ok(true),
+            Replaced::Changed => Ok(false),
+            Replaced::Unsupported => {
+                self.bucket.delete(name).map_err(|e| self.err(name, e))?;
+                self.bucket.create(name, me.encode()).map_err(|e| self.err(name, e))
+            }
+        }
     }
 
     /// Fails unless `lock` is still ours: a holder that stopped refreshing it for [`LOCK_STALE`] may have been
     /// taken over.
     pub fn check_lock(&self, lock: &Lock) -> Result<()> {
         match self.holder(&lock.name)? {
-            Some((h, _)) if h.token == lock.token && !lock.beat.as_ref().is_some_and(|b| b.lost()) => Ok(()),
+            Some(f) if f.holder.token == lock.token && !lock.beat.as_ref().is_some_and(|b| b.lost()) => Ok(()),
             _ => Err(Error::LockLost(lock.name.clone())),
         }
     }
@@ -413,31 +429,19 @@ impl Heartbeat {
         let thread = std::thread::spawn(move || {
             let (flag, cv) = &*s;
             let mut stopped = flag.lock().unwrap_or_else(|e| e.into_inner());
+            let mut conditional = true;
             loop {
-                stopped = cv.wait_timeout(stopped, interval).unwrap_or_else(|e| e.into_inner()).0;
-                if *stopped {
+                // The flag is read before waiting as well: a holder dropped before this thread first waited
+                // would otherwise have its drop wait out a whole interval.
+                let waited = cv.wait_timeout_while(stopped, interval, |stop| !*stop);
+                let timeout;
+                (stopped, timeout) = waited.unwrap_or_else(|e| e.into_inner());
+                if !timeout.timed_out() {
                     return;
                 }
-                // Gone (GC took the holder for dead), or a lock taken over by another holder after this
-                // process stalled: putting ours back would hide that, and take the lock from its new holder,
-                // whose check would then fail while ours passed. (Another holder taking it between this read
-                // and the write is not seen: that needs a takeover within those milliseconds.)
-                let ours = |body: &[u8]| serde_json::from_slice::<Holder>(body).is_ok_and(|h| h.token == holder.token);
-                match bucket.get(&name) {
-                    Ok(body) if ours(&body) => {
-                        holder.heartbeat_ns = now_ns();
-                        let _ = bucket.put(&name, holder.encode());
-                    }
-                    Ok(_) => {
-                        l.store(true, std::sync::atomic::Ordering::SeqCst);
-                        return;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        l.store(true, std::sync::atomic::Ordering::SeqCst);
-                        return;
-                    }
-                    // A transient failure: the next beat tries again, well within the staleness limit.
-                    Err(_) => {}
+                if !refresh(&bucket, &name, &mut holder, &mut conditional, || {}) {
+                    l.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return;
                 }
             }
         });
@@ -447,6 +451,34 @@ impl Heartbeat {
     fn lost(&self) -> bool {
         self.lost.load(std::sync::atomic::Ordering::SeqCst)
     }
+}
+
+/// One heartbeat of `holder`'s object `name`; `false` once the object is no longer `holder`'s. `between` runs
+/// after the read and before the write (a test's takeover there).
+///
+/// Gone (GC took the holder for dead), or a lock taken over by another holder after this process stalled:
+/// putting ours back would hide that, and take the lock from its new holder, whose check would then fail
+/// while ours passed. The write is conditional on the version read still being there, so a takeover between
+/// the read and the write is seen too; on a server without conditional writes (`conditional` is then cleared
+/// for the next beats) it is a plain write, and that window of milliseconds stays open.
+fn refresh(bucket: &Bucket, name: &str, holder: &mut Holder, conditional: &mut bool, between: impl FnOnce()) -> bool {
+    let ours = |body: &[u8]| serde_json::from_slice::<Holder>(body).is_ok_and(|h| h.token == holder.token);
+    let read = match bucket.get_versioned(name) {
+        Ok(Some(read)) if ours(&read.body) => read,
+        Ok(_) => return false,
+        // A transient failure: the next beat tries again, well within the staleness limit.
+        Err(_) => return true,
+    };
+    between();
+    holder.heartbeat_ns = now_ns();
+    let written = match bucket.replace(name, holder.encode(), read.e_tag.as_deref().filter(|_| *conditional)) {
+        Ok(Replaced::Unsupported) => {
+            *conditional = false;
+            bucket.put(name, holder.encode()).map(|()| Replaced::Done)
+        }
+        r => r,
+    };
+    !matches!(written, Ok(Replaced::Changed))
 }
 
 impl Drop for Heartbeat {
@@ -472,7 +504,7 @@ impl Drop for Lock {
     /// [`LOCK_STALE`].
     fn drop(&mut self) {
         drop(self.beat.take());
-        if matches!(self.remote.holder(&self.name), Ok(Some((h, _))) if h.token == self.token) {
+        if matches!(self.remote.holder(&self.name), Ok(Some(f)) if f.holder.token == self.token) {
             let _ = self.remote.bucket.delete(&self.name);
         }
     }
@@ -565,5 +597,77 @@ mod tests {
         std::thread::sleep(Duration::from_millis(300));
         assert!(beat.lost());
         assert!(bucket.head("sessions/x").unwrap().is_none());
+    }
+
+    /// A takeover that lands between a heartbeat's read and its write: the write is refused, the heartbeat
+    /// reports the lock lost, and the new holder keeps it.
+    #[test]
+    fn a_heartbeat_sees_a_takeover_between_its_read_and_its_write() {
+        let Some(bucket) = test_bucket() else { return };
+        let (mut old, new) = (Holder::me(), Holder::me());
+        bucket.put("locks/gc", old.encode()).unwrap();
+        let mut conditional = true;
+        assert!(refresh(&bucket, "locks/gc", &mut old, &mut conditional, || {}));
+        assert_eq!(token_at(&bucket, "locks/gc"), old.token);
+        let took_over = || bucket.put("locks/gc", new.encode()).unwrap();
+        assert!(!refresh(&bucket, "locks/gc", &mut old, &mut conditional, took_over));
+        assert_eq!(token_at(&bucket, "locks/gc"), new.token, "the new holder keeps the lock");
+        assert!(conditional, "the server does conditional writes: no fallback");
+        // Deleted between the read and the write (a session GC expired): lost, and not put back.
+        bucket.put("sessions/y", old.encode()).unwrap();
+        assert!(!refresh(&bucket, "sessions/y", &mut old, &mut conditional, || bucket.delete("sessions/y").unwrap()));
+        assert!(bucket.head("sessions/y").unwrap().is_none());
+    }
+
+    /// Two processes that read the same dead holder and then both take its lock over: the second finds it
+    /// taken, and the first keeps it.
+    #[test]
+    fn a_dead_lock_taken_over_twice_goes_to_the_first_taker_only() {
+        let Some(bucket) = test_bucket() else { return };
+        let remote = Remote { bucket: bucket.clone() };
+        let (first, second) = (Holder::me(), Holder::me());
+        bucket.put(GC_LOCK, dead_holder().encode()).unwrap();
+        let read = remote.holder(GC_LOCK).unwrap().unwrap();
+        assert!(remote.dead(&read.holder, read.modified_ns, LOCK_STALE).unwrap());
+        assert!(remote.take_over(GC_LOCK, &first, &read).unwrap());
+        assert!(!remote.take_over(GC_LOCK, &second, &read).unwrap(), "both takers would hold the lock");
+        assert_eq!(token_at(&bucket, GC_LOCK), first.token);
+    }
+
+    /// Of this boot and pid namespace, but not this process: dead by its process, at once.
+    fn dead_holder() -> Holder {
+        let me = Holder::me();
+        let boot = me.process.split_once('/').map(|(b, _)| b.to_string()).unwrap_or_default();
+        Holder { process: format!("{boot}/1"), ..me }
+    }
+
+    /// Two processes that both find a lock's holder dead and take it over at the same moment: exactly one of
+    /// them gets the lock, every time.
+    #[test]
+    fn two_takers_of_a_dead_lock_never_both_get_it() {
+        let Some(bucket) = test_bucket() else { return };
+        let remote = Remote { bucket: bucket.clone() };
+        let dead = dead_holder();
+        for round in 0..12 {
+            bucket.put(GC_LOCK, dead.encode()).unwrap();
+            let barrier = std::sync::Barrier::new(2);
+            let results: Vec<_> = std::thread::scope(|s| {
+                let takers: Vec<_> = (0..2)
+                    .map(|_| {
+                        s.spawn(|| {
+                            barrier.wait();
+                            let got = remote.try_lock(GC_LOCK).unwrap();
+                            // Both decide before either lock is released.
+                            barrier.wait();
+                            got.map(|lock| lock.token.clone())
+                        })
+                    })
+                    .collect();
+                takers.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+            assert_eq!(winners.len(), 1, "round {round}: {results:?}");
+            assert!(bucket.head(GC_LOCK).unwrap().is_none(), "the winner's lock is released when dropped");
+        }
     }
 }

@@ -26,7 +26,7 @@ use object_store::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{Backend, ObjectWriter, check_name};
+use super::{Backend, ObjectWriter, Replaced, Versioned, check_name};
 
 /// Files from this size on are uploaded in parts of this size: big enough that a GiB costs 171 part requests,
 /// small enough that the parts in flight hold little (three by default, 18 MiB; with four of 8 MiB a commit's
@@ -720,6 +720,49 @@ impl Bucket {
         unreachable!("the last attempt returns")
     }
 
+    /// A small object read whole, with the ETag of the version read; `None` if it does not exist.
+    pub fn get_versioned(&self, name: &str) -> io::Result<Option<Versioned>> {
+        let path = self.path(name)?;
+        self.count(1);
+        let result = self.runtime.block_on(async {
+            let got = self.store.get(&path).await?;
+            let meta = got.meta.clone();
+            Ok::<_, object_store::Error>((got.bytes().await?, meta))
+        });
+        match result {
+            Ok((body, meta)) => Ok(Some(Versioned {
+                body: Vec::from(body),
+                modified_ns: meta.last_modified.timestamp_nanos_opt().unwrap_or(0),
+                e_tag: meta.e_tag,
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error(name, e)),
+        }
+    }
+
+    /// Writes `data` over an object only while it is still the version `e_tag` names (`If-Match`), so that
+    /// of two writers who read the same version, one replaces it and the other learns it changed.
+    ///
+    /// [`Replaced::Unsupported`] (nothing written) where there is no ETag or the server answers that it does
+    /// not implement conditional writes; a server that ignores `If-Match` instead writes unconditionally.
+    pub fn replace(&self, name: &str, data: Vec<u8>, e_tag: Option<&str>) -> io::Result<Replaced> {
+        let Some(e_tag) = e_tag else { return Ok(Replaced::Unsupported) };
+        let path = self.path(name)?;
+        self.count(1);
+        let version = object_store::UpdateVersion { e_tag: Some(e_tag.to_string()), version: None };
+        let mode = PutMode::Update(version).into();
+        match self.runtime.block_on(self.store.put_opts(&path, PutPayload::from(data), mode)) {
+            Ok(_) => Ok(Replaced::Done),
+            // 412, or (object_store's reading of S3) 404 for an object deleted since, or a 409 that outlived
+            // object_store's retries: another writer's conditional write to it was in flight.
+            Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => {
+                Ok(Replaced::Changed)
+            }
+            Err(e) if not_implemented(&e) => Ok(Replaced::Unsupported),
+            Err(e) => Err(self.error(name, e)),
+        }
+    }
+
     /// An object's metadata; `None` if it does not exist.
     pub fn head(&self, name: &str) -> io::Result<Option<ObjectMeta>> {
         let path = self.path(name)?;
@@ -945,6 +988,17 @@ fn compact_xml(text: &str) -> String {
         _ => return text.to_string(),
     };
     format!("{}{summary}{}", &text[..start], &text[end..])
+}
+
+/// Whether a request failed because the server does not implement it (`501`, S3's `NotImplemented`): servers
+/// that speak S3 without conditional writes answer `If-Match` so. object_store keeps the status in a private
+/// type, so its text is what can be read.
+fn not_implemented(e: &object_store::Error) -> bool {
+    if matches!(e, object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }) {
+        return true;
+    }
+    let text = describe(e);
+    text.contains("status code: 501") || text.contains("NotImplemented")
 }
 
 fn connect_failed(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -1348,6 +1402,38 @@ mod tests {
         super::super::tests::exercise(&backend);
         assert_eq!(fs::read_dir(spool.path().join("spool")).unwrap().count(), 0, "spool files left behind");
         assert_eq!(backend.size("packs/00/missing.pack").unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
+
+    /// Of two writers that read one version, the second to write over it is refused and changes nothing.
+    #[test]
+    fn replacing_is_conditional_on_the_version_read() {
+        let Some(b) = test_bucket() else { return };
+        assert!(b.get_versioned("locks/x").unwrap().is_none());
+        b.put("locks/x", b"one".to_vec()).unwrap();
+        let read = b.get_versioned("locks/x").unwrap().unwrap();
+        assert_eq!(read.body, b"one");
+        assert!(read.e_tag.is_some() && read.modified_ns > 0);
+        let e_tag = read.e_tag.as_deref();
+        assert_eq!(b.replace("locks/x", b"two".to_vec(), e_tag).unwrap(), Replaced::Done);
+        assert_eq!(b.replace("locks/x", b"three".to_vec(), e_tag).unwrap(), Replaced::Changed);
+        assert_eq!(b.get("locks/x").unwrap(), b"two");
+        assert_eq!(b.replace("locks/x", b"four".to_vec(), None).unwrap(), Replaced::Unsupported);
+        let now = b.get_versioned("locks/x").unwrap().unwrap().e_tag;
+        b.delete("locks/x").unwrap();
+        assert_eq!(b.replace("locks/x", b"five".to_vec(), now.as_deref()).unwrap(), Replaced::Changed);
+        assert!(b.head("locks/x").unwrap().is_none(), "a deleted object is not written back");
+    }
+
+    #[test]
+    fn servers_without_conditional_writes_are_recognised() {
+        let generic = |text: &str| object_store::Error::Generic { store: "S3", source: text.to_string().into() };
+        let refused = "Server returned non-2xx status code: 501 Not Implemented: <?xml version=\"1.0\"?>\
+                       <Error><Code>NotImplemented</Code><Message>A header you provided implies functionality that \
+                       is not implemented</Message></Error>";
+        assert!(not_implemented(&generic(refused)));
+        assert!(not_implemented(&generic("Server returned non-2xx status code: 501 Not Implemented: ")));
+        assert!(!not_implemented(&generic("Server returned non-2xx status code: 503 Service Unavailable: ")));
+        assert!(!not_implemented(&generic("error sending request")));
     }
 
     #[test]
