@@ -439,7 +439,7 @@ impl Heartbeat {
                 if !timeout.timed_out() {
                     return;
                 }
-                if !refresh(&bucket, &name, &mut holder, &mut conditional, || {}) {
+                if !refresh(&bucket, &name, &mut holder, &mut conditional, |_| {}) {
                     l.store(true, std::sync::atomic::Ordering::SeqCst);
                     return;
                 }
@@ -454,14 +454,20 @@ impl Heartbeat {
 }
 
 /// One heartbeat of `holder`'s object `name`; `false` once the object is no longer `holder`'s. `between` runs
-/// after the read and before the write (a test's takeover there).
+/// after the read and before the write, given what is to be written (for tests).
 ///
 /// Gone (GC took the holder for dead), or a lock taken over by another holder after this process stalled:
 /// putting ours back would hide that, and take the lock from its new holder, whose check would then fail
 /// while ours passed. The write is conditional on the version read still being there, so a takeover between
 /// the read and the write is seen too; on a server without conditional writes (`conditional` is then cleared
 /// for the next beats) it is a plain write, and that window of milliseconds stays open.
-fn refresh(bucket: &Bucket, name: &str, holder: &mut Holder, conditional: &mut bool, between: impl FnOnce()) -> bool {
+fn refresh(
+    bucket: &Bucket,
+    name: &str,
+    holder: &mut Holder,
+    conditional: &mut bool,
+    between: impl FnOnce(&Holder),
+) -> bool {
     let ours = |body: &[u8]| serde_json::from_slice::<Holder>(body).is_ok_and(|h| h.token == holder.token);
     let read = match bucket.get_versioned(name) {
         Ok(Some(read)) if ours(&read.body) => read,
@@ -469,8 +475,8 @@ fn refresh(bucket: &Bucket, name: &str, holder: &mut Holder, conditional: &mut b
         // A transient failure: the next beat tries again, well within the staleness limit.
         Err(_) => return true,
     };
-    between();
     holder.heartbeat_ns = now_ns();
+    between(holder);
     let written = match bucket.replace(name, holder.encode(), read.e_tag.as_deref().filter(|_| *conditional)) {
         Ok(Replaced::Unsupported) => {
             *conditional = false;
@@ -478,7 +484,15 @@ fn refresh(bucket: &Bucket, name: &str, holder: &mut Holder, conditional: &mut b
         }
         r => r,
     };
-    !matches!(written, Ok(Replaced::Changed))
+    match written {
+        // Refused, unless by its own retry: a write that went through but whose answer was lost (an S3 500 is
+        // retried) is refused the second time. Only this beat writes this token with this time.
+        Ok(Replaced::Changed) => bucket.get(name).is_ok_and(|body| {
+            serde_json::from_slice::<Holder>(&body)
+                .is_ok_and(|h| h.token == holder.token && h.heartbeat_ns == holder.heartbeat_ns)
+        }),
+        _ => true,
+    }
 }
 
 impl Drop for Heartbeat {
@@ -607,15 +621,19 @@ mod tests {
         let (mut old, new) = (Holder::me(), Holder::me());
         bucket.put("locks/gc", old.encode()).unwrap();
         let mut conditional = true;
-        assert!(refresh(&bucket, "locks/gc", &mut old, &mut conditional, || {}));
+        assert!(refresh(&bucket, "locks/gc", &mut old, &mut conditional, |_| {}));
         assert_eq!(token_at(&bucket, "locks/gc"), old.token);
-        let took_over = || bucket.put("locks/gc", new.encode()).unwrap();
+        // The beat's own write landed but its answer was lost, and the retry is refused: still held.
+        let landed = |h: &Holder| bucket.put("locks/gc", h.encode()).unwrap();
+        assert!(refresh(&bucket, "locks/gc", &mut old, &mut conditional, landed));
+        let took_over = |_: &Holder| bucket.put("locks/gc", new.encode()).unwrap();
         assert!(!refresh(&bucket, "locks/gc", &mut old, &mut conditional, took_over));
         assert_eq!(token_at(&bucket, "locks/gc"), new.token, "the new holder keeps the lock");
         assert!(conditional, "the server does conditional writes: no fallback");
         // Deleted between the read and the write (a session GC expired): lost, and not put back.
         bucket.put("sessions/y", old.encode()).unwrap();
-        assert!(!refresh(&bucket, "sessions/y", &mut old, &mut conditional, || bucket.delete("sessions/y").unwrap()));
+        let expired = |_: &Holder| bucket.delete("sessions/y").unwrap();
+        assert!(!refresh(&bucket, "sessions/y", &mut old, &mut conditional, expired));
         assert!(bucket.head("sessions/y").unwrap().is_none());
     }
 
