@@ -360,8 +360,7 @@ impl Remote {
     ///
     /// A dead holder's lock is replaced only while it is the version judged dead (`If-Match`), so of two
     /// takers who judged it so, one wins and the other finds the winner's lock alive. Where the server has no
-    /// conditional writes, the dead lock is deleted and created afresh, and the later of two such takers wins:
-    /// the earlier finds another token at its check and backs off, or at its lock's next check.
+    /// conditional writes, see [`Remote::take_over`].
     fn try_lock(&self, name: &str) -> Result<std::result::Result<Lock, Holder>> {
         let me = Holder::me();
         for _ in 0..3 {
@@ -371,7 +370,7 @@ impl Remote {
                 // A create retried after a lost response reports the object as existing: it may be ours.
                 Some(f) if f.holder.token == me.token => (true, 1000),
                 Some(f) if !self.dead(&f.holder, f.modified_ns, LOCK_STALE)? => return Ok(Err(f.holder)),
-                Some(dead) => (self.take_over(name, &me, &dead)?, 0),
+                Some(dead) => self.take_over(name, &me, &dead)?.map_or((false, 0), |pause| (true, pause)),
                 None => (false, 0),
             };
             if taken {
@@ -387,14 +386,21 @@ impl Remote {
         Ok(Err(Holder { host: "another machine".into(), pid: 0, started_ns: now_ns(), ..Holder::me() }))
     }
 
-    /// Replaces lock `name`, read as `dead`, with `me`'s; `false` if another taker was first.
-    fn take_over(&self, name: &str, me: &Holder, dead: &Held) -> Result<bool> {
+    /// Replaces lock `name`, read as `dead`, with `me`'s. `None` if another taker was first; else how long to
+    /// wait (ms) before reading the lock back to confirm it.
+    ///
+    /// Without conditional writes the dead lock is deleted and created afresh, and a second taker that read
+    /// the dead holder too can delete this one's lock and create its own: the pause lets that happen before
+    /// the read-back, so that only the later taker keeps the lock, unless it stalled for longer than the
+    /// pause between its read and its delete.
+    fn take_over(&self, name: &str, me: &Holder, dead: &Held) -> Result<Option<u64>> {
         match self.bucket.replace(name, me.encode(), dead.e_tag.as_deref()).map_err(|e| self.err(name, e))? {
-            Replaced::Done => Ok(true),
-            Replaced::Changed => Ok(false),
+            Replaced::Done => Ok(Some(0)),
+            Replaced::Changed => Ok(None),
             Replaced::Unsupported => {
                 self.bucket.delete(name).map_err(|e| self.err(name, e))?;
-                self.bucket.create(name, me.encode()).map_err(|e| self.err(name, e))
+                let created = self.bucket.create(name, me.encode()).map_err(|e| self.err(name, e))?;
+                Ok(created.then_some(1000))
             }
         }
     }
@@ -484,15 +490,7 @@ fn refresh(
         }
         r => r,
     };
-    match written {
-        // Refused, unless by its own retry: a write that went through but whose answer was lost (an S3 500 is
-        // retried) is refused the second time. Only this beat writes this token with this time.
-        Ok(Replaced::Changed) => bucket.get(name).is_ok_and(|body| {
-            serde_json::from_slice::<Holder>(&body)
-                .is_ok_and(|h| h.token == holder.token && h.heartbeat_ns == holder.heartbeat_ns)
-        }),
-        _ => true,
-    }
+    !matches!(written, Ok(Replaced::Changed))
 }
 
 impl Drop for Heartbeat {
@@ -647,8 +645,8 @@ mod tests {
         bucket.put(GC_LOCK, dead_holder().encode()).unwrap();
         let read = remote.holder(GC_LOCK).unwrap().unwrap();
         assert!(remote.dead(&read.holder, read.modified_ns, LOCK_STALE).unwrap());
-        assert!(remote.take_over(GC_LOCK, &first, &read).unwrap());
-        assert!(!remote.take_over(GC_LOCK, &second, &read).unwrap(), "both takers would hold the lock");
+        assert_eq!(remote.take_over(GC_LOCK, &first, &read).unwrap(), Some(0));
+        assert_eq!(remote.take_over(GC_LOCK, &second, &read).unwrap(), None, "both takers would hold the lock");
         assert_eq!(token_at(&bucket, GC_LOCK), first.token);
     }
 

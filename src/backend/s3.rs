@@ -39,6 +39,8 @@ const GET_SEGMENT: u64 = 64 << 20;
 const LIST_PAGE: u64 = 1000;
 /// Attempts at a conditional create that S3 answers with 409 (another conditional write in flight).
 const CREATE_ATTEMPTS: u32 = 4;
+/// Attempts at a conditional replace that fails for a reason that may pass (`replace` retries it itself).
+const REPLACE_ATTEMPTS: u32 = 4;
 
 /// Splits `s3://BUCKET/PREFIX` into bucket and prefix, trimming slashes around the prefix (which may be empty).
 ///
@@ -388,6 +390,8 @@ pub struct Bucket {
     /// What requests go to, for error messages.
     endpoint: String,
     store: PrefixStore<AmazonS3>,
+    /// The same client without object_store's retries, for [`Bucket::replace`].
+    store_once: PrefixStore<AmazonS3>,
     requests: AtomicU64,
     /// One permit per upload part that may be in memory ([`Settings::upload_parts`]): two packs uploading at
     /// once with four parts each and one filling held 67 MiB (docs/benchmarks.md, *Repositories in S3*).
@@ -429,15 +433,7 @@ impl Bucket {
             e => e.map(String::from),
         };
         let allow_http = endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
-        let retry = RetryConfig {
-            backoff: BackoffConfig {
-                init_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(5),
-                base: 2.0,
-            },
-            max_retries: settings.max_retries,
-            retry_timeout: settings.retry_timeout,
-        };
+        let retry = retry_config(settings);
         // Built from scratch rather than from_env(): everything is decided above, and with_client_options()
         // would drop what from_env() had put in the client options anyway.
         let options = ClientOptions::new()
@@ -477,7 +473,14 @@ impl Bucket {
         // then serves as well. A program linking this library that installs a provider of its own must do so
         // before it opens an S3 repository (docs/architecture.md).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let s3 = builder.build().map_err(|e| io::Error::other(format!("{url}: cannot set up the S3 client: {e}")))?;
+        let set_up = |b: AmazonS3Builder| {
+            b.build().map_err(|e| io::Error::other(format!("{url}: cannot set up the S3 client: {e}")))
+        };
+        // Conditional replaces are retried by `replace` itself: object_store would send a 501 (a server without
+        // conditional writes) six times over two seconds before the fallback could start.
+        let no_retries = RetryConfig { max_retries: 0, ..retry_config(settings) };
+        let s3_once = set_up(builder.clone().with_retry(no_retries))?;
+        let s3 = set_up(builder)?;
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
@@ -491,6 +494,7 @@ impl Bucket {
             url,
             endpoint,
             store: PrefixStore::new(s3, prefix.as_str()),
+            store_once: PrefixStore::new(s3_once, prefix.as_str()),
             requests: AtomicU64::new(0),
             upload_slots: Arc::new(Semaphore::new(upload_parts)),
             upload_parts,
@@ -744,23 +748,40 @@ impl Bucket {
     /// of two writers who read the same version, one replaces it and the other learns it changed.
     ///
     /// [`Replaced::Unsupported`] (nothing written) where there is no ETag or the server answers that it does
-    /// not implement conditional writes; a server that ignores `If-Match` instead writes unconditionally.
+    /// not implement conditional writes; a server that ignores `If-Match` instead writes unconditionally. A
+    /// refused write finds the object holding `data` (its own earlier attempt landed, or another writer wrote
+    /// the same bytes) reports [`Replaced::Done`].
     pub fn replace(&self, name: &str, data: Vec<u8>, e_tag: Option<&str>) -> io::Result<Replaced> {
+        use object_store::Error as E;
         let Some(e_tag) = e_tag else { return Ok(Replaced::Unsupported) };
         let path = self.path(name)?;
-        self.count(1);
-        let version = object_store::UpdateVersion { e_tag: Some(e_tag.to_string()), version: None };
-        let mode = PutMode::Update(version).into();
-        match self.runtime.block_on(self.store.put_opts(&path, PutPayload::from(data), mode)) {
-            Ok(_) => Ok(Replaced::Done),
-            // 412, or (object_store's reading of S3) 404 for an object deleted since, or a 409 that outlived
-            // object_store's retries: another writer's conditional write to it was in flight.
-            Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => {
-                Ok(Replaced::Changed)
+        let data = Bytes::from(data);
+        let payload = PutPayload::from(data.clone());
+        for attempt in 1.. {
+            self.count(1);
+            let version = object_store::UpdateVersion { e_tag: Some(e_tag.to_string()), version: None };
+            let mode = PutMode::Update(version).into();
+            let refused = match self.runtime.block_on(self.store_once.put_opts(&path, payload.clone(), mode)) {
+                Ok(_) => return Ok(Replaced::Done),
+                // 412, or (object_store's reading of S3) 404 for an object deleted since.
+                Err(E::Precondition { .. }) => true,
+                Err(e) if refuses_conditions(&e) => return Ok(Replaced::Unsupported),
+                // A 409 (another conditional write to it in flight), a 5xx or a lost connection: sent again.
+                Err(e) if attempt < REPLACE_ATTEMPTS && transient(&e) => {
+                    std::thread::sleep(Duration::from_millis(100 << attempt));
+                    false
+                }
+                Err(E::AlreadyExists { .. }) => true,
+                Err(e) => return Err(self.error(name, e)),
+            };
+            if refused {
+                // An earlier attempt that landed although its answer was lost (S3 answers 500 now and then)
+                // makes this one refused: the object then holds these very bytes.
+                let landed = matches!(self.get_versioned(name), Ok(Some(now)) if now.body == data.as_ref());
+                return Ok(if landed { Replaced::Done } else { Replaced::Changed });
             }
-            Err(e) if not_implemented(&e) => Ok(Replaced::Unsupported),
-            Err(e) => Err(self.error(name, e)),
         }
+        unreachable!("the last attempt returns")
     }
 
     /// An object's metadata; `None` if it does not exist.
@@ -950,6 +971,18 @@ impl Read for RangeReader<'_> {
     }
 }
 
+fn retry_config(settings: &Settings) -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            base: 2.0,
+        },
+        max_retries: settings.max_retries,
+        retry_timeout: settings.retry_timeout,
+    }
+}
+
 /// `scheme://BUCKET.host/...` from `scheme://host/...`.
 fn bucket_host(endpoint: &str, bucket: &str) -> String {
     match endpoint.split_once("://") {
@@ -990,15 +1023,29 @@ fn compact_xml(text: &str) -> String {
     format!("{}{summary}{}", &text[..start], &text[end..])
 }
 
-/// Whether a request failed because the server does not implement it (`501`, S3's `NotImplemented`): servers
-/// that speak S3 without conditional writes answer `If-Match` so. object_store keeps the status in a private
-/// type, so its text is what can be read.
-fn not_implemented(e: &object_store::Error) -> bool {
-    if matches!(e, object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }) {
-        return true;
-    }
+/// The HTTP status of a failed request, where it had one. object_store keeps it in a private type, so its text
+/// is what can be read.
+fn http_status(e: &object_store::Error) -> Option<u16> {
     let text = describe(e);
-    text.contains("status code: 501") || text.contains("NotImplemented")
+    let at = text.find("status code: ")? + "status code: ".len();
+    text.get(at..at + 3)?.parse().ok()
+}
+
+/// Whether a conditional write was refused for its condition, not its content: servers that speak S3 without
+/// conditional writes answer `If-Match` with 501 (`NotImplemented`) or 400.
+fn refuses_conditions(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. })
+        || matches!(http_status(e), Some(400 | 501))
+        || describe(e).contains("NotImplemented")
+}
+
+/// Whether a failed write may go through if sent again: a conflict, a server error, throttling, or no answer.
+fn transient(e: &object_store::Error) -> bool {
+    match e {
+        object_store::Error::AlreadyExists { .. } => true,
+        object_store::Error::Generic { .. } => http_status(e).is_none_or(|s| s >= 500 || s == 429 || s == 408),
+        _ => false,
+    }
 }
 
 fn connect_failed(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -1430,10 +1477,17 @@ mod tests {
         let refused = "Server returned non-2xx status code: 501 Not Implemented: <?xml version=\"1.0\"?>\
                        <Error><Code>NotImplemented</Code><Message>A header you provided implies functionality that \
                        is not implemented</Message></Error>";
-        assert!(not_implemented(&generic(refused)));
-        assert!(not_implemented(&generic("Server returned non-2xx status code: 501 Not Implemented: ")));
-        assert!(!not_implemented(&generic("Server returned non-2xx status code: 503 Service Unavailable: ")));
-        assert!(!not_implemented(&generic("error sending request")));
+        let status = |code: &str| generic(&format!("Server returned non-2xx status code: {code}: "));
+        assert!(refuses_conditions(&generic(refused)));
+        assert!(refuses_conditions(&status("501 Not Implemented")) && refuses_conditions(&status("400 Bad Request")));
+        assert!(
+            !refuses_conditions(&status("503 Service Unavailable")) && !refuses_conditions(&status("403 Forbidden"))
+        );
+        assert!(!refuses_conditions(&generic("error sending request")));
+        // What `replace` sends again: a conflict, a server error, throttling, no answer; not a refusal.
+        assert!(transient(&status("503 Service Unavailable")) && transient(&status("500 Internal Server Error")));
+        assert!(transient(&status("429 Too Many Requests")) && transient(&generic("error sending request")));
+        assert!(!transient(&status("403 Forbidden")) && !transient(&status("404 Not Found")));
     }
 
     #[test]
