@@ -261,7 +261,11 @@ impl Repository {
         if !md.is_file() {
             return Err(Error::NoRepository(root));
         }
-        check_owner(&root, &md)?;
+        // Nothing is written on a read-only mount, so nothing is left there that the owner could not read:
+        // an archive disk or a snapshot from another machine, whose user ids differ, is read as it is.
+        if !readonly::on_read_only_fs(&catalog_path) {
+            check_owner(&root, &md)?;
+        }
         let catalog = Catalog::open(&catalog_path)?;
         let params = catalog.params()?;
         let read_only = catalog.read_only().cloned();

@@ -1475,6 +1475,18 @@ fn a_repository_on_a_read_only_mount_can_be_read_but_not_changed() {
         "{}",
         text(&o.stderr)
     );
+
+    // An archive disk from another machine, whose files belong to a user id this one does not have: read as it
+    // is on a read-only mount (nothing is written there that its owner could not read), refused elsewhere.
+    let chown = Command::new("chown").args(["-R", "54321:54321", p(&repo)]).status().unwrap();
+    assert!(chown.success());
+    assert_eq!(succeeded(&on_read_only_mount(&repo, &mnt, &["-q", "log"]).unwrap(), "log").lines().count(), 4);
+    let dest = tmp.path().join("restored-3");
+    succeeded(&on_read_only_mount(&repo, &mnt, &["-q", "checkout", &second, p(&dest)]).unwrap(), "checkout");
+    crate::util::assert_same_tree(&src, &dest, true);
+    let o = Command::new(crate::util::bin()).args(["--repo", p(&repo), "log"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("belongs to user id 54321"), "{}", text(&o.stderr));
 }
 
 /// A policy that would forget every checkpoint of a path (a mistyped `--keep-tag`) is refused and forgets
@@ -1515,4 +1527,36 @@ fn a_policy_that_would_empty_a_path_is_shown_by_its_dry_run_and_refused() {
     let err = lib.apply_retention(&plan).unwrap_err();
     assert!(matches!(err, snapstore::Error::PolicyEmptiesPath { others: 1, .. }), "{err}");
     assert_eq!(crate::util::listed(&repo), left);
+}
+
+/// A symlink to a directory is committed as the link it is, with a warning that says how to commit what it
+/// points to; with a trailing slash the directory itself is committed, without one.
+#[test]
+fn a_symlink_to_a_directory_is_committed_as_a_link_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, data, link) = (tmp.path().join("repo"), tmp.path().join("data"), tmp.path().join("run"));
+    fs::create_dir(&data).unwrap();
+    fs::write(data.join("state"), b"weights").unwrap();
+    std::os::unix::fs::symlink(&data, &link).unwrap();
+    let o = run(&repo, &["--json", "commit", p(&link)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let warning = text(&o.stderr);
+    assert!(warning.contains("is a symbolic link to a directory") && warning.contains("run/"), "{warning}");
+    assert_eq!(json(&text(&o.stdout))["files_new"].as_u64(), Some(0), "only the link was recorded");
+    let slash = format!("{}/", p(&link));
+    let o = run(&repo, &["--json", "commit", &slash]);
+    assert!(o.status.success() && o.stderr.is_empty(), "{}", text(&o.stderr));
+    assert_eq!(json(&text(&o.stdout))["files_new"].as_u64(), Some(1), "the directory's file was recorded");
+}
+
+/// `latest` passes over group parts; in a repository of group checkpoints alone, its error says so and where
+/// to look instead.
+#[test]
+fn latest_in_a_repository_of_groups_only_says_where_to_look() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, f) = (tmp.path().join("repo"), tmp.path().join("rank0"));
+    fs::write(&f, b"rank 0 state").unwrap();
+    sx(&repo, &["-q", "commit", p(&f), "--group", "step-100", "--part", "0/2"]);
+    let err = sx_fail(&repo, &["show", "latest"], 4);
+    assert!(err.contains("not part of a group") && err.contains("snapstore groups"), "{err}");
 }

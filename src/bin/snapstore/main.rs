@@ -129,7 +129,8 @@ that checkpoint recorded there (the last whole checkout into DEST, or the last c
 is hashed; --checksum hashes every existing file. Files in DEST that the \
 checkpoint lacks stay unless --delete (never the repository itself; a DEST in the repository, or a checkpoint \
 entry where the repository is, is refused). Permissions, mtimes and symlinks end as in \
-the checkpoint; runs of zeros become holes. If a checkout is interrupted, run it again with --in-place: it \
+the checkpoint; runs of zeros become holes. Owners and hard links are not recorded: files come back owned by \
+the user running the checkout, and names hard-linked together as separate files. If a checkout is interrupted, run it again with --in-place: it \
 finishes the job, writing only what is missing or incomplete.\n\n\
 Examples:\n  snapstore checkout latest ./restored\n  snapstore checkout 3fa2c1 ./vm.img --in-place\n  \
 snapstore checkout 3fa2c1 ./run --in-place --delete\n  snapstore checkout latest ./out --path config --path data/step-100\n\n", exit_help!()))]
@@ -579,6 +580,10 @@ fn hint(e: &Error) -> Option<&'static str> {
             "create one with `snapstore init`, or point --repo or SNAPSTORE_REPO at an existing one"
         }
         Error::RepositoryExists(_) => "use it as it is, or choose another --repo",
+        Error::CheckpointNotFound(id) if id == "latest" => {
+            "`latest` is the newest checkpoint that is not part of a group: `snapstore log` lists the checkpoints, \
+             `snapstore groups` the group checkpoints (`checkout` takes a group's name)"
+        }
         Error::CheckpointNotFound(_) => "`snapstore log` lists the checkpoints",
         Error::GroupNotFound(_) => "`snapstore groups` lists the group checkpoints",
         Error::InvalidId(_) => {
@@ -674,7 +679,17 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             };
             // A commit that cannot start must not leave a new, empty repository behind.
             if path.as_os_str() != "-" {
-                std::fs::symlink_metadata(path).map_err(|e| Error::reading_source(path, e))?;
+                let md = std::fs::symlink_metadata(path).map_err(|e| Error::reading_source(path, e))?;
+                // A `run` or `latest` link to the real state is common, and its checkpoint would hold the link
+                // alone: recorded as asked, but said.
+                if md.file_type().is_symlink() && std::fs::metadata(path).is_ok_and(|t| t.is_dir()) {
+                    let shown = path.display().to_string();
+                    let shown = output::printable(&shown);
+                    say!(
+                        "warning: {shown} is a symbolic link to a directory: only the link is recorded; give {shown}/ \
+                         to checkpoint the directory it points to"
+                    );
+                }
             }
             let repo = open_or_init(&repo_dir)?;
             let bar = progress::Bar::new(show_progress(cli));
