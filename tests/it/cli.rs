@@ -1560,3 +1560,20 @@ fn latest_in_a_repository_of_groups_only_says_where_to_look() {
     let err = sx_fail(&repo, &["show", "latest"], 4);
     assert!(err.contains("not part of a group") && err.contains("snapstore groups"), "{err}");
 }
+
+/// Removing a tag the checkpoint does not have changes nothing and is no error, but it is said: it is most
+/// often a typo.
+#[test]
+fn removing_a_tag_that_is_not_there_warns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, f) = (tmp.path().join("repo"), tmp.path().join("state"));
+    fs::write(&f, b"state").unwrap();
+    sx(&repo, &["-q", "commit", p(&f), "-t", "keep"]);
+    let o = run(&repo, &["tag", "latest", "--remove", "kepp"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("has no tag kepp; nothing to remove"), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("keep"), "{}", text(&o.stdout));
+    let o = run(&repo, &["tag", "latest", "--remove", "keep"]);
+    assert!(o.status.success() && o.stderr.is_empty(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("no tags"), "{}", text(&o.stdout));
+}

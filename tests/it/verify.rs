@@ -684,6 +684,22 @@ fn a_damaged_catalog_file_fails_every_command_clearly() {
         }
     }
     eprintln!("damaged catalog:\n  {}", observed.join("\n  "));
+
+    // The hint's last resort, as written: the damaged catalog moved aside, `repair index`, and the repository
+    // takes commits and checkouts again.
+    fresh_copy();
+    fs::write(work.join("catalog.db"), &damages[0].1).unwrap();
+    let err = text(&run(&work, &["log"]).stderr);
+    assert!(err.contains("move catalog.db and catalog.db-wal aside and run `snapstore repair index`"), "{err}");
+    fs::rename(work.join("catalog.db"), f.root.parent().unwrap().join("catalog.db.damaged")).unwrap();
+    let _ = fs::remove_file(work.join("catalog.db-wal"));
+    // Exit 3: the checkpoints recorded only in the lost catalog are reported lost; the data is indexed again.
+    let o = run(&work, &["repair", "index"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("created a new catalog"), "{}", text(&o.stdout));
+    let id = succeeded(&run(&work, &["-q", "commit", src]), "commit after repair").trim().to_string();
+    succeeded(&run(&work, &["checkout", &id, dest_arg]), "checkout after repair");
+    crate::util::assert_same_tree(&f.src, &dest, true);
 }
 
 /// An emptied catalog (or another program's SQLite file in its place) is damage too, not a version problem:

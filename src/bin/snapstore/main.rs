@@ -569,7 +569,9 @@ fn hint(e: &Error) -> Option<&'static str> {
         }
         Error::Catalog(_) if e.is_corruption() => {
             "the catalog file catalog.db is damaged (the packs are not): keep a copy of the repository as it is, then \
-             put back a backup of catalog.db, or salvage its rows with `sqlite3 catalog.db .recover`"
+             put back a backup of catalog.db, or salvage its rows with `sqlite3 catalog.db .recover`; as a last \
+             resort, move catalog.db and catalog.db-wal aside and run `snapstore repair index`, which makes a new catalog from the \
+             packs (the list of checkpoints is lost, their data is kept)"
         }
         Error::CatalogEmpty(_) => {
             "put back a backup of catalog.db; without one, `snapstore repair index` makes a new catalog from the \
@@ -806,7 +808,13 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             }
         }
         Command::Tag { id, add, remove } => {
-            let c = Repository::open(&repo_dir)?.tag(id, add, remove)?;
+            let repo = Repository::open(&repo_dir)?;
+            // A mistyped tag to remove would otherwise pass unnoticed: nothing to remove is not an error.
+            let before = if remove.is_empty() { Vec::new() } else { repo.checkpoint(id)?.tags };
+            for t in remove.iter().filter(|t| !before.contains(t)) {
+                say!("warning: {} has no tag {}; nothing to remove", output::printable(id), output::printable(t));
+            }
+            let c = repo.tag(id, add, remove)?;
             if cli.json {
                 out.json(&c)?;
             } else if !cli.quiet {
