@@ -683,6 +683,11 @@ fn missing_repository_exits_4_with_a_hint() {
     assert!(err["hint"].as_str().unwrap().contains("snapstore init"), "{err}");
     assert!(!repo.exists(), "read-only commands must not create the repository");
     assert!(!dest.exists());
+    // A file given as the repository: `init` cannot help there, so the hint does not offer it.
+    let file = tmp.path().join("afile");
+    fs::write(&file, b"not a repository").unwrap();
+    let err = sx_fail(&file, &["log"], 4);
+    assert!(err.contains("is a file, not a repository directory") && !err.contains("snapstore init"), "{err}");
 }
 
 #[test]

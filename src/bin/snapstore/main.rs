@@ -578,6 +578,10 @@ fn hint(e: &Error) -> Option<&'static str> {
              packs (the checkpoints were recorded only in the catalog and are lost; their data is kept). For an \
              s3:// repository, `snapstore sync --rebuild`"
         }
+        // `init` cannot make a repository where a file is.
+        Error::NoRepository(path) if path.is_file() => {
+            "that is a file, not a repository directory: point --repo or SNAPSTORE_REPO at the repository's directory"
+        }
         Error::NoRepository(_) => {
             "create one with `snapstore init`, or point --repo or SNAPSTORE_REPO at an existing one"
         }
