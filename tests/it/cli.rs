@@ -1582,3 +1582,25 @@ fn removing_a_tag_that_is_not_there_warns() {
     assert!(o.status.success() && o.stderr.is_empty(), "{}", text(&o.stderr));
     assert!(text(&o.stdout).contains("no tags"), "{}", text(&o.stdout));
 }
+
+/// Two series whose directories share a name (`a/run`, `b/run`) are told apart in `log` and in a retention
+/// plan, which show as much of each path as that takes.
+#[test]
+fn series_of_the_same_name_are_told_apart_in_log_and_plans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    for dir in ["a", "b"] {
+        let run_dir = tmp.path().join(dir).join("run");
+        fs::create_dir_all(&run_dir).unwrap();
+        fs::write(run_dir.join("state"), dir.as_bytes()).unwrap();
+        sx(&repo, &["-q", "commit", p(&run_dir), "-m", dir]);
+    }
+    let log = sx(&repo, &["log"]);
+    let rows: Vec<&str> = log.lines().skip(1).collect();
+    assert!(rows[0].contains(" b/run ") && rows[1].contains(" a/run "), "{log}");
+    // The columns stay aligned: each row's message (one letter) starts under MESSAGE.
+    let column = log.lines().next().unwrap().find("MESSAGE").unwrap();
+    assert!(rows.iter().all(|r| r.len() == column + 1), "{log}");
+    let plan = sx(&repo, &["forget", "--keep-last", "1", "--dry-run"]);
+    assert!(plan.contains(" a/run ") && plan.contains(" b/run "), "{plan}");
+}

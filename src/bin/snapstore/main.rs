@@ -916,8 +916,9 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 if cli.json {
                     out.json(&serde_json::json!({ "dry_run": dry_run, "forget": forgotten }))?;
                 } else if !cli.quiet {
+                    let shown = output::shown_paths(forgotten.iter().map(|c| c.path.as_str()));
                     for c in &forgotten {
-                        output::fate_line(out, "forget", &c.id, c.time_ns, &c.path, "")?;
+                        output::fate_line(out, "forget", &c.id, c.time_ns, &shown[c.path.as_str()], "")?;
                     }
                     output::forget_total(out, None, forgotten.len(), "checkpoint", *dry_run)?;
                 }
@@ -937,7 +938,9 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             for p in &scope.paths {
                 if !plan.keep.iter().chain(&plan.forget).any(|d| &d.path == p) {
                     let p = output::printable(p);
-                    say!("warning: no checkpoint of {p} (`snapstore log` shows the committed paths)");
+                    say!(
+                        "warning: no checkpoint of {p} (`snapstore show ID` gives the path a checkpoint was committed from)"
+                    );
                 }
             }
             if !dry_run {

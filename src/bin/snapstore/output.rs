@@ -1,6 +1,7 @@
 //! Text and JSON output on stdout. Every write returns its error, so a closed pipe ends the command quietly.
 
 use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{self, BufWriter, StdoutLock, Write};
 
 use snapstore::{
@@ -140,10 +141,36 @@ pub fn plural(n: u64, what: &str) -> String {
 }
 
 /// The last part of a committed path: enough to tell checkpoints of different paths apart in a list.
-fn short_path(path: &str) -> &str {
-    match path.strip_prefix("stdin:") {
-        Some(_) => path,
-        None => path.rsplit('/').find(|p| !p.is_empty()).unwrap_or(path),
+/// How each of `paths` is shown in a listing: its last component, or as many of its last components as tell it
+/// apart from the others listed (`a/run` and `b/run`, where `run` alone would look like one series), up to
+/// the whole path; a stream (`stdin:NAME`) whole.
+pub fn shown_paths<'a>(paths: impl IntoIterator<Item = &'a str>) -> HashMap<&'a str, String> {
+    let distinct: BTreeSet<&str> = paths.into_iter().collect();
+    let parts = |p: &str| p.split('/').filter(|c| !c.is_empty()).count();
+    let suffix = |p: &'a str, depth: usize| -> String {
+        if p.starts_with("stdin:") || depth >= parts(p) {
+            return p.to_string();
+        }
+        let mut last: Vec<&str> = p.rsplit('/').filter(|c| !c.is_empty()).take(depth).collect();
+        last.reverse();
+        last.join("/")
+    };
+    let mut depth: HashMap<&str, usize> = distinct.iter().map(|p| (*p, 1)).collect();
+    loop {
+        let mut alike: HashMap<String, Vec<&str>> = HashMap::new();
+        for p in &distinct {
+            alike.entry(suffix(p, depth[p])).or_default().push(p);
+        }
+        let mut longer = false;
+        for p in alike.into_values().filter(|ps| ps.len() > 1).flatten() {
+            if depth[p] < parts(p) {
+                *depth.get_mut(p).expect("every path has a depth") += 1;
+                longer = true;
+            }
+        }
+        if !longer {
+            return distinct.iter().map(|p| (*p, suffix(p, depth[p]))).collect();
+        }
     }
 }
 
@@ -178,16 +205,19 @@ pub fn log(out: &mut Out, list: &[Checkpoint], quiet: bool) -> io::Result<()> {
     if list.is_empty() {
         return out.line("no checkpoints yet: `snapstore commit PATH` makes the first");
     }
+    let shown = shown_paths(list.iter().map(|c| c.path.as_str()));
+    let shown: HashMap<&str, String> = shown.into_iter().map(|(p, s)| (p, one_line(&s))).collect();
+    let width = shown.values().map(|s| s.chars().count()).max().unwrap_or(0).max(16);
     out.line(&format!(
-        "{:<8}  {:<19}  {:<16}  {:>10}  {:>10}  {:<12}  MESSAGE",
+        "{:<8}  {:<19}  {:<width$}  {:>10}  {:>10}  {:<12}  MESSAGE",
         "ID", "TIME (UTC)", "PATH", "SIZE", "NEW", "TAGS"
     ))?;
     for c in list {
         out.line(&format!(
-            "{:<8}  {:<19}  {:<16}  {:>10}  {:>10}  {:<12}  {}",
+            "{:<8}  {:<19}  {:<width$}  {:>10}  {:>10}  {:<12}  {}",
             c.short_id(),
             human_time(c.time_ns),
-            one_line(short_path(&c.path)),
+            shown[c.path.as_str()],
             human_bytes(c.logical_bytes),
             human_bytes(c.new_bytes),
             one_line(&c.tags.join(",")),
@@ -239,19 +269,21 @@ pub fn file_line(out: &mut Out, f: &FileInfo) -> io::Result<()> {
 }
 
 pub fn plan(out: &mut Out, plan: &Plan) -> io::Result<()> {
+    let shown = shown_paths(plan.keep.iter().chain(&plan.forget).map(|d| d.path.as_str()));
     for (what, list) in [("keep  ", &plan.keep), ("forget", &plan.forget)] {
         for d in list.iter() {
             let why = if d.reasons.is_empty() { String::new() } else { format!("  ({})", d.reasons.join(", ")) };
-            fate_line(out, what, &d.id, d.time_ns, &d.path, &why)?;
+            fate_line(out, what, &d.id, d.time_ns, &shown[d.path.as_str()], &why)?;
         }
     }
     Ok(())
 }
 
-/// One checkpoint a `forget` keeps or forgets, alike for a policy's plan and for ids given.
-pub fn fate_line(out: &mut Out, what: &str, id: &str, time_ns: i64, path: &str, why: &str) -> io::Result<()> {
+/// One checkpoint a `forget` keeps or forgets, alike for a policy's plan and for ids given; `shown` is its
+/// path as [`shown_paths`] shows it among the others listed.
+pub fn fate_line(out: &mut Out, what: &str, id: &str, time_ns: i64, shown: &str, why: &str) -> io::Result<()> {
     let short = &id[..snapstore::SHORT_ID_LEN.min(id.len())];
-    out.line(&format!("{what}  {short}  {}  {}{why}", human_time(time_ns), one_line(short_path(path))))
+    out.line(&format!("{what}  {short}  {}  {}{why}", human_time(time_ns), one_line(shown)))
 }
 
 /// The last line of a `forget`: with a policy, how many it kept too; by id or group, only what it forgot.
@@ -328,6 +360,25 @@ pub fn stats(out: &mut Out, repo: &Repository, s: &RepoStats) -> io::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listed_paths_show_as_much_as_tells_them_apart() {
+        let paths = ["/home/a/run", "/home/b/run", "/data/x/b/run", "/srv/vm.img", "stdin:state", "/", "/run"];
+        let shown = shown_paths(paths);
+        let want = [
+            ("/home/a/run", "a/run"),
+            ("/home/b/run", "/home/b/run"),
+            ("/data/x/b/run", "x/b/run"),
+            ("/srv/vm.img", "vm.img"),
+            ("stdin:state", "stdin:state"),
+            ("/", "/"),
+            ("/run", "/run"),
+        ];
+        for (path, expected) in want {
+            assert_eq!(shown[path], expected, "{path}");
+        }
+        assert_eq!(shown_paths(["/x/run", "/x/run"])["/x/run"], "run", "one path listed twice is one series");
+    }
 
     #[test]
     fn control_characters_never_reach_the_terminal() {
