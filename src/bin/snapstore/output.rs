@@ -140,7 +140,6 @@ pub fn plural(n: u64, what: &str) -> String {
     if n == 1 { format!("1 {what}") } else { format!("{n} {what}s") }
 }
 
-/// The last part of a committed path: enough to tell checkpoints of different paths apart in a list.
 /// How each of `paths` is shown in a listing: its last component, or as many of its last components as tell it
 /// apart from the others listed (`a/run` and `b/run`, where `run` alone would look like one series), up to
 /// the whole path; a stream (`stdin:NAME`) whole.
