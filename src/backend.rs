@@ -14,6 +14,8 @@ use std::io::{self, Read, Write};
 
 pub use local::LocalBackend;
 pub use memory::MemoryBackend;
+#[cfg(all(test, feature = "s3"))]
+pub(crate) use s3::test_bucket;
 #[cfg(feature = "s3")]
 pub use s3::{
     Bucket, Credentials, ObjectMeta, RangeReader, S3Backend, Settings, create_test_bucket, parse_s3_url, test_endpoint,

@@ -572,15 +572,7 @@ mod tests {
     use super::*;
 
     fn test_bucket() -> Option<Arc<Bucket>> {
-        let endpoint = crate::backend::test_endpoint()?;
-        let url = crate::backend::create_test_bucket(&endpoint);
-        let mut settings = crate::backend::Settings::new(crate::backend::Credentials::Keys {
-            access_key_id: "test".into(),
-            secret_access_key: "test".into(),
-            session_token: None,
-        });
-        settings.endpoint = Some(endpoint);
-        Some(Arc::new(Bucket::connect_with(&url, &settings).unwrap()))
+        crate::backend::test_bucket().map(Arc::new)
     }
 
     fn token_at(bucket: &Bucket, name: &str) -> String {

@@ -433,7 +433,18 @@ impl Bucket {
             e => e.map(String::from),
         };
         let allow_http = endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
-        let retry = retry_config(settings);
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries: settings.max_retries,
+            retry_timeout: settings.retry_timeout,
+        };
+        // Conditional replaces are retried by `replace` itself: object_store would send a 501 (a server without
+        // conditional writes) six times over two seconds before the fallback could start.
+        let no_retries = RetryConfig { max_retries: 0, ..retry.clone() };
         // Built from scratch rather than from_env(): everything is decided above, and with_client_options()
         // would drop what from_env() had put in the client options anyway.
         let options = ClientOptions::new()
@@ -476,9 +487,6 @@ impl Bucket {
         let set_up = |b: AmazonS3Builder| {
             b.build().map_err(|e| io::Error::other(format!("{url}: cannot set up the S3 client: {e}")))
         };
-        // Conditional replaces are retried by `replace` itself: object_store would send a 501 (a server without
-        // conditional writes) six times over two seconds before the fallback could start.
-        let no_retries = RetryConfig { max_retries: 0, ..retry_config(settings) };
         let s3_once = set_up(builder.clone().with_retry(no_retries))?;
         let s3 = set_up(builder)?;
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4));
@@ -971,18 +979,6 @@ impl Read for RangeReader<'_> {
     }
 }
 
-fn retry_config(settings: &Settings) -> RetryConfig {
-    RetryConfig {
-        backoff: BackoffConfig {
-            init_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
-            base: 2.0,
-        },
-        max_retries: settings.max_retries,
-        retry_timeout: settings.retry_timeout,
-    }
-}
-
 /// `scheme://BUCKET.host/...` from `scheme://host/...`.
 fn bucket_host(endpoint: &str, bucket: &str) -> String {
     match endpoint.split_once("://") {
@@ -1023,10 +1019,9 @@ fn compact_xml(text: &str) -> String {
     format!("{}{summary}{}", &text[..start], &text[end..])
 }
 
-/// The HTTP status of a failed request, where it had one. object_store keeps it in a private type, so its text
-/// is what can be read.
-fn http_status(e: &object_store::Error) -> Option<u16> {
-    let text = describe(e);
+/// The HTTP status in the text of a failed request's error ([`describe`]), where it had one. object_store keeps
+/// the status in a private type, so its text is what can be read.
+fn http_status(text: &str) -> Option<u16> {
     let at = text.find("status code: ")? + "status code: ".len();
     text.get(at..at + 3)?.parse().ok()
 }
@@ -1034,16 +1029,20 @@ fn http_status(e: &object_store::Error) -> Option<u16> {
 /// Whether a conditional write was refused for its condition, not its content: servers that speak S3 without
 /// conditional writes answer `If-Match` with 501 (`NotImplemented`) or 400.
 fn refuses_conditions(e: &object_store::Error) -> bool {
-    matches!(e, object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. })
-        || matches!(http_status(e), Some(400 | 501))
-        || describe(e).contains("NotImplemented")
+    if matches!(e, object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }) {
+        return true;
+    }
+    let text = describe(e);
+    matches!(http_status(&text), Some(400 | 501)) || text.contains("NotImplemented")
 }
 
 /// Whether a failed write may go through if sent again: a conflict, a server error, throttling, or no answer.
 fn transient(e: &object_store::Error) -> bool {
     match e {
         object_store::Error::AlreadyExists { .. } => true,
-        object_store::Error::Generic { .. } => http_status(e).is_none_or(|s| s >= 500 || s == 429 || s == 408),
+        object_store::Error::Generic { .. } => {
+            http_status(&describe(e)).is_none_or(|s| s >= 500 || s == 429 || s == 408)
+        }
         _ => false,
     }
 }
@@ -1201,6 +1200,28 @@ pub fn create_test_bucket(endpoint: &str) -> String {
     let status = response.lines().next().unwrap_or("");
     assert!(status.split_whitespace().nth(1) == Some("200"), "creating bucket {name} at {endpoint}: {response}");
     format!("s3://{name}/repo")
+}
+
+/// Settings for the test server at `endpoint`: its keys from the environment, `test` where unset (moto's).
+#[cfg(test)]
+fn test_settings(endpoint: &str) -> Settings {
+    let var = |k: &str, default: &str| std::env::var(k).ok().filter(|v| !v.is_empty()).unwrap_or(default.into());
+    Settings {
+        endpoint: Some(endpoint.into()),
+        ..Settings::new(Credentials::Keys {
+            access_key_id: var("AWS_ACCESS_KEY_ID", "test"),
+            secret_access_key: var("AWS_SECRET_ACCESS_KEY", "test"),
+            session_token: None,
+        })
+    }
+}
+
+/// A fresh bucket on the test server; `None` (test skipped) without one.
+#[cfg(test)]
+pub(crate) fn test_bucket() -> Option<Bucket> {
+    let endpoint = test_endpoint()?;
+    let url = create_test_bucket(&endpoint);
+    Some(Bucket::connect_with(&url, &test_settings(&endpoint)).unwrap())
 }
 
 #[cfg(test)]
@@ -1422,25 +1443,6 @@ mod tests {
     }
 
     /// Settings for the test server, with whatever keys the environment has (moto takes any).
-    fn test_settings(endpoint: &str) -> Settings {
-        let var = |k: &str, default: &str| std::env::var(k).ok().filter(|v| !v.is_empty()).unwrap_or(default.into());
-        Settings {
-            endpoint: Some(endpoint.into()),
-            ..Settings::new(Credentials::Keys {
-                access_key_id: var("AWS_ACCESS_KEY_ID", "test"),
-                secret_access_key: var("AWS_SECRET_ACCESS_KEY", "test"),
-                session_token: None,
-            })
-        }
-    }
-
-    /// A fresh bucket on the test server; `None` (test skipped) without one.
-    fn test_bucket() -> Option<Bucket> {
-        let endpoint = test_endpoint()?;
-        let url = create_test_bucket(&endpoint);
-        Some(Bucket::connect_with(&url, &test_settings(&endpoint)).unwrap())
-    }
-
     #[test]
     fn s3_keeps_the_backend_contract() {
         let Some(bucket) = test_bucket() else { return };
