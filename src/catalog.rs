@@ -1003,14 +1003,15 @@ impl Catalog {
         Ok(deleted)
     }
 
-    /// Adds and removes tags of checkpoint `id`, in one transaction.
+    /// Adds and removes tags of checkpoint `id`, in one transaction; returns the tags it added that the
+    /// checkpoint lacked and those it removed that it had.
     pub(crate) fn retag(
         &mut self,
         id: &str,
         add: &[String],
         remove: &[String],
         journal: Option<Journal<'_>>,
-    ) -> Result<()> {
+    ) -> Result<TagChange> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         // Forgotten meanwhile: nothing to tag.
         let Some((added, removed)) = retag_rows(&tx, id, add, remove)? else {
@@ -1019,10 +1020,11 @@ impl Catalog {
         // A change that changes nothing writes no record: one that said protocol 3 for nothing would stop
         // every older build sharing the bucket.
         if let Some(journal) = journal.filter(|_| !(added.is_empty() && removed.is_empty())) {
-            journal(&tx, &Batch { retags: vec![(id.to_string(), added, removed)], ..Default::default() })?;
+            let retags = vec![(id.to_string(), added.clone(), removed.clone())];
+            journal(&tx, &Batch { retags, ..Default::default() })?;
         }
         tx.commit()?;
-        Ok(())
+        Ok((added, removed))
     }
 
     /// Removes groups with their parts, in one transaction.
@@ -1236,7 +1238,7 @@ pub(crate) fn in_snapshot<T>(conn: &Connection, f: impl FnOnce() -> Result<T>) -
 }
 
 /// Tags added to a checkpoint, and tags removed from it.
-type TagChange = (Vec<String>, Vec<String>);
+pub(crate) type TagChange = (Vec<String>, Vec<String>);
 
 /// Removes tags `remove` from checkpoint `id` and adds `add`; returns those it added that the checkpoint lacked
 /// and those it removed that it had, or `None`, changing nothing, if there is no such checkpoint.

@@ -761,7 +761,7 @@ impl Repository {
     }
 
     /// Adds tags to checkpoint `id` and removes others (a tag in both is refused: [`Error::InvalidInput`]),
-    /// and returns it as it is then. A tag keeps a checkpoint from any retention policy with `keep_tags`
+    /// and returns it as it is then, with what changed. A tag keeps a checkpoint from any retention policy with `keep_tags`
     /// naming it, so this is how a checkpoint committed without one is protected later. In a bucket the
     /// change takes turns with forgets ([`Repository::forget`]): a retention run on another machine either
     /// ran before it (and a checkpoint it forgot cannot be tagged: [`Error::ForgottenBeforeTagged`]) or sees
@@ -771,10 +771,11 @@ impl Repository {
     /// # let dir = tempfile::tempdir().unwrap();
     /// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
     /// let c = repo.commit_reader("state", &mut &b"step 1"[..], &Default::default()).unwrap();
-    /// let tagged = repo.tag(&c.id[..8], &["keep".into()], &[]).unwrap();
-    /// assert_eq!(tagged.tags, vec!["keep".to_string()]);
+    /// let tagged = repo.tag(&c.id[..8], &["keep".into()], &["kept".into()]).unwrap();
+    /// assert_eq!(tagged.checkpoint.tags, vec!["keep".to_string()]);
+    /// assert_eq!((tagged.added, tagged.removed), (vec!["keep".to_string()], vec![]));
     /// ```
-    pub fn tag(&self, id: &str, add: &[String], remove: &[String]) -> Result<Checkpoint> {
+    pub fn tag(&self, id: &str, add: &[String], remove: &[String]) -> Result<Tagged> {
         for t in add {
             checkpoint::validate_tag(t)?;
         }
@@ -789,12 +790,12 @@ impl Repository {
             Error::CheckpointNotFound(_) => Error::ForgottenBeforeTagged(named.short_id().to_string()),
             e => e,
         };
-        let c = self.forgetting(&mut catalog, |catalog, journal| {
+        let (c, (added, removed)) = self.forgetting(&mut catalog, |catalog, journal| {
             let c = catalog.resolve(id).map_err(forgotten)?;
-            catalog.retag(&c.id, add, remove, journal).map_err(forgotten)?;
-            Ok(c)
+            let change = catalog.retag(&c.id, add, remove, journal).map_err(forgotten)?;
+            Ok((c, change))
         })?;
-        catalog.resolve(&c.id)
+        Ok(Tagged { checkpoint: catalog.resolve(&c.id)?, added, removed })
     }
 
     /// Forgets checkpoints: removes them from the catalog (they no longer appear anywhere and cannot be
@@ -1094,6 +1095,17 @@ impl Repository {
             journal,
         }
     }
+}
+
+/// What [`Repository::tag`] did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Tagged {
+    /// The checkpoint as it is after the change.
+    pub checkpoint: Checkpoint,
+    /// The tags given to add that it lacked.
+    pub added: Vec<String>,
+    /// The tags given to remove that it had; one given that it lacked is not an error, and not here.
+    pub removed: Vec<String>,
 }
 
 /// Refuses a repository (`md`: its catalog or directory) owned by another user. Checked before anything is

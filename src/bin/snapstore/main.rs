@@ -812,13 +812,12 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             }
         }
         Command::Tag { id, add, remove } => {
-            let repo = Repository::open(&repo_dir)?;
+            let tagged = Repository::open(&repo_dir)?.tag(id, add, remove)?;
             // A mistyped tag to remove would otherwise pass unnoticed: nothing to remove is not an error.
-            let before = if remove.is_empty() { Vec::new() } else { repo.checkpoint(id)?.tags };
-            for t in remove.iter().filter(|t| !before.contains(t)) {
+            for t in remove.iter().filter(|t| !tagged.removed.contains(t)) {
                 say!("warning: {} has no tag {}; nothing to remove", output::printable(id), output::printable(t));
             }
-            let c = repo.tag(id, add, remove)?;
+            let c = tagged.checkpoint;
             if cli.json {
                 out.json(&c)?;
             } else if !cli.quiet {
