@@ -39,7 +39,7 @@ use crate::id::ObjectId;
 use crate::progress::{NoProgress, Progress};
 use crate::sparse::is_zero;
 use crate::store::ChunkReader;
-use crate::tree::{self, ChunkRef, Entry, EntryKind};
+use crate::tree::{self, ChunkRef, Entry, EntryKind, Owner};
 
 /// How to check out.
 #[derive(Clone)]
@@ -53,6 +53,9 @@ pub struct CheckoutOptions {
     pub checksum: bool,
     /// Restore only these paths of the checkpoint (relative to the committed directory); empty: all of it.
     pub paths: Vec<PathBuf>,
+    /// Give each entry the owner and group it was committed with (numeric ids). Only a checkout run as root
+    /// can, and only it does; otherwise, or with this off, what it creates belongs to the user running it.
+    pub owners: bool,
     /// Worker threads; 0 means two per core, at most 32.
     pub threads: usize,
     /// Receives progress.
@@ -66,6 +69,7 @@ impl Default for CheckoutOptions {
             delete: false,
             checksum: false,
             paths: Vec::new(),
+            owners: true,
             threads: 0,
             progress: Arc::new(NoProgress),
         }
@@ -148,8 +152,10 @@ struct FileTask {
     failed: AtomicBool,
     /// Finished; until then, dropping the task removes what it created.
     placed: AtomicBool,
-    /// Created with its final mode, so no `chmod` is needed once it is whole (see [`FinalModes`]).
+    /// Created with its final mode, so no `chmod` is needed once it is whole (see [`NewFiles`]).
     create_mode: Option<u32>,
+    /// The owner to give the file once it is whole, if it will not have it already (see [`Owners`]).
+    chown: Option<(Owner, Arc<Owners>)>,
     /// The directory this file is an entry of, released once the file is in place.
     parent: Option<Arc<DirTask>>,
 }
@@ -163,6 +169,8 @@ struct DirTask {
     at: Option<(Arc<OwnedFd>, std::ffi::OsString)>,
     mode: u32,
     mtime_ns: i64,
+    /// The owner to give the directory, if it does not have it already.
+    chown: Option<(Owner, Arc<Owners>)>,
     /// Entries not yet in place, plus one the walker holds while it lists them (so that the count cannot reach
     /// zero before every entry is counted).
     remaining: AtomicUsize,
@@ -177,6 +185,22 @@ impl DirTask {
         let mut dir = self;
         while dir.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             let io = |e: rustix::io::Errno| Error::io(&dir.path, e.into());
+            // The owner before the mode: a change of owner clears set-id bits.
+            if let Some((owner, owners)) = &dir.chown {
+                let r = match &dir.at {
+                    Some((parent, name)) => {
+                        rustix::fs::chownat(parent, name, owner.uid(), owner.gid(), AtFlags::SYMLINK_NOFOLLOW)
+                    }
+                    None => rustix::fs::chownat(
+                        rustix::fs::CWD,
+                        &dir.path,
+                        owner.uid(),
+                        owner.gid(),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    ),
+                };
+                owners.note(&dir.path, r);
+            }
             if let Some((parent, name)) = &dir.at {
                 let times = rustix::fs::Timestamps {
                     last_access: rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
@@ -209,34 +233,44 @@ fn entry_done(parent: Option<&Arc<DirTask>>) -> Result<()> {
     parent.map_or(Ok(()), |p| p.release())
 }
 
-/// Whether a new file can be created with its final mode, saving a `chmod` per file: the kernel masks a
-/// created file's mode with the umask, or, where the directory has a default ACL, with that ACL instead (and a
-/// network filesystem's server may apply ACLs of its own). Known only into a new or empty destination, by a
-/// probe file there: every directory below it is made by the checkout and inherits what the probe saw.
+/// What a file the checkout creates gets from the kernel, seen once by a probe file into a new or empty
+/// destination (every directory below it is made by the checkout and inherits what the probe saw), so that
+/// most files need neither a `chmod` nor a `chown` of their own:
+/// - its mode: the kernel masks the mode asked for with the umask, or, where the directory has a default ACL,
+///   with that ACL instead (and a network filesystem's server may apply ACLs of its own);
+/// - its owner: the user running the checkout, and its group, or the directory's where that has the set-group-id
+///   bit (and directories made below it inherit the bit, and the group, until the checkout sets their owner
+///   once their entries are in place).
 #[derive(Clone, Copy)]
-struct FinalModes {
+struct NewFiles {
     umask: Option<u32>,
+    owner: Option<Owner>,
 }
 
-impl FinalModes {
-    fn probe(dest: &Path, in_place: bool) -> FinalModes {
+impl NewFiles {
+    fn probe(dest: &Path, in_place: bool) -> NewFiles {
         if in_place {
-            return FinalModes { umask: None };
+            return NewFiles { umask: None, owner: None };
         }
         let at = if dest.is_dir() { dest } else { parent_dir(dest) };
         // The widest mode the umask allows: an ACL that leaves it whole leaves every narrower mode whole too.
-        FinalModes { umask: current_umask().filter(|&u| Self::created_as_asked(at, 0o777 & !u)) }
+        let umask = current_umask();
+        let seen = Self::created(at, umask.map_or(0o600, |u| 0o777 & !u));
+        NewFiles {
+            umask: umask.filter(|&u| seen.is_some_and(|(mode, _)| mode == 0o777 & !u)),
+            owner: seen.map(|(_, owner)| owner),
+        }
     }
 
-    /// Whether a file created in `dir` with `mode` gets exactly that mode: what the kernel (or a network
-    /// filesystem's server, whose ACLs no xattr shows) does to a new file's mode, seen rather than guessed.
-    fn created_as_asked(dir: &Path, mode: u32) -> bool {
+    /// The mode and owner a file created in `dir` with `mode` gets: what the kernel (or a network filesystem's
+    /// server, whose ACLs no xattr shows) does, seen rather than guessed.
+    fn created(dir: &Path, mode: u32) -> Option<(u32, Owner)> {
         let probe = temp_path(dir);
         let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let Ok(fd) = rustix::fs::open(&probe, flags, Mode::from_raw_mode(mode)) else { return false };
-        let got = rustix::fs::fstat(&fd).map(|st| st.st_mode & 0o7777);
+        let fd = rustix::fs::open(&probe, flags, Mode::from_raw_mode(mode)).ok()?;
+        let got = rustix::fs::fstat(&fd);
         let _ = rustix::fs::unlink(&probe);
-        got.is_ok_and(|m| m == mode)
+        got.ok().map(|st| (st.st_mode & 0o7777, Owner { uid: st.st_uid, gid: st.st_gid }))
     }
 
     /// The mode to create a file of final mode `mode` with, if it then needs no `chmod`: permission bits
@@ -244,6 +278,50 @@ impl FinalModes {
     fn create_mode(self, mode: u32) -> Option<u32> {
         let umask = self.umask?;
         (mode & !0o777 == 0 && mode & umask == 0).then_some(mode)
+    }
+}
+
+/// Restoring owners, and what failed of it. A checkout that cannot set an owner (a filesystem without owners,
+/// an NFS export that maps root to nobody) still restores every byte: it warns once at the end instead of
+/// failing, as `tar` does.
+#[derive(Default)]
+struct Owners {
+    failed: AtomicU64,
+    first: Mutex<Option<String>>,
+}
+
+impl Owners {
+    /// Records the outcome of setting the owner of `path`.
+    fn note(&self, path: &Path, r: rustix::io::Result<()>) {
+        if let Err(e) = r
+            && self.failed.fetch_add(1, Ordering::Relaxed) == 0
+        {
+            *self.first.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(format!("{}: {}", path.display(), std::io::Error::from(e)));
+        }
+    }
+
+    /// The warning for what failed, if anything did.
+    fn warning(&self) -> Option<String> {
+        let n = self.failed.load(Ordering::Relaxed);
+        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let (what, they) = if n == 1 { ("entry", "it belongs") } else { ("entries", "they belong") };
+        Some(format!(
+            "could not restore the owner of {n} {what} ({}{first}); {they} to the user running the checkout \
+             (--no-owners: do not try)",
+            if n == 1 { "" } else { "first: " }
+        ))
+    }
+}
+
+impl Owner {
+    /// The user id to set; `None` for the id -1, which `chown` reads as "leave as is" (a damaged catalog's).
+    fn uid(self) -> Option<rustix::fs::Uid> {
+        (self.uid != u32::MAX).then(|| rustix::fs::Uid::from_raw(self.uid))
+    }
+
+    fn gid(self) -> Option<rustix::fs::Gid> {
+        (self.gid != u32::MAX).then(|| rustix::fs::Gid::from_raw(self.gid))
     }
 }
 
@@ -448,6 +526,10 @@ impl FileTask {
         let (file, target) = self.opened()?;
         if !matches!(target, Target::Patched) && self.end.load(Ordering::Acquire) < self.size {
             file.set_len(self.size).map_err(io)?;
+        }
+        // The owner before the mode: a change of owner clears set-id bits.
+        if let Some((owner, owners)) = &self.chown {
+            owners.note(&self.dest, rustix::fs::fchown(file, owner.uid(), owner.gid()));
         }
         if !(matches!(target, Target::Created) && self.create_mode.is_some()) {
             file.set_permissions(fs::Permissions::from_mode(self.mode)).map_err(io)?;
@@ -749,7 +831,8 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     let abort = AtomicBool::new(false);
     let written = AtomicU64::new(0);
     let mut summary = CheckoutSummary { id: id.to_string(), ..Default::default() };
-    let final_modes = FinalModes::probe(dest, in_place);
+    let new_files = NewFiles::probe(dest, in_place);
+    let owners = (opts.owners && rustix::process::geteuid().is_root()).then(|| Arc::new(Owners::default()));
     let mut roots = Vec::new();
 
     let walked = std::thread::scope(|s| {
@@ -775,7 +858,8 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             protect_id: protect.as_ref().and_then(|p| fs::metadata(p).ok()).map(|md| (md.dev(), md.ino())),
             summary: &mut summary,
             in_read: 0,
-            final_modes,
+            new_files,
+            owners: owners.clone(),
             roots: &mut roots,
         };
         let r = starts.iter().try_for_each(|s| walker.walk(s)).and_then(|()| walker.outbox.send());
@@ -790,6 +874,9 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     // Every entry was released once it was in place, so each start's directory has had its metadata set.
     if let Some(root) = roots.iter().find(|r| !r.done()) {
         return Err(Error::Internal(format!("{}: directory metadata was never set", root.path.display())));
+    }
+    if let Some(warning) = owners.and_then(|o| o.warning()) {
+        opts.progress.warn(&warning);
     }
     if opts.paths.is_empty()
         && catalog.read_only().is_none()
@@ -930,12 +1017,31 @@ struct Walker<'a> {
     summary: &'a mut CheckoutSummary,
     /// Files looked up in the current read transaction (0: none open).
     in_read: usize,
-    final_modes: FinalModes,
+    new_files: NewFiles,
+    /// Set when restoring owners.
+    owners: Option<Arc<Owners>>,
     /// The directories walks started at, checked when all is done.
     roots: &'a mut Vec<Arc<DirTask>>,
 }
 
+fn owner_of(md: &Metadata) -> Owner {
+    Owner { uid: md.uid(), gid: md.gid() }
+}
+
+/// Sets the owner of `path`, never through a symlink, noting a failure in `owners`.
+fn chown_path(path: &Path, (owner, owners): &(Owner, Arc<Owners>)) {
+    owners.note(path, rustix::fs::chownat(rustix::fs::CWD, path, owner.uid(), owner.gid(), AtFlags::SYMLINK_NOFOLLOW));
+}
+
 impl Walker<'_> {
+    /// The owner to give an entry the checkout puts in place: the one it was committed with, when restoring
+    /// owners, unless it has that already (`current`: what it has, where known).
+    fn chown(&self, entry: &Entry, current: Option<Owner>) -> Option<(Owner, Arc<Owners>)> {
+        let owners = self.owners.as_ref()?;
+        let owner = entry.owner?;
+        (current != Some(owner)).then(|| (owner, owners.clone()))
+    }
+
     /// The walker's lookups run in read transactions of [`READ_BATCH`] files each: one per query cost four
     /// `fcntl` locks apiece. Trees and contents of the checkpoint being checked out cannot go while its
     /// session lives, so a snapshot shows them as a fresh read would; the transaction is renewed so that it
@@ -982,6 +1088,14 @@ impl Walker<'_> {
                     let this_dir = Arc::new(
                         rustix::fs::open(&path, flags, Mode::empty()).map_err(|e| Error::io(&path, e.into()))?,
                     );
+                    let current_owner = if !existed {
+                        self.new_files.owner
+                    } else if self.owners.is_some() {
+                        rustix::fs::fstat(&*this_dir).ok().map(|st| Owner { uid: st.st_uid, gid: st.st_gid })
+                    } else {
+                        None
+                    };
+                    let chown = self.chown(&entry, current_owner);
                     if existed && let Some(repo) = self.protect_id {
                         // A directory of the checkpoint where the repository is (put inside the destination):
                         // its files would be written over the repository's own.
@@ -1018,6 +1132,7 @@ impl Walker<'_> {
                         at,
                         mode: entry.mode,
                         mtime_ns: entry.mtime_ns,
+                        chown,
                         remaining: AtomicUsize::new(children.len() + 1),
                         parent,
                     });
@@ -1042,13 +1157,21 @@ impl Walker<'_> {
                 EntryKind::Symlink => {
                     let target = OsStr::from_bytes(&entry.target);
                     let same = self.in_place && fs::read_link(&path).is_ok_and(|t| t.as_os_str() == target);
-                    if !same {
+                    let current_owner = if !same {
                         // Into an empty destination whatever has this name came from this checkout: never
                         // cleared away (see `make_dir`).
                         if self.in_place || parent.is_none() {
                             clear_sparing(&path, self.protect)?;
                         }
                         std::os::unix::fs::symlink(target, &path).map_err(|e| name_error(&path, e))?;
+                        self.new_files.owner
+                    } else if self.owners.is_some() {
+                        fs::symlink_metadata(&path).ok().map(|md| owner_of(&md))
+                    } else {
+                        None
+                    };
+                    if let Some(chown) = self.chown(&entry, current_owner) {
+                        chown_path(&path, &chown);
                     }
                     let t = filetime::FileTime::from_system_time(mtime(entry.mtime_ns));
                     filetime::set_symlink_file_times(&path, t, t).map_err(|e| Error::io(&path, e))?;
@@ -1154,7 +1277,12 @@ impl Walker<'_> {
                     trusted
                 };
                 if trusted == Some(content) {
-                    if md.permissions().mode() & 0o7777 != entry.mode {
+                    // The owner before the mode: a change of owner clears set-id bits.
+                    let chown = self.chown(entry, Some(owner_of(&md)));
+                    if let Some(chown) = &chown {
+                        chown_path(dest, chown);
+                    }
+                    if chown.is_some() || md.permissions().mode() & 0o7777 != entry.mode {
                         fs::set_permissions(dest, fs::Permissions::from_mode(entry.mode))
                             .map_err(|e| Error::io(dest, e))?;
                     }
@@ -1182,7 +1310,11 @@ impl Walker<'_> {
         }
         // A directory cleared away leaves the name free.
         let exists = exists && fs::symlink_metadata(dest).is_ok();
-        let create_mode = self.final_modes.create_mode(entry.mode);
+        let create_mode = self.new_files.create_mode(entry.mode);
+        let chown = match &patch {
+            Some((md, _)) => self.chown(entry, Some(owner_of(md))),
+            None => self.chown(entry, self.new_files.owner),
+        };
         let opened = match &patch {
             Some((md, _)) => {
                 if md.permissions().mode() & 0o600 != 0o600 {
@@ -1216,6 +1348,7 @@ impl Walker<'_> {
             failed: AtomicBool::new(false),
             placed: AtomicBool::new(false),
             create_mode,
+            chown,
             parent,
         });
         let mut batcher = Batcher { outbox: &mut self.outbox, task: &task, chunks: Vec::new(), bytes: 0 };
@@ -1364,6 +1497,7 @@ mod tests {
             failed: AtomicBool::new(false),
             placed: AtomicBool::new(false),
             create_mode: None,
+            chown: None,
             parent: None,
         }
     }

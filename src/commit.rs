@@ -200,6 +200,7 @@ fn entry_from(name: Vec<u8>, kind: EntryKind, md: &Metadata) -> Entry {
         mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
         ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
         ino: md.ino(),
+        owner: Some(crate::tree::Owner { uid: md.uid(), gid: md.gid() }),
         size: if kind == EntryKind::File { md.len() } else { 0 },
         target: Vec::new(),
     }
@@ -1197,6 +1198,8 @@ impl Walker<'_, '_> {
             mtime_ns: now,
             ctime_ns: now,
             ino: 0,
+            // A stream's bytes have no owner; checked out, the file is the user's who runs the checkout.
+            owner: None,
             size: 0,
             target: Vec::new(),
         };

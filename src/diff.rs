@@ -47,7 +47,7 @@ pub struct Change {
     pub size_before: u64,
     /// Size in the second checkpoint (0 if removed).
     pub size_after: u64,
-    /// The content (or symlink target) differs; false when only mode or mtime changed.
+    /// The content (or symlink target) differs; false when only mode, owner or mtime changed.
     pub content_changed: bool,
     /// Files: bytes of the second version at offsets where the first does not hold the same chunk.
     pub bytes_changed: u64,
@@ -101,6 +101,12 @@ pub(crate) fn diff(
     Ok(d.summary)
 }
 
+/// Whether the owner changed, as far as both checkpoints recorded one: across the upgrade that began
+/// recording owners every entry gains one, which is no change of the files.
+fn owner_changed(a: &Entry, b: &Entry) -> bool {
+    matches!((a.owner, b.owner), (Some(x), Some(y)) if x != y)
+}
+
 impl Differ<'_> {
     fn pair(&mut self, a: &Entry, b: &Entry, rel: &Path) -> Result<()> {
         if a.kind != b.kind {
@@ -112,8 +118,9 @@ impl Differ<'_> {
                 if a.target == b.target {
                     return Ok(());
                 }
-                if a.mode != b.mode {
-                    // A directory's mtime moves with every change inside it: only its mode is worth a line.
+                if a.mode != b.mode || owner_changed(a, b) {
+                    // A directory's mtime moves with every change inside it: only its mode and owner are worth a
+                    // line.
                     self.emit(b, rel, ChangeKind::Modified, a.size, false, Vec::new())?;
                 }
                 let left = self.catalog.tree(&a.object()?.expect("dir has a tree"))?;
@@ -145,14 +152,14 @@ impl Differ<'_> {
             }
             EntryKind::Symlink => {
                 let changed = a.target != b.target;
-                if changed || a.mode != b.mode || a.mtime_ns != b.mtime_ns {
+                if changed || a.mode != b.mode || a.mtime_ns != b.mtime_ns || owner_changed(a, b) {
                     self.emit(b, rel, ChangeKind::Modified, a.size, changed, Vec::new())?;
                 }
                 Ok(())
             }
             EntryKind::File => {
                 if a.target == b.target {
-                    if a.mode != b.mode || a.mtime_ns != b.mtime_ns {
+                    if a.mode != b.mode || a.mtime_ns != b.mtime_ns || owner_changed(a, b) {
                         self.emit(b, rel, ChangeKind::Modified, a.size, false, Vec::new())?;
                     }
                     return Ok(());

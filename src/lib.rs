@@ -83,7 +83,7 @@ pub use reader::FileReader;
 pub use remote::SyncSummary;
 pub use repair::{CheckpointState, RepairReport};
 pub use retention::{Decision, Plan, Policy, UNLIMITED, parse_count, parse_duration};
-pub use tree::{Entry, EntryKind, decode_tree, encode_tree, validate_name};
+pub use tree::{Entry, EntryKind, Owner, decode_tree, encode_tree, validate_name};
 pub use verify::{
     AffectedCheckpoint, AffectedFile, DamagedChunk, DamagedObject, DamagedPack, DataSubset, VerifyOptions, VerifyReport,
 };
@@ -168,6 +168,10 @@ pub struct FileInfo {
     pub mode: u32,
     /// Modification time, nanoseconds since the Unix epoch.
     pub mtime_ns: i64,
+    /// Numeric owner and group (`uid` and `gid` in JSON); none for streams and checkpoints from before
+    /// snapstore recorded them.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
     /// Where a symlink points (its bytes as recorded); `None` for files and directories.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "json_path::opt_path")]
     pub link_target: Option<PathBuf>,
@@ -1135,6 +1139,7 @@ fn walk_entries(
             size: entry.size,
             mode: entry.mode,
             mtime_ns: entry.mtime_ns,
+            owner: entry.owner,
             link_target: (entry.kind == EntryKind::Symlink).then(|| PathBuf::from(OsStr::from_bytes(&entry.target))),
         })?;
         if recursive && entry.kind == EntryKind::Dir {

@@ -36,12 +36,27 @@ const T_PROTOCOL: u8 = 12;
 /// A checkpoint's tags changed after its commit: its id, then the tags added and the tags removed, each a u32
 /// count and the tags.
 const T_RETAG: u8 = 13;
-/// The newest protocol [`T_PROTOCOL`] names, the one this build reads. Protocol 3 added [`T_RETAG`]; a record
-/// without that item still says 2 ([`PROTOCOL_BASE`]), so builds of protocol 2 go on working beside this one
-/// until the first record that changes tags, where they stop (every command, since no later record can be
-/// applied before it) and ask to be upgraded.
-const PROTOCOL: u8 = 3;
+/// The newest protocol [`T_PROTOCOL`] names, the one this build reads. Protocol 3 added [`T_RETAG`], protocol
+/// 4 tree entries with owners (catalog schema 10). A record says the lowest protocol that reads it (2,
+/// [`PROTOCOL_BASE`], without either), so older builds go on working beside this one until the first record
+/// they cannot read, where they stop (every command, since no later record can be applied before it) and
+/// ask to be upgraded.
+const PROTOCOL: u8 = 4;
 const PROTOCOL_BASE: u8 = 2;
+const PROTOCOL_RETAG: u8 = 3;
+
+/// The protocol a record of `batch` says: see [`PROTOCOL`].
+fn protocol_of(batch: &Batch) -> u8 {
+    // Data that does not decode is not this build's to judge; the newest protocol keeps older ones off it.
+    let owners = |data: &[u8]| crate::tree::decode_tree(data).map_or(true, |es| es.iter().any(|e| e.owner.is_some()));
+    if batch.trees.iter().any(|(_, data)| owners(data)) {
+        PROTOCOL
+    } else if !batch.retags.is_empty() {
+        PROTOCOL_RETAG
+    } else {
+        PROTOCOL_BASE
+    }
+}
 
 /// A length field larger than this is damage, not data: no record item comes near it.
 const MAX_FIELD: u32 = 1 << 28;
@@ -52,7 +67,7 @@ pub(crate) fn encode(batch: &Batch) -> Result<Vec<u8>> {
     let mut z = zstd::Encoder::new(&mut out, 3).map_err(|e| Error::Internal(format!("zstd: {e}")))?;
     let mut w = Writer(Vec::with_capacity(1 << 16));
     w.u8(T_PROTOCOL);
-    w.u8(if batch.retags.is_empty() { PROTOCOL_BASE } else { PROTOCOL });
+    w.u8(protocol_of(batch));
     for (tag, packs) in [(T_PACK, &batch.packs), (T_MOVED, &batch.moved)] {
         for (name, size, entries) in packs {
             w.u8(tag);
@@ -381,7 +396,30 @@ mod tests {
             zstd::Decoder::new(&encode(b).unwrap()[MAGIC.len()..]).unwrap().read_to_end(&mut raw).unwrap();
             raw
         };
-        // Only a record that changes tags says protocol 3: builds of protocol 2 still read the others.
+        // A record says the lowest protocol that reads it: 3 only if it changes tags, 4 only if a tree has an
+        // entry with an owner, so older builds still read the others.
+        let tree = |owner| {
+            let e = crate::tree::Entry {
+                name: b"f".to_vec(),
+                kind: crate::tree::EntryKind::File,
+                mode: 0o644,
+                mtime_ns: 1,
+                ctime_ns: 1,
+                ino: 1,
+                owner,
+                size: 0,
+                target: vec![1; 32],
+            };
+            let es = [e];
+            (crate::tree::tree_id(&es), crate::tree::encode_tree(&es))
+        };
+        let retags = b.retags.clone();
+        let with = |trees, retags| Batch { trees, retags, ..Default::default() };
+        let owned = Some(crate::tree::Owner { uid: 0, gid: 0 });
+        assert_eq!(items(&with(vec![tree(None)], vec![]))[..2], [T_PROTOCOL, PROTOCOL_BASE]);
+        assert_eq!(items(&with(vec![tree(None)], retags.clone()))[..2], [T_PROTOCOL, PROTOCOL_RETAG]);
+        assert_eq!(items(&with(vec![tree(None), tree(owned)], vec![]))[..2], [T_PROTOCOL, 4]);
+        assert_eq!(items(&with(vec![tree(owned)], retags))[..2], [T_PROTOCOL, 4]);
         assert_eq!(items(&sample())[..2], [T_PROTOCOL, PROTOCOL]);
         let mut raw = items(&Batch::default());
         assert_eq!(raw[..2], [T_PROTOCOL, PROTOCOL_BASE]);

@@ -54,11 +54,27 @@ pub struct Entry {
     pub ctime_ns: i64,
     /// Inode number when committed; used only to tell whether a file changed since.
     pub ino: u64,
+    /// Numeric owner and group when committed; `None` for a stream and in trees written before schema 10.
+    pub owner: Option<Owner>,
     /// File size in bytes (0 for directories and symlinks).
     pub size: u64,
     /// Content id (file), tree id (directory) or link target bytes (symlink).
     pub target: Vec<u8>,
 }
+
+/// A file's numeric owner and group, as `stat` gives them: names are not recorded, since the machine that
+/// checks out may map them to other ids (as `tar --numeric-owner` does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Owner {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// Set in an entry's kind byte when its owner follows the mode: entries without it hash and encode as before
+/// schema 10, so old trees keep their ids, and the kind byte alone tells a reader what comes next.
+const OWNER_FLAG: u8 = 0x80;
 
 impl Entry {
     /// The content or tree id this entry points at, `None` for a symlink.
@@ -92,8 +108,12 @@ pub fn tree_id(entries: &[Entry]) -> ObjectId {
     for e in entries {
         h.update(&(e.name.len() as u32).to_le_bytes());
         h.update(&e.name);
-        h.update(&[e.kind.code()]);
+        h.update(&[kind_byte(e)]);
         h.update(&e.mode.to_le_bytes());
+        if let Some(o) = e.owner {
+            h.update(&o.uid.to_le_bytes());
+            h.update(&o.gid.to_le_bytes());
+        }
         h.update(&e.mtime_ns.to_le_bytes());
         h.update(&e.ctime_ns.to_le_bytes());
         h.update(&e.ino.to_le_bytes());
@@ -104,8 +124,13 @@ pub fn tree_id(entries: &[Entry]) -> ObjectId {
     finish(&h)
 }
 
+fn kind_byte(e: &Entry) -> u8 {
+    e.kind.code() | if e.owner.is_some() { OWNER_FLAG } else { 0 }
+}
+
 /// Encodes a tree's entries, which must be sorted by name with no duplicates, as the catalog stores them:
-/// per entry the name (length-prefixed), kind, mode, mtime as a delta from the previous entry's, ctime as a
+/// per entry the name (length-prefixed), kind (with bit 0x80 set if the owner is known), mode, the uid and
+/// gid if known, mtime as a delta from the previous entry's, ctime as a
 /// delta from the mtime, inode, size and target (length-prefixed), integers as LEB128 varints (deltas
 /// zigzagged). Directories' times sit close together and most fields are small, so an entry costs about its
 /// name plus its 32-byte target plus a dozen bytes, where a row per entry cost three times that. The id is
@@ -117,8 +142,12 @@ pub fn encode_tree(entries: &[Entry]) -> Vec<u8> {
     for e in entries {
         put_varint(&mut out, e.name.len() as u64);
         out.extend_from_slice(&e.name);
-        out.push(e.kind.code());
+        out.push(kind_byte(e));
         put_varint(&mut out, e.mode.into());
+        if let Some(o) = e.owner {
+            put_varint(&mut out, o.uid.into());
+            put_varint(&mut out, o.gid.into());
+        }
         put_varint(&mut out, zigzag(e.mtime_ns.wrapping_sub(prev_mtime)));
         put_varint(&mut out, zigzag(e.ctime_ns.wrapping_sub(e.mtime_ns)));
         put_varint(&mut out, e.ino);
@@ -131,7 +160,7 @@ pub fn encode_tree(entries: &[Entry]) -> Vec<u8> {
 }
 
 /// Decodes [`encode_tree`]'s bytes, refusing anything it would not have written: truncation, trailing bytes,
-/// an unknown kind, a mode beyond 32 bits, names out of order or repeated.
+/// an unknown kind or flag, a mode, uid or gid beyond 32 bits, names out of order or repeated.
 pub fn decode_tree(bytes: &[u8]) -> Result<Vec<Entry>> {
     let bad = |what: &str| Error::corrupt(format!("tree data is malformed ({what})"));
     let mut r = bytes;
@@ -144,15 +173,18 @@ pub fn decode_tree(bytes: &[u8]) -> Result<Vec<Entry>> {
         }
         let (&kind, rest) = r.split_first().ok_or_else(|| bad("kind"))?;
         r = rest;
-        let kind = EntryKind::from_code(kind.into())?;
-        let mode = take_varint(&mut r).and_then(|m| u32::try_from(m).ok()).ok_or_else(|| bad("mode"))?;
+        let has_owner = kind & OWNER_FLAG != 0;
+        let kind = EntryKind::from_code((kind & !OWNER_FLAG).into())?;
+        let mut u32_field = |what| take_varint(&mut r).and_then(|m| u32::try_from(m).ok()).ok_or_else(|| bad(what));
+        let mode = u32_field("mode")?;
+        let owner = if has_owner { Some(Owner { uid: u32_field("uid")?, gid: u32_field("gid")? }) } else { None };
         let mtime_ns = prev_mtime.wrapping_add(unzigzag(take_varint(&mut r).ok_or_else(|| bad("mtime"))?));
         let ctime_ns = mtime_ns.wrapping_add(unzigzag(take_varint(&mut r).ok_or_else(|| bad("ctime"))?));
         let ino = take_varint(&mut r).ok_or_else(|| bad("inode"))?;
         let size = take_varint(&mut r).ok_or_else(|| bad("size"))?;
         let target = take_bytes(&mut r).ok_or_else(|| bad("target"))?.to_vec();
         prev_mtime = mtime_ns;
-        out.push(Entry { name, kind, mode, mtime_ns, ctime_ns, ino, size, target });
+        out.push(Entry { name, kind, mode, mtime_ns, ctime_ns, ino, owner, size, target });
     }
     Ok(out)
 }
@@ -316,6 +348,7 @@ mod tests {
             mtime_ns: 1,
             ctime_ns: 2,
             ino: 3,
+            owner: Some(Owner { uid: 1000, gid: 100 }),
             size: 4,
             target: vec![9; 32],
         }
@@ -341,6 +374,11 @@ mod tests {
         changed = base.clone();
         changed[0].target[0] = 0;
         assert_ne!(tree_id(&changed), id);
+        for owner in [None, Some(Owner { uid: 1000, gid: 101 }), Some(Owner { uid: 1001, gid: 100 })] {
+            changed = base.clone();
+            changed[0].owner = owner;
+            assert_ne!(tree_id(&changed), id, "{owner:?}");
+        }
         // Name/target boundaries are length-prefixed: moving a byte between them changes the id.
         let mut a = entry(b"ab");
         a.kind = EntryKind::Symlink;
@@ -351,6 +389,45 @@ mod tests {
         assert_ne!(tree_id(&[a]), tree_id(&[b]));
     }
 
+    /// An entry written before schema 10 (no owner) keeps the id its tree had then: the fixed-width layout
+    /// of docs/format.md, built here byte by byte.
+    #[test]
+    fn entries_without_owner_hash_as_before_schema_10() {
+        let mut e = entry(b"name");
+        e.owner = None;
+        let mut layout = Vec::new();
+        layout.extend_from_slice(&4u32.to_le_bytes());
+        layout.extend_from_slice(b"name");
+        layout.push(1);
+        layout.extend_from_slice(&0o644u32.to_le_bytes());
+        for v in [1i64, 2] {
+            layout.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in [3u64, 4] {
+            layout.extend_from_slice(&v.to_le_bytes());
+        }
+        layout.extend_from_slice(&32u32.to_le_bytes());
+        layout.extend_from_slice(&[9; 32]);
+        let mut h = domain_hasher("snapstore-tree-v1");
+        h.update(&layout);
+        assert_eq!(tree_id(&[e.clone()]), finish(&h));
+        // Encoded as before too: the kind byte without the owner flag, no uid or gid.
+        assert_eq!(encode_tree(&[e.clone()])[5..7], [1, 0xa4]); // 0o644 = 420, LEB128 0xa4 0x03
+        let mut owned = e.clone();
+        owned.owner = Some(Owner { uid: 5, gid: 6 });
+        let bytes = encode_tree(&[owned.clone()]);
+        assert_eq!(bytes[5], 1 | OWNER_FLAG);
+        assert_eq!(decode_tree(&bytes).unwrap(), vec![owned]);
+    }
+
+    #[test]
+    fn an_unknown_flag_in_the_kind_byte_is_refused() {
+        let mut bytes = encode_tree(&[entry(b"a")]);
+        assert_eq!(bytes[2], 1 | OWNER_FLAG);
+        bytes[2] |= 0x40;
+        assert!(decode_tree(&bytes).unwrap_err().is_corruption());
+    }
+
     fn arb_entry() -> impl Strategy<Value = Entry> {
         (
             proptest::collection::vec(any::<u8>(), 1..12),
@@ -359,16 +436,18 @@ mod tests {
             any::<i64>(),
             any::<i64>(),
             any::<u64>(),
+            proptest::option::of((any::<u32>(), any::<u32>())),
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 0..40),
         )
-            .prop_map(|(name, kind, mode, mtime_ns, ctime_ns, ino, size, target)| Entry {
+            .prop_map(|(name, kind, mode, mtime_ns, ctime_ns, ino, owner, size, target)| Entry {
                 name,
                 kind: EntryKind::from_code(kind.into()).unwrap(),
                 mode,
                 mtime_ns,
                 ctime_ns,
                 ino,
+                owner: owner.map(|(uid, gid)| Owner { uid, gid }),
                 size,
                 target,
             })

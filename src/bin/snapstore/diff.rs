@@ -61,7 +61,7 @@ fn line(out: &mut Out, c: &Change) -> std::io::Result<()> {
         path.push('/');
     }
     let detail = match c.change {
-        ChangeKind::Modified if !c.content_changed => "  (mode or mtime only)".to_string(),
+        ChangeKind::Modified if !c.content_changed => "  (mode, owner or mtime only)".to_string(),
         ChangeKind::Modified if c.kind == EntryKind::File => {
             let mut shown: Vec<String> = c.ranges.iter().take(RANGES_SHOWN).map(|(s, e)| format!("{s}..{e}")).collect();
             if c.ranges.len() > RANGES_SHOWN {

@@ -129,8 +129,10 @@ that checkpoint recorded there (the last whole checkout into DEST, or the last c
 is hashed; --checksum hashes every existing file. Files in DEST that the \
 checkpoint lacks stay unless --delete (never the repository itself; a DEST in the repository, or a checkpoint \
 entry where the repository is, is refused). Permissions, mtimes and symlinks end as in \
-the checkpoint; runs of zeros become holes. Owners and hard links are not recorded: files come back owned by \
-the user running the checkout, and names hard-linked together as separate files. If a checkout is interrupted, run it again with --in-place: it \
+the checkpoint; runs of zeros become holes. Run as root, the checkout also gives every entry the owner and \
+group it was committed with, as numeric ids (--no-owners: not); run as another user, what it creates belongs to \
+that user. Checkpoints taken before snapstore recorded owners, and streams, have none to restore. Hard links are \
+not recorded: names hard-linked together come back as separate files. If a checkout is interrupted, run it again with --in-place: it \
 finishes the job, writing only what is missing or incomplete.\n\n\
 Examples:\n  snapstore checkout latest ./restored\n  snapstore checkout 3fa2c1 ./vm.img --in-place\n  \
 snapstore checkout 3fa2c1 ./run --in-place --delete\n  snapstore checkout latest ./out --path config --path data/step-100\n\n", exit_help!()))]
@@ -151,6 +153,9 @@ snapstore checkout 3fa2c1 ./run --in-place --delete\n  snapstore checkout latest
         /// Restore only this path of the checkpoint, relative to the committed directory (repeatable)
         #[arg(long = "path", value_name = "SUBPATH")]
         paths: Vec<PathBuf>,
+        /// Run as root: leave what the checkout creates owned by root instead of by the recorded owners
+        #[arg(long)]
+        no_owners: bool,
         /// Worker threads [default: two per core, at most 32]
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         threads: usize,
@@ -741,7 +746,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 out.line(&summary.id)?;
             }
         }
-        Command::Checkout { id, dest, in_place, delete, checksum, paths, threads } => {
+        Command::Checkout { id, dest, in_place, delete, checksum, paths, no_owners, threads } => {
             let repo = Repository::open(&repo_dir)?;
             let bar = progress::Bar::new(show_progress(cli));
             let opts = CheckoutOptions {
@@ -749,6 +754,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 delete: *delete,
                 checksum: *checksum,
                 paths: paths.clone(),
+                owners: !*no_owners,
                 threads: *threads,
                 progress: bar.clone(),
             };

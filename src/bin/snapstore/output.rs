@@ -264,7 +264,13 @@ pub fn file_line(out: &mut Out, f: &FileInfo) -> io::Result<()> {
         Some(t) => format!(" -> {}", listed_name(&t.to_string_lossy())),
         None => String::new(),
     };
-    out.line(&format!("{kind}{:04o}  {:>10}  {}  {path}{target}", f.mode & 0o7777, size, human_time(f.mtime_ns)))
+    let owner = f.owner.map_or("-".to_string(), |o| format!("{}:{}", o.uid, o.gid));
+    out.line(&format!(
+        "{kind}{:04o}  {owner:>11}  {:>10}  {}  {path}{target}",
+        f.mode & 0o7777,
+        size,
+        human_time(f.mtime_ns)
+    ))
 }
 
 pub fn plan(out: &mut Out, plan: &Plan) -> io::Result<()> {
