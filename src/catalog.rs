@@ -90,7 +90,7 @@ const MIGRATIONS: &[&str] = &[
        WHERE instr(grp, char(1)) = 0;
      UPDATE groups SET name = name || char(1) || parts WHERE instr(name, char(1)) = 0;
      INSERT OR REPLACE INTO meta (key, value) SELECT 'rebuild_pending', '9' WHERE EXISTS (SELECT 1 FROM remote_records);",
-    // 10: tree entries may carry their owner (`tree::OWNER_FLAG`). No table changes: the version is there so
+    // 10: tree entries may carry their owner and hard-link group (`tree::OWNER_FLAG`, `LINK_FLAG`). No table changes: the version is there so
     // that a build before it refuses the catalog ("upgrade snapstore") instead of taking such trees for damage.
     "",
 ];
@@ -378,6 +378,7 @@ fn entry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Entry>> {
         ctime_ns: r.get(4)?,
         ino: to_u64(r.get(5)?),
         owner: None,
+        link: None,
         size: to_u64(r.get(6)?),
         target: r.get(7)?,
     }))
@@ -1532,6 +1533,7 @@ mod tests {
             ctime_ns: 1_700_000_000_223_456_789,
             ino: 42,
             owner: None,
+            link: None,
             size: 7,
             target,
         };
@@ -1758,6 +1760,7 @@ mod tests {
             ctime_ns: 0,
             ino: u64::MAX,
             owner: Some(crate::tree::Owner { uid: u32::MAX, gid: 0 }),
+            link: Some(u64::MAX),
             size: 0,
             target: b"x".to_vec(),
         };

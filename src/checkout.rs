@@ -87,7 +87,9 @@ pub struct CheckoutSummary {
     pub files_unchanged: u64,
     /// Of those, files updated in place by writing only the chunks that differ.
     pub files_patched: u64,
-    /// Of those, files written whole: new at the destination, or replaced (`files` less the two above).
+    /// Of those, names linked to another name of the same file, as they were when committed (hard links).
+    pub files_linked: u64,
+    /// Of those, files written whole: new at the destination, or replaced (`files` less the three above).
     pub files_written: u64,
     /// Directories created or reused.
     pub dirs: u64,
@@ -116,6 +118,9 @@ const BATCH_FILES: usize = 32;
 const READ_BATCH: usize = 256;
 /// The unit a patched file is compared and written in: a page.
 const BLOCK: u64 = 4096;
+/// Hard-linked files whose first name a checkout remembers at most, to link their later names to (about
+/// 200 bytes each); the later names of files beyond them are written as files of their own.
+const LINK_GROUPS_MAX: usize = 1 << 16;
 
 /// How a file reaches its name.
 enum Target {
@@ -156,8 +161,81 @@ struct FileTask {
     create_mode: Option<u32>,
     /// The owner to give the file once it is whole, if it will not have it already (see [`Owners`]).
     chown: Option<(Owner, Arc<Owners>)>,
+    /// Later names of this file (hard links), made once it is in place; `None` once it is.
+    links: Mutex<Option<Vec<PendingLink>>>,
     /// The directory this file is an entry of, released once the file is in place.
     parent: Option<Arc<DirTask>>,
+}
+
+/// A later name of a hard-linked file, waiting for the file's first name to be in place.
+struct PendingLink {
+    /// The name's directory, opened by the walker (see [`FileTask::dir`]).
+    dir: Arc<OwnedFd>,
+    path: PathBuf,
+    /// Something is at the name already (in place): replaced, unless it is this very file.
+    replace: bool,
+    /// For a copy, where the filesystem cannot link: the entry's mode, mtime and owner.
+    mode: u32,
+    mtime_ns: i64,
+    chown: Option<(Owner, Arc<Owners>)>,
+    parent: Option<Arc<DirTask>>,
+}
+
+impl PendingLink {
+    /// Links the name to `from` in `from_dir` (the file's first name, whole), or copies it where the
+    /// filesystem cannot link it (no hard links, another filesystem below an existing destination, too many
+    /// links); then releases the name's place in its directory. Over a name that is taken (`replace`), through
+    /// a temporary name and a rename, so the name is old or new.
+    fn make(&self, from_dir: &OwnedFd, from: &OsStr) -> Result<()> {
+        use rustix::io::Errno;
+        let io = |e: Errno| Error::io(&self.path, e.into());
+        let name = self.path.file_name().unwrap_or_default();
+        if self.replace {
+            let there = rustix::fs::statat(&self.dir, name, AtFlags::SYMLINK_NOFOLLOW);
+            let file = rustix::fs::statat(from_dir, from, AtFlags::SYMLINK_NOFOLLOW).map_err(io)?;
+            if there.is_ok_and(|t| (t.st_dev, t.st_ino) == (file.st_dev, file.st_ino)) {
+                return entry_done(self.parent.as_ref());
+            }
+        }
+        let temp = temp_path(parent_dir(&self.path));
+        let at = if self.replace { temp.file_name().unwrap_or_default() } else { name };
+        match rustix::fs::linkat(from_dir, from, &self.dir, at, AtFlags::empty()) {
+            Ok(()) => {}
+            Err(Errno::XDEV | Errno::PERM | Errno::OPNOTSUPP | Errno::MLINK | Errno::NOSYS) => {
+                self.copy(from_dir, from, at)?
+            }
+            Err(e) if self.replace => return Err(io(e)),
+            Err(e) => return Err(name_error(&self.path, e.into())),
+        }
+        if self.replace
+            && let Err(e) = rustix::fs::renameat(&self.dir, at, &self.dir, name)
+        {
+            let _ = rustix::fs::unlinkat(&self.dir, at, AtFlags::empty());
+            return Err(io(e));
+        }
+        entry_done(self.parent.as_ref())
+    }
+
+    /// A copy of `from` created at `at` with the entry's owner, mode and mtime; removed again if it fails.
+    fn copy(&self, from_dir: &OwnedFd, from: &OsStr, at: &OsStr) -> Result<()> {
+        let io = |e: std::io::Error| Error::io(&self.path, e);
+        let read = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let src = File::from(rustix::fs::openat(from_dir, from, read, Mode::empty()).map_err(|e| io(e.into()))?);
+        let create = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat(&self.dir, at, create, Mode::from_raw_mode(0o600));
+        let dst = File::from(fd.map_err(|e| name_error(&self.path, e.into()))?);
+        let copied = std::io::copy(&mut &src, &mut &dst).map(|_| ()).and_then(|()| {
+            if let Some((owner, owners)) = &self.chown {
+                owners.note(&self.path, rustix::fs::fchown(&dst, owner.uid(), owner.gid()));
+            }
+            dst.set_permissions(fs::Permissions::from_mode(self.mode))?;
+            dst.set_modified(mtime(self.mtime_ns))
+        });
+        copied.map_err(|e| {
+            let _ = rustix::fs::unlinkat(&self.dir, at, AtFlags::empty());
+            io(e)
+        })
+    }
 }
 
 /// A directory of the checkpoint whose mode and mtime wait for its entries to be in place.
@@ -547,6 +625,10 @@ impl FileTask {
         }
         self.placed.store(true, Ordering::Release);
         crate::fault::point("checkout-file");
+        let waiting = self.links.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
+        for link in waiting {
+            link.make(&self.dir, self.dest.file_name().unwrap_or_default())?;
+        }
         entry_done(self.parent.as_ref())
     }
 
@@ -861,9 +943,18 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             new_files,
             owners: owners.clone(),
             roots: &mut roots,
+            dest,
+            links: std::collections::HashMap::new(),
+            links_full: false,
         };
         let r = starts.iter().try_for_each(|s| walker.walk(s)).and_then(|()| walker.outbox.send());
         walker.end_read();
+        if walker.links_full {
+            opts.progress.warn(&format!(
+                "more than {LINK_GROUPS_MAX} hard-linked files: the later names of some came back as files of their \
+                 own, not as links"
+            ));
+        }
         drop(tx);
         r
     });
@@ -886,7 +977,8 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
         opts.progress.warn(&format!("could not record the checkout in the catalog: {e}"));
     }
     summary.bytes_written = written.into_inner();
-    summary.files_written = summary.files.saturating_sub(summary.files_unchanged + summary.files_patched);
+    summary.files_written =
+        summary.files.saturating_sub(summary.files_unchanged + summary.files_patched + summary.files_linked);
     summary.seconds = started.elapsed().as_secs_f64();
     opts.progress.finish();
     Ok(summary)
@@ -1022,6 +1114,34 @@ struct Walker<'a> {
     owners: Option<Arc<Owners>>,
     /// The directories walks started at, checked when all is done.
     roots: &'a mut Vec<Arc<DirTask>>,
+    /// Where the checkout goes; the paths of [`LinkFirst`] are relative to it.
+    dest: &'a Path,
+    /// The first name met of each hard-linked file, by link group, to link its later names to.
+    links: std::collections::HashMap<u64, LinkFirst>,
+    /// Whether a hard-linked file went unremembered, [`LINK_GROUPS_MAX`] being reached.
+    links_full: bool,
+}
+
+/// The first name of a hard-linked file the checkout has met, and what a later name must match to be linked
+/// to it: two names of one file committed while it changed between their reads record different contents,
+/// and are restored as two files.
+struct LinkFirst {
+    rel: PathBuf,
+    target: Vec<u8>,
+    size: u64,
+    mode: u32,
+    mtime_ns: i64,
+    owner: Option<Owner>,
+    /// The file's task while it is being written; `None` where the file was already in place.
+    task: Option<std::sync::Weak<FileTask>>,
+}
+
+impl LinkFirst {
+    fn matches(&self, e: &Entry) -> bool {
+        e.kind == EntryKind::File
+            && (&e.target, e.size, e.mode, e.mtime_ns, e.owner)
+                == (&self.target, self.size, self.mode, self.mtime_ns, self.owner)
+    }
 }
 
 fn owner_of(md: &Metadata) -> Owner {
@@ -1183,7 +1303,16 @@ impl Walker<'_> {
                     self.summary.files += 1;
                     self.summary.bytes += entry.size;
                     self.opts.progress.file(&rel);
-                    self.file(&entry, &path, rel, &priors, dir, parent)?;
+                    let first = entry.link.and_then(|group| self.links.get(&group)).filter(|f| f.matches(&entry));
+                    match first.map(|f| (f.rel.clone(), f.task.as_ref().and_then(std::sync::Weak::upgrade))) {
+                        Some((first, task)) => self.link(&entry, &path, &first, task, dir, parent)?,
+                        None => {
+                            let task = self.file(&entry, &path, rel, &priors, dir, parent)?;
+                            if let Some(group) = entry.link {
+                                self.remember(group, &entry, &path, task);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -1244,7 +1373,88 @@ impl Walker<'_> {
         Ok(())
     }
 
-    /// Restores one file; `parent` is released once it is in place.
+    /// Notes the first name of a hard-linked file, for its later names.
+    fn remember(&mut self, group: u64, entry: &Entry, path: &Path, task: Option<std::sync::Weak<FileTask>>) {
+        if self.links.contains_key(&group) {
+            return;
+        }
+        if self.links.len() >= LINK_GROUPS_MAX {
+            self.links_full = true;
+            return;
+        }
+        let first = LinkFirst {
+            rel: path.strip_prefix(self.dest).unwrap_or(path).to_path_buf(),
+            target: entry.target.clone(),
+            size: entry.size,
+            mode: entry.mode,
+            mtime_ns: entry.mtime_ns,
+            owner: entry.owner,
+            task,
+        };
+        self.links.insert(group, first);
+    }
+
+    /// Puts a later name of a hard-linked file in place as a link to its first name (`first`, relative to the
+    /// destination), once that is whole: now if it is, else when the worker finishing it gets there.
+    fn link(
+        &mut self,
+        entry: &Entry,
+        path: &Path,
+        first: &Path,
+        task: Option<Arc<FileTask>>,
+        dir: Arc<OwnedFd>,
+        parent: Option<Arc<DirTask>>,
+    ) -> Result<()> {
+        self.summary.files_linked += 1;
+        self.opts.progress.bytes(entry.size);
+        let mut replace = false;
+        if self.in_place {
+            match fs::symlink_metadata(path) {
+                Ok(md) if md.is_dir() => clear_sparing(path, self.protect)?,
+                Ok(_) => replace = true,
+                Err(_) => {}
+            }
+        }
+        let link = PendingLink {
+            dir,
+            path: path.to_path_buf(),
+            replace,
+            mode: entry.mode,
+            mtime_ns: entry.mtime_ns,
+            chown: self.chown(entry, None),
+            parent,
+        };
+        if let Some(task) = task {
+            let mut waiting = task.links.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(list) = waiting.as_mut() {
+                list.push(link);
+                return Ok(());
+            }
+            drop(waiting);
+            return link.make(&task.dir, task.dest.file_name().unwrap_or_default());
+        }
+        let from_dir = self.open_beneath(first.parent().unwrap_or(Path::new("")))?;
+        link.make(&from_dir, first.file_name().unwrap_or_default())
+    }
+
+    /// The directory at `rel` below the destination, opened without following a symlink anywhere below it: a
+    /// later entry that replaced a directory by a symlink (on a filesystem that ignores case) cannot make a link
+    /// to a file outside.
+    fn open_beneath(&self, rel: &Path) -> Result<OwnedFd> {
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let mut dir = rustix::fs::open(self.dest, flags, Mode::empty()).map_err(|e| Error::io(self.dest, e.into()))?;
+        for part in rel.components() {
+            let std::path::Component::Normal(name) = part else {
+                return Err(Error::Internal(format!("{}: not a path below the destination", rel.display())));
+            };
+            dir = rustix::fs::openat(&dir, name, flags | OFlags::NOFOLLOW, Mode::empty())
+                .map_err(|e| Error::io(self.dest.join(rel), e.into()))?;
+        }
+        Ok(dir)
+    }
+
+    /// Restores one file; `parent` is released once it is in place. Returns the file's task, if it is not
+    /// already in place.
     fn file(
         &mut self,
         entry: &Entry,
@@ -1253,15 +1463,26 @@ impl Walker<'_> {
         priors: &[Prior],
         dir: Arc<OwnedFd>,
         parent: Option<Arc<DirTask>>,
-    ) -> Result<()> {
+    ) -> Result<Option<std::sync::Weak<FileTask>>> {
         let content = entry.object()?.expect("file has content");
         let mut patch = None;
         // Into an empty directory there is nothing to look at (`create_new` still refuses to overwrite).
         let existing =
             if self.in_place { fs::symlink_metadata(dest) } else { Err(std::io::ErrorKind::NotFound.into()) };
         let exists = existing.is_ok();
+        // A file with other names that the checkpoint does not link it to (another entry, which would change
+        // with it, or a backup made with `ln`): written anew, so that they keep their content and this name
+        // gets its own mode and mtime.
+        let linked_elsewhere =
+            self.in_place && entry.link.is_none() && existing.as_ref().is_ok_and(|md| md.is_file() && md.nlink() > 1);
+        if linked_elsewhere && entry.size >= PATCH_MIN {
+            self.opts.progress.warn(&format!(
+                "{} has other hard links: written anew instead of patched in place, so that they keep their content",
+                dest.display()
+            ));
+        }
         match existing {
-            Ok(md) if md.is_file() && self.in_place => {
+            Ok(md) if md.is_file() && self.in_place && !linked_elsewhere => {
                 // Only a record of what was put here vouches for a file's bytes. The checkpoint's own size and
                 // mtime do not: another version can share both (files restored with fixed mtimes, or two
                 // writes within one tick of the file clock), and trusting them would leave the wrong bytes.
@@ -1292,16 +1513,11 @@ impl Walker<'_> {
                     }
                     self.summary.files_unchanged += 1;
                     self.opts.progress.bytes(entry.size);
-                    return entry_done(parent.as_ref());
+                    return entry_done(parent.as_ref()).map(|()| None);
                 }
-                if entry.size >= PATCH_MIN && md.nlink() > 1 {
-                    // Patched, the file's other names (a backup made with `ln`) would change with it.
-                    self.opts.progress.warn(&format!(
-                        "{} has other hard links: written anew instead of patched in place, so that they keep \
-                         their content",
-                        dest.display()
-                    ));
-                } else if entry.size >= PATCH_MIN {
+                // Patched, the file's other names would change with it: written anew, its names in the
+                // checkpoint are linked to the new file, and names outside it keep their content.
+                if entry.size >= PATCH_MIN && md.nlink() == 1 {
                     patch = Some((md, trusted));
                 }
             }
@@ -1349,6 +1565,7 @@ impl Walker<'_> {
             placed: AtomicBool::new(false),
             create_mode,
             chown,
+            links: Mutex::new(Some(Vec::new())),
             parent,
         });
         let mut batcher = Batcher { outbox: &mut self.outbox, task: &task, chunks: Vec::new(), bytes: 0 };
@@ -1380,7 +1597,8 @@ impl Walker<'_> {
             task.fail();
             return Err(file_error(&task.rel, e));
         }
-        task.release().map_err(|e| file_error(&task.rel, e))
+        task.release().map_err(|e| file_error(&task.rel, e))?;
+        Ok(Some(Arc::downgrade(&task)))
     }
 }
 
@@ -1498,6 +1716,7 @@ mod tests {
             placed: AtomicBool::new(false),
             create_mode: None,
             chown: None,
+            links: Mutex::new(Some(Vec::new())),
             parent: None,
         }
     }

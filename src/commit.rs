@@ -201,9 +201,21 @@ fn entry_from(name: Vec<u8>, kind: EntryKind, md: &Metadata) -> Entry {
         ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
         ino: md.ino(),
         owner: Some(crate::tree::Owner { uid: md.uid(), gid: md.gid() }),
+        link: if kind == EntryKind::File { link_group(md) } else { None },
         size: if kind == EntryKind::File { md.len() } else { 0 },
         target: Vec::new(),
     }
+}
+
+/// The hard-link group of a file with other names: the same for every name of one inode, and no other
+/// file's. Its device and inode hashed, since a commit can cross into other filesystems.
+fn link_group(md: &Metadata) -> Option<u64> {
+    (md.nlink() > 1).then(|| {
+        let mut h = crate::id::domain_hasher("snapstore-link-v1");
+        h.update(&md.dev().to_le_bytes());
+        h.update(&md.ino().to_le_bytes());
+        u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+    })
 }
 
 fn unchanged(prev: &Entry, now: &Entry) -> bool {
@@ -1200,6 +1212,7 @@ impl Walker<'_, '_> {
             ino: 0,
             // A stream's bytes have no owner; checked out, the file is the user's who runs the checkout.
             owner: None,
+            link: None,
             size: 0,
             target: Vec::new(),
         };

@@ -37,7 +37,7 @@ const T_PROTOCOL: u8 = 12;
 /// count and the tags.
 const T_RETAG: u8 = 13;
 /// The newest protocol [`T_PROTOCOL`] names, the one this build reads. Protocol 3 added [`T_RETAG`], protocol
-/// 4 tree entries with owners (catalog schema 10). A record says the lowest protocol that reads it (2,
+/// 4 tree entries with owners or hard-link groups (catalog schema 10). A record says the lowest protocol that reads it (2,
 /// [`PROTOCOL_BASE`], without either), so older builds go on working beside this one until the first record
 /// they cannot read, where they stop (every command, since no later record can be applied before it) and
 /// ask to be upgraded.
@@ -48,8 +48,10 @@ const PROTOCOL_RETAG: u8 = 3;
 /// The protocol a record of `batch` says: see [`PROTOCOL`].
 fn protocol_of(batch: &Batch) -> u8 {
     // Data that does not decode is not this build's to judge; the newest protocol keeps older ones off it.
-    let owners = |data: &[u8]| crate::tree::decode_tree(data).map_or(true, |es| es.iter().any(|e| e.owner.is_some()));
-    if batch.trees.iter().any(|(_, data)| owners(data)) {
+    let schema_10 = |data: &[u8]| {
+        crate::tree::decode_tree(data).map_or(true, |es| es.iter().any(|e| e.owner.is_some() || e.link.is_some()))
+    };
+    if batch.trees.iter().any(|(_, data)| schema_10(data)) {
         PROTOCOL
     } else if !batch.retags.is_empty() {
         PROTOCOL_RETAG
@@ -407,6 +409,7 @@ mod tests {
                 ctime_ns: 1,
                 ino: 1,
                 owner,
+                link: None,
                 size: 0,
                 target: vec![1; 32],
             };

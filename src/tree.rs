@@ -56,6 +56,9 @@ pub struct Entry {
     pub ino: u64,
     /// Numeric owner and group when committed; `None` for a stream and in trees written before schema 10.
     pub owner: Option<Owner>,
+    /// Files with other hard links: a number shared by every name of the same file in the checkpoint, and by no
+    /// other file's (schema 10 onwards). A checkout links such names together again.
+    pub link: Option<u64>,
     /// File size in bytes (0 for directories and symlinks).
     pub size: u64,
     /// Content id (file), tree id (directory) or link target bytes (symlink).
@@ -75,6 +78,8 @@ pub struct Owner {
 /// Set in an entry's kind byte when its owner follows the mode: entries without it hash and encode as before
 /// schema 10, so old trees keep their ids, and the kind byte alone tells a reader what comes next.
 const OWNER_FLAG: u8 = 0x80;
+/// Set in an entry's kind byte when its hard-link group follows (after the owner, if any).
+const LINK_FLAG: u8 = 0x40;
 
 impl Entry {
     /// The content or tree id this entry points at, `None` for a symlink.
@@ -114,6 +119,9 @@ pub fn tree_id(entries: &[Entry]) -> ObjectId {
             h.update(&o.uid.to_le_bytes());
             h.update(&o.gid.to_le_bytes());
         }
+        if let Some(group) = e.link {
+            h.update(&group.to_le_bytes());
+        }
         h.update(&e.mtime_ns.to_le_bytes());
         h.update(&e.ctime_ns.to_le_bytes());
         h.update(&e.ino.to_le_bytes());
@@ -125,12 +133,12 @@ pub fn tree_id(entries: &[Entry]) -> ObjectId {
 }
 
 fn kind_byte(e: &Entry) -> u8 {
-    e.kind.code() | if e.owner.is_some() { OWNER_FLAG } else { 0 }
+    e.kind.code() | if e.owner.is_some() { OWNER_FLAG } else { 0 } | if e.link.is_some() { LINK_FLAG } else { 0 }
 }
 
 /// Encodes a tree's entries, which must be sorted by name with no duplicates, as the catalog stores them:
-/// per entry the name (length-prefixed), kind (with bit 0x80 set if the owner is known), mode, the uid and
-/// gid if known, mtime as a delta from the previous entry's, ctime as a
+/// per entry the name (length-prefixed), kind (with bit 0x80 set if the owner is known, 0x40 if the file has
+/// other hard links), mode, the uid and gid if known, the hard-link group if any, mtime as a delta from the previous entry's, ctime as a
 /// delta from the mtime, inode, size and target (length-prefixed), integers as LEB128 varints (deltas
 /// zigzagged). Directories' times sit close together and most fields are small, so an entry costs about its
 /// name plus its 32-byte target plus a dozen bytes, where a row per entry cost three times that. The id is
@@ -147,6 +155,9 @@ pub fn encode_tree(entries: &[Entry]) -> Vec<u8> {
         if let Some(o) = e.owner {
             put_varint(&mut out, o.uid.into());
             put_varint(&mut out, o.gid.into());
+        }
+        if let Some(group) = e.link {
+            put_varint(&mut out, group);
         }
         put_varint(&mut out, zigzag(e.mtime_ns.wrapping_sub(prev_mtime)));
         put_varint(&mut out, zigzag(e.ctime_ns.wrapping_sub(e.mtime_ns)));
@@ -173,18 +184,19 @@ pub fn decode_tree(bytes: &[u8]) -> Result<Vec<Entry>> {
         }
         let (&kind, rest) = r.split_first().ok_or_else(|| bad("kind"))?;
         r = rest;
-        let has_owner = kind & OWNER_FLAG != 0;
-        let kind = EntryKind::from_code((kind & !OWNER_FLAG).into())?;
+        let (has_owner, has_link) = (kind & OWNER_FLAG != 0, kind & LINK_FLAG != 0);
+        let kind = EntryKind::from_code((kind & !(OWNER_FLAG | LINK_FLAG)).into())?;
         let mut u32_field = |what| take_varint(&mut r).and_then(|m| u32::try_from(m).ok()).ok_or_else(|| bad(what));
         let mode = u32_field("mode")?;
         let owner = if has_owner { Some(Owner { uid: u32_field("uid")?, gid: u32_field("gid")? }) } else { None };
+        let link = if has_link { Some(take_varint(&mut r).ok_or_else(|| bad("link"))?) } else { None };
         let mtime_ns = prev_mtime.wrapping_add(unzigzag(take_varint(&mut r).ok_or_else(|| bad("mtime"))?));
         let ctime_ns = mtime_ns.wrapping_add(unzigzag(take_varint(&mut r).ok_or_else(|| bad("ctime"))?));
         let ino = take_varint(&mut r).ok_or_else(|| bad("inode"))?;
         let size = take_varint(&mut r).ok_or_else(|| bad("size"))?;
         let target = take_bytes(&mut r).ok_or_else(|| bad("target"))?.to_vec();
         prev_mtime = mtime_ns;
-        out.push(Entry { name, kind, mode, mtime_ns, ctime_ns, ino, owner, size, target });
+        out.push(Entry { name, kind, mode, mtime_ns, ctime_ns, ino, owner, link, size, target });
     }
     Ok(out)
 }
@@ -349,6 +361,7 @@ mod tests {
             ctime_ns: 2,
             ino: 3,
             owner: Some(Owner { uid: 1000, gid: 100 }),
+            link: None,
             size: 4,
             target: vec![9; 32],
         }
@@ -379,6 +392,12 @@ mod tests {
             changed[0].owner = owner;
             assert_ne!(tree_id(&changed), id, "{owner:?}");
         }
+        changed = base.clone();
+        changed[0].link = Some(7);
+        let linked = tree_id(&changed);
+        assert_ne!(linked, id);
+        changed[0].link = Some(8);
+        assert_ne!(tree_id(&changed), linked);
         // Name/target boundaries are length-prefixed: moving a byte between them changes the id.
         let mut a = entry(b"ab");
         a.kind = EntryKind::Symlink;
@@ -417,6 +436,11 @@ mod tests {
         owned.owner = Some(Owner { uid: 5, gid: 6 });
         let bytes = encode_tree(&[owned.clone()]);
         assert_eq!(bytes[5], 1 | OWNER_FLAG);
+        assert_eq!(decode_tree(&bytes).unwrap(), vec![owned.clone()]);
+        owned.link = Some(300);
+        let bytes = encode_tree(&[owned.clone()]);
+        assert_eq!(bytes[5], 1 | OWNER_FLAG | LINK_FLAG);
+        assert_eq!(bytes[8..12], [5, 6, 0xac, 0x02], "uid, gid, then the link group");
         assert_eq!(decode_tree(&bytes).unwrap(), vec![owned]);
     }
 
@@ -424,7 +448,7 @@ mod tests {
     fn an_unknown_flag_in_the_kind_byte_is_refused() {
         let mut bytes = encode_tree(&[entry(b"a")]);
         assert_eq!(bytes[2], 1 | OWNER_FLAG);
-        bytes[2] |= 0x40;
+        bytes[2] |= 0x20;
         assert!(decode_tree(&bytes).unwrap_err().is_corruption());
     }
 
@@ -437,10 +461,11 @@ mod tests {
             any::<i64>(),
             any::<u64>(),
             proptest::option::of((any::<u32>(), any::<u32>())),
+            proptest::option::of(any::<u64>()),
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 0..40),
         )
-            .prop_map(|(name, kind, mode, mtime_ns, ctime_ns, ino, owner, size, target)| Entry {
+            .prop_map(|(name, kind, mode, mtime_ns, ctime_ns, ino, owner, link, size, target)| Entry {
                 name,
                 kind: EntryKind::from_code(kind.into()).unwrap(),
                 mode,
@@ -448,6 +473,7 @@ mod tests {
                 ctime_ns,
                 ino,
                 owner: owner.map(|(uid, gid)| Owner { uid, gid }),
+                link,
                 size,
                 target,
             })

@@ -1119,6 +1119,46 @@ fn rename_entry(conn: &rusqlite::Connection, root_tree: &[u8], in_root: bool, fr
     renamed
 }
 
+/// Names that share a hard-link group in the catalog but not their content, mode or mtime (a file that changed
+/// between the reads of its two names, or a tampered catalog) come back as files of their own, each with its
+/// own bytes; a link group on a symlink is ignored. Names that match are linked.
+#[test]
+fn a_link_group_joins_only_names_that_match() {
+    let t = tmp();
+    let src = t.path().join("src");
+    write(&src.join("a"), b"first content");
+    write(&src.join("b"), b"other content");
+    write(&src.join("c"), b"first content");
+    write(&src.join("d"), b"first content");
+    symlink("a", src.join("l")).unwrap();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let d_mtime = fs::metadata(src.join("a")).unwrap().modified().unwrap() - Duration::from_secs(60);
+    File::options().write(true).open(src.join("d")).unwrap().set_modified(d_mtime).unwrap();
+    let a_mtime = fs::metadata(src.join("a")).unwrap().modified().unwrap();
+    File::options().write(true).open(src.join("c")).unwrap().set_modified(a_mtime).unwrap();
+    let s = commit(&repo, &src);
+    let catalog = repo.catalog().unwrap();
+    let grouped = crate::util::edit_trees(catalog.connection(), |_, entries| {
+        let mut any = false;
+        for e in entries.iter_mut().filter(|e| [&b"a"[..], b"b", b"c", b"d", b"l"].contains(&e.name.as_slice())) {
+            e.link = Some(42);
+            any = true;
+        }
+        any
+    });
+    assert_eq!(grouped, 1);
+    let dest = t.path().join("dest");
+    let summary = repo.checkout(&s.id, &dest, &CheckoutOptions::default()).unwrap();
+    assert_eq!(summary.files_linked, 1, "only c matches a: {summary:?}");
+    let ino = |n: &str| fs::symlink_metadata(dest.join(n)).unwrap().ino();
+    assert_eq!(ino("c"), ino("a"));
+    assert_ne!(ino("b"), ino("a"), "other content");
+    assert_ne!(ino("d"), ino("a"), "other mtime");
+    assert_eq!(fs::read(dest.join("b")).unwrap(), b"other content");
+    assert_eq!(fs::read(dest.join("d")).unwrap(), b"first content");
+    assert_eq!(fs::read_link(dest.join("l")).unwrap(), Path::new("a"));
+}
+
 #[test]
 fn hostile_names_in_the_catalog_are_refused() {
     let t = tmp();
