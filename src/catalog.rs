@@ -937,10 +937,10 @@ fn insert_rows(
 
 impl Catalog {
     /// Records that checkpoint `id` was checked out whole at `dest` (an absolute path).
-    pub(crate) fn record_checkout(&self, dest: &str, id: &str) -> Result<()> {
+    pub(crate) fn record_checkout(&self, dest: &str, id: &str, ended_ns: i64) -> Result<()> {
         self.conn.execute(
             "INSERT OR REPLACE INTO checkouts (dest, checkpoint, time_ns) VALUES (?1, ?2, ?3)",
-            params![dest, id, now_ns()],
+            params![dest, id, ended_ns],
         )?;
         Ok(())
     }
@@ -952,14 +952,16 @@ impl Catalog {
         Ok(())
     }
 
-    /// The checkpoint last checked out whole at `dest`, if it still exists.
-    pub(crate) fn last_checkout(&self, dest: &str) -> Result<Option<String>> {
+    /// The checkpoint last checked out whole at `dest`, if it still exists, and when that checkout ended (a
+    /// [`crate::fileclock::Boundary`]).
+    pub(crate) fn last_checkout(&self, dest: &str) -> Result<Option<(String, i64)>> {
         Ok(self
             .conn
             .query_row(
-                "SELECT k.checkpoint FROM checkouts k JOIN checkpoints c ON c.id = k.checkpoint WHERE k.dest = ?1",
+                "SELECT k.checkpoint, k.time_ns FROM checkouts k JOIN checkpoints c ON c.id = k.checkpoint
+                 WHERE k.dest = ?1",
                 [dest],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?)
     }
@@ -1728,7 +1730,7 @@ mod tests {
         let cat = Catalog::open_read_only(&path).unwrap();
         assert!(cat.read_only().is_some());
         assert!(cat.checkpoints().unwrap().is_empty());
-        let err = cat.record_checkout("/x", "y").unwrap_err();
+        let err = cat.record_checkout("/x", "y", 1).unwrap_err();
         assert!(
             matches!(&err, Error::Catalog(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ReadOnly)),
             "{err}"

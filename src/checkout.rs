@@ -35,6 +35,7 @@ use crate::backend::Backend;
 use crate::catalog::{Catalog, host_name};
 use crate::content;
 use crate::error::{Error, Result};
+use crate::fileclock::Boundary;
 use crate::id::ObjectId;
 use crate::progress::{NoProgress, Progress};
 use crate::sparse::is_zero;
@@ -766,18 +767,32 @@ fn refuse_repository(dest: &Path, repo: &Path) -> Result<()> {
 #[derive(Clone)]
 struct Prior {
     entry: Entry,
-    /// Recorded by a commit of this very file: ctime and inode must match too, as commit itself requires.
-    committed: bool,
+    /// Who recorded it, which says what else must match.
+    by: Recorder,
+}
+
+#[derive(Clone, Copy)]
+enum Recorder {
+    /// A commit of this very file: ctime and inode must match too, as commit itself requires.
+    Commit,
+    /// A whole checkout into the destination, which ended at this time (a [`Boundary`]): a file changed since
+    /// has a ctime at or after it, even where its size and mtime were put back (`touch -r`, a copy keeping
+    /// times).
+    Checkout(i64),
 }
 
 impl Prior {
     /// The content the file on disk holds, if this record vouches for it.
     fn vouches(&self, md: &Metadata) -> Option<ObjectId> {
         let e = &self.entry;
+        let ctime_ns = md.ctime() * 1_000_000_000 + md.ctime_nsec();
         let same = e.kind == EntryKind::File
             && e.size == md.len()
             && e.mtime_ns == mtime_ns(md)
-            && (!self.committed || (e.ctime_ns == md.ctime() * 1_000_000_000 + md.ctime_nsec() && e.ino == md.ino()));
+            && match self.by {
+                Recorder::Commit => e.ctime_ns == ctime_ns && e.ino == md.ino(),
+                Recorder::Checkout(ended_ns) => ctime_ns < ended_ns,
+            };
         same.then(|| e.object().ok().flatten()).flatten()
     }
 }
@@ -878,7 +893,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
                 .iter()
                 .filter_map(|p| {
                     let (entry, _) = content::lookup_relative(&catalog, &p.entry, &rel).ok()??;
-                    Some(Prior { entry, committed: p.committed })
+                    Some(Prior { entry, by: p.by })
                 })
                 .collect();
             let rel = if rel.as_os_str().is_empty() { root_name.clone() } else { root_name.join(rel) };
@@ -969,12 +984,15 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     if let Some(warning) = owners.and_then(|o| o.warning()) {
         opts.progress.warn(&warning);
     }
-    if opts.paths.is_empty()
-        && catalog.read_only().is_none()
-        && let Err(e) = catalog.record_checkout(&dest_key, id)
-    {
-        // The files are in place; without the record the next in-place checkout hashes instead of trusting.
-        opts.progress.warn(&format!("could not record the checkout in the catalog: {e}"));
+    if opts.paths.is_empty() && catalog.read_only().is_none() {
+        // Every file is in place: each has a ctime before the boundary, and any change from here on one at or
+        // after it, which is what lets the record vouch only for files left as the checkout put them.
+        let ended = Boundary::after_now(dest);
+        if let Err(e) = catalog.record_checkout(&dest_key, id, ended.at) {
+            // The files are in place; without the record the next in-place checkout hashes instead of trusting.
+            opts.progress.warn(&format!("could not record the checkout in the catalog: {e}"));
+        }
+        ended.wait();
     }
     summary.bytes_written = written.into_inner();
     summary.files_written =
@@ -989,15 +1007,15 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
 /// skipped: files it would have vouched for are hashed instead.
 fn priors(catalog: &Catalog, key: &str) -> Vec<Prior> {
     let mut out = Vec::new();
-    if let Ok(Some(id)) = catalog.last_checkout(key)
+    if let Ok(Some((id, ended_ns))) = catalog.last_checkout(key)
         && let Ok(entry) = content::root_entry(catalog, &id)
     {
-        out.push(Prior { entry, committed: false });
+        out.push(Prior { entry, by: Recorder::Checkout(ended_ns) });
     }
     if let Ok(Some(cp)) = catalog.latest_of_path(&host_name(), key)
         && let Ok(entry) = content::root_entry(catalog, &cp.id)
     {
-        out.push(Prior { entry, committed: true });
+        out.push(Prior { entry, by: Recorder::Commit });
     }
     out
 }
@@ -1235,12 +1253,12 @@ impl Walker<'_> {
                         self.tidy(&path, &children)?;
                     }
                     // What each prior recorded in this directory, to pair with the children by name.
-                    let prior_dirs: Vec<(bool, Vec<Entry>)> = priors
+                    let prior_dirs: Vec<(Recorder, Vec<Entry>)> = priors
                         .iter()
                         .filter(|p| p.entry.kind == EntryKind::Dir)
                         .filter_map(|p| {
                             let id = p.entry.object().ok()??;
-                            Some((p.committed, self.catalog.tree(&id).ok()?))
+                            Some((p.by, self.catalog.tree(&id).ok()?))
                         })
                         .collect();
                     let at = match (&parent, path.file_name()) {
@@ -1263,9 +1281,9 @@ impl Walker<'_> {
                         tree::validate_name(&child.name)?;
                         let child_priors = prior_dirs
                             .iter()
-                            .filter_map(|(committed, entries)| {
+                            .filter_map(|(by, entries)| {
                                 let i = entries.binary_search_by(|e| e.name.cmp(&child.name)).ok()?;
-                                Some(Prior { entry: entries[i].clone(), committed: *committed })
+                                Some(Prior { entry: entries[i].clone(), by: *by })
                             })
                             .collect();
                         let name = OsStr::from_bytes(&child.name);

@@ -33,6 +33,7 @@ mod content;
 mod diff;
 mod error;
 pub mod fault;
+mod fileclock;
 mod gc;
 mod group;
 mod grouping;

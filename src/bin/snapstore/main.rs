@@ -125,8 +125,8 @@ The new checkpoint's full id is printed last on stdout. If the repository does n
 DEST must not exist, or be an empty directory, unless --in-place: then files that already match the checkpoint are left untouched, \
 and a file that differs is patched by writing only the chunks that differ (to roll a VM image or a training run \
 back or forward; a file with other hard links is written anew instead, so that they keep their content). A file is taken to hold an earlier checkpoint's content when its size and mtime match what \
-that checkpoint recorded there (the last whole checkout into DEST, or the last commit of DEST); any other file \
-is hashed; --checksum hashes every existing file. Files in DEST that the \
+that checkpoint recorded there and it has not changed since (its ctime: before the end of the last whole checkout \
+into DEST, or as the last commit of DEST saw it); any other file is hashed; --checksum hashes every existing file. Files in DEST that the \
 checkpoint lacks stay unless --delete (never the repository itself; a DEST in the repository, or a checkpoint \
 entry where the repository is, is refused). Permissions, mtimes and symlinks end as in \
 the checkpoint; runs of zeros become holes. Run as root, the checkout also gives every entry the owner and \

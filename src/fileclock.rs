@@ -1,0 +1,113 @@
+//! The clock file timestamps come from, for telling files changed after a checkout from those it placed.
+//!
+//! A file's ctime is set by the kernel from its coarse clock (`CLOCK_REALTIME_COARSE`, which moves once per
+//! tick, and on this project's VMs was seen up to 7.6 ms behind the fine clock with 4 ms ticks), or on
+//! kernels with multigrain timestamps sometimes from the fine one, and is then cut down to the filesystem's
+//! granularity (1 ns on ext4, XFS, btrfs and tmpfs; 1 s on an ext4 with small inodes, 2 s on FAT). A
+//! fine-clock reading taken after a checkout is therefore no bound: a file changed a moment later can get a
+//! ctime before it. [`Boundary`] is one that holds both ways.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rustix::time::{ClockId, Timespec, clock_gettime};
+
+/// A time `at` (ns since the epoch) such that every file whose ctime was set before [`Boundary::after_now`] was
+/// called has a ctime before `at`, as far as the filesystem's granularity allows (files placed within its last
+/// granule may not, which only costs them a hash), and every ctime set after [`Boundary::wait`] returns is at
+/// or after it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Boundary {
+    pub at: i64,
+    /// Just after the fine clock's time when the boundary was drawn, which every ctime set until then is
+    /// before; the coarse clock must reach it before anything is said to be done.
+    next: i64,
+}
+
+fn ns(t: Timespec) -> i64 {
+    t.tv_sec.saturating_mul(1_000_000_000).saturating_add(t.tv_nsec)
+}
+
+impl Boundary {
+    /// The boundary after everything done so far, for files on the filesystem of `sample` (a file or
+    /// directory there whose ctime shows its granularity).
+    pub fn after_now(sample: &Path) -> Boundary {
+        // Every timestamp set so far, coarse or fine, is at or before the fine clock's present.
+        let next = ns(clock_gettime(ClockId::Realtime)).saturating_add(1);
+        let granule = sample_granularity(sample);
+        Boundary { at: next - next.rem_euclid(granule), next }
+    }
+
+    /// Waits until the coarse clock has caught up with the boundary (a tick or two, and mostly spent already
+    /// writing the record), so that a change made from now on gets a ctime at or after `at`.
+    pub fn wait(&self) {
+        loop {
+            let left = self.next - ns(clock_gettime(ClockId::RealtimeCoarse));
+            if left <= 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_nanos(left.unsigned_abs().min(1_000_000)));
+        }
+    }
+}
+
+/// A granularity at least as coarse as the filesystem's at `sample`, guessed from the nanoseconds of its
+/// ctime: the largest power of ten they are a multiple of (a filesystem of 1 ns shows most of them, rarely
+/// a round number, which only makes the guess safer), 2 s where they are zero (FAT), 1 ns if it cannot be
+/// read.
+fn sample_granularity(sample: &Path) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::symlink_metadata(sample) else { return 1 };
+    granularity_of(md.ctime_nsec())
+}
+
+fn granularity_of(nsec: i64) -> i64 {
+    if nsec == 0 {
+        return 2_000_000_000;
+    }
+    let mut g = 1;
+    while g < 100_000_000 && nsec % (g * 10) == 0 {
+        g *= 10;
+    }
+    g
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn granularity_is_guessed_from_round_nanoseconds() {
+        assert_eq!(granularity_of(123_456_789), 1);
+        assert_eq!(granularity_of(123_456_000), 1_000);
+        assert_eq!(granularity_of(100_000_000), 100_000_000);
+        assert_eq!(granularity_of(0), 2_000_000_000);
+    }
+
+    /// A file written before the boundary has a ctime before it; one written after `wait` a ctime at or after
+    /// it, however soon after (here: at once, many times over, so that some fall in the same coarse tick).
+    #[test]
+    fn files_changed_after_the_boundary_have_later_ctimes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        let ctime = |f: &Path| {
+            let md = std::fs::symlink_metadata(f).unwrap();
+            md.ctime() * 1_000_000_000 + md.ctime_nsec()
+        };
+        for _ in 0..200 {
+            std::fs::write(&f, b"placed").unwrap();
+            let b = Boundary::after_now(&f);
+            b.wait();
+            let placed = ctime(&f);
+            std::fs::write(&f, b"changed").unwrap();
+            let changed = ctime(&f);
+            // The sample's own granularity may be guessed coarser than it is, putting the boundary at or
+            // before a placed file's ctime; never after a changed one's.
+            assert!(changed >= b.at, "changed at {changed}, boundary {}", b.at);
+            if b.at == b.next {
+                assert!(placed < b.at, "placed at {placed}, boundary {}", b.at);
+            }
+        }
+    }
+}
