@@ -19,7 +19,7 @@
 //! are rewritten through a temporary file.
 
 use std::ffi::OsStr;
-use std::fs::{self, File, Metadata, OpenOptions};
+use std::fs::{self, File, Metadata};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, PermissionsExt};
@@ -34,6 +34,7 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 use crate::backend::Backend;
 use crate::catalog::{Catalog, host_name};
 use crate::content;
+use crate::dirfd;
 use crate::error::{Error, Result};
 use crate::fileclock::Boundary;
 use crate::id::ObjectId;
@@ -102,6 +103,8 @@ pub struct CheckoutSummary {
     pub bytes: u64,
     /// Bytes actually written into files (runs of zeros are left as holes, not written).
     pub bytes_written: u64,
+    /// Entries whose recorded owner could not be given them (run as root; see the warning).
+    pub owners_not_restored: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -119,6 +122,8 @@ const BATCH_FILES: usize = 32;
 const READ_BATCH: usize = 256;
 /// The unit a patched file is compared and written in: a page.
 const BLOCK: u64 = 4096;
+/// The set-uid and set-gid bits.
+const SET_ID: u32 = 0o6000;
 /// Hard-linked files whose first name a checkout remembers at most, to link their later names to (about
 /// 200 bytes each); the later names of files beyond them are written as files of their own.
 const LINK_GROUPS_MAX: usize = 1 << 16;
@@ -162,6 +167,9 @@ struct FileTask {
     create_mode: Option<u32>,
     /// The owner to give the file once it is whole, if it will not have it already (see [`Owners`]).
     chown: Option<(Owner, Arc<Owners>)>,
+    /// The owner it was committed with, which its set-id bits depend on, and where their fate is counted.
+    owner: Option<Owner>,
+    owners: Arc<Owners>,
     /// Later names of this file (hard links), made once it is in place; `None` once it is.
     links: Mutex<Option<Vec<PendingLink>>>,
     /// The directory this file is an entry of, released once the file is in place.
@@ -179,6 +187,8 @@ struct PendingLink {
     mode: u32,
     mtime_ns: i64,
     chown: Option<(Owner, Arc<Owners>)>,
+    owner: Option<Owner>,
+    owners: Arc<Owners>,
     parent: Option<Arc<DirTask>>,
 }
 
@@ -226,10 +236,13 @@ impl PendingLink {
         let fd = rustix::fs::openat(&self.dir, at, create, Mode::from_raw_mode(0o600));
         let dst = File::from(fd.map_err(|e| name_error(&self.path, e.into()))?);
         let copied = std::io::copy(&mut &src, &mut &dst).map(|_| ()).and_then(|()| {
-            if let Some((owner, owners)) = &self.chown {
-                owners.note(&self.path, rustix::fs::fchown(&dst, owner.uid(), owner.gid()));
-            }
-            dst.set_permissions(fs::Permissions::from_mode(self.mode))?;
+            let chowned = self
+                .chown
+                .as_ref()
+                .map(|(o, owners)| owners.note(&self.path, rustix::fs::fchown(&dst, o.uid(), o.gid())));
+            dst.set_permissions(fs::Permissions::from_mode(
+                self.owners.mode_for(self.mode, self.owner, chowned, &dst),
+            ))?;
             dst.set_modified(mtime(self.mtime_ns))
         });
         copied.map_err(|e| {
@@ -278,7 +291,7 @@ impl DirTask {
                         AtFlags::SYMLINK_NOFOLLOW,
                     ),
                 };
-                owners.note(&dir.path, r);
+                let _ = owners.note(&dir.path, r);
             }
             if let Some((parent, name)) = &dir.at {
                 let times = rustix::fs::Timestamps {
@@ -365,19 +378,59 @@ impl NewFiles {
 /// failing, as `tar` does.
 #[derive(Default)]
 struct Owners {
+    /// Run as root and not told otherwise: owners are set.
+    restoring: bool,
     failed: AtomicU64,
     first: Mutex<Option<String>>,
+    /// Files whose set-uid or set-gid bits were left off (see [`Owners::mode_for`]).
+    set_id_dropped: AtomicU64,
 }
 
 impl Owners {
-    /// Records the outcome of setting the owner of `path`.
-    fn note(&self, path: &Path, r: rustix::io::Result<()>) {
-        if let Err(e) = r
-            && self.failed.fetch_add(1, Ordering::Relaxed) == 0
-        {
+    /// Records the outcome of setting the owner of `path`; returns whether it was set. Where it was not, a
+    /// caller leaves set-uid and set-gid bits off: a program of another user's must not become one of the
+    /// user running the checkout.
+    fn note(&self, path: &Path, r: rustix::io::Result<()>) -> bool {
+        let Err(e) = r else { return true };
+        if self.failed.fetch_add(1, Ordering::Relaxed) == 0 {
             *self.first.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(format!("{}: {}", path.display(), std::io::Error::from(e)));
         }
+        false
+    }
+
+    /// The mode to give a file whose entry has `mode`: without set-uid and set-gid bits unless the file belongs
+    /// to the owner it was committed with (`recorded`), as `chowned` made it (`Some(true)`) or as it was
+    /// (`file` then says). Else root restoring another user's set-uid program without its owner (`--no-owners`,
+    /// a checkpoint from before owners were recorded, a failed `chown`) would make it a set-uid root program.
+    fn mode_for(&self, mode: u32, recorded: Option<Owner>, chowned: Option<bool>, file: &File) -> u32 {
+        if mode & SET_ID == 0 {
+            return mode;
+        }
+        let owned = match (recorded, chowned) {
+            (None, _) => false,
+            (Some(_), Some(done)) => done,
+            (Some(owner), None) => file.metadata().is_ok_and(|md| owner_of(&md) == owner),
+        };
+        if owned {
+            return mode;
+        }
+        self.set_id_dropped.fetch_add(1, Ordering::Relaxed);
+        mode & !SET_ID
+    }
+
+    /// The warning for files whose set-id bits were left off, if any were.
+    fn set_id_warning(&self) -> Option<String> {
+        let n = self.set_id_dropped.load(Ordering::Relaxed);
+        (n > 0).then(|| {
+            format!(
+                "left the set-uid and set-gid bits off {n} {}: {} not belong to the owner {} committed with \
+                 (restoring owners needs a checkout run as root, without --no-owners)",
+                if n == 1 { "file" } else { "files" },
+                if n == 1 { "it does" } else { "they do" },
+                if n == 1 { "it was" } else { "they were" }
+            )
+        })
     }
 
     /// The warning for what failed, if anything did.
@@ -455,10 +508,10 @@ fn temp_path(dir: &Path) -> PathBuf {
 /// Whether `name` in `dir` is a temporary file left by a checkout whose process is gone: its pid is not
 /// running here, and no process holds its lock (a checkout in another PID namespace sharing the directory has
 /// a pid this one cannot see, but its lock shows).
-fn stale_temp(dir: &Path, name: &[u8]) -> bool {
+fn stale_temp(dir: &OwnedFd, name: &[u8]) -> bool {
     let Some(rest) = name.strip_prefix(TEMP_PREFIX.as_bytes()) else { return false };
     let pid = rest.split(|&b| b == b'-').next().and_then(|p| std::str::from_utf8(p).ok()?.parse::<u32>().ok());
-    pid.is_some_and(crate::catalog::process_gone) && !locked(&dir.join(OsStr::from_bytes(name)))
+    pid.is_some_and(crate::catalog::process_gone) && !locked(dir, OsStr::from_bytes(name))
 }
 
 /// Locks a temporary for as long as `fd` is open, so that no other checkout takes it for a dead one's.
@@ -467,15 +520,14 @@ fn lock_temp(fd: &OwnedFd) {
     let _ = rustix::fs::flock(fd, rustix::fs::FlockOperation::NonBlockingLockExclusive);
 }
 
-/// Whether another process holds the lock of the temporary at `path`, or it cannot be told. Probed with a
+/// Whether another process holds the lock of the temporary `name` in `dir`, or it cannot be told. Probed with a
 /// shared lock: it conflicts with the writer's exclusive one and, unlike an exclusive probe, needs only read
 /// access (NFS emulates `flock` with byte-range locks, and an exclusive one there needs the file open for
 /// writing).
-fn locked(path: &Path) -> bool {
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
-    let fd = match rustix::fs::open(path, flags, Mode::empty()) {
+fn locked(dir: &OwnedFd, name: &OsStr) -> bool {
+    let fd = match dirfd::open(dir, name, OFlags::RDONLY | OFlags::NONBLOCK) {
         Ok(fd) => fd,
-        Err(rustix::io::Errno::NOENT) => return false,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
         Err(_) => return true,
     };
     match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockShared) {
@@ -497,10 +549,10 @@ fn name_error(path: &Path, e: std::io::Error) -> Error {
     Error::io(path, std::io::Error::new(std::io::ErrorKind::AlreadyExists, why))
 }
 
-fn remove_stale_temps(dir: &Path) {
-    for item in fs::read_dir(dir).into_iter().flatten().flatten() {
-        if stale_temp(dir, item.file_name().as_bytes()) {
-            let _ = fs::remove_file(item.path());
+fn remove_stale_temps(dir: &OwnedFd) {
+    for name in dirfd::names(dir).into_iter().flatten() {
+        if stale_temp(dir, name.as_bytes()) {
+            let _ = rustix::fs::unlinkat(dir, &name, AtFlags::empty());
         }
     }
 }
@@ -607,11 +659,11 @@ impl FileTask {
             file.set_len(self.size).map_err(io)?;
         }
         // The owner before the mode: a change of owner clears set-id bits.
-        if let Some((owner, owners)) = &self.chown {
-            owners.note(&self.dest, rustix::fs::fchown(file, owner.uid(), owner.gid()));
-        }
+        let chowned =
+            self.chown.as_ref().map(|(o, owners)| owners.note(&self.dest, rustix::fs::fchown(file, o.uid(), o.gid())));
         if !(matches!(target, Target::Created) && self.create_mode.is_some()) {
-            file.set_permissions(fs::Permissions::from_mode(self.mode)).map_err(io)?;
+            let mode = self.owners.mode_for(self.mode, self.owner, chowned, file);
+            file.set_permissions(fs::Permissions::from_mode(mode)).map_err(io)?;
         }
         // The mtime last: a patched file carries the checkpoint's mtime only once it is whole.
         file.set_modified(mtime(self.mtime_ns)).map_err(io)?;
@@ -701,21 +753,21 @@ impl FileTask {
     }
 }
 
-/// Removes whatever is at `path` (never following a symlink), so the checkout can put its own entry there.
-fn clear(path: &Path) -> Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(md) if md.is_dir() => fs::remove_dir_all(path).map_err(|e| Error::io(path, e)),
-        Ok(_) => fs::remove_file(path).map_err(|e| Error::io(path, e)),
+/// Removes whatever is at `name` in `dir` (never following a symlink), so the checkout can put its own entry
+/// there; `path` is where that is, for errors.
+fn clear(dir: &OwnedFd, name: &OsStr, path: &Path) -> Result<()> {
+    match dirfd::remove(dir, name) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(path, e)),
+        r => r.map_err(|e| Error::io(path, e)),
     }
 }
 
 /// [`clear`], unless `path` is a directory holding the repository (`protect`, canonical): an entry of the
 /// checkpoint that is not a directory where the destination has one would otherwise take the repository with it.
-fn clear_sparing(path: &Path, protect: Option<&Path>) -> Result<()> {
+/// (A guard against a mistake, so looked up by path; the removal itself goes through `dir`.)
+fn clear_sparing(dir: &OwnedFd, name: &OsStr, path: &Path, protect: Option<&Path>) -> Result<()> {
     if let Some(repo) = protect
-        && fs::symlink_metadata(path).is_ok_and(|md| md.is_dir())
+        && dirfd::lstat(dir, name).is_ok_and(|md| md.is_dir())
         && fs::canonicalize(path).is_ok_and(|c| repo.starts_with(c))
     {
         return Err(Error::InvalidInput(format!(
@@ -724,7 +776,7 @@ fn clear_sparing(path: &Path, protect: Option<&Path>) -> Result<()> {
             repo.display()
         )));
     }
-    clear(path)
+    clear(dir, name, path)
 }
 
 /// Refuses a destination that is the repository or lies inside it (`repo`, canonical), where a checkout
@@ -904,7 +956,9 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     let file_dirs: std::collections::BTreeSet<&Path> =
         starts.iter().filter(|s| s.entry.kind == EntryKind::File).map(|s| parent_dir(&s.path)).collect();
     for dir in file_dirs {
-        remove_stale_temps(dir);
+        if let Ok(fd) = rustix::fs::open(dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()) {
+            remove_stale_temps(&fd);
+        }
     }
     // The whole checkpoint's size is on its row; only a partial checkout walks its parts to learn theirs.
     let total = if opts.paths.is_empty() {
@@ -929,7 +983,8 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     let written = AtomicU64::new(0);
     let mut summary = CheckoutSummary { id: id.to_string(), ..Default::default() };
     let new_files = NewFiles::probe(dest, in_place);
-    let owners = (opts.owners && rustix::process::geteuid().is_root()).then(|| Arc::new(Owners::default()));
+    let owners =
+        Arc::new(Owners { restoring: opts.owners && rustix::process::geteuid().is_root(), ..Default::default() });
     let mut roots = Vec::new();
 
     let walked = std::thread::scope(|s| {
@@ -981,7 +1036,8 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     if let Some(root) = roots.iter().find(|r| !r.done()) {
         return Err(Error::Internal(format!("{}: directory metadata was never set", root.path.display())));
     }
-    if let Some(warning) = owners.and_then(|o| o.warning()) {
+    summary.owners_not_restored = owners.failed.load(Ordering::Relaxed);
+    for warning in [owners.warning(), owners.set_id_warning()].into_iter().flatten() {
         opts.progress.warn(&warning);
     }
     if opts.paths.is_empty() && catalog.read_only().is_none() {
@@ -1128,8 +1184,8 @@ struct Walker<'a> {
     /// Files looked up in the current read transaction (0: none open).
     in_read: usize,
     new_files: NewFiles,
-    /// Set when restoring owners.
-    owners: Option<Arc<Owners>>,
+    /// Whether owners are restored, and what came of it.
+    owners: Arc<Owners>,
     /// The directories walks started at, checked when all is done.
     roots: &'a mut Vec<Arc<DirTask>>,
     /// Where the checkout goes; the paths of [`LinkFirst`] are relative to it.
@@ -1166,18 +1222,66 @@ fn owner_of(md: &Metadata) -> Owner {
     Owner { uid: md.uid(), gid: md.gid() }
 }
 
-/// Sets the owner of `path`, never through a symlink, noting a failure in `owners`.
-fn chown_path(path: &Path, (owner, owners): &(Owner, Arc<Owners>)) {
-    owners.note(path, rustix::fs::chownat(rustix::fs::CWD, path, owner.uid(), owner.gid(), AtFlags::SYMLINK_NOFOLLOW));
+/// The name an entry has in its directory.
+fn entry_name(path: &Path) -> Result<&OsStr> {
+    path.file_name()
+        .ok_or_else(|| Error::InvalidInput(format!("{} names no file: give the path it should have", path.display())))
+}
+
+/// Gives a file the checkout leaves in place (`md`: what it found there) its entry's owner, mode and mtime,
+/// through a handle on the file itself, opened by name in its directory without following a symlink, so that
+/// a name swapped meanwhile changes nothing elsewhere; a file that is not the one found is an error.
+fn fix_metadata(
+    dir: &OwnedFd,
+    name: &OsStr,
+    path: &Path,
+    md: &Metadata,
+    entry: &Entry,
+    chown: Option<(Owner, Arc<Owners>)>,
+    owners: &Owners,
+) -> Result<()> {
+    let io = |e: std::io::Error| Error::io(path, e);
+    let mode_differs = md.permissions().mode() & 0o7777 != entry.mode;
+    if chown.is_none() && !mode_differs && mtime_ns(md) == entry.mtime_ns {
+        return Ok(());
+    }
+    let file = match dirfd::open(dir, name, OFlags::RDONLY | OFlags::NONBLOCK) {
+        Ok(fd) => File::from(fd),
+        // A user's own file without read permission: by name, which for anyone but root can reach nothing
+        // it could not change anyway (root opens any file).
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !rustix::process::geteuid().is_root() => {
+            rustix::fs::chmodat(dir, name, Mode::from_raw_mode(entry.mode), AtFlags::empty())
+                .map_err(|e| io(e.into()))?;
+            let times = rustix::fs::Timestamps {
+                last_access: rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
+                last_modification: timespec(entry.mtime_ns),
+            };
+            return rustix::fs::utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(e.into()));
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let now = file.metadata().map_err(io)?;
+    if (now.dev(), now.ino()) != (md.dev(), md.ino()) {
+        return Err(io(std::io::Error::other("replaced by another file while the checkout ran; run it again")));
+    }
+    // The owner before the mode: a change of owner clears set-id bits.
+    let chowned = chown.as_ref().map(|(o, owners)| owners.note(path, rustix::fs::fchown(&file, o.uid(), o.gid())));
+    if chown.is_some() || mode_differs {
+        let mode = owners.mode_for(entry.mode, entry.owner, chowned, &file);
+        file.set_permissions(fs::Permissions::from_mode(mode)).map_err(io)?;
+    }
+    if mtime_ns(md) != entry.mtime_ns {
+        file.set_modified(mtime(entry.mtime_ns)).map_err(io)?;
+    }
+    Ok(())
 }
 
 impl Walker<'_> {
     /// The owner to give an entry the checkout puts in place: the one it was committed with, when restoring
     /// owners, unless it has that already (`current`: what it has, where known).
     fn chown(&self, entry: &Entry, current: Option<Owner>) -> Option<(Owner, Arc<Owners>)> {
-        let owners = self.owners.as_ref()?;
-        let owner = entry.owner?;
-        (current != Some(owner)).then(|| (owner, owners.clone()))
+        let owner = entry.owner.filter(|_| self.owners.restoring)?;
+        (current != Some(owner)).then(|| (owner, self.owners.clone()))
     }
 
     /// The walker's lookups run in read transactions of [`READ_BATCH`] files each: one per query cost four
@@ -1219,16 +1323,23 @@ impl Walker<'_> {
             }
             match entry.kind {
                 EntryKind::Dir => {
-                    let existed = self.make_dir(&path, !self.in_place && parent.is_some())?;
+                    // Below the start, through its directory's handle; the start as the caller named it.
+                    let at = parent.as_ref().and(path.file_name());
+                    let existed = match at {
+                        Some(name) => self.make_dir_at(&dir, name, &path)?,
+                        None => self.make_dir(&path)?,
+                    };
                     self.summary.dirs += 1;
                     // Never a symlink: the name was just made a directory, or found to be one.
-                    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-                    let this_dir = Arc::new(
-                        rustix::fs::open(&path, flags, Mode::empty()).map_err(|e| Error::io(&path, e.into()))?,
-                    );
+                    let flags = OFlags::PATH | OFlags::DIRECTORY;
+                    let this_dir = Arc::new(match at {
+                        Some(name) => dirfd::open(&dir, name, flags).map_err(|e| Error::io(&path, e))?,
+                        None => rustix::fs::open(&path, flags | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+                            .map_err(|e| Error::io(&path, e.into()))?,
+                    });
                     let current_owner = if !existed {
                         self.new_files.owner
-                    } else if self.owners.is_some() {
+                    } else if self.owners.restoring {
                         rustix::fs::fstat(&*this_dir).ok().map(|st| Owner { uid: st.st_uid, gid: st.st_gid })
                     } else {
                         None
@@ -1250,7 +1361,7 @@ impl Walker<'_> {
                     let tree_id = entry.object()?.expect("dir has a tree");
                     let children = self.catalog.tree(&tree_id)?;
                     if self.in_place && existed {
-                        self.tidy(&path, &children)?;
+                        self.tidy(&this_dir, &path, &children)?;
                     }
                     // What each prior recorded in this directory, to pair with the children by name.
                     let prior_dirs: Vec<(Recorder, Vec<Entry>)> = priors
@@ -1293,30 +1404,37 @@ impl Walker<'_> {
                     task.release()?;
                 }
                 EntryKind::Symlink => {
+                    let name = entry_name(&path)?;
                     let target = OsStr::from_bytes(&entry.target);
-                    let same = self.in_place && fs::read_link(&path).is_ok_and(|t| t.as_os_str() == target);
+                    let same = self.in_place
+                        && rustix::fs::readlinkat(&*dir, name, Vec::new())
+                            .is_ok_and(|t| t.as_bytes() == target.as_bytes());
                     let current_owner = if !same {
                         // Into an empty destination whatever has this name came from this checkout: never
-                        // cleared away (see `make_dir`).
+                        // cleared away (see `make_dir_at`).
                         if self.in_place || parent.is_none() {
-                            clear_sparing(&path, self.protect)?;
+                            clear_sparing(&dir, name, &path, self.protect)?;
                         }
-                        std::os::unix::fs::symlink(target, &path).map_err(|e| name_error(&path, e))?;
+                        rustix::fs::symlinkat(target, &*dir, name).map_err(|e| name_error(&path, e.into()))?;
                         self.new_files.owner
-                    } else if self.owners.is_some() {
-                        fs::symlink_metadata(&path).ok().map(|md| owner_of(&md))
+                    } else if self.owners.restoring {
+                        dirfd::lstat(&dir, name).ok().map(|md| owner_of(&md))
                     } else {
                         None
                     };
-                    if let Some(chown) = self.chown(&entry, current_owner) {
-                        chown_path(&path, &chown);
+                    if let Some((owner, owners)) = self.chown(&entry, current_owner) {
+                        let r = rustix::fs::chownat(&*dir, name, owner.uid(), owner.gid(), AtFlags::SYMLINK_NOFOLLOW);
+                        let _ = owners.note(&path, r);
                     }
-                    let t = filetime::FileTime::from_system_time(mtime(entry.mtime_ns));
-                    filetime::set_symlink_file_times(&path, t, t).map_err(|e| Error::io(&path, e))?;
+                    let t = timespec(entry.mtime_ns);
+                    let times = rustix::fs::Timestamps { last_access: t, last_modification: t };
+                    rustix::fs::utimensat(&*dir, name, &times, AtFlags::SYMLINK_NOFOLLOW)
+                        .map_err(|e| Error::io(&path, e.into()))?;
                     self.summary.symlinks += 1;
                     entry_done(parent.as_ref())?;
                 }
                 EntryKind::File => {
+                    crate::fault::point("checkout-entry");
                     self.read_in_batches()?;
                     self.summary.files += 1;
                     self.summary.bytes += entry.size;
@@ -1337,40 +1455,55 @@ impl Walker<'_> {
         Ok(())
     }
 
-    /// Makes directory `path`, or finds one there; returns whether it existed. `new`: the name must be free,
-    /// as every name below the start of a checkout into an empty destination is, unless another entry of the
-    /// checkpoint already took it: on a case-insensitive filesystem `A` and `a` are one name, and reusing or
-    /// clearing what the other entry put there would merge or lose it.
-    fn make_dir(&self, path: &Path, new: bool) -> Result<bool> {
+    /// Makes the directory where a walk starts, `path` as the caller named it, or finds one there; returns
+    /// whether it existed. Anything else there goes.
+    fn make_dir(&self, path: &Path) -> Result<bool> {
         let mkdir = |path: &Path| fs::DirBuilder::new().mode(0o700).create(path);
-        // Into an empty destination the name is free: no `stat` first (mkdir still refuses a taken one).
-        if !self.in_place {
-            match mkdir(path) {
-                Ok(()) => return Ok(false),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && new => return Err(name_error(path, e)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::io(path, e)),
-            }
-        }
         match fs::symlink_metadata(path) {
             Ok(md) if md.is_dir() => return Ok(true),
-            Ok(_) => clear(path)?,
+            Ok(_) => {
+                let parent = parent_dir(path);
+                let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+                let dir = rustix::fs::open(parent, flags, Mode::empty()).map_err(|e| Error::io(parent, e.into()))?;
+                clear(&dir, path.file_name().unwrap_or_default(), path)?
+            }
             Err(_) => {}
         }
         mkdir(path).map_err(|e| Error::io(path, e))?;
         Ok(false)
     }
 
-    /// In a directory that already existed: removes temporaries of crashed checkouts, and with `delete`
-    /// whatever the checkpoint lacks (never the repository itself).
-    fn tidy(&mut self, dir: &Path, children: &[Entry]) -> Result<()> {
+    /// Makes directory `name` in `dir` (at `path`), or finds one there; returns whether it existed. Into an
+    /// empty destination the name must be free, unless another entry of the checkpoint already took it: on a
+    /// case-insensitive filesystem `A` and `a` are one name, and reusing or clearing what the other entry put
+    /// there would merge or lose it.
+    fn make_dir_at(&self, dir: &OwnedFd, name: &OsStr, path: &Path) -> Result<bool> {
+        let mkdir = || rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700));
+        // Into an empty destination the name is free: no `stat` first (mkdir still refuses a taken one).
+        if !self.in_place {
+            return match mkdir() {
+                Ok(()) => Ok(false),
+                Err(e) => Err(name_error(path, e.into())),
+            };
+        }
+        match dirfd::lstat(dir, name) {
+            Ok(md) if md.is_dir() => return Ok(true),
+            Ok(_) => clear(dir, name, path)?,
+            Err(_) => {}
+        }
+        mkdir().map_err(|e| Error::io(path, e.into()))?;
+        Ok(false)
+    }
+
+    /// In a directory that already existed (`fd`, at `dir`): removes temporaries of crashed checkouts, and with
+    /// `delete` whatever the checkpoint lacks (never the repository itself).
+    fn tidy(&mut self, fd: &OwnedFd, dir: &Path, children: &[Entry]) -> Result<()> {
         let canonical = if self.opts.delete { fs::canonicalize(dir).ok() } else { None };
-        for item in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-            let item = item.map_err(|e| Error::io(dir, e))?;
-            let name = item.file_name();
-            let name = name.as_bytes();
-            if stale_temp(dir, name) {
-                let _ = fs::remove_file(item.path());
+        for name in dirfd::names(fd).map_err(|e| Error::io(dir, e))? {
+            let name_os = name.as_os_str();
+            let name = name_os.as_bytes();
+            if stale_temp(fd, name) {
+                let _ = rustix::fs::unlinkat(fd, name_os, AtFlags::empty());
                 continue;
             }
             if !self.opts.delete
@@ -1384,7 +1517,7 @@ impl Walker<'_> {
                 _ => false,
             };
             if !holds_repo {
-                clear(&item.path())?;
+                clear(fd, name_os, &dir.join(name_os))?;
                 self.summary.removed += 1;
             }
         }
@@ -1427,8 +1560,9 @@ impl Walker<'_> {
         self.opts.progress.bytes(entry.size);
         let mut replace = false;
         if self.in_place {
-            match fs::symlink_metadata(path) {
-                Ok(md) if md.is_dir() => clear_sparing(path, self.protect)?,
+            let name = entry_name(path)?;
+            match dirfd::lstat(&dir, name) {
+                Ok(md) if md.is_dir() => clear_sparing(&dir, name, path, self.protect)?,
                 Ok(_) => replace = true,
                 Err(_) => {}
             }
@@ -1440,6 +1574,8 @@ impl Walker<'_> {
             mode: entry.mode,
             mtime_ns: entry.mtime_ns,
             chown: self.chown(entry, None),
+            owner: entry.owner,
+            owners: self.owners.clone(),
             parent,
         };
         if let Some(task) = task {
@@ -1483,10 +1619,10 @@ impl Walker<'_> {
         parent: Option<Arc<DirTask>>,
     ) -> Result<Option<std::sync::Weak<FileTask>>> {
         let content = entry.object()?.expect("file has content");
+        let name = entry_name(dest)?;
         let mut patch = None;
         // Into an empty directory there is nothing to look at (`create_new` still refuses to overwrite).
-        let existing =
-            if self.in_place { fs::symlink_metadata(dest) } else { Err(std::io::ErrorKind::NotFound.into()) };
+        let existing = if self.in_place { dirfd::lstat(&dir, name) } else { Err(std::io::ErrorKind::NotFound.into()) };
         let exists = existing.is_ok();
         // A file with other names that the checkpoint does not link it to (another entry, which would change
         // with it, or a backup made with `ln`): written anew, so that they keep their content and this name
@@ -1509,26 +1645,15 @@ impl Walker<'_> {
                 let trusted = if trusted != Some(content)
                     && md.len() == entry.size
                     && entry.size < PATCH_MIN
-                    && holds(self.catalog, dest, &content)?
+                    && holds(self.catalog, &dir, name, dest, &content)?
                 {
                     Some(content)
                 } else {
                     trusted
                 };
                 if trusted == Some(content) {
-                    // The owner before the mode: a change of owner clears set-id bits.
                     let chown = self.chown(entry, Some(owner_of(&md)));
-                    if let Some(chown) = &chown {
-                        chown_path(dest, chown);
-                    }
-                    if chown.is_some() || md.permissions().mode() & 0o7777 != entry.mode {
-                        fs::set_permissions(dest, fs::Permissions::from_mode(entry.mode))
-                            .map_err(|e| Error::io(dest, e))?;
-                    }
-                    if mtime_ns(&md) != entry.mtime_ns {
-                        filetime::set_file_mtime(dest, filetime::FileTime::from_system_time(mtime(entry.mtime_ns)))
-                            .map_err(|e| Error::io(dest, e))?;
-                    }
+                    fix_metadata(&dir, name, dest, &md, entry, chown, &self.owners)?;
                     self.summary.files_unchanged += 1;
                     self.opts.progress.bytes(entry.size);
                     return entry_done(parent.as_ref()).map(|()| None);
@@ -1539,11 +1664,11 @@ impl Walker<'_> {
                     patch = Some((md, trusted));
                 }
             }
-            Ok(md) if md.is_dir() => clear_sparing(dest, self.protect)?,
+            Ok(md) if md.is_dir() => clear_sparing(&dir, name, dest, self.protect)?,
             _ => {}
         }
         // A directory cleared away leaves the name free.
-        let exists = exists && fs::symlink_metadata(dest).is_ok();
+        let exists = exists && dirfd::lstat(&dir, name).is_ok();
         let create_mode = self.new_files.create_mode(entry.mode);
         let chown = match &patch {
             Some((md, _)) => self.chown(entry, Some(owner_of(md))),
@@ -1551,12 +1676,24 @@ impl Walker<'_> {
         };
         let opened = match &patch {
             Some((md, _)) => {
-                if md.permissions().mode() & 0o600 != 0o600 {
-                    // Reading and writing it needs the owner's bits; the checkpoint's mode is set when done.
-                    fs::set_permissions(dest, fs::Permissions::from_mode(md.permissions().mode() | 0o600))
-                        .map_err(|e| Error::io(dest, e))?;
+                let open = || dirfd::open(&dir, name, OFlags::RDWR | OFlags::NONBLOCK);
+                let fd = match open() {
+                    // A user's own file without the owner's read and write bits: given them by name (see
+                    // `fix_metadata`); the checkpoint's mode is set when done.
+                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                        let mode = Mode::from_raw_mode(md.permissions().mode() & 0o7777 | 0o600);
+                        rustix::fs::chmodat(&*dir, name, mode, AtFlags::empty())
+                            .map_err(|e| Error::io(dest, e.into()))?;
+                        open()
+                    }
+                    r => r,
+                };
+                let f = File::from(fd.map_err(|e| Error::io(dest, e))?);
+                let now = f.metadata().map_err(|e| Error::io(dest, e))?;
+                if (now.dev(), now.ino()) != (md.dev(), md.ino()) {
+                    let e = std::io::Error::other("replaced by another file while the checkout ran; run it again");
+                    return Err(Error::io(dest, e));
                 }
-                let f = OpenOptions::new().read(true).write(true).open(dest).map_err(|e| Error::io(dest, e))?;
                 f.set_len(entry.size).map_err(|e| Error::io(dest, e))?;
                 OnceLock::from((f, Target::Patched))
             }
@@ -1583,6 +1720,8 @@ impl Walker<'_> {
             placed: AtomicBool::new(false),
             create_mode,
             chown,
+            owner: entry.owner,
+            owners: self.owners.clone(),
             links: Mutex::new(Some(Vec::new())),
             parent,
         });
@@ -1620,10 +1759,10 @@ impl Walker<'_> {
     }
 }
 
-/// Whether the file at `path` holds exactly the chunks of `content` at their offsets (its size is checked
-/// by the caller).
-fn holds(catalog: &Catalog, path: &Path, content: &ObjectId) -> Result<bool> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+/// Whether the file `name` in `dir` (at `path`) holds exactly the chunks of `content` at their offsets (its
+/// size is checked by the caller).
+fn holds(catalog: &Catalog, dir: &OwnedFd, name: &OsStr, path: &Path, content: &ObjectId) -> Result<bool> {
+    let file = File::from(dirfd::open(dir, name, OFlags::RDONLY | OFlags::NONBLOCK).map_err(|e| Error::io(path, e))?);
     let mut cursor = content::ChunkCursor::new(catalog, content)?;
     let mut buf = Vec::new();
     while let Some((at, r)) = cursor.next_chunk()? {
@@ -1734,6 +1873,8 @@ mod tests {
             placed: AtomicBool::new(false),
             create_mode: None,
             chown: None,
+            owner: None,
+            owners: Arc::default(),
             links: Mutex::new(Some(Vec::new())),
             parent: None,
         }
@@ -1745,7 +1886,7 @@ mod tests {
         let path = dir.path().join("f");
         let old = pseudo_random(200_000, 1);
         fs::write(&path, &old).unwrap();
-        let t = task(OpenOptions::new().read(true).write(true).open(&path).unwrap(), &path, Target::Patched);
+        let t = task(fs::OpenOptions::new().read(true).write(true).open(&path).unwrap(), &path, Target::Patched);
         // A chunk at an unaligned offset with two separate one-byte edits: two blocks written, no more.
         let (at, len) = (10_000u64, 100_000usize);
         let mut chunk = old[at as usize..at as usize + len].to_vec();
@@ -1836,10 +1977,14 @@ mod tests {
         }
     }
 
+    fn open_dir(path: &Path) -> OwnedFd {
+        rustix::fs::open(path, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).unwrap()
+    }
+
     #[test]
     fn only_temporaries_of_dead_processes_are_stale() {
         let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
+        let d = &open_dir(dir.path());
         assert!(!stale_temp(d, format!("{TEMP_PREFIX}{}-3", std::process::id()).as_bytes()));
         assert!(!stale_temp(d, b".snapstore-tmp-1-0"), "pid 1 is alive");
         assert!(stale_temp(d, b".snapstore-tmp-4000000000-7"));
@@ -1853,12 +1998,13 @@ mod tests {
         let name = ".snapstore-tmp-4000000000-7";
         let held = OwnedFd::from(File::create(dir.path().join(name)).unwrap());
         lock_temp(&held);
-        assert!(!stale_temp(dir.path(), name.as_bytes()));
-        remove_stale_temps(dir.path());
+        let d = &open_dir(dir.path());
+        assert!(!stale_temp(d, name.as_bytes()));
+        remove_stale_temps(d);
         assert!(dir.path().join(name).exists());
         drop(held);
-        assert!(stale_temp(dir.path(), name.as_bytes()));
-        remove_stale_temps(dir.path());
+        assert!(stale_temp(d, name.as_bytes()));
+        remove_stale_temps(d);
         assert!(!dir.path().join(name).exists());
     }
 

@@ -115,13 +115,13 @@ impl Differ<'_> {
         }
         match b.kind {
             EntryKind::Dir => {
-                if a.target == b.target {
-                    return Ok(());
-                }
                 if a.mode != b.mode || owner_changed(a, b) {
                     // A directory's mtime moves with every change inside it: only its mode and owner are worth a
                     // line.
                     self.emit(b, rel, ChangeKind::Modified, a.size, false, Vec::new())?;
+                }
+                if a.target == b.target {
+                    return Ok(());
                 }
                 let left = self.catalog.tree(&a.object()?.expect("dir has a tree"))?;
                 let right = self.catalog.tree(&b.object()?.expect("dir has a tree"))?;

@@ -39,9 +39,11 @@ pub const POINTS: &[&str] = &[
     "gc-moved",
     "gc-dropped",
     "gc-removed",
-    // Checkout: a file's temporary written, before it is renamed into place; a file in place.
+    // Checkout: a file's temporary written, before it is renamed into place; a file in place; the walk at a
+    // file entry, its directory open, before it looks at the name (for the tests of names swapped meanwhile).
     "checkout-temp",
     "checkout-file",
+    "checkout-entry",
 ];
 
 struct Armed {

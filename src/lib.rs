@@ -31,6 +31,7 @@ mod chunker;
 mod commit;
 mod content;
 mod diff;
+mod dirfd;
 mod error;
 pub mod fault;
 mod fileclock;

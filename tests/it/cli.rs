@@ -868,12 +868,15 @@ fn owners_are_restored_by_a_checkout_run_as_root() {
     let listed = json(&sx(&repo, &["--json", "ls", "latest"]));
     assert!(listed[0].get("uid").is_none(), "{listed}");
 
-    // A change of owner alone is a change diff shows.
+    // A change of owner alone is a change diff shows, of a file and of a directory whose entries are as they
+    // were.
     chown(src.join("a.txt"), Some(1235), None).unwrap();
+    chown(src.join("sub"), Some(4322), None).unwrap();
     let new = commit_id(&sx(&repo, &["commit", p(&src), "-m", "chowned"]));
     let diff = sx(&repo, &["diff", &old[..8], &new[..8]]);
-    assert!(diff.lines().any(|l| l.contains("a.txt") && l.contains("owner")), "{diff}");
-    assert_eq!(diff.lines().filter(|l| l.contains("(mode, owner or mtime only)")).count(), 1, "{diff}");
+    let lines: Vec<&str> = diff.lines().filter(|l| l.contains("(mode, owner or mtime only)")).collect();
+    assert_eq!(lines.len(), 2, "{diff}");
+    assert!(lines[0].starts_with("M a.txt") && lines[1].starts_with("M sub/"), "{diff}");
 }
 
 /// Where root cannot set an owner (here: root of a user namespace that maps no other id, as in a rootless
@@ -889,27 +892,96 @@ fn an_owner_that_cannot_be_set_is_a_warning_not_a_failure() {
         fs::write(src.join(name), name).unwrap();
     }
     let unshare = |args: &[&str]| Command::new("unshare").args(["--user", "--map-root-user"]).args(args).output();
-    let owned = ["a", "b"].iter().all(|n| std::os::unix::fs::chown(src.join(n), Some(1234), Some(1234)).is_ok());
+    fs::write(src.join("tool"), b"#!/bin/sh\n").unwrap();
+    let owned =
+        ["a", "b", "tool"].iter().all(|n| std::os::unix::fs::chown(src.join(n), Some(1234), Some(1234)).is_ok());
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(src.join("tool"), fs::Permissions::from_mode(0o4755)).unwrap();
     if !owned || !unshare(&["true"]).is_ok_and(|o| o.status.success()) {
         eprintln!("SKIPPED: cannot chown, or no user namespace here; a failed change of owner is untested");
         return;
     }
     sx(&repo, &["commit", p(&src)]);
     let dest = tmp.path().join("dest");
-    let out = unshare(&[p(&bin()), "--repo", p(&repo), "checkout", "latest", p(&dest)]).unwrap();
+    let out = unshare(&[p(&bin()), "--repo", p(&repo), "--json", "checkout", "latest", p(&dest)]).unwrap();
     let err = text(&out.stderr);
-    ok(out, "checkout in a user namespace");
-    assert_same_tree(&src, &dest, true);
-    assert!(err.contains("warning: could not restore the owner of 2 entries (first: "), "{err}");
-    assert!(err.contains("--no-owners"), "{err}");
-    assert_eq!(err.matches("warning:").count(), 1, "{err}");
+    let summary = json(&ok(out, "checkout in a user namespace"));
+    assert_eq!(summary["owners_not_restored"], 3, "{summary}");
+    for name in ["a", "b"] {
+        assert_eq!(fs::read(dest.join(name)).unwrap(), name.as_bytes());
+    }
+    // A set-uid program of another user's must not become one of the user running the checkout.
+    let mode = fs::metadata(dest.join("tool")).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o755, "the set-uid bit is left off where the owner could not be set");
+    assert!(err.contains("warning: could not restore the owner of 3 entries (first: "), "{err}");
+    assert!(err.contains("--no-owners: do not try"), "{err}");
+    assert!(err.contains("warning: left the set-uid and set-gid bits off 1 file: it does not belong"), "{err}");
+    assert_eq!(err.matches("warning:").count(), 2, "{err}");
     assert_eq!(owner_of(&dest.join("a")), owner_of(&repo), "left to the user running the checkout");
-    // Told not to try, it says nothing.
+    // Told not to try, it tries no owner; the set-uid program still loses its bit, and says so.
     let quiet = tmp.path().join("quiet");
     let out = unshare(&[p(&bin()), "--repo", p(&repo), "checkout", "latest", p(&quiet), "--no-owners"]).unwrap();
     let err = text(&out.stderr);
     ok(out, "checkout --no-owners in a user namespace");
-    assert!(!err.contains("warning"), "{err}");
+    assert!(!err.contains("could not restore the owner"), "{err}");
+    assert_eq!(err.matches("warning:").count(), 1, "{err}");
+    let mode = fs::metadata(quiet.join("tool")).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o755, "{err}");
+}
+
+/// Root restoring a user's tree in place, while the user swaps a directory on the way for a symlink to root's
+/// files (here at a fixed instant: the checkout stopped at the file entry, its directory already open): the
+/// checkout's fixes of owner, mode and mtime reach the file in the directory it opened, never root's file
+/// behind the symlink. An older build chowned and chmodded root's file. Root only, skipped elsewhere.
+#[test]
+fn a_directory_swapped_for_a_symlink_during_an_in_place_checkout_redirects_nothing() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt, chown};
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, dest, victim) =
+        (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("home"), tmp.path().join("victim"));
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("sub/f"), b"the user's").unwrap();
+    fs::create_dir_all(&victim).unwrap();
+    fs::write(victim.join("f"), b"root's secret").unwrap();
+    fs::set_permissions(victim.join("f"), fs::Permissions::from_mode(0o600)).unwrap();
+    if chown(src.join("sub/f"), Some(1234), Some(1234)).is_err() {
+        eprintln!("SKIPPED: cannot chown here (not root); the swap during an in-place checkout is untested");
+        return;
+    }
+    let id = commit_id(&sx(&repo, &["commit", p(&src)]));
+    sx(&repo, &["checkout", &id[..8], p(&dest)]);
+    // The user's own doing, which makes the checkout fix the file's owner, mode and mtime.
+    chown(dest.join("sub/f"), None, Some(4321)).unwrap();
+    fs::set_permissions(dest.join("sub/f"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::File::options().write(true).open(dest.join("sub/f")).unwrap().set_modified(std::time::UNIX_EPOCH).unwrap();
+    let before = fs::metadata(victim.join("f")).unwrap();
+
+    let child = Command::new(bin())
+        .args(["--repo", p(&repo), "checkout", &id[..8], p(&dest), "--in-place"])
+        .env("SNAPSTORE_FAULT", "checkout-entry:1:stop")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stat = format!("/proc/{}/stat", child.id());
+    let start = std::time::Instant::now();
+    while !fs::read_to_string(&stat).unwrap().rsplit(") ").next().unwrap().starts_with('T') {
+        assert!(start.elapsed().as_secs() < 30, "the checkout never reached the file entry");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    fs::rename(dest.join("sub"), dest.join("sub.moved")).unwrap();
+    std::os::unix::fs::symlink(&victim, dest.join("sub")).unwrap();
+    assert!(Command::new("kill").args(["-CONT", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert_no_panic(&out, "the in-place checkout");
+
+    let after = fs::metadata(victim.join("f")).unwrap();
+    assert_eq!((after.uid(), after.gid(), after.mode()), (before.uid(), before.gid(), before.mode()));
+    assert_eq!(after.mtime(), before.mtime());
+    assert_eq!(fs::read(victim.join("f")).unwrap(), b"root's secret");
+    // The fixes went to the file in the directory the checkout had opened.
+    let moved = fs::metadata(dest.join("sub.moved/f")).unwrap();
+    assert_eq!((moved.uid(), moved.gid(), moved.mode() & 0o7777), (1234, 1234, 0o644), "{}", text(&out.stderr));
 }
 
 /// Inode and link count of `path`.

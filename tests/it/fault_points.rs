@@ -112,7 +112,7 @@ impl Op {
                 "gc-dropped",
                 "gc-removed",
             ],
-            Op::Checkout => &["checkout-temp", "checkout-file"],
+            Op::Checkout => &["checkout-temp", "checkout-file", "checkout-entry"],
         }
     }
 }

@@ -131,7 +131,8 @@ checkpoint lacks stay unless --delete (never the repository itself; a DEST in th
 entry where the repository is, is refused). Permissions, mtimes and symlinks end as in \
 the checkpoint; runs of zeros become holes. Run as root, the checkout also gives every entry the owner and \
 group it was committed with, as numeric ids (--no-owners: not); run as another user, what it creates belongs to \
-that user. Checkpoints taken before snapstore recorded owners, and streams, have none to restore. Names that \
+that user. Checkpoints taken before snapstore recorded owners, and streams, have none to restore. Set-uid and \
+set-gid bits are given only to files that end up owned by their recorded owner. Names that \
 were hard links of one file when committed are linked again (copies where the filesystem cannot link). If a checkout is interrupted, run it again with --in-place: it \
 finishes the job, writing only what is missing or incomplete.\n\n\
 Examples:\n  snapstore checkout latest ./restored\n  snapstore checkout 3fa2c1 ./vm.img --in-place\n  \

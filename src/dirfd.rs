@@ -1,0 +1,102 @@
+//! Names looked at, opened and removed inside an open directory, never through a symlink.
+//!
+//! An in-place checkout works in a tree that someone else may be changing: a user whose home directory root
+//! restores can swap a directory on the way for a symlink between two steps. Every step on an existing name
+//! therefore goes through a handle on its directory, opened when the walk entered it, and follows no symlink
+//! at the name itself: a swap redirects nothing outside the tree the handle was opened on.
+
+use std::ffi::OsStr;
+use std::fs::{File, Metadata};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+
+/// What is at `name` in `dir`, as `lstat` sees it (a symlink as a symlink).
+pub(crate) fn lstat(dir: &OwnedFd, name: &OsStr) -> io::Result<Metadata> {
+    let fd = rustix::fs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+    File::from(fd).metadata()
+}
+
+/// Opens the regular file or directory at `name` in `dir` with `flags`, failing on a symlink (`ELOOP`).
+pub(crate) fn open(dir: &OwnedFd, name: &OsStr, flags: OFlags) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::openat(dir, name, flags | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY, Mode::empty())?)
+}
+
+/// The names in directory `dir` (a handle of any kind, `O_PATH` included), without `.` and `..`.
+pub(crate) fn names(dir: &OwnedFd) -> io::Result<Vec<std::ffi::OsString>> {
+    let fd = rustix::fs::openat(dir, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    let mut out = Vec::new();
+    for entry in rustix::fs::Dir::new(fd)? {
+        let name = entry?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            out.push(std::ffi::OsString::from(OsStr::from_bytes(&name)));
+        }
+    }
+    Ok(out)
+}
+
+/// Removes whatever is at `name` in `dir`: a file or symlink (never what it points to), or a directory with
+/// everything in it, each level through a handle on it.
+pub(crate) fn remove(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Err(rustix::io::Errno::ISDIR | rustix::io::Errno::PERM) if lstat(dir, name)?.is_dir() => remove_tree(dir, name),
+        r => Ok(r?),
+    }
+}
+
+fn remove_tree(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
+    let sub = open(dir, name, OFlags::RDONLY | OFlags::DIRECTORY)?;
+    for entry in rustix::fs::Dir::read_from(&sub)? {
+        let entry = entry?;
+        let child = OsStr::from_bytes(entry.file_name().to_bytes());
+        if child == "." || child == ".." {
+            continue;
+        }
+        let is_dir = match entry.file_type() {
+            FileType::Directory => true,
+            FileType::Unknown => lstat(&sub, child)?.is_dir(),
+            _ => false,
+        };
+        if is_dir { remove_tree(&sub, child)? } else { rustix::fs::unlinkat(&sub, child, AtFlags::empty())? }
+    }
+    Ok(rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::path::Path;
+
+    fn open_dir(path: &Path) -> OwnedFd {
+        rustix::fs::open(path, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).unwrap()
+    }
+
+    /// A tree is removed whole; a symlink is removed, never followed, whether to a file or a directory.
+    #[test]
+    fn remove_takes_trees_and_links_but_never_follows_them() {
+        let t = tempfile::tempdir().unwrap();
+        let (inside, outside) = (t.path().join("in"), t.path().join("out"));
+        fs::create_dir_all(inside.join("tree/deep/er")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(inside.join("tree/deep/er/f"), b"x").unwrap();
+        fs::write(inside.join("tree/g"), b"y").unwrap();
+        fs::write(outside.join("keep"), b"kept").unwrap();
+        std::os::unix::fs::symlink(&outside, inside.join("tree/link-dir")).unwrap();
+        std::os::unix::fs::symlink(outside.join("keep"), inside.join("link-file")).unwrap();
+        fs::write(inside.join("plain"), b"z").unwrap();
+        let dir = open_dir(&inside);
+        let mut listed = names(&dir).unwrap();
+        listed.sort();
+        assert_eq!(listed, ["link-file", "plain", "tree"]);
+        assert!(lstat(&dir, OsStr::new("link-file")).unwrap().file_type().is_symlink());
+        assert!(open(&dir, OsStr::new("link-file"), OFlags::RDONLY).is_err(), "a symlink is not opened");
+        for name in ["tree", "link-file", "plain"] {
+            remove(&dir, OsStr::new(name)).unwrap();
+        }
+        assert!(names(&dir).unwrap().is_empty());
+        assert_eq!(fs::read(outside.join("keep")).unwrap(), b"kept");
+    }
+}
