@@ -53,6 +53,12 @@ pub struct Change {
     pub bytes_changed: u64,
     /// Files: those bytes as `[start, end)` ranges of the second version, merged where adjacent.
     pub ranges: Vec<(u64, u64)>,
+    /// Symlinks: where it points (in the second checkpoint, or the first if removed).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "crate::json_path::opt_path")]
+    pub link_target: Option<PathBuf>,
+    /// Symlinks pointing elsewhere now: where it pointed in the first checkpoint.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "crate::json_path::opt_path")]
+    pub link_target_before: Option<PathBuf>,
 }
 
 /// Totals of a diff.
@@ -118,7 +124,7 @@ impl Differ<'_> {
                 if a.mode != b.mode || owner_changed(a, b) {
                     // A directory's mtime moves with every change inside it: only its mode and owner are worth a
                     // line.
-                    self.emit(b, rel, ChangeKind::Modified, a.size, false, Vec::new())?;
+                    self.emit(b, Some(a), rel, ChangeKind::Modified, false, Vec::new())?;
                 }
                 if a.target == b.target {
                     return Ok(());
@@ -153,20 +159,20 @@ impl Differ<'_> {
             EntryKind::Symlink => {
                 let changed = a.target != b.target;
                 if changed || a.mode != b.mode || a.mtime_ns != b.mtime_ns || owner_changed(a, b) {
-                    self.emit(b, rel, ChangeKind::Modified, a.size, changed, Vec::new())?;
+                    self.emit(b, Some(a), rel, ChangeKind::Modified, changed, Vec::new())?;
                 }
                 Ok(())
             }
             EntryKind::File => {
                 if a.target == b.target {
                     if a.mode != b.mode || a.mtime_ns != b.mtime_ns || owner_changed(a, b) {
-                        self.emit(b, rel, ChangeKind::Modified, a.size, false, Vec::new())?;
+                        self.emit(b, Some(a), rel, ChangeKind::Modified, false, Vec::new())?;
                     }
                     return Ok(());
                 }
                 let (before, after) = (a.object()?.expect("file"), b.object()?.expect("file"));
                 let ranges = self.changed_ranges(&before, &after)?;
-                self.emit(b, rel, ChangeKind::Modified, a.size, true, ranges)
+                self.emit(b, Some(a), rel, ChangeKind::Modified, true, ranges)
             }
         }
     }
@@ -211,8 +217,7 @@ impl Differ<'_> {
     fn all(&mut self, e: &Entry, rel: &Path, change: ChangeKind) -> Result<()> {
         let mut stack = vec![(e.clone(), rel.to_path_buf())];
         while let Some((e, rel)) = stack.pop() {
-            let before = if change == ChangeKind::Removed { e.size } else { 0 };
-            self.emit(&e, &rel, change, before, true, Vec::new())?;
+            self.emit(&e, None, &rel, change, true, Vec::new())?;
             if e.kind == EntryKind::Dir {
                 for c in self.catalog.tree(&e.object()?.expect("dir has a tree"))?.into_iter().rev() {
                     let p = child(&rel, &c)?;
@@ -223,15 +228,21 @@ impl Differ<'_> {
         Ok(())
     }
 
+    /// Reports entry `e` at `rel`; `before` is what it was in the first checkpoint, for a modified entry.
     fn emit(
         &mut self,
         e: &Entry,
+        before: Option<&Entry>,
         rel: &Path,
         change: ChangeKind,
-        size_before: u64,
         content_changed: bool,
         ranges: Vec<(u64, u64)>,
     ) -> Result<()> {
+        let size_before = match change {
+            ChangeKind::Removed => e.size,
+            ChangeKind::Added => 0,
+            ChangeKind::Modified => before.map_or(0, |b| b.size),
+        };
         let file = e.kind == EntryKind::File;
         let size_after = if change == ChangeKind::Removed { 0 } else { e.size };
         let bytes_changed = if change == ChangeKind::Modified { ranges.iter().map(|(s, e)| e - s).sum() } else { 0 };
@@ -249,6 +260,7 @@ impl Differ<'_> {
                 self.summary.bytes_changed += bytes_changed;
             }
         }
+        let target = |e: &Entry| (e.kind == EntryKind::Symlink).then(|| PathBuf::from(OsStr::from_bytes(&e.target)));
         (self.f)(&Change {
             path: rel.to_path_buf(),
             change,
@@ -258,6 +270,8 @@ impl Differ<'_> {
             content_changed,
             bytes_changed,
             ranges,
+            link_target: target(e),
+            link_target_before: before.filter(|b| b.target != e.target).and_then(target),
         })
     }
 }

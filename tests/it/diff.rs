@@ -223,6 +223,32 @@ fn diff_through_the_binary() {
     assert_eq!(o.status.code(), Some(4));
 }
 
+/// A symlink pointed elsewhere, one added and one removed: diff names their targets, the old one too for the
+/// retargeted link, in text and JSON.
+#[test]
+fn diff_shows_where_symlinks_point() {
+    let t = fast_tempdir("diff");
+    let (repo, src) = (t.path().join("repo"), t.path().join("src"));
+    fs::create_dir_all(&src).unwrap();
+    std::os::unix::fs::symlink("v1", src.join("current")).unwrap();
+    std::os::unix::fs::symlink("gone", src.join("old")).unwrap();
+    let a = succeeded(&run(&repo, &["-q", "commit", src.to_str().unwrap()]), "commit").trim().to_string();
+    fs::remove_file(src.join("current")).unwrap();
+    std::os::unix::fs::symlink("v2", src.join("current")).unwrap();
+    fs::remove_file(src.join("old")).unwrap();
+    std::os::unix::fs::symlink("there", src.join("new")).unwrap();
+    let b = succeeded(&run(&repo, &["-q", "commit", src.to_str().unwrap()]), "commit").trim().to_string();
+    let text = succeeded(&run(&repo, &["diff", &a[..8], &b[..8]]), "diff");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[..3], ["M current -> v2  (was -> v1)", "+ new -> there", "- old -> gone"], "{text}");
+    let json: serde_json::Value =
+        serde_json::from_str(&succeeded(&run(&repo, &["--json", "diff", &a, &b]), "diff --json")).unwrap();
+    let c = &json["changes"][0];
+    assert_eq!((c["path"].as_str(), c["link_target"].as_str()), (Some("current"), Some("v2")), "{c}");
+    assert_eq!(c["link_target_before"], "v1", "{c}");
+    assert!(json["changes"][1].get("link_target_before").is_none(), "{json}");
+}
+
 /// Data written into a run of zeros moves where the run's maximum chunks start: no zero chunk of the new
 /// version then sits where one of the old version does, yet those bytes are zeros in both.
 #[test]

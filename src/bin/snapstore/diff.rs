@@ -60,6 +60,13 @@ fn line(out: &mut Out, c: &Change) -> std::io::Result<()> {
     if c.kind == EntryKind::Dir {
         path.push('/');
     }
+    let shown = |t: &Path| crate::output::listed_name(&t.to_string_lossy());
+    if let Some(target) = &c.link_target {
+        path.push_str(&format!(" -> {}", shown(target)));
+        if let Some(before) = &c.link_target_before {
+            path.push_str(&format!("  (was -> {})", shown(before)));
+        }
+    }
     let detail = match c.change {
         ChangeKind::Modified if !c.content_changed => "  (mode, owner or mtime only)".to_string(),
         ChangeKind::Modified if c.kind == EntryKind::File => {
