@@ -224,7 +224,7 @@ fn diff_through_the_binary() {
 }
 
 /// A symlink pointed elsewhere, one added and one removed: diff names their targets, the old one too for the
-/// retargeted link, in text and JSON.
+/// retargeted link, in text and JSON; with -q, only the marks and paths.
 #[test]
 fn diff_shows_where_symlinks_point() {
     let t = fast_tempdir("diff");
@@ -247,6 +247,9 @@ fn diff_shows_where_symlinks_point() {
     assert_eq!((c["path"].as_str(), c["link_target"].as_str()), (Some("current"), Some("v2")), "{c}");
     assert_eq!(c["link_target_before"], "v1", "{c}");
     assert!(json["changes"][1].get("link_target_before").is_none(), "{json}");
+    // -q: the paths alone, for scripts.
+    let quiet = succeeded(&run(&repo, &["-q", "diff", &a[..8], &b[..8]]), "diff -q");
+    assert_eq!(quiet, "M current\n+ new\n- old\n");
 }
 
 /// Data written into a run of zeros moves where the run's maximum chunks start: no zero chunk of the new

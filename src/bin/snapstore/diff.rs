@@ -27,16 +27,14 @@ pub fn diff(repo_dir: &Path, args: &DiffArgs, json: bool, quiet: bool, out: &mut
         if json {
             changes.push(c.clone());
             Ok(())
-        } else if quiet {
-            Ok(())
         } else {
-            sink.write(line(out, c))
+            sink.write(line(out, c, quiet))
         }
     });
     let summary = sink.finish(diffed)?;
     if json {
         out.json(&serde_json::json!({ "summary": summary, "changes": changes }))?;
-    } else {
+    } else if !quiet {
         out.line(&format!(
             "{} added ({}), {} removed ({}), {} modified ({} changed)",
             summary.added,
@@ -50,7 +48,8 @@ pub fn diff(repo_dir: &Path, args: &DiffArgs, json: bool, quiet: bool, out: &mut
     Ok(())
 }
 
-fn line(out: &mut Out, c: &Change) -> std::io::Result<()> {
+/// One change; `quiet`: its mark and path alone, for scripts.
+fn line(out: &mut Out, c: &Change, quiet: bool) -> std::io::Result<()> {
     let mark = match c.change {
         ChangeKind::Added => '+',
         ChangeKind::Removed => '-',
@@ -59,6 +58,9 @@ fn line(out: &mut Out, c: &Change) -> std::io::Result<()> {
     let mut path = crate::output::listed_name(&c.path.to_string_lossy());
     if c.kind == EntryKind::Dir {
         path.push('/');
+    }
+    if quiet {
+        return out.line(&format!("{mark} {path}"));
     }
     let shown = |t: &Path| crate::output::listed_name(&t.to_string_lossy());
     if let Some(target) = &c.link_target {

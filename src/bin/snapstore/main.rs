@@ -283,7 +283,8 @@ the rest to the next run. Without a terminal it prints only its summary (-q: not
     #[command(after_help = concat!("For a modified file, the byte ranges listed are where its new version may \
 differ from the old one at the same offsets, to the nearest chunk: a chunk held at the same offset by both, or \
 zeros in both, is unchanged. Bytes inserted or removed shift everything after them, which is then listed as \
-changed (the commit itself stores only the chunks that are new).\n\n", exit_help!()))]
+changed (the commit itself stores only the chunks that are new). With -q, only the changed paths, one per line \
+after its mark (+ added, - removed, M modified; a directory's ends with /), and no totals.\n\n", exit_help!()))]
     Diff(diff::DiffArgs),
     /// Check the repository: catalog against packs, and with --read-data every chunk's bytes
     #[command(after_help = exit_help!())]
