@@ -148,7 +148,7 @@ snapstore checkout 3fa2c1 ./run --in-place --delete\n  snapstore checkout latest
         /// With --in-place: remove files and directories the checkpoint lacks
         #[arg(long, requires = "in_place")]
         delete: bool,
-        /// With --in-place: hash existing files instead of trusting size and mtime
+        /// With --in-place: hash existing files instead of trusting their size, mtime and ctime
         #[arg(long, requires = "in_place")]
         checksum: bool,
         /// Restore only this path of the checkpoint, relative to the committed directory (repeatable)
