@@ -20,7 +20,7 @@
 
 use std::ffi::OsStr;
 use std::fs::{self, File, Metadata};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -178,8 +178,8 @@ struct FileTask {
 
 /// A later name of a hard-linked file, waiting for the file's first name to be in place.
 struct PendingLink {
-    /// The name's directory, opened by the walker (see [`FileTask::dir`]).
-    dir: Arc<OwnedFd>,
+    /// The name's directory.
+    dir: LinkDir,
     path: PathBuf,
     /// Something is at the name already (in place): replaced, unless it is this very file.
     replace: bool,
@@ -192,6 +192,15 @@ struct PendingLink {
     parent: Option<Arc<DirTask>>,
 }
 
+/// Where a later name's directory is.
+enum LinkDir {
+    /// Open: the walker makes the link at once (see [`FileTask::dir`]).
+    Open(Arc<OwnedFd>),
+    /// Below the destination (its handle, and the path from it), found again when the link is made: a link
+    /// that waits holds no handle of its own, since thousands can wait on one file.
+    Below(Arc<OwnedFd>, PathBuf),
+}
+
 impl PendingLink {
     /// Links the name to `from` in `from_dir` (the file's first name, whole), or copies it where the
     /// filesystem cannot link it (no hard links, another filesystem below an existing destination, too many
@@ -201,8 +210,14 @@ impl PendingLink {
         use rustix::io::Errno;
         let io = |e: Errno| Error::io(&self.path, e.into());
         let name = self.path.file_name().unwrap_or_default();
+        let dir = match &self.dir {
+            LinkDir::Open(dir) => dir.clone(),
+            LinkDir::Below(root, rel) => {
+                Arc::new(dirfd::open_below(root, rel, false).map_err(|e| Error::io(&self.path, e))?)
+            }
+        };
         if self.replace {
-            let there = rustix::fs::statat(&self.dir, name, AtFlags::SYMLINK_NOFOLLOW);
+            let there = rustix::fs::statat(&*dir, name, AtFlags::SYMLINK_NOFOLLOW);
             let file = rustix::fs::statat(from_dir, from, AtFlags::SYMLINK_NOFOLLOW).map_err(io)?;
             if there.is_ok_and(|t| (t.st_dev, t.st_ino) == (file.st_dev, file.st_ino)) {
                 return entry_done(self.parent.as_ref());
@@ -210,30 +225,30 @@ impl PendingLink {
         }
         let temp = temp_path(parent_dir(&self.path));
         let at = if self.replace { temp.file_name().unwrap_or_default() } else { name };
-        match rustix::fs::linkat(from_dir, from, &self.dir, at, AtFlags::empty()) {
+        match rustix::fs::linkat(from_dir, from, &*dir, at, AtFlags::empty()) {
             Ok(()) => {}
             Err(Errno::XDEV | Errno::PERM | Errno::OPNOTSUPP | Errno::MLINK | Errno::NOSYS) => {
-                self.copy(from_dir, from, at)?
+                self.copy(&dir, from_dir, from, at)?
             }
             Err(e) if self.replace => return Err(io(e)),
             Err(e) => return Err(name_error(&self.path, e.into())),
         }
         if self.replace
-            && let Err(e) = rustix::fs::renameat(&self.dir, at, &self.dir, name)
+            && let Err(e) = rustix::fs::renameat(&*dir, at, &*dir, name)
         {
-            let _ = rustix::fs::unlinkat(&self.dir, at, AtFlags::empty());
+            let _ = rustix::fs::unlinkat(&*dir, at, AtFlags::empty());
             return Err(io(e));
         }
         entry_done(self.parent.as_ref())
     }
 
     /// A copy of `from` created at `at` with the entry's owner, mode and mtime; removed again if it fails.
-    fn copy(&self, from_dir: &OwnedFd, from: &OsStr, at: &OsStr) -> Result<()> {
+    fn copy(&self, dir: &OwnedFd, from_dir: &OwnedFd, from: &OsStr, at: &OsStr) -> Result<()> {
         let io = |e: std::io::Error| Error::io(&self.path, e);
         let read = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let src = File::from(rustix::fs::openat(from_dir, from, read, Mode::empty()).map_err(|e| io(e.into()))?);
         let create = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let fd = rustix::fs::openat(&self.dir, at, create, Mode::from_raw_mode(0o600));
+        let fd = rustix::fs::openat(dir, at, create, Mode::from_raw_mode(0o600));
         let dst = File::from(fd.map_err(|e| name_error(&self.path, e.into()))?);
         let copied = std::io::copy(&mut &src, &mut &dst).map(|_| ()).and_then(|()| {
             let chowned = self
@@ -246,7 +261,7 @@ impl PendingLink {
             dst.set_modified(mtime(self.mtime_ns))
         });
         copied.map_err(|e| {
-            let _ = rustix::fs::unlinkat(&self.dir, at, AtFlags::empty());
+            let _ = rustix::fs::unlinkat(dir, at, AtFlags::empty());
             io(e)
         })
     }
@@ -263,6 +278,8 @@ struct DirTask {
     mtime_ns: i64,
     /// The owner to give the directory, if it does not have it already.
     chown: Option<(Owner, Arc<Owners>)>,
+    /// Its device and inode: its metadata is set only on this very directory, never on one put in its place.
+    id: (u64, u64),
     /// Entries not yet in place, plus one the walker holds while it lists them (so that the count cannot reach
     /// zero before every entry is counted).
     remaining: AtomicUsize,
@@ -276,37 +293,7 @@ impl DirTask {
     fn release(&self) -> Result<()> {
         let mut dir = self;
         while dir.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let io = |e: rustix::io::Errno| Error::io(&dir.path, e.into());
-            // The owner before the mode: a change of owner clears set-id bits.
-            if let Some((owner, owners)) = &dir.chown {
-                let r = match &dir.at {
-                    Some((parent, name)) => {
-                        rustix::fs::chownat(parent, name, owner.uid(), owner.gid(), AtFlags::SYMLINK_NOFOLLOW)
-                    }
-                    None => rustix::fs::chownat(
-                        rustix::fs::CWD,
-                        &dir.path,
-                        owner.uid(),
-                        owner.gid(),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    ),
-                };
-                let _ = owners.note(&dir.path, r);
-            }
-            if let Some((parent, name)) = &dir.at {
-                let times = rustix::fs::Timestamps {
-                    last_access: rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
-                    last_modification: timespec(dir.mtime_ns),
-                };
-                rustix::fs::utimensat(parent, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(io)?;
-                rustix::fs::chmodat(parent, name, Mode::from_raw_mode(dir.mode), AtFlags::empty()).map_err(io)?;
-            } else {
-                let t = filetime::FileTime::from_system_time(mtime(dir.mtime_ns));
-                // The mtime first: setting it opens the directory, which its final mode may forbid.
-                filetime::set_file_mtime(&dir.path, t).map_err(|e| Error::io(&dir.path, e))?;
-                fs::set_permissions(&dir.path, fs::Permissions::from_mode(dir.mode))
-                    .map_err(|e| Error::io(&dir.path, e))?;
-            }
+            dir.set_metadata()?;
             match &dir.parent {
                 Some(parent) => dir = parent,
                 None => break,
@@ -317,6 +304,49 @@ impl DirTask {
 
     fn done(&self) -> bool {
         self.remaining.load(Ordering::Acquire) == 0
+    }
+
+    /// Sets the directory's owner, mtime and mode, on this very directory: a handle on its name (never through
+    /// a symlink, and for the start of a walk as named), checked to be the directory walked, then, through
+    /// [`dirfd::proc_path`], the handle itself. Without `/proc`, by the name in its directory.
+    fn set_metadata(&self) -> Result<()> {
+        let io = |e: rustix::io::Errno| Error::io(&self.path, e.into());
+        let handle = match &self.at {
+            Some((parent, name)) => {
+                dirfd::open(parent, name, OFlags::PATH | OFlags::DIRECTORY).map_err(|e| Error::io(&self.path, e))?
+            }
+            None => {
+                let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                rustix::fs::open(&self.path, flags, Mode::empty()).map_err(io)?
+            }
+        };
+        let st = rustix::fs::fstat(&handle).map_err(io)?;
+        if (st.st_dev, st.st_ino) != self.id {
+            let e = std::io::Error::other("replaced by another while the checkout ran; run it again");
+            return Err(Error::io(&self.path, e));
+        }
+        let nofollow = AtFlags::SYMLINK_NOFOLLOW;
+        match (dirfd::proc_path(&handle), &self.at) {
+            (Some(proc), _) => self.apply(rustix::fs::CWD, &proc, AtFlags::empty()),
+            (None, Some((parent, name))) => self.apply(parent.as_fd(), Path::new(name), nofollow),
+            (None, None) => self.apply(rustix::fs::CWD, &self.path, nofollow),
+        }
+    }
+
+    /// Sets owner, mtime and mode at `name` (below `dir`): the owner before the mode, since a change of owner
+    /// clears set-id bits; the mtime before the mode, since setting it by name looks the directory up, which
+    /// its final mode may forbid.
+    fn apply(&self, dir: std::os::fd::BorrowedFd<'_>, name: &Path, flags: AtFlags) -> Result<()> {
+        let io = |e: rustix::io::Errno| Error::io(&self.path, e.into());
+        if let Some((owner, owners)) = &self.chown {
+            let _ = owners.note(&self.path, rustix::fs::chownat(dir, name, owner.uid(), owner.gid(), flags));
+        }
+        let times = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
+            last_modification: timespec(self.mtime_ns),
+        };
+        rustix::fs::utimensat(dir, name, &times, flags).map_err(io)?;
+        rustix::fs::chmodat(dir, name, Mode::from_raw_mode(self.mode), AtFlags::empty()).map_err(io)
     }
 }
 
@@ -407,16 +437,19 @@ impl Owners {
         if mode & SET_ID == 0 {
             return mode;
         }
-        let owned = match (recorded, chowned) {
-            (None, _) => false,
-            (Some(_), Some(done)) => done,
-            (Some(owner), None) => file.metadata().is_ok_and(|md| owner_of(&md) == owner),
+        // Set-uid goes with the user, set-gid with the group.
+        let (user, group) = match (recorded, chowned) {
+            (None, _) => (false, false),
+            (Some(_), Some(done)) => (done, done),
+            (Some(owner), None) => {
+                file.metadata().map_or((false, false), |md| (md.uid() == owner.uid, md.gid() == owner.gid))
+            }
         };
-        if owned {
-            return mode;
+        let kept = mode & !(if user { 0 } else { 0o4000 }) & !(if group { 0 } else { 0o2000 });
+        if kept != mode {
+            self.set_id_dropped.fetch_add(1, Ordering::Relaxed);
         }
-        self.set_id_dropped.fetch_add(1, Ordering::Relaxed);
-        mode & !SET_ID
+        kept
     }
 
     /// The warning for files whose set-id bits were left off, if any were.
@@ -424,11 +457,12 @@ impl Owners {
         let n = self.set_id_dropped.load(Ordering::Relaxed);
         (n > 0).then(|| {
             format!(
-                "left the set-uid and set-gid bits off {n} {}: {} not belong to the owner {} committed with \
-                 (restoring owners needs a checkout run as root, without --no-owners)",
+                "left set-uid or set-gid bits off {n} {}: {} not belong to the user or group {} committed with, or \
+                 {} committed without an owner (restoring owners needs a checkout run as root, without --no-owners)",
                 if n == 1 { "file" } else { "files" },
                 if n == 1 { "it does" } else { "they do" },
-                if n == 1 { "it was" } else { "they were" }
+                if n == 1 { "it was" } else { "they were" },
+                if n == 1 { "was" } else { "were" }
             )
         })
     }
@@ -661,12 +695,19 @@ impl FileTask {
         // The owner before the mode: a change of owner clears set-id bits.
         let chowned =
             self.chown.as_ref().map(|(o, owners)| owners.note(&self.dest, rustix::fs::fchown(file, o.uid(), o.gid())));
+        // A patched file that needed no byte and has its mode and mtime keeps its ctime, so that the record of
+        // this checkout vouches for it next time (on a filesystem of 1 s timestamps it would not, changed now).
+        let now = if matches!(target, Target::Patched) && chowned.is_none() { file.metadata().ok() } else { None };
         if !(matches!(target, Target::Created) && self.create_mode.is_some()) {
             let mode = self.owners.mode_for(self.mode, self.owner, chowned, file);
-            file.set_permissions(fs::Permissions::from_mode(mode)).map_err(io)?;
+            if now.as_ref().is_none_or(|md| md.permissions().mode() & 0o7777 != mode) {
+                file.set_permissions(fs::Permissions::from_mode(mode)).map_err(io)?;
+            }
         }
         // The mtime last: a patched file carries the checkpoint's mtime only once it is whole.
-        file.set_modified(mtime(self.mtime_ns)).map_err(io)?;
+        if now.as_ref().is_none_or(|md| mtime_ns(md) != self.mtime_ns) {
+            file.set_modified(mtime(self.mtime_ns)).map_err(io)?;
+        }
         if let Target::Temp { path, replace } = target {
             crate::fault::point("checkout-temp");
             let (from, to) = (path.file_name().unwrap_or_default(), self.dest.file_name().unwrap_or_default());
@@ -829,8 +870,9 @@ enum Recorder {
     Commit,
     /// A whole checkout into the destination, which ended at this time (a [`Boundary`]): a file changed since
     /// has a ctime at or after it, even where its size and mtime were put back (`touch -r`, a copy keeping
-    /// times).
-    Checkout(i64),
+    /// times). The boundary holds for the destination's filesystem (the device given), whose timestamp
+    /// granularity it was drawn for: files on another mounted below are not trusted by it.
+    Checkout(i64, u64),
 }
 
 impl Prior {
@@ -843,7 +885,7 @@ impl Prior {
             && e.mtime_ns == mtime_ns(md)
             && match self.by {
                 Recorder::Commit => e.ctime_ns == ctime_ns && e.ino == md.ino(),
-                Recorder::Checkout(ended_ns) => ctime_ns < ended_ns,
+                Recorder::Checkout(ended_ns, dev) => ctime_ns < ended_ns && md.dev() == dev,
             };
         same.then(|| e.object().ok().flatten()).flatten()
     }
@@ -898,7 +940,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     }
     // Keyed as commits key their paths, so that a commit of `run/` vouches for a checkout into `run`.
     let dest_key = crate::commit::path_key(dest)?;
-    let priors = if in_place && !opts.checksum { priors(&catalog, &dest_key) } else { Vec::new() };
+    let priors = if in_place && !opts.checksum { priors(&catalog, &dest_key, dest) } else { Vec::new() };
     // Files placed by this checkout carry its checkpoint's sizes and mtimes; were it cut short under the old
     // record, that record could vouch for a replaced file whose size and mtime happen to match its own.
     if catalog.last_checkout(&dest_key)?.is_some() {
@@ -938,8 +980,9 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             }
             kept.push(rel.clone());
             let path = if rel.as_os_str().is_empty() { dest.to_path_buf() } else { dest.join(&rel) };
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            if path != dest {
+                // The directories below it are made by the walk, never through a symlink (see `walk`).
+                fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
             }
             let priors = priors
                 .iter()
@@ -1016,6 +1059,8 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             dest,
             links: std::collections::HashMap::new(),
             links_full: false,
+            dest_fd: None,
+            taken: std::collections::HashSet::new(),
         };
         let r = starts.iter().try_for_each(|s| walker.walk(s)).and_then(|()| walker.outbox.send());
         walker.end_read();
@@ -1061,12 +1106,13 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
 /// The records an in-place checkout at `dest` may trust: the checkpoint last checked out there whole, and
 /// the last one committed from there. A record that cannot be read (its checkpoint was just collected) is
 /// skipped: files it would have vouched for are hashed instead.
-fn priors(catalog: &Catalog, key: &str) -> Vec<Prior> {
+fn priors(catalog: &Catalog, key: &str, dest: &Path) -> Vec<Prior> {
     let mut out = Vec::new();
     if let Ok(Some((id, ended_ns))) = catalog.last_checkout(key)
         && let Ok(entry) = content::root_entry(catalog, &id)
+        && let Ok(dest_dev) = fs::symlink_metadata(dest).map(|md| md.dev())
     {
-        out.push(Prior { entry, by: Recorder::Checkout(ended_ns) });
+        out.push(Prior { entry, by: Recorder::Checkout(ended_ns, dest_dev) });
     }
     if let Ok(Some(cp)) = catalog.latest_of_path(&host_name(), key)
         && let Ok(entry) = content::root_entry(catalog, &cp.id)
@@ -1194,6 +1240,10 @@ struct Walker<'a> {
     links: std::collections::HashMap<u64, LinkFirst>,
     /// Whether a hard-linked file went unremembered, [`LINK_GROUPS_MAX`] being reached.
     links_full: bool,
+    /// The destination, open, once something below it needs finding again ([`Walker::dest_dir`]).
+    dest_fd: Option<Arc<OwnedFd>>,
+    /// Files at the destination left in place as the first name of a link group (device, inode).
+    taken: std::collections::HashSet<(u64, u64)>,
 }
 
 /// The first name of a hard-linked file the checkout has met, and what a later name must match to be linked
@@ -1310,11 +1360,17 @@ impl Walker<'_> {
     /// file batches.
     fn walk(&mut self, start: &Start) -> Result<()> {
         // Each item carries the directory it is in, open, where its file is created (see `FileTask`). The
-        // start's is the parent the caller named, symlinks and all.
-        let parent = parent_dir(&start.path);
-        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let start_dir =
-            Arc::new(rustix::fs::open(parent, flags, Mode::empty()).map_err(|e| Error::io(parent, e.into()))?);
+        // destination's is its parent as the caller named it, symlinks and all; a `--path` start's is found
+        // below the destination without following a symlink (made where missing), as every name below it.
+        let below = start.path != self.dest;
+        let start_dir = Arc::new(if below {
+            let rel = start.path.strip_prefix(self.dest).unwrap_or(&start.path);
+            self.open_beneath(rel.parent().unwrap_or(Path::new("")), true)?
+        } else {
+            let parent = parent_dir(&start.path);
+            let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+            rustix::fs::open(parent, flags, Mode::empty()).map_err(|e| Error::io(parent, e.into()))?
+        });
         let mut stack =
             vec![(start.entry.clone(), start.path.clone(), start.rel.clone(), start.priors.clone(), start_dir, None)];
         while let Some((entry, path, rel, priors, dir, parent)) = stack.pop() {
@@ -1323,8 +1379,9 @@ impl Walker<'_> {
             }
             match entry.kind {
                 EntryKind::Dir => {
-                    // Below the start, through its directory's handle; the start as the caller named it.
-                    let at = parent.as_ref().and(path.file_name());
+                    // Below the destination, through its directory's handle; the destination as the caller
+                    // named it.
+                    let at = (parent.is_some() || below).then(|| path.file_name()).flatten();
                     let existed = match at {
                         Some(name) => self.make_dir_at(&dir, name, &path)?,
                         None => self.make_dir(&path)?,
@@ -1337,13 +1394,9 @@ impl Walker<'_> {
                         None => rustix::fs::open(&path, flags | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
                             .map_err(|e| Error::io(&path, e.into()))?,
                     });
-                    let current_owner = if !existed {
-                        self.new_files.owner
-                    } else if self.owners.restoring {
-                        rustix::fs::fstat(&*this_dir).ok().map(|st| Owner { uid: st.st_uid, gid: st.st_gid })
-                    } else {
-                        None
-                    };
+                    let st = rustix::fs::fstat(&*this_dir).map_err(|e| Error::io(&path, e.into()))?;
+                    let current_owner =
+                        if !existed { self.new_files.owner } else { Some(Owner { uid: st.st_uid, gid: st.st_gid }) };
                     let chown = self.chown(&entry, current_owner);
                     if existed && let Some(repo) = self.protect_id {
                         // A directory of the checkpoint where the repository is (put inside the destination):
@@ -1372,16 +1425,13 @@ impl Walker<'_> {
                             Some((p.by, self.catalog.tree(&id).ok()?))
                         })
                         .collect();
-                    let at = match (&parent, path.file_name()) {
-                        (Some(_), Some(name)) => Some((dir.clone(), name.to_owned())),
-                        _ => None,
-                    };
                     let task = Arc::new(DirTask {
                         path: path.clone(),
-                        at,
+                        at: at.map(|name| (dir.clone(), name.to_owned())),
                         mode: entry.mode,
                         mtime_ns: entry.mtime_ns,
                         chown,
+                        id: (st.st_dev, st.st_ino),
                         remaining: AtomicUsize::new(children.len() + 1),
                         parent,
                     });
@@ -1524,6 +1574,20 @@ impl Walker<'_> {
         Ok(())
     }
 
+    /// Whether an existing file with other names may be this entry, the first name of its link group, left as
+    /// it is: it has the entry's mode, mtime and (when restored) owner already, so nothing done to it changes
+    /// names outside the group; and no other group's first name is this same file (two groups that were one
+    /// file at the destination are separated). Remembers the file as taken.
+    fn may_stay_linked(&mut self, md: &Metadata, entry: &Entry) -> bool {
+        let as_recorded = md.permissions().mode() & 0o7777 == entry.mode
+            && mtime_ns(md) == entry.mtime_ns
+            && (!self.owners.restoring || entry.owner.is_none_or(|o| o == owner_of(md)));
+        entry.link.is_some()
+            && as_recorded
+            && self.taken.len() < LINK_GROUPS_MAX
+            && self.taken.insert((md.dev(), md.ino()))
+    }
+
     /// Notes the first name of a hard-linked file, for its later names.
     fn remember(&mut self, group: u64, entry: &Entry, path: &Path, task: Option<std::sync::Weak<FileTask>>) {
         if self.links.contains_key(&group) {
@@ -1567,8 +1631,8 @@ impl Walker<'_> {
                 Err(_) => {}
             }
         }
-        let link = PendingLink {
-            dir,
+        let mut link = PendingLink {
+            dir: LinkDir::Open(dir),
             path: path.to_path_buf(),
             replace,
             mode: entry.mode,
@@ -1579,6 +1643,11 @@ impl Walker<'_> {
             parent,
         };
         if let Some(task) = task {
+            if task.links.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                // It waits: found again below the destination when made, holding no handle meanwhile.
+                let rel = path.strip_prefix(self.dest).unwrap_or(path).parent().unwrap_or(Path::new(""));
+                link.dir = LinkDir::Below(self.dest_dir()?, rel.to_path_buf());
+            }
             let mut waiting = task.links.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(list) = waiting.as_mut() {
                 list.push(link);
@@ -1587,24 +1656,27 @@ impl Walker<'_> {
             drop(waiting);
             return link.make(&task.dir, task.dest.file_name().unwrap_or_default());
         }
-        let from_dir = self.open_beneath(first.parent().unwrap_or(Path::new("")))?;
+        let from_dir = self.open_beneath(first.parent().unwrap_or(Path::new("")), false)?;
         link.make(&from_dir, first.file_name().unwrap_or_default())
     }
 
     /// The directory at `rel` below the destination, opened without following a symlink anywhere below it: a
     /// later entry that replaced a directory by a symlink (on a filesystem that ignores case) cannot make a link
     /// to a file outside.
-    fn open_beneath(&self, rel: &Path) -> Result<OwnedFd> {
-        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let mut dir = rustix::fs::open(self.dest, flags, Mode::empty()).map_err(|e| Error::io(self.dest, e.into()))?;
-        for part in rel.components() {
-            let std::path::Component::Normal(name) = part else {
-                return Err(Error::Internal(format!("{}: not a path below the destination", rel.display())));
-            };
-            dir = rustix::fs::openat(&dir, name, flags | OFlags::NOFOLLOW, Mode::empty())
-                .map_err(|e| Error::io(self.dest.join(rel), e.into()))?;
+    fn open_beneath(&mut self, rel: &Path, create: bool) -> Result<OwnedFd> {
+        dirfd::open_below(&*self.dest_dir()?, rel, create).map_err(|e| Error::io(self.dest.join(rel), e))
+    }
+
+    /// The destination, open (once it exists).
+    fn dest_dir(&mut self) -> Result<Arc<OwnedFd>> {
+        if let Some(fd) = &self.dest_fd {
+            return Ok(fd.clone());
         }
-        Ok(dir)
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let fd =
+            Arc::new(rustix::fs::open(self.dest, flags, Mode::empty()).map_err(|e| Error::io(self.dest, e.into()))?);
+        self.dest_fd = Some(fd.clone());
+        Ok(fd)
     }
 
     /// Restores one file; `parent` is released once it is in place. Returns the file's task, if it is not
@@ -1626,9 +1698,10 @@ impl Walker<'_> {
         let exists = existing.is_ok();
         // A file with other names that the checkpoint does not link it to (another entry, which would change
         // with it, or a backup made with `ln`): written anew, so that they keep their content and this name
-        // gets its own mode and mtime.
-        let linked_elsewhere =
-            self.in_place && entry.link.is_none() && existing.as_ref().is_ok_and(|md| md.is_file() && md.nlink() > 1);
+        // gets its own mode and mtime. The first name of a link group may stay as it is, other names and all,
+        // but only once per file and only if none of its metadata has to change.
+        let linked_elsewhere = self.in_place
+            && existing.as_ref().is_ok_and(|md| md.is_file() && md.nlink() > 1 && !self.may_stay_linked(md, entry));
         if linked_elsewhere && entry.size >= PATCH_MIN {
             self.opts.progress.warn(&format!(
                 "{} has other hard links: written anew instead of patched in place, so that they keep their content",

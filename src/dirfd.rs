@@ -13,8 +13,12 @@ use std::os::unix::ffi::OsStrExt;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
-/// What is at `name` in `dir`, as `lstat` sees it (a symlink as a symlink).
+/// What is at `name` in `dir`, as `lstat` sees it (a symlink as a symlink): one `lstat` of the name below
+/// [`proc_path`] of the directory, or where there is no `/proc`, a handle on the name and its `fstat`.
 pub(crate) fn lstat(dir: &OwnedFd, name: &OsStr) -> io::Result<Metadata> {
+    if let Some(at) = proc_path(dir) {
+        return std::fs::symlink_metadata(at.join(name));
+    }
     let fd = rustix::fs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
     File::from(fd).metadata()
 }
@@ -22,6 +26,41 @@ pub(crate) fn lstat(dir: &OwnedFd, name: &OsStr) -> io::Result<Metadata> {
 /// Opens the regular file or directory at `name` in `dir` with `flags`, failing on a symlink (`ELOOP`).
 pub(crate) fn open(dir: &OwnedFd, name: &OsStr, flags: OFlags) -> io::Result<OwnedFd> {
     Ok(rustix::fs::openat(dir, name, flags | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY, Mode::empty())?)
+}
+
+/// A path naming the very object `fd` is a handle on (`O_PATH` included), whatever happened to its name
+/// since: `/proc/self/fd/N`, a link the kernel resolves to the object itself, never through a symlink put in
+/// its place. `None` without `/proc`.
+pub(crate) fn proc_path(fd: &OwnedFd) -> Option<std::path::PathBuf> {
+    use std::os::fd::AsRawFd;
+    static HAS_PROC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    HAS_PROC
+        .get_or_init(|| std::path::Path::new("/proc/self/fd").is_dir())
+        .then(|| std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())))
+}
+
+/// The directory at `rel` below `root`, every step opened without following a symlink, so that nothing put
+/// in a directory's place redirects it out of the tree below `root`; with `create`, directories missing on
+/// the way are made (with the umask's mode), as `mkdir -p` would.
+pub(crate) fn open_below(root: &OwnedFd, rel: &std::path::Path, create: bool) -> io::Result<OwnedFd> {
+    let flags = OFlags::PATH | OFlags::DIRECTORY;
+    let mut dir = rustix::fs::openat(root, ".", flags | OFlags::CLOEXEC, Mode::empty())?;
+    for part in rel.components() {
+        let std::path::Component::Normal(name) = part else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a path below the destination"));
+        };
+        dir = match open(&dir, name, flags) {
+            Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
+                match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o777)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                open(&dir, name, flags)?
+            }
+            r => r?,
+        };
+    }
+    Ok(dir)
 }
 
 /// The names in directory `dir` (a handle of any kind, `O_PATH` included), without `.` and `..`.
