@@ -1108,6 +1108,8 @@ fn hard_links_come_back_as_links() {
         assert_eq!(inode(&dest.join("big")).1, 2);
     };
     check_linked(&dest);
+    let text = sx(&repo, &["checkout", &linked[..8], p(&tmp.path().join("again"))]);
+    assert!(text.contains("3 files hard-linked to another name, 3 files written"), "{text}");
 
     // A link broken since, by a copy of the same bytes and mtime: linked again, nothing written.
     let mtime = fs::metadata(dest.join("sub/b")).unwrap().modified().unwrap();

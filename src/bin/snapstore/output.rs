@@ -114,10 +114,14 @@ pub fn checkout_summary(out: &mut Out, s: &CheckoutSummary, dest: &std::path::Pa
         s.seconds,
         human_bytes(rate as u64)
     ))?;
-    if s.files_unchanged + s.files_patched + s.removed > 0 || s.bytes_written != s.bytes {
+    if s.files_unchanged + s.files_patched + s.files_linked + s.removed > 0 || s.bytes_written != s.bytes {
         // Only the counts that say something: a fresh checkout has nothing unchanged, patched or removed.
-        let counts =
-            [(s.files_unchanged, "unchanged"), (s.files_patched, "patched in place"), (s.files_written, "written")];
+        let counts = [
+            (s.files_unchanged, "unchanged"),
+            (s.files_patched, "patched in place"),
+            (s.files_linked, "hard-linked to another name"),
+            (s.files_written, "written"),
+        ];
         let mut parts: Vec<String> = counts
             .into_iter()
             .filter(|&(n, _)| n > 0)
