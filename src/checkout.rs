@@ -1491,7 +1491,11 @@ impl Walker<'_> {
                     self.opts.progress.file(&rel);
                     let first = entry.link.and_then(|group| self.links.get(&group)).filter(|f| f.matches(&entry));
                     match first.map(|f| (f.rel.clone(), f.task.as_ref().and_then(std::sync::Weak::upgrade))) {
-                        Some((first, task)) => self.link(&entry, &path, &first, task, dir, parent)?,
+                        Some((first, task)) => {
+                            if let Some((dir, parent)) = self.link(&entry, &path, &first, task, dir, parent)? {
+                                self.file(&entry, &path, rel, &priors, dir, parent)?;
+                            }
+                        }
                         None => {
                             let task = self.file(&entry, &path, rel, &priors, dir, parent)?;
                             if let Some(group) = entry.link {
@@ -1610,7 +1614,10 @@ impl Walker<'_> {
     }
 
     /// Puts a later name of a hard-linked file in place as a link to its first name (`first`, relative to the
-    /// destination), once that is whole: now if it is, else when the worker finishing it gets there.
+    /// destination), once that is whole: now if it is, else when the worker finishing it gets there. Gives
+    /// back its directory and parent where the first name, already in place, cannot be reached (a directory
+    /// whose final mode shuts out the user running the checkout): the name is then restored as a file.
+    #[allow(clippy::type_complexity)]
     fn link(
         &mut self,
         entry: &Entry,
@@ -1619,7 +1626,7 @@ impl Walker<'_> {
         task: Option<Arc<FileTask>>,
         dir: Arc<OwnedFd>,
         parent: Option<Arc<DirTask>>,
-    ) -> Result<()> {
+    ) -> Result<Option<(Arc<OwnedFd>, Option<Arc<DirTask>>)>> {
         self.summary.files_linked += 1;
         self.opts.progress.bytes(entry.size);
         let mut replace = false;
@@ -1651,13 +1658,34 @@ impl Walker<'_> {
             let mut waiting = task.links.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(list) = waiting.as_mut() {
                 list.push(link);
-                return Ok(());
+                return Ok(None);
             }
             drop(waiting);
-            return link.make(&task.dir, task.dest.file_name().unwrap_or_default());
+            let made = link.make(&task.dir, task.dest.file_name().unwrap_or_default());
+            return self.linked_or_file(made, link);
         }
         let from_dir = self.open_beneath(first.parent().unwrap_or(Path::new("")), false)?;
-        link.make(&from_dir, first.file_name().unwrap_or_default())
+        let made = link.make(&from_dir, first.file_name().unwrap_or_default());
+        self.linked_or_file(made, link)
+    }
+
+    /// What came of making `link` at once: done, or refused for want of permission, which gives its directory
+    /// and parent back to restore the name as a file (see [`Walker::link`]).
+    #[allow(clippy::type_complexity)]
+    fn linked_or_file(
+        &mut self,
+        made: Result<()>,
+        link: PendingLink,
+    ) -> Result<Option<(Arc<OwnedFd>, Option<Arc<DirTask>>)>> {
+        match (made, link.dir) {
+            (Err(Error::Io { source, .. }), LinkDir::Open(dir))
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                self.summary.files_linked -= 1;
+                Ok(Some((dir, link.parent)))
+            }
+            (made, _) => made.map(|()| None),
+        }
     }
 
     /// The directory at `rel` below the destination, opened without following a symlink anywhere below it: a

@@ -1070,6 +1070,48 @@ fn link_groups_merged_at_the_destination_are_separated_in_place() {
     assert_eq!(inode(&dest.join("a")).1, 2);
 }
 
+/// A checkout by a user other than root, of a hard-linked file whose first name is in a directory of mode
+/// 0000: once that directory has its final mode the user cannot reach the file to link to it, and the later
+/// name is restored as a file of its own instead of failing the checkout. (Whether the link is made before
+/// the directory closes depends on the workers' pace; 2,000 files in between make it close first here.) Run
+/// as root, which drops to uid 4242 with `setpriv`; skipped with a message elsewhere.
+#[test]
+fn a_first_name_the_user_cannot_reach_leaves_the_later_name_a_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, dest) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("dest"));
+    for dir in ["a_locked", "m", "z"] {
+        fs::create_dir_all(src.join(dir)).unwrap();
+    }
+    fs::write(src.join("a_locked/f"), b"first").unwrap();
+    fs::hard_link(src.join("a_locked/f"), src.join("z/g")).unwrap();
+    for i in 0..2000 {
+        fs::write(src.join(format!("m/f{i}")), i.to_string()).unwrap();
+    }
+    fs::set_permissions(src.join("a_locked"), fs::Permissions::from_mode(0)).unwrap();
+    sx(&repo, &["-q", "commit", p(&src)]);
+    let handed = Command::new("chown").args(["-R", "4242:4242", p(tmp.path())]).status().unwrap().success();
+    let setpriv = Command::new("setpriv").args(["--reuid=4242", "--regid=4242", "--clear-groups", "true"]).status();
+    if !handed || !setpriv.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: cannot hand the files to another user (not root, or no setpriv); untested");
+        return;
+    }
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let o = Command::new("setpriv")
+        .args(["--reuid=4242", "--regid=4242", "--clear-groups", p(&bin()), "--repo", p(&repo), "--json"])
+        .args(["checkout", "latest", p(&dest)])
+        .output()
+        .unwrap();
+    let summary = json(&ok(o, "checkout as uid 4242"));
+    assert_eq!(summary["files"], 2002, "{summary}");
+    let g = Command::new("setpriv")
+        .args(["--reuid=4242", "--regid=4242", "--clear-groups", "cat"])
+        .arg(dest.join("z/g"))
+        .output()
+        .unwrap();
+    assert_eq!(g.stdout, b"first");
+}
+
 /// Inode and link count of `path`.
 fn inode(path: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
