@@ -1088,7 +1088,7 @@ fn a_first_name_the_user_cannot_reach_leaves_the_later_name_a_file() {
     for i in 0..2000 {
         fs::write(src.join(format!("m/f{i}")), i.to_string()).unwrap();
     }
-    fs::set_permissions(src.join("a_locked"), fs::Permissions::from_mode(0)).unwrap();
+    fs::set_permissions(src.join("a_locked"), fs::Permissions::from_mode(0o000)).unwrap();
     sx(&repo, &["-q", "commit", p(&src)]);
     let handed = Command::new("chown").args(["-R", "4242:4242", p(tmp.path())]).status().unwrap().success();
     let setpriv = Command::new("setpriv").args(["--reuid=4242", "--regid=4242", "--clear-groups", "true"]).status();
