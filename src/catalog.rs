@@ -90,8 +90,9 @@ const MIGRATIONS: &[&str] = &[
        WHERE instr(grp, char(1)) = 0;
      UPDATE groups SET name = name || char(1) || parts WHERE instr(name, char(1)) = 0;
      INSERT OR REPLACE INTO meta (key, value) SELECT 'rebuild_pending', '9' WHERE EXISTS (SELECT 1 FROM remote_records);",
-    // 10: tree entries may carry their owner and hard-link group (`tree::OWNER_FLAG`, `LINK_FLAG`). No table changes: the version is there so
-    // that a build before it refuses the catalog ("upgrade snapstore") instead of taking such trees for damage.
+    // 10: tree entries may carry their owner and hard-link group (`tree::OWNER_FLAG`, `LINK_FLAG`). No table
+    // changes: the version is there so that a build before it refuses the catalog ("upgrade snapstore")
+    // instead of taking such trees for damage.
     "",
 ];
 

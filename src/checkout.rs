@@ -125,7 +125,7 @@ const BLOCK: u64 = 4096;
 /// The set-uid and set-gid bits.
 const SET_ID: u32 = 0o6000;
 /// Hard-linked files whose first name a checkout remembers at most, to link their later names to (about
-/// 200 bytes each); the later names of files beyond them are written as files of their own.
+/// 540 bytes each, as measured); the later names of files beyond them are written as files of their own.
 const LINK_GROUPS_MAX: usize = 1 << 16;
 
 /// How a file reaches its name.
@@ -341,11 +341,7 @@ impl DirTask {
         if let Some((owner, owners)) = &self.chown {
             let _ = owners.note(&self.path, rustix::fs::chownat(dir, name, owner.uid(), owner.gid(), flags));
         }
-        let times = rustix::fs::Timestamps {
-            last_access: rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
-            last_modification: timespec(self.mtime_ns),
-        };
-        rustix::fs::utimensat(dir, name, &times, flags).map_err(io)?;
+        rustix::fs::utimensat(dir, name, &mtime_only(self.mtime_ns), flags).map_err(io)?;
         rustix::fs::chmodat(dir, name, Mode::from_raw_mode(self.mode), AtFlags::empty()).map_err(io)
     }
 }
@@ -392,7 +388,7 @@ impl NewFiles {
         let fd = rustix::fs::open(&probe, flags, Mode::from_raw_mode(mode)).ok()?;
         let got = rustix::fs::fstat(&fd);
         let _ = rustix::fs::unlink(&probe);
-        got.ok().map(|st| (st.st_mode & 0o7777, Owner { uid: st.st_uid, gid: st.st_gid }))
+        got.ok().map(|st| (st.st_mode & 0o7777, stat_owner(&st)))
     }
 
     /// The mode to create a file of final mode `mode` with, if it then needs no `chmod`: permission bits
@@ -999,7 +995,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     let file_dirs: std::collections::BTreeSet<&Path> =
         starts.iter().filter(|s| s.entry.kind == EntryKind::File).map(|s| parent_dir(&s.path)).collect();
     for dir in file_dirs {
-        if let Ok(fd) = rustix::fs::open(dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()) {
+        if let Ok(fd) = dirfd::open_dir(dir) {
             remove_stale_temps(&fd);
         }
     }
@@ -1268,8 +1264,26 @@ impl LinkFirst {
     }
 }
 
-fn owner_of(md: &Metadata) -> Owner {
-    Owner { uid: md.uid(), gid: md.gid() }
+fn stat_owner(st: &rustix::fs::Stat) -> Owner {
+    Owner { uid: st.st_uid, gid: st.st_gid }
+}
+
+/// Fails unless `file`, just opened by name, is the file `md` describes: a name swapped meanwhile is not acted on.
+fn same_file(path: &Path, file: &File, md: &Metadata) -> Result<()> {
+    let now = file.metadata().map_err(|e| Error::io(path, e))?;
+    if (now.dev(), now.ino()) != (md.dev(), md.ino()) {
+        let e = std::io::Error::other("replaced by another file while the checkout ran; run it again");
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// Times that set an mtime and leave the atime as it is.
+fn mtime_only(ns: i64) -> rustix::fs::Timestamps {
+    rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
+        last_modification: timespec(ns),
+    }
 }
 
 /// The name an entry has in its directory.
@@ -1302,18 +1316,12 @@ fn fix_metadata(
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !rustix::process::geteuid().is_root() => {
             rustix::fs::chmodat(dir, name, Mode::from_raw_mode(entry.mode), AtFlags::empty())
                 .map_err(|e| io(e.into()))?;
-            let times = rustix::fs::Timestamps {
-                last_access: rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
-                last_modification: timespec(entry.mtime_ns),
-            };
+            let times = mtime_only(entry.mtime_ns);
             return rustix::fs::utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(e.into()));
         }
         Err(e) => return Err(io(e)),
     };
-    let now = file.metadata().map_err(io)?;
-    if (now.dev(), now.ino()) != (md.dev(), md.ino()) {
-        return Err(io(std::io::Error::other("replaced by another file while the checkout ran; run it again")));
-    }
+    same_file(path, &file, md)?;
     // The owner before the mode: a change of owner clears set-id bits.
     let chowned = chown.as_ref().map(|(o, owners)| owners.note(path, rustix::fs::fchown(&file, o.uid(), o.gid())));
     if chown.is_some() || mode_differs {
@@ -1368,8 +1376,7 @@ impl Walker<'_> {
             self.open_beneath(rel.parent().unwrap_or(Path::new("")), true)?
         } else {
             let parent = parent_dir(&start.path);
-            let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-            rustix::fs::open(parent, flags, Mode::empty()).map_err(|e| Error::io(parent, e.into()))?
+            dirfd::open_dir(parent).map_err(|e| Error::io(parent, e))?
         });
         let mut stack =
             vec![(start.entry.clone(), start.path.clone(), start.rel.clone(), start.priors.clone(), start_dir, None)];
@@ -1395,14 +1402,12 @@ impl Walker<'_> {
                             .map_err(|e| Error::io(&path, e.into()))?,
                     });
                     let st = rustix::fs::fstat(&*this_dir).map_err(|e| Error::io(&path, e.into()))?;
-                    let current_owner =
-                        if !existed { self.new_files.owner } else { Some(Owner { uid: st.st_uid, gid: st.st_gid }) };
+                    let current_owner = if !existed { self.new_files.owner } else { Some(stat_owner(&st)) };
                     let chown = self.chown(&entry, current_owner);
                     if existed && let Some(repo) = self.protect_id {
                         // A directory of the checkpoint where the repository is (put inside the destination):
                         // its files would be written over the repository's own.
-                        let here = rustix::fs::fstat(&*this_dir).map_err(|e| Error::io(&path, e.into()))?;
-                        if repo == (here.st_dev, here.st_ino) {
+                        if repo == (st.st_dev, st.st_ino) {
                             return Err(Error::InvalidInput(format!(
                                 "refusing to check out into {}: it is the repository; the checkpoint has a \
                                  directory there. Move the repository out of the destination, or check out \
@@ -1468,7 +1473,7 @@ impl Walker<'_> {
                         rustix::fs::symlinkat(target, &*dir, name).map_err(|e| name_error(&path, e.into()))?;
                         self.new_files.owner
                     } else if self.owners.restoring {
-                        dirfd::lstat(&dir, name).ok().map(|md| owner_of(&md))
+                        dirfd::lstat(&dir, name).ok().map(|md| Owner::of(&md))
                     } else {
                         None
                     };
@@ -1517,8 +1522,7 @@ impl Walker<'_> {
             Ok(md) if md.is_dir() => return Ok(true),
             Ok(_) => {
                 let parent = parent_dir(path);
-                let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-                let dir = rustix::fs::open(parent, flags, Mode::empty()).map_err(|e| Error::io(parent, e.into()))?;
+                let dir = dirfd::open_dir(parent).map_err(|e| Error::io(parent, e))?;
                 clear(&dir, path.file_name().unwrap_or_default(), path)?
             }
             Err(_) => {}
@@ -1585,7 +1589,7 @@ impl Walker<'_> {
     fn may_stay_linked(&mut self, md: &Metadata, entry: &Entry) -> bool {
         let as_recorded = md.permissions().mode() & 0o7777 == entry.mode
             && mtime_ns(md) == entry.mtime_ns
-            && (!self.owners.restoring || entry.owner.is_none_or(|o| o == owner_of(md)));
+            && (!self.owners.restoring || entry.owner.is_none_or(|o| o == Owner::of(md)));
         entry.link.is_some()
             && as_recorded
             && self.taken.len() < LINK_GROUPS_MAX
@@ -1650,13 +1654,12 @@ impl Walker<'_> {
             parent,
         };
         if let Some(task) = task {
-            if task.links.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
-                // It waits: found again below the destination when made, holding no handle meanwhile.
-                let rel = path.strip_prefix(self.dest).unwrap_or(path).parent().unwrap_or(Path::new(""));
-                link.dir = LinkDir::Below(self.dest_dir()?, rel.to_path_buf());
-            }
+            let root = self.dest_dir()?;
             let mut waiting = task.links.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(list) = waiting.as_mut() {
+                // It waits: found again below the destination when made, holding no handle meanwhile.
+                let rel = path.strip_prefix(self.dest).unwrap_or(path).parent().unwrap_or(Path::new(""));
+                link.dir = LinkDir::Below(root, rel.to_path_buf());
                 list.push(link);
                 return Ok(None);
             }
@@ -1700,9 +1703,7 @@ impl Walker<'_> {
         if let Some(fd) = &self.dest_fd {
             return Ok(fd.clone());
         }
-        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let fd =
-            Arc::new(rustix::fs::open(self.dest, flags, Mode::empty()).map_err(|e| Error::io(self.dest, e.into()))?);
+        let fd = Arc::new(dirfd::open_dir(self.dest).map_err(|e| Error::io(self.dest, e))?);
         self.dest_fd = Some(fd.clone());
         Ok(fd)
     }
@@ -1753,7 +1754,7 @@ impl Walker<'_> {
                     trusted
                 };
                 if trusted == Some(content) {
-                    let chown = self.chown(entry, Some(owner_of(&md)));
+                    let chown = self.chown(entry, Some(Owner::of(&md)));
                     fix_metadata(&dir, name, dest, &md, entry, chown, &self.owners)?;
                     self.summary.files_unchanged += 1;
                     self.opts.progress.bytes(entry.size);
@@ -1772,7 +1773,7 @@ impl Walker<'_> {
         let exists = exists && dirfd::lstat(&dir, name).is_ok();
         let create_mode = self.new_files.create_mode(entry.mode);
         let chown = match &patch {
-            Some((md, _)) => self.chown(entry, Some(owner_of(md))),
+            Some((md, _)) => self.chown(entry, Some(Owner::of(md))),
             None => self.chown(entry, self.new_files.owner),
         };
         let opened = match &patch {
@@ -1790,11 +1791,7 @@ impl Walker<'_> {
                     r => r,
                 };
                 let f = File::from(fd.map_err(|e| Error::io(dest, e))?);
-                let now = f.metadata().map_err(|e| Error::io(dest, e))?;
-                if (now.dev(), now.ino()) != (md.dev(), md.ino()) {
-                    let e = std::io::Error::other("replaced by another file while the checkout ran; run it again");
-                    return Err(Error::io(dest, e));
-                }
+                same_file(dest, &f, md)?;
                 f.set_len(entry.size).map_err(|e| Error::io(dest, e))?;
                 OnceLock::from((f, Target::Patched))
             }
@@ -2078,14 +2075,10 @@ mod tests {
         }
     }
 
-    fn open_dir(path: &Path) -> OwnedFd {
-        rustix::fs::open(path, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).unwrap()
-    }
-
     #[test]
     fn only_temporaries_of_dead_processes_are_stale() {
         let dir = tempfile::tempdir().unwrap();
-        let d = &open_dir(dir.path());
+        let d = &dirfd::open_dir(dir.path()).unwrap();
         assert!(!stale_temp(d, format!("{TEMP_PREFIX}{}-3", std::process::id()).as_bytes()));
         assert!(!stale_temp(d, b".snapstore-tmp-1-0"), "pid 1 is alive");
         assert!(stale_temp(d, b".snapstore-tmp-4000000000-7"));
@@ -2099,7 +2092,7 @@ mod tests {
         let name = ".snapstore-tmp-4000000000-7";
         let held = OwnedFd::from(File::create(dir.path().join(name)).unwrap());
         lock_temp(&held);
-        let d = &open_dir(dir.path());
+        let d = &dirfd::open_dir(dir.path()).unwrap();
         assert!(!stale_temp(d, name.as_bytes()));
         remove_stale_temps(d);
         assert!(dir.path().join(name).exists());

@@ -200,7 +200,7 @@ fn entry_from(name: Vec<u8>, kind: EntryKind, md: &Metadata) -> Entry {
         mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
         ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
         ino: md.ino(),
-        owner: Some(crate::tree::Owner { uid: md.uid(), gid: md.gid() }),
+        owner: Some(crate::tree::Owner::of(md)),
         link: if kind == EntryKind::File { link_group(md) } else { None },
         size: if kind == EntryKind::File { md.len() } else { 0 },
         target: Vec::new(),

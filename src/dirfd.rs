@@ -23,6 +23,12 @@ pub(crate) fn lstat(dir: &OwnedFd, name: &OsStr) -> io::Result<Metadata> {
     File::from(fd).metadata()
 }
 
+/// A handle on the directory at `path`, as the caller named it (symlinks on the way followed): where a walk
+/// starts, before any handle below it exists.
+pub(crate) fn open_dir(path: &std::path::Path) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::open(path, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
+}
+
 /// Opens the regular file or directory at `name` in `dir` with `flags`, failing on a symlink (`ELOOP`).
 pub(crate) fn open(dir: &OwnedFd, name: &OsStr, flags: OFlags) -> io::Result<OwnedFd> {
     Ok(rustix::fs::openat(dir, name, flags | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY, Mode::empty())?)
@@ -107,11 +113,6 @@ fn remove_tree(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::fs;
-    use std::path::Path;
-
-    fn open_dir(path: &Path) -> OwnedFd {
-        rustix::fs::open(path, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).unwrap()
-    }
 
     /// A tree is removed whole; a symlink is removed, never followed, whether to a file or a directory.
     #[test]
@@ -126,7 +127,7 @@ mod tests {
         std::os::unix::fs::symlink(&outside, inside.join("tree/link-dir")).unwrap();
         std::os::unix::fs::symlink(outside.join("keep"), inside.join("link-file")).unwrap();
         fs::write(inside.join("plain"), b"z").unwrap();
-        let dir = open_dir(&inside);
+        let dir = open_dir(&inside).unwrap();
         let mut listed = names(&dir).unwrap();
         listed.sort();
         assert_eq!(listed, ["link-file", "plain", "tree"]);

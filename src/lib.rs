@@ -767,8 +767,8 @@ impl Repository {
     }
 
     /// Adds tags to checkpoint `id` and removes others (a tag in both is refused: [`Error::InvalidInput`]),
-    /// and returns it as it is then, with what changed. A tag keeps a checkpoint from any retention policy with `keep_tags`
-    /// naming it, so this is how a checkpoint committed without one is protected later. In a bucket the
+    /// and returns it as it is then, with what changed. A tag keeps a checkpoint from any retention policy with
+    /// `keep_tags` naming it, so this is how a checkpoint committed without one is protected later. In a bucket the
     /// change takes turns with forgets ([`Repository::forget`]): a retention run on another machine either
     /// ran before it (and a checkpoint it forgot cannot be tagged: [`Error::ForgottenBeforeTagged`]) or sees
     /// it. `id` is resolved again after that sync, so `latest` is the newest of every machine's.

@@ -37,9 +37,9 @@ const T_PROTOCOL: u8 = 12;
 /// count and the tags.
 const T_RETAG: u8 = 13;
 /// The newest protocol [`T_PROTOCOL`] names, the one this build reads. Protocol 3 added [`T_RETAG`], protocol
-/// 4 tree entries with owners or hard-link groups (catalog schema 10). A record says the lowest protocol that reads it (2,
-/// [`PROTOCOL_BASE`], without either), so older builds go on working beside this one until the first record
-/// they cannot read, where they stop (every command, since no later record can be applied before it) and
+/// 4 tree entries with owners or hard-link groups (catalog schema 10). A record says the lowest protocol that
+/// reads it (2, [`PROTOCOL_BASE`], without either), so older builds go on working beside this one until the
+/// first record they cannot read, where they stop (every command, since no later record can be applied before it) and
 /// ask to be upgraded.
 const PROTOCOL: u8 = 4;
 const PROTOCOL_BASE: u8 = 2;

@@ -75,6 +75,14 @@ pub struct Owner {
     pub gid: u32,
 }
 
+impl Owner {
+    /// The owner and group of what `md` describes.
+    pub(crate) fn of(md: &std::fs::Metadata) -> Owner {
+        use std::os::unix::fs::MetadataExt;
+        Owner { uid: md.uid(), gid: md.gid() }
+    }
+}
+
 /// Set in an entry's kind byte when its owner follows the mode: entries without it hash and encode as before
 /// schema 10, so old trees keep their ids, and the kind byte alone tells a reader what comes next.
 const OWNER_FLAG: u8 = 0x80;
@@ -138,9 +146,9 @@ fn kind_byte(e: &Entry) -> u8 {
 
 /// Encodes a tree's entries, which must be sorted by name with no duplicates, as the catalog stores them:
 /// per entry the name (length-prefixed), kind (with bit 0x80 set if the owner is known, 0x40 if the file has
-/// other hard links), mode, the uid and gid if known, the hard-link group if any, mtime as a delta from the previous entry's, ctime as a
-/// delta from the mtime, inode, size and target (length-prefixed), integers as LEB128 varints (deltas
-/// zigzagged). Directories' times sit close together and most fields are small, so an entry costs about its
+/// other hard links), mode, the uid and gid if known, the hard-link group if any, mtime as a delta from the
+/// previous entry's, ctime as a delta from the mtime, inode, size and target (length-prefixed), integers as
+/// LEB128 varints (deltas zigzagged). Directories' times sit close together and most fields are small, so an entry costs about its
 /// name plus its 32-byte target plus a dozen bytes, where a row per entry cost three times that. The id is
 /// not over this encoding but over `tree_id`'s fixed-width one, so the storage form can change without
 /// renaming any tree.
