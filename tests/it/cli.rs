@@ -1091,24 +1091,21 @@ fn a_first_name_the_user_cannot_reach_leaves_the_later_name_a_file() {
     fs::set_permissions(src.join("a_locked"), fs::Permissions::from_mode(0o000)).unwrap();
     sx(&repo, &["-q", "commit", p(&src)]);
     let handed = Command::new("chown").args(["-R", "4242:4242", p(tmp.path())]).status().unwrap().success();
-    let setpriv = Command::new("setpriv").args(["--reuid=4242", "--regid=4242", "--clear-groups", "true"]).status();
-    if !handed || !setpriv.is_ok_and(|s| s.success()) {
+    // A command run as uid 4242.
+    let as_other = |program: &str| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=4242", "--regid=4242", "--clear-groups", program]);
+        c
+    };
+    if !handed || !as_other("true").status().is_ok_and(|s| s.success()) {
         eprintln!("SKIPPED: cannot hand the files to another user (not root, or no setpriv); untested");
         return;
     }
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let o = Command::new("setpriv")
-        .args(["--reuid=4242", "--regid=4242", "--clear-groups", p(&bin()), "--repo", p(&repo), "--json"])
-        .args(["checkout", "latest", p(&dest)])
-        .output()
-        .unwrap();
+    let o = as_other(p(&bin())).args(["--repo", p(&repo), "--json", "checkout", "latest", p(&dest)]).output().unwrap();
     let summary = json(&ok(o, "checkout as uid 4242"));
     assert_eq!(summary["files"], 2002, "{summary}");
-    let g = Command::new("setpriv")
-        .args(["--reuid=4242", "--regid=4242", "--clear-groups", "cat"])
-        .arg(dest.join("z/g"))
-        .output()
-        .unwrap();
+    let g = as_other("cat").arg(dest.join("z/g")).output().unwrap();
     assert_eq!(g.stdout, b"first");
 }
 
