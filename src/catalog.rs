@@ -94,10 +94,14 @@ const MIGRATIONS: &[&str] = &[
     // changes: the version is there so that a build before it refuses the catalog ("upgrade snapstore")
     // instead of taking such trees for damage.
     "",
+    // 11: tree entries may carry extended attributes (`tree::XATTR_FLAG`), which stops older builds as 10
+    // does; a checkout's record says whether it gave every entry its recorded attributes.
+    "ALTER TABLE checkouts ADD COLUMN xattrs INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The oldest schema a catalog on a read-only filesystem, which cannot be migrated, is read at: the
-/// migrations after it change nothing a reader needs (10 only stops older builds).
+/// migrations after it change nothing a reader needs (10 only stops older builds; a checkout record without
+/// 11's column is read as one that did not restore extended attributes).
 const READABLE_AS_IS_FROM: u32 = 9;
 
 /// The migration after whose SQL `convert_trees` runs.
@@ -380,6 +384,7 @@ fn entry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Entry>> {
         ino: to_u64(r.get(5)?),
         owner: None,
         link: None,
+        xattrs: Vec::new(),
         size: to_u64(r.get(6)?),
         target: r.get(7)?,
     }))
@@ -937,11 +942,12 @@ fn insert_rows(
 }
 
 impl Catalog {
-    /// Records that checkpoint `id` was checked out whole at `dest` (an absolute path).
-    pub(crate) fn record_checkout(&self, dest: &str, id: &str, ended_ns: i64) -> Result<()> {
+    /// Records that checkpoint `id` was checked out whole at `dest` (an absolute path), and whether every
+    /// entry was given its recorded extended attributes (`xattrs`).
+    pub(crate) fn record_checkout(&self, dest: &str, id: &str, ended_ns: i64, xattrs: bool) -> Result<()> {
         self.conn.execute(
-            "INSERT OR REPLACE INTO checkouts (dest, checkpoint, time_ns) VALUES (?1, ?2, ?3)",
-            params![dest, id, ended_ns],
+            "INSERT OR REPLACE INTO checkouts (dest, checkpoint, time_ns, xattrs) VALUES (?1, ?2, ?3, ?4)",
+            params![dest, id, ended_ns, xattrs],
         )?;
         Ok(())
     }
@@ -953,16 +959,16 @@ impl Catalog {
         Ok(())
     }
 
-    /// The checkpoint last checked out whole at `dest`, if it still exists, and when that checkout ended (a
-    /// [`crate::fileclock::Boundary`]).
-    pub(crate) fn last_checkout(&self, dest: &str) -> Result<Option<(String, i64)>> {
+    /// The checkpoint last checked out whole at `dest`, if it still exists, when that checkout ended (a
+    /// [`crate::fileclock::Boundary`]), and whether it gave every entry its recorded extended attributes.
+    pub(crate) fn last_checkout(&self, dest: &str) -> Result<Option<(String, i64, bool)>> {
+        // `k.*`: a catalog read as it is on a read-only mount may be from before the `xattrs` column.
         Ok(self
             .conn
             .query_row(
-                "SELECT k.checkpoint, k.time_ns FROM checkouts k JOIN checkpoints c ON c.id = k.checkpoint
-                 WHERE k.dest = ?1",
+                "SELECT k.* FROM checkouts k JOIN checkpoints c ON c.id = k.checkpoint WHERE k.dest = ?1",
                 [dest],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get("checkpoint")?, r.get("time_ns")?, r.get("xattrs").unwrap_or(false))),
             )
             .optional()?)
     }
@@ -1504,6 +1510,7 @@ mod tests {
                 "INSERT INTO groups (name, parts, created_ns, complete_ns) VALUES ('step-1', 1, 5, 5), ('step-2', 2, 6, NULL);
                  INSERT INTO group_parts (grp, part, checkpoint) VALUES ('step-1', 0, 'a'), ('step-2', 1, 'b');
                  INSERT INTO remote_records (name) VALUES ('records/0000000000000001-ab');
+                 ALTER TABLE checkouts DROP COLUMN xattrs;
                  PRAGMA user_version = 8;",
             )
             .unwrap();
@@ -1537,6 +1544,7 @@ mod tests {
             ino: 42,
             owner: None,
             link: None,
+            xattrs: Vec::new(),
             size: 7,
             target,
         };
@@ -1731,7 +1739,7 @@ mod tests {
         let cat = Catalog::open_read_only(&path).unwrap();
         assert!(cat.read_only().is_some());
         assert!(cat.checkpoints().unwrap().is_empty());
-        let err = cat.record_checkout("/x", "y", 1).unwrap_err();
+        let err = cat.record_checkout("/x", "y", 1, true).unwrap_err();
         assert!(
             matches!(&err, Error::Catalog(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ReadOnly)),
             "{err}"
@@ -1764,6 +1772,7 @@ mod tests {
             ino: u64::MAX,
             owner: Some(crate::tree::Owner { uid: u32::MAX, gid: 0 }),
             link: Some(u64::MAX),
+            xattrs: Vec::new(),
             size: 0,
             target: b"x".to_vec(),
         };

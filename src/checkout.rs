@@ -41,7 +41,8 @@ use crate::id::ObjectId;
 use crate::progress::{NoProgress, Progress};
 use crate::sparse::is_zero;
 use crate::store::ChunkReader;
-use crate::tree::{self, ChunkRef, Entry, EntryKind, Owner};
+use crate::tree::{self, ChunkRef, Entry, EntryKind, Owner, Xattr};
+use crate::xattrs::On;
 
 /// How to check out.
 #[derive(Clone)]
@@ -58,6 +59,10 @@ pub struct CheckoutOptions {
     /// Give each entry the owner and group it was committed with (numeric ids). Only a checkout run as root
     /// can, and only it does; otherwise, or with this off, what it creates belongs to the user running it.
     pub owners: bool,
+    /// Give each file and directory the extended attributes it was committed with (ACLs among them), removing
+    /// others from what is kept in place. Those only root may set (`trusted.*`, `security.*`) are counted as
+    /// not restored for anyone else; see [`CheckoutSummary::xattrs_not_restored`].
+    pub xattrs: bool,
     /// Worker threads; 0 means two per core, at most 32.
     pub threads: usize,
     /// Receives progress.
@@ -72,6 +77,7 @@ impl Default for CheckoutOptions {
             checksum: false,
             paths: Vec::new(),
             owners: true,
+            xattrs: true,
             threads: 0,
             progress: Arc::new(NoProgress),
         }
@@ -105,6 +111,8 @@ pub struct CheckoutSummary {
     pub bytes_written: u64,
     /// Entries whose recorded owner could not be given them (run as root; see the warning).
     pub owners_not_restored: u64,
+    /// Extended attributes that could not be set or removed (see the warning).
+    pub xattrs_not_restored: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -170,6 +178,7 @@ struct FileTask {
     /// The owner it was committed with, which its set-id bits depend on, and where their fate is counted.
     owner: Option<Owner>,
     owners: Arc<Owners>,
+    xattrs: Vec<Xattr>,
     /// Later names of this file (hard links), made once it is in place; `None` once it is.
     links: Mutex<Option<Vec<PendingLink>>>,
     /// The directory this file is an entry of, released once the file is in place.
@@ -183,12 +192,13 @@ struct PendingLink {
     path: PathBuf,
     /// Something is at the name already (in place): replaced, unless it is this very file.
     replace: bool,
-    /// For a copy, where the filesystem cannot link: the entry's mode, mtime and owner.
+    /// For a copy, where the filesystem cannot link: the entry's mode, mtime, owner and attributes.
     mode: u32,
     mtime_ns: i64,
     chown: Option<(Owner, Arc<Owners>)>,
     owner: Option<Owner>,
     owners: Arc<Owners>,
+    xattrs: Vec<Xattr>,
     parent: Option<Arc<DirTask>>,
 }
 
@@ -242,7 +252,8 @@ impl PendingLink {
         entry_done(self.parent.as_ref())
     }
 
-    /// A copy of `from` created at `at` with the entry's owner, mode and mtime; removed again if it fails.
+    /// A copy of `from` created at `at` with the entry's owner, attributes, mode and mtime; removed again if it
+    /// fails.
     fn copy(&self, dir: &OwnedFd, from_dir: &OwnedFd, from: &OsStr, at: &OsStr) -> Result<()> {
         let io = |e: std::io::Error| Error::io(&self.path, e);
         let read = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -255,6 +266,7 @@ impl PendingLink {
                 .chown
                 .as_ref()
                 .map(|(o, owners)| owners.note(&self.path, rustix::fs::fchown(&dst, o.uid(), o.gid())));
+            self.owners.restore_xattrs(On::Fd(dst.as_fd()), &self.path, &self.xattrs, true);
             dst.set_permissions(fs::Permissions::from_mode(
                 self.owners.mode_for(self.mode, self.owner, chowned, &dst),
             ))?;
@@ -278,6 +290,9 @@ struct DirTask {
     mtime_ns: i64,
     /// The owner to give the directory, if it does not have it already.
     chown: Option<(Owner, Arc<Owners>)>,
+    /// Its attributes, and where what failed of them is counted.
+    xattrs: Vec<Xattr>,
+    owners: Arc<Owners>,
     /// Its device and inode: its metadata is set only on this very directory, never on one put in its place.
     id: (u64, u64),
     /// Entries not yet in place, plus one the walker holds while it lists them (so that the count cannot reach
@@ -306,7 +321,7 @@ impl DirTask {
         self.remaining.load(Ordering::Acquire) == 0
     }
 
-    /// Sets the directory's owner, mtime and mode, on this very directory: a handle on its name (never through
+    /// Sets the directory's owner, attributes, mtime and mode, on this very directory: a handle on its name (never through
     /// a symlink, and for the start of a walk as named), checked to be the directory walked, then, through
     /// [`dirfd::proc_path`], the handle itself. Without `/proc`, by the name in its directory.
     fn set_metadata(&self) -> Result<()> {
@@ -327,20 +342,23 @@ impl DirTask {
         }
         let nofollow = AtFlags::SYMLINK_NOFOLLOW;
         match (dirfd::proc_path(&handle), &self.at) {
-            (Some(proc), _) => self.apply(rustix::fs::CWD, &proc, AtFlags::empty()),
-            (None, Some((parent, name))) => self.apply(parent.as_fd(), Path::new(name), nofollow),
-            (None, None) => self.apply(rustix::fs::CWD, &self.path, nofollow),
+            (Some(proc), _) => self.apply(rustix::fs::CWD, &proc, AtFlags::empty(), On::Followed(&proc)),
+            (None, Some((parent, name))) => self.apply(parent.as_fd(), Path::new(name), nofollow, On::Path(&self.path)),
+            (None, None) => self.apply(rustix::fs::CWD, &self.path, nofollow, On::Path(&self.path)),
         }
     }
 
-    /// Sets owner, mtime and mode at `name` (below `dir`): the owner before the mode, since a change of owner
-    /// clears set-id bits; the mtime before the mode, since setting it by name looks the directory up, which
-    /// its final mode may forbid.
-    fn apply(&self, dir: std::os::fd::BorrowedFd<'_>, name: &Path, flags: AtFlags) -> Result<()> {
+    /// Sets owner, attributes (`on`), mtime and mode at `name` (below `dir`): the owner before the mode, since
+    /// a change of owner clears set-id bits; attributes before the mode, which may forbid the owner to write
+    /// them; the mtime before the mode, since setting it by name looks the directory up, which its final mode
+    /// may forbid.
+    fn apply(&self, dir: std::os::fd::BorrowedFd<'_>, name: &Path, flags: AtFlags, on: On<'_>) -> Result<()> {
         let io = |e: rustix::io::Errno| Error::io(&self.path, e.into());
         if let Some((owner, owners)) = &self.chown {
             let _ = owners.note(&self.path, rustix::fs::chownat(dir, name, owner.uid(), owner.gid(), flags));
         }
+        // A directory made by the checkout may have inherited a default ACL: what it has is looked at.
+        self.owners.restore_xattrs(on, &self.path, &self.xattrs, false);
         rustix::fs::utimensat(dir, name, &mtime_only(self.mtime_ns), flags).map_err(io)?;
         rustix::fs::chmodat(dir, name, Mode::from_raw_mode(self.mode), AtFlags::empty()).map_err(io)
     }
@@ -410,9 +428,32 @@ struct Owners {
     first: Mutex<Option<String>>,
     /// Files whose set-uid or set-gid bits were left off (see [`Owners::mode_for`]).
     set_id_dropped: AtomicU64,
+    /// Restoring extended attributes (not told otherwise), and those that failed.
+    xattrs: Option<crate::xattrs::Failures>,
 }
 
 impl Owners {
+    /// Gives the file or directory at `on` (the entry at `path`) the attributes `want`, if restoring them:
+    /// `fresh` for a file just made, taken to have none, else what it has is read first and left alone where
+    /// it is what the entry records (so that a kept file's ctime stays as it was).
+    fn restore_xattrs(&self, on: On<'_>, path: &Path, want: &[Xattr], fresh: bool) {
+        let Some(failures) = &self.xattrs else { return };
+        if fresh {
+            crate::xattrs::apply(on, path, want, None, failures);
+            return;
+        }
+        // Unreadable, it is taken to have none: each recorded attribute is set, and nothing can be removed.
+        let have = crate::xattrs::read(on).unwrap_or_default();
+        if have != want {
+            crate::xattrs::apply(on, path, want, Some(&have), failures);
+        }
+    }
+
+    /// Whether the file at `on` has the attributes `want`, or they are not being restored.
+    fn xattrs_as_recorded(&self, on: On<'_>, want: &[Xattr]) -> bool {
+        self.xattrs.is_none() || crate::xattrs::read(on).is_ok_and(|have| have == want)
+    }
+
     /// Records the outcome of setting the owner of `path`; returns whether it was set. Where it was not, a
     /// caller leaves set-uid and set-gid bits off: a program of another user's must not become one of the
     /// user running the checkout.
@@ -691,6 +732,10 @@ impl FileTask {
         // The owner before the mode: a change of owner clears set-id bits.
         let chowned =
             self.chown.as_ref().map(|(o, owners)| owners.note(&self.dest, rustix::fs::fchown(file, o.uid(), o.gid())));
+        // Attributes after the owner (a change of owner clears `security.capability`) and after the last
+        // write (which clears it too), before the mode, which may forbid the owner to write them.
+        let fresh = !matches!(target, Target::Patched);
+        self.owners.restore_xattrs(On::Fd(file.as_fd()), &self.dest, &self.xattrs, fresh);
         // A patched file that needed no byte and has its mode and mtime keeps its ctime, so that the record of
         // this checkout vouches for it next time (on a filesystem of 1 s timestamps it would not, changed now).
         let now = if matches!(target, Target::Patched) && chowned.is_none() { file.metadata().ok() } else { None };
@@ -867,8 +912,9 @@ enum Recorder {
     /// A whole checkout into the destination, which ended at this time (a [`Boundary`]): a file changed since
     /// has a ctime at or after it, even where its size and mtime were put back (`touch -r`, a copy keeping
     /// times). The boundary holds for the destination's filesystem (the device given), whose timestamp
-    /// granularity it was drawn for: files on another mounted below are not trusted by it.
-    Checkout(i64, u64),
+    /// granularity it was drawn for: files on another mounted below are not trusted by it. The flag: that
+    /// checkout gave every entry its recorded extended attributes.
+    Checkout(i64, u64, bool),
 }
 
 impl Prior {
@@ -881,9 +927,19 @@ impl Prior {
             && e.mtime_ns == mtime_ns(md)
             && match self.by {
                 Recorder::Commit => e.ctime_ns == ctime_ns && e.ino == md.ino(),
-                Recorder::Checkout(ended_ns, dev) => ctime_ns < ended_ns && md.dev() == dev,
+                Recorder::Checkout(ended_ns, dev, _) => ctime_ns < ended_ns && md.dev() == dev,
             };
         same.then(|| e.object().ok().flatten()).flatten()
+    }
+
+    /// Whether a file this record vouches for has the extended attributes of its entry here too: as a commit
+    /// read them (an attribute set since would have changed the ctime), or as a checkout that restored them
+    /// all set them.
+    fn vouches_xattrs(&self) -> bool {
+        match self.by {
+            Recorder::Commit => true,
+            Recorder::Checkout(_, _, restored) => restored,
+        }
     }
 }
 
@@ -1022,8 +1078,11 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     let written = AtomicU64::new(0);
     let mut summary = CheckoutSummary { id: id.to_string(), ..Default::default() };
     let new_files = NewFiles::probe(dest, in_place);
-    let owners =
-        Arc::new(Owners { restoring: opts.owners && rustix::process::geteuid().is_root(), ..Default::default() });
+    let owners = Arc::new(Owners {
+        restoring: opts.owners && rustix::process::geteuid().is_root(),
+        xattrs: opts.xattrs.then(Default::default),
+        ..Default::default()
+    });
     let mut roots = Vec::new();
 
     let walked = std::thread::scope(|s| {
@@ -1078,14 +1137,17 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
         return Err(Error::Internal(format!("{}: directory metadata was never set", root.path.display())));
     }
     summary.owners_not_restored = owners.failed.load(Ordering::Relaxed);
-    for warning in [owners.warning(), owners.set_id_warning()].into_iter().flatten() {
+    summary.xattrs_not_restored = owners.xattrs.as_ref().map_or(0, |f| f.count());
+    let xattrs_warning = owners.xattrs.as_ref().and_then(|f| f.warning());
+    for warning in [owners.warning(), owners.set_id_warning(), xattrs_warning].into_iter().flatten() {
         opts.progress.warn(&warning);
     }
     if opts.paths.is_empty() && catalog.read_only().is_none() {
         // Every file is in place: each has a ctime before the boundary, and any change from here on one at or
         // after it, which is what lets the record vouch only for files left as the checkout put them.
         let ended = Boundary::after_now(dest);
-        if let Err(e) = catalog.record_checkout(&dest_key, id, ended.at) {
+        let xattrs_restored = owners.xattrs.as_ref().is_some_and(|f| f.count() == 0);
+        if let Err(e) = catalog.record_checkout(&dest_key, id, ended.at, xattrs_restored) {
             // The files are in place; without the record the next in-place checkout hashes instead of trusting.
             opts.progress.warn(&format!("could not record the checkout in the catalog: {e}"));
         }
@@ -1104,11 +1166,11 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
 /// skipped: files it would have vouched for are hashed instead.
 fn priors(catalog: &Catalog, key: &str, dest: &Path) -> Vec<Prior> {
     let mut out = Vec::new();
-    if let Ok(Some((id, ended_ns))) = catalog.last_checkout(key)
+    if let Ok(Some((id, ended_ns, xattrs))) = catalog.last_checkout(key)
         && let Ok(entry) = content::root_entry(catalog, &id)
         && let Ok(dest_dev) = fs::symlink_metadata(dest).map(|md| md.dev())
     {
-        out.push(Prior { entry, by: Recorder::Checkout(ended_ns, dest_dev) });
+        out.push(Prior { entry, by: Recorder::Checkout(ended_ns, dest_dev, xattrs) });
     }
     if let Ok(Some(cp)) = catalog.latest_of_path(&host_name(), key)
         && let Ok(entry) = content::root_entry(catalog, &cp.id)
@@ -1252,6 +1314,7 @@ struct LinkFirst {
     mode: u32,
     mtime_ns: i64,
     owner: Option<Owner>,
+    xattrs: Vec<Xattr>,
     /// The file's task while it is being written; `None` where the file was already in place.
     task: Option<std::sync::Weak<FileTask>>,
 }
@@ -1259,8 +1322,8 @@ struct LinkFirst {
 impl LinkFirst {
     fn matches(&self, e: &Entry) -> bool {
         e.kind == EntryKind::File
-            && (&e.target, e.size, e.mode, e.mtime_ns, e.owner)
-                == (&self.target, self.size, self.mode, self.mtime_ns, self.owner)
+            && (&e.target, e.size, e.mode, e.mtime_ns, e.owner, &e.xattrs)
+                == (&self.target, self.size, self.mode, self.mtime_ns, self.owner, &self.xattrs)
     }
 }
 
@@ -1292,49 +1355,61 @@ fn entry_name(path: &Path) -> Result<&OsStr> {
         .ok_or_else(|| Error::InvalidInput(format!("{} names no file: give the path it should have", path.display())))
 }
 
-/// Gives a file the checkout leaves in place (`md`: what it found there) its entry's owner, mode and mtime,
-/// through a handle on the file itself, opened by name in its directory without following a symlink, so that
-/// a name swapped meanwhile changes nothing elsewhere; a file that is not the one found is an error.
-fn fix_metadata(
-    dir: &OwnedFd,
-    name: &OsStr,
-    path: &Path,
-    md: &Metadata,
-    entry: &Entry,
-    chown: Option<(Owner, Arc<Owners>)>,
-    owners: &Owners,
-) -> Result<()> {
-    let io = |e: std::io::Error| Error::io(path, e);
-    let mode_differs = md.permissions().mode() & 0o7777 != entry.mode;
-    if chown.is_none() && !mode_differs && mtime_ns(md) == entry.mtime_ns {
-        return Ok(());
-    }
-    let file = match dirfd::open(dir, name, OFlags::RDONLY | OFlags::NONBLOCK) {
-        Ok(fd) => File::from(fd),
-        // A user's own file without read permission: by name, which for anyone but root can reach nothing
-        // it could not change anyway (root opens any file).
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !rustix::process::geteuid().is_root() => {
-            rustix::fs::chmodat(dir, name, Mode::from_raw_mode(entry.mode), AtFlags::empty())
-                .map_err(|e| io(e.into()))?;
-            let times = mtime_only(entry.mtime_ns);
-            return rustix::fs::utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(e.into()));
-        }
-        Err(e) => return Err(io(e)),
-    };
-    same_file(path, &file, md)?;
-    // The owner before the mode: a change of owner clears set-id bits.
-    let chowned = chown.as_ref().map(|(o, owners)| owners.note(path, rustix::fs::fchown(&file, o.uid(), o.gid())));
-    if chown.is_some() || mode_differs {
-        let mode = owners.mode_for(entry.mode, entry.owner, chowned, &file);
-        file.set_permissions(fs::Permissions::from_mode(mode)).map_err(io)?;
-    }
-    if mtime_ns(md) != entry.mtime_ns {
-        file.set_modified(mtime(entry.mtime_ns)).map_err(io)?;
-    }
-    Ok(())
-}
-
 impl Walker<'_> {
+    /// Gives a file the checkout leaves in place (`md`: what it found there) its entry's owner, attributes, mode
+    /// and mtime, through a handle on the file itself, opened by name in its directory without following a
+    /// symlink, so that a name swapped meanwhile changes nothing elsewhere; a file that is not the one found is an
+    /// error. Its attributes are read first unless a record vouches for them (`xattrs_known`).
+    fn fix_metadata(
+        &self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        path: &Path,
+        md: &Metadata,
+        entry: &Entry,
+        xattrs_known: bool,
+    ) -> Result<()> {
+        let (chown, owners) = (self.chown(entry, Some(Owner::of(md))), &*self.owners);
+        let io = |e: std::io::Error| Error::io(path, e);
+        let mode_differs = md.permissions().mode() & 0o7777 != entry.mode;
+        let by_name = dirfd::proc_path(dir).map(|p| p.join(name));
+        let by_name = by_name.as_deref().unwrap_or(path);
+        let xattrs_differ = !xattrs_known && !owners.xattrs_as_recorded(On::Path(by_name), &entry.xattrs);
+        if chown.is_none() && !mode_differs && !xattrs_differ && mtime_ns(md) == entry.mtime_ns {
+            return Ok(());
+        }
+        let file = match dirfd::open(dir, name, OFlags::RDONLY | OFlags::NONBLOCK) {
+            Ok(fd) => File::from(fd),
+            // A user's own file without read permission: by name, which for anyone but root can reach nothing
+            // it could not change anyway (root opens any file).
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !rustix::process::geteuid().is_root() => {
+                if xattrs_differ {
+                    owners.restore_xattrs(On::Path(by_name), path, &entry.xattrs, false);
+                }
+                rustix::fs::chmodat(dir, name, Mode::from_raw_mode(entry.mode), AtFlags::empty())
+                    .map_err(|e| io(e.into()))?;
+                let times = mtime_only(entry.mtime_ns);
+                return rustix::fs::utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(e.into()));
+            }
+            Err(e) => return Err(io(e)),
+        };
+        same_file(path, &file, md)?;
+        // The owner before the mode: a change of owner clears set-id bits.
+        let chowned = chown.as_ref().map(|(o, owners)| owners.note(path, rustix::fs::fchown(&file, o.uid(), o.gid())));
+        // A change of owner clears `security.capability`: the attributes are looked at again after it.
+        if xattrs_differ || chown.is_some() {
+            owners.restore_xattrs(On::Fd(file.as_fd()), path, &entry.xattrs, false);
+        }
+        if chown.is_some() || mode_differs {
+            let mode = owners.mode_for(entry.mode, entry.owner, chowned, &file);
+            file.set_permissions(fs::Permissions::from_mode(mode)).map_err(io)?;
+        }
+        if mtime_ns(md) != entry.mtime_ns {
+            file.set_modified(mtime(entry.mtime_ns)).map_err(io)?;
+        }
+        Ok(())
+    }
+
     /// The owner to give an entry the checkout puts in place: the one it was committed with, when restoring
     /// owners, unless it has that already (`current`: what it has, where known).
     fn chown(&self, entry: &Entry, current: Option<Owner>) -> Option<(Owner, Arc<Owners>)> {
@@ -1436,6 +1511,8 @@ impl Walker<'_> {
                         mode: entry.mode,
                         mtime_ns: entry.mtime_ns,
                         chown,
+                        xattrs: entry.xattrs.clone(),
+                        owners: self.owners.clone(),
                         id: (st.st_dev, st.st_ino),
                         remaining: AtomicUsize::new(children.len() + 1),
                         parent,
@@ -1583,13 +1660,16 @@ impl Walker<'_> {
     }
 
     /// Whether an existing file with other names may be this entry, the first name of its link group, left as
-    /// it is: it has the entry's mode, mtime and (when restored) owner already, so nothing done to it changes
+    /// it is: it has the entry's mode, mtime and (when restored) owner and attributes already (`name` in `dir`),
+    /// so nothing done to it changes
     /// names outside the group; and no other group's first name is this same file (two groups that were one
     /// file at the destination are separated). Remembers the file as taken.
-    fn may_stay_linked(&mut self, md: &Metadata, entry: &Entry) -> bool {
+    fn may_stay_linked(&mut self, md: &Metadata, entry: &Entry, dir: &OwnedFd, name: &OsStr) -> bool {
+        let by_name = dirfd::proc_path(dir).map(|p| p.join(name));
         let as_recorded = md.permissions().mode() & 0o7777 == entry.mode
             && mtime_ns(md) == entry.mtime_ns
-            && (!self.owners.restoring || entry.owner.is_none_or(|o| o == Owner::of(md)));
+            && (!self.owners.restoring || entry.owner.is_none_or(|o| o == Owner::of(md)))
+            && by_name.is_some_and(|p| self.owners.xattrs_as_recorded(On::Path(&p), &entry.xattrs));
         entry.link.is_some()
             && as_recorded
             && self.taken.len() < LINK_GROUPS_MAX
@@ -1612,6 +1692,7 @@ impl Walker<'_> {
             mode: entry.mode,
             mtime_ns: entry.mtime_ns,
             owner: entry.owner,
+            xattrs: entry.xattrs.clone(),
             task,
         };
         self.links.insert(group, first);
@@ -1651,6 +1732,7 @@ impl Walker<'_> {
             chown: self.chown(entry, None),
             owner: entry.owner,
             owners: self.owners.clone(),
+            xattrs: entry.xattrs.clone(),
             parent,
         };
         if let Some(task) = task {
@@ -1730,7 +1812,9 @@ impl Walker<'_> {
         // gets its own mode and mtime. The first name of a link group may stay as it is, other names and all,
         // but only once per file and only if none of its metadata has to change.
         let linked_elsewhere = self.in_place
-            && existing.as_ref().is_ok_and(|md| md.is_file() && md.nlink() > 1 && !self.may_stay_linked(md, entry));
+            && existing
+                .as_ref()
+                .is_ok_and(|md| md.is_file() && md.nlink() > 1 && !self.may_stay_linked(md, entry, &dir, name));
         if linked_elsewhere && entry.size >= PATCH_MIN {
             self.opts.progress.warn(&format!(
                 "{} has other hard links: written anew instead of patched in place, so that they keep their content",
@@ -1742,7 +1826,12 @@ impl Walker<'_> {
                 // Only a record of what was put here vouches for a file's bytes. The checkpoint's own size and
                 // mtime do not: another version can share both (files restored with fixed mtimes, or two
                 // writes within one tick of the file clock), and trusting them would leave the wrong bytes.
-                let trusted = if self.opts.checksum { None } else { priors.iter().find_map(|p| p.vouches(&md)) };
+                let vouched =
+                    if self.opts.checksum { None } else { priors.iter().find_map(|p| Some((p.vouches(&md)?, p))) };
+                // Its attributes need no look where the record vouches for them and they are the entry's.
+                let xattrs_known =
+                    vouched.is_some_and(|(c, p)| c == content && p.vouches_xattrs() && p.entry.xattrs == entry.xattrs);
+                let trusted = vouched.map(|(c, _)| c);
                 // A small file nothing vouches for is cheap to hash whole: left alone if it already matches.
                 let trusted = if trusted != Some(content)
                     && md.len() == entry.size
@@ -1754,8 +1843,7 @@ impl Walker<'_> {
                     trusted
                 };
                 if trusted == Some(content) {
-                    let chown = self.chown(entry, Some(Owner::of(&md)));
-                    fix_metadata(&dir, name, dest, &md, entry, chown, &self.owners)?;
+                    self.fix_metadata(&dir, name, dest, &md, entry, xattrs_known)?;
                     self.summary.files_unchanged += 1;
                     self.opts.progress.bytes(entry.size);
                     return entry_done(parent.as_ref()).map(|()| None);
@@ -1771,7 +1859,8 @@ impl Walker<'_> {
         }
         // A directory cleared away leaves the name free.
         let exists = exists && dirfd::lstat(&dir, name).is_ok();
-        let create_mode = self.new_files.create_mode(entry.mode);
+        // A file created read-only could not be given its attributes by its owner.
+        let create_mode = if entry.xattrs.is_empty() { self.new_files.create_mode(entry.mode) } else { None };
         let chown = match &patch {
             Some((md, _)) => self.chown(entry, Some(Owner::of(md))),
             None => self.chown(entry, self.new_files.owner),
@@ -1820,6 +1909,7 @@ impl Walker<'_> {
             chown,
             owner: entry.owner,
             owners: self.owners.clone(),
+            xattrs: entry.xattrs.clone(),
             links: Mutex::new(Some(Vec::new())),
             parent,
         });
@@ -1973,6 +2063,7 @@ mod tests {
             chown: None,
             owner: None,
             owners: Arc::default(),
+            xattrs: Vec::new(),
             links: Mutex::new(Some(Vec::new())),
             parent: None,
         }

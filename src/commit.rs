@@ -11,6 +11,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, Metadata};
 use std::io::Read;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -202,6 +203,7 @@ fn entry_from(name: Vec<u8>, kind: EntryKind, md: &Metadata) -> Entry {
         ino: md.ino(),
         owner: Some(crate::tree::Owner::of(md)),
         link: if kind == EntryKind::File { link_group(md) } else { None },
+        xattrs: Vec::new(),
         size: if kind == EntryKind::File { md.len() } else { 0 },
         target: Vec::new(),
     }
@@ -722,7 +724,22 @@ impl Walker<'_, '_> {
                     it.skip_current_dir();
                     continue;
                 }
-                let e = entry_from(name, EntryKind::Dir, &md);
+                let mut e = entry_from(name, EntryKind::Dir, &md);
+                // Setting an attribute changes the ctime: a directory whose ctime and inode are as before has
+                // the attributes it had.
+                e.xattrs = match &prev {
+                    Some(p) if p.kind == EntryKind::Dir && (p.ctime_ns, p.ino) == (e.ctime_ns, e.ino) => {
+                        p.xattrs.clone()
+                    }
+                    _ => match crate::xattrs::read(crate::xattrs::On::Path(entry.path())) {
+                        Ok(x) => x,
+                        Err(err) => {
+                            self.skip(entry.path(), &rel, err)?;
+                            it.skip_current_dir();
+                            continue;
+                        }
+                    },
+                };
                 let prev_children = match prev {
                     Some(p) if p.kind == EntryKind::Dir => match p.object()? {
                         Some(tree) => {
@@ -752,8 +769,10 @@ impl Walker<'_, '_> {
                 let e = entry_from(name, EntryKind::File, &md);
                 match prev {
                     Some(p) if !self.opts.reread && unchanged(&p, &e) => {
+                        // Its ctime is as before, so are its attributes (see the directory's above).
                         let mut e = e;
                         e.target = p.target;
+                        e.xattrs = p.xattrs;
                         self.summary.files_unchanged += 1;
                         self.send(Event::Leaf(e))?;
                     }
@@ -801,6 +820,10 @@ impl Walker<'_, '_> {
             let before = f.metadata().map_err(|e| Error::io(path, e))?;
             let mut entry = entry_from(entry.name.clone(), EntryKind::File, &before);
             entry.size = before.len();
+            entry.xattrs = match crate::xattrs::read(crate::xattrs::On::Fd(f.as_fd())) {
+                Ok(x) => x,
+                Err(e) => return self.skip(path, rel, e),
+            };
             self.send(Event::FileStart(entry))?;
             let read = self.chunks_file(&f, before.len(), prior.as_ref()).map_err(|e| Error::io(path, e));
             if let Some(e) = self.failed.take() {
@@ -1213,6 +1236,7 @@ impl Walker<'_, '_> {
             // A stream's bytes have no owner; checked out, the file is the user's who runs the checkout.
             owner: None,
             link: None,
+            xattrs: Vec::new(),
             size: 0,
             target: Vec::new(),
         };

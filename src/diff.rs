@@ -47,7 +47,8 @@ pub struct Change {
     pub size_before: u64,
     /// Size in the second checkpoint (0 if removed).
     pub size_after: u64,
-    /// The content (or symlink target) differs; false when only mode, owner or mtime changed.
+    /// The content (or symlink target) differs; false when only mode, owner, extended attributes or mtime
+    /// changed.
     pub content_changed: bool,
     /// Files: bytes of the second version at offsets where the first does not hold the same chunk.
     pub bytes_changed: u64,
@@ -113,6 +114,12 @@ fn owner_changed(a: &Entry, b: &Entry) -> bool {
     matches!((a.owner, b.owner), (Some(x), Some(y)) if x != y)
 }
 
+/// Whether what an entry records besides its content and mtime changed: mode, owner, extended attributes.
+/// (Across the upgrade that began recording attributes, an entry that has some gains them: shown as a change.)
+fn attributes_changed(a: &Entry, b: &Entry) -> bool {
+    a.mode != b.mode || owner_changed(a, b) || a.xattrs != b.xattrs
+}
+
 impl Differ<'_> {
     fn pair(&mut self, a: &Entry, b: &Entry, rel: &Path) -> Result<()> {
         if a.kind != b.kind {
@@ -121,9 +128,9 @@ impl Differ<'_> {
         }
         match b.kind {
             EntryKind::Dir => {
-                if a.mode != b.mode || owner_changed(a, b) {
-                    // A directory's mtime moves with every change inside it: only its mode and owner are worth a
-                    // line.
+                if attributes_changed(a, b) {
+                    // A directory's mtime moves with every change inside it: only its mode, owner and extended
+                    // attributes are worth a line.
                     self.emit(b, Some(a), rel, ChangeKind::Modified, false, Vec::new())?;
                 }
                 if a.target == b.target {
@@ -158,14 +165,14 @@ impl Differ<'_> {
             }
             EntryKind::Symlink => {
                 let changed = a.target != b.target;
-                if changed || a.mode != b.mode || a.mtime_ns != b.mtime_ns || owner_changed(a, b) {
+                if changed || a.mtime_ns != b.mtime_ns || attributes_changed(a, b) {
                     self.emit(b, Some(a), rel, ChangeKind::Modified, changed, Vec::new())?;
                 }
                 Ok(())
             }
             EntryKind::File => {
                 if a.target == b.target {
-                    if a.mode != b.mode || a.mtime_ns != b.mtime_ns || owner_changed(a, b) {
+                    if a.mtime_ns != b.mtime_ns || attributes_changed(a, b) {
                         self.emit(b, Some(a), rel, ChangeKind::Modified, false, Vec::new())?;
                     }
                     return Ok(());

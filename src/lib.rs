@@ -59,6 +59,7 @@ mod testutil;
 mod tree;
 mod verify;
 mod watch;
+mod xattrs;
 
 use std::ffi::OsStr;
 use std::io::Read;
@@ -85,7 +86,7 @@ pub use reader::FileReader;
 pub use remote::SyncSummary;
 pub use repair::{CheckpointState, RepairReport};
 pub use retention::{Decision, Plan, Policy, UNLIMITED, parse_count, parse_duration};
-pub use tree::{Entry, EntryKind, Owner, decode_tree, encode_tree, validate_name};
+pub use tree::{Entry, EntryKind, Owner, Xattr, decode_tree, encode_tree, validate_name};
 pub use verify::{
     AffectedCheckpoint, AffectedFile, DamagedChunk, DamagedObject, DamagedPack, DataSubset, VerifyOptions, VerifyReport,
 };
@@ -177,6 +178,10 @@ pub struct FileInfo {
     /// Where a symlink points (its bytes as recorded); `None` for files and directories.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "json_path::opt_path")]
     pub link_target: Option<PathBuf>,
+    /// Names of its extended attributes (ACLs among them), sorted; in JSON only where there are some, a byte
+    /// that is not part of UTF-8 shown as U+FFFD.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub xattrs: Vec<String>,
 }
 
 /// Which checkpoints a retention policy applies to.
@@ -1143,6 +1148,7 @@ fn walk_entries(
             mtime_ns: entry.mtime_ns,
             owner: entry.owner,
             link_target: (entry.kind == EntryKind::Symlink).then(|| PathBuf::from(OsStr::from_bytes(&entry.target))),
+            xattrs: entry.xattrs.iter().map(|x| String::from_utf8_lossy(&x.name).into_owned()).collect(),
         })?;
         if recursive && entry.kind == EntryKind::Dir {
             let tree = entry.object()?.expect("dir has a tree");

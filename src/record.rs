@@ -37,22 +37,27 @@ const T_PROTOCOL: u8 = 12;
 /// count and the tags.
 const T_RETAG: u8 = 13;
 /// The newest protocol [`T_PROTOCOL`] names, the one this build reads. Protocol 3 added [`T_RETAG`], protocol
-/// 4 tree entries with owners or hard-link groups (catalog schema 10). A record says the lowest protocol that
-/// reads it (2, [`PROTOCOL_BASE`], without either), so older builds go on working beside this one until the
+/// 4 tree entries with owners or hard-link groups (catalog schema 10), protocol 5 tree entries with extended
+/// attributes (schema 11). A record says the lowest protocol that reads it (2, [`PROTOCOL_BASE`], without any
+/// of these), so older builds go on working beside this one until the
 /// first record they cannot read, where they stop (every command, since no later record can be applied before it) and
 /// ask to be upgraded.
-const PROTOCOL: u8 = 4;
+const PROTOCOL: u8 = 5;
+const PROTOCOL_OWNERS: u8 = 4;
 const PROTOCOL_BASE: u8 = 2;
 const PROTOCOL_RETAG: u8 = 3;
 
 /// The protocol a record of `batch` says: see [`PROTOCOL`].
 fn protocol_of(batch: &Batch) -> u8 {
     // Data that does not decode is not this build's to judge; the newest protocol keeps older ones off it.
-    let schema_10 = |data: &[u8]| {
-        crate::tree::decode_tree(data).map_or(true, |es| es.iter().any(|e| e.owner.is_some() || e.link.is_some()))
+    let needs = |data: &[u8]| match crate::tree::decode_tree(data) {
+        Err(_) => PROTOCOL,
+        Ok(es) if es.iter().any(|e| !e.xattrs.is_empty()) => PROTOCOL,
+        Ok(es) if es.iter().any(|e| e.owner.is_some() || e.link.is_some()) => PROTOCOL_OWNERS,
+        Ok(_) => 0,
     };
-    if batch.trees.iter().any(|(_, data)| schema_10(data)) {
-        PROTOCOL
+    if let Some(p) = batch.trees.iter().map(|(_, data)| needs(data)).max().filter(|&p| p > 0) {
+        p
     } else if !batch.retags.is_empty() {
         PROTOCOL_RETAG
     } else {
@@ -399,8 +404,8 @@ mod tests {
             raw
         };
         // A record says the lowest protocol that reads it: 3 only if it changes tags, 4 only if a tree has an
-        // entry with an owner, so older builds still read the others.
-        let tree = |owner| {
+        // entry with an owner, 5 only if one has extended attributes, so older builds still read the others.
+        let tree = |owner, xattrs: Vec<crate::tree::Xattr>| {
             let e = crate::tree::Entry {
                 name: b"f".to_vec(),
                 kind: crate::tree::EntryKind::File,
@@ -410,6 +415,7 @@ mod tests {
                 ino: 1,
                 owner,
                 link: None,
+                xattrs,
                 size: 0,
                 target: vec![1; 32],
             };
@@ -419,10 +425,13 @@ mod tests {
         let retags = b.retags.clone();
         let with = |trees, retags| Batch { trees, retags, ..Default::default() };
         let owned = Some(crate::tree::Owner { uid: 0, gid: 0 });
-        assert_eq!(items(&with(vec![tree(None)], vec![]))[..2], [T_PROTOCOL, PROTOCOL_BASE]);
-        assert_eq!(items(&with(vec![tree(None)], retags.clone()))[..2], [T_PROTOCOL, PROTOCOL_RETAG]);
-        assert_eq!(items(&with(vec![tree(None), tree(owned)], vec![]))[..2], [T_PROTOCOL, 4]);
-        assert_eq!(items(&with(vec![tree(owned)], retags))[..2], [T_PROTOCOL, 4]);
+        let attr = || vec![crate::tree::Xattr { name: b"user.a".to_vec(), value: b"1".to_vec() }];
+        assert_eq!(items(&with(vec![tree(None, vec![])], vec![]))[..2], [T_PROTOCOL, PROTOCOL_BASE]);
+        assert_eq!(items(&with(vec![tree(None, vec![])], retags.clone()))[..2], [T_PROTOCOL, PROTOCOL_RETAG]);
+        assert_eq!(items(&with(vec![tree(None, vec![]), tree(owned, vec![])], vec![]))[..2], [T_PROTOCOL, 4]);
+        assert_eq!(items(&with(vec![tree(owned, vec![])], retags.clone()))[..2], [T_PROTOCOL, 4]);
+        assert_eq!(items(&with(vec![tree(owned, vec![]), tree(None, attr())], vec![]))[..2], [T_PROTOCOL, 5]);
+        assert_eq!(items(&with(vec![tree(None, attr())], retags))[..2], [T_PROTOCOL, 5]);
         assert_eq!(items(&sample())[..2], [T_PROTOCOL, PROTOCOL]);
         let mut raw = items(&Batch::default());
         assert_eq!(raw[..2], [T_PROTOCOL, PROTOCOL_BASE]);

@@ -59,6 +59,9 @@ pub struct Entry {
     /// Files with other hard links: a number shared by every name of the same file in the checkpoint, and by no
     /// other file's (schema 10 onwards). A checkout links such names together again.
     pub link: Option<u64>,
+    /// Extended attributes of a file or directory (ACLs among them), sorted by name, no name twice (schema 11
+    /// onwards); empty where there are none, for symlinks and streams, and in older trees.
+    pub xattrs: Vec<Xattr>,
     /// File size in bytes (0 for directories and symlinks).
     pub size: u64,
     /// Content id (file), tree id (directory) or link target bytes (symlink).
@@ -83,11 +86,31 @@ impl Owner {
     }
 }
 
+/// One extended attribute: its full name (`user.note`, `security.capability`, `system.posix_acl_access`) and
+/// its value, both raw bytes as the kernel gives them.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Xattr {
+    /// The name, namespace prefix included.
+    pub name: Vec<u8>,
+    /// The value.
+    pub value: Vec<u8>,
+}
+
+/// Linux's limits: a name of at most 255 bytes, a value of at most 64 KiB. A tree that claims more is damage.
+pub const XATTR_NAME_MAX: usize = 255;
+/// See [`XATTR_NAME_MAX`].
+pub const XATTR_VALUE_MAX: usize = 65536;
+/// What one entry's attributes may hold in all (names and values): more is not recorded (commit says so), so
+/// that a directory's tree, held whole in memory, stays small whatever a filesystem allows.
+pub const XATTRS_MAX_BYTES: usize = 256 * 1024;
+
 /// Set in an entry's kind byte when its owner follows the mode: entries without it hash and encode as before
 /// schema 10, so old trees keep their ids, and the kind byte alone tells a reader what comes next.
 const OWNER_FLAG: u8 = 0x80;
 /// Set in an entry's kind byte when its hard-link group follows (after the owner, if any).
 const LINK_FLAG: u8 = 0x40;
+/// Set in an entry's kind byte when its extended attributes follow (after the link group, if any).
+const XATTR_FLAG: u8 = 0x20;
 
 impl Entry {
     /// The content or tree id this entry points at, `None` for a symlink.
@@ -130,6 +153,15 @@ pub fn tree_id(entries: &[Entry]) -> ObjectId {
         if let Some(group) = e.link {
             h.update(&group.to_le_bytes());
         }
+        if !e.xattrs.is_empty() {
+            h.update(&(e.xattrs.len() as u32).to_le_bytes());
+            for x in &e.xattrs {
+                h.update(&(x.name.len() as u32).to_le_bytes());
+                h.update(&x.name);
+                h.update(&(x.value.len() as u32).to_le_bytes());
+                h.update(&x.value);
+            }
+        }
         h.update(&e.mtime_ns.to_le_bytes());
         h.update(&e.ctime_ns.to_le_bytes());
         h.update(&e.ino.to_le_bytes());
@@ -141,12 +173,16 @@ pub fn tree_id(entries: &[Entry]) -> ObjectId {
 }
 
 fn kind_byte(e: &Entry) -> u8 {
-    e.kind.code() | if e.owner.is_some() { OWNER_FLAG } else { 0 } | if e.link.is_some() { LINK_FLAG } else { 0 }
+    e.kind.code()
+        | if e.owner.is_some() { OWNER_FLAG } else { 0 }
+        | if e.link.is_some() { LINK_FLAG } else { 0 }
+        | if e.xattrs.is_empty() { 0 } else { XATTR_FLAG }
 }
 
 /// Encodes a tree's entries, which must be sorted by name with no duplicates, as the catalog stores them:
 /// per entry the name (length-prefixed), kind (with bit 0x80 set if the owner is known, 0x40 if the file has
-/// other hard links), mode, the uid and gid if known, the hard-link group if any, mtime as a delta from the
+/// other hard links, 0x20 if it has extended attributes), mode, the uid and gid if known, the hard-link group
+/// if any, the extended attributes if any (their count, then each name and value length-prefixed), mtime as a delta from the
 /// previous entry's, ctime as a delta from the mtime, inode, size and target (length-prefixed), integers as
 /// LEB128 varints (deltas zigzagged). Directories' times sit close together and most fields are small, so an entry costs about its
 /// name plus its 32-byte target plus a dozen bytes, where a row per entry cost three times that. The id is
@@ -167,6 +203,15 @@ pub fn encode_tree(entries: &[Entry]) -> Vec<u8> {
         if let Some(group) = e.link {
             put_varint(&mut out, group);
         }
+        if !e.xattrs.is_empty() {
+            put_varint(&mut out, e.xattrs.len() as u64);
+            for x in &e.xattrs {
+                put_varint(&mut out, x.name.len() as u64);
+                out.extend_from_slice(&x.name);
+                put_varint(&mut out, x.value.len() as u64);
+                out.extend_from_slice(&x.value);
+            }
+        }
         put_varint(&mut out, zigzag(e.mtime_ns.wrapping_sub(prev_mtime)));
         put_varint(&mut out, zigzag(e.ctime_ns.wrapping_sub(e.mtime_ns)));
         put_varint(&mut out, e.ino);
@@ -179,7 +224,8 @@ pub fn encode_tree(entries: &[Entry]) -> Vec<u8> {
 }
 
 /// Decodes [`encode_tree`]'s bytes, refusing anything it would not have written: truncation, trailing bytes,
-/// an unknown kind or flag, a mode, uid or gid beyond 32 bits, names out of order or repeated.
+/// an unknown kind or flag, a mode, uid or gid beyond 32 bits, names out of order or repeated, extended
+/// attributes out of order, repeated, empty-named or beyond Linux's limits or 256 KiB in all.
 pub fn decode_tree(bytes: &[u8]) -> Result<Vec<Entry>> {
     let bad = |what: &str| Error::corrupt(format!("tree data is malformed ({what})"));
     let mut r = bytes;
@@ -192,21 +238,48 @@ pub fn decode_tree(bytes: &[u8]) -> Result<Vec<Entry>> {
         }
         let (&kind, rest) = r.split_first().ok_or_else(|| bad("kind"))?;
         r = rest;
-        let (has_owner, has_link) = (kind & OWNER_FLAG != 0, kind & LINK_FLAG != 0);
-        let kind = EntryKind::from_code((kind & !(OWNER_FLAG | LINK_FLAG)).into())?;
+        let (has_owner, has_link, has_xattrs) = (kind & OWNER_FLAG != 0, kind & LINK_FLAG != 0, kind & XATTR_FLAG != 0);
+        let kind = EntryKind::from_code((kind & !(OWNER_FLAG | LINK_FLAG | XATTR_FLAG)).into())?;
         let mut u32_field = |what| take_varint(&mut r).and_then(|m| u32::try_from(m).ok()).ok_or_else(|| bad(what));
         let mode = u32_field("mode")?;
         let owner = if has_owner { Some(Owner { uid: u32_field("uid")?, gid: u32_field("gid")? }) } else { None };
         let link = if has_link { Some(take_varint(&mut r).ok_or_else(|| bad("link"))?) } else { None };
+        let xattrs =
+            if has_xattrs { take_xattrs(&mut r).ok_or_else(|| bad("extended attributes"))? } else { Vec::new() };
         let mtime_ns = prev_mtime.wrapping_add(unzigzag(take_varint(&mut r).ok_or_else(|| bad("mtime"))?));
         let ctime_ns = mtime_ns.wrapping_add(unzigzag(take_varint(&mut r).ok_or_else(|| bad("ctime"))?));
         let ino = take_varint(&mut r).ok_or_else(|| bad("inode"))?;
         let size = take_varint(&mut r).ok_or_else(|| bad("size"))?;
         let target = take_bytes(&mut r).ok_or_else(|| bad("target"))?.to_vec();
         prev_mtime = mtime_ns;
-        out.push(Entry { name, kind, mode, mtime_ns, ctime_ns, ino, owner, link, size, target });
+        out.push(Entry { name, kind, mode, mtime_ns, ctime_ns, ino, owner, link, xattrs, size, target });
     }
     Ok(out)
+}
+
+/// Whether `xattrs` is a list a tree may hold: not empty (an entry without any has no flag), sorted by name
+/// with no name twice, every name non-empty and free of NUL, and within the limits.
+pub fn valid_xattrs(xattrs: &[Xattr]) -> bool {
+    let sizes_ok = xattrs.iter().all(|x| {
+        !x.name.is_empty() && x.name.len() <= XATTR_NAME_MAX && !x.name.contains(&0) && x.value.len() <= XATTR_VALUE_MAX
+    });
+    let total: usize = xattrs.iter().map(|x| x.name.len() + x.value.len()).sum();
+    !xattrs.is_empty() && sizes_ok && total <= XATTRS_MAX_BYTES && xattrs.windows(2).all(|w| w[0].name < w[1].name)
+}
+
+fn take_xattrs(r: &mut &[u8]) -> Option<Vec<Xattr>> {
+    let count = usize::try_from(take_varint(r)?).ok()?;
+    // Each takes at least three bytes: no count beyond what the bytes could hold is believed.
+    if count > r.len() / 3 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let name = take_bytes(r)?.to_vec();
+        let value = take_bytes(r)?.to_vec();
+        out.push(Xattr { name, value });
+    }
+    valid_xattrs(&out).then_some(out)
 }
 
 fn zigzag(v: i64) -> u64 {
@@ -370,6 +443,7 @@ mod tests {
             ino: 3,
             owner: Some(Owner { uid: 1000, gid: 100 }),
             link: None,
+            xattrs: Vec::new(),
             size: 4,
             target: vec![9; 32],
         }
@@ -453,10 +527,52 @@ mod tests {
     }
 
     #[test]
+    fn extended_attributes_are_flagged_hashed_and_checked() {
+        let plain = entry(b"a");
+        let mut e = plain.clone();
+        let x = |n: &str, v: &[u8]| Xattr { name: n.as_bytes().to_vec(), value: v.to_vec() };
+        e.xattrs = vec![x("user.a", b""), x("user.b", b"\0\xff")];
+        let bytes = encode_tree(&[e.clone()]);
+        assert_eq!(bytes[2], 1 | OWNER_FLAG | XATTR_FLAG);
+        assert_eq!(decode_tree(&bytes).unwrap(), vec![e.clone()]);
+        assert_ne!(tree_id(&[e.clone()]), tree_id(std::slice::from_ref(&plain)));
+        let mut other = e.clone();
+        other.xattrs[1].value = b"\0\xfe".to_vec();
+        assert_ne!(tree_id(&[e.clone()]), tree_id(&[other]), "a value is part of the id");
+        // What no commit writes is refused: disorder, a name twice, an empty name, a flag with no attribute,
+        // more than the limits.
+        for bad in [
+            vec![x("user.b", b""), x("user.a", b"")],
+            vec![x("user.a", b"1"), x("user.a", b"2")],
+            vec![x("", b"1")],
+            vec![x("user.\0", b"1")],
+            vec![],
+            vec![x(&"n".repeat(XATTR_NAME_MAX + 1), b"")],
+            vec![x("user.a", &vec![0; XATTR_VALUE_MAX + 1])],
+            (0..5).map(|i| x(&format!("user.{i}"), &vec![0; XATTR_VALUE_MAX])).collect(),
+        ] {
+            let mut tampered = encode_tree(std::slice::from_ref(&plain));
+            // After the name (2 bytes), kind, mode (2), uid 1000 (2) and gid 100: where the attributes go.
+            let at = 8;
+            let mut attrs = Vec::new();
+            put_varint(&mut attrs, bad.len() as u64);
+            for a in &bad {
+                put_varint(&mut attrs, a.name.len() as u64);
+                attrs.extend_from_slice(&a.name);
+                put_varint(&mut attrs, a.value.len() as u64);
+                attrs.extend_from_slice(&a.value);
+            }
+            tampered[2] |= XATTR_FLAG;
+            tampered.splice(at..at, attrs);
+            assert!(decode_tree(&tampered).unwrap_err().is_corruption(), "{:?}", bad.first().map(|a| &a.name));
+        }
+    }
+
+    #[test]
     fn an_unknown_flag_in_the_kind_byte_is_refused() {
         let mut bytes = encode_tree(&[entry(b"a")]);
         assert_eq!(bytes[2], 1 | OWNER_FLAG);
-        bytes[2] |= 0x20;
+        bytes[2] |= 0x10;
         assert!(decode_tree(&bytes).unwrap_err().is_corruption());
     }
 
@@ -470,10 +586,15 @@ mod tests {
             any::<u64>(),
             proptest::option::of((any::<u32>(), any::<u32>())),
             proptest::option::of(any::<u64>()),
+            proptest::collection::btree_map(
+                proptest::collection::vec(1u8..=255, 1..8),
+                proptest::collection::vec(any::<u8>(), 0..12),
+                0..3,
+            ),
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 0..40),
         )
-            .prop_map(|(name, kind, mode, mtime_ns, ctime_ns, ino, owner, link, size, target)| Entry {
+            .prop_map(|(name, kind, mode, mtime_ns, ctime_ns, ino, owner, link, xattrs, size, target)| Entry {
                 name,
                 kind: EntryKind::from_code(kind.into()).unwrap(),
                 mode,
@@ -482,6 +603,7 @@ mod tests {
                 ino,
                 owner: owner.map(|(uid, gid)| Owner { uid, gid }),
                 link,
+                xattrs: xattrs.into_iter().map(|(name, value)| Xattr { name, value }).collect(),
                 size,
                 target,
             })

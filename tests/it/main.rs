@@ -18,3 +18,4 @@ mod s3;
 mod util;
 mod verify;
 mod watch;
+mod xattrs;

@@ -276,3 +276,20 @@ pub fn process_record(pid: u32) -> (String, String) {
     let pidns = std::fs::read_link("/proc/self/ns/pid").unwrap().to_string_lossy().into_owned();
     (format!("{boot}/{start}"), pidns)
 }
+
+/// Hands everything below `dir` to uid and gid 4242 and returns how to run a program as that user
+/// (`setpriv`); `None`, said, where that cannot be done (not root, or no `setpriv`).
+pub fn hand_to_other_user(dir: &Path) -> Option<impl Fn(&str) -> std::process::Command> {
+    let handed =
+        std::process::Command::new("chown").args(["-R", "4242:4242", p(dir)]).status().is_ok_and(|s| s.success());
+    let as_other = |program: &str| {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=4242", "--regid=4242", "--clear-groups", program]);
+        c
+    };
+    if !handed || !as_other("true").status().is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: cannot hand the files to another user (not root, or no setpriv); untested");
+        return None;
+    }
+    Some(as_other)
+}

@@ -133,7 +133,7 @@ the checkpoint; runs of zeros become holes. Run as root, the checkout also gives
 group it was committed with, as numeric ids (--no-owners: not); run as another user, what it creates belongs to \
 that user. Checkpoints taken before snapstore recorded owners, and streams, have none to restore. Set-uid and \
 set-gid bits are given only to files that end up owned by their recorded owner. Names that \
-were hard links of one file when committed are linked again (copies where the filesystem cannot link). If a checkout is interrupted, run it again with --in-place: it \
+were hard links of one file when committed are linked again (copies where the filesystem cannot link). Extended attributes (ACLs among them) of files and directories are restored (--no-xattrs: not); those only root may set (trusted.*, security.*) are counted in a warning for anyone else. If a checkout is interrupted, run it again with --in-place: it \
 finishes the job, writing only what is missing or incomplete.\n\n\
 Examples:\n  snapstore checkout latest ./restored\n  snapstore checkout 3fa2c1 ./vm.img --in-place\n  \
 snapstore checkout 3fa2c1 ./run --in-place --delete\n  snapstore checkout latest ./out --path config --path data/step-100\n\n", exit_help!()))]
@@ -157,6 +157,10 @@ snapstore checkout 3fa2c1 ./run --in-place --delete\n  snapstore checkout latest
         /// Run as root: leave what the checkout creates owned by root instead of by the recorded owners
         #[arg(long)]
         no_owners: bool,
+        /// Leave extended attributes (and ACLs) as the filesystem gives new files, and as they are on files
+        /// kept in place
+        #[arg(long)]
+        no_xattrs: bool,
         /// Worker threads [default: two per core, at most 32]
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         threads: usize,
@@ -748,7 +752,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 out.line(&summary.id)?;
             }
         }
-        Command::Checkout { id, dest, in_place, delete, checksum, paths, no_owners, threads } => {
+        Command::Checkout { id, dest, in_place, delete, checksum, paths, no_owners, no_xattrs, threads } => {
             let repo = Repository::open(&repo_dir)?;
             let bar = progress::Bar::new(show_progress(cli));
             let opts = CheckoutOptions {
@@ -757,6 +761,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 checksum: *checksum,
                 paths: paths.clone(),
                 owners: !*no_owners,
+                xattrs: !*no_xattrs,
                 threads: *threads,
                 progress: bar.clone(),
             };
