@@ -88,7 +88,9 @@ enum Command {
     },
     /// Save a file, a directory tree, or stdin as a new checkpoint
     #[command(after_help = concat!("Files whose size, mtime, ctime and inode match the previous checkpoint of the same path \
-are not read again. Only chunks the repository lacks are compressed and stored.\n\
+are not read again. Only chunks the repository lacks are compressed and stored. Each entry's mode, mtime, numeric \
+owner and group, symlink target, hard links, and the extended attributes (ACLs among them) of files and directories \
+are recorded with its bytes.\n\
 The new checkpoint's full id is printed last on stdout. If the repository does not exist yet, it is created.\n\n", exit_help!()))]
     Commit {
         /// File or directory to checkpoint, or - to read a stream from stdin (with --name)
