@@ -223,7 +223,7 @@ impl PendingLink {
         let dir = match &self.dir {
             LinkDir::Open(dir) => dir.clone(),
             LinkDir::Below(root, rel) => {
-                Arc::new(dirfd::open_below(root, rel, false).map_err(|e| Error::io(&self.path, e))?)
+                Arc::new(dirfd::open_below(root, rel, None).map_err(|e| Error::io(&self.path, e))?)
             }
         };
         if self.replace {
@@ -1011,8 +1011,12 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     // in errors and progress start with the committed name, as `show` prints them.
     let root_name = PathBuf::from(OsStr::from_bytes(&root.name));
     let mut starts = Vec::new();
+    // Made here for a `--path`: given the root directory's metadata once every walk is done.
+    let mut dest_made = false;
     if opts.paths.is_empty() {
-        starts.push(Start { entry: root.clone(), path: dest.to_path_buf(), rel: root_name.clone(), priors });
+        let whole =
+            Start { entry: root.clone(), path: dest.to_path_buf(), rel: root_name.clone(), priors, ancestors: vec![] };
+        starts.push(whole);
     } else {
         let mut found = Vec::new();
         for p in &opts.paths {
@@ -1032,9 +1036,21 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             }
             kept.push(rel.clone());
             let path = if rel.as_os_str().is_empty() { dest.to_path_buf() } else { dest.join(&rel) };
+            let mut ancestors = Vec::new();
             if path != dest {
                 // The directories below it are made by the walk, never through a symlink (see `walk`).
-                fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
+                if fs::symlink_metadata(dest).is_err() {
+                    fs::create_dir(dest).map_err(|e| Error::io(dest, e))?;
+                    dest_made = true;
+                }
+                let mut prefix = PathBuf::new();
+                for part in rel.parent().unwrap_or(Path::new("")).components() {
+                    prefix.push(part);
+                    match content::lookup_relative(&catalog, &root, &prefix)? {
+                        Some((e, _)) if e.kind == EntryKind::Dir => ancestors.push(e),
+                        _ => break,
+                    }
+                }
             }
             let priors = priors
                 .iter()
@@ -1044,7 +1060,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
                 })
                 .collect();
             let rel = if rel.as_os_str().is_empty() { root_name.clone() } else { root_name.join(rel) };
-            starts.push(Start { entry, path, rel, priors });
+            starts.push(Start { entry, path, rel, priors, ancestors });
         }
     }
     // A killed checkout of a large file leaves its temporary beside it, in a directory no walk tidies.
@@ -1084,6 +1100,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
         ..Default::default()
     });
     let mut roots = Vec::new();
+    let mut made = Vec::new();
 
     let walked = std::thread::scope(|s| {
         for _ in 0..threads {
@@ -1111,13 +1128,16 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             new_files,
             owners: owners.clone(),
             roots: &mut roots,
+            made: &mut made,
             dest,
             links: std::collections::HashMap::new(),
             links_full: false,
             dest_fd: None,
             taken: std::collections::HashSet::new(),
         };
-        let r = starts.iter().try_for_each(|s| walker.walk(s)).and_then(|()| walker.outbox.send());
+        let r = (if dest_made { walker.made_dir(None, dest, &root) } else { Ok(()) })
+            .and_then(|()| starts.iter().try_for_each(|s| walker.walk(s)))
+            .and_then(|()| walker.outbox.send());
         walker.end_read();
         if walker.links_full {
             opts.progress.warn(&format!(
@@ -1135,6 +1155,10 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     // Every entry was released once it was in place, so each start's directory has had its metadata set.
     if let Some(root) = roots.iter().find(|r| !r.done()) {
         return Err(Error::Internal(format!("{}: directory metadata was never set", root.path.display())));
+    }
+    // Innermost first: each after everything made inside it.
+    for dir in made.iter().rev() {
+        dir.set_metadata()?;
     }
     summary.owners_not_restored = owners.failed.load(Ordering::Relaxed);
     summary.xattrs_not_restored = owners.xattrs.as_ref().map_or(0, |f| f.count());
@@ -1272,6 +1296,9 @@ struct Start {
     path: PathBuf,
     rel: PathBuf,
     priors: Vec<Prior>,
+    /// For a `--path` below the destination, the checkpoint's directories on the way there, outermost first:
+    /// those the checkout has to make get their recorded metadata once every walk is done.
+    ancestors: Vec<Entry>,
 }
 
 struct Walker<'a> {
@@ -1292,6 +1319,8 @@ struct Walker<'a> {
     owners: Arc<Owners>,
     /// The directories walks started at, checked when all is done.
     roots: &'a mut Vec<Arc<DirTask>>,
+    /// Directories made on the way to a `--path` (the destination first, if made), outermost first.
+    made: &'a mut Vec<Arc<DirTask>>,
     /// Where the checkout goes; the paths of [`LinkFirst`] are relative to it.
     dest: &'a Path,
     /// The first name met of each hard-linked file, by link group, to link its later names to.
@@ -1447,8 +1476,21 @@ impl Walker<'_> {
         // below the destination without following a symlink (made where missing), as every name below it.
         let below = start.path != self.dest;
         let start_dir = Arc::new(if below {
-            let rel = start.path.strip_prefix(self.dest).unwrap_or(&start.path);
-            self.open_beneath(rel.parent().unwrap_or(Path::new("")), true)?
+            let rel = start.path.strip_prefix(self.dest).unwrap_or(&start.path).parent().unwrap_or(Path::new(""));
+            let root = self.dest_dir()?;
+            let mut made = Vec::new();
+            let mut note = |i: usize, parent: &OwnedFd, name: &OsStr| {
+                made.push((i, parent.try_clone().map(Arc::new), name.to_owned()));
+            };
+            let dir = dirfd::open_below(&root, rel, Some(&mut note)).map_err(|e| Error::io(self.dest.join(rel), e))?;
+            for (i, parent, name) in made {
+                let parent = parent.map_err(|e| Error::io(self.dest.join(rel), e))?;
+                let path: PathBuf = self.dest.join(rel.components().take(i + 1).collect::<PathBuf>());
+                if let Some(entry) = start.ancestors.get(i) {
+                    self.made_dir(Some((parent, name)), &path, entry)?;
+                }
+            }
+            dir
         } else {
             let parent = parent_dir(&start.path);
             dirfd::open_dir(parent).map_err(|e| Error::io(parent, e))?
@@ -1749,7 +1791,7 @@ impl Walker<'_> {
             let made = link.make(&task.dir, task.dest.file_name().unwrap_or_default());
             return self.linked_or_file(made, link);
         }
-        let from_dir = self.open_beneath(first.parent().unwrap_or(Path::new("")), false)?;
+        let from_dir = self.open_beneath(first.parent().unwrap_or(Path::new("")))?;
         let made = link.make(&from_dir, first.file_name().unwrap_or_default());
         self.linked_or_file(made, link)
     }
@@ -1776,8 +1818,31 @@ impl Walker<'_> {
     /// The directory at `rel` below the destination, opened without following a symlink anywhere below it: a
     /// later entry that replaced a directory by a symlink (on a filesystem that ignores case) cannot make a link
     /// to a file outside.
-    fn open_beneath(&mut self, rel: &Path, create: bool) -> Result<OwnedFd> {
-        dirfd::open_below(&*self.dest_dir()?, rel, create).map_err(|e| Error::io(self.dest.join(rel), e))
+    fn open_beneath(&mut self, rel: &Path) -> Result<OwnedFd> {
+        dirfd::open_below(&*self.dest_dir()?, rel, None).map_err(|e| Error::io(self.dest.join(rel), e))
+    }
+
+    /// Notes a directory this checkout made on the way to a `--path` (named in `at`, or the destination itself),
+    /// to be given `entry`'s owner, attributes, mtime and mode once every walk is done.
+    fn made_dir(&mut self, at: Option<(Arc<OwnedFd>, std::ffi::OsString)>, path: &Path, entry: &Entry) -> Result<()> {
+        let fd = match &at {
+            Some((parent, name)) => dirfd::open(parent, name, OFlags::PATH | OFlags::DIRECTORY),
+            None => dirfd::open_dir(path),
+        };
+        let st = rustix::fs::fstat(fd.map_err(|e| Error::io(path, e))?).map_err(|e| Error::io(path, e.into()))?;
+        self.made.push(Arc::new(DirTask {
+            path: path.to_path_buf(),
+            at,
+            mode: entry.mode,
+            mtime_ns: entry.mtime_ns,
+            chown: self.chown(entry, self.new_files.owner),
+            xattrs: entry.xattrs.clone(),
+            owners: self.owners.clone(),
+            id: (st.st_dev, st.st_ino),
+            remaining: AtomicUsize::new(0),
+            parent: None,
+        }));
+        Ok(())
     }
 
     /// The destination, open (once it exists).

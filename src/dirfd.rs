@@ -45,25 +45,37 @@ pub(crate) fn proc_path(fd: &OwnedFd) -> Option<std::path::PathBuf> {
         .then(|| std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())))
 }
 
+/// Told of each directory [`open_below`] makes: its index among the path's components, the directory it was
+/// made in, and its name.
+pub(crate) type MadeDir<'a> = dyn FnMut(usize, &OwnedFd, &OsStr) + 'a;
+
 /// The directory at `rel` below `root`, every step opened without following a symlink, so that nothing put
-/// in a directory's place redirects it out of the tree below `root`; with `create`, directories missing on
-/// the way are made (with the umask's mode), as `mkdir -p` would.
-pub(crate) fn open_below(root: &OwnedFd, rel: &std::path::Path, create: bool) -> io::Result<OwnedFd> {
+/// in a directory's place redirects it out of the tree below `root`; with `made`, directories missing on
+/// the way are made (with the umask's mode), as `mkdir -p` would, each one reported to it.
+pub(crate) fn open_below(
+    root: &OwnedFd,
+    rel: &std::path::Path,
+    mut made: Option<&mut MadeDir<'_>>,
+) -> io::Result<OwnedFd> {
     let flags = OFlags::PATH | OFlags::DIRECTORY;
     let mut dir = rustix::fs::openat(root, ".", flags | OFlags::CLOEXEC, Mode::empty())?;
-    for part in rel.components() {
+    for (i, part) in rel.components().enumerate() {
         let std::path::Component::Normal(name) = part else {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a path below the destination"));
         };
-        dir = match open(&dir, name, flags) {
-            Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
-                match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o777)) {
-                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        dir = match (open(&dir, name, flags), made.as_mut()) {
+            (Err(e), Some(report)) if e.kind() == io::ErrorKind::NotFound => {
+                let fresh = match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o777)) {
+                    Ok(()) => true,
+                    Err(rustix::io::Errno::EXIST) => false,
                     Err(e) => return Err(e.into()),
+                };
+                if fresh {
+                    report(i, &dir, name);
                 }
                 open(&dir, name, flags)?
             }
-            r => r?,
+            (r, _) => r?,
         };
     }
     Ok(dir)

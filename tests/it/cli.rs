@@ -991,6 +991,52 @@ fn a_directory_swapped_for_a_symlink_during_an_in_place_checkout_redirects_nothi
     assert_eq!((moved.uid(), moved.gid(), moved.mode() & 0o7777), (1234, 1234, 0o644), "{}", text(&out.stderr));
 }
 
+/// The directories a `--path` checkout makes on the way to the path, the destination included, get their
+/// recorded mode, mtime and (run as root) owner, once what is inside them is in place; a directory that was
+/// there already keeps its mode.
+#[test]
+fn directories_made_on_the_way_to_a_path_are_as_recorded() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    fs::create_dir_all(src.join("a/b/c")).unwrap();
+    fs::write(src.join("a/b/c/f"), b"deep").unwrap();
+    fs::write(src.join("a/g"), b"other").unwrap();
+    let root = rustix::process::geteuid().is_root();
+    if root {
+        std::os::unix::fs::chown(src.join("a/b"), Some(1234), Some(5678)).unwrap();
+    }
+    for (dir, mode, secs) in [
+        ("a/b/c", 0o700, 1_000_000_000),
+        ("a/b", 0o555, 1_100_000_000),
+        ("a", 0o750, 1_200_000_000),
+        ("", 0o710, 1_300_000_000),
+    ] {
+        let path = src.join(dir);
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        filetime::set_file_mtime(&path, filetime::FileTime::from_unix_time(secs, 7)).unwrap();
+    }
+    sx(&repo, &["-q", "commit", p(&src)]);
+    let dest = tmp.path().join("dest");
+    sx(&repo, &["checkout", "latest", p(&dest), "--path", "a/b/c/f", "--path", "a/g"]);
+    assert_eq!(fs::read(dest.join("a/b/c/f")).unwrap(), b"deep");
+    for dir in ["", "a", "a/b", "a/b/c"] {
+        let (want, got) = (fs::metadata(src.join(dir)).unwrap(), fs::metadata(dest.join(dir)).unwrap());
+        assert_eq!(got.mode() & 0o7777, want.mode() & 0o7777, "mode of {dir:?}");
+        assert_eq!((got.mtime(), got.mtime_nsec()), (want.mtime(), want.mtime_nsec()), "mtime of {dir:?}");
+        if root {
+            assert_eq!((got.uid(), got.gid()), (want.uid(), want.gid()), "owner of {dir:?}");
+        }
+    }
+    // Into a destination that has them already: left as they are.
+    let kept = tmp.path().join("kept");
+    fs::create_dir_all(kept.join("a")).unwrap();
+    fs::set_permissions(kept.join("a"), fs::Permissions::from_mode(0o777)).unwrap();
+    sx(&repo, &["checkout", "latest", p(&kept), "--in-place", "--path", "a/b/c/f"]);
+    assert_eq!(fs::metadata(kept.join("a")).unwrap().mode() & 0o7777, 0o777);
+    assert_eq!(fs::metadata(kept.join("a/b")).unwrap().mode() & 0o7777, 0o555);
+}
+
 /// `--path` below a symlink that the destination holds where the checkpoint has a directory (a user's doing,
 /// in a tree root restores in place): refused, and nothing behind the symlink is read or changed.
 #[test]
