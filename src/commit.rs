@@ -173,6 +173,9 @@ enum Event {
     FileAbort,
     /// An entry complete as it is (unchanged file, symlink).
     Leaf(Entry),
+    /// A later name of a hard-linked file this commit has read under another name, unchanged since: its
+    /// content and attributes are that name's.
+    Linked(Entry),
     Done,
 }
 
@@ -333,6 +336,7 @@ fn run(
             inflight,
             threads,
             failed: None,
+            read_links: HashMap::new(),
         };
         let walked = match source {
             Source::Path(p) => walker.walk(p, &root_name),
@@ -647,7 +651,21 @@ struct Walker<'a, 'b> {
     threads: usize,
     /// Why region chunking failed, when it was not the file's fault.
     failed: Option<Error>,
+    /// Hard-linked files read whole by this commit, by link group: what they were when read (see
+    /// [`ReadAs`]), so that a later name of one, unchanged since, is not read again.
+    read_links: HashMap<u64, ReadAs>,
 }
+
+/// What a file was when a commit read it: size, mtime, ctime and inode.
+type ReadAs = (u64, i64, i64, u64);
+
+fn read_as(e: &Entry) -> ReadAs {
+    (e.size, e.mtime_ns, e.ctime_ns, e.ino)
+}
+
+/// Hard-linked files a commit remembers having read, at most: about 100 bytes each in the walker and the
+/// assembler together. Beyond them, later names are read as any file.
+const READ_LINKS_MAX: usize = 65_536;
 
 impl Walker<'_, '_> {
     fn send(&self, ev: Event) -> Result<()> {
@@ -783,10 +801,21 @@ impl Walker<'_, '_> {
                             Some(_) => FileStatus::Changed,
                             None => FileStatus::New,
                         };
+                        // Another name of a file read already, whose ctime says it has not changed since: its
+                        // bytes are that name's (the link group is its device and inode).
+                        if e.link.is_some_and(|g| self.read_links.get(&g) == Some(&read_as(&e))) {
+                            self.count(status);
+                            self.send(Event::Linked(e))?;
+                            continue;
+                        }
                         // The previous version's chunks guide the cutting of this one.
                         let prior = p.filter(|p| p.kind == EntryKind::File).and_then(|p| p.object().ok().flatten());
                         self.opts.progress.file(&rel);
-                        self.file(entry.path(), &rel, e, status, prior)?;
+                        if let Some((Some(group), read)) = self.file(entry.path(), &rel, e, status, prior)?
+                            && (self.read_links.len() < READ_LINKS_MAX || self.read_links.contains_key(&group))
+                        {
+                            self.read_links.insert(group, read);
+                        }
                     }
                 }
             } else {
@@ -801,8 +830,17 @@ impl Walker<'_, '_> {
         Ok(())
     }
 
+    fn count(&mut self, status: FileStatus) {
+        match status {
+            FileStatus::Changed => self.summary.files_changed += 1,
+            FileStatus::Unchanged => self.summary.files_unchanged += 1,
+            FileStatus::New => self.summary.files_new += 1,
+        }
+    }
+
     /// Reads one file, retrying if it changes underneath; a file that never holds still fails the commit
-    /// (or is skipped), so no checkpoint records content that was never in the file.
+    /// (or is skipped), so no checkpoint records content that was never in the file. Returns, for a file
+    /// recorded, its link group and what it was when read.
     fn file(
         &mut self,
         path: &Path,
@@ -810,20 +848,21 @@ impl Walker<'_, '_> {
         entry: Entry,
         status: FileStatus,
         prior: Option<ObjectId>,
-    ) -> Result<()> {
+    ) -> Result<Option<(Option<u64>, ReadAs)>> {
         const ATTEMPTS: usize = 3;
         for _ in 0..ATTEMPTS {
             let f = match File::open(path) {
                 Ok(f) => f,
-                Err(e) => return self.skip(path, rel, e),
+                Err(e) => return self.skip(path, rel, e).map(|()| None),
             };
             let before = f.metadata().map_err(|e| Error::io(path, e))?;
             let mut entry = entry_from(entry.name.clone(), EntryKind::File, &before);
             entry.size = before.len();
             entry.xattrs = match crate::xattrs::read(crate::xattrs::On::Fd(f.as_fd())) {
                 Ok(x) => x,
-                Err(e) => return self.skip(path, rel, e),
+                Err(e) => return self.skip(path, rel, e).map(|()| None),
             };
+            let read_as_was = (entry.link, read_as(&entry));
             self.send(Event::FileStart(entry))?;
             let read = self.chunks_file(&f, before.len(), prior.as_ref()).map_err(|e| Error::io(path, e));
             if let Some(e) = self.failed.take() {
@@ -835,7 +874,7 @@ impl Walker<'_, '_> {
             if let Err(e) = read {
                 self.send(Event::FileAbort)?;
                 return match e {
-                    Error::Io { source, .. } => self.skip(path, rel, source),
+                    Error::Io { source, .. } => self.skip(path, rel, source).map(|()| None),
                     other => Err(other),
                 };
             }
@@ -843,7 +882,7 @@ impl Walker<'_, '_> {
                 Ok(md) => md,
                 Err(e) => {
                     self.send(Event::FileAbort)?;
-                    return self.skip(path, rel, e);
+                    return self.skip(path, rel, e).map(|()| None);
                 }
             };
             let read_len = read.expect("checked");
@@ -854,18 +893,14 @@ impl Walker<'_, '_> {
                 && after.ino() == before.ino()
             {
                 self.send(Event::FileEnd)?;
-                match status {
-                    FileStatus::Changed => self.summary.files_changed += 1,
-                    FileStatus::Unchanged => self.summary.files_unchanged += 1,
-                    FileStatus::New => self.summary.files_new += 1,
-                }
-                return Ok(());
+                self.count(status);
+                return Ok(Some(read_as_was));
             }
             self.send(Event::FileAbort)?;
             self.opts.progress.warn(&format!("{} changed while being read; reading it again", path.display()));
         }
         if self.opts.skip_unreadable {
-            return self.skip(path, rel, std::io::Error::other("file kept changing while being read"));
+            return self.skip(path, rel, std::io::Error::other("file kept changing while being read")).map(|()| None);
         }
         Err(Error::FileChanged(path.to_path_buf()))
     }
@@ -1285,6 +1320,9 @@ struct Assembler<'a> {
     chunks_reused: u64,
     bytes_new: u64,
     bytes_stored: u64,
+    /// The content and attributes of each hard-linked file recorded so far, by link group, for its later
+    /// names ([`Event::Linked`]): kept for the same files as the walker's `read_links`.
+    link_targets: HashMap<u64, (Vec<u8>, Vec<tree::Xattr>)>,
 }
 
 fn push_segment(batch: &mut Batch, b: &mut ContentBuilder, refs: &[ChunkRef]) {
@@ -1349,6 +1387,7 @@ impl<'a> Assembler<'a> {
             chunks_reused: 0,
             bytes_new: 0,
             bytes_stored: 0,
+            link_targets: HashMap::new(),
         })
     }
 
@@ -1371,6 +1410,17 @@ impl<'a> Assembler<'a> {
                     if e.kind == EntryKind::File {
                         self.logical_bytes += e.size;
                     }
+                    self.add_child(e)?;
+                }
+                Event::Linked(mut e) => {
+                    let group = e.link.ok_or_else(|| Error::Internal("linked entry without a group".into()))?;
+                    let (target, xattrs) = self
+                        .link_targets
+                        .get(&group)
+                        .cloned()
+                        .ok_or_else(|| Error::Internal("linked entry before its file".into()))?;
+                    (e.target, e.xattrs) = (target, xattrs);
+                    self.logical_bytes += e.size;
                     self.add_child(e)?;
                 }
                 Event::FileStart(entry) => {
@@ -1470,6 +1520,11 @@ impl<'a> Assembler<'a> {
         let mut entry = b.entry;
         entry.size = b.size;
         entry.target = id.0.to_vec();
+        if let Some(group) = entry.link
+            && (self.link_targets.len() < READ_LINKS_MAX || self.link_targets.contains_key(&group))
+        {
+            self.link_targets.insert(group, (entry.target.clone(), entry.xattrs.clone()));
+        }
         self.logical_bytes += b.size;
         self.add_child(entry)
     }

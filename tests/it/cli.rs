@@ -1152,6 +1152,52 @@ fn inode(path: &Path) -> (u64, u64) {
     (md.ino(), md.nlink())
 }
 
+/// A commit reads a hard-linked file once, under its first name: its other names, unchanged since (same
+/// ctime), take its content and attributes. Changed through one name, the file is read once again and every
+/// name records the new bytes; a name that is no longer a link is read as itself.
+#[test]
+fn a_hard_linked_file_is_read_once_per_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    for dir in ["a", "b", "c"] {
+        fs::create_dir_all(src.join(dir)).unwrap();
+    }
+    let big = pseudo_random(3 << 20, 11);
+    fs::write(src.join("a/big"), &big).unwrap();
+    fs::hard_link(src.join("a/big"), src.join("b/big")).unwrap();
+    fs::hard_link(src.join("a/big"), src.join("c/also")).unwrap();
+    fs::write(src.join("small"), b"small").unwrap();
+    let first = json(&sx(&repo, &["--json", "commit", p(&src)]));
+    assert_eq!(first["bytes_read"], (3 << 20) + 5, "{first}");
+    assert_eq!((first["files_new"].as_u64(), first["logical_bytes"].as_u64()), (Some(4), Some(3 * (3 << 20) + 5)));
+    let dest = tmp.path().join("dest");
+    sx(&repo, &["checkout", "latest", p(&dest)]);
+    for name in ["a/big", "b/big", "c/also"] {
+        assert_eq!(fs::read(dest.join(name)).unwrap(), big, "{name}");
+        assert_eq!(inode(&dest.join(name)), inode(&dest.join("a/big")), "{name} is linked");
+    }
+
+    // Rewritten in place through one name: read once, every name gets the new bytes.
+    let mut changed = big.clone();
+    changed[1 << 20] ^= 0xff;
+    fs::write(src.join("c/also"), &changed).unwrap();
+    let second = json(&sx(&repo, &["--json", "commit", p(&src)]));
+    assert_eq!(second["bytes_read"], 3 << 20, "{second}");
+    // One name made a file of its own: read as itself.
+    fs::remove_file(src.join("b/big")).unwrap();
+    fs::write(src.join("b/big"), &big).unwrap();
+    let third = json(&sx(&repo, &["--json", "commit", p(&src)]));
+    // Unlinking b/big changed the others' ctime (their link count): that file is read once more, under a/big.
+    assert_eq!(third["bytes_read"], 2 * (3 << 20), "a/big and the new b/big: {third}");
+    let out = tmp.path().join("out");
+    sx(&repo, &["checkout", "latest", p(&out)]);
+    assert_eq!(fs::read(out.join("a/big")).unwrap(), changed);
+    assert_eq!(fs::read(out.join("c/also")).unwrap(), changed);
+    assert_eq!(fs::read(out.join("b/big")).unwrap(), big);
+    assert_eq!(inode(&out.join("a/big")), inode(&out.join("c/also")));
+    assert_ne!(inode(&out.join("a/big")).0, inode(&out.join("b/big")).0);
+}
+
 /// Names hard-linked together when committed come back linked: across directories, and a file staged
 /// through a temporary (over 4 MiB) too; a file with the same bytes and no link stays a file of its own. In
 /// place, a link broken since (the name replaced by a copy) is made again and nothing is written; rolled to a
