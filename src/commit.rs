@@ -47,7 +47,8 @@ pub struct CommitOptions {
     pub message: String,
     /// Tags to attach.
     pub tags: Vec<String>,
-    /// Read every file even if its size, mtime, ctime and inode match the parent checkpoint.
+    /// Read every file even if its size, mtime, ctime and inode match the parent checkpoint, and every name of a
+    /// hard-linked file even if another was read in this commit.
     pub reread: bool,
     /// Record unreadable files as skipped instead of failing the commit.
     pub skip_unreadable: bool,
@@ -803,7 +804,7 @@ impl Walker<'_, '_> {
                         };
                         // Another name of a file read already, whose ctime says it has not changed since: its
                         // bytes are that name's (the link group is its device and inode).
-                        if e.link.is_some_and(|g| self.read_links.get(&g) == Some(&read_as(&e))) {
+                        if !self.opts.reread && e.link.is_some_and(|g| self.read_links.get(&g) == Some(&read_as(&e))) {
                             self.count(status);
                             self.send(Event::Linked(e))?;
                             continue;

@@ -104,7 +104,8 @@ The new checkpoint's full id is printed last on stdout. If the repository does n
         /// Name of the file the stream becomes (required with -)
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
-        /// Read every file, even those unchanged since the previous checkpoint
+        /// Read every file, even those unchanged since the previous checkpoint, and every name of a hard-linked
+        /// file
         #[arg(long)]
         reread: bool,
         /// Record unreadable files as skipped instead of failing the commit (files deleted while the commit
