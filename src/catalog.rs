@@ -96,7 +96,10 @@ const MIGRATIONS: &[&str] = &[
     "",
     // 11: tree entries may carry extended attributes (`tree::XATTR_FLAG`), which stops older builds as 10
     // does; a checkout's record says whether it gave every entry its recorded attributes.
-    "ALTER TABLE checkouts ADD COLUMN xattrs INTEGER NOT NULL DEFAULT 0;",
+    // A checkpoint's own flag says its trees record them, so that a commit carries a file's attributes over
+    // from its parent only where the parent recorded them.
+    "ALTER TABLE checkouts ADD COLUMN xattrs INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE checkpoints ADD COLUMN xattrs INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The oldest schema a catalog on a read-only filesystem, which cannot be migrated, is read at: the
@@ -276,6 +279,9 @@ pub(crate) struct NewCheckpoint {
     pub skipped: Vec<(Vec<u8>, String)>,
     /// The group this checkpoint is a part of, recorded in the same transaction.
     pub group: Option<crate::group::GroupPart>,
+    /// Its trees record extended attributes (a commit from schema 11 on; not one learnt from a bucket's
+    /// record, which does not say).
+    pub xattrs: bool,
 }
 
 /// Catalog rows written together in one transaction.
@@ -902,8 +908,8 @@ fn insert_rows(
             }
             tx.execute(
                 "INSERT INTO checkpoints (id, parent, time_ns, message, host, path, root, files, dirs, symlinks,
-                                              logical_bytes, new_bytes, stored_bytes, skipped)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                                              logical_bytes, new_bytes, stored_bytes, skipped, xattrs)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
                 params![
                     c.id,
                     c.parent,
@@ -918,7 +924,8 @@ fn insert_rows(
                     to_i64(c.logical_bytes),
                     to_i64(c.new_bytes),
                     to_i64(c.stored_bytes),
-                    to_i64(c.skipped)
+                    to_i64(c.skipped),
+                    cp.xattrs
                 ],
             )?;
             for tag in &c.tags {
@@ -942,6 +949,13 @@ fn insert_rows(
 }
 
 impl Catalog {
+    /// Whether checkpoint `id`'s trees record extended attributes (see [`NewCheckpoint::xattrs`]).
+    pub(crate) fn recorded_xattrs(&self, id: &str) -> Result<bool> {
+        let flag =
+            self.conn.query_row("SELECT xattrs FROM checkpoints WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        Ok(flag.unwrap_or(false))
+    }
+
     /// Records that checkpoint `id` was checked out whole at `dest` (an absolute path), and whether every
     /// entry was given its recorded extended attributes (`xattrs`).
     pub(crate) fn record_checkout(&self, dest: &str, id: &str, ended_ns: i64, xattrs: bool) -> Result<()> {
@@ -1511,6 +1525,7 @@ mod tests {
                  INSERT INTO group_parts (grp, part, checkpoint) VALUES ('step-1', 0, 'a'), ('step-2', 1, 'b');
                  INSERT INTO remote_records (name) VALUES ('records/0000000000000001-ab');
                  ALTER TABLE checkouts DROP COLUMN xattrs;
+                 ALTER TABLE checkpoints DROP COLUMN xattrs;
                  PRAGMA user_version = 8;",
             )
             .unwrap();
@@ -1682,7 +1697,7 @@ mod tests {
             let group = Some(crate::group::GroupPart { name: "g".into(), part: n, parts });
             Batch {
                 trees: vec![(id(tree), crate::tree::encode_tree(&[]))],
-                checkpoint: Some(NewCheckpoint { record, root: id(tree), skipped: vec![], group }),
+                checkpoint: Some(NewCheckpoint { record, root: id(tree), skipped: vec![], group, xattrs: true }),
                 ..Default::default()
             }
         };

@@ -284,6 +284,9 @@ fn run(
         Some(p) => Some(catalog.tree(&catalog.checkpoint_root(&p.id)?)?),
         None => None,
     };
+    // Attributes are carried over from the parent only where it recorded them: across the upgrade that began
+    // recording them, its entries' "none" means "not looked at".
+    let carry_xattrs = !opts.reread && parent.as_ref().map_or(Ok(false), |p| catalog.recorded_xattrs(&p.id))?;
 
     let threads = if opts.threads == 0 {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -338,6 +341,7 @@ fn run(
             threads,
             failed: None,
             read_links: HashMap::new(),
+            carry_xattrs,
         };
         let walked = match source {
             Source::Path(p) => walker.walk(p, &root_name),
@@ -407,7 +411,7 @@ fn run(
         skipped: skipped.len() as u64,
     };
     debug_assert_eq!(root_entry.name, root_name);
-    asm.publish(NewCheckpoint { record, root: root_tree, skipped, group: opts.group.clone() })?;
+    asm.publish(NewCheckpoint { record, root: root_tree, skipped, group: opts.group.clone(), xattrs: true })?;
     summary.id = id;
     summary.seconds = started.elapsed().as_secs_f64();
     opts.progress.finish();
@@ -655,6 +659,9 @@ struct Walker<'a, 'b> {
     /// Hard-linked files read whole by this commit, by link group: what they were when read (see
     /// [`ReadAs`]), so that a later name of one, unchanged since, is not read again.
     read_links: HashMap<u64, ReadAs>,
+    /// The parent checkpoint recorded extended attributes, so an entry unchanged by its stat can take its
+    /// parent's (and `--reread` was not given).
+    carry_xattrs: bool,
 }
 
 /// What a file was when a commit read it: size, mtime, ctime and inode.
@@ -747,7 +754,11 @@ impl Walker<'_, '_> {
                 // Setting an attribute changes the ctime: a directory whose ctime and inode are as before has
                 // the attributes it had.
                 e.xattrs = match &prev {
-                    Some(p) if p.kind == EntryKind::Dir && (p.ctime_ns, p.ino) == (e.ctime_ns, e.ino) => {
+                    Some(p)
+                        if self.carry_xattrs
+                            && p.kind == EntryKind::Dir
+                            && (p.ctime_ns, p.ino) == (e.ctime_ns, e.ino) =>
+                    {
                         p.xattrs.clone()
                     }
                     _ => match crate::xattrs::read(crate::xattrs::On::Path(entry.path())) {
@@ -791,7 +802,17 @@ impl Walker<'_, '_> {
                         // Its ctime is as before, so are its attributes (see the directory's above).
                         let mut e = e;
                         e.target = p.target;
-                        e.xattrs = p.xattrs;
+                        e.xattrs = if self.carry_xattrs {
+                            p.xattrs
+                        } else {
+                            match crate::xattrs::read(crate::xattrs::On::Path(entry.path())) {
+                                Ok(x) => x,
+                                Err(err) => {
+                                    self.skip(entry.path(), &rel, err)?;
+                                    continue;
+                                }
+                            }
+                        };
                         self.summary.files_unchanged += 1;
                         self.send(Event::Leaf(e))?;
                     }

@@ -253,7 +253,7 @@ pub(crate) fn decode(data: &[u8]) -> Result<Batch> {
                     stored_bytes: v[5],
                     skipped: v[6],
                 };
-                b.checkpoint = Some(NewCheckpoint { record, root, skipped, group });
+                b.checkpoint = Some(NewCheckpoint { record, root, skipped, group, xattrs: false });
             }
             t => return Err(bad(&format!("unknown item {t}"))),
         }
@@ -379,6 +379,7 @@ mod tests {
                 root: id(9),
                 skipped: vec![(b"bad/file".to_vec(), "permission denied".into())],
                 group: Some(GroupPart { name: "g".into(), part: 1, parts: 4 }),
+                xattrs: false,
             }),
             bytes: 0,
         }

@@ -202,3 +202,67 @@ fn attributes_only_root_may_set_are_counted_for_anyone_else() {
     assert_eq!(attrs(&dest.join("d")), vec![("user.d".to_string(), b"3".to_vec())]);
     assert_eq!(fs::read(dest.join("f")).unwrap(), b"data");
 }
+
+/// Across the upgrade that began recording attributes, the parent checkpoint's entries say "none" because
+/// nothing looked: a commit then reads the attributes of files and directories it finds unchanged by their
+/// stat, instead of carrying that "none" over.
+#[test]
+fn attributes_are_read_where_the_parent_did_not_record_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    if !supported(tmp.path()) {
+        eprintln!("SKIPPED: {} keeps no user.* attributes or ACLs; untested", tmp.path().display());
+        return;
+    }
+    make_tree(&src);
+    sx(&repo, &["-q", "commit", p(&src)]);
+    make_old(&repo.join("catalog.db"));
+    let second = last_line(&sx(&repo, &["commit", p(&src)]));
+    let listed = json(&sx(&repo, &["--json", "ls", "-r", &second]));
+    let names = |rel: &str| {
+        let f = listed.as_array().unwrap().iter().find(|f| f["path"].as_str().unwrap().ends_with(rel)).unwrap();
+        f["xattrs"].clone()
+    };
+    assert_eq!(names("a.txt"), serde_json::json!(["user.empty", "user.note"]));
+    assert_eq!(names("sub"), serde_json::json!(["user.dir"]));
+    let dest = tmp.path().join("dest");
+    sx(&repo, &["checkout", &second, p(&dest)]);
+    assert_attrs_as(&src, &dest, "after a checkout of the commit that followed an old parent");
+}
+
+/// Makes every checkpoint in the catalog look committed by a build before schema 11: its trees without
+/// attributes, moved to other ids (so that a new commit's trees, which have them, are not taken for stored
+/// already), and its flag cleared.
+fn make_old(catalog: &Path) {
+    let conn = rusqlite::Connection::open(catalog).unwrap();
+    let rows: Vec<(Vec<u8>, Vec<u8>)> = conn
+        .prepare("SELECT id, data FROM trees")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let moved = |id: &[u8]| -> Vec<u8> {
+        let mut h = blake3::Hasher::new();
+        h.update(b"old ");
+        h.update(id);
+        h.finalize().as_bytes().to_vec()
+    };
+    let ids: Vec<Vec<u8>> = rows.iter().map(|(id, _)| id.clone()).collect();
+    for (id, data) in &rows {
+        let mut entries = snapstore::decode_tree(data).unwrap();
+        for e in &mut entries {
+            e.xattrs.clear();
+            if e.kind == snapstore::EntryKind::Dir && ids.contains(&e.target) {
+                e.target = moved(&e.target);
+            }
+        }
+        conn.execute("DELETE FROM trees WHERE id = ?1", [id]).unwrap();
+        conn.execute("INSERT INTO trees (id, data) VALUES (?1, ?2)", (moved(id), snapstore::encode_tree(&entries)))
+            .unwrap();
+    }
+    for id in &ids {
+        conn.execute("UPDATE checkpoints SET root = ?1 WHERE root = ?2", (moved(id), id)).unwrap();
+    }
+    conn.execute("UPDATE checkpoints SET xattrs = 0", []).unwrap();
+}
