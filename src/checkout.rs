@@ -179,6 +179,8 @@ struct FileTask {
     owner: Option<Owner>,
     owners: Arc<Owners>,
     xattrs: Vec<Xattr>,
+    /// Made in a directory with a default ACL, a new file has an ACL of its own, which its entry may lack.
+    acl_inherited: bool,
     /// Later names of this file (hard links), made once it is in place; `None` once it is.
     links: Mutex<Option<Vec<PendingLink>>>,
     /// The directory this file is an entry of, released once the file is in place.
@@ -266,7 +268,8 @@ impl PendingLink {
                 .chown
                 .as_ref()
                 .map(|(o, owners)| owners.note(&self.path, rustix::fs::fchown(&dst, o.uid(), o.gid())));
-            self.owners.restore_xattrs(On::Fd(dst.as_fd()), &self.path, &self.xattrs, true);
+            let fresh = !self.parent.as_ref().is_some_and(|p| p.acl_default);
+            self.owners.restore_xattrs(On::Fd(dst.as_fd()), &self.path, &self.xattrs, fresh);
             dst.set_permissions(fs::Permissions::from_mode(
                 self.owners.mode_for(self.mode, self.owner, chowned, &dst),
             ))?;
@@ -293,6 +296,8 @@ struct DirTask {
     /// Its attributes, and where what failed of them is counted.
     xattrs: Vec<Xattr>,
     owners: Arc<Owners>,
+    /// It had a default ACL when the walk entered it, which files made in it inherit (restoring attributes).
+    acl_default: bool,
     /// Its device and inode: its metadata is set only on this very directory, never on one put in its place.
     id: (u64, u64),
     /// Entries not yet in place, plus one the walker holds while it lists them (so that the count cannot reach
@@ -341,24 +346,62 @@ impl DirTask {
             return Err(Error::io(&self.path, e));
         }
         let nofollow = AtFlags::SYMLINK_NOFOLLOW;
-        match (dirfd::proc_path(&handle), &self.at) {
-            (Some(proc), _) => self.apply(rustix::fs::CWD, &proc, AtFlags::empty(), On::Followed(&proc)),
-            (None, Some((parent, name))) => self.apply(parent.as_fd(), Path::new(name), nofollow, On::Path(&self.path)),
-            (None, None) => self.apply(rustix::fs::CWD, &self.path, nofollow, On::Path(&self.path)),
+        let proc = dirfd::proc_path(&handle);
+        // Without `/proc`, attributes go through a readable handle on the directory, checked as the first was:
+        // never by its path, which a swapped directory on the way could redirect.
+        let readable = match (&proc, &self.at) {
+            (Some(_), _) => None,
+            (None, Some((parent, name))) => Some(dirfd::open(parent, name, OFlags::RDONLY | OFlags::DIRECTORY)),
+            (None, None) => Some(
+                rustix::fs::open(&self.path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW, Mode::empty())
+                    .map_err(std::io::Error::from),
+            ),
+        };
+        let readable = readable.map(|r| {
+            r.and_then(|fd| match rustix::fs::fstat(&fd) {
+                Ok(st) if (st.st_dev, st.st_ino) == self.id => Ok(fd),
+                _ => Err(std::io::Error::other("replaced by another while the checkout ran")),
+            })
+        });
+        let on = match (&proc, &readable) {
+            (Some(proc), _) => Ok(On::Followed(proc)),
+            (None, Some(Ok(fd))) => Ok(On::Fd(fd.as_fd())),
+            (None, Some(Err(e))) => Err(e),
+            (None, None) => unreachable!("a readable handle is opened wherever there is no /proc"),
+        };
+        match (&proc, &self.at) {
+            (Some(proc), _) => self.apply(rustix::fs::CWD, proc, AtFlags::empty(), on, st.st_mode),
+            (None, Some((parent, name))) => self.apply(parent.as_fd(), Path::new(name), nofollow, on, st.st_mode),
+            (None, None) => self.apply(rustix::fs::CWD, &self.path, nofollow, on, st.st_mode),
         }
     }
 
-    /// Sets owner, attributes (`on`), mtime and mode at `name` (below `dir`): the owner before the mode, since
-    /// a change of owner clears set-id bits; attributes before the mode, which may forbid the owner to write
-    /// them; the mtime before the mode, since setting it by name looks the directory up, which its final mode
-    /// may forbid.
-    fn apply(&self, dir: std::os::fd::BorrowedFd<'_>, name: &Path, flags: AtFlags, on: On<'_>) -> Result<()> {
+    /// Sets owner, attributes (`on`, or why they cannot be reached), mtime and mode at `name` (below `dir`; its
+    /// mode now `current`): the owner before the mode, since a change of owner clears set-id bits; attributes
+    /// before the mode, which may forbid the owner to write them; the mtime before the mode, since setting it by
+    /// name looks the directory up, which its final mode may forbid.
+    fn apply(
+        &self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &Path,
+        flags: AtFlags,
+        on: std::result::Result<On<'_>, &std::io::Error>,
+        current: u32,
+    ) -> Result<()> {
         let io = |e: rustix::io::Errno| Error::io(&self.path, e.into());
         if let Some((owner, owners)) = &self.chown {
             let _ = owners.note(&self.path, rustix::fs::chownat(dir, name, owner.uid(), owner.gid(), flags));
         }
+        if self.owners.xattrs.is_some() && current & 0o200 == 0 && !rustix::process::geteuid().is_root() {
+            // An existing directory of the user's without the owner's write bit: its user.* attributes could
+            // not be set. Its mode is set below anyway.
+            let _ = rustix::fs::chmodat(dir, name, Mode::from_raw_mode(current & 0o7777 | 0o200), AtFlags::empty());
+        }
         // A directory made by the checkout may have inherited a default ACL: what it has is looked at.
-        self.owners.restore_xattrs(on, &self.path, &self.xattrs, false);
+        match on {
+            Ok(on) => self.owners.restore_xattrs(on, &self.path, &self.xattrs, false),
+            Err(e) => self.owners.xattrs_unreachable(&self.path, e),
+        }
         rustix::fs::utimensat(dir, name, &mtime_only(self.mtime_ns), flags).map_err(io)?;
         rustix::fs::chmodat(dir, name, Mode::from_raw_mode(self.mode), AtFlags::empty()).map_err(io)
     }
@@ -442,10 +485,21 @@ impl Owners {
             crate::xattrs::apply(on, path, want, None, failures);
             return;
         }
-        // Unreadable, it is taken to have none: each recorded attribute is set, and nothing can be removed.
-        let have = crate::xattrs::read(on).unwrap_or_default();
+        // Unreadable, it is taken to have none: each recorded attribute is set, and nothing can be removed, which
+        // is counted, so that no record vouches for its attributes.
+        let have = crate::xattrs::read(on).unwrap_or_else(|e| {
+            failures.note_io(path, &e);
+            Vec::new()
+        });
         if have != want {
             crate::xattrs::apply(on, path, want, Some(&have), failures);
+        }
+    }
+
+    /// Counts an entry whose attributes could not be reached at all (`e`), if restoring them.
+    fn xattrs_unreachable(&self, path: &Path, e: &std::io::Error) {
+        if let Some(failures) = &self.xattrs {
+            failures.note_io(path, e);
         }
     }
 
@@ -734,7 +788,7 @@ impl FileTask {
             self.chown.as_ref().map(|(o, owners)| owners.note(&self.dest, rustix::fs::fchown(file, o.uid(), o.gid())));
         // Attributes after the owner (a change of owner clears `security.capability`) and after the last
         // write (which clears it too), before the mode, which may forbid the owner to write them.
-        let fresh = !matches!(target, Target::Patched);
+        let fresh = !matches!(target, Target::Patched) && !self.acl_inherited;
         self.owners.restore_xattrs(On::Fd(file.as_fd()), &self.dest, &self.xattrs, fresh);
         // A patched file that needed no byte and has its mode and mtime keeps its ctime, so that the record of
         // this checkout vouches for it next time (on a filesystem of 1 s timestamps it would not, changed now).
@@ -1413,6 +1467,9 @@ impl Walker<'_> {
             // it could not change anyway (root opens any file).
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !rustix::process::geteuid().is_root() => {
                 if xattrs_differ {
+                    // Writable by its owner first, or its user.* attributes could not be set.
+                    let writable = Mode::from_raw_mode(md.permissions().mode() & 0o7777 | 0o200);
+                    let _ = rustix::fs::chmodat(dir, name, writable, AtFlags::empty());
                     owners.restore_xattrs(On::Path(by_name), path, &entry.xattrs, false);
                 }
                 rustix::fs::chmodat(dir, name, Mode::from_raw_mode(entry.mode), AtFlags::empty())
@@ -1426,10 +1483,17 @@ impl Walker<'_> {
         // The owner before the mode: a change of owner clears set-id bits.
         let chowned = chown.as_ref().map(|(o, owners)| owners.note(path, rustix::fs::fchown(&file, o.uid(), o.gid())));
         // A change of owner clears `security.capability`: the attributes are looked at again after it.
+        let mut made_writable = false;
         if xattrs_differ || chown.is_some() {
+            let current = md.permissions().mode() & 0o7777;
+            if current & 0o200 == 0 && !rustix::process::geteuid().is_root() {
+                // The user's own read-only file: writable by its owner first, or its user.* attributes could
+                // not be set; its mode is set below.
+                made_writable = file.set_permissions(fs::Permissions::from_mode(current | 0o200)).is_ok();
+            }
             owners.restore_xattrs(On::Fd(file.as_fd()), path, &entry.xattrs, false);
         }
-        if chown.is_some() || mode_differs {
+        if chown.is_some() || mode_differs || made_writable {
             let mode = owners.mode_for(entry.mode, entry.owner, chowned, &file);
             file.set_permissions(fs::Permissions::from_mode(mode)).map_err(io)?;
         }
@@ -1555,6 +1619,7 @@ impl Walker<'_> {
                         chown,
                         xattrs: entry.xattrs.clone(),
                         owners: self.owners.clone(),
+                        acl_default: self.has_default_acl(&this_dir, &path),
                         id: (st.st_dev, st.st_ino),
                         remaining: AtomicUsize::new(children.len() + 1),
                         parent,
@@ -1701,17 +1766,33 @@ impl Walker<'_> {
         Ok(())
     }
 
+    /// Whether the directory `fd` (at `path`) has a default ACL, when restoring attributes: one `getxattr`.
+    /// Where that fails otherwise than by saying there is none, it is taken to have one: files made in it then
+    /// have their attributes read, which costs a syscall each and is never wrong.
+    fn has_default_acl(&self, fd: &OwnedFd, path: &Path) -> bool {
+        const NAME: &str = "system.posix_acl_default";
+        if self.owners.xattrs.is_none() {
+            return false;
+        }
+        let got = match dirfd::proc_path(fd) {
+            Some(proc) => rustix::fs::getxattr_query(&proc, NAME),
+            None => rustix::fs::lgetxattr_query(path, NAME),
+        };
+        !matches!(got, Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP))
+    }
+
     /// Whether an existing file with other names may be this entry, the first name of its link group, left as
     /// it is: it has the entry's mode, mtime and (when restored) owner and attributes already (`name` in `dir`),
     /// so nothing done to it changes
     /// names outside the group; and no other group's first name is this same file (two groups that were one
     /// file at the destination are separated). Remembers the file as taken.
-    fn may_stay_linked(&mut self, md: &Metadata, entry: &Entry, dir: &OwnedFd, name: &OsStr) -> bool {
+    fn may_stay_linked(&mut self, md: &Metadata, entry: &Entry, dir: &OwnedFd, name: &OsStr, path: &Path) -> bool {
+        // Without `/proc`, by its path: a read, which at worst has the file written anew.
         let by_name = dirfd::proc_path(dir).map(|p| p.join(name));
         let as_recorded = md.permissions().mode() & 0o7777 == entry.mode
             && mtime_ns(md) == entry.mtime_ns
             && (!self.owners.restoring || entry.owner.is_none_or(|o| o == Owner::of(md)))
-            && by_name.is_some_and(|p| self.owners.xattrs_as_recorded(On::Path(&p), &entry.xattrs));
+            && self.owners.xattrs_as_recorded(On::Path(by_name.as_deref().unwrap_or(path)), &entry.xattrs);
         entry.link.is_some()
             && as_recorded
             && self.taken.len() < LINK_GROUPS_MAX
@@ -1838,6 +1919,7 @@ impl Walker<'_> {
             chown: self.chown(entry, self.new_files.owner),
             xattrs: entry.xattrs.clone(),
             owners: self.owners.clone(),
+            acl_default: false,
             id: (st.st_dev, st.st_ino),
             remaining: AtomicUsize::new(0),
             parent: None,
@@ -1879,7 +1961,7 @@ impl Walker<'_> {
         let linked_elsewhere = self.in_place
             && existing
                 .as_ref()
-                .is_ok_and(|md| md.is_file() && md.nlink() > 1 && !self.may_stay_linked(md, entry, &dir, name));
+                .is_ok_and(|md| md.is_file() && md.nlink() > 1 && !self.may_stay_linked(md, entry, &dir, name, dest));
         if linked_elsewhere && entry.size >= PATCH_MIN {
             self.opts.progress.warn(&format!(
                 "{} has other hard links: written anew instead of patched in place, so that they keep their content",
@@ -1957,6 +2039,10 @@ impl Walker<'_> {
             None if !exists && entry.size > 0 && entry.size < BATCH_BYTES => OnceLock::new(),
             None => OnceLock::from(create_in(&dir, dest, exists, entry.size >= BATCH_BYTES, create_mode)?),
         };
+        let acl_inherited = match &parent {
+            Some(p) => p.acl_default,
+            None => self.has_default_acl(&dir, parent_dir(dest)),
+        };
         let task = Arc::new(FileTask {
             opened,
             dir,
@@ -1975,6 +2061,7 @@ impl Walker<'_> {
             owner: entry.owner,
             owners: self.owners.clone(),
             xattrs: entry.xattrs.clone(),
+            acl_inherited,
             links: Mutex::new(Some(Vec::new())),
             parent,
         });
@@ -2129,6 +2216,7 @@ mod tests {
             owner: None,
             owners: Arc::default(),
             xattrs: Vec::new(),
+            acl_inherited: false,
             links: Mutex::new(Some(Vec::new())),
             parent: None,
         }

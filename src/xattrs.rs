@@ -113,7 +113,8 @@ fn fetch(
 }
 
 /// Makes the attributes at `on` (the entry at `path`) those `want` records: sets each that `have` lacks or
-/// holds with another value, then removes the names `want` lacks. `have` is `None` for a file the checkout
+/// holds with another value, then removes the names `want` lacks (except a security module's label, see
+/// `is_label`). `have` is `None` for a file the checkout
 /// has just made, taken to have none. A refusal (an attribute only root may set, a filesystem without them,
 /// a label the security module rejects) is counted in `failures` and the rest go on: the file's content and
 /// the other attributes are still restored.
@@ -126,7 +127,7 @@ pub(crate) fn apply(on: On<'_>, path: &Path, want: &[Xattr], have: Option<&[Xatt
             failures.note(path, &x.name, e);
         }
     }
-    for h in have {
+    for h in have.iter().filter(|h| !is_label(&h.name)) {
         if !want.iter().any(|x| x.name == h.name)
             && let Err(e) = on.remove(&h.name)
             && e != Errno::NODATA
@@ -134,6 +135,13 @@ pub(crate) fn apply(on: On<'_>, path: &Path, want: &[Xattr], have: Option<&[Xatt
             failures.note(path, &h.name, e);
         }
     }
+}
+
+/// Whether `name` is a security module's label (`security.selinux`, `security.SMACK64`, `security.ima`, ...),
+/// which the kernel gives a file whether or not a checkpoint recorded one: never removed. A file capability
+/// (`security.capability`) is an attribute like any other.
+fn is_label(name: &[u8]) -> bool {
+    name.starts_with(b"security.") && name != b"security.capability"
 }
 
 /// Attributes a checkout could not restore: counted, and named once in a warning at its end.
@@ -145,11 +153,19 @@ pub(crate) struct Failures {
 
 impl Failures {
     fn note(&self, path: &Path, name: &[u8], e: Errno) {
+        self.note_what(|| format!("{} {}: {}", path.display(), String::from_utf8_lossy(name), io::Error::from(e)));
+    }
+
+    /// Counts an entry whose attributes could not be read or reached at all.
+    pub(crate) fn note_io(&self, path: &Path, e: &io::Error) {
+        self.note_what(|| format!("{}: {e}", path.display()));
+    }
+
+    fn note_what(&self, what: impl FnOnce() -> String) {
         self.count.fetch_add(1, Ordering::Relaxed);
         let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
         if first.is_none() {
-            let e = io::Error::from(e);
-            *first = Some(format!("{} {}: {e}", path.display(), String::from_utf8_lossy(name)));
+            *first = Some(what());
         }
     }
 
@@ -163,7 +179,7 @@ impl Failures {
         let n = self.count();
         let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
         Some(format!(
-            "{n} extended attribute{} not restored (first: {first}); attributes outside the user.* namespace \
+            "{n} extended attribute{} not restored (first: {first}); trusted.* and most security.* attributes \
              need root, and some filesystems keep none. --no-xattrs skips them",
             if n == 1 { " was" } else { "s were" }
         ))

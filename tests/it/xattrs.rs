@@ -69,6 +69,16 @@ fn supported(dir: &Path) -> bool {
     ok
 }
 
+/// A temporary directory on a filesystem that keeps user.* attributes and ACLs; `None`, said, elsewhere.
+fn scratch() -> Option<tempfile::TempDir> {
+    let tmp = tempfile::tempdir().unwrap();
+    if !supported(tmp.path()) {
+        eprintln!("SKIPPED: {} keeps no user.* attributes or ACLs; untested", tmp.path().display());
+        return None;
+    }
+    Some(tmp)
+}
+
 /// The paths of the test tree and the attributes each is given.
 const TREE: [&str; 6] = ["a.txt", "big.bin", "ro.txt", "sub", "sub/acl.txt", "plain.txt"];
 
@@ -106,12 +116,8 @@ fn assert_attrs_as(src: &Path, dest: &Path, what: &str) {
 /// `diff` reports a change of attributes alone.
 #[test]
 fn extended_attributes_and_acls_are_recorded_and_restored() {
-    let tmp = tempfile::tempdir().unwrap();
+    let Some(tmp) = scratch() else { return };
     let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
-    if !supported(tmp.path()) {
-        eprintln!("SKIPPED: {} keeps no user.* attributes or ACLs; untested", tmp.path().display());
-        return;
-    }
     make_tree(&src);
     assert_eq!(attrs(&src.join("sub/acl.txt")).len(), 1);
     let first = last_line(&sx(&repo, &["commit", p(&src)]));
@@ -164,15 +170,12 @@ fn extended_attributes_and_acls_are_recorded_and_restored() {
 }
 
 /// A checkout by a user other than root counts the attributes only root may set (`trusted.*`) and restores
-/// the rest, on a read-only file and directory too; the checkout itself succeeds. Run as root, which drops to uid 4242 with `setpriv`.
+/// the rest, on a read-only file and directory too, fresh and in place; the checkout itself succeeds. Run as
+/// root, which drops to uid 4242 with `setpriv`.
 #[test]
 fn attributes_only_root_may_set_are_counted_for_anyone_else() {
-    let tmp = tempfile::tempdir().unwrap();
+    let Some(tmp) = scratch() else { return };
     let (src, repo, dest) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("dest"));
-    if !supported(tmp.path()) {
-        eprintln!("SKIPPED: {} keeps no user.* attributes; untested", tmp.path().display());
-        return;
-    }
     fs::create_dir_all(src.join("d")).unwrap();
     fs::write(src.join("f"), b"data").unwrap();
     set(&src.join("f"), "user.ok", b"1");
@@ -200,6 +203,21 @@ fn attributes_only_root_may_set_are_counted_for_anyone_else() {
     assert_eq!(attrs(&dest.join("f")), vec![("user.ok".to_string(), b"1".to_vec())]);
     assert_eq!(attrs(&dest.join("ro")), vec![("user.ro".to_string(), b"2".to_vec())]);
     assert_eq!(attrs(&dest.join("d")), vec![("user.d".to_string(), b"3".to_vec())]);
+
+    // Changed since (by root), then put back in place by the user, on the read-only file and directory too:
+    // each is made writable by its owner first, then given its mode.
+    set(&dest.join("ro"), "user.ro", b"changed");
+    set(&dest.join("d"), "user.d", b"changed");
+    let o = as_other(p(&bin()))
+        .args(["--repo", p(&repo), "--json", "checkout", "latest", p(&dest), "--in-place"])
+        .output()
+        .unwrap();
+    let s = json(&succeeded(&o, "in-place checkout as uid 4242"));
+    assert_eq!(s["xattrs_not_restored"], 1, "only trusted.root_only: {s}");
+    assert_eq!(attrs(&dest.join("ro")), vec![("user.ro".to_string(), b"2".to_vec())]);
+    assert_eq!(attrs(&dest.join("d")), vec![("user.d".to_string(), b"3".to_vec())]);
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!((mode(&dest.join("ro")), mode(&dest.join("d"))), (0o444, 0o555));
     assert_eq!(fs::read(dest.join("f")).unwrap(), b"data");
 }
 
@@ -208,12 +226,8 @@ fn attributes_only_root_may_set_are_counted_for_anyone_else() {
 /// stat, instead of carrying that "none" over.
 #[test]
 fn attributes_are_read_where_the_parent_did_not_record_them() {
-    let tmp = tempfile::tempdir().unwrap();
+    let Some(tmp) = scratch() else { return };
     let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
-    if !supported(tmp.path()) {
-        eprintln!("SKIPPED: {} keeps no user.* attributes or ACLs; untested", tmp.path().display());
-        return;
-    }
     make_tree(&src);
     sx(&repo, &["-q", "commit", p(&src)]);
     make_old(&repo.join("catalog.db"));
@@ -265,4 +279,32 @@ fn make_old(catalog: &Path) {
         conn.execute("UPDATE checkpoints SET root = ?1 WHERE root = ?2", (moved(id), id)).unwrap();
     }
     conn.execute("UPDATE checkpoints SET xattrs = 0", []).unwrap();
+}
+
+/// A file the checkout makes in a directory with a default ACL inherits an ACL its entry may not record: it is
+/// removed, and an in-place checkout that recreates such a file does the same (the record of the first
+/// checkout must not vouch for an inherited ACL). A directory made there loses the inherited ACLs too.
+#[test]
+fn an_inherited_acl_is_not_left_on_what_the_checkout_makes() {
+    let Some(tmp) = scratch() else { return };
+    let (src, repo, dest) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("dest"));
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("f"), b"secret").unwrap();
+    fs::write(src.join("sub/g"), b"also").unwrap();
+    fs::set_permissions(src.join("f"), fs::Permissions::from_mode(0o640)).unwrap();
+    sx(&repo, &["-q", "commit", p(&src)]);
+    // An empty destination whose default ACL gives uid 1234 access to everything made in it.
+    fs::create_dir(&dest).unwrap();
+    set(&dest, "system.posix_acl_default", &acl());
+    sx(&repo, &["checkout", "latest", p(&dest)]);
+    for rel in ["f", "sub", "sub/g"] {
+        assert_eq!(attrs(&dest.join(rel)), attrs(&src.join(rel)), "{rel}");
+    }
+    assert_eq!(fs::metadata(dest.join("f")).unwrap().permissions().mode() & 0o7777, 0o640);
+    // Recreated in place: the same.
+    fs::remove_file(dest.join("f")).unwrap();
+    set(&dest, "system.posix_acl_default", &acl());
+    let s = json(&sx(&repo, &["--json", "checkout", "latest", p(&dest), "--in-place"]));
+    assert_eq!(s["files_written"], 1, "{s}");
+    assert_eq!(attrs(&dest.join("f")), vec![], "the recreated file keeps no inherited ACL");
 }
