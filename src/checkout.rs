@@ -117,6 +117,8 @@ pub struct CheckoutSummary {
     pub seconds: f64,
 }
 
+/// The attribute that holds a directory's default ACL, which what is made in it inherits.
+const ACL_DEFAULT: &str = "system.posix_acl_default";
 /// Chunks handed to a worker at once: big enough to amortise, small enough to spread a large file.
 const BATCH_BYTES: u64 = 4 << 20;
 /// Files smaller than this are rewritten whole through a temporary file rather than patched: the write is
@@ -296,6 +298,9 @@ struct DirTask {
     /// Its attributes, and where what failed of them is counted.
     xattrs: Vec<Xattr>,
     owners: Arc<Owners>,
+    /// The attributes it had when the walk entered it (none for one the checkout made in a directory without a
+    /// default ACL), compared with its entry's at the end; `None` where they could not be read then.
+    have: Option<Vec<Xattr>>,
     /// It had a default ACL when the walk entered it, which files made in it inherit (restoring attributes).
     acl_default: bool,
     /// Its device and inode: its metadata is set only on this very directory, never on one put in its place.
@@ -397,9 +402,8 @@ impl DirTask {
             // not be set. Its mode is set below anyway.
             let _ = rustix::fs::chmodat(dir, name, Mode::from_raw_mode(current & 0o7777 | 0o200), AtFlags::empty());
         }
-        // A directory made by the checkout may have inherited a default ACL: what it has is looked at.
         match on {
-            Ok(on) => self.owners.restore_xattrs(on, &self.path, &self.xattrs, false),
+            Ok(on) => self.owners.restore_xattrs_from(on, &self.path, &self.xattrs, self.have.as_deref()),
             Err(e) => self.owners.xattrs_unreachable(&self.path, e),
         }
         rustix::fs::utimensat(dir, name, &mtime_only(self.mtime_ns), flags).map_err(io)?;
@@ -493,6 +497,20 @@ impl Owners {
         });
         if have != want {
             crate::xattrs::apply(on, path, want, Some(&have), failures);
+        }
+    }
+
+    /// [`Owners::restore_xattrs`] for an entry whose attributes were read already (`have`; `None`: they could not
+    /// be, and are read now).
+    fn restore_xattrs_from(&self, on: On<'_>, path: &Path, want: &[Xattr], have: Option<&[Xattr]>) {
+        match (&self.xattrs, have) {
+            (None, _) => {}
+            (Some(_), None) => self.restore_xattrs(on, path, want, false),
+            (Some(failures), Some(have)) => {
+                if have != want {
+                    crate::xattrs::apply(on, path, want, Some(have), failures);
+                }
+            }
         }
     }
 
@@ -1583,6 +1601,15 @@ impl Walker<'_> {
                             .map_err(|e| Error::io(&path, e.into()))?,
                     });
                     let st = rustix::fs::fstat(&*this_dir).map_err(|e| Error::io(&path, e.into()))?;
+                    // A directory made in one without a default ACL has no attributes but a security label;
+                    // any other is read now, once, for its end and for what files made in it inherit.
+                    let made_bare = !existed && parent.as_ref().is_some_and(|p: &Arc<DirTask>| !p.acl_default);
+                    let have = if self.owners.xattrs.is_none() || made_bare {
+                        Some(Vec::new())
+                    } else {
+                        let proc = dirfd::proc_path(&this_dir);
+                        crate::xattrs::read(proc.as_deref().map_or(On::Path(&path), On::Followed)).ok()
+                    };
                     let current_owner = if !existed { self.new_files.owner } else { Some(stat_owner(&st)) };
                     let chown = self.chown(&entry, current_owner);
                     if existed && let Some(repo) = self.protect_id {
@@ -1619,7 +1646,8 @@ impl Walker<'_> {
                         chown,
                         xattrs: entry.xattrs.clone(),
                         owners: self.owners.clone(),
-                        acl_default: self.has_default_acl(&this_dir, &path),
+                        acl_default: have.as_ref().is_none_or(|h| h.iter().any(|x| x.name == ACL_DEFAULT.as_bytes())),
+                        have,
                         id: (st.st_dev, st.st_ino),
                         remaining: AtomicUsize::new(children.len() + 1),
                         parent,
@@ -1770,13 +1798,12 @@ impl Walker<'_> {
     /// Where that fails otherwise than by saying there is none, it is taken to have one: files made in it then
     /// have their attributes read, which costs a syscall each and is never wrong.
     fn has_default_acl(&self, fd: &OwnedFd, path: &Path) -> bool {
-        const NAME: &str = "system.posix_acl_default";
         if self.owners.xattrs.is_none() {
             return false;
         }
         let got = match dirfd::proc_path(fd) {
-            Some(proc) => rustix::fs::getxattr_query(&proc, NAME),
-            None => rustix::fs::lgetxattr_query(path, NAME),
+            Some(proc) => rustix::fs::getxattr_query(&proc, ACL_DEFAULT),
+            None => rustix::fs::lgetxattr_query(path, ACL_DEFAULT),
         };
         !matches!(got, Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP))
     }
@@ -1919,6 +1946,7 @@ impl Walker<'_> {
             chown: self.chown(entry, self.new_files.owner),
             xattrs: entry.xattrs.clone(),
             owners: self.owners.clone(),
+            have: None,
             acl_default: false,
             id: (st.st_dev, st.st_ino),
             remaining: AtomicUsize::new(0),
