@@ -331,9 +331,10 @@ impl DirTask {
         self.remaining.load(Ordering::Acquire) == 0
     }
 
-    /// Sets the directory's owner, attributes, mtime and mode, on this very directory: a handle on its name (never through
-    /// a symlink, and for the start of a walk as named), checked to be the directory walked, then, through
-    /// [`dirfd::proc_path`], the handle itself. Without `/proc`, by the name in its directory.
+    /// Sets the directory's owner, attributes, mtime and mode, on this very directory: a handle on its name
+    /// (never through a symlink, and for the start of a walk as named), checked to be the directory walked,
+    /// then, through [`dirfd::proc_path`], the handle itself. Without `/proc`, the owner, mtime and mode by the
+    /// name in its directory, the attributes through a readable handle checked the same way.
     fn set_metadata(&self) -> Result<()> {
         let io = |e: rustix::io::Errno| Error::io(&self.path, e.into());
         let handle = match &self.at {

@@ -182,12 +182,12 @@ fn kind_byte(e: &Entry) -> u8 {
 /// Encodes a tree's entries, which must be sorted by name with no duplicates, as the catalog stores them:
 /// per entry the name (length-prefixed), kind (with bit 0x80 set if the owner is known, 0x40 if the file has
 /// other hard links, 0x20 if it has extended attributes), mode, the uid and gid if known, the hard-link group
-/// if any, the extended attributes if any (their count, then each name and value length-prefixed), mtime as a delta from the
-/// previous entry's, ctime as a delta from the mtime, inode, size and target (length-prefixed), integers as
-/// LEB128 varints (deltas zigzagged). Directories' times sit close together and most fields are small, so an entry costs about its
-/// name plus its 32-byte target plus a dozen bytes, where a row per entry cost three times that. The id is
-/// not over this encoding but over `tree_id`'s fixed-width one, so the storage form can change without
-/// renaming any tree.
+/// if any, the extended attributes if any (their count, then each name and value length-prefixed), mtime as a
+/// delta from the previous entry's, ctime as a delta from the mtime, inode, size and target (length-prefixed),
+/// integers as LEB128 varints (deltas zigzagged). Directories' times sit close together and most fields are
+/// small, so an entry costs about its name plus its 32-byte target plus a dozen bytes, where a row per entry
+/// cost three times that. The id is not over this encoding but over `tree_id`'s fixed-width one, so the
+/// storage form can change without renaming any tree.
 pub fn encode_tree(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(entries.iter().map(|e| e.name.len() + e.target.len() + 24).sum());
     let mut prev_mtime = 0i64;

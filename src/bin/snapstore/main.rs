@@ -136,7 +136,10 @@ the checkpoint; runs of zeros become holes. Run as root, the checkout also gives
 group it was committed with, as numeric ids (--no-owners: not); run as another user, what it creates belongs to \
 that user. Checkpoints taken before snapstore recorded owners, and streams, have none to restore. Set-uid and \
 set-gid bits are given only to files that end up owned by their recorded owner. Names that \
-were hard links of one file when committed are linked again (copies where the filesystem cannot link). Extended attributes (ACLs among them) of files and directories are restored (--no-xattrs: not); those only root may set (trusted.*, security.*) are counted in a warning for anyone else. If a checkout is interrupted, run it again with --in-place: it \
+were hard links of one file when committed are linked again (copies where the filesystem cannot link). Extended \
+attributes (ACLs among them) of files and directories are restored (--no-xattrs: not); those only root may set \
+(trusted.*, security.*) are counted in a warning for anyone else. If a checkout is interrupted, run it again with \
+--in-place: it \
 finishes the job, writing only what is missing or incomplete.\n\n\
 Examples:\n  snapstore checkout latest ./restored\n  snapstore checkout 3fa2c1 ./vm.img --in-place\n  \
 snapstore checkout 3fa2c1 ./run --in-place --delete\n  snapstore checkout latest ./out --path config --path data/step-100\n\n", exit_help!()))]
