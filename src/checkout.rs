@@ -334,7 +334,7 @@ impl DirTask {
     /// Sets the directory's owner, attributes, mtime and mode, on this very directory: a handle on its name
     /// (never through a symlink, and for the start of a walk as named), checked to be the directory walked,
     /// then, through [`dirfd::proc_path`], the handle itself. Without `/proc`, the owner, mtime and mode by the
-    /// name in its directory, the attributes through a readable handle checked the same way.
+    /// name in its directory, the attributes through a readable handle reopened from the checked one.
     fn set_metadata(&self) -> Result<()> {
         let io = |e: rustix::io::Errno| Error::io(&self.path, e.into());
         let handle = match &self.at {
@@ -353,33 +353,11 @@ impl DirTask {
         }
         let nofollow = AtFlags::SYMLINK_NOFOLLOW;
         let proc = dirfd::proc_path(&handle);
-        // Without `/proc`, attributes go through a readable handle on the directory, checked as the first was:
-        // never by its path, which a swapped directory on the way could redirect.
-        let readable = match (&proc, &self.at) {
-            (Some(_), _) => None,
-            (None, Some((parent, name))) => Some(dirfd::open(parent, name, OFlags::RDONLY | OFlags::DIRECTORY)),
-            (None, None) => Some(
-                rustix::fs::open(&self.path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW, Mode::empty())
-                    .map_err(std::io::Error::from),
-            ),
-        };
-        let readable = readable.map(|r| {
-            r.and_then(|fd| match rustix::fs::fstat(&fd) {
-                Ok(st) if (st.st_dev, st.st_ino) == self.id => Ok(fd),
-                _ => Err(std::io::Error::other("replaced by another while the checkout ran")),
-            })
-        });
-        let on = match (&proc, &readable) {
-            (Some(proc), _) => Ok(On::Followed(proc)),
-            (None, Some(Ok(fd))) => Ok(On::Fd(fd.as_fd())),
-            (None, Some(Err(e))) => Err(e),
-            (None, None) => unreachable!("a readable handle is opened wherever there is no /proc"),
-        };
-        match (&proc, &self.at) {
+        with_dir_xattrs(&handle, |on| match (&proc, &self.at) {
             (Some(proc), _) => self.apply(rustix::fs::CWD, proc, AtFlags::empty(), on, st.st_mode),
             (None, Some((parent, name))) => self.apply(parent.as_fd(), Path::new(name), nofollow, on, st.st_mode),
             (None, None) => self.apply(rustix::fs::CWD, &self.path, nofollow, on, st.st_mode),
-        }
+        })
     }
 
     /// Sets owner, attributes (`on`, or why they cannot be reached), mtime and mode at `name` (below `dir`; its
@@ -391,7 +369,7 @@ impl DirTask {
         dir: std::os::fd::BorrowedFd<'_>,
         name: &Path,
         flags: AtFlags,
-        on: std::result::Result<On<'_>, &std::io::Error>,
+        on: std::io::Result<On<'_>>,
         current: u32,
     ) -> Result<()> {
         let io = |e: rustix::io::Errno| Error::io(&self.path, e.into());
@@ -405,10 +383,23 @@ impl DirTask {
         }
         match on {
             Ok(on) => self.owners.restore_xattrs_from(on, &self.path, &self.xattrs, self.have.as_deref()),
-            Err(e) => self.owners.xattrs_unreachable(&self.path, e),
+            Err(e) => self.owners.xattrs_unreachable(&self.path, &e),
         }
         rustix::fs::utimensat(dir, name, &mtime_only(self.mtime_ns), flags).map_err(io)?;
         rustix::fs::chmodat(dir, name, Mode::from_raw_mode(self.mode), AtFlags::empty()).map_err(io)
+    }
+}
+
+/// Calls `f` with what a directory's attributes are reached through, given a handle on it (`O_PATH` too): its
+/// `/proc/self/fd` path, or without `/proc` a readable handle on it ([`dirfd::readable`]); never its path, which
+/// a directory swapped on the way could redirect.
+fn with_dir_xattrs<R>(handle: &OwnedFd, f: impl FnOnce(std::io::Result<On<'_>>) -> R) -> R {
+    if let Some(proc) = dirfd::proc_path(handle) {
+        return f(Ok(On::Followed(&proc)));
+    }
+    match dirfd::readable(handle) {
+        Ok(fd) => f(Ok(On::Fd(fd.as_fd()))),
+        Err(e) => f(Err(e)),
     }
 }
 
@@ -485,33 +476,31 @@ impl Owners {
     /// `fresh` for a file just made, taken to have none, else what it has is read first and left alone where
     /// it is what the entry records (so that a kept file's ctime stays as it was).
     fn restore_xattrs(&self, on: On<'_>, path: &Path, want: &[Xattr], fresh: bool) {
-        let Some(failures) = &self.xattrs else { return };
-        if fresh {
-            crate::xattrs::apply(on, path, want, None, failures);
-            return;
-        }
-        // Unreadable, it is taken to have none: each recorded attribute is set, and nothing can be removed, which
-        // is counted, so that no record vouches for its attributes.
-        let have = crate::xattrs::read(on).unwrap_or_else(|e| {
-            failures.note_io(path, &e);
-            Vec::new()
-        });
-        if have != want {
-            crate::xattrs::apply(on, path, want, Some(&have), failures);
+        match &self.xattrs {
+            Some(failures) if fresh => crate::xattrs::apply(on, path, want, None, failures),
+            _ => self.restore_xattrs_from(on, path, want, None),
         }
     }
 
-    /// [`Owners::restore_xattrs`] for an entry whose attributes were read already (`have`; `None`: they could not
-    /// be, and are read now).
+    /// [`Owners::restore_xattrs`] for an entry whose attributes were read already (`have`; `None`: not yet, or
+    /// they could not be, and are read now).
     fn restore_xattrs_from(&self, on: On<'_>, path: &Path, want: &[Xattr], have: Option<&[Xattr]>) {
-        match (&self.xattrs, have) {
-            (None, _) => {}
-            (Some(_), None) => self.restore_xattrs(on, path, want, false),
-            (Some(failures), Some(have)) => {
-                if have != want {
-                    crate::xattrs::apply(on, path, want, Some(have), failures);
-                }
+        let Some(failures) = &self.xattrs else { return };
+        let read;
+        let have = match have {
+            Some(have) => have,
+            None => {
+                // Unreadable, it is taken to have none: each recorded attribute is set, and nothing can be
+                // removed, which is counted, so that no record vouches for its attributes.
+                read = crate::xattrs::read(on).unwrap_or_else(|e| {
+                    failures.note_io(path, &e);
+                    Vec::new()
+                });
+                &read
             }
+        };
+        if have != want {
+            crate::xattrs::apply(on, path, want, Some(have), failures);
         }
     }
 
@@ -1474,7 +1463,7 @@ impl Walker<'_> {
         let (chown, owners) = (self.chown(entry, Some(Owner::of(md))), &*self.owners);
         let io = |e: std::io::Error| Error::io(path, e);
         let mode_differs = md.permissions().mode() & 0o7777 != entry.mode;
-        let by_name = dirfd::proc_path(dir).map(|p| p.join(name));
+        let by_name = dirfd::name_path(dir, name);
         let by_name = by_name.as_deref().unwrap_or(path);
         let xattrs_differ = !xattrs_known && !owners.xattrs_as_recorded(On::Path(by_name), &entry.xattrs);
         if chown.is_none() && !mode_differs && !xattrs_differ && mtime_ns(md) == entry.mtime_ns {
@@ -1608,8 +1597,7 @@ impl Walker<'_> {
                     let have = if self.owners.xattrs.is_none() || made_bare {
                         Some(Vec::new())
                     } else {
-                        let proc = dirfd::proc_path(&this_dir);
-                        crate::xattrs::read(proc.as_deref().map_or(On::Path(&path), On::Followed)).ok()
+                        with_dir_xattrs(&this_dir, |on| on.and_then(crate::xattrs::read).ok())
                     };
                     let current_owner = if !existed { self.new_files.owner } else { Some(stat_owner(&st)) };
                     let chown = self.chown(&entry, current_owner);
@@ -1816,7 +1804,7 @@ impl Walker<'_> {
     /// file at the destination are separated). Remembers the file as taken.
     fn may_stay_linked(&mut self, md: &Metadata, entry: &Entry, dir: &OwnedFd, name: &OsStr, path: &Path) -> bool {
         // Without `/proc`, by its path: a read, which at worst has the file written anew.
-        let by_name = dirfd::proc_path(dir).map(|p| p.join(name));
+        let by_name = dirfd::name_path(dir, name);
         let as_recorded = md.permissions().mode() & 0o7777 == entry.mode
             && mtime_ns(md) == entry.mtime_ns
             && (!self.owners.restoring || entry.owner.is_none_or(|o| o == Owner::of(md)))

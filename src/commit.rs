@@ -38,7 +38,8 @@ use crate::region::{
 };
 use crate::sparse::{HoleSkippingReader, is_zero};
 use crate::store::{Compressor, Packer};
-use crate::tree::{self, ChunkRef, Entry, EntryKind};
+use crate::tree::{self, ChunkRef, Entry, EntryKind, Xattr};
+use crate::xattrs::On;
 
 /// How to commit.
 #[derive(Clone)]
@@ -753,22 +754,18 @@ impl Walker<'_, '_> {
                 let mut e = entry_from(name, EntryKind::Dir, &md);
                 // Setting an attribute changes the ctime: a directory whose ctime and inode are as before has
                 // the attributes it had.
-                e.xattrs = match &prev {
-                    Some(p)
-                        if self.carry_xattrs
-                            && p.kind == EntryKind::Dir
-                            && (p.ctime_ns, p.ino) == (e.ctime_ns, e.ino) =>
-                    {
-                        p.xattrs.clone()
-                    }
-                    _ => match crate::xattrs::read(crate::xattrs::On::Path(entry.path())) {
-                        Ok(x) => x,
-                        Err(err) => {
-                            self.skip(entry.path(), &rel, err)?;
+                let carried = prev.as_ref().filter(|p| {
+                    self.carry_xattrs && p.kind == EntryKind::Dir && (p.ctime_ns, p.ino) == (e.ctime_ns, e.ino)
+                });
+                e.xattrs = match carried {
+                    Some(p) => p.xattrs.clone(),
+                    None => {
+                        let Some(x) = self.xattrs_or_skip(On::Path(entry.path()), entry.path(), &rel)? else {
                             it.skip_current_dir();
                             continue;
-                        }
-                    },
+                        };
+                        x
+                    }
                 };
                 let prev_children = match prev {
                     Some(p) if p.kind == EntryKind::Dir => match p.object()? {
@@ -805,13 +802,10 @@ impl Walker<'_, '_> {
                         e.xattrs = if self.carry_xattrs {
                             p.xattrs
                         } else {
-                            match crate::xattrs::read(crate::xattrs::On::Path(entry.path())) {
-                                Ok(x) => x,
-                                Err(err) => {
-                                    self.skip(entry.path(), &rel, err)?;
-                                    continue;
-                                }
-                            }
+                            let Some(x) = self.xattrs_or_skip(On::Path(entry.path()), entry.path(), &rel)? else {
+                                continue;
+                            };
+                            x
                         };
                         self.summary.files_unchanged += 1;
                         self.send(Event::Leaf(e))?;
@@ -852,6 +846,15 @@ impl Walker<'_, '_> {
         Ok(())
     }
 
+    /// The extended attributes at `on` (the entry at `path`), or `None` once the entry is left out as
+    /// unreadable (see [`Walker::skip`]).
+    fn xattrs_or_skip(&mut self, on: On<'_>, path: &Path, rel: &Path) -> Result<Option<Vec<Xattr>>> {
+        match crate::xattrs::read(on) {
+            Ok(x) => Ok(Some(x)),
+            Err(e) => self.skip(path, rel, e).map(|()| None),
+        }
+    }
+
     fn count(&mut self, status: FileStatus) {
         match status {
             FileStatus::Changed => self.summary.files_changed += 1,
@@ -880,10 +883,10 @@ impl Walker<'_, '_> {
             let before = f.metadata().map_err(|e| Error::io(path, e))?;
             let mut entry = entry_from(entry.name.clone(), EntryKind::File, &before);
             entry.size = before.len();
-            entry.xattrs = match crate::xattrs::read(crate::xattrs::On::Fd(f.as_fd())) {
-                Ok(x) => x,
-                Err(e) => return self.skip(path, rel, e).map(|()| None),
+            let Some(xattrs) = self.xattrs_or_skip(On::Fd(f.as_fd()), path, rel)? else {
+                return Ok(None);
             };
+            entry.xattrs = xattrs;
             let read_as_was = (entry.link, read_as(&entry));
             self.send(Event::FileStart(entry))?;
             let read = self.chunks_file(&f, before.len(), prior.as_ref()).map_err(|e| Error::io(path, e));
@@ -1344,7 +1347,7 @@ struct Assembler<'a> {
     bytes_stored: u64,
     /// The content and attributes of each hard-linked file recorded so far, by link group, for its later
     /// names ([`Event::Linked`]): kept for the same files as the walker's `read_links`.
-    link_targets: HashMap<u64, (Vec<u8>, Vec<tree::Xattr>)>,
+    link_targets: HashMap<u64, (Vec<u8>, Vec<Xattr>)>,
 }
 
 fn push_segment(batch: &mut Batch, b: &mut ContentBuilder, refs: &[ChunkRef]) {

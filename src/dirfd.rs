@@ -16,8 +16,8 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 /// What is at `name` in `dir`, as `lstat` sees it (a symlink as a symlink): one `lstat` of the name below
 /// [`proc_path`] of the directory, or where there is no `/proc`, a handle on the name and its `fstat`.
 pub(crate) fn lstat(dir: &OwnedFd, name: &OsStr) -> io::Result<Metadata> {
-    if let Some(at) = proc_path(dir) {
-        return std::fs::symlink_metadata(at.join(name));
+    if let Some(at) = name_path(dir, name) {
+        return std::fs::symlink_metadata(at);
     }
     let fd = rustix::fs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
     File::from(fd).metadata()
@@ -48,6 +48,13 @@ pub(crate) fn proc_path(fd: &OwnedFd) -> Option<std::path::PathBuf> {
 /// Told of each directory [`open_below`] makes: its index among the path's components, the directory it was
 /// made in, and its name.
 pub(crate) type MadeDir<'a> = dyn FnMut(usize, &OwnedFd, &OsStr) + 'a;
+
+/// A path naming `name` in `dir` that no symlink put on the way can redirect: the name below [`proc_path`] of
+/// the directory. A call that does not follow a symlink at the name itself (`lstat`, `llistxattr`) reaches
+/// whatever is there. `None` without `/proc`.
+pub(crate) fn name_path(dir: &OwnedFd, name: &OsStr) -> Option<std::path::PathBuf> {
+    proc_path(dir).map(|p| p.join(name))
+}
 
 /// The directory at `rel` below `root`, every step opened without following a symlink, so that nothing put
 /// in a directory's place redirects it out of the tree below `root`; with `made`, directories missing on
@@ -81,9 +88,15 @@ pub(crate) fn open_below(
     Ok(dir)
 }
 
+/// A readable handle on the very directory `dir` is a handle on (`O_PATH` included), through its ".": for
+/// what the kernel refuses an `O_PATH` handle (listing it, its extended attributes).
+pub(crate) fn readable(dir: &OwnedFd) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::openat(dir, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
+}
+
 /// The names in directory `dir` (a handle of any kind, `O_PATH` included), without `.` and `..`.
 pub(crate) fn names(dir: &OwnedFd) -> io::Result<Vec<std::ffi::OsString>> {
-    let fd = rustix::fs::openat(dir, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    let fd = readable(dir)?;
     let mut out = Vec::new();
     for entry in rustix::fs::Dir::new(fd)? {
         let name = entry?.file_name().to_bytes().to_vec();

@@ -966,12 +966,7 @@ fn a_directory_swapped_for_a_symlink_during_an_in_place_checkout_redirects_nothi
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stat = format!("/proc/{}/stat", child.id());
-    let start = std::time::Instant::now();
-    while !fs::read_to_string(&stat).unwrap().rsplit(") ").next().unwrap().starts_with('T') {
-        assert!(start.elapsed().as_secs() < 30, "the checkout never reached the file entry");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    crate::util::wait_until_stopped(child.id(), "the file entry");
     fs::rename(dest.join("sub"), dest.join("sub.moved")).unwrap();
     std::os::unix::fs::symlink(&victim, dest.join("sub")).unwrap();
     assert!(Command::new("kill").args(["-CONT", &child.id().to_string()]).status().unwrap().success());

@@ -859,12 +859,7 @@ fn a_tag_given_while_another_machine_forgets_waits_and_is_refused() {
     let (a, b, older, newest) = two_machines_and_two_checkpoints(&endpoint, &url);
     let retention =
         a.piped(&["forget", "--keep-last", "1", "--keep-tag", "keep"], &[("SNAPSTORE_FAULT", "forget-synced:1:stop")]);
-    let stat = format!("/proc/{}/stat", retention.id());
-    let start = std::time::Instant::now();
-    while !std::fs::read_to_string(&stat).unwrap().rsplit(") ").next().unwrap().starts_with('T') {
-        assert!(start.elapsed().as_secs() < 30, "the retention run never reached forget-synced");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    crate::util::wait_until_stopped(retention.id(), "forget-synced");
     let tag = std::thread::scope(|s| {
         let tag = s.spawn(|| b.run(&["tag", &older[..8], "--add", "keep"]));
         std::thread::sleep(std::time::Duration::from_millis(1500));

@@ -293,3 +293,14 @@ pub fn hand_to_other_user(dir: &Path) -> Option<impl Fn(&str) -> std::process::C
     }
     Some(as_other)
 }
+
+/// Waits until process `pid` is stopped (a fault point's `stop`), at most 30 s; `what` names where it should
+/// stop, for the failure.
+pub fn wait_until_stopped(pid: u32, what: &str) {
+    let stat = format!("/proc/{pid}/stat");
+    let start = std::time::Instant::now();
+    while !fs::read_to_string(&stat).unwrap().rsplit(") ").next().unwrap().starts_with('T') {
+        assert!(start.elapsed().as_secs() < 30, "the process never stopped at {what}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

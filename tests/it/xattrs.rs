@@ -346,12 +346,7 @@ fn without_proc_a_swapped_directory_redirects_no_attribute() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stat = format!("/proc/{}/stat", child.id());
-    let start = std::time::Instant::now();
-    while !fs::read_to_string(&stat).unwrap().rsplit(") ").next().unwrap().starts_with('T') {
-        assert!(start.elapsed().as_secs() < 30, "the checkout never reached the file entry");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    crate::util::wait_until_stopped(child.id(), "the file entry");
     fs::rename(home.join("a"), home.join("a.moved")).unwrap();
     std::os::unix::fs::symlink(&victim, home.join("a")).unwrap();
     assert!(Command::new("kill").args(["-CONT", &child.id().to_string()]).status().unwrap().success());
