@@ -326,7 +326,9 @@ fn without_proc_a_swapped_directory_redirects_no_attribute() {
     set(&victim.join("etc"), "user.keep", b"root's");
     sx(&repo, &["-q", "commit", p(&src)]);
     sx(&repo, &["checkout", "latest", p(&home)]);
-    // A change that makes the checkout stop at the file entry, its directories already entered.
+    // Attributes the checkout must put back on the directory, and a change that makes it stop at the file
+    // entry, its directories already entered.
+    rustix::fs::lremovexattr(home.join("a/etc"), "user.x").unwrap();
     fs::File::options().write(true).open(home.join("a/etc/f")).unwrap().set_modified(std::time::UNIX_EPOCH).unwrap();
     let script = format!(
         "mount -t tmpfs none /proc && exec {} --repo {} checkout latest {} --in-place",
