@@ -463,8 +463,8 @@ impl NewFiles {
 struct Owners {
     /// Run as root and not told otherwise: owners are set.
     restoring: bool,
-    failed: AtomicU64,
-    first: Mutex<Option<String>>,
+    /// Owners that could not be set.
+    failed: crate::tally::Tally,
     /// Files whose set-uid or set-gid bits were left off (see [`Owners::mode_for`]).
     set_id_dropped: AtomicU64,
     /// Restoring extended attributes (not told otherwise), and those that failed.
@@ -521,10 +521,7 @@ impl Owners {
     /// user running the checkout.
     fn note(&self, path: &Path, r: rustix::io::Result<()>) -> bool {
         let Err(e) = r else { return true };
-        if self.failed.fetch_add(1, Ordering::Relaxed) == 0 {
-            *self.first.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(format!("{}: {}", path.display(), std::io::Error::from(e)));
-        }
+        self.failed.note(|| format!("{}: {}", path.display(), std::io::Error::from(e)));
         false
     }
 
@@ -568,8 +565,7 @@ impl Owners {
 
     /// The warning for what failed, if anything did.
     fn warning(&self) -> Option<String> {
-        let n = self.failed.load(Ordering::Relaxed);
-        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let (n, first) = self.failed.summary()?;
         let (what, they) = if n == 1 { ("entry", "it belongs") } else { ("entries", "they belong") };
         Some(format!(
             "could not restore the owner of {n} {what} ({}{first}); {they} to the user running the checkout \
@@ -1222,7 +1218,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     for dir in made.iter().rev() {
         dir.set_metadata()?;
     }
-    summary.owners_not_restored = owners.failed.load(Ordering::Relaxed);
+    summary.owners_not_restored = owners.failed.count();
     summary.xattrs_not_restored = owners.xattrs.as_ref().map_or(0, |f| f.count());
     let xattrs_warning = owners.xattrs.as_ref().and_then(|f| f.warning());
     for warning in [owners.warning(), owners.set_id_warning(), xattrs_warning].into_iter().flatten() {

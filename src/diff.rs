@@ -35,9 +35,9 @@ pub enum ChangeKind {
 /// One difference between two checkpoints.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Change {
-    /// Path relative to the committed directory (a checkpoint of one file: its name). In JSON, a byte of a
-    /// name that is not part of UTF-8 shows as U+FFFD.
-    #[serde(serialize_with = "crate::json_path::path")]
+    /// Path relative to the committed directory (a checkpoint of one file: its name). In JSON, a name that
+    /// is not UTF-8 shows each byte outside UTF-8 as U+FFFD, and `path_b64` holds its bytes in base64.
+    #[serde(flatten, serialize_with = "crate::json_path::path")]
     pub path: PathBuf,
     /// Added, removed or modified.
     pub change: ChangeKind,
@@ -54,11 +54,13 @@ pub struct Change {
     pub bytes_changed: u64,
     /// Files: those bytes as `[start, end)` ranges of the second version, merged where adjacent.
     pub ranges: Vec<(u64, u64)>,
-    /// Symlinks: where it points (in the second checkpoint, or the first if removed).
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "crate::json_path::opt_path")]
+    /// Symlinks: where it points (in the second checkpoint, or the first if removed). In JSON, as `path` is
+    /// (`link_target_b64`).
+    #[serde(flatten, serialize_with = "crate::json_path::link_target")]
     pub link_target: Option<PathBuf>,
-    /// Symlinks pointing elsewhere now: where it pointed in the first checkpoint.
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "crate::json_path::opt_path")]
+    /// Symlinks pointing elsewhere now: where it pointed in the first checkpoint (`link_target_before_b64`
+    /// in JSON where it is not UTF-8).
+    #[serde(flatten, serialize_with = "crate::json_path::link_target_before")]
     pub link_target_before: Option<PathBuf>,
 }
 

@@ -54,6 +54,7 @@ mod retention;
 mod runs;
 mod sparse;
 mod store;
+mod tally;
 #[cfg(test)]
 mod testutil;
 mod tree;
@@ -139,29 +140,52 @@ fn named(catalog: &Catalog, ids: &[&str]) -> Result<Vec<Checkpoint>> {
     Ok(found)
 }
 
-/// Paths as JSON strings, which are Unicode: a byte that is not part of UTF-8 shows as U+FFFD, as in text
-/// output. serde's own serialization of a path refuses such a name, and `--json` failed on one.
+/// Paths in JSON. JSON strings are Unicode, so a name that is not UTF-8 is given twice, as borg does: under
+/// its own key with each byte outside UTF-8 shown as U+FFFD, readable as in text output, and under the key
+/// with `_b64` appended as its bytes in base64, from which a script gets the name back exactly (to pass to
+/// `checkout --path`, say). A UTF-8 name has no `_b64` key. The fields are flattened into their struct, so
+/// each function here writes its own key.
 pub(crate) mod json_path {
+    use serde::ser::{SerializeMap, Serializer};
+    use std::os::unix::ffi::OsStrExt;
     use std::path::{Path, PathBuf};
 
-    pub fn path<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&p.to_string_lossy())
+    fn entries<S: Serializer>(s: S, key: &'static str, p: Option<&Path>) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        if let Some(p) = p {
+            let bytes = p.as_os_str().as_bytes();
+            match std::str::from_utf8(bytes) {
+                Ok(text) => map.serialize_entry(key, text)?,
+                Err(_) => {
+                    use base64::Engine as _;
+                    map.serialize_entry(key, &String::from_utf8_lossy(bytes))?;
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+                    map.serialize_entry(&format!("{key}_b64"), &b64)?;
+                }
+            }
+        }
+        map.end()
     }
 
-    pub fn opt_path<S: serde::Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
-        match p {
-            Some(p) => s.serialize_some(&*p.to_string_lossy()),
-            None => s.serialize_none(),
-        }
+    pub fn path<S: Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
+        entries(s, "path", Some(p))
+    }
+
+    pub fn link_target<S: Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        entries(s, "link_target", p.as_deref())
+    }
+
+    pub fn link_target_before<S: Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        entries(s, "link_target_before", p.as_deref())
     }
 }
 
 /// A file, directory or symlink of a checkpoint, with its path inside the checkpoint.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FileInfo {
-    /// Path relative to the checkpoint's root; the root itself is its committed name. In JSON, a byte of a
-    /// name that is not part of UTF-8 shows as U+FFFD.
-    #[serde(serialize_with = "json_path::path")]
+    /// Path relative to the checkpoint's root; the root itself is its committed name. In JSON, a name that is
+    /// not UTF-8 shows each byte outside UTF-8 as U+FFFD, and `path_b64` holds its bytes in base64.
+    #[serde(flatten, serialize_with = "json_path::path")]
     pub path: PathBuf,
     /// What it is.
     pub kind: EntryKind,
@@ -175,8 +199,9 @@ pub struct FileInfo {
     /// snapstore recorded them.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
-    /// Where a symlink points (its bytes as recorded); `None` for files and directories.
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "json_path::opt_path")]
+    /// Where a symlink points (its bytes as recorded); `None` for files and directories. In JSON, as `path`
+    /// is: `link_target_b64` where it is not UTF-8.
+    #[serde(flatten, serialize_with = "json_path::link_target")]
     pub link_target: Option<PathBuf>,
     /// Names of its extended attributes (ACLs among them), sorted; in JSON only where there are some, a byte
     /// that is not part of UTF-8 shown as U+FFFD.

@@ -206,8 +206,9 @@ pub struct AffectedFile {
     /// Full checkpoint id.
     pub checkpoint: String,
     /// Path inside the checkpoint, starting with the committed name (as `show` prints it); `.` is the
-    /// checkpoint's root itself.
-    pub path: String,
+    /// checkpoint's root itself. In JSON, `path_b64` holds a name that is not UTF-8 in base64.
+    #[serde(flatten, serialize_with = "crate::json_path::path")]
+    pub path: PathBuf,
     /// Why it is affected.
     pub problem: String,
 }
@@ -948,7 +949,7 @@ fn affected(conn: &Connection, report: &mut VerifyReport) -> Result<()> {
             a.files += 1;
             report.affected_files_total += 1;
             if report.affected_files.len() < MAX_LISTED {
-                let path = if path.as_os_str().is_empty() { ".".into() } else { path.to_string_lossy().into_owned() };
+                let path = if path.as_os_str().is_empty() { ".".into() } else { path.to_path_buf() };
                 report.affected_files.push(AffectedFile { checkpoint: a.id.clone(), path, problem });
             }
         };

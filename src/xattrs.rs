@@ -8,12 +8,11 @@
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::path::Path;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::XattrFlags;
 use rustix::io::Errno;
 
+use crate::tally::Tally;
 use crate::tree::{XATTR_VALUE_MAX, XATTRS_MAX_BYTES, Xattr};
 
 /// The kernel's limit on the list of names (`XATTR_LIST_MAX`).
@@ -146,38 +145,26 @@ fn is_label(name: &[u8]) -> bool {
 
 /// Attributes a checkout could not restore: counted, and named once in a warning at its end.
 #[derive(Default)]
-pub(crate) struct Failures {
-    count: AtomicU64,
-    first: Mutex<Option<String>>,
-}
+pub(crate) struct Failures(Tally);
 
 impl Failures {
     fn note(&self, path: &Path, name: &[u8], e: Errno) {
-        self.note_what(|| format!("{} {}: {}", path.display(), String::from_utf8_lossy(name), io::Error::from(e)));
+        self.0.note(|| format!("{} {}: {}", path.display(), String::from_utf8_lossy(name), io::Error::from(e)));
     }
 
     /// Counts an entry whose attributes could not be read or reached at all.
     pub(crate) fn note_io(&self, path: &Path, e: &io::Error) {
-        self.note_what(|| format!("{}: {e}", path.display()));
-    }
-
-    fn note_what(&self, what: impl FnOnce() -> String) {
-        self.count.fetch_add(1, Ordering::Relaxed);
-        let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
-        if first.is_none() {
-            *first = Some(what());
-        }
+        self.0.note(|| format!("{}: {e}", path.display()));
     }
 
     /// How many were not restored.
     pub(crate) fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+        self.0.count()
     }
 
     /// The warning for the end of the checkout, if any failed.
     pub(crate) fn warning(&self) -> Option<String> {
-        let n = self.count();
-        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let (n, first) = self.0.summary()?;
         Some(format!(
             "{n} extended attribute{} not restored (first: {first}); trusted.* and most security.* attributes \
              need root, and some filesystems keep none. --no-xattrs skips them",

@@ -499,7 +499,8 @@ fn tag_takes_add_or_remove_and_refuses_a_tag_in_both() {
 // ---------------------------------------------------------------------------------------------------------
 
 /// Names that are not UTF-8: two directories that differ only in such a byte are two paths to retention, and
-/// every `--json` output shows such names (as U+FFFD) instead of failing.
+/// every `--json` output shows such names (as U+FFFD) instead of failing, with their bytes beside them in
+/// base64, from which a script addresses the file again.
 #[test]
 fn names_that_are_not_utf8_stay_apart_and_print_as_json() {
     use std::ffi::OsStr;
@@ -532,10 +533,35 @@ fn names_that_are_not_utf8_stay_apart_and_print_as_json() {
     let ls = json(&sx(&repo, &["--json", "ls", &second[..8]]));
     let link = ls.as_array().unwrap().iter().find(|f| f["kind"] == "symlink").expect("the symlink is listed");
     assert_eq!((link["path"].as_str(), link["link_target"].as_str()), (Some("link\u{fffd}"), Some("target\u{fffd}")));
+    let b64 = |v: &serde_json::Value| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.decode(v.as_str().expect("a _b64 field")).unwrap()
+    };
+    assert_eq!((b64(&link["path_b64"]), b64(&link["link_target_b64"])), (b"link\xfd".to_vec(), b"target\xfe".to_vec()));
+    let entry = |name: &str| ls.as_array().unwrap().iter().find(|f| f["path"] == name).unwrap().clone();
+    assert!(entry("f").get("path_b64").is_none(), "a UTF-8 name has no _b64 field: {ls}");
+    let bad = b64(&entry("bad\u{fffd}name")["path_b64"]);
+    assert_eq!(bad, b"bad\xffname");
+    // The decoded bytes name the file to `checkout --path`, which restores it alone.
+    let one = tmp.path().join("one");
+    let o = Command::new(bin())
+        .arg("--repo")
+        .arg(&repo)
+        .args(["checkout", &second[..8]])
+        .arg(&one)
+        .arg("--path")
+        .arg(OsStr::from_bytes(&bad))
+        .output()
+        .unwrap();
+    ok(o, "checkout --path with the decoded name");
+    let restored: Vec<_> = fs::read_dir(&one).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(restored, [OsStr::from_bytes(b"bad\xffname")]);
+    assert_eq!(fs::read(one.join(OsStr::from_bytes(&bad))).unwrap(), b"two");
     fs::write(b.join(OsStr::from_bytes(b"new\xfa")), "x").unwrap();
     let third = commit(&b);
     let diff = json(&sx(&repo, &["--json", "diff", &second[..8], &third[..8]]));
     assert_eq!(diff["changes"][0]["path"], "new\u{fffd}", "{diff}");
+    assert_eq!(b64(&diff["changes"][0]["path_b64"]), b"new\xfa", "{diff}");
 
     // Checked out byte for byte whatever JSON shows.
     let out = tmp.path().join("out");

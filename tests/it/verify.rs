@@ -103,7 +103,7 @@ fn flip_byte(path: &Path, at: u64) {
 fn assert_b_affected(f: &Fixture, report: &snapstore::VerifyReport, cli_args: &[&str]) {
     assert!(!report.is_clean());
     let affected: BTreeSet<(String, String)> =
-        report.affected_files.iter().map(|a| (a.checkpoint.clone(), a.path.clone())).collect();
+        report.affected_files.iter().map(|a| (a.checkpoint.clone(), a.path.to_str().unwrap().to_owned())).collect();
     for id in &f.ids[..2] {
         assert!(affected.contains(&(id.clone(), "run/sub/b.bin".to_string())), "{affected:?}");
     }
@@ -314,7 +314,7 @@ fn missing_catalog_objects_are_reported_per_checkpoint() {
     assert_eq!((r.damaged_objects_total, r.damaged_chunks_total), (2, 1), "{r:?}");
     assert_eq!(r.damaged_chunks[0].id, ObjectId::from_slice(&content_of(&cat, "stream.bin")).unwrap().to_hex());
     let affected: BTreeSet<(String, String)> =
-        r.affected_files.iter().map(|a| (a.checkpoint.clone(), a.path.clone())).collect();
+        r.affected_files.iter().map(|a| (a.checkpoint.clone(), a.path.to_str().unwrap().to_owned())).collect();
     let expected: BTreeSet<(String, String)> = [
         (f.ids[0].clone(), "run/sub".to_string()),
         (f.ids[1].clone(), "run/sub".to_string()),
@@ -410,7 +410,7 @@ fn a_lost_index_row_of_a_one_chunk_file_is_a_missing_chunk_and_repairable() {
     let r = f.verify(DataSubset::None);
     assert_eq!((r.damaged_chunks_total, r.damaged_objects_total), (1, 0), "{r:?}");
     assert_eq!((r.damaged_chunks[0].id.as_str(), r.damaged_chunks[0].pack.as_deref()), (chunk.to_hex().as_str(), None));
-    let affected: BTreeSet<String> = r.affected_files.iter().map(|a| a.path.clone()).collect();
+    let affected: BTreeSet<String> = r.affected_files.iter().map(|a| a.path.to_str().unwrap().to_owned()).collect();
     assert_eq!(affected, BTreeSet::from(["run/a.txt".to_string()]), "{r:?}");
     let o = f.cli(&["verify"]);
     assert_eq!(o.status.code(), Some(3));
@@ -512,7 +512,7 @@ fn repair_index_reports_damaged_packs_and_damaged_checkpoints() {
     let damaged: BTreeSet<&str> = rep.checkpoints.iter().filter(|c| !c.whole).map(|c| c.id.as_str()).collect();
     assert_eq!(damaged, f.ids[..2].iter().map(String::as_str).collect());
     assert!(rep.checkpoints.iter().filter(|c| !c.whole).all(|c| c.missing_chunks > 0));
-    assert!(rep.affected_files.iter().any(|a| a.path == "run/sub/b.bin"));
+    assert!(rep.affected_files.iter().any(|a| a.path == Path::new("run/sub/b.bin")));
     // The CLI says the same, with exit code 3.
     let o = f.cli(&["repair", "index"]);
     let out = text(&o.stdout);
@@ -600,7 +600,7 @@ fn altered_catalog_rows_are_found_by_their_ids() {
         let r = f.verify(DataSubset::None);
         assert!(r.damaged_objects_total >= 1, "{what}: {r:#?}");
         let affected: BTreeSet<(String, String)> =
-            r.affected_files.iter().map(|a| (a.checkpoint.clone(), a.path.clone())).collect();
+            r.affected_files.iter().map(|a| (a.checkpoint.clone(), a.path.to_str().unwrap().to_owned())).collect();
         for id in &f.ids[..2] {
             assert!(affected.contains(&(id.clone(), path.to_string())), "{what}: {affected:?}");
         }

@@ -130,7 +130,7 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
     }
     more(out, r.damaged_objects_total, SHOWN.min(r.damaged_objects.len()), "damaged catalog objects")?;
     for f in &r.affected_files {
-        out.line(&format!("affected: {} {} ({})", short(&f.checkpoint), f.path, f.problem))?;
+        out.line(&format!("affected: {} {} ({})", short(&f.checkpoint), f.path.display(), f.problem))?;
     }
     more(out, r.affected_files_total, r.affected_files.len(), "affected files")?;
     if !quiet {
@@ -241,7 +241,7 @@ fn repair_text(out: &mut Out, r: &RepairReport, quiet: bool) -> io::Result<()> {
         }
     }
     for f in &r.affected_files {
-        out.line(&format!("affected: {} {} ({})", short(&f.checkpoint), f.path, f.problem))?;
+        out.line(&format!("affected: {} {} ({})", short(&f.checkpoint), f.path.display(), f.problem))?;
     }
     more(out, r.affected_files_total, r.affected_files.len(), "affected files")?;
     if quiet {
