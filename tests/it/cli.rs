@@ -424,7 +424,7 @@ fn json_output_of_every_command() {
 }
 
 /// `dir`, `dir/` and `x/../dir` are one committed path: one series, each commit guided by the one before,
-/// and one retention group, which `forget --path` names in any of those spellings.
+/// and one retention group, which `forget --path` and `log --path` name in any of those spellings.
 #[test]
 fn spellings_of_one_path_are_one_series() {
     let tmp = tempfile::tempdir().unwrap();
@@ -448,6 +448,31 @@ fn spellings_of_one_path_are_one_series() {
     assert!(!text(&o.stderr).contains("warning"), "{}", text(&o.stderr));
     let o = run(&repo, &["forget", "--keep-last", "1", "--path", p(&tmp.path().join("nothing")), "--dry-run"]);
     assert!(text(&o.stderr).contains("warning: no checkpoint of"), "{}", text(&o.stderr));
+
+    // `log --path` takes the same spellings (and `stdin:NAME`), and `--host` the recorded host.
+    let stream = commit_id(&ok(commit_stdin(&repo, &["--name", "m.bin"], b"weights"), "commit -"));
+    let listed = |args: &[&str]| -> Vec<String> {
+        let log = json(&sx(&repo, &[&["--json", "log"], args].concat()));
+        log.as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_owned()).collect()
+    };
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    for spelling in &spellings {
+        assert_eq!(listed(&["--path", spelling]), newest_first, "log --path {spelling}");
+    }
+    assert_eq!(listed(&["--path", "stdin:m.bin"]), [stream.clone()]);
+    assert_eq!(
+        listed(&["--path", "stdin:m.bin", "--path", &spellings[0], "-n", "2"]),
+        [stream.clone(), ids[2].clone()]
+    );
+    let host = json(&sx(&repo, &["--json", "show", &stream]))["checkpoint"]["host"].as_str().unwrap().to_owned();
+    assert_eq!(listed(&["--host", &host]).len(), 4);
+    assert!(listed(&["--host", "elsewhere"]).is_empty());
+    let none = sx(&repo, &["log", "--path", p(&tmp.path().join("nothing")), "--host", "elsewhere"]);
+    assert!(
+        none.starts_with(&format!("no checkpoint of {}, from host elsewhere (", p(&tmp.path().join("nothing")))),
+        "{none}"
+    );
 }
 
 /// Messages that say what is actually missing: a group, a tag, a unit; and GC clears what a killed `init`
@@ -464,7 +489,7 @@ fn missing_groups_tags_and_units_are_named_and_gc_clears_abandoned_inits() {
     let err = sx_fail(&repo, &["checkout", "step-100", p(&dest)], 2);
     assert!(err.contains("is not a checkpoint id") && err.contains("snapstore groups"), "{err}");
     assert!(!dest.exists());
-    assert_eq!(sx(&repo, &["log", "--tag", "nosuch"]).trim(), "no checkpoint is tagged nosuch");
+    assert!(sx(&repo, &["log", "--tag", "nosuch"]).starts_with("no checkpoint tagged nosuch ("));
     let err = sx_fail(&repo, &["forget", "--keep-within", "90min"], 2);
     assert!(err.contains("hours at the finest"), "{err}");
 

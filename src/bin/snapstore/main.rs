@@ -193,7 +193,8 @@ below it with -r. Paths are relative to the committed directory.\n\n", exit_help
         recursive: bool,
     },
     /// List checkpoints, newest first
-    #[command(after_help = exit_help!())]
+    #[command(after_help = concat!("Examples:\n  snapstore log -n 10\n  snapstore log --path ./vm.img --tag release\n  \
+snapstore log --path stdin:model.bin --host trainer-3\n\n", exit_help!()))]
     Log {
         /// Show at most N checkpoints
         #[arg(short = 'n', long, value_name = "N")]
@@ -201,6 +202,12 @@ below it with -r. Paths are relative to the committed directory.\n\n", exit_help
         /// Only checkpoints with this tag (repeatable: all must match)
         #[arg(long = "tag", value_name = "TAG")]
         tags: Vec<String>,
+        /// Only checkpoints of this committed path, as `forget --path` takes it (repeatable: any may match)
+        #[arg(long = "path", value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// Only checkpoints committed on this host (repeatable: any may match)
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
     },
     /// Add or remove tags of a checkpoint
     #[command(after_help = concat!("A tag named by a retention policy's --keep-tag keeps the checkpoint whatever \
@@ -844,19 +851,39 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 out.line(&format!("{}: {tags}", c.short_id()))?;
             }
         }
-        Command::Log { limit, tags } => {
+        Command::Log { limit, tags, paths, hosts } => {
             let repo = Repository::open(&repo_dir)?;
             let mut list = repo.checkpoints()?;
             let any = !list.is_empty();
-            list.retain(|c| tags.iter().all(|t| c.tags.contains(t)));
+            let paths = path_keys(paths)?;
+            list.retain(|c| {
+                tags.iter().all(|t| c.tags.contains(t))
+                    && (paths.is_empty() || paths.contains(&c.path))
+                    && (hosts.is_empty() || hosts.contains(&c.host))
+            });
+            let filtered = !(tags.is_empty() && paths.is_empty() && hosts.is_empty());
             if let Some(n) = limit {
                 list.truncate(*n);
             }
             if cli.json {
                 out.json(&list)?;
-            } else if any && list.is_empty() && !tags.is_empty() {
+            } else if any && list.is_empty() && filtered {
                 if !cli.quiet {
-                    out.line(&format!("no checkpoint is tagged {}", tags.join(" and ")))?;
+                    let mut what = Vec::new();
+                    if !tags.is_empty() {
+                        what.push(format!("tagged {}", tags.join(" and ")));
+                    }
+                    if !paths.is_empty() {
+                        let shown: Vec<_> = paths.iter().map(|p| output::printable(p)).collect();
+                        what.push(format!("of {}", shown.join(" or ")));
+                    }
+                    if !hosts.is_empty() {
+                        what.push(format!("from host {}", hosts.join(" or ")));
+                    }
+                    out.line(&format!(
+                        "no checkpoint {} (`snapstore log` lists them all, with their paths)",
+                        what.join(", ")
+                    ))?;
                 }
             } else {
                 let groups = repo.groups()?;
@@ -865,7 +892,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                     output::log(out, &list, cli.quiet)?;
                 }
                 // The groups are their own listing; a filtered or shortened log is about checkpoints only.
-                if !cli.quiet && !groups.is_empty() && tags.is_empty() && limit.is_none() {
+                if !cli.quiet && !groups.is_empty() && !filtered && limit.is_none() {
                     if !list.is_empty() {
                         out.line("")?;
                     }
@@ -943,13 +970,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 out.flush()?;
                 return Ok(());
             }
-            let paths = paths
-                .iter()
-                .map(|p| {
-                    let s = p.to_string_lossy();
-                    if s.starts_with("stdin:") { Ok(s.into_owned()) } else { snapstore::path_key(p) }
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let paths = path_keys(paths)?;
             let scope = snapstore::RetentionScope { tags: tags.clone(), paths, across_paths: *across_paths };
             let mut plan = repo.plan_retention(&policy, &scope)?;
             // A mistyped --path in a cron job would otherwise prune nothing, silently, for ever.
@@ -1063,4 +1084,16 @@ fn chunk_kib(s: &str) -> Result<u32, String> {
         return Err(format!("{kib} KiB: the average chunk size must be a power of two from 1 to 4096 KiB"));
     }
     Ok(kib)
+}
+
+/// The catalog's keys for committed paths given on the command line (`--path`): a stream's `stdin:NAME` as it
+/// is, a path made absolute and cleaned, as commit recorded it.
+fn path_keys(paths: &[PathBuf]) -> Result<Vec<String>, Error> {
+    paths
+        .iter()
+        .map(|p| {
+            let s = p.to_string_lossy();
+            if s.starts_with("stdin:") { Ok(s.into_owned()) } else { snapstore::path_key(p) }
+        })
+        .collect()
 }
