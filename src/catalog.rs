@@ -100,11 +100,29 @@ const MIGRATIONS: &[&str] = &[
     // from its parent only where the parent recorded them.
     "ALTER TABLE checkouts ADD COLUMN xattrs INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE checkpoints ADD COLUMN xattrs INTEGER NOT NULL DEFAULT 0;",
+    // 12: a checkout's record names the destination it was made in (device, inode, and the ctime the checkout
+    // left it with), so that it vouches for nothing in another directory moved to that path, or in one
+    // rolled back to a filesystem snapshot from before it. A record without them vouches for nothing.
+    "ALTER TABLE checkouts ADD COLUMN dest_dev INTEGER;
+     ALTER TABLE checkouts ADD COLUMN dest_ino INTEGER;
+     ALTER TABLE checkouts ADD COLUMN dest_ctime_ns INTEGER;",
 ];
+
+/// What a whole checkout into a destination recorded there (`checkouts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CheckoutRecord {
+    /// When it ended (a [`crate::fileclock::Boundary`]): every file it placed has a ctime before it.
+    pub ended_ns: i64,
+    /// It gave every entry its recorded extended attributes.
+    pub xattrs: bool,
+    /// The destination's device, inode and ctime as the checkout left it.
+    pub dest: (u64, u64, i64),
+}
 
 /// The oldest schema a catalog on a read-only filesystem, which cannot be migrated, is read at: the
 /// migrations after it change nothing a reader needs (10 only stops older builds; a checkout record without
-/// 11's column is read as one that did not restore extended attributes).
+/// 11's column is read as one that did not restore extended attributes, and one without 12's as one that
+/// vouches for nothing).
 const READABLE_AS_IS_FROM: u32 = 9;
 
 /// The migration after whose SQL `convert_trees` runs.
@@ -679,10 +697,16 @@ impl Catalog {
             .query_row([&id.0[..]], |r| r.get(0))
             .optional()?
             .ok_or_else(|| Error::corrupt(format!("tree {id} is missing from the catalog")))?;
-        crate::tree::decode_tree(&data).map_err(|e| match e {
+        let entries = crate::tree::decode_tree(&data).map_err(|e| match e {
             Error::Corrupt { what } => Error::corrupt(format!("tree {id}: {what}")),
             other => other,
-        })
+        })?;
+        // SQLite keeps no checksums of its pages: a flipped bit in a name, a link target or a time would
+        // otherwise be restored as if recorded. The id is the hash of the entries, so it tells.
+        if crate::tree::tree_id(&entries) != *id {
+            return Err(Error::corrupt(format!("tree {id} does not match its id (its entries were altered)")));
+        }
+        Ok(entries)
     }
 
     /// One entry of a tree, by name.
@@ -922,8 +946,8 @@ fn insert_rows(
                     to_i64(c.dirs),
                     to_i64(c.symlinks),
                     to_i64(c.logical_bytes),
-                    to_i64(c.new_bytes),
-                    to_i64(c.stored_bytes),
+                    to_i64(c.bytes_new),
+                    to_i64(c.bytes_stored),
                     to_i64(c.skipped),
                     cp.xattrs
                 ],
@@ -958,10 +982,12 @@ impl Catalog {
 
     /// Records that checkpoint `id` was checked out whole at `dest` (an absolute path), and whether every
     /// entry was given its recorded extended attributes (`xattrs`).
-    pub(crate) fn record_checkout(&self, dest: &str, id: &str, ended_ns: i64, xattrs: bool) -> Result<()> {
+    pub(crate) fn record_checkout(&self, dest: &str, id: &str, record: &CheckoutRecord) -> Result<()> {
+        let (dev, ino, ctime_ns) = record.dest;
         self.conn.execute(
-            "INSERT OR REPLACE INTO checkouts (dest, checkpoint, time_ns, xattrs) VALUES (?1, ?2, ?3, ?4)",
-            params![dest, id, ended_ns, xattrs],
+            "INSERT OR REPLACE INTO checkouts (dest, checkpoint, time_ns, xattrs, dest_dev, dest_ino, dest_ctime_ns)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![dest, id, record.ended_ns, record.xattrs, to_i64(dev), to_i64(ino), ctime_ns],
         )?;
         Ok(())
     }
@@ -973,18 +999,26 @@ impl Catalog {
         Ok(())
     }
 
-    /// The checkpoint last checked out whole at `dest`, if it still exists, when that checkout ended (a
-    /// [`crate::fileclock::Boundary`]), and whether it gave every entry its recorded extended attributes.
-    pub(crate) fn last_checkout(&self, dest: &str) -> Result<Option<(String, i64, bool)>> {
-        // `k.*`: a catalog read as it is on a read-only mount may be from before the `xattrs` column.
-        Ok(self
+    /// The checkpoint last checked out whole at `dest`, if it still exists and its record names the
+    /// destination it was made in, with that record.
+    pub(crate) fn last_checkout(&self, dest: &str) -> Result<Option<(String, CheckoutRecord)>> {
+        // `k.*`: a catalog read as it is on a read-only mount may be from before the later columns.
+        let row = self
             .conn
             .query_row(
                 "SELECT k.* FROM checkouts k JOIN checkpoints c ON c.id = k.checkpoint WHERE k.dest = ?1",
                 [dest],
-                |r| Ok((r.get("checkpoint")?, r.get("time_ns")?, r.get("xattrs").unwrap_or(false))),
+                |r| {
+                    let named = |col: &str| r.get::<_, Option<i64>>(col).ok().flatten();
+                    let dest = match (named("dest_dev"), named("dest_ino"), named("dest_ctime_ns")) {
+                        (Some(dev), Some(ino), Some(ctime)) => Some((to_u64(dev), to_u64(ino), ctime)),
+                        _ => None,
+                    };
+                    Ok((r.get("checkpoint")?, r.get("time_ns")?, r.get("xattrs").unwrap_or(false), dest))
+                },
             )
-            .optional()?)
+            .optional()?;
+        Ok(row.and_then(|(id, ended_ns, xattrs, dest)| Some((id, CheckoutRecord { ended_ns, xattrs, dest: dest? }))))
     }
 
     /// Removes checkpoints (with their tags and skipped-file records) in one transaction.
@@ -1198,8 +1232,8 @@ impl Catalog {
                 dirs: to_u64(r.get(8)?),
                 symlinks: to_u64(r.get(9)?),
                 logical_bytes: to_u64(r.get(10)?),
-                new_bytes: to_u64(r.get(11)?),
-                stored_bytes: to_u64(r.get(12)?),
+                bytes_new: to_u64(r.get(11)?),
+                bytes_stored: to_u64(r.get(12)?),
                 skipped: to_u64(r.get(13)?),
                 tags: tags.map(|t| t.split('\n').map(str::to_string).collect()).unwrap_or_default(),
             })
@@ -1526,6 +1560,9 @@ mod tests {
                  INSERT INTO remote_records (name) VALUES ('records/0000000000000001-ab');
                  ALTER TABLE checkouts DROP COLUMN xattrs;
                  ALTER TABLE checkpoints DROP COLUMN xattrs;
+                 ALTER TABLE checkouts DROP COLUMN dest_dev;
+                 ALTER TABLE checkouts DROP COLUMN dest_ino;
+                 ALTER TABLE checkouts DROP COLUMN dest_ctime_ns;
                  PRAGMA user_version = 8;",
             )
             .unwrap();
@@ -1620,9 +1657,12 @@ mod tests {
         let cat = Catalog::open(&path).unwrap();
         assert_eq!(cat.tree(&root_id).unwrap(), root);
         assert_eq!(cat.tree(&sub_id).unwrap(), sub);
-        let kept = cat.tree(&bad_id).unwrap();
+        let data: Vec<u8> =
+            cat.connection().query_row("SELECT data FROM trees WHERE id = ?1", [&bad_id.0[..]], |r| r.get(0)).unwrap();
+        let kept = crate::tree::decode_tree(&data).unwrap();
         assert_eq!(kept.iter().map(|e| e.name.as_slice()).collect::<Vec<_>>(), [&b"good"[..]]);
         assert_ne!(crate::tree::tree_id(&kept), bad_id);
+        assert!(cat.tree(&bad_id).unwrap_err().is_corruption(), "a tree that no longer matches its id is damage");
         let left: i64 = cat
             .connection()
             .query_row("SELECT count(*) FROM sqlite_master WHERE name IN ('tree_entries', 'trees_v5')", [], |r| {
@@ -1690,8 +1730,8 @@ mod tests {
                 dirs: 0,
                 symlinks: 0,
                 logical_bytes: 0,
-                new_bytes: 0,
-                stored_bytes: 0,
+                bytes_new: 0,
+                bytes_stored: 0,
                 skipped: 0,
             };
             let group = Some(crate::group::GroupPart { name: "g".into(), part: n, parts });
@@ -1718,7 +1758,11 @@ mod tests {
                 .collect();
             assert_eq!(ids, vec![b.clone()], "order {k}");
             assert_eq!(cat.checkpoints_all_ids(), vec![b.clone(), "c".repeat(64)], "order {k}");
-            assert!(cat.tree(&id(9)).is_ok());
+            let trees: i64 = cat
+                .connection()
+                .query_row("SELECT count(*) FROM trees WHERE id = ?1", [&id(9).0[..]], |r| r.get(0))
+                .unwrap();
+            assert_eq!(trees, 1, "order {k}");
             assert_eq!(cat.part_of(&"c".repeat(64)).unwrap(), Some(("g".to_string(), 1)));
             let listed: Vec<(String, u32)> =
                 crate::group::groups(&cat).unwrap().into_iter().map(|g| (g.name, g.parts)).collect();
@@ -1754,7 +1798,8 @@ mod tests {
         let cat = Catalog::open_read_only(&path).unwrap();
         assert!(cat.read_only().is_some());
         assert!(cat.checkpoints().unwrap().is_empty());
-        let err = cat.record_checkout("/x", "y", 1, true).unwrap_err();
+        let err =
+            cat.record_checkout("/x", "y", &CheckoutRecord { ended_ns: 1, xattrs: true, dest: (1, 2, 3) }).unwrap_err();
         assert!(
             matches!(&err, Error::Catalog(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ReadOnly)),
             "{err}"

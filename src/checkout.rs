@@ -105,8 +105,9 @@ pub struct CheckoutSummary {
     pub symlinks: u64,
     /// Files, directories and symlinks removed from the destination (`delete`).
     pub removed: u64,
-    /// Bytes of file content the checkpoint holds at the restored paths.
-    pub bytes: u64,
+    /// Bytes of file content the checkpoint holds at the restored paths (the checkpoint's `logical_bytes`
+    /// for a whole checkout).
+    pub logical_bytes: u64,
     /// Bytes actually written into files (runs of zeros are left as holes, not written).
     pub bytes_written: u64,
     /// Entries whose recorded owner could not be given them (run as root; see the warning).
@@ -894,10 +895,16 @@ impl FileTask {
 }
 
 /// Removes whatever is at `name` in `dir` (never following a symlink), so the checkout can put its own entry
-/// there; `path` is where that is, for errors.
-fn clear(dir: &OwnedFd, name: &OsStr, path: &Path) -> Result<()> {
-    match dirfd::remove(dir, name) {
+/// there; `path` is where that is, for errors. Never the repository's directory (`spare`, its device and
+/// inode), met however deep: through a bind mount its path says nothing.
+fn clear(dir: &OwnedFd, name: &OsStr, path: &Path, spare: Option<(u64, u64)>) -> Result<()> {
+    match dirfd::remove(dir, name, spare) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.get_ref().is_some_and(|e| e.is::<dirfd::Spared>()) => Err(Error::InvalidInput(format!(
+            "refusing to remove {}: the repository is in it (mounted or linked there); nothing in the repository \
+             was removed. Unmount it, or check out elsewhere",
+            path.display()
+        ))),
         r => r.map_err(|e| Error::io(path, e)),
     }
 }
@@ -905,7 +912,13 @@ fn clear(dir: &OwnedFd, name: &OsStr, path: &Path) -> Result<()> {
 /// [`clear`], unless `path` is a directory holding the repository (`protect`, canonical): an entry of the
 /// checkpoint that is not a directory where the destination has one would otherwise take the repository with it.
 /// (A guard against a mistake, so looked up by path; the removal itself goes through `dir`.)
-fn clear_sparing(dir: &OwnedFd, name: &OsStr, path: &Path, protect: Option<&Path>) -> Result<()> {
+fn clear_sparing(
+    dir: &OwnedFd,
+    name: &OsStr,
+    path: &Path,
+    protect: Option<&Path>,
+    spare: Option<(u64, u64)>,
+) -> Result<()> {
     if let Some(repo) = protect
         && dirfd::lstat(dir, name).is_ok_and(|md| md.is_dir())
         && fs::canonicalize(path).is_ok_and(|c| repo.starts_with(c))
@@ -916,12 +929,13 @@ fn clear_sparing(dir: &OwnedFd, name: &OsStr, path: &Path, protect: Option<&Path
             repo.display()
         )));
     }
-    clear(dir, name, path)
+    clear(dir, name, path, spare)
 }
 
 /// Refuses a destination that is the repository or lies inside it (`repo`, canonical), where a checkout
 /// would overwrite, and with `--delete` remove, the repository's own files. Compared canonically, through
-/// symlinks, as far as the destination exists.
+/// symlinks, as far as the destination exists, and by device and inode, which a bind mount of the repository
+/// keeps.
 fn refuse_repository(dest: &Path, repo: &Path) -> Result<()> {
     let abs = std::path::absolute(dest).map_err(|e| Error::io(dest, e))?;
     let mut existing = abs.as_path();
@@ -938,8 +952,11 @@ fn refuse_repository(dest: &Path, repo: &Path) -> Result<()> {
             },
         }
     };
+    let repo_id = fs::metadata(repo).ok().map(|m| (m.dev(), m.ino()));
+    let mounted = repo_id
+        .is_some_and(|id| canonical.ancestors().any(|a| fs::metadata(a).is_ok_and(|m| (m.dev(), m.ino()) == id)));
     let full = rest.iter().rev().fold(canonical, |p, name| p.join(name));
-    if full.starts_with(repo) {
+    if full.starts_with(repo) || mounted {
         let what = if full == repo {
             "the repository".to_string()
         } else {
@@ -1226,10 +1243,21 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     }
     if opts.paths.is_empty() && catalog.read_only().is_none() {
         // Every file is in place: each has a ctime before the boundary, and any change from here on one at or
-        // after it, which is what lets the record vouch only for files left as the checkout put them.
+        // after it, which is what lets the record vouch only for files left as the checkout put them. The
+        // destination's own ctime is moved first, so that one rolled back to a snapshot from before this
+        // checkout shows an older one than the record names.
+        let named = mark_destination(dest);
         let ended = Boundary::after_now(dest);
-        let xattrs_restored = owners.xattrs.as_ref().is_some_and(|f| f.count() == 0);
-        if let Err(e) = catalog.record_checkout(&dest_key, id, ended.at, xattrs_restored) {
+        let recorded = named.map(|dest| crate::catalog::CheckoutRecord {
+            ended_ns: ended.at,
+            xattrs: owners.xattrs.as_ref().is_some_and(|f| f.count() == 0),
+            dest,
+        });
+        let stored = match &recorded {
+            Some(r) => catalog.record_checkout(&dest_key, id, r),
+            None => Ok(()),
+        };
+        if let Err(e) = stored {
             // The files are in place; without the record the next in-place checkout hashes instead of trusting.
             opts.progress.warn(&format!("could not record the checkout in the catalog: {e}"));
         }
@@ -1243,16 +1271,37 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     Ok(summary)
 }
 
+/// Gives the destination of a whole checkout a ctime of this moment (its mode set to what it is), and
+/// returns its device, inode and that ctime for the checkout's record; `None` (nothing recorded, nothing
+/// vouched for later) for a symlink, or where that fails.
+fn mark_destination(dest: &Path) -> Option<(u64, u64, i64)> {
+    let md = fs::symlink_metadata(dest).ok().filter(|md| !md.file_type().is_symlink())?;
+    fs::set_permissions(dest, md.permissions()).ok()?;
+    let md = fs::symlink_metadata(dest).ok()?;
+    Some((md.dev(), md.ino(), md.ctime() * 1_000_000_000 + md.ctime_nsec()))
+}
+
+/// Whether the destination is still the one a checkout's record names (`recorded`): the same directory or
+/// file, not rolled back to before it. A later change only moves its ctime forward.
+fn same_destination(dest: &Path, recorded: (u64, u64, i64)) -> bool {
+    fs::symlink_metadata(dest).is_ok_and(|md| {
+        let ctime = md.ctime() * 1_000_000_000 + md.ctime_nsec();
+        (md.dev(), md.ino()) == (recorded.0, recorded.1) && ctime >= recorded.2
+    })
+}
+
 /// The records an in-place checkout at `dest` may trust: the checkpoint last checked out there whole, and
 /// the last one committed from there. A record that cannot be read (its checkpoint was just collected) is
 /// skipped: files it would have vouched for are hashed instead.
 fn priors(catalog: &Catalog, key: &str, dest: &Path) -> Vec<Prior> {
     let mut out = Vec::new();
-    if let Ok(Some((id, ended_ns, xattrs))) = catalog.last_checkout(key)
+    // Another directory moved to `dest`, or `dest` rolled back to a snapshot: its files may have kept the
+    // sizes, mtimes and old ctimes that the record would vouch for.
+    if let Ok(Some((id, record))) = catalog.last_checkout(key)
+        && same_destination(dest, record.dest)
         && let Ok(entry) = content::root_entry(catalog, &id)
-        && let Ok(dest_dev) = fs::symlink_metadata(dest).map(|md| md.dev())
     {
-        out.push(Prior { entry, by: Recorder::Checkout(ended_ns, dest_dev, xattrs) });
+        out.push(Prior { entry, by: Recorder::Checkout(record.ended_ns, record.dest.0, record.xattrs) });
     }
     if let Ok(Some(cp)) = catalog.latest_of_path(&host_name(), key)
         && let Ok(entry) = content::root_entry(catalog, &cp.id)
@@ -1665,7 +1714,7 @@ impl Walker<'_> {
                         // Into an empty destination whatever has this name came from this checkout: never
                         // cleared away (see `make_dir_at`).
                         if self.in_place || parent.is_none() {
-                            clear_sparing(&dir, name, &path, self.protect)?;
+                            clear_sparing(&dir, name, &path, self.protect, self.protect_id)?;
                         }
                         rustix::fs::symlinkat(target, &*dir, name).map_err(|e| name_error(&path, e.into()))?;
                         self.new_files.owner
@@ -1689,7 +1738,7 @@ impl Walker<'_> {
                     crate::fault::point("checkout-entry");
                     self.read_in_batches()?;
                     self.summary.files += 1;
-                    self.summary.bytes += entry.size;
+                    self.summary.logical_bytes += entry.size;
                     self.opts.progress.file(&rel);
                     let first = entry.link.and_then(|group| self.links.get(&group)).filter(|f| f.matches(&entry));
                     match first.map(|f| (f.rel.clone(), f.task.as_ref().and_then(std::sync::Weak::upgrade))) {
@@ -1720,7 +1769,7 @@ impl Walker<'_> {
             Ok(_) => {
                 let parent = parent_dir(path);
                 let dir = dirfd::open_dir(parent).map_err(|e| Error::io(parent, e))?;
-                clear(&dir, path.file_name().unwrap_or_default(), path)?
+                clear(&dir, path.file_name().unwrap_or_default(), path, self.protect_id)?
             }
             Err(_) => {}
         }
@@ -1743,7 +1792,7 @@ impl Walker<'_> {
         }
         match dirfd::lstat(dir, name) {
             Ok(md) if md.is_dir() => return Ok(true),
-            Ok(_) => clear(dir, name, path)?,
+            Ok(_) => clear(dir, name, path, self.protect_id)?,
             Err(_) => {}
         }
         mkdir().map_err(|e| Error::io(path, e.into()))?;
@@ -1772,7 +1821,7 @@ impl Walker<'_> {
                 _ => false,
             };
             if !holds_repo {
-                clear(fd, name_os, &dir.join(name_os))?;
+                clear(fd, name_os, &dir.join(name_os), self.protect_id)?;
                 self.summary.removed += 1;
             }
         }
@@ -1853,7 +1902,7 @@ impl Walker<'_> {
         if self.in_place {
             let name = entry_name(path)?;
             match dirfd::lstat(&dir, name) {
-                Ok(md) if md.is_dir() => clear_sparing(&dir, name, path, self.protect)?,
+                Ok(md) if md.is_dir() => clear_sparing(&dir, name, path, self.protect, self.protect_id)?,
                 Ok(_) => replace = true,
                 Err(_) => {}
             }
@@ -2014,7 +2063,7 @@ impl Walker<'_> {
                     patch = Some((md, trusted));
                 }
             }
-            Ok(md) if md.is_dir() => clear_sparing(&dir, name, dest, self.protect)?,
+            Ok(md) if md.is_dir() => clear_sparing(&dir, name, dest, self.protect, self.protect_id)?,
             _ => {}
         }
         // A directory cleared away leaves the name free.

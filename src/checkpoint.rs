@@ -23,7 +23,9 @@ pub struct Checkpoint {
     pub id: String,
     /// The previous checkpoint of the same path on the same host, if any.
     pub parent: Option<String>,
-    /// Commit time, nanoseconds since the Unix epoch.
+    /// Commit time, nanoseconds since the Unix epoch. In JSON also as `time`, in RFC 3339 (see
+    /// [`format_rfc3339`]).
+    #[serde(flatten, serialize_with = "json_time::time_ns")]
     pub time_ns: i64,
     /// The message given at commit.
     pub message: String,
@@ -43,10 +45,10 @@ pub struct Checkpoint {
     pub symlinks: u64,
     /// Sum of file sizes.
     pub logical_bytes: u64,
-    /// Raw bytes of chunks this checkpoint added to the store.
-    pub new_bytes: u64,
+    /// Raw bytes of chunks this checkpoint added to the store (as [`crate::CommitSummary::bytes_new`]).
+    pub bytes_new: u64,
     /// Bytes those new chunks occupy after compression.
-    pub stored_bytes: u64,
+    pub bytes_stored: u64,
     /// Files that could not be read and were skipped (`--skip-unreadable`).
     pub skipped: u64,
 }
@@ -78,6 +80,45 @@ pub(crate) fn checkpoint_id(
     h.update(&[0]);
     h.update(&nonce.to_le_bytes());
     to_hex(&finish(&h).0)
+}
+
+/// A time in nanoseconds since the Unix epoch in RFC 3339, in UTC to the nanosecond, as restic and borg give
+/// times in JSON: exact where `time_ns`, a number above 2^53, is rounded by JSON readers that hold numbers
+/// as doubles (jq, JavaScript).
+///
+/// ```
+/// assert_eq!(snapstore::format_rfc3339(1_795_843_607_436_396_286), "2026-11-28T05:26:47.436396286Z");
+/// assert_eq!(snapstore::format_rfc3339(-1), "1969-12-31T23:59:59.999999999Z");
+/// ```
+pub fn format_rfc3339(ns: i64) -> String {
+    let mut s = format_utc(ns).replacen(' ', "T", 1);
+    s.push_str(&format!(".{:09}Z", ns.rem_euclid(1_000_000_000)));
+    s
+}
+
+/// Times in JSON: each `*_ns` field beside its RFC 3339 form, named without the `_ns`. The fields are
+/// flattened into their struct, so each function here writes its own keys.
+pub(crate) mod json_time {
+    use serde::ser::{SerializeMap, Serializer};
+
+    fn entries<S: Serializer>(s: S, key: &'static str, ns: Option<i64>) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(2))?;
+        map.serialize_entry(key, &ns)?;
+        map.serialize_entry(key.strip_suffix("_ns").unwrap_or(key), &ns.map(super::format_rfc3339))?;
+        map.end()
+    }
+
+    pub fn time_ns<S: Serializer>(ns: &i64, s: S) -> Result<S::Ok, S::Error> {
+        entries(s, "time_ns", Some(*ns))
+    }
+
+    pub fn created_ns<S: Serializer>(ns: &i64, s: S) -> Result<S::Ok, S::Error> {
+        entries(s, "created_ns", Some(*ns))
+    }
+
+    pub fn complete_ns<S: Serializer>(ns: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+        entries(s, "complete_ns", *ns)
+    }
 }
 
 /// A time in nanoseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS`, in UTC.

@@ -92,6 +92,10 @@ pub struct CommitSummary {
     pub unchanged: bool,
     /// The parent checkpoint (previous checkpoint of the same path and host), if any.
     pub parent: Option<String>,
+    /// The new checkpoint's commit time (with [`CommitSummary::unchanged`], the parent's), nanoseconds since
+    /// the Unix epoch; in JSON also as `time`, in RFC 3339.
+    #[serde(flatten, serialize_with = "crate::checkpoint::json_time::time_ns")]
+    pub time_ns: i64,
     /// Files not in the parent checkpoint.
     pub files_new: u64,
     /// Files in the parent checkpoint that changed (and were read).
@@ -227,11 +231,16 @@ fn link_group(md: &Metadata) -> Option<u64> {
 
 fn unchanged(prev: &Entry, now: &Entry) -> bool {
     prev.kind == EntryKind::File
+        && prev.ctime_ns != UNSEEN_CTIME
         && prev.size == now.size
         && prev.mtime_ns == now.mtime_ns
         && prev.ctime_ns == now.ctime_ns
         && prev.ino == now.ino
 }
+
+/// The ctime recorded for an entry whose stat could not vouch for it (see [`Walker::stat_entry`]): no file
+/// has it, so the next commit reads the file again, and no checkout trusts the record.
+pub(crate) const UNSEEN_CTIME: i64 = i64::MIN;
 
 /// Runs a commit of `source` into the repository, inside a writer session (see docs/format.md, GC).
 pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions) -> Result<CommitSummary> {
@@ -343,6 +352,7 @@ fn run(
             failed: None,
             read_links: HashMap::new(),
             carry_xattrs,
+            multigrain: HashMap::new(),
         };
         let walked = match source {
             Source::Path(p) => walker.walk(p, &root_name),
@@ -377,6 +387,7 @@ fn run(
     {
         // Everything it names is the parent's, so stored already; what the pipeline holds unrecorded is dropped.
         summary.id = parent.id.clone();
+        summary.time_ns = parent.time_ns;
         summary.unchanged = true;
         summary.seconds = started.elapsed().as_secs_f64();
         opts.progress.finish();
@@ -407,13 +418,14 @@ fn run(
         dirs: summary.dirs,
         symlinks: summary.symlinks,
         logical_bytes: summary.logical_bytes,
-        new_bytes: summary.bytes_new,
-        stored_bytes: summary.bytes_stored,
+        bytes_new: summary.bytes_new,
+        bytes_stored: summary.bytes_stored,
         skipped: skipped.len() as u64,
     };
     debug_assert_eq!(root_entry.name, root_name);
     asm.publish(NewCheckpoint { record, root: root_tree, skipped, group: opts.group.clone(), xattrs: true })?;
     summary.id = id;
+    summary.time_ns = time_ns;
     summary.seconds = started.elapsed().as_secs_f64();
     opts.progress.finish();
     Ok(summary)
@@ -436,10 +448,21 @@ pub fn path_key(path: impl AsRef<Path>) -> Result<String> {
 /// A committed path's absolute form, cleaned, and the key its checkpoints are recorded under
 /// (`checkpoints.path`). Cleaned as restic (Go's `filepath.Clean`) does, by the letters: `dir/`, `./dir`
 /// and `x/../dir` are one series, where they had been three, each without a parent to guide it and each
-/// its own retention group. A `..` after a symlink is taken by the letters too; the files read are those
-/// the path names on disk, only the key is cleaned.
+/// its own retention group. Except that what comes before a `..` is first resolved on disk, as the kernel
+/// resolves it when the files are read: through a symlink `a/link/../run` is not `a/run` but the `run`
+/// beside the link's target, and keying it `a/run` made two directories one series, whose retention then
+/// forgot one's only checkpoint. A path without `..` is keyed by its letters, symlinks and all, so a
+/// `current` link to the latest release keeps one series across releases.
 fn abs_and_key(path: &Path) -> Result<(std::path::PathBuf, String)> {
-    let abs = std::path::absolute(path).map_err(|e| Error::io(path, e))?;
+    let mut abs = std::path::absolute(path).map_err(|e| Error::io(path, e))?;
+    let parts: Vec<_> = abs.components().collect();
+    if let Some(last_up) = parts.iter().rposition(|c| *c == std::path::Component::ParentDir) {
+        let head: std::path::PathBuf = parts[..=last_up].iter().collect();
+        // Where that does not resolve (a part missing), the commit fails reading the path anyway.
+        if let Ok(real) = std::fs::canonicalize(&head) {
+            abs = parts[last_up + 1..].iter().fold(real, |p, c| p.join(c));
+        }
+    }
     let mut clean = std::path::PathBuf::new();
     for c in abs.components() {
         match c {
@@ -663,13 +686,17 @@ struct Walker<'a, 'b> {
     /// The parent checkpoint recorded extended attributes, so an entry unchanged by its stat can take its
     /// parent's (and `--reread` was not given).
     carry_xattrs: bool,
+    /// Whether each filesystem met, by device, has multigrain timestamps (see [`Walker::stat_entry`]).
+    multigrain: HashMap<u64, bool>,
 }
 
 /// What a file was when a commit read it: size, mtime, ctime and inode.
 type ReadAs = (u64, i64, i64, u64);
 
-fn read_as(e: &Entry) -> ReadAs {
-    (e.size, e.mtime_ns, e.ctime_ns, e.ino)
+/// From the stat itself, not the entry, whose ctime may be [`UNSEEN_CTIME`].
+fn read_as(md: &Metadata) -> ReadAs {
+    let e = entry_from(Vec::new(), EntryKind::File, md);
+    (md.len(), e.mtime_ns, e.ctime_ns, md.ino())
 }
 
 /// Hard-linked files a commit remembers having read, at most: about 100 bytes each in the walker and the
@@ -677,6 +704,21 @@ fn read_as(e: &Entry) -> ReadAs {
 const READ_LINKS_MAX: usize = 65_536;
 
 impl Walker<'_, '_> {
+    /// The entry for what `md`, a stat of the file or directory at `path` asked for once the coarse clock read
+    /// `asked`, says. One whose ctime lies in the granule the stat was taken in is recorded with
+    /// [`UNSEEN_CTIME`]: where timestamps are coarse (1 s, 2 s on FAT, a clock tick on kernels before 6.13
+    /// or on filesystems without multigrain timestamps) a change made just after the stat keeps size, mtime
+    /// and ctime, and the next commit would skip the file as unchanged for ever (git's "racily clean"
+    /// entries). Where the kernel gives multigrain timestamps no change after a stat keeps its ctime, unless
+    /// the filesystem stores whole seconds (an ext4 of 128-byte inodes: no nanoseconds).
+    fn stat_entry(&mut self, name: Vec<u8>, kind: EntryKind, md: &Metadata, asked: i64, path: &Path) -> Entry {
+        let mut e = entry_from(name, kind, md);
+        let multigrain = *self.multigrain.entry(md.dev()).or_insert_with(|| crate::fileclock::multigrain(path));
+        if !(multigrain && md.ctime_nsec() != 0) && crate::fileclock::may_change_unseen(e.ctime_ns, asked) {
+            e.ctime_ns = UNSEEN_CTIME;
+        }
+        e
+    }
     fn send(&self, ev: Event) -> Result<()> {
         self.events.send(ev).map_err(|_| Error::Internal("assembler stopped".into()))
     }
@@ -725,6 +767,7 @@ impl Walker<'_, '_> {
                 self.prev.pop();
                 depth_open -= 1;
             }
+            let asked = crate::fileclock::coarse_now();
             let md = match entry.metadata() {
                 Ok(md) => md,
                 Err(e) => {
@@ -751,11 +794,14 @@ impl Walker<'_, '_> {
                     it.skip_current_dir();
                     continue;
                 }
-                let mut e = entry_from(name, EntryKind::Dir, &md);
+                let mut e = self.stat_entry(name, EntryKind::Dir, &md, asked, entry.path());
                 // Setting an attribute changes the ctime: a directory whose ctime and inode are as before has
                 // the attributes it had.
                 let carried = prev.as_ref().filter(|p| {
-                    self.carry_xattrs && p.kind == EntryKind::Dir && (p.ctime_ns, p.ino) == (e.ctime_ns, e.ino)
+                    self.carry_xattrs
+                        && p.kind == EntryKind::Dir
+                        && e.ctime_ns != UNSEEN_CTIME
+                        && (p.ctime_ns, p.ino) == (e.ctime_ns, e.ino)
                 });
                 e.xattrs = match carried {
                     Some(p) => p.xattrs.clone(),
@@ -788,12 +834,13 @@ impl Walker<'_, '_> {
                         continue;
                     }
                 };
+                // A symlink's ctime vouches for nothing: no commit skips one, no checkout trusts one.
                 let mut e = entry_from(name, EntryKind::Symlink, &md);
                 e.target = target.into_os_string().into_encoded_bytes();
                 self.summary.symlinks += 1;
                 self.send(Event::Leaf(e))?;
             } else if ft.is_file() {
-                let e = entry_from(name, EntryKind::File, &md);
+                let e = self.stat_entry(name, EntryKind::File, &md, asked, entry.path());
                 match prev {
                     Some(p) if !self.opts.reread && unchanged(&p, &e) => {
                         // Its ctime is as before, so are its attributes (see the directory's above).
@@ -819,7 +866,7 @@ impl Walker<'_, '_> {
                         };
                         // Another name of a file read already, whose ctime says it has not changed since: its
                         // bytes are that name's (the link group is its device and inode).
-                        if !self.opts.reread && e.link.is_some_and(|g| self.read_links.get(&g) == Some(&read_as(&e))) {
+                        if !self.opts.reread && e.link.is_some_and(|g| self.read_links.get(&g) == Some(&read_as(&md))) {
                             self.count(status);
                             self.send(Event::Linked(e))?;
                             continue;
@@ -880,14 +927,15 @@ impl Walker<'_, '_> {
                 Ok(f) => f,
                 Err(e) => return self.skip(path, rel, e).map(|()| None),
             };
+            let asked = crate::fileclock::coarse_now();
             let before = f.metadata().map_err(|e| Error::io(path, e))?;
-            let mut entry = entry_from(entry.name.clone(), EntryKind::File, &before);
+            let mut entry = self.stat_entry(entry.name.clone(), EntryKind::File, &before, asked, path);
             entry.size = before.len();
             let Some(xattrs) = self.xattrs_or_skip(On::Fd(f.as_fd()), path, rel)? else {
                 return Ok(None);
             };
             entry.xattrs = xattrs;
-            let read_as_was = (entry.link, read_as(&entry));
+            let read_as_was = (entry.link, read_as(&before));
             self.send(Event::FileStart(entry))?;
             let read = self.chunks_file(&f, before.len(), prior.as_ref()).map_err(|e| Error::io(path, e));
             if let Some(e) = self.failed.take() {
@@ -915,6 +963,8 @@ impl Walker<'_, '_> {
                 && after.len() == before.len()
                 && after.mtime() == before.mtime()
                 && after.mtime_nsec() == before.mtime_nsec()
+                && after.ctime() == before.ctime()
+                && after.ctime_nsec() == before.ctime_nsec()
                 && after.ino() == before.ino()
             {
                 self.send(Event::FileEnd)?;
@@ -1937,5 +1987,24 @@ mod tests {
         ];
         let keys: std::collections::HashSet<String> = paths.iter().map(|p| key(p)).collect();
         assert_eq!(keys.len(), paths.len(), "{keys:?}");
+    }
+
+    /// `..` is resolved where the kernel resolves it: after a symlink, beside the link's target. Two
+    /// directories never share a key through it, while a path without `..` keeps its symlinks.
+    #[test]
+    fn a_dotdot_after_a_symlink_keys_the_directory_it_reaches() {
+        let t = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(t.path()).unwrap();
+        for d in ["a/run", "b/x", "b/run"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::os::unix::fs::symlink("../b/x", root.join("a/x")).unwrap();
+        let key = |p: &str| super::path_key(root.join(p)).unwrap();
+        assert_eq!(key("a/run"), root.join("a/run").to_str().unwrap());
+        assert_eq!(key("a/x/../run"), root.join("b/run").to_str().unwrap());
+        assert_eq!(key("a/run/../run/"), key("a/run"));
+        // Without `..`, by the letters: a link's own name stays in the key.
+        std::os::unix::fs::symlink("b", root.join("current")).unwrap();
+        assert_eq!(key("current/run"), root.join("current/run").to_str().unwrap());
     }
 }

@@ -108,16 +108,38 @@ pub(crate) fn names(dir: &OwnedFd) -> io::Result<Vec<std::ffi::OsString>> {
 }
 
 /// Removes whatever is at `name` in `dir`: a file or symlink (never what it points to), or a directory with
-/// everything in it, each level through a handle on it.
-pub(crate) fn remove(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
+/// everything in it, each level through a handle on it. A directory that is `spare` (its device and inode:
+/// the repository's, reached through a bind mount or a second mount of its disk, where a path says nothing)
+/// stops the removal with a [`Spared`] error, before anything in it goes.
+pub(crate) fn remove(dir: &OwnedFd, name: &OsStr, spare: Option<(u64, u64)>) -> io::Result<()> {
     match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
-        Err(rustix::io::Errno::ISDIR | rustix::io::Errno::PERM) if lstat(dir, name)?.is_dir() => remove_tree(dir, name),
+        Err(rustix::io::Errno::ISDIR | rustix::io::Errno::PERM) if lstat(dir, name)?.is_dir() => {
+            remove_tree(dir, name, spare)
+        }
         r => Ok(r?),
     }
 }
 
-fn remove_tree(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
+/// Why [`remove`] stopped: the directory it met is the one to spare.
+#[derive(Debug)]
+pub(crate) struct Spared;
+
+impl std::fmt::Display for Spared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the repository is there")
+    }
+}
+
+impl std::error::Error for Spared {}
+
+fn remove_tree(dir: &OwnedFd, name: &OsStr, spare: Option<(u64, u64)>) -> io::Result<()> {
     let sub = open(dir, name, OFlags::RDONLY | OFlags::DIRECTORY)?;
+    if let Some(spare) = spare {
+        let st = rustix::fs::fstat(&sub)?;
+        if (st.st_dev, st.st_ino) == spare {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, Spared));
+        }
+    }
     for entry in rustix::fs::Dir::read_from(&sub)? {
         let entry = entry?;
         let child = OsStr::from_bytes(entry.file_name().to_bytes());
@@ -129,7 +151,7 @@ fn remove_tree(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
             FileType::Unknown => lstat(&sub, child)?.is_dir(),
             _ => false,
         };
-        if is_dir { remove_tree(&sub, child)? } else { rustix::fs::unlinkat(&sub, child, AtFlags::empty())? }
+        if is_dir { remove_tree(&sub, child, spare)? } else { rustix::fs::unlinkat(&sub, child, AtFlags::empty())? }
     }
     Ok(rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?)
 }
@@ -138,6 +160,20 @@ fn remove_tree(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::fs;
+
+    /// The directory to spare stops a removal before anything in it goes, however deep it is met.
+    #[test]
+    fn remove_stops_at_the_directory_to_spare() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(t.path().join("tree/a/repo")).unwrap();
+        fs::write(t.path().join("tree/a/repo/catalog.db"), b"precious").unwrap();
+        let md = fs::metadata(t.path().join("tree/a/repo")).unwrap();
+        let dir = open_dir(t.path()).unwrap();
+        let err = remove(&dir, OsStr::new("tree"), Some((md.dev(), md.ino()))).unwrap_err();
+        assert!(err.get_ref().is_some_and(|e| e.is::<Spared>()), "{err:?}");
+        assert_eq!(fs::read(t.path().join("tree/a/repo/catalog.db")).unwrap(), b"precious");
+    }
 
     /// A tree is removed whole; a symlink is removed, never followed, whether to a file or a directory.
     #[test]
@@ -159,7 +195,7 @@ mod tests {
         assert!(lstat(&dir, OsStr::new("link-file")).unwrap().file_type().is_symlink());
         assert!(open(&dir, OsStr::new("link-file"), OFlags::RDONLY).is_err(), "a symlink is not opened");
         for name in ["tree", "link-file", "plain"] {
-            remove(&dir, OsStr::new(name)).unwrap();
+            remove(&dir, OsStr::new(name), None).unwrap();
         }
         assert!(names(&dir).unwrap().is_empty());
         assert_eq!(fs::read(outside.join("keep")).unwrap(), b"kept");

@@ -51,6 +51,42 @@ impl Boundary {
     }
 }
 
+/// The coarse clock's present, which every ctime set from now on is at or after (the kernel stamps from it,
+/// or from the fine clock, which is ahead of it).
+pub(crate) fn coarse_now() -> i64 {
+    ns(clock_gettime(ClockId::RealtimeCoarse))
+}
+
+/// Whether a file whose ctime is `ctime_ns`, seen by a stat asked for after `start` (a [`coarse_now`]
+/// reading), could change after that stat and keep its ctime: its ctime lies in the granule of its filesystem
+/// that `start` falls in, or later, so a change within that granule gets the same one. Such a stat vouches for
+/// nothing later (git's "racily clean" entries). The granularity is guessed from the ctime itself, so a
+/// filesystem of coarse timestamps mounted inside a fine one is judged by its own.
+pub(crate) fn may_change_unseen(ctime_ns: i64, start: i64) -> bool {
+    let granule = granularity_of(ctime_ns.rem_euclid(1_000_000_000));
+    ctime_ns >= start - start.rem_euclid(granule)
+}
+
+/// Whether the filesystem holding `path` gets multigrain timestamps from this kernel (Linux 6.13 and later,
+/// for ext4, XFS, btrfs and tmpfs): once a stat has seen a file's ctime, its next change gets a fine-grained
+/// one, so no change after a stat can keep the ctime the stat saw, and [`may_change_unseen`] need not be
+/// asked there. Where it cannot tell, no.
+pub(crate) fn multigrain(path: &Path) -> bool {
+    static KERNEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let kernel = *KERNEL.get_or_init(|| {
+        let release = rustix::system::uname().release().to_string_lossy().into_owned();
+        let mut parts = release.split(|c: char| !c.is_ascii_digit()).map(|p| p.parse::<u32>().unwrap_or(0));
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (6, 13)
+    });
+    const EXT4: i64 = 0xEF53;
+    const XFS: i64 = 0x5846_5342;
+    const BTRFS: i64 = 0x9123_683E;
+    const TMPFS: i64 = 0x0102_1994;
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    let fs = rustix::fs::statfs(path).map(|s| s.f_type as i64);
+    kernel && fs.is_ok_and(|t| [EXT4, XFS, BTRFS, TMPFS].contains(&t))
+}
+
 /// A granularity at least as coarse as the filesystem's at `sample`, guessed from the nanoseconds of its
 /// ctime: the largest power of ten they are a multiple of (a filesystem of 1 ns shows most of them, rarely
 /// a round number, which only makes the guess safer), 2 s where they are zero (FAT), 1 ns if it cannot be
@@ -76,6 +112,22 @@ fn granularity_of(nsec: i64) -> i64 {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_ctime_in_the_granule_the_commit_started_in_may_change_unseen() {
+        let start = 1_700_000_000_123_456_789;
+        // 1 ns timestamps (a ctime that is no round number): only a ctime at or after the start.
+        assert!(!may_change_unseen(start - 1, start));
+        assert!(may_change_unseen(start, start));
+        assert!(may_change_unseen(start + 5, start));
+        // 1 s timestamps show whole seconds: the whole second the start falls in.
+        let second = 1_700_000_000_000_000_000;
+        assert!(may_change_unseen(second, start));
+        assert!(!may_change_unseen(second - 1_000_000_000, start));
+        // A round number of milliseconds is taken as millisecond timestamps: the millisecond of the start.
+        assert!(may_change_unseen(1_700_000_000_123_000_000, start));
+        assert!(!may_change_unseen(1_700_000_000_122_000_000, start));
+    }
 
     #[test]
     fn granularity_is_guessed_from_round_nanoseconds() {

@@ -85,7 +85,7 @@ pub struct GcSummary {
     /// Packs due for a rewrite but left as they are because they are damaged (missing, an index that does
     /// not match the catalog, or live blobs that fail their check: those stay, the sound ones moved).
     /// Everything else was collected; `verify` says what the damage reaches.
-    pub packs_damaged: Vec<crate::verify::DamagedPack>,
+    pub damaged_packs: Vec<crate::verify::DamagedPack>,
     /// Bytes of pack storage freed, net of rewritten packs.
     pub bytes_freed: u64,
     /// For a repository in a bucket: commits running anywhere (this machine included) when GC was about to
@@ -481,7 +481,7 @@ fn collect(
             None => s.packs_rewritten += 1,
             // Left as it is, the pack keeps its file and the rows of what could not be copied; every other
             // pack is still collected.
-            Some(problem) => s.packs_damaged.push(crate::verify::DamagedPack { pack: p.name.clone(), problem }),
+            Some(problem) => s.damaged_packs.push(crate::verify::DamagedPack { pack: p.name.clone(), problem }),
         }
     }
     for pack in packer.finish()? {

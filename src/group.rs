@@ -81,13 +81,29 @@ pub struct Group {
     /// How many parts it has when complete.
     pub parts: u32,
     /// The commit time of its earliest part (of all ever recorded, replaced ones included), in ns since the
-    /// Unix epoch: the same on every machine that applied the same parts, whenever it synced.
+    /// Unix epoch: the same on every machine that applied the same parts, whenever it synced. In JSON also as
+    /// `created`, in RFC 3339.
+    #[serde(flatten, serialize_with = "crate::checkpoint::json_time::created_ns")]
     pub created_ns: i64,
     /// Once every part is in, the latest commit time of its parts: the same on every machine, whatever order
-    /// it learned of them in.
+    /// it learned of them in. In JSON also as `complete`, in RFC 3339 (both null while parts are missing).
+    #[serde(flatten, serialize_with = "crate::checkpoint::json_time::complete_ns")]
     pub complete_ns: Option<i64>,
-    /// The parts in, by index.
+    /// The parts in, by index. In JSON each is its checkpoint with the part's index as `part`.
+    #[serde(serialize_with = "members_json")]
     pub members: Vec<(u32, Checkpoint)>,
+}
+
+/// A group's parts as JSON objects rather than `[index, checkpoint]` pairs, which a script would have to
+/// index by position.
+fn members_json<S: serde::Serializer>(members: &[(u32, Checkpoint)], s: S) -> Result<S::Ok, S::Error> {
+    #[derive(serde::Serialize)]
+    struct Member<'a> {
+        part: u32,
+        #[serde(flatten)]
+        checkpoint: &'a Checkpoint,
+    }
+    s.collect_seq(members.iter().map(|(part, checkpoint)| Member { part: *part, checkpoint }))
 }
 
 impl Group {

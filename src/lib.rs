@@ -71,7 +71,7 @@ use std::sync::Arc;
 pub use backend::{Backend, LocalBackend, MemoryBackend};
 pub use catalog::{Catalog, CatalogStats, ChunkLocation, SCHEMA_VERSION};
 pub use checkout::{CheckoutOptions, CheckoutSummary};
-pub use checkpoint::{Checkpoint, SHORT_ID_LEN, format_utc};
+pub use checkpoint::{Checkpoint, SHORT_ID_LEN, format_rfc3339, format_utc};
 pub use checkpointer::{Checkpointer, CheckpointerOptions, Persisted, Restored, Schedule};
 pub use chunker::Chunker;
 pub use commit::{CommitOptions, CommitSummary, VANISHED, path_key};
@@ -87,7 +87,7 @@ pub use reader::FileReader;
 pub use remote::SyncSummary;
 pub use repair::{CheckpointState, RepairReport};
 pub use retention::{Decision, Plan, Policy, UNLIMITED, parse_count, parse_duration};
-pub use tree::{Entry, EntryKind, Owner, Xattr, decode_tree, encode_tree, validate_name};
+pub use tree::{Entry, EntryKind, Owner, Xattr, decode_tree, encode_tree, tree_id, validate_name};
 pub use verify::{
     AffectedCheckpoint, AffectedFile, DamagedChunk, DamagedObject, DamagedPack, DataSubset, VerifyOptions, VerifyReport,
 };
@@ -323,6 +323,8 @@ impl Repository {
     /// ```
     pub fn open_or_init(path: impl AsRef<Path>) -> Result<(Self, bool)> {
         match Self::open(&path) {
+            // A file where the repository should be: said as `open` says it, not as a failed `mkdir`.
+            Err(e @ Error::NoRepository(_)) if path.as_ref().metadata().is_ok_and(|m| !m.is_dir()) => Err(e),
             Err(Error::NoRepository(_)) => match Self::init(&path) {
                 Ok(repo) => Ok((repo, true)),
                 // Another process created it a moment ago.

@@ -144,7 +144,7 @@ pub(crate) fn encode(batch: &Batch) -> Result<Vec<u8>> {
         w.str(&c.host);
         w.str(&c.path);
         w.id(&cp.root);
-        for v in [c.files, c.dirs, c.symlinks, c.logical_bytes, c.new_bytes, c.stored_bytes, c.skipped] {
+        for v in [c.files, c.dirs, c.symlinks, c.logical_bytes, c.bytes_new, c.bytes_stored, c.skipped] {
             w.u64(v);
         }
         w.u32(c.tags.len() as u32);
@@ -249,8 +249,8 @@ pub(crate) fn decode(data: &[u8]) -> Result<Batch> {
                     dirs: v[1],
                     symlinks: v[2],
                     logical_bytes: v[3],
-                    new_bytes: v[4],
-                    stored_bytes: v[5],
+                    bytes_new: v[4],
+                    bytes_stored: v[5],
                     skipped: v[6],
                 };
                 b.checkpoint = Some(NewCheckpoint { record, root, skipped, group, xattrs: false });
@@ -358,8 +358,8 @@ mod tests {
             dirs: 2,
             symlinks: 3,
             logical_bytes: 4,
-            new_bytes: 5,
-            stored_bytes: 6,
+            bytes_new: 5,
+            bytes_stored: 6,
             skipped: 1,
         };
         Batch {

@@ -58,7 +58,8 @@ pub struct CheckpointState {
     pub id: String,
     /// The committed path.
     pub path: String,
-    /// Commit time, nanoseconds since the Unix epoch.
+    /// Commit time, nanoseconds since the Unix epoch (and `time` in RFC 3339 in JSON).
+    #[serde(flatten, serialize_with = "crate::checkpoint::json_time::time_ns")]
     pub time_ns: i64,
     /// Everything it reaches is in the catalog and the chunk index.
     pub whole: bool,
@@ -104,7 +105,7 @@ pub struct RepairReport {
     pub data_read: bool,
     /// Blobs whose bytes do not match their chunk id, left out of the index (the row re-pointed to a sound
     /// copy, or removed so that the next commit of the same data stores the chunk afresh).
-    pub chunks_damaged: u64,
+    pub damaged_chunks_total: u64,
     /// Those blobs (at most 1000 listed).
     pub damaged_chunks: Vec<crate::verify::DamagedChunk>,
     /// Every checkpoint, newest first, whole or damaged.
@@ -320,7 +321,7 @@ fn rebuild(
         }
     }
     if drop_bad {
-        report.chunks_damaged = tx.execute(
+        report.damaged_chunks_total = tx.execute(
             "DELETE FROM temp.r_scan WHERE EXISTS
                  (SELECT 1 FROM temp.v_bad_chunk b WHERE b.id = r_scan.id AND b.pack = r_scan.pack)",
             [],

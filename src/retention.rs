@@ -172,7 +172,8 @@ pub struct Plan {
 pub struct Decision {
     /// The checkpoint's full id.
     pub id: String,
-    /// Its commit time, nanoseconds since the Unix epoch.
+    /// Its commit time, nanoseconds since the Unix epoch (and `time` in RFC 3339 in JSON).
+    #[serde(flatten, serialize_with = "crate::checkpoint::json_time::time_ns")]
     pub time_ns: i64,
     /// Its host.
     pub host: String,
@@ -549,8 +550,8 @@ mod tests {
             dirs: 0,
             symlinks: 0,
             logical_bytes: 0,
-            new_bytes: 0,
-            stored_bytes: 0,
+            bytes_new: 0,
+            bytes_stored: 0,
             skipped: 0,
         }
     }

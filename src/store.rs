@@ -212,6 +212,18 @@ impl ChunkReader {
             match read {
                 Ok(()) => {}
                 Err(RunError::Handler(e)) => return Err(e),
+                // Packs are published whole and never written again, so one shorter than its catalog rows
+                // say is damaged, as verify says too; not a failure that a retry might get past.
+                Err(RunError::Read(n, e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    let l = &locs[i + n];
+                    let why = format!(
+                        "pack {} is cut short: chunk {} at offset {} is not all there",
+                        l.pack,
+                        refs[i + n].id,
+                        l.offset
+                    );
+                    return Err((i + n, Error::corrupt(why)));
+                }
                 Err(RunError::Read(n, e)) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err((i + n, Error::backend(&locs[i].pack, e)));
                 }

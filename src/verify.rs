@@ -186,7 +186,8 @@ pub struct AffectedCheckpoint {
     pub id: String,
     /// The committed path.
     pub path: String,
-    /// Commit time, nanoseconds since the Unix epoch.
+    /// Commit time, nanoseconds since the Unix epoch (and `time` in RFC 3339 in JSON).
+    #[serde(flatten, serialize_with = "crate::checkpoint::json_time::time_ns")]
     pub time_ns: i64,
     /// Files and directories of this checkpoint that cannot be restored whole.
     pub files: u64,

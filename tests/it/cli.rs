@@ -353,7 +353,24 @@ fn json_output_of_every_command() {
     assert_eq!(list[1]["files"], 2);
     assert_eq!(list[1]["logical_bytes"], 200_006);
     assert!(list[1]["time_ns"].as_i64().unwrap() > 1_600_000_000_000_000_000);
+    // One name per quantity in every command: what commit said, log says the same way.
+    for (c, listed) in [(&c1, &list[1]), (&c2, &list[0])] {
+        for key in ["id", "parent", "time_ns", "time", "logical_bytes", "bytes_new", "bytes_stored"] {
+            assert_eq!(c[key], listed[key], "{key}: commit said {c}, log says {listed}");
+        }
+    }
+    // The exact time as text too, since readers that hold numbers as doubles round time_ns.
+    let time = list[1]["time"].as_str().unwrap();
+    assert_eq!(time, snapstore::format_rfc3339(list[1]["time_ns"].as_i64().unwrap()));
+    assert!(time.len() == 30 && time.ends_with('Z') && time.as_bytes()[10] == b'T', "{time}");
     assert_eq!(json(&sx(&repo, &["--json", "log", "-n", "1"])).as_array().unwrap().len(), 1);
+
+    // --skip-unchanged: nothing changed, so no checkpoint; the latest one's id and time, `unchanged`.
+    let c3 = json(&sx(&repo, &["--json", "commit", p(&src), "--skip-unchanged"]));
+    assert_eq!((c3["unchanged"].as_bool(), c3["id"].as_str()), (Some(true), Some(id2.as_str())), "{c3}");
+    assert_eq!(c3["time"], list[0]["time"]);
+    assert_eq!(sx(&repo, &["commit", p(&src), "--skip-unchanged", "-q"]).trim(), id2);
+    assert_eq!(json(&sx(&repo, &["--json", "log"])).as_array().unwrap().len(), 2, "no checkpoint was made");
 
     // show
     let show = json(&sx(&repo, &["--json", "show", &id1[..8]]));
@@ -398,7 +415,7 @@ fn json_output_of_every_command() {
     assert_eq!(co["files"], 2);
     assert_eq!(co["dirs"], 1);
     assert_eq!(co["symlinks"], 0);
-    assert_eq!(co["bytes"], 200_006);
+    assert_eq!(co["logical_bytes"], 200_006);
     assert!(co["seconds"].is_number());
     assert_same_tree(&src, &dest, true);
 
@@ -418,8 +435,12 @@ fn json_output_of_every_command() {
         assert!(o.stdout.is_empty(), "{args:?}");
         let err = json(&text(&o.stderr));
         assert_eq!(err["exit_code"], 2, "{err}");
-        assert!(err["hint"].as_str().unwrap().contains("Usage:"), "{err}");
+        // What went wrong and what to do, without the usage text and pointer meant for a terminal.
+        assert!(!err["hint"].as_str().unwrap().is_empty(), "{err}");
+        assert!(!err.to_string().contains("Usage:") && !err.to_string().contains("For more information"), "{err}");
     }
+    let err = json(&text(&run(&repo, &["--json", "comit"]).stderr));
+    assert_eq!(err["hint"], "a similar subcommand exists: 'commit'", "{err}");
     assert!(ok(run(&repo, &["--json", "tag", "--help"]), "tag --help").contains("--remove"));
 }
 
@@ -460,7 +481,7 @@ fn spellings_of_one_path_are_one_series() {
     for spelling in &spellings {
         assert_eq!(listed(&["--path", spelling]), newest_first, "log --path {spelling}");
     }
-    assert_eq!(listed(&["--path", "stdin:m.bin"]), [stream.clone()]);
+    assert_eq!(listed(&["--path", "stdin:m.bin"]), std::slice::from_ref(&stream));
     assert_eq!(
         listed(&["--path", "stdin:m.bin", "--path", &spellings[0], "-n", "2"]),
         [stream.clone(), ids[2].clone()]
@@ -515,7 +536,12 @@ fn tag_takes_add_or_remove_and_refuses_a_tag_in_both() {
     sx(&repo, &["tag", &id[..8], "--remove", "old"]);
     let err = sx_fail(&repo, &["tag", &id[..8], "--add", "x", "--remove", "x"], 2);
     assert!(err.contains("both added and removed"), "{err}");
-    sx(&repo, &["tag", &id[..8], "--add", "keep"]);
+    // JSON says what changed: a tag to remove that was not there is not in `removed`.
+    let t = json(&sx(&repo, &["--json", "tag", &id[..8], "--add", "keep", "--remove", "typo"]));
+    assert_eq!(
+        (&t["id"], &t["added"], &t["removed"]),
+        (&id.as_str().into(), &serde_json::json!(["keep"]), &serde_json::json!([]))
+    );
     assert_eq!(json(&sx(&repo, &["--json", "show", &id[..8]]))["checkpoint"]["tags"], serde_json::json!(["keep"]));
 }
 
@@ -551,6 +577,14 @@ fn names_that_are_not_utf8_stay_apart_and_print_as_json() {
     assert_ne!(show["checkpoint"]["path"], json(&sx(&repo, &["--json", "show", &first[..8]]))["checkpoint"]["path"]);
     sx(&repo, &["forget", "--keep-last", "1"]);
     assert_eq!(sx(&repo, &["log", "-q"]).lines().count(), 2, "retention merged two paths into one series");
+    // The key JSON shows for such a path names it back to `--path`.
+    let key = show["checkpoint"]["path"].as_str().unwrap();
+    assert!(key.starts_with("bytes:") && key.ends_with("job\\xfe"), "{key}");
+    let listed = json(&sx(&repo, &["--json", "log", "--path", key]));
+    assert_eq!(
+        listed.as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect::<Vec<_>>(),
+        [second.as_str()]
+    );
 
     let names: Vec<String> =
         show["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap().into()).collect();
@@ -1802,11 +1836,14 @@ fn a_lost_catalog_points_to_repair() {
     sx(&repo, &["init", "--chunk-size", "32", "--normalization", "0"]);
     sx(&repo, &["commit", p(&src)]);
 
-    // a --repo that is a file is no repository, not an I/O failure
+    // a --repo that is a file is no repository, not an I/O failure; nor for a commit, which would create one
     let file = tmp.path().join("plain-file");
     fs::write(&file, b"x").unwrap();
-    let err = fails(run(&file, &["log"]), 4, "log in a file");
-    assert!(err.contains("no snapstore repository"), "{err}");
+    for args in [&["log"][..], &["commit", p(&src)]] {
+        let err = fails(run(&file, args), 4, "a command in a file");
+        assert!(err.contains("no snapstore repository") && err.contains("that is a file"), "{args:?}: {err}");
+    }
+    assert_eq!(fs::read(&file).unwrap(), b"x");
 
     // packs without a catalog: `init` refuses the directory, so the hint names what rebuilds it
     fs::remove_file(repo.join("catalog.db")).unwrap();

@@ -285,13 +285,7 @@ fn audit(repo_dir: &Path) -> Audit {
     let segment_rows = ids("SELECT id FROM segments");
     let (mut trees, mut contents, mut segments, mut reach_chunks) =
         (HashSet::new(), HashSet::new(), HashSet::new(), HashSet::new());
-    let roots: Vec<(String, Vec<u8>)> = conn
-        .prepare("SELECT id, root FROM checkpoints")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let roots = crate::util::checkpoint_roots(conn);
     let mut tree_q = conn.prepare("SELECT data FROM trees WHERE id = ?1").unwrap();
     let mut content_q = conn.prepare("SELECT segments FROM contents WHERE id = ?1").unwrap();
     let mut segment_q = conn.prepare("SELECT data FROM segments WHERE id = ?1").unwrap();
@@ -1799,8 +1793,8 @@ fn a_damaged_small_pack_is_left_out_of_the_merge() {
     let out = run(repo.path(), &["--json", "gc"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(s["packs_damaged"][0]["pack"], damaged, "{s}");
-    assert_eq!(s["packs_damaged"].as_array().map(Vec::len), Some(1), "{s}");
+    assert_eq!(s["damaged_packs"][0]["pack"], damaged, "{s}");
+    assert_eq!(s["damaged_packs"].as_array().map(Vec::len), Some(1), "{s}");
     assert_eq!(s["packs_rewritten"], 11, "{s}");
     let left = pack_files();
     assert_eq!(left.len(), 2, "{left:?}");
@@ -1836,9 +1830,9 @@ fn a_damaged_pack_keeps_only_what_cannot_be_copied() {
     let out = run(repo.path(), &["--json", "gc"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(s["packs_damaged"][0]["pack"], damaged, "{s}");
+    assert_eq!(s["damaged_packs"][0]["pack"], damaged, "{s}");
     assert!(
-        s["packs_damaged"][0]["problem"].as_str().unwrap().contains("live blobs failing their hash or cut short: 1 of"),
+        s["damaged_packs"][0]["problem"].as_str().unwrap().contains("live blobs failing their hash or cut short: 1 of"),
         "{s}"
     );
     assert_eq!(rows_in(&damaged), 1, "only the damaged blob's row stays in the damaged pack");

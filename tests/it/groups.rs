@@ -47,7 +47,9 @@ fn parts_committed_at_once_with_one_killed_become_a_restore_point_only_when_retr
     for i in [0, 2] {
         assert!(outs[i].status.success(), "part {i}: {}", text(&outs[i].stderr));
         let v: serde_json::Value = serde_json::from_slice(&outs[i].stdout).unwrap();
-        ids.push(v["commit"]["id"].as_str().unwrap().to_string());
+        // A part's commit says what any commit says, where any commit says it, and its group beside that.
+        ids.push(v["id"].as_str().unwrap().to_string());
+        assert_eq!(v["group"]["name"], "step-100", "{v}");
     }
 
     // Not a restore point: listed as incomplete, not checked out, its parts not offered one by one.
@@ -56,6 +58,9 @@ fn parts_committed_at_once_with_one_killed_become_a_restore_point_only_when_retr
         (g["name"].as_str(), g["complete_ns"].is_null(), g["members"].as_array().unwrap().len()),
         (Some("step-100"), true, 2)
     );
+    let members: Vec<_> =
+        g["members"].as_array().unwrap().iter().map(|m| (m["part"].as_u64().unwrap(), m["id"].clone())).collect();
+    assert_eq!(members, [(0, ids[0].as_str().into()), (2, ids[1].as_str().into())], "{g}");
     let dest = t.path().join("restored");
     let o = run(&repo, &["checkout", "step-100", p(&dest)]);
     assert_eq!(o.status.code(), Some(4), "{}", text(&o.stderr));
@@ -71,13 +76,15 @@ fn parts_committed_at_once_with_one_killed_become_a_restore_point_only_when_retr
     let v: serde_json::Value = serde_json::from_str(&succeeded(&o, "retried part")).unwrap();
     assert!(v["group"]["complete_ns"].is_i64(), "{v}");
     // Its own 1 MiB is new; of the 2 MiB shared file at most the chunks cut across its edges.
-    assert!(
-        v["commit"]["bytes_new"].as_u64().unwrap() < (1 << 20) + (256 << 10),
-        "the shared file was stored again: {v}"
-    );
-    succeeded(&run(&repo, &["checkout", "step-100", p(&dest)]), "checkout of the complete group");
+    assert!(v["bytes_new"].as_u64().unwrap() < (1 << 20) + (256 << 10), "the shared file was stored again: {v}");
+    let o = run(&repo, &["--json", "checkout", "step-100", p(&dest)]);
+    let v: serde_json::Value = serde_json::from_str(&succeeded(&o, "checkout of the complete group")).unwrap();
     for (i, d) in dirs.iter().enumerate() {
-        assert_same_tree(d, &dest.join(format!("part-{i}")), true);
+        let to = dest.join(format!("part-{i}"));
+        assert_same_tree(d, &to, true);
+        let part = &v["parts"][i];
+        assert_eq!((part["part"].as_u64(), part["dest"].as_str()), (Some(i as u64), Some(p(&to))), "{v}");
+        assert!(part["files"].as_u64().unwrap() > 0, "{v}");
     }
     assert!(text(&run(&repo, &["log"]).stdout).contains("group step-100"));
     succeeded(&run(&repo, &["-q", "verify", "--read-data"]), "verify");

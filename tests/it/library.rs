@@ -1066,15 +1066,22 @@ fn corrupt_chunk_of_a_single_file_checkpoint_names_the_file() {
     );
 }
 
-#[test]
-fn missing_pack_gives_a_clear_error() {
-    let t = tmp();
+/// The corruption tree committed: its source, the repository, the commit, and the pack holding the victim's
+/// first chunk (relative to the repository).
+fn victim_committed(t: &tempfile::TempDir) -> (PathBuf, Repository, CommitSummary, String) {
     let src = t.path().join("src");
     let victim = build_corruption_tree(&src);
     let repo = Repository::init(t.path().join("repo")).unwrap();
     let s = commit(&repo, &src);
     let id = chunk_ids(&repo, &victim)[0];
     let pack = repo.catalog().unwrap().chunk_location(&id).unwrap().unwrap().pack;
+    (src, repo, s, pack)
+}
+
+#[test]
+fn missing_pack_gives_a_clear_error() {
+    let t = tmp();
+    let (src, repo, s, pack) = victim_committed(&t);
     fs::remove_file(repo.path().join(&pack)).unwrap();
 
     let repo = Repository::open(repo.path()).unwrap();
@@ -1098,15 +1105,76 @@ fn missing_pack_gives_a_clear_error() {
     assert_no_wrong_file(&src, &dest);
 }
 
+/// A pack cut short (a torn copy, a bad sector's read) is damage, as verify calls it: the file it breaks is
+/// named, and it is not taken for an I/O failure that a retry might get past.
+#[test]
+fn a_truncated_pack_is_damage_that_names_the_file() {
+    let t = tmp();
+    let (_, repo, s, pack) = victim_committed(&t);
+    let pack = repo.path().join(pack);
+    let len = fs::metadata(&pack).unwrap().len();
+    OpenOptions::new().write(true).open(&pack).unwrap().set_len(len / 2).unwrap();
+
+    let dest = t.path().join("dest");
+    let err = repo.checkout(&s.id, &dest, &CheckoutOptions::default()).unwrap_err();
+    assert!(err.is_corruption(), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("src/") && msg.contains("cut short"), "names neither the file nor the damage: {msg}");
+    // The file written last sits in the half cut off.
+    let o = crate::util::run(repo.path(), &["cat", &s.id, "z-last.bin"]);
+    assert_eq!(o.status.code(), Some(3), "{}", crate::util::text(&o.stderr));
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // 6. Hostile catalog
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Renames the entry `from` to `to` in place, keeping the tree's names sorted so that only the name itself is
-/// hostile; `in_root` limits it to the checkpoint's root tree. Returns how many entries were renamed.
-fn rename_entry(conn: &rusqlite::Connection, root_tree: &[u8], in_root: bool, from: &[u8], to: &[u8]) -> usize {
+/// A tree altered in place (a flipped bit, which SQLite keeps no checksums to see) no longer hashes to its id:
+/// checkout, walks and reads report damage, as verify does, instead of restoring a file under another name
+/// or a symlink pointing elsewhere.
+#[test]
+fn a_tree_altered_in_place_is_damage_not_another_tree() {
+    let t = tmp();
+    let src = t.path().join("src");
+    write(&src.join("config.yaml"), b"key: value");
+    symlink("/etc/passwd", src.join("link")).unwrap();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let s = commit(&repo, &src);
+    let altered = crate::util::edit_trees(repo.catalog().unwrap().connection(), |_, entries| {
+        let mut any = false;
+        for e in entries.iter_mut() {
+            if e.name == b"config.yaml" {
+                e.name = b"config.xaml".to_vec();
+                any = true;
+            }
+            if e.name == b"link" {
+                e.target = b"/etc/qasswd".to_vec();
+                any = true;
+            }
+        }
+        any
+    });
+    assert_eq!(altered, 1);
+
+    let dest = t.path().join("dest");
+    let err = repo.checkout(&s.id, &dest, &CheckoutOptions::default()).unwrap_err();
+    assert!(err.is_corruption() && err.to_string().contains("does not match its id"), "{err:?}");
+    assert!(!dest.join("config.xaml").exists() && fs::symlink_metadata(dest.join("link")).is_err());
+    assert!(repo.walk(&s.id, |_| Ok(())).unwrap_err().is_corruption());
+    for args in [&["cat", &s.id, "config.yaml"][..], &["ls", &s.id]] {
+        let o = crate::util::run(repo.path(), args);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {}", crate::util::text(&o.stderr));
+    }
+}
+
+/// Renames the entry `from` to `to`, forging the catalog (trees stored under the ids of what they now hold),
+/// keeping the tree's names sorted so that only the name itself is hostile; `in_root` limits it to the root
+/// tree of `checkpoint`. Returns how many entries were renamed.
+fn rename_entry(conn: &rusqlite::Connection, checkpoint: &str, in_root: bool, from: &[u8], to: &[u8]) -> usize {
+    let root_tree: Vec<u8> =
+        conn.query_row("SELECT root FROM checkpoints WHERE id = ?1", [checkpoint], |r| r.get(0)).unwrap();
     let mut renamed = 0;
-    crate::util::edit_trees(conn, |id, entries| {
+    crate::util::forge_trees(conn, |id, entries| {
         if in_root && id != root_tree {
             return false;
         }
@@ -1138,7 +1206,7 @@ fn a_link_group_joins_only_names_that_match() {
     File::options().write(true).open(src.join("c")).unwrap().set_modified(a_mtime).unwrap();
     let s = commit(&repo, &src);
     let catalog = repo.catalog().unwrap();
-    let grouped = crate::util::edit_trees(catalog.connection(), |_, entries| {
+    let grouped = crate::util::forge_trees(catalog.connection(), |_, entries| {
         let mut any = false;
         for e in entries.iter_mut().filter(|e| [&b"a"[..], b"b", b"c", b"d", b"l"].contains(&e.name.as_slice())) {
             e.link = Some(42);
@@ -1171,8 +1239,6 @@ fn hostile_names_in_the_catalog_are_refused() {
     let s = commit(&repo, &src);
     let catalog = repo.catalog().unwrap();
     let conn = catalog.connection();
-    let root_tree: Vec<u8> =
-        conn.query_row("SELECT root FROM checkpoints WHERE id = ?1", [&s.id], |r| r.get(0)).unwrap();
 
     let abs_target = t.path().join("abs-escape");
     let abs_name = abs_target.as_os_str().as_bytes().to_vec();
@@ -1191,7 +1257,7 @@ fn hostile_names_in_the_catalog_are_refused() {
         ("root", b"src", b"..".to_vec()),
     ];
     for (i, (what, old, new)) in cases.iter().enumerate() {
-        let changed = rename_entry(conn, &root_tree, *what == "root", old, new);
+        let changed = rename_entry(conn, &s.id, *what == "root", old, new);
         assert_eq!(changed, 1, "case {i}: tampering changed {changed} rows");
 
         let out = t.path().join(format!("out-{i}"));
@@ -1213,7 +1279,7 @@ fn hostile_names_in_the_catalog_are_refused() {
             ["src", "repo"].into_iter().map(OsString::from).chain((0..=i).map(|k| format!("out-{k}").into())).collect();
         assert_eq!(top, expected, "case {i}: stray files beside the destination");
 
-        let restored = rename_entry(conn, &root_tree, *what == "root", new, old);
+        let restored = rename_entry(conn, &s.id, *what == "root", new, old);
         assert_eq!(restored, 1);
     }
     // Untampered again, the checkpoint checks out.

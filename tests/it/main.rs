@@ -3,6 +3,7 @@
 mod catalog_eio;
 mod checkpointer;
 mod cli;
+mod coarse_time;
 mod crash;
 mod diff;
 mod fault_points;

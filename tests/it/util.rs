@@ -247,6 +247,73 @@ pub fn edit_trees(
     changed
 }
 
+/// Rewrites trees as someone forging the catalog would: `edit` changes a tree's entries and says whether it
+/// did; each changed tree, and every tree above it, is stored again under the id its new entries hash to, and
+/// checkpoints point at their new roots. The tree ids then vouch for the forgery, so what stops it is the
+/// checks on what the entries say. Returns how many trees `edit` changed.
+pub fn forge_trees(
+    conn: &rusqlite::Connection,
+    mut edit: impl FnMut(&[u8], &mut Vec<snapstore::Entry>) -> bool,
+) -> usize {
+    use std::collections::HashMap;
+    let mut trees: HashMap<Vec<u8>, Vec<snapstore::Entry>> =
+        tree_rows(conn).into_iter().map(|(id, data)| (id, snapstore::decode_tree(&data).unwrap())).collect();
+    let mut changed = 0;
+    for (id, entries) in trees.iter_mut() {
+        changed += usize::from(edit(id, entries));
+    }
+    fn rekey(
+        id: &[u8],
+        trees: &HashMap<Vec<u8>, Vec<snapstore::Entry>>,
+        done: &mut HashMap<Vec<u8>, Vec<u8>>,
+    ) -> Vec<u8> {
+        if let Some(new) = done.get(id) {
+            return new.clone();
+        }
+        let mut entries = trees[id].clone();
+        for e in &mut entries {
+            if e.kind == snapstore::EntryKind::Dir && trees.contains_key(&e.target) {
+                e.target = rekey(&e.target.clone(), trees, done);
+            }
+        }
+        let new = snapstore::tree_id(&entries).0.to_vec();
+        done.insert(id.to_vec(), new.clone());
+        new
+    }
+    let mut done = HashMap::new();
+    let ids: Vec<Vec<u8>> = trees.keys().cloned().collect();
+    for id in &ids {
+        rekey(id, &trees, &mut done);
+    }
+    let roots = checkpoint_roots(conn);
+    // Old rows out first: a forged tree may hash to what another tree's old id was.
+    for id in ids.iter().filter(|id| done[*id] != **id) {
+        conn.execute("DELETE FROM trees WHERE id = ?1", [id]).unwrap();
+    }
+    for id in &ids {
+        let mut entries = trees[id].clone();
+        for e in &mut entries {
+            if let Some(new) = done.get(&e.target).filter(|_| e.kind == snapstore::EntryKind::Dir) {
+                e.target = new.clone();
+            }
+        }
+        let data = snapstore::encode_tree(&entries);
+        conn.execute("INSERT OR REPLACE INTO trees (id, data) VALUES (?1, ?2)", (&done[id], data)).unwrap();
+    }
+    for (checkpoint, root) in roots {
+        if let Some(new) = done.get(&root) {
+            conn.execute("UPDATE checkpoints SET root = ?1 WHERE id = ?2", (new, &checkpoint)).unwrap();
+        }
+    }
+    changed
+}
+
+/// Every checkpoint's id and root tree id.
+pub fn checkpoint_roots(conn: &rusqlite::Connection) -> Vec<(String, Vec<u8>)> {
+    let mut stmt = conn.prepare("SELECT id, root FROM checkpoints").unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+}
+
 /// Every tree row: its id and encoded entries.
 fn tree_rows(conn: &rusqlite::Connection) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut stmt = conn.prepare("SELECT id, data FROM trees").unwrap();

@@ -246,39 +246,15 @@ fn attributes_are_read_where_the_parent_did_not_record_them() {
 }
 
 /// Makes every checkpoint in the catalog look committed by a build before schema 11: its trees without
-/// attributes, moved to other ids (so that a new commit's trees, which have them, are not taken for stored
-/// already), and its flag cleared.
+/// attributes (stored under the ids of what they then hold, which a new commit's trees, with attributes, do
+/// not share), and its flag cleared.
 fn make_old(catalog: &Path) {
     let conn = rusqlite::Connection::open(catalog).unwrap();
-    let rows: Vec<(Vec<u8>, Vec<u8>)> = conn
-        .prepare("SELECT id, data FROM trees")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let moved = |id: &[u8]| -> Vec<u8> {
-        let mut h = blake3::Hasher::new();
-        h.update(b"old ");
-        h.update(id);
-        h.finalize().as_bytes().to_vec()
-    };
-    let ids: Vec<Vec<u8>> = rows.iter().map(|(id, _)| id.clone()).collect();
-    for (id, data) in &rows {
-        let mut entries = snapstore::decode_tree(data).unwrap();
-        for e in &mut entries {
-            e.xattrs.clear();
-            if e.kind == snapstore::EntryKind::Dir && ids.contains(&e.target) {
-                e.target = moved(&e.target);
-            }
-        }
-        conn.execute("DELETE FROM trees WHERE id = ?1", [id]).unwrap();
-        conn.execute("INSERT INTO trees (id, data) VALUES (?1, ?2)", (moved(id), snapstore::encode_tree(&entries)))
-            .unwrap();
-    }
-    for id in &ids {
-        conn.execute("UPDATE checkpoints SET root = ?1 WHERE root = ?2", (moved(id), id)).unwrap();
-    }
+    crate::util::forge_trees(&conn, |_, entries| {
+        let had = entries.iter().any(|e| !e.xattrs.is_empty());
+        entries.iter_mut().for_each(|e| e.xattrs.clear());
+        had
+    });
     conn.execute("UPDATE checkpoints SET xattrs = 0", []).unwrap();
 }
 

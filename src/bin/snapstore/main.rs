@@ -112,6 +112,11 @@ The new checkpoint's full id is printed last on stdout. If the repository does n
         /// runs are always left out and recorded as skipped)
         #[arg(long)]
         skip_unreadable: bool,
+        /// Make no checkpoint when nothing differs from the previous checkpoint of the path (contents,
+        /// names, metadata); print that one's id instead (JSON: `unchanged` true), as restic's
+        /// --skip-if-unchanged. Not with --group
+        #[arg(long, conflicts_with = "group")]
+        skip_unchanged: bool,
         /// Worker threads for hashing and compression [default: one per core, at most 16; at most 4 into s3://]
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         threads: usize,
@@ -384,13 +389,16 @@ fn main() -> ExitCode {
         // With --json, a usage error is one JSON object too, as every other error is (--help and --version
         // are not errors).
         Err(e) if e.use_stderr() && std::env::args_os().any(|a| a == "--json") => {
+            // clap's text: the error, then `tip:` lines, the usage and "For more information"; the usage is
+            // for a reader of text, and --help says the rest.
             let text = e.render().to_string();
             let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-            let usage = lines.iter().position(|l| l.starts_with("Usage:") || l.starts_with("tip:"));
-            let (what, rest) = lines.split_at(usage.unwrap_or(lines.len()));
-            let error = what.join(" ").trim_start_matches("error: ").to_string();
-            let hint = (!rest.is_empty()).then(|| rest.join(" "));
-            return report(true, &[error], hint.as_deref(), EXIT_USAGE);
+            let end =
+                lines.iter().position(|l| ["Usage:", "tip:", "For more information"].iter().any(|s| l.starts_with(s)));
+            let error = lines[..end.unwrap_or(lines.len())].join(" ").trim_start_matches("error: ").to_string();
+            let tips: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("tip:")).map(str::trim).collect();
+            let hint = if tips.is_empty() { "--help lists the options".to_string() } else { tips.join("; ") };
+            return report(true, &[error], Some(&hint), EXIT_USAGE);
         }
         Err(e) => e.exit(),
     };
@@ -702,7 +710,18 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 out.line(&format!("created snapstore repository at {}", repo.location()))?;
             }
         }
-        Command::Commit { path, message, tags, name, reread, skip_unreadable, threads, group, part } => {
+        Command::Commit {
+            path,
+            message,
+            tags,
+            name,
+            reread,
+            skip_unreadable,
+            skip_unchanged,
+            threads,
+            group,
+            part,
+        } => {
             let group = match (group, part) {
                 (Some(g), Some(p)) => Some(snapstore::GroupPart::parse(g, p)?),
                 _ => None,
@@ -728,6 +747,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 tags: tags.clone(),
                 reread: *reread,
                 skip_unreadable: *skip_unreadable,
+                skip_unchanged: *skip_unchanged,
                 threads: *threads,
                 progress: bar.clone(),
                 group: group.clone(),
@@ -752,7 +772,12 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             };
             if cli.json {
                 match &status {
-                    Some((g, _)) => out.json(&serde_json::json!({ "commit": summary, "group": g }))?,
+                    // The commit's own fields where a plain commit has them, and the group beside them.
+                    Some((g, _)) => {
+                        let mut v = serde_json::to_value(&summary).map_err(io::Error::from)?;
+                        v["group"] = serde_json::to_value(g).map_err(io::Error::from)?;
+                        out.json(&v)?
+                    }
                     None => out.json(&summary)?,
                 }
             } else {
@@ -788,7 +813,17 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 let summaries = repo.checkout_group(&g.name, dest, &opts)?;
                 bar.finish();
                 if cli.json {
-                    out.json(&serde_json::json!({ "group": g.name, "parts": summaries }))?;
+                    let parts: Vec<_> = summaries
+                        .iter()
+                        .zip(&g.members)
+                        .map(|(s, (i, _))| {
+                            let mut v = serde_json::to_value(s).map_err(io::Error::from)?;
+                            v["part"] = (*i).into();
+                            v["dest"] = dest.join(format!("part-{i}")).to_string_lossy().into_owned().into();
+                            Ok(v)
+                        })
+                        .collect::<io::Result<_>>()?;
+                    out.json(&serde_json::json!({ "group": g.name, "parts": parts }))?;
                 } else if !cli.quiet {
                     for (s, (i, _)) in summaries.iter().zip(&g.members) {
                         output::checkout_summary(out, s, &dest.join(format!("part-{i}")))?;
@@ -843,9 +878,14 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             for t in remove.iter().filter(|t| !tagged.removed.contains(t)) {
                 say!("warning: {} has no tag {}; nothing to remove", output::printable(id), output::printable(t));
             }
-            let c = tagged.checkpoint;
+            let c = &tagged.checkpoint;
             if cli.json {
-                out.json(&c)?;
+                // The checkpoint as `show` gives it, and what this changed: a tag to remove that was not there
+                // is missing from `removed`.
+                let mut v = serde_json::to_value(c).map_err(io::Error::from)?;
+                v["added"] = serde_json::to_value(&tagged.added).map_err(io::Error::from)?;
+                v["removed"] = serde_json::to_value(&tagged.removed).map_err(io::Error::from)?;
+                out.json(&v)?;
             } else if !cli.quiet {
                 let tags = if c.tags.is_empty() { "no tags".to_string() } else { c.tags.join(", ") };
                 out.line(&format!("{}: {tags}", c.short_id()))?;
@@ -1030,10 +1070,10 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             } else if !cli.quiet {
                 output::gc_summary(out, &summary)?;
             }
-            if !summary.packs_damaged.is_empty() {
+            if !summary.damaged_packs.is_empty() {
                 // Everything else was collected; the exit code is what tells cron that someone must look.
                 if !cli.json {
-                    for d in &summary.packs_damaged {
+                    for d in &summary.damaged_packs {
                         say!("warning: damaged pack {}: {}; left as it is", d.pack, d.problem);
                     }
                     say!(
@@ -1086,14 +1126,15 @@ fn chunk_kib(s: &str) -> Result<u32, String> {
     Ok(kib)
 }
 
-/// The catalog's keys for committed paths given on the command line (`--path`): a stream's `stdin:NAME` as it
-/// is, a path made absolute and cleaned, as commit recorded it.
+/// The catalog's keys for committed paths given on the command line (`--path`): a stream's `stdin:NAME`, or a
+/// key as `log --json` shows it for a path that is not UTF-8 (`bytes:...`), as it is; a path made absolute and
+/// cleaned, as commit recorded it.
 fn path_keys(paths: &[PathBuf]) -> Result<Vec<String>, Error> {
     paths
         .iter()
-        .map(|p| {
-            let s = p.to_string_lossy();
-            if s.starts_with("stdin:") { Ok(s.into_owned()) } else { snapstore::path_key(p) }
+        .map(|p| match p.to_str() {
+            Some(s) if s.starts_with("stdin:") || s.starts_with("bytes:") => Ok(s.to_owned()),
+            _ => snapstore::path_key(p),
         })
         .collect()
 }

@@ -70,7 +70,11 @@ pub fn human_time(ns: i64) -> String {
 
 pub fn commit_summary(out: &mut Out, s: &CommitSummary) -> io::Result<()> {
     let parent = s.parent.as_deref().map(|p| format!(" (parent {})", &p[..8])).unwrap_or_default();
-    out.line(&format!("checkpoint {}{parent}", &s.id[..8]))?;
+    if s.unchanged {
+        out.line(&format!("no checkpoint made: nothing changed since checkpoint {}", &s.id[..8]))?;
+    } else {
+        out.line(&format!("checkpoint {}{parent}", &s.id[..8]))?;
+    }
     out.line(&format!(
         "  files: {} new, {} changed, {} unchanged; {}, {}",
         s.files_new,
@@ -93,7 +97,7 @@ pub fn commit_summary(out: &mut Out, s: &CommitSummary) -> io::Result<()> {
     };
     out.line(&format!("  size {}; {read}", human_bytes(s.logical_bytes)))?;
     out.line(&format!(
-        "  new after dedup {} ({} of {} chunks); stored {} after compression",
+        "  new after dedup {} ({} of {} chunks read); stored {} after compression",
         human_bytes(s.bytes_new),
         s.chunks_new,
         s.chunks_new + s.chunks_reused,
@@ -102,7 +106,7 @@ pub fn commit_summary(out: &mut Out, s: &CommitSummary) -> io::Result<()> {
 }
 
 pub fn checkout_summary(out: &mut Out, s: &CheckoutSummary, dest: &std::path::Path) -> io::Result<()> {
-    let rate = s.bytes as f64 / s.seconds.max(1e-9);
+    let rate = s.logical_bytes as f64 / s.seconds.max(1e-9);
     out.line(&format!(
         "checked out {} to {}: {}, {}, {}, {} in {:.2} s ({}/s)",
         &s.id[..snapstore::SHORT_ID_LEN],
@@ -110,11 +114,11 @@ pub fn checkout_summary(out: &mut Out, s: &CheckoutSummary, dest: &std::path::Pa
         plural(s.files, "file"),
         plural(s.dirs, "dir"),
         plural(s.symlinks, "symlink"),
-        human_bytes(s.bytes),
+        human_bytes(s.logical_bytes),
         s.seconds,
         human_bytes(rate as u64)
     ))?;
-    if s.files_unchanged + s.files_patched + s.files_linked + s.removed > 0 || s.bytes_written != s.bytes {
+    if s.files_unchanged + s.files_patched + s.files_linked + s.removed > 0 || s.bytes_written != s.logical_bytes {
         // Only the counts that say something: a fresh checkout has nothing unchanged, patched or removed.
         let counts = [
             (s.files_unchanged, "unchanged"),
@@ -222,7 +226,7 @@ pub fn log(out: &mut Out, list: &[Checkpoint], quiet: bool) -> io::Result<()> {
             human_time(c.time_ns),
             shown[c.path.as_str()],
             human_bytes(c.logical_bytes),
-            human_bytes(c.new_bytes),
+            human_bytes(c.bytes_new),
             one_line(&c.tags.join(",")),
             one_line(&c.message)
         ))?;
@@ -250,8 +254,8 @@ pub fn checkpoint_header(out: &mut Out, c: &Checkpoint) -> io::Result<()> {
         plural(c.files, "file"),
         plural(c.dirs, "dir"),
         plural(c.symlinks, "symlink"),
-        human_bytes(c.new_bytes),
-        human_bytes(c.stored_bytes)
+        human_bytes(c.bytes_new),
+        human_bytes(c.bytes_stored)
     ))?;
     out.line("")
 }

@@ -205,7 +205,7 @@ fn repair_text(out: &mut Out, r: &RepairReport, quiet: bool) -> io::Result<()> {
         let place = c.pack.as_deref().map(|p| format!(" in {p}")).unwrap_or_default();
         out.line(&format!("damaged chunk {}{place}: {} (left out of the index)", c.id, c.problem))?;
     }
-    more(out, r.chunks_damaged, SHOWN.min(r.damaged_chunks.len()), "damaged chunks")?;
+    more(out, r.damaged_chunks_total, SHOWN.min(r.damaged_chunks.len()), "damaged chunks")?;
     if !quiet {
         out.line(&format!(
             "scanned {} packs ({} damaged); chunk index: {} chunks ({} added, {} re-pointed, {} removed); \
@@ -257,7 +257,7 @@ fn repair_text(out: &mut Out, r: &RepairReport, quiet: bool) -> io::Result<()> {
         let read =
             if r.data_read { "" } else { " (as far as the index shows: --read-data also checks every chunk's bytes)" };
         out.line(&format!("{whole} of {} checkpoints whole{read}", r.checkpoints.len()))?;
-        if r.chunks_damaged > 0 && whole < r.checkpoints.len() {
+        if r.damaged_chunks_total > 0 && whole < r.checkpoints.len() {
             out.line(
                 "hint: commit the original data again with --reread: the chunks left out are stored afresh, and \
                  every checkpoint that uses them is whole again",

@@ -86,17 +86,22 @@ fn now_ns() -> i64 {
 fn log(out: &mut Out, event: &WatchEvent<'_>, json: bool, quiet: bool) -> std::io::Result<()> {
     let now = now_ns();
     if json {
-        let line = match event {
+        let time = snapstore::format_rfc3339(now);
+        let mut line = match event {
             WatchEvent::Checkpoint { summary, forgotten } => json!({
-                "event": "checkpoint", "time_ns": now, "commit": summary,
+                "event": "checkpoint", "commit": summary,
                 "forgotten": forgotten.iter().map(|c| &c.id).collect::<Vec<_>>(),
             }),
-            WatchEvent::Unchanged(s) => json!({"event": "unchanged", "time_ns": now, "latest": s.id}),
-            WatchEvent::Gc(g) => json!({"event": "gc", "time_ns": now, "gc": g}),
-            WatchEvent::Failed { step, error } => {
-                json!({"event": "error", "time_ns": now, "step": step, "message": error.to_string()})
-            }
+            WatchEvent::Unchanged(s) => json!({"event": "unchanged", "latest": s.id}),
+            WatchEvent::Gc(g) => json!({"event": "gc", "gc": g}),
+            // As a command's error object has it (`error`, `hint`), with the step that failed.
+            WatchEvent::Failed { step, error } => match crate::hint(error) {
+                Some(hint) => json!({"event": "error", "step": step, "error": error.to_string(), "hint": hint}),
+                None => json!({"event": "error", "step": step, "error": error.to_string()}),
+            },
         };
+        line["time_ns"] = now.into();
+        line["time"] = time.into();
         out.line(&line.to_string())?;
     } else {
         let at = human_time(now);
@@ -125,7 +130,7 @@ fn log(out: &mut Out, event: &WatchEvent<'_>, json: bool, quiet: bool) -> std::i
                     out.line(&format!("{at}  gc  freed {}", human_bytes(g.bytes_freed)))?;
                 }
                 // On stderr with the errors: damage needs someone to look, and the watch goes on.
-                for d in &g.packs_damaged {
+                for d in &g.damaged_packs {
                     let what = format!("damaged pack {}: {}; left as it is", d.pack, d.problem);
                     say!("{at}  error: gc: {what} (`snapstore verify --read-data` says what it reaches)");
                 }
