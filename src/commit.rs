@@ -13,7 +13,7 @@ use std::fs::{File, Metadata};
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -380,7 +380,8 @@ fn run(
     summary.logical_bytes = asm.logical_bytes;
     if opts.skip_unchanged
         && opts.group.is_none()
-        && skipped.is_empty()
+        // Special files are never recorded, so they are skipped alike at every commit.
+        && skipped.iter().all(|(_, why)| why.starts_with(SPECIAL))
         && let Some(parent) = &parent
         // A parent forgotten meanwhile is no reason to fail: the commit then publishes as usual.
         && matches!(catalog.checkpoint_root(&parent.id), Ok(root) if root == root_tree)
@@ -394,7 +395,7 @@ fn run(
         return Ok(summary);
     }
     summary.vanished = skipped.iter().filter(|(_, why)| why == VANISHED).count() as u64;
-    summary.unreadable_skipped = skipped.len() as u64 - summary.vanished;
+    summary.unreadable_skipped = skipped.len() as u64 - summary.vanished - summary.special_skipped;
     summary.chunks_new = asm.chunks_new;
     summary.chunks_reused = asm.chunks_reused;
     summary.bytes_new = asm.bytes_new;
@@ -433,6 +434,10 @@ fn run(
 
 /// Why an entry that vanished while a commit ran is recorded as skipped.
 pub const VANISHED: &str = "vanished while the commit ran";
+
+/// How a special file (FIFO, socket, device), which a checkpoint does not hold, is recorded as skipped: this,
+/// then `: ` and what it is.
+pub const SPECIAL: &str = "special file, not recorded";
 
 /// The key the checkpoints of a committed path are recorded under ([`crate::Checkpoint::path`]): its absolute
 /// form cleaned by its letters (no `.`, `..` or trailing `/`), and where it is not UTF-8 written `bytes:` with
@@ -882,8 +887,19 @@ impl Walker<'_, '_> {
                     }
                 }
             } else {
+                // Recorded, so that `show` and `log` say the checkpoint lacks it, as for an unreadable file.
                 self.summary.special_skipped += 1;
                 self.opts.progress.warn(&format!("skipped special file {}", entry.path().display()));
+                let what = if ft.is_fifo() {
+                    "a FIFO"
+                } else if ft.is_socket() {
+                    "a socket"
+                } else if ft.is_char_device() {
+                    "a character device"
+                } else {
+                    "a block device"
+                };
+                self.skipped.push((rel.as_os_str().as_encoded_bytes().to_vec(), format!("{SPECIAL}: {what}")));
             }
         }
         while depth_open > 0 {

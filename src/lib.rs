@@ -74,7 +74,7 @@ pub use checkout::{CheckoutOptions, CheckoutSummary};
 pub use checkpoint::{Checkpoint, SHORT_ID_LEN, format_rfc3339, format_utc};
 pub use checkpointer::{Checkpointer, CheckpointerOptions, Persisted, Restored, Schedule};
 pub use chunker::Chunker;
-pub use commit::{CommitOptions, CommitSummary, VANISHED, path_key};
+pub use commit::{CommitOptions, CommitSummary, SPECIAL, VANISHED, path_key};
 pub use diff::{Change, ChangeKind, DiffSummary};
 pub use error::{Error, Result};
 pub use gc::{GcOptions, GcSummary};

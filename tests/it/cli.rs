@@ -526,6 +526,30 @@ fn missing_groups_tags_and_units_are_named_and_gc_clears_abandoned_inits() {
     assert!(repo.join(&live).exists(), "a running init's file was removed");
 }
 
+/// With --json, stderr is JSON line by line too: a note that the repository was created, warnings (a FIFO
+/// skipped), and the error that ends a command, last.
+#[test]
+fn json_stderr_is_one_object_per_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, src) = (tmp.path().join("repo"), tmp.path().join("src"));
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("a"), b"a").unwrap();
+    let fifo = src.join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let o = run(&repo, &["--json", "commit", p(&src)]);
+    let commit = json(&ok(o.clone(), "commit"));
+    assert_eq!(commit["special_skipped"], 1);
+    let lines: Vec<serde_json::Value> = text(&o.stderr).lines().map(json).collect();
+    assert!(lines.iter().any(|l| l["note"].as_str().is_some_and(|n| n.contains("created"))), "{lines:?}");
+    assert!(lines.iter().any(|l| l["warning"].as_str().is_some_and(|w| w.contains("fifo"))), "{lines:?}");
+    let o = run(&repo, &["--json", "tag", "latest", "--remove", "nope"]);
+    let lines: Vec<serde_json::Value> = text(&o.stderr).lines().map(json).collect();
+    assert!(lines[0]["warning"].as_str().unwrap().contains("has no tag nope"), "{lines:?}");
+    let o = run(&repo, &["--json", "commit", p(&tmp.path().join("missing"))]);
+    let lines: Vec<serde_json::Value> = text(&o.stderr).lines().map(json).collect();
+    assert_eq!((lines.len(), &lines[0]["exit_code"]), (1, &serde_json::json!(4)), "{lines:?}");
+}
+
 #[test]
 fn tag_takes_add_or_remove_and_refuses_a_tag_in_both() {
     let tmp = tempfile::tempdir().unwrap();
@@ -998,10 +1022,12 @@ fn an_owner_that_cannot_be_set_is_a_warning_not_a_failure() {
     // A set-uid program of another user's must not become one of the user running the checkout.
     let mode = fs::metadata(dest.join("tool")).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode, 0o755, "the set-uid bit is left off where the owner could not be set");
-    assert!(err.contains("warning: could not restore the owner of 3 entries (first: "), "{err}");
-    assert!(err.contains("--no-owners: do not try"), "{err}");
-    assert!(err.contains("warning: left set-uid or set-gid bits off 1 file: it does not belong"), "{err}");
-    assert_eq!(err.matches("warning:").count(), 2, "{err}");
+    // With --json, the warnings are JSON lines.
+    let warnings: Vec<String> = err.lines().map(|l| json(l)["warning"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(warnings.len(), 2, "{err}");
+    assert!(warnings[0].starts_with("could not restore the owner of 3 entries (first: "), "{err}");
+    assert!(warnings[0].contains("--no-owners: do not try"), "{err}");
+    assert!(warnings[1].starts_with("left set-uid or set-gid bits off 1 file: it does not belong"), "{err}");
     assert_eq!(owner_of(&dest.join("a")), owner_of(&repo), "left to the user running the checkout");
     // Told not to try, it tries no owner; the set-uid program still loses its bit, and says so.
     let quiet = tmp.path().join("quiet");

@@ -1530,7 +1530,22 @@ fn special_files_are_skipped_and_counted() {
     let repo = Arc::new(Repository::init(t.path().join("repo")).unwrap());
     let (r, p) = (repo.clone(), src.clone());
     let s = with_timeout(60, move || r.commit(&p, &CommitOptions::default())).unwrap();
-    assert_eq!((s.special_skipped, s.files_new, s.dirs), (2, 2, 2), "{s:?}");
+    assert_eq!((s.special_skipped, s.unreadable_skipped, s.files_new, s.dirs), (2, 0, 2, 2), "{s:?}");
+    // Recorded as skipped, so that the checkpoint says what it lacks.
+    assert_eq!(repo.checkpoint(&s.id).unwrap().skipped, 2);
+    let skipped = repo.skipped(&s.id).unwrap();
+    assert_eq!(
+        skipped.iter().map(|(p, why)| (p.to_str().unwrap(), why.as_str())).collect::<Vec<_>>(),
+        [
+            ("fifo", format!("{}: a FIFO", snapstore::SPECIAL).as_str()),
+            ("sub/socket", format!("{}: a socket", snapstore::SPECIAL).as_str())
+        ]
+    );
+    // They do not stop a commit of the unchanged tree from being skipped.
+    let (r, p) = (repo.clone(), src.clone());
+    let again = CommitOptions { skip_unchanged: true, ..Default::default() };
+    let s2 = with_timeout(60, move || r.commit(&p, &again)).unwrap();
+    assert!(s2.unchanged && s2.id == s.id, "{s2:?}");
     let walked: Vec<PathBuf> = walk_entries(&repo, &s.id).into_iter().map(|e| e.0).collect();
     assert_eq!(walked, ["src", "src/a.txt", "src/sub", "src/sub/b.txt"].iter().map(PathBuf::from).collect::<Vec<_>>());
     let dest = t.path().join("dest");

@@ -10,6 +10,24 @@ macro_rules! say {
     }};
 }
 
+/// Set once `--json` is known: what goes to stderr besides the error is then JSON too (see [`notice`]).
+static JSON_NOTICES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A warning (`kind` "warning") or a note ("note") on stderr: `warning: ...` (a note as it is), or with `--json`
+/// one JSON object per line, `{"warning": ...}` or `{"note": ...}`, so that a script reads stderr line by line
+/// as JSON; an error, if one ends the command, is the last line.
+fn notice(kind: &str, message: &str) {
+    if JSON_NOTICES.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut v = serde_json::Map::new();
+        v.insert(kind.to_string(), message.into());
+        say!("{}", serde_json::Value::Object(v));
+    } else if kind == "note" {
+        say!("{}", output::printable(message));
+    } else {
+        say!("{kind}: {}", output::printable(message));
+    }
+}
+
 mod diff;
 mod group;
 mod output;
@@ -333,7 +351,7 @@ after its mark (+ added, - removed, M modified; a directory's ends with /), and 
 fn open_or_init(repo_dir: &std::path::Path) -> Result<Repository, Error> {
     let (repo, created) = Repository::open_or_init(repo_dir)?;
     if created {
-        say!("created snapstore repository at {}", repo.location());
+        notice("note", &format!("created snapstore repository at {}", repo.location()));
     }
     Ok(repo)
 }
@@ -402,6 +420,7 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
+    JSON_NOTICES.store(cli.json, std::sync::atomic::Ordering::Relaxed);
     let mut out = Out::new(cli.json);
     let repo = repo_path(&cli);
     let read_only = snapstore::readonly::catalog_fingerprint(&repo);
@@ -732,11 +751,13 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 // A `run` or `latest` link to the real state is common, and its checkpoint would hold the link
                 // alone: recorded as asked, but said.
                 if md.file_type().is_symlink() && std::fs::metadata(path).is_ok_and(|t| t.is_dir()) {
-                    let shown = path.display().to_string();
-                    let shown = output::printable(&shown);
-                    say!(
-                        "warning: {shown} is a symbolic link to a directory: only the link is recorded; give {shown}/ \
-                         to checkpoint the directory it points to"
+                    let shown = path.display();
+                    notice(
+                        "warning",
+                        &format!(
+                            "{shown} is a symbolic link to a directory: only the link is recorded; give {shown}/ to \
+                             checkpoint the directory it points to"
+                        ),
                     );
                 }
             }
@@ -876,7 +897,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             let tagged = Repository::open(&repo_dir)?.tag(id, add, remove)?;
             // A mistyped tag to remove would otherwise pass unnoticed: nothing to remove is not an error.
             for t in remove.iter().filter(|t| !tagged.removed.contains(t)) {
-                say!("warning: {} has no tag {}; nothing to remove", output::printable(id), output::printable(t));
+                notice("warning", &format!("{id} has no tag {t}; nothing to remove"));
             }
             let c = &tagged.checkpoint;
             if cli.json {
@@ -1016,9 +1037,11 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             // A mistyped --path in a cron job would otherwise prune nothing, silently, for ever.
             for p in &scope.paths {
                 if !plan.keep.iter().chain(&plan.forget).any(|d| &d.path == p) {
-                    let p = output::printable(p);
-                    say!(
-                        "warning: no checkpoint of {p} (`snapstore show ID` gives the path a checkpoint was committed from)"
+                    notice(
+                        "warning",
+                        &format!(
+                            "no checkpoint of {p} (`snapstore show ID` gives the path a checkpoint was committed from)"
+                        ),
                     );
                 }
             }

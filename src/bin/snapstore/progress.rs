@@ -59,10 +59,9 @@ impl snapstore::Progress for Bar {
     fn file(&self, _path: &Path) {}
 
     fn warn(&self, message: &str) {
-        let message = crate::output::printable(message);
         match &self.bar {
-            Some(b) => b.suspend(|| say!("warning: {message}")),
-            None => say!("warning: {message}"),
+            Some(b) => b.suspend(|| crate::notice("warning", message)),
+            None => crate::notice("warning", message),
         }
     }
 }
