@@ -103,7 +103,7 @@ pub enum Error {
     #[error("{}: No such file or directory", .0.display())]
     SourceNotFound(PathBuf),
     /// A checkpoint holds nothing at the given path.
-    #[error("checkpoint {checkpoint} has no {}", path.display())]
+    #[error("checkpoint {checkpoint} has no path {}", path.display())]
     PathNotFound {
         /// The checkpoint's short id.
         checkpoint: String,

@@ -205,7 +205,9 @@ for a checkpoint of one file, its name. Every chunk is verified before it is wri
     },
     /// List the files of a checkpoint
     #[command(after_help = concat!("Lists the entries of PATH (default: the top of the checkpoint), or every entry \
-below it with -r. Paths are relative to the committed directory.\n\n", exit_help!()))]
+below it with -r: mode, size, modification time (UTC) and path. Paths are relative to the committed directory, \
+as cat, diff and checkout --path take them.\n\n\
+Examples:\n  snapstore ls latest\n  snapstore ls 3fa2c1 data -r\n  snapstore --json ls latest -r   # one object per entry\n\n", exit_help!()))]
     Ls {
         /// Checkpoint id, unique prefix, or 'latest'
         id: String,
@@ -216,7 +218,12 @@ below it with -r. Paths are relative to the committed directory.\n\n", exit_help
         recursive: bool,
     },
     /// List checkpoints, newest first
-    #[command(after_help = concat!("Examples:\n  snapstore log -n 10\n  snapstore log --path ./vm.img --tag release\n  \
+    #[command(after_help = concat!("Columns: ID (the first 8 hex digits; any unique prefix of 4 or more names it), \
+TIME (UTC), PATH (the committed path's last part; stdin:NAME for a stream), SIZE (all files' bytes), NEW (bytes \
+this checkpoint added to the store before compression), TAGS, MESSAGE. Group checkpoints follow, with their \
+parts (`snapstore groups`); they are not in the table, nor in --json or -q, and --tag, --path, --host or -n \
+leave them out.\n\n\
+Examples:\n  snapstore log -n 10\n  snapstore log --path ./vm.img --tag release\n  \
 snapstore log --path stdin:model.bin --host trainer-3\n\n", exit_help!()))]
     Log {
         /// Show at most N checkpoints
@@ -255,7 +262,10 @@ Examples:\n  snapstore tag 3fa2c1 --add keep\n  snapstore tag latest --add relea
 `snapstore gc` drops it with its parts once it is older than --incomplete-after.\n\n", exit_help!()))]
     Groups,
     /// Show one checkpoint and its files
-    #[command(after_help = exit_help!())]
+    #[command(after_help = concat!("Prints the checkpoint's record (id, parent, time, host, path, sizes, tags, \
+message), what the commit skipped and why, and its files with the committed name first (run/a.txt; ls, cat and \
+checkout --path take them without it: a.txt).\n\n\
+Examples:\n  snapstore show latest\n  snapstore --json show 3fa2c1\n\n", exit_help!()))]
     Show {
         /// Checkpoint id, unique prefix, or 'latest'
         id: String,
@@ -333,7 +343,10 @@ after its mark (+ added, - removed, M modified; a directory's ends with /), and 
     #[command(after_help = exit_help!())]
     Repair(verify::RepairArgs),
     /// Repository totals: logical and stored bytes, dedup and compression ratios, chunks and packs
-    #[command(after_help = exit_help!())]
+    #[command(after_help = concat!("Logical bytes are the sizes of every checkpoint's files summed; unique bytes \
+the chunks they share stored once; stored bytes those chunks compressed; pack bytes what the pack files take \
+(with blobs no checkpoint uses, until gc rewrites them).\n\n\
+Examples:\n  snapstore stats\n  snapstore --json stats\n\n", exit_help!()))]
     Stats,
     /// Bring the local copy of an s3:// repository's catalog up to date with its bucket
     ///
@@ -648,6 +661,10 @@ fn hint(e: &Error) -> Option<&'static str> {
              `snapstore groups` lists those"
         }
         Error::SourceNotFound(_) => "check the path; to commit a stream from a pipe, give - and --name",
+        Error::PathNotFound { .. } => {
+            "`snapstore ls ID -r` lists its paths, relative to the committed directory (`show` prints them with the \
+             committed name first)"
+        }
         Error::GroupIncomplete { .. } => {
             "commit the missing parts (a part committed again replaces the earlier one); `snapstore groups` shows \
              which are in"
@@ -965,6 +982,10 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             let groups = Repository::open(&repo_dir)?.groups()?;
             if cli.json {
                 out.json(&groups)?;
+            } else if groups.is_empty() {
+                if !cli.quiet {
+                    out.line("no group checkpoints (`snapstore commit PATH --group NAME --part I/N` makes one part)")?;
+                }
             } else {
                 group::list(out, &groups)?;
             }
