@@ -560,6 +560,14 @@ fn tag_takes_add_or_remove_and_refuses_a_tag_in_both() {
     sx(&repo, &["tag", &id[..8], "--remove", "old"]);
     let err = sx_fail(&repo, &["tag", &id[..8], "--add", "x", "--remove", "x"], 2);
     assert!(err.contains("both added and removed"), "{err}");
+    // Forgetting by id says what a policy's plan says, in the same shape.
+    let v = json(&sx(&repo, &["--json", "forget", &id[..8], "--dry-run"]));
+    assert_eq!(
+        (v["forget"][0]["id"].as_str(), v["keep"].as_array().map(Vec::len)),
+        (Some(id.as_str()), Some(0)),
+        "{v}"
+    );
+    assert!(v["forget"][0]["time"].is_string() && v["forget_groups"] == serde_json::json!([]), "{v}");
     // JSON says what changed: a tag to remove that was not there is not in `removed`.
     let t = json(&sx(&repo, &["--json", "tag", &id[..8], "--add", "keep", "--remove", "typo"]));
     assert_eq!(

@@ -93,6 +93,14 @@ fn parts_committed_at_once_with_one_killed_become_a_restore_point_only_when_retr
     let o = run(&repo, &["commit", p(&dirs[0]), "--group", "step-100", "--part", "0/3"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
     assert_eq!(run(&repo, &["forget", &ids[0]]).status.code(), Some(2));
+    // Forgetting a group says in JSON what forgetting by id or by policy says: the checkpoints that go.
+    let o = run(&repo, &["--json", "forget", "--group", "step-100", "--dry-run"]);
+    let v: serde_json::Value = serde_json::from_str(&succeeded(&o, "forget --group --dry-run")).unwrap();
+    assert_eq!((v["keep"].as_array().map(Vec::len), v["forget"].as_array().map(Vec::len)), (Some(0), Some(3)), "{v}");
+    assert!(
+        v["forget"].as_array().unwrap().iter().all(|d| d["time"].is_string() && d["reasons"] == serde_json::json!([]))
+    );
+    assert_eq!(v["forget_groups"][0]["name"], "step-100", "{v}");
     succeeded(&run(&repo, &["forget", "--group", "step-100"]), "forget the group");
     assert!(groups(&repo).as_array().unwrap().is_empty());
 }

@@ -1026,7 +1026,11 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                     repo.forget_groups(&names)?
                 };
                 if cli.json {
-                    out.json(&serde_json::json!({ "dry_run": dry_run, "forget_groups": gone }))?;
+                    // One shape for the three ways of forgetting: the parts as the checkpoints forgotten.
+                    let parts: Vec<_> = gone.iter().flat_map(|g| g.members.iter().map(|(_, c)| fate(c))).collect();
+                    out.json(&serde_json::json!({
+                        "dry_run": dry_run, "keep": [], "forget": parts, "forget_groups": gone
+                    }))?;
                 } else if !cli.quiet {
                     group::list(out, &gone)?;
                     output::forget_total(out, None, gone.len(), "group", *dry_run)?;
@@ -1041,7 +1045,10 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
                 let forgotten = if *dry_run { repo.checkpoints_named(&ids)? } else { repo.forget(&ids)? };
                 if cli.json {
-                    out.json(&serde_json::json!({ "dry_run": dry_run, "forget": forgotten }))?;
+                    let forget: Vec<_> = forgotten.iter().map(fate).collect();
+                    out.json(&serde_json::json!({
+                        "dry_run": dry_run, "keep": [], "forget": forget, "forget_groups": []
+                    }))?;
                 } else if !cli.quiet {
                     let shown = output::shown_paths(forgotten.iter().map(|c| c.path.as_str()));
                     for c in &forgotten {
@@ -1082,7 +1089,8 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             }
             if cli.json {
                 out.json(&serde_json::json!({
-                    "dry_run": dry_run, "policy": policy.to_string(), "keep": plan.keep, "forget": plan.forget
+                    "dry_run": dry_run, "policy": policy.to_string(), "keep": plan.keep, "forget": plan.forget,
+                    "forget_groups": []
                 }))?;
             } else if !cli.quiet {
                 output::plan(out, &plan)?;
@@ -1181,4 +1189,15 @@ fn path_keys(paths: &[PathBuf]) -> Result<Vec<String>, Error> {
             _ => snapstore::path_key(p),
         })
         .collect()
+}
+
+/// A checkpoint forgotten by id or with its group, as a policy's decisions list one (no rule kept it).
+fn fate(c: &snapstore::Checkpoint) -> snapstore::Decision {
+    snapstore::Decision {
+        id: c.id.clone(),
+        time_ns: c.time_ns,
+        host: c.host.clone(),
+        path: c.path.clone(),
+        reasons: Vec::new(),
+    }
 }
