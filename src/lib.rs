@@ -209,6 +209,16 @@ pub struct FileInfo {
     pub xattrs: Vec<String>,
 }
 
+/// An entry a commit left out of its checkpoint ([`Repository::skipped`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Skipped {
+    /// Relative to the committed directory (in JSON as [`FileInfo::path`] is, `path_b64` where not UTF-8).
+    #[serde(flatten, serialize_with = "json_path::path")]
+    pub path: PathBuf,
+    /// Why: the read error, [`VANISHED`], or [`SPECIAL`] and what the file is.
+    pub reason: String,
+}
+
 /// Which checkpoints a retention policy applies to.
 #[derive(Debug, Clone, Default)]
 pub struct RetentionScope {
@@ -1040,11 +1050,12 @@ impl Repository {
         Ok(s)
     }
 
-    /// Files a checkpoint's commit skipped as unreadable, with the reason.
-    pub fn skipped(&self, id: &str) -> Result<Vec<(PathBuf, String)>> {
+    /// What a checkpoint's commit left out (unreadable, vanished while it ran, special files), with why.
+    pub fn skipped(&self, id: &str) -> Result<Vec<Skipped>> {
         let catalog = self.catalog()?;
         let cp = catalog.resolve(id)?;
-        Ok(catalog.skipped(&cp.id)?.into_iter().map(|(p, r)| (PathBuf::from(OsStr::from_bytes(&p)), r)).collect())
+        let rows = catalog.skipped(&cp.id)?.into_iter();
+        Ok(rows.map(|(p, reason)| Skipped { path: PathBuf::from(OsStr::from_bytes(&p)), reason }).collect())
     }
 
     /// Repository-wide figures: logical and stored bytes, dedup and compression ratios, chunk and pack counts.

@@ -1416,7 +1416,7 @@ fn entries_that_vanish_during_the_commit_are_left_out_and_recorded() {
     assert_eq!((s.vanished, s.unreadable_skipped, s.files_new), (3, 0, 2), "{s:?}");
     let skipped = repo.skipped(&s.id).unwrap();
     assert_eq!(
-        skipped,
+        skipped.into_iter().map(|s| (s.path, s.reason)).collect::<Vec<_>>(),
         ["b.txt", "c_dir", "d_link"].map(|p| (PathBuf::from(p), snapstore::VANISHED.to_string())).to_vec()
     );
     assert_eq!(repo.checkpoint(&s.id).unwrap().skipped, 3);
@@ -1459,9 +1459,9 @@ fn unreadable_files_fail_the_commit_or_are_skipped() {
     assert_eq!(s.unreadable_skipped, 2, "{s:?}");
     assert_eq!(s.files_new, 1, "{s:?}");
     let skipped = repo.skipped(&s.id).unwrap();
-    let paths: Vec<&Path> = skipped.iter().map(|(p, _)| p.as_path()).collect();
+    let paths: Vec<&Path> = skipped.iter().map(|s| s.path.as_path()).collect();
     assert_eq!(paths, vec![Path::new("locked"), Path::new("secret.bin")], "{skipped:?}");
-    assert!(skipped.iter().all(|(_, why)| !why.is_empty()));
+    assert!(skipped.iter().all(|s| !s.reason.is_empty()));
     assert_eq!(repo.checkpoint(&s.id).unwrap().skipped, 2);
     let walked: Vec<PathBuf> = walk_entries(&repo, &s.id).into_iter().map(|e| e.0).collect();
     assert_eq!(walked, ["src", "src/locked", "src/ok.txt"].iter().map(PathBuf::from).collect::<Vec<_>>());
@@ -1535,7 +1535,7 @@ fn special_files_are_skipped_and_counted() {
     assert_eq!(repo.checkpoint(&s.id).unwrap().skipped, 2);
     let skipped = repo.skipped(&s.id).unwrap();
     assert_eq!(
-        skipped.iter().map(|(p, why)| (p.to_str().unwrap(), why.as_str())).collect::<Vec<_>>(),
+        skipped.iter().map(|s| (s.path.to_str().unwrap(), s.reason.as_str())).collect::<Vec<_>>(),
         [
             ("fifo", format!("{}: a FIFO", snapstore::SPECIAL).as_str()),
             ("sub/socket", format!("{}: a socket", snapstore::SPECIAL).as_str())

@@ -895,19 +895,26 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
         }
         Command::Ls { id, path, recursive } => {
             let repo = Repository::open(&repo_dir)?;
-            let mut files = Vec::new();
             let mut sink = output::Sink::default();
+            let mut opened = false;
             let listed = repo.list(id, path.as_deref().unwrap_or(std::path::Path::new("")), *recursive, |f| {
                 if cli.json {
-                    files.push(f.clone());
-                    Ok(())
+                    // Opened at the first entry, so that an error before it leaves stdout empty.
+                    if !opened {
+                        opened = true;
+                        sink.write(out.json_open(""))?;
+                    }
+                    sink.write(out.json_item(f))
                 } else {
                     sink.write(output::file_line(out, f))
                 }
             });
             sink.finish(listed)?;
             if cli.json {
-                out.json(&files)?;
+                if !opened {
+                    out.json_open("")?;
+                }
+                out.json_close("")?;
             }
         }
         Command::Tag { id, add, remove } => {
@@ -995,17 +1002,21 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             let cp = repo.checkpoint(id)?;
             let skipped = repo.skipped(&cp.id)?;
             if cli.json {
-                let mut files = Vec::new();
-                repo.walk(&cp.id, |f| {
-                    files.push(f.clone());
-                    Ok(())
-                })?;
-                let skipped: Vec<_> = skipped.iter().map(|(p, why)| (p.to_string_lossy(), why)).collect();
-                out.json(&serde_json::json!({ "checkpoint": cp, "files": files, "skipped": skipped }))?;
+                // The files streamed as the walk meets them (see `Out::json_open`), after the rest.
+                let head = format!(
+                    "{{\"checkpoint\": {},\n\"skipped\": {},\n\"files\": ",
+                    serde_json::to_string(&cp).map_err(io::Error::from)?,
+                    serde_json::to_string(&skipped).map_err(io::Error::from)?
+                );
+                let mut sink = output::Sink::default();
+                out.json_open(&head)?;
+                let walked = repo.walk(&cp.id, |f| sink.write(out.json_item(f)));
+                sink.finish(walked)?;
+                out.json_close("}")?;
             } else {
                 output::checkpoint_header(out, &cp)?;
-                for (p, why) in &skipped {
-                    out.line(&format!("skipped   {}: {why}", p.display()))?;
+                for s in &skipped {
+                    out.line(&format!("skipped   {}: {}", s.path.display(), s.reason))?;
                 }
                 let mut sink = output::Sink::default();
                 let walked = repo.walk(&cp.id, |f| sink.write(output::file_line(out, f)));

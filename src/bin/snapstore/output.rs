@@ -11,11 +11,13 @@ use snapstore::{
 pub struct Out {
     w: BufWriter<StdoutLock<'static>>,
     json: bool,
+    /// Elements written since [`Out::json_open`].
+    items: u64,
 }
 
 impl Out {
     pub fn new(json: bool) -> Self {
-        Out { w: BufWriter::new(io::stdout().lock()), json }
+        Out { w: BufWriter::new(io::stdout().lock()), json, items: 0 }
     }
 
     /// Writes one line of text, with any control character left in it escaped (see [`printable`]).
@@ -32,6 +34,27 @@ impl Out {
 
     pub fn flush(&mut self) -> io::Result<()> {
         self.w.flush()
+    }
+
+    /// Opens a JSON array that [`Out::json_item`] fills one element at a time, after `head` (e.g. `{"a": 1,
+    /// "files": `): a listing of a tree of millions of entries holds one entry, not the list. Each element is
+    /// one line.
+    pub fn json_open(&mut self, head: &str) -> io::Result<()> {
+        debug_assert!(self.json);
+        self.items = 0;
+        write!(self.w, "{head}[")
+    }
+
+    pub fn json_item<T: serde::Serialize + ?Sized>(&mut self, v: &T) -> io::Result<()> {
+        self.w.write_all(if self.items == 0 { b"\n  " } else { b",\n  " })?;
+        self.items += 1;
+        serde_json::to_writer(&mut self.w, v).map_err(io::Error::from)
+    }
+
+    /// Closes the array, then writes `tail` (e.g. `}`) and a newline.
+    pub fn json_close(&mut self, tail: &str) -> io::Result<()> {
+        let end = if self.items == 0 { "]" } else { "\n]" };
+        writeln!(self.w, "{end}{tail}")
     }
 }
 
