@@ -41,6 +41,7 @@ use crate::id::ObjectId;
 use crate::progress::{NoProgress, Progress};
 use crate::sparse::is_zero;
 use crate::store::ChunkReader;
+use crate::tally::Tally;
 use crate::tree::{self, ChunkRef, Entry, EntryKind, Owner, Xattr};
 use crate::xattrs::On;
 
@@ -826,6 +827,30 @@ impl FileTask {
         entry_done(self.parent.as_ref())
     }
 
+    /// Gives the file up because its content is damaged, while the checkout goes on with the other files:
+    /// removes what it created, counts it in `damaged`, and releases its directory (and those of its later
+    /// names, which are not made), so that directories still get their metadata. Once per file, whichever of
+    /// its batches meets the damage first.
+    fn give_up_damaged(&self, damaged: &Tally, e: &Error) -> Result<()> {
+        if self.failed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if !self.placed.load(Ordering::Acquire) {
+            self.discard();
+        }
+        let what = || match e {
+            Error::Corrupt { what } => what.clone(),
+            other => other.to_string(),
+        };
+        damaged.note(what);
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
+        for link in links {
+            damaged.note(what);
+            entry_done(link.parent.as_ref())?;
+        }
+        entry_done(self.parent.as_ref())
+    }
+
     /// Gives the file up: removes what it created, unless it is already finished and in place.
     fn fail(&self) {
         if !self.failed.swap(true, Ordering::AcqRel) && !self.placed.load(Ordering::Acquire) {
@@ -1165,6 +1190,8 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     let (tx, rx) = bounded::<Vec<Job>>(threads * 2);
     let max_read = crate::store::read_share(src.backend.reads_are_requests(), threads);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    // Files given up because their content is damaged; the rest of the checkout goes on.
+    let damaged = Tally::default();
     let abort = AtomicBool::new(false);
     let written = AtomicU64::new(0);
     let mut summary = CheckoutSummary { id: id.to_string(), ..Default::default() };
@@ -1181,9 +1208,9 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
         for _ in 0..threads {
             let rx = rx.clone();
             let (backend, first_error, abort, written) = (src.backend.clone(), &first_error, &abort, &written);
-            let progress = opts.progress.clone();
+            let (progress, damaged) = (opts.progress.clone(), &damaged);
             s.spawn(move || {
-                if let Err(e) = worker(src.catalog_path, backend, max_read, rx, &*progress, abort, written) {
+                if let Err(e) = worker(src.catalog_path, backend, max_read, rx, &*progress, abort, written, damaged) {
                     abort.store(true, Ordering::SeqCst);
                     first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                 }
@@ -1192,6 +1219,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
         drop(rx);
         let mut walker = Walker {
             catalog: &catalog,
+            damaged: &damaged,
             outbox: Outbox { tx: &tx, jobs: Vec::new(), bytes: 0 },
             abort: &abort,
             opts,
@@ -1240,6 +1268,17 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     let xattrs_warning = owners.xattrs.as_ref().and_then(|f| f.warning());
     for warning in [owners.warning(), owners.set_id_warning(), xattrs_warning].into_iter().flatten() {
         opts.progress.warn(&warning);
+    }
+    if let Some((n, first)) = damaged.summary() {
+        // No record: it would vouch for a destination that lacks these files.
+        return Err(Error::corrupt(format!(
+            "{n} file{} of checkpoint {} could not be restored, {} content is damaged (first: {first}); every other \
+             file is in {}",
+            if n == 1 { "" } else { "s" },
+            &id[..crate::SHORT_ID_LEN.min(id.len())],
+            if n == 1 { "its" } else { "their" },
+            dest.display()
+        )));
     }
     if opts.paths.is_empty() && catalog.read_only().is_none() {
         // Every file is in place: each has a ctime before the boundary, and any change from here on one at or
@@ -1324,6 +1363,7 @@ fn total_bytes(catalog: &Catalog, entry: &Entry) -> Result<u64> {
     Ok(total)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn worker(
     catalog_path: &Path,
     backend: Arc<dyn Backend>,
@@ -1332,6 +1372,7 @@ fn worker(
     progress: &dyn Progress,
     abort: &AtomicBool,
     written: &AtomicU64,
+    damaged: &Tally,
 ) -> Result<()> {
     let catalog = Catalog::open_for_worker(catalog_path)?;
     let mut reader = ChunkReader::with_max_read(backend, max_read)?;
@@ -1341,8 +1382,8 @@ fn worker(
     // go, blobs of files committed together are read back with one `pread`.
     let mut refs = Vec::new();
     let mut needed: Vec<(usize, u64)> = Vec::new();
-    // On any error the checkout stops, so every file of the batch is given up, as those of queued batches are;
-    // the error names the file of job `n`.
+    // On an error other than damage the checkout stops, so every file of the batch is given up, as those of
+    // queued batches are; the error names the file of job `n`.
     let fail_all = |batch: &[Job]| batch.iter().for_each(|j| j.task.fail());
     let give_up = |batch: &[Job], n: usize, e: Error| {
         fail_all(batch);
@@ -1376,14 +1417,28 @@ fn worker(
                 needed.push((n, at));
             }
         }
-        let read = reader.read_chunks_indexed(&catalog, &refs, |i, data| {
-            let (n, at) = needed[i];
-            written.fetch_add(batch[n].task.write(at, data, &mut old)?, Ordering::Relaxed);
-            progress.bytes(data.len() as u64);
-            Ok(())
-        });
-        if let Err((i, e)) = read {
-            return Err(give_up(&batch, needed[i].0, e));
+        // A file whose chunk is damaged is given up alone (restic and borg restore the rest too): the chunks
+        // before the damaged one are in, and reading goes on after it with the other files' chunks.
+        loop {
+            let read = reader.read_chunks_indexed(&catalog, &refs, |i, data| {
+                let (n, at) = needed[i];
+                written.fetch_add(batch[n].task.write(at, data, &mut old)?, Ordering::Relaxed);
+                progress.bytes(data.len() as u64);
+                Ok(())
+            });
+            let Err((i, e)) = read else { break };
+            let n = needed[i].0;
+            if !e.is_corruption() {
+                return Err(give_up(&batch, n, e));
+            }
+            let e = file_error(&batch[n].task.rel, e);
+            if let Err(e) = batch[n].task.give_up_damaged(damaged, &e) {
+                return Err(give_up(&batch, n, e));
+            }
+            let rest: Vec<usize> =
+                (i..refs.len()).filter(|&k| !batch[needed[k].0].task.failed.load(Ordering::Relaxed)).collect();
+            refs = rest.iter().map(|&k| refs[k]).collect();
+            needed = rest.iter().map(|&k| needed[k]).collect();
         }
         for (n, job) in batch.iter().enumerate() {
             if job.task.failed.load(Ordering::Relaxed) {
@@ -1410,6 +1465,8 @@ struct Start {
 
 struct Walker<'a> {
     catalog: &'a Catalog,
+    /// Files given up as damaged (see `FileTask::give_up_damaged`).
+    damaged: &'a Tally,
     outbox: Outbox<'a>,
     abort: &'a AtomicBool,
     opts: &'a CheckoutOptions,
@@ -1930,6 +1987,12 @@ impl Walker<'_> {
                 return Ok(None);
             }
             drop(waiting);
+            if task.failed.load(Ordering::Acquire) {
+                // Its first name was given up (damaged content): this name is not made either.
+                self.damaged.note(|| format!("{}: its first name's content is damaged", path.display()));
+                entry_done(link.parent.as_ref())?;
+                return Ok(None);
+            }
             let made = link.make(&task.dir, task.dest.file_name().unwrap_or_default());
             return self.linked_or_file(made, link);
         }

@@ -1021,8 +1021,22 @@ fn corrupt_chunk_fails_checkout_naming_the_file_and_leaves_no_bad_file() {
         assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
         let msg = err.to_string();
         assert!(msg.contains("sub/victim.bin"), "threads={threads}: message does not name the file: {msg}");
+        assert!(msg.contains("1 file of checkpoint"), "threads={threads}: {msg}");
         assert!(!dest.join("sub/victim.bin").exists(), "threads={threads}: a victim file was left in place");
         assert_no_wrong_file(&src, &dest);
+        // Every other file is restored (as restic and borg do), and the directories get their metadata.
+        for p in all_paths(&src) {
+            let rel = p.strip_prefix(&src).unwrap();
+            if rel != Path::new("sub/victim.bin") {
+                assert!(
+                    fs::symlink_metadata(dest.join(rel)).is_ok(),
+                    "threads={threads}: {} is missing",
+                    rel.display()
+                );
+            }
+        }
+        let mtime = |p: &Path| fs::metadata(p).unwrap().modified().unwrap();
+        assert_eq!(mtime(&dest.join("sub")), mtime(&src.join("sub")), "threads={threads}");
     }
 
     // In place over a good copy: every file already matches, so nothing is read or written.
@@ -1040,6 +1054,27 @@ fn corrupt_chunk_fails_checkout_naming_the_file_and_leaves_no_bad_file() {
     assert_ne!(restored, fs::metadata(src.join("sub/victim.bin")).unwrap().modified().unwrap());
     fs::remove_file(good.join("sub/victim.bin")).unwrap();
     assert_no_wrong_file(&src, &good);
+}
+
+/// A damaged file with another name (a hard link) is given up under both; the rest is restored.
+#[test]
+fn a_damaged_file_is_given_up_under_each_of_its_names() {
+    let t = tmp();
+    let src = t.path().join("src");
+    let victim = build_corruption_tree(&src);
+    fs::hard_link(src.join("sub/victim.bin"), src.join("z-also-victim.bin")).unwrap();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let s = commit(&repo, &src);
+    corrupt_chunk(&repo, &chunk_ids(&repo, &victim)[1]);
+    let dest = t.path().join("dest");
+    let err = repo.checkout(&s.id, &dest, &CheckoutOptions::default()).unwrap_err();
+    assert!(err.is_corruption() && err.to_string().contains("2 files of checkpoint"), "{err}");
+    assert!(!dest.join("sub/victim.bin").exists() && !dest.join("z-also-victim.bin").exists());
+    assert_eq!(fs::read(dest.join("z-last.bin")).unwrap(), fs::read(src.join("z-last.bin")).unwrap());
+    assert_no_wrong_file(&src, &dest);
+    // No record of a checkout that left files out: an in-place run hashes what it finds, and fails again.
+    let again = repo.checkout(&s.id, &dest, &CheckoutOptions { in_place: true, ..Default::default() }).unwrap_err();
+    assert!(again.is_corruption(), "{again}");
 }
 
 #[test]

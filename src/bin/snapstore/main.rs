@@ -161,7 +161,9 @@ that user. Checkpoints taken before snapstore recorded owners, and streams, have
 set-gid bits are given only to files that end up owned by their recorded owner. Names that \
 were hard links of one file when committed are linked again (copies where the filesystem cannot link). Extended \
 attributes (ACLs among them) of files and directories are restored (--no-xattrs: not); those only root may set \
-(trusted.*, security.*) are counted in a warning for anyone else. If a checkout is interrupted, run it again with \
+(trusted.*, security.*) are counted in a warning for anyone else. A file whose data is damaged in the repository is \
+left out (under every name it has) and named, every other file is restored, and the checkout exits 3. If a checkout \
+is interrupted, run it again with \
 --in-place: it \
 finishes the job, writing only what is missing or incomplete.\n\n\
 Examples:\n  snapstore checkout latest ./restored\n  snapstore checkout 3fa2c1 ./vm.img --in-place\n  \
@@ -687,7 +689,9 @@ fn hint(e: &Error) -> Option<&'static str> {
         }
         Error::FileChanged(_) => "stop the program writing to it, or pass --skip-unreadable to leave it out",
         Error::Corrupt { .. } | Error::UnsafeName { .. } => {
-            "the repository is damaged; nothing was written in place of good data. Other checkpoints may still check out"
+            "the repository is damaged; nothing was written in place of good data (a checkout restores every file it can \
+             and leaves the damaged ones out). `snapstore verify --read-data` says what the damage reaches; other \
+             checkpoints may still check out"
         }
         Error::Format(_) => "this repository needs a different snapstore version",
         Error::GcRunning { .. } => "wait for it to finish; if its process is gone, the next gc takes over by itself",
