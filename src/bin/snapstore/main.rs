@@ -75,7 +75,7 @@ struct Cli {
     /// directory]
     #[arg(long, global = true, env = "SNAPSTORE_REPO", value_name = "PATH|URL", help_heading = "Global options")]
     repo: Option<PathBuf>,
-    /// Print machine-readable JSON on stdout instead of text
+    /// Print machine-readable JSON on stdout, and warnings and errors as JSON lines on stderr
     #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
     /// Print only what scripts need (for commit: the id alone), no progress
