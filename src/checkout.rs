@@ -629,6 +629,10 @@ fn mtime_ns(md: &Metadata) -> i64 {
     md.mtime() * 1_000_000_000 + md.mtime_nsec()
 }
 
+fn ctime_ns(md: &Metadata) -> i64 {
+    md.ctime() * 1_000_000_000 + md.ctime_nsec()
+}
+
 const TEMP_PREFIX: &str = ".snapstore-tmp-";
 
 fn temp_path(dir: &Path) -> PathBuf {
@@ -1021,7 +1025,7 @@ impl Prior {
     /// The content the file on disk holds, if this record vouches for it.
     fn vouches(&self, md: &Metadata) -> Option<ObjectId> {
         let e = &self.entry;
-        let ctime_ns = md.ctime() * 1_000_000_000 + md.ctime_nsec();
+        let ctime_ns = ctime_ns(md);
         let same = e.kind == EntryKind::File
             && e.size == md.len()
             && e.mtime_ns == mtime_ns(md)
@@ -1317,16 +1321,14 @@ fn mark_destination(dest: &Path) -> Option<(u64, u64, i64)> {
     let md = fs::symlink_metadata(dest).ok().filter(|md| !md.file_type().is_symlink())?;
     fs::set_permissions(dest, md.permissions()).ok()?;
     let md = fs::symlink_metadata(dest).ok()?;
-    Some((md.dev(), md.ino(), md.ctime() * 1_000_000_000 + md.ctime_nsec()))
+    Some((md.dev(), md.ino(), ctime_ns(&md)))
 }
 
 /// Whether the destination is still the one a checkout's record names (`recorded`): the same directory or
 /// file, not rolled back to before it. A later change only moves its ctime forward.
 fn same_destination(dest: &Path, recorded: (u64, u64, i64)) -> bool {
-    fs::symlink_metadata(dest).is_ok_and(|md| {
-        let ctime = md.ctime() * 1_000_000_000 + md.ctime_nsec();
-        (md.dev(), md.ino()) == (recorded.0, recorded.1) && ctime >= recorded.2
-    })
+    fs::symlink_metadata(dest)
+        .is_ok_and(|md| (md.dev(), md.ino()) == (recorded.0, recorded.1) && ctime_ns(&md) >= recorded.2)
 }
 
 /// The records an in-place checkout at `dest` may trust: the checkpoint last checked out there whole, and
