@@ -724,6 +724,7 @@ impl Walker<'_, '_> {
         }
         e
     }
+
     fn send(&self, ev: Event) -> Result<()> {
         self.events.send(ev).map_err(|_| Error::Internal("assembler stopped".into()))
     }
