@@ -926,7 +926,7 @@ impl FileTask {
 /// Removes whatever is at `name` in `dir` (never following a symlink), so the checkout can put its own entry
 /// there; `path` is where that is, for errors. Never the repository's directory (`spare`, its device and
 /// inode), met however deep: through a bind mount its path says nothing.
-fn clear(dir: &OwnedFd, name: &OsStr, path: &Path, spare: Option<(u64, u64)>) -> Result<()> {
+fn clear(dir: &OwnedFd, name: &OsStr, path: &Path, spare: &[(u64, u64)]) -> Result<()> {
     match dirfd::remove(dir, name, spare) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) if e.get_ref().is_some_and(|e| e.is::<dirfd::Spared>()) => Err(Error::InvalidInput(format!(
@@ -941,13 +941,7 @@ fn clear(dir: &OwnedFd, name: &OsStr, path: &Path, spare: Option<(u64, u64)>) ->
 /// [`clear`], unless `path` is a directory holding the repository (`protect`, canonical): an entry of the
 /// checkpoint that is not a directory where the destination has one would otherwise take the repository with it.
 /// (A guard against a mistake, so looked up by path; the removal itself goes through `dir`.)
-fn clear_sparing(
-    dir: &OwnedFd,
-    name: &OsStr,
-    path: &Path,
-    protect: Option<&Path>,
-    spare: Option<(u64, u64)>,
-) -> Result<()> {
+fn clear_sparing(dir: &OwnedFd, name: &OsStr, path: &Path, protect: Option<&Path>, spare: &[(u64, u64)]) -> Result<()> {
     if let Some(repo) = protect
         && dirfd::lstat(dir, name).is_ok_and(|md| md.is_dir())
         && fs::canonicalize(path).is_ok_and(|c| repo.starts_with(c))
@@ -965,7 +959,7 @@ fn clear_sparing(
 /// would overwrite, and with `--delete` remove, the repository's own files. Compared canonically, through
 /// symlinks, as far as the destination exists, and by device and inode, which a bind mount of the repository
 /// keeps.
-fn refuse_repository(dest: &Path, repo: &Path) -> Result<()> {
+fn refuse_repository(dest: &Path, repo: &Path, spare: &[(u64, u64)]) -> Result<()> {
     let abs = std::path::absolute(dest).map_err(|e| Error::io(dest, e))?;
     let mut existing = abs.as_path();
     let mut rest = Vec::new();
@@ -981,9 +975,7 @@ fn refuse_repository(dest: &Path, repo: &Path) -> Result<()> {
             },
         }
     };
-    let repo_id = fs::metadata(repo).ok().map(|m| (m.dev(), m.ino()));
-    let mounted = repo_id
-        .is_some_and(|id| canonical.ancestors().any(|a| fs::metadata(a).is_ok_and(|m| (m.dev(), m.ino()) == id)));
+    let mounted = canonical.ancestors().any(|a| fs::metadata(a).is_ok_and(|m| spare.contains(&(m.dev(), m.ino()))));
     let full = rest.iter().rev().fold(canonical, |p, name| p.join(name));
     if full.starts_with(repo) || mounted {
         let what = if full == repo {
@@ -1059,8 +1051,9 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     let catalog = Catalog::open(src.catalog_path)?;
     let root = content::root_entry(&catalog, id)?;
     let protect = fs::canonicalize(src.repo_root).ok();
+    let spare = repository_dirs(src.repo_root);
     if let Some(repo) = &protect {
-        refuse_repository(dest, repo)?;
+        refuse_repository(dest, repo, &spare)?;
     }
     let in_place = match fs::symlink_metadata(dest) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
@@ -1230,6 +1223,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             in_place,
             protect: protect.as_deref(),
             protect_id: protect.as_ref().and_then(|p| fs::metadata(p).ok()).map(|md| (md.dev(), md.ino())),
+            spare: &spare,
             summary: &mut summary,
             in_read: 0,
             new_files,
@@ -1314,12 +1308,38 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     Ok(summary)
 }
 
-/// Gives the destination of a whole checkout a ctime of this moment (its mode set to what it is), and
-/// returns its device, inode and that ctime for the checkout's record; `None` (nothing recorded, nothing
-/// vouched for later) for a symlink, or where that fails.
+/// The device and inode of the repository's directory and of every directory below it (`packs/` and its
+/// 256 subdirectories, `tmp/`, `locks/`): a bind mount of any of them inside the destination shows them under
+/// another path, so a removal recognises them by these.
+fn repository_dirs(root: &Path) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![(root.to_path_buf(), 0)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(md) = fs::metadata(&dir) else { continue };
+        out.push((md.dev(), md.ino()));
+        if depth < 2
+            && let Ok(entries) = fs::read_dir(&dir)
+        {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push((e.path(), depth + 1));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Gives a directory destination of a whole checkout a ctime of this moment (its mode set to what it is),
+/// and returns the destination's device, inode and ctime for the checkout's record; `None` (nothing
+/// recorded, nothing vouched for later) for a symlink, or where that fails. A file destination keeps its
+/// ctime: one the checkout changed has a new one anyway, one it left alone held this content before (so a
+/// rollback to then is no lie), and moving it would make the next commit of that file read it whole.
 fn mark_destination(dest: &Path) -> Option<(u64, u64, i64)> {
     let md = fs::symlink_metadata(dest).ok().filter(|md| !md.file_type().is_symlink())?;
-    fs::set_permissions(dest, md.permissions()).ok()?;
+    if md.is_dir() {
+        fs::set_permissions(dest, md.permissions()).ok()?;
+    }
     let md = fs::symlink_metadata(dest).ok()?;
     Some((md.dev(), md.ino(), ctime_ns(&md)))
 }
@@ -1477,6 +1497,8 @@ struct Walker<'a> {
     protect: Option<&'a Path>,
     /// The repository's device and inode, to know it when the walk comes to it.
     protect_id: Option<(u64, u64)>,
+    /// The repository's directories (see [`repository_dirs`]), which no removal enters.
+    spare: &'a [(u64, u64)],
     summary: &'a mut CheckoutSummary,
     /// Files looked up in the current read transaction (0: none open).
     in_read: usize,
@@ -1773,7 +1795,7 @@ impl Walker<'_> {
                         // Into an empty destination whatever has this name came from this checkout: never
                         // cleared away (see `make_dir_at`).
                         if self.in_place || parent.is_none() {
-                            clear_sparing(&dir, name, &path, self.protect, self.protect_id)?;
+                            clear_sparing(&dir, name, &path, self.protect, self.spare)?;
                         }
                         rustix::fs::symlinkat(target, &*dir, name).map_err(|e| name_error(&path, e.into()))?;
                         self.new_files.owner
@@ -1828,7 +1850,7 @@ impl Walker<'_> {
             Ok(_) => {
                 let parent = parent_dir(path);
                 let dir = dirfd::open_dir(parent).map_err(|e| Error::io(parent, e))?;
-                clear(&dir, path.file_name().unwrap_or_default(), path, self.protect_id)?
+                clear(&dir, path.file_name().unwrap_or_default(), path, self.spare)?
             }
             Err(_) => {}
         }
@@ -1851,7 +1873,7 @@ impl Walker<'_> {
         }
         match dirfd::lstat(dir, name) {
             Ok(md) if md.is_dir() => return Ok(true),
-            Ok(_) => clear(dir, name, path, self.protect_id)?,
+            Ok(_) => clear(dir, name, path, self.spare)?,
             Err(_) => {}
         }
         mkdir().map_err(|e| Error::io(path, e.into()))?;
@@ -1880,7 +1902,7 @@ impl Walker<'_> {
                 _ => false,
             };
             if !holds_repo {
-                clear(fd, name_os, &dir.join(name_os), self.protect_id)?;
+                clear(fd, name_os, &dir.join(name_os), self.spare)?;
                 self.summary.removed += 1;
             }
         }
@@ -1961,7 +1983,7 @@ impl Walker<'_> {
         if self.in_place {
             let name = entry_name(path)?;
             match dirfd::lstat(&dir, name) {
-                Ok(md) if md.is_dir() => clear_sparing(&dir, name, path, self.protect, self.protect_id)?,
+                Ok(md) if md.is_dir() => clear_sparing(&dir, name, path, self.protect, self.spare)?,
                 Ok(_) => replace = true,
                 Err(_) => {}
             }
@@ -2128,7 +2150,7 @@ impl Walker<'_> {
                     patch = Some((md, trusted));
                 }
             }
-            Ok(md) if md.is_dir() => clear_sparing(&dir, name, dest, self.protect, self.protect_id)?,
+            Ok(md) if md.is_dir() => clear_sparing(&dir, name, dest, self.protect, self.spare)?,
             _ => {}
         }
         // A directory cleared away leaves the name free.

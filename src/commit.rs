@@ -952,7 +952,10 @@ impl Walker<'_, '_> {
                 return Ok(None);
             };
             entry.xattrs = xattrs;
-            let read_as_was = (entry.link, read_as(&before));
+            // A stat that vouches for nothing (see `stat_entry`) cannot vouch for a later name either: a change
+            // right after it could keep the stat, and the later name would get these bytes for good.
+            let group = entry.link.filter(|_| entry.ctime_ns != UNSEEN_CTIME);
+            let read_as_was = (group, read_as(&before));
             self.send(Event::FileStart(entry))?;
             let read = self.chunks_file(&f, before.len(), prior.as_ref()).map_err(|e| Error::io(path, e));
             if let Some(e) = self.failed.take() {

@@ -108,10 +108,10 @@ pub(crate) fn names(dir: &OwnedFd) -> io::Result<Vec<std::ffi::OsString>> {
 }
 
 /// Removes whatever is at `name` in `dir`: a file or symlink (never what it points to), or a directory with
-/// everything in it, each level through a handle on it. A directory that is `spare` (its device and inode:
-/// the repository's, reached through a bind mount or a second mount of its disk, where a path says nothing)
+/// everything in it, each level through a handle on it. A directory in `spare` (by device and inode: the
+/// repository's own, reached through a bind mount or a second mount of its disk, where a path says nothing)
 /// stops the removal with a [`Spared`] error, before anything in it goes.
-pub(crate) fn remove(dir: &OwnedFd, name: &OsStr, spare: Option<(u64, u64)>) -> io::Result<()> {
+pub(crate) fn remove(dir: &OwnedFd, name: &OsStr, spare: &[(u64, u64)]) -> io::Result<()> {
     match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
         Err(rustix::io::Errno::ISDIR | rustix::io::Errno::PERM) if lstat(dir, name)?.is_dir() => {
             remove_tree(dir, name, spare)
@@ -132,11 +132,11 @@ impl std::fmt::Display for Spared {
 
 impl std::error::Error for Spared {}
 
-fn remove_tree(dir: &OwnedFd, name: &OsStr, spare: Option<(u64, u64)>) -> io::Result<()> {
+fn remove_tree(dir: &OwnedFd, name: &OsStr, spare: &[(u64, u64)]) -> io::Result<()> {
     let sub = open(dir, name, OFlags::RDONLY | OFlags::DIRECTORY)?;
-    if let Some(spare) = spare {
+    if !spare.is_empty() {
         let st = rustix::fs::fstat(&sub)?;
-        if (st.st_dev, st.st_ino) == spare {
+        if spare.contains(&(st.st_dev, st.st_ino)) {
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, Spared));
         }
     }
@@ -170,7 +170,7 @@ mod tests {
         fs::write(t.path().join("tree/a/repo/catalog.db"), b"precious").unwrap();
         let md = fs::metadata(t.path().join("tree/a/repo")).unwrap();
         let dir = open_dir(t.path()).unwrap();
-        let err = remove(&dir, OsStr::new("tree"), Some((md.dev(), md.ino()))).unwrap_err();
+        let err = remove(&dir, OsStr::new("tree"), &[(md.dev(), md.ino())]).unwrap_err();
         assert!(err.get_ref().is_some_and(|e| e.is::<Spared>()), "{err:?}");
         assert_eq!(fs::read(t.path().join("tree/a/repo/catalog.db")).unwrap(), b"precious");
     }
@@ -195,7 +195,7 @@ mod tests {
         assert!(lstat(&dir, OsStr::new("link-file")).unwrap().file_type().is_symlink());
         assert!(open(&dir, OsStr::new("link-file"), OFlags::RDONLY).is_err(), "a symlink is not opened");
         for name in ["tree", "link-file", "plain"] {
-            remove(&dir, OsStr::new(name), None).unwrap();
+            remove(&dir, OsStr::new(name), &[]).unwrap();
         }
         assert!(names(&dir).unwrap().is_empty());
         assert_eq!(fs::read(outside.join("keep")).unwrap(), b"kept");

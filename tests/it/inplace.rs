@@ -201,11 +201,21 @@ fn the_repository_mounted_inside_the_destination_is_never_removed() {
         eprintln!("SKIPPED: cannot bind-mount here (needs root); the mounted-repository test did not run");
         return;
     }
-    let _bound = Bound(view.clone());
+    let bound = Bound(view.clone());
     let err = repo.checkout(&id, &dest, &in_place()).unwrap_err();
     assert!(err.to_string().contains("the repository is in it"), "{err}");
     let err = repo.checkout(&id, view.join("restored"), &Default::default()).unwrap_err();
     assert!(err.to_string().contains("refusing to check out into"), "{err}");
+    // Nor a directory of the repository's own (its packs) mounted there.
+    drop(bound);
+    let mounted = std::process::Command::new("mount")
+        .args(["--bind", repo_dir.join("packs").to_str().unwrap(), view.to_str().unwrap()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(mounted);
+    let _bound = Bound(view.clone());
+    let err = repo.checkout(&id, &dest, &in_place()).unwrap_err();
+    assert!(err.to_string().contains("the repository is in it"), "{err}");
     assert!(repo_dir.join("catalog.db").exists(), "--delete removed the repository through the mount");
     let repo = Repository::open(&repo_dir).unwrap();
     assert_eq!(repo.checkpoints().unwrap().len(), 1);
