@@ -36,7 +36,7 @@ use crate::catalog::{Catalog, host_name};
 use crate::content;
 use crate::dirfd;
 use crate::error::{Error, Result};
-use crate::fileclock::Boundary;
+use crate::fileclock::{Boundary, ctime_ns, mtime_ns};
 use crate::id::ObjectId;
 use crate::progress::{NoProgress, Progress};
 use crate::sparse::is_zero;
@@ -623,14 +623,6 @@ fn mtime(ns: i64) -> std::time::SystemTime {
 
 fn timespec(ns: i64) -> rustix::fs::Timespec {
     rustix::fs::Timespec { tv_sec: ns.div_euclid(1_000_000_000), tv_nsec: ns.rem_euclid(1_000_000_000) }
-}
-
-fn mtime_ns(md: &Metadata) -> i64 {
-    md.mtime() * 1_000_000_000 + md.mtime_nsec()
-}
-
-fn ctime_ns(md: &Metadata) -> i64 {
-    md.ctime() * 1_000_000_000 + md.ctime_nsec()
 }
 
 const TEMP_PREFIX: &str = ".snapstore-tmp-";

@@ -207,8 +207,8 @@ fn entry_from(name: Vec<u8>, kind: EntryKind, md: &Metadata) -> Entry {
         name,
         kind,
         mode: md.permissions().mode() & 0o7777,
-        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+        mtime_ns: crate::fileclock::mtime_ns(md),
+        ctime_ns: crate::fileclock::ctime_ns(md),
         ino: md.ino(),
         owner: Some(crate::tree::Owner::of(md)),
         link: if kind == EntryKind::File { link_group(md) } else { None },
@@ -700,8 +700,7 @@ type ReadAs = (u64, i64, i64, u64);
 
 /// From the stat itself, not the entry, whose ctime may be [`UNSEEN_CTIME`].
 fn read_as(md: &Metadata) -> ReadAs {
-    let e = entry_from(Vec::new(), EntryKind::File, md);
-    (md.len(), e.mtime_ns, e.ctime_ns, md.ino())
+    (md.len(), crate::fileclock::mtime_ns(md), crate::fileclock::ctime_ns(md), md.ino())
 }
 
 /// Hard-linked files a commit remembers having read, at most: about 100 bytes each in the walker and the

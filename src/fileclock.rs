@@ -51,6 +51,18 @@ impl Boundary {
     }
 }
 
+/// A file's mtime in nanoseconds since the epoch.
+pub(crate) fn mtime_ns(md: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    md.mtime() * 1_000_000_000 + md.mtime_nsec()
+}
+
+/// A file's ctime in nanoseconds since the epoch.
+pub(crate) fn ctime_ns(md: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    md.ctime() * 1_000_000_000 + md.ctime_nsec()
+}
+
 /// The coarse clock's present, which every ctime set from now on is at or after (the kernel stamps from it,
 /// or from the fine clock, which is ahead of it).
 pub(crate) fn coarse_now() -> i64 {
@@ -111,7 +123,6 @@ fn granularity_of(nsec: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn a_ctime_in_the_granule_the_commit_started_in_may_change_unseen() {
@@ -143,10 +154,7 @@ mod tests {
     fn files_changed_after_the_boundary_have_later_ctimes() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("f");
-        let ctime = |f: &Path| {
-            let md = std::fs::symlink_metadata(f).unwrap();
-            md.ctime() * 1_000_000_000 + md.ctime_nsec()
-        };
+        let ctime = |f: &Path| ctime_ns(&std::fs::symlink_metadata(f).unwrap());
         for _ in 0..200 {
             std::fs::write(&f, b"placed").unwrap();
             let b = Boundary::after_now(&f);
