@@ -1,6 +1,6 @@
 //! A count of failures that do not stop the work they happen in (an owner or an extended attribute a
-//! checkout could not restore), with the first one's description, for one warning at the end instead of one
-//! per file.
+//! checkout could not restore, a damaged file it left out), with the first one's description, for one
+//! warning or error at the end instead of one per file.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -22,24 +22,14 @@ const RANGES_SHOWN: usize = 4;
 pub fn diff(repo_dir: &Path, args: &DiffArgs, json: bool, quiet: bool, out: &mut Out) -> Result<(), Failure> {
     let repo = Repository::open(repo_dir)?;
     let mut sink = Sink::default();
-    let mut opened = false;
     // With --json the changes are streamed as they are found (see `Out::json_open`), the summary last.
-    let diffed = repo.diff(&args.a, &args.b, |c| {
-        if json {
-            if !opened {
-                opened = true;
-                sink.write(out.json_open("{\"changes\": "))?;
-            }
-            sink.write(out.json_item(c))
-        } else {
-            sink.write(line(out, c, quiet))
-        }
-    });
+    if json {
+        out.json_open("{\"changes\": ");
+    }
+    let diffed = repo
+        .diff(&args.a, &args.b, |c| if json { sink.write(out.json_item(c)) } else { sink.write(line(out, c, quiet)) });
     let summary = sink.finish(diffed)?;
     if json {
-        if !opened {
-            out.json_open("{\"changes\": ")?;
-        }
         let summary = serde_json::to_string(&summary).map_err(std::io::Error::from)?;
         out.json_close(&format!(",\n\"summary\": {summary}}}"))?;
     } else if !quiet {

@@ -163,9 +163,7 @@ were hard links of one file when committed are linked again (copies where the fi
 attributes (ACLs among them) of files and directories are restored (--no-xattrs: not); those only root may set \
 (trusted.*, security.*) are counted in a warning for anyone else. A file whose data is damaged in the repository is \
 left out (under every name it has) and named, every other file is restored, and the checkout exits 3. If a checkout \
-is interrupted, run it again with \
---in-place: it \
-finishes the job, writing only what is missing or incomplete.\n\n\
+is interrupted, run it again with --in-place: it finishes the job, writing only what is missing or incomplete.\n\n\
 Examples:\n  snapstore checkout latest ./restored\n  snapstore checkout 3fa2c1 ./vm.img --in-place\n  \
 snapstore checkout 3fa2c1 ./run --in-place --delete\n  snapstore checkout latest ./out --path config --path data/step-100\n\n", exit_help!()))]
     Checkout {
@@ -816,9 +814,8 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 match &status {
                     // The commit's own fields where a plain commit has them, and the group beside them.
                     Some((g, _)) => {
-                        let mut v = serde_json::to_value(&summary).map_err(io::Error::from)?;
-                        v["group"] = serde_json::to_value(g).map_err(io::Error::from)?;
-                        out.json(&v)?
+                        let group = serde_json::to_value(g).map_err(io::Error::from)?;
+                        out.json(&output::json_with(&summary, &[("group", group)])?)?
                     }
                     None => out.json(&summary)?,
                 }
@@ -859,10 +856,8 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                         .iter()
                         .zip(&g.members)
                         .map(|(s, (i, _))| {
-                            let mut v = serde_json::to_value(s).map_err(io::Error::from)?;
-                            v["part"] = (*i).into();
-                            v["dest"] = dest.join(format!("part-{i}")).to_string_lossy().into_owned().into();
-                            Ok(v)
+                            let to = dest.join(format!("part-{i}")).to_string_lossy().into_owned();
+                            output::json_with(s, &[("part", (*i).into()), ("dest", to.into())])
                         })
                         .collect::<io::Result<_>>()?;
                     out.json(&serde_json::json!({ "group": g.name, "parts": parts }))?;
@@ -900,24 +895,14 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
         Command::Ls { id, path, recursive } => {
             let repo = Repository::open(&repo_dir)?;
             let mut sink = output::Sink::default();
-            let mut opened = false;
+            if cli.json {
+                out.json_open("");
+            }
             let listed = repo.list(id, path.as_deref().unwrap_or(std::path::Path::new("")), *recursive, |f| {
-                if cli.json {
-                    // Opened at the first entry, so that an error before it leaves stdout empty.
-                    if !opened {
-                        opened = true;
-                        sink.write(out.json_open(""))?;
-                    }
-                    sink.write(out.json_item(f))
-                } else {
-                    sink.write(output::file_line(out, f))
-                }
+                if cli.json { sink.write(out.json_item(f)) } else { sink.write(output::file_line(out, f)) }
             });
             sink.finish(listed)?;
             if cli.json {
-                if !opened {
-                    out.json_open("")?;
-                }
                 out.json_close("")?;
             }
         }
@@ -931,10 +916,8 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             if cli.json {
                 // The checkpoint as `show` gives it, and what this changed: a tag to remove that was not there
                 // is missing from `removed`.
-                let mut v = serde_json::to_value(c).map_err(io::Error::from)?;
-                v["added"] = serde_json::to_value(&tagged.added).map_err(io::Error::from)?;
-                v["removed"] = serde_json::to_value(&tagged.removed).map_err(io::Error::from)?;
-                out.json(&v)?;
+                let (added, removed) = (tagged.added.clone().into(), tagged.removed.clone().into());
+                out.json(&output::json_with(c, &[("added", added), ("removed", removed)])?)?;
             } else if !cli.quiet {
                 let tags = if c.tags.is_empty() { "no tags".to_string() } else { c.tags.join(", ") };
                 out.line(&format!("{}: {tags}", c.short_id()))?;
@@ -1013,7 +996,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                     serde_json::to_string(&skipped).map_err(io::Error::from)?
                 );
                 let mut sink = output::Sink::default();
-                out.json_open(&head)?;
+                out.json_open(&head);
                 let walked = repo.walk(&cp.id, |f| sink.write(out.json_item(f)));
                 sink.finish(walked)?;
                 out.json_close("}")?;

@@ -13,11 +13,13 @@ pub struct Out {
     json: bool,
     /// Elements written since [`Out::json_open`].
     items: u64,
+    /// What [`Out::json_open`] was given, written with the first element or at the close.
+    head: Option<String>,
 }
 
 impl Out {
     pub fn new(json: bool) -> Self {
-        Out { w: BufWriter::new(io::stdout().lock()), json, items: 0 }
+        Out { w: BufWriter::new(io::stdout().lock()), json, items: 0, head: None }
     }
 
     /// Writes one line of text, with any control character left in it escaped (see [`printable`]).
@@ -38,14 +40,18 @@ impl Out {
 
     /// Opens a JSON array that [`Out::json_item`] fills one element at a time, after `head` (e.g. `{"a": 1,
     /// "files": `): a listing of a tree of millions of entries holds one entry, not the list. Each element is
-    /// one line.
-    pub fn json_open(&mut self, head: &str) -> io::Result<()> {
+    /// one line. Nothing is written before the first element or the close, so that an error before either
+    /// leaves stdout empty.
+    pub fn json_open(&mut self, head: &str) {
         debug_assert!(self.json);
         self.items = 0;
-        write!(self.w, "{head}[")
+        self.head = Some(format!("{head}["));
     }
 
     pub fn json_item<T: serde::Serialize + ?Sized>(&mut self, v: &T) -> io::Result<()> {
+        if let Some(head) = self.head.take() {
+            self.w.write_all(head.as_bytes())?;
+        }
         self.w.write_all(if self.items == 0 { b"\n  " } else { b",\n  " })?;
         self.items += 1;
         serde_json::to_writer(&mut self.w, v).map_err(io::Error::from)
@@ -53,9 +59,20 @@ impl Out {
 
     /// Closes the array, then writes `tail` (e.g. `}`) and a newline.
     pub fn json_close(&mut self, tail: &str) -> io::Result<()> {
+        let head = self.head.take().unwrap_or_default();
         let end = if self.items == 0 { "]" } else { "\n]" };
-        writeln!(self.w, "{end}{tail}")
+        writeln!(self.w, "{head}{end}{tail}")
     }
+}
+
+/// `v` as a JSON object with `extra` fields beside its own (a group beside a commit's, a part's index
+/// beside its checkout's).
+pub fn json_with<T: serde::Serialize>(v: &T, extra: &[(&str, serde_json::Value)]) -> io::Result<serde_json::Value> {
+    let mut v = serde_json::to_value(v).map_err(io::Error::from)?;
+    for (key, value) in extra {
+        v[*key] = value.clone();
+    }
+    Ok(v)
 }
 
 /// Prints from inside a library callback (a walk, a diff): the first failed write (stdout closed) stops the

@@ -95,11 +95,13 @@ fn log(out: &mut Out, event: &WatchEvent<'_>, json: bool, quiet: bool) -> std::i
             WatchEvent::Unchanged(s) => json!({"event": "unchanged", "latest": s.id}),
             WatchEvent::Gc(g) => json!({"event": "gc", "gc": g}),
             // As a command's error object has it (`error`, `hint`), with the step that failed.
-            WatchEvent::Failed { step, error } => match crate::hint(error) {
-                Some(hint) => json!({"event": "error", "step": step, "error": error.to_string(), "hint": hint}),
-                None => json!({"event": "error", "step": step, "error": error.to_string()}),
-            },
+            WatchEvent::Failed { step, error } => json!({"event": "error", "step": step, "error": error.to_string()}),
         };
+        if let WatchEvent::Failed { error, .. } = event
+            && let Some(hint) = crate::hint(error)
+        {
+            line["hint"] = hint.into();
+        }
         line["time_ns"] = now.into();
         line["time"] = time.into();
         out.line(&line.to_string())?;
