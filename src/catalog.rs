@@ -494,7 +494,8 @@ impl Catalog {
     fn open_with(path: &Path, new: bool) -> Result<Self> {
         // A repository on a read-only mount (a snapshot, an archive disk, a read-only export) can still be
         // read: SQLite's WAL mode would otherwise fail to create its shared-memory file before the first read.
-        if !new && crate::readonly::on_read_only_fs(path) {
+        // Another user's is read the same way, so that nothing is written into it (`readonly`).
+        if !new && crate::readonly::reads_only(path) {
             return Self::open_read_only(path);
         }
         let conn = match Connection::open_with_flags(
@@ -525,7 +526,7 @@ impl Catalog {
         Ok(cat)
     }
 
-    /// Opens a catalog on a read-only filesystem, for reading only ([`crate::readonly`]).
+    /// Opens a catalog on a read-only filesystem, or another user's, for reading only ([`crate::readonly`]).
     fn open_read_only(path: &Path) -> Result<Self> {
         let (conn, version, fingerprint) = crate::readonly::open(path)?;
         if version == 0 {
@@ -535,17 +536,23 @@ impl Catalog {
             return Err(newer_schema(version));
         }
         if version < READABLE_AS_IS_FROM {
-            return Err(Error::Format(format!(
-                "catalog schema version {version} is older than this snapstore's ({SCHEMA_VERSION}) and the \
-                 repository is on a read-only filesystem, where it cannot be brought forward; read it with the \
-                 snapstore that wrote it, or copy the repository to writable storage"
-            )));
+            let older = format!("catalog schema version {version} is older than this snapstore's ({SCHEMA_VERSION})");
+            return Err(Error::Format(match crate::readonly::another_users(path) {
+                Some(owner) if !crate::readonly::on_read_only_fs(path) => format!(
+                    "{older} and the repository belongs to user id {owner}, whose snapstore alone may bring it \
+                     forward; read it with the snapstore that wrote it, or run this one once as that user"
+                ),
+                _ => format!(
+                    "{older} and the repository is on a read-only filesystem, where it cannot be brought forward; \
+                     read it with the snapstore that wrote it, or copy the repository to writable storage"
+                ),
+            }));
         }
         Ok(Catalog { conn, read_only: Some(fingerprint) })
     }
 
-    /// What its files looked like when it was opened on a read-only filesystem, for reading only; `None` for
-    /// a catalog opened as usual.
+    /// What its files looked like when it was opened for reading only (on a read-only filesystem, or another
+    /// user's); `None` for a catalog opened as usual.
     pub(crate) fn read_only(&self) -> Option<&crate::readonly::Fingerprint> {
         self.read_only.as_ref()
     }

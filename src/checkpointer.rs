@@ -218,6 +218,8 @@ impl Checkpointer {
             Some(p) => crate::commit::path_key(p)?,
             None => format!("stdin:{}", opts.name),
         };
+        // Its lock file, created in the repository, would be this user's.
+        repo.refuse_another_users()?;
         let series_lock = lock_series(&repo, &key, opts.commit.host.as_deref())?;
         let repo = Arc::new(repo);
         // One image waits while another is persisted; a third capture waits for room.

@@ -177,9 +177,9 @@ pub enum Error {
         /// How many other (host, path) pairs it would empty.
         others: usize,
     },
-    /// A repository read through a read-only mount was written through another mount meanwhile: what was
-    /// read may mix two states of it.
-    #[error("{} changed while it was read through a read-only mount (a process writes it through another mount)", .0.display())]
+    /// A repository opened for reading only (through a read-only mount, or another user's) was written
+    /// meanwhile, through another mount or by its owner: what was read may mix two states of it.
+    #[error("{} changed while it was read (another process wrote it meanwhile, through another mount or as its owner)", .0.display())]
     ChangedWhileRead(PathBuf),
     /// A bucket lock this process held (GC's, its sweep lock, or a forget's) was taken over by another
     /// process, which took this one for stalled (no heartbeat for 10 minutes); it stopped before changing
@@ -212,10 +212,12 @@ pub enum Error {
         /// The short id of a kept checkpoint found gone.
         kept: String,
     },
-    /// The repository belongs to another user: opening it would leave files that user cannot read, and
-    /// checkpoints hold private state.
+    /// A change asked of a repository that belongs to another user: it is opened for reading only, since
+    /// files written there (packs, a catalog log, locks) would belong to this user and could be unreadable to
+    /// the owner afterwards, even when this user is root.
     #[error(
-        "{path} belongs to user id {owner}, not to this user (id {me}); snapstore opens only its own user's repositories"
+        "{path} belongs to user id {owner}, not to this user (id {me}): it can be read (log, ls, show, diff, cat, \
+         checkout, verify) but not changed"
     )]
     NotOwner {
         /// The repository.

@@ -104,8 +104,11 @@ pub struct Repository {
     backend: Arc<dyn Backend>,
     params: RepoParams,
     remote: Option<Arc<remote::Remote>>,
-    /// On a read-only mount: the catalog as it was when opened, which every later open must still find.
+    /// Opened for reading only (on a read-only mount, or another user's): the catalog as it was when opened,
+    /// which every later open must still find.
     read_only: Option<readonly::Fingerprint>,
+    /// The owner of a repository of another user's on a writable disk, to which every change is refused.
+    owner: Option<u32>,
 }
 
 /// The error for `sync` asked of a local repository.
@@ -307,16 +310,16 @@ impl Repository {
         if !md.is_file() {
             return Err(Error::NoRepository(root));
         }
-        // Nothing is written on a read-only mount, so nothing is left there that the owner could not read:
-        // an archive disk or a snapshot from another machine, whose user ids differ, is read as it is.
-        if !readonly::on_read_only_fs(&catalog_path) {
-            check_owner(&root, &md)?;
-        }
+        // Another user's repository is opened for reading only, as one on a read-only mount is: reading it leaves
+        // nothing there that the owner could not read or write, and changing it is refused. On a read-only
+        // mount (an archive disk or a snapshot from another machine, whose user ids differ) it is only read
+        // anyway, and a change fails as one there does.
+        let owner = readonly::another_users(&catalog_path).filter(|_| !readonly::on_read_only_fs(&catalog_path));
         let catalog = Catalog::open(&catalog_path)?;
         let params = catalog.params()?;
         let read_only = catalog.read_only().cloned();
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&root));
-        Ok(Repository { root, catalog_path, backend, params, remote: None, read_only })
+        Ok(Repository { root, catalog_path, backend, params, remote: None, read_only, owner })
     }
 
     /// Opens the repository at `path`, or creates it with the default parameters if there is none there;
@@ -380,7 +383,10 @@ impl Repository {
         let params = cat.params()?;
         let synced = remote.sync(&mut cat)?;
         let backend: Arc<dyn Backend> = Arc::new(backend::S3Backend::new(bucket, root.join("tmp")));
-        Ok((Repository { root, catalog_path, backend, params, remote: Some(remote), read_only: None }, synced))
+        Ok((
+            Repository { root, catalog_path, backend, params, remote: Some(remote), read_only: None, owner: None },
+            synced,
+        ))
     }
 
     /// For a repository in a bucket: applies every change other machines wrote to the bucket since the last
@@ -437,6 +443,7 @@ impl Repository {
     /// Runs a writer: for a remote repository inside a [`Repository::session`], with every catalog change
     /// journaled to the bucket.
     fn writer<T>(&self, f: impl FnOnce(commit::Context<'_>) -> Result<T>) -> Result<T> {
+        self.refuse_another_users()?;
         let Some((remote, session)) = self.session()? else {
             // Gone since it was opened (moved, deleted, unmounted): writing would make a half repository there.
             if !self.catalog_path.is_file() {
@@ -454,6 +461,18 @@ impl Repository {
             remote.publish(tx, b)
         };
         f(self.context(Some(&journal)))
+    }
+
+    /// [`Error::NotOwner`] for a change asked of another user's repository, before anything is written; also
+    /// where the change would be none (a policy with nothing to forget), so that a job run as the wrong user
+    /// fails from its first run.
+    pub(crate) fn refuse_another_users(&self) -> Result<()> {
+        match self.owner {
+            Some(owner) => {
+                Err(Error::NotOwner { path: self.root.clone(), owner, me: rustix::process::geteuid().as_raw() })
+            }
+            None => Ok(()),
+        }
     }
 
     /// Runs a reader of packs (checkout, verify): for a remote repository inside a [`Repository::session`].
@@ -485,6 +504,7 @@ impl Repository {
         catalog: &mut Catalog,
         f: impl FnOnce(&mut Catalog, Option<catalog::Journal<'_>>) -> Result<T>,
     ) -> Result<T> {
+        self.refuse_another_users()?;
         let Some(remote) = &self.remote else { return f(catalog, None) };
         let lock = remote.forget_lock()?;
         remote.sync(catalog)?;
@@ -824,6 +844,7 @@ impl Repository {
     /// assert_eq!((tagged.added, tagged.removed), (vec!["keep".to_string()], vec![]));
     /// ```
     pub fn tag(&self, id: &str, add: &[String], remove: &[String]) -> Result<Tagged> {
+        self.refuse_another_users()?;
         for t in add {
             checkpoint::validate_tag(t)?;
         }
@@ -862,6 +883,7 @@ impl Repository {
     /// assert_eq!(repo.checkpoints().unwrap()[0].id, b.id);
     /// ```
     pub fn forget(&self, ids: &[&str]) -> Result<Vec<Checkpoint>> {
+        self.refuse_another_users()?;
         let mut catalog = self.catalog()?;
         // One checkpoint named twice (a full id and a prefix of it) is forgotten, and reported, once.
         let found = named(&catalog, ids)?;
@@ -998,6 +1020,7 @@ impl Repository {
     /// keeps stays, and one forgotten meanwhile is skipped. A plan that would forget every checkpoint of a
     /// path forgets nothing ([`Error::PolicyEmptiesPath`]).
     pub fn apply_retention(&self, plan: &Plan) -> Result<Vec<Checkpoint>> {
+        self.refuse_another_users()?;
         plan.refuse_emptying()?;
         let mut catalog = self.catalog()?;
         let mut found = Vec::with_capacity(plan.forget.len());
@@ -1037,6 +1060,7 @@ impl Repository {
     /// repo.checkout(&b.id, &out, &Default::default()).unwrap();
     /// ```
     pub fn gc(&self, opts: &GcOptions) -> Result<GcSummary> {
+        self.refuse_another_users()?;
         let mut s = gc::gc(
             &self.catalog_path,
             self.backend.clone(),
@@ -1108,6 +1132,7 @@ impl Repository {
                     .into(),
             ));
         }
+        self.refuse_another_users()?;
         repair::repair_index(&self.root, self.backend.clone(), None)
     }
 

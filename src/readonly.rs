@@ -1,5 +1,8 @@
-//! Reading a repository on a read-only mount: a filesystem snapshot, an archive disk, a read-only export or
-//! bind mount.
+//! Reading a repository on a read-only mount (a filesystem snapshot, an archive disk, a read-only export or
+//! bind mount), or one that belongs to another user (root restoring a user's checkpoint).
+//!
+//! Another user's repository is opened the same way, so that reading it leaves nothing behind that its owner
+//! could not read or write: no catalog migration, no checkout record, no lock file.
 //!
 //! SQLite cannot open a WAL-mode catalog there the usual way (it must create the log's shared-memory file), so
 //! the catalog is opened for reading only: `immutable` when no write-ahead log is beside it (the file alone
@@ -22,18 +25,33 @@ pub(crate) fn on_read_only_fs(path: &Path) -> bool {
     rustix::fs::statvfs(dir).is_ok_and(|v| v.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
 }
 
-/// For a local repository on a read-only mount: what its catalog's files look like now. Two that differ
-/// tell that another mount wrote the repository between them; `None` for any other repository.
-pub fn catalog_fingerprint(repo: &Path) -> Option<Fingerprint> {
-    let path = repo.join(crate::CATALOG_FILE);
-    on_read_only_fs(&path).then(|| Fingerprint::of(&path))
+/// The owner of the catalog `path`, if that is another user than this process's: its repository is only
+/// read, and writes are refused ([`crate::Error::NotOwner`]). `None` where it cannot be looked at either.
+pub(crate) fn another_users(path: &Path) -> Option<u32> {
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(path).ok()?);
+    (owner != rustix::process::geteuid().as_raw()).then_some(owner)
 }
 
-/// What the files of a catalog on a read-only mount looked like: the catalog's identity, size, mtime and
-/// ctime; its write-ahead log's, with the log header's checkpoint sequence number and salts, which change
-/// when a writer starts the log over in place at the same size, within one tick of a coarse file clock (an
-/// empty log, which any reader elsewhere creates, counts as none). A writer elsewhere changes one of them
-/// with every transaction. Each file is opened, not only looked up: an NFS client checks its cached
+/// Whether the catalog `path` is opened for reading only: on a read-only mount, or another user's.
+pub(crate) fn reads_only(path: &Path) -> bool {
+    on_read_only_fs(path) || another_users(path).is_some()
+}
+
+/// For a local repository opened for reading only (on a read-only mount, or another user's): what its
+/// catalog's files look like now. Two that differ tell that it was written between them (through another
+/// mount, or by its owner); `None` for any other repository.
+pub fn catalog_fingerprint(repo: &Path) -> Option<Fingerprint> {
+    let path = repo.join(crate::CATALOG_FILE);
+    reads_only(&path).then(|| Fingerprint::of(&path))
+}
+
+/// What the files of a catalog opened for reading only looked like: the catalog's identity, size, mtime and
+/// ctime; its write-ahead log's identity, size and mtime, with the log header's checkpoint sequence number and
+/// salts, which change when a writer starts the log over in place at the same size, within one tick of a
+/// coarse file clock (an empty log, which any reader elsewhere creates, counts as none). A writer elsewhere
+/// changes one of them with every transaction. Not the log's ctime: SQLite run as root gives the log its
+/// catalog's owner at every open, even a reader's, which moves the ctime of another user's log without a
+/// write. Each file is opened, not only looked up: an NFS client checks its cached
 /// attributes with the server on open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fingerprint {
@@ -55,7 +73,8 @@ impl Fingerprint {
         };
         let db = std::fs::File::open(path).ok().and_then(|f| state(&f));
         let wal = std::fs::File::open(sibling(path, "-wal")).ok().and_then(|mut f| {
-            let s = state(&f).filter(|s| s.2 > 0)?;
+            let s =
+                state(&f).filter(|s| s.2 > 0).map(|(dev, ino, size, m, m_ns, _, _)| (dev, ino, size, m, m_ns, 0, 0))?;
             let mut header = [0u8; 24];
             f.read_exact(&mut header).ok()?;
             Some((s, header[12..24].try_into().ok()?))
@@ -78,7 +97,7 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Opens the catalog `path` of a read-only mount for reading only, and returns it with its schema version
+/// Opens the catalog `path` (of a read-only mount, or another user's) for reading only, and returns it with its schema version
 /// and its fingerprint as it was before the open and still was after that first read.
 pub(crate) fn open(path: &Path) -> Result<(Connection, u32, Fingerprint)> {
     let before = Fingerprint::of(path);

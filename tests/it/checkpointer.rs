@@ -478,3 +478,46 @@ fn wait_reports_a_failure_then_the_checkpoints_that_were_persisted() {
     assert_eq!(persisted.iter().map(|p| p.step).collect::<Vec<_>>(), [1]);
     assert!(cp.wait().unwrap().is_empty(), "reported once");
 }
+
+/// Another user (root, here) opening a program's repository reads it: its checkpoints, a file of one, a checkout,
+/// byte for byte. A Checkpointer or a commit there is refused with `Error::NotOwner` before anything is
+/// written (no lock file, no pack), so the owner's program goes on unhindered. Skipped, visibly, where this
+/// process cannot give the repository to another user id.
+#[test]
+fn another_users_repository_is_read_but_not_checkpointed_into() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    let repo = Repository::init(&root).unwrap();
+    let state = crate::util::pseudo_random(300_000, 41);
+    let c = repo.commit_reader("sim.state", &mut &state[..], &Default::default()).unwrap();
+    drop(repo);
+    if !Command::new("chown").args(["-R", "4242:4242"]).arg(&root).status().unwrap().success() {
+        eprintln!("SKIPPED: cannot chown here (not root); another user's repository is untested");
+        return;
+    }
+    // Every file and directory with its owner, size and mtime.
+    let listing = || -> Vec<(std::path::PathBuf, u32, u64, i64, i64)> {
+        use std::os::unix::fs::MetadataExt;
+        let entries = walkdir::WalkDir::new(&root).sort_by_file_name().into_iter().map(|e| e.unwrap());
+        let row = |e: walkdir::DirEntry| {
+            let md = e.metadata().unwrap();
+            (e.into_path(), md.uid(), md.size(), md.mtime(), md.mtime_nsec())
+        };
+        entries.map(row).collect()
+    };
+    let before = listing();
+    let repo = Repository::open(&root).unwrap();
+    assert_eq!(repo.checkpoints().unwrap()[0].id, c.id);
+    let mut read = Vec::new();
+    std::io::Read::read_to_end(&mut repo.open_file(&c.id, "sim.state").unwrap(), &mut read).unwrap();
+    assert!(read == state, "open_file returns the committed bytes");
+    repo.checkout(&c.id, dir.path().join("out"), &Default::default()).unwrap();
+    assert!(fs::read(dir.path().join("out")).unwrap() == state, "the checkout is byte for byte");
+    let refused = |e: snapstore::Error| assert!(matches!(e, snapstore::Error::NotOwner { owner: 4242, .. }), "{e}");
+    refused(repo.commit_reader("sim.state", &mut &b"next"[..], &Default::default()).unwrap_err());
+    refused(repo.forget(&[&c.id]).unwrap_err());
+    refused(repo.gc(&Default::default()).unwrap_err());
+    let opts = CheckpointerOptions { name: "sim.state".into(), ..Default::default() };
+    refused(Checkpointer::new(repo, opts).err().expect("a Checkpointer is refused"));
+    assert_eq!(listing(), before, "nothing was written into the repository");
+}

@@ -868,12 +868,18 @@ fn modes_under(dir: &Path) -> Vec<(PathBuf, u32)> {
     out
 }
 
+/// Every file and directory of a repository is its owner's alone. Another user (root, here) reads it as it is
+/// on a read-only mount: lists, checks out byte for byte and verifies it, while every change is refused with the
+/// owner's id and a hint; nothing in it changes, no file there comes to belong to anyone else, and its owner
+/// goes on committing to it afterwards.
 #[test]
-fn repository_is_private_and_refused_to_other_users() {
+fn repository_is_private_and_only_read_by_other_users() {
+    use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
-    fs::write(tmp.path().join("secret"), b"model weights").unwrap();
-    sx(&repo, &["commit", p(&tmp.path().join("secret")), "-m", "private"]);
+    let secret = tmp.path().join("secret");
+    fs::write(&secret, b"model weights").unwrap();
+    let id = commit_id(&sx(&repo, &["commit", p(&secret), "-m", "private"]));
     let modes = modes_under(&repo);
     assert!(modes.iter().any(|(path, _)| path.extension().is_some_and(|e| e == "pack")), "{modes:?}");
     for (path, mode) in &modes {
@@ -883,18 +889,82 @@ fn repository_is_private_and_refused_to_other_users() {
     let other = 4242;
     let chowned = Command::new("chown").args(["-R", &other.to_string(), p(&repo)]).status().unwrap();
     if !chowned.success() {
-        eprintln!("SKIPPED: cannot chown here (not root); the refusal of another user's repository is untested");
+        eprintln!("SKIPPED: cannot chown here (not root); reading another user's repository is untested");
         return;
     }
-    let before = modes_under(&repo);
-    let err = sx_fail(&repo, &["log"], 1);
-    assert!(err.contains("belongs to user id 4242"), "{err}");
-    assert!(err.contains("hint:") && err.contains("sudo -u"), "{err}");
-    for args in [&["commit", p(&tmp.path().join("secret"))][..], &["repair", "index"], &["gc"]] {
+    let owners = |dir: &Path| -> Vec<(PathBuf, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        modes_under(dir)
+            .into_iter()
+            .map(|(path, _)| (path.clone(), fs::symlink_metadata(&path).unwrap().uid()))
+            .collect()
+    };
+    let before = (modes_under(&repo), owners(&repo));
+    assert_eq!(sx(&repo, &["-q", "log"]).trim(), id);
+    let dest = tmp.path().join("restored");
+    sx(&repo, &["-q", "checkout", &id[..8], p(&dest)]);
+    assert_eq!(fs::read(&dest).unwrap(), b"model weights");
+    assert!(sx(&repo, &["verify", "--read-data"]).contains("no damage found"));
+    assert_eq!(sx(&repo, &["cat", &id[..8], "secret"]), "model weights");
+    for args in [
+        &["commit", p(&secret)][..],
+        &["repair", "index"],
+        &["gc"],
+        &["forget", &id[..8]],
+        &["forget", "--keep-last", "1"],
+        &["tag", &id[..8], "--add", "x"],
+    ] {
         let err = sx_fail(&repo, args, 1);
-        assert!(err.contains("belongs to user id 4242"), "{args:?}: {err}");
+        assert!(err.contains("belongs to user id 4242") && err.contains("can be read"), "{args:?}: {err}");
+        assert!(err.contains("hint:") && err.contains("sudo -u"), "{args:?}: {err}");
     }
-    assert_eq!(modes_under(&repo), before, "a refused command must not touch the repository");
+    assert_eq!((modes_under(&repo), owners(&repo)), before, "reading or refusing must not touch the repository");
+
+    // Its owner goes on as before (with `setpriv`, where the binary is reachable by that user id).
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o644)).unwrap();
+    let as_owner = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid", "4242", "--regid", "4242", "--clear-groups", p(&crate::util::bin()), "--repo", p(&repo)])
+            .args(args)
+            .output()
+    };
+    match as_owner(&["--version"]) {
+        Ok(o) if o.status.success() => {
+            fs::write(&secret, b"new weights").unwrap();
+            let o = as_owner(&["-q", "commit", p(&secret)]).unwrap();
+            assert!(o.status.success(), "the owner's commit: {}", text(&o.stderr));
+            assert_eq!(text(&as_owner(&["-q", "log"]).unwrap().stdout).lines().count(), 2);
+            // A connection held open, as the owner's long-running program would, keeps its next commit in the
+            // catalog's log: root reads it from there.
+            let held = rusqlite::Connection::open(repo.join("catalog.db")).unwrap();
+            held.query_row("SELECT count(*) FROM checkpoints", [], |r| r.get::<_, i64>(0)).unwrap();
+            fs::write(&secret, b"newest weights").unwrap();
+            let o = as_owner(&["-q", "commit", p(&secret)]).unwrap();
+            assert!(o.status.success(), "the owner's commit: {}", text(&o.stderr));
+            let newest = commit_id(&text(&o.stdout));
+            assert!(fs::metadata(repo.join("catalog.db-wal")).unwrap().len() > 0, "the commit is in the log");
+            assert_eq!(sx(&repo, &["-q", "log"]).lines().next(), Some(newest.as_str()));
+            assert_eq!(sx(&repo, &["cat", &newest[..8], "secret"]), "newest weights");
+            // The log a killed program left behind (a copy taken while the connection was held): root is then
+            // the log's first reader (before, its open changed the log's ctime, and every read failed as
+            // "changed while it was read").
+            let left = tmp.path().join("left-behind");
+            crate::util::copy_dir(&repo, &left);
+            assert!(Command::new("chown").args(["-R", "4242:4242", p(&left)]).status().unwrap().success());
+            assert!(fs::metadata(left.join("catalog.db-wal")).unwrap().len() > 0, "the copy has the log");
+            assert_eq!(sx(&left, &["-q", "log"]).lines().next(), Some(newest.as_str()));
+            assert_eq!(sx(&left, &["cat", &newest[..8], "secret"]), "newest weights");
+            let strangers: Vec<_> = owners(&left).into_iter().filter(|(_, uid)| *uid != 4242).collect();
+            assert!(strangers.is_empty(), "files of another user in the copy: {strangers:?}");
+            drop(held);
+            let strangers: Vec<_> = owners(&repo).into_iter().filter(|(_, uid)| *uid != 4242).collect();
+            assert!(strangers.is_empty(), "files of another user in the repository: {strangers:?}");
+        }
+        _ => eprintln!(
+            "SKIPPED: cannot run the binary as user id 4242 here; the owner's commit after root's reads is untested"
+        ),
+    }
 }
 
 /// (uid, gid) of `path`, not following a symlink.
@@ -2140,14 +2210,17 @@ fn a_repository_on_a_read_only_mount_can_be_read_but_not_changed() {
     );
 
     // An archive disk from another machine, whose files belong to a user id this one does not have: read as it
-    // is on a read-only mount (nothing is written there that its owner could not read), refused elsewhere.
+    // is on a read-only mount; elsewhere read too, as another user's repository, and changes are refused.
     let chown = Command::new("chown").args(["-R", "54321:54321", p(&repo)]).status().unwrap();
     assert!(chown.success());
     assert_eq!(succeeded(&on_read_only_mount(&repo, &mnt, &["-q", "log"]).unwrap(), "log").lines().count(), 4);
     let dest = tmp.path().join("restored-3");
     succeeded(&on_read_only_mount(&repo, &mnt, &["-q", "checkout", &second, p(&dest)]).unwrap(), "checkout");
     crate::util::assert_same_tree(&src, &dest, true);
-    let o = Command::new(crate::util::bin()).args(["--repo", p(&repo), "log"]).output().unwrap();
+    // Off the read-only mount it is read the same way, as another user's repository.
+    let o = Command::new(crate::util::bin()).args(["--repo", p(&repo), "-q", "log"]).output().unwrap();
+    assert_eq!(succeeded(&o, "log of another user's repository").lines().count(), 4);
+    let o = Command::new(crate::util::bin()).args(["--repo", p(&repo), "gc"]).output().unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("belongs to user id 54321"), "{}", text(&o.stderr));
 }

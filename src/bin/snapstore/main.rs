@@ -714,7 +714,9 @@ fn hint(e: &Error) -> Option<&'static str> {
              the plan; add --keep-last 1 to keep each path's newest whatever its tags"
         }
         Error::EmptyPolicy => "for example --keep-last 10 --keep-daily 7; try --dry-run first",
-        Error::NotOwner { .. } => "run snapstore as the user who owns the repository (for example with sudo -u)",
+        Error::NotOwner { .. } => {
+            "run the change as the user who owns it (for example with sudo -u and that user's name)"
+        }
         Error::SessionExpired => "commit again; a gc took this commit for dead after an hour without progress",
         _ => return None,
     })
