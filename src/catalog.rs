@@ -1161,8 +1161,32 @@ impl Catalog {
         Ok(self.query_checkpoints(&clause, params![host, path])?.pop())
     }
 
-    /// Finds the checkpoint named by a full id, a unique prefix of at least 4 hex digits, or `latest`.
+    /// Finds the checkpoint named by a full id, a unique prefix of at least 4 hex digits, or `latest`; any of
+    /// them followed by `~N` (`~` alone: `~1`) names the checkpoint N before it in its series (same path and
+    /// host, not in a group; the order of `log`), as `HEAD~N` does in git. Not by the parent links, which
+    /// retention breaks: `latest~1` is the one before still kept.
     pub fn resolve(&self, spec: &str) -> Result<Checkpoint> {
+        if let Some((base, back)) = spec.rsplit_once('~') {
+            let n: u32 = match back {
+                "" => 1,
+                digits if digits.bytes().all(|b| b.is_ascii_digit()) => {
+                    digits.parse().map_err(|_| Error::InvalidId(spec.to_string()))?
+                }
+                _ => return Err(Error::InvalidId(spec.to_string())),
+            };
+            let base = self.resolve(base)?;
+            if n == 0 {
+                return Ok(base);
+            }
+            // Older than `base` in `NEWEST_FIRST` order: an earlier time, or the same time and a later id.
+            let clause = format!(
+                "host = ?1 AND path = ?2 AND {} AND (time_ns < ?3 OR (time_ns = ?3 AND id > ?4))
+                 ORDER BY {NEWEST_FIRST} LIMIT 1 OFFSET ?5",
+                crate::group::UNGROUPED
+            );
+            let found = self.query_checkpoints(&clause, params![base.host, base.path, base.time_ns, base.id, n - 1])?;
+            return found.into_iter().next().ok_or_else(|| Error::CheckpointNotFound(spec.to_string()));
+        }
         if spec == "latest" {
             return self
                 .query_checkpoints(&newest_clause(crate::group::UNGROUPED), params![])?

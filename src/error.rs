@@ -110,8 +110,8 @@ pub enum Error {
         /// The path looked for.
         path: PathBuf,
     },
-    /// An id or prefix that is not 4 to 64 hex digits (nor `latest`).
-    #[error("'{0}' is not a checkpoint id: use 4 to 64 hex digits, or 'latest'")]
+    /// An id or prefix that is not 4 to 64 hex digits (nor `latest`), with or without `~N`.
+    #[error("'{0}' is not a checkpoint id: use 4 to 64 hex digits or 'latest', optionally followed by ~N (N back)")]
     InvalidId(String),
     /// Stored data does not match its hash, or a stored structure is malformed.
     #[error("corruption: {what}")]

@@ -52,7 +52,7 @@ impl GroupPart {
     }
 
     /// Parses `I/N` (0 ≤ I < N) for group `name`. A name must not read as a checkpoint id (`latest`, or 4 or
-    /// more hex digits), since `checkout` takes either.
+    /// more hex digits, either with `~N` after it), since `checkout` takes either.
     pub fn parse(name: &str, spec: &str) -> Result<GroupPart> {
         let bad = || Error::InvalidInput(format!("invalid part '{spec}': give I/N with 0 <= I < N, e.g. 0/4"));
         let (i, n) = spec.split_once('/').ok_or_else(bad)?;
@@ -60,7 +60,10 @@ impl GroupPart {
         if part >= parts {
             return Err(bad());
         }
-        let like_an_id = name == "latest" || (name.len() >= 4 && name.bytes().all(|b| b.is_ascii_hexdigit()));
+        // `ID~N` too, with `~` alone or digits after it.
+        let base =
+            name.rsplit_once('~').filter(|(_, n)| n.bytes().all(|b| b.is_ascii_digit())).map_or(name, |(b, _)| b);
+        let like_an_id = base == "latest" || (base.len() >= 4 && base.bytes().all(|b| b.is_ascii_hexdigit()));
         if name.is_empty() || name.chars().any(char::is_control) || like_an_id {
             return Err(Error::InvalidInput(format!(
                 "invalid group name {name:?}: give a name that cannot be read as a checkpoint id, e.g. step-100"
@@ -391,10 +394,12 @@ mod tests {
             assert!(GroupPart::parse("g", bad).is_err(), "{bad}");
         }
         assert!(GroupPart::parse("", "0/1").is_err());
-        for like_an_id in ["latest", "cafe", "0123abcd"] {
+        for like_an_id in ["latest", "cafe", "0123abcd", "latest~", "latest~2", "cafe~10"] {
             assert!(GroupPart::parse(like_an_id, "0/1").is_err(), "{like_an_id}");
         }
-        assert!(GroupPart::parse("cab", "0/1").is_ok());
+        for name in ["cab", "cab~1", "step~x", "latest~1a"] {
+            assert!(GroupPart::parse(name, "0/1").is_ok(), "{name}");
+        }
         let by_hand = GroupPart { name: "g".into(), part: 7, parts: 2 };
         let empty = rusqlite::Connection::open_in_memory().unwrap();
         assert!(matches!(check_against(&empty, &by_hand), Err(Error::PartMismatch { .. })));

@@ -714,7 +714,8 @@ impl Repository {
         self.catalog()?.checkpoints()
     }
 
-    /// The checkpoint named by a full id, a unique prefix of 4 or more hex digits, or `latest`.
+    /// The checkpoint named by a full id, a unique prefix of 4 or more hex digits, or `latest`, each optionally
+    /// followed by `~N`: the checkpoint N before it of the same path and host (see [`Catalog::resolve`]).
     ///
     /// ```
     /// # let dir = tempfile::tempdir().unwrap();
@@ -722,6 +723,9 @@ impl Repository {
     /// let s = repo.commit_reader("x", &mut &b"x"[..], &Default::default()).unwrap();
     /// assert_eq!(repo.checkpoint(&s.id[..4]).unwrap().id, s.id);
     /// assert_eq!(repo.checkpoint("latest").unwrap().id, s.id);
+    /// let t = repo.commit_reader("x", &mut &b"y"[..], &Default::default()).unwrap();
+    /// assert_eq!(repo.checkpoint("latest~1").unwrap().id, s.id);
+    /// assert_eq!(repo.checkpoint(&format!("{}~1", &t.id[..8])).unwrap().id, s.id);
     /// assert!(matches!(repo.checkpoint("xyz!"), Err(snapstore::Error::InvalidId(_))));
     /// ```
     pub fn checkpoint(&self, id: &str) -> Result<Checkpoint> {

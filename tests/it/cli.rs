@@ -1516,6 +1516,24 @@ fn unknown_and_malformed_ids() {
     }
 }
 
+/// `diff latest~1 latest` shows what the last commit of a path changed; going back past the first checkpoint
+/// is "not found" (exit 4) with a hint, and a malformed count is bad usage (exit 2).
+#[test]
+fn latest_tilde_1_names_the_checkpoint_before() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    commit_id(&ok(commit_stdin(&repo, &["--name", "state"], b"step 1"), "commit"));
+    let second = commit_id(&ok(commit_stdin(&repo, &["--name", "state"], b"step 2 longer"), "commit"));
+    let diff = sx(&repo, &["diff", "latest~1", "latest"]);
+    assert!(diff.contains("1 modified"), "{diff}");
+    assert_eq!(sx(&repo, &["cat", "latest~1", "state"]), "step 1");
+    assert_eq!(sx(&repo, &["cat", &format!("{}~0", &second[..8]), "state"]), "step 2 longer");
+    let err = sx_fail(&repo, &["show", "latest~2"], 4);
+    assert!(err.contains("no checkpoint matches 'latest~2'") && err.contains("hint: ID~N"), "{err}");
+    let err = sx_fail(&repo, &["show", "latest~two"], 2);
+    assert!(err.contains("optionally followed by ~N"), "{err}");
+}
+
 #[test]
 fn ambiguous_prefix_exits_2_and_lists_candidates() {
     // Real ids are random: making two share 4 hex digits would take hundreds of commits. Instead, clone the

@@ -1608,6 +1608,38 @@ fn the_repository_inside_the_committed_tree_is_left_out() {
 // 9. Checkpoint ids
 // ---------------------------------------------------------------------------------------------------------------
 
+/// `ID~N` names the checkpoint N before ID in its series (same path and host), in `log`'s order, skipping
+/// forgotten ones and other paths' checkpoints in between; `~` alone is `~1`, `~0` is ID itself. Past the
+/// first is "not found"; anything but digits after `~` is no id.
+#[test]
+fn an_id_with_tilde_n_goes_back_n_checkpoints_of_its_path() {
+    let t = tmp();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let commit = |name: &str, data: &[u8]| repo.commit_reader(name, &mut &data[..], &Default::default()).unwrap().id;
+    let a1 = commit("a", b"a one");
+    let a2 = commit("a", b"a two");
+    let b1 = commit("b", b"b one");
+    let a3 = commit("a", b"a three");
+    let a4 = commit("a", b"a four");
+    let id = |spec: &str| repo.checkpoint(spec).map(|c| c.id);
+    assert_eq!(id("latest~0").unwrap(), a4);
+    assert_eq!(id("latest~").unwrap(), a3);
+    assert_eq!(id("latest~1").unwrap(), a3);
+    assert_eq!(id("latest~2").unwrap(), a2, "b's checkpoint between is not in a's series");
+    assert_eq!(id(&format!("{}~1", &a3[..8])).unwrap(), a2);
+    assert_eq!(id("latest~1~1").unwrap(), a2);
+    assert!(matches!(id("latest~4"), Err(Error::CheckpointNotFound(s)) if s == "latest~4"));
+    assert!(matches!(id(&format!("{}~1", &b1[..8])), Err(Error::CheckpointNotFound(_))));
+    repo.forget(&[&a2]).unwrap();
+    assert_eq!(id("latest~2").unwrap(), a1, "a forgotten checkpoint is passed over");
+    for bad in ["latest~x", "latest~-1", "latest~1x", "~1", "latest~ 1", "latest~99999999999"] {
+        assert!(matches!(id(bad), Err(Error::InvalidId(_))), "{bad}: {:?}", id(bad));
+    }
+    let dest = t.path().join("out");
+    checkout(&repo, "latest~1", &dest);
+    assert_eq!(fs::read(&dest).unwrap(), b"a three");
+}
+
 #[test]
 fn checkpoint_ids_prefixes_latest_and_errors() {
     let t = tmp();

@@ -10,7 +10,7 @@ use crate::output::{Out, Sink, human_bytes};
 /// Arguments of `diff`.
 #[derive(clap::Args)]
 pub struct DiffArgs {
-    /// The older checkpoint (id, unique prefix, or 'latest')
+    /// The older checkpoint (id, unique prefix, or 'latest'; latest~1 is the one before latest on its path)
     a: String,
     /// The newer checkpoint
     b: String,

@@ -62,7 +62,8 @@ macro_rules! exit_help {
   4  repository, checkpoint or path not found
   5  busy (another gc, commits during repair, or another forget meanwhile)
 
-Checkpoint ids: any unique prefix of 4 or more hex digits, or 'latest'."
+Checkpoint ids: any unique prefix of 4 or more hex digits, or 'latest'; ID~N is the checkpoint N before ID of
+the same path and host (latest~1: the one before latest of its path; ~ alone is ~1)."
     };
 }
 
@@ -167,7 +168,8 @@ is interrupted, run it again with --in-place: it finishes the job, writing only 
 Examples:\n  snapstore checkout latest ./restored\n  snapstore checkout 3fa2c1 ./vm.img --in-place\n  \
 snapstore checkout 3fa2c1 ./run --in-place --delete\n  snapstore checkout latest ./out --path config --path data/step-100\n\n", exit_help!()))]
     Checkout {
-        /// Checkpoint id, unique prefix, 'latest', or a group checkpoint's name (part I goes to DEST/part-I)
+        /// Checkpoint id, unique prefix, 'latest' (ID~N: N before it on its path), or a group checkpoint's name
+        /// (part I goes to DEST/part-I)
         id: String,
         /// Where to recreate it
         dest: PathBuf,
@@ -198,7 +200,7 @@ snapstore checkout 3fa2c1 ./run --in-place --delete\n  snapstore checkout latest
     #[command(after_help = concat!("PATH is relative to the committed directory (as `snapstore ls` prints it); \
 for a checkpoint of one file, its name. Every chunk is verified before it is written.\n\n", exit_help!()))]
     Cat {
-        /// Checkpoint id, unique prefix, or 'latest'
+        /// Checkpoint id, unique prefix, or 'latest'; ID~N: N before it on its path
         id: String,
         /// The file inside the checkpoint
         path: PathBuf,
@@ -209,7 +211,7 @@ below it with -r: mode, size, modification time (UTC) and path. Paths are relati
 as cat, diff and checkout --path take them.\n\n\
 Examples:\n  snapstore ls latest\n  snapstore ls 3fa2c1 data -r\n  snapstore --json ls latest -r   # one object per entry\n\n", exit_help!()))]
     Ls {
-        /// Checkpoint id, unique prefix, or 'latest'
+        /// Checkpoint id, unique prefix, or 'latest'; ID~N: N before it on its path
         id: String,
         /// A directory or file inside the checkpoint [default: its top]
         path: Option<PathBuf>,
@@ -247,7 +249,7 @@ Examples:\n  snapstore tag 3fa2c1 --add keep\n  snapstore tag latest --add relea
     ))]
     #[command(group(clap::ArgGroup::new("change").args(["add", "remove"]).required(true).multiple(true)))]
     Tag {
-        /// Checkpoint id, unique prefix, or 'latest'
+        /// Checkpoint id, unique prefix, or 'latest'; ID~N: N before it on its path
         id: String,
         /// Add this tag (repeatable)
         #[arg(long, value_name = "TAG")]
@@ -267,7 +269,7 @@ message), what the commit skipped and why, and its files with the committed name
 checkout --path take them without it: a.txt).\n\n\
 Examples:\n  snapstore show latest\n  snapstore --json show 3fa2c1\n\n", exit_help!()))]
     Show {
-        /// Checkpoint id, unique prefix, or 'latest'
+        /// Checkpoint id, unique prefix, or 'latest'; ID~N: N before it on its path
         id: String,
     },
     /// Drop checkpoints, by id or by a retention policy (restic's rules)
@@ -278,7 +280,7 @@ A policy keeps, per host and committed path (unless --across-paths), the checkpo
 all within a duration of the newest (--keep-within 7d; units y=365d, m=30d, w, d, h), all with a tag (--keep-tag). \
 Counts take 'unlimited'. A policy that would forget every checkpoint of a path is refused.\n\n", exit_help!()))]
     Forget {
-        /// Checkpoints to forget (ids, prefixes or latest); or give a policy instead
+        /// Checkpoints to forget (ids, prefixes, latest, ID~N); or give a policy instead
         ids: Vec<String>,
         /// Forget this group checkpoint with all its parts (every group of that name; repeatable)
         #[arg(long = "group", value_name = "NAME")]
@@ -653,6 +655,10 @@ fn hint(e: &Error) -> Option<&'static str> {
         Error::CheckpointNotFound(id) if id == "latest" => {
             "`latest` is the newest checkpoint that is not part of a group: `snapstore log` lists the checkpoints, \
              `snapstore groups` the group checkpoints (`checkout` takes a group's name)"
+        }
+        Error::CheckpointNotFound(id) if id.contains('~') => {
+            "ID~N counts back among the checkpoints of ID's path and host that are still kept: `snapstore log --path \
+             PATH` lists them"
         }
         Error::CheckpointNotFound(_) => "`snapstore log` lists the checkpoints",
         Error::GroupNotFound(_) => "`snapstore groups` lists the group checkpoints",
