@@ -78,6 +78,7 @@ pub(crate) fn watch(
     }
     // Fail at once on what retrying cannot fix; later failures are reported and retried.
     std::fs::symlink_metadata(path).map_err(|e| Error::reading_source(path, e))?;
+    repo.refuse_another_users()?;
     if let Some(policy) = &opts.policy
         && policy.keeps_none_tagged(&opts.commit.tags)
     {

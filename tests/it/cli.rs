@@ -913,6 +913,7 @@ fn repository_is_private_and_only_read_by_other_users() {
         &["forget", &id[..8]],
         &["forget", "--keep-last", "1"],
         &["tag", &id[..8], "--add", "x"],
+        &["watch", p(&secret), "--every", "1s"],
     ] {
         let err = sx_fail(&repo, args, 1);
         assert!(err.contains("belongs to user id 4242") && err.contains("can be read"), "{args:?}: {err}");
@@ -1514,6 +1515,35 @@ fn unknown_and_malformed_ids() {
         assert_no_panic(&o, &format!("{args:?}"));
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o.stderr));
     }
+}
+
+/// `forget --prune` collects garbage right after forgetting, as restic's does: the packs only the forgotten
+/// checkpoints used are deleted, the kept one still checks out byte for byte, the JSON carries GC's summary
+/// under `gc`, and the text says nothing about running `gc`; with `--dry-run` nothing changes.
+#[test]
+fn forget_prune_reclaims_the_space_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let packs_bytes = || -> u64 {
+        walkdir::WalkDir::new(repo.join("packs")).into_iter().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+    };
+    for seed in [11, 21, 31] {
+        ok(commit_stdin(&repo, &["--name", "state"], &pseudo_random(3 << 20, seed)), "commit");
+    }
+    let before = packs_bytes();
+    let dry = sx(&repo, &["forget", "--keep-last", "1", "--prune", "--dry-run"]);
+    assert!(dry.contains("would keep 1, forget 2") && !dry.contains("gc freed"), "{dry}");
+    assert_eq!(packs_bytes(), before, "a dry run changes nothing");
+    let text = sx(&repo, &["forget", "--keep-last", "2", "--prune"]);
+    assert!(text.contains("kept 2, forgot 1 checkpoint\n") && text.contains("gc freed"), "{text}");
+    let after_one = packs_bytes();
+    assert!(after_one + (3 << 20) - (64 << 10) < before, "one checkpoint's data is gone: {before} -> {after_one}");
+    let doc = json(&sx(&repo, &["--json", "forget", "--keep-last", "1", "--prune"]));
+    assert_eq!(doc["forget"].as_array().unwrap().len(), 1, "{doc}");
+    assert!(doc["gc"]["bytes_freed"].as_u64().unwrap() > 3 << 20, "{doc}");
+    assert!(packs_bytes() < after_one - (3 << 20) + (64 << 10));
+    let cat = run(&repo, &["cat", "latest", "state"]);
+    assert!(cat.status.success() && cat.stdout == pseudo_random(3 << 20, 31), "the kept checkpoint is whole");
 }
 
 /// `diff latest~1 latest` shows what the last commit of a path changed; going back past the first checkpoint

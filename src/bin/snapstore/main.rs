@@ -274,7 +274,8 @@ Examples:\n  snapstore show latest\n  snapstore --json show 3fa2c1\n\n", exit_he
     },
     /// Drop checkpoints, by id or by a retention policy (restic's rules)
     #[command(after_help = concat!("Forgetting removes checkpoints from the catalog at once and for good: there is no undo, \
-so try --dry-run first. Their data stays until `snapstore gc` reclaims it.
+so try --dry-run first. Their data stays until `snapstore gc` reclaims it (--prune runs it right after, as \
+restic's does; not with --dry-run).
 A policy keeps, per host and committed path (unless --across-paths), the checkpoints any rule keeps: the N newest \
 (--keep-last), the newest of each of the last N hours, days, ISO weeks, months, years that have one (periods in UTC), \
 all within a duration of the newest (--keep-within 7d; units y=365d, m=30d, w, d, h), all with a tag (--keep-tag). \
@@ -299,6 +300,9 @@ Counts take 'unlimited'. A policy that would forget every checkpoint of a path i
         /// Show what would be kept and forgotten, and why; change nothing
         #[arg(short = 'n', long)]
         dry_run: bool,
+        /// Then reclaim the space no checkpoint uses any more, as `snapstore gc` does (its exit codes too)
+        #[arg(long)]
+        prune: bool,
     },
     /// Checkpoint a path automatically: a commit at each interval when something changed
     #[command(after_help = concat!("Commits PATH every INTERVAL when anything in it changed (an unchanged tree costs a \
@@ -1018,8 +1022,9 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 sink.finish(walked)?;
             }
         }
-        Command::Forget { ids, groups, keep, tags, paths, across_paths, dry_run } => {
+        Command::Forget { ids, groups, keep, tags, paths, across_paths, dry_run, prune } => {
             let repo = Repository::open(&repo_dir)?;
+            let prune = *prune && !*dry_run;
             let policy = keep.policy();
             if !groups.is_empty() {
                 if !ids.is_empty() || !policy.is_empty() {
@@ -1031,18 +1036,18 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 } else {
                     repo.forget_groups(&names)?
                 };
+                let mut doc = None;
                 if cli.json {
                     // One shape for the three ways of forgetting: the parts as the checkpoints forgotten.
                     let parts: Vec<_> = gone.iter().flat_map(|g| g.members.iter().map(|(_, c)| fate(c))).collect();
-                    out.json(&serde_json::json!({
+                    doc = Some(serde_json::json!({
                         "dry_run": dry_run, "keep": [], "forget": parts, "forget_groups": gone
-                    }))?;
+                    }));
                 } else if !cli.quiet {
                     group::list(out, &gone)?;
-                    output::forget_total(out, None, gone.len(), "group", *dry_run)?;
+                    output::forget_total(out, None, gone.len(), "group", *dry_run, prune)?;
                 }
-                out.flush()?;
-                return Ok(());
+                return then_prune(cli, out, &repo, doc, prune);
             }
             if !ids.is_empty() {
                 if !policy.is_empty() || !tags.is_empty() || !paths.is_empty() {
@@ -1050,20 +1055,20 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 }
                 let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
                 let forgotten = if *dry_run { repo.checkpoints_named(&ids)? } else { repo.forget(&ids)? };
+                let mut doc = None;
                 if cli.json {
                     let forget: Vec<_> = forgotten.iter().map(fate).collect();
-                    out.json(&serde_json::json!({
+                    doc = Some(serde_json::json!({
                         "dry_run": dry_run, "keep": [], "forget": forget, "forget_groups": []
-                    }))?;
+                    }));
                 } else if !cli.quiet {
                     let shown = output::shown_paths(forgotten.iter().map(|c| c.path.as_str()));
                     for c in &forgotten {
                         output::fate_line(out, "forget", &c.id, c.time_ns, &shown[c.path.as_str()], "")?;
                     }
-                    output::forget_total(out, None, forgotten.len(), "checkpoint", *dry_run)?;
+                    output::forget_total(out, None, forgotten.len(), "checkpoint", *dry_run, prune)?;
                 }
-                out.flush()?;
-                return Ok(());
+                return then_prune(cli, out, &repo, doc, prune);
             }
             let paths = path_keys(paths)?;
             let scope = snapstore::RetentionScope { tags: tags.clone(), paths, across_paths: *across_paths };
@@ -1093,54 +1098,45 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 }));
                 plan.sort();
             }
+            let mut doc = None;
             if cli.json {
-                out.json(&serde_json::json!({
+                doc = Some(serde_json::json!({
                     "dry_run": dry_run, "policy": policy.to_string(), "keep": plan.keep, "forget": plan.forget,
                     "forget_groups": []
-                }))?;
+                }));
             } else if !cli.quiet {
                 output::plan(out, &plan)?;
-                output::forget_total(out, Some(plan.keep.len()), plan.forget.len(), "checkpoint", *dry_run)?;
+                output::forget_total(out, Some(plan.keep.len()), plan.forget.len(), "checkpoint", *dry_run, prune)?;
             }
             if *dry_run {
+                if let Some(doc) = &doc {
+                    out.json(doc)?;
+                }
                 // Shown first, so the refusal can be understood; it still fails the dry run as the real one fails.
                 out.flush()?;
                 plan.refuse_emptying()?;
+                return Ok(());
             }
+            then_prune(cli, out, &repo, doc, prune)?;
         }
         Command::Gc { dry_run, max_unused, incomplete_after } => {
             if !(0.0..=100.0).contains(max_unused) {
                 return Err(Failure::Usage("--max-unused takes a percentage from 0 to 100".into()));
             }
             let repo = Repository::open(&repo_dir)?;
-            let bar = progress::Bar::new(show_progress(cli));
             let opts = snapstore::GcOptions {
                 dry_run: *dry_run,
                 max_unused: max_unused / 100.0,
                 incomplete_after: *incomplete_after,
-                progress: bar.clone(),
                 ..Default::default()
             };
-            let summary = repo.gc(&opts)?;
-            bar.finish();
+            let summary = collect(cli, &repo, opts)?;
             if cli.json {
                 out.json(&summary)?;
             } else if !cli.quiet {
                 output::gc_summary(out, &summary)?;
             }
-            if !summary.damaged_packs.is_empty() {
-                // Everything else was collected; the exit code is what tells cron that someone must look.
-                if !cli.json {
-                    for d in &summary.damaged_packs {
-                        say!("warning: damaged pack {}: {}; left as it is", d.pack, d.problem);
-                    }
-                    say!(
-                        "hint: `snapstore verify --read-data` shows what the damage reaches; \
-                         `snapstore repair index --read-data` then drops what is lost"
-                    );
-                }
-                return Err(Failure::Exit(EXIT_CORRUPT));
-            }
+            gc_damage(cli, &summary)?;
         }
         Command::Diff(args) => diff::diff(&repo_dir, args, cli.json, cli.quiet, out)?,
         Command::Verify(args) => verify::verify(&repo_dir, args, cli.json, cli.quiet, out)?,
@@ -1198,6 +1194,56 @@ fn path_keys(paths: &[PathBuf]) -> Result<Vec<String>, Error> {
 }
 
 /// A checkpoint forgotten by id or with its group, as a policy's decisions list one (no rule kept it).
+/// Runs GC with a progress bar where one is shown.
+fn collect(cli: &Cli, repo: &Repository, opts: snapstore::GcOptions) -> Result<snapstore::GcSummary, Failure> {
+    let bar = progress::Bar::new(show_progress(cli));
+    let summary = repo.gc(&snapstore::GcOptions { progress: bar.clone(), ..opts })?;
+    bar.finish();
+    Ok(summary)
+}
+
+/// GC's damaged packs, told on stderr (JSON lists them in the summary), fail the command with exit 3: everything
+/// else was collected, and the exit code is what tells cron that someone must look.
+fn gc_damage(cli: &Cli, summary: &snapstore::GcSummary) -> Result<(), Failure> {
+    if summary.damaged_packs.is_empty() {
+        return Ok(());
+    }
+    if !cli.json {
+        for d in &summary.damaged_packs {
+            say!("warning: damaged pack {}: {}; left as it is", d.pack, d.problem);
+        }
+        say!(
+            "hint: `snapstore verify --read-data` shows what the damage reaches; \
+             `snapstore repair index --read-data` then drops what is lost"
+        );
+    }
+    Err(Failure::Exit(EXIT_CORRUPT))
+}
+
+/// The end of a forget: with `prune`, GC (its summary under `gc` in the JSON document `doc`, or printed after
+/// the forget's lines), then `doc` written.
+fn then_prune(
+    cli: &Cli,
+    out: &mut Out,
+    repo: &Repository,
+    mut doc: Option<serde_json::Value>,
+    prune: bool,
+) -> Result<(), Failure> {
+    let summary = if prune { Some(collect(cli, repo, Default::default())?) } else { None };
+    if let Some(summary) = &summary {
+        match &mut doc {
+            Some(doc) => doc["gc"] = serde_json::to_value(summary).map_err(io::Error::other)?,
+            None if !cli.quiet => output::gc_summary(out, summary)?,
+            None => {}
+        }
+    }
+    if let Some(doc) = &doc {
+        out.json(doc)?;
+    }
+    out.flush()?;
+    summary.as_ref().map_or(Ok(()), |s| gc_damage(cli, s))
+}
+
 fn fate(c: &snapstore::Checkpoint) -> snapstore::Decision {
     snapstore::Decision {
         id: c.id.clone(),

@@ -340,13 +340,22 @@ pub fn fate_line(out: &mut Out, what: &str, id: &str, time_ns: i64, shown: &str,
 }
 
 /// The last line of a `forget`: with a policy, how many it kept too; by id or group, only what it forgot.
-pub fn forget_total(out: &mut Out, kept: Option<usize>, forgotten: usize, what: &str, dry_run: bool) -> io::Result<()> {
+/// The last line of a forget; `pruning`: GC runs next (`--prune`), so its hint would be wrong.
+pub fn forget_total(
+    out: &mut Out,
+    kept: Option<usize>,
+    forgotten: usize,
+    what: &str,
+    dry_run: bool,
+    pruning: bool,
+) -> io::Result<()> {
     let forgotten = plural(forgotten as u64, what);
+    let then = if pruning { "" } else { "; `snapstore gc` reclaims the space" };
     match (kept, dry_run) {
         (Some(kept), true) => out.line(&format!("would keep {kept}, forget {forgotten} (dry run: nothing changed)")),
-        (Some(kept), false) => out.line(&format!("kept {kept}, forgot {forgotten}; `snapstore gc` reclaims the space")),
+        (Some(kept), false) => out.line(&format!("kept {kept}, forgot {forgotten}{then}")),
         (None, true) => out.line(&format!("would forget {forgotten} (dry run: nothing changed)")),
-        (None, false) => out.line(&format!("forgot {forgotten}; `snapstore gc` reclaims the space")),
+        (None, false) => out.line(&format!("forgot {forgotten}{then}")),
     }
 }
 
