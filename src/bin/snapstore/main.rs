@@ -1193,7 +1193,6 @@ fn path_keys(paths: &[PathBuf]) -> Result<Vec<String>, Error> {
         .collect()
 }
 
-/// A checkpoint forgotten by id or with its group, as a policy's decisions list one (no rule kept it).
 /// Runs GC with a progress bar where one is shown.
 fn collect(cli: &Cli, repo: &Repository, opts: snapstore::GcOptions) -> Result<snapstore::GcSummary, Failure> {
     let bar = progress::Bar::new(show_progress(cli));
@@ -1244,6 +1243,7 @@ fn then_prune(
     summary.as_ref().map_or(Ok(()), |s| gc_damage(cli, s))
 }
 
+/// A checkpoint forgotten by id or with its group, as a policy's decisions list one (no rule kept it).
 fn fate(c: &snapstore::Checkpoint) -> snapstore::Decision {
     snapstore::Decision {
         id: c.id.clone(),

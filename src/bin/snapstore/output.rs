@@ -340,7 +340,7 @@ pub fn fate_line(out: &mut Out, what: &str, id: &str, time_ns: i64, shown: &str,
 }
 
 /// The last line of a `forget`: with a policy, how many it kept too; by id or group, only what it forgot.
-/// The last line of a forget; `pruning`: GC runs next (`--prune`), so its hint would be wrong.
+/// `pruning`: GC runs next (`--prune`), so the line does not send the user to it.
 pub fn forget_total(
     out: &mut Out,
     kept: Option<usize>,
