@@ -1546,8 +1546,9 @@ fn forget_prune_reclaims_the_space_at_once() {
     assert!(cat.status.success() && cat.stdout == pseudo_random(3 << 20, 31), "the kept checkpoint is whole");
 }
 
-/// `diff latest~1 latest` shows what the last commit of a path changed; going back past the first checkpoint
-/// is "not found" (exit 4) with a hint, and a malformed count is bad usage (exit 2).
+/// `diff latest~1 latest` shows what the last commit of a path changed, as `diff latest` does; going back past
+/// the first checkpoint is "not found" (exit 4) with a hint, `diff` of a first checkpoint alone says it has
+/// none before it (exit 2), and a malformed count is bad usage (exit 2).
 #[test]
 fn latest_tilde_1_names_the_checkpoint_before() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1556,6 +1557,9 @@ fn latest_tilde_1_names_the_checkpoint_before() {
     let second = commit_id(&ok(commit_stdin(&repo, &["--name", "state"], b"step 2 longer"), "commit"));
     let diff = sx(&repo, &["diff", "latest~1", "latest"]);
     assert!(diff.contains("1 modified"), "{diff}");
+    assert_eq!(sx(&repo, &["diff", "latest"]), diff, "one checkpoint: what its commit changed");
+    let err = sx_fail(&repo, &["diff", "latest~1"], 2);
+    assert!(err.contains("is the first of stdin:state still kept"), "{err}");
     assert_eq!(sx(&repo, &["cat", "latest~1", "state"]), "step 1");
     assert_eq!(sx(&repo, &["cat", &format!("{}~0", &second[..8]), "state"]), "step 2 longer");
     let err = sx_fail(&repo, &["show", "latest~2"], 4);

@@ -10,10 +10,11 @@ use crate::output::{Out, Sink, human_bytes};
 /// Arguments of `diff`.
 #[derive(clap::Args)]
 pub struct DiffArgs {
-    /// The older checkpoint (id, unique prefix, or 'latest'; latest~1 is the one before latest on its path)
+    /// The older checkpoint (id, unique prefix, or 'latest'; latest~1 is the one before latest on its path);
+    /// alone, the newer one, compared with the checkpoint before it on its path (ID~1)
     a: String,
     /// The newer checkpoint
-    b: String,
+    b: Option<String>,
 }
 
 /// Ranges listed per file in text output; `--json` lists them all.
@@ -26,8 +27,28 @@ pub fn diff(repo_dir: &Path, args: &DiffArgs, json: bool, quiet: bool, out: &mut
     if json {
         out.json_open("{\"changes\": ");
     }
-    let diffed = repo
-        .diff(&args.a, &args.b, |c| if json { sink.write(out.json_item(c)) } else { sink.write(line(out, c, quiet)) });
+    // One checkpoint: what its commit changed, as `git show` tells.
+    let (a, b) = match &args.b {
+        Some(b) => (args.a.clone(), b.clone()),
+        None => {
+            let newer = repo.checkpoint(&args.a)?;
+            match repo.checkpoint(&format!("{}~1", newer.id)) {
+                Ok(older) => (older.id, newer.id),
+                Err(snapstore::Error::CheckpointNotFound(_)) => {
+                    return Err(Failure::Usage(format!(
+                        "checkpoint {} is the first of {} still kept, with none before it to compare with: give \
+                         two checkpoints (`snapstore ls {} -r` lists its files)",
+                        newer.short_id(),
+                        newer.path,
+                        newer.short_id()
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let diffed =
+        repo.diff(&a, &b, |c| if json { sink.write(out.json_item(c)) } else { sink.write(line(out, c, quiet)) });
     let summary = sink.finish(diffed)?;
     if json {
         let summary = serde_json::to_string(&summary).map_err(std::io::Error::from)?;
