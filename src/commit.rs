@@ -135,6 +135,12 @@ pub(crate) enum Source<'a> {
     Reader { name: &'a str, reader: &'a mut dyn Read },
 }
 
+/// Refuses a stream's name that cannot be the name of the file it becomes (empty, `.`, `..`, with a `/` or a
+/// NUL byte): before anything is created for the commit.
+pub fn validate_stream_name(name: &str) -> Result<()> {
+    tree::validate_name(name.as_bytes()).map_err(|_| Error::InvalidInput(format!("invalid stream name {name:?}")))
+}
+
 struct Job {
     seq: u64,
     data: ChunkBytes,
@@ -280,8 +286,7 @@ fn run(
             (key, name)
         }
         Source::Reader { name, .. } => {
-            tree::validate_name(name.as_bytes())
-                .map_err(|_| Error::InvalidInput(format!("invalid stream name {name:?}")))?;
+            validate_stream_name(name)?;
             (format!("stdin:{name}"), name.as_bytes().to_vec())
         }
     };
@@ -1372,8 +1377,10 @@ impl Walker<'_, '_> {
         // The stream committed last under this name guides the cutting.
         let prior = self.prev[0].as_ref().and_then(|m| m.get(&entry.name)).filter(|p| p.kind == EntryKind::File);
         let prior = prior.and_then(|p| p.object().ok().flatten());
+        // Named as the checkpoint's path is (`stdin:NAME`), whatever the reader is.
+        let key = format!("stdin:{}", String::from_utf8_lossy(&entry.name));
         self.send(Event::FileStart(entry))?;
-        let read = self.chunks_inline(reader, prior.as_ref()).map_err(|e| Error::io("<stdin>", e));
+        let read = self.chunks_inline(reader, prior.as_ref()).map_err(|e| Error::io(&key, e));
         if let Some(e) = self.failed.take() {
             return Err(e);
         }

@@ -74,7 +74,7 @@ pub use checkout::{CheckoutOptions, CheckoutSummary};
 pub use checkpoint::{Checkpoint, SHORT_ID_LEN, format_rfc3339, format_utc};
 pub use checkpointer::{Checkpointer, CheckpointerOptions, Persisted, Restored, Schedule};
 pub use chunker::Chunker;
-pub use commit::{CommitOptions, CommitSummary, SPECIAL, VANISHED, path_key};
+pub use commit::{CommitOptions, CommitSummary, SPECIAL, VANISHED, path_key, validate_stream_name};
 pub use diff::{Change, ChangeKind, DiffSummary};
 pub use error::{Error, Result};
 pub use gc::{GcOptions, GcSummary};
@@ -581,6 +581,9 @@ impl Repository {
     }
 
     /// Commits a stream (a state image written by another program) as a checkpoint holding one file, `name`.
+    /// The reader's end (a read of 0 bytes) is taken as the state's: a reader fed by a producer that can fail
+    /// (a child's stdout, a socket) should return an error at its end unless the producer succeeded, as
+    /// `snapstore commit - -- COMMAND` does; an error from the reader, at any point, commits nothing.
     ///
     /// ```
     /// # let dir = tempfile::tempdir().unwrap();

@@ -1517,6 +1517,45 @@ fn unknown_and_malformed_ids() {
     }
 }
 
+/// A stream is taken as whole only where its end says so. Given after `--`, the producer's output is
+/// committed only if it exits with status 0: one that fails or is killed midway (its partial output already
+/// read) leaves no checkpoint, exit 1 naming the command. An empty stream, what `false | snapstore commit -`
+/// or a closed stdin gives, is refused unless `--allow-empty`. A bad stream name is refused before the
+/// repository is created.
+#[test]
+fn a_stream_is_committed_only_when_its_producer_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let ids = || sx(&repo, &["-q", "log"]).lines().count();
+    let state = "head -c 3000000 /dev/zero | tr '\\0' s";
+    let good = sx(&repo, &["-q", "commit", "-", "--name", "state", "--", "sh", "-c", state]);
+    assert_eq!(sx(&repo, &["cat", good.trim(), "state"]), "s".repeat(3_000_000));
+    for (script, says) in
+        [(format!("{state}; exit 3"), "failed (exit status: 3)"), (format!("{state}; kill -9 $$"), "failed (signal: 9")]
+    {
+        let err = sx_fail(&repo, &["commit", "-", "--name", "state", "--", "sh", "-c", &script], 1);
+        assert!(err.contains(says) && err.contains("nothing committed") && err.contains("stdin:state"), "{err}");
+    }
+    let err = sx_fail(&repo, &["commit", "-", "--name", "state", "--", "/nonexistent/producer"], 2);
+    assert!(err.contains("cannot run /nonexistent/producer"), "{err}");
+    assert_eq!(ids(), 1, "no failed producer left a checkpoint");
+    assert_eq!(sx(&repo, &["-q", "log"]).trim(), good.trim(), "latest is still the whole state");
+
+    let empty = commit_stdin(&repo, &["--name", "state"], b"");
+    let err = fails(empty, 1, "commit of an empty stream");
+    assert!(err.contains("the stream was empty") && err.contains("--allow-empty"), "{err}");
+    assert_eq!(ids(), 1);
+    ok(commit_stdin(&repo, &["--name", "state", "--allow-empty"], b""), "an empty state, asked for");
+    assert_eq!(ids(), 2);
+    let err = sx_fail(&repo, &["commit", p(tmp.path()), "--allow-empty"], 2);
+    assert!(err.contains("only apply when committing a stream"), "{err}");
+
+    let fresh = tmp.path().join("fresh");
+    fails(commit_stdin(&fresh, &["--name", "a/b"], b"x"), 2, "a bad stream name");
+    sx_fail(&fresh, &["commit", "-", "--name", "state", "--", "/nonexistent/producer"], 2);
+    assert!(!fresh.exists(), "a refused commit must not create the repository");
+}
+
 /// `forget --prune` collects garbage right after forgetting, as restic's does: the packs only the forgotten
 /// checkpoints used are deleted, the kept one still checks out byte for byte, the JSON carries GC's summary
 /// under `gc`, and the text says nothing about running `gc`; with `--dry-run` nothing changes.

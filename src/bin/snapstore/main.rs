@@ -32,6 +32,7 @@ mod diff;
 mod group;
 mod output;
 mod progress;
+mod stream;
 mod verify;
 mod watch;
 
@@ -110,10 +111,21 @@ enum Command {
 are not read again. Only chunks the repository lacks are compressed and stored. Each entry's mode, mtime, numeric \
 owner and group, symlink target, hard links, and the extended attributes (ACLs among them) of files and directories \
 are recorded with its bytes.\n\
-The new checkpoint's full id is printed last on stdout. If the repository does not exist yet, it is created.\n\n", exit_help!()))]
+The new checkpoint's full id is printed last on stdout. If the repository does not exist yet, it is created.\n\
+A stream (-) is committed as it ends: a producer that dies midway leaves a short stream that looks whole to a pipe. \
+Give the producer after -- instead: its output is committed only if it exits with status 0. An empty stream is \
+refused unless --allow-empty (a producer that failed at once, or a closed stdin, gives one).\n\n\
+Examples:\n  snapstore commit ./run -m \"before upgrade\"\n  snapstore commit ./vm.img --tag nightly\n  \
+snapstore commit - --name state.bin -- trainer --dump-state\n\n", exit_help!()))]
     Commit {
         /// File or directory to checkpoint, or - to read a stream from stdin (with --name)
         path: PathBuf,
+        /// With -: run this command and commit what it writes to stdout, only if it exits with status 0
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<String>,
+        /// With -: record an empty stream as an empty state instead of refusing it
+        #[arg(long)]
+        allow_empty: bool,
         /// Message recorded with the checkpoint
         #[arg(short, long, default_value = "")]
         message: String,
@@ -764,6 +776,8 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
         }
         Command::Commit {
             path,
+            command,
+            allow_empty,
             message,
             tags,
             name,
@@ -779,7 +793,20 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 _ => None,
             };
             // A commit that cannot start must not leave a new, empty repository behind.
-            if path.as_os_str() != "-" {
+            let stream = path.as_os_str() == "-";
+            if stream {
+                let Some(name) = name else {
+                    return Err(Failure::Usage(
+                        "reading stdin needs --name NAME: the name of the file the stream becomes".into(),
+                    ));
+                };
+                snapstore::validate_stream_name(name)?;
+            } else if name.is_some() || !command.is_empty() || *allow_empty {
+                return Err(Failure::Usage(
+                    "--name, --allow-empty and a command after -- only apply when committing a stream (-)".into(),
+                ));
+            }
+            if !stream {
                 let md = std::fs::symlink_metadata(path).map_err(|e| Error::reading_source(path, e))?;
                 // A `run` or `latest` link to the real state is common, and its checkpoint would hold the link
                 // alone: recorded as asked, but said.
@@ -794,6 +821,8 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                     );
                 }
             }
+            // Started before the repository is opened (or created), so that one that cannot run leaves nothing.
+            let producer = if command.is_empty() { None } else { Some(stream::Producer::spawn(command)?) };
             let repo = open_or_init(&repo_dir)?;
             let bar = progress::Bar::new(show_progress(cli));
             let opts = CommitOptions {
@@ -807,17 +836,16 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 group: group.clone(),
                 ..Default::default()
             };
-            let summary = if path.as_os_str() == "-" {
-                let name = name.as_deref().ok_or_else(|| {
-                    Failure::Usage("reading stdin needs --name NAME: the name of the file the stream becomes".into())
-                })?;
-                let mut stdin = io::stdin().lock();
-                repo.commit_reader(name, &mut stdin, &opts)?
-            } else {
-                if name.is_some() {
-                    return Err(Failure::Usage("--name only applies when committing stdin (-)".into()));
+            let summary = match (name, producer) {
+                (Some(name), None) => {
+                    let mut stdin = stream::Checked::new(io::stdin().lock(), *allow_empty);
+                    repo.commit_reader(name, &mut stdin, &opts)?
                 }
-                repo.commit(path, &opts)?
+                (Some(name), Some(producer)) => {
+                    let mut output = stream::Checked::new(producer, *allow_empty);
+                    repo.commit_reader(name, &mut output, &opts)?
+                }
+                _ => repo.commit(path, &opts)?,
             };
             bar.finish();
             let status = match &group {
