@@ -1161,6 +1161,20 @@ impl Catalog {
         Ok(self.query_checkpoints(&clause, params![host, path])?.pop())
     }
 
+    /// The time of the newest checkpoint of `path` from any host, group parts included (a commit's time is never
+    /// before it). Found through the time index, newest first, as [`Catalog::latest_of_path_tagged`].
+    pub(crate) fn newest_time_of_path(&self, path: &str) -> Result<Option<i64>> {
+        let newest = self
+            .conn
+            .prepare_cached(
+                "SELECT time_ns FROM checkpoints INDEXED BY checkpoints_by_time WHERE path = ?1 ORDER BY time_ns DESC \
+                 LIMIT 1",
+            )?
+            .query_row([path], |r| r.get(0))
+            .optional()?;
+        Ok(newest)
+    }
+
     /// Finds the checkpoint named by a full id, a unique prefix of at least 4 hex digits, or `latest`; any of
     /// them followed by `~N` (`~` alone: `~1`) names the checkpoint N before it in its series (same path and
     /// host, not in a group; the order of `log`), as `HEAD~N` does in git. Not by the parent links, which

@@ -23,8 +23,9 @@ pub struct Checkpoint {
     pub id: String,
     /// The previous checkpoint of the same path on the same host, if any.
     pub parent: Option<String>,
-    /// Commit time, nanoseconds since the Unix epoch. In JSON also as `time`, in RFC 3339 (see
-    /// [`format_rfc3339`]).
+    /// Commit time, nanoseconds since the Unix epoch: the committing machine's clock, but always after the
+    /// newest earlier checkpoint of the same path, so that a path's checkpoints sort in commit order whatever
+    /// the clocks. In JSON also as `time`, in RFC 3339 (see [`format_rfc3339`]).
     #[serde(flatten, serialize_with = "json_time::time_ns")]
     pub time_ns: i64,
     /// The message given at commit.

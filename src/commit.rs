@@ -405,7 +405,13 @@ fn run(
     summary.chunks_reused = asm.chunks_reused;
     summary.bytes_new = asm.bytes_new;
     summary.bytes_stored = asm.bytes_stored;
-    let time_ns = now_ns();
+    // Never before the newest checkpoint of the path from any host, so that the order of a path's checkpoints
+    // is the order they were committed in even where clocks disagree (a run moved to a node whose clock lags,
+    // a clock stepped back): `latest`, a Checkpointer's resume and retention's ranks go by it.
+    let time_ns = match catalog.newest_time_of_path(&path_key)? {
+        Some(newest) if newest >= now_ns() => newest.saturating_add(1),
+        _ => now_ns(),
+    };
     let nonce = (std::process::id() as u64) << 32 | (started.elapsed().subsec_nanos() as u64);
     let id = checkpoint_id(&root_tree, summary.parent.as_deref(), time_ns, &host, &path_key, nonce);
     let mut tags = opts.tags.clone();

@@ -215,6 +215,43 @@ fn ids_of(repo: &Path, path: &str) -> Vec<String> {
     repo.checkpoints().unwrap().into_iter().filter(|c| c.path == path).map(|c| c.id).collect()
 }
 
+/// A run whose clock was an hour ahead (another node, a clock since corrected) is followed by one with the
+/// right clock: the later run's checkpoints still come after the earlier one's, so retention keeps the newest
+/// steps and a restart resumes from the last one, not from the earlier run's (before, every later checkpoint
+/// sorted below them, was forgotten at the next persist, and the restart went back to the earlier run's last).
+#[test]
+fn a_clock_that_lags_an_earlier_run_still_resumes_from_the_newest_step() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    Repository::init(&repo).unwrap();
+    let keep3 = || CheckpointerOptions {
+        retention: Some(Policy { keep_last: Some(3), ..Default::default() }),
+        ..Default::default()
+    };
+    let mut cp = stream_checkpointer(&repo, keep3());
+    for step in 1..=3 {
+        take(&mut cp, step, format!("state {step}").as_bytes());
+    }
+    drop(cp);
+    // The first run's clock ran an hour ahead.
+    let hour = 3_600_000_000_000i64;
+    let cat = snapstore::Catalog::open(&repo.join("catalog.db")).unwrap();
+    assert_eq!(cat.connection().execute("UPDATE checkpoints SET time_ns = time_ns + ?1", [hour]).unwrap(), 3);
+    drop(cat);
+    let mut cp = stream_checkpointer(&repo, keep3());
+    let mut image = Vec::new();
+    assert_eq!(cp.restore_latest(&mut image).unwrap().unwrap().step, 3);
+    for step in 4..=7 {
+        take(&mut cp, step, format!("state {step}").as_bytes());
+    }
+    let mut image = Vec::new();
+    assert_eq!(cp.restore_latest(&mut image).unwrap().unwrap().step, 7, "resumes from the newest step");
+    assert_eq!(image, b"state 7");
+    let repo = Repository::open(&repo).unwrap();
+    let steps: Vec<String> = repo.checkpoints().unwrap().into_iter().flat_map(|c| c.tags).collect();
+    assert_eq!(steps, ["step=7", "step=6", "step=5"], "retention kept the newest three steps");
+}
+
 /// A job restarted on another machine or in a new container (another host name) resumes from its series,
 /// and retention counts the series across hosts: the old host's checkpoints are not kept for ever.
 #[test]
