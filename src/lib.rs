@@ -828,7 +828,10 @@ impl Repository {
                 if entry.kind == EntryKind::Dir { "directory" } else { "symlink" }
             )));
         }
-        let reader = FileReader::open(catalog, self.backend.clone(), &entry.object()?.expect("file has content"))?;
+        let content = entry.object()?.expect("file has content");
+        let reader = FileReader::open(catalog, self.backend.clone(), &content)
+            .map_err(|e| self.unless_forgotten(e, &cp.id))?
+            .of_checkpoint(&cp.id);
         Ok(match session {
             Some((_, s)) => reader.hold(Box::new(s)),
             None => reader,

@@ -49,12 +49,21 @@ pub struct FileReader {
     /// For a repository on a read-only mount, its catalog's path and fingerprint at open: a read that fails
     /// after another mount wrote the repository fails as [`Error::ChangedWhileRead`], not as damage.
     watch: Option<(PathBuf, Fingerprint)>,
+    /// The checkpoint read: one forgotten and collected meanwhile makes a read fail as
+    /// [`Error::Forgotten`], not as damage.
+    checkpoint: Option<String>,
 }
 
 impl FileReader {
     /// Keeps `session` for as long as the reader lives.
     pub(crate) fn hold(mut self, session: Box<dyn Send>) -> Self {
         self.session = Some(session);
+        self
+    }
+
+    /// Reads a file of checkpoint `id`, which a failed read then checks is still there.
+    pub(crate) fn of_checkpoint(mut self, id: &str) -> Self {
+        self.checkpoint = Some(id.to_string());
         self
     }
 
@@ -87,7 +96,18 @@ impl FileReader {
             return Err(Error::corrupt(format!("file content {content}: its chunks add up to {offset}, not {size}")));
         }
         let chunks = ChunkReader::new(backend)?;
-        Ok(FileReader { catalog, chunks, size, segments, segment, chunk: None, pos: 0, session: None, watch: None })
+        Ok(FileReader {
+            catalog,
+            chunks,
+            size,
+            segments,
+            segment,
+            chunk: None,
+            pos: 0,
+            session: None,
+            watch: None,
+            checkpoint: None,
+        })
     }
 
     /// The file's size in bytes.
@@ -143,6 +163,15 @@ impl Read for FileReader {
         if let Err(e) = self.load(self.pos) {
             let e = match &self.watch {
                 Some((path, opened)) if e.may_come_from_a_changing_read() => opened.check(path).err().unwrap_or(e),
+                _ => e,
+            };
+            // A chunk or segment gone because retention and GC took the checkpoint meanwhile is no damage.
+            let e = match &self.checkpoint {
+                Some(id)
+                    if e.is_corruption() && matches!(self.catalog.resolve(id), Err(Error::CheckpointNotFound(_))) =>
+                {
+                    Error::Forgotten(id.clone())
+                }
                 _ => e,
             };
             return Err(io::Error::new(io::ErrorKind::InvalidData, e));

@@ -1608,6 +1608,26 @@ fn the_repository_inside_the_committed_tree_is_left_out() {
 // 9. Checkpoint ids
 // ---------------------------------------------------------------------------------------------------------------
 
+/// A file being read through `open_file` whose checkpoint retention and GC take meanwhile fails as
+/// `Error::Forgotten` (exit 4 for `cat`), not as damage: what it read before is what was committed.
+#[test]
+fn a_file_read_while_its_checkpoint_is_forgotten_and_collected_says_so() {
+    let t = tmp();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let data = pseudo_random(4 * MIB, 91);
+    let old = repo.commit_reader("state", &mut &data[..], &Default::default()).unwrap();
+    repo.commit_reader("state", &mut &pseudo_random(MIB, 92)[..], &Default::default()).unwrap();
+    let mut file = repo.open_file(&old.id, "state").unwrap();
+    let mut head = vec![0u8; 64 * KIB];
+    file.read_exact(&mut head).unwrap();
+    assert!(head[..] == data[..64 * KIB]);
+    repo.forget(&[&old.id]).unwrap();
+    assert!(repo.gc(&Default::default()).unwrap().chunks_swept > 0);
+    let err = file.read_to_end(&mut Vec::new()).unwrap_err();
+    let inner = err.into_inner().and_then(|e| e.downcast::<Error>().ok()).expect("the library's error");
+    assert!(matches!(*inner, Error::Forgotten(ref id) if *id == old.id), "{inner:?}");
+}
+
 /// `ID~N` names the checkpoint N before ID in its series (same path and host), in `log`'s order, skipping
 /// forgotten ones and other paths' checkpoints in between; `~` alone is `~1`, `~0` is ID itself. Past the
 /// first is "not found"; anything but digits after `~` is no id.
