@@ -1142,8 +1142,9 @@ impl Catalog {
         Ok(self.query_checkpoints(&clause, params![host, path])?.pop())
     }
 
-    /// The newest checkpoint of `path`, from `host` or (`None`) from any host, that carries a tag starting
-    /// with `tag_prefix` (a [`crate::Checkpointer`]'s `step=`). Found through the time index, newest first;
+    /// The newest checkpoint of `path`, from `host` or (`None`) from any host, that carries a tag of
+    /// `tag_prefix` and digits alone (a [`crate::Checkpointer`]'s `step=N`; one tagged `step=final` by hand
+    /// is passed over). Found through the time index, newest first;
     /// a path with few checkpoints among many others costs a longer walk of it.
     pub(crate) fn latest_of_path_tagged(
         &self,
@@ -1509,12 +1510,13 @@ fn newest_clause(filter: &str) -> String {
     )
 }
 
-/// [`Catalog::latest_of_path_tagged`]'s rows: path `?1`, host `?2` unless NULL, a tag starting with `?3`
-/// (such tags sort in [prefix, prefix + U+10FFFF)), not a group's part.
+/// [`Catalog::latest_of_path_tagged`]'s rows: path `?1`, host `?2` unless NULL, a tag of `?3` and digits alone
+/// (such tags sort in [prefix, prefix + U+10FFFF), which the tag index finds), not a group's part.
 fn tagged_filter() -> String {
     format!(
         "path = ?1 AND (?2 IS NULL OR host = ?2) AND {} AND EXISTS (SELECT 1 FROM checkpoint_tags t
-           WHERE t.checkpoint = id AND t.tag >= ?3 AND t.tag < ?3 || char(1114111))",
+           WHERE t.checkpoint = id AND t.tag >= ?3 AND t.tag < ?3 || char(1114111)
+             AND t.tag GLOB ?3 || '[0-9]*' AND t.tag NOT GLOB ?3 || '*[^0-9]*')",
         crate::group::UNGROUPED
     )
 }

@@ -184,7 +184,7 @@ pub struct Checkpointer {
     /// Retention and GC after [`Checkpointer::checkpoint_path`], which commits on the caller's thread.
     upkeep: Upkeep,
     /// Held for the Checkpointer's life: no other Checkpointer takes this series meanwhile.
-    _series_lock: File,
+    _series_lock: Vec<File>,
 }
 
 /// The tag that records a checkpoint's step.
@@ -466,42 +466,59 @@ fn persist(repo: &Repository, opts: &CheckpointerOptions, upkeep: &mut Upkeep, m
     Ok(upkeep.after(repo, opts, &format!("stdin:{}", opts.name), job.step, summary))
 }
 
-/// Locks the series `key` (a name's stream or a path; of one host, if pinned) in the repository,
-/// exclusively and without waiting: two Checkpointers of one series would resume from, and let retention
-/// forget, each other's checkpoints. The lock is `REPO/locks/series-H` (H: 16 hex digits of a BLAKE3 of key
-/// and host), which records the holder's pid for the error; `flock` ends with the process, however it ends.
-/// For a repository in a bucket the file lies in the local copy, so it keeps apart one machine's processes.
-fn lock_series(repo: &Repository, key: &str, host: Option<&str>) -> Result<File> {
+/// Locks the series `key` (a name's stream or a path; of one host, if pinned) in the repository, without
+/// waiting: two Checkpointers of one series would resume from, and let retention forget, each other's
+/// checkpoints. An unpinned series is every host's checkpoints of `key`, so it overlaps every pinned one:
+/// an unpinned Checkpointer holds `REPO/locks/series-H(key)` exclusively, a pinned one holds that file shared
+/// and `series-H(key, host)` exclusively (H: 16 hex digits of a BLAKE3). So two unpinned, an unpinned and a
+/// pinned, or two pinned to one host exclude each other, and two pinned to different hosts do not. The
+/// exclusive file records the holder's pid for the error; `flock` ends with the process, however it ends.
+/// For a repository in a bucket the files lie in the local copy, so they keep apart one machine's processes.
+fn lock_series(repo: &Repository, key: &str, host: Option<&str>) -> Result<Vec<File>> {
     let dir = repo.root.join("locks");
     crate::backend::local_dir(&dir).map_err(|e| Error::io(&dir, e))?;
-    let series = match host {
-        Some(host) => format!("{key}\0{host}"),
-        None => key.to_string(),
+    let open = |series: &str| {
+        let path = dir.join(format!("series-{}", &blake3::hash(series.as_bytes()).to_hex()[..16]));
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map(|f| (f, path.clone()))
+            .map_err(|e| Error::io(&path, e))
     };
-    let path = dir.join(format!("series-{}", &blake3::hash(series.as_bytes()).to_hex()[..16]));
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => {}
-        Err(rustix::io::Errno::WOULDBLOCK) => {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            return Err(Error::InvalidInput(format!(
-                "another Checkpointer ({}) is checkpointing {key} in this repository; give this one another \
-                 CheckpointerOptions::name, or stop the other first",
-                holder.trim().strip_prefix("pid ").map_or("pid unknown".into(), |p| format!("pid {p}"))
-            )));
-        }
-        // A filesystem without locks: nothing to keep apart with, as before locks.
-        Err(_) => return Ok(file),
+    let busy = |path: &std::path::Path| {
+        let holder = std::fs::read_to_string(path).unwrap_or_default();
+        let holder = holder.trim().strip_prefix("pid ").map_or("pid unknown".into(), |p| format!("pid {p}"));
+        Error::InvalidInput(format!(
+            "another Checkpointer ({holder}) is checkpointing {key} in this repository; give this one another \
+             CheckpointerOptions::name, or stop the other first (one without CommitOptions::host takes every \
+             host's checkpoints of the name for its series, so it cannot run beside one pinned to a host)"
+        ))
+    };
+    use rustix::fs::FlockOperation::{NonBlockingLockExclusive, NonBlockingLockShared};
+    // `false`: the filesystem has no locks, so there is nothing to keep apart with, as before locks.
+    let lock = |file: &File, path: &std::path::Path, op| match rustix::fs::flock(file, op) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(busy(path)),
+        Err(_) => Ok(false),
+    };
+    let note_pid = |mut file: File| {
+        file.set_len(0).and_then(|()| file.write_all(format!("pid {}\n", std::process::id()).as_bytes())).ok();
+        file
+    };
+    let (all, all_path) = open(key)?;
+    let Some(host) = host else {
+        return Ok(vec![if lock(&all, &all_path, NonBlockingLockExclusive)? { note_pid(all) } else { all }]);
+    };
+    if !lock(&all, &all_path, NonBlockingLockShared)? {
+        return Ok(vec![all]);
     }
-    file.set_len(0).and_then(|()| file.write_all(format!("pid {}\n", std::process::id()).as_bytes())).ok();
-    Ok(file)
+    let (own, path) = open(&format!("{key}\0{host}"))?;
+    let own = if lock(&own, &path, NonBlockingLockExclusive)? { note_pid(own) } else { own };
+    Ok(vec![all, own])
 }
 
 /// The spool file as the capture writes it, remembering whether a write to it failed.

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use snapstore::{Checkpointer, CheckpointerOptions, ObjectId, Policy, Repository, Schedule};
+use snapstore::{Checkpointer, CheckpointerOptions, CommitOptions, ObjectId, Policy, Repository, Schedule};
 
 use crate::util::{Rng, text};
 
@@ -281,7 +281,9 @@ fn a_job_restarted_under_another_host_name_resumes_and_retention_counts_the_whol
     assert_eq!(p.forgotten.len(), 1, "keep-last 2 counts the series across hosts: {:?}", p.forgotten);
     assert_eq!(ids_of(&repo, "stdin:state").len(), 2);
 
-    // Pinned to a host, the series is that host's alone.
+    // Pinned to a host, the series is that host's alone (and the unpinned one must have stopped: see
+    // `a_pinned_and_an_unpinned_checkpointer_of_one_name_exclude_each_other`).
+    drop(cp);
     let pinned = CheckpointerOptions {
         commit: snapstore::CommitOptions { host: Some("pod-9".into()), ..Default::default() },
         ..keep2()
@@ -342,7 +344,8 @@ fn a_checkpointer_refuses_what_would_lose_or_skip_checkpoints() {
     assert!(cp.step_path(1).unwrap(), "the files are still checkpointed on schedule");
 }
 
-/// `restore_latest` passes over a checkpoint committed under the state's name by other means (no step tag),
+/// `restore_latest` passes over a checkpoint committed under the state's name by other means (no step tag, or
+/// one that is no number),
 /// reports a corrupt chunk as corruption (not as an I/O error), and a repository deleted under it as gone.
 #[test]
 fn restore_latest_skips_untagged_checkpoints_and_types_its_errors() {
@@ -353,6 +356,9 @@ fn restore_latest_skips_untagged_checkpoints_and_types_its_errors() {
     let state = crate::util::pseudo_random(2 << 20, 7);
     take(&mut cp, 10, &state);
     Repository::open(&repo).unwrap().commit_reader("state", &mut &b"by hand"[..], &Default::default()).unwrap();
+    // Tagged by hand with a step that is not a number: passed over, not taken for damage.
+    let opts = CommitOptions { tags: vec!["step=final".into()], ..Default::default() };
+    Repository::open(&repo).unwrap().commit_reader("state", &mut &b"by hand"[..], &opts).unwrap();
     let mut image = Vec::new();
     assert_eq!(cp.restore_latest(&mut image).unwrap().unwrap().step, 10);
     assert!(image == state, "restored bytes differ");
@@ -475,6 +481,43 @@ fn a_series_has_one_checkpointer_at_a_time() {
     child.kill().unwrap();
     child.wait().unwrap();
     drop(free_again(&repo, busy));
+}
+
+/// A Checkpointer without a pinned host takes every host's checkpoints of its name for its series, so it is
+/// refused beside one pinned to a host (this machine's or another), and the other way round; two pinned to
+/// different hosts share the name. (Before, both were let in, and the unpinned one's retention forgot the
+/// pinned one's checkpoints.)
+#[test]
+fn a_pinned_and_an_unpinned_checkpointer_of_one_name_exclude_each_other() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    Repository::init(&repo).unwrap();
+    let pinned = |host: &str| CheckpointerOptions {
+        commit: snapstore::CommitOptions { host: Some(host.into()), ..Default::default() },
+        ..Default::default()
+    };
+    let refused = |opts: CheckpointerOptions| match Checkpointer::new(Repository::open(&repo).unwrap(), opts) {
+        Err(snapstore::Error::InvalidInput(m)) => assert!(m.contains("another Checkpointer"), "{m}"),
+        other => panic!("let in beside the other: {:?}", other.err()),
+    };
+    let unpinned = stream_checkpointer(&repo, Default::default());
+    refused(pinned("node-a"));
+    refused(pinned(&host_name()));
+    drop(unpinned);
+    let a = free_again(&repo, pinned("node-a"));
+    let b = stream_checkpointer(&repo, pinned("node-b"));
+    refused(Default::default());
+    refused(pinned("node-a"));
+    drop((a, b));
+    drop(free_again(&repo, Default::default()));
+}
+
+/// This machine's host name, as commits record it.
+fn host_name() -> String {
+    let t = tempfile::tempdir().unwrap();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    repo.commit_reader("x", &mut &b"x"[..], &Default::default()).unwrap();
+    repo.checkpoints().unwrap().remove(0).host
 }
 
 /// A Checkpointer of a series whose holder has just let go of it. Another test's child process, forked by
