@@ -59,6 +59,7 @@ pub struct CheckpointerOptions {
     pub spool_dir: Option<PathBuf>,
     /// For state kept in files: the file or directory that [`Checkpointer::step_path`] checkpoints. A
     /// relative path is taken from the current directory when the `Checkpointer` is made, not at each call.
+    /// A symbolic link is refused by [`Checkpointer::new`] (a commit records a link, not what it points to).
     pub path: Option<PathBuf>,
 }
 
@@ -196,8 +197,18 @@ impl Checkpointer {
     /// Starts the background persister. The state's name must be a valid file name, and no other
     /// `Checkpointer`, in this process or another, may be using its series (see [`CheckpointerOptions`]).
     pub fn new(repo: Repository, mut opts: CheckpointerOptions) -> Result<Self> {
-        if let Some(p) = &opts.path {
-            opts.path = Some(std::path::absolute(p).map_err(|e| Error::io(p, e))?);
+        if let Some(p) = opts.path.take() {
+            let p = std::path::absolute(&p).map_err(|e| Error::io(&p, e))?;
+            // A `current` link to the step directory is common; its checkpoints would hold the link alone.
+            if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                let to = std::fs::read_link(&p).map(|t| t.display().to_string()).unwrap_or_default();
+                return Err(Error::InvalidInput(format!(
+                    "CheckpointerOptions::path {} is a symbolic link (to {to}): its checkpoints would hold the link, \
+                     not the state; give the directory or file it points to",
+                    p.display()
+                )));
+            }
+            opts.path = Some(p);
         }
         crate::tree::validate_name(opts.name.as_bytes())
             .map_err(|_| Error::InvalidInput(format!("invalid state name {:?}", opts.name)))?;
@@ -426,7 +437,9 @@ impl Checkpointer {
     /// A chunk that fails its check is returned as the library's own error ([`Error::is_corruption`]), after
     /// `into` took the bytes before it: discard them. To fall back to an older checkpoint, list the series
     /// with [`Repository::checkpoints`] (path `stdin:NAME`, tag `step=N`) and read one with
-    /// [`Repository::open_file`].
+    /// [`Repository::open_file`]. Repair the repository ([`Repository::repair_index_reading_data`]) before
+    /// checkpointing again: until the damaged chunk leaves the index, a new checkpoint holding the same bytes
+    /// reuses it and is as damaged.
     ///
     /// The schedule then counts the restored step as just checkpointed: a loop that resumes at that step
     /// does not checkpoint it again, and [`Schedule::Every`] waits its interval from now.

@@ -158,7 +158,8 @@ fn checkpointed_simulation_survives_sigkill_and_ends_as_if_never_interrupted() {
 }
 
 /// State kept in files: `step_path` checkpoints the directory on schedule (reading only what changed), the
-/// policy keeps the newest two, and `restore_latest_path` puts the newest back over a damaged directory.
+/// policy keeps the newest two, and `restore_latest_path` puts the newest back over a damaged directory. A
+/// symbolic link to the directory is refused as the path.
 #[test]
 fn state_in_files_is_checkpointed_on_schedule_and_restored_in_place() {
     let t = tempfile::tempdir().unwrap();
@@ -171,6 +172,14 @@ fn state_in_files_is_checkpointed_on_schedule_and_restored_in_place() {
         retention: Some(Policy { keep_last: Some(2), ..Default::default() }),
         ..Default::default()
     };
+    // A `current` link to the state is refused: its checkpoints would hold the link alone.
+    let link = t.path().join("current");
+    std::os::unix::fs::symlink(&dir, &link).unwrap();
+    let through_link = CheckpointerOptions { path: Some(link), ..opts.clone() };
+    match Checkpointer::new(Repository::open(t.path().join("repo")).unwrap(), through_link) {
+        Err(snapstore::Error::InvalidInput(m)) => assert!(m.contains("symbolic link"), "{m}"),
+        other => panic!("a link taken for the state: {:?}", other.err()),
+    }
     let mut cp = Checkpointer::new(repo, opts).unwrap();
     assert!(cp.restore_latest_path().unwrap().is_none());
     let write = |step: u64| {
