@@ -1385,6 +1385,7 @@ impl Walker<'_, '_> {
         let prior = prior.and_then(|p| p.object().ok().flatten());
         // Named as the checkpoint's path is (`stdin:NAME`), whatever the reader is.
         let key = format!("stdin:{}", String::from_utf8_lossy(&entry.name));
+        let had_prior = prior.is_some();
         self.send(Event::FileStart(entry))?;
         let read = self.chunks_inline(reader, prior.as_ref()).map_err(|e| Error::io(&key, e));
         if let Some(e) = self.failed.take() {
@@ -1397,7 +1398,12 @@ impl Walker<'_, '_> {
             let _ = self.send(Event::FileAbort);
             return Err(e);
         }
-        self.summary.files_new += 1;
+        // A stream is always read whole: one committed before under its name is counted as changed.
+        if had_prior {
+            self.summary.files_changed += 1;
+        } else {
+            self.summary.files_new += 1;
+        }
         self.send(Event::FileEnd)
     }
 }

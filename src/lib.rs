@@ -549,7 +549,9 @@ impl Repository {
         &self.params
     }
 
-    /// A new connection to the catalog, for inspection.
+    /// A new connection to the catalog, for inspection and tests. It is not read-only: a statement that changes
+    /// rows through it bypasses every rule the library keeps (a deleted chunk row breaks each checkpoint that
+    /// uses the chunk). Change a repository through `Repository`'s methods only.
     pub fn catalog(&self) -> Result<Catalog> {
         let catalog = Catalog::open(&self.catalog_path)?;
         if let Some(opened) = &self.read_only {
