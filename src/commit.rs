@@ -135,6 +135,10 @@ pub(crate) enum Source<'a> {
     Reader { name: &'a str, reader: &'a mut dyn Read },
 }
 
+/// How far ahead of this machine's clock the newest checkpoint of a path may be dated for a commit to follow
+/// it (see `commit`): clocks of machines that share a repository disagree by less.
+const MAX_SKEW_NS: i64 = 24 * 3600 * 1_000_000_000;
+
 /// Refuses a stream's name that cannot be the name of the file it becomes (empty, `.`, `..`, with a `/` or a
 /// NUL byte): before anything is created for the commit.
 pub fn validate_stream_name(name: &str) -> Result<()> {
@@ -407,10 +411,13 @@ fn run(
     summary.bytes_stored = asm.bytes_stored;
     // Never before the newest checkpoint of the path from any host, so that the order of a path's checkpoints
     // is the order they were committed in even where clocks disagree (a run moved to a node whose clock lags,
-    // a clock stepped back): `latest`, a Checkpointer's resume and retention's ranks go by it.
+    // a clock stepped back): `latest`, a Checkpointer's resume and retention's ranks go by it. Not past a day
+    // ahead: a time that far off is a broken clock, and following it would date every later checkpoint of
+    // the path within nanoseconds of it, for good, where retention's periods would thin them to one.
+    let now = now_ns();
     let time_ns = match catalog.newest_time_of_path(&path_key)? {
-        Some(newest) if newest >= now_ns() => newest.saturating_add(1),
-        _ => now_ns(),
+        Some(newest) if newest >= now && newest - now <= MAX_SKEW_NS => newest + 1,
+        _ => now,
     };
     let nonce = (std::process::id() as u64) << 32 | (started.elapsed().subsec_nanos() as u64);
     let id = checkpoint_id(&root_tree, summary.parent.as_deref(), time_ns, &host, &path_key, nonce);

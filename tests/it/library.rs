@@ -1608,6 +1608,29 @@ fn the_repository_inside_the_committed_tree_is_left_out() {
 // 9. Checkpoint ids
 // ---------------------------------------------------------------------------------------------------------------
 
+/// A commit is dated after the newest checkpoint of its path when that one's clock ran ahead (by an hour
+/// here), so the path's checkpoints keep their commit order; not when it is dated years ahead (a broken
+/// clock), which later checkpoints would otherwise follow for good.
+#[test]
+fn a_commit_is_dated_after_a_checkpoint_whose_clock_ran_ahead_but_not_a_broken_one() {
+    let t = tmp();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let commit = |data: &[u8]| repo.commit_reader("s", &mut &data[..], &Default::default()).unwrap();
+    let shift = |id: &str, by: i64| {
+        let cat = snapstore::Catalog::open(&repo.path().join("catalog.db")).unwrap();
+        cat.connection().execute("UPDATE checkpoints SET time_ns = time_ns + ?1 WHERE id = ?2", (by, id)).unwrap();
+        repo.checkpoint(id).unwrap().time_ns
+    };
+    let hour = 3_600_000_000_000i64;
+    let ahead = shift(&commit(b"one").id, hour);
+    let next = commit(b"two");
+    assert_eq!(next.time_ns, ahead + 1, "dated just after the one whose clock ran ahead");
+    assert_eq!(repo.checkpoint("latest").unwrap().id, next.id);
+    let broken = shift(&next.id, 10 * 365 * 24 * hour);
+    let after = commit(b"three");
+    assert!(after.time_ns < broken - 9 * 365 * 24 * hour, "a time ten years ahead is not followed");
+}
+
 /// A file being read through `open_file` whose checkpoint retention and GC take meanwhile fails as
 /// `Error::Forgotten` (exit 4 for `cat`), not as damage: what it read before is what was committed.
 #[test]
