@@ -1520,7 +1520,8 @@ fn unknown_and_malformed_ids() {
 /// A stream is taken as whole only where its end says so. Given after `--`, the producer's output is
 /// committed only if it exits with status 0: one that fails or is killed midway (its partial output already
 /// read) leaves no checkpoint, exit 1 naming the command. An empty stream, what `false | snapstore commit -`
-/// or a closed stdin gives, is refused unless `--allow-empty`. A bad stream name is refused before the
+/// or a closed stdin gives, is refused unless `--allow-empty`, and a terminal on stdin at once. A bad stream
+/// name is refused before the
 /// repository is created.
 #[test]
 fn a_stream_is_committed_only_when_its_producer_succeeds() {
@@ -1551,6 +1552,15 @@ fn a_stream_is_committed_only_when_its_producer_succeeds() {
     assert!(err.contains("only apply when committing a stream"), "{err}");
 
     let fresh = tmp.path().join("fresh");
+    // A terminal on stdin (the pipe forgotten) is refused at once, not waited on (`script` gives a terminal).
+    let typed = format!("{} --repo {} commit - --name state; echo rc=$?", p(&bin()), p(&fresh));
+    match Command::new("script").args(["-qec", &typed, "/dev/null"]).stdin(Stdio::null()).output() {
+        Ok(o) if o.status.success() => {
+            let said = text(&o.stdout);
+            assert!(said.contains("stdin is a terminal") && said.contains("rc=2"), "{said}");
+        }
+        _ => eprintln!("SKIPPED: no `script` here to give snapstore a terminal; that refusal is untested"),
+    }
     fails(commit_stdin(&fresh, &["--name", "a/b"], b"x"), 2, "a bad stream name");
     sx_fail(&fresh, &["commit", "-", "--name", "state", "--", "/nonexistent/producer"], 2);
     assert!(!fresh.exists(), "a refused commit must not create the repository");

@@ -801,6 +801,11 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                     ));
                 };
                 snapstore::validate_stream_name(name)?;
+                if command.is_empty() && io::IsTerminal::is_terminal(&io::stdin()) {
+                    return Err(Failure::Usage(
+                        "stdin is a terminal: pipe the state in, or give the command that writes it after --".into(),
+                    ));
+                }
             } else if name.is_some() || !command.is_empty() || *allow_empty {
                 return Err(Failure::Usage(
                     "--name, --allow-empty and a command after -- only apply when committing a stream (-)".into(),
