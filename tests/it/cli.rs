@@ -1521,8 +1521,7 @@ fn unknown_and_malformed_ids() {
 /// committed only if it exits with status 0: one that fails or is killed midway (its partial output already
 /// read) leaves no checkpoint, exit 1 naming the command. An empty stream, what `false | snapstore commit -`
 /// or a closed stdin gives, is refused unless `--allow-empty`, and a terminal on stdin at once. A bad stream
-/// name is refused before the
-/// repository is created.
+/// name is refused before the repository is created.
 #[test]
 fn a_stream_is_committed_only_when_its_producer_succeeds() {
     let tmp = tempfile::tempdir().unwrap();
