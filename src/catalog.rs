@@ -20,7 +20,7 @@ use crate::params::RepoParams;
 use crate::tree::{ChunkRef, Entry, EntryKind};
 
 /// How long a command waits for another process's write transaction before giving up.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many have run.
 const MIGRATIONS: &[&str] = &[

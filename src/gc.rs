@@ -80,7 +80,8 @@ pub struct GcSummary {
     pub packs_deleted: u64,
     /// Pack files rewritten with only their live chunks.
     pub packs_rewritten: u64,
-    /// Pack and temporary files that no catalog row knows, deleted.
+    /// Pack and temporary files that no catalog row knows, deleted (with `dry_run`: to be deleted, when no
+    /// commit runs).
     pub orphans_deleted: u64,
     /// Packs due for a rewrite but left as they are because they are damaged (missing, an index that does
     /// not match the catalog, or live blobs that fail their check: those stay, the sound ones moved).
@@ -370,10 +371,11 @@ fn run(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     touch_lease(&tx)?;
     (s.sessions_expired, s.sessions_alive) = expire_sessions(&tx, me, opts.stale_after)?;
-    // Dropped in the mark's transaction, so what only they held is condemned by this run. In a bucket, not
-    // here but at the sweep, once no commit runs anywhere: another machine may be committing a group's last
-    // part right now, and would report complete a group this drop then empties on every replica.
-    if remote.is_none() || opts.dry_run {
+    // Dropped in the mark's transaction, so what only they held is condemned by this run; only while no commit
+    // runs, which may be committing a late part of the group right now: it would then start a group of that
+    // name afresh, which could never be complete, and report its part in. In a bucket, not here but at the
+    // sweep, once no commit runs anywhere (another machine's included).
+    if s.sessions_alive == 0 && (remote.is_none() || opts.dry_run) {
         s.groups_dropped = drop_stale_groups(&tx, None, opts)?;
     }
     s.chunks_condemned = mark(&tx)?;
@@ -391,6 +393,15 @@ fn run(
             s.packs_rewritten += 1;
             // The live blobs move to a new pack, with their index entries.
             s.bytes_freed += p.size.saturating_sub(p.live_bytes + crate::pack::ENTRY_LEN as u64 * p.rows);
+        }
+        // Files no row names, which the real run deletes when no commit runs (see `collect`).
+        if s.sessions_alive == 0 {
+            let known: HashSet<String> =
+                tx.prepare("SELECT name FROM packs")?.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+            for name in listed.iter().filter(|n| !known.contains(*n)) {
+                s.orphans_deleted += 1;
+                s.bytes_freed += backend.size(name).unwrap_or(0);
+            }
         }
         tx.rollback()?;
         return Ok(s);
@@ -542,7 +553,12 @@ fn collect(
         Ok(())
     };
     let _ = vacuum(conn);
-    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    // Without waiting: a truncating checkpoint holds the write lock while it waits for readers on older
+    // snapshots (a long `verify`), which stopped every commit for up to the busy timeout.
+    if conn.busy_timeout(std::time::Duration::ZERO).is_ok() {
+        let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        conn.busy_timeout(crate::catalog::BUSY_TIMEOUT)?;
+    }
     Ok(s)
 }
 

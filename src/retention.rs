@@ -437,8 +437,8 @@ fn iso_week(days: i64) -> (i64, u32) {
 
 /// Parses a `--keep-within` duration in restic's style: numbers each followed by a unit, e.g. `7d`, `36h`,
 /// `2y5m7d3h`. Units are `y` (365 days), `m` (months of 30 days, not minutes, as in restic), `w` (7 days;
-/// restic lacks it), `d` (24 hours) and `h`. Each unit may appear once, in any order; `0d` parses to zero,
-/// which [`Policy`] treats as no rule.
+/// restic lacks it), `d` (24 hours) and `h`. Each unit may appear once, in any order, save `m` after `h`
+/// (`1h30m` meant minutes, which would keep months); `0d` parses to zero, which [`Policy`] treats as no rule.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let text = s.trim();
     if text.is_empty() {
@@ -478,6 +478,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         };
         if seen.contains(unit) {
             return Err(format!("invalid duration '{text}': unit '{unit}' given twice"));
+        }
+        if unit == 'm' && seen.contains('h') {
+            // `1h30m` meant minutes, surely, and would keep 30 months.
+            return Err(format!(
+                "invalid duration '{text}': {number}m after hours would be {number} months (m is months here, as \
+                 in restic); retention counts hours at the finest"
+            ));
         }
         seen.push(unit);
         hours = number
@@ -1189,6 +1196,8 @@ mod tests {
         assert!(parse_duration("5s").unwrap_err().contains("hours at the finest"));
         assert!(parse_duration("90min").unwrap_err().contains("hours at the finest"));
         assert!(parse_duration("9000000000000000y").unwrap_err().contains("too long"));
+        assert!(parse_duration("1h30m").unwrap_err().contains("30 months"), "minutes meant, months read");
+        assert_eq!(parse_duration("30m1h"), h(30 * 30 * 24 + 1), "months before hours stay months");
     }
 
     #[test]

@@ -496,8 +496,9 @@ fn spellings_of_one_path_are_one_series() {
     );
 }
 
-/// Messages that say what is actually missing: a group, a tag, a unit; and GC clears what a killed `init`
-/// left beside the catalog once its process is gone.
+/// Messages that say what is actually missing: a group, a tag, a unit (and `1h30m`, whose `m` would be
+/// months); GC clears what a killed `init` left beside the catalog once its process is gone, and a file a
+/// killed commit left in tmp/, which its dry run counts first.
 #[test]
 fn missing_groups_tags_and_units_are_named_and_gc_clears_abandoned_inits() {
     let tmp = tempfile::tempdir().unwrap();
@@ -513,6 +514,8 @@ fn missing_groups_tags_and_units_are_named_and_gc_clears_abandoned_inits() {
     assert!(sx(&repo, &["log", "--tag", "nosuch"]).starts_with("no checkpoint tagged nosuch ("));
     let err = sx_fail(&repo, &["forget", "--keep-within", "90min"], 2);
     assert!(err.contains("hours at the finest"), "{err}");
+    let err = sx_fail(&repo, &["forget", "--keep-within", "1h30m"], 2);
+    assert!(err.contains("30 months"), "{err}");
 
     // A dead process's (no pid that high runs here) and a live one's (this test's own).
     let dead = ["catalog.db.init-4190000-17", "catalog.db.init-4190000-17-wal"];
@@ -520,8 +523,14 @@ fn missing_groups_tags_and_units_are_named_and_gc_clears_abandoned_inits() {
     for name in dead.iter().copied().chain([live.as_str()]) {
         fs::write(repo.join(name), b"").unwrap();
     }
+    // A pack a killed commit left in tmp/: a dry run counts it, as the real run then deletes it.
+    fs::write(repo.join("tmp/left-by-a-killed-commit"), vec![1u8; 100_000]).unwrap();
+    let dry = json(&sx(&repo, &["--json", "gc", "--dry-run"]));
+    assert!(dry["orphans_deleted"] == 1 && dry["bytes_freed"].as_u64().unwrap() >= 100_000, "{dry}");
+    assert!(repo.join("tmp/left-by-a-killed-commit").exists(), "a dry run deletes nothing");
     let gc = json(&sx(&repo, &["--json", "gc"]));
-    assert!(gc["orphans_deleted"].as_u64().unwrap() >= 2, "{gc}");
+    assert!(gc["orphans_deleted"].as_u64().unwrap() >= 3, "{gc}");
+    assert!(!repo.join("tmp/left-by-a-killed-commit").exists());
     assert!(dead.iter().all(|n| !repo.join(n).exists()), "the dead init's files are still there");
     assert!(repo.join(&live).exists(), "a running init's file was removed");
 }

@@ -105,6 +105,46 @@ fn parts_committed_at_once_with_one_killed_become_a_restore_point_only_when_retr
     assert!(groups(&repo).as_array().unwrap().is_empty());
 }
 
+/// A group past its timeout is not dropped by a gc that runs while a commit does: that commit may be of the
+/// group's late part, which then completes it. (Before, the gc dropped the group and its first part, and the
+/// late part's commit started a group of that name afresh, which could never be complete, and exited 0.)
+#[test]
+fn gc_keeps_a_stale_group_while_a_commit_runs() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    let dirs: Vec<PathBuf> = (0..2).map(|i| rank_dir(t.path(), i)).collect();
+    succeeded(&run(&repo, &["-q", "commit", p(&dirs[0]), "--group", "late", "--part", "0/2"]), "part 0");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // The last part's commit, large enough for a catalog batch before its last, stopped there: its session
+    // alive, its checkpoint not yet recorded.
+    fs::write(dirs[1].join("large.bin"), pseudo_random(40 << 20, 11)).unwrap();
+    let child = Command::new(bin())
+        .args(["--repo", p(&repo), "-q", "commit", p(&dirs[1]), "--group", "late", "--part", "1/2"])
+        .env("SNAPSTORE_FAULT", "catalog-batch:1:stop")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    crate::util::wait_until_stopped(child.id(), "the part's catalog batch");
+    let gc = succeeded(&run(&repo, &["--json", "gc", "--incomplete-after", "10ms"]), "gc while the part commits");
+    let gc: serde_json::Value = serde_json::from_str(&gc).unwrap();
+    assert_eq!(gc["groups_dropped"], 0, "{gc}");
+    assert!(Command::new("kill").args(["-CONT", &child.id().to_string()]).status().unwrap().success());
+    succeeded(&child.wait_with_output().unwrap(), "the last part's commit");
+    let g = &groups(&repo)[0];
+    assert!(g["name"] == "late" && g["complete"].is_string() && g["members"].as_array().unwrap().len() == 2, "{g}");
+    let dest = t.path().join("restored");
+    succeeded(&run(&repo, &["checkout", "late", p(&dest)]), "checkout");
+    for (i, d) in dirs.iter().enumerate() {
+        assert_same_tree(d, &dest.join(format!("part-{i}")), true);
+    }
+    // With no commit running, a stale group goes as before.
+    succeeded(&run(&repo, &["-q", "commit", p(&dirs[0]), "--group", "never", "--part", "0/2"]), "part");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let gc = succeeded(&run(&repo, &["--json", "gc", "--incomplete-after", "10ms"]), "gc");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&gc).unwrap()["groups_dropped"], 1);
+}
+
 #[test]
 fn gc_drops_a_group_left_incomplete_after_its_timeout_and_keeps_shared_chunks() {
     let t = tempfile::tempdir().unwrap();

@@ -1122,13 +1122,14 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             if !dry_run {
                 let forgotten: std::collections::HashSet<String> =
                     repo.apply_retention(&plan)?.into_iter().map(|c| c.id).collect();
-                // Tagged to keep while this ran: kept, and shown so (one forgotten by another process is gone).
+                // Its tags changed while this ran (a tag the policy keeps added, or one `--tag` asks for
+                // removed): kept, and shown so (one forgotten by another process is gone).
                 let (gone, spared): (Vec<_>, Vec<_>) = std::mem::take(&mut plan.forget)
                     .into_iter()
                     .partition(|d| forgotten.contains(&d.id) || repo.checkpoint(&d.id).is_err());
                 plan.forget = gone;
                 plan.keep.extend(spared.into_iter().map(|mut d| {
-                    d.reasons.push("tagged while forget ran".into());
+                    d.reasons.push("its tags changed while forget ran".into());
                     d
                 }));
                 plan.sort();
