@@ -684,7 +684,9 @@ fn hint(e: &Error) -> Option<&'static str> {
             "`snapstore log` lists the checkpoints; `checkout` also takes a group checkpoint's name, and \
              `snapstore groups` lists those"
         }
-        Error::SourceNotFound(_) => "check the path; to commit a stream from a pipe, give - and --name",
+        Error::SourceNotFound(_) => {
+            "check the path; to commit a stream, give - and --name, and the command that writes it after --"
+        }
         Error::PathNotFound { .. } => {
             "`snapstore ls ID -r` lists its paths, relative to the committed directory (`show` prints them with the \
              committed name first)"
