@@ -383,7 +383,9 @@ impl Checkpointer {
     /// means (`snapstore commit - --name NAME`) has none and is passed over.
     fn latest(&self, key: &str) -> Result<Option<(Checkpoint, u64)>> {
         let host = self.opts.commit.host.as_deref();
-        let Some(latest) = self.repo.catalog()?.latest_of_path_tagged(key, host, "step=")? else { return Ok(None) };
+        let Some(latest) = self.repo.open_catalog()?.latest_of_path_tagged(key, host, "step=")? else {
+            return Ok(None);
+        };
         let step = latest
             .tags
             .iter()

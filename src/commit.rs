@@ -1713,7 +1713,7 @@ mod tests {
 
     /// The chunks checkpoint `id` recorded for its one file or stream, in order.
     fn chunk_ids(repo: &Repository, id: &str) -> Vec<ObjectId> {
-        let catalog = repo.catalog().unwrap();
+        let catalog = repo.open_catalog().unwrap();
         let content = root_entry(&catalog, id).unwrap().object().unwrap().unwrap();
         let mut cursor = ChunkCursor::new(&catalog, &content).unwrap();
         let mut ids = Vec::new();
@@ -1807,7 +1807,7 @@ mod tests {
         }
         let repo = Repository::init(dir.path().join("repo")).unwrap();
         let id = repo.commit(&src, &CommitOptions::default()).unwrap().id;
-        let catalog = repo.catalog().unwrap();
+        let catalog = repo.open_catalog().unwrap();
         let count = |table: &str| -> i64 {
             catalog.connection().query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).unwrap()
         };

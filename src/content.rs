@@ -205,7 +205,7 @@ mod tests {
         let repo = Repository::init(dir.path().join("repo")).unwrap();
         let ia = repo.commit_reader("s", &mut &a[..], &Default::default()).unwrap().id;
         let ib = repo.commit_reader("s", &mut &b[..], &Default::default()).unwrap().id;
-        let cat = repo.catalog().unwrap();
+        let cat = repo.open_catalog().unwrap();
         let content = |id: &str| root_entry(&cat, id).unwrap().object().unwrap().unwrap();
         let (ca, cb) = (content(&ia), content(&ib));
         (dir, cat, ca, cb)
@@ -265,7 +265,7 @@ mod tests {
         std::fs::write(src.join("sub/a"), b"alpha").unwrap();
         let repo = Repository::init(dir.path().join("repo")).unwrap();
         let id = repo.commit(&src, &Default::default()).unwrap().id;
-        let cat = repo.catalog().unwrap();
+        let cat = repo.open_catalog().unwrap();
         let root = root_entry(&cat, &id).unwrap();
         for p in ["sub/a", "run/sub/a", "./sub/a", "/sub/a"] {
             let (e, rel) = lookup(&cat, &root, Path::new(p)).unwrap().unwrap_or_else(|| panic!("{p} not found"));
@@ -286,7 +286,7 @@ mod tests {
         std::fs::write(src.join("top/x"), b"inner!").unwrap();
         let repo = Repository::init(dir.path().join("repo")).unwrap();
         let id = repo.commit(&src, &Default::default()).unwrap().id;
-        let cat = repo.catalog().unwrap();
+        let cat = repo.open_catalog().unwrap();
         let root = root_entry(&cat, &id).unwrap();
         let err = lookup(&cat, &root, Path::new("top/x")).unwrap_err();
         assert!(err.to_string().contains("write x") && err.to_string().contains("write ./top/x"), "{err}");

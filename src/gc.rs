@@ -805,7 +805,7 @@ mod tests {
     fn a_live_lease_stops_a_second_gc_and_a_dead_one_is_taken_over() {
         let dir = tempfile::tempdir().unwrap();
         let (repo, a, _) = repo_with_two_checkpoints(dir.path());
-        let cat = repo.catalog().unwrap();
+        let cat = repo.open_catalog().unwrap();
         // Recorded as this boot and namespace's processes, with fresh heartbeats: only the pids decide.
         let insert = |pid: u32, process: String| {
             cat.connection().execute("DELETE FROM gc_lease", []).unwrap();
@@ -836,7 +836,7 @@ mod tests {
     fn sweeping_waits_for_sessions_that_began_before_the_mark() {
         let dir = tempfile::tempdir().unwrap();
         let (repo, a, b) = repo_with_two_checkpoints(dir.path());
-        let mut cat = repo.catalog().unwrap();
+        let mut cat = repo.open_catalog().unwrap();
         // A writer that began now (live: this process) may rely on anything it saw, including A's chunks.
         let session = cat.begin_session("commit", &host_name()).unwrap();
         repo.forget(&[&a]).unwrap();
@@ -859,7 +859,7 @@ mod tests {
     fn dead_sessions_are_expired() {
         let dir = tempfile::tempdir().unwrap();
         let (repo, _, _) = repo_with_two_checkpoints(dir.path());
-        let cat = repo.catalog().unwrap();
+        let cat = repo.open_catalog().unwrap();
         cat.connection()
             .execute(
                 "INSERT INTO sessions (kind, host, pid, started_ns, heartbeat_ns, start_epoch)
@@ -880,7 +880,7 @@ mod tests {
         let me = std::process::id();
         let mine = process_identity(me);
         let (boot, start) = mine.split_once('/').expect("this test needs Linux /proc");
-        let cat = repo.catalog().unwrap();
+        let cat = repo.open_catalog().unwrap();
         // Its heartbeat is fresh: only its process can show it gone.
         cat.connection()
             .execute(
@@ -898,10 +898,10 @@ mod tests {
         let g = repo.gc(&GcOptions::default()).unwrap();
         assert_eq!((g.sessions_expired, g.sessions_alive), (1, 0));
         // This process itself, recorded as it is, is alive: its session holds sweeping back.
-        let session = repo.catalog().unwrap().begin_session("commit", &host_name()).unwrap();
+        let session = repo.open_catalog().unwrap().begin_session("commit", &host_name()).unwrap();
         let g = repo.gc(&GcOptions::default()).unwrap();
         assert_eq!((g.sessions_expired, g.sessions_alive), (0, 1));
-        repo.catalog().unwrap().end_session(session).unwrap();
+        repo.open_catalog().unwrap().end_session(session).unwrap();
         // A GC lease of a process gone from this boot is taken over at once, without waiting for its heartbeat.
         cat.connection()
             .execute(
@@ -930,7 +930,7 @@ mod tests {
             (format!("{boot}/{start}"), "pid:[1]".to_string(), 4_000_000_000),
             (format!("{boot}/{start}"), String::new(), 4_000_000_000),
         ];
-        let cat = repo.catalog().unwrap();
+        let cat = repo.open_catalog().unwrap();
         for (fresh, expect) in [(true, (0, 3)), (false, (3, 0))] {
             let heartbeat = if fresh { now_ns() } else { 0 };
             for (process, pidns, pid) in &elsewhere {

@@ -393,7 +393,7 @@ impl Repository {
     /// sync to the local copy of the catalog (done by every command on opening, too).
     pub fn sync(&self) -> Result<SyncSummary> {
         let remote = self.remote.as_ref().ok_or_else(|| not_remote(&self.root))?;
-        remote.sync(&mut self.catalog()?)
+        remote.sync(&mut self.open_catalog()?)
     }
 
     /// Opens a repository in a bucket, returning what its sync on opening applied (a [`Repository::sync`]
@@ -436,7 +436,7 @@ impl Repository {
     fn session(&self) -> Result<Option<(&remote::Remote, remote::RemoteSession)>> {
         let Some(remote) = &self.remote else { return Ok(None) };
         let session = remote.begin_session()?;
-        remote.sync(&mut self.catalog()?)?;
+        remote.sync(&mut self.open_catalog()?)?;
         Ok(Some((remote, session)))
     }
 
@@ -549,10 +549,26 @@ impl Repository {
         &self.params
     }
 
-    /// A new connection to the catalog, for inspection and tests. It is not read-only: a statement that changes
-    /// rows through it bypasses every rule the library keeps (a deleted chunk row breaks each checkpoint that
-    /// uses the chunk). Change a repository through `Repository`'s methods only.
+    /// A new connection to the catalog, for inspection: it refuses every statement that would change it
+    /// (SQLite's `query_only`), since a row changed by hand bypasses every rule the library keeps (a deleted
+    /// chunk row breaks each checkpoint that uses the chunk). A repository changes through `Repository`'s
+    /// methods only ([`Catalog::open`] is the library's own door, for its tests).
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let repo = snapstore::Repository::init(dir.path().join("repo")).unwrap();
+    /// let catalog = repo.catalog().unwrap();
+    /// assert_eq!(catalog.checkpoints().unwrap().len(), 0);
+    /// assert!(catalog.connection().execute("DELETE FROM chunks", []).is_err());
+    /// ```
     pub fn catalog(&self) -> Result<Catalog> {
+        let catalog = self.open_catalog()?;
+        catalog.connection().execute_batch("PRAGMA query_only = 1")?;
+        Ok(catalog)
+    }
+
+    /// A new connection to the catalog for the library's own use, writes included.
+    pub(crate) fn open_catalog(&self) -> Result<Catalog> {
         let catalog = Catalog::open(&self.catalog_path)?;
         if let Some(opened) = &self.read_only {
             // Written through another mount since: what this handle read before and reads now could mix.
@@ -631,17 +647,17 @@ impl Repository {
 
     /// Every group checkpoint, complete or not, newest first, with the parts it has.
     pub fn groups(&self) -> Result<Vec<Group>> {
-        group::groups(&self.catalog()?)
+        group::groups(&self.open_catalog()?)
     }
 
     /// The group checkpoint named `name`.
     pub fn group(&self, name: &str) -> Result<Group> {
-        group::group(&self.catalog()?, name)
+        group::group(&self.open_catalog()?, name)
     }
 
     /// The group that `part` belongs to (of its name and part count): after its commit, how far along it is.
     pub fn group_of(&self, part: &GroupPart) -> Result<Group> {
-        group::group_by_key(&self.catalog()?, &part.key())
+        group::group_by_key(&self.open_catalog()?, &part.key())
     }
 
     /// Restores every part of a complete group, part `I` into `dest/part-I`; refuses an incomplete group
@@ -676,13 +692,13 @@ impl Repository {
     /// The group checkpoints named `name`: one, unless two machines of a bucket each committed a part of that
     /// name with another part count before seeing the other's.
     pub fn groups_named(&self, name: &str) -> Result<Vec<Group>> {
-        group::groups_named(&self.catalog()?, name)
+        group::groups_named(&self.open_catalog()?, name)
     }
 
     /// Forgets group checkpoints with all their parts: every group of each name.
     pub fn forget_groups(&self, names: &[&str]) -> Result<Vec<Group>> {
         // Resolved after the forget lock's sync, so that a namesake another machine began is forgotten too.
-        self.forgetting(&mut self.catalog()?, |catalog, journal| {
+        self.forgetting(&mut self.open_catalog()?, |catalog, journal| {
             let found: Vec<Group> =
                 names.iter().map(|n| group::groups_named(catalog, n)).collect::<Result<Vec<_>>>()?.concat();
             let keys: Vec<String> = found.iter().map(|g| g.key.clone()).collect();
@@ -697,7 +713,7 @@ impl Repository {
         if !e.is_corruption() {
             return e;
         }
-        match self.catalog().and_then(|c| c.resolve(id)) {
+        match self.open_catalog().and_then(|c| c.resolve(id)) {
             Err(Error::CheckpointNotFound(_)) => Error::Forgotten(id.to_string()),
             _ => e,
         }
@@ -716,7 +732,7 @@ impl Repository {
     /// assert_eq!(list[0].tags, vec!["nightly".to_string()]);
     /// ```
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
-        self.catalog()?.checkpoints()
+        self.open_catalog()?.checkpoints()
     }
 
     /// The checkpoint named by a full id, a unique prefix of 4 or more hex digits, or `latest`, each optionally
@@ -734,13 +750,13 @@ impl Repository {
     /// assert!(matches!(repo.checkpoint("xyz!"), Err(snapstore::Error::InvalidId(_))));
     /// ```
     pub fn checkpoint(&self, id: &str) -> Result<Checkpoint> {
-        self.catalog()?.resolve(id)
+        self.open_catalog()?.resolve(id)
     }
 
     /// The checkpoints `ids` name (full ids, prefixes or `latest`), each once however often it is named, in
     /// the order first named.
     pub fn checkpoints_named(&self, ids: &[&str]) -> Result<Vec<Checkpoint>> {
-        named(&self.catalog()?, ids)
+        named(&self.open_catalog()?, ids)
     }
 
     /// Calls `f` for every entry of a checkpoint, in depth-first name order, the root first.
@@ -754,7 +770,7 @@ impl Repository {
     /// assert_eq!(seen, vec![("x.bin".into(), 3)]);
     /// ```
     pub fn walk(&self, id: &str, mut f: impl FnMut(&FileInfo) -> Result<()>) -> Result<()> {
-        let catalog = self.catalog()?;
+        let catalog = self.open_catalog()?;
         let cp = catalog.resolve(id)?;
         let root = content::root_entry(&catalog, &cp.id)?;
         let path = PathBuf::from(OsStr::from_bytes(&root.name));
@@ -786,7 +802,7 @@ impl Repository {
         recursive: bool,
         mut f: impl FnMut(&FileInfo) -> Result<()>,
     ) -> Result<()> {
-        let catalog = self.catalog()?;
+        let catalog = self.open_catalog()?;
         let cp = catalog.resolve(id)?;
         let root = content::root_entry(&catalog, &cp.id)?;
         let (entry, rel) = content::lookup(&catalog, &root, path.as_ref())?
@@ -817,7 +833,7 @@ impl Repository {
     fn open_file_unchecked(&self, id: &str, path: &Path) -> Result<FileReader> {
         // In a bucket, the reader holds a session for its whole life, as a checkout does for its run.
         let session = self.session()?;
-        let catalog = self.catalog()?;
+        let catalog = self.open_catalog()?;
         let cp = catalog.resolve(id)?;
         let root = content::root_entry(&catalog, &cp.id)?;
         let not_found = || Error::PathNotFound { checkpoint: cp.short_id().to_string(), path: path.into() };
@@ -860,7 +876,7 @@ impl Repository {
         for t in add {
             checkpoint::validate_tag(t)?;
         }
-        let mut catalog = self.catalog()?;
+        let mut catalog = self.open_catalog()?;
         // Resolved now to fail at once on a typo, and again once synced under the lock: `latest` is then the
         // newest of every machine's, and a checkpoint forgotten meanwhile is told from one never there.
         let named = catalog.resolve(id)?;
@@ -896,7 +912,7 @@ impl Repository {
     /// ```
     pub fn forget(&self, ids: &[&str]) -> Result<Vec<Checkpoint>> {
         self.refuse_another_users()?;
-        let mut catalog = self.catalog()?;
+        let mut catalog = self.open_catalog()?;
         // One checkpoint named twice (a full id and a prefix of it) is forgotten, and reported, once.
         let found = named(&catalog, ids)?;
         for c in &found {
@@ -1034,7 +1050,7 @@ impl Repository {
     pub fn apply_retention(&self, plan: &Plan) -> Result<Vec<Checkpoint>> {
         self.refuse_another_users()?;
         plan.refuse_emptying()?;
-        let mut catalog = self.catalog()?;
+        let mut catalog = self.open_catalog()?;
         let mut found = Vec::with_capacity(plan.forget.len());
         for d in &plan.forget {
             match catalog.resolve(&d.id) {
@@ -1088,7 +1104,7 @@ impl Repository {
 
     /// What a checkpoint's commit left out (unreadable, vanished while it ran, special files), with why.
     pub fn skipped(&self, id: &str) -> Result<Vec<Skipped>> {
-        let catalog = self.catalog()?;
+        let catalog = self.open_catalog()?;
         let cp = catalog.resolve(id)?;
         let rows = catalog.skipped(&cp.id)?.into_iter();
         Ok(rows.map(|(p, reason)| Skipped { path: PathBuf::from(OsStr::from_bytes(&p)), reason }).collect())
@@ -1108,7 +1124,7 @@ impl Repository {
     /// assert!(st.dedup_ratio > 7.9 && st.compression_ratio > 100.0);
     /// ```
     pub fn stats(&self) -> Result<RepoStats> {
-        let catalog = self.catalog()?.stats()?;
+        let catalog = self.open_catalog()?.stats()?;
         let file_len = |name: &str| std::fs::metadata(self.root.join(name)).map(|m| m.len()).unwrap_or(0);
         let catalog_bytes = file_len(CATALOG_FILE) + file_len("catalog.db-wal");
         let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
@@ -1123,7 +1139,7 @@ impl Repository {
     /// Compares two checkpoints from the catalog alone (no chunk data is read): calls `f` for every file,
     /// directory or symlink added, removed or modified from `a` to `b`, in path order, and returns the totals.
     pub fn diff(&self, a: &str, b: &str, mut f: impl FnMut(&Change) -> Result<()>) -> Result<DiffSummary> {
-        let catalog = self.catalog()?;
+        let catalog = self.open_catalog()?;
         let (a, b) = (catalog.resolve(a)?, catalog.resolve(b)?);
         diff::diff(&catalog, &a.id, &b.id, &mut f)
     }

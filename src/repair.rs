@@ -391,7 +391,7 @@ mod tests {
         let mut w = mem.create().unwrap();
         w.write_all(b"not a pack at all, but long enough to have a header and a footer to check").unwrap();
         w.publish("packs/00/junk.pack").unwrap();
-        repo.catalog().unwrap().connection().execute_batch("DELETE FROM chunks; DELETE FROM packs;").unwrap();
+        repo.open_catalog().unwrap().connection().execute_batch("DELETE FROM chunks; DELETE FROM packs;").unwrap();
         let r = repo.repair_index().unwrap();
         assert_eq!(r.packs_scanned, 2);
         assert_eq!(r.damaged_packs.len(), 1);

@@ -247,7 +247,7 @@ fn a_clock_that_lags_an_earlier_run_still_resumes_from_the_newest_step() {
     let cat = snapstore::Catalog::open(&repo.join("catalog.db")).unwrap();
     assert_eq!(cat.connection().execute("UPDATE checkpoints SET time_ns = time_ns + ?1", [hour]).unwrap(), 3);
     drop(cat);
-    let mut cp = stream_checkpointer(&repo, keep3());
+    let mut cp = free_again(&repo, keep3());
     let mut image = Vec::new();
     assert_eq!(cp.restore_latest(&mut image).unwrap().unwrap().step, 3);
     for step in 4..=7 {
@@ -282,7 +282,7 @@ fn a_job_restarted_under_another_host_name_resumes_and_retention_counts_the_whol
         .unwrap()
         .execute("UPDATE checkpoints SET host = 'pod-1'", [])
         .unwrap();
-    let mut cp = stream_checkpointer(&repo, keep2());
+    let mut cp = free_again(&repo, keep2());
     let mut image = Vec::new();
     let r = cp.restore_latest(&mut image).unwrap().expect("resumes from the other host's checkpoints");
     assert_eq!((r.step, image), (3, crate::util::pseudo_random(50_000, 3)));
@@ -297,7 +297,7 @@ fn a_job_restarted_under_another_host_name_resumes_and_retention_counts_the_whol
         commit: snapstore::CommitOptions { host: Some("pod-9".into()), ..Default::default() },
         ..keep2()
     };
-    let mut cp = stream_checkpointer(&repo, pinned);
+    let mut cp = free_again(&repo, pinned);
     assert!(cp.restore_latest(&mut Vec::new()).unwrap().is_none());
 }
 
@@ -451,7 +451,7 @@ fn the_restored_step_is_not_checkpointed_again() {
     let mut cp = stream_checkpointer(&repo, every10());
     take(&mut cp, 10, b"state at 10");
     drop(cp);
-    let mut cp = stream_checkpointer(&repo, every10());
+    let mut cp = free_again(&repo, every10());
     assert_eq!(cp.restore_latest(&mut Vec::new()).unwrap().unwrap().step, 10);
     assert!(!cp.step(10, |w| w.write_all(b"state at 10")).unwrap(), "step 10 stored twice");
     assert!(cp.step(20, |w| w.write_all(b"state at 20")).unwrap());

@@ -109,7 +109,7 @@ fn disk_pack_bytes(repo: &Path) -> u64 {
 }
 
 fn table_count(repo: &Path, table: &str) -> i64 {
-    let cat = Repository::open(repo).unwrap().catalog().unwrap();
+    let cat = crate::util::catalog_rw(&Repository::open(repo).unwrap()).unwrap();
     cat.connection().query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).unwrap()
 }
 
@@ -196,7 +196,7 @@ fn hex(b: &[u8]) -> String {
 fn audit(repo_dir: &Path) -> Audit {
     let mut a = Audit::default();
     let repo = Repository::open(repo_dir).unwrap();
-    let cat = repo.catalog().unwrap();
+    let cat = crate::util::catalog_rw(&repo).unwrap();
     let conn = cat.connection();
     let backend = LocalBackend::new(repo_dir);
     let on_disk = disk_objects(repo_dir);
@@ -501,7 +501,7 @@ fn rewrite_blocks(data: &mut [u8], seed: u64, which: impl Fn(usize) -> bool) {
 
 /// Per pack, the share of its blob bytes no chunk row uses.
 fn pack_unused_shares(repo: &Path) -> Vec<(String, f64)> {
-    let cat = Repository::open(repo).unwrap().catalog().unwrap();
+    let cat = crate::util::catalog_rw(&Repository::open(repo).unwrap()).unwrap();
     let mut stmt = cat
         .connection()
         .prepare(
@@ -557,7 +557,7 @@ fn sparse_packs_are_rewritten_and_kept_checkpoints_survive() {
         assert!(unused <= 0.10 + 1e-9, "pack {name} is {:.0} % unused after gc", unused * 100.0);
     }
     let live: i64 = {
-        let cat = repo.catalog().unwrap();
+        let cat = crate::util::catalog_rw(&repo).unwrap();
         cat.connection().query_row("SELECT sum(stored_len) FROM chunks", [], |r| r.get(0)).unwrap()
     };
     assert!((after as f64) < live as f64 * 1.12 + 1e5, "packs {after} bytes for {live} live bytes");
@@ -730,7 +730,7 @@ fn gate_at(name: &'static str) -> (Arc<GateAt>, mpsc::Receiver<()>, mpsc::Sender
 }
 
 fn condemned_chunks(repo: &Path) -> HashSet<ObjectId> {
-    let cat = Repository::open(repo).unwrap().catalog().unwrap();
+    let cat = crate::util::catalog_rw(&Repository::open(repo).unwrap()).unwrap();
     let mut stmt = cat.connection().prepare("SELECT id FROM condemned WHERE kind = 0").unwrap();
     stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))
         .unwrap()
@@ -856,7 +856,7 @@ fn an_unchanged_file_reused_from_a_forgotten_parent_survives() {
 }
 
 fn insert_session(repo: &Path, host: &str, pid: u32, heartbeat_ns: i64) {
-    let cat = Repository::open(repo).unwrap().catalog().unwrap();
+    let cat = crate::util::catalog_rw(&Repository::open(repo).unwrap()).unwrap();
     let c = cat.connection();
     let epoch: String = c.query_row("SELECT value FROM meta WHERE key = 'gc_epoch'", [], |r| r.get(0)).unwrap();
     let (process, pidns) = crate::util::process_record(pid);
@@ -942,7 +942,7 @@ fn a_commit_labelled_with_another_host_is_not_taken_for_a_remote_writer() {
 // ---------------------------------------------------------------------------------------------------------------
 
 fn insert_lease(repo: &Path, host: &str, pid: u32, heartbeat_ns: i64) {
-    let cat = Repository::open(repo).unwrap().catalog().unwrap();
+    let cat = crate::util::catalog_rw(&Repository::open(repo).unwrap()).unwrap();
     let (process, pidns) = crate::util::process_record(pid);
     cat.connection()
         .execute(
@@ -972,7 +972,7 @@ fn the_gc_lease_excludes_a_second_gc_and_is_taken_over_from_the_dead() {
     assert_eq!(table_count(repo.path(), "gc_lease"), 1, "a refused gc must leave the holder's lease alone");
     assert_eq!(table_count(repo.path(), "condemned"), 0, "a refused gc must not mark");
     // Held by a GC on another host that is still beating.
-    let cat = repo.catalog().unwrap();
+    let cat = crate::util::catalog_rw(&repo).unwrap();
     cat.connection().execute("DELETE FROM gc_lease", []).unwrap();
     insert_lease(repo.path(), "elsewhere.invalid", 1, now_ns());
     assert!(matches!(repo.gc(&GcOptions::default()), Err(Error::GcRunning { .. })));
@@ -1662,7 +1662,7 @@ fn storing_condemned_chunks_again_does_not_collide_with_their_old_pack() {
     let y = y
         .unwrap_or_else(|e| panic!("committing data whose chunks are condemned failed: {e} (packs before: {packs:?})"));
     assert_eq!(y.bytes_new, data.len() as u64);
-    let cat = repo.catalog().unwrap();
+    let cat = crate::util::catalog_rw(&repo).unwrap();
     cat.connection().execute("DELETE FROM sessions", []).unwrap();
     gc(&repo);
     assert_checks_out(&repo, &y.id, &data, &scratch);
@@ -1708,7 +1708,7 @@ fn a_pack_stored_again_while_gc_deletes_its_namesake_is_not_lost() {
     let y = repo.commit_reader("y.bin", &mut &data[..], &CommitOptions::default()).unwrap();
     assert_eq!(y.bytes_new, data.len() as u64);
     let y_packs: Vec<String> = {
-        let cat = repo.catalog().unwrap();
+        let cat = crate::util::catalog_rw(&repo).unwrap();
         let mut stmt = cat.connection().prepare("SELECT name FROM packs").unwrap();
         stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
     };
@@ -1817,7 +1817,7 @@ fn a_damaged_pack_keeps_only_what_cannot_be_copied() {
     let held = commit_states(&repo, 9, |i| 400_000 + i as usize * 1000, |i| 2 * i + 100);
     let damaged = pack_files(repo.path())[4].clone();
     let rows_in = |pack: &str| -> i64 {
-        let cat = repo.catalog().unwrap();
+        let cat = crate::util::catalog_rw(&repo).unwrap();
         cat.connection()
             .query_row("SELECT count(*) FROM chunks c JOIN packs p ON c.pack = p.id WHERE p.name = ?1", [pack], |r| {
                 r.get(0)

@@ -215,7 +215,7 @@ fn temp_leftovers(root: &Path) -> Vec<PathBuf> {
 
 /// Row counts of every table of the catalog.
 fn row_counts(repo: &Repository) -> BTreeMap<String, i64> {
-    let catalog = repo.catalog().unwrap();
+    let catalog = crate::util::catalog_rw(repo).unwrap();
     let conn = catalog.connection();
     let mut stmt =
         conn.prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'").unwrap();
@@ -246,7 +246,7 @@ fn pack_files(repo: &Repository) -> Vec<PathBuf> {
 
 /// Flips one byte in the middle of a chunk's stored blob; returns the pack's object name.
 fn corrupt_chunk(repo: &Repository, id: &ObjectId) -> String {
-    let loc = repo.catalog().unwrap().chunk_location(id).unwrap().expect("chunk is in the index");
+    let loc = crate::util::catalog_rw(repo).unwrap().chunk_location(id).unwrap().expect("chunk is in the index");
     let path = repo.path().join(&loc.pack);
     // Pack files are created owner read/write; make sure we can write whatever their mode.
     let mode = fs::metadata(&path).unwrap().permissions().mode();
@@ -1109,7 +1109,7 @@ fn victim_committed(t: &tempfile::TempDir) -> (PathBuf, Repository, CommitSummar
     let repo = Repository::init(t.path().join("repo")).unwrap();
     let s = commit(&repo, &src);
     let id = chunk_ids(&repo, &victim)[0];
-    let pack = repo.catalog().unwrap().chunk_location(&id).unwrap().unwrap().pack;
+    let pack = crate::util::catalog_rw(&repo).unwrap().chunk_location(&id).unwrap().unwrap().pack;
     (src, repo, s, pack)
 }
 
@@ -1175,7 +1175,7 @@ fn a_tree_altered_in_place_is_damage_not_another_tree() {
     symlink("/etc/passwd", src.join("link")).unwrap();
     let repo = Repository::init(t.path().join("repo")).unwrap();
     let s = commit(&repo, &src);
-    let altered = crate::util::edit_trees(repo.catalog().unwrap().connection(), |_, entries| {
+    let altered = crate::util::edit_trees(crate::util::catalog_rw(&repo).unwrap().connection(), |_, entries| {
         let mut any = false;
         for e in entries.iter_mut() {
             if e.name == b"config.yaml" {
@@ -1240,7 +1240,7 @@ fn a_link_group_joins_only_names_that_match() {
     let a_mtime = fs::metadata(src.join("a")).unwrap().modified().unwrap();
     File::options().write(true).open(src.join("c")).unwrap().set_modified(a_mtime).unwrap();
     let s = commit(&repo, &src);
-    let catalog = repo.catalog().unwrap();
+    let catalog = crate::util::catalog_rw(&repo).unwrap();
     let grouped = crate::util::forge_trees(catalog.connection(), |_, entries| {
         let mut any = false;
         for e in entries.iter_mut().filter(|e| [&b"a"[..], b"b", b"c", b"d", b"l"].contains(&e.name.as_slice())) {
@@ -1272,7 +1272,7 @@ fn hostile_names_in_the_catalog_are_refused() {
     write(&src.join("zzz"), b"z");
     let repo = Repository::init(t.path().join("repo")).unwrap();
     let s = commit(&repo, &src);
-    let catalog = repo.catalog().unwrap();
+    let catalog = crate::util::catalog_rw(&repo).unwrap();
     let conn = catalog.connection();
 
     let abs_target = t.path().join("abs-escape");
@@ -1739,7 +1739,7 @@ fn checkpoint_ids_prefixes_latest_and_errors() {
     // A twin sharing 60 digits makes short prefixes ambiguous; full ids stay exact.
     // The twin differs from s1 at digit 61, so a 61-digit prefix is unique again.
     let twin = format!("{}{}", &s1.id[..60], if s1.id.as_bytes()[60] == b'f' { "0000" } else { "ffff" });
-    let catalog = repo.catalog().unwrap();
+    let catalog = crate::util::catalog_rw(&repo).unwrap();
     let inserted = catalog
         .connection()
         .execute(
@@ -1879,7 +1879,7 @@ pub(crate) fn float_weights(n: usize, seed: u64) -> Vec<u8> {
 
 /// How many of the repository's chunks are stored with each flag (0 raw, 1 zstd, 2 byte planes).
 fn chunks_by_flags(repo: &Repository) -> BTreeMap<i64, i64> {
-    let catalog = repo.catalog().unwrap();
+    let catalog = crate::util::catalog_rw(repo).unwrap();
     let mut stmt = catalog.connection().prepare("SELECT flags, count(*) FROM chunks GROUP BY flags").unwrap();
     stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(|r| r.unwrap()).collect()
 }

@@ -63,7 +63,7 @@ impl PowerCut {
         PowerCut {
             root: root.to_path_buf(),
             inner: LocalBackend::new(root),
-            catalog: Mutex::new(Repository::open(root).unwrap().catalog().unwrap()),
+            catalog: Mutex::new(crate::util::catalog_rw(&Repository::open(root).unwrap()).unwrap()),
             ops: AtomicU64::new(0),
             cut_at,
             graveyard,
@@ -283,7 +283,7 @@ fn check(cut: &Cut, told: &Told) -> Result<(), String> {
     let repo = Repository::open(&cut.dir).map_err(|e| format!("open: {e}"))?;
     // The power comes back as a new boot. This test's process lives on, so the boot id its sessions and GC
     // lease recorded is made an earlier one, last heard from before this boot: what a reboot does to them.
-    repo.catalog()
+    crate::util::catalog_rw(&repo)
         .unwrap()
         .connection()
         .execute_batch(

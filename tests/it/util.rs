@@ -371,3 +371,9 @@ pub fn wait_until_stopped(pid: u32, what: &str) {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// A connection to `repo`'s catalog that may change it, for tests that damage or forge rows
+/// (`Repository::catalog` refuses writes).
+pub fn catalog_rw(repo: &snapstore::Repository) -> snapstore::Result<snapstore::Catalog> {
+    snapstore::Catalog::open(&repo.path().join(snapstore::CATALOG_FILE))
+}

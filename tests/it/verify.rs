@@ -73,7 +73,7 @@ fn first_chunk(cat: &Catalog, name: &str) -> ObjectId {
 impl Fixture {
     /// The chunk of `sub/b.bin` that damage is injected next to, and the path of its pack file.
     fn target(&self) -> (ObjectId, PathBuf, snapstore::ChunkLocation) {
-        let cat = self.repo.catalog().unwrap();
+        let cat = crate::util::catalog_rw(&self.repo).unwrap();
         let id = first_chunk(&cat, "b.bin");
         let loc = cat.chunk_location(&id).unwrap().unwrap();
         (id, self.root.join(&loc.pack), loc)
@@ -88,7 +88,7 @@ impl Fixture {
     }
 
     fn catalog(&self) -> Catalog {
-        self.repo.catalog().unwrap()
+        crate::util::catalog_rw(&self.repo).unwrap()
     }
 }
 
@@ -455,7 +455,7 @@ fn repair_index_recreates_a_lost_catalog() {
             let _ = fs::remove_file(root.join(name));
         }
     };
-    drop(f.repo.catalog());
+    drop(crate::util::catalog_rw(&f.repo));
     lose(&f.root, &["catalog.db", "catalog.db-wal", "catalog.db-shm"]);
     assert!(matches!(Repository::open(&f.root), Err(snapstore::Error::NoRepository(_))));
     // A copy this build cannot use (damaged, or from a newer snapstore) stops the repair before it guesses.
