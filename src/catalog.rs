@@ -1176,19 +1176,24 @@ impl Catalog {
         Ok(newest)
     }
 
+    /// `e`, met reading checkpoint `id`, or [`Error::Forgotten`] where it is damage (a tree or chunk missing)
+    /// and `id` no longer exists: a forget and a GC took the checkpoint while it was read.
+    pub(crate) fn unless_forgotten(&self, e: Error, id: &str) -> Error {
+        if e.is_corruption() && matches!(self.resolve(id), Err(Error::CheckpointNotFound(_))) {
+            return Error::Forgotten(id.to_string());
+        }
+        e
+    }
+
     /// Finds the checkpoint named by a full id, a unique prefix of at least 4 hex digits, or `latest`; any of
     /// them followed by `~N` (`~` alone: `~1`) names the checkpoint N before it in its series (same path and
     /// host, not in a group; the order of `log`), as `HEAD~N` does in git. Not by the parent links, which
     /// retention breaks: `latest~1` is the one before still kept.
     pub fn resolve(&self, spec: &str) -> Result<Checkpoint> {
-        if let Some((base, back)) = spec.rsplit_once('~') {
-            let n: u32 = match back {
-                "" => 1,
-                digits if digits.bytes().all(|b| b.is_ascii_digit()) => {
-                    digits.parse().map_err(|_| Error::InvalidId(spec.to_string()))?
-                }
-                _ => return Err(Error::InvalidId(spec.to_string())),
-            };
+        // A `~` followed by anything else is left to the checks below, which refuse it as no id.
+        if let Some((base, back)) = split_back(spec) {
+            let n: u32 =
+                if back.is_empty() { 1 } else { back.parse().map_err(|_| Error::InvalidId(spec.to_string()))? };
             let base = self.resolve(base)?;
             if n == 0 {
                 return Ok(base);
@@ -1508,6 +1513,12 @@ fn newest_clause(filter: &str) -> String {
         "{filter} AND time_ns = (SELECT time_ns FROM checkpoints WHERE {filter} ORDER BY time_ns DESC LIMIT 1)
          ORDER BY id LIMIT 1"
     )
+}
+
+/// `spec` as the id it counts back from and the digits of `~N` (empty for `~` alone), where it ends in `~` and
+/// digits only; `None` otherwise.
+pub(crate) fn split_back(spec: &str) -> Option<(&str, &str)> {
+    spec.rsplit_once('~').filter(|(_, back)| back.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// [`Catalog::latest_of_path_tagged`]'s rows: path `?1`, host `?2` unless NULL, a tag of `?3` and digits alone

@@ -394,13 +394,11 @@ fn run(
             // The live blobs move to a new pack, with their index entries.
             s.bytes_freed += p.size.saturating_sub(p.live_bytes + crate::pack::ENTRY_LEN as u64 * p.rows);
         }
-        // Files no row names, which the real run deletes when no commit runs (see `collect`).
+        // What the real run deletes as orphans, when no commit runs (see `collect`).
         if s.sessions_alive == 0 {
-            let known: HashSet<String> =
-                tx.prepare("SELECT name FROM packs")?.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-            for name in listed.iter().filter(|n| !known.contains(*n)) {
+            for name in orphans(&tx, listed, &[])? {
                 s.orphans_deleted += 1;
-                s.bytes_freed += backend.size(name).unwrap_or(0);
+                s.bytes_freed += backend.size(&name).unwrap_or(0);
             }
         }
         tx.rollback()?;
@@ -512,13 +510,7 @@ fn collect(
     // Orphans (files no row names) are only safe to delete when no writer is between publishing a pack and
     // recording it: that is, when no session is alive, checked in this transaction.
     let sessions: i64 = tx.query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))?;
-    let mut orphans = Vec::new();
-    if sessions == 0 {
-        let known: HashSet<String> =
-            tx.prepare("SELECT name FROM packs")?.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-        let emptied: HashSet<&String> = empty.iter().map(|(_, name, _)| name).collect();
-        orphans = listed.into_iter().filter(|n| !known.contains(n) && !emptied.contains(n)).collect();
-    }
+    let orphans = if sessions == 0 { orphans(&tx, listed, &empty)? } else { Vec::new() };
     if let Some((r, lock)) = remote {
         r.check_lock(lock)?;
         publish_dead_packs(&tx, r, backend.as_ref(), &empty)?;
@@ -560,6 +552,15 @@ fn collect(
         conn.busy_timeout(crate::catalog::BUSY_TIMEOUT)?;
     }
     Ok(s)
+}
+
+/// The files of `listed` that no pack row names, nor `dropped` (rows this transaction deleted, whose files go
+/// next): orphans, which only a GC that no commit runs beside may delete.
+fn orphans(tx: &Connection, listed: Vec<String>, dropped: &[(i64, String, i64)]) -> Result<Vec<String>> {
+    let known: HashSet<String> =
+        tx.prepare("SELECT name FROM packs")?.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+    let dropped: HashSet<&String> = dropped.iter().map(|(_, name, _)| name).collect();
+    Ok(listed.into_iter().filter(|n| !known.contains(n) && !dropped.contains(n)).collect())
 }
 
 /// What copying a pack's live chunks came to.

@@ -61,8 +61,7 @@ impl GroupPart {
             return Err(bad());
         }
         // `ID~N` too, with `~` alone or digits after it.
-        let base =
-            name.rsplit_once('~').filter(|(_, n)| n.bytes().all(|b| b.is_ascii_digit())).map_or(name, |(b, _)| b);
+        let base = crate::catalog::split_back(name).map_or(name, |(b, _)| b);
         let like_an_id = base == "latest" || (base.len() >= 4 && base.bytes().all(|b| b.is_ascii_hexdigit()));
         if name.is_empty() || name.chars().any(char::is_control) || like_an_id {
             return Err(Error::InvalidInput(format!(

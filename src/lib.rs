@@ -707,15 +707,11 @@ impl Repository {
         })
     }
 
-    /// A checkpoint forgotten and collected while it was read looks like damage (a tree or chunk missing):
-    /// when it no longer exists, that is what to report.
+    /// [`Catalog::unless_forgotten`] through a new connection.
     fn unless_forgotten(&self, e: Error, id: &str) -> Error {
-        if !e.is_corruption() {
-            return e;
-        }
-        match self.open_catalog().and_then(|c| c.resolve(id)) {
-            Err(Error::CheckpointNotFound(_)) => Error::Forgotten(id.to_string()),
-            _ => e,
+        match self.open_catalog() {
+            Ok(catalog) => catalog.unless_forgotten(e, id),
+            Err(_) => e,
         }
     }
 

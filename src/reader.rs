@@ -167,12 +167,8 @@ impl Read for FileReader {
             };
             // A chunk or segment gone because retention and GC took the checkpoint meanwhile is no damage.
             let e = match &self.checkpoint {
-                Some(id)
-                    if e.is_corruption() && matches!(self.catalog.resolve(id), Err(Error::CheckpointNotFound(_))) =>
-                {
-                    Error::Forgotten(id.clone())
-                }
-                _ => e,
+                Some(id) => self.catalog.unless_forgotten(e, id),
+                None => e,
             };
             return Err(io::Error::new(io::ErrorKind::InvalidData, e));
         }
