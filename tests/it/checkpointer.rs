@@ -210,6 +210,11 @@ fn state_in_files_is_checkpointed_on_schedule_and_restored_in_place() {
     assert!(!dir.join("half-written.tmp").exists());
 }
 
+/// A Checkpointer's options keeping the `n` newest checkpoints of its series.
+fn keep_last(n: u32) -> CheckpointerOptions {
+    CheckpointerOptions { retention: Some(Policy { keep_last: Some(n), ..Default::default() }), ..Default::default() }
+}
+
 fn stream_checkpointer(repo: &Path, opts: CheckpointerOptions) -> Checkpointer {
     Checkpointer::new(Repository::open(repo).unwrap(), opts).unwrap()
 }
@@ -233,11 +238,7 @@ fn a_clock_that_lags_an_earlier_run_still_resumes_from_the_newest_step() {
     let t = tempfile::tempdir().unwrap();
     let repo = t.path().join("repo");
     Repository::init(&repo).unwrap();
-    let keep3 = || CheckpointerOptions {
-        retention: Some(Policy { keep_last: Some(3), ..Default::default() }),
-        ..Default::default()
-    };
-    let mut cp = stream_checkpointer(&repo, keep3());
+    let mut cp = stream_checkpointer(&repo, keep_last(3));
     for step in 1..=3 {
         take(&mut cp, step, format!("state {step}").as_bytes());
     }
@@ -247,7 +248,7 @@ fn a_clock_that_lags_an_earlier_run_still_resumes_from_the_newest_step() {
     let cat = snapstore::Catalog::open(&repo.join("catalog.db")).unwrap();
     assert_eq!(cat.connection().execute("UPDATE checkpoints SET time_ns = time_ns + ?1", [hour]).unwrap(), 3);
     drop(cat);
-    let mut cp = free_again(&repo, keep3());
+    let mut cp = free_again(&repo, keep_last(3));
     let mut image = Vec::new();
     assert_eq!(cp.restore_latest(&mut image).unwrap().unwrap().step, 3);
     for step in 4..=7 {
@@ -268,11 +269,7 @@ fn a_job_restarted_under_another_host_name_resumes_and_retention_counts_the_whol
     let t = tempfile::tempdir().unwrap();
     let repo = t.path().join("repo");
     Repository::init(&repo).unwrap();
-    let keep2 = || CheckpointerOptions {
-        retention: Some(Policy { keep_last: Some(2), ..Default::default() }),
-        ..Default::default()
-    };
-    let mut cp = stream_checkpointer(&repo, keep2());
+    let mut cp = stream_checkpointer(&repo, keep_last(2));
     for step in 1..=3 {
         take(&mut cp, step, &crate::util::pseudo_random(50_000, step));
     }
@@ -282,7 +279,7 @@ fn a_job_restarted_under_another_host_name_resumes_and_retention_counts_the_whol
         .unwrap()
         .execute("UPDATE checkpoints SET host = 'pod-1'", [])
         .unwrap();
-    let mut cp = free_again(&repo, keep2());
+    let mut cp = free_again(&repo, keep_last(2));
     let mut image = Vec::new();
     let r = cp.restore_latest(&mut image).unwrap().expect("resumes from the other host's checkpoints");
     assert_eq!((r.step, image), (3, crate::util::pseudo_random(50_000, 3)));
@@ -295,7 +292,7 @@ fn a_job_restarted_under_another_host_name_resumes_and_retention_counts_the_whol
     drop(cp);
     let pinned = CheckpointerOptions {
         commit: snapstore::CommitOptions { host: Some("pod-9".into()), ..Default::default() },
-        ..keep2()
+        ..keep_last(2)
     };
     let mut cp = free_again(&repo, pinned);
     assert!(cp.restore_latest(&mut Vec::new()).unwrap().is_none());
@@ -308,11 +305,7 @@ fn a_clock_stepped_back_never_makes_retention_forget_the_checkpoint_just_made() 
     let t = tempfile::tempdir().unwrap();
     let repo = t.path().join("repo");
     Repository::init(&repo).unwrap();
-    let opts = || CheckpointerOptions {
-        retention: Some(Policy { keep_last: Some(2), ..Default::default() }),
-        ..Default::default()
-    };
-    let mut cp = stream_checkpointer(&repo, opts());
+    let mut cp = stream_checkpointer(&repo, keep_last(2));
     for step in 1..=3 {
         take(&mut cp, step, format!("state {step}").as_bytes());
     }

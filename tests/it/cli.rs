@@ -1158,17 +1158,12 @@ fn a_directory_swapped_for_a_symlink_during_an_in_place_checkout_redirects_nothi
     let before = fs::metadata(victim.join("f")).unwrap();
     let victim_before = fs::metadata(&victim).unwrap();
 
-    let child = Command::new(bin())
-        .args(["--repo", p(&repo), "checkout", &id[..8], p(&dest), "--in-place"])
-        .env("SNAPSTORE_FAULT", "checkout-entry:1:stop")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    crate::util::wait_until_stopped(child.id(), "the file entry");
+    let mut checkout = Command::new(bin());
+    checkout.args(["--repo", p(&repo), "checkout", &id[..8], p(&dest), "--in-place"]);
+    let child = crate::util::spawn_stopped_at(checkout, "checkout-entry");
     fs::rename(dest.join("sub"), dest.join("sub.moved")).unwrap();
     std::os::unix::fs::symlink(&victim, dest.join("sub")).unwrap();
-    assert!(Command::new("kill").args(["-CONT", &child.id().to_string()]).status().unwrap().success());
+    crate::util::resume(&child);
     let out = child.wait_with_output().unwrap();
     assert_no_panic(&out, "the in-place checkout");
 

@@ -118,18 +118,13 @@ fn gc_keeps_a_stale_group_while_a_commit_runs() {
     // The last part's commit, large enough for a catalog batch before its last, stopped there: its session
     // alive, its checkpoint not yet recorded.
     fs::write(dirs[1].join("large.bin"), pseudo_random(40 << 20, 11)).unwrap();
-    let child = Command::new(bin())
-        .args(["--repo", p(&repo), "-q", "commit", p(&dirs[1]), "--group", "late", "--part", "1/2"])
-        .env("SNAPSTORE_FAULT", "catalog-batch:1:stop")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    crate::util::wait_until_stopped(child.id(), "the part's catalog batch");
+    let mut commit = Command::new(bin());
+    commit.args(["--repo", p(&repo), "-q", "commit", p(&dirs[1]), "--group", "late", "--part", "1/2"]);
+    let child = crate::util::spawn_stopped_at(commit, "catalog-batch");
     let gc = succeeded(&run(&repo, &["--json", "gc", "--incomplete-after", "10ms"]), "gc while the part commits");
     let gc: serde_json::Value = serde_json::from_str(&gc).unwrap();
     assert_eq!(gc["groups_dropped"], 0, "{gc}");
-    assert!(Command::new("kill").args(["-CONT", &child.id().to_string()]).status().unwrap().success());
+    crate::util::resume(&child);
     succeeded(&child.wait_with_output().unwrap(), "the last part's commit");
     let g = &groups(&repo)[0];
     assert!(g["name"] == "late" && g["complete"].is_string() && g["members"].as_array().unwrap().len() == 2, "{g}");

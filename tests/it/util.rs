@@ -363,6 +363,25 @@ pub fn hand_to_other_user(dir: &Path) -> Option<impl Fn(&str) -> std::process::C
 
 /// Waits until process `pid` is stopped (a fault point's `stop`), at most 30 s; `what` names where it should
 /// stop, for the failure.
+/// Spawns `cmd` (snapstore, or a shell running it) with fault point `point` set to stop it there
+/// (`SNAPSTORE_FAULT=POINT:1:stop`, see src/fault.rs), its output piped, and returns it once it has stopped;
+/// [`resume`] lets it go on.
+pub fn spawn_stopped_at(mut cmd: Command, point: &str) -> Child {
+    let child = cmd
+        .env("SNAPSTORE_FAULT", format!("{point}:1:stop"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until_stopped(child.id(), point);
+    child
+}
+
+/// Lets a process stopped at a fault point ([`spawn_stopped_at`]) go on.
+pub fn resume(child: &Child) {
+    assert!(Command::new("kill").args(["-CONT", &child.id().to_string()]).status().unwrap().success());
+}
+
 pub fn wait_until_stopped(pid: u32, what: &str) {
     let stat = format!("/proc/{pid}/stat");
     let start = std::time::Instant::now();

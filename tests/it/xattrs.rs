@@ -317,17 +317,12 @@ fn without_proc_a_swapped_directory_redirects_no_attribute() {
         eprintln!("SKIPPED: cannot make a mount namespace without /proc (not root, or no unshare); untested");
         return;
     }
-    let child = Command::new("unshare")
-        .args(["-m", "sh", "-c", &script])
-        .env("SNAPSTORE_FAULT", "checkout-entry:1:stop")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    crate::util::wait_until_stopped(child.id(), "the file entry");
+    let mut checkout = Command::new("unshare");
+    checkout.args(["-m", "sh", "-c", &script]);
+    let child = crate::util::spawn_stopped_at(checkout, "checkout-entry");
     fs::rename(home.join("a"), home.join("a.moved")).unwrap();
     std::os::unix::fs::symlink(&victim, home.join("a")).unwrap();
-    assert!(Command::new("kill").args(["-CONT", &child.id().to_string()]).status().unwrap().success());
+    crate::util::resume(&child);
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
