@@ -106,6 +106,10 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE checkouts ADD COLUMN dest_dev INTEGER;
      ALTER TABLE checkouts ADD COLUMN dest_ino INTEGER;
      ALTER TABLE checkouts ADD COLUMN dest_ctime_ns INTEGER;",
+    // 13: chunks a read found damaged (their blob fails its hash, or their pack is gone or cut short), which
+    // commits then store afresh instead of deduplicating against, re-pointing the row: since checkpoints name
+    // chunks by id, that heals every checkpoint using them (see docs/format.md, *Verify and repair*).
+    "CREATE TABLE damaged_chunks (id BLOB PRIMARY KEY, found_ns INTEGER NOT NULL) WITHOUT ROWID;",
 ];
 
 /// What a whole checkout into a destination recorded there (`checkouts`).
@@ -122,7 +126,7 @@ pub(crate) struct CheckoutRecord {
 /// The oldest schema a catalog on a read-only filesystem, which cannot be migrated, is read at: the
 /// migrations after it change nothing a reader needs (10 only stops older builds; a checkout record without
 /// 11's column is read as one that did not restore extended attributes, and one without 12's as one that
-/// vouches for nothing).
+/// vouches for nothing; 13's table of damaged chunks is written and read by writers alone).
 const READABLE_AS_IS_FROM: u32 = 9;
 
 /// The migration after whose SQL `convert_trees` runs.
@@ -415,8 +419,9 @@ fn entry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Entry>> {
 }
 
 /// Whether a chunk is stored and not condemned.
-const HAS_CHUNK: &str =
-    "SELECT 1 FROM chunks WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM condemned WHERE kind = 0 AND id = ?1)";
+const HAS_CHUNK: &str = "SELECT 1 FROM chunks WHERE id = ?1 \
+                         AND NOT EXISTS (SELECT 1 FROM condemned WHERE kind = 0 AND id = ?1) \
+                         AND NOT EXISTS (SELECT 1 FROM damaged_chunks WHERE id = ?1)";
 
 /// Where a chunk is: the pack's name by a subquery, not a join. SQLite (built with STAT4, as rusqlite bundles
 /// it) marks a joined statement's parameters as shaping its plan, so every reuse from the statement cache,
@@ -611,6 +616,32 @@ impl Catalog {
         Ok(stmt.exists([&id.0[..]])?)
     }
 
+    /// Whether a read marked a chunk damaged after `ns` (nanoseconds since the epoch): a commit whose parent is
+    /// older reads every file again, so that files unchanged by stat store their marked chunks afresh too.
+    pub(crate) fn damage_marked_since(&self, ns: i64) -> Result<bool> {
+        let mut stmt = self.conn.prepare_cached("SELECT 1 FROM damaged_chunks WHERE found_ns > ?1 LIMIT 1")?;
+        Ok(stmt.exists([ns])?)
+    }
+
+    /// Marks chunks a read found damaged, so that the next commit meeting their bytes stores them afresh.
+    /// Best effort, on a connection of its own: the reader's may hold a read snapshot, which a write would have
+    /// to upgrade, and the read has already failed with the damage, which says more than a failure to mark it.
+    /// A catalog opened for reading only (a read-only mount, another user's repository) is left as it is.
+    pub(crate) fn note_damaged(&self, ids: &[ObjectId]) {
+        if ids.is_empty() || self.read_only.is_some() {
+            return;
+        }
+        let Some(path) = self.conn.path().filter(|p| !p.is_empty()) else { return };
+        let mark = || -> Result<()> {
+            let conn =
+                Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+            conn.busy_timeout(MARK_TIMEOUT)?;
+            mark_damaged(&conn, ids)?;
+            Ok(())
+        };
+        let _ = mark();
+    }
+
     /// Registers a writer session at the current GC epoch.
     pub(crate) fn begin_session(&mut self, kind: &str, host: &str) -> Result<Session> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -801,6 +832,39 @@ pub(crate) fn remote_seq(conn: &Connection) -> Result<u64> {
     Ok(meta_value(conn, "remote_seq")?.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
+/// How long marking chunks damaged waits for another process's write transaction: it is done on the way to
+/// reporting the damage, which should not wait on a long GC transaction for minutes.
+pub(crate) const MARK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Marks `ids` damaged in `damaged_chunks`, those the chunk index still holds (a chunk it lacks is stored by
+/// the next commit anyway), in one transaction. Returns how many were newly marked.
+pub(crate) fn mark_damaged(conn: &Connection, ids: &[ObjectId]) -> Result<u64> {
+    let now = now_ns();
+    let mut marked = 0;
+    let mut run = || -> Result<()> {
+        let mut stmt = conn.prepare_cached(
+            "INSERT OR IGNORE INTO damaged_chunks (id, found_ns) SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM chunks WHERE id = ?1)",
+        )?;
+        for id in ids {
+            marked += stmt.execute(params![&id.0[..], now])? as u64;
+        }
+        Ok(())
+    };
+    if conn.is_autocommit() {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        match run() {
+            Ok(()) => conn.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        }
+    } else {
+        run()?;
+    }
+    Ok(marked)
+}
+
 /// The value of `key` in the catalog's `meta` table, if it has one.
 pub(crate) fn meta_value(conn: &Connection, key: &str) -> Result<Option<String>> {
     Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
@@ -883,12 +947,14 @@ fn insert_rows(
         )?;
         let mut pack_id = tx.prepare_cached("SELECT id FROM packs WHERE name = ?1")?;
         let mut chunk_stmt = tx.prepare_cached(
-            // A condemned chunk's row is replaced: this writer stored its own copy (see has_chunk).
+            // A condemned or damaged chunk's row is replaced: this writer stored its own copy (see has_chunk).
             "INSERT INTO chunks (id, pack, offset, stored_len, raw_len, flags) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (id) DO UPDATE SET pack = excluded.pack, offset = excluded.offset,
                      stored_len = excluded.stored_len, raw_len = excluded.raw_len, flags = excluded.flags
-                 WHERE EXISTS (SELECT 1 FROM condemned WHERE kind = 0 AND id = excluded.id)",
+                 WHERE EXISTS (SELECT 1 FROM condemned WHERE kind = 0 AND id = excluded.id)
+                    OR EXISTS (SELECT 1 FROM damaged_chunks WHERE id = excluded.id)",
         )?;
+        let mut undamage = tx.prepare_cached("DELETE FROM damaged_chunks WHERE id = ?1")?;
         for (name, size, entries) in &batch.packs {
             pack_stmt.execute(params![name, to_i64(*size), entries.len() as i64, now])?;
             let pack_id: i64 = pack_id.query_row([name], |r| r.get(0))?;
@@ -902,6 +968,7 @@ fn insert_rows(
                     e.flags
                 ])?;
                 uncondemn.execute(params![KIND_CHUNK, &e.id.0[..]])?;
+                undamage.execute([&e.id.0[..]])?;
             }
         }
         let mut seg_stmt = tx.prepare_cached("INSERT OR IGNORE INTO segments (id, data) VALUES (?1, ?2)")?;
@@ -1590,6 +1657,33 @@ mod tests {
         assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
     }
 
+    /// A chunk marked damaged counts as absent, so a writer stores its own copy; recording that copy moves the
+    /// row to it and clears the mark. A chunk not marked keeps its row against another copy, and a chunk the
+    /// index lacks is not marked.
+    #[test]
+    fn a_damaged_chunk_is_absent_until_a_writer_stores_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let mut cat = Catalog::create(&path, &RepoParams::default()).unwrap();
+        let (a, b) = (ObjectId::of(b"a"), ObjectId::of(b"b"));
+        let entry = |id: ObjectId, offset: u64| PackEntry { id, flags: 1, raw_len: 100, stored_len: 60, offset };
+        let old = ("packs/00/old.pack".to_string(), 200, vec![entry(a, 16), entry(b, 76)]);
+        cat.write_batch(&Batch { packs: vec![old], ..Default::default() }, None).unwrap();
+        assert_eq!(mark_damaged(&cat.conn, &[a, ObjectId::of(b"not indexed")]).unwrap(), 1);
+        assert!(!cat.has_chunk(&a).unwrap() && cat.has_chunk(&b).unwrap());
+        assert!(cat.damage_marked_since(0).unwrap() && !cat.damage_marked_since(now_ns()).unwrap());
+
+        let new = ("packs/01/new.pack".to_string(), 200, vec![entry(a, 16), entry(b, 76)]);
+        cat.write_batch(&Batch { packs: vec![new], ..Default::default() }, None).unwrap();
+        assert_eq!(cat.chunk_location(&a).unwrap().unwrap().pack, "packs/01/new.pack");
+        assert_eq!(cat.chunk_location(&b).unwrap().unwrap().pack, "packs/00/old.pack");
+        assert!(cat.has_chunk(&a).unwrap() && !cat.damage_marked_since(0).unwrap());
+
+        // Marking from a reader goes through a connection of its own, and not into a read-only catalog.
+        cat.note_damaged(&[b]);
+        assert!(!cat.has_chunk(&b).unwrap());
+    }
+
     #[test]
     fn create_migrate_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -1621,6 +1715,7 @@ mod tests {
                  ALTER TABLE checkouts DROP COLUMN dest_dev;
                  ALTER TABLE checkouts DROP COLUMN dest_ino;
                  ALTER TABLE checkouts DROP COLUMN dest_ctime_ns;
+                 DROP TABLE damaged_chunks;
                  PRAGMA user_version = 8;",
             )
             .unwrap();

@@ -439,9 +439,8 @@ impl Checkpointer {
     /// A chunk that fails its check is returned as the library's own error ([`Error::is_corruption`]), after
     /// `into` took the bytes before it: discard them. To fall back to an older checkpoint, list the series
     /// with [`Repository::checkpoints`] (path `stdin:NAME`, tag `step=N`) and read one with
-    /// [`Repository::open_file`]. Repair the repository ([`Repository::repair_index_reading_data`]) before
-    /// checkpointing again: until the damaged chunk leaves the index, a new checkpoint holding the same bytes
-    /// reuses it and is as damaged.
+    /// [`Repository::open_file`]. The read marked the damaged chunk in the catalog: the next checkpoint holding
+    /// the same bytes stores them afresh, which makes whole every checkpoint using the chunk.
     ///
     /// The schedule then counts the restored step as just checkpointed: a loop that resumes at that step
     /// does not checkpoint it again, and [`Schedule::Every`] waits its interval from now.

@@ -115,6 +115,9 @@ pub struct CommitSummary {
     pub vanished: u64,
     /// Bytes read from files.
     pub bytes_read: u64,
+    /// Every file was read, unchanged ones too, because a read marked chunks damaged since the parent
+    /// checkpoint: so that this commit stores them afresh wherever it meets their bytes.
+    pub reread_for_damage: bool,
     /// Sum of file sizes in the checkpoint.
     pub logical_bytes: u64,
     /// Chunks this commit added to the store.
@@ -303,6 +306,20 @@ fn run(
         Some(p) => Some(catalog.tree(&catalog.checkpoint_root(&p.id)?)?),
         None => None,
     };
+    // Chunks a read found damaged since the parent are stored afresh by this commit where it meets their bytes,
+    // which heals every checkpoint using them; files that look unchanged must be read for that too (a stream
+    // is read whole anyway).
+    let damage_since = match &parent {
+        Some(p) if !opts.reread && matches!(source, Source::Path(_)) => catalog.damage_marked_since(p.time_ns)?,
+        _ => false,
+    };
+    let reread_opts;
+    let opts = if damage_since {
+        reread_opts = CommitOptions { reread: true, ..opts.clone() };
+        &reread_opts
+    } else {
+        opts
+    };
     // Attributes are carried over from the parent only where it recorded them: across the upgrade that began
     // recording them, its entries' "none" means "not looked at".
     let carry_xattrs = !opts.reread && parent.as_ref().map_or(Ok(false), |p| catalog.recorded_xattrs(&p.id))?;
@@ -323,7 +340,11 @@ fn run(
     let block_len = (1 << 20).max(2 * ctx.params.chunk_max as usize);
     let (pool_tx, pool_rx) = bounded::<AlignedBuf>(8);
 
-    let mut summary = CommitSummary { parent: parent.as_ref().map(|p| p.id.clone()), ..Default::default() };
+    let mut summary = CommitSummary {
+        parent: parent.as_ref().map(|p| p.id.clone()),
+        reread_for_damage: damage_since,
+        ..Default::default()
+    };
     let inflight = InFlight::new(in_flight_budget(threads, ctx.params.chunk_max));
     let outcome = std::thread::scope(|s| {
         let mut workers = Vec::new();
@@ -389,6 +410,8 @@ fn run(
     summary.logical_bytes = asm.logical_bytes;
     if opts.skip_unchanged
         && opts.group.is_none()
+        // Chunks stored afresh (damaged or condemned ones) are recorded only with a checkpoint.
+        && asm.chunks_new == 0
         // Special files are never recorded, so they are skipped alike at every commit.
         && skipped.iter().all(|(_, why)| why.starts_with(SPECIAL))
         && let Some(parent) = &parent

@@ -584,12 +584,15 @@ fn copy_live(
     remote: Option<(&Remote, &Lock)>,
 ) -> Result<Copied> {
     let mut out = Copied { written: 0, damage: None };
+    // Damage found is also marked, so that the next commit meeting the bytes stores them afresh.
     let index = match crate::pack::read_index(backend, &p.name) {
         Ok(index) => index,
         Err(e @ Error::Corrupt { .. }) => {
+            mark_pack_damaged(conn, p.id)?;
             return Ok(Copied { damage: Some(crate::pack::problem_of(&e, &p.name)), ..out });
         }
         Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            mark_pack_damaged(conn, p.id)?;
             return Ok(Copied { damage: Some("missing".into()), ..out });
         }
         Err(e) => return Err(e),
@@ -601,10 +604,11 @@ fn copy_live(
         rows_in_pack(index, p.id, &mut row_of)?
     };
     if chunks.len() as u64 != p.rows {
+        mark_pack_damaged(conn, p.id)?;
         let why = "its index lacks chunks the catalog places in it".to_string();
         return Ok(Copied { damage: Some(why), ..out });
     }
-    let mut bad = 0;
+    let mut bad = Vec::new();
     // Runs of live blobs, as verify reads them: from a bucket one request per 8 MiB instead of one per blob.
     // From a disk, 1 MiB runs took as long as 8 MiB ones, which took the GC's peak RSS from 42 to 51 MiB.
     let max_read = if backend.reads_are_requests() { MAX_READ } else { 1 << 20 };
@@ -623,14 +627,16 @@ fn copy_live(
                     good.push((i + n, held.len()..held.len() + blob.len()));
                     held.extend_from_slice(blob);
                 }
-                Err(_) => bad += 1,
+                Err(_) => bad.push(id),
             }
             Ok::<_, std::convert::Infallible>(())
         });
         match read {
             Ok(()) => {}
             // Cut short since its index was read: the blobs past the end are damage, like a wrong byte.
-            Err(RunError::Read(n, e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => bad += j - i - n,
+            Err(RunError::Read(n, e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                bad.extend(chunks[i + n..j].iter().map(|c| c.0));
+            }
             Err(RunError::Read(_, e)) => return Err(Error::backend(&p.name, e)),
             Err(RunError::Handler(never)) => match never {},
         }
@@ -643,10 +649,20 @@ fn copy_live(
         held.clear();
         i = j;
     }
-    if bad > 0 {
-        out.damage = Some(format!("live blobs failing their hash or cut short: {bad} of {}", p.rows));
+    if !bad.is_empty() {
+        crate::catalog::mark_damaged(conn, &bad)?;
+        out.damage = Some(format!("live blobs failing their hash or cut short: {} of {}", bad.len(), p.rows));
     }
     Ok(out)
+}
+
+/// Marks every chunk the catalog places in a pack found missing or with a damaged index.
+fn mark_pack_damaged(conn: &Connection, pack: i64) -> Result<()> {
+    conn.execute(
+        "INSERT OR IGNORE INTO damaged_chunks (id, found_ns) SELECT id, ?2 FROM chunks WHERE pack = ?1",
+        params![pack, now_ns()],
+    )?;
+    Ok(())
 }
 
 /// Records a pack of moved chunks as soon as it is durable, pointing the chunks' rows at it, so that neither

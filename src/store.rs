@@ -201,14 +201,29 @@ impl ChunkReader {
             let in_pack = locs[i..].iter().take_while(|l| l.pack == locs[i].pack);
             let j = i + run_len(in_pack.map(|l| (l.offset, l.stored_len)), self.max_read, 0);
             let decoder = &mut self.decoder;
+            let mut failed_hash = None;
             let read = self.runs.read(self.backend.as_ref(), &locs[i].pack, &spans[i..j], |n, blob| {
                 let k = i + n;
                 let data = decoder.decode(&refs[k].id, locs[k].flags, locs[k].raw_len, blob).map_err(|why| {
+                    failed_hash = Some(refs[k].id);
                     let at = format!("chunk {} in {} at offset {}", refs[k].id, locs[k].pack, locs[k].offset);
                     (k, Error::corrupt(format!("{at}: {why}")))
                 })?;
                 sink(k, data).map_err(|e| (k, e))
             });
+            // Damage found on the way is marked, so that the next commit meeting these bytes stores them afresh.
+            match &read {
+                Err(RunError::Handler(_)) => catalog.note_damaged(failed_hash.as_slice()),
+                Err(RunError::Read(n, e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    catalog.note_damaged(&[refs[i + n].id]);
+                }
+                Err(RunError::Read(_, e)) if e.kind() == std::io::ErrorKind::NotFound && retried => {
+                    let gone: Vec<ObjectId> =
+                        (i..refs.len()).filter(|&k| locs[k].pack == locs[i].pack).map(|k| refs[k].id).collect();
+                    catalog.note_damaged(&gone);
+                }
+                _ => {}
+            }
             match read {
                 Ok(()) => {}
                 Err(RunError::Handler(e)) => return Err(e),

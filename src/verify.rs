@@ -249,6 +249,10 @@ pub struct VerifyReport {
     pub affected_files: Vec<AffectedFile>,
     /// All affected files and directories.
     pub affected_files_total: u64,
+    /// Of the damaged chunks, those marked in the catalog (by this run or an earlier read): the next commit
+    /// that meets their bytes stores them afresh, which makes every checkpoint using them whole again. None
+    /// in a repository opened for reading only.
+    pub damaged_chunks_marked: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -298,6 +302,10 @@ pub(crate) fn verify_with(
         read_data(conn, catalog_path, &backend, &targets, opts, &mut report)?;
     }
     in_snapshot(conn, || collect_damage(conn, &mut report))?;
+    if report.damaged_chunks_total > 0 && cat.read_only().is_none() {
+        // Not finding the catalog free within the mark's timeout leaves the damage unmarked, not unreported.
+        report.damaged_chunks_marked = mark_found_damage(conn).unwrap_or(0);
+    }
     report.seconds = started.elapsed().as_secs_f64();
     opts.progress.finish();
     Ok(report)
@@ -315,6 +323,33 @@ pub(crate) fn reach_damage(conn: &Connection) -> Result<VerifyReport> {
         collect_damage(conn, &mut report)
     })?;
     Ok(report)
+}
+
+/// Marks the damaged chunks found (`temp.v_bad_chunk`) that the index holds, and returns how many of those
+/// found are marked. The only write verify makes, after its read snapshot, waiting for the catalog no longer
+/// than a mark does.
+fn mark_found_damage(conn: &Connection) -> Result<u64> {
+    conn.busy_timeout(crate::catalog::MARK_TIMEOUT)?;
+    let marked = (|| -> Result<u64> {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        conn.execute(
+            "INSERT OR IGNORE INTO damaged_chunks (id, found_ns)
+             SELECT b.id, ?1 FROM temp.v_bad_chunk b WHERE EXISTS (SELECT 1 FROM chunks c WHERE c.id = b.id)",
+            [now_ns()],
+        )?;
+        let n: i64 = conn.query_row(
+            "SELECT count(*) FROM temp.v_bad_chunk b WHERE EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.id = b.id)",
+            [],
+            |r| r.get(0),
+        )?;
+        conn.execute_batch("COMMIT")?;
+        Ok(n as u64)
+    })();
+    if marked.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    conn.busy_timeout(crate::catalog::BUSY_TIMEOUT)?;
+    marked
 }
 
 fn create_temp_tables(conn: &Connection) -> Result<()> {
@@ -403,11 +438,17 @@ fn check_packs(
             }
             Err(problem) => {
                 let why = format!("in a damaged pack ({problem})");
+                let mut used = false;
                 rows.of_pack(id, |row| {
+                    used = true;
                     bad_chunk.execute(params![row.id, name, why])?;
                     Ok(())
                 })?;
-                report.damaged_packs.push(DamagedPack { pack: name, problem });
+                // One whose every chunk has been stored afresh elsewhere holds nothing the catalog uses: GC
+                // drops its row.
+                if used {
+                    report.damaged_packs.push(DamagedPack { pack: name, problem });
+                }
             }
         }
     }

@@ -1848,6 +1848,53 @@ fn a_damaged_pack_keeps_only_what_cannot_be_copied() {
     assert!(text(&out.stderr).contains(&format!("damaged pack {damaged}: missing")), "{}", text(&out.stderr));
 }
 
+/// A live blob that GC finds damaged while it rewrites a pack is marked, so the next commit of the same data
+/// stores it afresh (reading the file though its stat is unchanged); the pack is then collected as usual and
+/// every checkpoint using the chunk checks out byte for byte again.
+#[test]
+fn a_blob_gc_finds_damaged_is_stored_afresh_by_the_next_commit() {
+    let t = tmp();
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let x = pseudo_random(MIB, 61);
+    fs::write(src.join("x.bin"), &x).unwrap();
+    fs::write(src.join("y.bin"), pseudo_random(MIB, 62)).unwrap();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let first = repo.commit(&src, &CommitOptions::default()).unwrap().id;
+    fs::remove_file(src.join("y.bin")).unwrap();
+    let kept = repo.commit(&src, &CommitOptions::default()).unwrap().id;
+    repo.forget(&[&first]).unwrap();
+    let victim = chunk_ids(&repo, &x)[3];
+    let loc = crate::util::catalog_rw(&repo).unwrap().chunk_location(&victim).unwrap().unwrap();
+    let pack = repo.path().join(&loc.pack);
+    let mut bytes = fs::read(&pack).unwrap();
+    bytes[(loc.offset + loc.stored_len as u64 / 2) as usize] ^= 0x5a;
+    fs::remove_file(&pack).unwrap();
+    fs::write(&pack, bytes).unwrap();
+
+    // y.bin's half of the pack is unused, so GC rewrites it and meets the damaged blob.
+    let g = repo.gc(&GcOptions::default()).unwrap();
+    assert_eq!(g.damaged_packs.len(), 1, "{g:?}");
+    let marks: i64 = crate::util::catalog_rw(&repo)
+        .unwrap()
+        .connection()
+        .query_row("SELECT count(*) FROM damaged_chunks WHERE id = ?1", [&victim.0[..]], |r| r.get(0))
+        .unwrap();
+    assert_eq!(marks, 1, "GC marked the blob it found damaged");
+
+    let c = repo.commit(&src, &CommitOptions::default()).unwrap();
+    assert_eq!((c.bytes_read, c.chunks_new), (MIB as u64, 1), "{c:?}");
+    let g = gc(&repo);
+    assert!(g.damaged_packs.is_empty(), "{g:?}");
+    for id in [&kept, &c.id] {
+        let dest = t.path().join(format!("out-{id}"));
+        repo.checkout(id, &dest, &CheckoutOptions::default()).unwrap();
+        assert_eq!(fs::read(dest.join("x.bin")).unwrap(), x);
+    }
+    let v = repo.verify(&snapstore::VerifyOptions { read_data: snapstore::DataSubset::All, ..Default::default() });
+    assert!(v.unwrap().is_clean());
+}
+
 /// A checkpoint every few minutes of a few changed bytes writes a small pack each time; GC merges them once
 /// there are enough, and every checkpoint still checks out byte for byte.
 #[test]

@@ -169,7 +169,6 @@ fn a_damaged_chunk_is_left_out_by_repair_with_read_data_and_healed_by_committing
     let out = text(&f.cli(&["verify", "--read-data"]).stdout);
     assert!(out.contains("repair index --read-data"), "{out}");
 
-    // Without the repair, a new commit of the very same data deduplicates against the damaged blob.
     let o = f.cli(&["repair", "index", "--read-data"]);
     let out = text(&o.stdout);
     assert_eq!(o.status.code(), Some(3), "damage remains until the chunk is stored again:\n{out}");
@@ -269,7 +268,79 @@ fn a_deleted_pack_is_reported() {
     assert!(out.contains(&format!("damaged pack {}", loc.pack)), "{out}");
     // Its chunks are in the report, but the text says the pack once rather than a line per chunk.
     assert!(r.damaged_chunks.len() > 1 && !out.contains("damaged chunk "), "{out}");
-    assert!(out.contains("hint: `snapstore repair index --read-data`"), "{out}");
+    // Its chunks are marked, for the next commit to store afresh; repair may find copies in other packs.
+    assert_eq!(r.damaged_chunks_marked, r.damaged_chunks_total, "{r:?}");
+    assert!(out.contains("damaged chunks marked: the next commit"), "{out}");
+    assert!(out.contains("`snapstore repair index --read-data` moves them"), "{out}");
+    let healed = f.repo.commit(&f.src, &Default::default()).unwrap();
+    assert!(healed.bytes_new > 0, "{healed:?}");
+    let r = f.verify(DataSubset::All);
+    assert!(r.is_clean(), "{r:#?}");
+    assert_checkouts_identical(&f);
+}
+
+/// Damage met by a read is marked in the catalog (`damaged_chunks`).
+fn marked(f: &Fixture) -> Vec<ObjectId> {
+    let cat = f.catalog();
+    let mut stmt = cat.connection().prepare("SELECT id FROM damaged_chunks ORDER BY id").unwrap();
+    stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .map(|id| ObjectId::from_slice(&id.unwrap()).unwrap())
+        .collect()
+}
+
+/// A checkout that meets a damaged chunk marks it; the next commit of the same data, though no file changed
+/// by stat, reads every file again, stores the chunk afresh, and every checkpoint using it is whole again.
+/// The commit after that is back to skipping unchanged files.
+#[test]
+fn a_chunk_a_checkout_finds_damaged_is_stored_afresh_by_the_next_commit() {
+    let f = fixture();
+    let (id, pack, loc) = f.target();
+    flip_byte(&pack, loc.offset + loc.stored_len as u64 / 2);
+    assert!(marked(&f).is_empty());
+    let err =
+        f.repo.checkout(&f.ids[0], f.root.parent().unwrap().join("bad"), &CheckoutOptions::default()).unwrap_err();
+    assert!(err.is_corruption(), "{err}");
+    assert_eq!(marked(&f), vec![id], "the checkout marked the chunk it found damaged");
+
+    // Nothing changed by stat, and with skip_unchanged the tree is the parent's: still a checkpoint, since it
+    // is what records the chunk stored afresh.
+    let opts = snapstore::CommitOptions { skip_unchanged: true, ..Default::default() };
+    let c = f.repo.commit(&f.src, &opts).unwrap();
+    assert!(!c.unchanged, "{c:?}");
+    let size = 2_000_000 + 300_000 + b"alpha, changed\n".len() as u64;
+    assert_eq!((c.bytes_read, c.chunks_new), (size, 1), "every file read again, the marked chunk stored: {c:?}");
+    assert!(c.reread_for_damage, "{c:?}");
+    let fresh = f.catalog().chunk_location(&id).unwrap().unwrap();
+    assert_ne!((fresh.pack.as_str(), fresh.offset), (loc.pack.as_str(), loc.offset));
+    assert!(marked(&f).is_empty(), "the mark goes with the fresh copy");
+    assert!(f.verify(DataSubset::All).is_clean());
+    assert_checkouts_identical(&f);
+
+    let again = f.repo.commit(&f.src, &Default::default()).unwrap();
+    assert_eq!((again.files_unchanged, again.bytes_read), (3, 0), "{again:?}");
+}
+
+/// `verify --read-data` marks what it finds, says so, and the next commit heals it.
+#[test]
+fn verify_marks_the_damaged_chunks_it_finds() {
+    let f = fixture();
+    let (id, pack, loc) = f.target();
+    flip_byte(&pack, loc.offset + loc.stored_len as u64 / 2);
+    let o = f.cli(&["--json", "verify", "--read-data"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(json["damaged_chunks_marked"], 1, "{json}");
+    assert_eq!(marked(&f), vec![id]);
+    let out = text(&f.cli(&["verify", "--read-data"]).stdout);
+    assert!(out.contains("hint: 1 damaged chunk marked: the next commit of the original data"), "{out}");
+
+    let out = succeeded(&f.cli(&["commit", f.src.to_str().unwrap()]), "commit after verify");
+    assert!(out.contains("every file read again: chunks found damaged since the parent"), "{out}");
+    assert!(out.contains("(1 of "), "the marked chunk is stored afresh: {out}");
+    let out = succeeded(&f.cli(&["verify", "--read-data"]), "verify after the commit");
+    assert!(out.starts_with("no damage found"), "{out}");
+    assert_checkouts_identical(&f);
 }
 
 #[test]

@@ -143,7 +143,14 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
             r.affected_checkpoints.len(),
             plural(r.checkpoints, "checkpoint")
         ))?;
-        if r.damaged_chunks.iter().any(|c| c.pack.is_some()) {
+        if r.damaged_chunks_marked > 0 {
+            out.line(&format!(
+                "hint: {} marked: the next commit of the original data stores them afresh (reading every file \
+                 again) and makes the checkpoints that use them whole; until then commits do not reuse them. \
+                 `snapstore repair index --read-data` moves them to sound copies where another pack holds one",
+                plural(r.damaged_chunks_marked, "damaged chunk")
+            ))?;
+        } else if r.damaged_chunks.iter().any(|c| c.pack.is_some()) {
             out.line(
                 "hint: `snapstore repair index --read-data` leaves the damaged chunks out of the index; committing \
                  the original data again (with --reread) then stores them afresh and makes the checkpoints that use \
