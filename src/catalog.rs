@@ -4,7 +4,7 @@
 //! writer. Writers take the write lock up front (`BEGIN IMMEDIATE`) and wait for each other through the busy
 //! timeout, so two commits into one repository queue rather than fail.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -285,6 +285,13 @@ pub(crate) fn rows_in_pack(
     Ok(rows)
 }
 
+/// Chunks marked damaged, as a commit holds them (see [`Catalog::damaged_marks`]).
+pub(crate) enum Marks {
+    Set(HashSet<ObjectId>),
+    /// Too many to hold.
+    Many,
+}
+
 /// How a file content's chunks are listed.
 pub(crate) enum Layout {
     /// Concatenated ids of the segments that list the chunks.
@@ -547,6 +554,11 @@ impl Catalog {
                     "{older} and the repository belongs to user id {owner}, whose snapstore alone may bring it \
                      forward; read it with the snapstore that wrote it, or run this one once as that user"
                 ),
+                None if !crate::readonly::on_read_only_fs(path) => format!(
+                    "{older} and its files are read-only, so it cannot be brought forward; read it with the \
+                     snapstore that wrote it, or make it writable (chmod u+w on the repository and its catalog) \
+                     and run this one once"
+                ),
                 _ => format!(
                     "{older} and the repository is on a read-only filesystem, where it cannot be brought forward; \
                      read it with the snapstore that wrote it, or copy the repository to writable storage"
@@ -616,30 +628,43 @@ impl Catalog {
         Ok(stmt.exists([&id.0[..]])?)
     }
 
-    /// Whether a read marked a chunk damaged after `ns` (nanoseconds since the epoch): a commit whose parent is
-    /// older reads every file again, so that files unchanged by stat store their marked chunks afresh too.
-    pub(crate) fn damage_marked_since(&self, ns: i64) -> Result<bool> {
-        let mut stmt = self.conn.prepare_cached("SELECT 1 FROM damaged_chunks WHERE found_ns > ?1 LIMIT 1")?;
-        Ok(stmt.exists([ns])?)
+    /// The chunks marked damaged that the index still holds: `None` when there are none (nearly always),
+    /// [`Marks::Many`] beyond `held` of them.
+    pub(crate) fn damaged_marks(&self, held: usize) -> Result<Option<Marks>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT d.id FROM damaged_chunks d WHERE EXISTS (SELECT 1 FROM chunks c WHERE c.id = d.id) LIMIT ?1",
+        )?;
+        let ids = stmt
+            .query_map([held as i64 + 1], |r| r.get::<_, Vec<u8>>(0))?
+            .map(|id| ObjectId::from_slice(&id?).ok_or_else(|| Error::corrupt("damaged_chunks: malformed id")))
+            .collect::<Result<HashSet<ObjectId>>>()?;
+        Ok(match ids.len() {
+            0 => None,
+            n if n > held => Some(Marks::Many),
+            _ => Some(Marks::Set(ids)),
+        })
     }
 
-    /// Marks chunks a read found damaged, so that the next commit meeting their bytes stores them afresh.
-    /// Best effort, on a connection of its own: the reader's may hold a read snapshot, which a write would have
-    /// to upgrade, and the read has already failed with the damage, which says more than a failure to mark it.
-    /// A catalog opened for reading only (a read-only mount, another user's repository) is left as it is.
-    pub(crate) fn note_damaged(&self, ids: &[ObjectId]) {
-        if ids.is_empty() || self.read_only.is_some() {
-            return;
+    /// Marks what a read found damaged, so that the next commit meeting those bytes stores them afresh;
+    /// returns whether it did. Best effort, on a connection of its own: the reader's may hold a read snapshot,
+    /// which a write would have to upgrade, and the read has already failed with the damage, which says more
+    /// than a failure to mark it. A catalog opened for reading only (a read-only mount, another user's
+    /// repository) is left as it is.
+    pub(crate) fn note_damaged(&self, found: &FoundDamage) -> bool {
+        if found.is_empty() || self.read_only.is_some() {
+            return false;
         }
-        let Some(path) = self.conn.path().filter(|p| !p.is_empty()) else { return };
+        let Some(path) = self.conn.path().filter(|p| !p.is_empty()) else { return false };
         let mark = || -> Result<()> {
-            let conn =
+            let mut conn =
                 Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
             conn.busy_timeout(MARK_TIMEOUT)?;
-            mark_damaged(&conn, ids)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            mark_damaged(&tx, found)?;
+            tx.commit()?;
             Ok(())
         };
-        let _ = mark();
+        mark().is_ok()
     }
 
     /// Registers a writer session at the current GC epoch.
@@ -834,19 +859,53 @@ pub(crate) fn remote_seq(conn: &Connection) -> Result<u64> {
 
 /// How long marking chunks damaged waits for another process's write transaction: it is done on the way to
 /// reporting the damage, which should not wait on a long GC transaction for minutes.
-pub(crate) const MARK_TIMEOUT: Duration = Duration::from_secs(10);
+const MARK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Marks `ids` damaged in `damaged_chunks`, those the chunk index still holds (a chunk it lacks is stored by
-/// the next commit anyway), in one transaction. Returns how many were newly marked.
-pub(crate) fn mark_damaged(conn: &Connection, ids: &[ObjectId]) -> Result<u64> {
+/// What a read found damaged in one pack, for [`mark_damaged`].
+#[derive(Debug, Default)]
+pub(crate) struct FoundDamage {
+    /// The pack read.
+    pub pack: String,
+    /// Chunks whose blob there failed its hash.
+    pub chunks: Vec<ObjectId>,
+    /// The pack is missing (from offset 0) or cut short (from the offset where it ends): every chunk it
+    /// places from there on.
+    pub from_offset: Option<u64>,
+}
+
+impl FoundDamage {
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && self.from_offset.is_none()
+    }
+}
+
+/// Marks damaged, in `damaged_chunks`, the chunks of `found` whose rows still place them in its pack (a row a
+/// commit has meanwhile re-pointed to a fresh copy is left alone), in one transaction. Nothing is marked in a
+/// bucket's local catalog: a fresh copy re-points the row on this machine alone, and another machine's GC,
+/// which sees only its own rows, could then delete the pack it points at. Returns how many were newly marked.
+pub(crate) fn mark_damaged(conn: &Connection, found: &FoundDamage) -> Result<u64> {
+    if meta_value(conn, "remote_repo_id")?.is_some() {
+        return Ok(0);
+    }
     let now = now_ns();
     let mut marked = 0;
     let mut run = || -> Result<()> {
+        let pack: Option<i64> =
+            conn.query_row("SELECT id FROM packs WHERE name = ?1", [&found.pack], |r| r.get(0)).optional()?;
+        let Some(pack) = pack else { return Ok(()) };
         let mut stmt = conn.prepare_cached(
-            "INSERT OR IGNORE INTO damaged_chunks (id, found_ns) SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM chunks WHERE id = ?1)",
+            "INSERT OR IGNORE INTO damaged_chunks (id, found_ns)
+             SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM chunks WHERE id = ?1 AND pack = ?3)",
         )?;
-        for id in ids {
-            marked += stmt.execute(params![&id.0[..], now])? as u64;
+        for id in &found.chunks {
+            marked += stmt.execute(params![&id.0[..], now, pack])? as u64;
+        }
+        if let Some(from) = found.from_offset {
+            // One scan of the chunk rows (there is no index by pack).
+            marked += conn.execute(
+                "INSERT OR IGNORE INTO damaged_chunks (id, found_ns) SELECT id, ?1 FROM chunks WHERE pack = ?2 AND offset >= ?3",
+                params![now, pack, to_i64(from)],
+            )? as u64;
         }
         Ok(())
     };
@@ -924,6 +983,13 @@ fn apply_gc(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> Result<()> {
         tx.execute(&format!("DELETE FROM chunks WHERE pack IN ({list})"), [])?;
         tx.execute(&format!("DELETE FROM packs WHERE id IN ({list})"), [])?;
     }
+    if !batch.drops.is_empty() || !dead.is_empty() {
+        // As GC's own sweep does: a mark goes with its chunk's row.
+        tx.execute(
+            "DELETE FROM damaged_chunks WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = damaged_chunks.id)",
+            [],
+        )?;
+    }
     Ok(())
 }
 
@@ -971,18 +1037,29 @@ fn insert_rows(
                 undamage.execute([&e.id.0[..]])?;
             }
         }
-        let mut seg_stmt = tx.prepare_cached("INSERT OR IGNORE INTO segments (id, data) VALUES (?1, ?2)")?;
+        // A row already there under the same id is replaced where it differs: its id names its contents, so
+        // only damage (a row altered in place) makes it differ, and a commit of the same data mends it.
+        let mut seg_stmt = tx.prepare_cached(
+            "INSERT INTO segments (id, data) VALUES (?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET data = excluded.data WHERE data IS NOT excluded.data",
+        )?;
         for (id, data) in &batch.segments {
             seg_stmt.execute(params![&id.0[..], data])?;
             uncondemn.execute(params![KIND_SEGMENT, &id.0[..]])?;
         }
-        let mut content_stmt =
-            tx.prepare_cached("INSERT OR IGNORE INTO contents (id, size, segments) VALUES (?1, ?2, ?3)")?;
+        let mut content_stmt = tx.prepare_cached(
+            "INSERT INTO contents (id, size, segments) VALUES (?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET size = excluded.size, segments = excluded.segments
+             WHERE size IS NOT excluded.size OR segments IS NOT excluded.segments",
+        )?;
         for (id, size, segs) in &batch.contents {
             content_stmt.execute(params![&id.0[..], to_i64(*size), segs])?;
             uncondemn.execute(params![KIND_CONTENT, &id.0[..]])?;
         }
-        let mut tree_stmt = tx.prepare_cached("INSERT OR IGNORE INTO trees (id, data) VALUES (?1, ?2)")?;
+        let mut tree_stmt = tx.prepare_cached(
+            "INSERT INTO trees (id, data) VALUES (?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET data = excluded.data WHERE data IS NOT excluded.data",
+        )?;
         for (id, data) in &batch.trees {
             uncondemn.execute(params![KIND_TREE, &id.0[..]])?;
             tree_stmt.execute(params![&id.0[..], data])?;
@@ -1669,19 +1746,33 @@ mod tests {
         let entry = |id: ObjectId, offset: u64| PackEntry { id, flags: 1, raw_len: 100, stored_len: 60, offset };
         let old = ("packs/00/old.pack".to_string(), 200, vec![entry(a, 16), entry(b, 76)]);
         cat.write_batch(&Batch { packs: vec![old], ..Default::default() }, None).unwrap();
-        assert_eq!(mark_damaged(&cat.conn, &[a, ObjectId::of(b"not indexed")]).unwrap(), 1);
+        let found = |chunks| FoundDamage { pack: "packs/00/old.pack".into(), chunks, from_offset: None };
+        assert_eq!(mark_damaged(&cat.conn, &found(vec![a, ObjectId::of(b"not indexed")])).unwrap(), 1);
         assert!(!cat.has_chunk(&a).unwrap() && cat.has_chunk(&b).unwrap());
-        assert!(cat.damage_marked_since(0).unwrap() && !cat.damage_marked_since(now_ns()).unwrap());
+        let held = |cat: &Catalog, n| match cat.damaged_marks(n).unwrap() {
+            None => "none".to_string(),
+            Some(Marks::Many) => "many".to_string(),
+            Some(Marks::Set(s)) => format!("{:?}", s.into_iter().collect::<Vec<_>>()),
+        };
+        assert_eq!((held(&cat, 1), held(&cat, 0)), (format!("{:?}", vec![a]), "many".to_string()));
 
         let new = ("packs/01/new.pack".to_string(), 200, vec![entry(a, 16), entry(b, 76)]);
         cat.write_batch(&Batch { packs: vec![new], ..Default::default() }, None).unwrap();
         assert_eq!(cat.chunk_location(&a).unwrap().unwrap().pack, "packs/01/new.pack");
         assert_eq!(cat.chunk_location(&b).unwrap().unwrap().pack, "packs/00/old.pack");
-        assert!(cat.has_chunk(&a).unwrap() && !cat.damage_marked_since(0).unwrap());
+        assert!(cat.has_chunk(&a).unwrap());
+        assert_eq!(held(&cat, 1), "none");
 
-        // Marking from a reader goes through a connection of its own, and not into a read-only catalog.
-        cat.note_damaged(&[b]);
-        assert!(!cat.has_chunk(&b).unwrap());
+        // Marking from a reader goes through a connection of its own. A mark goes only to a row still in the pack read: a's is in the new pack now.
+        assert!(cat.note_damaged(&found(vec![a])));
+        assert!(cat.has_chunk(&a).unwrap());
+        // The old pack cut short past a's old place: b, further on, is marked.
+        let cut = FoundDamage { pack: "packs/00/old.pack".into(), chunks: vec![], from_offset: Some(50) };
+        assert!(cat.note_damaged(&cut));
+        assert!(!cat.has_chunk(&b).unwrap() && cat.has_chunk(&a).unwrap());
+        // Nothing is marked in a bucket's local catalog.
+        cat.conn.execute("INSERT INTO meta (key, value) VALUES ('remote_repo_id', 'r')", []).unwrap();
+        assert_eq!(mark_damaged(&cat.conn, &found(vec![a, b])).unwrap(), 0);
     }
 
     #[test]

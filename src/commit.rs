@@ -24,7 +24,7 @@ use walkdir::WalkDir;
 
 use crate::aligned::AlignedBuf;
 use crate::backend::Backend;
-use crate::catalog::{Batch, Catalog, Journal, NewCheckpoint, Session, host_name, now_ns};
+use crate::catalog::{Batch, Catalog, Journal, Marks, NewCheckpoint, Session, host_name, now_ns};
 use crate::checkpoint::{Checkpoint, checkpoint_id};
 use crate::chunker::{Block, BlockChunker, Buf, ChunkBytes, Cutter, read_at_most};
 use crate::content::ChunkCursor;
@@ -115,9 +115,9 @@ pub struct CommitSummary {
     pub vanished: u64,
     /// Bytes read from files.
     pub bytes_read: u64,
-    /// Every file was read, unchanged ones too, because a read marked chunks damaged since the parent
-    /// checkpoint: so that this commit stores them afresh wherever it meets their bytes.
-    pub reread_for_damage: bool,
+    /// Files unchanged by stat read all the same, because their parent content holds chunks a read marked
+    /// damaged: this commit stores those chunks afresh (counted in `files_unchanged` too).
+    pub files_reread_for_damage: u64,
     /// Sum of file sizes in the checkpoint.
     pub logical_bytes: u64,
     /// Chunks this commit added to the store.
@@ -303,23 +303,12 @@ fn run(
         Some(_) => catalog.latest_of_path_or_part(&host, &path_key)?,
     };
     let parent_root = match &parent {
-        Some(p) => Some(catalog.tree(&catalog.checkpoint_root(&p.id)?)?),
+        Some(p) => listing(catalog.tree(&catalog.checkpoint_root(&p.id)?))?,
         None => None,
     };
-    // Chunks a read found damaged since the parent are stored afresh by this commit where it meets their bytes,
-    // which heals every checkpoint using them; files that look unchanged must be read for that too (a stream
-    // is read whole anyway).
-    let damage_since = match &parent {
-        Some(p) if !opts.reread && matches!(source, Source::Path(_)) => catalog.damage_marked_since(p.time_ns)?,
-        _ => false,
-    };
-    let reread_opts;
-    let opts = if damage_since {
-        reread_opts = CommitOptions { reread: true, ..opts.clone() };
-        &reread_opts
-    } else {
-        opts
-    };
+    // Chunks a read found damaged are stored afresh by this commit where it meets their bytes, which heals
+    // every checkpoint using them: a file unchanged by stat whose parent content holds one is read too.
+    let marked = if parent.is_some() && !opts.reread { catalog.damaged_marks(MARKS_HELD)? } else { None };
     // Attributes are carried over from the parent only where it recorded them: across the upgrade that began
     // recording them, its entries' "none" means "not looked at".
     let carry_xattrs = !opts.reread && parent.as_ref().map_or(Ok(false), |p| catalog.recorded_xattrs(&p.id))?;
@@ -340,11 +329,7 @@ fn run(
     let block_len = (1 << 20).max(2 * ctx.params.chunk_max as usize);
     let (pool_tx, pool_rx) = bounded::<AlignedBuf>(8);
 
-    let mut summary = CommitSummary {
-        parent: parent.as_ref().map(|p| p.id.clone()),
-        reread_for_damage: damage_since,
-        ..Default::default()
-    };
+    let mut summary = CommitSummary { parent: parent.as_ref().map(|p| p.id.clone()), ..Default::default() };
     let inflight = InFlight::new(in_flight_budget(threads, ctx.params.chunk_max));
     let outcome = std::thread::scope(|s| {
         let mut workers = Vec::new();
@@ -383,6 +368,7 @@ fn run(
             read_links: HashMap::new(),
             carry_xattrs,
             multigrain: HashMap::new(),
+            marked,
         };
         let walked = match source {
             Source::Path(p) => walker.walk(p, &root_name),
@@ -734,6 +720,22 @@ struct Walker<'a, 'b> {
     carry_xattrs: bool,
     /// Whether each filesystem met, by device, has multigrain timestamps (see [`Walker::stat_entry`]).
     multigrain: HashMap<u64, bool>,
+    /// The chunks marked damaged, when there are any: a file unchanged by stat that holds one is read.
+    marked: Option<Marks>,
+}
+
+/// Chunks marked damaged this many at most are held in memory by a commit (32 bytes each): beyond them, a
+/// repository has lost so much that the commit reads every file whose parent content it cannot rule out.
+const MARKS_HELD: usize = 65_536;
+
+/// A directory's listing in the parent checkpoint, or none where that tree is damaged: the commit then reads
+/// what is below as new, and its checkpoint is whole whatever became of the parent's.
+fn listing(tree: Result<Vec<Entry>>) -> Result<Option<Vec<Entry>>> {
+    match tree {
+        Ok(entries) => Ok(Some(entries)),
+        Err(e) if e.is_corruption() => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// What a file was when a commit read it: size, mtime, ctime and inode.
@@ -861,9 +863,8 @@ impl Walker<'_, '_> {
                 };
                 let prev_children = match prev {
                     Some(p) if p.kind == EntryKind::Dir => match p.object()? {
-                        Some(tree) => {
-                            Some(self.catalog.tree(&tree)?.into_iter().map(|e| (e.name.clone(), e)).collect())
-                        }
+                        Some(tree) => listing(self.catalog.tree(&tree))?
+                            .map(|entries| entries.into_iter().map(|e| (e.name.clone(), e)).collect()),
                         None => None,
                     },
                     _ => None,
@@ -887,8 +888,13 @@ impl Walker<'_, '_> {
                 self.send(Event::Leaf(e))?;
             } else if ft.is_file() {
                 let e = self.stat_entry(name, EntryKind::File, &md, asked, entry.path());
+                let heal = match &prev {
+                    Some(p) if !self.opts.reread && unchanged(p, &e) => self.holds_marked(p),
+                    _ => false,
+                };
+                self.summary.files_reread_for_damage += heal as u64;
                 match prev {
-                    Some(p) if !self.opts.reread && unchanged(&p, &e) => {
+                    Some(p) if !self.opts.reread && !heal && unchanged(&p, &e) => {
                         // Its ctime is as before, so are its attributes (see the directory's above).
                         let mut e = e;
                         e.target = p.target;
@@ -952,6 +958,27 @@ impl Walker<'_, '_> {
 
     /// The extended attributes at `on` (the entry at `path`), or `None` once the entry is left out as
     /// unreadable (see [`Walker::skip`]).
+    /// Whether the parent's content of an unchanged file holds a chunk marked damaged. A content that cannot
+    /// be listed counts as holding one: reading the file again records it afresh.
+    fn holds_marked(&self, p: &Entry) -> bool {
+        let set = match &self.marked {
+            None => return false,
+            Some(Marks::Many) => return true,
+            Some(Marks::Set(set)) => set,
+        };
+        let holds = || -> Result<bool> {
+            let Some(content) = p.object()? else { return Ok(false) };
+            let mut cursor = crate::content::ChunkCursor::of_size(self.catalog, &content, Some(p.size))?;
+            while let Some((_, r)) = cursor.next_chunk()? {
+                if set.contains(&r.id) {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        };
+        holds().unwrap_or(true)
+    }
+
     fn xattrs_or_skip(&mut self, on: On<'_>, path: &Path, rel: &Path) -> Result<Option<Vec<Xattr>>> {
         match crate::xattrs::read(on) {
             Ok(x) => Ok(Some(x)),

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::backend::Backend;
-use crate::catalog::{Batch, Catalog, KIND_CHUNK, gc_epoch, host_name, now_ns, process_identity, rows_in_pack};
+use crate::catalog::{
+    Batch, Catalog, FoundDamage, KIND_CHUNK, gc_epoch, host_name, now_ns, process_identity, rows_in_pack,
+};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::pack::PackEntry;
@@ -278,6 +280,11 @@ fn sweep(conn: &Connection) -> Result<(u64, u64, u64)> {
     meta += conn.execute(&format!("DELETE FROM contents WHERE id IN ({})", sel(2)), [safe])? as u64;
     meta += conn.execute(&format!("DELETE FROM trees WHERE id IN ({})", sel(3)), [safe])? as u64;
     conn.execute("DELETE FROM condemned WHERE epoch < ?1", [safe])?;
+    // A mark outlives its chunk's row only until here: its bytes are no longer anything's.
+    conn.execute(
+        "DELETE FROM damaged_chunks WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = damaged_chunks.id)",
+        [],
+    )?;
     let deferred: i64 = conn.query_row("SELECT count(*) FROM condemned WHERE kind = 0", [], |r| r.get(0))?;
     Ok((chunks, meta, deferred as u64))
 }
@@ -367,6 +374,12 @@ fn run(
         names
     };
 
+    // A dry run in a bucket tells what the real run would: while a commit runs on any machine, it marks and
+    // defers the rest.
+    let deferred_by = match remote {
+        Some(r) if opts.dry_run => r.sessions_removing(opts.stale_after, false)?.1.len() as u64,
+        _ => 0,
+    };
     let conn = cat.connection_mut();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     touch_lease(&tx)?;
@@ -375,10 +388,15 @@ fn run(
     // runs, which may be committing a late part of the group right now: it would then start a group of that
     // name afresh, which could never be complete, and report its part in. In a bucket, not here but at the
     // sweep, once no commit runs anywhere (another machine's included).
-    if s.sessions_alive == 0 && (remote.is_none() || opts.dry_run) {
+    if s.sessions_alive == 0 && (remote.is_none() || opts.dry_run) && deferred_by == 0 {
         s.groups_dropped = drop_stale_groups(&tx, None, opts)?;
     }
     s.chunks_condemned = mark(&tx)?;
+    if opts.dry_run && deferred_by > 0 {
+        s.sweep_deferred_by = deferred_by;
+        tx.rollback()?;
+        return Ok(s);
+    }
     if opts.dry_run {
         // Sweep and plan inside the same transaction, then roll it all back.
         (s.chunks_swept, s.metadata_swept, s.chunks_deferred) = sweep(&tx)?;
@@ -588,11 +606,11 @@ fn copy_live(
     let index = match crate::pack::read_index(backend, &p.name) {
         Ok(index) => index,
         Err(e @ Error::Corrupt { .. }) => {
-            mark_pack_damaged(conn, p.id)?;
+            mark_pack_damaged(conn, &p.name)?;
             return Ok(Copied { damage: Some(crate::pack::problem_of(&e, &p.name)), ..out });
         }
         Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            mark_pack_damaged(conn, p.id)?;
+            mark_pack_damaged(conn, &p.name)?;
             return Ok(Copied { damage: Some("missing".into()), ..out });
         }
         Err(e) => return Err(e),
@@ -604,7 +622,7 @@ fn copy_live(
         rows_in_pack(index, p.id, &mut row_of)?
     };
     if chunks.len() as u64 != p.rows {
-        mark_pack_damaged(conn, p.id)?;
+        mark_pack_damaged(conn, &p.name)?;
         let why = "its index lacks chunks the catalog places in it".to_string();
         return Ok(Copied { damage: Some(why), ..out });
     }
@@ -650,18 +668,15 @@ fn copy_live(
         i = j;
     }
     if !bad.is_empty() {
-        crate::catalog::mark_damaged(conn, &bad)?;
         out.damage = Some(format!("live blobs failing their hash or cut short: {} of {}", bad.len(), p.rows));
+        crate::catalog::mark_damaged(conn, &FoundDamage { pack: p.name.clone(), chunks: bad, from_offset: None })?;
     }
     Ok(out)
 }
 
 /// Marks every chunk the catalog places in a pack found missing or with a damaged index.
-fn mark_pack_damaged(conn: &Connection, pack: i64) -> Result<()> {
-    conn.execute(
-        "INSERT OR IGNORE INTO damaged_chunks (id, found_ns) SELECT id, ?2 FROM chunks WHERE pack = ?1",
-        params![pack, now_ns()],
-    )?;
+fn mark_pack_damaged(conn: &Connection, pack: &str) -> Result<()> {
+    crate::catalog::mark_damaged(conn, &FoundDamage { pack: pack.into(), chunks: Vec::new(), from_offset: Some(0) })?;
     Ok(())
 }
 

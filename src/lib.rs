@@ -130,6 +130,30 @@ fn remote_url(path: &Path) -> Option<&str> {
     path.to_str().filter(|s| s.starts_with("s3://"))
 }
 
+/// `repair index` asked of a repository in a bucket, whose catalog is the bucket's records.
+fn not_repairable() -> Error {
+    Error::InvalidInput(
+        "repair index is for local repositories: the bucket holds the catalog of an s3:// repository; rebuild this \
+         machine's copy with `snapstore sync --rebuild`"
+            .into(),
+    )
+}
+
+/// Refuses a path that looks like a mistyped bucket URL (`s3:/b/p`, `S3://b/p`): taken as a local directory, it
+/// would quietly make a repository there that no other machine ever sees. `./s3:...` names such a directory.
+fn refuse_url_typo(path: &Path) -> Result<()> {
+    let s = path.as_os_str().as_encoded_bytes();
+    if s.len() >= 3 && s[..3].eq_ignore_ascii_case(b"s3:") && !s.starts_with(b"s3://") {
+        return Err(Error::InvalidInput(format!(
+            "{} looks like a mistyped bucket URL: write s3://BUCKET/PREFIX (lower case, two slashes), or ./{} for a \
+             local directory of that name",
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// What [`Repository::checkpoints_named`] returns, from an open catalog.
 fn named(catalog: &Catalog, ids: &[&str]) -> Result<Vec<Checkpoint>> {
     let mut seen = std::collections::HashSet::new();
@@ -263,6 +287,7 @@ impl Repository {
     /// Creates a repository with the given parameters, which it keeps for its whole life.
     pub fn init_with(path: impl AsRef<Path>, params: RepoParams) -> Result<Self> {
         params.validate()?;
+        refuse_url_typo(path.as_ref())?;
         if let Some(url) = remote_url(path.as_ref()) {
             return Ok(Self::open_remote(url, Some(&params))?.0);
         }
@@ -293,6 +318,7 @@ impl Repository {
     /// assert!(matches!(snapstore::Repository::open(dir.path()), Err(snapstore::Error::NoRepository(_))));
     /// ```
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        refuse_url_typo(path.as_ref())?;
         if let Some(url) = remote_url(path.as_ref()) {
             return Ok(Self::open_remote(url, None)?.0);
         }
@@ -413,8 +439,19 @@ impl Repository {
             ))
         })?;
         let bucket = connect_bucket(url)?;
-        remote::discard_copy(&remote::cache_dir(bucket.url())?)?;
-        Self::open_remote(url, None)
+        let copy = remote::cache_dir(bucket.url())?;
+        remote::set_aside_copy(&copy)?;
+        match Self::open_remote(url, None) {
+            Ok(opened) => {
+                remote::restore_copy(&copy, false)?;
+                Ok(opened)
+            }
+            // The copy that was there, which may still work, stays.
+            Err(e) => {
+                remote::restore_copy(&copy, true)?;
+                Err(e)
+            }
+        }
     }
 
     /// The repository's directory, or its bucket URL.
@@ -1151,10 +1188,7 @@ impl Repository {
     /// whole again. Use when `verify` finds index damage.
     pub fn repair_index(&self) -> Result<RepairReport> {
         if self.remote.is_some() {
-            return Err(Error::InvalidInput(
-                "the bucket holds the catalog of an s3:// repository: rebuild the local copy with `snapstore sync --rebuild`"
-                    .into(),
-            ));
+            return Err(not_repairable());
         }
         self.refuse_another_users()?;
         repair::repair_index(&self.root, self.backend.clone(), None)
@@ -1178,6 +1212,10 @@ impl Repository {
 
     /// `repair index` of the repository directory `root`, which may have lost its catalog.
     fn repair_local(root: &Path, read_data: Option<&VerifyOptions>) -> Result<RepairReport> {
+        if remote_url(root).is_some() {
+            return Err(not_repairable());
+        }
+        refuse_url_typo(root)?;
         if let Ok(md) = std::fs::metadata(root) {
             check_owner(root, &md)?;
         }

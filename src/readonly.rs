@@ -32,9 +32,19 @@ pub(crate) fn another_users(path: &Path) -> Option<u32> {
     (owner != rustix::process::geteuid().as_raw()).then_some(owner)
 }
 
-/// Whether the catalog `path` is opened for reading only: on a read-only mount, or another user's.
+/// Whether this process may not write the catalog `path`, or create the files SQLite keeps beside it: an
+/// owner's own repository made read-only (`chmod -R a-w`, an archived copy), which is then read as one on a
+/// read-only mount is. A file or directory that is not there is no refusal.
+pub(crate) fn not_writable(path: &Path) -> bool {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let refused = |p: &Path| rustix::fs::access(p, rustix::fs::Access::WRITE_OK) == Err(rustix::io::Errno::ACCESS);
+    refused(path) || refused(dir)
+}
+
+/// Whether the catalog `path` is opened for reading only: on a read-only mount, another user's, or one this
+/// process may not write.
 pub(crate) fn reads_only(path: &Path) -> bool {
-    on_read_only_fs(path) || another_users(path).is_some()
+    on_read_only_fs(path) || another_users(path).is_some() || not_writable(path)
 }
 
 /// For a local repository opened for reading only (on a read-only mount, or another user's): what its

@@ -223,6 +223,15 @@ impl Remote {
         let mut s = SyncSummary { records: listed.len() as u64, ..Default::default() };
         for (seq, name) in new {
             let data = self.bucket.get(&name).map_err(|e| self.err(&name, e))?;
+            // The name carries a hash of the bytes (see `publish`): a byte changed where zstd does not notice
+            // would otherwise be applied as it reads.
+            let hash = name.rsplit_once('-').map_or("", |(_, h)| h);
+            if !ObjectId::of(&data).to_hex().starts_with(&hash.to_ascii_lowercase()) || hash.len() < 32 {
+                return Err(Error::corrupt(format!(
+                    "{}/{name}: record does not match the hash in its name",
+                    self.bucket.url()
+                )));
+            }
             let batch = crate::record::decode(&data).map_err(|e| match e {
                 Error::Corrupt { what } => Error::corrupt(format!("{}/{name}: {what}", self.bucket.url())),
                 other => other,
@@ -283,12 +292,19 @@ impl Remote {
 
     /// The sessions alive in the bucket; dead ones are deleted. Returns (expired, alive holders).
     pub fn sessions(&self, stale_after: Duration) -> Result<(u64, Vec<Holder>)> {
+        self.sessions_removing(stale_after, true)
+    }
+
+    /// [`Remote::sessions`], deleting the dead ones' objects only if `remove` (not for a dry run).
+    pub fn sessions_removing(&self, stale_after: Duration, remove: bool) -> Result<(u64, Vec<Holder>)> {
         let mut alive = Vec::new();
         let mut expired = 0;
         for o in self.bucket.list(SESSIONS).map_err(|e| self.err(SESSIONS, e))? {
             let Some(Held { holder: h, modified_ns, .. }) = self.holder(&o.name)? else { continue };
             if self.dead(&h, modified_ns, stale_after)? {
-                self.bucket.delete(&o.name).map_err(|e| self.err(&o.name, e))?;
+                if remove {
+                    self.bucket.delete(&o.name).map_err(|e| self.err(&o.name, e))?;
+                }
                 expired += 1;
             } else {
                 alive.push(h);
@@ -558,9 +574,45 @@ pub(crate) fn set_local_repo_id(conn: &rusqlite::Connection, id: &str) -> Result
 
 /// Deletes a local copy of a catalog (it is rebuilt from the bucket).
 pub(crate) fn discard_copy(root: &std::path::Path) -> Result<()> {
-    for f in [crate::CATALOG_FILE, "catalog.db-wal", "catalog.db-shm"] {
+    for f in COPY_FILES {
         match std::fs::remove_file(root.join(f)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(root.join(f), e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The files of this machine's copy of the catalog.
+const COPY_FILES: [&str; 3] = [crate::CATALOG_FILE, "catalog.db-wal", "catalog.db-shm"];
+
+/// Moves this machine's copy of the catalog aside (`*.previous`), for [`restore_copy`] to bring back should
+/// building a new one fail: a rebuild that cannot finish (a damaged record) must not leave a machine that
+/// worked without any copy. A copy set aside by an earlier rebuild that did not end is replaced.
+pub(crate) fn set_aside_copy(root: &std::path::Path) -> Result<()> {
+    for f in COPY_FILES {
+        let (from, to) = (root.join(f), root.join(format!("{f}.previous")));
+        match std::fs::rename(&from, &to) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let _ = std::fs::remove_file(&to);
+            }
+            Err(e) => return Err(Error::io(from, e)),
+            Ok(()) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Puts back the copy [`set_aside_copy`] moved aside (`keep`), over whatever was built since, or drops it.
+pub(crate) fn restore_copy(root: &std::path::Path, keep: bool) -> Result<()> {
+    if keep {
+        discard_copy(root)?;
+    }
+    for f in COPY_FILES {
+        let (aside, back) = (root.join(format!("{f}.previous")), root.join(f));
+        let done = if keep { std::fs::rename(&aside, &back) } else { std::fs::remove_file(&aside) };
+        match done {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(aside, e)),
             _ => {}
         }
     }

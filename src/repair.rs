@@ -341,6 +341,8 @@ fn rebuild(
     let valid = "EXISTS (SELECT 1 FROM temp.r_scan s JOIN packs p ON p.name = s.pack
                          WHERE s.id = chunks.id AND p.id = chunks.pack AND s.offset = chunks.offset
                            AND s.stored_len = chunks.stored_len AND s.raw_len = chunks.raw_len AND s.flags = chunks.flags)";
+    // A mark was about the location a row leaves (see docs/format.md, *Verify and repair*).
+    tx.execute(&format!("DELETE FROM damaged_chunks WHERE id IN (SELECT id FROM chunks WHERE NOT {valid})"), [])?;
     report.chunks_repointed = tx.execute(
         &format!(
             "UPDATE chunks SET (pack, offset, stored_len, raw_len, flags) =
@@ -364,6 +366,10 @@ fn rebuild(
         tx.execute("DELETE FROM packs WHERE name NOT IN (SELECT name FROM temp.r_packs)", [])? as u64;
     tx.execute(
         "DELETE FROM condemned WHERE kind = 0 AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = condemned.id)",
+        [],
+    )?;
+    tx.execute(
+        "DELETE FROM damaged_chunks WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = damaged_chunks.id)",
         [],
     )?;
     report.chunks_indexed = tx.query_row("SELECT count(*) FROM chunks", [], |r| r.get::<_, i64>(0))? as u64;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::aligned::AlignedBuf;
 use crate::backend::Backend;
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, FoundDamage};
 use crate::error::{Error, Result};
 use crate::grouping;
 use crate::id::ObjectId;
@@ -105,6 +105,11 @@ pub(crate) struct ChunkReader {
     decoder: BlobDecoder,
     runs: RunReader,
     max_read: u64,
+    /// Damage met is marked (see [`Catalog::note_damaged`]) until marking fails once: a reader meeting much
+    /// damage while another process holds the catalog's write lock waits for it once, not once per file.
+    marking: bool,
+    /// Packs missing or cut short whose chunks this reader has marked already (each costs a scan).
+    packs_marked: HashSet<String>,
 }
 
 /// Reads are merged when chunks sit back to back in one pack, up to this many bytes per read.
@@ -137,7 +142,14 @@ impl ChunkReader {
     /// A reader whose merged reads stop at `max_read` bytes (a single blob larger than that is still read
     /// whole): its buffer, held for as long as the reader, is what many readers at once multiply.
     pub fn with_max_read(backend: Arc<dyn Backend>, max_read: u64) -> Result<Self> {
-        Ok(ChunkReader { backend, decoder: BlobDecoder::new()?, runs: RunReader::default(), max_read })
+        Ok(ChunkReader {
+            backend,
+            decoder: BlobDecoder::new()?,
+            runs: RunReader::default(),
+            max_read,
+            marking: true,
+            packs_marked: HashSet::new(),
+        })
     }
 
     /// Reads `refs` in order, handing each verified chunk to `sink` with its index in `refs`.
@@ -201,28 +213,44 @@ impl ChunkReader {
             let in_pack = locs[i..].iter().take_while(|l| l.pack == locs[i].pack);
             let j = i + run_len(in_pack.map(|l| (l.offset, l.stored_len)), self.max_read, 0);
             let decoder = &mut self.decoder;
-            let mut failed_hash = None;
+            // After a chunk fails its hash, the rest of the run, already read, is only checked: damage often
+            // comes in runs, and every chunk found damaged is marked below, not only the first.
+            let mut failed = None;
+            let mut found = FoundDamage { pack: locs[i].pack.clone(), ..Default::default() };
             let read = self.runs.read(self.backend.as_ref(), &locs[i].pack, &spans[i..j], |n, blob| {
                 let k = i + n;
-                let data = decoder.decode(&refs[k].id, locs[k].flags, locs[k].raw_len, blob).map_err(|why| {
-                    failed_hash = Some(refs[k].id);
-                    let at = format!("chunk {} in {} at offset {}", refs[k].id, locs[k].pack, locs[k].offset);
-                    (k, Error::corrupt(format!("{at}: {why}")))
-                })?;
-                sink(k, data).map_err(|e| (k, e))
+                match decoder.decode(&refs[k].id, locs[k].flags, locs[k].raw_len, blob) {
+                    Err(why) => {
+                        found.chunks.push(refs[k].id);
+                        if failed.is_none() {
+                            let at = format!("chunk {} in {} at offset {}", refs[k].id, locs[k].pack, locs[k].offset);
+                            failed = Some((k, Error::corrupt(format!("{at}: {why}"))));
+                        }
+                        Ok(())
+                    }
+                    Ok(_) if failed.is_some() => Ok(()),
+                    Ok(data) => sink(k, data).map_err(|e| (k, e)),
+                }
             });
-            // Damage found on the way is marked, so that the next commit meeting these bytes stores them afresh.
+            // Marked so that the next commit meeting these bytes stores them afresh.
             match &read {
-                Err(RunError::Handler(_)) => catalog.note_damaged(failed_hash.as_slice()),
+                // Nothing of the pack is there from this chunk on.
                 Err(RunError::Read(n, e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    catalog.note_damaged(&[refs[i + n].id]);
+                    found.from_offset = Some(locs[i + n].offset);
                 }
                 Err(RunError::Read(_, e)) if e.kind() == std::io::ErrorKind::NotFound && retried => {
-                    let gone: Vec<ObjectId> =
-                        (i..refs.len()).filter(|&k| locs[k].pack == locs[i].pack).map(|k| refs[k].id).collect();
-                    catalog.note_damaged(&gone);
+                    found.from_offset = Some(0);
                 }
                 _ => {}
+            }
+            if found.from_offset.is_some() && !self.packs_marked.insert(found.pack.clone()) {
+                found.from_offset = None;
+            }
+            if self.marking && !(found.chunks.is_empty() && found.from_offset.is_none()) {
+                self.marking = catalog.note_damaged(&found);
+            }
+            if let Some(first) = failed {
+                return Err(first);
             }
             match read {
                 Ok(()) => {}

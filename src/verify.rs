@@ -301,9 +301,13 @@ pub(crate) fn verify_with(
         opts.progress.start("verify", Some(total));
         read_data(conn, catalog_path, &backend, &targets, opts, &mut report)?;
     }
-    in_snapshot(conn, || collect_damage(conn, &mut report))?;
+    // After the data is read, so that what the read finds is what a chunk read again is reported with.
+    in_snapshot(conn, || {
+        known_damage(conn)?;
+        collect_damage(conn, &mut report)
+    })?;
     if report.damaged_chunks_total > 0 && cat.read_only().is_none() {
-        // Not finding the catalog free within the mark's timeout leaves the damage unmarked, not unreported.
+        // Not finding the catalog free within the busy timeout leaves the damage unmarked, not unreported.
         report.damaged_chunks_marked = mark_found_damage(conn).unwrap_or(0);
     }
     report.seconds = started.elapsed().as_secs_f64();
@@ -326,15 +330,18 @@ pub(crate) fn reach_damage(conn: &Connection) -> Result<VerifyReport> {
 }
 
 /// Marks the damaged chunks found (`temp.v_bad_chunk`) that the index holds, and returns how many of those
-/// found are marked. The only write verify makes, after its read snapshot, waiting for the catalog no longer
-/// than a mark does.
+/// found are marked. The only write verify makes, after its read snapshot.
 fn mark_found_damage(conn: &Connection) -> Result<u64> {
-    conn.busy_timeout(crate::catalog::MARK_TIMEOUT)?;
+    if crate::catalog::meta_value(conn, "remote_repo_id")?.is_some() {
+        return Ok(0); // see `catalog::mark_damaged`
+    }
     let marked = (|| -> Result<u64> {
         conn.execute_batch("BEGIN IMMEDIATE")?;
+        // Only rows still where they were read: a commit may have stored a fresh copy meanwhile.
         conn.execute(
             "INSERT OR IGNORE INTO damaged_chunks (id, found_ns)
-             SELECT b.id, ?1 FROM temp.v_bad_chunk b WHERE EXISTS (SELECT 1 FROM chunks c WHERE c.id = b.id)",
+             SELECT b.id, ?1 FROM temp.v_bad_chunk b
+             WHERE EXISTS (SELECT 1 FROM chunks c JOIN packs p ON p.id = c.pack WHERE c.id = b.id AND p.name = b.pack)",
             [now_ns()],
         )?;
         let n: i64 = conn.query_row(
@@ -348,7 +355,6 @@ fn mark_found_damage(conn: &Connection) -> Result<u64> {
     if marked.is_err() {
         let _ = conn.execute_batch("ROLLBACK");
     }
-    conn.busy_timeout(crate::catalog::BUSY_TIMEOUT)?;
     marked
 }
 
@@ -629,6 +635,22 @@ impl<'c> Walker<'c> {
         }
         Ok(())
     }
+}
+
+/// Chunks an earlier read marked damaged (`damaged_chunks`), which no later commit has stored afresh: damage
+/// known without reading them again. A catalog read as it is at an older schema has no marks.
+fn known_damage(conn: &Connection) -> Result<()> {
+    let marks =
+        conn.prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'damaged_chunks'")?.exists([])?;
+    if marks {
+        conn.execute(
+            "INSERT OR IGNORE INTO temp.v_bad_chunk (id, pack, problem)
+             SELECT d.id, (SELECT name FROM packs WHERE id = c.pack), 'marked damaged by an earlier read'
+             FROM damaged_chunks d JOIN chunks c ON c.id = d.id",
+            [],
+        )?;
+    }
+    Ok(())
 }
 
 /// Chunks that checkpoints reference but the chunk index lacks, or holds with another length.

@@ -2439,3 +2439,71 @@ fn series_of_the_same_name_are_told_apart_in_log_and_plans() {
     let plan = sx(&repo, &["forget", "--keep-last", "1", "--dry-run"]);
     assert!(plan.contains(" a/run ") && plan.contains(" b/run "), "{plan}");
 }
+
+/// An owner's own repository made read-only (`chmod -R a-w`, an archived copy) is read as one on a read-only
+/// mount is: log, cat and verify work and write nothing; a change fails with what to do.
+#[test]
+fn an_owners_read_only_repository_can_still_be_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let id = commit_id(&ok(commit_stdin(&repo, &["--name", "state"], b"restart data"), "commit"));
+    let Some(as_other) = crate::util::hand_to_other_user(tmp.path()) else { return };
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let run_as = |args: &[&str]| {
+        let mut c = as_other(crate::util::bin().to_str().unwrap());
+        c.args(["--repo", p(&repo)]).args(args).output().unwrap()
+    };
+    if !run_as(&["--version"]).status.success() {
+        eprintln!("SKIPPED: the binary is not reachable by another user here; untested");
+        return;
+    }
+    assert!(Command::new("chmod").args(["-R", "a-w", p(&repo)]).status().unwrap().success());
+    let files = || {
+        let mut all: Vec<(PathBuf, Vec<u8>)> = walkdir::WalkDir::new(&repo)
+            .into_iter()
+            .map(Result::unwrap)
+            .filter(|e| e.file_type().is_file())
+            .map(|e| (e.path().to_path_buf(), fs::read(e.path()).unwrap()))
+            .collect();
+        all.sort();
+        all
+    };
+    let before = files();
+    let o = run_as(&["-q", "log"]);
+    assert_eq!(text(&o.stdout).trim(), id, "{}", text(&o.stderr));
+    let o = run_as(&["cat", &id[..8], "state"]);
+    assert_eq!(text(&o.stdout), "restart data", "{}", text(&o.stderr));
+    let o = run_as(&["verify", "--read-data"]);
+    assert!(o.status.success() && text(&o.stdout).contains("no damage found"), "{}", text(&o.stderr));
+    let o = run_as(&["tag", &id[..8], "--add", "x"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("can be read"), "{}", text(&o.stderr));
+    assert_eq!(files(), before, "reading it wrote nothing");
+    assert!(Command::new("chmod").args(["-R", "u+w", p(&repo)]).status().unwrap().success());
+}
+
+/// A mistyped bucket URL is refused, not taken for a local directory where a repository would quietly be made
+/// that no other machine sees.
+#[test]
+fn a_mistyped_bucket_url_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    for url in ["s3:/bucket/prefix", "S3://bucket/prefix", "s3:bucket"] {
+        let o = Command::new(crate::util::bin())
+            .current_dir(tmp.path())
+            .args(["--repo", url, "init"])
+            .env_remove("SNAPSTORE_REPO")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{url}: {}", text(&o.stderr));
+        assert!(text(&o.stderr).contains("mistyped bucket URL"), "{url}: {}", text(&o.stderr));
+    }
+    assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0, "nothing was created");
+    // `./s3:...` is a local directory of that name.
+    let o = Command::new(crate::util::bin())
+        .current_dir(tmp.path())
+        .args(["--repo", "./s3:local", "init"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}

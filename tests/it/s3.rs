@@ -571,6 +571,33 @@ fn a_damaged_local_copy_of_the_catalog_points_to_sync_rebuild() {
     assert_all_restore(&a, &checkpoints);
 }
 
+/// A damaged record stops a fresh machine's sync, and a `sync --rebuild` on a machine whose copy still works
+/// fails the same way but keeps that copy: the machine goes on reading every checkpoint. `repair index` on a
+/// bucket points to `sync --rebuild`.
+#[test]
+fn a_rebuild_that_cannot_finish_keeps_the_copy_that_worked() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, _, checkpoints) = two_checkpoints(&endpoint, &url, 100_000, 41);
+    let b = bucket(&endpoint, &url);
+    let records: Vec<String> =
+        b.list("records/").unwrap().into_iter().map(|o| o.name).filter(|n| n.starts_with("records/0")).collect();
+    assert!(records.len() >= 2, "{records:?}");
+    let mut object = b.get(&records[1]).unwrap();
+    let at = object.len() / 2;
+    object[at] ^= 0x40;
+    b.put(&records[1], object).unwrap();
+
+    let fresh = Machine::new(&endpoint, &url);
+    let o = fresh.run(&["log"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    let o = a.run(&["sync", "--rebuild"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert_all_restore(&a, &checkpoints);
+    let o = a.run(&["repair", "index"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("sync --rebuild"), "{}", text(&o.stderr));
+}
+
 /// A group's times are its parts' commit times, so a machine that syncs later, or rebuilds its catalog, counts
 /// `gc --incomplete-after` from the same instant as the machine that committed the first part.
 #[test]
@@ -875,4 +902,31 @@ fn a_tag_given_while_another_machine_forgets_waits_and_is_refused() {
     for m in [&a, &b] {
         assert_eq!(m.ids(), vec![newest.clone()]);
     }
+}
+
+/// `gc --dry-run` in a bucket tells what the real run would do while another machine commits: mark, and defer
+/// the rest (before, it counted the running commit's uploaded pack as an orphan it would delete).
+#[test]
+fn a_dry_run_defers_as_the_real_gc_does_while_another_machine_commits() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, _, _) = two_checkpoints(&endpoint, &url, 100_000, 51);
+    let b = Machine::new(&endpoint, &url);
+    let data = pseudo_random(2_000_000, 52);
+    let mut child = b.piped(&["-q", "commit", "-", "--name", "held"], &[]);
+    child.stdin.as_mut().unwrap().write_all(&data[..data.len() / 2]).unwrap();
+    await_sessions(&endpoint, &url, 1);
+    for args in [&["--json", "gc", "--dry-run"][..], &["--json", "gc"]] {
+        let s: serde_json::Value = serde_json::from_str(&a.ok(args)).unwrap();
+        assert_eq!(
+            (s["sweep_deferred_by"].as_u64(), s["orphans_deleted"].as_u64()),
+            (Some(1), Some(0)),
+            "{args:?}: {s}"
+        );
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&data[data.len() / 2..]).unwrap();
+    drop(stdin);
+    succeeded(&child.wait_with_output().unwrap(), "the held commit");
+    let s: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc", "--dry-run"])).unwrap();
+    assert_eq!(s["sweep_deferred_by"].as_u64(), Some(0), "{s}");
 }

@@ -359,8 +359,8 @@ snapstore diff 3fa2c1 latest\n  snapstore --json diff latest~3 latest\n\n", exit
     /// Check the repository: catalog against packs, and with --read-data every chunk's bytes
     #[command(after_help = concat!("Damaged chunks it finds are marked in the catalog (its only write; none in a \
 repository opened read-only), as they are when a checkout, cat or gc meets one: commits no longer reuse them, and \
-the next commit of the original data stores them afresh, reading every file again, which makes whole every \
-checkpoint that uses them.\n\n", exit_help!()))]
+the next commit of the original data stores them afresh (reading a file that holds one though its stat is \
+unchanged), which makes whole every checkpoint that uses them.\n\n", exit_help!()))]
     Verify(verify::VerifyArgs),
     /// Repair a damaged repository (see `snapstore repair index --help`)
     #[command(after_help = exit_help!())]
@@ -718,8 +718,9 @@ fn hint(e: &Error) -> Option<&'static str> {
         Error::Corrupt { .. } | Error::UnsafeName { .. } => {
             "the repository is damaged; nothing was written in place of good data (a checkout restores every file it can \
              and leaves the damaged ones out). `snapstore verify --read-data` says what the damage reaches; other \
-             checkpoints may still check out. A damaged chunk is marked: the next commit of the original data \
-             stores it afresh, which makes whole the checkpoints that use it"
+             checkpoints may still check out. A damaged chunk a read meets is marked where the repository can be \
+             written: the next commit of the original data stores it afresh, which makes whole the checkpoints \
+             that use it"
         }
         Error::Format(_) => "this repository needs a different snapstore version",
         Error::GcRunning { .. } => "wait for it to finish; if its process is gone, the next gc takes over by itself",

@@ -136,8 +136,12 @@ pub fn commit_summary(out: &mut Out, s: &CommitSummary) -> io::Result<()> {
         format!("read {} in {:.2} s ({}/s)", human_bytes(s.bytes_read), s.seconds, human_bytes(rate as u64))
     };
     out.line(&format!("  size {}; {read}", human_bytes(s.logical_bytes)))?;
-    if s.reread_for_damage {
-        out.line("  every file read again: chunks found damaged since the parent are stored afresh where met")?;
+    if s.files_reread_for_damage > 0 {
+        out.line(&format!(
+            "  {} unchanged but read again: {} chunks marked damaged, stored afresh",
+            plural(s.files_reread_for_damage, "file"),
+            if s.files_reread_for_damage == 1 { "it holds" } else { "they hold" }
+        ))?;
     }
     out.line(&format!(
         "  new after dedup {} ({} of {} chunks read); stored {} after compression",

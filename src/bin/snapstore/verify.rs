@@ -81,7 +81,7 @@ pub fn verify(repo_dir: &Path, args: &VerifyArgs, json: bool, quiet: bool, out: 
     if json {
         out.json(&report)?;
     } else {
-        verify_text(out, &report, read_data, quiet)?;
+        verify_text(out, &report, read_data, quiet, repo.location().starts_with("s3://"))?;
     }
     out.flush()?;
     if report.is_clean() { Ok(()) } else { Err(Failure::Exit(EXIT_CORRUPT)) }
@@ -95,7 +95,7 @@ fn more(out: &mut Out, total: u64, shown: usize, what: &str) -> io::Result<()> {
     if total > shown as u64 { out.line(&format!("... and {} more {what}", total - shown as u64)) } else { Ok(()) }
 }
 
-fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bool) -> io::Result<()> {
+fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bool, bucket: bool) -> io::Result<()> {
     let read = match read_data {
         DataSubset::None => "read no chunk data (--read-data reads it)".to_string(),
         _ => format!("read {} of data ({} packs, {} chunks)", human_bytes(r.bytes_read), r.packs_read, r.chunks_read),
@@ -143,10 +143,16 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
             r.affected_checkpoints.len(),
             plural(r.checkpoints, "checkpoint")
         ))?;
-        if r.damaged_chunks_marked > 0 {
+        if bucket && r.damaged_chunks_total > 0 {
+            out.line(
+                "hint: in a bucket, damaged chunks are not yet stored afresh by later commits, and `repair index` is \
+                 for local repositories: restore what you need from checkpoints that are whole, and keep the \
+                 original data of the affected ones; a commit of the same bytes reuses the damaged chunks",
+            )?;
+        } else if r.damaged_chunks_marked > 0 {
             out.line(&format!(
-                "hint: {} marked: the next commit of the original data stores them afresh (reading every file \
-                 again) and makes the checkpoints that use them whole; until then commits do not reuse them. \
+                "hint: {} marked: the next commit of the original data stores them afresh (reading the files that \
+                 hold them) and makes the checkpoints that use them whole; until then commits do not reuse them. \
                  `snapstore repair index --read-data` moves them to sound copies where another pack holds one",
                 plural(r.damaged_chunks_marked, "damaged chunk")
             ))?;
@@ -158,7 +164,7 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
             )?;
         }
         let chunks_missing = r.damaged_chunks.iter().any(|c| c.pack.is_none());
-        if chunks_missing || r.packs_not_in_catalog > 0 {
+        if (chunks_missing || r.packs_not_in_catalog > 0) && !bucket {
             let packs = crate::output::plural(r.packs_not_in_catalog, "pack file");
             let what = match (r.packs_not_in_catalog, chunks_missing) {
                 (0, _) => "chunks missing from the catalog's index".to_string(),
