@@ -226,14 +226,20 @@ impl Remote {
             // The name carries a hash of the bytes (see `publish`): a byte changed where zstd does not notice
             // would otherwise be applied as it reads.
             let hash = name.rsplit_once('-').map_or("", |(_, h)| h);
-            if !ObjectId::of(&data).to_hex().starts_with(&hash.to_ascii_lowercase()) || hash.len() < 32 {
-                return Err(Error::corrupt(format!(
-                    "{}/{name}: record does not match the hash in its name",
+            let damaged = |what: &str| {
+                Error::corrupt(format!(
+                    "{}/{name}: {what}. Records are applied in order, so no machine can sync past it. A machine \
+                     that applied it before still works: do not run `sync --rebuild` there. To let the others go \
+                     on, move that object out of records/ (what it recorded, one commit's or gc's change, is then \
+                     lost to machines that had not applied it)",
                     self.bucket.url()
-                )));
+                ))
+            };
+            if !ObjectId::of(&data).to_hex().starts_with(&hash.to_ascii_lowercase()) || hash.len() < 32 {
+                return Err(damaged("the record does not match the hash in its name"));
             }
             let batch = crate::record::decode(&data).map_err(|e| match e {
-                Error::Corrupt { what } => Error::corrupt(format!("{}/{name}: {what}", self.bucket.url())),
+                Error::Corrupt { what } => damaged(&what),
                 other => other,
             })?;
             if catalog.apply_record(&name, seq, &batch)? {

@@ -878,7 +878,16 @@ impl Bucket {
     /// An io::Error naming the object, keeping the error's kind where io has one.
     fn error(&self, name: &str, e: object_store::Error) -> io::Error {
         use object_store::Error as E;
+        let text = describe(&e);
         let (kind, hint) = match &e {
+            // Not a missing object, which callers take for "no repository here" or for damage.
+            _ if text.contains("NoSuchBucket") => (
+                io::ErrorKind::Other,
+                format!(
+                    " (the bucket of {} does not exist: create it first, with the storage provider's tools)",
+                    self.url
+                ),
+            ),
             E::NotFound { .. } => (io::ErrorKind::NotFound, String::new()),
             E::AlreadyExists { .. } | E::Precondition { .. } => (io::ErrorKind::AlreadyExists, String::new()),
             E::PermissionDenied { .. } | E::Unauthenticated { .. } => (
@@ -891,7 +900,7 @@ impl Bucket {
             ),
             _ => (io::ErrorKind::Other, String::new()),
         };
-        io::Error::new(kind, format!("{}: {}{hint}", self.object_url(name), describe(&e)))
+        io::Error::new(kind, format!("{}: {text}{hint}", self.object_url(name)))
     }
 }
 
@@ -1068,8 +1077,16 @@ pub struct S3Backend {
 }
 
 impl S3Backend {
-    /// A backend on `bucket`, spooling new objects in `spool_dir` (created if missing).
+    /// A backend on `bucket`, spooling new objects in `spool_dir` (created if missing). Spool files left by a
+    /// writer that was killed are removed (see [`left_spool`]).
     pub fn new(bucket: Arc<Bucket>, spool_dir: PathBuf) -> Self {
+        if let Ok(entries) = fs::read_dir(&spool_dir) {
+            for e in entries.flatten() {
+                if left_spool(&e) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
         S3Backend { bucket, spool_dir }
     }
 
@@ -1077,6 +1094,19 @@ impl S3Backend {
     pub fn bucket(&self) -> &Arc<Bucket> {
         &self.bucket
     }
+}
+
+/// Whether a spool directory entry is a file a killed writer left (up to a pack each): named by a process
+/// that no longer runs here, and untouched for an hour, which no upload in progress is (an hour also keeps it
+/// from a writer in another pid namespace sharing the directory, whose pid means another process here).
+fn left_spool(e: &fs::DirEntry) -> bool {
+    let name = e.file_name();
+    let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("s3-")).and_then(|n| n.split('-').next()) else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<u32>() else { return false };
+    let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|a| a.as_secs() > 3600));
+    old && pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 fn spool_name() -> String {
@@ -1440,6 +1470,37 @@ mod tests {
         }
         assert_eq!(b.requests(), 0);
         assert_eq!(bucket_host("https://minio.example:9000", "b"), "https://b.minio.example:9000");
+    }
+
+    /// A killed writer's spool file is removed by the next backend on the directory; a file that may still be
+    /// in use (its process runs, or it was written within the hour), or that is not a spool file, stays.
+    #[test]
+    fn spool_files_a_killed_writer_left_are_removed() {
+        let settings = Settings::new(Credentials::Keys {
+            access_key_id: "a".into(),
+            secret_access_key: "b".into(),
+            session_token: None,
+        });
+        let bucket = Arc::new(Bucket::connect_with("s3://bucket/p", &settings).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        let me = std::process::id();
+        let files = [
+            ("s3-4194303-1-0.spool".to_string(), true, false),
+            ("s3-4194303-2-0.spool".to_string(), false, true),
+            (format!("s3-{me}-3-0.spool"), true, true),
+            ("notes.txt".to_string(), true, true),
+        ];
+        for (name, old, _) in &files {
+            let f = fs::File::create(dir.path().join(name)).unwrap();
+            if *old {
+                f.set_modified(hour_ago).unwrap();
+            }
+        }
+        S3Backend::new(bucket, dir.path().to_path_buf());
+        for (name, _, stays) in &files {
+            assert_eq!(dir.path().join(name).exists(), *stays, "{name}");
+        }
     }
 
     /// Settings for the test server, with whatever keys the environment has (moto takes any).

@@ -590,6 +590,7 @@ fn a_rebuild_that_cannot_finish_keeps_the_copy_that_worked() {
     let fresh = Machine::new(&endpoint, &url);
     let o = fresh.run(&["log"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("move that object out of records/"), "{}", text(&o.stderr));
     let o = a.run(&["sync", "--rebuild"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
     assert_all_restore(&a, &checkpoints);
@@ -929,4 +930,16 @@ fn a_dry_run_defers_as_the_real_gc_does_while_another_machine_commits() {
     succeeded(&child.wait_with_output().unwrap(), "the held commit");
     let s: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc", "--dry-run"])).unwrap();
     assert_eq!(s["sweep_deferred_by"].as_u64(), Some(0), "{s}");
+}
+
+/// A bucket that does not exist is said to be that, not "no repository here, run init" (which cannot work).
+#[test]
+fn a_missing_bucket_is_named_as_missing() {
+    let Some((endpoint, _)) = server() else { return };
+    let m = Machine::new(&endpoint, &format!("s3://no-such-bucket-{}/r", std::process::id()));
+    for args in [&["log"][..], &["init"]] {
+        let o = m.run(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o.stderr));
+        assert!(text(&o.stderr).contains("does not exist: create it first"), "{args:?}: {}", text(&o.stderr));
+    }
 }

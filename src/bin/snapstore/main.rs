@@ -715,6 +715,10 @@ fn hint(e: &Error) -> Option<&'static str> {
             "the error above says why it could not be read; pass --skip-unreadable to record such files as skipped"
         }
         Error::FileChanged(_) => "stop the program writing to it, or pass --skip-unreadable to leave it out",
+        // A bucket's damaged record says itself what to do (`Remote::sync`).
+        Error::Corrupt { what } if what.contains("no machine can sync past it") => {
+            "the error says what to do; `snapstore verify` cannot look past that record either"
+        }
         Error::Corrupt { .. } | Error::UnsafeName { .. } => {
             "the repository is damaged; nothing was written in place of good data (a checkout restores every file it can \
              and leaves the damaged ones out). `snapstore verify --read-data` says what the damage reaches; other \
@@ -1192,11 +1196,11 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 out.json(&s)?;
             } else if !cli.quiet {
                 out.line(&format!(
-                    "synced {}: applied {} of {} records; {} checkpoints",
+                    "synced {}: applied {} of {}; {}",
                     repo.location(),
                     s.applied,
-                    s.records,
-                    s.checkpoints
+                    output::plural(s.records, "record"),
+                    output::plural(s.checkpoints, "checkpoint")
                 ))?;
             }
         }
