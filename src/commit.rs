@@ -956,8 +956,6 @@ impl Walker<'_, '_> {
         Ok(())
     }
 
-    /// The extended attributes at `on` (the entry at `path`), or `None` once the entry is left out as
-    /// unreadable (see [`Walker::skip`]).
     /// Whether the parent's content of an unchanged file holds a chunk marked damaged. A content that cannot
     /// be listed counts as holding one: reading the file again records it afresh.
     fn holds_marked(&self, p: &Entry) -> bool {
@@ -979,6 +977,8 @@ impl Walker<'_, '_> {
         holds().unwrap_or(true)
     }
 
+    /// The extended attributes at `on` (the entry at `path`), or `None` once the entry is left out as
+    /// unreadable (see [`Walker::skip`]).
     fn xattrs_or_skip(&mut self, on: On<'_>, path: &Path, rel: &Path) -> Result<Option<Vec<Xattr>>> {
         match crate::xattrs::read(on) {
             Ok(x) => Ok(Some(x)),

@@ -1078,7 +1078,7 @@ pub struct S3Backend {
 
 impl S3Backend {
     /// A backend on `bucket`, spooling new objects in `spool_dir` (created if missing). Spool files left by a
-    /// writer that was killed are removed (see [`left_spool`]).
+    /// writer that was killed are removed: those of a process gone, untouched for an hour.
     pub fn new(bucket: Arc<Bucket>, spool_dir: PathBuf) -> Self {
         if let Ok(entries) = fs::read_dir(&spool_dir) {
             for e in entries.flatten() {
