@@ -750,7 +750,14 @@ fn publish_dead_packs(
         batch.dead_packs.push(name.clone());
         // A pack already gone (a GC cut short after deleting it) has no chunks left to account for; one whose
         // index is damaged cannot say which it holds, and its rows in other replicas point at damage anyway.
-        let entries = crate::pack::read_index(backend, name).unwrap_or_default();
+        // Any other failure stops the GC before it deletes anything: a record without the locations of the
+        // chunks that live on elsewhere would make other machines drop their rows.
+        let entries = match crate::pack::read_index(backend, name) {
+            Ok(entries) => entries,
+            Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) if e.is_corruption() => Vec::new(),
+            Err(e) => return Err(e),
+        };
         for e in entries {
             let found = elsewhere
                 .query_row(params![&e.id.0[..], id], |row| {
