@@ -186,8 +186,27 @@ pub enum Error {
     /// anything more.
     #[error("another process took over {0}, taking this one for stalled; it stopped before changing anything more")]
     LockLost(String),
-    /// Another forget (or retention run) held a bucket's forget lock for longer than this one would wait.
-    #[error("another forget is running on this repository (pid {pid} on {host}, started {started})")]
+    /// A GC deleting from a bucket (holding its sweep lock) for longer than a commit or reader would wait for
+    /// it (`SNAPSTORE_SWEEP_WAIT`).
+    #[error(
+        "a gc is deleting from this repository's bucket (pid {pid} on {host}, started {started}); this command \
+         waited {waited_secs} s for it to end"
+    )]
+    SweepRunning {
+        /// Its process id.
+        pid: u32,
+        /// Its host.
+        host: String,
+        /// When it started, UTC.
+        started: String,
+        /// How long this command waited.
+        waited_secs: u64,
+    },
+    /// Another forget, retention run or tag change held a bucket's forget lock for longer than this one would
+    /// wait.
+    #[error(
+        "another forget, retention run or tag change is running on this repository (pid {pid} on {host}, started {started})"
+    )]
     ForgetRunning {
         /// Its process id.
         pid: u32,

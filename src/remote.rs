@@ -279,7 +279,12 @@ impl Remote {
             }
             if started.elapsed() > wait {
                 drop(session);
-                return Err(lock.gc_running());
+                return Err(Error::SweepRunning {
+                    pid: lock.pid,
+                    host: lock.host,
+                    started: crate::checkpoint::format_utc(lock.started_ns),
+                    waited_secs: wait.as_secs(),
+                });
             }
             std::thread::sleep(Duration::from_millis(500));
         }

@@ -522,7 +522,9 @@ fn a_sweep_lock_left_by_a_dead_gc_is_cleared_and_a_live_one_waited_for() {
     lock(1);
     let o = a.cmd(&["commit", "-", "--name", "x"]).env("SNAPSTORE_SWEEP_WAIT", "2").output().unwrap();
     assert_eq!(o.status.code(), Some(5), "{}", text(&o.stderr));
-    assert!(text(&o.stderr).contains("gc"), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(err.contains("a gc is deleting from this repository's bucket") && err.contains("waited 2 s"), "{err}");
+    assert!(err.contains("SNAPSTORE_SWEEP_WAIT"), "{err}");
     // One whose process is gone: the commit clears its lock and goes on.
     let mut child = Command::new("true").spawn().unwrap();
     let gone = child.id();

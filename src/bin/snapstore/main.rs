@@ -566,6 +566,7 @@ fn exit_code(e: &Error) -> u8 {
         | Error::PathNotFound { .. }
         | Error::SourceNotFound(_) => EXIT_NOT_FOUND,
         Error::GcRunning { .. }
+        | Error::SweepRunning { .. }
         | Error::ForgetRunning { .. }
         | Error::LockLost(_)
         | Error::ChangedWhileRead(_)
@@ -728,6 +729,10 @@ fn hint(e: &Error) -> Option<&'static str> {
         }
         Error::Format(_) => "this repository needs a different snapstore version",
         Error::GcRunning { .. } => "wait for it to finish; if its process is gone, the next gc takes over by itself",
+        Error::SweepRunning { .. } => {
+            "run it again once that gc ends, or wait longer with SNAPSTORE_SWEEP_WAIT=SECONDS; a gc whose process \
+             is gone is cleared by the first command that sees it"
+        }
         Error::ChangedWhileRead(_) => {
             "run the command again: what it printed or wrote may mix the two states; nothing in the repository \
              was changed by it"
