@@ -342,8 +342,9 @@ pub(crate) fn gc(
     let started = Instant::now();
     let me = host_name();
     let mut cat = Catalog::open(catalog_path)?;
-    // In a bucket, one GC runs across every machine; its catalog first takes in what they all recorded.
-    let remote_lock = remote.map(|r| r.lock(GC_LOCK)).transpose()?;
+    // In a bucket, one GC runs across every machine; its catalog first takes in what they all recorded. A dry
+    // run writes nothing there, and takes no lock that would turn a real GC elsewhere away.
+    let remote_lock = remote.filter(|_| !opts.dry_run).map(|r| r.lock(GC_LOCK)).transpose()?;
     if let Some(r) = remote {
         r.sync(&mut cat)?;
     }

@@ -932,6 +932,19 @@ fn a_dry_run_defers_as_the_real_gc_does_while_another_machine_commits() {
     succeeded(&child.wait_with_output().unwrap(), "the held commit");
     let s: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc", "--dry-run"])).unwrap();
     assert_eq!(s["sweep_deferred_by"].as_u64(), Some(0), "{s}");
+    // A dry run takes no bucket lock: one holding the GC lock elsewhere (pid 1 of this host always runs) turns
+    // a real gc away, not a dry run, and a dry run never turns a real one away.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let (process, pidns) = crate::util::process_record(1);
+    let body = serde_json::json!({
+        "host": host, "pid": 1, "process": process, "pidns": pidns, "token": "t1", "started_ns": 0, "heartbeat_ns": 0
+    });
+    bucket(&endpoint, &url).put("locks/gc", serde_json::to_vec(&body).unwrap()).unwrap();
+    a.ok(&["gc", "--dry-run"]);
+    assert_eq!(a.run(&["gc"]).status.code(), Some(5));
+    bucket(&endpoint, &url).delete("locks/gc").unwrap();
+    a.ok(&["gc", "--dry-run"]);
+    assert!(bucket(&endpoint, &url).head("locks/gc").unwrap().is_none(), "the dry run left no lock");
 }
 
 /// A bucket that does not exist is said to be that, not "no repository here, run init" (which cannot work).
