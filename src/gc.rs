@@ -539,7 +539,11 @@ fn collect(
     if let Some((r, lock)) = remote {
         r.check_lock(lock)?;
     }
-    for (id, name, _) in &empty {
+    for (id, name, size) in &empty {
+        // A pack file already gone (lost, or deleted by a GC cut short) frees nothing now.
+        if backend.size(name).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+            freed -= *size as i128;
+        }
         backend.remove(name).map_err(|e| Error::backend(name, e))?;
         crate::fault::point("gc-removed");
         if !rewritten.contains(id) {

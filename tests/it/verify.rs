@@ -280,6 +280,11 @@ fn a_deleted_pack_is_reported() {
     let r = f.verify(DataSubset::All);
     assert!(r.is_clean(), "{r:#?}");
     assert_checkouts_identical(&f);
+    // GC drops the gone pack's row, and counts nothing freed for a file that was not there.
+    let packs = r.packs;
+    let g = f.repo.gc(&Default::default()).unwrap();
+    assert_eq!((g.packs_deleted, g.bytes_freed), (1, 0), "{g:?}");
+    assert_eq!(f.verify(DataSubset::None).packs, packs - 1);
 }
 
 /// Damage met by a read is marked in the catalog (`damaged_chunks`).
