@@ -874,54 +874,55 @@ pub(crate) struct FoundDamage {
 }
 
 impl FoundDamage {
+    /// Every chunk the catalog places in `pack` (missing, or its index damaged).
+    pub(crate) fn whole(pack: &str) -> Self {
+        FoundDamage { pack: pack.into(), chunks: Vec::new(), from_offset: Some(0) }
+    }
+
     fn is_empty(&self) -> bool {
         self.chunks.is_empty() && self.from_offset.is_none()
     }
 }
 
 /// Marks damaged, in `damaged_chunks`, the chunks of `found` whose rows still place them in its pack (a row a
-/// commit has meanwhile re-pointed to a fresh copy is left alone), in one transaction. Nothing is marked in a
-/// bucket's local catalog: a fresh copy re-points the row on this machine alone, and another machine's GC,
-/// which sees only its own rows, could then delete the pack it points at. Returns how many were newly marked.
-pub(crate) fn mark_damaged(conn: &Connection, found: &FoundDamage) -> Result<u64> {
-    if meta_value(conn, "remote_repo_id")?.is_some() {
+/// commit has meanwhile re-pointed to a fresh copy is left alone), in the caller's transaction. Nothing is
+/// marked in a bucket's local catalog: a fresh copy re-points the row on this machine alone, and another
+/// machine's GC, which sees only its own rows, could then delete the pack it points at. Returns how many were
+/// newly marked.
+pub(crate) fn mark_damaged(tx: &rusqlite::Transaction<'_>, found: &FoundDamage) -> Result<u64> {
+    if meta_value(tx, "remote_repo_id")?.is_some() {
         return Ok(0);
     }
     let now = now_ns();
+    let pack: Option<i64> =
+        tx.query_row("SELECT id FROM packs WHERE name = ?1", [&found.pack], |r| r.get(0)).optional()?;
+    let Some(pack) = pack else { return Ok(0) };
+    let mut stmt = tx.prepare_cached(
+        "INSERT OR IGNORE INTO damaged_chunks (id, found_ns)
+         SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM chunks WHERE id = ?1 AND pack = ?3)",
+    )?;
     let mut marked = 0;
-    let mut run = || -> Result<()> {
-        let pack: Option<i64> =
-            conn.query_row("SELECT id FROM packs WHERE name = ?1", [&found.pack], |r| r.get(0)).optional()?;
-        let Some(pack) = pack else { return Ok(()) };
-        let mut stmt = conn.prepare_cached(
-            "INSERT OR IGNORE INTO damaged_chunks (id, found_ns)
-             SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM chunks WHERE id = ?1 AND pack = ?3)",
-        )?;
-        for id in &found.chunks {
-            marked += stmt.execute(params![&id.0[..], now, pack])? as u64;
-        }
-        if let Some(from) = found.from_offset {
-            // One scan of the chunk rows (there is no index by pack).
-            marked += conn.execute(
-                "INSERT OR IGNORE INTO damaged_chunks (id, found_ns) SELECT id, ?1 FROM chunks WHERE pack = ?2 AND offset >= ?3",
-                params![now, pack, to_i64(from)],
-            )? as u64;
-        }
-        Ok(())
-    };
-    if conn.is_autocommit() {
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        match run() {
-            Ok(()) => conn.execute_batch("COMMIT")?,
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                return Err(e);
-            }
-        }
-    } else {
-        run()?;
+    for id in &found.chunks {
+        marked += stmt.execute(params![&id.0[..], now, pack])? as u64;
+    }
+    if let Some(from) = found.from_offset {
+        // One scan of the chunk rows (there is no index by pack).
+        marked += tx.execute(
+            "INSERT OR IGNORE INTO damaged_chunks (id, found_ns) SELECT id, ?1 FROM chunks WHERE pack = ?2 AND offset >= ?3",
+            params![now, pack, to_i64(from)],
+        )? as u64;
     }
     Ok(marked)
+}
+
+/// Deletes the marks of chunks the index no longer holds (GC swept them, or repair left them out): their bytes
+/// are no longer anything's.
+pub(crate) fn drop_orphan_marks(conn: &Connection) -> Result<()> {
+    conn.execute(
+        "DELETE FROM damaged_chunks WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = damaged_chunks.id)",
+        [],
+    )?;
+    Ok(())
 }
 
 /// The value of `key` in the catalog's `meta` table, if it has one.
@@ -984,11 +985,7 @@ fn apply_gc(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> Result<()> {
         tx.execute(&format!("DELETE FROM packs WHERE id IN ({list})"), [])?;
     }
     if !batch.drops.is_empty() || !dead.is_empty() {
-        // As GC's own sweep does: a mark goes with its chunk's row.
-        tx.execute(
-            "DELETE FROM damaged_chunks WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = damaged_chunks.id)",
-            [],
-        )?;
+        drop_orphan_marks(tx)?;
     }
     Ok(())
 }
@@ -1747,7 +1744,13 @@ mod tests {
         let old = ("packs/00/old.pack".to_string(), 200, vec![entry(a, 16), entry(b, 76)]);
         cat.write_batch(&Batch { packs: vec![old], ..Default::default() }, None).unwrap();
         let found = |chunks| FoundDamage { pack: "packs/00/old.pack".into(), chunks, from_offset: None };
-        assert_eq!(mark_damaged(&cat.conn, &found(vec![a, ObjectId::of(b"not indexed")])).unwrap(), 1);
+        let mark = |cat: &mut Catalog, found: &FoundDamage| {
+            let tx = cat.conn.transaction().unwrap();
+            let marked = mark_damaged(&tx, found).unwrap();
+            tx.commit().unwrap();
+            marked
+        };
+        assert_eq!(mark(&mut cat, &found(vec![a, ObjectId::of(b"not indexed")])), 1);
         assert!(!cat.has_chunk(&a).unwrap() && cat.has_chunk(&b).unwrap());
         let held = |cat: &Catalog, n| match cat.damaged_marks(n).unwrap() {
             None => "none".to_string(),
@@ -1763,7 +1766,8 @@ mod tests {
         assert!(cat.has_chunk(&a).unwrap());
         assert_eq!(held(&cat, 1), "none");
 
-        // Marking from a reader goes through a connection of its own. A mark goes only to a row still in the pack read: a's is in the new pack now.
+        // Marking from a reader goes through a connection of its own. A mark goes only to a row still in the
+        // pack read: a's is in the new pack now.
         assert!(cat.note_damaged(&found(vec![a])));
         assert!(cat.has_chunk(&a).unwrap());
         // The old pack cut short past a's old place: b, further on, is marked.
@@ -1772,7 +1776,7 @@ mod tests {
         assert!(!cat.has_chunk(&b).unwrap() && cat.has_chunk(&a).unwrap());
         // Nothing is marked in a bucket's local catalog.
         cat.conn.execute("INSERT INTO meta (key, value) VALUES ('remote_repo_id', 'r')", []).unwrap();
-        assert_eq!(mark_damaged(&cat.conn, &found(vec![a, b])).unwrap(), 0);
+        assert_eq!(mark(&mut cat, &found(vec![a, b])), 0);
     }
 
     #[test]

@@ -966,7 +966,7 @@ impl Walker<'_, '_> {
         };
         let holds = || -> Result<bool> {
             let Some(content) = p.object()? else { return Ok(false) };
-            let mut cursor = crate::content::ChunkCursor::of_size(self.catalog, &content, Some(p.size))?;
+            let mut cursor = ChunkCursor::of_size(self.catalog, &content, Some(p.size))?;
             while let Some((_, r)) = cursor.next_chunk()? {
                 if set.contains(&r.id) {
                     return Ok(true);

@@ -280,11 +280,7 @@ fn sweep(conn: &Connection) -> Result<(u64, u64, u64)> {
     meta += conn.execute(&format!("DELETE FROM contents WHERE id IN ({})", sel(2)), [safe])? as u64;
     meta += conn.execute(&format!("DELETE FROM trees WHERE id IN ({})", sel(3)), [safe])? as u64;
     conn.execute("DELETE FROM condemned WHERE epoch < ?1", [safe])?;
-    // A mark outlives its chunk's row only until here: its bytes are no longer anything's.
-    conn.execute(
-        "DELETE FROM damaged_chunks WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = damaged_chunks.id)",
-        [],
-    )?;
+    crate::catalog::drop_orphan_marks(conn)?;
     let deferred: i64 = conn.query_row("SELECT count(*) FROM condemned WHERE kind = 0", [], |r| r.get(0))?;
     Ok((chunks, meta, deferred as u64))
 }
@@ -611,11 +607,11 @@ fn copy_live(
     let index = match crate::pack::read_index(backend, &p.name) {
         Ok(index) => index,
         Err(e @ Error::Corrupt { .. }) => {
-            mark_pack_damaged(conn, &p.name)?;
+            mark_damaged(conn, FoundDamage::whole(&p.name))?;
             return Ok(Copied { damage: Some(crate::pack::problem_of(&e, &p.name)), ..out });
         }
         Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            mark_pack_damaged(conn, &p.name)?;
+            mark_damaged(conn, FoundDamage::whole(&p.name))?;
             return Ok(Copied { damage: Some("missing".into()), ..out });
         }
         Err(e) => return Err(e),
@@ -627,7 +623,7 @@ fn copy_live(
         rows_in_pack(index, p.id, &mut row_of)?
     };
     if chunks.len() as u64 != p.rows {
-        mark_pack_damaged(conn, &p.name)?;
+        mark_damaged(conn, FoundDamage::whole(&p.name))?;
         let why = "its index lacks chunks the catalog places in it".to_string();
         return Ok(Copied { damage: Some(why), ..out });
     }
@@ -674,14 +670,16 @@ fn copy_live(
     }
     if !bad.is_empty() {
         out.damage = Some(format!("live blobs failing their hash or cut short: {} of {}", bad.len(), p.rows));
-        crate::catalog::mark_damaged(conn, &FoundDamage { pack: p.name.clone(), chunks: bad, from_offset: None })?;
+        mark_damaged(conn, FoundDamage { pack: p.name.clone(), chunks: bad, from_offset: None })?;
     }
     Ok(out)
 }
 
-/// Marks every chunk the catalog places in a pack found missing or with a damaged index.
-fn mark_pack_damaged(conn: &Connection, pack: &str) -> Result<()> {
-    crate::catalog::mark_damaged(conn, &FoundDamage { pack: pack.into(), chunks: Vec::new(), from_offset: Some(0) })?;
+/// Marks what a pack's rewrite found damaged, for the next commit meeting the bytes to store afresh.
+fn mark_damaged(conn: &mut Connection, found: FoundDamage) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    crate::catalog::mark_damaged(&tx, &found)?;
+    tx.commit()?;
     Ok(())
 }
 

@@ -211,7 +211,10 @@ mod tests {
         let catalog = root.join(crate::CATALOG_FILE);
         // Nothing is marked damaged in a catalog opened for reading only; this one is not, so the damage the
         // reads meet would be marked, changing it: without the table, marking fails and changes nothing.
-        rusqlite::Connection::open(&catalog).unwrap().execute_batch("DROP TABLE damaged_chunks").unwrap();
+        let db = || rusqlite::Connection::open(&catalog).unwrap();
+        let table: String =
+            db().query_row("SELECT sql FROM sqlite_master WHERE name = 'damaged_chunks'", [], |r| r.get(0)).unwrap();
+        db().execute_batch("DROP TABLE damaged_chunks").unwrap();
         let open = || {
             let r = repo.open_file(&c.id, "").unwrap();
             r.watch(catalog.clone(), Fingerprint::of(&catalog))
@@ -229,8 +232,7 @@ mod tests {
         let damage = error(&mut same);
         assert!(damage.is_corruption(), "{damage}");
         std::thread::sleep(std::time::Duration::from_millis(10));
-        let table = "CREATE TABLE damaged_chunks (id BLOB PRIMARY KEY, found_ns INTEGER NOT NULL) WITHOUT ROWID";
-        rusqlite::Connection::open(&catalog).unwrap().execute_batch(table).unwrap();
+        db().execute_batch(&table).unwrap();
         repo.commit_reader("other", &mut &b"written elsewhere"[..], &Default::default()).unwrap();
         assert!(matches!(error(&mut changed), Error::ChangedWhileRead(_)));
     }

@@ -86,6 +86,12 @@ impl Holder {
         Error::GcRunning { pid: self.pid, host: self.host, started: crate::checkpoint::format_utc(self.started_ns) }
     }
 
+    /// The error for a sweep this holder's `locks/sweep` shows running, waited for `waited`.
+    fn sweep_running(self, waited: Duration) -> Error {
+        let started = crate::checkpoint::format_utc(self.started_ns);
+        Error::SweepRunning { pid: self.pid, host: self.host, started, waited_secs: waited.as_secs() }
+    }
+
     /// The error for a forget that this holder's `locks/forget` shows running.
     fn forget_running(self) -> Error {
         Error::ForgetRunning { pid: self.pid, host: self.host, started: crate::checkpoint::format_utc(self.started_ns) }
@@ -279,12 +285,7 @@ impl Remote {
             }
             if started.elapsed() > wait {
                 drop(session);
-                return Err(Error::SweepRunning {
-                    pid: lock.pid,
-                    host: lock.host,
-                    started: crate::checkpoint::format_utc(lock.started_ns),
-                    waited_secs: wait.as_secs(),
-                });
+                return Err(lock.sweep_running(wait));
             }
             std::thread::sleep(Duration::from_millis(500));
         }

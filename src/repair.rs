@@ -368,10 +368,7 @@ fn rebuild(
         "DELETE FROM condemned WHERE kind = 0 AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = condemned.id)",
         [],
     )?;
-    tx.execute(
-        "DELETE FROM damaged_chunks WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = damaged_chunks.id)",
-        [],
-    )?;
+    crate::catalog::drop_orphan_marks(&tx)?;
     report.chunks_indexed = tx.query_row("SELECT count(*) FROM chunks", [], |r| r.get::<_, i64>(0))? as u64;
     tx.commit()?;
     conn.execute_batch("DELETE FROM temp.r_scan; DELETE FROM temp.r_packs;")?;

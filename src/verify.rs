@@ -332,30 +332,24 @@ pub(crate) fn reach_damage(conn: &Connection) -> Result<VerifyReport> {
 /// Marks the damaged chunks found (`temp.v_bad_chunk`) that the index holds, and returns how many of those
 /// found are marked. The only write verify makes, after its read snapshot.
 fn mark_found_damage(conn: &Connection) -> Result<u64> {
-    if crate::catalog::meta_value(conn, "remote_repo_id")?.is_some() {
+    if crate::remote::local_repo_id(conn)?.is_some() {
         return Ok(0); // see `catalog::mark_damaged`
     }
-    let marked = (|| -> Result<u64> {
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        // Only rows still where they were read: a commit may have stored a fresh copy meanwhile.
-        conn.execute(
-            "INSERT OR IGNORE INTO damaged_chunks (id, found_ns)
-             SELECT b.id, ?1 FROM temp.v_bad_chunk b
-             WHERE EXISTS (SELECT 1 FROM chunks c JOIN packs p ON p.id = c.pack WHERE c.id = b.id AND p.name = b.pack)",
-            [now_ns()],
-        )?;
-        let n: i64 = conn.query_row(
-            "SELECT count(*) FROM temp.v_bad_chunk b WHERE EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.id = b.id)",
-            [],
-            |r| r.get(0),
-        )?;
-        conn.execute_batch("COMMIT")?;
-        Ok(n as u64)
-    })();
-    if marked.is_err() {
-        let _ = conn.execute_batch("ROLLBACK");
-    }
-    marked
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+    // Only rows still where they were read: a commit may have stored a fresh copy meanwhile.
+    tx.execute(
+        "INSERT OR IGNORE INTO damaged_chunks (id, found_ns)
+         SELECT b.id, ?1 FROM temp.v_bad_chunk b
+         WHERE EXISTS (SELECT 1 FROM chunks c JOIN packs p ON p.id = c.pack WHERE c.id = b.id AND p.name = b.pack)",
+        [now_ns()],
+    )?;
+    let marked: i64 = tx.query_row(
+        "SELECT count(*) FROM temp.v_bad_chunk b WHERE EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.id = b.id)",
+        [],
+        |r| r.get(0),
+    )?;
+    tx.commit()?;
+    Ok(marked as u64)
 }
 
 fn create_temp_tables(conn: &Connection) -> Result<()> {
