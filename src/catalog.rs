@@ -781,14 +781,14 @@ impl Catalog {
     /// Writes a batch of rows in one transaction. Pack rows and their chunks come first, so that a
     /// checkpoint in the same batch only ever references chunks whose packs are recorded.
     #[cfg(test)]
-    pub(crate) fn write_batch(&mut self, batch: &Batch, session: Option<Session>) -> Result<()> {
+    pub(crate) fn write_batch(&mut self, batch: &mut Batch, session: Option<Session>) -> Result<()> {
         self.write_batch_with(batch, session, None)
     }
 
     /// [`Catalog::write_batch`], handing the change to `journal` before the transaction commits.
     pub(crate) fn write_batch_with(
         &mut self,
-        batch: &Batch,
+        batch: &mut Batch,
         session: Option<Session>,
         journal: Option<Journal<'_>>,
     ) -> Result<()> {
@@ -798,6 +798,9 @@ impl Catalog {
             if tx.execute("UPDATE sessions SET heartbeat_ns = ?1 WHERE id = ?2", params![now_ns(), s.id])? == 0 {
                 return Err(Error::SessionExpired);
             }
+        }
+        if journal.is_some() {
+            batch.locates.extend(healed_locations(&tx, batch)?);
         }
         insert_rows(&tx, batch, batch.checkpoint.as_ref(), session.map(|s| s.start_epoch), false)?;
         if let Some(s) = session.filter(|_| batch.checkpoint.is_some()) {
@@ -885,14 +888,10 @@ impl FoundDamage {
 }
 
 /// Marks damaged, in `damaged_chunks`, the chunks of `found` whose rows still place them in its pack (a row a
-/// commit has meanwhile re-pointed to a fresh copy is left alone), in the caller's transaction. Nothing is
-/// marked in a bucket's local catalog: a fresh copy re-points the row on this machine alone, and another
-/// machine's GC, which sees only its own rows, could then delete the pack it points at. Returns how many were
-/// newly marked.
+/// commit has meanwhile re-pointed to a fresh copy is left alone), in the caller's transaction. Marks are this
+/// catalog's own and no record carries them; in a bucket, the commit that stores a fresh copy records where
+/// (see `healed_locations`), so every machine's row moves to it. Returns how many were newly marked.
 pub(crate) fn mark_damaged(tx: &rusqlite::Transaction<'_>, found: &FoundDamage) -> Result<u64> {
-    if meta_value(tx, "remote_repo_id")?.is_some() {
-        return Ok(0);
-    }
     let now = now_ns();
     let pack: Option<i64> =
         tx.query_row("SELECT id FROM packs WHERE name = ?1", [&found.pack], |r| r.get(0)).optional()?;
@@ -913,6 +912,26 @@ pub(crate) fn mark_damaged(tx: &rusqlite::Transaction<'_>, found: &FoundDamage) 
         )? as u64;
     }
     Ok(marked)
+}
+
+/// The chunks of `batch` that replace a copy marked damaged (`insert_rows` re-points their rows), as locate
+/// items: a bucket's record must carry them, since another machine, which did not mark the chunk, keeps its row
+/// on the damaged copy when a pack item names a chunk it already has. Applied in record order, they move every
+/// machine's row off the damaged copy before any GC judges what is live.
+fn healed_locations(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> Result<Vec<(String, PackEntry)>> {
+    let mut out = Vec::new();
+    if batch.packs.is_empty() || !tx.query_row("SELECT EXISTS (SELECT 1 FROM damaged_chunks)", [], |r| r.get(0))? {
+        return Ok(out);
+    }
+    let mut marked = tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM damaged_chunks WHERE id = ?1)")?;
+    for (name, _, entries) in &batch.packs {
+        for e in entries {
+            if marked.query_row([&e.id.0[..]], |r| r.get(0))? {
+                out.push((name.clone(), e.clone()));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Deletes the marks of chunks the index no longer holds (GC swept them, or repair left them out): their bytes
@@ -945,8 +964,16 @@ fn apply_gc(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> Result<()> {
          ON CONFLICT (id) DO UPDATE SET pack = excluded.pack, offset = excluded.offset,
              stored_len = excluded.stored_len, raw_len = excluded.raw_len, flags = excluded.flags",
     )?;
+    let mut was = tx.prepare_cached("SELECT pack FROM chunks WHERE id = ?1")?;
+    let mut undamage = tx.prepare_cached("DELETE FROM damaged_chunks WHERE id = ?1")?;
     let mut put = |pack: i64, e: &PackEntry| -> Result<()> {
+        let before: Option<i64> = was.query_row([&e.id.0[..]], |r| r.get(0)).optional()?;
         locate.execute(params![&e.id.0[..], pack, to_i64(e.offset), e.stored_len, e.raw_len, e.flags])?;
+        // A mark holds for the copy that was read: a row moved to another copy (a writer's fresh one, or one
+        // GC checked as it moved it) no longer points at the damage.
+        if before.is_some_and(|b| b != pack) {
+            undamage.execute([&e.id.0[..]])?;
+        }
         Ok(())
     };
     for (name, size, entries) in &batch.moved {
@@ -1711,7 +1738,7 @@ mod tests {
         let mut cat = Catalog::create(&dir.path().join("c.db"), &RepoParams::default()).unwrap();
         let e = PackEntry { id: ObjectId::of(b"a"), flags: 1, raw_len: 100, stored_len: 60, offset: 16 };
         let pack = ("packs/00/p.pack".to_string(), 200, vec![e.clone()]);
-        cat.write_batch(&Batch { packs: vec![pack], ..Default::default() }, None).unwrap();
+        cat.write_batch(&mut Batch { packs: vec![pack], ..Default::default() }, None).unwrap();
         // A chunk whose pack row is gone is nowhere.
         cat.conn.execute("INSERT INTO chunks VALUES (?1, 99, 16, 60, 100, 1)", [&ObjectId::of(b"b").0[..]]).unwrap();
         for i in 0..50u32 {
@@ -1742,7 +1769,7 @@ mod tests {
         let (a, b) = (ObjectId::of(b"a"), ObjectId::of(b"b"));
         let entry = |id: ObjectId, offset: u64| PackEntry { id, flags: 1, raw_len: 100, stored_len: 60, offset };
         let old = ("packs/00/old.pack".to_string(), 200, vec![entry(a, 16), entry(b, 76)]);
-        cat.write_batch(&Batch { packs: vec![old], ..Default::default() }, None).unwrap();
+        cat.write_batch(&mut Batch { packs: vec![old], ..Default::default() }, None).unwrap();
         let found = |chunks| FoundDamage { pack: "packs/00/old.pack".into(), chunks, from_offset: None };
         let mark = |cat: &mut Catalog, found: &FoundDamage| {
             let tx = cat.conn.transaction().unwrap();
@@ -1760,7 +1787,7 @@ mod tests {
         assert_eq!((held(&cat, 1), held(&cat, 0)), (format!("{:?}", vec![a]), "many".to_string()));
 
         let new = ("packs/01/new.pack".to_string(), 200, vec![entry(a, 16), entry(b, 76)]);
-        cat.write_batch(&Batch { packs: vec![new], ..Default::default() }, None).unwrap();
+        cat.write_batch(&mut Batch { packs: vec![new], ..Default::default() }, None).unwrap();
         assert_eq!(cat.chunk_location(&a).unwrap().unwrap().pack, "packs/01/new.pack");
         assert_eq!(cat.chunk_location(&b).unwrap().unwrap().pack, "packs/00/old.pack");
         assert!(cat.has_chunk(&a).unwrap());
@@ -1774,9 +1801,54 @@ mod tests {
         let cut = FoundDamage { pack: "packs/00/old.pack".into(), chunks: vec![], from_offset: Some(50) };
         assert!(cat.note_damaged(&cut));
         assert!(!cat.has_chunk(&b).unwrap() && cat.has_chunk(&a).unwrap());
-        // Nothing is marked in a bucket's local catalog.
-        cat.conn.execute("INSERT INTO meta (key, value) VALUES ('remote_repo_id', 'r')", []).unwrap();
-        assert_eq!(mark(&mut cat, &found(vec![a, b])), 0);
+    }
+
+    /// In a bucket, the commit that stores a fresh copy of a chunk it had marked records where it put it, and
+    /// every replica moves its row there: one that never read the damage (its pack item alone would leave the
+    /// row on the damaged copy), and one that had marked it too. A replica whose marked row GC moves to a copy
+    /// it checked drops the mark.
+    #[test]
+    fn a_healing_commit_moves_every_replicas_row_to_the_fresh_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (ObjectId::of(b"a"), ObjectId::of(b"b"));
+        let entry = |id: ObjectId, offset: u64| PackEntry { id, flags: 1, raw_len: 100, stored_len: 60, offset };
+        let replica = |name: &str| {
+            let mut cat = Catalog::create(&dir.path().join(name), &RepoParams::default()).unwrap();
+            let old = ("packs/00/old.pack".to_string(), 200, vec![entry(a, 16), entry(b, 76)]);
+            cat.write_batch(&mut Batch { packs: vec![old], ..Default::default() }, None).unwrap();
+            cat
+        };
+        let old_pack = || FoundDamage { pack: "packs/00/old.pack".into(), chunks: vec![a], from_offset: None };
+        let (mut writer, mut unaware, mut aware) = (replica("w.db"), replica("u.db"), replica("a.db"));
+        assert!(writer.note_damaged(&old_pack()) && aware.note_damaged(&old_pack()));
+
+        let recorded = std::sync::Mutex::new(Vec::new());
+        let journal = |_: &rusqlite::Transaction<'_>, batch: &Batch| -> Result<()> {
+            recorded.lock().unwrap().push(crate::record::encode(batch)?);
+            Ok(())
+        };
+        let fresh = ("packs/01/new.pack".to_string(), 100, vec![entry(a, 16)]);
+        writer.write_batch_with(&mut Batch { packs: vec![fresh], ..Default::default() }, None, Some(&journal)).unwrap();
+        let rec = crate::record::decode(&recorded.lock().unwrap()[0]).unwrap();
+        assert_eq!(rec.locates, vec![("packs/01/new.pack".to_string(), entry(a, 16))]);
+        for cat in [&mut writer, &mut unaware, &mut aware] {
+            cat.apply_record("records/1", 1, &rec).unwrap();
+            assert_eq!(cat.chunk_location(&a).unwrap().unwrap().pack, "packs/01/new.pack");
+            assert_eq!(cat.chunk_location(&b).unwrap().unwrap().pack, "packs/00/old.pack");
+            assert!(cat.has_chunk(&a).unwrap() && cat.damaged_marks(1).unwrap().is_none());
+        }
+        // A commit of chunks nothing marked records no locates.
+        let other = ("packs/02/other.pack".to_string(), 100, vec![entry(ObjectId::of(b"c"), 16)]);
+        writer.write_batch_with(&mut Batch { packs: vec![other], ..Default::default() }, None, Some(&journal)).unwrap();
+        assert!(crate::record::decode(&recorded.lock().unwrap()[1]).unwrap().locates.is_empty());
+
+        // GC elsewhere moved b, checking it as it copied: the mark made here against the old copy goes.
+        assert!(unaware.note_damaged(&FoundDamage { chunks: vec![b], ..old_pack() }));
+        let moved =
+            Batch { moved: vec![("packs/03/moved.pack".into(), 100, vec![entry(b, 16)])], ..Default::default() };
+        unaware.apply_record("records/2", 2, &moved).unwrap();
+        assert_eq!(unaware.chunk_location(&b).unwrap().unwrap().pack, "packs/03/moved.pack");
+        assert!(unaware.damaged_marks(1).unwrap().is_none());
     }
 
     #[test]
@@ -2085,9 +2157,9 @@ mod tests {
             target: b"x".to_vec(),
         };
         let id = crate::tree::tree_id(std::slice::from_ref(&e));
-        let batch =
+        let mut batch =
             Batch { trees: vec![(id, crate::tree::encode_tree(std::slice::from_ref(&e)))], ..Default::default() };
-        cat.write_batch(&batch, None).unwrap();
+        cat.write_batch(&mut batch, None).unwrap();
         assert_eq!(cat.tree(&id).unwrap(), vec![e.clone()]);
         assert_eq!(cat.tree_entry(&id, b"f").unwrap(), Some(e));
         assert_eq!(cat.tree_entry(&id, b"g").unwrap(), None);

@@ -1704,8 +1704,8 @@ impl<'a> Assembler<'a> {
     }
 
     fn write_batch(&mut self) -> Result<()> {
-        let batch = std::mem::take(&mut self.batch);
-        self.catalog.write_batch_with(&batch, Some(self.session), self.journal)?;
+        let mut batch = std::mem::take(&mut self.batch);
+        self.catalog.write_batch_with(&mut batch, Some(self.session), self.journal)?;
         for (_, _, entries) in &batch.packs {
             self.packer.indexed(entries);
         }

@@ -109,7 +109,12 @@ pub struct Repository {
     read_only: Option<readonly::Fingerprint>,
     /// The owner of a repository of another user's on a writable disk, to which every change is refused.
     owner: Option<u32>,
+    /// Told when a command starts waiting for another process's hold on the bucket ([`Repository::on_wait`]).
+    on_wait: Option<Arc<WaitNotice>>,
 }
+
+/// What [`Repository::on_wait`] is given.
+type WaitNotice = dyn Fn(&str) + Send + Sync;
 
 /// The error for `sync` asked of a local repository.
 fn not_remote(path: &Path) -> Error {
@@ -345,7 +350,7 @@ impl Repository {
         let params = catalog.params()?;
         let read_only = catalog.read_only().cloned();
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&root));
-        Ok(Repository { root, catalog_path, backend, params, remote: None, read_only, owner })
+        Ok(Repository { root, catalog_path, backend, params, remote: None, read_only, owner, on_wait: None })
     }
 
     /// Opens the repository at `path`, or creates it with the default parameters if there is none there;
@@ -410,7 +415,16 @@ impl Repository {
         let synced = remote.sync(&mut cat)?;
         let backend: Arc<dyn Backend> = Arc::new(backend::S3Backend::new(bucket, root.join("tmp")));
         Ok((
-            Repository { root, catalog_path, backend, params, remote: Some(remote), read_only: None, owner: None },
+            Repository {
+                root,
+                catalog_path,
+                backend,
+                params,
+                remote: Some(remote),
+                read_only: None,
+                owner: None,
+                on_wait: None,
+            },
             synced,
         ))
     }
@@ -454,6 +468,29 @@ impl Repository {
         }
     }
 
+    /// Has `notice` told, with a sentence saying what is waited for and for how long at most, whenever a
+    /// command on a repository in a bucket starts waiting for another process's hold there: a commit,
+    /// checkout, verify or file reader for a GC deleting from the bucket (up to `SNAPSTORE_SWEEP_WAIT`
+    /// seconds, default 600), a forget, retention run or tag change for another one (up to 120 s). Once per
+    /// wait; never for a local repository, whose waits are short. The CLI prints it, so that a command held
+    /// for minutes does not look hung.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let mut repo = snapstore::Repository::init(dir.path()).unwrap();
+    /// repo.on_wait(|what| eprintln!("{what}"));
+    /// ```
+    pub fn on_wait(&mut self, notice: impl Fn(&str) + Send + Sync + 'static) {
+        self.on_wait = Some(Arc::new(notice));
+    }
+
+    /// Passes a wait's description to [`Repository::on_wait`]'s notice, if one was given.
+    fn waiting(&self, what: &str) {
+        if let Some(notice) = &self.on_wait {
+            notice(what);
+        }
+    }
+
     /// The repository's directory, or its bucket URL.
     pub fn location(&self) -> String {
         match &self.remote {
@@ -472,7 +509,7 @@ impl Repository {
     /// machine would take a pack deleted under it for damage). It ends when dropped.
     fn session(&self) -> Result<Option<(&remote::Remote, remote::RemoteSession)>> {
         let Some(remote) = &self.remote else { return Ok(None) };
-        let session = remote.begin_session()?;
+        let session = remote.begin_session(&|what| self.waiting(what))?;
         remote.sync(&mut self.open_catalog()?)?;
         Ok(Some((remote, session)))
     }
@@ -543,7 +580,7 @@ impl Repository {
     ) -> Result<T> {
         self.refuse_another_users()?;
         let Some(remote) = &self.remote else { return f(catalog, None) };
-        let lock = remote.forget_lock()?;
+        let lock = remote.forget_lock(&|what| self.waiting(what))?;
         remote.sync(catalog)?;
         fault::point("forget-synced");
         let journal = |tx: &rusqlite::Transaction<'_>, b: &catalog::Batch| {

@@ -260,7 +260,8 @@ impl Remote {
     /// Registers a commit (or a reader of packs) in the bucket, after any sweep under way has ended. The
     /// caller syncs next, so that whatever that sweep deleted is gone from its catalog before it relies on
     /// anything there.
-    pub fn begin_session(&self) -> Result<RemoteSession> {
+    /// `waiting` is told once, if the sweep is waited for.
+    pub fn begin_session(&self, waiting: &dyn Fn(&str)) -> Result<RemoteSession> {
         let holder = Holder::me();
         let name = format!("{SESSIONS}{}", holder.token);
         self.bucket.put(&name, holder.encode()).map_err(|e| self.err(&name, e))?;
@@ -275,6 +276,7 @@ impl Remote {
             })?),
         };
         let started = Instant::now();
+        let mut told = false;
         while let Some(Held { holder: lock, modified_ns, .. }) = self.holder(SWEEP_LOCK)? {
             // A GC killed while it held the lock would otherwise stop every commit and restore; its lock
             // stops being refreshed, and the first to see that removes it (the GC, if only stalled, finds
@@ -286,6 +288,16 @@ impl Remote {
             if started.elapsed() > wait {
                 drop(session);
                 return Err(lock.sweep_running(wait));
+            }
+            if !std::mem::replace(&mut told, true) {
+                waiting(&format!(
+                    "waiting for a gc on {} (pid {}, since {}) to finish deleting from the bucket: up to {} s \
+                     (SNAPSTORE_SWEEP_WAIT)",
+                    lock.host,
+                    lock.pid,
+                    crate::checkpoint::format_utc(lock.started_ns),
+                    wait.as_secs()
+                ));
             }
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -370,15 +382,29 @@ impl Remote {
 
     /// Takes the lock that forgets hold from their sync to their record ([`FORGET_LOCK`]), waiting up to
     /// [`FORGET_WAIT`] for another forget to end.
-    pub fn forget_lock(&self) -> Result<Lock> {
+    /// `waiting` is told once, when the wait starts.
+    pub fn forget_lock(&self, waiting: &dyn Fn(&str)) -> Result<Lock> {
         let started = Instant::now();
+        let mut told = false;
         loop {
             match self.try_lock(FORGET_LOCK)? {
                 Ok(lock) => return Ok(lock),
                 Err(h) if started.elapsed() > FORGET_WAIT => {
                     return Err(h.forget_running());
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(250)),
+                Err(h) => {
+                    if !std::mem::replace(&mut told, true) {
+                        waiting(&format!(
+                            "waiting for a forget, retention run or tag change on {} (pid {}, since {}) to finish \
+                             with the bucket: up to {} s",
+                            h.host,
+                            h.pid,
+                            crate::checkpoint::format_utc(h.started_ns),
+                            FORGET_WAIT.as_secs()
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(250))
+                }
             }
         }
     }

@@ -435,7 +435,7 @@ mod tests {
                     chunks.push(data);
                 }
                 let pack = packer.finish().unwrap().pop().unwrap();
-                cat.write_batch(&Batch { packs: vec![pack], ..Default::default() }, None).unwrap();
+                cat.write_batch(&mut Batch { packs: vec![pack], ..Default::default() }, None).unwrap();
             }
             // Runs: A0 A1 | B0 | A3 | A2 | B1 B2 | A0 | B1. Raw blobs, and A0 as long as B0: B1 starts in B
             // where A0 ends in A, so only the packs tell those two apart.
@@ -482,7 +482,7 @@ mod tests {
         assert_eq!(pack.2[2].flags, 0, "four bytes cannot shrink");
         packer.indexed(&pack.2);
         let name = pack.0.clone();
-        cat.write_batch(&Batch { packs: vec![pack], ..Default::default() }, None).unwrap();
+        cat.write_batch(&mut Batch { packs: vec![pack], ..Default::default() }, None).unwrap();
 
         let mut reader = ChunkReader::new(backend.clone()).unwrap();
         let mut got = vec![Vec::new(); 3];

@@ -332,9 +332,6 @@ pub(crate) fn reach_damage(conn: &Connection) -> Result<VerifyReport> {
 /// Marks the damaged chunks found (`temp.v_bad_chunk`) that the index holds, and returns how many of those
 /// found are marked. The only write verify makes, after its read snapshot.
 fn mark_found_damage(conn: &Connection) -> Result<u64> {
-    if crate::remote::local_repo_id(conn)?.is_some() {
-        return Ok(0); // see `catalog::mark_damaged`
-    }
     let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
     // Only rows still where they were read: a commit may have stored a fresh copy meanwhile.
     tx.execute(

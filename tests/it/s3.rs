@@ -439,6 +439,43 @@ fn a_byte_flipped_in_a_bucket_is_caught_by_checkout_and_verify() {
     assert_only_the_first_is_damaged(&a, &["verify", "--read-data"], &checkpoints);
 }
 
+/// A damaged chunk heals in a bucket as on a disk: the checkout that meets it marks it, the next commit of the
+/// same bytes stores a fresh copy, and its record moves the row on every machine, so a machine that synced
+/// before the heal and never read the damage restores the old checkpoint, and so does a catalog rebuilt from
+/// the bucket, before and after a GC that drops the damaged copy.
+#[test]
+fn a_damaged_chunk_in_a_bucket_heals_on_every_machine() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, first, checkpoints) = two_checkpoints(&endpoint, &url, 3 << 20, 61);
+    let [(id1, one), (id2, two)] = &checkpoints;
+    let b = Machine::new(&endpoint, &url);
+    assert_eq!(b.ids().len(), 2, "b synced before the damage");
+    flip_byte_in(&endpoint, &url, &first, 0.5);
+    let dir = tempfile::tempdir().unwrap();
+    let o = a.run(&["checkout", id1, dir.path().join("x").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    let o = a.run(&["verify"]);
+    let report = text(&o.stdout) + &text(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{report}");
+    assert!(report.contains("marked damaged by an earlier read"), "{report}");
+    assert!(report.contains("on every machine sharing the bucket"), "{report}");
+
+    let id3 = a.commit_stream("one", one);
+    let c = Machine::new(&endpoint, &url);
+    for (who, m) in [("a", &a), ("b", &b), ("c (new)", &c)] {
+        let o = m.run(&["--json", "verify", "--read-data"]);
+        assert!(o.status.success(), "{who}: {}{}", text(&o.stdout), text(&o.stderr));
+        assert_all_restore(m, &[(id1.clone(), one.clone()), (id2.clone(), two.clone()), (id3.clone(), one.clone())]);
+    }
+    b.ok(&["forget", &id3]);
+    let g: serde_json::Value = serde_json::from_str(&b.ok(&["--json", "gc"])).unwrap();
+    assert_eq!(g["sweep_deferred_by"], 0, "{g}");
+    for m in [&a, &b, &c] {
+        assert_all_restore(m, &[(id1.clone(), one.clone()), (id2.clone(), two.clone())]);
+        assert!(m.ok(&["verify", "--read-data"]).contains("no damage found"));
+    }
+}
+
 /// Flips a byte of the bucket's object `key` (as `packs` lists it) at `at` of its length, behind snapstore's back.
 fn flip_byte_in(endpoint: &str, url: &str, key: &str, at: f64) {
     let b = bucket(endpoint, url);
@@ -525,6 +562,10 @@ fn a_sweep_lock_left_by_a_dead_gc_is_cleared_and_a_live_one_waited_for() {
     let err = text(&o.stderr);
     assert!(err.contains("a gc is deleting from this repository's bucket") && err.contains("waited 2 s"), "{err}");
     assert!(err.contains("SNAPSTORE_SWEEP_WAIT"), "{err}");
+    // Said while it waits, once, not only when it gives up.
+    let told = "waiting for a gc on ";
+    assert_eq!(err.matches(told).count(), 1, "{err}");
+    assert!(err.contains(&format!("{told}{host} (pid 1, since ")) && err.contains("up to 2 s"), "{err}");
     // One whose process is gone: the commit clears its lock and goes on.
     let mut child = Command::new("true").spawn().unwrap();
     let gone = child.id();
@@ -901,6 +942,10 @@ fn a_tag_given_while_another_machine_forgets_waits_and_is_refused() {
     assert!(o.status.success() && text(&o.stdout).contains("forgot 1"), "{}{}", text(&o.stdout), text(&o.stderr));
     assert_eq!(tag.status.code(), Some(4), "{}{}", text(&tag.stdout), text(&tag.stderr));
     let err = text(&tag.stderr);
+    assert!(
+        err.contains("waiting for a forget, retention run or tag change on ") && err.contains("up to 120 s"),
+        "{err}"
+    );
     assert!(err.contains(&format!("checkpoint {} was forgotten by another process", &older[..8])), "{err}");
     for m in [&a, &b] {
         assert_eq!(m.ids(), vec![newest.clone()]);

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use snapstore::{Change, ChangeKind, EntryKind, Repository};
+use snapstore::{Change, ChangeKind, EntryKind};
 
 use crate::Failure;
 use crate::output::{Out, Sink, human_bytes};
@@ -21,7 +21,7 @@ pub struct DiffArgs {
 const RANGES_SHOWN: usize = 4;
 
 pub fn diff(repo_dir: &Path, args: &DiffArgs, json: bool, quiet: bool, out: &mut Out) -> Result<(), Failure> {
-    let repo = Repository::open(repo_dir)?;
+    let repo = crate::open(repo_dir)?;
     let mut sink = Sink::default();
     // With --json the changes are streamed as they are found (see `Out::json_open`), the summary last.
     if json {

@@ -389,7 +389,19 @@ fn open_or_init(repo_dir: &std::path::Path) -> Result<Repository, Error> {
     if created {
         notice("note", &format!("created snapstore repository at {}", repo.location()));
     }
-    Ok(repo)
+    Ok(telling_waits(repo))
+}
+
+/// Opens the repository.
+fn open(repo_dir: &std::path::Path) -> Result<Repository, Error> {
+    Repository::open(repo_dir).map(telling_waits)
+}
+
+/// `repo`, saying on stderr when a command waits for another machine's hold on its bucket (a gc deleting, a
+/// forget), which can last minutes.
+fn telling_waits(mut repo: Repository) -> Repository {
+    repo.on_wait(|what| notice("note", what));
+    repo
 }
 
 /// A retention policy's rules, as `forget` and `watch` take them.
@@ -893,7 +905,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             }
         }
         Command::Checkout { id, dest, in_place, delete, checksum, paths, no_owners, no_xattrs, threads } => {
-            let repo = Repository::open(&repo_dir)?;
+            let repo = open(&repo_dir)?;
             let bar = progress::Bar::new(show_progress(cli));
             let opts = CheckoutOptions {
                 in_place: *in_place,
@@ -941,7 +953,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             }
         }
         Command::Cat { id, path } => {
-            let repo = Repository::open(&repo_dir)?;
+            let repo = open(&repo_dir)?;
             let mut file = repo.open_file(id, path)?;
             // Reads return at most one chunk; a large buffer keeps writes to a pipe few.
             let mut stdout = io::BufWriter::with_capacity(1 << 20, io::stdout().lock());
@@ -956,7 +968,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             })?;
         }
         Command::Ls { id, path, recursive } => {
-            let repo = Repository::open(&repo_dir)?;
+            let repo = open(&repo_dir)?;
             let mut sink = output::Sink::default();
             if cli.json {
                 out.json_open("");
@@ -970,7 +982,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             }
         }
         Command::Tag { id, add, remove } => {
-            let tagged = Repository::open(&repo_dir)?.tag(id, add, remove)?;
+            let tagged = open(&repo_dir)?.tag(id, add, remove)?;
             // A mistyped tag to remove would otherwise pass unnoticed: nothing to remove is not an error.
             for t in remove.iter().filter(|t| !tagged.removed.contains(t)) {
                 notice("warning", &format!("{id} has no tag {t}; nothing to remove"));
@@ -987,7 +999,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             }
         }
         Command::Log { limit, tags, paths, hosts } => {
-            let repo = Repository::open(&repo_dir)?;
+            let repo = open(&repo_dir)?;
             let mut list = repo.checkpoints()?;
             let any = !list.is_empty();
             let paths = path_keys(paths)?;
@@ -1036,7 +1048,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             }
         }
         Command::Groups => {
-            let groups = Repository::open(&repo_dir)?.groups()?;
+            let groups = open(&repo_dir)?.groups()?;
             if cli.json {
                 out.json(&groups)?;
             } else if groups.is_empty() {
@@ -1048,7 +1060,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             }
         }
         Command::Show { id } => {
-            let repo = Repository::open(&repo_dir)?;
+            let repo = open(&repo_dir)?;
             let cp = repo.checkpoint(id)?;
             let skipped = repo.skipped(&cp.id)?;
             if cli.json {
@@ -1074,7 +1086,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             }
         }
         Command::Forget { ids, groups, keep, tags, paths, across_paths, dry_run, prune } => {
-            let repo = Repository::open(&repo_dir)?;
+            let repo = open(&repo_dir)?;
             let prune = *prune && !*dry_run;
             let policy = keep.policy();
             if !groups.is_empty() {
@@ -1175,7 +1187,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             if !(0.0..=100.0).contains(max_unused) {
                 return Err(Failure::Usage("--max-unused takes a percentage from 0 to 100".into()));
             }
-            let repo = Repository::open(&repo_dir)?;
+            let repo = open(&repo_dir)?;
             let opts = snapstore::GcOptions {
                 dry_run: *dry_run,
                 max_unused: max_unused / 100.0,
@@ -1210,7 +1222,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             }
         }
         Command::Stats => {
-            let repo = Repository::open(&repo_dir)?;
+            let repo = open(&repo_dir)?;
             let stats = repo.stats()?;
             if cli.json {
                 out.json(&stats)?;

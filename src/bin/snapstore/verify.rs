@@ -73,7 +73,7 @@ pub fn verify(repo_dir: &Path, args: &VerifyArgs, json: bool, quiet: bool, out: 
         None if args.read_data => DataSubset::All,
         None => DataSubset::None,
     };
-    let repo = Repository::open(repo_dir)?;
+    let repo = crate::open(repo_dir)?;
     let bar = progress::Bar::new(show_progress(json, quiet));
     let opts = VerifyOptions { read_data, threads: args.threads, progress: bar.clone() };
     let report = repo.verify(&opts)?;
@@ -143,19 +143,26 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
             r.affected_checkpoints.len(),
             plural(r.checkpoints, "checkpoint")
         ))?;
-        if bucket && r.damaged_chunks_total > 0 {
-            out.line(
-                "hint: in a bucket, damaged chunks are not yet stored afresh by later commits, and `repair index` is \
-                 for local repositories: restore what you need from checkpoints that are whole, and keep the \
-                 original data of the affected ones; a commit of the same bytes reuses the damaged chunks",
-            )?;
-        } else if r.damaged_chunks_marked > 0 {
+        if r.damaged_chunks_marked > 0 {
+            // `repair index` is for local repositories; in a bucket, the healing commit's record moves every
+            // machine's rows to the fresh copies.
+            let repair = if bucket {
+                ", on every machine sharing the bucket"
+            } else {
+                ". `snapstore repair index --read-data` moves them to sound copies where another pack holds one"
+            };
             out.line(&format!(
                 "hint: {} marked: the next commit of the original data stores them afresh (reading the files that \
-                 hold them) and makes the checkpoints that use them whole; until then commits do not reuse them. \
-                 `snapstore repair index --read-data` moves them to sound copies where another pack holds one",
+                 hold them) and makes the checkpoints that use them whole; until then commits do not reuse \
+                 them{repair}",
                 plural(r.damaged_chunks_marked, "damaged chunk")
             ))?;
+        } else if bucket && r.damaged_chunks_total > 0 {
+            out.line(
+                "hint: restore what you need from checkpoints that are whole, and keep the original data of the \
+                 affected ones: `repair index` is for local repositories, and these chunks could not be marked for \
+                 the next commit to store afresh",
+            )?;
         } else if r.damaged_chunks.iter().any(|c| c.pack.is_some()) {
             out.line(
                 "hint: `snapstore repair index --read-data` leaves the damaged chunks out of the index; committing \
