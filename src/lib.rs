@@ -1218,7 +1218,13 @@ impl Repository {
     /// an existing pack, and pack indexes agree with the catalog; with [`VerifyOptions::read_data`], also
     /// decompresses and rehashes chunks. Damage is reported in the [`VerifyReport`], not as an error.
     pub fn verify(&self, opts: &VerifyOptions) -> Result<VerifyReport> {
-        self.reader(|| verify::verify(&self.catalog_path, self.backend.clone(), opts))
+        self.reader(|| {
+            let mut report = verify::verify(&self.catalog_path, self.backend.clone(), opts)?;
+            if let Some(remote) = &self.remote {
+                report.records_missing = remote.missing_records(&self.open_catalog()?)?;
+            }
+            Ok(report)
+        })
     }
 
     /// Rebuilds the catalog's chunk index from the packs' own indexes, and reports which checkpoints are

@@ -145,6 +145,60 @@ pub struct SyncSummary {
     pub applied: u64,
     /// Checkpoints in the catalog afterwards (group parts included).
     pub checkpoints: u64,
+    /// Records gone from the bucket (deleted behind snapstore's back, or moved out of `records/` because
+    /// damaged), at most 1000, each a line saying which: a catalog rebuilt from the bucket (a new machine,
+    /// `sync --rebuild`) lacks what they recorded, which a machine that applied them keeps. Empty when whole.
+    pub records_missing: Vec<String>,
+}
+
+/// The names of the records `catalog` applied or wrote.
+fn applied_records(catalog: &Catalog) -> Result<HashSet<String>> {
+    let mut stmt = catalog.connection().prepare("SELECT name FROM remote_records")?;
+    Ok(stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?)
+}
+
+/// At most this many records gone from the bucket are named ([`SyncSummary::records_missing`]).
+const MISSING_SHOWN: usize = 1000;
+
+/// Records gone from the bucket, from the names it lists under `records/` and those a catalog applied: each
+/// applied record no longer listed, by name, then each run of sequence numbers with no record in either. Every
+/// number up to the highest has a record, since a writer numbers its record one past the highest it applied
+/// or wrote and snapstore deletes none, so a number without one is a record deleted before this catalog
+/// applied it. (Of two records with one number, the loss of one this catalog never applied goes unseen.)
+fn records_gone<'a>(listed: impl Iterator<Item = &'a str>, applied: &HashSet<String>) -> Vec<String> {
+    let listed: HashSet<&str> = listed.collect();
+    let mut out: Vec<String> = applied
+        .iter()
+        .filter(|n| !listed.contains(n.as_str()))
+        .map(|n| format!("{n}: applied by this machine's copy of the catalog, gone from the bucket"))
+        .collect();
+    out.sort();
+    let mut seqs: Vec<u64> = listed
+        .iter()
+        .copied()
+        .chain(applied.iter().map(String::as_str))
+        .filter_map(|n| n.strip_prefix(RECORDS).and_then(record_seq))
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    let mut next = 1;
+    for seq in seqs {
+        if seq > next {
+            let last = seq - 1;
+            out.push(if last == next {
+                format!("{RECORDS}{next:016x}-*: no record with this number, in the bucket or applied here")
+            } else {
+                format!(
+                    "{RECORDS}{next:016x}-* to {RECORDS}{last:016x}-*: no record with these {} numbers, in the \
+                     bucket or applied here",
+                    last - next + 1
+                )
+            });
+        }
+        next = next.max(seq.saturating_add(1));
+    }
+    out.truncate(MISSING_SHOWN);
+    out
 }
 
 /// The bucket side of a remote repository.
@@ -210,11 +264,7 @@ impl Remote {
     /// Applies every record of the bucket the catalog has not applied, in causal order.
     pub fn sync(&self, catalog: &mut Catalog) -> Result<SyncSummary> {
         let listed = self.bucket.list(RECORDS).map_err(|e| self.err(RECORDS, e))?;
-        let known: HashSet<String> = catalog
-            .connection()
-            .prepare("SELECT name FROM remote_records")?
-            .query_map([], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
+        let known = applied_records(catalog)?;
         let mut new: Vec<(u64, String)> = Vec::new();
         for o in &listed {
             if known.contains(&o.name) {
@@ -254,7 +304,16 @@ impl Remote {
         }
         s.checkpoints =
             catalog.connection().query_row("SELECT count(*) FROM checkpoints", [], |r| r.get::<_, i64>(0))? as u64;
+        // Every record listed is applied now: what was applied before and is no longer listed is gone.
+        s.records_missing = records_gone(listed.iter().map(|o| o.name.as_str()), &known);
         Ok(s)
+    }
+
+    /// Records gone from the bucket, as [`SyncSummary::records_missing`] names them, for `catalog`, which
+    /// has applied every record the bucket lists (it synced).
+    pub(crate) fn missing_records(&self, catalog: &Catalog) -> Result<Vec<String>> {
+        let listed = self.bucket.list(RECORDS).map_err(|e| self.err(RECORDS, e))?;
+        Ok(records_gone(listed.iter().map(|o| o.name.as_str()), &applied_records(catalog)?))
     }
 
     /// Registers a commit (or a reader of packs) in the bucket, after any sweep under way has ended. The
@@ -767,5 +826,39 @@ mod tests {
             assert_eq!(winners.len(), 1, "round {round}: {results:?}");
             assert!(bucket.head(GC_LOCK).unwrap().is_none(), "the winner's lock is released when dropped");
         }
+    }
+}
+
+/// Tests that need no S3 server.
+#[cfg(test)]
+mod listing_tests {
+    use super::*;
+
+    fn name(seq: u64, hash: &str) -> String {
+        format!("{RECORDS}{seq:016x}-{hash}")
+    }
+
+    /// A bucket whose every number up to the highest has a record, whatever this copy applied, is whole;
+    /// a record applied here and gone is named, and numbers with no record anywhere are named as runs.
+    #[test]
+    fn records_gone_names_deleted_records_and_runs_of_missing_numbers() {
+        let listed = [name(1, "a"), name(2, "b"), name(2, "c"), name(3, "d"), "records/README".into()];
+        let applied: HashSet<String> = [name(1, "a"), name(2, "b")].into_iter().collect();
+        assert!(records_gone(listed.iter().map(String::as_str), &applied).is_empty());
+        assert!(records_gone(listed.iter().map(String::as_str), &HashSet::new()).is_empty());
+
+        // Record 2-b was applied here and deleted; 4 and 6 to 8 were deleted before anyone here applied them.
+        let listed = [name(1, "a"), name(2, "c"), name(3, "d"), name(5, "e"), name(9, "f")];
+        let gone = records_gone(listed.iter().map(String::as_str), &applied);
+        assert_eq!(gone.len(), 3, "{gone:?}");
+        assert!(gone[0].starts_with(&format!("{}: applied by this machine", name(2, "b"))), "{gone:?}");
+        assert!(gone[1].starts_with(&format!("{}: no record with this number", name(4, "*"))), "{gone:?}");
+        assert!(gone[2].starts_with(&format!("{} to {}: no record with these 3 numbers", name(6, "*"), name(8, "*"))));
+
+        // The newest records gone, this copy having applied them: named, and the numbers before them are there.
+        let applied: HashSet<String> = [name(1, "a"), name(2, "b"), name(3, "c")].into_iter().collect();
+        let gone = records_gone([name(1, "a")].iter().map(String::as_str), &applied);
+        assert_eq!(gone.len(), 2, "{gone:?}");
+        assert!(gone.iter().all(|g| g.contains("applied by this machine")), "{gone:?}");
     }
 }

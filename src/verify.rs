@@ -253,6 +253,9 @@ pub struct VerifyReport {
     /// that meets their bytes stores them afresh, which makes every checkpoint using them whole again. None
     /// in a repository opened for reading only.
     pub damaged_chunks_marked: u64,
+    /// In a bucket: records gone from it, as [`crate::SyncSummary::records_missing`] names them. A catalog
+    /// rebuilt from the bucket lacks what they recorded.
+    pub records_missing: Vec<String>,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -264,6 +267,7 @@ impl VerifyReport {
             && self.damaged_chunks_total == 0
             && self.damaged_objects_total == 0
             && self.affected_checkpoints.is_empty()
+            && self.records_missing.is_empty()
     }
 }
 

@@ -376,8 +376,13 @@ fn bucket(endpoint: &str, url: &str) -> snapstore::backend::Bucket {
 }
 
 fn packs(endpoint: &str, url: &str) -> Vec<String> {
+    listed(endpoint, url, "packs/")
+}
+
+/// The keys of the bucket's objects under the repository's `dir`, in name order.
+fn listed(endpoint: &str, url: &str, dir: &str) -> Vec<String> {
     let (bucket, prefix) = url.trim_start_matches("s3://").split_once('/').unwrap();
-    let body = http(endpoint, "GET", &format!("/{bucket}?list-type=2&prefix={prefix}/packs/"));
+    let body = http(endpoint, "GET", &format!("/{bucket}?list-type=2&prefix={prefix}/{dir}"));
     body.split("<Key>").skip(1).map(|k| k.split('<').next().unwrap().to_string()).collect()
 }
 
@@ -474,6 +479,50 @@ fn a_damaged_chunk_in_a_bucket_heals_on_every_machine() {
         assert_all_restore(m, &[(id1.clone(), one.clone()), (id2.clone(), two.clone())]);
         assert!(m.ok(&["verify", "--read-data"]).contains("no damage found"));
     }
+}
+
+/// A record deleted from the bucket behind snapstore's back is reported: by `verify` (exit 3) on the machine
+/// that applied it, by name, and on a new machine, which never saw it, as a sequence number with no record;
+/// `sync` warns and still succeeds. Before, a new machine silently built a catalog without that checkpoint.
+#[test]
+fn a_record_deleted_from_the_bucket_is_reported() {
+    let Some((endpoint, url)) = server() else { return };
+    let a = Machine::new(&endpoint, &url);
+    a.ok(&["init"]);
+    let data: Vec<Vec<u8>> = (0..3).map(|i| pseudo_random(200_000, 70 + i)).collect();
+    let ids: Vec<String> = data.iter().map(|d| a.commit_stream("s", d)).collect();
+    assert!(a.ok(&["verify"]).contains("no damage found"));
+    // The second checkpoint's record.
+    let victim = listed(&endpoint, &url, "records/")
+        .into_iter()
+        .find(|k| {
+            let body = bucket(&endpoint, &url).get(object_name(&url, k)).unwrap();
+            String::from_utf8_lossy(&zstd::decode_all(&body[8..]).unwrap()).contains(&ids[1])
+        })
+        .expect("the second checkpoint's record");
+    let name = object_name(&url, &victim).to_string();
+    bucket(&endpoint, &url).delete(&name).unwrap();
+
+    let o = a.run(&["verify"]);
+    let report = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(3), "{report}{}", text(&o.stderr));
+    assert!(report.contains(&format!("record missing from the bucket: {name}: applied by this machine")), "{report}");
+    assert!(report.contains("1 record missing from the bucket") && report.contains("sync --rebuild"), "{report}");
+    let o = a.run(&["sync"]);
+    let warned = format!("warning: record missing from the bucket: {name}");
+    assert!(o.status.success() && text(&o.stderr).contains(&warned), "{}", text(&o.stderr));
+
+    let b = Machine::new(&endpoint, &url);
+    let o = b.run(&["--json", "verify"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let missing = v["records_missing"].as_array().unwrap();
+    let seq = &name["records/".len()..name.find('-').unwrap()];
+    assert_eq!(missing.len(), 1, "{v}");
+    assert!(missing[0].as_str().unwrap().starts_with(&format!("records/{seq}-*: no record with this number")), "{v}");
+    let mut kept = vec![ids[0].clone(), ids[2].clone()];
+    kept.sort();
+    assert_eq!(b.ids(), kept, "the new machine lacks the deleted record's checkpoint");
 }
 
 /// Flips a byte of the bucket's object `key` (as `packs` lists it) at `at` of its length, behind snapstore's back.

@@ -1220,6 +1220,16 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                     output::plural(s.checkpoints, "checkpoint")
                 ))?;
             }
+            // Told even with --quiet: a bucket that lost records lost checkpoints for every new machine.
+            for m in s.records_missing.iter().take(10) {
+                notice("warning", &format!("record missing from the bucket: {m}"));
+            }
+            if s.records_missing.len() > 10 {
+                notice("warning", &format!("... and {} more records missing", s.records_missing.len() - 10));
+            }
+            if !s.records_missing.is_empty() {
+                notice("hint", verify::RECORDS_MISSING_HINT);
+            }
         }
         Command::Stats => {
             let repo = open(&repo_dir)?;

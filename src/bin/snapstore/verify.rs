@@ -60,6 +60,12 @@ Exit codes:
     },
 }
 
+/// What to do about records gone from a bucket (`verify`, `sync`).
+pub const RECORDS_MISSING_HINT: &str = "a catalog rebuilt from the bucket (a new machine, `sync --rebuild`) lacks what \
+     the missing records recorded (a commit's checkpoint or chunks, a forget, a gc step), and a machine that applied \
+     them keeps it: do not rebuild that machine's copy, and restore what you need there. If they were moved out of \
+     records/ by hand, put them back";
+
 /// Lines of one kind printed before "... and N more".
 const SHOWN: usize = 50;
 
@@ -133,9 +139,17 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
         out.line(&format!("affected: {} {} ({})", short(&f.checkpoint), f.path.display(), f.problem))?;
     }
     more(out, r.affected_files_total, r.affected_files.len(), "affected files")?;
+    for m in r.records_missing.iter().take(SHOWN) {
+        out.line(&format!("record missing from the bucket: {m}"))?;
+    }
+    more(out, r.records_missing.len() as u64, SHOWN, "records missing")?;
     if !quiet {
+        let records = match r.records_missing.len() {
+            0 => String::new(),
+            n => format!(", {} missing from the bucket", plural(n as u64, "record")),
+        };
         out.line(&format!(
-            "damage found: {}, {}, {}; {} in {} of {} affected; {read}",
+            "damage found: {}, {}, {}{records}; {} in {} of {} affected; {read}",
             plural(r.damaged_packs.len() as u64, "damaged pack"),
             plural(r.damaged_chunks_total, "damaged chunk"),
             plural(r.damaged_objects_total, "damaged catalog object"),
@@ -143,6 +157,9 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
             r.affected_checkpoints.len(),
             plural(r.checkpoints, "checkpoint")
         ))?;
+        if !r.records_missing.is_empty() {
+            out.line(&format!("hint: {RECORDS_MISSING_HINT}"))?;
+        }
         if r.damaged_chunks_marked > 0 {
             // `repair index` is for local repositories; in a bucket, the healing commit's record moves every
             // machine's rows to the fresh copies.
