@@ -94,6 +94,10 @@ pub struct GcSummary {
     /// For a repository in a bucket: commits running anywhere (this machine included) when GC was about to
     /// delete; GC then marked only, and leaves sweeping and deleting to a run when none is.
     pub sweep_deferred_by: u64,
+    /// For a repository in a bucket: records gone from it, as [`crate::SyncSummary::records_missing`] names
+    /// them. GC then marked only and deleted nothing: what they recorded (a checkpoint that a machine which
+    /// applied them still has) may use what this catalog, which lacks it, takes for unused.
+    pub records_missing: Vec<String>,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -341,11 +345,12 @@ pub(crate) fn gc(
     // In a bucket, one GC runs across every machine; its catalog first takes in what they all recorded. A dry
     // run writes nothing there, and takes no lock that would turn a real GC elsewhere away.
     let remote_lock = remote.filter(|_| !opts.dry_run).map(|r| r.lock(GC_LOCK)).transpose()?;
-    if let Some(r) = remote {
-        r.sync(&mut cat)?;
-    }
+    let missing = match remote {
+        Some(r) => r.sync(&mut cat)?.records_missing,
+        None => Vec::new(),
+    };
     acquire_lease(cat.connection_mut(), &me, opts.stale_after)?;
-    let result = run(&mut cat, backend, remote, pack_target, opts, &me);
+    let result = run(&mut cat, backend, remote, pack_target, opts, &me, missing);
     let _ = cat.connection().execute("DELETE FROM gc_lease WHERE pid = ?1", [std::process::id()]);
     drop(remote_lock);
     let mut summary = result?;
@@ -361,6 +366,7 @@ fn run(
     pack_target: u64,
     opts: &GcOptions,
     me: &str,
+    records_missing: Vec<String>,
 ) -> Result<GcSummary> {
     let mut s = GcSummary { dry_run: opts.dry_run, ..Default::default() };
     opts.progress.start("gc", None);
@@ -389,6 +395,15 @@ fn run(
         s.groups_dropped = drop_stale_groups(&tx, None, opts)?;
     }
     s.chunks_condemned = mark(&tx)?;
+    if !records_missing.is_empty() {
+        s.records_missing = records_missing;
+        if opts.dry_run {
+            tx.rollback()?
+        } else {
+            tx.commit()?
+        }
+        return Ok(s);
+    }
     if opts.dry_run && deferred_by > 0 {
         s.sweep_deferred_by = deferred_by;
         tx.rollback()?;
@@ -436,7 +451,12 @@ fn run(
     // claim back what their checkpoints reach before anything is deleted. A group whose last part one of them
     // committed is complete now, and stays; the rest of the stale groups go, and what only they held is
     // condemned, while no commit anywhere can be relying on them.
-    let applied = r.sync(cat)?.applied;
+    let synced = r.sync(cat)?;
+    if !synced.records_missing.is_empty() {
+        s.records_missing = synced.records_missing;
+        return Ok(s);
+    }
+    let applied = synced.applied;
     let tx = cat.connection_mut().transaction_with_behavior(TransactionBehavior::Immediate)?;
     s.groups_dropped = drop_stale_groups(&tx, Some((r, &lock)), opts)?;
     if applied > 0 || s.groups_dropped > 0 {

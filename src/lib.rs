@@ -109,12 +109,12 @@ pub struct Repository {
     read_only: Option<readonly::Fingerprint>,
     /// The owner of a repository of another user's on a writable disk, to which every change is refused.
     owner: Option<u32>,
-    /// Told when a command starts waiting for another process's hold on the bucket ([`Repository::on_wait`]).
-    on_wait: Option<Arc<WaitNotice>>,
+    /// Told what a command on a bucket wants its user to know as it runs ([`Repository::on_notice`]).
+    on_notice: Option<Arc<Notice>>,
 }
 
-/// What [`Repository::on_wait`] is given.
-type WaitNotice = dyn Fn(&str) + Send + Sync;
+/// What [`Repository::on_notice`] is given.
+type Notice = dyn Fn(&str) + Send + Sync;
 
 /// The error for `sync` asked of a local repository.
 fn not_remote(path: &Path) -> Error {
@@ -350,7 +350,7 @@ impl Repository {
         let params = catalog.params()?;
         let read_only = catalog.read_only().cloned();
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&root));
-        Ok(Repository { root, catalog_path, backend, params, remote: None, read_only, owner, on_wait: None })
+        Ok(Repository { root, catalog_path, backend, params, remote: None, read_only, owner, on_notice: None })
     }
 
     /// Opens the repository at `path`, or creates it with the default parameters if there is none there;
@@ -423,7 +423,7 @@ impl Repository {
                 remote: Some(remote),
                 read_only: None,
                 owner: None,
-                on_wait: None,
+                on_notice: None,
             },
             synced,
         ))
@@ -434,6 +434,19 @@ impl Repository {
     pub fn sync(&self) -> Result<SyncSummary> {
         let remote = self.remote.as_ref().ok_or_else(|| not_remote(&self.root))?;
         remote.sync(&mut self.open_catalog()?)
+    }
+
+    /// For a repository in a bucket: accepts that the records [`SyncSummary::records_missing`] reports are
+    /// lost for good (deleted from the bucket, or a damaged one moved out of `records/`), so that GC, which
+    /// deletes nothing while records are missing, collects again. This machine keeps what the records it
+    /// applied changed; each sequence number without a record gets an empty one. Run it on every machine that
+    /// reports records it applied as missing. Returns the records accepted as lost.
+    ///
+    /// A checkpoint that only a lost record held is then lost for every machine that lacks it, and GC may
+    /// collect chunks that such a checkpoint on another machine uses, which `verify` there then reports.
+    pub fn accept_missing_records(&self) -> Result<Vec<String>> {
+        let remote = self.remote.as_ref().ok_or_else(|| not_remote(&self.root))?;
+        remote.accept_missing(&mut self.open_catalog()?)
     }
 
     /// Opens a repository in a bucket, returning what its sync on opening applied (a [`Repository::sync`]
@@ -468,25 +481,30 @@ impl Repository {
         }
     }
 
-    /// Has `notice` told, with a sentence saying what is waited for and for how long at most, whenever a
-    /// command on a repository in a bucket starts waiting for another process's hold there: a commit,
-    /// checkout, verify or file reader for a GC deleting from the bucket (up to `SNAPSTORE_SWEEP_WAIT`
-    /// seconds, default 600), a forget, retention run or tag change for another one (up to 120 s). Once per
-    /// wait; never for a local repository, whose waits are short. The CLI prints it, so that a command held
-    /// for minutes does not look hung.
+    /// Has `notice` told, in a sentence, what a command on a repository in a bucket wants its user to know as
+    /// it runs, without failing:
+    /// - that it starts waiting for another process's hold there, for what and how long at most: a commit,
+    ///   checkout, verify or file reader for a GC deleting from the bucket (up to `SNAPSTORE_SWEEP_WAIT`
+    ///   seconds, default 600), a forget, retention run or tag change for another one (up to 120 s); once per
+    ///   wait;
+    /// - that a checkout, verify or file reader reads without registering a session, because the credentials
+    ///   may not write to the bucket (so a GC on another machine may make it fail; run again, it succeeds).
+    ///
+    /// Never for a local repository. The CLI prints these on stderr, so that a command held for minutes does
+    /// not look hung.
     ///
     /// ```
     /// let dir = tempfile::tempdir().unwrap();
     /// let mut repo = snapstore::Repository::init(dir.path()).unwrap();
-    /// repo.on_wait(|what| eprintln!("{what}"));
+    /// repo.on_notice(|what| eprintln!("{what}"));
     /// ```
-    pub fn on_wait(&mut self, notice: impl Fn(&str) + Send + Sync + 'static) {
-        self.on_wait = Some(Arc::new(notice));
+    pub fn on_notice(&mut self, notice: impl Fn(&str) + Send + Sync + 'static) {
+        self.on_notice = Some(Arc::new(notice));
     }
 
-    /// Passes a wait's description to [`Repository::on_wait`]'s notice, if one was given.
-    fn waiting(&self, what: &str) {
-        if let Some(notice) = &self.on_wait {
+    /// Passes `what` to [`Repository::on_notice`]'s notice, if one was given.
+    fn notice(&self, what: &str) {
+        if let Some(notice) = &self.on_notice {
             notice(what);
         }
     }
@@ -507,9 +525,11 @@ impl Repository {
     /// For a repository in a bucket: a session registered there (after any sweep under way), then a sync, so
     /// that no GC deletes what the caller relies on or reads while the session lives (a reader on another
     /// machine would take a pack deleted under it for damage). It ends when dropped.
-    fn session(&self) -> Result<Option<(&remote::Remote, remote::RemoteSession)>> {
+    /// `reading`: the caller only reads, and may go on without a session where the bucket's credentials do
+    /// not let it register one ([`remote::Remote::begin_session`]).
+    fn session(&self, reading: bool) -> Result<Option<(&remote::Remote, remote::RemoteSession)>> {
         let Some(remote) = &self.remote else { return Ok(None) };
-        let session = remote.begin_session(&|what| self.waiting(what))?;
+        let session = remote.begin_session(reading, &|what| self.notice(what))?;
         remote.sync(&mut self.open_catalog()?)?;
         Ok(Some((remote, session)))
     }
@@ -518,7 +538,7 @@ impl Repository {
     /// journaled to the bucket.
     fn writer<T>(&self, f: impl FnOnce(commit::Context<'_>) -> Result<T>) -> Result<T> {
         self.refuse_another_users()?;
-        let Some((remote, session)) = self.session()? else {
+        let Some((remote, session)) = self.session(false)? else {
             // Gone since it was opened (moved, deleted, unmounted): writing would make a half repository there.
             if !self.catalog_path.is_file() {
                 return Err(Error::NoRepository(self.root.clone()));
@@ -553,7 +573,7 @@ impl Repository {
     /// On a read-only mount, a reader whose repository another mount wrote meanwhile fails as such: what it
     /// read, restored or reported damaged may mix two states.
     fn reader<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let _session = self.session()?;
+        let _session = self.session(true)?;
         self.checked_read(f())
     }
 
@@ -580,7 +600,7 @@ impl Repository {
     ) -> Result<T> {
         self.refuse_another_users()?;
         let Some(remote) = &self.remote else { return f(catalog, None) };
-        let lock = remote.forget_lock(&|what| self.waiting(what))?;
+        let lock = remote.forget_lock(&|what| self.notice(what))?;
         remote.sync(catalog)?;
         fault::point("forget-synced");
         let journal = |tx: &rusqlite::Transaction<'_>, b: &catalog::Batch| {
@@ -902,7 +922,7 @@ impl Repository {
 
     fn open_file_unchecked(&self, id: &str, path: &Path) -> Result<FileReader> {
         // In a bucket, the reader holds a session for its whole life, as a checkout does for its run.
-        let session = self.session()?;
+        let session = self.session(true)?;
         let catalog = self.open_catalog()?;
         let cp = catalog.resolve(id)?;
         let root = content::root_entry(&catalog, &cp.id)?;

@@ -121,9 +121,10 @@ fn token() -> String {
     ObjectId::of(seed.as_bytes()).to_hex()[..32].to_string()
 }
 
-/// A running commit's (or reader's) session object, deleted when dropped.
+/// A running commit's (or reader's) session object, deleted when dropped. `None`: a read whose credentials
+/// may not write to the bucket, which reads without one ([`Remote::begin_session`]).
 pub(crate) struct RemoteSession {
-    name: String,
+    name: Option<String>,
     beat: Option<Heartbeat>,
     bucket: Arc<Bucket>,
 }
@@ -132,7 +133,9 @@ impl Drop for RemoteSession {
     /// Best effort: a session left behind only delays GC's sweeps until it is found dead.
     fn drop(&mut self) {
         drop(self.beat.take());
-        let _ = self.bucket.delete(&self.name);
+        if let Some(name) = &self.name {
+            let _ = self.bucket.delete(name);
+        }
     }
 }
 
@@ -160,45 +163,68 @@ fn applied_records(catalog: &Catalog) -> Result<HashSet<String>> {
 /// At most this many records gone from the bucket are named ([`SyncSummary::records_missing`]).
 const MISSING_SHOWN: usize = 1000;
 
-/// Records gone from the bucket, from the names it lists under `records/` and those a catalog applied: each
-/// applied record no longer listed, by name, then each run of sequence numbers with no record in either. Every
+/// Records gone from the bucket, from the names it lists under `records/` and those a catalog applied. Every
 /// number up to the highest has a record, since a writer numbers its record one past the highest it applied
 /// or wrote and snapstore deletes none, so a number without one is a record deleted before this catalog
 /// applied it. (Of two records with one number, the loss of one this catalog never applied goes unseen.)
-fn records_gone<'a>(listed: impl Iterator<Item = &'a str>, applied: &HashSet<String>) -> Vec<String> {
-    let listed: HashSet<&str> = listed.collect();
-    let mut out: Vec<String> = applied
-        .iter()
-        .filter(|n| !listed.contains(n.as_str()))
-        .map(|n| format!("{n}: applied by this machine's copy of the catalog, gone from the bucket"))
-        .collect();
-    out.sort();
-    let mut seqs: Vec<u64> = listed
-        .iter()
-        .copied()
-        .chain(applied.iter().map(String::as_str))
-        .filter_map(|n| n.strip_prefix(RECORDS).and_then(record_seq))
-        .collect();
-    seqs.sort_unstable();
-    seqs.dedup();
-    let mut next = 1;
-    for seq in seqs {
-        if seq > next {
-            let last = seq - 1;
-            out.push(if last == next {
-                format!("{RECORDS}{next:016x}-*: no record with this number, in the bucket or applied here")
+#[derive(Debug, Default, PartialEq)]
+struct Gone {
+    /// Records the catalog applied that the bucket no longer lists, by name.
+    applied: Vec<String>,
+    /// Runs of sequence numbers (first, last) with no record in either.
+    gaps: Vec<(u64, u64)>,
+}
+
+impl Gone {
+    fn find<'a>(listed: impl Iterator<Item = &'a str>, applied: &HashSet<String>) -> Gone {
+        let listed: HashSet<&str> = listed.collect();
+        let mut gone = Gone {
+            applied: applied.iter().filter(|n| !listed.contains(n.as_str())).cloned().collect(),
+            gaps: Vec::new(),
+        };
+        gone.applied.sort();
+        let mut seqs: Vec<u64> = listed
+            .iter()
+            .copied()
+            .chain(applied.iter().map(String::as_str))
+            .filter_map(|n| n.strip_prefix(RECORDS).and_then(record_seq))
+            .collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        let mut next = 1;
+        for seq in seqs {
+            if seq > next {
+                gone.gaps.push((next, seq - 1));
+            }
+            next = next.max(seq.saturating_add(1));
+        }
+        gone
+    }
+
+    /// A line for each, at most [`MISSING_SHOWN`].
+    fn lines(&self) -> Vec<String> {
+        let applied = self
+            .applied
+            .iter()
+            .map(|n| format!("{n}: applied by this machine's copy of the catalog, gone from the bucket"));
+        let gaps = self.gaps.iter().map(|&(first, last)| {
+            if first == last {
+                format!("{RECORDS}{first:016x}-*: no record with this number, in the bucket or applied here")
             } else {
                 format!(
-                    "{RECORDS}{next:016x}-* to {RECORDS}{last:016x}-*: no record with these {} numbers, in the \
+                    "{RECORDS}{first:016x}-* to {RECORDS}{last:016x}-*: no record with these {} numbers, in the \
                      bucket or applied here",
-                    last - next + 1
+                    last - first + 1
                 )
-            });
-        }
-        next = next.max(seq.saturating_add(1));
+            }
+        });
+        applied.chain(gaps).take(MISSING_SHOWN).collect()
     }
-    out.truncate(MISSING_SHOWN);
-    out
+}
+
+/// [`Gone`]'s lines, as [`SyncSummary::records_missing`] names them.
+fn records_gone<'a>(listed: impl Iterator<Item = &'a str>, applied: &HashSet<String>) -> Vec<String> {
+    Gone::find(listed, applied).lines()
 }
 
 /// The bucket side of a remote repository.
@@ -309,6 +335,33 @@ impl Remote {
         Ok(s)
     }
 
+    /// Accepts that the records gone from the bucket are lost for good, so that GC, which deletes nothing
+    /// while any is missing, goes on: this catalog stops looking for those it applied (it keeps what they
+    /// changed), and each sequence number left without a record gets an empty one. Every machine that
+    /// applied a lost record must accept it so. Returns what was accepted, as [`SyncSummary::records_missing`]
+    /// names it.
+    pub(crate) fn accept_missing(&self, catalog: &mut Catalog) -> Result<Vec<String>> {
+        self.sync(catalog)?;
+        let listed = self.bucket.list(RECORDS).map_err(|e| self.err(RECORDS, e))?;
+        let names = || listed.iter().map(|o| o.name.as_str());
+        let gone = Gone::find(names(), &applied_records(catalog)?);
+        for name in &gone.applied {
+            catalog.connection().execute("DELETE FROM remote_records WHERE name = ?1", [name])?;
+        }
+        // Without them, their numbers may be gaps too.
+        let empty = crate::record::encode(&Batch::default())?;
+        let hash = ObjectId::of(&empty).to_hex();
+        for (first, last) in Gone::find(names(), &applied_records(catalog)?).gaps {
+            for seq in first..=last {
+                // The same bytes under the same name from every machine that fills it: filling twice is harmless.
+                let name = format!("{RECORDS}{seq:016x}-{}", &hash[..32]);
+                self.bucket.put(&name, empty.clone()).map_err(|e| self.err(&name, e))?;
+                catalog.connection().execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [&name])?;
+            }
+        }
+        Ok(gone.lines())
+    }
+
     /// Records gone from the bucket, as [`SyncSummary::records_missing`] names them, for `catalog`, which
     /// has applied every record the bucket lists (it synced).
     pub(crate) fn missing_records(&self, catalog: &Catalog) -> Result<Vec<String>> {
@@ -319,13 +372,31 @@ impl Remote {
     /// Registers a commit (or a reader of packs) in the bucket, after any sweep under way has ended. The
     /// caller syncs next, so that whatever that sweep deleted is gone from its catalog before it relies on
     /// anything there.
-    /// `waiting` is told once, if the sweep is waited for.
-    pub fn begin_session(&self, waiting: &dyn Fn(&str)) -> Result<RemoteSession> {
+    /// `notice` is told once, if the sweep is waited for.
+    ///
+    /// A reader (`reading`) whose credentials may not write to the bucket (a machine given read-only keys to
+    /// restore) reads without a session, after telling `notice` so: a GC on another machine may then delete a
+    /// pack it reads, after moving the chunks elsewhere, and the read fails as damaged; run again, it reads
+    /// them where they moved. It also leaves a dead GC's sweep lock for others to clear.
+    pub fn begin_session(&self, reading: bool, notice: &dyn Fn(&str)) -> Result<RemoteSession> {
         let holder = Holder::me();
         let name = format!("{SESSIONS}{}", holder.token);
-        self.bucket.put(&name, holder.encode()).map_err(|e| self.err(&name, e))?;
-        let beat = Some(Heartbeat::start(self.bucket.clone(), name.clone(), holder));
-        let session = RemoteSession { beat, name, bucket: self.bucket.clone() };
+        let session = match self.bucket.put(&name, holder.encode()) {
+            Ok(()) => {
+                let beat = Some(Heartbeat::start(self.bucket.clone(), name.clone(), holder));
+                RemoteSession { beat, name: Some(name), bucket: self.bucket.clone() }
+            }
+            Err(e) if reading && e.kind() == std::io::ErrorKind::PermissionDenied => {
+                notice(&format!(
+                    "reading without a session: these credentials may not write to {} (its session object was \
+                     refused); a gc running on another machine meanwhile can make this read fail as damaged, and \
+                     running it again then succeeds",
+                    self.bucket.url()
+                ));
+                RemoteSession { beat: None, name: None, bucket: self.bucket.clone() }
+            }
+            Err(e) => return Err(self.err(&name, e)),
+        };
         // The session is visible before the lock is read: a GC that takes the lock after this read sees the
         // session and defers its sweep; one that took it before is waited for.
         let wait = match std::env::var("SNAPSTORE_SWEEP_WAIT") {
@@ -340,7 +411,8 @@ impl Remote {
             // A GC killed while it held the lock would otherwise stop every commit and restore; its lock
             // stops being refreshed, and the first to see that removes it (the GC, if only stalled, finds
             // its lock gone before it deletes anything more).
-            if self.dead(&lock, modified_ns, LOCK_STALE)? {
+            // (Telling a holder on another host dead writes a probe, which a reader without a session may not.)
+            if session.name.is_some() && self.dead(&lock, modified_ns, LOCK_STALE)? {
                 self.bucket.delete(SWEEP_LOCK).map_err(|e| self.err(SWEEP_LOCK, e))?;
                 continue;
             }
@@ -349,7 +421,7 @@ impl Remote {
                 return Err(lock.sweep_running(wait));
             }
             if !std::mem::replace(&mut told, true) {
-                waiting(&format!(
+                notice(&format!(
                     "waiting for a gc on {} (pid {}, since {}) to finish deleting from the bucket: up to {} s \
                      (SNAPSTORE_SWEEP_WAIT)",
                     lock.host,
@@ -365,8 +437,8 @@ impl Remote {
 
     /// Fails if GC took this session for dead (it may have swept what the commit relies on).
     pub fn check_session(&self, s: &RemoteSession) -> Result<()> {
-        if s.beat.as_ref().is_some_and(|b| b.lost())
-            || self.bucket.head(&s.name).map_err(|e| self.err(&s.name, e))?.is_none()
+        let Some(name) = &s.name else { return Err(Error::SessionExpired) };
+        if s.beat.as_ref().is_some_and(|b| b.lost()) || self.bucket.head(name).map_err(|e| self.err(name, e))?.is_none()
         {
             return Err(Error::SessionExpired);
         }
@@ -441,8 +513,8 @@ impl Remote {
 
     /// Takes the lock that forgets hold from their sync to their record ([`FORGET_LOCK`]), waiting up to
     /// [`FORGET_WAIT`] for another forget to end.
-    /// `waiting` is told once, when the wait starts.
-    pub fn forget_lock(&self, waiting: &dyn Fn(&str)) -> Result<Lock> {
+    /// `notice` is told once, when the wait starts.
+    pub fn forget_lock(&self, notice: &dyn Fn(&str)) -> Result<Lock> {
         let started = Instant::now();
         let mut told = false;
         loop {
@@ -453,7 +525,7 @@ impl Remote {
                 }
                 Err(h) => {
                     if !std::mem::replace(&mut told, true) {
-                        waiting(&format!(
+                        notice(&format!(
                             "waiting for a forget, retention run or tag change on {} (pid {}, since {}) to finish \
                              with the bucket: up to {} s",
                             h.host,

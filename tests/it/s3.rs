@@ -489,7 +489,7 @@ fn a_record_deleted_from_the_bucket_is_reported() {
     let Some((endpoint, url)) = server() else { return };
     let a = Machine::new(&endpoint, &url);
     a.ok(&["init"]);
-    let data: Vec<Vec<u8>> = (0..3).map(|i| pseudo_random(200_000, 70 + i)).collect();
+    let data: Vec<Vec<u8>> = (0..3).map(|i| pseudo_random(200_000, 70 + 2 * i)).collect();
     let ids: Vec<String> = data.iter().map(|d| a.commit_stream("s", d)).collect();
     assert!(a.ok(&["verify"]).contains("no damage found"));
     // The second checkpoint's record.
@@ -523,6 +523,119 @@ fn a_record_deleted_from_the_bucket_is_reported() {
     let mut kept = vec![ids[0].clone(), ids[2].clone()];
     kept.sort();
     assert_eq!(b.ids(), kept, "the new machine lacks the deleted record's checkpoint");
+
+    // b takes the lost checkpoint's pack for an orphan: its gc deletes nothing while records are missing.
+    let before = packs(&endpoint, &url);
+    let o = b.run(&["--json", "gc"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    let g: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((g["orphans_deleted"].as_u64(), g["records_missing"].as_array().map(Vec::len)), (Some(0), Some(1)));
+    assert_eq!(packs(&endpoint, &url), before);
+    assert_all_restore(
+        &a,
+        &[(ids[0].clone(), data[0].clone()), (ids[1].clone(), data[1].clone()), (ids[2].clone(), data[2].clone())],
+    );
+
+    // Accepted as lost, on both machines (a, which applied it, keeps its checkpoint): gc collects again.
+    let accepted = b.ok(&["sync", "--accept-missing"]);
+    assert!(accepted.contains(&format!("accepted as lost: records/{seq}-*")), "{accepted}");
+    assert_eq!(a.run(&["verify"]).status.code(), Some(3), "a still misses the record it applied");
+    let accepted = a.ok(&["sync", "--accept-missing"]);
+    assert!(accepted.contains(&format!("accepted as lost: {name}: applied by this machine")), "{accepted}");
+    for m in [&a, &b] {
+        assert!(m.ok(&["verify"]).contains("no damage found"));
+    }
+    let g: serde_json::Value = serde_json::from_str(&b.ok(&["--json", "gc"])).unwrap();
+    assert_eq!(g["orphans_deleted"], 1, "{g}");
+    assert_all_restore(&b, &[(ids[0].clone(), data[0].clone()), (ids[2].clone(), data[2].clone())]);
+}
+
+/// A proxy in front of the server that answers every write (PUT, POST, DELETE) with 403 AccessDenied, as S3
+/// does for read-only credentials, and passes reads on, each exchange on a connection of its own. Returns
+/// its endpoint.
+fn read_only_proxy(upstream: &str) -> String {
+    let upstream = upstream.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let upstream = upstream.clone();
+            std::thread::spawn(move || serve_read_only(client, &upstream));
+        }
+    });
+    format!("http://127.0.0.1:{port}")
+}
+
+/// One exchange of [`read_only_proxy`]; the connection closes after it.
+fn serve_read_only(mut client: TcpStream, upstream: &str) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if client.read(&mut byte)? == 0 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let header = |l: &str, name: &str| l.to_ascii_lowercase().starts_with(name);
+    let len = head.lines().find(|l| header(l, "content-length:")).map_or(0, |l| l[15..].trim().parse().unwrap());
+    let mut body = vec![0u8; len];
+    client.read_exact(&mut body)?;
+    // Keep-alive is not followed: every message says the connection closes.
+    let closing = |head: &str| {
+        let lines: Vec<&str> = head.split("\r\n").filter(|l| !l.is_empty() && !header(l, "connection:")).collect();
+        format!("{}\r\nConnection: close\r\n\r\n", lines.join("\r\n"))
+    };
+    let response = if matches!(head.split(' ').next(), Some("PUT" | "POST" | "DELETE")) {
+        let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+                   <Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>";
+        let head = format!("HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: {}", xml.len());
+        [closing(&head).into_bytes(), xml.as_bytes().to_vec()].concat()
+    } else {
+        let mut server = TcpStream::connect(upstream)?;
+        server.write_all(closing(&head).as_bytes())?;
+        server.write_all(&body)?;
+        let mut response = Vec::new();
+        server.read_to_end(&mut response)?;
+        let at = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(response.len());
+        [
+            closing(&String::from_utf8_lossy(&response[..at])).into_bytes(),
+            response[(at + 4).min(response.len())..].to_vec(),
+        ]
+        .concat()
+    };
+    client.write_all(&response)
+}
+
+/// A machine whose credentials may only read (a node that restores) lists, checks out, verifies and reads
+/// files, without a session and saying so; a commit there fails on the refusal. Before, every read failed on
+/// the session it could not register.
+#[test]
+fn a_machine_with_read_only_credentials_restores() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, _, checkpoints) = two_checkpoints(&endpoint, &url, 1 << 20, 81);
+    let r = Machine::new(&read_only_proxy(&endpoint), &url);
+    assert_eq!(r.ids(), a.ids());
+    let dir = tempfile::tempdir().unwrap();
+    for (i, (id, data)) in checkpoints.iter().enumerate() {
+        let dest = dir.path().join(format!("c{i}"));
+        let o = r.run(&["-q", "checkout", id, dest.to_str().unwrap()]);
+        let err = text(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(err.contains("reading without a session: these credentials may not write to s3://"), "{err}");
+        assert!(std::fs::read(&dest).unwrap() == *data, "checkpoint {i} restored different bytes");
+    }
+    let o = r.run(&["verify", "--read-data"]);
+    assert!(o.status.success() && text(&o.stdout).contains("no damage found"), "{}", text(&o.stderr));
+    let o = r.run(&["cat", &checkpoints[1].0, "two"]);
+    assert!(o.status.success() && o.stdout == checkpoints[1].1, "{}", text(&o.stderr));
+    let mut commit = r.piped(&["commit", "-", "--name", "three"], &[]);
+    commit.stdin.take().unwrap().write_all(b"not stored").unwrap();
+    let o = commit.wait_with_output().unwrap();
+    let err = text(&o.stderr);
+    assert!(!o.status.success() && err.contains("check the credentials"), "{err}");
+    assert!(listed(&endpoint, &url, "sessions/").is_empty(), "nothing was left behind");
+    assert_eq!(r.ids(), a.ids());
 }
 
 /// Flips a byte of the bucket's object `key` (as `packs` lists it) at `at` of its length, behind snapstore's back.

@@ -373,13 +373,19 @@ Examples:\n  snapstore stats\n  snapstore --json stats\n\n", exit_help!()))]
     Stats,
     /// Bring the local copy of an s3:// repository's catalog up to date with its bucket
     ///
-    /// Every command does this when it opens an s3:// repository; `sync` does only that, and reports it.
-    /// The local copy lives in SNAPSTORE_CACHE_DIR (default ~/.cache/snapstore).
+    /// Every command does this when it opens an s3:// repository; `sync` does only that, and reports it,
+    /// warning of records missing from the bucket (deleted behind snapstore's back), while which gc deletes
+    /// nothing. The local copy lives in SNAPSTORE_CACHE_DIR (default ~/.cache/snapstore).
     #[command(after_help = exit_help!())]
     Sync {
         /// Discard the local copy and rebuild it from the bucket alone
-        #[arg(long)]
+        #[arg(long, conflicts_with = "accept_missing")]
         rebuild: bool,
+        /// Accept that the records reported missing from the bucket are lost for good, so that gc (which
+        /// deletes nothing while any is missing) collects again; run it on each machine that reports records
+        /// it applied as missing. This machine keeps what they changed; machines without them lack it
+        #[arg(long)]
+        accept_missing: bool,
     },
 }
 
@@ -398,9 +404,9 @@ fn open(repo_dir: &std::path::Path) -> Result<Repository, Error> {
 }
 
 /// `repo`, saying on stderr when a command waits for another machine's hold on its bucket (a gc deleting, a
-/// forget), which can last minutes.
+/// forget), which can last minutes, or reads without a session there.
 fn telling_waits(mut repo: Repository) -> Repository {
-    repo.on_wait(|what| notice("note", what));
+    repo.on_notice(|what| notice("note", what));
     repo
 }
 
@@ -1206,12 +1212,25 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
         Command::Verify(args) => verify::verify(&repo_dir, args, cli.json, cli.quiet, out)?,
         Command::Watch(args) => watch::watch(&repo_dir, args, cli.json, cli.quiet, out)?,
         Command::Repair(args) => verify::repair(&repo_dir, args, cli.json, cli.quiet, out)?,
-        Command::Sync { rebuild } => {
+        Command::Sync { rebuild, accept_missing } => {
             let (repo, s) =
                 if *rebuild { Repository::rebuild(&repo_dir)? } else { Repository::open_synced(&repo_dir)? };
+            let (s, accepted) = if *accept_missing {
+                let accepted = repo.accept_missing_records()?;
+                (repo.sync()?, accepted)
+            } else {
+                (s, Vec::new())
+            };
             if cli.json {
-                out.json(&s)?;
+                let mut doc = serde_json::to_value(&s).map_err(io::Error::other)?;
+                if *accept_missing {
+                    doc["accepted_as_lost"] = accepted.into();
+                }
+                out.json(&doc)?;
             } else if !cli.quiet {
+                for a in &accepted {
+                    out.line(&format!("accepted as lost: {a}"))?;
+                }
                 out.line(&format!(
                     "synced {}: applied {} of {}; {}",
                     repo.location(),
@@ -1278,6 +1297,18 @@ fn collect(cli: &Cli, repo: &Repository, opts: snapstore::GcOptions) -> Result<s
 /// GC's damaged packs, told on stderr (JSON lists them in the summary), fail the command with exit 3: everything
 /// else was collected, and the exit code is what tells cron that someone must look.
 fn gc_damage(cli: &Cli, summary: &snapstore::GcSummary) -> Result<(), Failure> {
+    if !summary.records_missing.is_empty() {
+        if !cli.json {
+            for m in summary.records_missing.iter().take(10) {
+                say!("warning: record missing from the bucket: {m}");
+            }
+            if summary.records_missing.len() > 10 {
+                say!("warning: ... and {} more records missing", summary.records_missing.len() - 10);
+            }
+            say!("hint: {}", verify::RECORDS_MISSING_HINT);
+        }
+        return Err(Failure::Exit(EXIT_CORRUPT));
+    }
     if summary.damaged_packs.is_empty() {
         return Ok(());
     }

@@ -394,6 +394,13 @@ pub fn gc_summary(out: &mut Out, s: &GcSummary) -> io::Result<()> {
             plural(s.sweep_deferred_by, "session")
         ))?;
     }
+    if !s.records_missing.is_empty() {
+        out.line(&format!(
+            "  marked only: {} missing from the bucket, whose checkpoints may use what looks unused here; \
+             nothing is deleted until they are back, or accepted as lost (`snapstore sync --accept-missing`)",
+            plural(s.records_missing.len() as u64, "record")
+        ))?;
+    }
     if s.dry_run {
         out.line("  dry run: nothing changed")?;
     }
