@@ -68,7 +68,10 @@ pub struct GcSummary {
     pub groups_dropped: u64,
     /// Writer sessions found dead and expired.
     pub sessions_expired: u64,
-    /// Writer sessions alive, which may delay sweeping what was condemned during them.
+    /// Writer sessions alive, which may delay sweeping what was condemned during them. In a bucket, the
+    /// sessions of every machine (readers' included) when GC listed them, if more: a commit's session is both
+    /// a catalog row on its machine and an object in the bucket, and counts once (as a dead one does in
+    /// `sessions_expired`).
     pub sessions_alive: u64,
     /// Chunks newly found unreachable.
     pub chunks_condemned: u64,
@@ -406,6 +409,7 @@ fn run(
     }
     if opts.dry_run && deferred_by > 0 {
         s.sweep_deferred_by = deferred_by;
+        s.sessions_alive = s.sessions_alive.max(deferred_by);
         tx.rollback()?;
         return Ok(s);
     }
@@ -442,7 +446,10 @@ fn run(
     // for this lock, and GC takes the lock before it lists the sessions, so one of the two sees the other.
     let lock = r.lock(SWEEP_LOCK)?;
     let (expired, alive) = r.sessions(opts.stale_after)?;
-    s.sessions_expired += expired;
+    // This machine's dead commits are among the bucket's dead sessions (unless another GC deleted their
+    // objects already): counted once.
+    s.sessions_expired = s.sessions_expired.max(expired);
+    s.sessions_alive = s.sessions_alive.max(alive.len() as u64);
     if !alive.is_empty() {
         s.sweep_deferred_by = alive.len() as u64;
         return Ok(s);

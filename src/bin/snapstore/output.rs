@@ -385,7 +385,7 @@ pub fn gc_summary(out: &mut Out, s: &GcSummary) -> io::Result<()> {
         s.chunks_condemned, s.chunks_swept, s.chunks_deferred
     ))?;
     if s.sessions_expired > 0 {
-        out.line(&format!("  expired {} dead commit session(s)", s.sessions_expired))?;
+        out.line(&format!("  expired {}", plural(s.sessions_expired, "dead session")))?;
     }
     if s.sweep_deferred_by > 0 {
         out.line(&format!(
