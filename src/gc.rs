@@ -519,10 +519,13 @@ fn collect(
 
     // Rewrite sparse packs whose dead chunks are all swept, so the old file can go right after, and merge
     // small ones.
-    let uses = pack_use(conn)?;
+    let mut decoder = BlobDecoder::new()?;
+    let mut uses = pack_use(conn)?;
+    if rescue_marked(conn, backend.as_ref(), &uses, opts, pack_target, &mut decoder, remote)? {
+        uses = pack_use(conn)?;
+    }
     let sparse = to_rewrite(&uses, opts, pack_target);
     let mut packer = Packer::new(backend.clone(), pack_target);
-    let mut decoder = BlobDecoder::new()?;
     let rewritten: HashSet<i64> = sparse.iter().map(|p| p.id).collect();
     let mut freed: i128 = 0;
     for p in &sparse {
@@ -702,6 +705,66 @@ fn copy_live(
     Ok(out)
 }
 
+/// Before the packs this GC drops or rewrites lose the blobs no row points at, looks among those blobs for a
+/// sound copy of a chunk marked damaged here, and moves the chunk's row to it (in a bucket, by a locate item,
+/// so every machine moves). Such a copy is another writer's, left when rows diverged (two machines storing one
+/// chunk, or a commit's copy of a chunk GC had condemned elsewhere): without this, GC deleted the only sound
+/// copy and, in a bucket, pointed every machine at the damaged one. Returns whether any row moved.
+fn rescue_marked(
+    conn: &mut Connection,
+    backend: &dyn Backend,
+    uses: &[PackUse],
+    opts: &GcOptions,
+    pack_target: u64,
+    decoder: &mut BlobDecoder,
+    remote: Option<(&Remote, &Lock)>,
+) -> Result<bool> {
+    if !conn.query_row("SELECT EXISTS (SELECT 1 FROM damaged_chunks)", [], |r| r.get(0))? {
+        return Ok(false);
+    }
+    let mut doomed: Vec<&PackUse> = uses.iter().filter(|p| p.rows == 0).collect();
+    doomed.extend(to_rewrite(uses, opts, pack_target));
+    let mut moved = false;
+    for p in doomed {
+        let entries = match crate::pack::read_index(backend, &p.name) {
+            Ok(entries) => entries,
+            Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.is_corruption() => continue,
+            Err(e) => return Err(e),
+        };
+        for e in entries {
+            let marked_elsewhere: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM damaged_chunks d JOIN chunks c ON c.id = d.id
+                 WHERE d.id = ?1 AND c.pack != ?2)",
+                params![&e.id.0[..], p.id],
+                |r| r.get(0),
+            )?;
+            if !marked_elsewhere {
+                continue;
+            }
+            let mut blob = vec![0u8; e.stored_len as usize];
+            if backend.read_at(&p.name, e.offset, &mut blob).is_err()
+                || decoder.decode(&e.id, e.flags, e.raw_len, &blob).is_err()
+            {
+                continue;
+            }
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "UPDATE chunks SET pack = ?2, offset = ?3, stored_len = ?4, raw_len = ?5, flags = ?6 WHERE id = ?1",
+                params![&e.id.0[..], p.id, e.offset as i64, e.stored_len, e.raw_len, e.flags],
+            )?;
+            tx.execute("DELETE FROM damaged_chunks WHERE id = ?1", [&e.id.0[..]])?;
+            if let Some((r, lock)) = remote {
+                r.check_lock(lock)?;
+                r.publish(&tx, &Batch { locates: vec![(p.name.clone(), e.clone())], ..Default::default() })?;
+            }
+            tx.commit()?;
+            moved = true;
+        }
+    }
+    Ok(moved)
+}
+
 /// Marks what a pack's rewrite found damaged, for the next commit meeting the bytes to store afresh.
 fn mark_damaged(conn: &mut Connection, found: FoundDamage) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -734,8 +797,12 @@ fn record_moved(
         let mut up = tx.prepare_cached(
             "UPDATE chunks SET pack = ?1, offset = ?2, stored_len = ?3, raw_len = ?4, flags = ?5 WHERE id = ?6",
         )?;
+        // Every blob moved passed its hash as it was copied: a mark of it (made by a read that failed for
+        // another cause) no longer holds, here as on the machines that apply the record (`apply_gc`).
+        let mut undamage = tx.prepare_cached("DELETE FROM damaged_chunks WHERE id = ?1")?;
         for e in &entries {
             up.execute(params![pack_id, e.offset as i64, e.stored_len, e.raw_len, e.flags, &e.id.0[..]])?;
+            undamage.execute([&e.id.0[..]])?;
         }
     }
     tx.commit()?;
