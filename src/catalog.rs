@@ -934,6 +934,34 @@ fn healed_locations(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> Result<Vec
     Ok(out)
 }
 
+/// Marks `chunk` damaged where its row still places it in pack `pack` (another machine of a bucket read the
+/// damage there), and remembers `name`, the bucket object that said so, as applied; in one transaction.
+pub(crate) fn apply_shared_mark(conn: &mut Connection, name: &str, chunk: &ObjectId, pack: &str) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute(
+        "INSERT OR IGNORE INTO damaged_chunks (id, found_ns)
+         SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM chunks c JOIN packs p ON p.id = c.pack WHERE c.id = ?1 AND p.name = ?3)",
+        params![&chunk.0[..], now_ns(), pack],
+    )?;
+    tx.execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [name])?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Every mark with the pack its chunk's row names: (chunk, pack name).
+pub(crate) fn marks_with_packs(conn: &Connection) -> Result<Vec<(ObjectId, String)>> {
+    let mut stmt = conn.prepare(
+        "SELECT d.id, p.name FROM damaged_chunks d JOIN chunks c ON c.id = d.id JOIN packs p ON p.id = c.pack",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, pack) = row?;
+        out.extend(ObjectId::from_slice(&id).map(|id| (id, pack)));
+    }
+    Ok(out)
+}
+
 /// Deletes the marks of chunks the index no longer holds (GC swept them, or repair left them out): their bytes
 /// are no longer anything's.
 pub(crate) fn drop_orphan_marks(conn: &Connection) -> Result<()> {

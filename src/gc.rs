@@ -585,6 +585,10 @@ fn collect(
         s.orphans_deleted += 1;
     }
     s.bytes_freed = freed.max(0) as u64;
+    if let Some((r, lock)) = remote {
+        r.check_lock(lock)?;
+        r.prune_marks(conn)?;
+    }
     // Return freed catalog pages to the filesystem; both are best effort under concurrent readers.
     // Each step of this pragma frees one page: step it to the end.
     let vacuum = |conn: &Connection| -> rusqlite::Result<()> {

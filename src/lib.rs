@@ -573,8 +573,15 @@ impl Repository {
     /// On a read-only mount, a reader whose repository another mount wrote meanwhile fails as such: what it
     /// read, restored or reported damaged may mix two states.
     fn reader<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let _session = self.session(true)?;
-        self.checked_read(f())
+        let session = self.session(true)?;
+        let result = f();
+        // What the read found damaged, told to every machine of the bucket (best effort).
+        if let Some((remote, _)) = &session
+            && let Ok(mut catalog) = self.open_catalog()
+        {
+            remote.share_marks(&mut catalog);
+        }
+        self.checked_read(result)
     }
 
     /// `result` of a read, or on a read-only mount whose repository another mount wrote meanwhile,

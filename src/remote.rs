@@ -18,6 +18,7 @@ use crate::catalog::{Batch, Catalog, host_name, now_ns, process_identity, remote
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::params::RepoParams;
+use rusqlite::OptionalExtension;
 
 /// The repository's parameters, written once at `init`.
 const CONFIG: &str = "config";
@@ -154,6 +155,29 @@ pub struct SyncSummary {
     pub records_missing: Vec<String>,
 }
 
+/// Marks shared through the bucket (`records/damage-CHUNK-PACK`, CHUNK the chunk id in hex, PACK 32 hex digits
+/// of the hash of the pack's name; the object holds the pack's name): a read on one machine that met a chunk's
+/// damage tells every machine, so that a commit of the same bytes on any of them stores a fresh copy. Not a
+/// record: it has no sequence number (builds before it pass over such names), and marks commute, each applied
+/// only where the machine's row still places the chunk in that pack.
+const DAMAGE: &str = "records/damage-";
+
+/// The bucket object sharing the mark of `chunk` in `pack`.
+fn damage_name(chunk: &ObjectId, pack: &str) -> String {
+    format!("{DAMAGE}{}-{}", chunk.to_hex(), &ObjectId::of(pack.as_bytes()).to_hex()[..32])
+}
+
+/// The chunk a [`damage_name`] names, and the hash part naming its pack.
+fn damage_of(name: &str) -> Option<(ObjectId, &str)> {
+    let (chunk, pack) = name.strip_prefix(DAMAGE)?.split_once('-')?;
+    if chunk.len() != 64 || pack.len() != 32 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> =
+        (0..32).map(|i| chunk.get(2 * i..2 * i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect();
+    Some((ObjectId::from_slice(&bytes?)?, pack))
+}
+
 /// The names of the records `catalog` applied or wrote.
 fn applied_records(catalog: &Catalog) -> Result<HashSet<String>> {
     let mut stmt = catalog.connection().prepare("SELECT name FROM remote_records")?;
@@ -178,8 +202,9 @@ struct Gone {
 impl Gone {
     fn find<'a>(listed: impl Iterator<Item = &'a str>, applied: &HashSet<String>) -> Gone {
         let listed: HashSet<&str> = listed.collect();
+        let numbered = |n: &&String| n.strip_prefix(RECORDS).and_then(record_seq).is_some();
         let mut gone = Gone {
-            applied: applied.iter().filter(|n| !listed.contains(n.as_str())).cloned().collect(),
+            applied: applied.iter().filter(numbered).filter(|n| !listed.contains(n.as_str())).cloned().collect(),
             gaps: Vec::new(),
         };
         gone.applied.sort();
@@ -302,7 +327,8 @@ impl Remote {
             new.push((seq, o.name.clone()));
         }
         new.sort();
-        let mut s = SyncSummary { records: listed.len() as u64, ..Default::default() };
+        let numbered = listed.iter().filter(|o| o.name.strip_prefix(RECORDS).and_then(record_seq).is_some());
+        let mut s = SyncSummary { records: numbered.count() as u64, ..Default::default() };
         for (seq, name) in new {
             let data = self.bucket.get(&name).map_err(|e| self.err(&name, e))?;
             // The name carries a hash of the bytes (see `publish`): a byte changed where zstd does not notice
@@ -328,6 +354,18 @@ impl Remote {
                 s.applied += 1;
             }
         }
+        // Other machines' marks, once the records they rely on are in; then this one's, shared.
+        for o in listed.iter().filter(|o| o.name.starts_with(DAMAGE) && !known.contains(&o.name)) {
+            let Some((chunk, _)) = damage_of(&o.name) else { continue };
+            let pack = match self.bucket.get(&o.name) {
+                Ok(body) => String::from_utf8_lossy(&body).into_owned(),
+                // Pruned by a GC since the listing: the chunk has moved on.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.err(&o.name, e)),
+            };
+            crate::catalog::apply_shared_mark(catalog.connection_mut(), &o.name, &chunk, &pack)?;
+        }
+        self.share_marks(catalog);
         s.checkpoints =
             catalog.connection().query_row("SELECT count(*) FROM checkpoints", [], |r| r.get::<_, i64>(0))? as u64;
         // Every record listed is applied now: what was applied before and is no longer listed is gone.
@@ -360,6 +398,53 @@ impl Remote {
             }
         }
         Ok(gone.lines())
+    }
+
+    /// Shares this machine's marks that the bucket does not have yet ([`DAMAGE`]). Best effort: a machine
+    /// whose credentials may not write, or a failing request, leaves them for the next sync to share.
+    pub(crate) fn share_marks(&self, catalog: &mut Catalog) {
+        let Ok(marks) = crate::catalog::marks_with_packs(catalog.connection()) else { return };
+        for (chunk, pack) in marks {
+            let name = damage_name(&chunk, &pack);
+            let shared = catalog
+                .connection()
+                .query_row("SELECT 1 FROM remote_records WHERE name = ?1", [&name], |_| Ok(()))
+                .optional();
+            if !matches!(shared, Ok(None)) {
+                continue;
+            }
+            // One refusal (read-only credentials) or failure stops the rest: each would fail alike.
+            if self.bucket.put(&name, pack.into_bytes()).is_err() {
+                return;
+            }
+            let _ = catalog.connection().execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [&name]);
+        }
+    }
+
+    /// Deletes the shared marks that no longer hold in `catalog`, which synced under GC's sweep lock: the
+    /// chunk's row has moved off that pack (a heal, a repack) or the chunk is gone. A machine that has not
+    /// applied one yet moves its row the same way when it applies the records this catalog has. Returns how
+    /// many were deleted.
+    pub(crate) fn prune_marks(&self, catalog: &rusqlite::Connection) -> Result<u64> {
+        let listed = self.bucket.list(DAMAGE).map_err(|e| self.err(DAMAGE, e))?;
+        let mut pruned = 0;
+        for o in listed {
+            let Some((chunk, pack_hash)) = damage_of(&o.name) else { continue };
+            let pack: Option<String> = catalog
+                .query_row(
+                    "SELECT p.name FROM chunks c JOIN packs p ON p.id = c.pack WHERE c.id = ?1",
+                    [&chunk.0[..]],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if pack.is_some_and(|p| ObjectId::of(p.as_bytes()).to_hex()[..32] == *pack_hash) {
+                continue;
+            }
+            self.bucket.delete(&o.name).map_err(|e| self.err(&o.name, e))?;
+            catalog.execute("DELETE FROM remote_records WHERE name = ?1", [&o.name])?;
+            pruned += 1;
+        }
+        Ok(pruned)
     }
 
     /// Records gone from the bucket, as [`SyncSummary::records_missing`] names them, for `catalog`, which
@@ -926,6 +1011,13 @@ mod listing_tests {
         assert!(gone[0].starts_with(&format!("{}: applied by this machine", name(2, "b"))), "{gone:?}");
         assert!(gone[1].starts_with(&format!("{}: no record with this number", name(4, "*"))), "{gone:?}");
         assert!(gone[2].starts_with(&format!("{} to {}: no record with these 3 numbers", name(6, "*"), name(8, "*"))));
+
+        // Shared marks are no records: neither gone when pruned nor gaps.
+        let mark = damage_name(&ObjectId::of(b"c"), "packs/00/p.pack");
+        let applied: HashSet<String> = [name(1, "a"), mark.clone()].into_iter().collect();
+        assert!(records_gone([name(1, "a")].iter().map(String::as_str), &applied).is_empty());
+        assert_eq!(damage_of(&mark).map(|(c, _)| c), Some(ObjectId::of(b"c")));
+        assert_eq!(damage_of("records/damage-00-11"), None);
 
         // The newest records gone, this copy having applied them: named, and the numbers before them are there.
         let applied: HashSet<String> = [name(1, "a"), name(2, "b"), name(3, "c")].into_iter().collect();

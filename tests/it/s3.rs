@@ -463,7 +463,7 @@ fn a_damaged_chunk_in_a_bucket_heals_on_every_machine() {
     let report = text(&o.stdout) + &text(&o.stderr);
     assert_eq!(o.status.code(), Some(3), "{report}");
     assert!(report.contains("marked damaged by an earlier read"), "{report}");
-    assert!(report.contains("that is a commit on this machine"), "{report}");
+    assert!(report.contains("every machine learns of the marks"), "{report}");
 
     let id3 = a.commit_stream("one", one);
     let c = Machine::new(&endpoint, &url);
@@ -671,6 +671,37 @@ fn gc_keeps_the_sound_copy_of_a_chunk_marked_damaged() {
         assert_all_restore(m, &expected);
         assert!(m.ok(&["verify", "--read-data"]).contains("no damage found"));
     }
+}
+
+/// A mark made by a read on one machine reaches every machine of the bucket: a commit of the same bytes on a
+/// machine that never read the damage (the trainer, where a restore node found it) stores a fresh copy, every
+/// machine restores, and GC then prunes the shared mark. Before, that commit reused the damaged chunk and made
+/// one more damaged checkpoint.
+#[test]
+fn a_chunk_marked_on_one_machine_heals_through_another_machines_commit() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, first, checkpoints) = two_checkpoints(&endpoint, &url, 3 << 20, 95);
+    let [(id1, one), (id2, two)] = &checkpoints;
+    let restorer = Machine::new(&endpoint, &url);
+    flip_byte_in(&endpoint, &url, &first, 0.5);
+    let dir = tempfile::tempdir().unwrap();
+    let o = restorer.run(&["checkout", id1, dir.path().join("x").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert!(!listed(&endpoint, &url, "records/damage-").is_empty(), "the mark is shared");
+
+    let id3 = a.commit_stream("one", one);
+    let expected = {
+        let mut e = vec![(id1.clone(), one.clone()), (id2.clone(), two.clone()), (id3, one.clone())];
+        e.sort();
+        e
+    };
+    for m in [&a, &restorer, &Machine::new(&endpoint, &url)] {
+        assert!(m.ok(&["verify", "--read-data"]).contains("no damage found"));
+        assert_all_restore(m, &expected);
+    }
+    a.ok(&["gc"]);
+    assert!(listed(&endpoint, &url, "records/damage-").is_empty(), "gc prunes a mark that no longer holds");
+    assert_all_restore(&restorer, &expected);
 }
 
 /// Flips a byte of the bucket's object `key` (as `packs` lists it) at `at` of its length, behind snapstore's back.

@@ -165,9 +165,9 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
             // `repair index` is for local repositories; in a bucket, the healing commit's record moves every
             // machine's rows to the fresh copies.
             let repair = if bucket {
-                ". In a bucket, that is a commit on this machine (the marks are its own), and every machine then \
-                 reads the fresh copies; commits on other machines still reuse the damaged chunks until a read \
-                 there marks them (`snapstore verify --read-data`)"
+                ". In a bucket, every machine learns of the marks at its next command (unless this machine's \
+                 credentials may not write), so the commit may be on any of them, and every machine then reads \
+                 the fresh copies"
             } else {
                 ". `snapstore repair index --read-data` moves them to sound copies where another pack holds one"
             };
