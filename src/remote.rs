@@ -421,23 +421,30 @@ impl Remote {
         }
     }
 
-    /// Deletes the shared marks that no longer hold in `catalog`, which synced under GC's sweep lock: the
-    /// chunk's row has moved off that pack (a heal, a repack) or the chunk is gone. A machine that has not
-    /// applied one yet moves its row the same way when it applies the records this catalog has. Returns how
-    /// many were deleted.
+    /// Deletes the shared marks that no longer hold anywhere, by `catalog`, which synced under GC's sweep lock:
+    /// the chunk is gone, or the pack the mark names is (GC's record of its death located every machine's row
+    /// elsewhere, or dropped it). A pack that `catalog` still has may hold the row of a machine whose rows
+    /// diverged from this one's without a record (two machines storing one chunk), so its marks stay: deleted
+    /// because this machine's row is elsewhere, the mark was lost to a machine built afresh, whose GC then took
+    /// the sound copy for unused. Returns how many were deleted.
     pub(crate) fn prune_marks(&self, catalog: &rusqlite::Connection) -> Result<u64> {
         let listed = self.bucket.list(DAMAGE).map_err(|e| self.err(DAMAGE, e))?;
+        if listed.is_empty() {
+            return Ok(0);
+        }
+        let packs: HashSet<String> = catalog
+            .prepare("SELECT name FROM packs")?
+            .query_map([], |r| r.get::<_, String>(0))?
+            .map(|name| name.map(|n| ObjectId::of(n.as_bytes()).to_hex()[..32].to_string()))
+            .collect::<rusqlite::Result<_>>()?;
         let mut pruned = 0;
         for o in listed {
             let Some((chunk, pack_hash)) = damage_of(&o.name) else { continue };
-            let pack: Option<String> = catalog
-                .query_row(
-                    "SELECT p.name FROM chunks c JOIN packs p ON p.id = c.pack WHERE c.id = ?1",
-                    [&chunk.0[..]],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if pack.is_some_and(|p| ObjectId::of(p.as_bytes()).to_hex()[..32] == *pack_hash) {
+            let chunk_known = catalog
+                .query_row("SELECT 1 FROM chunks WHERE id = ?1", [&chunk.0[..]], |_| Ok(()))
+                .optional()?
+                .is_some();
+            if chunk_known && packs.contains(pack_hash) {
                 continue;
             }
             self.bucket.delete(&o.name).map_err(|e| self.err(&o.name, e))?;

@@ -304,6 +304,10 @@ pub(crate) fn verify_with(
         }
         opts.progress.start("verify", Some(total));
         read_data(conn, catalog_path, &backend, &targets, opts, &mut report)?;
+        let mut read = conn.prepare_cached("INSERT OR IGNORE INTO temp.v_read_pack (id) VALUES (?1)")?;
+        for (id, _) in &targets {
+            read.execute([id])?;
+        }
     }
     // After the data is read, so that what the read finds is what a chunk read again is reported with.
     in_snapshot(conn, || {
@@ -313,6 +317,10 @@ pub(crate) fn verify_with(
     if report.damaged_chunks_total > 0 && cat.read_only().is_none() {
         // Not finding the catalog free within the busy timeout leaves the damage unmarked, not unreported.
         report.damaged_chunks_marked = mark_found_damage(conn).unwrap_or(0);
+    }
+    if !targets.is_empty() && cat.read_only().is_none() {
+        // Best effort, as marking is: a mark left stays reported, and the next read clears it.
+        let _ = clear_disproved_marks(conn);
     }
     report.seconds = started.elapsed().as_secs_f64();
     opts.progress.finish();
@@ -363,8 +371,9 @@ fn create_temp_tables(conn: &Connection) -> Result<()> {
          CREATE TEMP TABLE IF NOT EXISTS v_hit (kind INTEGER NOT NULL, id BLOB NOT NULL, gen INTEGER NOT NULL,
                                                 PRIMARY KEY (kind, id)) WITHOUT ROWID;
          CREATE TEMP TABLE IF NOT EXISTS v_skip_pack (id INTEGER PRIMARY KEY);
+         CREATE TEMP TABLE IF NOT EXISTS v_read_pack (id INTEGER PRIMARY KEY);
          DELETE FROM temp.v_seen; DELETE FROM temp.v_refs; DELETE FROM temp.v_bad_chunk; DELETE FROM temp.v_bad_obj;
-         DELETE FROM temp.v_hit; DELETE FROM temp.v_skip_pack;",
+         DELETE FROM temp.v_hit; DELETE FROM temp.v_skip_pack; DELETE FROM temp.v_read_pack;",
     )?;
     Ok(())
 }
@@ -638,13 +647,30 @@ fn known_damage(conn: &Connection) -> Result<()> {
     let marks =
         conn.prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'damaged_chunks'")?.exists([])?;
     if marks {
+        // A mark whose blob this run read and found sound does not hold (the pack was put back, or the read
+        // that marked it met a pack GC had just moved): it is not damage, and `clear_disproved_marks` drops it.
         conn.execute(
             "INSERT OR IGNORE INTO temp.v_bad_chunk (id, pack, problem)
              SELECT d.id, (SELECT name FROM packs WHERE id = c.pack), 'marked damaged by an earlier read'
-             FROM damaged_chunks d JOIN chunks c ON c.id = d.id",
+             FROM damaged_chunks d JOIN chunks c ON c.id = d.id
+             WHERE c.pack NOT IN (SELECT id FROM temp.v_read_pack EXCEPT SELECT id FROM temp.v_skip_pack)",
             [],
         )?;
     }
+    Ok(())
+}
+
+/// Drops the marks of chunks whose blobs this run read and found sound (see `known_damage`), after its read
+/// snapshot. In a bucket the mark's shared object stays until GC prunes it; a machine that applies it marks
+/// the chunk again until a read there clears it.
+fn clear_disproved_marks(conn: &Connection) -> Result<()> {
+    conn.execute(
+        "DELETE FROM damaged_chunks WHERE id IN (
+             SELECT d.id FROM damaged_chunks d JOIN chunks c ON c.id = d.id
+             WHERE c.pack IN (SELECT id FROM temp.v_read_pack EXCEPT SELECT id FROM temp.v_skip_pack)
+               AND NOT EXISTS (SELECT 1 FROM temp.v_bad_chunk b WHERE b.id = d.id))",
+        [],
+    )?;
     Ok(())
 }
 

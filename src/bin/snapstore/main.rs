@@ -373,9 +373,9 @@ Examples:\n  snapstore stats\n  snapstore --json stats\n\n", exit_help!()))]
     Stats,
     /// Bring the local copy of an s3:// repository's catalog up to date with its bucket
     ///
-    /// Every command does this when it opens an s3:// repository; `sync` does only that, and reports it,
-    /// warning of records missing from the bucket (deleted behind snapstore's back), while which gc deletes
-    /// nothing. The local copy lives in SNAPSTORE_CACHE_DIR (default ~/.cache/snapstore).
+    /// Every command does this when it opens an s3:// repository; `sync` does only that, and reports it. It
+    /// warns of records missing from the bucket (deleted behind snapstore's back): gc deletes nothing while
+    /// any is. The local copy lives in SNAPSTORE_CACHE_DIR (default ~/.cache/snapstore).
     #[command(after_help = exit_help!())]
     Sync {
         /// Discard the local copy and rebuild it from the bucket alone
