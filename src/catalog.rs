@@ -882,7 +882,8 @@ impl FoundDamage {
         FoundDamage { pack: pack.into(), chunks: Vec::new(), from_offset: Some(0) }
     }
 
-    fn is_empty(&self) -> bool {
+    /// Whether it names nothing to mark.
+    pub(crate) fn is_empty(&self) -> bool {
         self.chunks.is_empty() && self.from_offset.is_none()
     }
 }

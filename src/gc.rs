@@ -731,12 +731,7 @@ fn rescue_marked(
     doomed.extend(to_rewrite(uses, opts, pack_target));
     let mut moved = false;
     for p in doomed {
-        let entries = match crate::pack::read_index(backend, &p.name) {
-            Ok(entries) => entries,
-            Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) if e.is_corruption() => continue,
-            Err(e) => return Err(e),
-        };
+        let Some(entries) = index_if_readable(backend, &p.name)? else { continue };
         for e in entries {
             let marked_elsewhere: bool = conn.query_row(
                 "SELECT EXISTS (SELECT 1 FROM damaged_chunks d JOIN chunks c ON c.id = d.id
@@ -768,6 +763,17 @@ fn rescue_marked(
         }
     }
     Ok(moved)
+}
+
+/// A pack's own index; `None` for a pack already gone or whose index is damaged (it can say nothing of what
+/// it holds). Any other failure is an error, which stops the GC before it deletes anything.
+fn index_if_readable(backend: &dyn Backend, name: &str) -> Result<Option<Vec<PackEntry>>> {
+    match crate::pack::read_index(backend, name) {
+        Ok(entries) => Ok(Some(entries)),
+        Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.is_corruption() => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Marks what a pack's rewrite found damaged, for the next commit meeting the bytes to store afresh.
@@ -854,12 +860,7 @@ fn publish_dead_packs(
         // index is damaged cannot say which it holds, and its rows in other replicas point at damage anyway.
         // Any other failure stops the GC before it deletes anything: a record without the locations of the
         // chunks that live on elsewhere would make other machines drop their rows.
-        let entries = match crate::pack::read_index(backend, name) {
-            Ok(entries) => entries,
-            Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) if e.is_corruption() => Vec::new(),
-            Err(e) => return Err(e),
-        };
+        let entries = index_if_readable(backend, name)?.unwrap_or_default();
         for e in entries {
             let found = elsewhere
                 .query_row(params![&e.id.0[..], id], |row| {

@@ -26,6 +26,11 @@ impl ObjectId {
         Some(ObjectId(bytes.try_into().ok()?))
     }
 
+    /// Reads an id from its 64 hex digits, `None` for anything else.
+    pub(crate) fn from_hex(hex: &str) -> Option<Self> {
+        blake3::Hash::from_hex(hex).ok().map(|h| ObjectId(*h.as_bytes()))
+    }
+
     /// The id as 64 lowercase hex digits.
     ///
     /// ```
@@ -86,6 +91,9 @@ mod tests {
         assert_eq!(id.to_hex(), blake3::hash(b"abc").to_hex().as_str());
         assert_eq!(ObjectId::from_slice(&id.0), Some(id));
         assert_eq!(ObjectId::from_slice(&id.0[..31]), None);
+        assert_eq!(ObjectId::from_hex(&id.to_hex()), Some(id));
+        assert_eq!(ObjectId::from_hex(&id.to_hex()[..62]), None);
+        assert_eq!(ObjectId::from_hex(&"g".repeat(64)), None);
     }
 
     #[test]

@@ -527,18 +527,19 @@ impl Repository {
     /// machine would take a pack deleted under it for damage). It ends when dropped.
     /// `reading`: the caller only reads, and may go on without a session where the bucket's credentials do
     /// not let it register one ([`remote::Remote::begin_session`]).
-    fn session(&self, reading: bool) -> Result<Option<(&remote::Remote, remote::RemoteSession)>> {
+    /// Also returns what that sync found.
+    fn session(&self, reading: bool) -> Result<Option<(&remote::Remote, remote::RemoteSession, SyncSummary)>> {
         let Some(remote) = &self.remote else { return Ok(None) };
         let session = remote.begin_session(reading, &|what| self.notice(what))?;
-        remote.sync(&mut self.open_catalog()?)?;
-        Ok(Some((remote, session)))
+        let synced = remote.sync(&mut self.open_catalog()?)?;
+        Ok(Some((remote, session, synced)))
     }
 
     /// Runs a writer: for a remote repository inside a [`Repository::session`], with every catalog change
     /// journaled to the bucket.
     fn writer<T>(&self, f: impl FnOnce(commit::Context<'_>) -> Result<T>) -> Result<T> {
         self.refuse_another_users()?;
-        let Some((remote, session)) = self.session(false)? else {
+        let Some((remote, session, _)) = self.session(false)? else {
             // Gone since it was opened (moved, deleted, unmounted): writing would make a half repository there.
             if !self.catalog_path.is_file() {
                 return Err(Error::NoRepository(self.root.clone()));
@@ -571,12 +572,12 @@ impl Repository {
 
     /// Runs a reader of packs (checkout, verify): for a remote repository inside a [`Repository::session`].
     /// On a read-only mount, a reader whose repository another mount wrote meanwhile fails as such: what it
-    /// read, restored or reported damaged may mix two states.
-    fn reader<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// read, restored or reported damaged may mix two states. `f` is given what the session's sync found.
+    fn reader<T>(&self, f: impl FnOnce(Option<&SyncSummary>) -> Result<T>) -> Result<T> {
         let session = self.session(true)?;
-        let result = f();
+        let result = f(session.as_ref().map(|(_, _, synced)| synced));
         // What the read found damaged, told to every machine of the bucket (best effort).
-        if let Some((remote, _)) = &session
+        if let Some((remote, _, _)) = &session
             && let Ok(mut catalog) = self.open_catalog()
         {
             remote.share_marks(&mut catalog);
@@ -735,7 +736,7 @@ impl Repository {
     /// assert!(matches!(repo.checkout("latest", &out, &Default::default()), Err(snapstore::Error::DestinationNotEmpty(_))));
     /// ```
     pub fn checkout(&self, id: &str, dest: impl AsRef<Path>, opts: &CheckoutOptions) -> Result<CheckoutSummary> {
-        self.reader(|| {
+        self.reader(|_| {
             let cp = self.checkpoint(id)?;
             let src = checkout::Source {
                 catalog_path: &self.catalog_path,
@@ -948,7 +949,7 @@ impl Repository {
             .map_err(|e| self.unless_forgotten(e, &cp.id))?
             .of_checkpoint(&cp.id);
         Ok(match session {
-            Some((_, s)) => reader.hold(Box::new(s)),
+            Some((_, s, _)) => reader.hold(Box::new(s)),
             None => reader,
         })
     }
@@ -1245,11 +1246,9 @@ impl Repository {
     /// an existing pack, and pack indexes agree with the catalog; with [`VerifyOptions::read_data`], also
     /// decompresses and rehashes chunks. Damage is reported in the [`VerifyReport`], not as an error.
     pub fn verify(&self, opts: &VerifyOptions) -> Result<VerifyReport> {
-        self.reader(|| {
+        self.reader(|synced| {
             let mut report = verify::verify(&self.catalog_path, self.backend.clone(), opts)?;
-            if let Some(remote) = &self.remote {
-                report.records_missing = remote.missing_records(&self.open_catalog()?)?;
-            }
+            report.records_missing = synced.map(|s| s.records_missing.clone()).unwrap_or_default();
             Ok(report)
         })
     }

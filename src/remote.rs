@@ -108,9 +108,9 @@ struct Held {
     e_tag: Option<String>,
 }
 
-/// The sequence number of a record named `SEQ-HASH` (both in hex); `None` for any other name.
+/// The sequence number of the record object `records/SEQ-HASH` (both in hex); `None` for any other name.
 fn record_seq(name: &str) -> Option<u64> {
-    let (seq, hash) = name.split_once('-')?;
+    let (seq, hash) = name.strip_prefix(RECORDS)?.split_once('-')?;
     let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
     if hex(seq) && hex(hash) { u64::from_str_radix(seq, 16).ok() } else { None }
 }
@@ -170,12 +170,10 @@ fn damage_name(chunk: &ObjectId, pack: &str) -> String {
 /// The chunk a [`damage_name`] names, and the hash part naming its pack.
 fn damage_of(name: &str) -> Option<(ObjectId, &str)> {
     let (chunk, pack) = name.strip_prefix(DAMAGE)?.split_once('-')?;
-    if chunk.len() != 64 || pack.len() != 32 {
+    if pack.len() != 32 {
         return None;
     }
-    let bytes: Option<Vec<u8>> =
-        (0..32).map(|i| chunk.get(2 * i..2 * i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect();
-    Some((ObjectId::from_slice(&bytes?)?, pack))
+    Some((ObjectId::from_hex(chunk)?, pack))
 }
 
 /// The names of the records `catalog` applied or wrote.
@@ -202,18 +200,14 @@ struct Gone {
 impl Gone {
     fn find<'a>(listed: impl Iterator<Item = &'a str>, applied: &HashSet<String>) -> Gone {
         let listed: HashSet<&str> = listed.collect();
-        let numbered = |n: &&String| n.strip_prefix(RECORDS).and_then(record_seq).is_some();
+        let numbered = |n: &&String| record_seq(n).is_some();
         let mut gone = Gone {
             applied: applied.iter().filter(numbered).filter(|n| !listed.contains(n.as_str())).cloned().collect(),
             gaps: Vec::new(),
         };
         gone.applied.sort();
-        let mut seqs: Vec<u64> = listed
-            .iter()
-            .copied()
-            .chain(applied.iter().map(String::as_str))
-            .filter_map(|n| n.strip_prefix(RECORDS).and_then(record_seq))
-            .collect();
+        let mut seqs: Vec<u64> =
+            listed.iter().copied().chain(applied.iter().map(String::as_str)).filter_map(record_seq).collect();
         seqs.sort_unstable();
         seqs.dedup();
         let mut next = 1;
@@ -323,11 +317,11 @@ impl Remote {
             }
             // Not a name snapstore writes (a README someone put there): not a record, so nothing to apply.
             // Refusing it would stop every command on every machine for an object that holds no checkpoint.
-            let Some(seq) = record_seq(&o.name[RECORDS.len()..]) else { continue };
+            let Some(seq) = record_seq(&o.name) else { continue };
             new.push((seq, o.name.clone()));
         }
         new.sort();
-        let numbered = listed.iter().filter(|o| o.name.strip_prefix(RECORDS).and_then(record_seq).is_some());
+        let numbered = listed.iter().filter(|o| record_seq(&o.name).is_some());
         let mut s = SyncSummary { records: numbered.count() as u64, ..Default::default() };
         for (seq, name) in new {
             let data = self.bucket.get(&name).map_err(|e| self.err(&name, e))?;
@@ -452,13 +446,6 @@ impl Remote {
             pruned += 1;
         }
         Ok(pruned)
-    }
-
-    /// Records gone from the bucket, as [`SyncSummary::records_missing`] names them, for `catalog`, which
-    /// has applied every record the bucket lists (it synced).
-    pub(crate) fn missing_records(&self, catalog: &Catalog) -> Result<Vec<String>> {
-        let listed = self.bucket.list(RECORDS).map_err(|e| self.err(RECORDS, e))?;
-        Ok(records_gone(listed.iter().map(|o| o.name.as_str()), &applied_records(catalog)?))
     }
 
     /// Registers a commit (or a reader of packs) in the bucket, after any sweep under way has ended. The

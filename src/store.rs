@@ -246,7 +246,7 @@ impl ChunkReader {
             if found.from_offset.is_some() && !self.packs_marked.insert(found.pack.clone()) {
                 found.from_offset = None;
             }
-            if self.marking && !(found.chunks.is_empty() && found.from_offset.is_none()) {
+            if self.marking && !found.is_empty() {
                 self.marking = catalog.note_damaged(&found);
             }
             if let Some(first) = failed {

@@ -84,6 +84,13 @@ fn assert_all_restore(m: &Machine, expected: &[(String, Vec<u8>)]) {
     }
 }
 
+/// [`assert_all_restore`], then `verify --read-data` on `m` finds no damage.
+fn assert_whole(m: &Machine, expected: &[(String, Vec<u8>)]) {
+    assert_all_restore(m, expected);
+    let report = m.ok(&["verify", "--read-data"]);
+    assert!(report.contains("no damage found"), "{report}");
+}
+
 #[test]
 fn two_machines_commit_concurrently_and_a_third_rebuilds_every_checkpoint() {
     let Some((endpoint, url)) = server() else { return };
@@ -223,9 +230,7 @@ fn gc_on_one_machine_while_another_commits_loses_nothing() {
     let last: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc", "--max-unused", "0"])).unwrap();
     assert_eq!(last["sweep_deferred_by"], 0);
     let c = Machine::new(&endpoint, &url);
-    assert_all_restore(&c, &expected);
-    let verify = c.ok(&["verify", "--read-data"]);
-    assert!(verify.contains("no damage found"), "{verify}");
+    assert_whole(&c, &expected);
     assert_all_restore(&b, &expected);
     assert_all_restore(&a, &expected);
 }
@@ -330,8 +335,7 @@ fn a_commit_cut_off_from_the_server_fails_cleanly_and_a_retry_succeeds() {
     let c = Machine::new(&endpoint, &url);
     let mut expected = vec![(first_id, first), (second_id, big)];
     expected.sort();
-    assert_all_restore(&c, &expected);
-    assert!(c.ok(&["verify", "--read-data"]).contains("no damage found"));
+    assert_whole(&c, &expected);
 }
 
 #[test]
@@ -476,8 +480,7 @@ fn a_damaged_chunk_in_a_bucket_heals_on_every_machine() {
     let g: serde_json::Value = serde_json::from_str(&b.ok(&["--json", "gc"])).unwrap();
     assert_eq!(g["sweep_deferred_by"], 0, "{g}");
     for m in [&a, &b, &c] {
-        assert_all_restore(m, &[(id1.clone(), one.clone()), (id2.clone(), two.clone())]);
-        assert!(m.ok(&["verify", "--read-data"]).contains("no damage found"));
+        assert_whole(m, &[(id1.clone(), one.clone()), (id2.clone(), two.clone())]);
     }
 }
 
@@ -668,8 +671,7 @@ fn gc_keeps_the_sound_copy_of_a_chunk_marked_damaged() {
     let mut expected = vec![(id_a, data.clone()), (id_b, data)];
     expected.sort();
     for m in [&a, &b, &Machine::new(&endpoint, &url)] {
-        assert_all_restore(m, &expected);
-        assert!(m.ok(&["verify", "--read-data"]).contains("no damage found"));
+        assert_whole(m, &expected);
     }
 }
 
@@ -696,8 +698,7 @@ fn a_chunk_marked_on_one_machine_heals_through_another_machines_commit() {
         e
     };
     for m in [&a, &restorer, &Machine::new(&endpoint, &url)] {
-        assert!(m.ok(&["verify", "--read-data"]).contains("no damage found"));
-        assert_all_restore(m, &expected);
+        assert_whole(m, &expected);
     }
     // The mark stays while its pack does (a machine whose rows diverged may still point there), and goes with it.
     a.ok(&["gc"]);
@@ -746,8 +747,7 @@ fn gc_copies_the_live_chunks_out_of_a_bucket_pack_and_keeps_one_it_cannot_copy()
             assert!(o.status.success(), "{g}");
             assert_eq!(g["packs_rewritten"], 1, "{g}");
             assert!(!still_there, "the rewritten pack is deleted");
-            assert_all_restore(&a, &[(id2.clone(), tail.clone())]);
-            assert!(a.ok(&["verify", "--read-data"]).contains("no damage found"));
+            assert_whole(&a, &[(id2.clone(), tail.clone())]);
         }
     }
 }

@@ -1240,15 +1240,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 ))?;
             }
             // Told even with --quiet: a bucket that lost records lost checkpoints for every new machine.
-            for m in s.records_missing.iter().take(10) {
-                notice("warning", &format!("record missing from the bucket: {m}"));
-            }
-            if s.records_missing.len() > 10 {
-                notice("warning", &format!("... and {} more records missing", s.records_missing.len() - 10));
-            }
-            if !s.records_missing.is_empty() {
-                notice("hint", verify::RECORDS_MISSING_HINT);
-            }
+            warn_records_missing(&s.records_missing);
         }
         Command::Stats => {
             let repo = open(&repo_dir)?;
@@ -1294,18 +1286,25 @@ fn collect(cli: &Cli, repo: &Repository, opts: snapstore::GcOptions) -> Result<s
     Ok(summary)
 }
 
+/// Records gone from a bucket (`sync`, `gc`), told on stderr: the first ten, and what to do.
+fn warn_records_missing(missing: &[String]) {
+    for m in missing.iter().take(10) {
+        notice("warning", &format!("record missing from the bucket: {m}"));
+    }
+    if missing.len() > 10 {
+        notice("warning", &format!("... and {} more records missing", missing.len() - 10));
+    }
+    if !missing.is_empty() {
+        notice("hint", verify::RECORDS_MISSING_HINT);
+    }
+}
+
 /// GC's damaged packs, told on stderr (JSON lists them in the summary), fail the command with exit 3: everything
 /// else was collected, and the exit code is what tells cron that someone must look.
 fn gc_damage(cli: &Cli, summary: &snapstore::GcSummary) -> Result<(), Failure> {
     if !summary.records_missing.is_empty() {
         if !cli.json {
-            for m in summary.records_missing.iter().take(10) {
-                say!("warning: record missing from the bucket: {m}");
-            }
-            if summary.records_missing.len() > 10 {
-                say!("warning: ... and {} more records missing", summary.records_missing.len() - 10);
-            }
-            say!("hint: {}", verify::RECORDS_MISSING_HINT);
+            warn_records_missing(&summary.records_missing);
         }
         return Err(Failure::Exit(EXIT_CORRUPT));
     }
