@@ -587,8 +587,11 @@ fn collect(
     s.bytes_freed = freed.max(0) as u64;
     if let Some((r, lock)) = remote {
         r.check_lock(lock)?;
-        // Best effort: the GC's work is done, and a mark left is pruned by the next run.
-        let _ = r.prune_marks(conn);
+        // Best effort: the GC's work is done, and a mark left is settled or pruned by the next run.
+        if let Ok(marks) = r.shared_marks() {
+            let settled = settle_shared_marks(conn, backend.as_ref(), &mut decoder, &marks, (r, lock));
+            let _ = r.prune_marks(conn, marks, &settled.unwrap_or_default());
+        }
     }
     // Return freed catalog pages to the filesystem; both are best effort under concurrent readers.
     // Each step of this pragma frees one page: step it to the end.
@@ -765,6 +768,75 @@ fn rescue_marked(
     Ok(moved)
 }
 
+/// Settles the marks other machines shared of a copy of a chunk that is not the one this catalog's row names
+/// (their rows diverged: two machines stored the chunk in concurrent commits). The copy the row names, read and
+/// found sound, is published as the chunk's place, which moves every machine's row off the damaged copy and
+/// drops its mark there; without it a machine whose row named the damaged copy could not restore until a
+/// commit of the same bytes stored them afresh, nor could any GC tell the copies apart. Returns the names of
+/// the marks settled, for [`Remote::prune_marks`] to delete.
+fn settle_shared_marks(
+    conn: &mut Connection,
+    backend: &dyn Backend,
+    decoder: &mut BlobDecoder,
+    marks: &[crate::remote::SharedMark],
+    (r, lock): (&Remote, &Lock),
+) -> Result<HashSet<String>> {
+    let mut settled = HashSet::new();
+    let mut located: HashMap<ObjectId, (String, PackEntry)> = HashMap::new();
+    for m in marks {
+        if let Some((pack, _)) = located.get(&m.chunk) {
+            if !m.names_pack(pack) {
+                settled.insert(m.name.clone());
+            }
+            continue;
+        }
+        // A chunk marked here too is `rescue_marked`'s: this row's copy is the one in doubt.
+        let row = conn
+            .query_row(
+                "SELECT p.name, c.offset, c.stored_len, c.raw_len, c.flags FROM chunks c JOIN packs p ON p.id = c.pack
+                 WHERE c.id = ?1 AND NOT EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.id = c.id)",
+                [&m.chunk.0[..]],
+                |row| placed(row, m.chunk),
+            )
+            .optional()?;
+        let Some((pack, e)) = row else { continue };
+        if m.names_pack(&pack) {
+            continue;
+        }
+        let mut blob = vec![0u8; e.stored_len as usize];
+        if backend.read_at(&pack, e.offset, &mut blob).is_err()
+            || decoder.decode(&e.id, e.flags, e.raw_len, &blob).is_err()
+        {
+            continue;
+        }
+        settled.insert(m.name.clone());
+        located.insert(m.chunk, (pack, e));
+    }
+    if located.is_empty() {
+        return Ok(settled);
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    r.check_lock(lock)?;
+    let locates: Vec<(String, PackEntry)> = located.into_values().collect();
+    for part in locates.chunks(RECORD_ITEMS) {
+        r.publish(&tx, &Batch { locates: part.to_vec(), ..Default::default() })?;
+    }
+    tx.commit()?;
+    Ok(settled)
+}
+
+/// Chunk `id`'s place from a row of pack name, offset, stored length, raw length and flags: a locate item.
+fn placed(row: &rusqlite::Row<'_>, id: ObjectId) -> rusqlite::Result<(String, PackEntry)> {
+    let entry = PackEntry {
+        id,
+        offset: row.get::<_, i64>(1)? as u64,
+        stored_len: row.get(2)?,
+        raw_len: row.get(3)?,
+        flags: row.get(4)?,
+    };
+    Ok((row.get(0)?, entry))
+}
+
 /// A pack's own index; `None` for a pack already gone or whose index is damaged (it can say nothing of what
 /// it holds). Any other failure is an error, which stops the GC before it deletes anything.
 fn index_if_readable(backend: &dyn Backend, name: &str) -> Result<Option<Vec<PackEntry>>> {
@@ -862,20 +934,7 @@ fn publish_dead_packs(
         // chunks that live on elsewhere would make other machines drop their rows.
         let entries = index_if_readable(backend, name)?.unwrap_or_default();
         for e in entries {
-            let found = elsewhere
-                .query_row(params![&e.id.0[..], id], |row| {
-                    Ok((
-                        row.get::<_, String>(0)?,
-                        PackEntry {
-                            id: e.id,
-                            offset: row.get::<_, i64>(1)? as u64,
-                            stored_len: row.get(2)?,
-                            raw_len: row.get(3)?,
-                            flags: row.get(4)?,
-                        },
-                    ))
-                })
-                .optional()?;
+            let found = elsewhere.query_row(params![&e.id.0[..], id], |row| placed(row, e.id)).optional()?;
             batch.locates.extend(found);
         }
         if batch.locates.len() + batch.dead_packs.len() >= RECORD_ITEMS {

@@ -164,7 +164,7 @@ const DAMAGE: &str = "records/damage-";
 
 /// The bucket object sharing the mark of `chunk` in `pack`.
 fn damage_name(chunk: &ObjectId, pack: &str) -> String {
-    format!("{DAMAGE}{}-{}", chunk.to_hex(), &ObjectId::of(pack.as_bytes()).to_hex()[..32])
+    format!("{DAMAGE}{}-{}", chunk.to_hex(), pack_hash(pack))
 }
 
 /// The chunk a [`damage_name`] names, and the hash part naming its pack.
@@ -174,6 +174,27 @@ fn damage_of(name: &str) -> Option<(ObjectId, &str)> {
         return None;
     }
     Some((ObjectId::from_hex(chunk)?, pack))
+}
+
+/// The part of a [`damage_name`] naming `pack`.
+fn pack_hash(pack: &str) -> String {
+    ObjectId::of(pack.as_bytes()).to_hex()[..32].to_string()
+}
+
+/// A mark another machine shared ([`DAMAGE`]).
+pub(crate) struct SharedMark {
+    /// The object's name in the bucket.
+    pub name: String,
+    /// The chunk marked.
+    pub chunk: ObjectId,
+    pack_hash: String,
+}
+
+impl SharedMark {
+    /// Whether the mark is of the copy in `pack`.
+    pub(crate) fn names_pack(&self, pack: &str) -> bool {
+        pack_hash(pack) == self.pack_hash
+    }
 }
 
 /// The names of the records `catalog` applied or wrote.
@@ -415,34 +436,51 @@ impl Remote {
         }
     }
 
+    /// The marks shared through the bucket ([`DAMAGE`]), as listed now.
+    pub(crate) fn shared_marks(&self) -> Result<Vec<SharedMark>> {
+        let listed = self.bucket.list(DAMAGE).map_err(|e| self.err(DAMAGE, e))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|o| {
+                let (chunk, pack_hash) = damage_of(&o.name)?;
+                let pack_hash = pack_hash.to_string();
+                Some(SharedMark { name: o.name, chunk, pack_hash })
+            })
+            .collect())
+    }
+
     /// Deletes the shared marks that no longer hold anywhere, by `catalog`, which synced under GC's sweep lock:
     /// the chunk is gone, or the pack the mark names is (GC's record of its death located every machine's row
-    /// elsewhere, or dropped it). A pack that `catalog` still has may hold the row of a machine whose rows
-    /// diverged from this one's without a record (two machines storing one chunk), so its marks stay: deleted
-    /// because this machine's row is elsewhere, the mark was lost to a machine built afresh, whose GC then took
-    /// the sound copy for unused. Returns how many were deleted.
-    pub(crate) fn prune_marks(&self, catalog: &rusqlite::Connection) -> Result<u64> {
-        let listed = self.bucket.list(DAMAGE).map_err(|e| self.err(DAMAGE, e))?;
-        if listed.is_empty() {
+    /// elsewhere, or dropped it), or GC published a sound copy as the chunk's place (`settled`). A pack that
+    /// `catalog` still has may hold the row of a machine whose rows diverged from this one's without a record
+    /// (two machines storing one chunk), so its marks stay otherwise: deleted because this machine's row is
+    /// elsewhere, the mark was lost to a machine built afresh, whose GC then took the sound copy for unused.
+    /// Returns how many were deleted.
+    pub(crate) fn prune_marks(
+        &self,
+        catalog: &rusqlite::Connection,
+        marks: Vec<SharedMark>,
+        settled: &HashSet<String>,
+    ) -> Result<u64> {
+        if marks.is_empty() {
             return Ok(0);
         }
         let packs: HashSet<String> = catalog
             .prepare("SELECT name FROM packs")?
             .query_map([], |r| r.get::<_, String>(0))?
-            .map(|name| name.map(|n| ObjectId::of(n.as_bytes()).to_hex()[..32].to_string()))
+            .map(|name| name.map(|n| pack_hash(&n)))
             .collect::<rusqlite::Result<_>>()?;
         let mut pruned = 0;
-        for o in listed {
-            let Some((chunk, pack_hash)) = damage_of(&o.name) else { continue };
+        for m in marks {
             let chunk_known = catalog
-                .query_row("SELECT 1 FROM chunks WHERE id = ?1", [&chunk.0[..]], |_| Ok(()))
+                .query_row("SELECT 1 FROM chunks WHERE id = ?1", [&m.chunk.0[..]], |_| Ok(()))
                 .optional()?
                 .is_some();
-            if chunk_known && packs.contains(pack_hash) {
+            if chunk_known && packs.contains(&m.pack_hash) && !settled.contains(&m.name) {
                 continue;
             }
-            self.bucket.delete(&o.name).map_err(|e| self.err(&o.name, e))?;
-            catalog.execute("DELETE FROM remote_records WHERE name = ?1", [&o.name])?;
+            self.bucket.delete(&m.name).map_err(|e| self.err(&m.name, e))?;
+            catalog.execute("DELETE FROM remote_records WHERE name = ?1", [&m.name])?;
             pruned += 1;
         }
         Ok(pruned)

@@ -641,6 +641,29 @@ fn a_machine_with_read_only_credentials_restores() {
     assert_eq!(r.ids(), a.ids());
 }
 
+/// A new repository, and machines a and b committing streams `a` and `b` at once: b syncs before a commits, so
+/// it stores the chunks the two share again, in a pack of its own. Returns the machines, the two checkpoint
+/// ids and the name of a's pack.
+fn concurrent_commits(
+    endpoint: &str,
+    url: &str,
+    [a_data, b_data]: [&[u8]; 2],
+) -> (Machine, Machine, [String; 2], String) {
+    let (a, b) = (Machine::new(endpoint, url), Machine::new(endpoint, url));
+    a.ok(&["init"]);
+    let mut held = b.piped(&["-q", "commit", "-", "--name", "b"], &[]);
+    held.stdin.as_mut().unwrap().write_all(&b_data[..1 << 20]).unwrap();
+    await_sessions(endpoint, url, 1);
+    let id_a = a.commit_stream("a", a_data);
+    let first = packs(endpoint, url);
+    let mut stdin = held.stdin.take().unwrap();
+    stdin.write_all(&b_data[1 << 20..]).unwrap();
+    drop(stdin);
+    let id_b = succeeded(&held.wait_with_output().unwrap(), "b's commit").trim().to_string();
+    assert_eq!((first.len(), packs(endpoint, url).len()), (1, 2), "each machine stored its own copy");
+    (a, b, [id_a, id_b], first[0].clone())
+}
+
 /// Two machines that stored one chunk in concurrent commits keep their rows on their own copies. When the copy
 /// one machine's rows name is damaged and marked there, that machine's gc moves its rows to the other copy
 /// instead of deleting that copy's pack as unused, and every machine restores everything. Before, the gc
@@ -648,27 +671,43 @@ fn a_machine_with_read_only_credentials_restores() {
 #[test]
 fn gc_keeps_the_sound_copy_of_a_chunk_marked_damaged() {
     let Some((endpoint, url)) = server() else { return };
-    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
-    a.ok(&["init"]);
     let data = pseudo_random(3 << 20, 91);
-    // b syncs before a commits, so it stores the same chunks again, in a pack of its own.
-    let mut held = b.piped(&["-q", "commit", "-", "--name", "b"], &[]);
-    held.stdin.as_mut().unwrap().write_all(&data[..1 << 20]).unwrap();
-    await_sessions(&endpoint, &url, 1);
-    let id_a = a.commit_stream("a", &data);
-    let first = packs(&endpoint, &url);
-    let mut stdin = held.stdin.take().unwrap();
-    stdin.write_all(&data[1 << 20..]).unwrap();
-    drop(stdin);
-    let id_b = succeeded(&held.wait_with_output().unwrap(), "b's commit").trim().to_string();
-    assert_eq!((first.len(), packs(&endpoint, &url).len()), (1, 2), "each machine stored its own copy");
+    let (a, b, [id_a, id_b], first) = concurrent_commits(&endpoint, &url, [&data, &data]);
 
-    flip_byte_in(&endpoint, &url, &first[0], 0.5);
+    flip_byte_in(&endpoint, &url, &first, 0.5);
     let dir = tempfile::tempdir().unwrap();
     assert_eq!(a.run(&["checkout", &id_a, dir.path().join("x").to_str().unwrap()]).status.code(), Some(3));
     let g: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc"])).unwrap();
     assert_eq!(g["packs_deleted"], 0, "b's copy is kept: {g}");
     let mut expected = vec![(id_a, data.clone()), (id_b, data)];
+    expected.sort();
+    for m in [&a, &b, &Machine::new(&endpoint, &url)] {
+        assert_whole(m, &expected);
+    }
+}
+
+/// Two machines that stored one chunk in concurrent commits, in packs that both stay (each holds far more of
+/// its own machine's data), keep their rows on their own copies. When one machine's copy is damaged and marked,
+/// a gc on the other machine checks its own copy and publishes it as the chunk's place, so the first machine
+/// restores again without a commit of the same bytes, and the shared mark goes. Before, neither gc touched the
+/// chunk: the first machine's checkout kept failing, though a sound copy sat in the bucket.
+#[test]
+fn a_gc_on_the_machine_holding_a_sound_copy_settles_another_machines_mark() {
+    let Some((endpoint, url)) = server() else { return };
+    let shared = pseudo_random(512 << 10, 101);
+    let stream = |seed| [shared.clone(), pseudo_random(8 << 20, seed)].concat();
+    let (data_a, data_b) = (stream(103), stream(105));
+    let (a, b, [id_a, id_b], first) = concurrent_commits(&endpoint, &url, [&data_a, &data_b]);
+
+    // A byte of a's copy of the shared data (the first 6 % of its pack).
+    flip_byte_in(&endpoint, &url, &first, 0.02);
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(a.run(&["checkout", &id_a, dir.path().join("x").to_str().unwrap()]).status.code(), Some(3));
+    assert_eq!(listed(&endpoint, &url, "records/damage-").len(), 1, "a shares its mark");
+    let g: serde_json::Value = serde_json::from_str(&b.ok(&["--json", "gc"])).unwrap();
+    assert_eq!((g["packs_deleted"].as_u64(), g["packs_rewritten"].as_u64()), (Some(0), Some(0)), "{g}");
+    assert!(listed(&endpoint, &url, "records/damage-").is_empty(), "the settled mark is pruned");
+    let mut expected = vec![(id_a, data_a), (id_b, data_b)];
     expected.sort();
     for m in [&a, &b, &Machine::new(&endpoint, &url)] {
         assert_whole(m, &expected);
@@ -700,13 +739,17 @@ fn a_chunk_marked_on_one_machine_heals_through_another_machines_commit() {
     for m in [&a, &restorer, &Machine::new(&endpoint, &url)] {
         assert_whole(m, &expected);
     }
-    // The mark stays while its pack does (a machine whose rows diverged may still point there), and goes with it.
+    // gc publishes its sound copy as the chunk's place (for any machine whose row still names the damaged one)
+    // and prunes the mark, while the damaged pack, whose other chunks are live, stays.
     a.ok(&["gc"]);
-    assert!(!listed(&endpoint, &url, "records/damage-").is_empty());
+    assert!(listed(&endpoint, &url, "records/damage-").is_empty(), "gc settles the mark");
+    assert!(packs(&endpoint, &url).contains(&first));
+    for m in [&a, &restorer, &Machine::new(&endpoint, &url)] {
+        assert_whole(m, &expected);
+    }
     a.ok(&["forget", id1, &id3]);
     a.ok(&["gc"]);
     assert!(!packs(&endpoint, &url).contains(&first), "the damaged pack is gone");
-    assert!(listed(&endpoint, &url, "records/damage-").is_empty(), "gc prunes the mark of a pack it deleted");
     assert_all_restore(&restorer, &[(id2.clone(), two.clone())]);
 }
 
