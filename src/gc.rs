@@ -804,9 +804,13 @@ fn settle_shared_marks(
             continue;
         }
         let mut blob = vec![0u8; e.stored_len as usize];
-        if backend.read_at(&pack, e.offset, &mut blob).is_err()
-            || decoder.decode(&e.id, e.flags, e.raw_len, &blob).is_err()
-        {
+        if backend.read_at(&pack, e.offset, &mut blob).is_err() {
+            continue;
+        }
+        if decoder.decode(&e.id, e.flags, e.raw_len, &blob).is_err() {
+            // This copy is damaged too: marked, for the next commit of the bytes to store them afresh, and
+            // shared by the next sync.
+            mark_damaged(conn, FoundDamage { pack, chunks: vec![m.chunk], from_offset: None })?;
             continue;
         }
         settled.insert(m.name.clone());

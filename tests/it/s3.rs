@@ -714,6 +714,37 @@ fn a_gc_on_the_machine_holding_a_sound_copy_settles_another_machines_mark() {
     }
 }
 
+/// As above, but b's copy of the chunk is damaged too: b's gc, checking it, marks it instead of settling a's
+/// mark, so that b's verify reports it and b's next commit of the bytes stores them afresh, which heals every
+/// machine. Before, b's gc passed over the damage it read, and only a plain read on b would have marked it.
+#[test]
+fn a_gc_that_finds_its_own_copy_of_a_marked_chunk_damaged_marks_it() {
+    let Some((endpoint, url)) = server() else { return };
+    let shared = pseudo_random(512 << 10, 111);
+    let stream = |seed| [shared.clone(), pseudo_random(8 << 20, seed)].concat();
+    let (data_a, data_b) = (stream(113), stream(115));
+    let (a, b, [id_a, id_b], first) = concurrent_commits(&endpoint, &url, [&data_a, &data_b]);
+    // The same byte of the shared data in both packs, which start with the same blobs.
+    for pack in packs(&endpoint, &url) {
+        flip_byte(&endpoint, &url, &pack, |_| 150_000);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(a.run(&["checkout", &id_a, dir.path().join("x").to_str().unwrap()]).status.code(), Some(3));
+    assert_eq!(b.run(&["verify"]).status.code(), Some(0), "b has read nothing yet");
+    b.ok(&["gc"]);
+    let o = b.run(&["verify"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stdout));
+    assert!(text(&o.stdout).contains("marked damaged by an earlier read"), "{}", text(&o.stdout));
+    assert!(packs(&endpoint, &url).contains(&first));
+
+    let id_b2 = b.commit_stream("b", &data_b);
+    let mut expected = vec![(id_a, data_a), (id_b, data_b.clone()), (id_b2, data_b)];
+    expected.sort();
+    for m in [&a, &b, &Machine::new(&endpoint, &url)] {
+        assert_whole(m, &expected);
+    }
+}
+
 /// A mark made by a read on one machine reaches every machine of the bucket: a commit of the same bytes on a
 /// machine that never read the damage (the trainer, where a restore node found it) stores a fresh copy, every
 /// machine restores, and GC then prunes the shared mark. Before, that commit reused the damaged chunk and made
@@ -755,9 +786,14 @@ fn a_chunk_marked_on_one_machine_heals_through_another_machines_commit() {
 
 /// Flips a byte of the bucket's object `key` (as `packs` lists it) at `at` of its length, behind snapstore's back.
 fn flip_byte_in(endpoint: &str, url: &str, key: &str, at: f64) {
+    flip_byte(endpoint, url, key, |len| (len as f64 * at) as usize);
+}
+
+/// Flips the byte of the bucket's object `key` at the offset `at` gives for the object's length.
+fn flip_byte(endpoint: &str, url: &str, key: &str, at: impl FnOnce(usize) -> usize) {
     let b = bucket(endpoint, url);
     let mut object = b.get(object_name(url, key)).unwrap();
-    let at = (object.len() as f64 * at) as usize;
+    let at = at(object.len());
     object[at] ^= 0x40;
     b.put(object_name(url, key), object).unwrap();
 }
