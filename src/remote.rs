@@ -197,6 +197,35 @@ impl SharedMark {
     }
 }
 
+/// Objects fetched at once by [`fetch_groups`]' groups, and the most bytes a group holds (unless one object
+/// alone is larger): a bucket's latency is waited out once per group instead of once per object, while what
+/// is held stays small whatever the number of objects.
+const FETCH_AT_ONCE: usize = 16;
+const FETCH_BYTES: u64 = 16 << 20;
+
+/// `items` in order, in consecutive groups of at most [`FETCH_AT_ONCE`] and [`FETCH_BYTES`] (by `size`).
+fn fetch_groups<'a, T>(items: &'a [T], size: impl Fn(&T) -> u64 + 'a) -> impl Iterator<Item = &'a [T]> + 'a {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let n = rest
+            .iter()
+            .take(FETCH_AT_ONCE)
+            .take_while(|item| {
+                bytes += size(item);
+                bytes <= FETCH_BYTES
+            })
+            .count()
+            .max(1);
+        let (group, after) = rest.split_at(n);
+        rest = after;
+        Some(group)
+    })
+}
+
 /// The names of the records `catalog` applied or wrote.
 fn applied_records(catalog: &Catalog) -> Result<HashSet<String>> {
     let mut stmt = catalog.connection().prepare("SELECT name FROM remote_records")?;
@@ -331,7 +360,7 @@ impl Remote {
     pub fn sync(&self, catalog: &mut Catalog) -> Result<SyncSummary> {
         let listed = self.bucket.list(RECORDS).map_err(|e| self.err(RECORDS, e))?;
         let known = applied_records(catalog)?;
-        let mut new: Vec<(u64, String)> = Vec::new();
+        let mut new: Vec<(u64, &str, u64)> = Vec::new();
         for o in &listed {
             if known.contains(&o.name) {
                 continue;
@@ -339,13 +368,21 @@ impl Remote {
             // Not a name snapstore writes (a README someone put there): not a record, so nothing to apply.
             // Refusing it would stop every command on every machine for an object that holds no checkpoint.
             let Some(seq) = record_seq(&o.name) else { continue };
-            new.push((seq, o.name.clone()));
+            new.push((seq, &o.name, o.size));
         }
         new.sort();
         let numbered = listed.iter().filter(|o| record_seq(&o.name).is_some());
         let mut s = SyncSummary { records: numbered.count() as u64, ..Default::default() };
-        for (seq, name) in new {
-            let data = self.bucket.get(&name).map_err(|e| self.err(&name, e))?;
+        let fetched = fetch_groups(&new, |&(_, _, size)| size).flat_map(|group| {
+            let names: Vec<&str> = group.iter().map(|&(_, name, _)| name).collect();
+            group
+                .iter()
+                .zip(self.bucket.get_all(&names))
+                .map(|(&(seq, name, _), data)| (seq, name, data))
+                .collect::<Vec<_>>()
+        });
+        for (seq, name, data) in fetched {
+            let data = data.map_err(|e| self.err(name, e))?;
             // The name carries a hash of the bytes (see `publish`): a byte changed where zstd does not notice
             // would otherwise be applied as it reads.
             let hash = name.rsplit_once('-').map_or("", |(_, h)| h);
@@ -365,20 +402,27 @@ impl Remote {
                 Error::Corrupt { what } => damaged(&what),
                 other => other,
             })?;
-            if catalog.apply_record(&name, seq, &batch)? {
+            if catalog.apply_record(name, seq, &batch)? {
                 s.applied += 1;
             }
         }
         // Other machines' marks, once the records they rely on are in; then this one's, shared.
-        for o in listed.iter().filter(|o| o.name.starts_with(DAMAGE) && !known.contains(&o.name)) {
-            let Some((chunk, _)) = damage_of(&o.name) else { continue };
-            let pack = match self.bucket.get(&o.name) {
-                Ok(body) => String::from_utf8_lossy(&body).into_owned(),
-                // Pruned by a GC since the listing: the chunk has moved on.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(self.err(&o.name, e)),
-            };
-            crate::catalog::apply_shared_mark(catalog.connection_mut(), &o.name, &chunk, &pack)?;
+        let marks: Vec<(&str, ObjectId, u64)> = listed
+            .iter()
+            .filter(|o| !known.contains(&o.name))
+            .filter_map(|o| damage_of(&o.name).map(|(chunk, _)| (o.name.as_str(), chunk, o.size)))
+            .collect();
+        for group in fetch_groups(&marks, |&(_, _, size)| size) {
+            let names: Vec<&str> = group.iter().map(|&(name, _, _)| name).collect();
+            for (&(name, chunk, _), body) in group.iter().zip(self.bucket.get_all(&names)) {
+                let pack = match body {
+                    Ok(body) => String::from_utf8_lossy(&body).into_owned(),
+                    // Pruned by a GC since the listing: the chunk has moved on.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(self.err(name, e)),
+                };
+                crate::catalog::apply_shared_mark(catalog.connection_mut(), name, &chunk, &pack)?;
+            }
         }
         self.share_marks(catalog);
         s.checkpoints =
@@ -911,6 +955,17 @@ mod tests {
 
     fn test_bucket() -> Option<Arc<Bucket>> {
         crate::backend::test_bucket().map(Arc::new)
+    }
+
+    #[test]
+    fn fetch_groups_keep_order_and_bound_count_and_bytes() {
+        let sizes: Vec<u64> = [vec![1; 40], vec![10 << 20, 10 << 20, 40 << 20, 1]].concat();
+        let groups: Vec<Vec<u64>> = fetch_groups(&sizes, |&s| s).map(<[u64]>::to_vec).collect();
+        let lens: Vec<usize> = groups.iter().map(Vec::len).collect();
+        // 16 small ones a group; then the two of 10 MiB apart, and the one over the bound alone.
+        assert_eq!(lens, [16, 16, 9, 1, 1, 1]);
+        assert_eq!(groups.concat(), sizes, "every item once, in order");
+        assert_eq!(fetch_groups(&[] as &[u64], |&s| s).count(), 0);
     }
 
     fn token_at(bucket: &Bucket, name: &str) -> String {

@@ -14,6 +14,8 @@ pub enum Bucket {}
 pub struct ObjectMeta {
     /// Its name, relative to the repository's prefix.
     pub name: String,
+    /// Size in bytes.
+    pub size: u64,
     /// When it was last written, by the server's clock, in nanoseconds since the Unix epoch.
     pub modified_ns: i64,
 }
@@ -36,6 +38,10 @@ impl Bucket {
     }
     /// Unreachable: no bucket exists.
     pub fn get(&self, _: &str) -> io::Result<Vec<u8>> {
+        match *self {}
+    }
+    /// Unreachable: no bucket exists.
+    pub fn get_all(&self, _: &[&str]) -> Vec<io::Result<Vec<u8>>> {
         match *self {}
     }
     /// Unreachable: no bucket exists.
