@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# How long a new machine takes to sync a bucket of many small commits (one record each), against an S3 server
-# directly and through a proxy that holds every request LATENCY_MS, standing in for a remote service.
+# How long a new machine takes to sync a bucket of many small commits (one record and one pack each), and then
+# to `verify` it (every pack's index), against an S3 server directly and through a proxy that holds every
+# request LATENCY_MS, standing in for a remote service.
 #
 #   moto_server -H 127.0.0.1 -p 9000 &
 #   AWS_ENDPOINT_URL=http://127.0.0.1:9000 bash benches/sync-latency.sh [COMMITS]     default 200
@@ -62,8 +63,8 @@ for i in $(seq "$commits"); do
     echo "state $i" | SNAPSTORE_CACHE_DIR=$dir/writer "$bin" --repo "$url" -q commit - --name state >/dev/null
 done
 
-echo "| binary | endpoint | sync of $commits records (s) | peak RSS (MiB) |"
-echo "|---|---|---|---|"
+echo "| binary | endpoint | sync of $commits records (s) | verify of $commits packs (s) | peak RSS (MiB) |"
+echo "|---|---|---|---|---|"
 for run in $(seq "$runs"); do
     for b in "$bin" ${OTHER_BIN:-}; do
         for via in direct proxy; do
@@ -72,9 +73,14 @@ for run in $(seq "$runs"); do
                 endpoint=http://127.0.0.1:$(cat "$dir/port") label="proxy (+$latency ms a request)"
             fi
             rm -rf "$dir/new"
-            out=$(AWS_ENDPOINT_URL=$endpoint SNAPSTORE_CACHE_DIR=$dir/new /usr/bin/time -f '%e %M' \
-                "$b" --repo "$url" --json sync 2>&1 >/dev/null | tail -1)
-            echo "| $b | $label | ${out% *} | $(( ${out#* } / 1024 )) |"
+            timed() {
+                AWS_ENDPOINT_URL=$endpoint SNAPSTORE_CACHE_DIR=$dir/new /usr/bin/time -f '%e %M' \
+                    "$b" --repo "$url" "$@" 2>&1 >/dev/null | tail -1
+            }
+            sync=$(timed --json sync)
+            verify=$(timed verify)
+            rss=$(( (${sync#* } > ${verify#* } ? ${sync#* } : ${verify#* }) / 1024 ))
+            echo "| $b | $label | ${sync% *} | ${verify% *} | $rss |"
         done
     done
 done

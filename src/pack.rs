@@ -152,34 +152,56 @@ pub(crate) fn problem_of(e: &Error, name: &str) -> String {
 
 /// Reads and checks a pack's own index: what the catalog's chunk index is rebuilt from.
 pub fn read_index(backend: &dyn Backend, name: &str) -> Result<Vec<PackEntry>> {
-    let bad = |why: &str| Error::corrupt(format!("pack {name}: {why}"));
     let size = backend.size(name).map_err(|e| Error::backend(name, e))?;
+    read_index_sized(backend, name, size)
+}
+
+/// Bytes read from a pack's end at once, footer and (in most packs) the whole index: each read is a request to
+/// a bucket, and a pack's index used to take three after its size.
+const TAIL_READ: u64 = 128 << 10;
+
+/// [`read_index`] of a pack whose size the caller has just looked up.
+pub(crate) fn read_index_sized(backend: &dyn Backend, name: &str, size: u64) -> Result<Vec<PackEntry>> {
+    let bad = |why: &str| Error::corrupt(format!("pack {name}: {why}"));
     if size < HEADER_LEN + FOOTER_LEN as u64 {
         return Err(bad("too short to be a pack"));
     }
+    let tail_at = size - size.min(TAIL_READ);
+    let mut tail = vec![0u8; (size - tail_at) as usize];
+    backend.read_at(name, tail_at, &mut tail).map_err(|e| Error::backend(name, e))?;
     let mut header = [0u8; HEADER_LEN as usize];
-    backend.read_at(name, 0, &mut header).map_err(|e| Error::backend(name, e))?;
+    if tail_at == 0 {
+        header.copy_from_slice(&tail[..HEADER_LEN as usize]);
+    } else {
+        backend.read_at(name, 0, &mut header).map_err(|e| Error::backend(name, e))?;
+    }
     // Reserved fields must be zero, so that no byte of a pack can change unnoticed.
     if &header[..8] != MAGIC || u32_at(&header, 8) != VERSION || u32_at(&header, 12) != 0 {
         return Err(bad("bad header"));
     }
-    let mut footer = [0u8; FOOTER_LEN];
-    backend.read_at(name, size - FOOTER_LEN as u64, &mut footer).map_err(|e| Error::backend(name, e))?;
-    if &footer[32..] != FOOTER_MAGIC || u32_at(&footer, 12) != 0 {
+    let footer = &tail[tail.len() - FOOTER_LEN..];
+    if &footer[32..] != FOOTER_MAGIC || u32_at(footer, 12) != 0 {
         return Err(bad("bad footer"));
     }
     let index_offset = u64::from_le_bytes(footer[..8].try_into().expect("8 bytes"));
-    let count = u32_at(&footer, 8) as u64;
+    let count = u32_at(footer, 8) as u64;
     let index_len = count * ENTRY_LEN as u64;
     if index_offset < HEADER_LEN || index_offset.checked_add(index_len) != Some(size - FOOTER_LEN as u64) {
         return Err(bad("index bounds do not match the file size"));
     }
-    let mut index = vec![0u8; index_len as usize];
-    backend.read_at(name, index_offset, &mut index).map_err(|e| Error::backend(name, e))?;
-    if blake3::hash(&index).as_bytes()[..16] != footer[16..32] {
+    let read;
+    let index = if index_offset >= tail_at {
+        &tail[(index_offset - tail_at) as usize..tail.len() - FOOTER_LEN]
+    } else {
+        let mut whole = vec![0u8; index_len as usize];
+        backend.read_at(name, index_offset, &mut whole).map_err(|e| Error::backend(name, e))?;
+        read = whole;
+        &read[..]
+    };
+    if blake3::hash(index).as_bytes()[..16] != footer[16..32] {
         return Err(bad(&format!("index checksum mismatch ({})", to_hex(&footer[16..32]))));
     }
-    decode_index(&index, index_offset).ok_or_else(|| bad("index entries do not add up to the blob area"))
+    decode_index(index, index_offset).ok_or_else(|| bad("index entries do not add up to the blob area"))
 }
 
 /// Decodes index bytes, checking that the blobs exactly fill `HEADER_LEN..blobs_end`.
@@ -233,6 +255,34 @@ mod tests {
         w.write_all(&bytes).unwrap();
         w.publish("packs/00/bad.pack").unwrap();
         assert!(read_index(&b, "packs/00/bad.pack").unwrap_err().is_corruption());
+    }
+
+    /// Packs larger than the tail read at once: one whose header needs a read of its own, and one whose index
+    /// does too. Both read back whole, and a flip of the header's or the index's first byte is caught.
+    #[test]
+    fn large_packs_read_their_header_and_index_beyond_the_tail() {
+        let b = MemoryBackend::new();
+        let big_blob = vec![7u8; 3 * TAIL_READ as usize];
+        let many: Vec<Vec<u8>> =
+            (0..2 * TAIL_READ as u32 / ENTRY_LEN as u32).map(|i| i.to_le_bytes().to_vec()).collect();
+        for (what, chunks) in [("a large blob", vec![big_blob]), ("a large index", many)] {
+            let mut w = PackWriter::new(&b).unwrap();
+            for c in &chunks {
+                w.add(ObjectId::of(c), 0, c.len() as u32, c).unwrap();
+            }
+            let (name, size, entries) = w.finish().unwrap();
+            assert!(size > TAIL_READ, "{what}");
+            assert_eq!(read_index(&b, &name).unwrap(), entries, "{what}");
+            let mut bytes = vec![0u8; size as usize];
+            b.read_at(&name, 0, &mut bytes).unwrap();
+            let index_at = entries[0].offset as usize + chunks.iter().map(Vec::len).sum::<usize>();
+            for at in [0, index_at] {
+                let mut flipped = bytes.clone();
+                flipped[at] ^= 1;
+                let e = index_of(&flipped).unwrap_err();
+                assert!(e.is_corruption(), "{what}, flip at {at}: {e}");
+            }
+        }
     }
 
     /// The seed packs in `tests/corpus/pack/` are what a pack writer makes today (`SNAPSTORE_WRITE_CORPUS=1`
