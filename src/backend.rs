@@ -23,6 +23,33 @@ pub use s3::{
 #[cfg(not(feature = "s3"))]
 pub use s3_off::{Bucket, ObjectMeta, S3Backend};
 
+/// Items [`overlapped`] looks up at once where each read is a request.
+const LOOKUPS_AT_ONCE: usize = 16;
+
+/// `look` over `items`, each item with its result, in order. Where each of `backend`'s reads is a request (a
+/// bucket), the items of each group of 16 are looked up on threads of their own, so that their requests'
+/// latency overlaps instead of adding up (a verify of 200 packs through 20 ms of latency a request took 24 s
+/// one pack at a time); elsewhere one at a time on the caller's thread. A group's results are held until the
+/// caller has taken them, so memory stays that of 16 results.
+pub(crate) fn overlapped<'a, T: Sync, R: Send + 'a>(
+    backend: &dyn Backend,
+    items: &'a [T],
+    look: impl Fn(&T) -> R + Sync + 'a,
+) -> impl Iterator<Item = (&'a T, R)> + 'a {
+    let at_once = if backend.reads_are_requests() { LOOKUPS_AT_ONCE } else { 1 };
+    items.chunks(at_once).flat_map(move |group| {
+        let results: Vec<R> = match group {
+            [one] => vec![look(one)],
+            _ => std::thread::scope(|s| {
+                let look = &look;
+                let running: Vec<_> = group.iter().map(|item| s.spawn(move || look(item))).collect();
+                running.into_iter().map(|t| t.join().expect("a lookup panicked")).collect()
+            }),
+        };
+        group.iter().zip(results)
+    })
+}
+
 /// A small object of a bucket as [`Bucket::get_versioned`] read it.
 #[derive(Debug, Clone)]
 pub struct Versioned {
@@ -180,6 +207,42 @@ pub(crate) mod tests {
         assert!(check_name("packs/00/0a.pack").is_ok());
         for bad in ["", "/etc/passwd", "packs/../x", "a//b", "a/./b", "a b"] {
             assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Results come back in order whatever order the lookups end in; a backend whose reads are requests gets
+    /// them on threads of their own, at most 16 at a time, and any other on the caller's thread.
+    #[test]
+    fn overlapped_lookups_keep_order_and_run_at_once_only_where_reads_are_requests() {
+        let items: Vec<u64> = (0..40).collect();
+        for requests in [false, true] {
+            let backend = MemoryBackend::new();
+            backend.set_reads_are_requests(requests);
+            let caller = std::thread::current().id();
+            let running = std::sync::atomic::AtomicUsize::new(0);
+            let most = std::sync::atomic::AtomicUsize::new(0);
+            let out: Vec<(u64, bool)> = overlapped(&backend, &items, |&i| {
+                let now = running.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                most.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                // Later items of a group end first.
+                std::thread::sleep(std::time::Duration::from_millis(20 - i % 16));
+                running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                (i * 10, std::thread::current().id() == caller)
+            })
+            .map(|(&i, r)| {
+                assert_eq!(r.0, i * 10);
+                (i, r.1)
+            })
+            .collect();
+            assert_eq!(out.iter().map(|o| o.0).collect::<Vec<_>>(), items, "requests: {requests}");
+            let on_caller = out.iter().filter(|o| o.1).count();
+            let most = most.load(std::sync::atomic::Ordering::SeqCst);
+            if requests {
+                assert_eq!(on_caller, 0);
+                assert!((2..=LOOKUPS_AT_ONCE).contains(&most), "{most} at once");
+            } else {
+                assert_eq!((on_caller, most), (40, 1));
+            }
         }
     }
 }

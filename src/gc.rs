@@ -565,9 +565,11 @@ fn collect(
     if let Some((r, lock)) = remote {
         r.check_lock(lock)?;
     }
-    for (id, name, size) in &empty {
+    for ((id, name, size), present) in crate::backend::overlapped(backend.as_ref(), &empty, |(_, name, _)| {
+        !backend.size(name).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    }) {
         // A pack file already gone (lost, or deleted by a GC cut short) frees nothing now.
-        if backend.size(name).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+        if !present {
             freed -= *size as i128;
         }
         backend.remove(name).map_err(|e| Error::backend(name, e))?;
@@ -930,13 +932,14 @@ fn publish_dead_packs(
          WHERE c.id = ?1 AND c.pack != ?2",
     )?;
     let mut batch = Batch::default();
-    for (id, name, _) in dead {
+    let indexes = crate::backend::overlapped(backend, dead, |(_, name, _)| index_if_readable(backend, name));
+    for ((id, name, _), entries) in indexes {
         batch.dead_packs.push(name.clone());
         // A pack already gone (a GC cut short after deleting it) has no chunks left to account for; one whose
         // index is damaged cannot say which it holds, and its rows in other replicas point at damage anyway.
         // Any other failure stops the GC before it deletes anything: a record without the locations of the
         // chunks that live on elsewhere would make other machines drop their rows.
-        let entries = index_if_readable(backend, name)?.unwrap_or_default();
+        let entries = entries?.unwrap_or_default();
         for e in entries {
             let found = elsewhere.query_row(params![&e.id.0[..], id], |row| placed(row, e.id)).optional()?;
             batch.locates.extend(found);

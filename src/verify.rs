@@ -385,35 +385,20 @@ fn pack_still_recorded(catalog_path: &Path, name: &str) -> Result<bool> {
     Ok(fresh.connection().prepare("SELECT 1 FROM packs WHERE name = ?1")?.exists([name])?)
 }
 
-/// Packs whose index `verify` looks up at once where each read is a request (a bucket), so that their
-/// requests' latency overlaps: a verify of 200 small packs through 20 ms of latency a request took 10 s one at a
-/// time.
-const LOOKUPS_AT_ONCE: usize = 16;
-
 /// A pack's index as its chunks' entries, or the damage that keeps it from being read.
 type LookedUp = Result<std::result::Result<HashMap<ObjectId, PackEntry>, String>>;
 
-/// [`LookedUp`] for each of `packs` (id, name, size the catalog recorded), in order; on a thread each when
-/// there are several.
-fn look_up_packs(backend: &dyn Backend, packs: &[(i64, String, i64)]) -> Vec<LookedUp> {
-    let look_up = |name: &str, size: i64| -> LookedUp {
-        let actual = backend.size(name).map_err(|e| Error::backend(name, e))?;
-        if actual != size as u64 {
-            return Ok(Err(format!("the pack file is {actual} bytes but the catalog recorded {size}")));
-        }
-        match crate::pack::read_index_sized(backend, name, actual) {
-            Ok(entries) => Ok(Ok(entries.into_iter().map(|e| (e.id, e)).collect())),
-            Err(e) if e.is_corruption() => Ok(Err(crate::pack::problem_of(&e, name))),
-            Err(e) => Err(e),
-        }
-    };
-    if let [(_, name, size)] = packs {
-        return vec![look_up(name, *size)];
+/// [`LookedUp`] for pack `name` of the `size` the catalog recorded.
+fn look_up_pack(backend: &dyn Backend, name: &str, size: i64) -> LookedUp {
+    let actual = backend.size(name).map_err(|e| Error::backend(name, e))?;
+    if actual != size as u64 {
+        return Ok(Err(format!("the pack file is {actual} bytes but the catalog recorded {size}")));
     }
-    std::thread::scope(|s| {
-        let running: Vec<_> = packs.iter().map(|(_, name, size)| s.spawn(move || look_up(name, *size))).collect();
-        running.into_iter().map(|t| t.join().expect("a pack lookup panicked")).collect()
-    })
+    match crate::pack::read_index_sized(backend, name, actual) {
+        Ok(entries) => Ok(Ok(entries.into_iter().map(|e| (e.id, e)).collect())),
+        Err(e) if e.is_corruption() => Ok(Err(crate::pack::problem_of(&e, name))),
+        Err(e) => Err(e),
+    }
 }
 
 /// Checks every pack row against its file and every chunk row against its pack. Returns the packs whose
@@ -442,10 +427,9 @@ fn check_packs(
     let mut sorted = conn.prepare(&format!("SELECT {CHUNK_ROW_COLUMNS} FROM chunks ORDER BY pack"))?;
     let mut rows = RowsByPack::new(&mut sorted)?;
     let mut sound = Vec::new();
-    let at_once = if backend.reads_are_requests() { LOOKUPS_AT_ONCE } else { 1 };
-    for group in packs.chunks(at_once) {
-        let looks = look_up_packs(backend, group);
-        for ((id, name, size), looked) in group.iter().cloned().zip(looks) {
+    {
+        let looks = crate::backend::overlapped(backend, &packs, |(_, name, size)| look_up_pack(backend, name, *size));
+        for ((id, name, size), looked) in looks.map(|(p, looked)| (p.clone(), looked)) {
             let index = match looked {
                 Ok(index) => index,
                 // Gone, before its size was looked at or after: with its row gone too, a concurrent GC deleted it.

@@ -13,6 +13,7 @@ pub struct MemoryBackend {
     objects: Arc<RwLock<BTreeMap<String, Arc<Vec<u8>>>>>,
     failing: Arc<AtomicBool>,
     write_memory: Arc<AtomicU64>,
+    reads_are_requests: Arc<AtomicBool>,
 }
 
 impl MemoryBackend {
@@ -29,6 +30,11 @@ impl MemoryBackend {
     /// From now on [`Backend::write_memory`] reports `bytes`, as a bucket reports its upload parts.
     pub fn set_write_memory(&self, bytes: u64) {
         self.write_memory.store(bytes, Ordering::SeqCst);
+    }
+
+    /// From now on [`Backend::reads_are_requests`] says `yes`, as a bucket does.
+    pub fn set_reads_are_requests(&self, yes: bool) {
+        self.reads_are_requests.store(yes, Ordering::SeqCst);
     }
 
     fn check(&self) -> io::Result<()> {
@@ -108,6 +114,9 @@ impl Backend for MemoryBackend {
 
     fn write_memory(&self) -> u64 {
         self.write_memory.load(Ordering::SeqCst)
+    }
+    fn reads_are_requests(&self) -> bool {
+        self.reads_are_requests.load(Ordering::SeqCst)
     }
 }
 
