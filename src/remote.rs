@@ -356,6 +356,19 @@ impl Remote {
         Ok(())
     }
 
+    /// The objects `items` name (each item's object name and listed size), each item with its object's body, in
+    /// order: fetched in [`fetch_groups`], a group's requests in flight at once.
+    fn fetched<'a, T>(
+        &'a self,
+        items: &'a [T],
+        object: impl Fn(&T) -> (&'a str, u64) + Copy + 'a,
+    ) -> impl Iterator<Item = (&'a T, std::io::Result<Vec<u8>>)> + 'a {
+        fetch_groups(items, move |item| object(item).1).flat_map(move |group| {
+            let names: Vec<&str> = group.iter().map(|item| object(item).0).collect();
+            group.iter().zip(self.bucket.get_all(&names))
+        })
+    }
+
     /// Applies every record of the bucket the catalog has not applied, in causal order.
     pub fn sync(&self, catalog: &mut Catalog) -> Result<SyncSummary> {
         let listed = self.bucket.list(RECORDS).map_err(|e| self.err(RECORDS, e))?;
@@ -373,15 +386,7 @@ impl Remote {
         new.sort();
         let numbered = listed.iter().filter(|o| record_seq(&o.name).is_some());
         let mut s = SyncSummary { records: numbered.count() as u64, ..Default::default() };
-        let fetched = fetch_groups(&new, |&(_, _, size)| size).flat_map(|group| {
-            let names: Vec<&str> = group.iter().map(|&(_, name, _)| name).collect();
-            group
-                .iter()
-                .zip(self.bucket.get_all(&names))
-                .map(|(&(seq, name, _), data)| (seq, name, data))
-                .collect::<Vec<_>>()
-        });
-        for (seq, name, data) in fetched {
+        for (&(seq, name, _), data) in self.fetched(&new, |&(_, name, size)| (name, size)) {
             let data = data.map_err(|e| self.err(name, e))?;
             // The name carries a hash of the bytes (see `publish`): a byte changed where zstd does not notice
             // would otherwise be applied as it reads.
@@ -412,17 +417,14 @@ impl Remote {
             .filter(|o| !known.contains(&o.name))
             .filter_map(|o| damage_of(&o.name).map(|(chunk, _)| (o.name.as_str(), chunk, o.size)))
             .collect();
-        for group in fetch_groups(&marks, |&(_, _, size)| size) {
-            let names: Vec<&str> = group.iter().map(|&(name, _, _)| name).collect();
-            for (&(name, chunk, _), body) in group.iter().zip(self.bucket.get_all(&names)) {
-                let pack = match body {
-                    Ok(body) => String::from_utf8_lossy(&body).into_owned(),
-                    // Pruned by a GC since the listing: the chunk has moved on.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(self.err(name, e)),
-                };
-                crate::catalog::apply_shared_mark(catalog.connection_mut(), name, &chunk, &pack)?;
-            }
+        for (&(name, chunk, _), body) in self.fetched(&marks, |&(name, _, size)| (name, size)) {
+            let pack = match body {
+                Ok(body) => String::from_utf8_lossy(&body).into_owned(),
+                // Pruned by a GC since the listing: the chunk has moved on.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.err(name, e)),
+            };
+            crate::catalog::apply_shared_mark(catalog.connection_mut(), name, &chunk, &pack)?;
         }
         self.share_marks(catalog);
         s.checkpoints =

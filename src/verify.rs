@@ -427,45 +427,43 @@ fn check_packs(
     let mut sorted = conn.prepare(&format!("SELECT {CHUNK_ROW_COLUMNS} FROM chunks ORDER BY pack"))?;
     let mut rows = RowsByPack::new(&mut sorted)?;
     let mut sound = Vec::new();
-    {
-        let looks = crate::backend::overlapped(backend, &packs, |(_, name, size)| look_up_pack(backend, name, *size));
-        for ((id, name, size), looked) in looks.map(|(p, looked)| (p.clone(), looked)) {
-            let index = match looked {
-                Ok(index) => index,
-                // Gone, before its size was looked at or after: with its row gone too, a concurrent GC deleted it.
-                Err(Error::Backend { source, .. }) if source.kind() == ErrorKind::NotFound => {
-                    if !pack_still_recorded(catalog_path, &name)? {
-                        conn.execute("INSERT OR IGNORE INTO temp.v_skip_pack (id) VALUES (?1)", [id])?;
-                        continue;
-                    }
-                    Err("the pack file is missing".to_string())
+    let looks = crate::backend::overlapped(backend, &packs, |(_, name, size)| look_up_pack(backend, name, *size));
+    for ((id, name, size), looked) in looks.map(|(p, looked)| (p.clone(), looked)) {
+        let index = match looked {
+            Ok(index) => index,
+            // Gone, before its size was looked at or after: with its row gone too, a concurrent GC deleted it.
+            Err(Error::Backend { source, .. }) if source.kind() == ErrorKind::NotFound => {
+                if !pack_still_recorded(catalog_path, &name)? {
+                    conn.execute("INSERT OR IGNORE INTO temp.v_skip_pack (id) VALUES (?1)", [id])?;
+                    continue;
                 }
-                Err(e) => return Err(e),
-            };
-            match index {
-                Ok(index) => {
-                    let blobs_end = size as u64 - FOOTER_LEN as u64 - (index.len() * crate::pack::ENTRY_LEN) as u64;
-                    rows.of_pack(id, |row| {
-                        if let Some(why) = row_problem(&row, &index, blobs_end) {
-                            bad_chunk.execute(params![row.id, name, why])?;
-                        }
-                        Ok(())
-                    })?;
-                    sound.push((id, name));
-                }
-                Err(problem) => {
-                    let why = format!("in a damaged pack ({problem})");
-                    let mut used = false;
-                    rows.of_pack(id, |row| {
-                        used = true;
+                Err("the pack file is missing".to_string())
+            }
+            Err(e) => return Err(e),
+        };
+        match index {
+            Ok(index) => {
+                let blobs_end = size as u64 - FOOTER_LEN as u64 - (index.len() * crate::pack::ENTRY_LEN) as u64;
+                rows.of_pack(id, |row| {
+                    if let Some(why) = row_problem(&row, &index, blobs_end) {
                         bad_chunk.execute(params![row.id, name, why])?;
-                        Ok(())
-                    })?;
-                    // One whose every chunk has been stored afresh elsewhere holds nothing the catalog uses: GC
-                    // drops its row.
-                    if used {
-                        report.damaged_packs.push(DamagedPack { pack: name, problem });
                     }
+                    Ok(())
+                })?;
+                sound.push((id, name));
+            }
+            Err(problem) => {
+                let why = format!("in a damaged pack ({problem})");
+                let mut used = false;
+                rows.of_pack(id, |row| {
+                    used = true;
+                    bad_chunk.execute(params![row.id, name, why])?;
+                    Ok(())
+                })?;
+                // One whose every chunk has been stored afresh elsewhere holds nothing the catalog uses: GC
+                // drops its row.
+                if used {
+                    report.damaged_packs.push(DamagedPack { pack: name, problem });
                 }
             }
         }
