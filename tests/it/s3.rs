@@ -784,6 +784,37 @@ fn a_chunk_marked_on_one_machine_heals_through_another_machines_commit() {
     assert_all_restore(&restorer, &[(id2.clone(), two.clone())]);
 }
 
+/// A GC killed among its deletes (16 at a time in a bucket, every pack recorded dead before the first) loses
+/// nothing: the next gc deletes the rest, and every kept checkpoint restores, here and on a new machine.
+#[test]
+fn a_gc_killed_among_its_deletes_is_finished_by_the_next() {
+    let Some((endpoint, url)) = server() else { return };
+    let a = Machine::new(&endpoint, &url);
+    a.ok(&["init"]);
+    let streams: Vec<Vec<u8>> = (0..40).map(|i| pseudo_random(20 << 10, 300 + 2 * i)).collect();
+    let ids: Vec<String> = streams.iter().enumerate().map(|(i, d)| a.commit_stream(&format!("s{i}"), d)).collect();
+    let forgotten: Vec<&str> = ids.iter().enumerate().filter(|(i, _)| i % 4 != 0).map(|(_, id)| id.as_str()).collect();
+    a.ok(&[&["forget"][..], &forgotten].concat());
+    let before = packs(&endpoint, &url).len();
+    assert_eq!(before, 40);
+    let killed = a.piped(&["-q", "gc"], &[("SNAPSTORE_FAULT", "gc-removed:5")]).wait_with_output().unwrap();
+    assert!(!killed.status.success(), "the gc was killed");
+    let left = packs(&endpoint, &url).len();
+    // The second group of deletes never started.
+    assert!((24..before).contains(&left), "killed among its deletes: {before} packs, {left} left");
+    a.ok(&["gc"]);
+    let after = packs(&endpoint, &url).len();
+    assert!(after < 24, "the next gc deleted the rest: {after} left");
+    let g: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc"])).unwrap();
+    assert_eq!((g["packs_deleted"].as_u64(), g["orphans_deleted"].as_u64()), (Some(0), Some(0)), "{g}");
+    let mut expected: Vec<(String, Vec<u8>)> =
+        ids.into_iter().zip(streams).enumerate().filter(|(i, _)| i % 4 == 0).map(|(_, kept)| kept).collect();
+    expected.sort();
+    for m in [&a, &Machine::new(&endpoint, &url)] {
+        assert_whole(m, &expected);
+    }
+}
+
 /// Flips a byte of the bucket's object `key` (as `packs` lists it) at `at` of its length, behind snapstore's back.
 fn flip_byte_in(endpoint: &str, url: &str, key: &str, at: f64) {
     flip_byte(endpoint, url, key, |len| (len as f64 * at) as usize);
