@@ -544,10 +544,17 @@ fn collect(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     touch_lease(&tx)?;
     // Packs the catalog no longer points into: their rows go now, their files after the commit.
-    let empty: Vec<(i64, String, i64)> = tx
+    let mut empty: Vec<(i64, String, i64)> = tx
         .prepare("SELECT id, name, size FROM packs WHERE id NOT IN (SELECT pack FROM chunks)")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<rusqlite::Result<_>>()?;
+    if let Some((r, lock)) = remote {
+        r.check_lock(lock)?;
+        for (pack, problem) in publish_dead_packs(&tx, r, backend.as_ref(), &empty)? {
+            empty.retain(|(_, name, _)| *name != pack);
+            s.damaged_packs.push(crate::verify::DamagedPack { pack, problem });
+        }
+    }
     for (id, _, size) in &empty {
         tx.execute("DELETE FROM packs WHERE id = ?1", [id])?;
         freed += *size as i128;
@@ -556,10 +563,6 @@ fn collect(
     // recording it: that is, when no session is alive, checked in this transaction.
     let sessions: i64 = tx.query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))?;
     let orphans = if sessions == 0 { orphans(&tx, listed, &empty)? } else { Vec::new() };
-    if let Some((r, lock)) = remote {
-        r.check_lock(lock)?;
-        publish_dead_packs(&tx, r, backend.as_ref(), &empty)?;
-    }
     tx.commit()?;
     crate::fault::point("gc-dropped");
     if let Some((r, lock)) = remote {
@@ -923,26 +926,39 @@ fn publish_drops(tx: &rusqlite::Transaction<'_>, r: &Remote) -> Result<()> {
 }
 
 /// Writes, as records, the packs about to be deleted and, for their chunks that live on in other packs, where:
-/// another replica may have recorded a chunk in the deleted pack while this one had it elsewhere.
+/// another replica may have recorded a chunk in the deleted pack while this one had it elsewhere. Returns the
+/// packs that must stay instead (their index damaged), each with its problem.
 fn publish_dead_packs(
     tx: &rusqlite::Transaction<'_>,
     r: &Remote,
     backend: &dyn Backend,
     dead: &[(i64, String, i64)],
-) -> Result<()> {
+) -> Result<Vec<(String, String)>> {
     let mut elsewhere = tx.prepare(
         "SELECT p.name, c.offset, c.stored_len, c.raw_len, c.flags FROM chunks c JOIN packs p ON p.id = c.pack
          WHERE c.id = ?1 AND c.pack != ?2",
     )?;
     let mut batch = Batch::default();
-    let indexes = crate::backend::overlapped(backend, dead, |(_, name, _)| index_if_readable(backend, name));
-    for ((id, name, _), entries) in indexes {
+    let mut kept = Vec::new();
+    let indexes = crate::backend::overlapped(backend, dead, |(_, name, _)| crate::pack::read_index(backend, name));
+    for ((id, name, _), index) in indexes {
+        let entries = match index {
+            Ok(entries) => entries,
+            // Already gone (a GC cut short after deleting it, or lost): nothing left to read.
+            Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            // One whose index is damaged cannot say which chunks it holds, while another machine's rows may
+            // place sound ones there (rows diverge when two machines store one chunk): dropped without their
+            // locates, it took those rows with it (round 22 review). Kept, and reported.
+            Err(e) if e.is_corruption() => {
+                let problem = crate::pack::problem_of(&e, name);
+                kept.push((name.clone(), format!("{problem}; kept, as other machines' rows may place chunks in it")));
+                continue;
+            }
+            // Any other failure stops the GC before it deletes anything: a record without the locations of the
+            // chunks that live on elsewhere would make other machines drop their rows.
+            Err(e) => return Err(e),
+        };
         batch.dead_packs.push(name.clone());
-        // A pack already gone (a GC cut short after deleting it) has no chunks left to account for; one whose
-        // index is damaged cannot say which it holds, and its rows in other replicas point at damage anyway.
-        // Any other failure stops the GC before it deletes anything: a record without the locations of the
-        // chunks that live on elsewhere would make other machines drop their rows.
-        let entries = entries?.unwrap_or_default();
         for e in entries {
             let found = elsewhere.query_row(params![&e.id.0[..], id], |row| placed(row, e.id)).optional()?;
             batch.locates.extend(found);
@@ -951,7 +967,8 @@ fn publish_dead_packs(
             r.publish(tx, &std::mem::take(&mut batch))?;
         }
     }
-    r.publish(tx, &batch)
+    r.publish(tx, &batch)?;
+    Ok(kept)
 }
 
 /// A pack under this share of the target size counts as small: a commit of a few changed bytes writes one, and

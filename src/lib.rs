@@ -276,6 +276,24 @@ pub struct RepoStats {
     pub compression_ratio: f64,
 }
 
+/// A file reader's session in a bucket. When the reader ends, what its reads marked damaged is shared with
+/// every machine, as a checkout's is when it ends: left for this machine's next command, the mark reached no
+/// GC elsewhere meanwhile, which could then delete the only sound copy of the chunk (round 22 review).
+struct ReaderSession {
+    remote: Arc<remote::Remote>,
+    catalog_path: PathBuf,
+    _session: remote::RemoteSession,
+}
+
+impl Drop for ReaderSession {
+    fn drop(&mut self) {
+        // Best effort, as for a checkout; the session object goes after it, with the fields.
+        if let Ok(mut catalog) = Catalog::open(&self.catalog_path) {
+            self.remote.share_marks(&mut catalog);
+        }
+    }
+}
+
 impl Repository {
     /// Creates a repository at `path` with default parameters. The directory may exist if it is empty.
     ///
@@ -948,9 +966,13 @@ impl Repository {
         let reader = FileReader::open(catalog, self.backend.clone(), &content)
             .map_err(|e| self.unless_forgotten(e, &cp.id))?
             .of_checkpoint(&cp.id);
-        Ok(match session {
-            Some((_, s, _)) => reader.hold(Box::new(s)),
-            None => reader,
+        Ok(match (session, &self.remote) {
+            (Some((_, session, _)), Some(remote)) => reader.hold(Box::new(ReaderSession {
+                remote: remote.clone(),
+                catalog_path: self.catalog_path.clone(),
+                _session: session,
+            })),
+            _ => reader,
         })
     }
 

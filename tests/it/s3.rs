@@ -756,6 +756,11 @@ fn a_chunk_marked_on_one_machine_heals_through_another_machines_commit() {
     let [(id1, one), (id2, two)] = &checkpoints;
     let restorer = Machine::new(&endpoint, &url);
     flip_byte_in(&endpoint, &url, &first, 0.5);
+    // `cat` shares its mark when it ends, as checkout does (before, only at that machine's next command, while
+    // a GC elsewhere could delete the only sound copy: round 22 review, finding 3).
+    let o = restorer.run(&["cat", id1, "one"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert!(!listed(&endpoint, &url, "records/damage-").is_empty(), "cat shares the mark it made");
     let dir = tempfile::tempdir().unwrap();
     let o = restorer.run(&["checkout", id1, dir.path().join("x").to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
@@ -782,6 +787,30 @@ fn a_chunk_marked_on_one_machine_heals_through_another_machines_commit() {
     a.ok(&["gc"]);
     assert!(!packs(&endpoint, &url).contains(&first), "the damaged pack is gone");
     assert_all_restore(&restorer, &[(id2.clone(), two.clone())]);
+}
+
+/// A pack whose index is damaged, unused by the GC machine's rows but holding another machine's (their rows
+/// diverged: two machines stored the same chunks), is kept and reported, not dropped. Before, gc deleted it
+/// with a record that moved no row elsewhere, so the other machine, and any machine that replayed its record
+/// first, lost the rows of a checkpoint whose every chunk was sound (round 22 review, finding 1).
+#[test]
+fn a_dead_pack_whose_index_is_damaged_is_kept_for_the_machines_that_use_it() {
+    let Some((endpoint, url)) = server() else { return };
+    let data = pseudo_random(2 << 20, 121);
+    let (a, b, [id_a, id_b], first) = concurrent_commits(&endpoint, &url, [&data, &data]);
+    let second = packs(&endpoint, &url).into_iter().find(|p| *p != first).unwrap();
+    // A byte of b's pack's index, just before its 40-byte footer: every blob stays sound.
+    flip_byte(&endpoint, &url, &second, |len| len - 45);
+    let o = a.run(&["--json", "gc"]);
+    assert_eq!(o.status.code(), Some(3), "gc reports the damaged pack: {}", text(&o.stderr));
+    let g: serde_json::Value = serde_json::from_str(&text(&o.stdout)).unwrap();
+    assert_eq!(g["packs_deleted"], 0, "{g}");
+    assert!(packs(&endpoint, &url).contains(&second), "b's pack is kept");
+    let mut expected = vec![(id_a, data.clone()), (id_b, data)];
+    expected.sort();
+    for m in [&a, &b, &Machine::new(&endpoint, &url)] {
+        assert_all_restore(m, &expected);
+    }
 }
 
 /// A GC killed among its deletes (16 at a time in a bucket, every pack recorded dead before the first) loses
