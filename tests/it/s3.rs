@@ -813,6 +813,36 @@ fn a_dead_pack_whose_index_is_damaged_is_kept_for_the_machines_that_use_it() {
     }
 }
 
+/// A machine that lacks a GC's newest records (deleted behind snapstore's back, so no gap shows) finds the pack
+/// that GC repacked missing, and the repacked pack named by no record it has. Its gc keeps that seeming orphan,
+/// from which every other machine restores (round 22 review, x07). Before, it deleted it, and the checkpoint
+/// whose chunks the first GC had moved restored nowhere.
+#[test]
+fn a_bucket_gc_that_finds_a_needed_pack_missing_deletes_no_orphans() {
+    let Some((endpoint, url)) = server() else { return };
+    let a = Machine::new(&endpoint, &url);
+    a.ok(&["init"]);
+    let keep = pseudo_random(300_000, 131);
+    let first = a.commit_stream("s", &[keep.clone(), pseudo_random(3 << 20, 133)].concat());
+    let second = a.commit_stream("s", &keep);
+    a.ok(&["forget", &first]);
+    let g: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc"])).unwrap();
+    assert_eq!(g["packs_rewritten"], 1, "{g}");
+    let repacked: Vec<String> = packs(&endpoint, &url);
+    // The GC's records of the repacked pack and of the dead one, the newest two, lost.
+    let mut records: Vec<String> =
+        listed(&endpoint, &url, "records/").into_iter().filter(|k| !k.contains("records/damage-")).collect();
+    records.sort();
+    for k in &records[records.len() - 2..] {
+        bucket(&endpoint, &url).delete(object_name(&url, k)).unwrap();
+    }
+    let b = Machine::new(&endpoint, &url);
+    let o = b.run(&["gc"]);
+    assert_eq!(o.status.code(), Some(3), "b finds a pack it needs missing: {}", text(&o.stderr));
+    assert_eq!(packs(&endpoint, &url), repacked, "b's gc deleted no pack");
+    assert_all_restore(&a, &[(second, keep)]);
+}
+
 /// A GC killed among its deletes (16 at a time in a bucket, every pack recorded dead before the first) loses
 /// nothing: the next gc deletes the rest, and every kept checkpoint restores, here and on a new machine.
 #[test]
