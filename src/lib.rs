@@ -276,9 +276,10 @@ pub struct RepoStats {
     pub compression_ratio: f64,
 }
 
-/// A file reader's session in a bucket. When the reader ends, what its reads marked damaged is shared with
-/// every machine, as a checkout's is when it ends: left for this machine's next command, the mark reached no
-/// GC elsewhere meanwhile, which could then delete the only sound copy of the chunk (round 22 review).
+/// The session of a reader of packs in a bucket (a checkout, a verify, a file reader). When it ends, what the
+/// reads marked damaged is shared with every machine: left for this machine's next command (as a file
+/// reader's was), the mark reached no GC elsewhere meanwhile, which could then delete the only sound copy of
+/// the chunk (round 22 review).
 struct ReaderSession {
     remote: Arc<remote::Remote>,
     catalog_path: PathBuf,
@@ -546,7 +547,7 @@ impl Repository {
     /// `reading`: the caller only reads, and may go on without a session where the bucket's credentials do
     /// not let it register one ([`remote::Remote::begin_session`]).
     /// Also returns what that sync found.
-    fn session(&self, reading: bool) -> Result<Option<(&remote::Remote, remote::RemoteSession, SyncSummary)>> {
+    fn session(&self, reading: bool) -> Result<Option<(&Arc<remote::Remote>, remote::RemoteSession, SyncSummary)>> {
         let Some(remote) = &self.remote else { return Ok(None) };
         let session = remote.begin_session(reading, &|what| self.notice(what))?;
         let synced = remote.sync(&mut self.open_catalog()?)?;
@@ -592,15 +593,22 @@ impl Repository {
     /// On a read-only mount, a reader whose repository another mount wrote meanwhile fails as such: what it
     /// read, restored or reported damaged may mix two states. `f` is given what the session's sync found.
     fn reader<T>(&self, f: impl FnOnce(Option<&SyncSummary>) -> Result<T>) -> Result<T> {
-        let session = self.session(true)?;
-        let result = f(session.as_ref().map(|(_, _, synced)| synced));
-        // What the read found damaged, told to every machine of the bucket (best effort).
-        if let Some((remote, _, _)) = &session
-            && let Ok(mut catalog) = self.open_catalog()
-        {
-            remote.share_marks(&mut catalog);
-        }
+        let session = self.read_session()?;
+        let result = f(session.as_ref().map(|(_, synced)| synced));
+        // Ending the session shares what the read found damaged.
+        drop(session);
         self.checked_read(result)
+    }
+
+    /// A [`Repository::session`] for a reader of packs, which shares what the reads marked damaged when it
+    /// ends; with what its sync found.
+    fn read_session(&self) -> Result<Option<(ReaderSession, SyncSummary)>> {
+        Ok(self.session(true)?.map(|(remote, session, synced)| {
+            (
+                ReaderSession { remote: remote.clone(), catalog_path: self.catalog_path.clone(), _session: session },
+                synced,
+            )
+        }))
     }
 
     /// `result` of a read, or on a read-only mount whose repository another mount wrote meanwhile,
@@ -948,7 +956,7 @@ impl Repository {
 
     fn open_file_unchecked(&self, id: &str, path: &Path) -> Result<FileReader> {
         // In a bucket, the reader holds a session for its whole life, as a checkout does for its run.
-        let session = self.session(true)?;
+        let session = self.read_session()?;
         let catalog = self.open_catalog()?;
         let cp = catalog.resolve(id)?;
         let root = content::root_entry(&catalog, &cp.id)?;
@@ -966,13 +974,9 @@ impl Repository {
         let reader = FileReader::open(catalog, self.backend.clone(), &content)
             .map_err(|e| self.unless_forgotten(e, &cp.id))?
             .of_checkpoint(&cp.id);
-        Ok(match (session, &self.remote) {
-            (Some((_, session, _)), Some(remote)) => reader.hold(Box::new(ReaderSession {
-                remote: remote.clone(),
-                catalog_path: self.catalog_path.clone(),
-                _session: session,
-            })),
-            _ => reader,
+        Ok(match session {
+            Some((session, _)) => reader.hold(Box::new(session)),
+            None => reader,
         })
     }
 

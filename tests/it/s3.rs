@@ -91,6 +91,21 @@ fn assert_whole(m: &Machine, expected: &[(String, Vec<u8>)]) {
     assert!(report.contains("no damage found"), "{report}");
 }
 
+/// [`assert_whole`] on each of `machines` and on a machine built afresh, `expected` in any order.
+fn assert_whole_everywhere(endpoint: &str, url: &str, machines: &[&Machine], mut expected: Vec<(String, Vec<u8>)>) {
+    expected.sort();
+    let fresh = Machine::new(endpoint, url);
+    for m in machines.iter().copied().chain([&fresh]) {
+        assert_whole(m, &expected);
+    }
+}
+
+/// A checkout of `id` on `m` fails as damaged (exit 3), which marks what it met.
+fn assert_checkout_damaged(m: &Machine, id: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(m.run(&["checkout", id, dir.path().join("x").to_str().unwrap()]).status.code(), Some(3));
+}
+
 #[test]
 fn two_machines_commit_concurrently_and_a_third_rebuilds_every_checkpoint() {
     let Some((endpoint, url)) = server() else { return };
@@ -641,6 +656,13 @@ fn a_machine_with_read_only_credentials_restores() {
     assert_eq!(r.ids(), a.ids());
 }
 
+/// Two streams of 8.5 MiB sharing their first 512 KiB (seeds: the prefix, then each stream's own data), so
+/// that in packs of their own the shared chunks are a small part of each.
+fn sharing_a_prefix([shared, a, b]: [u64; 3]) -> [Vec<u8>; 2] {
+    let shared = pseudo_random(512 << 10, shared);
+    [a, b].map(|seed| [shared.clone(), pseudo_random(8 << 20, seed)].concat())
+}
+
 /// A new repository, and machines a and b committing streams `a` and `b` at once: b syncs before a commits, so
 /// it stores the chunks the two share again, in a pack of its own. Returns the machines, the two checkpoint
 /// ids and the name of a's pack.
@@ -675,15 +697,10 @@ fn gc_keeps_the_sound_copy_of_a_chunk_marked_damaged() {
     let (a, b, [id_a, id_b], first) = concurrent_commits(&endpoint, &url, [&data, &data]);
 
     flip_byte_in(&endpoint, &url, &first, 0.5);
-    let dir = tempfile::tempdir().unwrap();
-    assert_eq!(a.run(&["checkout", &id_a, dir.path().join("x").to_str().unwrap()]).status.code(), Some(3));
+    assert_checkout_damaged(&a, &id_a);
     let g: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc"])).unwrap();
     assert_eq!(g["packs_deleted"], 0, "b's copy is kept: {g}");
-    let mut expected = vec![(id_a, data.clone()), (id_b, data)];
-    expected.sort();
-    for m in [&a, &b, &Machine::new(&endpoint, &url)] {
-        assert_whole(m, &expected);
-    }
+    assert_whole_everywhere(&endpoint, &url, &[&a, &b], vec![(id_a, data.clone()), (id_b, data)]);
 }
 
 /// Two machines that stored one chunk in concurrent commits, in packs that both stay (each holds far more of
@@ -694,24 +711,17 @@ fn gc_keeps_the_sound_copy_of_a_chunk_marked_damaged() {
 #[test]
 fn a_gc_on_the_machine_holding_a_sound_copy_settles_another_machines_mark() {
     let Some((endpoint, url)) = server() else { return };
-    let shared = pseudo_random(512 << 10, 101);
-    let stream = |seed| [shared.clone(), pseudo_random(8 << 20, seed)].concat();
-    let (data_a, data_b) = (stream(103), stream(105));
+    let [data_a, data_b] = sharing_a_prefix([101, 103, 105]);
     let (a, b, [id_a, id_b], first) = concurrent_commits(&endpoint, &url, [&data_a, &data_b]);
 
     // A byte of a's copy of the shared data (the first 6 % of its pack).
     flip_byte_in(&endpoint, &url, &first, 0.02);
-    let dir = tempfile::tempdir().unwrap();
-    assert_eq!(a.run(&["checkout", &id_a, dir.path().join("x").to_str().unwrap()]).status.code(), Some(3));
+    assert_checkout_damaged(&a, &id_a);
     assert_eq!(listed(&endpoint, &url, "records/damage-").len(), 1, "a shares its mark");
     let g: serde_json::Value = serde_json::from_str(&b.ok(&["--json", "gc"])).unwrap();
     assert_eq!((g["packs_deleted"].as_u64(), g["packs_rewritten"].as_u64()), (Some(0), Some(0)), "{g}");
     assert!(listed(&endpoint, &url, "records/damage-").is_empty(), "the settled mark is pruned");
-    let mut expected = vec![(id_a, data_a), (id_b, data_b)];
-    expected.sort();
-    for m in [&a, &b, &Machine::new(&endpoint, &url)] {
-        assert_whole(m, &expected);
-    }
+    assert_whole_everywhere(&endpoint, &url, &[&a, &b], vec![(id_a, data_a), (id_b, data_b)]);
 }
 
 /// As above, but b's copy of the chunk is damaged too: b's gc, checking it, marks it instead of settling a's
@@ -720,16 +730,13 @@ fn a_gc_on_the_machine_holding_a_sound_copy_settles_another_machines_mark() {
 #[test]
 fn a_gc_that_finds_its_own_copy_of_a_marked_chunk_damaged_marks_it() {
     let Some((endpoint, url)) = server() else { return };
-    let shared = pseudo_random(512 << 10, 111);
-    let stream = |seed| [shared.clone(), pseudo_random(8 << 20, seed)].concat();
-    let (data_a, data_b) = (stream(113), stream(115));
+    let [data_a, data_b] = sharing_a_prefix([111, 113, 115]);
     let (a, b, [id_a, id_b], first) = concurrent_commits(&endpoint, &url, [&data_a, &data_b]);
     // The same byte of the shared data in both packs, which start with the same blobs.
     for pack in packs(&endpoint, &url) {
         flip_byte(&endpoint, &url, &pack, |_| 150_000);
     }
-    let dir = tempfile::tempdir().unwrap();
-    assert_eq!(a.run(&["checkout", &id_a, dir.path().join("x").to_str().unwrap()]).status.code(), Some(3));
+    assert_checkout_damaged(&a, &id_a);
     assert_eq!(b.run(&["verify"]).status.code(), Some(0), "b has read nothing yet");
     b.ok(&["gc"]);
     let o = b.run(&["verify"]);
@@ -738,11 +745,7 @@ fn a_gc_that_finds_its_own_copy_of_a_marked_chunk_damaged_marks_it() {
     assert!(packs(&endpoint, &url).contains(&first));
 
     let id_b2 = b.commit_stream("b", &data_b);
-    let mut expected = vec![(id_a, data_a), (id_b, data_b.clone()), (id_b2, data_b)];
-    expected.sort();
-    for m in [&a, &b, &Machine::new(&endpoint, &url)] {
-        assert_whole(m, &expected);
-    }
+    assert_whole_everywhere(&endpoint, &url, &[&a, &b], vec![(id_a, data_a), (id_b, data_b.clone()), (id_b2, data_b)]);
 }
 
 /// A mark made by a read on one machine reaches every machine of the bucket: a commit of the same bytes on a
@@ -866,12 +869,8 @@ fn a_gc_killed_among_its_deletes_is_finished_by_the_next() {
     assert!(after < 24, "the next gc deleted the rest: {after} left");
     let g: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc"])).unwrap();
     assert_eq!((g["packs_deleted"].as_u64(), g["orphans_deleted"].as_u64()), (Some(0), Some(0)), "{g}");
-    let mut expected: Vec<(String, Vec<u8>)> =
-        ids.into_iter().zip(streams).enumerate().filter(|(i, _)| i % 4 == 0).map(|(_, kept)| kept).collect();
-    expected.sort();
-    for m in [&a, &Machine::new(&endpoint, &url)] {
-        assert_whole(m, &expected);
-    }
+    let kept = ids.into_iter().zip(streams).enumerate().filter(|(i, _)| i % 4 == 0).map(|(_, kept)| kept).collect();
+    assert_whole_everywhere(&endpoint, &url, &[&a], kept);
 }
 
 /// Flips a byte of the bucket's object `key` (as `packs` lists it) at `at` of its length, behind snapstore's back.
