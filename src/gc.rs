@@ -550,8 +550,10 @@ fn collect(
         .collect::<rusqlite::Result<_>>()?;
     if let Some((r, lock)) = remote {
         r.check_lock(lock)?;
-        for (pack, problem) in publish_dead_packs(&tx, r, backend.as_ref(), &empty)? {
-            empty.retain(|(_, name, _)| *name != pack);
+        for (pack, problem, keep) in publish_dead_packs(&tx, r, backend.as_ref(), &empty)? {
+            if keep {
+                empty.retain(|(_, name, _)| *name != pack);
+            }
             s.damaged_packs.push(crate::verify::DamagedPack { pack, problem });
         }
     }
@@ -931,13 +933,14 @@ fn publish_drops(tx: &rusqlite::Transaction<'_>, r: &Remote) -> Result<()> {
 
 /// Writes, as records, the packs about to be deleted and, for their chunks that live on in other packs, where:
 /// another replica may have recorded a chunk in the deleted pack while this one had it elsewhere. Returns the
-/// packs that must stay instead (their index damaged), each with its problem.
+/// packs it could not record, each with its problem and whether its object must stay (its index damaged) or
+/// only its row goes (the object missing).
 fn publish_dead_packs(
     tx: &rusqlite::Transaction<'_>,
     r: &Remote,
     backend: &dyn Backend,
     dead: &[(i64, String, i64)],
-) -> Result<Vec<(String, String)>> {
+) -> Result<Vec<(String, String, bool)>> {
     let mut elsewhere = tx.prepare(
         "SELECT p.name, c.offset, c.stored_len, c.raw_len, c.flags FROM chunks c JOIN packs p ON p.id = c.pack
          WHERE c.id = ?1 AND c.pack != ?2",
@@ -948,14 +951,25 @@ fn publish_dead_packs(
     for ((id, name, _), index) in indexes {
         let entries = match index {
             Ok(entries) => entries,
-            // Already gone (a GC cut short after deleting it, or lost): nothing left to read.
-            Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            // Lost (a GC records a pack's death before deleting it, so none of this machine's left it so): which
+            // chunks it held is gone with it, while another machine's rows may place sound chunks there, as
+            // for a damaged index. Its death, recorded without their locates, took those rows with it (round
+            // 22 review, finding 1 with the pack missing). So it goes from this catalog alone: a machine
+            // whose rows name it meets it missing at its next read, marks them and shares the marks, and a GC
+            // whose row names a sound copy then publishes it (`settle_shared_marks`).
+            Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                let problem = "pack is missing; dropped from this machine's catalog alone, as other machines' rows \
+                               may place chunks in it";
+                kept.push((name.clone(), problem.to_string(), false));
+                continue;
+            }
             // One whose index is damaged cannot say which chunks it holds, while another machine's rows may
             // place sound ones there (rows diverge when two machines store one chunk): dropped without their
             // locates, it took those rows with it (round 22 review). Kept, and reported.
             Err(e) if e.is_corruption() => {
                 let problem = crate::pack::problem_of(&e, name);
-                kept.push((name.clone(), format!("{problem}; kept, as other machines' rows may place chunks in it")));
+                let problem = format!("{problem}; kept, as other machines' rows may place chunks in it");
+                kept.push((name.clone(), problem, true));
                 continue;
             }
             // Any other failure stops the GC before it deletes anything: a record without the locations of the

@@ -402,11 +402,11 @@ impl Repository {
     /// catalog up to date: created from the bucket's records when missing, synced when behind.
     fn open_remote(url: &str, init: Option<&RepoParams>) -> Result<(Self, SyncSummary)> {
         let bucket = Arc::new(connect_bucket(url)?);
-        let remote = Arc::new(remote::Remote { bucket: bucket.clone() });
+        let root = remote::cache_dir(bucket.url())?;
+        let remote = Arc::new(remote::Remote { bucket: bucket.clone(), cache: Some(root.clone()) });
         if let Some(params) = init {
             remote.init(params)?;
         }
-        let root = remote::cache_dir(bucket.url())?;
         let catalog_path = root.join(CATALOG_FILE);
         let repo_id = remote.repo_id()?;
         if catalog_path.exists() {
@@ -459,13 +459,26 @@ impl Repository {
     /// lost for good (deleted from the bucket, or a damaged one moved out of `records/`), so that GC, which
     /// deletes nothing while records are missing, collects again. This machine keeps what the records it
     /// applied changed; each sequence number without a record gets an empty one. Run it on every machine that
-    /// reports records it applied as missing. Returns the records accepted as lost.
+    /// reports records it applied as missing: each one's sync tells every other machine (a `records/lost-...`
+    /// object), whose GC then waits for its accept too. Returns the records accepted as lost.
     ///
-    /// A checkpoint that only a lost record held is then lost for every machine that lacks it, and GC may
-    /// collect chunks that such a checkpoint on another machine uses, which `verify` there then reports.
+    /// Refused ([`Error::InvalidInput`]) for a sequence number without a record that this machine never
+    /// applied and no other machine has reported as its own: the machine that applied it may not have synced
+    /// since the loss, and GC would collect what its checkpoints use. [`Repository::accept_missing_everywhere`]
+    /// accepts those too.
     pub fn accept_missing_records(&self) -> Result<Vec<String>> {
         let remote = self.remote.as_ref().ok_or_else(|| not_remote(&self.root))?;
-        remote.accept_missing(&mut self.open_catalog()?)
+        remote.accept_missing(&mut self.open_catalog()?, false)
+    }
+
+    /// As [`Repository::accept_missing_records`], for a loss no machine that applied the records is left to
+    /// accept (the machine that wrote them is gone for good): fills every sequence number without a record,
+    /// and withdraws every other machine's report of a record it lost. A checkpoint that only a lost record
+    /// held is then lost for every machine that lacks it, and GC collects what it alone used, which `verify`
+    /// on a machine that still lists it then reports.
+    pub fn accept_missing_everywhere(&self) -> Result<Vec<String>> {
+        let remote = self.remote.as_ref().ok_or_else(|| not_remote(&self.root))?;
+        remote.accept_missing(&mut self.open_catalog()?, true)
     }
 
     /// Opens a repository in a bucket, returning what its sync on opening applied (a [`Repository::sync`]

@@ -270,8 +270,23 @@ impl Gone {
         gone
     }
 
-    /// A line for each, at most [`MISSING_SHOWN`].
-    fn lines(&self) -> Vec<String> {
+    /// A line for each, and for each record another machine's copy applied and lost (`elsewhere`), at most
+    /// [`MISSING_SHOWN`].
+    fn lines(&self, elsewhere: &[LostElsewhere]) -> Vec<String> {
+        let elsewhere = elsewhere.iter().map(|l| {
+            if l.found_damaged {
+                return format!(
+                    "{}: found damaged by a sync on {} ({}), gone from the bucket: gc deletes nothing until a \
+                     machine that applied it runs `snapstore sync --accept-missing` (`--everywhere` if none did)",
+                    l.record, l.host, l.marker
+                );
+            }
+            format!(
+                "{}: applied by the copy of the catalog on {} ({}), gone from the bucket: gc deletes nothing until \
+                 that machine runs `snapstore sync --accept-missing`",
+                l.record, l.host, l.marker
+            )
+        });
         let applied = self
             .applied
             .iter()
@@ -287,18 +302,87 @@ impl Gone {
                 )
             }
         });
-        applied.chain(gaps).take(MISSING_SHOWN).collect()
+        applied.chain(elsewhere).chain(gaps).take(MISSING_SHOWN).collect()
     }
 }
 
-/// [`Gone`]'s lines, as [`SyncSummary::records_missing`] names them.
-fn records_gone<'a>(listed: impl Iterator<Item = &'a str>, applied: &HashSet<String>) -> Vec<String> {
-    Gone::find(listed, applied).lines()
+/// Shared word that a machine's copy of the catalog applied a record the bucket lost
+/// (`records/lost-SEQ-HASH-REPLICA`: the record's name after `records/`, then this copy's [`replica`] id; the
+/// object holds the host's name). Only the machines that applied a lost record know it was there: one that
+/// did not sees at most a gap, none at all when it was the newest, and its GC took the packs of the lost
+/// record's checkpoints for orphans, which the machines that applied it still restore from (round 22 review).
+/// Every machine's sync reports each marker of another copy as a record missing, so that GC everywhere
+/// deletes nothing until the machine that wrote it accepts the loss (`sync --accept-missing`, which removes
+/// its markers) or the record is back. Not a record: it has no sequence number.
+const LOST: &str = "records/lost-";
+
+/// The copy id of a [`LOST`] marker that a sync which found the record damaged wrote: it applied nothing, but
+/// the record may be moved out of `records/` next, as the error tells the user.
+const FOUND_DAMAGED: &str = "0000000000000000";
+
+/// The marker, written by the copy `replica`, that `record` (`records/SEQ-HASH`) is gone from the bucket.
+fn lost_name(record: &str, replica: &str) -> String {
+    format!("{LOST}{}-{replica}", record.strip_prefix(RECORDS).unwrap_or(record))
+}
+
+/// The record a [`lost_name`] names, and the copy that wrote it.
+fn lost_of(name: &str) -> Option<(String, &str)> {
+    let (record, replica) = name.strip_prefix(LOST)?.rsplit_once('-')?;
+    let record = format!("{RECORDS}{record}");
+    record_seq(&record)?;
+    (!replica.is_empty()).then_some((record, replica))
+}
+
+/// The file, in the directory of a machine's copy of the catalog, holding that copy's id for [`LOST`]
+/// markers. Beside the catalog rather than in it, so that a copy rebuilt from the bucket (which no longer
+/// holds what the lost records changed) keeps the id, and its first sync removes the markers it wrote before.
+const REPLICA_FILE: &str = "replica";
+
+/// The id of the machine's copy of the catalog in `dir` ([`REPLICA_FILE`]); made (`create`) if it has none.
+fn replica(dir: &std::path::Path, create: bool) -> Result<Option<String>> {
+    let path = dir.join(REPLICA_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(id) if id.trim().len() == 16 && id.trim().bytes().all(|b| b.is_ascii_hexdigit()) => {
+            return Ok(Some(id.trim().to_string()));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(&path, e)),
+    }
+    if !create {
+        return Ok(None);
+    }
+    let id = token()[..16].to_string();
+    let tmp = dir.join(format!("{REPLICA_FILE}.{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(id.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| Error::io(&path, e))?;
+    Ok(Some(id))
+}
+
+/// Another copy's [`LOST`] marker of a record still missing.
+struct LostElsewhere {
+    /// The marker's name.
+    marker: String,
+    /// The record it names.
+    record: String,
+    /// The host the copy is on, as its marker says.
+    host: String,
+    /// Written by a sync that found the record damaged ([`FOUND_DAMAGED`]), not by a copy that applied it.
+    found_damaged: bool,
 }
 
 /// The bucket side of a remote repository.
 pub(crate) struct Remote {
     pub bucket: Arc<Bucket>,
+    /// The directory of this machine's copy of the catalog, which holds its [`replica`] id; `None` for a
+    /// handle that only takes and checks locks.
+    pub cache: Option<PathBuf>,
 }
 
 impl Remote {
@@ -386,17 +470,24 @@ impl Remote {
         new.sort();
         let numbered = listed.iter().filter(|o| record_seq(&o.name).is_some());
         let mut s = SyncSummary { records: numbered.count() as u64, ..Default::default() };
+        let mut applied_now = HashSet::new();
         for (&(seq, name, _), data) in self.fetched(&new, |&(_, name, size)| (name, size)) {
             let data = data.map_err(|e| self.err(name, e))?;
             // The name carries a hash of the bytes (see `publish`): a byte changed where zstd does not notice
             // would otherwise be applied as it reads.
             let hash = name.rsplit_once('-').map_or("", |(_, h)| h);
             let damaged = |what: &str| {
+                // Moved out of `records/` as this error says, the record would leave no trace for machines that
+                // never applied it (none at all when it was the newest), whose GC would then delete what its
+                // checkpoints use; this marker holds every GC back until a machine that applied it accepts the
+                // loss. Best effort: credentials that may only read cannot leave it.
+                let _ = self.bucket.put(&lost_name(name, FOUND_DAMAGED), host_name().into_bytes());
                 Error::corrupt(format!(
                     "{}/{name}: {what}. Records are applied in order, so no machine can sync past it. A machine \
                      that applied it before still works: do not run `sync --rebuild` there. To let the others go \
                      on, move that object out of records/ (what it recorded, one commit's or gc's change, is then \
-                     lost to machines that had not applied it)",
+                     lost to machines that had not applied it; each machine that applied it reports the loss to \
+                     the others, whose gc deletes nothing until it runs `snapstore sync --accept-missing`)",
                     self.bucket.url()
                 ))
             };
@@ -410,6 +501,7 @@ impl Remote {
             if catalog.apply_record(name, seq, &batch)? {
                 s.applied += 1;
             }
+            applied_now.insert(name);
         }
         // Other machines' marks, once the records they rely on are in; then this one's, shared.
         let marks: Vec<(&str, ObjectId, u64)> = listed
@@ -430,35 +522,139 @@ impl Remote {
         s.checkpoints =
             catalog.connection().query_row("SELECT count(*) FROM checkpoints", [], |r| r.get::<_, i64>(0))? as u64;
         // Every record listed is applied now: what was applied before and is no longer listed is gone.
-        s.records_missing = records_gone(listed.iter().map(|o| o.name.as_str()), &known);
+        let gone = Gone::find(listed.iter().map(|o| o.name.as_str()), &known);
+        s.records_missing = gone.lines(&self.lost_markers(&listed, &gone, &applied_now)?);
         Ok(s)
+    }
+
+    /// Brings this copy's [`LOST`] markers in line with the records it applied that the bucket lost (`gone`,
+    /// from `listed`): one for each, and none for a record accepted as lost, back in the bucket, or no longer
+    /// applied here (a copy rebuilt from the bucket). Best effort, as for marks: credentials that may only read
+    /// leave them unwritten. A marker of a record found damaged goes once a sync applied it (`applied_now`):
+    /// it was put back intact. Returns the other copies' markers of records still missing.
+    fn lost_markers(
+        &self,
+        listed: &[crate::backend::ObjectMeta],
+        gone: &Gone,
+        applied_now: &HashSet<&str>,
+    ) -> Result<Vec<LostElsewhere>> {
+        let markers: Vec<(&crate::backend::ObjectMeta, String, &str)> =
+            listed.iter().filter_map(|o| lost_of(&o.name).map(|(record, replica)| (o, record, replica))).collect();
+        let mine = match &self.cache {
+            Some(dir) => replica(dir, !gone.applied.is_empty())?,
+            None => None,
+        };
+        if let Some(mine) = &mine {
+            for record in &gone.applied {
+                if !markers.iter().any(|(_, r, id)| r == record && id == mine) {
+                    let name = lost_name(record, mine);
+                    if self.bucket.put(&name, host_name().into_bytes()).is_err() {
+                        break;
+                    }
+                }
+            }
+            for (o, _, _) in markers.iter().filter(|(_, r, id)| id == mine && !gone.applied.contains(r)) {
+                let _ = self.bucket.delete(&o.name);
+            }
+        }
+        let records: HashSet<&str> = listed.iter().map(|o| o.name.as_str()).collect();
+        // One found damaged before and applied now is back, intact.
+        for (o, _, _) in markers.iter().filter(|(_, r, id)| *id == FOUND_DAMAGED && applied_now.contains(r.as_str())) {
+            let _ = self.bucket.delete(&o.name);
+        }
+        let others: Vec<&(&crate::backend::ObjectMeta, String, &str)> = markers
+            .iter()
+            .filter(|(_, record, id)| Some(*id) != mine.as_deref() && !records.contains(record.as_str()))
+            .collect();
+        let mut elsewhere = Vec::new();
+        for (&&(o, ref record, _), body) in self.fetched(&others, |m| (m.0.name.as_str(), m.0.size)) {
+            let host = match body {
+                Ok(body) => String::from_utf8_lossy(&body).chars().filter(|c| !c.is_control()).take(255).collect(),
+                // Removed since the listing: that machine accepted the loss.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.err(&o.name, e)),
+            };
+            let found_damaged = o.name.ends_with(FOUND_DAMAGED);
+            elsewhere.push(LostElsewhere { marker: o.name.clone(), record: record.clone(), host, found_damaged });
+        }
+        Ok(elsewhere)
     }
 
     /// Accepts that the records gone from the bucket are lost for good, so that GC, which deletes nothing
     /// while any is missing, goes on: this catalog stops looking for those it applied (it keeps what they
-    /// changed), and each sequence number left without a record gets an empty one. Every machine that
-    /// applied a lost record must accept it so. Returns what was accepted, as [`SyncSummary::records_missing`]
-    /// names it.
-    pub(crate) fn accept_missing(&self, catalog: &mut Catalog) -> Result<Vec<String>> {
+    /// changed, and its [`LOST`] markers go), and each sequence number left without a record gets an empty
+    /// one. Every machine that applied a lost record must accept it so.
+    ///
+    /// A number without a record that this copy never applied, and that no other copy's marker claims, is
+    /// refused unless `everywhere`: the machine that applied it may not have synced since the loss, and an
+    /// accept here would let GC collect what that machine's checkpoints use (round 22 review). `everywhere`
+    /// fills those numbers too and removes every other copy's markers, for a loss no machine left holds.
+    /// Returns what was accepted, as [`SyncSummary::records_missing`] names it.
+    pub(crate) fn accept_missing(&self, catalog: &mut Catalog, everywhere: bool) -> Result<Vec<String>> {
         self.sync(catalog)?;
         let listed = self.bucket.list(RECORDS).map_err(|e| self.err(RECORDS, e))?;
         let names = || listed.iter().map(|o| o.name.as_str());
-        let gone = Gone::find(names(), &applied_records(catalog)?);
-        for name in &gone.applied {
-            catalog.connection().execute("DELETE FROM remote_records WHERE name = ?1", [name])?;
+        let known = applied_records(catalog)?;
+        let gone = Gone::find(names(), &known);
+        let elsewhere = self.lost_markers(&listed, &gone, &HashSet::new())?;
+        // Numbers this copy applied a record under, or another copy's marker claims (its GC block stays).
+        let vouched: HashSet<u64> =
+            gone.applied.iter().chain(elsewhere.iter().map(|l| &l.record)).filter_map(|n| record_seq(n)).collect();
+        let rest: HashSet<String> = known.iter().filter(|n| !gone.applied.contains(n)).cloned().collect();
+        let gaps = Gone::find(names(), &rest).gaps;
+        let unvouched: Vec<u64> =
+            gaps.iter().flat_map(|&(first, last)| first..=last).filter(|n| !vouched.contains(n)).take(11).collect();
+        if !everywhere && !unvouched.is_empty() {
+            let shown: Vec<String> = unvouched.iter().take(10).map(|n| format!("{RECORDS}{n:016x}-*")).collect();
+            return Err(Error::InvalidInput(format!(
+                "not accepted: no record with {} {}{}, which this machine never applied. The machine that applied \
+                 one reports it as its own at its next command (any command syncs): accept it there. Accepted \
+                 here, gc would collect what that machine's checkpoints use. If no machine that applied them is \
+                 left, run `snapstore sync --accept-missing --everywhere`",
+                if unvouched.len() == 1 { "the number" } else { "the numbers" },
+                shown.join(", "),
+                if unvouched.len() > 10 { " and more" } else { "" }
+            )));
         }
-        // Without them, their numbers may be gaps too.
+        let mut accepted = gone.lines(&[]);
+        let tx = catalog.connection_mut().transaction()?;
+        for name in &gone.applied {
+            tx.execute("DELETE FROM remote_records WHERE name = ?1", [name])?;
+        }
+        // Without them, their numbers may be gaps too. Filled in the transaction that forgets the names: a
+        // crash between the two would leave numbers this copy no longer vouches for.
         let empty = crate::record::encode(&Batch::default())?;
         let hash = ObjectId::of(&empty).to_hex();
-        for (first, last) in Gone::find(names(), &applied_records(catalog)?).gaps {
+        for &(first, last) in &gaps {
             for seq in first..=last {
                 // The same bytes under the same name from every machine that fills it: filling twice is harmless.
                 let name = format!("{RECORDS}{seq:016x}-{}", &hash[..32]);
                 self.bucket.put(&name, empty.clone()).map_err(|e| self.err(&name, e))?;
-                catalog.connection().execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [&name])?;
+                tx.execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [&name])?;
             }
         }
-        Ok(gone.lines())
+        tx.commit()?;
+        // A machine that applied a record found damaged speaks for it.
+        for name in &gone.applied {
+            let marker = lost_name(name, FOUND_DAMAGED);
+            self.bucket.delete(&marker).map_err(|e| self.err(&marker, e))?;
+        }
+        if everywhere {
+            for l in &elsewhere {
+                self.bucket.delete(&l.marker).map_err(|e| self.err(&l.marker, e))?;
+                let by = if l.found_damaged {
+                    "found damaged by a sync on"
+                } else {
+                    "applied by the copy of the catalog on"
+                };
+                accepted.push(format!("{}: {by} {}", l.record, l.host));
+            }
+        }
+        // This copy's own markers go with the names.
+        let listed = self.bucket.list(RECORDS).map_err(|e| self.err(RECORDS, e))?;
+        let gone = Gone::find(listed.iter().map(|o| o.name.as_str()), &applied_records(catalog)?);
+        self.lost_markers(&listed, &gone, &HashSet::new())?;
+        Ok(accepted)
     }
 
     /// Shares this machine's marks that the bucket does not have yet ([`DAMAGE`]). Best effort: a machine
@@ -578,6 +774,19 @@ impl Remote {
             if session.name.is_some() && self.dead(&lock, modified_ns, LOCK_STALE)? {
                 self.bucket.delete(SWEEP_LOCK).map_err(|e| self.err(SWEEP_LOCK, e))?;
                 continue;
+            }
+            // A reader without a session may not remove the lock, but already reads at the risk of a GC (a
+            // failed read, right when run again): a dead holder's lock would otherwise keep a restore-only node
+            // from restoring until a machine that may write runs a command (round 22 review, x04). Without
+            // the server's clock (a probe is a write) the holder's age is judged by this machine's, with twice
+            // the margin.
+            if session.name.is_none() && dead_to_a_reader(&lock, modified_ns) {
+                notice(&format!(
+                    "reading beside {SWEEP_LOCK} of a gc on {} (pid {}) that is gone: these credentials may not \
+                     remove it; the next command of a machine that may write does",
+                    lock.host, lock.pid
+                ));
+                break;
             }
             if started.elapsed() > wait {
                 drop(session);
@@ -725,7 +934,7 @@ impl Remote {
                 std::thread::sleep(Duration::from_millis(pause));
                 if self.holder(name)?.is_some_and(|f| f.holder.token == me.token) {
                     let beat = Some(Heartbeat::start(self.bucket.clone(), name.to_string(), me.clone()));
-                    let remote = Remote { bucket: self.bucket.clone() };
+                    let remote = Remote { bucket: self.bucket.clone(), cache: None };
                     return Ok(Ok(Lock { name: name.to_string(), token: me.token, beat, remote }));
                 }
             }
@@ -868,6 +1077,17 @@ impl Drop for Lock {
             let _ = self.remote.bucket.delete(&self.name);
         }
     }
+}
+
+/// Whether a reader that may not write (so may not probe the server's clock) takes a lock's holder for dead:
+/// on this machine, its process is gone; elsewhere, its lock was last refreshed over twice [`LOCK_STALE`]
+/// ago by this machine's clock, the margin standing for clocks that disagree.
+fn dead_to_a_reader(h: &Holder, modified_ns: i64) -> bool {
+    if let Some(dead) = crate::gc::dead_here((&h.host, h.pid, &h.process, &h.pidns), h.heartbeat_ns, &host_name()) {
+        return dead;
+    }
+    let stale_ns = i64::try_from(2 * LOCK_STALE.as_nanos()).unwrap_or(i64::MAX);
+    now_ns().saturating_sub(modified_ns) > stale_ns
 }
 
 /// Where the local working copy of a remote repository's catalog lives: `SNAPSTORE_CACHE_DIR`, else
@@ -1027,7 +1247,7 @@ mod tests {
     #[test]
     fn a_dead_lock_taken_over_twice_goes_to_the_first_taker_only() {
         let Some(bucket) = test_bucket() else { return };
-        let remote = Remote { bucket: bucket.clone() };
+        let remote = Remote { bucket: bucket.clone(), cache: None };
         let (first, second) = (Holder::me(), Holder::me());
         bucket.put(GC_LOCK, dead_holder().encode()).unwrap();
         let read = remote.holder(GC_LOCK).unwrap().unwrap();
@@ -1049,7 +1269,7 @@ mod tests {
     #[test]
     fn two_takers_of_a_dead_lock_never_both_get_it() {
         let Some(bucket) = test_bucket() else { return };
-        let remote = Remote { bucket: bucket.clone() };
+        let remote = Remote { bucket: bucket.clone(), cache: None };
         let dead = dead_holder();
         for round in 0..12 {
             bucket.put(GC_LOCK, dead.encode()).unwrap();
@@ -1082,6 +1302,41 @@ mod listing_tests {
 
     fn name(seq: u64, hash: &str) -> String {
         format!("{RECORDS}{seq:016x}-{hash}")
+    }
+
+    fn records_gone<'a>(listed: impl Iterator<Item = &'a str>, applied: &HashSet<String>) -> Vec<String> {
+        Gone::find(listed, applied).lines(&[])
+    }
+
+    /// A marker of a lost record names the record and the copy that lost it, and is neither a record nor a
+    /// gap; names that only look like one are not taken for one.
+    #[test]
+    fn lost_markers_name_their_record_and_copy_and_are_no_records() {
+        let record = name(0x2a, "0123456789abcdef0123456789abcdef");
+        let marker = lost_name(&record, "00ff00ff00ff00ff");
+        assert_eq!(marker, format!("{LOST}000000000000002a-0123456789abcdef0123456789abcdef-00ff00ff00ff00ff"));
+        assert_eq!(lost_of(&marker), Some((record.clone(), "00ff00ff00ff00ff")));
+        assert_eq!(record_seq(&marker), None);
+        assert_eq!(lost_of("records/lost-zz-00ff"), None);
+        assert_eq!(lost_of(&format!("{LOST}000000000000002a-00ff")), None, "no record name before the copy");
+        assert_eq!(lost_of(&record), None);
+        let applied: HashSet<String> = [name(1, "a")].into_iter().collect();
+        assert!(records_gone([name(1, "a"), marker].iter().map(String::as_str), &applied).is_empty());
+    }
+
+    /// A copy's id is made once and kept (a rebuilt copy must find the markers it wrote before); a damaged
+    /// file is replaced.
+    #[test]
+    fn a_copys_replica_id_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(replica(dir.path(), false).unwrap(), None);
+        let id = replica(dir.path(), true).unwrap().unwrap();
+        assert_eq!(id.len(), 16);
+        assert_eq!(replica(dir.path(), false).unwrap(), Some(id.clone()));
+        assert_eq!(replica(dir.path(), true).unwrap(), Some(id.clone()));
+        std::fs::write(dir.path().join(REPLICA_FILE), "garbage").unwrap();
+        assert_eq!(replica(dir.path(), false).unwrap(), None);
+        assert_ne!(replica(dir.path(), true).unwrap(), Some(id));
     }
 
     /// A bucket whose every number up to the highest has a record, whatever this copy applied, is whole;

@@ -383,9 +383,15 @@ Examples:\n  snapstore stats\n  snapstore --json stats\n\n", exit_help!()))]
         rebuild: bool,
         /// Accept that the records reported missing from the bucket are lost for good, so that gc (which
         /// deletes nothing while any is missing) collects again; run it on each machine that reports records
-        /// it applied as missing. This machine keeps what they changed; machines without them lack it
+        /// it applied as missing. This machine keeps what they changed; machines without them lack it.
+        /// Refused for a missing record this machine never applied that no machine has reported as its own
         #[arg(long)]
         accept_missing: bool,
+        /// With --accept-missing: accept every missing record, including those this machine never applied
+        /// and those other machines reported as theirs, for a loss no machine that applied them is left to
+        /// accept. Their checkpoints are then lost for good, wherever they are still listed
+        #[arg(long, requires = "accept_missing")]
+        everywhere: bool,
     },
 }
 
@@ -749,7 +755,8 @@ fn hint(e: &Error) -> Option<&'static str> {
         Error::GcRunning { .. } => "wait for it to finish; if its process is gone, the next gc takes over by itself",
         Error::SweepRunning { .. } => {
             "run it again once that gc ends, or wait longer with SNAPSTORE_SWEEP_WAIT=SECONDS; a gc whose process \
-             is gone is cleared by the first command that sees it"
+             is gone is cleared by the first command that sees it (read-only credentials read beside it instead: \
+             at once on its host, after 20 minutes elsewhere)"
         }
         Error::ChangedWhileRead(_) => {
             "run the command again: what it printed or wrote may mix the two states; nothing in the repository \
@@ -1212,11 +1219,12 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
         Command::Verify(args) => verify::verify(&repo_dir, args, cli.json, cli.quiet, out)?,
         Command::Watch(args) => watch::watch(&repo_dir, args, cli.json, cli.quiet, out)?,
         Command::Repair(args) => verify::repair(&repo_dir, args, cli.json, cli.quiet, out)?,
-        Command::Sync { rebuild, accept_missing } => {
+        Command::Sync { rebuild, accept_missing, everywhere } => {
             let (repo, s) =
                 if *rebuild { Repository::rebuild(&repo_dir)? } else { Repository::open_synced(&repo_dir)? };
             let (s, accepted) = if *accept_missing {
-                let accepted = repo.accept_missing_records()?;
+                let accepted =
+                    if *everywhere { repo.accept_missing_everywhere()? } else { repo.accept_missing_records()? };
                 (repo.sync()?, accepted)
             } else {
                 (s, Vec::new())

@@ -64,8 +64,9 @@ Exit codes:
 pub const RECORDS_MISSING_HINT: &str = "a catalog rebuilt from the bucket (a new machine, `sync --rebuild`) lacks what \
      the missing records recorded (a commit's checkpoint or chunks, a forget, a gc step), and a machine that applied \
      them keeps it: do not rebuild that machine's copy, and restore what you need there. If they were moved out of \
-     records/ by hand, put them back; gc deletes nothing until they are back, or until `snapstore sync \
-     --accept-missing` accepts them as lost (on each machine that applied them)";
+     records/ by hand, put them back; gc, on every machine, deletes nothing until they are back, or until `snapstore \
+     sync --accept-missing` accepts them as lost on each machine that applied them (add `--everywhere` only if no \
+     machine that applied them is left)";
 
 /// Lines of one kind printed before "... and N more".
 const SHOWN: usize = 50;
