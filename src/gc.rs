@@ -947,20 +947,29 @@ fn publish_dead_packs(
     )?;
     let mut batch = Batch::default();
     let mut kept = Vec::new();
+    let mut missing = Vec::new();
+    // Records the pack's death, and where each of its chunks that lives on elsewhere does.
+    let mut kill = |id: i64, name: &str, entries: Vec<crate::pack::PackEntry>| -> Result<()> {
+        batch.dead_packs.push(name.to_string());
+        for e in entries {
+            let found = elsewhere.query_row(params![&e.id.0[..], id], |row| placed(row, e.id)).optional()?;
+            batch.locates.extend(found);
+        }
+        if batch.locates.len() + batch.dead_packs.len() >= RECORD_ITEMS {
+            r.publish(tx, &std::mem::take(&mut batch))?;
+        }
+        Ok(())
+    };
     let indexes = crate::backend::overlapped(backend, dead, |(_, name, _)| crate::pack::read_index(backend, name));
     for ((id, name, _), index) in indexes {
         let entries = match index {
             Ok(entries) => entries,
-            // Lost (a GC records a pack's death before deleting it, so none of this machine's left it so): which
-            // chunks it held is gone with it, while another machine's rows may place sound chunks there, as
-            // for a damaged index. Its death, recorded without their locates, took those rows with it (round
-            // 22 review, finding 1 with the pack missing). So it goes from this catalog alone: a machine
-            // whose rows name it meets it missing at its next read, marks them and shares the marks, and a GC
-            // whose row names a sound copy then publishes it (`settle_shared_marks`).
+            // Lost (a GC records a pack's death before deleting it, so none left it so): another machine's rows
+            // may place chunks there that this catalog has elsewhere, as for a damaged index, and its death
+            // recorded without their locates took those rows with it (round 22 review, finding 1 with the
+            // pack missing). The record that created it lists its chunks too: looked up below.
             Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                let problem = "pack is missing; dropped from this machine's catalog alone, as other machines' rows \
-                               may place chunks in it";
-                kept.push((name.clone(), problem.to_string(), false));
+                missing.push((*id, name.clone()));
                 continue;
             }
             // One whose index is damaged cannot say which chunks it holds, while another machine's rows may
@@ -976,13 +985,23 @@ fn publish_dead_packs(
             // chunks that live on elsewhere would make other machines drop their rows.
             Err(e) => return Err(e),
         };
-        batch.dead_packs.push(name.clone());
-        for e in entries {
-            let found = elsewhere.query_row(params![&e.id.0[..], id], |row| placed(row, e.id)).optional()?;
-            batch.locates.extend(found);
-        }
-        if batch.locates.len() + batch.dead_packs.len() >= RECORD_ITEMS {
-            r.publish(tx, &std::mem::take(&mut batch))?;
+        kill(*id, name, entries)?;
+    }
+    if !missing.is_empty() {
+        let names: Vec<&str> = missing.iter().map(|(_, name)| name.as_str()).collect();
+        let mut recorded = r.pack_entries_recorded(&names)?;
+        for (id, name) in missing {
+            match recorded.remove(&name) {
+                Some(entries) => kill(id, &name, entries)?,
+                // No record names it (only records put it in a catalog, so they were lost too): it goes from
+                // this catalog alone. A machine whose rows name it meets it missing at its next read, marks
+                // them and shares the marks, and a GC whose row names a sound copy publishes that copy.
+                None => {
+                    let problem = "pack is missing, and so is the record that named it; dropped from this \
+                                   machine's catalog alone, as other machines' rows may place chunks in it";
+                    kept.push((name, problem.to_string(), false));
+                }
+            }
         }
     }
     r.publish(tx, &batch)?;

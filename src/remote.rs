@@ -108,6 +108,12 @@ struct Held {
     e_tag: Option<String>,
 }
 
+/// Whether a record's bytes hash to the (at least 32) hex digits its name ends with.
+fn matches_its_name(name: &str, data: &[u8]) -> bool {
+    let hash = name.rsplit_once('-').map_or("", |(_, h)| h);
+    hash.len() >= 32 && ObjectId::of(data).to_hex().starts_with(&hash.to_ascii_lowercase())
+}
+
 /// The sequence number of the record object `records/SEQ-HASH` (both in hex); `None` for any other name.
 fn record_seq(name: &str) -> Option<u64> {
     let (seq, hash) = name.strip_prefix(RECORDS)?.split_once('-')?;
@@ -475,7 +481,6 @@ impl Remote {
             let data = data.map_err(|e| self.err(name, e))?;
             // The name carries a hash of the bytes (see `publish`): a byte changed where zstd does not notice
             // would otherwise be applied as it reads.
-            let hash = name.rsplit_once('-').map_or("", |(_, h)| h);
             let damaged = |what: &str| {
                 // Moved out of `records/` as this error says, the record would leave no trace for machines that
                 // never applied it (none at all when it was the newest), whose GC would then delete what its
@@ -491,7 +496,7 @@ impl Remote {
                     self.bucket.url()
                 ))
             };
-            if !ObjectId::of(&data).to_hex().starts_with(&hash.to_ascii_lowercase()) || hash.len() < 32 {
+            if !matches_its_name(name, &data) {
                 return Err(damaged("the record does not match the hash in its name"));
             }
             let batch = crate::record::decode(&data).map_err(|e| match e {
@@ -578,6 +583,36 @@ impl Remote {
             elsewhere.push(LostElsewhere { marker: o.name.clone(), record: record.clone(), host, found_damaged });
         }
         Ok(elsewhere)
+    }
+
+    /// The entries of `packs` as the records that brought them list them (pack and moved-pack items): for a
+    /// pack whose object is lost, the one list left of the chunks it held. Reads records until every pack is
+    /// found, passing over any that is damaged; a pack no record names is left out.
+    pub(crate) fn pack_entries_recorded(
+        &self,
+        packs: &[&str],
+    ) -> Result<std::collections::HashMap<String, Vec<crate::pack::PackEntry>>> {
+        let listed = self.bucket.list(RECORDS).map_err(|e| self.err(RECORDS, e))?;
+        let records: Vec<(&str, u64)> =
+            listed.iter().filter(|o| record_seq(&o.name).is_some()).map(|o| (o.name.as_str(), o.size)).collect();
+        let mut wanted: HashSet<&str> = packs.iter().copied().collect();
+        let mut found = std::collections::HashMap::new();
+        for (&(name, _), data) in self.fetched(&records, |&(name, size)| (name, size)) {
+            if wanted.is_empty() {
+                break;
+            }
+            let data = data.map_err(|e| self.err(name, e))?;
+            if !matches_its_name(name, &data) {
+                continue;
+            }
+            let Ok(batch) = crate::record::decode(&data) else { continue };
+            for (pack, _, entries) in batch.packs.into_iter().chain(batch.moved) {
+                if wanted.remove(pack.as_str()) {
+                    found.insert(pack, entries);
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Accepts that the records gone from the bucket are lost for good, so that GC, which deletes nothing

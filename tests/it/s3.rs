@@ -499,7 +499,7 @@ fn a_damaged_chunk_in_a_bucket_heals_on_every_machine() {
     }
 }
 
-/// The name of the record (`records/...`) that holds checkpoint `id`.
+/// The name of the record (`records/...`) that names `id` (a checkpoint id, a pack's name).
 fn record_naming(endpoint: &str, url: &str, id: &str) -> String {
     let key = listed(endpoint, url, "records/")
         .into_iter()
@@ -947,18 +947,41 @@ fn a_dead_pack_whose_index_is_damaged_is_kept_for_the_machines_that_use_it() {
     }
 }
 
-/// The same pack lost from the bucket before any machine read it: gc cannot tell which chunks it held, so it
-/// records nothing and drops it from its own catalog alone. The other machine, whose rows name it, meets it
-/// missing, marks and shares; the next gc settles the marks on its own sound copy, and every machine restores.
-/// Before, gc recorded the pack dead without locates, and the other machine lost the rows of a checkpoint
-/// whose every chunk was sound in the first pack (round 22 review, finding 1, `VARIANT=missing SKIPREAD=1`).
+/// The same pack lost from the bucket before any machine read it: gc takes the chunks it held from the record
+/// that brought it, and records its death with their locates, so every machine's rows, and a rebuilt one's,
+/// move to the sound copies. Before, gc recorded it dead without locates, and the other machine lost the rows
+/// of a checkpoint whose every chunk was sound in the first pack (round 22 review, finding 1,
+/// `VARIANT=missing SKIPREAD=1`). With that record lost too, it goes from gc's catalog alone, and the other
+/// machine's rows heal through the marks its read shares.
 #[test]
-fn a_dead_pack_lost_before_any_read_leaves_other_machines_rows_to_heal() {
+fn a_dead_pack_lost_before_any_read_is_located_from_its_record() {
     let Some((endpoint, url)) = server() else { return };
     let data = pseudo_random(2 << 20, 131);
     let (a, b, [id_a, id_b], first) = concurrent_commits(&endpoint, &url, [&data, &data]);
     let second = packs(&endpoint, &url).into_iter().find(|p| *p != first).unwrap();
     bucket(&endpoint, &url).delete(object_name(&url, &second)).unwrap();
+    let g: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc"])).unwrap();
+    assert_eq!(g["packs_deleted"], 1, "{g}");
+    let rebuilt = Machine::new(&endpoint, &url);
+    assert_whole_everywhere(
+        &endpoint,
+        &url,
+        &[&a, &b, &rebuilt],
+        vec![(id_a.clone(), data.clone()), (id_b.clone(), data.clone())],
+    );
+
+    // Once more, the record that brought b's pack lost as well (accepted as lost by b, which applied it).
+    let data = pseudo_random(2 << 20, 137);
+    let (a, b, [id_a, id_b], first) = concurrent_commits(&endpoint, &format!("{url}-2"), [&data, &data]);
+    let url = format!("{url}-2");
+    let second = packs(&endpoint, &url).into_iter().find(|p| *p != first).unwrap();
+    a.ok(&["sync"]);
+    let record = record_naming(&endpoint, &url, object_name(&url, &second));
+    bucket(&endpoint, &url).delete(&record).unwrap();
+    bucket(&endpoint, &url).delete(object_name(&url, &second)).unwrap();
+    for m in [&a, &b] {
+        m.ok(&["sync", "--accept-missing"]);
+    }
     let o = a.run(&["--json", "gc"]);
     assert_eq!(o.status.code(), Some(3), "gc reports the missing pack: {}", text(&o.stderr));
     let g: serde_json::Value = serde_json::from_str(&text(&o.stdout)).unwrap();
@@ -966,7 +989,9 @@ fn a_dead_pack_lost_before_any_read_leaves_other_machines_rows_to_heal() {
     assert_checkout_damaged(&b, &id_b);
     let o = a.run(&["--json", "gc"]);
     assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
-    assert_whole_everywhere(&endpoint, &url, &[&a, &b], vec![(id_a, data.clone()), (id_b, data)]);
+    for m in [&a, &b] {
+        assert_whole(m, &[(id_a.clone(), data.clone()), (id_b.clone(), data.clone())]);
+    }
 }
 
 /// A machine that lacks a GC's newest records (deleted behind snapstore's back, so no gap shows) finds the pack
