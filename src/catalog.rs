@@ -935,16 +935,23 @@ fn healed_locations(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> Result<Vec
     Ok(out)
 }
 
-/// Marks `chunk` damaged where its row still places it in pack `pack` (another machine of a bucket read the
-/// damage there), and remembers `name`, the bucket object that said so, as applied; in one transaction.
-pub(crate) fn apply_shared_mark(conn: &mut Connection, name: &str, chunk: &ObjectId, pack: &str) -> Result<()> {
+/// For each (name, chunk, pack) of `marks`: marks the chunk damaged where its row still places it in that pack
+/// (another machine of a bucket read the damage there), and remembers the name, the bucket object that said
+/// so, as applied.
+pub(crate) fn apply_shared_marks(conn: &mut Connection, marks: &[(&str, ObjectId, String)]) -> Result<()> {
+    if marks.is_empty() {
+        return Ok(());
+    }
+    // One transaction for all: each commit waits for the disk, and a lost pack makes hundreds of marks.
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.execute(
-        "INSERT OR IGNORE INTO damaged_chunks (id, found_ns)
-         SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM chunks c JOIN packs p ON p.id = c.pack WHERE c.id = ?1 AND p.name = ?3)",
-        params![&chunk.0[..], now_ns(), pack],
-    )?;
-    tx.execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [name])?;
+    for (name, chunk, pack) in marks {
+        tx.execute(
+            "INSERT OR IGNORE INTO damaged_chunks (id, found_ns)
+             SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM chunks c JOIN packs p ON p.id = c.pack WHERE c.id = ?1 AND p.name = ?3)",
+            params![&chunk.0[..], now_ns(), pack],
+        )?;
+        tx.execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [name])?;
+    }
     tx.commit()?;
     Ok(())
 }

@@ -217,6 +217,9 @@ pub struct AffectedFile {
 /// What verify found.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct VerifyReport {
+    /// Marks this run's reads disproved (chunk, pack), for a bucket's shared objects of them to go too.
+    #[serde(skip)]
+    pub(crate) marks_disproved: Vec<(ObjectId, String)>,
     /// Checkpoints checked.
     pub checkpoints: u64,
     /// Packs the catalog records.
@@ -320,7 +323,7 @@ pub(crate) fn verify_with(
     }
     if !targets.is_empty() && cat.read_only().is_none() {
         // Best effort, as marking is: a mark left stays reported, and the next read clears it.
-        let _ = clear_disproved_marks(conn);
+        report.marks_disproved = clear_disproved_marks(conn).unwrap_or_default();
     }
     report.seconds = started.elapsed().as_secs_f64();
     opts.progress.finish();
@@ -667,17 +670,22 @@ fn known_damage(conn: &Connection) -> Result<()> {
 }
 
 /// Drops the marks of chunks whose blobs this run read and found sound (see `known_damage`), after its read
-/// snapshot. In a bucket the mark's shared object stays until GC prunes it; a machine that applies it marks
-/// the chunk again until a read there clears it.
-fn clear_disproved_marks(conn: &Connection) -> Result<()> {
-    conn.execute(
-        "DELETE FROM damaged_chunks WHERE id IN (
-             SELECT d.id FROM damaged_chunks d JOIN chunks c ON c.id = d.id
-             WHERE c.pack IN (SELECT id FROM temp.v_read_pack EXCEPT SELECT id FROM temp.v_skip_pack)
-               AND NOT EXISTS (SELECT 1 FROM temp.v_bad_chunk b WHERE b.id = d.id))",
-        [],
-    )?;
-    Ok(())
+/// snapshot. Returns them, each with the pack it read, so that in a bucket the mark's shared object goes too
+/// (`Remote::withdraw_marks`): GC prunes none whose pack still holds its row, and every machine built afresh
+/// applied it and reported the sound chunk damaged (round 22 review, x06).
+fn clear_disproved_marks(conn: &Connection) -> Result<Vec<(ObjectId, String)>> {
+    let tx = conn.unchecked_transaction()?;
+    let disproved = "FROM damaged_chunks d JOIN chunks c ON c.id = d.id JOIN packs p ON p.id = c.pack
+         WHERE c.pack IN (SELECT id FROM temp.v_read_pack EXCEPT SELECT id FROM temp.v_skip_pack)
+           AND NOT EXISTS (SELECT 1 FROM temp.v_bad_chunk b WHERE b.id = d.id)";
+    let cleared: Vec<(ObjectId, String)> = tx
+        .prepare(&format!("SELECT d.id, p.name {disproved}"))?
+        .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?)))?
+        .filter_map(|row| row.map(|(id, pack)| ObjectId::from_slice(&id).map(|id| (id, pack))).transpose())
+        .collect::<rusqlite::Result<_>>()?;
+    tx.execute(&format!("DELETE FROM damaged_chunks WHERE id IN (SELECT d.id {disproved})"), [])?;
+    tx.commit()?;
+    Ok(cleared)
 }
 
 /// Chunks that checkpoints reference but the chunk index lacks, or holds with another length.

@@ -463,6 +463,25 @@ fn a_byte_flipped_in_a_bucket_is_caught_by_checkout_and_verify() {
     assert_only_the_first_is_damaged(&a, &["verify", "--read-data"], &checkpoints);
 }
 
+/// A mark that a later `verify --read-data` disproves (the pack put back whole) goes from the bucket too, so a
+/// machine built afresh no longer applies it and reports a sound chunk damaged. Before, the shared object
+/// stayed for good, GC pruning none whose pack still holds its row (round 22 review, x06).
+#[test]
+fn a_mark_disproved_by_a_read_goes_from_the_bucket() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, first, checkpoints) = two_checkpoints(&endpoint, &url, 1 << 20, 141);
+    flip_byte_in(&endpoint, &url, &first, 0.5);
+    assert_checkout_damaged(&a, &checkpoints[0].0);
+    assert_eq!(listed(&endpoint, &url, "records/damage-").len(), 1, "the mark is shared");
+    flip_byte_in(&endpoint, &url, &first, 0.5);
+    let report = a.ok(&["verify", "--read-data"]);
+    assert!(report.contains("no damage found"), "{report}");
+    assert!(listed(&endpoint, &url, "records/damage-").is_empty(), "the disproved mark stays shared");
+    assert_whole_everywhere(&endpoint, &url, &[&a], checkpoints.to_vec());
+    let o = Machine::new(&endpoint, &url).run(&["verify"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+}
+
 /// A damaged chunk heals in a bucket as on a disk: the checkout that meets it marks it, the next commit of the
 /// same bytes stores a fresh copy, and its record moves the row on every machine, so a machine that synced
 /// before the heal and never read the damage restores the old checkpoint, and so does a catalog rebuilt from

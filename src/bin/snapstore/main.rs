@@ -1323,9 +1323,15 @@ fn gc_damage(cli: &Cli, summary: &snapstore::GcSummary) -> Result<(), Failure> {
         for d in &summary.damaged_packs {
             say!("warning: damaged pack {}: {}; left as it is", d.pack, d.problem);
         }
+        let in_bucket = cli.repo.as_ref().is_some_and(|r| r.to_string_lossy().starts_with("s3://"));
         say!(
-            "hint: `snapstore verify --read-data` shows what the damage reaches; \
-             `snapstore repair index --read-data` then drops what is lost"
+            "hint: `snapstore verify --read-data` shows what the damage reaches; {}",
+            if in_bucket {
+                "a chunk a read finds damaged is marked for every machine, and the next commit of its data on any \
+                 of them stores it afresh"
+            } else {
+                "`snapstore repair index --read-data` then drops what is lost"
+            }
         );
     }
     Err(Failure::Exit(EXIT_CORRUPT))
