@@ -43,6 +43,12 @@ pub struct GcOptions {
     /// chunks stay if anything else uses them). In a bucket, only by a run that sweeps: one deferred by a
     /// commit running anywhere drops nothing, since that commit may be completing the group.
     pub incomplete_after: Duration,
+    /// In a bucket, a pack object no record names (an orphan) is deleted only once a GC on this machine first
+    /// saw it this long ago. A crashed commit's upload is such an orphan, but so is the pack of a record lost
+    /// from the bucket that this machine never applied, which the machines that applied it still restore
+    /// from: the grace gives one of them time to run any command, whose sync tells every machine of the loss
+    /// (`records/lost-...`), and GC then deletes nothing.
+    pub orphan_grace: Duration,
     /// Receives progress.
     pub progress: Arc<dyn Progress>,
 }
@@ -54,6 +60,7 @@ impl Default for GcOptions {
             max_unused: 0.10,
             stale_after: Duration::from_secs(3600),
             incomplete_after: Duration::from_secs(24 * 3600),
+            orphan_grace: Duration::from_secs(24 * 3600),
             progress: Arc::new(NoProgress),
         }
     }
@@ -88,6 +95,8 @@ pub struct GcSummary {
     /// Pack and temporary files that no catalog row knows, deleted (with `dry_run`: to be deleted, when no
     /// commit runs).
     pub orphans_deleted: u64,
+    /// In a bucket: orphans kept until [`GcOptions::orphan_grace`] after a GC on this machine first saw them.
+    pub orphans_waiting: u64,
     /// Packs due for a rewrite but left as they are because they are damaged (missing, an index that does
     /// not match the catalog, or live blobs that fail their check: those stay, the sound ones moved).
     /// Everything else was collected; `verify` says what the damage reaches.
@@ -437,7 +446,13 @@ fn run(
         }
         // What the real run deletes as orphans, when no commit runs (see `collect`).
         if s.sessions_alive == 0 {
-            for name in orphans(&tx, listed, &[])? {
+            let mut found = orphans(&tx, listed, &[])?;
+            if let Some(r) = remote {
+                let due = r.orphans_due(&found, opts.orphan_grace, false);
+                s.orphans_waiting = (found.len() - due.len()) as u64;
+                found = due;
+            }
+            for name in found {
                 s.orphans_deleted += 1;
                 s.bytes_freed += backend.size(&name).unwrap_or(0);
             }
@@ -575,7 +590,13 @@ fn collect(
     // gap shows): then a seeming orphan may be what those records named, such as another GC's repacked pack,
     // from which every other machine restores (round 22 review). Orphans wait for a run that finds no damage.
     let suspect = remote.is_some() && !s.damaged_packs.is_empty();
-    let orphans = if sessions == 0 && !suspect { orphans(&tx, listed, &empty)? } else { Vec::new() };
+    let mut orphans = if sessions == 0 && !suspect { orphans(&tx, listed, &empty)? } else { Vec::new() };
+    if let Some((r, _)) = remote {
+        let due = r.orphans_due(&orphans, opts.orphan_grace, true);
+        s.orphans_waiting = (orphans.len() - due.len()) as u64;
+        orphans = due;
+        r.note_dead_packs(&empty.iter().map(|(_, name, _)| name.as_str()).collect::<Vec<_>>());
+    }
     tx.commit()?;
     crate::fault::point("gc-dropped");
     if let Some((r, lock)) = remote {

@@ -371,6 +371,10 @@ fn replica(dir: &std::path::Path, create: bool) -> Result<Option<String>> {
     Ok(Some(id))
 }
 
+/// The file, in the directory of a machine's copy of the catalog, of the bucket's orphan packs its GC has seen:
+/// a line per orphan, the time it was first seen (nanoseconds, this machine's clock) and its name.
+const ORPHANS_SEEN: &str = "orphans-seen";
+
 /// Another copy's [`LOST`] marker of a record still missing.
 struct LostElsewhere {
     /// The marker's name.
@@ -724,6 +728,50 @@ impl Remote {
                 return;
             }
             let _ = catalog.connection().execute("DELETE FROM remote_records WHERE name = ?1", [&name]);
+        }
+    }
+
+    /// Of `orphans`, those a GC on this machine first saw at least `grace` ago ([`ORPHANS_SEEN`]), to delete;
+    /// with `record`, the others are remembered as seen now, and names no longer orphans forgotten. Without a
+    /// directory for the copy, none.
+    pub(crate) fn orphans_due(&self, orphans: &[String], grace: Duration, record: bool) -> Vec<String> {
+        let Some(dir) = &self.cache else { return Vec::new() };
+        let path = dir.join(ORPHANS_SEEN);
+        let seen: std::collections::HashMap<String, i64> = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once(' ').and_then(|(t, name)| Some((name.to_string(), t.parse().ok()?))))
+            .collect();
+        let now = now_ns();
+        let grace = i64::try_from(grace.as_nanos()).unwrap_or(i64::MAX);
+        let first = |name: &String| seen.get(name).copied().unwrap_or(now);
+        if record {
+            let lines: String = orphans.iter().map(|name| format!("{} {name}\n", first(name))).collect();
+            let tmp = dir.join(format!("{ORPHANS_SEEN}.{}", std::process::id()));
+            // Best effort: a list lost only makes the orphans wait a grace again.
+            if std::fs::write(&tmp, lines).is_ok() {
+                let _ = std::fs::rename(&tmp, &path);
+            }
+        }
+        orphans.iter().filter(|name| now.saturating_sub(first(name)) >= grace).cloned().collect()
+    }
+
+    /// Remembers `packs`, which GC recorded dead and deletes next, as orphans due at once ([`ORPHANS_SEEN`]):
+    /// one left by a GC killed among its deletes is named by no record the next run has, yet no machine
+    /// restores from it.
+    pub(crate) fn note_dead_packs(&self, packs: &[&str]) {
+        let Some(dir) = &self.cache else { return };
+        if packs.is_empty() {
+            return;
+        }
+        let path = dir.join(ORPHANS_SEEN);
+        let mut lines = std::fs::read_to_string(&path).unwrap_or_default();
+        for name in packs {
+            lines.push_str(&format!("0 {name}\n"));
+        }
+        let tmp = dir.join(format!("{ORPHANS_SEEN}.{}", std::process::id()));
+        if std::fs::write(&tmp, lines).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
         }
     }
 

@@ -594,7 +594,7 @@ fn a_record_deleted_from_the_bucket_is_reported() {
     for m in [&a, &b] {
         assert!(m.ok(&["verify"]).contains("no damage found"));
     }
-    let g: serde_json::Value = serde_json::from_str(&b.ok(&["--json", "gc"])).unwrap();
+    let g: serde_json::Value = serde_json::from_str(&b.ok(&["--json", "gc", "--orphan-grace", "0s"])).unwrap();
     assert_eq!(g["orphans_deleted"], 1, "{g}");
     assert_all_restore(&b, &[(ids[0].clone(), data[0].clone()), (ids[2].clone(), data[2].clone())]);
 }
@@ -674,10 +674,40 @@ fn a_record_lost_to_one_machine_holds_back_every_machines_gc() {
     // Accepted where it was applied: the reports go, and gc collects what only the lost records used.
     a.ok(&["sync", "--accept-missing"]);
     assert!(listed(&endpoint, &url, "records/lost-").is_empty());
-    let g: serde_json::Value = serde_json::from_str(&b.ok(&["--json", "gc"])).unwrap();
+    let g: serde_json::Value = serde_json::from_str(&b.ok(&["--json", "gc", "--orphan-grace", "0s"])).unwrap();
     assert_eq!(g["orphans_deleted"], 1, "{g}");
     // b applied the newest record before it was lost, and keeps its checkpoint.
     assert_all_restore(&b, &[(first, data[0].clone()), (last, data[2].clone())]);
+}
+
+/// The newest record lost, and a gc on a machine that never applied it before the machine that did runs any
+/// command: nothing in the bucket says the record was there, and the gc took its checkpoint's pack for an
+/// orphan and deleted it at once. Now an orphan in a bucket waits `--orphan-grace` (24 h) after a gc on that
+/// machine first saw it, time for the machine that applied the record to say so; a pack a gc killed among
+/// its deletes had recorded dead is not made to wait.
+#[test]
+fn an_orphan_in_a_bucket_waits_its_grace_for_a_lost_record_to_be_told() {
+    let Some((endpoint, url)) = server() else { return };
+    let a = Machine::new(&endpoint, &url);
+    a.ok(&["init"]);
+    let first = pseudo_random(150_000, 191);
+    let first_id = a.commit_stream("s", &first);
+    let b = Machine::new(&endpoint, &url);
+    b.ok(&["sync"]);
+    let newest = pseudo_random(150_000, 193);
+    let newest_id = a.commit_stream("s", &newest);
+    bucket(&endpoint, &url).delete(&record_naming(&endpoint, &url, &newest_id)).unwrap();
+    let before = packs(&endpoint, &url);
+    let g: serde_json::Value = serde_json::from_str(&b.ok(&["--json", "gc"])).unwrap();
+    assert_eq!((g["orphans_deleted"].as_u64(), g["orphans_waiting"].as_u64()), (Some(0), Some(1)), "{g}");
+    assert!(b.ok(&["gc"]).contains("kept 1 orphan file no record names"));
+    assert_eq!(packs(&endpoint, &url), before);
+    // Within the grace, a runs a command: every gc now waits for its accept, grace or not.
+    a.ok(&["log"]);
+    let o = b.run(&["--json", "gc", "--orphan-grace", "0s"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert_eq!(packs(&endpoint, &url), before);
+    assert_all_restore(&a, &[(first_id, first), (newest_id, newest)]);
 }
 
 /// A proxy in front of the server that answers every write (PUT, POST, DELETE) with 403 AccessDenied, as S3
@@ -1250,7 +1280,7 @@ fn a_rebuild_that_cannot_finish_keeps_the_copy_that_worked() {
     let accepted = a.ok(&["sync", "--accept-missing"]);
     assert!(accepted.contains(&format!("accepted as lost: {newest}: applied by this machine")), "{accepted}");
     assert!(listed(&endpoint, &url, "records/lost-").is_empty());
-    let g: serde_json::Value = serde_json::from_str(&fresh.ok(&["--json", "gc"])).unwrap();
+    let g: serde_json::Value = serde_json::from_str(&fresh.ok(&["--json", "gc", "--orphan-grace", "0s"])).unwrap();
     assert_eq!(g["orphans_deleted"], 1, "{g}");
 }
 

@@ -346,6 +346,11 @@ the rest to the next run. Without a terminal it prints only its summary (-q: not
         /// Drop group checkpoints still incomplete this long after their first part (e.g. 6h, 30min)
         #[arg(long, value_name = "INTERVAL", value_parser = snapstore::parse_interval, default_value = "24h")]
         incomplete_after: std::time::Duration,
+        /// In an s3:// bucket, delete a pack no record names (a crashed commit's upload, or the pack of a
+        /// record lost from the bucket) only this long after a gc on this machine first saw it (e.g. 1h, 0s):
+        /// time for a machine that applied a lost record to say so
+        #[arg(long, value_name = "INTERVAL", value_parser = snapstore::parse_interval, default_value = "24h")]
+        orphan_grace: std::time::Duration,
     },
     /// Show what changed between two checkpoints, from the catalog alone (no data is read)
     #[command(after_help = concat!("For a modified file, the byte ranges listed are where its new version may \
@@ -1196,7 +1201,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
             }
             then_prune(cli, out, &repo, doc, prune)?;
         }
-        Command::Gc { dry_run, max_unused, incomplete_after } => {
+        Command::Gc { dry_run, max_unused, incomplete_after, orphan_grace } => {
             if !(0.0..=100.0).contains(max_unused) {
                 return Err(Failure::Usage("--max-unused takes a percentage from 0 to 100".into()));
             }
@@ -1205,6 +1210,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                 dry_run: *dry_run,
                 max_unused: max_unused / 100.0,
                 incomplete_after: *incomplete_after,
+                orphan_grace: *orphan_grace,
                 ..Default::default()
             };
             let summary = collect(cli, &repo, opts)?;

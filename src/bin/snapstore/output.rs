@@ -376,6 +376,12 @@ pub fn gc_summary(out: &mut Out, s: &GcSummary) -> io::Result<()> {
         s.orphans_deleted,
         s.seconds
     ))?;
+    if s.orphans_waiting > 0 {
+        out.line(&format!(
+            "  kept {} no record names until the grace after this machine's gc first saw them (--orphan-grace)",
+            plural(s.orphans_waiting, "orphan file")
+        ))?;
+    }
     if s.groups_dropped > 0 {
         let verb = if s.dry_run { "would drop" } else { "dropped" };
         out.line(&format!("  {verb} {} left incomplete", plural(s.groups_dropped, "group checkpoint")))?;
