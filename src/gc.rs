@@ -254,7 +254,7 @@ fn mark(conn: &Connection) -> Result<u64> {
     )?;
     if unindexed > 0 {
         // `repair index` refuses in a bucket, whose catalog is only this machine's copy.
-        let in_bucket = crate::catalog::meta_value(conn, "remote_repo_id")?.is_some();
+        let in_bucket = crate::remote::local_repo_id(conn)?.is_some();
         let repair = if in_bucket {
             "`snapstore sync --rebuild` (this machine's copy of the catalog is built again from the bucket's \
              records; it brings back what they still name, and `verify` then says what is lost for good)"
@@ -448,7 +448,7 @@ fn run(
         if s.sessions_alive == 0 {
             let mut found = orphans(&tx, listed, &[])?;
             if let Some(r) = remote {
-                let due = r.orphans_due(&found, opts.orphan_grace, false);
+                let due = r.orphans_due(&found, opts.orphan_grace, None);
                 s.orphans_waiting = (found.len() - due.len()) as u64;
                 found = due;
             }
@@ -592,10 +592,10 @@ fn collect(
     let suspect = remote.is_some() && !s.damaged_packs.is_empty();
     let mut orphans = if sessions == 0 && !suspect { orphans(&tx, listed, &empty)? } else { Vec::new() };
     if let Some((r, _)) = remote {
-        let due = r.orphans_due(&orphans, opts.orphan_grace, true);
+        let dead: Vec<&str> = empty.iter().map(|(_, name, _)| name.as_str()).collect();
+        let due = r.orphans_due(&orphans, opts.orphan_grace, Some(&dead));
         s.orphans_waiting = (orphans.len() - due.len()) as u64;
         orphans = due;
-        r.note_dead_packs(&empty.iter().map(|(_, name, _)| name.as_str()).collect::<Vec<_>>());
     }
     tx.commit()?;
     crate::fault::point("gc-dropped");

@@ -1288,7 +1288,9 @@ impl Repository {
         self.reader(|synced| {
             let mut report = verify::verify(&self.catalog_path, self.backend.clone(), opts)?;
             report.records_missing = synced.map(|s| s.records_missing.clone()).unwrap_or_default();
-            if let Some(remote) = &self.remote {
+            if let Some(remote) = &self.remote
+                && !report.marks_disproved.is_empty()
+            {
                 remote.withdraw_marks(&self.open_catalog()?, &report.marks_disproved);
             }
             Ok(report)

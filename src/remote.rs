@@ -280,18 +280,12 @@ impl Gone {
     /// [`MISSING_SHOWN`].
     fn lines(&self, elsewhere: &[LostElsewhere]) -> Vec<String> {
         let elsewhere = elsewhere.iter().map(|l| {
-            if l.found_damaged {
-                return format!(
-                    "{}: found damaged by a sync on {} ({}), gone from the bucket: gc deletes nothing until a \
-                     machine that applied it runs `snapstore sync --accept-missing` (`--everywhere` if none did)",
-                    l.record, l.host, l.marker
-                );
-            }
-            format!(
-                "{}: applied by the copy of the catalog on {} ({}), gone from the bucket: gc deletes nothing until \
-                 that machine runs `snapstore sync --accept-missing`",
-                l.record, l.host, l.marker
-            )
+            let until = if l.found_damaged {
+                "a machine that applied it runs `snapstore sync --accept-missing` (`--everywhere` if none did)"
+            } else {
+                "that machine runs `snapstore sync --accept-missing`"
+            };
+            format!("{}: {} ({}), gone from the bucket: gc deletes nothing until {until}", l.record, l.by(), l.marker)
         });
         let applied = self
             .applied
@@ -375,6 +369,25 @@ fn replica(dir: &std::path::Path, create: bool) -> Result<Option<String>> {
 /// a line per orphan, the time it was first seen (nanoseconds, this machine's clock) and its name.
 const ORPHANS_SEEN: &str = "orphans-seen";
 
+/// Forgets, in one transaction (a statement of its own waits for the disk each time: 329 marks took 4 s),
+/// that the catalog applied the bucket objects `names` (deleted).
+fn forget_objects(catalog: &rusqlite::Connection, names: &[impl AsRef<str>]) -> Result<()> {
+    let tx = catalog.unchecked_transaction()?;
+    for name in names {
+        tx.execute("DELETE FROM remote_records WHERE name = ?1", [name.as_ref()])?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// A [`LOST`] marker as listed, with the record it names and the copy that wrote it.
+type Marker<'a> = (&'a crate::backend::ObjectMeta, String, &'a str);
+
+/// The [`LOST`] markers among `listed`.
+fn markers_in(listed: &[crate::backend::ObjectMeta]) -> Vec<Marker<'_>> {
+    listed.iter().filter_map(|o| lost_of(&o.name).map(|(record, replica)| (o, record, replica))).collect()
+}
+
 /// Another copy's [`LOST`] marker of a record still missing.
 struct LostElsewhere {
     /// The marker's name.
@@ -385,6 +398,15 @@ struct LostElsewhere {
     host: String,
     /// Written by a sync that found the record damaged ([`FOUND_DAMAGED`]), not by a copy that applied it.
     found_damaged: bool,
+}
+
+impl LostElsewhere {
+    /// Who reported the record lost.
+    fn by(&self) -> String {
+        let who =
+            if self.found_damaged { "found damaged by a sync on" } else { "applied by the copy of the catalog on" };
+        format!("{who} {}", self.host)
+    }
 }
 
 /// The bucket side of a remote repository.
@@ -539,41 +561,22 @@ impl Remote {
     }
 
     /// Brings this copy's [`LOST`] markers in line with the records it applied that the bucket lost (`gone`,
-    /// from `listed`): one for each, and none for a record accepted as lost, back in the bucket, or no longer
-    /// applied here (a copy rebuilt from the bucket). Best effort, as for marks: credentials that may only read
-    /// leave them unwritten. A marker of a record found damaged goes once a sync applied it (`applied_now`):
-    /// it was put back intact. Returns the other copies' markers of records still missing.
+    /// from `listed`: see [`Remote::own_markers`]). A marker of a record found damaged goes once a sync applied
+    /// it (`applied_now`): it was put back intact. Returns the other copies' markers of records still missing.
     fn lost_markers(
         &self,
         listed: &[crate::backend::ObjectMeta],
         gone: &Gone,
         applied_now: &HashSet<&str>,
     ) -> Result<Vec<LostElsewhere>> {
-        let markers: Vec<(&crate::backend::ObjectMeta, String, &str)> =
-            listed.iter().filter_map(|o| lost_of(&o.name).map(|(record, replica)| (o, record, replica))).collect();
-        let mine = match &self.cache {
-            Some(dir) => replica(dir, !gone.applied.is_empty())?,
-            None => None,
-        };
-        if let Some(mine) = &mine {
-            for record in &gone.applied {
-                if !markers.iter().any(|(_, r, id)| r == record && id == mine) {
-                    let name = lost_name(record, mine);
-                    if self.bucket.put(&name, host_name().into_bytes()).is_err() {
-                        break;
-                    }
-                }
-            }
-            for (o, _, _) in markers.iter().filter(|(_, r, id)| id == mine && !gone.applied.contains(r)) {
-                let _ = self.bucket.delete(&o.name);
-            }
-        }
+        let markers = markers_in(listed);
+        let mine = self.own_markers(&markers, &gone.applied)?;
         let records: HashSet<&str> = listed.iter().map(|o| o.name.as_str()).collect();
         // One found damaged before and applied now is back, intact.
         for (o, _, _) in markers.iter().filter(|(_, r, id)| *id == FOUND_DAMAGED && applied_now.contains(r.as_str())) {
             let _ = self.bucket.delete(&o.name);
         }
-        let others: Vec<&(&crate::backend::ObjectMeta, String, &str)> = markers
+        let others: Vec<&Marker<'_>> = markers
             .iter()
             .filter(|(_, record, id)| Some(*id) != mine.as_deref() && !records.contains(record.as_str()))
             .collect();
@@ -589,6 +592,31 @@ impl Remote {
             elsewhere.push(LostElsewhere { marker: o.name.clone(), record: record.clone(), host, found_damaged });
         }
         Ok(elsewhere)
+    }
+
+    /// Writes a marker of this copy's for each record of `gone` (applied here, lost from the bucket) that
+    /// `markers` lacks, and deletes those of its `markers` for any other record: accepted as lost, back in the
+    /// bucket, or no longer applied here (a copy rebuilt from the bucket). Best effort, as for marks:
+    /// credentials that may only read leave them unwritten. Returns this copy's id, if it has one.
+    fn own_markers(&self, markers: &[Marker<'_>], gone: &[String]) -> Result<Option<String>> {
+        let mine = match &self.cache {
+            Some(dir) => replica(dir, !gone.is_empty())?,
+            None => None,
+        };
+        if let Some(mine) = &mine {
+            for record in gone {
+                if !markers.iter().any(|(_, r, id)| r == record && id == mine) {
+                    let name = lost_name(record, mine);
+                    if self.bucket.put(&name, host_name().into_bytes()).is_err() {
+                        break;
+                    }
+                }
+            }
+            for (o, _, _) in markers.iter().filter(|(_, r, id)| id == mine && !gone.contains(r)) {
+                let _ = self.bucket.delete(&o.name);
+            }
+        }
+        Ok(mine)
     }
 
     /// The entries of `packs` as the records that brought them list them (pack and moved-pack items): for a
@@ -683,18 +711,15 @@ impl Remote {
         if everywhere {
             for l in &elsewhere {
                 self.bucket.delete(&l.marker).map_err(|e| self.err(&l.marker, e))?;
-                let by = if l.found_damaged {
-                    "found damaged by a sync on"
-                } else {
-                    "applied by the copy of the catalog on"
-                };
-                accepted.push(format!("{}: {by} {}", l.record, l.host));
+                accepted.push(format!("{}: {}", l.record, l.by()));
             }
         }
-        // This copy's own markers go with the names.
-        let listed = self.bucket.list(RECORDS).map_err(|e| self.err(RECORDS, e))?;
-        let gone = Gone::find(listed.iter().map(|o| o.name.as_str()), &applied_records(catalog)?);
-        self.lost_markers(&listed, &gone, &HashSet::new())?;
+        // This copy's own markers go with the names (best effort, as a sync's do).
+        if let Some(mine) = self.cache.as_deref().map(|dir| replica(dir, false)).transpose()?.flatten() {
+            for name in &gone.applied {
+                let _ = self.bucket.delete(&lost_name(name, &mine));
+            }
+        }
         Ok(accepted)
     }
 
@@ -722,19 +747,17 @@ impl Remote {
     /// Deletes the shared objects of marks a read of their blobs disproved on this machine (`disproved`: chunk,
     /// pack): the copy there is sound, so no machine should apply the mark again. Best effort, as sharing is.
     pub(crate) fn withdraw_marks(&self, catalog: &Catalog, disproved: &[(ObjectId, String)]) {
-        for (chunk, pack) in disproved {
-            let name = damage_name(chunk, pack);
-            if self.bucket.delete(&name).is_err() {
-                return;
-            }
-            let _ = catalog.connection().execute("DELETE FROM remote_records WHERE name = ?1", [&name]);
-        }
+        let names: Vec<String> = disproved.iter().map(|(chunk, pack)| damage_name(chunk, pack)).collect();
+        let withdrawn: Vec<&String> = names.iter().take_while(|name| self.bucket.delete(name).is_ok()).collect();
+        let _ = forget_objects(catalog.connection(), &withdrawn);
     }
 
-    /// Of `orphans`, those a GC on this machine first saw at least `grace` ago ([`ORPHANS_SEEN`]), to delete;
-    /// with `record`, the others are remembered as seen now, and names no longer orphans forgotten. Without a
-    /// directory for the copy, none.
-    pub(crate) fn orphans_due(&self, orphans: &[String], grace: Duration, record: bool) -> Vec<String> {
+    /// Of `orphans`, those a GC on this machine first saw at least `grace` ago ([`ORPHANS_SEEN`]), to delete.
+    /// With `record` (the packs this run recorded dead and deletes next), the others are remembered as seen
+    /// now, names no longer orphans forgotten, and those packs remembered as due at once: one left by a GC
+    /// killed among its deletes is named by no record the next run has, yet no machine restores from it.
+    /// Without a directory for the copy, none.
+    pub(crate) fn orphans_due(&self, orphans: &[String], grace: Duration, record: Option<&[&str]>) -> Vec<String> {
         let Some(dir) = &self.cache else { return Vec::new() };
         let path = dir.join(ORPHANS_SEEN);
         let seen: std::collections::HashMap<String, i64> = std::fs::read_to_string(&path)
@@ -745,8 +768,9 @@ impl Remote {
         let now = now_ns();
         let grace = i64::try_from(grace.as_nanos()).unwrap_or(i64::MAX);
         let first = |name: &String| seen.get(name).copied().unwrap_or(now);
-        if record {
-            let lines: String = orphans.iter().map(|name| format!("{} {name}\n", first(name))).collect();
+        if let Some(dead) = record {
+            let mut lines: String = orphans.iter().map(|name| format!("{} {name}\n", first(name))).collect();
+            lines.extend(dead.iter().map(|name| format!("0 {name}\n")));
             let tmp = dir.join(format!("{ORPHANS_SEEN}.{}", std::process::id()));
             // Best effort: a list lost only makes the orphans wait a grace again.
             if std::fs::write(&tmp, lines).is_ok() {
@@ -754,25 +778,6 @@ impl Remote {
             }
         }
         orphans.iter().filter(|name| now.saturating_sub(first(name)) >= grace).cloned().collect()
-    }
-
-    /// Remembers `packs`, which GC recorded dead and deletes next, as orphans due at once ([`ORPHANS_SEEN`]):
-    /// one left by a GC killed among its deletes is named by no record the next run has, yet no machine
-    /// restores from it.
-    pub(crate) fn note_dead_packs(&self, packs: &[&str]) {
-        let Some(dir) = &self.cache else { return };
-        if packs.is_empty() {
-            return;
-        }
-        let path = dir.join(ORPHANS_SEEN);
-        let mut lines = std::fs::read_to_string(&path).unwrap_or_default();
-        for name in packs {
-            lines.push_str(&format!("0 {name}\n"));
-        }
-        let tmp = dir.join(format!("{ORPHANS_SEEN}.{}", std::process::id()));
-        if std::fs::write(&tmp, lines).is_ok() {
-            let _ = std::fs::rename(&tmp, &path);
-        }
     }
 
     /// The marks shared through the bucket ([`DAMAGE`]), as listed now.
@@ -832,12 +837,7 @@ impl Remote {
                 }
             }
         }
-        // One transaction: a statement of its own waits for the disk each time (329 marks took 4 s).
-        let tx = catalog.unchecked_transaction()?;
-        for name in &pruned {
-            tx.execute("DELETE FROM remote_records WHERE name = ?1", [name])?;
-        }
-        tx.commit()?;
+        forget_objects(catalog, &pruned)?;
         failed.map_or(Ok(pruned.len() as u64), Err)
     }
 

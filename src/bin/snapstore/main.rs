@@ -525,7 +525,7 @@ fn describe(e: &Error, repo: &std::path::Path) -> (Vec<String>, Option<String>, 
         return (vec![format!("catalog: {io}")], Some(CATALOG_IO.to_string()), EXIT_FAILURE);
     }
     let mut errors = vec![e.to_string()];
-    let remote = repo.to_str().is_some_and(|r| r.starts_with("s3://"));
+    let remote = in_bucket(repo);
     let hint = if remote && matches!(e, Error::Catalog(_) | Error::CatalogEmpty(_)) && e.is_corruption() {
         // This machine's copy of the catalog, not the repository: the bucket's records make it again.
         Some(
@@ -581,6 +581,11 @@ impl From<io::Error> for Failure {
     fn from(e: io::Error) -> Self {
         if e.kind() == io::ErrorKind::BrokenPipe { Failure::Pipe } else { Failure::Lib(Error::io("<stdout>", e)) }
     }
+}
+
+/// Whether `--repo` names a repository in a bucket (`s3://...`).
+fn in_bucket(repo: &std::path::Path) -> bool {
+    repo.to_str().is_some_and(|r| r.starts_with("s3://"))
 }
 
 fn exit_code(e: &Error) -> u8 {
@@ -1329,10 +1334,9 @@ fn gc_damage(cli: &Cli, summary: &snapstore::GcSummary) -> Result<(), Failure> {
         for d in &summary.damaged_packs {
             say!("warning: damaged pack {}: {}; left as it is", d.pack, d.problem);
         }
-        let in_bucket = cli.repo.as_ref().is_some_and(|r| r.to_string_lossy().starts_with("s3://"));
         say!(
             "hint: `snapstore verify --read-data` shows what the damage reaches; {}",
-            if in_bucket {
+            if cli.repo.as_deref().is_some_and(in_bucket) {
                 "a chunk a read finds damaged is marked for every machine, and the next commit of its data on any \
                  of them stores it afresh"
             } else {
