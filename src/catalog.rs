@@ -343,6 +343,18 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
+    /// Whether it only adds (a commit's rows and checkpoint): applied in any order against other records, the
+    /// result is the same.
+    pub fn only_adds(&self) -> bool {
+        self.moved.is_empty()
+            && self.locates.is_empty()
+            && self.drops.is_empty()
+            && self.dead_packs.is_empty()
+            && self.forget.is_empty()
+            && self.forget_groups.is_empty()
+            && self.retags.is_empty()
+    }
+
     /// Whether it changes nothing.
     pub fn is_empty(&self) -> bool {
         self.packs.is_empty()
@@ -350,13 +362,7 @@ impl Batch {
             && self.contents.is_empty()
             && self.trees.is_empty()
             && self.checkpoint.is_none()
-            && self.moved.is_empty()
-            && self.locates.is_empty()
-            && self.drops.is_empty()
-            && self.dead_packs.is_empty()
-            && self.forget.is_empty()
-            && self.forget_groups.is_empty()
-            && self.retags.is_empty()
+            && self.only_adds()
     }
 }
 

@@ -409,29 +409,28 @@ impl Repository {
         }
         let catalog_path = root.join(CATALOG_FILE);
         let repo_id = remote.repo_id()?;
+        let mut rebuild = false;
         if catalog_path.exists() {
             check_owner(&root, &std::fs::metadata(&catalog_path).map_err(|e| Error::io(&catalog_path, e))?)?;
             let cat = Catalog::open(&catalog_path)?;
-            // The bucket prefix holds another repository than the one this copy was made from; or a migration
-            // found that the copy's rows cannot be brought forward, only built again from the records.
-            if remote::local_repo_id(cat.connection())?.is_some_and(|id| id != repo_id)
-                || remote::rebuild_pending(cat.connection())?
-            {
+            // The bucket prefix holds another repository than the one this copy was made from.
+            if remote::local_repo_id(cat.connection())?.is_some_and(|id| id != repo_id) {
                 drop(cat);
                 remote::discard_copy(&root)?;
+            } else {
+                // A migration found that the copy's rows cannot be brought forward, or a sync found a record it
+                // can only apply in order: built again from the records.
+                rebuild = remote::rebuild_pending(cat.connection())?;
             }
         }
-        if !catalog_path.exists() {
-            backend::local_dir(&root).map_err(|e| Error::io(&root, e))?;
-            match Catalog::create(&catalog_path, &remote.params()?) {
-                Ok(_) | Err(Error::RepositoryExists(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let mut cat = Catalog::open(&catalog_path)?;
-        remote::set_local_repo_id(cat.connection(), &repo_id)?;
-        let params = cat.params()?;
-        let synced = remote.sync(&mut cat)?;
+        let synced = match rebuild {
+            true => Self::build_copy_again(&remote, &root, &repo_id)?,
+            false => match Self::open_copy(&remote, &root, &repo_id) {
+                Err(Error::RebuildNeeded(_)) => Self::build_copy_again(&remote, &root, &repo_id)?,
+                other => other?,
+            },
+        };
+        let params = Catalog::open(&catalog_path)?.params()?;
         let backend: Arc<dyn Backend> = Arc::new(backend::S3Backend::new(bucket, root.join("tmp")));
         Ok((
             Repository {
@@ -448,11 +447,47 @@ impl Repository {
         ))
     }
 
+    /// This machine's copy of a bucket's catalog in `root`, created when missing, synced.
+    fn open_copy(remote: &remote::Remote, root: &Path, repo_id: &str) -> Result<SyncSummary> {
+        let catalog_path = root.join(CATALOG_FILE);
+        if !catalog_path.exists() {
+            backend::local_dir(root).map_err(|e| Error::io(root, e))?;
+            match Catalog::create(&catalog_path, &remote.params()?) {
+                Ok(_) | Err(Error::RepositoryExists(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut cat = Catalog::open(&catalog_path)?;
+        remote::set_local_repo_id(cat.connection(), repo_id)?;
+        remote.sync(&mut cat)
+    }
+
+    /// [`Repository::open_copy`] from the bucket alone; the copy that was there comes back if that fails (a
+    /// damaged record), since it may still work.
+    fn build_copy_again(remote: &remote::Remote, root: &Path, repo_id: &str) -> Result<SyncSummary> {
+        remote::set_aside_copy(root)?;
+        match Self::open_copy(remote, root, repo_id) {
+            Ok(synced) => {
+                remote::restore_copy(root, false)?;
+                Ok(SyncSummary { rebuilt: true, ..synced })
+            }
+            Err(e) => {
+                remote::restore_copy(root, true)?;
+                Err(e)
+            }
+        }
+    }
+
     /// For a repository in a bucket: applies every change other machines wrote to the bucket since the last
-    /// sync to the local copy of the catalog (done by every command on opening, too).
+    /// sync to the local copy of the catalog (done by every command on opening, too). A copy that can only be
+    /// brought up to date by building it again from the bucket (a record put back after its loss was accepted)
+    /// is built again.
     pub fn sync(&self) -> Result<SyncSummary> {
         let remote = self.remote.as_ref().ok_or_else(|| not_remote(&self.root))?;
-        remote.sync(&mut self.open_catalog()?)
+        match remote.sync(&mut self.open_catalog()?) {
+            Err(Error::RebuildNeeded(_)) => Self::build_copy_again(remote, &self.root, &remote.repo_id()?),
+            other => other,
+        }
     }
 
     /// For a repository in a bucket: accepts that the records [`SyncSummary::records_missing`] reports are
@@ -501,9 +536,9 @@ impl Repository {
         let copy = remote::cache_dir(bucket.url())?;
         remote::set_aside_copy(&copy)?;
         match Self::open_remote(url, None) {
-            Ok(opened) => {
+            Ok((repo, synced)) => {
                 remote::restore_copy(&copy, false)?;
-                Ok(opened)
+                Ok((repo, SyncSummary { rebuilt: true, ..synced }))
             }
             // The copy that was there, which may still work, stays.
             Err(e) => {

@@ -121,6 +121,14 @@ fn record_seq(name: &str) -> Option<u64> {
     if hex(seq) && hex(hash) { u64::from_str_radix(seq, 16).ok() } else { None }
 }
 
+/// The empty record that fills number `seq`, once its record is accepted as lost ([`Remote::accept_missing`]):
+/// the same bytes under the same name from every machine that fills it, so filling twice is harmless.
+fn filler(seq: u64) -> Result<(String, Vec<u8>)> {
+    let empty = crate::record::encode(&Batch::default())?;
+    let hash = ObjectId::of(&empty).to_hex();
+    Ok((format!("{RECORDS}{seq:016x}-{}", &hash[..32]), empty))
+}
+
 fn token() -> String {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -159,6 +167,10 @@ pub struct SyncSummary {
     /// damaged), at most 1000, each a line saying which: a catalog rebuilt from the bucket (a new machine,
     /// `sync --rebuild`) lacks what they recorded, which a machine that applied them keeps. Empty when whole.
     pub records_missing: Vec<String>,
+    /// Whether this machine's copy of the catalog was built again from the bucket first: asked for
+    /// (`sync --rebuild`), or because a record that removes arrived after records numbered above it, which
+    /// only a replay in order applies right.
+    pub rebuilt: bool,
 }
 
 /// Marks shared through the bucket (`records/damage-CHUNK-PACK`, CHUNK the chunk id in hex, PACK 32 hex digits
@@ -500,6 +512,8 @@ impl Remote {
             new.push((seq, &o.name, o.size));
         }
         new.sort();
+        // Records numbered from here on came after what this copy applied.
+        let seen = crate::catalog::remote_seq(catalog.connection())?;
         let numbered = listed.iter().filter(|o| record_seq(&o.name).is_some());
         let mut s = SyncSummary { records: numbered.count() as u64, ..Default::default() };
         let mut applied_now = HashSet::new();
@@ -529,6 +543,20 @@ impl Remote {
                 Error::Corrupt { what } => damaged(&what),
                 other => other,
             })?;
+            // A record numbered below one applied here already (lost and put back, or seen late) comes after
+            // records that followed it. One that only adds commutes with them; one that removes, moves or
+            // retags does not: a GC's record of what it swept, put back after a machine stored those chunks
+            // again, would delete the new rows. Only a replay of every record in order places it right.
+            if seq < seen && !batch.only_adds() {
+                set_rebuild_pending(catalog.connection())?;
+                return Err(Error::RebuildNeeded(format!(
+                    "{}/{name} reached this machine after records numbered above it, and applied out of order \
+                     it would undo part of what they did (it was lost from the bucket and is back, or came \
+                     late). This machine's copy of the catalog is built again from the bucket, every record in \
+                     order, at the next command; or run `snapstore sync --rebuild` now",
+                    self.bucket.url()
+                )));
+            }
             if catalog.apply_record(name, seq, &batch)? {
                 s.applied += 1;
             }
@@ -692,13 +720,10 @@ impl Remote {
         }
         // Without them, their numbers may be gaps too. Filled in the transaction that forgets the names: a
         // crash between the two would leave numbers this copy no longer vouches for.
-        let empty = crate::record::encode(&Batch::default())?;
-        let hash = ObjectId::of(&empty).to_hex();
         for &(first, last) in &gaps {
             for seq in first..=last {
-                // The same bytes under the same name from every machine that fills it: filling twice is harmless.
-                let name = format!("{RECORDS}{seq:016x}-{}", &hash[..32]);
-                self.bucket.put(&name, empty.clone()).map_err(|e| self.err(&name, e))?;
+                let (name, empty) = filler(seq)?;
+                self.bucket.put(&name, empty).map_err(|e| self.err(&name, e))?;
                 tx.execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [&name])?;
             }
         }
@@ -1230,6 +1255,12 @@ pub(crate) fn local_repo_id(conn: &rusqlite::Connection) -> Result<Option<String
 /// Whether a migration marked this local copy to be built again from the bucket (see migration 9).
 pub(crate) fn rebuild_pending(conn: &rusqlite::Connection) -> Result<bool> {
     Ok(crate::catalog::meta_value(conn, "rebuild_pending")?.is_some())
+}
+
+/// Marks this local copy to be built again from the bucket at its next opening ([`rebuild_pending`]).
+fn set_rebuild_pending(conn: &rusqlite::Connection) -> Result<()> {
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('rebuild_pending', 'put back')", [])?;
+    Ok(())
 }
 
 pub(crate) fn set_local_repo_id(conn: &rusqlite::Connection, id: &str) -> Result<()> {

@@ -1251,11 +1251,12 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
                     out.line(&format!("accepted as lost: {a}"))?;
                 }
                 out.line(&format!(
-                    "synced {}: applied {} of {}; {}",
+                    "synced {}: applied {} of {}; {}{}",
                     repo.location(),
                     s.applied,
                     output::plural(s.records, "record"),
-                    output::plural(s.checkpoints, "checkpoint")
+                    output::plural(s.checkpoints, "checkpoint"),
+                    if s.rebuilt { " (this machine's copy of the catalog built again from the bucket)" } else { "" }
                 ))?;
             }
             // Told even with --quiet: a bucket that lost records lost checkpoints for every new machine.
