@@ -698,7 +698,13 @@ impl Remote {
         let vouched: HashSet<u64> =
             gone.applied.iter().chain(elsewhere.iter().map(|l| &l.record)).filter_map(|n| record_seq(n)).collect();
         let rest: HashSet<String> = known.iter().filter(|n| !gone.applied.contains(n)).cloned().collect();
-        let gaps = Gone::find(names(), &rest).gaps;
+        let mut gaps = Gone::find(names(), &rest).gaps;
+        // The newest records lost leave no gap below what the bucket lists, but this copy numbers its next
+        // record after them: every other machine would then see a gap no marker vouches for. Filled too.
+        let highest = names().chain(rest.iter().map(String::as_str)).filter_map(record_seq).max().unwrap_or(0);
+        if let Some(top) = gone.applied.iter().filter_map(|n| record_seq(n)).max().filter(|&top| top > highest) {
+            gaps.push((highest + 1, top));
+        }
         let unvouched: Vec<u64> =
             gaps.iter().flat_map(|&(first, last)| first..=last).filter(|n| !vouched.contains(n)).take(11).collect();
         if !everywhere && !unvouched.is_empty() {

@@ -1716,3 +1716,69 @@ fn a_gc_record_put_back_is_applied_in_order(accept: bool) {
     assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
     assert_whole_everywhere(&endpoint, &url, &[&a, &b], expected);
 }
+
+/// A forget's record and the gc's records of the pack it then moved and the pack it deleted, all lost and
+/// accepted as lost by the machine that applied them (round 22 review, x07): a machine built afresh places the
+/// moved chunks in the deleted pack, which its gc has no reason to read (every chunk there is live to it), and
+/// took the pack they moved to for an orphan, from which the first machine still restores. Its gc now finds
+/// the pack it needs missing from the bucket's listing, says so (exit 3) and keeps every orphan.
+#[test]
+fn a_gc_keeps_orphans_while_a_pack_it_needs_is_missing() {
+    let Some((endpoint, url)) = server() else { return };
+    let a = Machine::new(&endpoint, &url);
+    a.ok(&["init"]);
+    let src = tempfile::tempdir().unwrap();
+    let keep = pseudo_random(2 << 20, 231);
+    std::fs::write(src.path().join("keep.bin"), &keep).unwrap();
+    std::fs::write(src.path().join("drop.bin"), pseudo_random(2 << 20, 232)).unwrap();
+    let dir = src.path().to_str().unwrap();
+    let old = a.ok(&["-q", "commit", dir]).trim().to_string();
+    std::fs::remove_file(src.path().join("drop.bin")).unwrap();
+    let kept = a.ok(&["-q", "commit", dir]).trim().to_string();
+    let (records_before, packs_before) = (listed(&endpoint, &url, "records/"), packs(&endpoint, &url));
+    a.ok(&["forget", &old]);
+    let g: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc"])).unwrap();
+    assert_eq!(g["packs_rewritten"], 1, "{g}");
+    let moved_to: Vec<String> = packs(&endpoint, &url).into_iter().filter(|p| !packs_before.contains(p)).collect();
+    assert_eq!((moved_to.len(), packs(&endpoint, &url).len()), (1, packs_before.len()), "one pack moved");
+    let store = bucket(&endpoint, &url);
+    for k in listed(&endpoint, &url, "records/") {
+        if !records_before.contains(&k) && !k.contains("/records/lost-") {
+            store.delete(object_name(&url, &k)).unwrap();
+        }
+    }
+    assert!(a.run(&["sync"]).status.success());
+    a.ok(&["sync", "--accept-missing"]);
+
+    let b = Machine::new(&endpoint, &url);
+    let o = b.run(&["--json", "gc", "--orphan-grace", "0s"]);
+    assert_eq!(o.status.code(), Some(3), "{}{}", text(&o.stdout), text(&o.stderr));
+    let g: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(g["orphans_deleted"], 0, "{g}");
+    assert!(g["damaged_packs"][0]["problem"].as_str().unwrap().contains("missing from the bucket"), "{g}");
+    assert!(packs(&endpoint, &url).contains(&moved_to[0]), "the pack the chunks moved to was deleted");
+    let out = tempfile::tempdir().unwrap();
+    a.ok(&["-q", "checkout", &kept, out.path().join("c").to_str().unwrap()]);
+    assert!(std::fs::read(out.path().join("c/keep.bin")).unwrap() == keep);
+
+    // The way out: b's read marks the chunks it cannot find, a's gc settles the shared marks from its rows
+    // (in the pack they moved to), and b then restores and collects.
+    assert_checkout_damaged(&b, &kept);
+    a.ok(&["gc"]);
+    let out = tempfile::tempdir().unwrap();
+    b.ok(&["-q", "checkout", &kept, out.path().join("c").to_str().unwrap()]);
+    assert!(std::fs::read(out.path().join("c/keep.bin")).unwrap() == keep);
+    // What a forgot and collected is lost to b, which never learnt of the forget: once b forgets it too, its
+    // gc collects again, and the pack the kept checkpoint's chunks moved to stays.
+    assert_checkout_damaged(&b, &old);
+    b.ok(&["forget", &old]);
+    let o = b.run(&["--json", "gc", "--orphan-grace", "0s"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    assert!(packs(&endpoint, &url).contains(&moved_to[0]));
+    for m in [&a, &b, &Machine::new(&endpoint, &url)] {
+        let out = tempfile::tempdir().unwrap();
+        m.ok(&["-q", "checkout", &kept, out.path().join("c").to_str().unwrap()]);
+        assert!(std::fs::read(out.path().join("c/keep.bin")).unwrap() == keep);
+        assert!(m.ok(&["verify", "--read-data"]).contains("no damage found"));
+    }
+}
