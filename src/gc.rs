@@ -47,7 +47,9 @@ pub struct GcOptions {
     /// saw it this long ago. A crashed commit's upload is such an orphan, but so is the pack of a record lost
     /// from the bucket that this machine never applied, which the machines that applied it still restore
     /// from: the grace gives one of them time to run any command, whose sync tells every machine of the loss
-    /// (`records/lost-...`), and GC then deletes nothing.
+    /// (`records/lost-...`), and GC then deletes nothing. Likewise chunks, trees, contents and segments are
+    /// removed only once a GC on this machine condemned them this long ago: such a lost record's checkpoint
+    /// may reuse a forgotten one's.
     pub orphan_grace: Duration,
     /// Receives progress.
     pub progress: Arc<dyn Progress>,
@@ -86,7 +88,8 @@ pub struct GcSummary {
     pub chunks_swept: u64,
     /// Trees, contents and segments removed from the catalog.
     pub metadata_swept: u64,
-    /// Condemned chunks kept until the writer sessions that might use them end.
+    /// Condemned chunks kept until the writer sessions that might use them end, or (in a bucket) until
+    /// [`GcOptions::orphan_grace`] after they were condemned.
     pub chunks_deferred: u64,
     /// Pack files deleted because no chunk in them is used.
     pub packs_deleted: u64,
@@ -288,21 +291,72 @@ fn mark(conn: &Connection) -> Result<u64> {
         }
     }
     conn.execute("UPDATE meta SET value = ?1 WHERE key = 'gc_epoch'", [(epoch + 1).to_string()])?;
+    // When this epoch's objects were condemned, for a sweep in a bucket to wait its grace (see `sweep`).
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+        params![format!("{EPOCH_TIME}{epoch}"), crate::catalog::now_ns().to_string()],
+    )?;
     conn.execute("DELETE FROM temp.live", [])?;
     Ok(condemned_chunks)
 }
 
-/// Deletes the rows of condemned objects that no live session could still rely on.
-/// Returns (chunks swept, metadata rows swept, chunks deferred).
-fn sweep(conn: &Connection) -> Result<(u64, u64, u64)> {
+/// The `meta` key prefix of the time (ns) a mark condemned objects under an epoch (the key ends in the epoch).
+const EPOCH_TIME: &str = "gc_epoch_ns.";
+
+/// The first epoch whose objects were condemned less than `grace` ago, or that has no time recorded (condemned
+/// by a build before the times); `None` if every condemned epoch is older.
+fn first_epoch_within(conn: &Connection, grace: Duration) -> Result<Option<i64>> {
+    let cutoff = crate::catalog::now_ns().saturating_sub(grace.as_nanos().min(i64::MAX as u128) as i64);
+    let epochs: Vec<i64> = conn
+        .prepare("SELECT DISTINCT epoch FROM condemned ORDER BY epoch")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for epoch in epochs {
+        let at: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [format!("{EPOCH_TIME}{epoch}")], |r| r.get(0))
+            .optional()?;
+        if at.and_then(|v| v.parse::<i64>().ok()).is_none_or(|at| at > cutoff) {
+            return Ok(Some(epoch));
+        }
+    }
+    Ok(None)
+}
+
+/// The epoch below which condemned objects are swept: those no live session could still rely on, and with
+/// `grace` (in a bucket) condemned at least that long ago.
+fn sweep_bound(conn: &Connection, grace: Option<Duration>) -> Result<i64> {
     let min_start: Option<i64> = conn.query_row("SELECT min(start_epoch) FROM sessions", [], |r| r.get(0))?;
-    let safe = min_start.unwrap_or(i64::MAX);
+    let mut safe = min_start.unwrap_or(i64::MAX);
+    if let Some(grace) = grace
+        && let Some(first) = first_epoch_within(conn, grace)?
+    {
+        safe = safe.min(first);
+    }
+    Ok(safe)
+}
+
+/// Deletes the rows of condemned objects under epoch `safe` ([`sweep_bound`]): with a grace (in a bucket),
+/// only those condemned at least that long ago. A checkpoint whose record is lost reaches objects that a
+/// catalog without it condemns, as it takes that checkpoint's packs for orphans; the machine that applied the
+/// record tells every other one at its next command, and every GC then waits (round 24 review, F1: the grace
+/// protected orphan packs only, not a lost checkpoint's chunks deduplicated against a forgotten one's).
+/// Returns (chunks swept, metadata rows swept, chunks deferred).
+fn sweep(conn: &Connection, safe: i64) -> Result<(u64, u64, u64)> {
     let sel = |kind: i64| format!("SELECT id FROM condemned WHERE kind = {kind} AND epoch < ?1");
     let chunks = conn.execute(&format!("DELETE FROM chunks WHERE id IN ({})", sel(0)), [safe])? as u64;
     let mut meta = conn.execute(&format!("DELETE FROM segments WHERE id IN ({})", sel(1)), [safe])? as u64;
     meta += conn.execute(&format!("DELETE FROM contents WHERE id IN ({})", sel(2)), [safe])? as u64;
     meta += conn.execute(&format!("DELETE FROM trees WHERE id IN ({})", sel(3)), [safe])? as u64;
     conn.execute("DELETE FROM condemned WHERE epoch < ?1", [safe])?;
+    // The times of epochs with nothing condemned left.
+    conn.execute(
+        &format!(
+            "DELETE FROM meta WHERE key LIKE '{EPOCH_TIME}%' AND CAST(substr(key, {}) AS INTEGER) NOT IN
+             (SELECT DISTINCT epoch FROM condemned)",
+            EPOCH_TIME.len() + 1
+        ),
+        [],
+    )?;
     crate::catalog::drop_orphan_marks(conn)?;
     let deferred: i64 = conn.query_row("SELECT count(*) FROM condemned WHERE kind = 0", [], |r| r.get(0))?;
     Ok((chunks, meta, deferred as u64))
@@ -431,7 +485,8 @@ fn run(
     }
     if opts.dry_run {
         // Sweep and plan inside the same transaction, then roll it all back.
-        (s.chunks_swept, s.metadata_swept, s.chunks_deferred) = sweep(&tx)?;
+        let safe = sweep_bound(&tx, remote.map(|_| opts.orphan_grace))?;
+        (s.chunks_swept, s.metadata_swept, s.chunks_deferred) = sweep(&tx, safe)?;
         let uses = pack_use(&tx)?;
         for p in &uses {
             if p.rows == 0 {
@@ -531,11 +586,13 @@ fn collect(
     let conn = cat.connection_mut();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     touch_lease(&tx)?;
+    // One bound for the record and the sweep: what every machine drops is what this one does.
+    let safe = sweep_bound(&tx, remote.map(|_| opts.orphan_grace))?;
     if let Some((r, lock)) = remote {
         r.check_lock(lock)?;
-        publish_drops(&tx, r)?;
+        publish_drops(&tx, r, safe)?;
     }
-    (s.chunks_swept, s.metadata_swept, s.chunks_deferred) = sweep(&tx)?;
+    (s.chunks_swept, s.metadata_swept, s.chunks_deferred) = sweep(&tx, safe)?;
     tx.commit()?;
     crate::fault::point("gc-swept");
 
@@ -995,11 +1052,10 @@ fn record_moved(
 /// Items per record GC writes, so that neither a record nor the memory building it grows with the repository.
 const RECORD_ITEMS: usize = 50_000;
 
-/// Writes, as records, the objects the sweep in `tx` is about to delete.
-fn publish_drops(tx: &rusqlite::Transaction<'_>, r: &Remote) -> Result<()> {
-    let min_start: Option<i64> = tx.query_row("SELECT min(start_epoch) FROM sessions", [], |r| r.get(0))?;
+/// Writes, as records, the objects the sweep in `tx` is about to delete (those under epoch `safe`).
+fn publish_drops(tx: &rusqlite::Transaction<'_>, r: &Remote, safe: i64) -> Result<()> {
     let mut stmt = tx.prepare("SELECT kind, id FROM condemned WHERE epoch < ?1")?;
-    let mut rows = stmt.query([min_start.unwrap_or(i64::MAX)])?;
+    let mut rows = stmt.query([safe])?;
     let mut batch = Batch::default();
     while let Some(row) = rows.next()? {
         let id = ObjectId::from_slice(&row.get::<_, Vec<u8>>(1)?).ok_or_else(|| Error::corrupt("malformed id"))?;
@@ -1028,6 +1084,7 @@ fn publish_dead_packs(
     let mut batch = Batch::default();
     let mut kept = Vec::new();
     let mut missing = Vec::new();
+    let mut damaged = Vec::new();
     // Records the pack's death, and where each of its chunks that lives on elsewhere does.
     let mut kill = |id: i64, name: &str, entries: Vec<crate::pack::PackEntry>| -> Result<()> {
         batch.dead_packs.push(name.to_string());
@@ -1054,11 +1111,11 @@ fn publish_dead_packs(
             }
             // One whose index is damaged cannot say which chunks it holds, while another machine's rows may
             // place sound ones there (rows diverge when two machines store one chunk): dropped without their
-            // locates, it took those rows with it (round 22 review). Kept, and reported.
+            // locates, it took those rows with it (round 22 review). Its chunks are looked up in the record that
+            // created it, as for a lost one; kept and reported only if no record names it (before, always:
+            // every later GC met it again, and took it as a reason to delete no orphan; round 24 review, F4).
             Err(e) if e.is_corruption() => {
-                let problem = crate::pack::problem_of(&e, name);
-                let problem = format!("{problem}; kept, as other machines' rows may place chunks in it");
-                kept.push((name.clone(), problem, true));
+                damaged.push((*id, name.clone(), crate::pack::problem_of(&e, name)));
                 continue;
             }
             // Any other failure stops the GC before it deletes anything: a record without the locations of the
@@ -1067,9 +1124,25 @@ fn publish_dead_packs(
         };
         kill(*id, name, entries)?;
     }
-    if !missing.is_empty() {
-        let names: Vec<&str> = missing.iter().map(|(_, name)| name.as_str()).collect();
+    if !missing.is_empty() || !damaged.is_empty() {
+        let names: Vec<&str> = missing
+            .iter()
+            .map(|(_, name)| name.as_str())
+            .chain(damaged.iter().map(|(_, name, _)| name.as_str()))
+            .collect();
         let mut recorded = r.pack_entries_recorded(&names)?;
+        for (id, name, problem) in damaged {
+            match recorded.remove(&name) {
+                Some(entries) => {
+                    kill(id, &name, entries)?;
+                    let problem = format!("{problem}; its chunks taken from the record that created it, and deleted");
+                    kept.push((name, problem, false));
+                }
+                None => {
+                    kept.push((name, format!("{problem}; kept, as other machines' rows may place chunks in it"), true))
+                }
+            }
+        }
         for (id, name) in missing {
             match recorded.remove(&name) {
                 Some(entries) => kill(id, &name, entries)?,

@@ -514,6 +514,11 @@ impl Remote {
         new.sort();
         // Records numbered from here on came after what this copy applied.
         let seen = crate::catalog::remote_seq(catalog.connection())?;
+        // This copy alone holds what records it applied and the bucket lost changed: a rebuild would drop it,
+        // and its markers with it, and every GC would then collect what its checkpoints use.
+        let listed_names: HashSet<&str> = listed.iter().map(|o| o.name.as_str()).collect();
+        let holds_lost = known.iter().any(|n| record_seq(n).is_some() && !listed_names.contains(n.as_str()));
+        let mut waiting = Vec::new();
         let numbered = listed.iter().filter(|o| record_seq(&o.name).is_some());
         let mut s = SyncSummary { records: numbered.count() as u64, ..Default::default() };
         let mut applied_now = HashSet::new();
@@ -548,6 +553,16 @@ impl Remote {
             // retags does not: a GC's record of what it swept, put back after a machine stored those chunks
             // again, would delete the new rows. Only a replay of every record in order places it right.
             if seq < seen && !batch.only_adds() {
+                if holds_lost {
+                    // Left for later: reported, so GC deletes nothing meanwhile (as for the lost records).
+                    waiting.push(format!(
+                        "{name}: arrived after records numbered above it; applied by building this machine's copy \
+                         of the catalog again in order, once the records this machine applied that are gone from \
+                         the bucket are back, or accepted as lost (`snapstore sync --accept-missing`: what they \
+                         changed then leaves this machine too)"
+                    ));
+                    continue;
+                }
                 set_rebuild_pending(catalog.connection())?;
                 return Err(Error::RebuildNeeded(format!(
                     "{}/{name} reached this machine after records numbered above it, and applied out of order \
@@ -585,6 +600,7 @@ impl Remote {
         // Every record listed is applied now: what was applied before and is no longer listed is gone.
         let gone = Gone::find(listed.iter().map(|o| o.name.as_str()), &known);
         s.records_missing = gone.lines(&self.lost_markers(&listed, &gone, &applied_now)?);
+        s.records_missing.extend(waiting);
         Ok(s)
     }
 
@@ -733,12 +749,14 @@ impl Remote {
                 tx.execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [&name])?;
             }
         }
-        tx.commit()?;
-        // A machine that applied a record found damaged speaks for it.
+        // A machine that applied a record found damaged speaks for it. Before the names go: once they have,
+        // no later accept here would know to delete such a marker, which holds every GC back (round 24
+        // review, F3); this copy's own markers hold GC back meanwhile.
         for name in &gone.applied {
             let marker = lost_name(name, FOUND_DAMAGED);
             self.bucket.delete(&marker).map_err(|e| self.err(&marker, e))?;
         }
+        tx.commit()?;
         if everywhere {
             for l in &elsewhere {
                 self.bucket.delete(&l.marker).map_err(|e| self.err(&l.marker, e))?;

@@ -960,24 +960,27 @@ fn a_chunk_marked_on_one_machine_heals_through_another_machines_commit() {
     }
     // gc publishes its sound copy as the chunk's place (for any machine whose row still names the damaged one)
     // and prunes the mark, while the damaged pack, whose other chunks are live, stays.
-    a.ok(&["gc"]);
+    a.ok(&["gc", "--orphan-grace", "0s"]);
     assert!(listed(&endpoint, &url, "records/damage-").is_empty(), "gc settles the mark");
     assert!(packs(&endpoint, &url).contains(&first));
     for m in [&a, &restorer, &Machine::new(&endpoint, &url)] {
         assert_whole(m, &expected);
     }
     a.ok(&["forget", id1, &id3]);
-    a.ok(&["gc"]);
+    a.ok(&["gc", "--orphan-grace", "0s"]);
     assert!(!packs(&endpoint, &url).contains(&first), "the damaged pack is gone");
     assert_all_restore(&restorer, &[(id2.clone(), two.clone())]);
 }
 
 /// A pack whose index is damaged, unused by the GC machine's rows but holding another machine's (their rows
-/// diverged: two machines stored the same chunks), is kept and reported, not dropped. Before, gc deleted it
-/// with a record that moved no row elsewhere, so the other machine, and any machine that replayed its record
-/// first, lost the rows of a checkpoint whose every chunk was sound (round 22 review, finding 1).
+/// diverged: two machines stored the same chunks), is not dropped blind. Before, gc deleted it with a record
+/// that moved no row elsewhere, so the other machine, and any machine that replayed its record first, lost the
+/// rows of a checkpoint whose every chunk was sound (round 22 review, finding 1); then it was kept, and every
+/// later gc met it again, exited 3 and deleted no orphan, for good (round 24 review, F4). Now its chunks are
+/// taken from the record that created it: it is reported once, deleted with their locates, and every machine
+/// restores from the sound copies.
 #[test]
-fn a_dead_pack_whose_index_is_damaged_is_kept_for_the_machines_that_use_it() {
+fn a_dead_pack_whose_index_is_damaged_is_located_from_its_record() {
     let Some((endpoint, url)) = server() else { return };
     let data = pseudo_random(2 << 20, 121);
     let (a, b, [id_a, id_b], first) = concurrent_commits(&endpoint, &url, [&data, &data]);
@@ -987,13 +990,16 @@ fn a_dead_pack_whose_index_is_damaged_is_kept_for_the_machines_that_use_it() {
     let o = a.run(&["--json", "gc"]);
     assert_eq!(o.status.code(), Some(3), "gc reports the damaged pack: {}", text(&o.stderr));
     let g: serde_json::Value = serde_json::from_str(&text(&o.stdout)).unwrap();
-    assert_eq!(g["packs_deleted"], 0, "{g}");
-    assert!(packs(&endpoint, &url).contains(&second), "b's pack is kept");
+    assert_eq!(g["packs_deleted"], 1, "{g}");
+    assert!(g["damaged_packs"].to_string().contains("taken from the record that created it"), "{g}");
+    assert!(!packs(&endpoint, &url).contains(&second), "b's pack is deleted");
     let mut expected = vec![(id_a, data.clone()), (id_b, data)];
     expected.sort();
     for m in [&a, &b, &Machine::new(&endpoint, &url)] {
-        assert_all_restore(m, &expected);
+        assert_whole(m, &expected);
     }
+    let o = a.run(&["--json", "gc"]);
+    assert!(o.status.success(), "a later gc finds nothing wrong: {}{}", text(&o.stdout), text(&o.stderr));
 }
 
 /// The same pack lost from the bucket before any machine read it: gc takes the chunks it held from the record
@@ -1056,7 +1062,7 @@ fn a_bucket_gc_that_finds_a_needed_pack_missing_deletes_no_orphans() {
     let first = a.commit_stream("s", &[keep.clone(), pseudo_random(3 << 20, 133)].concat());
     let second = a.commit_stream("s", &keep);
     a.ok(&["forget", &first]);
-    let g: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc"])).unwrap();
+    let g: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc", "--orphan-grace", "0s"])).unwrap();
     assert_eq!(g["packs_rewritten"], 1, "{g}");
     let repacked: Vec<String> = packs(&endpoint, &url);
     // The GC's records of the repacked pack and of the dead one, the newest two, lost.
@@ -1067,7 +1073,7 @@ fn a_bucket_gc_that_finds_a_needed_pack_missing_deletes_no_orphans() {
         bucket(&endpoint, &url).delete(object_name(&url, k)).unwrap();
     }
     let b = Machine::new(&endpoint, &url);
-    let o = b.run(&["gc"]);
+    let o = b.run(&["gc", "--orphan-grace", "0s"]);
     assert_eq!(o.status.code(), Some(3), "b finds a pack it needs missing: {}", text(&o.stderr));
     assert_eq!(packs(&endpoint, &url), repacked, "b's gc deleted no pack");
     assert_all_restore(&a, &[(second, keep)]);
@@ -1086,15 +1092,18 @@ fn a_gc_killed_among_its_deletes_is_finished_by_the_next() {
     a.ok(&[&["forget"][..], &forgotten].concat());
     let before = packs(&endpoint, &url).len();
     assert_eq!(before, 40);
-    let killed = a.piped(&["-q", "gc"], &[("SNAPSTORE_FAULT", "gc-removed:5")]).wait_with_output().unwrap();
+    let killed = a
+        .piped(&["-q", "gc", "--orphan-grace", "0s"], &[("SNAPSTORE_FAULT", "gc-removed:5")])
+        .wait_with_output()
+        .unwrap();
     assert!(!killed.status.success(), "the gc was killed");
     let left = packs(&endpoint, &url).len();
     // The second group of deletes never started.
     assert!((24..before).contains(&left), "killed among its deletes: {before} packs, {left} left");
-    a.ok(&["gc"]);
+    a.ok(&["gc", "--orphan-grace", "0s"]);
     let after = packs(&endpoint, &url).len();
     assert!(after < 24, "the next gc deleted the rest: {after} left");
-    let g: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc"])).unwrap();
+    let g: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc", "--orphan-grace", "0s"])).unwrap();
     assert_eq!((g["packs_deleted"].as_u64(), g["orphans_deleted"].as_u64()), (Some(0), Some(0)), "{g}");
     let kept = ids.into_iter().zip(streams).enumerate().filter(|(i, _)| i % 4 == 0).map(|(_, kept)| kept).collect();
     assert_whole_everywhere(&endpoint, &url, &[&a], kept);
@@ -1129,7 +1138,7 @@ fn gc_copies_the_live_chunks_out_of_a_bucket_pack_and_keeps_one_it_cannot_copy()
             flip_byte_in(&endpoint, &url, &first[0], 0.75);
         }
         a.ok(&["forget", &id1]);
-        let o = a.run(&["--json", "gc"]);
+        let o = a.run(&["--json", "gc", "--orphan-grace", "0s"]);
         let g: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("{}", text(&o.stderr)));
         let still_there = packs(&endpoint, &url).contains(&first[0]);
         if damaged {
@@ -1672,7 +1681,7 @@ fn a_gc_record_put_back_is_applied_in_order(accept: bool) {
     b.ok(&["sync"]);
     a.ok(&["forget", &old]);
     let before = listed(&endpoint, &url, "records/");
-    a.ok(&["gc"]);
+    a.ok(&["gc", "--orphan-grace", "0s"]);
     let store = bucket(&endpoint, &url);
     // The record of what gc swept (chunk rows, by id), not the one of the pack it deleted: b then stores the
     // chunks afresh when it commits them again after the loss.
@@ -1737,7 +1746,7 @@ fn a_gc_keeps_orphans_while_a_pack_it_needs_is_missing() {
     let kept = a.ok(&["-q", "commit", dir]).trim().to_string();
     let (records_before, packs_before) = (listed(&endpoint, &url, "records/"), packs(&endpoint, &url));
     a.ok(&["forget", &old]);
-    let g: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc"])).unwrap();
+    let g: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "gc", "--orphan-grace", "0s"])).unwrap();
     assert_eq!(g["packs_rewritten"], 1, "{g}");
     let moved_to: Vec<String> = packs(&endpoint, &url).into_iter().filter(|p| !packs_before.contains(p)).collect();
     assert_eq!((moved_to.len(), packs(&endpoint, &url).len()), (1, packs_before.len()), "one pack moved");
@@ -1764,7 +1773,7 @@ fn a_gc_keeps_orphans_while_a_pack_it_needs_is_missing() {
     // The way out: b's read marks the chunks it cannot find, a's gc settles the shared marks from its rows
     // (in the pack they moved to), and b then restores and collects.
     assert_checkout_damaged(&b, &kept);
-    a.ok(&["gc"]);
+    a.ok(&["gc", "--orphan-grace", "0s"]);
     let out = tempfile::tempdir().unwrap();
     b.ok(&["-q", "checkout", &kept, out.path().join("c").to_str().unwrap()]);
     assert!(std::fs::read(out.path().join("c/keep.bin")).unwrap() == keep);
@@ -1781,4 +1790,99 @@ fn a_gc_keeps_orphans_while_a_pack_it_needs_is_missing() {
         assert!(std::fs::read(out.path().join("c/keep.bin")).unwrap() == keep);
         assert!(m.ok(&["verify", "--read-data"]).contains("no damage found"));
     }
+}
+
+/// A record that arrives late on a machine that alone holds a lost record's checkpoint (round 24 review, 02):
+/// building that machine's copy again in order would drop the checkpoint, and its marker, and every gc would
+/// then collect its pack. The late record waits, reported as missing (gc deletes nothing), until the lost
+/// record is back; then the copy is built again and everything restores everywhere.
+#[test]
+fn a_late_record_waits_while_this_machine_alone_holds_a_lost_one() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+    a.ok(&["init"]);
+    let data: Vec<Vec<u8>> = (0..4).map(|i| pseudo_random(300_000, 240 + i)).collect();
+    let first = a.commit_stream("a0", &data[0]);
+    let forgotten = b.commit_stream("b", &data[1]);
+    let store = bucket(&endpoint, &url);
+    let new_record = |before: &[String]| -> (String, Vec<u8>) {
+        let k = listed(&endpoint, &url, "records/").into_iter().find(|k| !before.contains(k)).unwrap();
+        let name = object_name(&url, &k).to_string();
+        let body = store.get(&name).unwrap();
+        (name, body)
+    };
+    let before = listed(&endpoint, &url, "records/");
+    b.ok(&["forget", &forgotten]);
+    let (late, late_body) = new_record(&before);
+    store.delete(&late).unwrap();
+    let c1 = a.commit_stream("c1", &data[2]);
+    let before = listed(&endpoint, &url, "records/");
+    let c2 = a.commit_stream("c2", &data[3]);
+    let (lost, lost_body) = new_record(&before);
+    store.delete(&lost).unwrap();
+    assert!(a.run(&["sync"]).status.success());
+    let packs_before = packs(&endpoint, &url);
+
+    store.put(&late, late_body).unwrap();
+    let o = a.run(&["--json", "sync"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let synced: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(synced["rebuilt"], false, "{synced}");
+    let missing = synced["records_missing"].to_string();
+    assert!(missing.contains(&lost) && missing.contains(&format!("{late}: arrived after")), "{missing}");
+    let expected = vec![(first.clone(), data[0].clone()), (c1.clone(), data[2].clone()), (c2.clone(), data[3].clone())];
+    assert_all_restore(&a, &[expected.clone(), vec![(forgotten.clone(), data[1].clone())]].concat());
+    let o = b.run(&["--json", "gc", "--orphan-grace", "0s"]);
+    assert_eq!(o.status.code(), Some(3), "{}{}", text(&o.stdout), text(&o.stderr));
+    assert_eq!(packs(&endpoint, &url), packs_before, "gc deleted while a alone held a lost record");
+
+    // The lost record back: a's copy is built again in order, and every machine has every checkpoint.
+    store.put(&lost, lost_body).unwrap();
+    let synced: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "sync"])).unwrap();
+    assert_eq!(
+        (synced["rebuilt"].as_bool(), synced["records_missing"].as_array().map(Vec::len)),
+        (Some(true), Some(0))
+    );
+    assert_whole_everywhere(&endpoint, &url, &[&a, &b], expected.clone());
+    let o = b.run(&["--json", "gc", "--orphan-grace", "0s"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    assert_whole_everywhere(&endpoint, &url, &[&a, &b], expected);
+}
+
+/// The newest record lost, of a checkpoint whose every chunk was deduplicated against a forgotten one's
+/// (round 24 review, F1): a machine that never applied it found those chunks unused, swept them and deleted
+/// their pack at once, where the orphan grace only held back packs no record names. Now a gc in a bucket
+/// removes what it condemned only a grace after, and the machine that applied the record, running any
+/// command meanwhile, tells every gc to wait.
+#[test]
+fn a_lost_newest_checkpoint_keeps_the_chunks_it_shares_with_a_forgotten_one() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+    a.ok(&["init"]);
+    b.ok(&["sync"]);
+    let (f, g) = (pseudo_random(3 << 20, 251), pseudo_random(1 << 20, 252));
+    let other = a.commit_stream("g", &g);
+    let old = a.commit_stream("f", &f);
+    a.ok(&["forget", &old]);
+    let before = listed(&endpoint, &url, "records/");
+    let again = a.commit_stream("f", &f);
+    let lost = listed(&endpoint, &url, "records/").into_iter().find(|k| !before.contains(k)).unwrap();
+    bucket(&endpoint, &url).delete(object_name(&url, &lost)).unwrap();
+    let packs_before = packs(&endpoint, &url);
+
+    let g1: serde_json::Value = serde_json::from_str(&b.ok(&["--json", "gc"])).unwrap();
+    assert!(g1["chunks_condemned"].as_u64().unwrap() > 0, "{g1}");
+    let condemned = g1["chunks_condemned"].as_u64();
+    assert_eq!(
+        (g1["chunks_swept"].as_u64(), g1["chunks_deferred"].as_u64(), g1["packs_deleted"].as_u64()),
+        (Some(0), condemned, Some(0)),
+        "{g1}"
+    );
+    assert_eq!(packs(&endpoint, &url), packs_before);
+    // a runs a command within the grace: its checkpoint restores, and every gc now waits for it.
+    assert_all_restore(&a, &[(other.clone(), g.clone()), (again.clone(), f.clone())]);
+    let o = b.run(&["--json", "gc", "--orphan-grace", "0s"]);
+    assert_eq!(o.status.code(), Some(3), "{}{}", text(&o.stdout), text(&o.stderr));
+    assert_eq!(packs(&endpoint, &url), packs_before);
+    assert_all_restore(&a, &[(other, g), (again, f)]);
 }

@@ -347,8 +347,9 @@ the rest to the next run. Without a terminal it prints only its summary (-q: not
         #[arg(long, value_name = "INTERVAL", value_parser = snapstore::parse_interval, default_value = "24h")]
         incomplete_after: std::time::Duration,
         /// In an s3:// bucket, delete a pack no record names (a crashed commit's upload, or the pack of a
-        /// record lost from the bucket) only this long after a gc on this machine first saw it (e.g. 1h, 0s):
-        /// time for a machine that applied a lost record to say so
+        /// record lost from the bucket) only this long after a gc on this machine first saw it, and remove
+        /// chunks and metadata only this long after a gc here first found them unused (e.g. 1h, 0s): time for
+        /// a machine that applied a lost record, whose checkpoints may use them, to say so
         #[arg(long, value_name = "INTERVAL", value_parser = snapstore::parse_interval, default_value = "24h")]
         orphan_grace: std::time::Duration,
     },

@@ -387,7 +387,7 @@ pub fn gc_summary(out: &mut Out, s: &GcSummary) -> io::Result<()> {
         out.line(&format!("  {verb} {} left incomplete", plural(s.groups_dropped, "group checkpoint")))?;
     }
     out.line(&format!(
-        "  chunks: {} newly unused, {} removed, {} kept for commits still running",
+        "  chunks: {} newly unused, {} removed, {} kept for commits still running or the grace (--orphan-grace)",
         s.chunks_condemned, s.chunks_swept, s.chunks_deferred
     ))?;
     if s.sessions_expired > 0 {
