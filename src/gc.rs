@@ -981,7 +981,7 @@ fn settle_shared_marks(
 }
 
 /// Chunk `id`'s place from a row of pack name, offset, stored length, raw length and flags: a locate item.
-fn placed(row: &rusqlite::Row<'_>, id: ObjectId) -> rusqlite::Result<(String, PackEntry)> {
+pub(crate) fn placed(row: &rusqlite::Row<'_>, id: ObjectId) -> rusqlite::Result<(String, PackEntry)> {
     let entry = PackEntry {
         id,
         offset: row.get::<_, i64>(1)? as u64,

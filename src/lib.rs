@@ -50,6 +50,7 @@ mod record;
 mod region;
 mod remote;
 mod repair;
+mod restate;
 mod retention;
 mod runs;
 mod sparse;
@@ -497,13 +498,17 @@ impl Repository {
     /// reports records it applied as missing: each one's sync tells every other machine (a `records/lost-...`
     /// object), whose GC then waits for its accept too. Returns the records accepted as lost.
     ///
+    /// A checkpoint that only this machine still has (a lost record added it) is first written to the bucket
+    /// again, with what it reaches that the bucket's records lack, in records that only add: otherwise every
+    /// other machine's GC would take its packs for orphans once the loss is accepted. Each is told through
+    /// [`Repository::on_notice`].
+    ///
     /// Refused ([`Error::InvalidInput`]) for a sequence number without a record that this machine never
     /// applied and no other machine has reported as its own: the machine that applied it may not have synced
     /// since the loss, and GC would collect what its checkpoints use. [`Repository::accept_missing_everywhere`]
     /// accepts those too.
     pub fn accept_missing_records(&self) -> Result<Vec<String>> {
-        let remote = self.remote.as_ref().ok_or_else(|| not_remote(&self.root))?;
-        remote.accept_missing(&mut self.open_catalog()?, false)
+        self.accept_missing(false)
     }
 
     /// As [`Repository::accept_missing_records`], for a loss no machine that applied the records is left to
@@ -512,8 +517,20 @@ impl Repository {
     /// held is then lost for every machine that lacks it, and GC collects what it alone used, which `verify`
     /// on a machine that still lists it then reports.
     pub fn accept_missing_everywhere(&self) -> Result<Vec<String>> {
+        self.accept_missing(true)
+    }
+
+    fn accept_missing(&self, everywhere: bool) -> Result<Vec<String>> {
         let remote = self.remote.as_ref().ok_or_else(|| not_remote(&self.root))?;
-        remote.accept_missing(&mut self.open_catalog()?, true)
+        let (accepted, restated) = remote.accept_missing(&mut self.open_catalog()?, everywhere)?;
+        for id in restated {
+            self.notice(&format!(
+                "checkpoint {} was held by a lost record and only this machine still had it: written to the bucket \
+                 again, so that it stays for every machine",
+                &id[..8.min(id.len())]
+            ));
+        }
+        Ok(accepted)
     }
 
     /// Opens a repository in a bucket, returning what its sync on opening applied (a [`Repository::sync`]

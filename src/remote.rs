@@ -703,7 +703,9 @@ impl Remote {
     /// accept here would let GC collect what that machine's checkpoints use (round 22 review). `everywhere`
     /// fills those numbers too and removes every other copy's markers, for a loss no machine left holds.
     /// Returns what was accepted, as [`SyncSummary::records_missing`] names it.
-    pub(crate) fn accept_missing(&self, catalog: &mut Catalog, everywhere: bool) -> Result<Vec<String>> {
+    /// Returns the records accepted as lost, and the checkpoints written to the bucket again (see
+    /// [`crate::restate`]).
+    pub(crate) fn accept_missing(&self, catalog: &mut Catalog, everywhere: bool) -> Result<(Vec<String>, Vec<String>)> {
         self.sync(catalog)?;
         let listed = self.bucket.list(RECORDS).map_err(|e| self.err(RECORDS, e))?;
         let names = || listed.iter().map(|o| o.name.as_str());
@@ -736,6 +738,13 @@ impl Remote {
             )));
         }
         let mut accepted = gone.lines(&[]);
+        // What the lost records added that only this copy holds goes back into the bucket first, in records
+        // that only add: once the loss is accepted nothing holds other machines' GC back, and they would take
+        // its packs for orphans (round 24 review, F5).
+        let restated = match &self.cache {
+            Some(dir) if !gone.applied.is_empty() => crate::restate::restate(self, catalog, dir)?,
+            _ => Vec::new(),
+        };
         let tx = catalog.connection_mut().transaction()?;
         for name in &gone.applied {
             tx.execute("DELETE FROM remote_records WHERE name = ?1", [name])?;
@@ -769,7 +778,7 @@ impl Remote {
                 let _ = self.bucket.delete(&lost_name(name, &mine));
             }
         }
-        Ok(accepted)
+        Ok((accepted, restated))
     }
 
     /// Shares this machine's marks that the bucket does not have yet ([`DAMAGE`]). Best effort: a machine

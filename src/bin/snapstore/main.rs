@@ -389,8 +389,9 @@ Examples:\n  snapstore stats\n  snapstore --json stats\n\n", exit_help!()))]
         rebuild: bool,
         /// Accept that the records reported missing from the bucket are lost for good, so that gc (which
         /// deletes nothing while any is missing) collects again; run it on each machine that reports records
-        /// it applied as missing. This machine keeps what they changed; machines without them lack it.
-        /// Refused for a missing record this machine never applied that no machine has reported as its own
+        /// it applied as missing. This machine keeps what they changed, and first writes to the bucket again
+        /// each checkpoint only it still holds, so that every machine keeps it. Refused for a missing record
+        /// this machine never applied that no machine has reported as its own
         #[arg(long)]
         accept_missing: bool,
         /// With --accept-missing: accept every missing record, including those this machine never applied
@@ -1234,6 +1235,7 @@ fn run(cli: &Cli, out: &mut Out) -> Result<(), Failure> {
         Command::Sync { rebuild, accept_missing, everywhere } => {
             let (repo, s) =
                 if *rebuild { Repository::rebuild(&repo_dir)? } else { Repository::open_synced(&repo_dir)? };
+            let repo = telling_waits(repo);
             let (s, accepted) = if *accept_missing {
                 let accepted =
                     if *everywhere { repo.accept_missing_everywhere()? } else { repo.accept_missing_records()? };
