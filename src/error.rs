@@ -250,8 +250,8 @@ pub enum Error {
     #[error("no retention rule given: forget needs checkpoint ids or at least one --keep-* option")]
     EmptyPolicy,
     /// A repository in a bucket: this machine's copy of the catalog can only be brought up to date by building
-    /// it again from the bucket's records, in order (a record put back after its loss was accepted). The copy
-    /// is marked, and the next opening of the repository builds it again.
+    /// it again from the bucket's records, in order (a record that removes arrived after records numbered above
+    /// it). The copy is marked, and the next opening of the repository builds it again.
     #[error("{0}")]
     RebuildNeeded(String),
     /// A worker thread of a pipeline failed without an error (it panicked).

@@ -314,7 +314,7 @@ impl Repository {
         params.validate()?;
         refuse_url_typo(path.as_ref())?;
         if let Some(url) = remote_url(path.as_ref()) {
-            return Ok(Self::open_remote(url, Some(&params))?.0);
+            return Ok(Self::open_remote(url, Some(&params), false)?.0);
         }
         let root = path.as_ref().to_path_buf();
         if root.join(CATALOG_FILE).exists() {
@@ -345,7 +345,7 @@ impl Repository {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         refuse_url_typo(path.as_ref())?;
         if let Some(url) = remote_url(path.as_ref()) {
-            return Ok(Self::open_remote(url, None)?.0);
+            return Ok(Self::open_remote(url, None, false)?.0);
         }
         let root = path.as_ref().to_path_buf();
         let catalog_path = root.join(CATALOG_FILE);
@@ -400,8 +400,9 @@ impl Repository {
     }
 
     /// Opens (or, with `init`, creates) the repository in a bucket, bringing the local working copy of its
-    /// catalog up to date: created from the bucket's records when missing, synced when behind.
-    fn open_remote(url: &str, init: Option<&RepoParams>) -> Result<(Self, SyncSummary)> {
+    /// catalog up to date: created from the bucket's records when missing, synced when behind; with `rebuild`,
+    /// built again from the bucket without reading the copy there (see [`Repository::rebuild`]).
+    fn open_remote(url: &str, init: Option<&RepoParams>, rebuild: bool) -> Result<(Self, SyncSummary)> {
         let bucket = Arc::new(connect_bucket(url)?);
         let root = remote::cache_dir(bucket.url())?;
         let remote = Arc::new(remote::Remote { bucket: bucket.clone(), cache: Some(root.clone()) });
@@ -410,8 +411,8 @@ impl Repository {
         }
         let catalog_path = root.join(CATALOG_FILE);
         let repo_id = remote.repo_id()?;
-        let mut rebuild = false;
-        if catalog_path.exists() {
+        let mut rebuild = rebuild;
+        if !rebuild && catalog_path.exists() {
             check_owner(&root, &std::fs::metadata(&catalog_path).map_err(|e| Error::io(&catalog_path, e))?)?;
             let cat = Catalog::open(&catalog_path)?;
             // The bucket prefix holds another repository than the one this copy was made from.
@@ -481,8 +482,8 @@ impl Repository {
 
     /// For a repository in a bucket: applies every change other machines wrote to the bucket since the last
     /// sync to the local copy of the catalog (done by every command on opening, too). A copy that can only be
-    /// brought up to date by building it again from the bucket (a record put back after its loss was accepted)
-    /// is built again.
+    /// brought up to date by building it again from the bucket (a record that removes arrived after records
+    /// numbered above it) is built again.
     pub fn sync(&self) -> Result<SyncSummary> {
         let remote = self.remote.as_ref().ok_or_else(|| not_remote(&self.root))?;
         match remote.sync(&mut self.open_catalog()?) {
@@ -537,7 +538,7 @@ impl Repository {
     /// right after would find nothing new).
     pub fn open_synced(path: impl AsRef<Path>) -> Result<(Self, SyncSummary)> {
         let url = remote_url(path.as_ref()).ok_or_else(|| not_remote(path.as_ref()))?;
-        Self::open_remote(url, None)
+        Self::open_remote(url, None, false)
     }
 
     /// For a repository in a bucket: discards this machine's copy of the catalog without reading it (it may be
@@ -549,20 +550,8 @@ impl Repository {
                 path.as_ref().display()
             ))
         })?;
-        let bucket = connect_bucket(url)?;
-        let copy = remote::cache_dir(bucket.url())?;
-        remote::set_aside_copy(&copy)?;
-        match Self::open_remote(url, None) {
-            Ok((repo, synced)) => {
-                remote::restore_copy(&copy, false)?;
-                Ok((repo, SyncSummary { rebuilt: true, ..synced }))
-            }
-            // The copy that was there, which may still work, stays.
-            Err(e) => {
-                remote::restore_copy(&copy, true)?;
-                Err(e)
-            }
-        }
+        // The copy that was there, which may still work, stays if the build fails.
+        Self::open_remote(url, None, true)
     }
 
     /// Has `notice` told, in a sentence, what a command on a repository in a bucket wants its user to know as

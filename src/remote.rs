@@ -514,10 +514,11 @@ impl Remote {
         new.sort();
         // Records numbered from here on came after what this copy applied.
         let seen = crate::catalog::remote_seq(catalog.connection())?;
-        // This copy alone holds what records it applied and the bucket lost changed: a rebuild would drop it,
-        // and its markers with it, and every GC would then collect what its checkpoints use.
-        let listed_names: HashSet<&str> = listed.iter().map(|o| o.name.as_str()).collect();
-        let holds_lost = known.iter().any(|n| record_seq(n).is_some() && !listed_names.contains(n.as_str()));
+        // What was applied before and is no longer listed is gone. This copy alone holds what those records
+        // changed: a rebuild would drop it, and its markers with it, and every GC would then collect what its
+        // checkpoints use.
+        let gone = Gone::find(listed.iter().map(|o| o.name.as_str()), &known);
+        let holds_lost = !gone.applied.is_empty();
         let mut waiting = Vec::new();
         let numbered = listed.iter().filter(|o| record_seq(&o.name).is_some());
         let mut s = SyncSummary { records: numbered.count() as u64, ..Default::default() };
@@ -597,8 +598,6 @@ impl Remote {
         self.share_marks(catalog);
         s.checkpoints =
             catalog.connection().query_row("SELECT count(*) FROM checkpoints", [], |r| r.get::<_, i64>(0))? as u64;
-        // Every record listed is applied now: what was applied before and is no longer listed is gone.
-        let gone = Gone::find(listed.iter().map(|o| o.name.as_str()), &known);
         s.records_missing = gone.lines(&self.lost_markers(&listed, &gone, &applied_now)?);
         s.records_missing.extend(waiting);
         Ok(s)
@@ -702,9 +701,8 @@ impl Remote {
     /// refused unless `everywhere`: the machine that applied it may not have synced since the loss, and an
     /// accept here would let GC collect what that machine's checkpoints use (round 22 review). `everywhere`
     /// fills those numbers too and removes every other copy's markers, for a loss no machine left holds.
-    /// Returns what was accepted, as [`SyncSummary::records_missing`] names it.
-    /// Returns the records accepted as lost, and the checkpoints written to the bucket again (see
-    /// [`crate::restate`]).
+    /// Returns what was accepted, as [`SyncSummary::records_missing`] names it, and the checkpoints written to
+    /// the bucket again (see [`crate::restate`]).
     pub(crate) fn accept_missing(&self, catalog: &mut Catalog, everywhere: bool) -> Result<(Vec<String>, Vec<String>)> {
         self.sync(catalog)?;
         let listed = self.bucket.list(RECORDS).map_err(|e| self.err(RECORDS, e))?;
