@@ -254,6 +254,12 @@ pub enum Error {
     /// it). The copy is marked, and the next opening of the repository builds it again.
     #[error("{0}")]
     RebuildNeeded(String),
+    /// A repository in a bucket: records that remove wait, unapplied, on this machine's copy of the catalog
+    /// ([`crate::SyncSummary::records_waiting`]), which therefore still lists what they removed; a commit could
+    /// reuse chunks a GC elsewhere deleted, and a forget keep or drop the wrong checkpoints. The message names
+    /// the way out.
+    #[error("{0}")]
+    RecordsWaiting(String),
     /// A worker thread of a pipeline failed without an error (it panicked).
     #[error("internal error: {0}")]
     Internal(String),

@@ -303,19 +303,32 @@ fn mark(conn: &Connection) -> Result<u64> {
 /// The `meta` key prefix of the time (ns) a mark condemned objects under an epoch (the key ends in the epoch).
 const EPOCH_TIME: &str = "gc_epoch_ns.";
 
-/// The first epoch whose objects were condemned less than `grace` ago, or that has no time recorded (condemned
-/// by a build before the times); `None` if every condemned epoch is older.
+/// The first epoch whose objects were condemned less than `grace` ago; `None` if every condemned epoch is
+/// older. An epoch with no time recorded (condemned by a build before the times, whose GC stopped before its
+/// sweep) is given the present one, in the caller's transaction: its grace starts now. Taken as within the
+/// grace for ever, it held back every later sweep (round 25 review, R4).
 fn first_epoch_within(conn: &Connection, grace: Duration) -> Result<Option<i64>> {
-    let cutoff = crate::catalog::now_ns().saturating_sub(grace.as_nanos().min(i64::MAX as u128) as i64);
+    let now = crate::catalog::now_ns();
+    let cutoff = now.saturating_sub(grace.as_nanos().min(i64::MAX as u128) as i64);
     let epochs: Vec<i64> = conn
         .prepare("SELECT DISTINCT epoch FROM condemned ORDER BY epoch")?
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     for epoch in epochs {
-        let at: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [format!("{EPOCH_TIME}{epoch}")], |r| r.get(0))
-            .optional()?;
-        if at.and_then(|v| v.parse::<i64>().ok()).is_none_or(|at| at > cutoff) {
+        let key = format!("{EPOCH_TIME}{epoch}");
+        let at: Option<String> =
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| r.get(0)).optional()?;
+        let at = match at.and_then(|v| v.parse::<i64>().ok()) {
+            Some(at) => at,
+            None => {
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                    params![key, now.to_string()],
+                )?;
+                now
+            }
+        };
+        if at > cutoff {
             return Ok(Some(epoch));
         }
     }
@@ -1217,6 +1230,28 @@ mod tests {
         let a = repo.commit_reader("s", &mut &pseudo_random(3 << 20, 1)[..], &CommitOptions::default()).unwrap();
         let b = repo.commit_reader("s", &mut &pseudo_random(3 << 20, 2)[..], &CommitOptions::default()).unwrap();
         (repo, a.id, b.id)
+    }
+
+    /// An epoch condemned by a build before the epochs' times, whose GC stopped before its sweep, has its
+    /// grace start at the first GC that meets it (round 25 review, R4): taken as within the grace for ever, it
+    /// held back every sweep of a bucket.
+    #[test]
+    fn an_untimed_epoch_is_timed_when_first_met() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, a, _) = repo_with_two_checkpoints(dir.path());
+        repo.forget(&[&a]).unwrap();
+        let mut cat = repo.open_catalog().unwrap();
+        let tx = cat.connection_mut().transaction().unwrap();
+        assert!(mark(&tx).unwrap() > 0);
+        tx.execute("DELETE FROM meta WHERE key LIKE 'gc_epoch_ns.%'", []).unwrap();
+        let epoch: i64 = tx.query_row("SELECT min(epoch) FROM condemned", [], |r| r.get(0)).unwrap();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(first_epoch_within(&tx, hour).unwrap(), Some(epoch), "its grace starts now");
+        assert!(crate::catalog::meta_value(&tx, &format!("{EPOCH_TIME}{epoch}")).unwrap().is_some());
+        assert_eq!(first_epoch_within(&tx, Duration::ZERO).unwrap(), None, "without a grace it is due");
+        tx.execute("DELETE FROM meta WHERE key LIKE 'gc_epoch_ns.%'", []).unwrap();
+        assert_eq!(first_epoch_within(&tx, Duration::ZERO).unwrap(), None, "due at once without a grace");
+        assert_eq!(first_epoch_within(&tx, hour).unwrap(), Some(epoch));
     }
 
     #[test]

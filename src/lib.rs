@@ -122,6 +122,22 @@ fn not_remote(path: &Path) -> Error {
     Error::InvalidInput(format!("{} is a local repository; sync is for s3:// repositories", path.display()))
 }
 
+/// [`Error::RecordsWaiting`] when `synced` left records waiting: this copy still lists what they removed.
+fn refuse_while_waiting(synced: &SyncSummary) -> Result<()> {
+    let Some(first) = synced.records_waiting.first() else { return Ok(()) };
+    Err(Error::RecordsWaiting(format!(
+        "{first}{} removes what this machine's copy of the catalog still lists, and waits, unapplied, because \
+         this copy alone holds what records gone from the bucket (or damaged there) changed: `snapstore sync` \
+         names them. Until they are back, or accepted as lost (`snapstore sync --accept-missing`), this machine \
+         makes no commit, forget or tag change, which could rely on what another machine deleted; checkout and \
+         verify still work",
+        match synced.records_waiting.len() {
+            1 => String::new(),
+            n => format!(" (and {} more)", n - 1),
+        }
+    )))
+}
+
 /// Connects to a bucket. A setting that cannot work (the URL, an endpoint without http(s)://, a malformed
 /// variable, half a key pair) is for the caller to fix, so it is bad input, not a failure of the store.
 fn connect_bucket(url: &str) -> Result<backend::Bucket> {
@@ -420,8 +436,9 @@ impl Repository {
                 drop(cat);
                 remote::discard_copy(&root)?;
             } else {
-                // A migration found that the copy's rows cannot be brought forward, or a sync found a record it
-                // can only apply in order: built again from the records.
+                // A migration found that the copy's rows cannot be brought forward: built again from the
+                // records. (A record met late is decided on by each sync.)
+                remote::clear_late_mark(cat.connection())?;
                 rebuild = remote::rebuild_pending(cat.connection())?;
             }
         }
@@ -605,6 +622,9 @@ impl Repository {
         let Some(remote) = &self.remote else { return Ok(None) };
         let session = remote.begin_session(reading, &|what| self.notice(what))?;
         let synced = remote.sync(&mut self.open_catalog()?)?;
+        if !reading {
+            refuse_while_waiting(&synced)?;
+        }
         Ok(Some((remote, session, synced)))
     }
 
@@ -689,7 +709,7 @@ impl Repository {
         self.refuse_another_users()?;
         let Some(remote) = &self.remote else { return f(catalog, None) };
         let lock = remote.forget_lock(&|what| self.notice(what))?;
-        remote.sync(catalog)?;
+        refuse_while_waiting(&remote.sync(catalog)?)?;
         fault::point("forget-synced");
         let journal = |tx: &rusqlite::Transaction<'_>, b: &catalog::Batch| {
             remote.check_lock(&lock)?;

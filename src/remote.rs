@@ -171,6 +171,11 @@ pub struct SyncSummary {
     /// (`sync --rebuild`), or because a record that removes arrived after records numbered above it, which
     /// only a replay in order applies right.
     pub rebuilt: bool,
+    /// Records that wait, unapplied (each also in `records_missing`): they arrived out of order, or after one
+    /// that did, and remove something, while this copy holds what records lost from the bucket (or damaged
+    /// there) changed, which building it again in order would drop. Until they are applied this copy lacks
+    /// what they removed, so no commit, forget or tag change is made on it ([`crate::Error::RecordsWaiting`]).
+    pub records_waiting: Vec<String>,
 }
 
 /// Marks shared through the bucket (`records/damage-CHUNK-PACK`, CHUNK the chunk id in hex, PACK 32 hex digits
@@ -245,7 +250,7 @@ fn fetch_groups<'a, T>(items: &'a [T], size: impl Fn(&T) -> u64 + 'a) -> impl It
 }
 
 /// The names of the records `catalog` applied or wrote.
-fn applied_records(catalog: &Catalog) -> Result<HashSet<String>> {
+pub(crate) fn applied_records(catalog: &Catalog) -> Result<HashSet<String>> {
     let mut stmt = catalog.connection().prepare("SELECT name FROM remote_records")?;
     Ok(stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?)
 }
@@ -499,11 +504,17 @@ impl Remote {
 
     /// Applies every record of the bucket the catalog has not applied, in causal order.
     pub fn sync(&self, catalog: &mut Catalog) -> Result<SyncSummary> {
+        self.sync_records(catalog, None)
+    }
+
+    /// [`Remote::sync`], applying only the records named in `only` when given (a copy of what another
+    /// catalog applied: see [`crate::restate`]).
+    pub(crate) fn sync_records(&self, catalog: &mut Catalog, only: Option<&HashSet<String>>) -> Result<SyncSummary> {
         let listed = self.bucket.list(RECORDS).map_err(|e| self.err(RECORDS, e))?;
         let known = applied_records(catalog)?;
         let mut new: Vec<(u64, &str, u64)> = Vec::new();
         for o in &listed {
-            if known.contains(&o.name) {
+            if known.contains(&o.name) || only.is_some_and(|only| !only.contains(&o.name)) {
                 continue;
             }
             // Not a name snapstore writes (a README someone put there): not a record, so nothing to apply.
@@ -518,8 +529,11 @@ impl Remote {
         // changed: a rebuild would drop it, and its markers with it, and every GC would then collect what its
         // checkpoints use.
         let gone = Gone::find(listed.iter().map(|o| o.name.as_str()), &known);
-        let holds_lost = !gone.applied.is_empty();
-        let mut waiting = Vec::new();
+        // So does a record it applied that the bucket holds damaged: a rebuild would stop at it, and once it is
+        // moved out of `records/`, as the error says, drop what it changed (round 25 review, R1).
+        let mut held_damaged = self.still_damaged(catalog, &listed)?;
+        let mut holds_lost = !gone.applied.is_empty() || !held_damaged.is_empty();
+        let mut waiting: Vec<String> = Vec::new();
         let numbered = listed.iter().filter(|o| record_seq(&o.name).is_some());
         let mut s = SyncSummary { records: numbered.count() as u64, ..Default::default() };
         let mut applied_now = HashSet::new();
@@ -552,19 +566,20 @@ impl Remote {
             // A record numbered below one applied here already (lost and put back, or seen late) comes after
             // records that followed it. One that only adds commutes with them; one that removes, moves or
             // retags does not: a GC's record of what it swept, put back after a machine stored those chunks
-            // again, would delete the new rows. Only a replay of every record in order places it right.
-            if seq < seen && !batch.only_adds() {
+            // again, would delete the new rows. Only a replay of every record in order places it right. While
+            // one waits, so does every later one that removes: its writer had applied the one waiting, and a
+            // GC's record after a forget's drops what the forget left unused (round 25 review, R3).
+            if (seq < seen || !waiting.is_empty()) && !batch.only_adds() {
+                if !holds_lost {
+                    held_damaged = self.damaged_among(catalog, &listed, &known)?;
+                    holds_lost = !held_damaged.is_empty();
+                }
                 if holds_lost {
-                    // Left for later: reported, so GC deletes nothing meanwhile (as for the lost records).
-                    waiting.push(format!(
-                        "{name}: arrived after records numbered above it; applied by building this machine's copy \
-                         of the catalog again in order, once the records this machine applied that are gone from \
-                         the bucket are back, or accepted as lost (`snapstore sync --accept-missing`: what they \
-                         changed then leaves this machine too)"
-                    ));
+                    // Left for later: reported, so GC deletes nothing meanwhile (as for the lost records), and
+                    // no commit or forget is made on this copy ([`SyncSummary::records_waiting`]).
+                    waiting.push(name.to_string());
                     continue;
                 }
-                set_rebuild_pending(catalog.connection())?;
                 return Err(Error::RebuildNeeded(format!(
                     "{}/{name} reached this machine after records numbered above it, and applied out of order \
                      it would undo part of what they did (it was lost from the bucket and is back, or came \
@@ -599,8 +614,78 @@ impl Remote {
         s.checkpoints =
             catalog.connection().query_row("SELECT count(*) FROM checkpoints", [], |r| r.get::<_, i64>(0))? as u64;
         s.records_missing = gone.lines(&self.lost_markers(&listed, &gone, &applied_now)?);
-        s.records_missing.extend(waiting);
+        s.records_missing.extend(held_damaged.iter().map(|name| {
+            format!(
+                "{name}: applied by this machine's copy of the catalog, damaged in the bucket: move it out of \
+                 records/, then run `snapstore sync --accept-missing` here"
+            )
+        }));
+        s.records_missing.extend(waiting.iter().map(|name| {
+            format!(
+                "{name}: arrived after records numbered above it, or after one that waits; applied by building \
+                 this machine's copy of the catalog again in order, once the records this machine applied that \
+                 are gone from the bucket or damaged there are back, or accepted as lost (`snapstore sync \
+                 --accept-missing`: what they changed then leaves this machine too)"
+            )
+        }));
+        s.records_waiting = waiting;
         Ok(s)
+    }
+
+    /// The records of `listed` this catalog applied (`known`) whose bucket copy is damaged or gone since the
+    /// listing, read one and all: a late record is about to rebuild the copy, which would stop at such a record.
+    /// Each is remembered in the catalog ([`HELD_DAMAGED`]), so that later syncs read only those again, and
+    /// marked as [`FOUND_DAMAGED`], as a sync that meets it does.
+    fn damaged_among(
+        &self,
+        catalog: &Catalog,
+        listed: &[crate::backend::ObjectMeta],
+        known: &HashSet<String>,
+    ) -> Result<Vec<String>> {
+        let applied: Vec<(&str, u64)> = listed
+            .iter()
+            .filter(|o| record_seq(&o.name).is_some() && known.contains(&o.name))
+            .map(|o| (o.name.as_str(), o.size))
+            .collect();
+        let damaged = self.damaged(&applied)?;
+        for name in &damaged {
+            let _ = self.bucket.put(&lost_name(name, FOUND_DAMAGED), host_name().into_bytes());
+        }
+        set_held_damaged(catalog.connection(), &damaged)?;
+        Ok(damaged)
+    }
+
+    /// Those of the records [`Remote::damaged_among`] found damaged that still are, listed in `listed`: one
+    /// back intact, or gone (a record gone from the bucket is reported as such), is forgotten.
+    fn still_damaged(&self, catalog: &Catalog, listed: &[crate::backend::ObjectMeta]) -> Result<Vec<String>> {
+        let held = held_damaged(catalog.connection())?;
+        if held.is_empty() {
+            return Ok(held);
+        }
+        let records: Vec<(&str, u64)> =
+            listed.iter().filter(|o| held.contains(&o.name)).map(|o| (o.name.as_str(), o.size)).collect();
+        let damaged = self.damaged(&records)?;
+        if damaged != held {
+            set_held_damaged(catalog.connection(), &damaged)?;
+        }
+        Ok(damaged)
+    }
+
+    /// The names among `records` whose object does not match its name or does not decode, or is gone.
+    fn damaged(&self, records: &[(&str, u64)]) -> Result<Vec<String>> {
+        let mut damaged = Vec::new();
+        for (&(name, _), data) in self.fetched(records, |&(name, size)| (name, size)) {
+            let sound = match data {
+                Ok(data) => matches_its_name(name, &data) && crate::record::decode(&data).is_ok(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => return Err(self.err(name, e)),
+            };
+            if !sound {
+                damaged.push(name.to_string());
+            }
+        }
+        damaged.sort();
+        Ok(damaged)
     }
 
     /// Brings this copy's [`LOST`] markers in line with the records it applied that the bucket lost (`gone`,
@@ -1288,9 +1373,28 @@ pub(crate) fn rebuild_pending(conn: &rusqlite::Connection) -> Result<bool> {
     Ok(crate::catalog::meta_value(conn, "rebuild_pending")?.is_some())
 }
 
-/// Marks this local copy to be built again from the bucket at its next opening ([`rebuild_pending`]).
-fn set_rebuild_pending(conn: &rusqlite::Connection) -> Result<()> {
-    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('rebuild_pending', 'put back')", [])?;
+/// Where a build before the twenty-fifth session marked a copy that met a record late, which a sync now
+/// decides afresh each time: a rebuild that failed left the mark, and every command failed with it (round 25
+/// review, R1). Removed; true if it was there.
+pub(crate) fn clear_late_mark(conn: &rusqlite::Connection) -> Result<bool> {
+    Ok(conn.execute("DELETE FROM meta WHERE key = 'rebuild_pending' AND value = 'put back'", [])? > 0)
+}
+
+/// The `meta` key naming, a line each, the records this copy applied that a sync found damaged in the bucket
+/// while a late record was to rebuild it ([`Remote::sync`]).
+const HELD_DAMAGED: &str = "held_damaged_records";
+
+fn held_damaged(conn: &rusqlite::Connection) -> Result<Vec<String>> {
+    let value = crate::catalog::meta_value(conn, HELD_DAMAGED)?.unwrap_or_default();
+    Ok(value.lines().map(str::to_string).collect())
+}
+
+fn set_held_damaged(conn: &rusqlite::Connection, names: &[String]) -> Result<()> {
+    if names.is_empty() {
+        conn.execute("DELETE FROM meta WHERE key = ?1", [HELD_DAMAGED])?;
+    } else {
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)", [HELD_DAMAGED, &names.join("\n")])?;
+    }
     Ok(())
 }
 

@@ -33,8 +33,12 @@ pub(crate) fn restate(remote: &Remote, catalog: &mut Catalog, scratch: &Path) ->
     let restated = (|| {
         {
             let mut fresh = Catalog::create(&path, &remote.params()?)?;
-            // Without a directory for the copy: it has no replica id, so it writes and withdraws no marker.
-            Remote { bucket: remote.bucket.clone(), cache: None }.sync(&mut fresh)?;
+            // Only the records this copy applied: one waiting here (it came late) may forget a checkpoint that
+            // this copy still lists, which would then look held here alone and be written back (round 25
+            // review, R3). Without a directory for the copy: it has no replica id, so it writes and withdraws no
+            // marker.
+            let applied = crate::remote::applied_records(catalog)?;
+            Remote { bucket: remote.bucket.clone(), cache: None }.sync_records(&mut fresh, Some(&applied))?;
         }
         restate_against(remote, catalog, &path)
     })();

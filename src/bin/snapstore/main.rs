@@ -59,7 +59,7 @@ macro_rules! exit_help {
   0  success
   1  failure (I/O, catalog, ...)
   2  bad usage or arguments
-  3  damaged data detected
+  3  damaged data detected (in a bucket: records lost or damaged there)
   4  repository, checkpoint or path not found
   5  busy (another gc, commits during repair, or another forget meanwhile)
 
@@ -592,7 +592,8 @@ fn in_bucket(repo: &std::path::Path) -> bool {
 
 fn exit_code(e: &Error) -> u8 {
     match e {
-        _ if e.is_corruption() => EXIT_CORRUPT,
+        // The bucket lost records, or holds them damaged: what `verify` reports with 3 too.
+        _ if e.is_corruption() || matches!(e, Error::RecordsWaiting(_)) => EXIT_CORRUPT,
         Error::NoRepository(_)
         | Error::CheckpointNotFound(_)
         | Error::GroupNotFound(_)
