@@ -395,6 +395,9 @@ pub struct Catalog {
     /// Opened on a read-only filesystem, with what its files looked like then ([`crate::readonly`]): every
     /// write fails with SQLite's "readonly".
     read_only: Option<crate::readonly::Fingerprint>,
+    /// For a bucket's local copy, its lock held shared while open ([`crate::copylock`]); after `conn`, so
+    /// that it is let go once the connection has closed.
+    _copy: Option<std::fs::File>,
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -516,6 +519,7 @@ impl Catalog {
         if !new && crate::readonly::reads_only(path) {
             return Self::open_read_only(path);
         }
+        let copy = if new { None } else { crate::copylock::hold_shared(path)? };
         let conn = match Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -539,7 +543,7 @@ impl Catalog {
             return Err(Error::Format(format!("catalog could not be put in WAL mode (it is in {mode} mode)")));
         }
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF;")?;
-        let mut cat = Catalog { conn, read_only: None };
+        let mut cat = Catalog { conn, read_only: None, _copy: copy };
         cat.migrate()?;
         Ok(cat)
     }
@@ -571,7 +575,7 @@ impl Catalog {
                 ),
             }));
         }
-        Ok(Catalog { conn, read_only: Some(fingerprint) })
+        Ok(Catalog { conn, read_only: Some(fingerprint), _copy: None })
     }
 
     /// What its files looked like when it was opened for reading only (on a read-only filesystem, or another

@@ -215,6 +215,19 @@ pub enum Error {
         /// When it started, UTC.
         started: String,
     },
+    /// A repository in a bucket: this machine's copy of its catalog must be built again, and other snapstore
+    /// processes on this machine kept it open for longer than the rebuild waits (`SNAPSTORE_COPY_WAIT`).
+    #[error(
+        "this machine's copy of the bucket's catalog must be built again from the bucket, and other snapstore \
+         processes on this machine have it open ({}; waited {waited_secs} s): run this again once they end",
+        path.display()
+    )]
+    CopyInUse {
+        /// The copy's lock file.
+        path: PathBuf,
+        /// How long this process waited.
+        waited_secs: u64,
+    },
     /// Commits are running, and the operation (`repair index`) must not race them.
     #[error("{count} commit{} running on this repository", if *count == 1 { " is" } else { "s are" })]
     CommitsRunning {

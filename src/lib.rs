@@ -30,6 +30,7 @@ mod checkpointer;
 mod chunker;
 mod commit;
 mod content;
+mod copylock;
 mod diff;
 mod dirfd;
 mod error;
@@ -421,6 +422,7 @@ impl Repository {
     fn open_remote(url: &str, init: Option<&RepoParams>, rebuild: bool) -> Result<(Self, SyncSummary)> {
         let bucket = Arc::new(connect_bucket(url)?);
         let root = remote::cache_dir(bucket.url())?;
+        copylock::create(&root)?;
         let remote = Arc::new(remote::Remote { bucket: bucket.clone(), cache: Some(root.clone()) });
         if let Some(params) = init {
             remote.init(params)?;
@@ -434,7 +436,7 @@ impl Repository {
             // The bucket prefix holds another repository than the one this copy was made from.
             if remote::local_repo_id(cat.connection())?.is_some_and(|id| id != repo_id) {
                 drop(cat);
-                remote::discard_copy(&root)?;
+                copylock::exclusive(&root, || remote::discard_copy(&root))?;
             } else {
                 // A migration found that the copy's rows cannot be brought forward: built again from the
                 // records. (A record met late is decided on by each sync.)
@@ -483,17 +485,30 @@ impl Repository {
 
     /// [`Repository::open_copy`] from the bucket alone; the copy that was there comes back if that fails (a
     /// damaged record), since it may still work.
+    /// Holds the copy exclusively meanwhile ([`copylock`]): the caller must have no catalog of it open.
     fn build_copy_again(remote: &remote::Remote, root: &Path, repo_id: &str) -> Result<SyncSummary> {
-        remote::set_aside_copy(root)?;
-        match Self::open_copy(remote, root, repo_id) {
-            Ok(synced) => {
-                remote::restore_copy(root, false)?;
-                Ok(SyncSummary { rebuilt: true, ..synced })
+        copylock::exclusive(root, || {
+            remote::set_aside_copy(root)?;
+            match Self::open_copy(remote, root, repo_id) {
+                Ok(synced) => {
+                    remote::restore_copy(root, false)?;
+                    Ok(SyncSummary { rebuilt: true, ..synced })
+                }
+                Err(e) => {
+                    remote::restore_copy(root, true)?;
+                    Err(e)
+                }
             }
-            Err(e) => {
-                remote::restore_copy(root, true)?;
-                Err(e)
-            }
+        })
+    }
+
+    /// A sync of this repository's copy, built again from the bucket where it must be.
+    fn synced_copy(&self, remote: &remote::Remote) -> Result<SyncSummary> {
+        // The catalog closes before a rebuild, which waits for every one open on the copy.
+        let synced = remote.sync(&mut self.open_catalog()?);
+        match synced {
+            Err(Error::RebuildNeeded(_)) => Self::build_copy_again(remote, &self.root, &remote.repo_id()?),
+            other => other,
         }
     }
 
@@ -503,10 +518,7 @@ impl Repository {
     /// numbered above it) is built again.
     pub fn sync(&self) -> Result<SyncSummary> {
         let remote = self.remote.as_ref().ok_or_else(|| not_remote(&self.root))?;
-        match remote.sync(&mut self.open_catalog()?) {
-            Err(Error::RebuildNeeded(_)) => Self::build_copy_again(remote, &self.root, &remote.repo_id()?),
-            other => other,
-        }
+        self.synced_copy(remote)
     }
 
     /// For a repository in a bucket: accepts that the records [`SyncSummary::records_missing`] reports are
@@ -621,7 +633,9 @@ impl Repository {
     fn session(&self, reading: bool) -> Result<Option<(&Arc<remote::Remote>, remote::RemoteSession, SyncSummary)>> {
         let Some(remote) = &self.remote else { return Ok(None) };
         let session = remote.begin_session(reading, &|what| self.notice(what))?;
-        let synced = remote.sync(&mut self.open_catalog()?)?;
+        // Built again here too: a program that keeps the repository open (a Checkpointer) opens it once, and
+        // would otherwise fail every commit on a record that arrived late.
+        let synced = self.synced_copy(remote)?;
         if !reading {
             refuse_while_waiting(&synced)?;
         }

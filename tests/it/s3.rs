@@ -2018,3 +2018,87 @@ fn an_accept_writes_back_nothing_a_waiting_record_removed() {
     let expected = vec![(first, data[0].clone()), (c2, data[2].clone())];
     assert_whole_everywhere(&endpoint, &url, &[&a, &b], expected);
 }
+
+/// A rebuild of a machine's copy of the catalog while another process on that machine has it open (a commit
+/// under way): it moved the copy's files from under that process, which went on writing to files no longer in
+/// place. It now waits for the process to end, up to `SNAPSTORE_COPY_WAIT` (then exit 5, the copy untouched),
+/// and goes ahead once it has.
+#[test]
+fn a_rebuild_waits_for_another_process_with_the_copy_open() {
+    let Some((endpoint, url)) = server() else { return };
+    let a = Machine::new(&endpoint, &url);
+    a.ok(&["init"]);
+    let (one, two) = (pseudo_random(1 << 20, 281), pseudo_random(4 << 20, 283));
+    let first = a.commit_stream("one", &one);
+    let mut held = a.piped(&["-q", "commit", "-", "--name", "two"], &[]);
+    held.stdin.as_mut().unwrap().write_all(&two[..two.len() / 2]).unwrap();
+    let mut c = a.cmd(&["sync", "--rebuild"]);
+    let o = c.env("SNAPSTORE_COPY_WAIT", "1").output().unwrap();
+    assert_eq!(o.status.code(), Some(5), "{}{}", text(&o.stdout), text(&o.stderr));
+    assert!(text(&o.stderr).contains("other snapstore processes on this machine have it open"), "{}", text(&o.stderr));
+    let second = finish(held, &two, "commit");
+    let synced: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "sync", "--rebuild"])).unwrap();
+    assert_eq!(synced["rebuilt"], true, "{synced}");
+    let mut expected = vec![(first, one), (second, two)];
+    expected.sort();
+    assert_whole(&a, &expected);
+}
+
+/// A long-running process (`watch`, as a program's Checkpointer) opens the repository once. A record that
+/// arrived late made every one of its commits fail after that, since only opening the repository or `sync`
+/// built the copy again; its commits now do that too, and the watch goes on.
+#[test]
+fn a_watch_goes_on_past_a_record_that_arrived_late() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+    a.ok(&["init"]);
+    let forgotten = b.commit_stream("b", &pseudo_random(300_000, 291));
+    let before = listed(&endpoint, &url, "records/");
+    b.ok(&["forget", &forgotten]);
+    let (late, late_body) = the_new_record(&endpoint, &url, &before);
+    let store = bucket(&endpoint, &url);
+    store.delete(&late).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("run");
+    std::fs::create_dir(&dir).unwrap();
+    let write = |seed: u64| {
+        let staged = work.path().join("staged");
+        std::fs::write(&staged, pseudo_random(200_000, seed)).unwrap();
+        std::fs::rename(&staged, dir.join("state")).unwrap();
+    };
+    write(293);
+    let mut watch = a.piped(&["--json", "watch", dir.to_str().unwrap(), "--every", "200ms"], &[]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { return };
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    let next_checkpoint = || loop {
+        let event = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("a checkpoint within 30 s");
+        match event["event"].as_str() {
+            Some("checkpoint") => return event["commit"]["id"].as_str().unwrap().to_string(),
+            Some("unchanged") => {}
+            _ => panic!("{event}"),
+        }
+    };
+    // Two commits, the second numbered past the forget's record.
+    let first = next_checkpoint();
+    write(295);
+    let second = next_checkpoint();
+    store.put(&late, late_body).unwrap();
+    write(297);
+    let third = next_checkpoint();
+    signal(&watch, "-TERM");
+    let o = watch.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    // The forget applied, in order, and every checkpoint the watch made kept.
+    let mut made = vec![first, second, third];
+    made.sort();
+    assert_eq!(a.ids(), made);
+}

@@ -608,6 +608,7 @@ fn exit_code(e: &Error) -> u8 {
         | Error::LockLost(_)
         | Error::ChangedWhileRead(_)
         | Error::CommitsRunning { .. }
+        | Error::CopyInUse { .. }
         | Error::RetentionRaced { .. } => EXIT_BUSY,
         Error::InvalidId(_)
         | Error::AmbiguousId { .. }
@@ -766,6 +767,10 @@ fn hint(e: &Error) -> Option<&'static str> {
         }
         Error::Format(_) => "this repository needs a different snapstore version",
         Error::GcRunning { .. } => "wait for it to finish; if its process is gone, the next gc takes over by itself",
+        Error::CopyInUse { .. } => {
+            "a checkout, verify, watch or program holding the repository open keeps the copy: once it ends, the next \
+             command builds it again; or wait longer with SNAPSTORE_COPY_WAIT=SECONDS"
+        }
         Error::SweepRunning { .. } => {
             "run it again once that gc ends, or wait longer with SNAPSTORE_SWEEP_WAIT=SECONDS; a gc whose process \
              is gone is cleared by the first command that sees it (read-only credentials read beside it instead: \
