@@ -493,15 +493,7 @@ fn lock_series(repo: &Repository, key: &str, host: Option<&str>) -> Result<Vec<F
     crate::backend::local_dir(&dir).map_err(|e| Error::io(&dir, e))?;
     let open = |series: &str| {
         let path = dir.join(format!("series-{}", &blake3::hash(series.as_bytes()).to_hex()[..16]));
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map(|f| (f, path.clone()))
-            .map_err(|e| Error::io(&path, e))
+        crate::copylock::open_lock_file(&path).map(|f| (f, path))
     };
     let busy = |path: &std::path::Path| {
         let holder = std::fs::read_to_string(path).unwrap_or_default();

@@ -33,10 +33,11 @@ thread_local! {
 /// Creates the lock file of the copy in `root`, from which on every catalog opened there takes it.
 pub(crate) fn create(root: &Path) -> Result<()> {
     crate::backend::local_dir(root).map_err(|e| Error::io(root, e))?;
-    open(&root.join(LOCK_FILE)).map(drop)
+    open_lock_file(&root.join(LOCK_FILE)).map(drop)
 }
 
-fn open(path: &Path) -> Result<File> {
+/// Opens (creating, owner-only) a file that is only ever locked with `flock`.
+pub(crate) fn open_lock_file(path: &Path) -> Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -55,7 +56,7 @@ pub(crate) fn hold_shared(catalog: &Path) -> Result<Option<File>> {
     if EXCLUSIVE.get() || !path.exists() {
         return Ok(None);
     }
-    let file = open(&path)?;
+    let file = open_lock_file(&path)?;
     match rustix::fs::flock(&file, FlockOperation::LockShared) {
         Ok(()) => Ok(Some(file)),
         Err(rustix::io::Errno::INTR) => Err(Error::io(&path, std::io::ErrorKind::Interrupted.into())),
@@ -83,7 +84,7 @@ fn exclusive_within<T>(root: &Path, wait: Duration, f: impl FnOnce() -> Result<T
     }
     create(root)?;
     let path = root.join(LOCK_FILE);
-    let file = open(&path)?;
+    let file = open_lock_file(&path)?;
     let started = Instant::now();
     loop {
         match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
