@@ -755,6 +755,38 @@ fn missing_packs(
     }
 }
 
+/// For a bucket's copy that may lack a GC's record (one gone from the bucket that it never applied:
+/// [`crate::remote::PACKS_UNCHECKED`]): marks damaged, locally, every chunk this catalog places in a pack the
+/// bucket no longer has, so that a commit stores those bytes afresh instead of reusing a copy that is gone
+/// (round 26 review, F1), and clears the flag. Returns how many chunks it marked. Run inside a writer's
+/// session, while no GC can delete.
+pub(crate) fn mark_missing_packs(cat: &mut Catalog, backend: &dyn Backend) -> Result<u64> {
+    let listed: HashSet<String> =
+        backend.list("packs/").map_err(|e| Error::backend("packs/", e))?.into_iter().collect();
+    let named: Vec<String> = cat
+        .connection()
+        .prepare("SELECT name FROM packs")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut missing = Vec::new();
+    for name in named.into_iter().filter(|n| !listed.contains(n)) {
+        // Asked for again: one uploaded since the listing is not missing.
+        match backend.size(&name) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(name),
+            Err(e) => return Err(Error::backend(name, e)),
+            Ok(_) => {}
+        }
+    }
+    let tx = cat.connection_mut().transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut marked = 0;
+    for pack in &missing {
+        marked += crate::catalog::mark_damaged(&tx, &crate::catalog::FoundDamage::whole(pack))?;
+    }
+    tx.execute("DELETE FROM meta WHERE key = ?1", [crate::remote::PACKS_UNCHECKED])?;
+    tx.commit()?;
+    Ok(marked)
+}
+
 /// The files of `listed` that no pack row names, nor `dropped` (rows this transaction deleted, whose files go
 /// next): orphans, which only a GC that no commit runs beside may delete.
 fn orphans(tx: &Connection, listed: Vec<String>, dropped: &[(i64, String, i64)]) -> Result<Vec<String>> {

@@ -553,10 +553,18 @@ impl Repository {
     fn accept_missing(&self, everywhere: bool) -> Result<Vec<String>> {
         let remote = self.remote.as_ref().ok_or_else(|| not_remote(&self.root))?;
         let (accepted, restated) = remote.accept_missing(&mut self.open_catalog()?, everywhere)?;
-        for id in restated {
+        for id in restated.written {
             self.notice(&format!(
                 "checkpoint {} was held by a lost record and only this machine still had it: written to the bucket \
                  again, so that it stays for every machine",
+                &id[..8.min(id.len())]
+            ));
+        }
+        for id in restated.damaged {
+            self.notice(&format!(
+                "checkpoint {} was held by a lost record and only this machine still lists it, but what it reaches \
+                 is gone here too (a gc's record dropped it): not written back; `snapstore verify` names what it \
+                 lacks",
                 &id[..8.min(id.len())]
             ));
         }
@@ -658,6 +666,12 @@ impl Repository {
             }
             return f(self.context(None));
         };
+        {
+            let mut cat = self.open_catalog()?;
+            if catalog::meta_value(cat.connection(), remote::PACKS_UNCHECKED)?.is_some() {
+                gc::mark_missing_packs(&mut cat, &*self.backend)?;
+            }
+        }
         let journal = |tx: &rusqlite::Transaction<'_>, b: &catalog::Batch| {
             remote.check_session(&session)?;
             remote.publish(tx, b)

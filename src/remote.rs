@@ -534,6 +534,7 @@ impl Remote {
         let mut held_damaged = self.still_damaged(catalog, &listed)?;
         let mut holds_lost = !gone.applied.is_empty() || !held_damaged.is_empty();
         let mut waiting: Vec<String> = Vec::new();
+        let mut filled = false;
         let numbered = listed.iter().filter(|o| record_seq(&o.name).is_some());
         let mut s = SyncSummary { records: numbered.count() as u64, ..Default::default() };
         let mut applied_now = HashSet::new();
@@ -590,6 +591,8 @@ impl Remote {
             }
             if catalog.apply_record(name, seq, &batch)? {
                 s.applied += 1;
+                // An empty record fills the number of one accepted as lost, which this copy never applied.
+                filled |= batch.is_empty();
             }
             applied_now.insert(name);
         }
@@ -613,7 +616,15 @@ impl Remote {
         self.share_marks(catalog);
         s.checkpoints =
             catalog.connection().query_row("SELECT count(*) FROM checkpoints", [], |r| r.get::<_, i64>(0))? as u64;
-        s.records_missing = gone.lines(&self.lost_markers(&listed, &gone, &applied_now)?);
+        let elsewhere = self.lost_markers(&listed, &gone, &applied_now)?;
+        // A record this copy never applied is gone: if a GC's, this copy places chunks in packs it deleted, and
+        // a commit here would reuse them (round 26 review, F1). The next writer here checks the packs first.
+        if !gone.gaps.is_empty() || !elsewhere.is_empty() || filled {
+            catalog
+                .connection()
+                .execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, '1')", [PACKS_UNCHECKED])?;
+        }
+        s.records_missing = gone.lines(&elsewhere);
         s.records_missing.extend(held_damaged.iter().map(|name| {
             format!(
                 "{name}: applied by this machine's copy of the catalog, damaged in the bucket: move it out of \
@@ -788,8 +799,12 @@ impl Remote {
     /// fills those numbers too and removes every other copy's markers, for a loss no machine left holds.
     /// Returns what was accepted, as [`SyncSummary::records_missing`] names it, and the checkpoints written to
     /// the bucket again (see [`crate::restate`]).
-    pub(crate) fn accept_missing(&self, catalog: &mut Catalog, everywhere: bool) -> Result<(Vec<String>, Vec<String>)> {
-        self.sync(catalog)?;
+    pub(crate) fn accept_missing(
+        &self,
+        catalog: &mut Catalog,
+        everywhere: bool,
+    ) -> Result<(Vec<String>, crate::restate::Restated)> {
+        let waiting = self.sync(catalog)?.records_waiting;
         let listed = self.bucket.list(RECORDS).map_err(|e| self.err(RECORDS, e))?;
         let names = || listed.iter().map(|o| o.name.as_str());
         let known = applied_records(catalog)?;
@@ -825,8 +840,10 @@ impl Remote {
         // that only add: once the loss is accepted nothing holds other machines' GC back, and they would take
         // its packs for orphans (round 24 review, F5).
         let restated = match &self.cache {
-            Some(dir) if !gone.applied.is_empty() => crate::restate::restate(self, catalog, dir)?,
-            _ => Vec::new(),
+            Some(dir) if !gone.applied.is_empty() => {
+                crate::restate::restate(self, catalog, dir, &self.forgotten_by(&waiting)?)?
+            }
+            _ => Default::default(),
         };
         let tx = catalog.connection_mut().transaction()?;
         for name in &gone.applied {
@@ -862,6 +879,26 @@ impl Remote {
             }
         }
         Ok((accepted, restated))
+    }
+
+    /// The checkpoints that `records` forget, read from the bucket (one damaged or gone since is passed
+    /// over: it forgets nothing until it is back).
+    fn forgotten_by(&self, records: &[String]) -> Result<HashSet<String>> {
+        let sized: Vec<(&str, u64)> = records.iter().map(|n| (n.as_str(), 0)).collect();
+        let mut forgotten = HashSet::new();
+        for (&(name, _), data) in self.fetched(&sized, |&(name, size)| (name, size)) {
+            let data = match data {
+                Ok(data) => data,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.err(name, e)),
+            };
+            if matches_its_name(name, &data)
+                && let Ok(batch) = crate::record::decode(&data)
+            {
+                forgotten.extend(batch.forget);
+            }
+        }
+        Ok(forgotten)
     }
 
     /// Shares this machine's marks that the bucket does not have yet ([`DAMAGE`]). Best effort: a machine
@@ -1379,6 +1416,10 @@ pub(crate) fn rebuild_pending(conn: &rusqlite::Connection) -> Result<bool> {
 pub(crate) fn clear_late_mark(conn: &rusqlite::Connection) -> Result<bool> {
     Ok(conn.execute("DELETE FROM meta WHERE key = 'rebuild_pending' AND value = 'put back'", [])? > 0)
 }
+
+/// The `meta` key set while this copy may place chunks in packs a GC deleted in a record it never applied:
+/// [`crate::gc::mark_missing_packs`] before the next write here.
+pub(crate) const PACKS_UNCHECKED: &str = "packs_unchecked";
 
 /// The `meta` key naming, a line each, the records this copy applied that a sync found damaged in the bucket
 /// while a late record was to rebuild it ([`Remote::sync`]).

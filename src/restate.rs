@@ -20,9 +20,27 @@ use crate::remote::Remote;
 /// Chunk entries per record, as GC's records are bounded (its `RECORD_ITEMS`).
 const ITEMS: usize = 50_000;
 
-/// Publishes again, from `catalog`, each checkpoint that a copy built from the bucket's records alone lacks.
-/// `scratch` is a directory for that copy, removed afterwards. Returns the ids restated.
-pub(crate) fn restate(remote: &Remote, catalog: &mut Catalog, scratch: &Path) -> Result<Vec<String>> {
+/// What [`restate`] did.
+#[derive(Debug, Default)]
+pub(crate) struct Restated {
+    /// The checkpoints published again.
+    pub written: Vec<String>,
+    /// Checkpoints only this copy holds that it cannot restore either (a tree, content or chunk row it
+    /// reaches is gone: a GC's record applied here dropped it after a forget that never reached this copy):
+    /// not published, since no machine could restore them from what they would name.
+    pub damaged: Vec<String>,
+}
+
+/// Publishes again, from `catalog`, each checkpoint that a copy built from the bucket's records alone lacks,
+/// but those that a record waiting here (`forgotten`: the checkpoints such records forget) removes: applied
+/// in order once the copy is built again, it forgets them everywhere (round 26 review). `scratch` is a
+/// directory for that copy, removed afterwards.
+pub(crate) fn restate(
+    remote: &Remote,
+    catalog: &mut Catalog,
+    scratch: &Path,
+    forgotten: &std::collections::HashSet<String>,
+) -> Result<Restated> {
     let path = scratch.join(format!("restate-{}.db", std::process::id()));
     let remove = |p: &Path| {
         for suffix in ["", "-wal", "-shm"] {
@@ -40,13 +58,18 @@ pub(crate) fn restate(remote: &Remote, catalog: &mut Catalog, scratch: &Path) ->
             let applied = crate::remote::applied_records(catalog)?;
             Remote { bucket: remote.bucket.clone(), cache: None }.sync_records(&mut fresh, Some(&applied))?;
         }
-        restate_against(remote, catalog, &path)
+        restate_against(remote, catalog, &path, forgotten)
     })();
     remove(&path);
     restated
 }
 
-fn restate_against(remote: &Remote, catalog: &mut Catalog, fresh: &Path) -> Result<Vec<String>> {
+fn restate_against(
+    remote: &Remote,
+    catalog: &mut Catalog,
+    fresh: &Path,
+    forgotten: &std::collections::HashSet<String>,
+) -> Result<Restated> {
     catalog.connection().execute("ATTACH DATABASE ?1 AS fresh", [fresh.to_string_lossy()])?;
     let out = (|| {
         let ids: Vec<String> = catalog
@@ -54,35 +77,53 @@ fn restate_against(remote: &Remote, catalog: &mut Catalog, fresh: &Path) -> Resu
             .prepare("SELECT id FROM checkpoints WHERE id NOT IN (SELECT id FROM fresh.checkpoints) ORDER BY time_ns")?
             .query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
-        for id in &ids {
+        let mut out = Restated::default();
+        for id in ids.into_iter().filter(|id| !forgotten.contains(id)) {
             let checkpoint = NewCheckpoint {
-                record: catalog.checkpoint_by_id(id)?,
-                root: catalog.checkpoint_root(id)?,
-                skipped: catalog.skipped(id)?,
-                group: group_part(catalog.connection(), id)?,
+                record: catalog.checkpoint_by_id(&id)?,
+                root: catalog.checkpoint_root(&id)?,
+                skipped: catalog.skipped(&id)?,
+                group: group_part(catalog.connection(), &id)?,
                 // As for any checkpoint learnt from a record, which does not say.
                 xattrs: false,
             };
-            restate_one(remote, catalog.connection_mut(), checkpoint)?;
+            match restate_one(remote, catalog.connection_mut(), checkpoint)? {
+                true => out.written.push(id),
+                false => out.damaged.push(id),
+            }
         }
-        Ok(ids)
+        Ok(out)
     })();
     catalog.connection().execute("DETACH DATABASE fresh", [])?;
     out
 }
 
 /// One checkpoint: its chunk rows the bucket's records lack, a record per [`ITEMS`], then its trees,
-/// contents and segments they lack, with the checkpoint, in the last.
-fn restate_one(remote: &Remote, conn: &mut Connection, checkpoint: NewCheckpoint) -> Result<()> {
+/// contents and segments they lack, with the checkpoint, in the last. Returns false, publishing nothing, for
+/// one whose objects this copy lacks ([`Restated::damaged`]).
+fn restate_one(remote: &Remote, conn: &mut Connection, checkpoint: NewCheckpoint) -> Result<bool> {
     let root = checkpoint.root;
     conn.execute(
         "CREATE TEMP TABLE IF NOT EXISTS restate (kind INTEGER NOT NULL, id BLOB NOT NULL, PRIMARY KEY (kind, id))",
         [],
     )?;
     conn.execute("DELETE FROM temp.restate", [])?;
-    {
+    let walked = {
         let mut add = conn.prepare_cached("INSERT OR IGNORE INTO temp.restate (kind, id) VALUES (?1, ?2)")?;
-        crate::reach::walk(conn, &[root], &mut |kind, id| Ok(add.execute(params![kind, &id.0[..]])? == 1))?;
+        crate::reach::walk(conn, &[root], &mut |kind, id| Ok(add.execute(params![kind, &id.0[..]])? == 1))
+    };
+    match walked {
+        Err(e) if e.is_corruption() => return Ok(false),
+        other => other?,
+    }
+    let chunk_lost: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM temp.restate r WHERE r.kind = ?1 AND NOT EXISTS
+                        (SELECT 1 FROM chunks c WHERE c.id = r.id))",
+        [KIND_CHUNK],
+        |r| r.get(0),
+    )?;
+    if chunk_lost {
+        return Ok(false);
     }
     let mut batch = Batch::default();
     let mut items = 0;
@@ -134,7 +175,7 @@ fn restate_one(remote: &Remote, conn: &mut Connection, checkpoint: NewCheckpoint
     batch.checkpoint = Some(checkpoint);
     remote.publish(&tx, &batch)?;
     tx.commit()?;
-    Ok(())
+    Ok(true)
 }
 
 fn query_pairs(conn: &Connection, sql: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
