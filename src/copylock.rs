@@ -4,10 +4,13 @@
 //! process with the copy open meanwhile would go on writing to files no longer in place (what it wrote, a
 //! damage mark for one, gone with them), and one opening it between two renames could pair a new
 //! `catalog.db` with the old one's log, which SQLite would replay into it. So every [`crate::catalog::Catalog`]
-//! open on a copy holds `copy.lock` in the copy's directory shared ([`hold_shared`]), and a rebuild (or a
-//! discard) holds it exclusively ([`exclusive`]): it waits for the others' catalogs to close, up to
+//! open on a copy holds the copy's directory locked shared ([`hold_shared`]), and a rebuild (or a discard)
+//! holds it exclusively ([`exclusive`]): it waits for the others' catalogs to close, up to
 //! `SNAPSTORE_COPY_WAIT` seconds, and a catalog opening meanwhile waits for the rebuild. `flock` ends with the
-//! process, however it ends. A local repository has no such file, and takes no lock.
+//! process, however it ends. The file `copy.lock` there says the directory is a bucket's copy; the lock is on
+//! the directory itself, which no one recreates while the copy is in use: on the file, a process that found it
+//! deleted by hand and made it again locked a new file, and a rebuild went ahead under the holders of the old
+//! one (round 27 review). A local repository has no such file, and takes no lock.
 
 use std::cell::Cell;
 use std::fs::File;
@@ -52,14 +55,15 @@ pub(crate) fn open_lock_file(path: &Path) -> Result<File> {
 /// once any rebuild under way has ended. `None` for a catalog anywhere else, within a rebuild, or on a
 /// filesystem without locks (nothing to keep apart with, as before the lock).
 pub(crate) fn hold_shared(catalog: &Path) -> Result<Option<File>> {
-    let Some(path) = catalog.parent().map(|dir| dir.join(LOCK_FILE)) else { return Ok(None) };
-    if EXCLUSIVE.get() || !path.exists() {
+    let Some(dir) = catalog.parent() else { return Ok(None) };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    if EXCLUSIVE.get() || !dir.join(LOCK_FILE).exists() {
         return Ok(None);
     }
-    let file = open_lock_file(&path)?;
+    let file = File::open(dir).map_err(|e| Error::io(dir, e))?;
     match rustix::fs::flock(&file, FlockOperation::LockShared) {
         Ok(()) => Ok(Some(file)),
-        Err(rustix::io::Errno::INTR) => Err(Error::io(&path, std::io::ErrorKind::Interrupted.into())),
+        Err(rustix::io::Errno::INTR) => Err(Error::io(dir, std::io::ErrorKind::Interrupted.into())),
         Err(_) => Ok(None),
     }
 }
@@ -84,7 +88,7 @@ fn exclusive_within<T>(root: &Path, wait: Duration, f: impl FnOnce() -> Result<T
     }
     create(root)?;
     let path = root.join(LOCK_FILE);
-    let file = open_lock_file(&path)?;
+    let file = File::open(root).map_err(|e| Error::io(root, e))?;
     let started = Instant::now();
     loop {
         match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {

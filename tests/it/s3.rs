@@ -2036,6 +2036,12 @@ fn a_rebuild_waits_for_another_process_with_the_copy_open() {
     let o = c.env("SNAPSTORE_COPY_WAIT", "1").output().unwrap();
     assert_eq!(o.status.code(), Some(5), "{}{}", text(&o.stdout), text(&o.stderr));
     assert!(text(&o.stderr).contains("other snapstore processes on this machine have it open"), "{}", text(&o.stderr));
+    // `copy.lock` deleted by hand is made again by the next process, and the lock, on the directory, holds.
+    let copy = std::fs::read_dir(a.cache.path()).unwrap().map(|e| e.unwrap().path()).find(|p| p.is_dir()).unwrap();
+    std::fs::remove_file(copy.join("copy.lock")).unwrap();
+    let mut c = a.cmd(&["sync", "--rebuild"]);
+    let o = c.env("SNAPSTORE_COPY_WAIT", "1").output().unwrap();
+    assert_eq!(o.status.code(), Some(5), "{}{}", text(&o.stdout), text(&o.stderr));
     let second = finish(held, &two, "commit");
     let synced: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "sync", "--rebuild"])).unwrap();
     assert_eq!(synced["rebuilt"], true, "{synced}");
