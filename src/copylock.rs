@@ -87,7 +87,6 @@ fn exclusive_within<T>(root: &Path, wait: Duration, f: impl FnOnce() -> Result<T
         return f();
     }
     create(root)?;
-    let path = root.join(LOCK_FILE);
     let file = File::open(root).map_err(|e| Error::io(root, e))?;
     let started = Instant::now();
     loop {
@@ -97,7 +96,7 @@ fn exclusive_within<T>(root: &Path, wait: Duration, f: impl FnOnce() -> Result<T
                 std::thread::sleep(Duration::from_millis(100))
             }
             Err(rustix::io::Errno::WOULDBLOCK) => {
-                return Err(Error::CopyInUse { path, waited_secs: wait.as_secs() });
+                return Err(Error::CopyInUse { path: root.to_path_buf(), waited_secs: wait.as_secs() });
             }
             Err(rustix::io::Errno::INTR) => continue,
             // No locks here.

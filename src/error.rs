@@ -223,7 +223,7 @@ pub enum Error {
         path.display()
     )]
     CopyInUse {
-        /// The copy's lock file.
+        /// The copy's directory, which holds the lock.
         path: PathBuf,
         /// How long this process waited.
         waited_secs: u64,
@@ -264,7 +264,7 @@ pub enum Error {
     EmptyPolicy,
     /// A repository in a bucket: this machine's copy of the catalog can only be brought up to date by building
     /// it again from the bucket's records, in order (a record that removes arrived after records numbered above
-    /// it). The copy is marked, and the next opening of the repository builds it again.
+    /// it). `sync`, a commit, checkout or verify, and the next opening of the repository build it again.
     #[error("{0}")]
     RebuildNeeded(String),
     /// A repository in a bucket: records that remove wait, unapplied, on this machine's copy of the catalog

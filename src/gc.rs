@@ -758,9 +758,8 @@ fn missing_packs(
 /// For a bucket's copy that may lack a GC's record (one gone from the bucket that it never applied:
 /// [`crate::remote::PACKS_UNCHECKED`]): marks damaged, locally, every chunk this catalog places in a pack the
 /// bucket no longer has, so that a commit stores those bytes afresh instead of reusing a copy that is gone
-/// (round 26 review, F1), and clears the flag. Returns how many chunks it marked. Run inside a writer's
-/// session, while no GC can delete.
-pub(crate) fn mark_missing_packs(cat: &mut Catalog, backend: &dyn Backend) -> Result<u64> {
+/// (round 26 review, F1), and clears the flag. Run inside a writer's session, while no GC can delete.
+pub(crate) fn mark_missing_packs(cat: &mut Catalog, backend: &dyn Backend) -> Result<()> {
     let listed: HashSet<String> =
         backend.list("packs/").map_err(|e| Error::backend("packs/", e))?.into_iter().collect();
     let named: Vec<String> = cat
@@ -778,13 +777,12 @@ pub(crate) fn mark_missing_packs(cat: &mut Catalog, backend: &dyn Backend) -> Re
         }
     }
     let tx = cat.connection_mut().transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut marked = 0;
     for pack in &missing {
-        marked += crate::catalog::mark_damaged(&tx, &crate::catalog::FoundDamage::whole(pack))?;
+        crate::catalog::mark_damaged(&tx, &crate::catalog::FoundDamage::whole(pack))?;
     }
     tx.execute("DELETE FROM meta WHERE key = ?1", [crate::remote::PACKS_UNCHECKED])?;
     tx.commit()?;
-    Ok(marked)
+    Ok(())
 }
 
 /// The files of `listed` that no pack row names, nor `dropped` (rows this transaction deleted, whose files go

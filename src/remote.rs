@@ -685,18 +685,28 @@ impl Remote {
     /// The names among `records` whose object does not match its name or does not decode, or is gone.
     fn damaged(&self, records: &[(&str, u64)]) -> Result<Vec<String>> {
         let mut damaged = Vec::new();
-        for (&(name, _), data) in self.fetched(records, |&(name, size)| (name, size)) {
-            let sound = match data {
-                Ok(data) => matches_its_name(name, &data) && crate::record::decode(&data).is_ok(),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-                Err(e) => return Err(self.err(name, e)),
-            };
-            if !sound {
+        self.each_record(records, |name, batch| {
+            if batch.is_none() {
                 damaged.push(name.to_string());
             }
-        }
+        })?;
         damaged.sort();
         Ok(damaged)
+    }
+
+    /// Reads `records` (name, size) and calls `f` with each one decoded, one at a time, or with `None` for one
+    /// that does not match its name, does not decode, or is gone since it was listed.
+    fn each_record(&self, records: &[(&str, u64)], mut f: impl FnMut(&str, Option<Batch>)) -> Result<()> {
+        for (&(name, _), data) in self.fetched(records, |&(name, size)| (name, size)) {
+            let batch = match data {
+                Ok(data) if matches_its_name(name, &data) => crate::record::decode(&data).ok(),
+                Ok(_) => None,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(self.err(name, e)),
+            };
+            f(name, batch);
+        }
+        Ok(())
     }
 
     /// Brings this copy's [`LOST`] markers in line with the records it applied that the bucket lost (`gone`,
@@ -886,18 +896,7 @@ impl Remote {
     fn forgotten_by(&self, records: &[String]) -> Result<HashSet<String>> {
         let sized: Vec<(&str, u64)> = records.iter().map(|n| (n.as_str(), 0)).collect();
         let mut forgotten = HashSet::new();
-        for (&(name, _), data) in self.fetched(&sized, |&(name, size)| (name, size)) {
-            let data = match data {
-                Ok(data) => data,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(self.err(name, e)),
-            };
-            if matches_its_name(name, &data)
-                && let Ok(batch) = crate::record::decode(&data)
-            {
-                forgotten.extend(batch.forget);
-            }
-        }
+        self.each_record(&sized, |_, batch| forgotten.extend(batch.into_iter().flat_map(|b| b.forget)))?;
         Ok(forgotten)
     }
 
@@ -1412,9 +1411,10 @@ pub(crate) fn rebuild_pending(conn: &rusqlite::Connection) -> Result<bool> {
 
 /// Where a build before the twenty-fifth session marked a copy that met a record late, which a sync now
 /// decides afresh each time: a rebuild that failed left the mark, and every command failed with it (round 25
-/// review, R1). Removed; true if it was there.
-pub(crate) fn clear_late_mark(conn: &rusqlite::Connection) -> Result<bool> {
-    Ok(conn.execute("DELETE FROM meta WHERE key = 'rebuild_pending' AND value = 'put back'", [])? > 0)
+/// review, R1). Removed.
+pub(crate) fn clear_late_mark(conn: &rusqlite::Connection) -> Result<()> {
+    conn.execute("DELETE FROM meta WHERE key = 'rebuild_pending' AND value = 'put back'", [])?;
+    Ok(())
 }
 
 /// The `meta` key set while this copy may place chunks in packs a GC deleted in a record it never applied:

@@ -100,6 +100,20 @@ fn assert_whole_everywhere(endpoint: &str, url: &str, machines: &[&Machine], mut
     }
 }
 
+/// [`assert_whole_everywhere`] on `a`, `b` and a fresh machine, then again after a gc on `b` without a grace.
+fn assert_whole_before_and_after_gc(
+    endpoint: &str,
+    url: &str,
+    a: &Machine,
+    b: &Machine,
+    expected: Vec<(String, Vec<u8>)>,
+) {
+    assert_whole_everywhere(endpoint, url, &[a, b], expected.clone());
+    let o = b.run(&["--json", "gc", "--orphan-grace", "0s"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    assert_whole_everywhere(endpoint, url, &[a, b], expected);
+}
+
 /// A checkout of `id` on `m` fails as damaged (exit 3), which marks what it met.
 fn assert_checkout_damaged(m: &Machine, id: &str) {
     let dir = tempfile::tempdir().unwrap();
@@ -1733,10 +1747,7 @@ fn a_gc_record_put_back_is_applied_in_order(accept: bool) {
     assert_all_restore(&b, &expected);
     let o = b.run(&["--json", "sync"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    assert_whole_everywhere(&endpoint, &url, &[&a, &b], expected.clone());
-    let o = b.run(&["--json", "gc", "--orphan-grace", "0s"]);
-    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
-    assert_whole_everywhere(&endpoint, &url, &[&a, &b], expected);
+    assert_whole_before_and_after_gc(&endpoint, &url, &a, &b, expected);
 }
 
 /// A forget's record and the gc's records of the pack it then moved and the pack it deleted, all lost and
@@ -1856,10 +1867,7 @@ fn a_late_record_waits_while_this_machine_alone_holds_a_lost_one() {
         (synced["rebuilt"].as_bool(), synced["records_missing"].as_array().map(Vec::len)),
         (Some(true), Some(0))
     );
-    assert_whole_everywhere(&endpoint, &url, &[&a, &b], expected.clone());
-    let o = b.run(&["--json", "gc", "--orphan-grace", "0s"]);
-    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
-    assert_whole_everywhere(&endpoint, &url, &[&a, &b], expected);
+    assert_whole_before_and_after_gc(&endpoint, &url, &a, &b, expected);
 }
 
 /// The newest record lost, of a checkpoint whose every chunk was deduplicated against a forgotten one's
@@ -1968,10 +1976,7 @@ fn a_late_record_waits_while_a_record_this_machine_applied_is_damaged() {
     assert!(a.run(&["sync"]).status.success());
     a.ok(&["sync", "--accept-missing"]);
     let expected = vec![(first, data[0].clone()), (own, data[2].clone()), (c0, data[3].clone())];
-    assert_whole_everywhere(&endpoint, &url, &[&a, &b], expected.clone());
-    let o = b.run(&["--json", "gc", "--orphan-grace", "0s"]);
-    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
-    assert_whole_everywhere(&endpoint, &url, &[&a, &b], expected);
+    assert_whole_before_and_after_gc(&endpoint, &url, &a, &b, expected);
 }
 
 /// The accept of a lost record on a machine where a late forget waits, after a gc elsewhere swept what that
