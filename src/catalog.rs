@@ -925,6 +925,36 @@ pub(crate) fn mark_damaged(tx: &rusqlite::Transaction<'_>, found: &FoundDamage) 
     Ok(marked)
 }
 
+/// Marks damaged every chunk whose row places it in one of the packs named `packs`: one scan of the chunk rows
+/// (there is no index by pack) per [`PACKS_PER_SCAN`] of them that the catalog has, none if it has none.
+pub(crate) fn mark_packs_damaged<'a>(
+    tx: &rusqlite::Transaction<'_>,
+    packs: impl Iterator<Item = &'a str>,
+) -> Result<u64> {
+    let mut known = Vec::new();
+    {
+        let mut stmt = tx.prepare_cached("SELECT id FROM packs WHERE name = ?1")?;
+        for name in packs {
+            known.extend(stmt.query_row([name], |r| r.get::<_, i64>(0)).optional()?);
+        }
+    }
+    let now = now_ns();
+    let mut marked = 0;
+    for ids in known.chunks(PACKS_PER_SCAN) {
+        let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        marked += tx.execute(
+            &format!(
+                "INSERT OR IGNORE INTO damaged_chunks (id, found_ns) SELECT id, ?1 FROM chunks WHERE pack IN ({list})"
+            ),
+            [now],
+        )? as u64;
+    }
+    Ok(marked)
+}
+
+/// Packs [`mark_packs_damaged`] looks for in one scan.
+const PACKS_PER_SCAN: usize = 500;
+
 /// The chunks of `batch` that replace a copy marked damaged (`insert_rows` re-points their rows), as locate
 /// items: a bucket's record must carry them, since another machine, which did not mark the chunk, keeps its row
 /// on the damaged copy when a pack item names a chunk it already has. Applied in record order, they move every
@@ -1802,6 +1832,42 @@ mod tests {
         }
         let stmt = cat.conn.prepare_cached(HAS_CHUNK).unwrap();
         assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
+    }
+
+    /// A sweep's trace marks every chunk a row places in a pack it names, and nothing for a name the catalog has
+    /// no pack of; more packs than one scan takes are all marked.
+    #[test]
+    fn the_chunks_of_packs_a_trace_names_are_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cat = Catalog::create(&dir.path().join("c.db"), &RepoParams::default()).unwrap();
+        let packs: Vec<(String, u64, Vec<PackEntry>)> = (0..PACKS_PER_SCAN as u32 + 2)
+            .map(|p| {
+                let chunks = (0..3u32)
+                    .map(|c| PackEntry {
+                        id: ObjectId::of(&[p.to_le_bytes(), c.to_le_bytes()].concat()),
+                        flags: 1,
+                        raw_len: 100,
+                        stored_len: 60,
+                        offset: 16 + 60 * c as u64,
+                    })
+                    .collect();
+                (format!("packs/00/{p}.pack"), 200, chunks)
+            })
+            .collect();
+        cat.write_batch(&mut Batch { packs: packs.clone(), ..Default::default() }, None).unwrap();
+        // The first pack and the last two (past one scan's worth), beside a name no row has.
+        let named = [packs[0].0.as_str(), packs[PACKS_PER_SCAN].0.as_str(), packs[PACKS_PER_SCAN + 1].0.as_str()];
+        let tx = cat.conn.transaction().unwrap();
+        let marked = mark_packs_damaged(&tx, named.into_iter().chain(["packs/ff/never.pack"])).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(marked, 9);
+        for (name, _, chunks) in &packs {
+            for e in chunks {
+                assert_eq!(cat.has_chunk(&e.id).unwrap(), !named.contains(&name.as_str()), "{name}");
+            }
+        }
+        let tx = cat.conn.transaction().unwrap();
+        assert_eq!(mark_packs_damaged(&tx, ["packs/ff/never.pack"].into_iter()).unwrap(), 0);
     }
 
     /// A chunk marked damaged counts as absent, so a writer stores its own copy; recording that copy moves the

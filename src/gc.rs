@@ -674,6 +674,10 @@ fn collect(
     crate::fault::point("gc-dropped");
     if let Some((r, lock)) = remote {
         r.check_lock(lock)?;
+        // Every file about to go, for a machine that lacks this sweep's records (lost): see `remote::SWEPT`.
+        let going: Vec<&str> =
+            empty.iter().map(|(_, name, _)| name.as_str()).chain(orphans.iter().map(String::as_str)).collect();
+        r.trace_sweep(conn, &going)?;
     }
     // In a bucket 16 at a time, as every one is recorded dead already.
     let removed = crate::backend::overlapped(backend.as_ref(), &empty, |(_, name, _)| -> Result<bool> {

@@ -185,6 +185,19 @@ pub struct SyncSummary {
 /// only where the machine's row still places the chunk in that pack.
 const DAMAGE: &str = "records/damage-";
 
+/// A GC's trace of the pack files it is about to delete (`records/swept-TOKEN`; the object holds their names, a
+/// line each), written once the records of its sweep are in the bucket and before any file goes. A copy that
+/// still places chunks in one of those packs lacks a record of that sweep: lost, or waiting. Lost while it was
+/// the newest record, before its machine synced again, it leaves no gap (the next record takes its number) and
+/// no [`LOST`] marker, and a commit on that copy would reuse chunks whose pack is gone (round 27 review, F1).
+/// So a sync marks those chunks damaged, and the next commit meeting their bytes stores them afresh. Not a
+/// record: it has no sequence number (builds before it pass over such names), and it commutes with records,
+/// since it marks only where a row still names a listed pack. Never deleted: one per GC that deletes files.
+const SWEPT: &str = "records/swept-";
+
+/// Pack names per [`SWEPT`] object, so that what a sync holds of one stays small whatever a GC deletes.
+const SWEPT_NAMES: usize = 4096;
+
 /// The bucket object sharing the mark of `chunk` in `pack`.
 fn damage_name(chunk: &ObjectId, pack: &str) -> String {
     format!("{DAMAGE}{}-{}", chunk.to_hex(), pack_hash(pack))
@@ -596,6 +609,11 @@ impl Remote {
             }
             applied_now.insert(name);
         }
+        // Sweeps whose records this copy lacks, once the records it can apply are in. Not into a scratch copy
+        // (`only`): it takes rows from another copy, not from this bucket's history.
+        if only.is_none() {
+            self.apply_sweep_traces(catalog, &listed, &known)?;
+        }
         // Other machines' marks, once the records they rely on are in; then this one's, shared.
         let marks: Vec<(&str, ObjectId, u64)> = listed
             .iter()
@@ -641,6 +659,49 @@ impl Remote {
         }));
         s.records_waiting = waiting;
         Ok(s)
+    }
+
+    /// Reads the [`SWEPT`] traces of `listed` that the catalog has not applied (`known`) and marks damaged every
+    /// chunk it places in a pack one names; notes each applied, all in one transaction.
+    fn apply_sweep_traces(
+        &self,
+        catalog: &mut Catalog,
+        listed: &[crate::backend::ObjectMeta],
+        known: &HashSet<String>,
+    ) -> Result<()> {
+        let traces: Vec<(&str, u64)> = listed
+            .iter()
+            .filter(|o| o.name.starts_with(SWEPT) && !known.contains(&o.name))
+            .map(|o| (o.name.as_str(), o.size))
+            .collect();
+        if traces.is_empty() {
+            return Ok(());
+        }
+        let tx = catalog.connection_mut().transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for (&(name, _), body) in self.fetched(&traces, |&(name, size)| (name, size)) {
+            let body = match body {
+                Ok(body) => body,
+                // Deleted by hand since the listing: the next listing lacks it too.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.err(name, e)),
+            };
+            let body = String::from_utf8_lossy(&body);
+            crate::catalog::mark_packs_damaged(&tx, body.lines())?;
+            tx.execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [name])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Writes the [`SWEPT`] traces of `packs`, the files a GC deletes next, noting them applied in `catalog`
+    /// (whose rows name none of them). A failure stops the GC before it deletes anything.
+    pub(crate) fn trace_sweep(&self, catalog: &rusqlite::Connection, packs: &[&str]) -> Result<()> {
+        for group in packs.chunks(SWEPT_NAMES) {
+            let name = format!("{SWEPT}{}", token());
+            self.bucket.put(&name, group.join("\n").into_bytes()).map_err(|e| self.err(&name, e))?;
+            catalog.execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [&name])?;
+        }
+        Ok(())
     }
 
     /// The records of `listed` this catalog applied (`known`) whose bucket copy is damaged or gone since the
