@@ -873,6 +873,7 @@ impl Remote {
     pub(crate) fn accept_missing(
         &self,
         catalog: &mut Catalog,
+        backend: &dyn crate::backend::Backend,
         everywhere: bool,
     ) -> Result<(Vec<String>, crate::restate::Restated)> {
         let waiting = self.sync(catalog)?.records_waiting;
@@ -907,6 +908,11 @@ impl Remote {
             )));
         }
         let mut accepted = gone.lines(&[]);
+        // Rows a lost GC record dropped here and no other machine did come back first: local, and done again
+        // harmlessly should the accept stop before its end.
+        if !gone.applied.is_empty() {
+            crate::repair::reindex_dropped(catalog, backend)?;
+        }
         // What the lost records added that only this copy holds goes back into the bucket first, in records
         // that only add: once the loss is accepted nothing holds other machines' GC back, and they would take
         // its packs for orphans (round 24 review, F5).

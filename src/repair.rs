@@ -51,6 +51,63 @@ const HEARTBEAT: Duration = Duration::from_secs(60);
 /// before it may have taken hours, and commits take seconds.
 const WAIT_FOR_COMMITS: Duration = Duration::from_secs(600);
 
+/// For a bucket's copy accepting the loss of records it applied: adds a row for each chunk that a pack the copy
+/// still has holds and that no row names. A lost GC record may have dropped such rows here (a sweep that left
+/// the pack in place) while every machine that never applied it keeps them and deduplicates against them; then
+/// this copy could not restore those checkpoints, and its GC collected nothing until `sync --rebuild`, which
+/// loses what only this copy knows (round 26 review, open item). A chunk no checkpoint uses is condemned again
+/// by the next GC and swept with a record this time. Only packs with fewer rows than the chunks they were
+/// written with are read, one request each, 16 at a time; one that is gone or whose index is damaged is passed
+/// over. Returns the rows added.
+pub(crate) fn reindex_dropped(cat: &mut Catalog, backend: &dyn Backend) -> Result<u64> {
+    let conn = cat.connection_mut();
+    // One pass over the chunk rows (there is no index by pack).
+    let mut rows: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
+    {
+        let mut stmt = conn.prepare("SELECT pack, count(*) FROM chunks GROUP BY pack")?;
+        let mut found = stmt.query([])?;
+        while let Some(r) = found.next()? {
+            rows.insert(r.get(0)?, r.get(1)?);
+        }
+    }
+    let sparse: Vec<(i64, String, u64)> = conn
+        .prepare("SELECT id, name, size, chunk_count FROM packs")?
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)))?
+        .filter_map(|r| match r {
+            Ok((id, name, size, count)) if count > rows.get(&id).copied().unwrap_or(0) => {
+                Some(Ok((id, name, size as u64)))
+            }
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<rusqlite::Result<_>>()?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut added = 0;
+    {
+        let mut insert = tx.prepare(
+            "INSERT OR IGNORE INTO chunks (id, pack, offset, stored_len, raw_len, flags) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        let indexes = crate::backend::overlapped(backend, &sparse, |(_, name, size)| {
+            crate::pack::read_index_sized(backend, name, *size)
+        });
+        for ((pack, _, _), index) in indexes {
+            let index = match index {
+                Ok(index) => index,
+                Err(Error::Corrupt { .. }) => continue,
+                Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for e in index {
+                added +=
+                    insert.execute(params![&e.id.0[..], pack, e.offset as i64, e.stored_len, e.raw_len, e.flags])?
+                        as u64;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(added)
+}
+
 /// A checkpoint's state after a repair.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct CheckpointState {
@@ -403,5 +460,50 @@ mod tests {
         assert_eq!(r.checkpoints.len(), 1);
         assert!(r.checkpoints[0].whole && r.checkpoints[0].id == a.id);
         assert!(!r.is_whole(), "a damaged pack is damage left");
+    }
+
+    /// Rows dropped from a pack that still holds the chunks come back, each once; a pack whose rows are all
+    /// there is not read, and one gone from the store is passed over.
+    #[test]
+    fn reindexing_dropped_rows_reads_only_packs_missing_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path()).unwrap();
+        for seed in [1, 3, 5] {
+            repo.commit_reader("a", &mut &pseudo_random(300_000, seed)[..], &CommitOptions::default()).unwrap();
+        }
+        let mut cat = repo.open_catalog().unwrap();
+        let packs: Vec<(i64, String)> = cat
+            .connection()
+            .prepare("SELECT id, name FROM packs ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(packs.len(), 3);
+        let rows = |cat: &Catalog| -> i64 {
+            cat.connection().query_row("SELECT count(*) FROM chunks", [], |r| r.get(0)).unwrap()
+        };
+        let all = rows(&cat);
+        // Two rows dropped from the first pack; one from the second, whose file is then lost.
+        for (pack, n) in [(packs[0].0, 2), (packs[1].0, 1)] {
+            cat.connection()
+                .execute("DELETE FROM chunks WHERE id IN (SELECT id FROM chunks WHERE pack = ?1 LIMIT ?2)", [pack, n])
+                .unwrap();
+        }
+        std::fs::remove_file(dir.path().join(&packs[1].1)).unwrap();
+        let read = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+        let mut store = crate::testutil::Hooked::new(dir.path());
+        let seen = read.clone();
+        store.on_read = Box::new(move |name, _| {
+            seen.lock().unwrap().insert(name.to_string());
+        });
+        assert_eq!(reindex_dropped(&mut cat, &store).unwrap(), 2);
+        assert_eq!(rows(&cat), all - 1);
+        // The third pack lacks no row.
+        let mut missing_rows = vec![&packs[0].1, &packs[1].1];
+        missing_rows.sort();
+        assert_eq!(read.lock().unwrap().iter().collect::<Vec<_>>(), missing_rows);
+        assert_eq!(reindex_dropped(&mut cat, &store).unwrap(), 0);
     }
 }

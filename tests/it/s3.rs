@@ -1983,6 +1983,37 @@ fn a_commit_after_a_gc_lost_its_newest_records_stores_afresh_what_it_deleted() {
     assert_whole_before_and_after_gc(&endpoint, &url, &a, &b, expected);
 }
 
+/// A gc on b swept chunks from a pack it kept, and its records were lost; b accepted the loss. a, which never
+/// applied them, still had those chunks and deduplicated against them. Before, b could not restore a's new
+/// checkpoint, and its gc collected nothing until `sync --rebuild`, which drops what only b's copy knows. The
+/// accept now indexes again what b's packs hold that its copy dropped.
+#[test]
+fn a_machine_that_accepted_its_lost_gc_record_restores_what_others_deduplicated_since() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+    a.ok(&["init"]);
+    let (k, x) = (pseudo_random(400_000, 351), pseudo_random(400_000, 353));
+    let both = a.commit_stream("both", &[k.clone(), x.clone()].concat());
+    let konly = a.commit_stream("konly", &k);
+    b.ok(&["sync"]);
+    b.ok(&["forget", &both]);
+    assert!(a.run(&["sync"]).status.success());
+    let before = listed(&endpoint, &url, "records/");
+    let gc: serde_json::Value =
+        serde_json::from_str(&b.ok(&["--json", "gc", "--orphan-grace", "0s", "--max-unused", "100"])).unwrap();
+    assert!(gc["chunks_swept"].as_u64().unwrap() > 0 && gc["packs_deleted"] == 0, "{gc}");
+    let store = bucket(&endpoint, &url);
+    for key in listed(&endpoint, &url, "records/").into_iter().filter(|k| !before.contains(k)) {
+        store.delete(object_name(&url, &key)).unwrap();
+    }
+    b.ok(&["sync", "--accept-missing"]);
+    let again = a.commit_stream("again", &x);
+    let mut expected = vec![(konly, k), (again, x)];
+    expected.sort();
+    assert_all_restore(&b, &expected);
+    assert_whole_before_and_after_gc(&endpoint, &url, &a, &b, expected);
+}
+
 /// A late record that removes, on a machine whose own record is damaged in the bucket, still listed (round 25
 /// review, R1). The rebuild the late record asked for stopped at the damaged record and put the copy back,
 /// marked, so every command failed; and once the damaged record was moved out, as the error says, the rebuild
