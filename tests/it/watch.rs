@@ -115,8 +115,18 @@ fn a_signal_during_a_commit_lets_it_finish_and_a_second_ends_it_at_once() {
             .spawn()
             .unwrap()
     };
+    // Signalled only once it has made its repository, so that a slow start under a loaded machine is not
+    // mistaken for a watch that ignored the signal.
+    let started = |repo: &Path| {
+        let since = std::time::Instant::now();
+        while !repo.join("catalog.db").exists() {
+            assert!(since.elapsed() < Duration::from_secs(30), "the watch never made its repository");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(delay);
+    };
     let child = watch(&repo);
-    std::thread::sleep(delay);
+    started(&repo);
     sigterm(child.id());
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
@@ -134,7 +144,7 @@ fn a_signal_during_a_commit_lets_it_finish_and_a_second_ends_it_at_once() {
     // Two signals: the second ends it mid-commit with 130, leaving no checkpoint and nothing to repair.
     let second = t.path().join("repo2");
     let child = watch(&second);
-    std::thread::sleep(delay);
+    started(&second);
     sigterm(child.id());
     std::thread::sleep(Duration::from_millis(20));
     sigterm(child.id());

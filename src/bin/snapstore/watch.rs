@@ -41,15 +41,16 @@ pub struct WatchArgs {
 pub fn watch(repo_dir: &Path, args: &WatchArgs, json: bool, quiet: bool, out: &mut Out) -> Result<(), Failure> {
     // A commit that cannot start must not leave a new, empty repository behind.
     std::fs::symlink_metadata(&args.path).map_err(|e| snapstore::Error::reading_source(&args.path, e))?;
-    let repo = crate::open_or_init(repo_dir)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // The first signal lets the commit under way finish; a second one ends the process at once, which a
-        // commit survives like any crash (it leaves nothing visible).
+        // commit survives like any crash (it leaves nothing visible). Before the repository is opened, so
+        // that a signal while a new one is made (or a bucket's copy synced) does not kill it halfway.
         signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())
             .and_then(|_| signal_hook::flag::register(signal, stop.clone()))
             .map_err(|e| snapstore::Error::io("<signal handler>", e))?;
     }
+    let repo = crate::open_or_init(repo_dir)?;
     let policy = args.keep.policy();
     let opts = WatchOptions {
         every: args.every,
