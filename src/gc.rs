@@ -677,7 +677,7 @@ fn collect(
         // Every file about to go, for a machine that lacks this sweep's records (lost): see `remote::SWEPT`.
         let going: Vec<&str> =
             empty.iter().map(|(_, name, _)| name.as_str()).chain(orphans.iter().map(String::as_str)).collect();
-        r.trace_sweep(conn, &going)?;
+        r.trace_sweep(&going)?;
     }
     // In a bucket 16 at a time, as every one is recorded dead already.
     let removed = crate::backend::overlapped(backend.as_ref(), &empty, |(_, name, _)| -> Result<bool> {

@@ -191,12 +191,43 @@ const DAMAGE: &str = "records/damage-";
 /// the newest record, before its machine synced again, it leaves no gap (the next record takes its number) and
 /// no [`LOST`] marker, and a commit on that copy would reuse chunks whose pack is gone (round 27 review, F1).
 /// So a sync marks those chunks damaged, and the next commit meeting their bytes stores them afresh. Not a
-/// record: it has no sequence number (builds before it pass over such names), and it commutes with records,
-/// since it marks only where a row still names a listed pack. Never deleted: one per GC that deletes files.
+/// record: it has no sequence number (builds before it pass over such names), and it commutes with records:
+/// it marks where a row names a listed pack, and the names are kept, so that a record applied after it (lost
+/// and put back, or late) has its rows there marked too ([`swept_among`]). It does not help where the loss
+/// also takes the trace, which is newer than the records. Its marks are shared as any ([`DAMAGE`]): the machine whose rows
+/// name the chunks' sound copies (moved by the lost sweep) learns from them which to publish. Never deleted:
+/// one per GC that deletes files.
 const SWEPT: &str = "records/swept-";
 
 /// Pack names per [`SWEPT`] object, so that what a sync holds of one stays small whatever a GC deletes.
 const SWEPT_NAMES: usize = 4096;
+
+/// Marks [`Remote::share_marks`] sends at once.
+const SHARE_AT_ONCE: usize = 16;
+
+/// Where pack files live in the bucket.
+const PACKS: &str = "packs/";
+
+/// The packs `batch` places chunks in that a [`SWEPT`] trace this catalog applied named (their names are kept
+/// in `remote_records` beside the bucket objects it applied, as the pack files are objects it knows gone): a
+/// record applied after the trace, lost and put back or late, whose rows there must be marked as the trace's
+/// own are.
+fn swept_among(conn: &rusqlite::Connection, batch: &Batch) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached("SELECT 1 FROM remote_records WHERE name = ?1")?;
+    let placed = batch
+        .packs
+        .iter()
+        .chain(&batch.moved)
+        .map(|(name, _, _)| name)
+        .chain(batch.locates.iter().map(|(name, _)| name));
+    let mut swept = Vec::new();
+    for name in placed {
+        if stmt.query_row([name], |_| Ok(())).optional()?.is_some() {
+            swept.push(name.clone());
+        }
+    }
+    Ok(swept)
+}
 
 /// The bucket object sharing the mark of `chunk` in `pack`.
 fn damage_name(chunk: &ObjectId, pack: &str) -> String {
@@ -548,6 +579,7 @@ impl Remote {
         let mut holds_lost = !gone.applied.is_empty() || !held_damaged.is_empty();
         let mut waiting: Vec<String> = Vec::new();
         let mut filled = false;
+        let mut placed_swept: Vec<String> = Vec::new();
         let numbered = listed.iter().filter(|o| record_seq(&o.name).is_some());
         let mut s = SyncSummary { records: numbered.count() as u64, ..Default::default() };
         let mut applied_now = HashSet::new();
@@ -606,13 +638,16 @@ impl Remote {
                 s.applied += 1;
                 // An empty record fills the number of one accepted as lost, which this copy never applied.
                 filled |= batch.is_empty();
+                // One lost and put back, or late, may place chunks in packs that a GC deleted meanwhile (as
+                // orphans, or moved on), whose trace this copy read before (round 28 review, F1).
+                placed_swept.extend(swept_among(catalog.connection(), &batch)?);
             }
             applied_now.insert(name);
         }
         // Sweeps whose records this copy lacks, once the records it can apply are in. Not into a scratch copy
         // (`only`): it takes rows from another copy, not from this bucket's history.
         if only.is_none() {
-            self.apply_sweep_traces(catalog, &listed, &known)?;
+            self.apply_sweep_traces(catalog, &listed, &known, &placed_swept)?;
         }
         // Other machines' marks, once the records they rely on are in; then this one's, shared.
         let marks: Vec<(&str, ObjectId, u64)> = listed
@@ -668,16 +703,18 @@ impl Remote {
         catalog: &mut Catalog,
         listed: &[crate::backend::ObjectMeta],
         known: &HashSet<String>,
+        placed_swept: &[String],
     ) -> Result<()> {
         let traces: Vec<(&str, u64)> = listed
             .iter()
             .filter(|o| o.name.starts_with(SWEPT) && !known.contains(&o.name))
             .map(|o| (o.name.as_str(), o.size))
             .collect();
-        if traces.is_empty() {
+        if traces.is_empty() && placed_swept.is_empty() {
             return Ok(());
         }
         let tx = catalog.connection_mut().transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        crate::catalog::mark_packs_damaged(&tx, placed_swept.iter().map(String::as_str), |_, _| Ok(()))?;
         for (&(name, _), body) in self.fetched(&traces, |&(name, size)| (name, size)) {
             let body = match body {
                 Ok(body) => body,
@@ -686,20 +723,26 @@ impl Remote {
                 Err(e) => return Err(self.err(name, e)),
             };
             let body = String::from_utf8_lossy(&body);
-            crate::catalog::mark_packs_damaged(&tx, body.lines())?;
+            // Shared as any mark: a GC on a machine whose rows name a sound copy (moved by the lost sweep)
+            // publishes it once it sees the mark, which heals this copy.
+            crate::catalog::mark_packs_damaged(&tx, body.lines(), |_, _| Ok(()))?;
+            // Each name too, for a record applied later that places chunks there (see `swept_among`).
+            for pack in body.lines().filter(|l| l.starts_with(PACKS)) {
+                tx.execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [pack])?;
+            }
             tx.execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [name])?;
         }
         tx.commit()?;
         Ok(())
     }
 
-    /// Writes the [`SWEPT`] traces of `packs`, the files a GC deletes next, noting them applied in `catalog`
-    /// (whose rows name none of them). A failure stops the GC before it deletes anything.
-    pub(crate) fn trace_sweep(&self, catalog: &rusqlite::Connection, packs: &[&str]) -> Result<()> {
+    /// Writes the [`SWEPT`] traces of `packs`, the files a GC deletes next. This machine's next sync applies
+    /// them as any other's do (its rows name none of those packs, but it keeps their names for a record that
+    /// arrives later). A failure stops the GC before it deletes anything.
+    pub(crate) fn trace_sweep(&self, packs: &[&str]) -> Result<()> {
         for group in packs.chunks(SWEPT_NAMES) {
             let name = format!("{SWEPT}{}", token());
             self.bucket.put(&name, group.join("\n").into_bytes()).map_err(|e| self.err(&name, e))?;
-            catalog.execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [&name])?;
         }
         Ok(())
     }
@@ -971,20 +1014,40 @@ impl Remote {
     /// whose credentials may not write, or a failing request, leaves them for the next sync to share.
     pub(crate) fn share_marks(&self, catalog: &mut Catalog) {
         let Ok(marks) = crate::catalog::marks_with_packs(catalog.connection()) else { return };
-        for (chunk, pack) in marks {
-            let name = damage_name(&chunk, &pack);
-            let shared = catalog
-                .connection()
-                .query_row("SELECT 1 FROM remote_records WHERE name = ?1", [&name], |_| Ok(()))
-                .optional();
-            if !matches!(shared, Ok(None)) {
-                continue;
-            }
+        let unshared: Vec<(String, String)> = marks
+            .into_iter()
+            .map(|(chunk, pack)| (damage_name(&chunk, &pack), pack))
+            .filter(|(name, _)| {
+                let shared = catalog
+                    .connection()
+                    .query_row("SELECT 1 FROM remote_records WHERE name = ?1", [name], |_| Ok(()))
+                    .optional();
+                matches!(shared, Ok(None))
+            })
+            .collect();
+        // 16 at a time: a pack lost makes hundreds of marks, and one request after another took seconds per
+        // 40 MB of chunks (round 28 review, F3).
+        for group in unshared.chunks(SHARE_AT_ONCE) {
+            let put: Vec<bool> = std::thread::scope(|s| {
+                let running: Vec<_> = group
+                    .iter()
+                    .map(|(name, pack)| s.spawn(move || self.bucket.put(name, pack.clone().into_bytes()).is_ok()))
+                    .collect();
+                running.into_iter().map(|t| t.join().unwrap_or(false)).collect()
+            });
+            // One transaction per group: a statement of its own waits for the disk each time.
+            let noted = |conn: &rusqlite::Connection| -> rusqlite::Result<()> {
+                let tx = conn.unchecked_transaction()?;
+                for ((name, _), _) in group.iter().zip(&put).filter(|(_, ok)| **ok) {
+                    tx.execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [name])?;
+                }
+                tx.commit()
+            };
+            let _ = noted(catalog.connection());
             // One refusal (read-only credentials) or failure stops the rest: each would fail alike.
-            if self.bucket.put(&name, pack.into_bytes()).is_err() {
+            if put.contains(&false) {
                 return;
             }
-            let _ = catalog.connection().execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [&name]);
         }
     }
 

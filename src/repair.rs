@@ -52,13 +52,16 @@ const HEARTBEAT: Duration = Duration::from_secs(60);
 const WAIT_FOR_COMMITS: Duration = Duration::from_secs(600);
 
 /// For a bucket's copy accepting the loss of records it applied: adds a row for each chunk that a pack the copy
-/// still has holds and that no row names. A lost GC record may have dropped such rows here (a sweep that left
-/// the pack in place) while every machine that never applied it keeps them and deduplicates against them; then
-/// this copy could not restore those checkpoints, and its GC collected nothing until `sync --rebuild`, which
-/// loses what only this copy knows (round 26 review, open item). A chunk no checkpoint uses is condemned again
-/// by the next GC and swept with a record this time. Only packs with fewer rows than the chunks they were
-/// written with are read, one request each, 16 at a time; one that is gone or whose index is damaged is passed
-/// over. Returns the rows added.
+/// still has holds and that no row names, condemned. A lost GC record may have dropped such rows here (a sweep
+/// that left the pack in place) while every machine that never applied it keeps them and deduplicates against
+/// them; then this copy could not restore those checkpoints, and its GC collected nothing until `sync
+/// --rebuild`, which loses what only this copy knows (round 26 review, open item). Condemned, a row is read
+/// (a checkout restores what uses it) but no commit here deduplicates against it, since it may as well be one
+/// that every machine dropped with a record still in the bucket: a checkpoint here using it would then be one
+/// no other machine could restore. The next GC here claims back those a checkpoint reaches (another machine's
+/// commit used it, so that machine has it) and sweeps the rest, with a record, after its grace. Only packs with
+/// fewer rows than the chunks they were written with are read, one request each, 16 at a time; one that is
+/// gone or whose index is damaged is passed over. Returns the rows added.
 pub(crate) fn reindex_dropped(cat: &mut Catalog, backend: &dyn Backend) -> Result<u64> {
     let conn = cat.connection_mut();
     // One pass over the chunk rows (there is no index by pack).
@@ -82,11 +85,16 @@ pub(crate) fn reindex_dropped(cat: &mut Catalog, backend: &dyn Backend) -> Resul
         })
         .collect::<rusqlite::Result<_>>()?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let epoch = crate::catalog::gc_epoch(&tx)?;
     let mut added = 0;
     {
         let mut insert = tx.prepare(
             "INSERT OR IGNORE INTO chunks (id, pack, offset, stored_len, raw_len, flags) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
+        let mut condemn = tx.prepare(&format!(
+            "INSERT OR IGNORE INTO condemned (kind, id, epoch) VALUES ({}, ?1, ?2)",
+            crate::catalog::KIND_CHUNK
+        ))?;
         let indexes = crate::backend::overlapped(backend, &sparse, |(_, name, size)| {
             crate::pack::read_index_sized(backend, name, *size)
         });
@@ -98,9 +106,10 @@ pub(crate) fn reindex_dropped(cat: &mut Catalog, backend: &dyn Backend) -> Resul
                 Err(e) => return Err(e),
             };
             for e in index {
-                added +=
-                    insert.execute(params![&e.id.0[..], pack, e.offset as i64, e.stored_len, e.raw_len, e.flags])?
-                        as u64;
+                if insert.execute(params![&e.id.0[..], pack, e.offset as i64, e.stored_len, e.raw_len, e.flags])? == 1 {
+                    condemn.execute(params![&e.id.0[..], epoch])?;
+                    added += 1;
+                }
             }
         }
     }
@@ -500,6 +509,19 @@ mod tests {
         });
         assert_eq!(reindex_dropped(&mut cat, &store).unwrap(), 2);
         assert_eq!(rows(&cat), all - 1);
+        // Back, readable, but condemned: no commit deduplicates against them until a GC finds them in use.
+        let back: Vec<crate::ObjectId> = cat
+            .connection()
+            .prepare("SELECT id FROM condemned WHERE kind = 0")
+            .unwrap()
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .unwrap()
+            .map(|id| crate::ObjectId::from_slice(&id.unwrap()).unwrap())
+            .collect();
+        assert_eq!(back.len(), 2);
+        for id in &back {
+            assert!(cat.chunk_location(id).unwrap().is_some() && !cat.has_chunk(id).unwrap());
+        }
         // The third pack lacks no row.
         let mut missing_rows = vec![&packs[0].1, &packs[1].1];
         missing_rows.sort();

@@ -1983,6 +1983,39 @@ fn a_commit_after_a_gc_lost_its_newest_records_stores_afresh_what_it_deleted() {
     assert_whole_before_and_after_gc(&endpoint, &url, &a, &b, expected);
 }
 
+/// A commit's record goes missing while it is the newest; a gc on b deletes its pack as an orphan (once the
+/// grace has passed: here at once) and writes the trace; then the record is put back, as the sync's hint tells
+/// users to (round 28 review, F1). b had read the trace before the record placed any chunk there, so before,
+/// its rows pointed into the deleted pack unmarked, and a commit of the same bytes reused them. The names a
+/// trace gave are kept, and a record applied later that places chunks there has them marked.
+#[test]
+fn a_record_put_back_after_a_gc_deleted_its_pack_is_not_deduplicated_against() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+    a.ok(&["init"]);
+    let (k, x) = (pseudo_random(200_000, 361), pseudo_random(300_000, 363));
+    let keep = a.commit_stream("keep", &k);
+    b.ok(&["sync"]);
+    let before = listed(&endpoint, &url, "records/");
+    let lost = a.commit_stream("f", &x);
+    let (name, body) = the_new_record(&endpoint, &url, &before);
+    let store = bucket(&endpoint, &url);
+    store.delete(&name).unwrap();
+    let gc: serde_json::Value = serde_json::from_str(&b.ok(&["--json", "gc", "--orphan-grace", "0s"])).unwrap();
+    assert_eq!(gc["orphans_deleted"], 1, "{gc}");
+    // b reads its gc's trace before the record is back.
+    b.ok(&["sync"]);
+    store.put(&name, body).unwrap();
+    b.ok(&["sync"]);
+    let again = b.commit_stream("again", &x);
+    // The put-back record's own checkpoint lost its pack in the grace's window: forgotten, as a user would.
+    b.ok(&["forget", &lost]);
+    let mut expected = vec![(keep, k), (again, x)];
+    expected.sort();
+    assert_all_restore(&b, &expected);
+    assert_all_restore(&Machine::new(&endpoint, &url), &expected);
+}
+
 /// A gc on b swept chunks from a pack it kept, and its records were lost; b accepted the loss. a, which never
 /// applied them, still had those chunks and deduplicated against them. Before, b could not restore a's new
 /// checkpoint, and its gc collected nothing until `sync --rebuild`, which drops what only b's copy knows. The
@@ -2011,6 +2044,36 @@ fn a_machine_that_accepted_its_lost_gc_record_restores_what_others_deduplicated_
     let mut expected = vec![(konly, k), (again, x)];
     expected.sort();
     assert_all_restore(&b, &expected);
+    assert_whole_before_and_after_gc(&endpoint, &url, &a, &b, expected);
+}
+
+/// The accept's rows brought back from the packs may as well be chunks that every machine dropped with a
+/// record still in the bucket: here b's gc swept them, intact, and b then accepts the loss of a commit's record.
+/// A commit of the same bytes on b must not deduplicate against them (no other machine has them), so they
+/// come back condemned, and the commit stores them afresh.
+#[test]
+fn chunks_brought_back_by_an_accept_are_not_deduplicated_against() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+    a.ok(&["init"]);
+    let (k, x, z) = (pseudo_random(400_000, 371), pseudo_random(400_000, 373), pseudo_random(100_000, 375));
+    let both = a.commit_stream("both", &[k.clone(), x.clone()].concat());
+    let konly = a.commit_stream("konly", &k);
+    b.ok(&["sync"]);
+    b.ok(&["forget", &both]);
+    let gc: serde_json::Value =
+        serde_json::from_str(&b.ok(&["--json", "gc", "--orphan-grace", "0s", "--max-unused", "100"])).unwrap();
+    assert!(gc["chunks_swept"].as_u64().unwrap() > 0 && gc["packs_deleted"] == 0, "{gc}");
+    assert!(a.run(&["sync"]).status.success());
+    // b's own commit's record is lost; b accepts, writing its checkpoint back.
+    let before = listed(&endpoint, &url, "records/");
+    let only_b = b.commit_stream("z", &z);
+    let (name, _) = the_new_record(&endpoint, &url, &before);
+    bucket(&endpoint, &url).delete(&name).unwrap();
+    b.ok(&["sync", "--accept-missing"]);
+    let again = b.commit_stream("again", &x);
+    let mut expected = vec![(konly, k), (only_b, z), (again, x)];
+    expected.sort();
     assert_whole_before_and_after_gc(&endpoint, &url, &a, &b, expected);
 }
 
