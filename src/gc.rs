@@ -233,7 +233,9 @@ pub(crate) fn expire_sessions(conn: &Connection, me: &str, stale_after: Duration
 
 /// Condemns everything no checkpoint reaches, at the current epoch, and advances the epoch.
 /// Returns the number of chunks newly condemned.
-fn mark(conn: &Connection) -> Result<u64> {
+/// In a bucket (`bucket`, its packs), chunks in use that the index lacks are first looked for in the packs
+/// this copy has ([`crate::repair::index_in_use`]).
+fn mark(conn: &Connection, bucket: Option<&dyn Backend>) -> Result<u64> {
     conn.execute_batch(
         "CREATE TEMP TABLE IF NOT EXISTS live (kind INTEGER NOT NULL, id BLOB NOT NULL, PRIMARY KEY (kind, id)) WITHOUT ROWID;
          DELETE FROM temp.live;",
@@ -250,11 +252,20 @@ fn mark(conn: &Connection) -> Result<u64> {
     reach::walk(conn, &roots, &mut |kind, id| Ok(insert.execute(params![kind, &id.0[..]])? == 1))?;
     // A chunk in use that the index lacks still has its blob in some pack; repacking or deleting that pack
     // would lose the blob that `repair index` could have brought back. Collect nothing until it is repaired.
-    let unindexed: i64 = conn.query_row(
-        "SELECT count(*) FROM temp.live l WHERE l.kind = 0 AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = l.id)",
-        [],
-        |r| r.get(0),
-    )?;
+    let count_unindexed = || -> Result<i64> {
+        Ok(conn.query_row(
+            "SELECT count(*) FROM temp.live l WHERE l.kind = 0 AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = l.id)",
+            [],
+            |r| r.get(0),
+        )?)
+    };
+    let mut unindexed = count_unindexed()?;
+    if unindexed > 0
+        && let Some(bucket) = bucket
+        && crate::repair::index_in_use(conn, bucket)? > 0
+    {
+        unindexed = count_unindexed()?;
+    }
     if unindexed > 0 {
         // `repair index` refuses in a bucket, whose catalog is only this machine's copy.
         let in_bucket = crate::remote::local_repo_id(conn)?.is_some();
@@ -480,7 +491,7 @@ fn run(
     if s.sessions_alive == 0 && (remote.is_none() || opts.dry_run) && deferred_by == 0 {
         s.groups_dropped = drop_stale_groups(&tx, None, opts)?;
     }
-    s.chunks_condemned = mark(&tx)?;
+    s.chunks_condemned = mark(&tx, remote.map(|_| backend.as_ref()))?;
     if !records_missing.is_empty() {
         s.records_missing = records_missing;
         if opts.dry_run {
@@ -557,7 +568,7 @@ fn run(
     let tx = cat.connection_mut().transaction_with_behavior(TransactionBehavior::Immediate)?;
     s.groups_dropped = drop_stale_groups(&tx, Some((r, &lock)), opts)?;
     if applied > 0 || s.groups_dropped > 0 {
-        s.chunks_condemned += mark(&tx)?;
+        s.chunks_condemned += mark(&tx, Some(backend.as_ref()))?;
     }
     tx.commit()?;
     collect(cat, backend, Some((r, &lock)), pack_target, opts, listed, s)
@@ -1276,7 +1287,7 @@ mod tests {
         repo.forget(&[&a]).unwrap();
         let mut cat = repo.open_catalog().unwrap();
         let tx = cat.connection_mut().transaction().unwrap();
-        assert!(mark(&tx).unwrap() > 0);
+        assert!(mark(&tx, None).unwrap() > 0);
         tx.execute("DELETE FROM meta WHERE key LIKE 'gc_epoch_ns.%'", []).unwrap();
         let epoch: i64 = tx.query_row("SELECT min(epoch) FROM condemned", [], |r| r.get(0)).unwrap();
         let hour = Duration::from_secs(3600);

@@ -552,7 +552,7 @@ impl Repository {
 
     fn accept_missing(&self, everywhere: bool) -> Result<Vec<String>> {
         let remote = self.remote.as_ref().ok_or_else(|| not_remote(&self.root))?;
-        let (accepted, restated) = remote.accept_missing(&mut self.open_catalog()?, &*self.backend, everywhere)?;
+        let (accepted, restated) = remote.accept_missing(&mut self.open_catalog()?, everywhere)?;
         for id in restated.written {
             self.notice(&format!(
                 "checkpoint {} was held by a lost record and only this machine still had it: written to the bucket \

@@ -293,9 +293,14 @@ fn fetch_groups<'a, T>(items: &'a [T], size: impl Fn(&T) -> u64 + 'a) -> impl It
     })
 }
 
-/// The names of the records `catalog` applied or wrote.
+/// The names of the records `catalog` applied or wrote, and of the other objects under `records/` it applied:
+/// not the pack names traces gave ([`swept_among`]), which grow with every pack any GC deleted (round 29
+/// review, F2), and which a sync looks up one by one.
 pub(crate) fn applied_records(catalog: &Catalog) -> Result<HashSet<String>> {
-    let mut stmt = catalog.connection().prepare("SELECT name FROM remote_records")?;
+    // A range of the primary key: `records/` up to `records0`, '0' following '/'.
+    let mut stmt = catalog
+        .connection()
+        .prepare("SELECT name FROM remote_records WHERE name >= 'records/' AND name < 'records0'")?;
     Ok(stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -916,7 +921,6 @@ impl Remote {
     pub(crate) fn accept_missing(
         &self,
         catalog: &mut Catalog,
-        backend: &dyn crate::backend::Backend,
         everywhere: bool,
     ) -> Result<(Vec<String>, crate::restate::Restated)> {
         let waiting = self.sync(catalog)?.records_waiting;
@@ -951,11 +955,6 @@ impl Remote {
             )));
         }
         let mut accepted = gone.lines(&[]);
-        // Rows a lost GC record dropped here and no other machine did come back first: local, and done again
-        // harmlessly should the accept stop before its end.
-        if !gone.applied.is_empty() {
-            crate::repair::reindex_dropped(catalog, backend)?;
-        }
         // What the lost records added that only this copy holds goes back into the bucket first, in records
         // that only add: once the loss is accepted nothing holds other machines' GC back, and they would take
         // its packs for orphans (round 24 review, F5).

@@ -51,19 +51,17 @@ const HEARTBEAT: Duration = Duration::from_secs(60);
 /// before it may have taken hours, and commits take seconds.
 const WAIT_FOR_COMMITS: Duration = Duration::from_secs(600);
 
-/// For a bucket's copy accepting the loss of records it applied: adds a row for each chunk that a pack the copy
-/// still has holds and that no row names, condemned. A lost GC record may have dropped such rows here (a sweep
-/// that left the pack in place) while every machine that never applied it keeps them and deduplicates against
-/// them; then this copy could not restore those checkpoints, and its GC collected nothing until `sync
-/// --rebuild`, which loses what only this copy knows (round 26 review, open item). Condemned, a row is read
-/// (a checkout restores what uses it) but no commit here deduplicates against it, since it may as well be one
-/// that every machine dropped with a record still in the bucket: a checkpoint here using it would then be one
-/// no other machine could restore. The next GC here claims back those a checkpoint reaches (another machine's
-/// commit used it, so that machine has it) and sweeps the rest, with a record, after its grace. Only packs with
-/// fewer rows than the chunks they were written with are read, one request each, 16 at a time; one that is
-/// gone or whose index is damaged is passed over. Returns the rows added.
-pub(crate) fn reindex_dropped(cat: &mut Catalog, backend: &dyn Backend) -> Result<u64> {
-    let conn = cat.connection_mut();
+/// For a bucket's copy, inside GC's mark (`conn` holds `temp.live`, what its checkpoints reach): adds a row
+/// for each chunk in use that no row names, where a pack the copy still has holds it (read from the pack's own
+/// index). A GC record this copy applied and the bucket then lost (accepted as lost) may have dropped such rows
+/// here, from a pack it kept, while every machine that never applied it kept them and deduplicated against
+/// them since: this copy could not restore those checkpoints, and its GC collected nothing until `sync
+/// --rebuild`, which loses what only this copy knows (round 26 review, open item). Only chunks in use are
+/// added: one that no checkpoint here reaches may be one that a lost forget left in use elsewhere, and adding
+/// it here would have this GC sweep it and publish its drop to every machine (round 29 review, F1). Only packs
+/// with fewer rows than the chunks they were written with are read, one request each, 16 at a time; one that
+/// is gone or whose index is damaged is passed over. Returns the rows added.
+pub(crate) fn index_in_use(conn: &rusqlite::Connection, backend: &dyn Backend) -> Result<u64> {
     // One pass over the chunk rows (there is no index by pack).
     let mut rows: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
     {
@@ -84,36 +82,27 @@ pub(crate) fn reindex_dropped(cat: &mut Catalog, backend: &dyn Backend) -> Resul
             Err(e) => Some(Err(e)),
         })
         .collect::<rusqlite::Result<_>>()?;
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let epoch = crate::catalog::gc_epoch(&tx)?;
+    let mut insert = conn.prepare(&format!(
+        "INSERT OR IGNORE INTO chunks (id, pack, offset, stored_len, raw_len, flags)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM temp.live WHERE kind = {} AND id = ?1)",
+        crate::catalog::KIND_CHUNK
+    ))?;
     let mut added = 0;
-    {
-        let mut insert = tx.prepare(
-            "INSERT OR IGNORE INTO chunks (id, pack, offset, stored_len, raw_len, flags) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
-        let mut condemn = tx.prepare(&format!(
-            "INSERT OR IGNORE INTO condemned (kind, id, epoch) VALUES ({}, ?1, ?2)",
-            crate::catalog::KIND_CHUNK
-        ))?;
-        let indexes = crate::backend::overlapped(backend, &sparse, |(_, name, size)| {
-            crate::pack::read_index_sized(backend, name, *size)
-        });
-        for ((pack, _, _), index) in indexes {
-            let index = match index {
-                Ok(index) => index,
-                Err(Error::Corrupt { .. }) => continue,
-                Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            };
-            for e in index {
-                if insert.execute(params![&e.id.0[..], pack, e.offset as i64, e.stored_len, e.raw_len, e.flags])? == 1 {
-                    condemn.execute(params![&e.id.0[..], epoch])?;
-                    added += 1;
-                }
-            }
+    let indexes = crate::backend::overlapped(backend, &sparse, |(_, name, size)| {
+        crate::pack::read_index_sized(backend, name, *size)
+    });
+    for ((pack, _, _), index) in indexes {
+        let index = match index {
+            Ok(index) => index,
+            Err(Error::Corrupt { .. }) => continue,
+            Err(Error::Backend { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for e in index {
+            added +=
+                insert.execute(params![&e.id.0[..], pack, e.offset as i64, e.stored_len, e.raw_len, e.flags])? as u64;
         }
     }
-    tx.commit()?;
     Ok(added)
 }
 
@@ -471,18 +460,18 @@ mod tests {
         assert!(!r.is_whole(), "a damaged pack is damage left");
     }
 
-    /// Rows dropped from a pack that still holds the chunks come back, each once; a pack whose rows are all
-    /// there is not read, and one gone from the store is passed over.
+    /// Rows in use that were dropped from a pack still holding the chunks come back, each once; one no
+    /// checkpoint uses does not; a pack whose rows are all there is not read, and one gone is passed over.
     #[test]
-    fn reindexing_dropped_rows_reads_only_packs_missing_rows() {
+    fn rows_in_use_come_back_from_packs_missing_rows() {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::init(dir.path()).unwrap();
         for seed in [1, 3, 5] {
             repo.commit_reader("a", &mut &pseudo_random(300_000, seed)[..], &CommitOptions::default()).unwrap();
         }
-        let mut cat = repo.open_catalog().unwrap();
-        let packs: Vec<(i64, String)> = cat
-            .connection()
+        let cat = repo.open_catalog().unwrap();
+        let conn = cat.connection();
+        let packs: Vec<(i64, String)> = conn
             .prepare("SELECT id, name FROM packs ORDER BY id")
             .unwrap()
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -490,16 +479,31 @@ mod tests {
             .map(|r| r.unwrap())
             .collect();
         assert_eq!(packs.len(), 3);
-        let rows = |cat: &Catalog| -> i64 {
-            cat.connection().query_row("SELECT count(*) FROM chunks", [], |r| r.get(0)).unwrap()
-        };
-        let all = rows(&cat);
-        // Two rows dropped from the first pack; one from the second, whose file is then lost.
-        for (pack, n) in [(packs[0].0, 2), (packs[1].0, 1)] {
-            cat.connection()
-                .execute("DELETE FROM chunks WHERE id IN (SELECT id FROM chunks WHERE pack = ?1 LIMIT ?2)", [pack, n])
-                .unwrap();
+        let rows = || -> i64 { conn.query_row("SELECT count(*) FROM chunks", [], |r| r.get(0)).unwrap() };
+        let all = rows();
+        // Three rows dropped from the first pack, of which two in use; one from the second, whose file is then
+        // lost.
+        let first: Vec<Vec<u8>> = conn
+            .prepare("SELECT id FROM chunks WHERE pack = ?1 LIMIT 3")
+            .unwrap()
+            .query_map([packs[0].0], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        conn.execute_batch(
+            "CREATE TEMP TABLE live (kind INTEGER NOT NULL, id BLOB NOT NULL, PRIMARY KEY (kind, id)) WITHOUT ROWID",
+        )
+        .unwrap();
+        for id in &first[..2] {
+            conn.execute("INSERT INTO temp.live VALUES (0, ?1)", [id]).unwrap();
         }
+        for id in &first {
+            conn.execute("DELETE FROM chunks WHERE id = ?1", [id]).unwrap();
+        }
+        let second: Vec<u8> =
+            conn.query_row("SELECT id FROM chunks WHERE pack = ?1", [packs[1].0], |r| r.get(0)).unwrap();
+        conn.execute("INSERT INTO temp.live VALUES (0, ?1)", [&second]).unwrap();
+        conn.execute("DELETE FROM chunks WHERE id = ?1", [&second]).unwrap();
         std::fs::remove_file(dir.path().join(&packs[1].1)).unwrap();
         let read = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
         let mut store = crate::testutil::Hooked::new(dir.path());
@@ -507,25 +511,16 @@ mod tests {
         store.on_read = Box::new(move |name, _| {
             seen.lock().unwrap().insert(name.to_string());
         });
-        assert_eq!(reindex_dropped(&mut cat, &store).unwrap(), 2);
-        assert_eq!(rows(&cat), all - 1);
-        // Back, readable, but condemned: no commit deduplicates against them until a GC finds them in use.
-        let back: Vec<crate::ObjectId> = cat
-            .connection()
-            .prepare("SELECT id FROM condemned WHERE kind = 0")
-            .unwrap()
-            .query_map([], |r| r.get::<_, Vec<u8>>(0))
-            .unwrap()
-            .map(|id| crate::ObjectId::from_slice(&id.unwrap()).unwrap())
-            .collect();
-        assert_eq!(back.len(), 2);
-        for id in &back {
-            assert!(cat.chunk_location(id).unwrap().is_some() && !cat.has_chunk(id).unwrap());
+        assert_eq!(index_in_use(conn, &store).unwrap(), 2);
+        assert_eq!(rows(), all - 2);
+        for id in &first[..2] {
+            let id = crate::ObjectId::from_slice(id).unwrap();
+            assert_eq!(cat.chunk_location(&id).unwrap().unwrap().pack, packs[0].1);
         }
         // The third pack lacks no row.
         let mut missing_rows = vec![&packs[0].1, &packs[1].1];
         missing_rows.sort();
         assert_eq!(read.lock().unwrap().iter().collect::<Vec<_>>(), missing_rows);
-        assert_eq!(reindex_dropped(&mut cat, &store).unwrap(), 0);
+        assert_eq!(index_in_use(conn, &store).unwrap(), 0);
     }
 }

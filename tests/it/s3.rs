@@ -2016,54 +2016,66 @@ fn a_record_put_back_after_a_gc_deleted_its_pack_is_not_deduplicated_against() {
     assert_all_restore(&Machine::new(&endpoint, &url), &expected);
 }
 
-/// A gc on b swept chunks from a pack it kept, and its records were lost; b accepted the loss. a, which never
-/// applied them, still had those chunks and deduplicated against them. Before, b could not restore a's new
-/// checkpoint, and its gc collected nothing until `sync --rebuild`, which drops what only b's copy knows. The
-/// accept now indexes again what b's packs hold that its copy dropped.
-#[test]
-fn a_machine_that_accepted_its_lost_gc_record_restores_what_others_deduplicated_since() {
-    let Some((endpoint, url)) = server() else { return };
-    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+/// On a new repository, a commits `k` then `x` as "both" and `k` as "konly"; b forgets "both" (then a syncs,
+/// where `a_syncs`) and b's gc sweeps the chunks only `x` used, keeping their pack. Returns a, b, both's and
+/// konly's ids, and the keys under `records/` that the forget and the gc wrote.
+fn b_forgets_and_sweeps_keeping_the_pack(
+    endpoint: &str,
+    url: &str,
+    (k, x): (&[u8], &[u8]),
+    a_syncs: bool,
+) -> (Machine, Machine, String, String, Vec<String>, Vec<String>) {
+    let (a, b) = (Machine::new(endpoint, url), Machine::new(endpoint, url));
     a.ok(&["init"]);
-    let (k, x) = (pseudo_random(400_000, 351), pseudo_random(400_000, 353));
-    let both = a.commit_stream("both", &[k.clone(), x.clone()].concat());
-    let konly = a.commit_stream("konly", &k);
+    let both = a.commit_stream("both", &[k, x].concat());
+    let konly = a.commit_stream("konly", k);
     b.ok(&["sync"]);
+    let new_since = |before: &[String]| -> Vec<String> {
+        listed(endpoint, url, "records/").into_iter().filter(|k| !before.contains(k)).collect()
+    };
+    let before = listed(endpoint, url, "records/");
     b.ok(&["forget", &both]);
-    assert!(a.run(&["sync"]).status.success());
-    let before = listed(&endpoint, &url, "records/");
+    let forgot = new_since(&before);
+    if a_syncs {
+        assert!(a.run(&["sync"]).status.success());
+    }
+    let before = listed(endpoint, url, "records/");
     let gc: serde_json::Value =
         serde_json::from_str(&b.ok(&["--json", "gc", "--orphan-grace", "0s", "--max-unused", "100"])).unwrap();
     assert!(gc["chunks_swept"].as_u64().unwrap() > 0 && gc["packs_deleted"] == 0, "{gc}");
+    (a, b, both, konly, forgot, new_since(&before))
+}
+
+/// A gc on b swept chunks from a pack it kept, and its records were lost; b accepted the loss. a, which never
+/// applied them, still had those chunks and deduplicated against them. Before, b could not restore a's new
+/// checkpoint, and its gc collected nothing until `sync --rebuild`, which drops what only b's copy knows. b's
+/// gc now indexes again, from the packs b has, the chunks in use that its copy lacks.
+#[test]
+fn a_machine_that_accepted_its_lost_gc_record_restores_what_others_deduplicated_since() {
+    let Some((endpoint, url)) = server() else { return };
+    let (k, x) = (pseudo_random(400_000, 351), pseudo_random(400_000, 353));
+    let (a, b, _, konly, _, swept) = b_forgets_and_sweeps_keeping_the_pack(&endpoint, &url, (&k, &x), true);
     let store = bucket(&endpoint, &url);
-    for key in listed(&endpoint, &url, "records/").into_iter().filter(|k| !before.contains(k)) {
+    for key in swept {
         store.delete(object_name(&url, &key)).unwrap();
     }
     b.ok(&["sync", "--accept-missing"]);
     let again = a.commit_stream("again", &x);
     let mut expected = vec![(konly, k), (again, x)];
     expected.sort();
-    assert_all_restore(&b, &expected);
+    let o = b.run(&["--json", "gc", "--orphan-grace", "0s"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
     assert_whole_before_and_after_gc(&endpoint, &url, &a, &b, expected);
 }
 
-/// The accept's rows brought back from the packs may as well be chunks that every machine dropped with a
-/// record still in the bucket: here b's gc swept them, intact, and b then accepts the loss of a commit's record.
-/// A commit of the same bytes on b must not deduplicate against them (no other machine has them), so they
-/// come back condemned, and the commit stores them afresh.
+/// b's gc swept chunks, with records still in the bucket, from a pack it kept; then b accepts the loss of one of
+/// its commit's records. No row comes back for those chunks (an accept once brought back every chunk its packs
+/// held, and no other machine had these): a commit of the same bytes on b stores them afresh.
 #[test]
-fn chunks_brought_back_by_an_accept_are_not_deduplicated_against() {
+fn a_machine_that_accepted_a_loss_does_not_deduplicate_against_chunks_every_machine_dropped() {
     let Some((endpoint, url)) = server() else { return };
-    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
-    a.ok(&["init"]);
     let (k, x, z) = (pseudo_random(400_000, 371), pseudo_random(400_000, 373), pseudo_random(100_000, 375));
-    let both = a.commit_stream("both", &[k.clone(), x.clone()].concat());
-    let konly = a.commit_stream("konly", &k);
-    b.ok(&["sync"]);
-    b.ok(&["forget", &both]);
-    let gc: serde_json::Value =
-        serde_json::from_str(&b.ok(&["--json", "gc", "--orphan-grace", "0s", "--max-unused", "100"])).unwrap();
-    assert!(gc["chunks_swept"].as_u64().unwrap() > 0 && gc["packs_deleted"] == 0, "{gc}");
+    let (a, b, _, konly, _, _) = b_forgets_and_sweeps_keeping_the_pack(&endpoint, &url, (&k, &x), true);
     assert!(a.run(&["sync"]).status.success());
     // b's own commit's record is lost; b accepts, writing its checkpoint back.
     let before = listed(&endpoint, &url, "records/");
@@ -2075,6 +2087,32 @@ fn chunks_brought_back_by_an_accept_are_not_deduplicated_against() {
     let mut expected = vec![(konly, k), (only_b, z), (again, x)];
     expected.sort();
     assert_whole_before_and_after_gc(&endpoint, &url, &a, &b, expected);
+}
+
+/// b forgets a checkpoint and its gc sweeps chunks only that checkpoint used, from a pack it keeps; both records
+/// are lost before a syncs, so a keeps the checkpoint, restored from that pack. Once b accepts the loss, its gc
+/// must not publish the drop of those chunks (round 29 review, F1: an accept that brought back every chunk its
+/// packs held had b's next gc sweep them, and a applied the drop). Only chunks in use on b come back.
+#[test]
+fn a_checkpoint_whose_forget_was_lost_stays_whole_where_it_is_kept() {
+    let Some((endpoint, url)) = server() else { return };
+    let (k, x) = (pseudo_random(400_000, 381), pseudo_random(400_000, 383));
+    let kx = [k.clone(), x.clone()].concat();
+    let (a, b, both, konly, forgot, swept) = b_forgets_and_sweeps_keeping_the_pack(&endpoint, &url, (&k, &x), false);
+    let store = bucket(&endpoint, &url);
+    for key in forgot.into_iter().chain(swept) {
+        store.delete(object_name(&url, &key)).unwrap();
+    }
+    b.run(&["sync"]);
+    b.ok(&["sync", "--accept-missing"]);
+    let o = b.run(&["--json", "gc", "--orphan-grace", "0s", "--max-unused", "100"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    let mut expected = vec![(both, kx), (konly.clone(), k.clone())];
+    expected.sort();
+    assert!(a.run(&["sync"]).status.success());
+    assert_whole(&a, &expected);
+    assert_whole(&Machine::new(&endpoint, &url), &expected);
+    assert_all_restore(&b, &[(konly, k)]);
 }
 
 /// A late record that removes, on a machine whose own record is damaged in the bucket, still listed (round 25
