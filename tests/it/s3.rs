@@ -2068,6 +2068,61 @@ fn a_machine_that_accepted_its_lost_gc_record_restores_what_others_deduplicated_
     assert_whole_before_and_after_gc(&endpoint, &url, &a, &b, expected);
 }
 
+/// Item 1's case where the chunk b's gc looks for sits twice in packs with fewer rows than chunks: a damaged
+/// copy in the first (the chunk was stored again after a read found the damage) and the sound one in the
+/// second (round 30 review, F1). Before, b's row went to the damaged copy; once the second pack died on b, its
+/// death was published with that row as the chunk's new place, and the checkpoint restored nowhere.
+#[test]
+fn a_chunk_in_use_comes_back_from_its_sound_copy_not_a_damaged_one() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+    a.ok(&["init"]);
+    let (k, x, y) = (pseudo_random(400_000, 391), pseudo_random(400_000, 393), pseudo_random(400_000, 395));
+    let kx = a.commit_stream("kx", &[k.clone(), x.clone()].concat());
+    let konly = a.commit_stream("konly", &k);
+    // x's last chunk: the last of the pack of three checkpoints' worth.
+    let catalog: Vec<_> = walkdir::WalkDir::new(a.cache.path())
+        .into_iter()
+        .map(|e| e.unwrap().into_path())
+        .filter(|p| p.file_name().is_some_and(|n| n == "catalog.db"))
+        .collect();
+    let (pack, offset, len): (String, i64, i64) = rusqlite::Connection::open(&catalog[0])
+        .unwrap()
+        .query_row(
+            "SELECT p.name, c.offset, c.stored_len FROM chunks c JOIN packs p ON p.id = c.pack
+             ORDER BY p.chunk_count DESC, c.offset DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    let key = packs(&endpoint, &url).into_iter().find(|k| k.ends_with(&pack)).unwrap();
+    flip_byte(&endpoint, &url, &key, |_| (offset + len / 2) as usize);
+    let o = a.run(&["checkout", &kx, a.cache.path().join("out").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "the read finds the damage: {}", text(&o.stderr));
+    // Stored again, in a pack of its own, by the next commit of its bytes.
+    let yx = a.commit_stream("yx", &[y.clone(), x.clone()].concat());
+    let yonly = a.commit_stream("yonly", &y);
+    b.ok(&["sync"]);
+    b.ok(&["forget", &kx, &yx]);
+    assert!(a.run(&["sync"]).status.success());
+    let before = listed(&endpoint, &url, "records/");
+    b.ok(&["gc", "--orphan-grace", "0s", "--max-unused", "100"]);
+    let (name, _) = the_new_record(&endpoint, &url, &before);
+    bucket(&endpoint, &url).delete(&name).unwrap();
+    b.run(&["sync"]);
+    b.ok(&["sync", "--accept-missing"]);
+    let again = a.commit_stream("again", &x);
+    b.ok(&["forget", &yonly]);
+    assert!(a.run(&["sync"]).status.success());
+    b.ok(&["gc", "--orphan-grace", "0s", "--max-unused", "100"]);
+    assert!(a.run(&["sync"]).status.success());
+    let mut expected = vec![(konly, k), (again, x)];
+    expected.sort();
+    for m in [&a, &b, &Machine::new(&endpoint, &url)] {
+        assert_all_restore(m, &expected);
+    }
+}
+
 /// b's gc swept chunks, with records still in the bucket, from a pack it kept; then b accepts the loss of one of
 /// its commit's records. No row comes back for those chunks (an accept once brought back every chunk its packs
 /// held, and no other machine had these): a commit of the same bytes on b stores them afresh.
