@@ -194,9 +194,9 @@ const DAMAGE: &str = "records/damage-";
 /// record: it has no sequence number (builds before it pass over such names), and it commutes with records:
 /// it marks where a row names a listed pack, and the names are kept, so that a record applied after it (lost
 /// and put back, or late) has its rows there marked too ([`swept_among`]). It does not help where the loss
-/// also takes the trace, which is newer than the records. Its marks are shared as any ([`DAMAGE`]): the machine whose rows
-/// name the chunks' sound copies (moved by the lost sweep) learns from them which to publish. Never deleted:
-/// one per GC that deletes files.
+/// also takes the trace, which is newer than the records. Its marks are shared as any ([`DAMAGE`]): the
+/// machine whose rows name the chunks' sound copies (moved by the lost sweep) learns from them which to
+/// publish. Never deleted: one per GC that deletes files.
 const SWEPT: &str = "records/swept-";
 
 /// Pack names per [`SWEPT`] object, so that what a sync holds of one stays small whatever a GC deletes.
