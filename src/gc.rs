@@ -231,10 +231,54 @@ pub(crate) fn expire_sessions(conn: &Connection, me: &str, stale_after: Duration
     Ok((expired, sessions.len() as u64 - expired))
 }
 
+/// For a bucket's copy, inside the mark (`conn` holds `temp.live`, what its checkpoints reach): adds a row for
+/// each chunk in use that no row names, where a pack the copy still has holds a sound copy of it (read from
+/// the pack's own index, the blob checked against its id). A GC record this copy applied and the bucket then
+/// lost (accepted as lost) may have dropped such rows here, from a pack it kept, while every machine that never
+/// applied it kept them and deduplicated against them since: this copy could not restore those checkpoints,
+/// and its GC collected nothing until `sync --rebuild`, which loses what only this copy knows (round 26
+/// review, open item). Only chunks in use are added: one that no checkpoint here reaches may be one that a
+/// lost forget left in use elsewhere, and adding it here would have this GC sweep it and publish its drop to
+/// every machine (round 29 review, F1). Only packs with fewer rows than the chunks they were written with are
+/// read; one that is gone or whose index is damaged is passed over, and so is a damaged copy, for the next
+/// pack's: such packs are where one sits once the chunk was stored again, and this row would become the
+/// chunk's place for every machine once the pack holding its sound copy dies (round 30 review, F1). Returns the
+/// rows added.
+fn index_in_use(conn: &Connection, backend: &dyn Backend) -> Result<u64> {
+    let mut wanted = conn.prepare(&format!(
+        "SELECT EXISTS (SELECT 1 FROM temp.live WHERE kind = {KIND_CHUNK} AND id = ?1)
+            AND NOT EXISTS (SELECT 1 FROM chunks WHERE id = ?1)"
+    ))?;
+    let mut insert = conn.prepare(
+        "INSERT OR IGNORE INTO chunks (id, pack, offset, stored_len, raw_len, flags) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut decoder = BlobDecoder::new()?;
+    let mut added = 0;
+    for p in pack_use(conn)?.iter().filter(|p| p.rows < p.chunk_count) {
+        let Some(entries) = index_if_readable(backend, &p.name)? else { continue };
+        for e in entries {
+            if wanted.query_row([&e.id.0[..]], |r| r.get::<_, bool>(0))?
+                && sound_copy(backend, &p.name, &e, &mut decoder)
+            {
+                added +=
+                    insert.execute(params![&e.id.0[..], p.id, e.offset as i64, e.stored_len, e.raw_len, e.flags])?
+                        as u64;
+            }
+        }
+    }
+    Ok(added)
+}
+
+/// Whether `pack` holds, at `e`, a blob that is chunk `e.id` (read, decoded and hashed).
+fn sound_copy(backend: &dyn Backend, pack: &str, e: &PackEntry, decoder: &mut BlobDecoder) -> bool {
+    let mut blob = vec![0u8; e.stored_len as usize];
+    backend.read_at(pack, e.offset, &mut blob).is_ok() && decoder.decode(&e.id, e.flags, e.raw_len, &blob).is_ok()
+}
+
 /// Condemns everything no checkpoint reaches, at the current epoch, and advances the epoch.
 /// Returns the number of chunks newly condemned.
 /// In a bucket (`bucket`, its packs), chunks in use that the index lacks are first looked for in the packs
-/// this copy has ([`crate::repair::index_in_use`]).
+/// this copy has ([`index_in_use`]).
 fn mark(conn: &Connection, bucket: Option<&dyn Backend>) -> Result<u64> {
     conn.execute_batch(
         "CREATE TEMP TABLE IF NOT EXISTS live (kind INTEGER NOT NULL, id BLOB NOT NULL, PRIMARY KEY (kind, id)) WITHOUT ROWID;
@@ -262,7 +306,7 @@ fn mark(conn: &Connection, bucket: Option<&dyn Backend>) -> Result<u64> {
     let mut unindexed = count_unindexed()?;
     if unindexed > 0
         && let Some(bucket) = bucket
-        && crate::repair::index_in_use(conn, bucket)? > 0
+        && index_in_use(conn, bucket)? > 0
     {
         unindexed = count_unindexed()?;
     }
@@ -934,10 +978,7 @@ fn rescue_marked(
             if !marked_elsewhere {
                 continue;
             }
-            let mut blob = vec![0u8; e.stored_len as usize];
-            if backend.read_at(&p.name, e.offset, &mut blob).is_err()
-                || decoder.decode(&e.id, e.flags, e.raw_len, &blob).is_err()
-            {
+            if !sound_copy(backend, &p.name, &e, decoder) {
                 continue;
             }
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -1526,5 +1567,75 @@ mod tests {
         assert_eq!(unused_share(&p), 0.0);
         let p = PackUse { rows: 1, chunk_count: 2, size: 16 + 82 + 40 + 100, live_bytes: 10, ..p };
         assert!((unused_share(&p) - 0.9).abs() < 1e-9);
+    }
+
+    /// Rows in use that were dropped from a pack still holding the chunks come back, each once; one no
+    /// checkpoint uses does not; a pack whose rows are all there is not read, and one gone is passed over.
+    #[test]
+    fn rows_in_use_come_back_from_packs_missing_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path()).unwrap();
+        for seed in [1, 3, 5] {
+            repo.commit_reader("a", &mut &pseudo_random(300_000, seed)[..], &CommitOptions::default()).unwrap();
+        }
+        let cat = repo.open_catalog().unwrap();
+        let conn = cat.connection();
+        let packs: Vec<(i64, String)> = conn
+            .prepare("SELECT id, name FROM packs ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(packs.len(), 3);
+        let rows = || -> i64 { conn.query_row("SELECT count(*) FROM chunks", [], |r| r.get(0)).unwrap() };
+        let all = rows();
+        // Four rows dropped from the first pack, of which three in use (one of those damaged there); one from
+        // the second, whose file is then lost.
+        let first: Vec<(Vec<u8>, i64)> = conn
+            .prepare("SELECT id, offset FROM chunks WHERE pack = ?1 LIMIT 4")
+            .unwrap()
+            .query_map([packs[0].0], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        // The fourth one's blob damaged: its row does not come back.
+        let path = dir.path().join(&packs[0].1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[first[3].1 as usize + 8] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        let first: Vec<Vec<u8>> =
+            [&first[0], &first[1], &first[3], &first[2]].iter().map(|(id, _)| id.clone()).collect();
+        conn.execute_batch(
+            "CREATE TEMP TABLE live (kind INTEGER NOT NULL, id BLOB NOT NULL, PRIMARY KEY (kind, id)) WITHOUT ROWID",
+        )
+        .unwrap();
+        for id in &first[..3] {
+            conn.execute("INSERT INTO temp.live VALUES (0, ?1)", [id]).unwrap();
+        }
+        for id in &first {
+            conn.execute("DELETE FROM chunks WHERE id = ?1", [id]).unwrap();
+        }
+        let second: Vec<u8> =
+            conn.query_row("SELECT id FROM chunks WHERE pack = ?1", [packs[1].0], |r| r.get(0)).unwrap();
+        conn.execute("INSERT INTO temp.live VALUES (0, ?1)", [&second]).unwrap();
+        conn.execute("DELETE FROM chunks WHERE id = ?1", [&second]).unwrap();
+        std::fs::remove_file(dir.path().join(&packs[1].1)).unwrap();
+        let read = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+        let mut store = crate::testutil::Hooked::new(dir.path());
+        let seen = read.clone();
+        store.on_read = Box::new(move |name, _| {
+            seen.lock().unwrap().insert(name.to_string());
+        });
+        assert_eq!(index_in_use(conn, &store).unwrap(), 2);
+        assert_eq!(rows(), all - 3);
+        assert!(cat.chunk_location(&crate::ObjectId::from_slice(&first[2]).unwrap()).unwrap().is_none());
+        for id in &first[..2] {
+            let id = crate::ObjectId::from_slice(id).unwrap();
+            assert_eq!(cat.chunk_location(&id).unwrap().unwrap().pack, packs[0].1);
+        }
+        // The third pack lacks no row, and the second is gone (its size asked for, nothing read).
+        assert_eq!(read.lock().unwrap().iter().collect::<Vec<_>>(), [&packs[0].1]);
+        assert_eq!(index_in_use(conn, &store).unwrap(), 0);
     }
 }

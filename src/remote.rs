@@ -719,7 +719,7 @@ impl Remote {
             return Ok(());
         }
         let tx = catalog.connection_mut().transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        crate::catalog::mark_packs_damaged(&tx, placed_swept.iter().map(String::as_str), |_, _| Ok(()))?;
+        crate::catalog::mark_packs_damaged(&tx, placed_swept.iter().map(String::as_str))?;
         for (&(name, _), body) in self.fetched(&traces, |&(name, size)| (name, size)) {
             let body = match body {
                 Ok(body) => body,
@@ -730,7 +730,7 @@ impl Remote {
             let body = String::from_utf8_lossy(&body);
             // Shared as any mark: a GC on a machine whose rows name a sound copy (moved by the lost sweep)
             // publishes it once it sees the mark, which heals this copy.
-            crate::catalog::mark_packs_damaged(&tx, body.lines(), |_, _| Ok(()))?;
+            crate::catalog::mark_packs_damaged(&tx, body.lines())?;
             // Each name too, for a record applied later that places chunks there (see `swept_among`).
             for pack in body.lines().filter(|l| l.starts_with(PACKS)) {
                 tx.execute("INSERT OR IGNORE INTO remote_records (name) VALUES (?1)", [pack])?;
