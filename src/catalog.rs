@@ -1021,6 +1021,17 @@ pub(crate) fn drop_orphan_marks(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// The root tree of every checkpoint.
+pub(crate) fn checkpoint_roots(conn: &Connection) -> Result<Vec<ObjectId>> {
+    conn.prepare("SELECT root FROM checkpoints")?
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))?
+        .map(|r| {
+            r.map_err(Error::from)
+                .and_then(|b| ObjectId::from_slice(&b).ok_or_else(|| Error::corrupt("malformed root id")))
+        })
+        .collect()
+}
+
 /// The value of `key` in the catalog's `meta` table, if it has one.
 pub(crate) fn meta_value(conn: &Connection, key: &str) -> Result<Option<String>> {
     Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)

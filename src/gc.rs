@@ -231,7 +231,8 @@ pub(crate) fn expire_sessions(conn: &Connection, me: &str, stale_after: Duration
     Ok((expired, sessions.len() as u64 - expired))
 }
 
-/// For a bucket's copy, inside the mark (`conn` holds `temp.live`, what its checkpoints reach): adds a row for
+/// For a bucket's copy, inside the mark (`reached` is `temp.live`, what its checkpoints reach) or a sync's
+/// [`index_reached`]: adds a row for
 /// each chunk in use that no row names, where a pack the copy still has holds a sound copy of it (read from
 /// the pack's own index, the blob checked against its id). A GC record this copy applied and the bucket then
 /// lost (accepted as lost) may have dropped such rows here, from a pack it kept, while every machine that never
@@ -242,19 +243,24 @@ pub(crate) fn expire_sessions(conn: &Connection, me: &str, stale_after: Duration
 /// every machine (round 29 review, F1). Only packs with fewer rows than the chunks they were written with are
 /// read; one that is gone or whose index is damaged is passed over, and so is a damaged copy, for the next
 /// pack's: such packs are where one sits once the chunk was stored again, and this row would become the
-/// chunk's place for every machine once the pack holding its sound copy dies (round 30 review, F1). Returns the
-/// rows added.
-fn index_in_use(conn: &Connection, backend: &dyn Backend) -> Result<u64> {
+/// chunk's place for every machine once the pack holding its sound copy dies (round 30 review, F1). Nor is a
+/// pack that a GC's trace this copy applied names: that GC deletes it, if it has not yet, and the trace, applied
+/// already, would not mark the row. Returns the rows added.
+fn index_in_use(conn: &Connection, backend: &dyn Backend, reached: &str) -> Result<u64> {
     let mut wanted = conn.prepare(&format!(
-        "SELECT EXISTS (SELECT 1 FROM temp.live WHERE kind = {KIND_CHUNK} AND id = ?1)
+        "SELECT EXISTS (SELECT 1 FROM {reached} WHERE kind = {KIND_CHUNK} AND id = ?1)
             AND NOT EXISTS (SELECT 1 FROM chunks WHERE id = ?1)"
     ))?;
     let mut insert = conn.prepare(
         "INSERT OR IGNORE INTO chunks (id, pack, offset, stored_len, raw_len, flags) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
+    let mut traced = conn.prepare("SELECT EXISTS (SELECT 1 FROM remote_records WHERE name = ?1)")?;
     let mut decoder = BlobDecoder::new()?;
     let mut added = 0;
     for p in pack_use(conn)?.iter().filter(|p| p.rows < p.chunk_count) {
+        if traced.query_row([&p.name], |r| r.get::<_, bool>(0))? {
+            continue;
+        }
         let Some(entries) = index_if_readable(backend, &p.name)? else { continue };
         for e in entries {
             if wanted.query_row([&e.id.0[..]], |r| r.get::<_, bool>(0))?
@@ -266,6 +272,30 @@ fn index_in_use(conn: &Connection, backend: &dyn Backend) -> Result<u64> {
             }
         }
     }
+    Ok(added)
+}
+
+/// [`index_in_use`] for the chunks the checkpoints at `roots` reach, outside a GC: on a bucket's copy that
+/// accepted the loss of records it had applied, a sync brings back, for each checkpoint it applies, the rows
+/// that such a record took from this copy while every other machine kept them, so that the checkpoint checks
+/// out here before this machine's next GC (which would bring them back at its mark). Returns the rows added.
+pub(crate) fn index_reached(conn: &Connection, backend: &dyn Backend, roots: &[ObjectId]) -> Result<u64> {
+    conn.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS reached (kind INTEGER NOT NULL, id BLOB NOT NULL, PRIMARY KEY (kind, id)) WITHOUT ROWID;
+         DELETE FROM temp.reached;",
+    )?;
+    let mut insert = conn.prepare_cached("INSERT OR IGNORE INTO temp.reached (kind, id) VALUES (?1, ?2)")?;
+    reach::walk(conn, roots, &mut |kind, id| Ok(insert.execute(params![kind, &id.0[..]])? == 1))?;
+    let unindexed: i64 = conn.query_row(
+        &format!(
+            "SELECT count(*) FROM temp.reached r
+             WHERE r.kind = {KIND_CHUNK} AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = r.id)"
+        ),
+        [],
+        |r| r.get(0),
+    )?;
+    let added = if unindexed > 0 { index_in_use(conn, backend, "temp.reached")? } else { 0 };
+    conn.execute_batch("DELETE FROM temp.reached")?;
     Ok(added)
 }
 
@@ -284,14 +314,7 @@ fn mark(conn: &Connection, bucket: Option<&dyn Backend>) -> Result<u64> {
         "CREATE TEMP TABLE IF NOT EXISTS live (kind INTEGER NOT NULL, id BLOB NOT NULL, PRIMARY KEY (kind, id)) WITHOUT ROWID;
          DELETE FROM temp.live;",
     )?;
-    let roots: Vec<ObjectId> = conn
-        .prepare("SELECT root FROM checkpoints")?
-        .query_map([], |r| r.get::<_, Vec<u8>>(0))?
-        .map(|r| {
-            r.map_err(Error::from)
-                .and_then(|b| ObjectId::from_slice(&b).ok_or_else(|| Error::corrupt("malformed root id")))
-        })
-        .collect::<Result<_>>()?;
+    let roots = crate::catalog::checkpoint_roots(conn)?;
     let mut insert = conn.prepare_cached("INSERT OR IGNORE INTO temp.live (kind, id) VALUES (?1, ?2)")?;
     reach::walk(conn, &roots, &mut |kind, id| Ok(insert.execute(params![kind, &id.0[..]])? == 1))?;
     // A chunk in use that the index lacks still has its blob in some pack; repacking or deleting that pack
@@ -306,7 +329,7 @@ fn mark(conn: &Connection, bucket: Option<&dyn Backend>) -> Result<u64> {
     let mut unindexed = count_unindexed()?;
     if unindexed > 0
         && let Some(bucket) = bucket
-        && index_in_use(conn, bucket)? > 0
+        && index_in_use(conn, bucket, "temp.live")? > 0
     {
         unindexed = count_unindexed()?;
     }
@@ -1621,21 +1644,27 @@ mod tests {
         conn.execute("INSERT INTO temp.live VALUES (0, ?1)", [&second]).unwrap();
         conn.execute("DELETE FROM chunks WHERE id = ?1", [&second]).unwrap();
         std::fs::remove_file(dir.path().join(&packs[1].1)).unwrap();
+        // One from the third, which a gc's trace this copy applied names (that gc deletes it).
+        let third: Vec<u8> =
+            conn.query_row("SELECT id FROM chunks WHERE pack = ?1", [packs[2].0], |r| r.get(0)).unwrap();
+        conn.execute("INSERT INTO temp.live VALUES (0, ?1)", [&third]).unwrap();
+        conn.execute("DELETE FROM chunks WHERE id = ?1", [&third]).unwrap();
+        conn.execute("INSERT INTO remote_records (name) VALUES (?1)", [&packs[2].1]).unwrap();
         let read = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
         let mut store = crate::testutil::Hooked::new(dir.path());
         let seen = read.clone();
         store.on_read = Box::new(move |name, _| {
             seen.lock().unwrap().insert(name.to_string());
         });
-        assert_eq!(index_in_use(conn, &store).unwrap(), 2);
-        assert_eq!(rows(), all - 3);
+        assert_eq!(index_in_use(conn, &store, "temp.live").unwrap(), 2);
+        assert_eq!(rows(), all - 4);
         assert!(cat.chunk_location(&crate::ObjectId::from_slice(&first[2]).unwrap()).unwrap().is_none());
         for id in &first[..2] {
             let id = crate::ObjectId::from_slice(id).unwrap();
             assert_eq!(cat.chunk_location(&id).unwrap().unwrap().pack, packs[0].1);
         }
-        // The third pack lacks no row, and the second is gone (its size asked for, nothing read).
+        // The second is gone (its size asked for, nothing read), the third traced (passed over unread).
         assert_eq!(read.lock().unwrap().iter().collect::<Vec<_>>(), [&packs[0].1]);
-        assert_eq!(index_in_use(conn, &store).unwrap(), 0);
+        assert_eq!(index_in_use(conn, &store, "temp.live").unwrap(), 0);
     }
 }
