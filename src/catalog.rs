@@ -110,6 +110,10 @@ const MIGRATIONS: &[&str] = &[
     // commits then store afresh instead of deduplicating against, re-pointing the row: since checkpoints name
     // chunks by id, that heals every checkpoint using them (see docs/format.md, *Verify and repair*).
     "CREATE TABLE damaged_chunks (id BLOB PRIMARY KEY, found_ns INTEGER NOT NULL) WITHOUT ROWID;",
+    // 14: chunks a bucket copy's GC indexed again after a lost GC record of its own had dropped their rows here
+    // only (`gc::index_in_use`): GC here takes them as live for good, since other machines may still use them
+    // where this copy cannot see it (see docs/format.md, *What a failure leaves*).
+    "CREATE TABLE kept_chunks (id BLOB PRIMARY KEY) WITHOUT ROWID;",
 ];
 
 /// What a whole checkout into a destination recorded there (`checkouts`).
@@ -126,7 +130,7 @@ pub(crate) struct CheckoutRecord {
 /// The oldest schema a catalog on a read-only filesystem, which cannot be migrated, is read at: the
 /// migrations after it change nothing a reader needs (10 only stops older builds; a checkout record without
 /// 11's column is read as one that did not restore extended attributes, and one without 12's as one that
-/// vouches for nothing; 13's table of damaged chunks is written and read by writers alone).
+/// vouches for nothing; 13's table of damaged chunks is written and read by writers alone, and 14's by GC).
 const READABLE_AS_IS_FROM: u32 = 9;
 
 /// The migration after whose SQL `convert_trees` runs.
@@ -2007,6 +2011,7 @@ mod tests {
                  ALTER TABLE checkouts DROP COLUMN dest_ino;
                  ALTER TABLE checkouts DROP COLUMN dest_ctime_ns;
                  DROP TABLE damaged_chunks;
+                 DROP TABLE kept_chunks;
                  PRAGMA user_version = 8;",
             )
             .unwrap();

@@ -588,7 +588,6 @@ impl Remote {
         let numbered = listed.iter().filter(|o| record_seq(&o.name).is_some());
         let mut s = SyncSummary { records: numbered.count() as u64, ..Default::default() };
         let mut applied_now = HashSet::new();
-        let mut applied_roots = Vec::new();
         for (&(seq, name, _), data) in self.fetched(&new, |&(_, name, size)| (name, size)) {
             let data = data.map_err(|e| self.err(name, e))?;
             // The name carries a hash of the bytes (see `publish`): a byte changed where zstd does not notice
@@ -642,7 +641,6 @@ impl Remote {
             }
             if catalog.apply_record(name, seq, &batch)? {
                 s.applied += 1;
-                applied_roots.extend(batch.checkpoint.as_ref().map(|c| c.root));
                 // An empty record fills the number of one accepted as lost, which this copy never applied.
                 filled |= batch.is_empty();
                 // One lost and put back, or late, may place chunks in packs that a GC deleted meanwhile (as
@@ -655,10 +653,6 @@ impl Remote {
         // (`only`): it takes rows from another copy, not from this bucket's history.
         if only.is_none() {
             self.apply_sweep_traces(catalog, &listed, &known, &placed_swept)?;
-            // After the traces, whose packs it passes over.
-            if !applied_roots.is_empty() && crate::catalog::meta_value(catalog.connection(), ROWS_TAKEN)?.is_some() {
-                self.index_taken(catalog, &applied_roots);
-            }
         }
         // Other machines' marks, once the records they rely on are in; then this one's, shared.
         let marks: Vec<(&str, ObjectId, u64)> = listed
@@ -990,15 +984,7 @@ impl Remote {
             let marker = lost_name(name, FOUND_DAMAGED);
             self.bucket.delete(&marker).map_err(|e| self.err(&marker, e))?;
         }
-        if !gone.applied.is_empty() {
-            tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, '1')", [ROWS_TAKEN])?;
-        }
         tx.commit()?;
-        if !gone.applied.is_empty() {
-            // Checkpoints applied while the loss waited may use rows it took: all of them, as GC's mark does.
-            let roots = crate::catalog::checkpoint_roots(catalog.connection()).unwrap_or_default();
-            self.index_taken(catalog, &roots);
-        }
         if everywhere {
             for l in &elsewhere {
                 self.bucket.delete(&l.marker).map_err(|e| self.err(&l.marker, e))?;
@@ -1012,19 +998,6 @@ impl Remote {
             }
         }
         Ok((accepted, restated))
-    }
-
-    /// [`crate::gc::index_reached`] for the checkpoints at `roots`, on this copy's packs in the bucket. Best
-    /// effort: what it cannot bring back now, this machine's next GC brings back at its mark, or reports.
-    fn index_taken(&self, catalog: &mut Catalog, roots: &[ObjectId]) {
-        let Some(dir) = &self.cache else { return };
-        let packs = crate::backend::S3Backend::new(self.bucket.clone(), dir.join("tmp"));
-        let _ = catalog.connection_mut().transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).and_then(
-            |tx| {
-                let _ = crate::gc::index_reached(&tx, &packs, roots);
-                tx.commit()
-            },
-        );
     }
 
     /// The checkpoints that `records` forget, read from the bucket (one damaged or gone since is passed
@@ -1576,11 +1549,6 @@ pub(crate) fn clear_late_mark(conn: &rusqlite::Connection) -> Result<()> {
 /// The `meta` key set while this copy may place chunks in packs a GC deleted in a record it never applied:
 /// [`crate::gc::mark_missing_packs`] before the next write here.
 pub(crate) const PACKS_UNCHECKED: &str = "packs_unchecked";
-
-/// The `meta` key set once this copy accepted the loss of records it had applied ([`Remote::accept_missing`]):
-/// one of them may have been a GC's that took rows from it that every other machine kept, so each sync then
-/// looks for the chunks of the checkpoints it applies that lack rows ([`crate::gc::index_reached`]).
-pub(crate) const ROWS_TAKEN: &str = "rows_taken";
 
 /// The `meta` key naming, a line each, the records this copy applied that a sync found damaged in the bucket
 /// while a late record was to rebuild it ([`Remote::sync`]).

@@ -2049,8 +2049,7 @@ fn b_forgets_and_sweeps_keeping_the_pack(
 /// A gc on b swept chunks from a pack it kept, and its records were lost; b accepted the loss. a, which never
 /// applied them, still had those chunks and deduplicated against them. Before, b could not restore a's new
 /// checkpoint, and its gc collected nothing until `sync --rebuild`, which drops what only b's copy knows. b's
-/// gc then indexed again, from the packs b has, the chunks in use that its copy lacked; a checkout on b still
-/// failed until that gc ran (note 26, open item 3). b's sync now does it for each checkpoint it applies.
+/// gc now indexes again, from the packs b has, the chunks in use that its copy lacks.
 #[test]
 fn a_machine_that_accepted_its_lost_gc_record_restores_what_others_deduplicated_since() {
     let Some((endpoint, url)) = server() else { return };
@@ -2062,39 +2061,70 @@ fn a_machine_that_accepted_its_lost_gc_record_restores_what_others_deduplicated_
     }
     b.ok(&["sync", "--accept-missing"]);
     let again = a.commit_stream("again", &x);
+    // Until b's gc, a checkout there fails, and says what brings the chunks back.
+    let early = b.run(&["checkout", &again, b.cache.path().join("early").to_str().unwrap()]);
+    assert_eq!(early.status.code(), Some(3), "{}", text(&early.stderr));
+    assert!(text(&early.stderr).contains("`snapstore gc` first looks for them"), "{}", text(&early.stderr));
     let mut expected = vec![(konly, k), (again, x)];
     expected.sort();
-    assert_all_restore(&b, &expected);
     let o = b.run(&["--json", "gc", "--orphan-grace", "0s"]);
     assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
     assert_whole_before_and_after_gc(&endpoint, &url, &a, &b, expected);
 }
 
-/// As above, but a deduplicates against the swept chunks before b accepts the loss, and b applies a's checkpoint
-/// while the loss waits: b's accept looks for the chunks every checkpoint it has uses, and b restores a's
-/// checkpoint before any gc.
+/// Round 31 review, F1: b lost its forget of "both" and its gc's sweep of x's rows, and accepted; a still has
+/// "both", and commits x again as "again". b's gc brings x's rows back (in use by "again"). Once "again" is
+/// forgotten, b's next gc swept x and published its drop (and rewrote its pack without it): "both" then
+/// restored nowhere. What a gc brings back is kept for good on b.
 #[test]
-fn a_checkpoint_applied_before_the_accept_restores_on_the_accepting_machine() {
+fn a_chunk_a_gc_brought_back_is_never_dropped_for_machines_that_still_use_it() {
     let Some((endpoint, url)) = server() else { return };
-    let (k, x) = (pseudo_random(400_000, 355), pseudo_random(400_000, 357));
+    let (k, x) = (pseudo_random(400_000, 361), pseudo_random(400_000, 363));
+    let (a, b, both, konly, forgot, swept) = b_forgets_and_sweeps_keeping_the_pack(&endpoint, &url, (&k, &x), false);
+    let store = bucket(&endpoint, &url);
+    for key in forgot.iter().chain(&swept) {
+        store.delete(object_name(&url, key)).unwrap();
+    }
+    b.run(&["sync"]);
+    b.ok(&["sync", "--accept-missing"]);
+    let again = a.commit_stream("again", &x);
+    b.ok(&["gc", "--orphan-grace", "0s", "--max-unused", "100"]);
+    a.ok(&["forget", &again]);
+    b.ok(&["gc", "--orphan-grace", "0s", "--max-unused", "100"]);
+    assert!(a.run(&["sync"]).status.success());
+    let kx = [k.clone(), x].concat();
+    for m in [&a, &Machine::new(&endpoint, &url)] {
+        let mut expected = vec![(both.clone(), kx.clone()), (konly.clone(), k.clone())];
+        expected.sort();
+        assert_all_restore(m, &expected);
+    }
+}
+
+/// Round 31 review, F2: b's gc marked before a's "again" (deduplicated against chunks b's lost gc record had
+/// dropped here) reached b; another command on b then applied it, so the gc's own sync under the sweep lock
+/// applied nothing, and it did not mark again: its rewrite of the pack left x's blobs behind, and "again" was
+/// lost on every machine. A gc now marks again whenever this copy applied records since its mark.
+#[test]
+fn a_gc_marks_again_when_another_command_applied_a_checkpoint_meanwhile() {
+    let Some((endpoint, url)) = server() else { return };
+    let (k, x) = (pseudo_random(400_000, 365), pseudo_random(400_000, 367));
     let (a, b, _, konly, _, swept) = b_forgets_and_sweeps_keeping_the_pack(&endpoint, &url, (&k, &x), true);
     let store = bucket(&endpoint, &url);
     for key in swept {
         store.delete(object_name(&url, &key)).unwrap();
     }
-    let again = a.commit_stream("again", &x);
-    let waiting = b.run(&["sync"]);
-    assert!(
-        text(&waiting.stderr).contains("--accept-missing"),
-        "b reports its lost records: {}",
-        text(&waiting.stderr)
-    );
-    assert!(b.ids().contains(&again), "a's checkpoint, which only adds, is applied while the loss waits");
+    b.run(&["sync"]);
     b.ok(&["sync", "--accept-missing"]);
+    let gc = b.piped(&["--json", "gc", "--orphan-grace", "0s"], &[("SNAPSTORE_FAULT", "gc-marked:1:stop")]);
+    crate::util::wait_until_stopped(gc.id(), "gc-marked");
+    let again = a.commit_stream("again", &x);
+    b.ok(&["sync"]);
+    signal(&gc, "-CONT");
+    let o = gc.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
     let mut expected = vec![(konly, k), (again, x)];
     expected.sort();
-    assert_all_restore(&b, &expected);
-    assert_whole_before_and_after_gc(&endpoint, &url, &a, &b, expected);
+    assert_whole_everywhere(&endpoint, &url, &[&a, &b], expected);
 }
 
 /// Item 1's case where the chunk b's gc looks for sits twice in packs with fewer rows than chunks: a damaged

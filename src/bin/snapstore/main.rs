@@ -758,6 +758,12 @@ fn hint(e: &Error) -> Option<&'static str> {
         Error::Corrupt { what } if what.contains("no machine can sync past it") => {
             "the error says what to do; `snapstore verify` cannot look past that record either"
         }
+        Error::Corrupt { what } if what.contains("is missing from the chunk index") => {
+            "the chunk index lacks chunks the checkpoint uses, whose data may still be in the packs: in a local \
+             repository, `snapstore repair index` indexes what the packs hold; in an s3:// repository, on a machine \
+             that accepted lost records (`sync --accept-missing`), `snapstore gc` first looks for them in the packs \
+             this copy has. `snapstore verify` says which checkpoints and files are affected"
+        }
         Error::Corrupt { .. } | Error::UnsafeName { .. } => {
             "the repository is damaged; nothing was written in place of good data (a checkout restores every file it can \
              and leaves the damaged ones out). `snapstore verify --read-data` says what the damage reaches; other \
