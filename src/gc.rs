@@ -239,12 +239,7 @@ pub(crate) fn expire_sessions(conn: &Connection, me: &str, stale_after: Duration
 /// and its GC collected nothing until `sync --rebuild`, which loses what only this copy knows (round 26
 /// review, open item). Only chunks in use are added: one that no checkpoint here reaches may be one that a
 /// lost forget left in use elsewhere, and adding it here would have this GC sweep it and publish its drop to
-/// every machine (round 29 review, F1). Each chunk added is kept (`kept_chunks`) and taken as live by every
-/// later mark here, whatever this copy's checkpoints reach: another machine may still use it where this copy
-/// cannot see it (a checkpoint whose forget was lost with the GC record), and a sweep here once this copy's
-/// last checkpoint using it went would publish its drop to every machine, and a rewrite of its pack would
-/// leave its blob behind (round 31 review, F1). It goes when another machine's record drops its row. Only
-/// packs with fewer rows than the chunks they were written with are
+/// every machine (round 29 review, F1). Only packs with fewer rows than the chunks they were written with are
 /// read; one that is gone or whose index is damaged is passed over, and so is a damaged copy, for the next
 /// pack's: such packs are where one sits once the chunk was stored again, and this row would become the
 /// chunk's place for every machine once the pack holding its sound copy dies (round 30 review, F1). Nor is a
@@ -258,7 +253,6 @@ fn index_in_use(conn: &Connection, backend: &dyn Backend) -> Result<u64> {
     let mut insert = conn.prepare(
         "INSERT OR IGNORE INTO chunks (id, pack, offset, stored_len, raw_len, flags) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
-    let mut keep = conn.prepare("INSERT OR IGNORE INTO kept_chunks (id) VALUES (?1)")?;
     let mut traced = conn.prepare("SELECT EXISTS (SELECT 1 FROM remote_records WHERE name = ?1)")?;
     let mut decoder = BlobDecoder::new()?;
     let mut added = 0;
@@ -270,10 +264,10 @@ fn index_in_use(conn: &Connection, backend: &dyn Backend) -> Result<u64> {
         for e in entries {
             if wanted.query_row([&e.id.0[..]], |r| r.get::<_, bool>(0))?
                 && sound_copy(backend, &p.name, &e, &mut decoder)
-                && insert.execute(params![&e.id.0[..], p.id, e.offset as i64, e.stored_len, e.raw_len, e.flags])? == 1
             {
-                keep.execute([&e.id.0[..]])?;
-                added += 1;
+                added +=
+                    insert.execute(params![&e.id.0[..], p.id, e.offset as i64, e.stored_len, e.raw_len, e.flags])?
+                        as u64;
             }
         }
     }
@@ -298,11 +292,6 @@ fn mark(conn: &Connection, bucket: Option<&dyn Backend>) -> Result<u64> {
     let roots = crate::catalog::checkpoint_roots(conn)?;
     let mut insert = conn.prepare_cached("INSERT OR IGNORE INTO temp.live (kind, id) VALUES (?1, ?2)")?;
     reach::walk(conn, &roots, &mut |kind, id| Ok(insert.execute(params![kind, &id.0[..]])? == 1))?;
-    // Chunks an earlier mark indexed again (see `index_in_use`), while they have a row.
-    conn.execute_batch(&format!(
-        "DELETE FROM kept_chunks WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = kept_chunks.id);
-         INSERT OR IGNORE INTO temp.live (kind, id) SELECT {KIND_CHUNK}, id FROM kept_chunks;"
-    ))?;
     // A chunk in use that the index lacks still has its blob in some pack; repacking or deleting that pack
     // would lose the blob that `repair index` could have brought back. Collect nothing until it is repaired.
     let count_unindexed = || -> Result<i64> {
@@ -545,7 +534,7 @@ fn run(
         s.groups_dropped = drop_stale_groups(&tx, None, opts)?;
     }
     s.chunks_condemned = mark(&tx, remote.map(|_| backend.as_ref()))?;
-    let marked_after = records_applied(&tx)?;
+    let marked_after = crate::catalog::records_applied(&tx)?;
     if !records_missing.is_empty() {
         s.records_missing = records_missing;
         if opts.dry_run {
@@ -623,21 +612,11 @@ fn run(
     // Not only what this sync applied: another process here may have synced since the mark, applying a
     // checkpoint whose chunks lack rows here that only the mark's search brings back; without it the collect
     // rewrites their pack without them, for every machine (round 31 review, F2).
-    if synced.applied > 0 || records_applied(&tx)? != marked_after || s.groups_dropped > 0 {
+    if synced.applied > 0 || crate::catalog::records_applied(&tx)? != marked_after || s.groups_dropped > 0 {
         s.chunks_condemned += mark(&tx, Some(backend.as_ref()))?;
     }
     tx.commit()?;
     collect(cat, backend, Some((r, &lock)), pack_target, opts, listed, s)
-}
-
-/// How many of the bucket's records (and traces) this copy has applied: what changes when any process here
-/// syncs one.
-fn records_applied(conn: &Connection) -> Result<i64> {
-    Ok(conn.query_row(
-        "SELECT count(*) FROM remote_records WHERE name >= 'records/' AND name < 'records0'",
-        [],
-        |r| r.get(0),
-    )?)
 }
 
 /// Drops the groups still incomplete [`GcOptions::incomplete_after`] after their first part, with their parts;
@@ -1657,17 +1636,6 @@ mod tests {
         });
         assert_eq!(index_in_use(conn, &store).unwrap(), 2);
         assert_eq!(rows(), all - 4);
-        // Kept for good: taken as live by every later mark here.
-        let kept: Vec<Vec<u8>> = conn
-            .prepare("SELECT id FROM kept_chunks ORDER BY id")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(|r| r.unwrap())
-            .collect();
-        let mut added = first[..2].to_vec();
-        added.sort();
-        assert_eq!(kept, added);
         assert!(cat.chunk_location(&crate::ObjectId::from_slice(&first[2]).unwrap()).unwrap().is_none());
         for id in &first[..2] {
             let id = crate::ObjectId::from_slice(id).unwrap();

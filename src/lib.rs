@@ -530,8 +530,9 @@ impl Repository {
     ///
     /// A checkpoint that only this machine still has (a lost record added it) is first written to the bucket
     /// again, with what it reaches that the bucket's records lack, in records that only add: otherwise every
-    /// other machine's GC would take its packs for orphans once the loss is accepted. Each is told through
-    /// [`Repository::on_notice`].
+    /// other machine's GC would take its packs for orphans once the loss is accepted. A checkpoint a lost
+    /// record forgot here, which other machines still list, is forgotten again for them all: this machine's
+    /// GC no longer keeps what it uses. Each is told through [`Repository::on_notice`].
     ///
     /// Refused ([`Error::InvalidInput`]) for a sequence number without a record that this machine never
     /// applied and no other machine has reported as its own: the machine that applied it may not have synced
@@ -557,6 +558,13 @@ impl Repository {
             self.notice(&format!(
                 "checkpoint {} was held by a lost record and only this machine still had it: written to the bucket \
                  again, so that it stays for every machine",
+                &id[..8.min(id.len())]
+            ));
+        }
+        for id in restated.forgotten {
+            self.notice(&format!(
+                "checkpoint {} was forgotten here by a lost record, and other machines still listed it: forgotten \
+                 again in the bucket, so that every machine forgets it",
                 &id[..8.min(id.len())]
             ));
         }

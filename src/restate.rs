@@ -7,6 +7,9 @@
 //! catalog from the bucket alone, compares it with this one and publishes again, as records that only add,
 //! every checkpoint only this copy has, with what it reaches that the bucket's records do not hold. Records that
 //! only add commute with every other, so it does not matter where they land among concurrent ones.
+//!
+//! The other way round, a checkpoint the bucket's records still hold that a lost record forgot here is
+//! forgotten again, for every machine ([`forget_again`]).
 
 use std::path::Path;
 
@@ -29,6 +32,9 @@ pub(crate) struct Restated {
     /// reaches is gone: a GC's record applied here dropped it after a forget that never reached this copy):
     /// not published, since no machine could restore them from what they would name.
     pub damaged: Vec<String>,
+    /// Checkpoints a lost record forgot here that the bucket's records still hold: forgotten again, in a
+    /// record of their own.
+    pub forgotten: Vec<String>,
 }
 
 /// Publishes again, from `catalog`, each checkpoint that a copy built from the bucket's records alone lacks,
@@ -92,6 +98,7 @@ fn restate_against(
                 false => out.damaged.push(id),
             }
         }
+        out.forgotten = forget_again(remote, catalog)?;
         Ok(out)
     })();
     catalog.connection().execute("DETACH DATABASE fresh", [])?;
@@ -176,6 +183,30 @@ fn restate_one(remote: &Remote, conn: &mut Connection, checkpoint: NewCheckpoint
     remote.publish(&tx, &batch)?;
     tx.commit()?;
     Ok(true)
+}
+
+/// Publishes again the forget of each checkpoint (and group) that a lost record forgot here and the bucket's
+/// records alone still hold. Left to the other machines, such a checkpoint stayed listed there, but not
+/// whole: this copy's GC, which no longer sees it, sweeps what it alone reached and rewrites its packs without
+/// those chunks, and publishes both (round 32 review, F1). Forgotten everywhere, as this machine's user asked,
+/// the copies agree again. Under the forget lock, as any forget, so that no retention run elsewhere plans
+/// against a list this changes. Returns the checkpoints forgotten.
+fn forget_again(remote: &Remote, catalog: &mut Catalog) -> Result<Vec<String>> {
+    let ids = |sql: &str| -> Result<Vec<String>> {
+        Ok(catalog.connection().prepare(sql)?.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?)
+    };
+    let forget =
+        ids("SELECT id FROM fresh.checkpoints WHERE id NOT IN (SELECT id FROM main.checkpoints) ORDER BY time_ns")?;
+    let forget_groups = ids("SELECT name FROM fresh.groups WHERE name NOT IN (SELECT name FROM main.groups)")?;
+    if forget.is_empty() && forget_groups.is_empty() {
+        return Ok(forget);
+    }
+    let lock = remote.forget_lock(&|_| {})?;
+    let tx = catalog.connection_mut().transaction()?;
+    remote.check_lock(&lock)?;
+    remote.publish(&tx, &Batch { forget: forget.clone(), forget_groups, ..Default::default() })?;
+    tx.commit()?;
+    Ok(forget)
 }
 
 fn query_pairs(conn: &Connection, sql: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {

@@ -762,7 +762,8 @@ fn hint(e: &Error) -> Option<&'static str> {
             "the chunk index lacks chunks the checkpoint uses, whose data may still be in the packs: in a local \
              repository, `snapstore repair index` indexes what the packs hold; in an s3:// repository, on a machine \
              that accepted lost records (`sync --accept-missing`), `snapstore gc` first looks for them in the packs \
-             this copy has. `snapstore verify` says which checkpoints and files are affected"
+             this copy has. `snapstore verify` says which checkpoints and files are affected; where the data is \
+             gone, committing the original data again with --reread stores it afresh and makes them whole"
         }
         Error::Corrupt { .. } | Error::UnsafeName { .. } => {
             "the repository is damaged; nothing was written in place of good data (a checkout restores every file it can \
