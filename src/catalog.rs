@@ -1252,6 +1252,13 @@ fn insert_rows(
     Ok(())
 }
 
+/// Lists `checkpoint` here again, as applying its record does: a checkpoint a lost record forgot here that
+/// the bucket's records still hold, and that this copy can still restore (see `restate::forget_again`).
+/// Everything it reaches is claimed back from GC's condemned set.
+pub(crate) fn relist(tx: &rusqlite::Transaction<'_>, checkpoint: &NewCheckpoint) -> Result<()> {
+    insert_rows(tx, &Batch::default(), Some(checkpoint), Some(0), true)
+}
+
 impl Catalog {
     /// Whether checkpoint `id`'s trees record extended attributes (see [`NewCheckpoint::xattrs`]).
     pub(crate) fn recorded_xattrs(&self, id: &str) -> Result<bool> {

@@ -563,8 +563,15 @@ impl Repository {
         }
         for id in restated.forgotten {
             self.notice(&format!(
-                "checkpoint {} was forgotten here by a lost record, and other machines still listed it: forgotten \
-                 again in the bucket, so that every machine forgets it",
+                "checkpoint {} was forgotten here by a lost record, and other machines still listed it, but it is \
+                 no longer whole here: forgotten again in the bucket, so that every machine forgets it",
+                &id[..8.min(id.len())]
+            ));
+        }
+        for id in restated.relisted {
+            self.notice(&format!(
+                "checkpoint {} was forgotten here by a lost record, and other machines still list it: whole here, \
+                 so listed here again (forget it again to have it gone everywhere)",
                 &id[..8.min(id.len())]
             ));
         }

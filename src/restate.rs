@@ -32,9 +32,11 @@ pub(crate) struct Restated {
     /// reaches is gone: a GC's record applied here dropped it after a forget that never reached this copy):
     /// not published, since no machine could restore them from what they would name.
     pub damaged: Vec<String>,
-    /// Checkpoints a lost record forgot here that the bucket's records still hold: forgotten again, in a
-    /// record of their own.
+    /// Checkpoints a lost record forgot here that the bucket's records still hold, and this copy cannot
+    /// restore any more: forgotten again, in a record of their own.
     pub forgotten: Vec<String>,
+    /// Such checkpoints this copy can still restore whole: listed here again.
+    pub relisted: Vec<String>,
 }
 
 /// Publishes again, from `catalog`, each checkpoint that a copy built from the bucket's records alone lacks,
@@ -98,7 +100,7 @@ fn restate_against(
                 false => out.damaged.push(id),
             }
         }
-        out.forgotten = forget_again(remote, catalog)?;
+        (out.forgotten, out.relisted) = forget_again(remote, catalog, fresh)?;
         Ok(out)
     })();
     catalog.connection().execute("DETACH DATABASE fresh", [])?;
@@ -109,27 +111,8 @@ fn restate_against(
 /// contents and segments they lack, with the checkpoint, in the last. Returns false, publishing nothing, for
 /// one whose objects this copy lacks ([`Restated::damaged`]).
 fn restate_one(remote: &Remote, conn: &mut Connection, checkpoint: NewCheckpoint) -> Result<bool> {
-    let root = checkpoint.root;
-    conn.execute(
-        "CREATE TEMP TABLE IF NOT EXISTS restate (kind INTEGER NOT NULL, id BLOB NOT NULL, PRIMARY KEY (kind, id))",
-        [],
-    )?;
-    conn.execute("DELETE FROM temp.restate", [])?;
-    let walked = {
-        let mut add = conn.prepare_cached("INSERT OR IGNORE INTO temp.restate (kind, id) VALUES (?1, ?2)")?;
-        crate::reach::walk(conn, &[root], &mut |kind, id| Ok(add.execute(params![kind, &id.0[..]])? == 1))
-    };
-    match walked {
-        Err(e) if e.is_corruption() => return Ok(false),
-        other => other?,
-    }
-    let chunk_lost: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM temp.restate r WHERE r.kind = ?1 AND NOT EXISTS
-                        (SELECT 1 FROM chunks c WHERE c.id = r.id))",
-        [KIND_CHUNK],
-        |r| r.get(0),
-    )?;
-    if chunk_lost {
+    // Leaves what the checkpoint reaches in `temp.restate`, read below.
+    if !whole_here(conn, checkpoint.root)? {
         return Ok(false);
     }
     let mut batch = Batch::default();
@@ -185,28 +168,90 @@ fn restate_one(remote: &Remote, conn: &mut Connection, checkpoint: NewCheckpoint
     Ok(true)
 }
 
-/// Publishes again the forget of each checkpoint (and group) that a lost record forgot here and the bucket's
-/// records alone still hold. Left to the other machines, such a checkpoint stayed listed there, but not
-/// whole: this copy's GC, which no longer sees it, sweeps what it alone reached and rewrites its packs without
-/// those chunks, and publishes both (round 32 review, F1). Forgotten everywhere, as this machine's user asked,
-/// the copies agree again. Under the forget lock, as any forget, so that no retention run elsewhere plans
-/// against a list this changes. Returns the checkpoints forgotten.
-fn forget_again(remote: &Remote, catalog: &mut Catalog) -> Result<Vec<String>> {
-    let ids = |sql: &str| -> Result<Vec<String>> {
-        Ok(catalog.connection().prepare(sql)?.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?)
-    };
-    let forget =
-        ids("SELECT id FROM fresh.checkpoints WHERE id NOT IN (SELECT id FROM main.checkpoints) ORDER BY time_ns")?;
-    let forget_groups = ids("SELECT name FROM fresh.groups WHERE name NOT IN (SELECT name FROM main.groups)")?;
-    if forget.is_empty() && forget_groups.is_empty() {
-        return Ok(forget);
-    }
+/// Settles each checkpoint that a lost record forgot here and the bucket's records (`fresh`) still hold. Left
+/// alone, other machines kept listing it, but not whole: this copy's GC, which no longer saw it, swept what it
+/// alone reached and rewrote its packs without those chunks, publishing both (round 32 review, F1). One this
+/// copy can still restore whole is listed here again, everything it reaches claimed back from GC: a retention
+/// run elsewhere may have kept it as its path's survivor and forgotten the rest, and forgetting it again would
+/// leave the path with nothing (round 33 review, F1). One it cannot restore any more is forgotten again for
+/// every machine, in a record of its own, under the forget lock and after a sync under it, as any forget; its
+/// groups go with it when no part of theirs is listed here again. Returns the checkpoints forgotten again and
+/// those listed here again.
+fn forget_again(remote: &Remote, catalog: &mut Catalog, fresh: &Path) -> Result<(Vec<String>, Vec<String>)> {
     let lock = remote.forget_lock(&|_| {})?;
-    let tx = catalog.connection_mut().transaction()?;
-    remote.check_lock(&lock)?;
-    remote.publish(&tx, &Batch { forget: forget.clone(), forget_groups, ..Default::default() })?;
-    tx.commit()?;
-    Ok(forget)
+    remote.sync(catalog)?;
+    let lost: Vec<String> = catalog
+        .connection()
+        .prepare("SELECT id FROM fresh.checkpoints WHERE id NOT IN (SELECT id FROM main.checkpoints) ORDER BY time_ns")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if lost.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let theirs = Catalog::open(fresh)?;
+    let (mut forget, mut relisted) = (Vec::new(), Vec::new());
+    for id in lost {
+        let checkpoint = NewCheckpoint {
+            record: theirs.checkpoint_by_id(&id)?,
+            root: theirs.checkpoint_root(&id)?,
+            skipped: theirs.skipped(&id)?,
+            group: group_part(theirs.connection(), &id)?,
+            xattrs: false,
+        };
+        let conn = catalog.connection_mut();
+        if whole_here(conn, checkpoint.root)? {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            crate::catalog::relist(&tx, &checkpoint)?;
+            tx.commit()?;
+            relisted.push(id);
+        } else {
+            forget.push(id);
+        }
+    }
+    let conn = catalog.connection();
+    let mut groups = conn.prepare("SELECT name FROM fresh.groups WHERE name NOT IN (SELECT name FROM main.groups)")?;
+    let mut parts = conn.prepare("SELECT checkpoint FROM fresh.group_parts WHERE grp = ?1")?;
+    let mut forget_groups = Vec::new();
+    for name in groups.query_map([], |r| r.get::<_, String>(0))? {
+        let name = name?;
+        let ids = parts.query_map([&name], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
+        if !ids.iter().any(|id| relisted.contains(id)) {
+            forget_groups.push(name);
+        }
+    }
+    drop((groups, parts));
+    if !forget.is_empty() || !forget_groups.is_empty() {
+        let tx = catalog.connection_mut().transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        remote.check_lock(&lock)?;
+        remote.publish(&tx, &Batch { forget: forget.clone(), forget_groups, ..Default::default() })?;
+        tx.commit()?;
+    }
+    Ok((forget, relisted))
+}
+
+/// Whether every object `root` reaches is in this catalog, every chunk with a row; what it reaches is left in
+/// `temp.restate`.
+fn whole_here(conn: &mut Connection, root: ObjectId) -> Result<bool> {
+    conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS restate (kind INTEGER NOT NULL, id BLOB NOT NULL, PRIMARY KEY (kind, id))",
+        [],
+    )?;
+    conn.execute("DELETE FROM temp.restate", [])?;
+    let walked = {
+        let mut add = conn.prepare_cached("INSERT OR IGNORE INTO temp.restate (kind, id) VALUES (?1, ?2)")?;
+        crate::reach::walk(conn, &[root], &mut |kind, id| Ok(add.execute(params![kind, &id.0[..]])? == 1))
+    };
+    match walked {
+        Err(e) if e.is_corruption() => return Ok(false),
+        other => other?,
+    }
+    let chunk_lost: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM temp.restate r WHERE r.kind = ?1 AND NOT EXISTS
+                        (SELECT 1 FROM chunks c WHERE c.id = r.id))",
+        [KIND_CHUNK],
+        |r| r.get(0),
+    )?;
+    Ok(!chunk_lost)
 }
 
 fn query_pairs(conn: &Connection, sql: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {

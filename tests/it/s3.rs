@@ -2206,6 +2206,38 @@ fn a_checkpoint_whose_forget_was_lost_is_forgotten_again_everywhere_at_the_accep
     assert_whole_before_and_after_gc(&endpoint, &url, &a, &b, vec![(konly, k)]);
 }
 
+/// Round 33 review, F1: b forgets the newest checkpoint of a path and the record is lost; a's retention, still
+/// seeing it, keeps it as the path's one survivor and forgets the older one. b's accept must not forget it
+/// again: the path would be left with no checkpoint on any machine. Whole on b, it is listed there again, and
+/// the accept says so.
+#[test]
+fn a_lost_forget_of_a_checkpoint_still_whole_here_lists_it_again() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+    a.ok(&["init"]);
+    let (y, x) = (pseudo_random(200_000, 371), pseudo_random(200_000, 373));
+    let older = a.commit_stream("state", &y);
+    let newest = a.commit_stream("state", &x);
+    b.ok(&["sync"]);
+    let before = listed(&endpoint, &url, "records/");
+    b.ok(&["forget", &newest]);
+    let store = bucket(&endpoint, &url);
+    for key in listed(&endpoint, &url, "records/").into_iter().filter(|k| !before.contains(k)) {
+        store.delete(object_name(&url, &key)).unwrap();
+    }
+    a.ok(&["forget", "--keep-last", "1"]);
+    b.run(&["sync"]);
+    let accepted = b.run(&["sync", "--accept-missing"]);
+    assert!(accepted.status.success(), "{}", text(&accepted.stderr));
+    assert!(text(&accepted.stderr).contains("so listed here again"), "{}", text(&accepted.stderr));
+    b.ok(&["gc", "--orphan-grace", "0s", "--max-unused", "0"]);
+    assert!(a.run(&["sync"]).status.success());
+    for m in [&a, &b, &Machine::new(&endpoint, &url)] {
+        assert_all_restore(m, &[(newest.clone(), x.clone())]);
+        assert!(!m.ids().contains(&older));
+    }
+}
+
 /// Round 31 review, F1, with round 32's F1: b lost its forget of "both" and its gc's sweep of x's rows; a then
 /// commits x again as "again", deduplicated against x where b's pack still holds it. b's gc brings x's rows
 /// back (in use by "again"). Once "again" is forgotten, b's next gc sweeps x and rewrites its pack; "both",
