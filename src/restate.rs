@@ -171,20 +171,29 @@ fn restate_one(remote: &Remote, conn: &mut Connection, checkpoint: NewCheckpoint
 /// Settles each checkpoint that a lost record forgot here and the bucket's records (`fresh`) still hold. Left
 /// alone, other machines kept listing it, but not whole: this copy's GC, which no longer saw it, swept what it
 /// alone reached and rewrote its packs without those chunks, publishing both (round 32 review, F1). One this
-/// copy can still restore whole is listed here again, everything it reaches claimed back from GC: a retention
+/// copy can still restore whole (no chunk marked damaged or in a pack a GC's trace names) is listed here again, everything it reaches claimed back from GC: a retention
 /// run elsewhere may have kept it as its path's survivor and forgotten the rest, and forgetting it again would
 /// leave the path with nothing (round 33 review, F1). One it cannot restore any more is forgotten again for
 /// every machine, in a record of its own, under the forget lock and after a sync under it, as any forget; its
 /// groups go with it when no part of theirs is listed here again. Returns the checkpoints forgotten again and
 /// those listed here again.
 fn forget_again(remote: &Remote, catalog: &mut Catalog, fresh: &Path) -> Result<(Vec<String>, Vec<String>)> {
+    let lost = |catalog: &Catalog| -> Result<Vec<String>> {
+        Ok(catalog
+            .connection()
+            .prepare(
+                "SELECT id FROM fresh.checkpoints WHERE id NOT IN (SELECT id FROM main.checkpoints) ORDER BY time_ns",
+            )?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?)
+    };
+    // The lock only where there is something to settle: it makes the accept wait for any forget elsewhere.
+    if lost(catalog)?.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
     let lock = remote.forget_lock(&|_| {})?;
     remote.sync(catalog)?;
-    let lost: Vec<String> = catalog
-        .connection()
-        .prepare("SELECT id FROM fresh.checkpoints WHERE id NOT IN (SELECT id FROM main.checkpoints) ORDER BY time_ns")?
-        .query_map([], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+    let lost = lost(catalog)?;
     if lost.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
@@ -199,7 +208,7 @@ fn forget_again(remote: &Remote, catalog: &mut Catalog, fresh: &Path) -> Result<
             xattrs: false,
         };
         let conn = catalog.connection_mut();
-        if whole_here(conn, checkpoint.root)? {
+        if whole_here(conn, checkpoint.root)? && sound_here(conn)? {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             crate::catalog::relist(&tx, &checkpoint)?;
             tx.commit()?;
@@ -227,6 +236,20 @@ fn forget_again(remote: &Remote, catalog: &mut Catalog, fresh: &Path) -> Result<
         tx.commit()?;
     }
     Ok((forget, relisted))
+}
+
+/// Whether no chunk in `temp.restate` (see [`whole_here`]) is marked damaged here or placed in a pack that a
+/// GC's trace this copy applied names (that GC deletes it): one such is no checkpoint to list again as whole
+/// (round 34 review, F1).
+fn sound_here(conn: &Connection) -> Result<bool> {
+    let unsound: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM temp.restate r JOIN chunks c ON c.id = r.id WHERE r.kind = ?1 AND (
+             EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.id = c.id)
+             OR EXISTS (SELECT 1 FROM packs p JOIN remote_records t ON t.name = p.name WHERE p.id = c.pack)))",
+        [KIND_CHUNK],
+        |r| r.get(0),
+    )?;
+    Ok(!unsound)
 }
 
 /// Whether every object `root` reaches is in this catalog, every chunk with a row; what it reaches is left in
@@ -272,4 +295,37 @@ fn group_part(conn: &Connection, id: &str) -> Result<Option<crate::group::GroupP
         part: part as u32,
         parts: parts as u32,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{sound_here, whole_here};
+    use crate::testutil::pseudo_random;
+    use crate::{CommitOptions, Repository};
+
+    /// A checkpoint is listed again only where every chunk it reaches has a row that is neither marked
+    /// damaged nor in a pack a GC's trace names.
+    #[test]
+    fn a_damaged_or_traced_chunk_makes_a_checkpoint_unsound_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path()).unwrap();
+        let id = repo.commit_reader("a", &mut &pseudo_random(300_000, 7)[..], &CommitOptions::default()).unwrap().id;
+        let mut cat = repo.open_catalog().unwrap();
+        let root = cat.checkpoint_root(&id).unwrap();
+        let conn = cat.connection_mut();
+        assert!(whole_here(conn, root).unwrap() && sound_here(conn).unwrap());
+        let (chunk, pack): (Vec<u8>, String) = conn
+            .query_row("SELECT c.id, p.name FROM chunks c JOIN packs p ON p.id = c.pack LIMIT 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        conn.execute("INSERT INTO damaged_chunks (id, found_ns) VALUES (?1, 1)", [&chunk]).unwrap();
+        assert!(whole_here(conn, root).unwrap() && !sound_here(conn).unwrap());
+        conn.execute("DELETE FROM damaged_chunks", []).unwrap();
+        conn.execute("INSERT INTO remote_records (name) VALUES (?1)", [&pack]).unwrap();
+        assert!(!sound_here(conn).unwrap());
+        conn.execute("DELETE FROM remote_records", []).unwrap();
+        conn.execute("DELETE FROM chunks WHERE id = ?1", [&chunk]).unwrap();
+        assert!(!whole_here(conn, root).unwrap());
+    }
 }
