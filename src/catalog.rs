@@ -879,12 +879,17 @@ pub(crate) const RECORDS_APPLIED: &str = "records_applied";
 
 /// How many records this catalog has applied, ever ([`RECORDS_APPLIED`]).
 pub(crate) fn records_applied(conn: &Connection) -> Result<u64> {
-    Ok(meta_value(conn, RECORDS_APPLIED)?.and_then(|v| v.parse().ok()).unwrap_or(0))
+    meta_count(conn, RECORDS_APPLIED)
 }
 
 /// The highest record sequence number this catalog has seen (0: none).
 pub(crate) fn remote_seq(conn: &Connection) -> Result<u64> {
-    Ok(meta_value(conn, "remote_seq")?.and_then(|v| v.parse().ok()).unwrap_or(0))
+    meta_count(conn, "remote_seq")
+}
+
+/// The number `meta` holds under `key` (0: none, or not a number).
+fn meta_count(conn: &Connection, key: &str) -> Result<u64> {
+    Ok(meta_value(conn, key)?.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
 /// How long marking chunks damaged waits for another process's write transaction: it is done on the way to

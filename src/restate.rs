@@ -87,14 +87,7 @@ fn restate_against(
             .collect::<rusqlite::Result<_>>()?;
         let mut out = Restated::default();
         for id in ids.into_iter().filter(|id| !forgotten.contains(id)) {
-            let checkpoint = NewCheckpoint {
-                record: catalog.checkpoint_by_id(&id)?,
-                root: catalog.checkpoint_root(&id)?,
-                skipped: catalog.skipped(&id)?,
-                group: group_part(catalog.connection(), &id)?,
-                // As for any checkpoint learnt from a record, which does not say.
-                xattrs: false,
-            };
+            let checkpoint = as_recorded(catalog, &id)?;
             match restate_one(remote, catalog.connection_mut(), checkpoint)? {
                 true => out.written.push(id),
                 false => out.damaged.push(id),
@@ -171,9 +164,10 @@ fn restate_one(remote: &Remote, conn: &mut Connection, checkpoint: NewCheckpoint
 /// Settles each checkpoint that a lost record forgot here and the bucket's records (`fresh`) still hold. Left
 /// alone, other machines kept listing it, but not whole: this copy's GC, which no longer saw it, swept what it
 /// alone reached and rewrote its packs without those chunks, publishing both (round 32 review, F1). One this
-/// copy can still restore whole (no chunk marked damaged or in a pack a GC's trace names) is listed here again, everything it reaches claimed back from GC: a retention
-/// run elsewhere may have kept it as its path's survivor and forgotten the rest, and forgetting it again would
-/// leave the path with nothing (round 33 review, F1). One it cannot restore any more is forgotten again for
+/// copy can still restore whole (no chunk marked damaged or in a pack a GC's trace names) is listed here
+/// again, everything it reaches claimed back from GC: a retention run elsewhere may have kept it as its path's
+/// survivor and forgotten the rest, and forgetting it again would leave the path with nothing (round 33
+/// review, F1). One it cannot restore any more is forgotten again for
 /// every machine, in a record of its own, under the forget lock and after a sync under it, as any forget; its
 /// groups go with it when no part of theirs is listed here again. Returns the checkpoints forgotten again and
 /// those listed here again.
@@ -200,13 +194,7 @@ fn forget_again(remote: &Remote, catalog: &mut Catalog, fresh: &Path) -> Result<
     let theirs = Catalog::open(fresh)?;
     let (mut forget, mut relisted) = (Vec::new(), Vec::new());
     for id in lost {
-        let checkpoint = NewCheckpoint {
-            record: theirs.checkpoint_by_id(&id)?,
-            root: theirs.checkpoint_root(&id)?,
-            skipped: theirs.skipped(&id)?,
-            group: group_part(theirs.connection(), &id)?,
-            xattrs: false,
-        };
+        let checkpoint = as_recorded(&theirs, &id)?;
         let conn = catalog.connection_mut();
         if whole_here(conn, checkpoint.root)? && sound_here(conn)? {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -279,6 +267,18 @@ fn whole_here(conn: &mut Connection, root: ObjectId) -> Result<bool> {
 
 fn query_pairs(conn: &Connection, sql: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     Ok(conn.prepare(sql)?.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Checkpoint `id` of `catalog` as a record carries it.
+fn as_recorded(catalog: &Catalog, id: &str) -> Result<NewCheckpoint> {
+    Ok(NewCheckpoint {
+        record: catalog.checkpoint_by_id(id)?,
+        root: catalog.checkpoint_root(id)?,
+        skipped: catalog.skipped(id)?,
+        group: group_part(catalog.connection(), id)?,
+        // As for any checkpoint learnt from a record, which does not say.
+        xattrs: false,
+    })
 }
 
 /// The group checkpoint `id` is a part of, if any.
