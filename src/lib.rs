@@ -578,7 +578,7 @@ impl Repository {
         for id in restated.damaged {
             self.notice(&format!(
                 "checkpoint {} was held by a lost record and only this machine still lists it, but what it reaches \
-                 is gone here too (a gc's record dropped it): not written back; `snapstore verify` names what it \
+                 is gone here too (a gc dropped or deleted it): not written back; `snapstore verify` names what it \
                  lacks",
                 &id[..8.min(id.len())]
             ));

@@ -29,7 +29,8 @@ pub(crate) struct Restated {
     /// The checkpoints published again.
     pub written: Vec<String>,
     /// Checkpoints only this copy holds that it cannot restore either (a tree, content or chunk row it
-    /// reaches is gone: a GC's record applied here dropped it after a forget that never reached this copy):
+    /// reaches is gone: a GC's record applied here dropped it after a forget that never reached this copy; or
+    /// a chunk it would publish is marked damaged, or lies in a pack a GC deleted or, by its trace, deletes):
     /// not published, since no machine could restore them from what they would name.
     pub damaged: Vec<String>,
     /// Checkpoints a lost record forgot here that the bucket's records still hold, and this copy cannot
@@ -88,7 +89,12 @@ fn restate_against(
         let mut out = Restated::default();
         for id in ids.into_iter().filter(|id| !forgotten.contains(id)) {
             let checkpoint = as_recorded(catalog, &id)?;
-            match restate_one(remote, catalog.connection_mut(), checkpoint)? {
+            let conn = catalog.connection_mut();
+            // Leaves what the checkpoint reaches in `temp.restate`, read by the two checks and by restate_one.
+            let whole = whole_here(conn, checkpoint.root)?
+                && sound_here(conn, Placed::Unrecorded)?
+                && packs_present(remote, conn, Placed::Unrecorded)?;
+            match whole && restate_one(remote, conn, checkpoint)? {
                 true => out.written.push(id),
                 false => out.damaged.push(id),
             }
@@ -100,14 +106,10 @@ fn restate_against(
     out
 }
 
-/// One checkpoint: its chunk rows the bucket's records lack, a record per [`ITEMS`], then its trees,
-/// contents and segments they lack, with the checkpoint, in the last. Returns false, publishing nothing, for
-/// one whose objects this copy lacks ([`Restated::damaged`]).
+/// One checkpoint, whose objects [`whole_here`] left in `temp.restate`: its chunk rows the bucket's records
+/// lack, a record per [`ITEMS`], then its trees, contents and segments they lack, with the checkpoint, in the
+/// last.
 fn restate_one(remote: &Remote, conn: &mut Connection, checkpoint: NewCheckpoint) -> Result<bool> {
-    // Leaves what the checkpoint reaches in `temp.restate`, read below.
-    if !whole_here(conn, checkpoint.root)? {
-        return Ok(false);
-    }
     let mut batch = Batch::default();
     let mut items = 0;
     let tx = conn.transaction()?;
@@ -187,6 +189,11 @@ fn forget_again(remote: &Remote, catalog: &mut Catalog, fresh: &Path) -> Result<
     }
     let lock = remote.forget_lock(&|_| {})?;
     remote.sync(catalog)?;
+    // The scratch copy learns what that sync applied too: a forget published meanwhile (the one the lock
+    // waited for, say) would otherwise leave its checkpoint looking forgotten here alone, and listed here again
+    // while every other copy has forgotten it (round 34 review, F3).
+    let applied = crate::remote::applied_records(catalog)?;
+    Remote { bucket: remote.bucket.clone(), cache: None }.sync_records(&mut Catalog::open(fresh)?, Some(&applied))?;
     let lost = lost(catalog)?;
     if lost.is_empty() {
         return Ok((Vec::new(), Vec::new()));
@@ -196,11 +203,20 @@ fn forget_again(remote: &Remote, catalog: &mut Catalog, fresh: &Path) -> Result<
     for id in lost {
         let checkpoint = as_recorded(&theirs, &id)?;
         let conn = catalog.connection_mut();
-        if whole_here(conn, checkpoint.root)? && sound_here(conn)? {
+        if whole_here(conn, checkpoint.root)?
+            && sound_here(conn, Placed::All)?
+            && packs_present(remote, conn, Placed::All)?
+        {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             crate::catalog::relist(&tx, &checkpoint)?;
+            // Not where a later commit of its group part is listed here, which replaces it as it goes in (round
+            // 34 review, F4): then it is neither listed again nor to forget.
+            let listed: bool =
+                tx.query_row("SELECT EXISTS (SELECT 1 FROM checkpoints WHERE id = ?1)", [&id], |r| r.get(0))?;
             tx.commit()?;
-            relisted.push(id);
+            if listed {
+                relisted.push(id);
+            }
         } else {
             forget.push(id);
         }
@@ -226,18 +242,64 @@ fn forget_again(remote: &Remote, catalog: &mut Catalog, fresh: &Path) -> Result<
     Ok((forget, relisted))
 }
 
-/// Whether no chunk in `temp.restate` (see [`whole_here`]) is marked damaged here or placed in a pack that a
-/// GC's trace this copy applied names (that GC deletes it): one such is no checkpoint to list again as whole
-/// (round 34 review, F1).
-fn sound_here(conn: &Connection) -> Result<bool> {
+/// Whether no chunk of `temp.restate` (see [`whole_here`]) that `which` names is marked damaged here or placed
+/// in a pack that a GC's trace this copy applied names (that GC deletes it): one such is no checkpoint to list
+/// or publish again as whole (round 34 review, F1).
+fn sound_here(conn: &Connection, which: Placed) -> Result<bool> {
     let unsound: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM temp.restate r JOIN chunks c ON c.id = r.id WHERE r.kind = ?1 AND (
-             EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.id = c.id)
-             OR EXISTS (SELECT 1 FROM packs p JOIN remote_records t ON t.name = p.name WHERE p.id = c.pack)))",
+        &format!(
+            "SELECT EXISTS (SELECT 1 FROM temp.restate r JOIN chunks c ON c.id = r.id WHERE r.kind = ?1 {} AND (
+                 EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.id = c.id)
+                 OR EXISTS (SELECT 1 FROM packs p JOIN remote_records t ON t.name = p.name WHERE p.id = c.pack)))",
+            which.filter()
+        ),
         [KIND_CHUNK],
         |r| r.get(0),
     )?;
     Ok(!unsound)
+}
+
+/// Which chunks of `temp.restate` [`sound_here`] and [`packs_present`] look at.
+#[derive(Clone, Copy)]
+enum Placed {
+    /// Every chunk, where this copy's rows are to restore the checkpoint.
+    All,
+    /// Those the bucket's records (`fresh`) lack: the rows a restated record would name.
+    Unrecorded,
+}
+
+impl Placed {
+    /// A condition on chunk `c` to add to a query.
+    fn filter(self) -> &'static str {
+        match self {
+            Placed::All => "",
+            Placed::Unrecorded => "AND NOT EXISTS (SELECT 1 FROM fresh.chunks f WHERE f.id = c.id)",
+        }
+    }
+}
+
+/// Whether every pack this copy places chunks of `temp.restate` that `which` names in is still in the bucket.
+/// A GC whose records and trace were lost with the checkpoint's may have deleted one: its rows look whole
+/// here, but a checkpoint published or listed again from them would be listed everywhere and restore nowhere
+/// (round 33 review, F2). Asked while this copy's markers hold every GC back, so the answer stands until the
+/// accept publishes.
+fn packs_present(remote: &Remote, conn: &Connection, which: Placed) -> Result<bool> {
+    let packs: Vec<String> = conn
+        .prepare(&format!(
+            "SELECT p.name FROM packs p WHERE p.id IN
+                 (SELECT c.pack FROM temp.restate r JOIN chunks c ON c.id = r.id WHERE r.kind = ?1 {})",
+            which.filter()
+        ))?
+        .query_map([KIND_CHUNK], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for name in packs {
+        match remote.bucket.head(&name) {
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(false),
+            Err(e) => return Err(Error::backend(name, e)),
+        }
+    }
+    Ok(true)
 }
 
 /// Whether every object `root` reaches is in this catalog, every chunk with a row; what it reaches is left in
@@ -299,7 +361,7 @@ fn group_part(conn: &Connection, id: &str) -> Result<Option<crate::group::GroupP
 
 #[cfg(test)]
 mod tests {
-    use super::{sound_here, whole_here};
+    use super::{Placed, sound_here, whole_here};
     use crate::testutil::pseudo_random;
     use crate::{CommitOptions, Repository};
 
@@ -313,17 +375,17 @@ mod tests {
         let mut cat = repo.open_catalog().unwrap();
         let root = cat.checkpoint_root(&id).unwrap();
         let conn = cat.connection_mut();
-        assert!(whole_here(conn, root).unwrap() && sound_here(conn).unwrap());
+        assert!(whole_here(conn, root).unwrap() && sound_here(conn, Placed::All).unwrap());
         let (chunk, pack): (Vec<u8>, String) = conn
             .query_row("SELECT c.id, p.name FROM chunks c JOIN packs p ON p.id = c.pack LIMIT 1", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .unwrap();
         conn.execute("INSERT INTO damaged_chunks (id, found_ns) VALUES (?1, 1)", [&chunk]).unwrap();
-        assert!(whole_here(conn, root).unwrap() && !sound_here(conn).unwrap());
+        assert!(whole_here(conn, root).unwrap() && !sound_here(conn, Placed::All).unwrap());
         conn.execute("DELETE FROM damaged_chunks", []).unwrap();
         conn.execute("INSERT INTO remote_records (name) VALUES (?1)", [&pack]).unwrap();
-        assert!(!sound_here(conn).unwrap());
+        assert!(!sound_here(conn, Placed::All).unwrap());
         conn.execute("DELETE FROM remote_records", []).unwrap();
         conn.execute("DELETE FROM chunks WHERE id = ?1", [&chunk]).unwrap();
         assert!(!whole_here(conn, root).unwrap());

@@ -2206,6 +2206,51 @@ fn a_checkpoint_whose_forget_was_lost_is_forgotten_again_everywhere_at_the_accep
     assert_whole_before_and_after_gc(&endpoint, &url, &a, &b, vec![(konly, k)]);
 }
 
+/// Round 33 review, F2: a's commit of x, b's forget of it and b's gc, which deleted x's pack, are all lost
+/// together, before a applied the forget. a's accept used to write x back from rows into that deleted pack, and
+/// x came back listed on every machine, restoring on none. It is not written back now (the gc's trace names
+/// the pack; where the trace is lost too, the bucket no longer has it), and no other machine lists it.
+#[test]
+fn a_commit_lost_with_its_forget_and_sweep_is_not_written_back_from_a_deleted_pack() {
+    for lose_trace in [false, true] {
+        let Some((endpoint, url)) = server() else { return };
+        let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+        a.ok(&["init"]);
+        let (k, x) = (pseudo_random(300_000, 391), pseudo_random(300_000, 393));
+        let keep = a.commit_stream("keep", &k);
+        b.ok(&["sync"]);
+        let before = listed(&endpoint, &url, "records/");
+        let lost = a.commit_stream("x", &x);
+        b.ok(&["sync"]);
+        b.ok(&["forget", &lost]);
+        let o = b.run(&["--json", "gc", "--orphan-grace", "0s"]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let g: serde_json::Value = serde_json::from_str(&text(&o.stdout)).unwrap();
+        assert_eq!(g["packs_deleted"], 1, "x's pack is deleted: {g}");
+        let store = bucket(&endpoint, &url);
+        for key in listed(&endpoint, &url, "records/").into_iter().filter(|k| !before.contains(k)) {
+            if lose_trace || !key.contains("/records/swept-") {
+                store.delete(object_name(&url, &key)).unwrap();
+            }
+        }
+        b.run(&["sync"]);
+        a.run(&["sync"]);
+        let accepted = a.run(&["sync", "--accept-missing"]);
+        assert!(accepted.status.success(), "{}", text(&accepted.stderr));
+        assert!(
+            text(&accepted.stderr).contains(&format!("checkpoint {} was held by a lost record", &lost[..8]))
+                && text(&accepted.stderr).contains("not written back"),
+            "lose_trace {lose_trace}: {}",
+            text(&accepted.stderr)
+        );
+        b.run(&["sync"]);
+        b.ok(&["sync", "--accept-missing"]);
+        for m in [&b, &Machine::new(&endpoint, &url)] {
+            assert_all_restore(m, &[(keep.clone(), k.clone())]);
+        }
+    }
+}
+
 /// Round 33 review, F1: b forgets the newest checkpoint of a path and the record is lost; a's retention, still
 /// seeing it, keeps it as the path's one survivor and forgets the older one. b's accept must not forget it
 /// again: the path would be left with no checkpoint on any machine. Whole on b, it is listed there again, and
