@@ -1054,6 +1054,12 @@ pub(crate) fn checkpoint_roots(conn: &Connection) -> Result<Vec<ObjectId>> {
         .collect()
 }
 
+/// The `meta` key set while checkpoints may reference chunks the index lacks: a `repair index` removed chunk
+/// rows (no sound copy left in any pack). A commit then reads each file unchanged by stat whose parent content
+/// holds such a chunk, and so stores it afresh, which makes every checkpoint referencing it whole again; GC's
+/// mark removes the key once it finds every chunk in use indexed.
+pub(crate) const CHUNKS_UNINDEXED: &str = "chunks_unindexed";
+
 /// The value of `key` in the catalog's `meta` table, if it has one.
 pub(crate) fn meta_value(conn: &Connection, key: &str) -> Result<Option<String>> {
     Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)

@@ -116,7 +116,8 @@ pub struct CommitSummary {
     /// Bytes read from files.
     pub bytes_read: u64,
     /// Files unchanged by stat read all the same, because their parent content holds chunks a read marked
-    /// damaged: this commit stores those chunks afresh (counted in `files_unchanged` too).
+    /// damaged, or, after a `repair index` removed rows, chunks the index lacks: this commit stores those
+    /// chunks afresh (counted in `files_unchanged` too).
     pub files_reread_for_damage: u64,
     /// Sum of file sizes in the checkpoint.
     pub logical_bytes: u64,
@@ -311,6 +312,12 @@ fn run(
     // Chunks a read found damaged are stored afresh by this commit where it meets their bytes, which heals
     // every checkpoint using them: a file unchanged by stat whose parent content holds one is read too.
     let marked = if parent.is_some() && !opts.reread { catalog.damaged_marks(MARKS_HELD)? } else { None };
+    // So are those whose parent content holds a chunk the index lacks, while a repair's removal of rows may
+    // have left some: such a file taken by stat made a checkpoint that restores nothing of it (round 35
+    // review, F2).
+    let unindexed = parent.is_some()
+        && !opts.reread
+        && crate::catalog::meta_value(catalog.connection(), crate::catalog::CHUNKS_UNINDEXED)?.is_some();
     // Attributes are carried over from the parent only where it recorded them: across the upgrade that began
     // recording them, its entries' "none" means "not looked at".
     let carry_xattrs = !opts.reread && parent.as_ref().map_or(Ok(false), |p| catalog.recorded_xattrs(&p.id))?;
@@ -371,6 +378,7 @@ fn run(
             carry_xattrs,
             multigrain: HashMap::new(),
             marked,
+            unindexed,
         };
         let walked = match source {
             Source::Path(p) => walker.walk(p, &root_name),
@@ -724,6 +732,9 @@ struct Walker<'a, 'b> {
     multigrain: HashMap<u64, bool>,
     /// The chunks marked damaged, when there are any: a file unchanged by stat that holds one is read.
     marked: Option<Marks>,
+    /// Whether checkpoints may reference chunks the index lacks ([`crate::catalog::CHUNKS_UNINDEXED`]): a
+    /// file unchanged by stat that holds one is read.
+    unindexed: bool,
 }
 
 /// Chunks marked damaged this many at most are held in memory by a commit (32 bytes each): beyond them, a
@@ -958,19 +969,23 @@ impl Walker<'_, '_> {
         Ok(())
     }
 
-    /// Whether the parent's content of an unchanged file holds a chunk marked damaged. A content that cannot
-    /// be listed counts as holding one: reading the file again records it afresh.
+    /// Whether the parent's content of an unchanged file holds a chunk marked damaged, or one the index lacks
+    /// where a repair may have left such. A content that cannot be listed counts as holding one: reading the
+    /// file again records it afresh.
     fn holds_marked(&self, p: &Entry) -> bool {
         let set = match &self.marked {
-            None => return false,
             Some(Marks::Many) => return true,
-            Some(Marks::Set(set)) => set,
+            Some(Marks::Set(set)) => Some(set),
+            None if !self.unindexed => return false,
+            None => None,
         };
         let holds = || -> Result<bool> {
             let Some(content) = p.object()? else { return Ok(false) };
             let mut cursor = ChunkCursor::of_size(self.catalog, &content, Some(p.size))?;
             while let Some((_, r)) = cursor.next_chunk()? {
-                if set.contains(&r.id) {
+                if set.is_some_and(|set| set.contains(&r.id))
+                    || (self.unindexed && self.catalog.chunk_location(&r.id)?.is_none())
+                {
                     return Ok(true);
                 }
             }

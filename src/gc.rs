@@ -308,6 +308,10 @@ fn mark(conn: &Connection, bucket: Option<&dyn Backend>) -> Result<u64> {
     {
         unindexed = count_unindexed()?;
     }
+    if unindexed == 0 {
+        // Commits need not look for chunks the index lacks any more.
+        conn.execute("DELETE FROM meta WHERE key = ?1", [crate::catalog::CHUNKS_UNINDEXED])?;
+    }
     if unindexed > 0 {
         // `repair index` refuses in a bucket, whose catalog is only this machine's copy.
         let in_bucket = crate::remote::local_repo_id(conn)?.is_some();

@@ -355,6 +355,10 @@ fn rebuild(
     report.chunks_removed = tx
         .execute("DELETE FROM chunks WHERE NOT EXISTS (SELECT 1 FROM temp.r_scan s WHERE s.id = chunks.id)", [])?
         as u64;
+    if report.chunks_removed > 0 {
+        // Until each is stored afresh, a commit must not take a file holding one by its stat alone.
+        tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, '1')", [crate::catalog::CHUNKS_UNINDEXED])?;
+    }
     report.chunks_added = tx.execute(
         "INSERT INTO chunks (id, pack, offset, stored_len, raw_len, flags)
          SELECT s.id, p.id, s.offset, s.stored_len, s.raw_len, s.flags FROM temp.r_scan s JOIN packs p ON p.name = s.pack

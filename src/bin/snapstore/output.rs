@@ -138,7 +138,7 @@ pub fn commit_summary(out: &mut Out, s: &CommitSummary) -> io::Result<()> {
     out.line(&format!("  size {}; {read}", human_bytes(s.logical_bytes)))?;
     if s.files_reread_for_damage > 0 {
         out.line(&format!(
-            "  {} unchanged but read again: {} chunks marked damaged, stored afresh",
+            "  {} unchanged but read again: {} chunks marked damaged or missing from the index, stored afresh",
             plural(s.files_reread_for_damage, "file"),
             if s.files_reread_for_damage == 1 { "it holds" } else { "they hold" }
         ))?;

@@ -40,9 +40,9 @@ running. Afterwards every checkpoint is listed as whole or damaged.
 
 With --read-data it then reads every indexed chunk, checks it against its id as `verify --read-data` does, \
 and leaves the blobs whose bytes are wrong out of the index (moving the chunk to a sound copy if a pack has \
-one). A chunk left out is stored afresh by the next commit that meets it: commit the original data again \
-with --reread (so that files whose stat is unchanged are read), and every checkpoint that uses it is whole \
-again. A later `repair index` without --read-data would index such a blob again.
+one). A chunk left out is stored afresh by the next commit that meets it: until then a commit reads every file \
+whose previous checkpoint holds such a chunk, whatever its stat, so committing the original data again makes \
+every checkpoint that uses it whole again. A later `repair index` without --read-data would index such a blob again.
 
 Exit codes:
   0  every checkpoint whole
@@ -187,7 +187,7 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
         } else if r.damaged_chunks.iter().any(|c| c.pack.is_some()) {
             out.line(
                 "hint: `snapstore repair index --read-data` leaves the damaged chunks out of the index; committing \
-                 the original data again (with --reread) then stores them afresh and makes the checkpoints that use \
+                 the original data again then stores them afresh and makes the checkpoints that use \
                  them whole",
             )?;
         }
@@ -300,8 +300,8 @@ fn repair_text(out: &mut Out, r: &RepairReport, quiet: bool) -> io::Result<()> {
         out.line(&format!("{whole} of {} checkpoints whole{read}", r.checkpoints.len()))?;
         if r.damaged_chunks_total > 0 && whole < r.checkpoints.len() {
             out.line(
-                "hint: commit the original data again with --reread: the chunks left out are stored afresh, and \
-                 every checkpoint that uses them is whole again",
+                "hint: commit the original data again: files holding the chunks left out are read whatever their \
+                 stat, the chunks are stored afresh, and every checkpoint that uses them is whole again",
             )?;
         }
         Ok(())
