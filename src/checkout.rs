@@ -932,10 +932,21 @@ fn clear(dir: &OwnedFd, name: &OsStr, path: &Path, spare: &[(u64, u64)]) -> Resu
 
 /// [`clear`], unless `path` is a directory holding the repository (`protect`, canonical): an entry of the
 /// checkpoint that is not a directory where the destination has one would otherwise take the repository with it.
-/// (A guard against a mistake, so looked up by path; the removal itself goes through `dir`.)
-fn clear_sparing(dir: &OwnedFd, name: &OsStr, path: &Path, protect: Option<&Path>, spare: &[(u64, u64)]) -> Result<()> {
+/// (A guard against a mistake, so looked up by path; the removal itself goes through `dir`.) Nor, without
+/// `delete`, a directory that holds anything: what it holds is not the checkpoint's, and a checkout keeps
+/// what the checkpoint lacks unless told otherwise (round 35 review, F4: it was removed whole, and not
+/// counted). Returns whether it removed such a directory, with `delete`.
+fn clear_sparing(
+    dir: &OwnedFd,
+    name: &OsStr,
+    path: &Path,
+    protect: Option<&Path>,
+    spare: &[(u64, u64)],
+    delete: bool,
+) -> Result<bool> {
+    let is_dir = dirfd::lstat(dir, name).is_ok_and(|md| md.is_dir());
     if let Some(repo) = protect
-        && dirfd::lstat(dir, name).is_ok_and(|md| md.is_dir())
+        && is_dir
         && fs::canonicalize(path).is_ok_and(|c| repo.starts_with(c))
     {
         return Err(Error::InvalidInput(format!(
@@ -944,7 +955,17 @@ fn clear_sparing(dir: &OwnedFd, name: &OsStr, path: &Path, protect: Option<&Path
             repo.display()
         )));
     }
-    clear(dir, name, path, spare)
+    let holds = is_dir && dirfd::has_entries(dir, name).map_err(|e| Error::io(path, e))?;
+    if holds && !delete {
+        return Err(Error::InvalidInput(format!(
+            "refusing to replace the directory {} by the checkpoint's entry of that name: it holds files the \
+             checkpoint does not have, which a checkout keeps unless --delete is given. Move it away, or run again \
+             with --delete; what was checked out so far stays, and running the checkout again goes on from there",
+            path.display()
+        )));
+    }
+    clear(dir, name, path, spare)?;
+    Ok(holds)
 }
 
 /// Refuses a destination that is the repository or lies inside it (`repo`, canonical), where a checkout
@@ -1787,7 +1808,8 @@ impl Walker<'_> {
                         // Into an empty destination whatever has this name came from this checkout: never
                         // cleared away (see `make_dir_at`).
                         if self.in_place || parent.is_none() {
-                            clear_sparing(&dir, name, &path, self.protect, self.spare)?;
+                            self.summary.removed +=
+                                clear_sparing(&dir, name, &path, self.protect, self.spare, self.opts.delete)? as u64;
                         }
                         rustix::fs::symlinkat(target, &*dir, name).map_err(|e| name_error(&path, e.into()))?;
                         self.new_files.owner
@@ -1975,7 +1997,10 @@ impl Walker<'_> {
         if self.in_place {
             let name = entry_name(path)?;
             match dirfd::lstat(&dir, name) {
-                Ok(md) if md.is_dir() => clear_sparing(&dir, name, path, self.protect, self.spare)?,
+                Ok(md) if md.is_dir() => {
+                    self.summary.removed +=
+                        clear_sparing(&dir, name, path, self.protect, self.spare, self.opts.delete)? as u64;
+                }
                 Ok(_) => replace = true,
                 Err(_) => {}
             }
@@ -2142,7 +2167,10 @@ impl Walker<'_> {
                     patch = Some((md, trusted));
                 }
             }
-            Ok(md) if md.is_dir() => clear_sparing(&dir, name, dest, self.protect, self.spare)?,
+            Ok(md) if md.is_dir() => {
+                self.summary.removed +=
+                    clear_sparing(&dir, name, dest, self.protect, self.spare, self.opts.delete)? as u64;
+            }
             _ => {}
         }
         // A directory cleared away leaves the name free.

@@ -120,6 +120,18 @@ pub(crate) fn remove(dir: &OwnedFd, name: &OsStr, spare: &[(u64, u64)]) -> io::R
     }
 }
 
+/// Whether the directory `name` in `dir` holds any entry.
+pub(crate) fn has_entries(dir: &OwnedFd, name: &OsStr) -> io::Result<bool> {
+    let sub = open(dir, name, OFlags::RDONLY | OFlags::DIRECTORY)?;
+    for entry in rustix::fs::Dir::read_from(&sub)? {
+        let entry = entry?;
+        if !matches!(entry.file_name().to_bytes(), b"." | b"..") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Why [`remove`] stopped: the directory it met is the one to spare.
 #[derive(Debug)]
 pub(crate) struct Spared;

@@ -145,6 +145,36 @@ fn without_delete_extra_files_stay_and_the_repository_is_never_deleted() {
     assert_eq!(repo.checkpoints().unwrap().len(), 1);
 }
 
+/// Round 35 review, F4: where the checkpoint has a file and the destination a directory of that name holding
+/// the user's files, a checkout in place without --delete refuses (exit 2) and removes nothing; with --delete
+/// the directory goes, counted as removed. An empty directory in the way is replaced either way.
+#[test]
+fn without_delete_a_directory_holding_files_is_not_replaced_by_a_file() {
+    let t = fast_tempdir("inplace");
+    let (src, dest) = (t.path().join("work"), t.path().join("dest"));
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("top"), b"the checkpoint's file").unwrap();
+    fs::write(src.join("keep"), b"kept").unwrap();
+    let repo_dir = t.path().join("repo");
+    let repo = Repository::init(&repo_dir).unwrap();
+    let id = repo.commit(&src, &Default::default()).unwrap().id;
+    fs::create_dir_all(dest.join("top/deeper")).unwrap();
+    fs::write(dest.join("top/userfile"), b"precious").unwrap();
+    fs::write(dest.join("top/deeper/f2"), b"x").unwrap();
+    let o = run(&repo_dir, &["checkout", &id, dest.to_str().unwrap(), "--in-place"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("--delete"), "{}", text(&o.stderr));
+    assert_eq!(fs::read(dest.join("top/userfile")).unwrap(), b"precious");
+    assert_eq!(fs::read(dest.join("top/deeper/f2")).unwrap(), b"x");
+    let s = repo.checkout(&id, &dest, &in_place()).unwrap();
+    assert_eq!(s.removed, 1, "{s:?}");
+    assert_same_tree(&src, &dest, true);
+    fs::remove_file(dest.join("top")).unwrap();
+    fs::create_dir(dest.join("top")).unwrap();
+    repo.checkout(&id, &dest, &CheckoutOptions { in_place: true, ..Default::default() }).unwrap();
+    assert_same_tree(&src, &dest, true);
+}
+
 /// A checkout's record vouches only for the destination it was made in: another directory moved to that path,
 /// holding another checkpoint's file of the same size and mtime (kept times, a reproducible build), is
 /// hashed, not taken as what the record says.

@@ -167,7 +167,8 @@ back or forward; a file with other hard links is written anew instead, so that t
 that checkpoint recorded there and it has not changed since (its ctime: before the end of the last whole checkout \
 into DEST, or as the last commit of DEST saw it); any other file is hashed; --checksum hashes every existing file. Files in DEST that the \
 checkpoint lacks stay unless --delete (never the repository itself; a DEST in the repository, or a checkpoint \
-entry where the repository is, is refused). Permissions, mtimes and symlinks end as in \
+entry where the repository is, is refused; so is, without --delete, a file or symlink of the checkpoint where \
+DEST has a directory holding files). Permissions, mtimes and symlinks end as in \
 the checkpoint; runs of zeros become holes. Run as root, the checkout also gives every entry the owner and \
 group it was committed with, as numeric ids (--no-owners: not); run as another user, what it creates belongs to \
 that user. Checkpoints taken before snapstore recorded owners, and streams, have none to restore. Set-uid and \
