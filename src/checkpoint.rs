@@ -16,6 +16,19 @@ pub(crate) fn validate_tag(tag: &str) -> crate::error::Result<()> {
     Ok(())
 }
 
+/// [`validate_tag`], and no comma, for a tag a commit or a tag change adds: the CLI splits `--tag a,b` into two
+/// tags, as restic does, so a tag holding a comma could be neither given there nor told from two in `log`
+/// (round 35 review, F3). Tags added before are still taken from records and still listed.
+pub(crate) fn validate_new_tag(tag: &str) -> crate::error::Result<()> {
+    validate_tag(tag)?;
+    if tag.contains(',') {
+        return Err(crate::error::Error::InvalidInput(format!(
+            "invalid tag {tag:?}: a tag cannot hold a comma, which separates tags (give them as two)"
+        )));
+    }
+    Ok(())
+}
+
 /// One checkpoint as the catalog records it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Checkpoint {

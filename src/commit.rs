@@ -262,7 +262,7 @@ pub(crate) const UNSEEN_CTIME: i64 = i64::MIN;
 pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions) -> Result<CommitSummary> {
     // Before any work: a bad tag would otherwise fail the commit at its very end.
     for t in &opts.tags {
-        crate::checkpoint::validate_tag(t)?;
+        crate::checkpoint::validate_new_tag(t)?;
     }
     let host = opts.host.clone().unwrap_or_else(host_name);
     let mut catalog = Catalog::open(ctx.catalog_path)?;

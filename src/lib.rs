@@ -1115,7 +1115,7 @@ impl Repository {
     pub fn tag(&self, id: &str, add: &[String], remove: &[String]) -> Result<Tagged> {
         self.refuse_another_users()?;
         for t in add {
-            checkpoint::validate_tag(t)?;
+            checkpoint::validate_new_tag(t)?;
         }
         let mut catalog = self.open_catalog()?;
         // Resolved now to fail at once on a typo, and again once synced under the lock: `latest` is then the

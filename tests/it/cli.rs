@@ -586,6 +586,33 @@ fn tag_takes_add_or_remove_and_refuses_a_tag_in_both() {
     assert_eq!(json(&sx(&repo, &["--json", "show", &id[..8]]))["checkpoint"]["tags"], serde_json::json!(["keep"]));
 }
 
+/// Round 35 review, F3: `--tag nightly,keep` is two tags, as in restic; it was one tag "nightly,keep", which
+/// `log` showed exactly as two, and `forget --keep-tag keep` then forgot the checkpoint. The library refuses a
+/// new tag holding a comma.
+#[test]
+fn comma_separated_tags_are_several_tags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let id = commit_id(&ok(commit_stdin(&repo, &["--name", "x.bin", "--tag", "nightly,keep"], b"one"), "commit"));
+    ok(commit_stdin(&repo, &["--name", "x.bin"], b"two"), "commit");
+    assert_eq!(
+        json(&sx(&repo, &["--json", "show", &id[..8]]))["checkpoint"]["tags"],
+        serde_json::json!(["keep", "nightly"])
+    );
+    let v = json(&sx(&repo, &["--json", "forget", "--keep-last", "1", "--keep-tag", "keep", "--dry-run"]));
+    assert_eq!(v["forget"], serde_json::json!([]), "the checkpoint tagged keep is kept: {v}");
+    assert_eq!(json(&sx(&repo, &["--json", "log", "--tag", "keep,nightly"])).as_array().map(Vec::len), Some(1));
+    let t = json(&sx(&repo, &["--json", "tag", &id[..8], "--remove", "nightly,keep", "--add", "a,b"]));
+    assert_eq!(
+        (&t["added"], &t["removed"]),
+        (&serde_json::json!(["a", "b"]), &serde_json::json!(["nightly", "keep"])),
+        "{t}"
+    );
+    let r = snapstore::Repository::open(&repo).unwrap();
+    let err = r.tag(&id, &["x,y".to_string()], &[]).unwrap_err();
+    assert!(err.to_string().contains("cannot hold a comma"), "{err}");
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // stdin, env var, default repository, auto-creation.
 // ---------------------------------------------------------------------------------------------------------

@@ -129,8 +129,8 @@ snapstore commit - --name state.bin -- trainer --dump-state\n\n", exit_help!()))
         /// Message recorded with the checkpoint
         #[arg(short, long, default_value = "")]
         message: String,
-        /// Tag the checkpoint (repeatable)
-        #[arg(short, long = "tag", value_name = "TAG")]
+        /// Tag the checkpoint (repeatable, or comma-separated as in restic: --tag nightly,keep is two tags)
+        #[arg(short, long = "tag", value_name = "TAG", value_delimiter = ',')]
         tags: Vec<String>,
         /// Name of the file the stream becomes (required with -)
         #[arg(long, value_name = "NAME")]
@@ -244,8 +244,8 @@ snapstore log --path stdin:model.bin --host trainer-3\n\n", exit_help!()))]
         /// Show at most N checkpoints
         #[arg(short = 'n', long, value_name = "N")]
         limit: Option<usize>,
-        /// Only checkpoints with this tag (repeatable: all must match)
-        #[arg(long = "tag", value_name = "TAG")]
+        /// Only checkpoints with this tag (repeatable or comma-separated: all must match)
+        #[arg(long = "tag", value_name = "TAG", value_delimiter = ',')]
         tags: Vec<String>,
         /// Only checkpoints of this committed path, as `forget --path` takes it (repeatable: any may match)
         #[arg(long = "path", value_name = "PATH")]
@@ -264,11 +264,11 @@ Examples:\n  snapstore tag 3fa2c1 --add keep\n  snapstore tag latest --add relea
     Tag {
         /// Checkpoint id, unique prefix, or 'latest'; ID~N: N before it on its path
         id: String,
-        /// Add this tag (repeatable)
-        #[arg(long, value_name = "TAG")]
+        /// Add this tag (repeatable, or comma-separated: --add a,b adds two)
+        #[arg(long, value_name = "TAG", value_delimiter = ',')]
         add: Vec<String>,
-        /// Remove this tag (repeatable)
-        #[arg(long, value_name = "TAG")]
+        /// Remove this tag (repeatable, or comma-separated)
+        #[arg(long, value_name = "TAG", value_delimiter = ',')]
         remove: Vec<String>,
     },
     /// List group checkpoints (coordinated checkpoints of several processes) with their parts
@@ -301,8 +301,8 @@ Counts take 'unlimited'. A policy that would forget every checkpoint of a path i
         groups: Vec<String>,
         #[command(flatten)]
         keep: KeepArgs,
-        /// Only consider checkpoints with this tag (repeatable: all must match)
-        #[arg(long = "tag", value_name = "TAG")]
+        /// Only consider checkpoints with this tag (repeatable or comma-separated: all must match)
+        #[arg(long = "tag", value_name = "TAG", value_delimiter = ',')]
         tags: Vec<String>,
         /// Only consider checkpoints of this committed path (repeatable)
         #[arg(long = "path", value_name = "PATH")]
@@ -448,8 +448,8 @@ struct KeepArgs {
     /// Keep every checkpoint within DURATION of the newest (e.g. 2d12h)
     #[arg(long, value_name = "DURATION", value_parser = snapstore::parse_duration)]
     keep_within: Option<std::time::Duration>,
-    /// Keep every checkpoint with this tag (repeatable)
-    #[arg(long, value_name = "TAG")]
+    /// Keep every checkpoint with this tag (repeatable or comma-separated: any of them keeps it)
+    #[arg(long, value_name = "TAG", value_delimiter = ',')]
     keep_tag: Vec<String>,
 }
 
