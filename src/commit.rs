@@ -187,7 +187,10 @@ struct Hashed {
 enum Event {
     DirStart(Entry),
     DirEnd,
-    FileStart(Entry),
+    /// A file's entry, and for a stream the entry committed last under its name: where the bytes come out
+    /// the same, the entry keeps that one's times, so that the tree is the parent's and `--skip-unchanged`
+    /// skips it (round 35 review, F1: a stream's time is the commit's, so no stream was ever unchanged).
+    FileStart(Entry, Option<Box<Entry>>),
     /// The next chunk, by sequence number, with what it took from the [`InFlight`] budget.
     Chunk(u64, u64),
     FileEnd,
@@ -404,6 +407,8 @@ fn run(
 
     let (root_tree, root_entry) = asm.root()?;
     summary.logical_bytes = asm.logical_bytes;
+    summary.files_changed -= asm.streams_unchanged;
+    summary.files_unchanged += asm.streams_unchanged;
     if opts.skip_unchanged
         && opts.group.is_none()
         // Chunks stored afresh (damaged or condemned ones) are recorded only with a checkpoint.
@@ -1040,7 +1045,7 @@ impl Walker<'_, '_> {
             // right after it could keep the stat, and the later name would get these bytes for good.
             let group = entry.link.filter(|_| entry.ctime_ns != UNSEEN_CTIME);
             let read_as_was = (group, read_as(&before));
-            self.send(Event::FileStart(entry))?;
+            self.send(Event::FileStart(entry, None))?;
             let read = self.chunks_file(&f, before.len(), prior.as_ref()).map_err(|e| Error::io(path, e));
             if let Some(e) = self.failed.take() {
                 return Err(e);
@@ -1472,12 +1477,13 @@ impl Walker<'_, '_> {
             target: Vec::new(),
         };
         // The stream committed last under this name guides the cutting.
-        let prior = self.prev[0].as_ref().and_then(|m| m.get(&entry.name)).filter(|p| p.kind == EntryKind::File);
-        let prior = prior.and_then(|p| p.object().ok().flatten());
+        let previous =
+            self.prev[0].as_ref().and_then(|m| m.get(&entry.name)).filter(|p| p.kind == EntryKind::File).cloned();
+        let prior = previous.as_ref().and_then(|p| p.object().ok().flatten());
         // Named as the checkpoint's path is (`stdin:NAME`), whatever the reader is.
         let key = format!("stdin:{}", String::from_utf8_lossy(&entry.name));
-        let had_prior = prior.is_some();
-        self.send(Event::FileStart(entry))?;
+        let had_prior = previous.is_some();
+        self.send(Event::FileStart(entry, previous.map(Box::new)))?;
         let read = self.chunks_inline(reader, prior.as_ref()).map_err(|e| Error::io(&key, e));
         if let Some(e) = self.failed.take() {
             return Err(e);
@@ -1502,6 +1508,8 @@ impl Walker<'_, '_> {
 /// Builds one file's content from its chunks in order, cutting segments as it goes.
 struct ContentBuilder {
     entry: Entry,
+    /// A stream's previous entry (see [`Event::FileStart`]).
+    previous: Option<Box<Entry>>,
     size: u64,
     segment: Vec<ChunkRef>,
     segment_ids: Vec<u8>,
@@ -1520,6 +1528,8 @@ struct Assembler<'a> {
     file: Option<ContentBuilder>,
     pending: HashMap<u64, Hashed>,
     logical_bytes: u64,
+    /// Streams whose bytes are those committed last under their name: counted unchanged, not changed.
+    streams_unchanged: u64,
     chunks_new: u64,
     chunks_reused: u64,
     bytes_new: u64,
@@ -1587,6 +1597,7 @@ impl<'a> Assembler<'a> {
             file: None,
             pending: HashMap::new(),
             logical_bytes: 0,
+            streams_unchanged: 0,
             chunks_new: 0,
             chunks_reused: 0,
             bytes_new: 0,
@@ -1627,9 +1638,10 @@ impl<'a> Assembler<'a> {
                     self.logical_bytes += e.size;
                     self.add_child(e)?;
                 }
-                Event::FileStart(entry) => {
+                Event::FileStart(entry, previous) => {
                     self.file = Some(ContentBuilder {
                         entry,
+                        previous,
                         size: 0,
                         segment: Vec::new(),
                         segment_ids: Vec::new(),
@@ -1724,6 +1736,10 @@ impl<'a> Assembler<'a> {
         let mut entry = b.entry;
         entry.size = b.size;
         entry.target = id.0.to_vec();
+        if let Some(p) = b.previous.filter(|p| p.target == entry.target) {
+            (entry.mtime_ns, entry.ctime_ns) = (p.mtime_ns, p.ctime_ns);
+            self.streams_unchanged += 1;
+        }
         if let Some(group) = entry.link
             && (self.link_targets.len() < READ_LINKS_MAX || self.link_targets.contains_key(&group))
         {

@@ -586,6 +586,36 @@ fn tag_takes_add_or_remove_and_refuses_a_tag_in_both() {
     assert_eq!(json(&sx(&repo, &["--json", "show", &id[..8]]))["checkpoint"]["tags"], serde_json::json!(["keep"]));
 }
 
+/// Round 35 review, F1: a stream whose bytes are those committed last under its name is unchanged: counted so,
+/// and with --skip-unchanged no checkpoint is made (its time was the commit's, so the tree always differed).
+/// A producer's output the same way; different bytes make a checkpoint as before.
+#[test]
+fn an_identical_stream_is_unchanged_and_skipped_with_skip_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let commit = |extra: &[&str], data: &[u8]| {
+        let mut args = vec!["--name", "s.bin", "--json"];
+        args.extend_from_slice(extra);
+        json(&ok(commit_stdin(&repo, &args, data), "commit"))
+    };
+    let first = commit(&[], b"same\n");
+    let skipped = commit(&["--skip-unchanged"], b"same\n");
+    assert_eq!((&skipped["unchanged"], &skipped["id"]), (&true.into(), &first["id"]), "{skipped}");
+    assert_eq!((&skipped["files_unchanged"], &skipped["files_changed"]), (&1.into(), &0.into()), "{skipped}");
+    let produced = json(&sx(
+        &repo,
+        &["--json", "commit", "-", "--name", "s.bin", "--skip-unchanged", "--", "sh", "-c", "echo same"],
+    ));
+    assert_eq!((&produced["unchanged"], &produced["id"]), (&true.into(), &first["id"]), "{produced}");
+    // Without --skip-unchanged a checkpoint is made, counted unchanged; new bytes are a change.
+    let kept = commit(&[], b"same\n");
+    assert_ne!(kept["id"], first["id"]);
+    assert_eq!((&kept["files_unchanged"], &kept["files_changed"]), (&1.into(), &0.into()), "{kept}");
+    let changed = commit(&["--skip-unchanged"], b"other\n");
+    assert_eq!((&changed["unchanged"], &changed["files_changed"]), (&false.into(), &1.into()), "{changed}");
+    assert_eq!(sx(&repo, &["-q", "log"]).lines().count(), 3);
+}
+
 /// Round 35 review, F3: `--tag nightly,keep` is two tags, as in restic; it was one tag "nightly,keep", which
 /// `log` showed exactly as two, and `forget --keep-tag keep` then forgot the checkpoint. The library refuses a
 /// new tag holding a comma.

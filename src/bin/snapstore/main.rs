@@ -144,8 +144,8 @@ snapstore commit - --name state.bin -- trainer --dump-state\n\n", exit_help!()))
         #[arg(long)]
         skip_unreadable: bool,
         /// Make no checkpoint when nothing differs from the previous checkpoint of the path (contents,
-        /// names, metadata); print that one's id instead (JSON: `unchanged` true), as restic's
-        /// --skip-if-unchanged. Not with --group
+        /// names, metadata; a stream: its bytes); print that one's id instead (JSON: `unchanged` true), as
+        /// restic's --skip-if-unchanged. Not with --group
         #[arg(long, conflicts_with = "group")]
         skip_unchanged: bool,
         /// Worker threads for hashing and compression [default: one per core, at most 16; at most 4 into s3://]
