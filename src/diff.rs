@@ -110,6 +110,25 @@ pub(crate) fn diff(
     Ok(d.summary)
 }
 
+/// What checkpoint `b` holds, each entry as added: the changes of a path's first checkpoint, with none before
+/// it to compare with, as `git show` tells a root commit's. `from` is empty in the summary.
+pub(crate) fn added(catalog: &Catalog, b: &str, f: &mut dyn FnMut(&Change) -> Result<()>) -> Result<DiffSummary> {
+    let rb = content::root_entry(catalog, b)?;
+    let max = catalog.params()?.chunk_max;
+    let zero = ChunkRef { id: ObjectId::of(&vec![0u8; max as usize]), len: max };
+    let summary = DiffSummary { to: b.to_string(), ..Default::default() };
+    let mut d = Differ { catalog, zero, f, summary };
+    if rb.kind == EntryKind::Dir {
+        // A directory's entries are named relative to it, as in `diff`: the root itself is no change.
+        for c in catalog.tree(&rb.object()?.expect("dir has a tree"))? {
+            d.all(&c, &child(Path::new(""), &c)?, ChangeKind::Added)?;
+        }
+    } else {
+        d.all(&rb, Path::new(OsStr::from_bytes(&rb.name)), ChangeKind::Added)?;
+    }
+    Ok(d.summary)
+}
+
 /// Whether the owner changed, as far as both checkpoints recorded one: across the upgrade that began
 /// recording owners every entry gains one, which is no change of the files.
 fn owner_changed(a: &Entry, b: &Entry) -> bool {

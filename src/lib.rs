@@ -1385,6 +1385,15 @@ impl Repository {
         diff::diff(&catalog, &a.id, &b.id, &mut f)
     }
 
+    /// What checkpoint `id` holds, every entry reported as added, for a path's first checkpoint, which has
+    /// none before it to [`Repository::diff`] with (as `git show` tells a root commit's changes). The
+    /// summary's `from` is empty.
+    pub fn diff_added(&self, id: &str, mut f: impl FnMut(&Change) -> Result<()>) -> Result<DiffSummary> {
+        let catalog = self.open_catalog()?;
+        let b = catalog.resolve(id)?;
+        diff::added(&catalog, &b.id, &mut f)
+    }
+
     /// Checks the catalog against the chunk store: every chunk a checkpoint references has a location inside
     /// an existing pack, and pack indexes agree with the catalog; with [`VerifyOptions::read_data`], also
     /// decompresses and rehashes chunks. Damage is reported in the [`VerifyReport`], not as an error.

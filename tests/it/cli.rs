@@ -1656,8 +1656,9 @@ fn forget_prune_reclaims_the_space_at_once() {
 }
 
 /// `diff latest~1 latest` shows what the last commit of a path changed, as `diff latest` does; going back past
-/// the first checkpoint is "not found" (exit 4) with a hint, `diff` of a first checkpoint alone says it has
-/// none before it (exit 2), and a malformed count is bad usage (exit 2).
+/// the first checkpoint is "not found" (exit 4) with a hint, `diff` of a first checkpoint alone shows all it
+/// holds as added (as `git show` of a root commit; it was bad usage, exit 2: round 35 review, F5), and a
+/// malformed count is bad usage (exit 2).
 #[test]
 fn latest_tilde_1_names_the_checkpoint_before() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1667,8 +1668,10 @@ fn latest_tilde_1_names_the_checkpoint_before() {
     let diff = sx(&repo, &["diff", "latest~1", "latest"]);
     assert!(diff.contains("1 modified"), "{diff}");
     assert_eq!(sx(&repo, &["diff", "latest"]), diff, "one checkpoint: what its commit changed");
-    let err = sx_fail(&repo, &["diff", "latest~1"], 2);
-    assert!(err.contains("is the first of stdin:state still kept"), "{err}");
+    let first = json(&sx(&repo, &["--json", "diff", "latest~1"]));
+    assert_eq!(first["summary"]["added"], 1, "{first}");
+    assert_eq!((&first["changes"][0]["path"], &first["changes"][0]["change"]), (&"state".into(), &"added".into()));
+    assert_eq!(first["summary"]["from"], "", "{first}");
     assert_eq!(sx(&repo, &["cat", "latest~1", "state"]), "step 1");
     assert_eq!(sx(&repo, &["cat", &format!("{}~0", &second[..8]), "state"]), "step 2 longer");
     let err = sx_fail(&repo, &["show", "latest~2"], 4);

@@ -27,28 +27,23 @@ pub fn diff(repo_dir: &Path, args: &DiffArgs, json: bool, quiet: bool, out: &mut
     if json {
         out.json_open("{\"changes\": ");
     }
-    // One checkpoint: what its commit changed, as `git show` tells.
-    let (a, b) = match &args.b {
-        Some(b) => (args.a.clone(), b.clone()),
+    // One checkpoint: what its commit changed, as `git show` tells; for a path's first, everything it holds.
+    let pair = match &args.b {
+        Some(b) => Some((args.a.clone(), b.clone())),
         None => {
             let newer = repo.checkpoint(&args.a)?;
             match repo.checkpoint(&format!("{}~1", newer.id)) {
-                Ok(older) => (older.id, newer.id),
-                Err(snapstore::Error::CheckpointNotFound(_)) => {
-                    return Err(Failure::Usage(format!(
-                        "checkpoint {} is the first of {} still kept, with none before it to compare with: give \
-                         two checkpoints (`snapstore ls {} -r` lists its files)",
-                        newer.short_id(),
-                        newer.path,
-                        newer.short_id()
-                    )));
-                }
+                Ok(older) => Some((older.id, newer.id)),
+                Err(snapstore::Error::CheckpointNotFound(_)) => None,
                 Err(e) => return Err(e.into()),
             }
         }
     };
-    let diffed =
-        repo.diff(&a, &b, |c| if json { sink.write(out.json_item(c)) } else { sink.write(line(out, c, quiet)) });
+    let mut each = |c: &Change| if json { sink.write(out.json_item(c)) } else { sink.write(line(out, c, quiet)) };
+    let diffed = match pair {
+        Some((a, b)) => repo.diff(&a, &b, &mut each),
+        None => repo.diff_added(&args.a, &mut each),
+    };
     let summary = sink.finish(diffed)?;
     if json {
         let summary = serde_json::to_string(&summary).map_err(std::io::Error::from)?;

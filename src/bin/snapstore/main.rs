@@ -360,7 +360,8 @@ differ from the old one at the same offsets, to the nearest chunk: a chunk held 
 zeros in both, is unchanged. Bytes inserted or removed shift everything after them, which is then listed as \
 changed (the commit itself stores only the chunks that are new). With -q, only the changed paths, one per line \
 after its mark (+ added, - removed, M modified; a directory's ends with /), and no totals.\n\n\
-Examples:\n  snapstore diff latest            # what the last commit changed (latest~1 to latest)\n  \
+Examples:\n  snapstore diff latest            # what the last commit changed (latest~1 to latest; for a path's \
+first checkpoint, everything in it, as added)\n  \
 snapstore diff 3fa2c1 latest\n  snapstore --json diff latest~3 latest\n\n", exit_help!()))]
     Diff(diff::DiffArgs),
     /// Check the repository: catalog against packs, and with --read-data every chunk's bytes
