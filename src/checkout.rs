@@ -1088,6 +1088,16 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
                 dest.display()
             )));
         }
+        Ok(md) if md.is_symlink() && !opts.in_place => {
+            // Not followed, as no entry of a checkout is; "not empty" sent users looking into an empty
+            // directory (round 35 review, F6).
+            let to = fs::read_link(dest).map(|t| format!(" (to {})", t.display())).unwrap_or_default();
+            return Err(Error::InvalidInput(format!(
+                "destination {} is a symbolic link{to}, which a checkout does not follow: give the directory it \
+                 points to, or a new path",
+                dest.display()
+            )));
+        }
         Ok(md) => {
             let empty_dir = md.is_dir() && fs::read_dir(dest).map_err(|e| Error::io(dest, e))?.next().is_none();
             if !empty_dir && !opts.in_place {

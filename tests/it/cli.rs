@@ -1738,6 +1738,15 @@ fn checkout_into_non_empty_destination_needs_in_place() {
     assert!(err.contains("is a file, but the checkpoint holds a directory"), "{err}");
     assert_eq!(fs::read(&file_dest).unwrap(), b"x");
 
+    // A symlink, to an empty directory or nowhere, is refused as one, not as "not empty" (round 35, F6).
+    fs::create_dir(tmp.path().join("empty")).unwrap();
+    for (link, to) in [("to-empty", "empty"), ("dangling", "nowhere")] {
+        let link = tmp.path().join(link);
+        std::os::unix::fs::symlink(to, &link).unwrap();
+        let err = sx_fail(&repo, &["checkout", &id[..8], p(&link)], 2);
+        assert!(err.contains(&format!("is a symbolic link (to {to})")), "{err}");
+    }
+
     // directories on the way to a new destination are made, as `mkdir -p` would
     let nested = tmp.path().join("not/yet/there");
     sx(&repo, &["checkout", &id[..8], p(&nested)]);

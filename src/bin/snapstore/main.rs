@@ -161,7 +161,8 @@ snapstore commit - --name state.bin -- trainer --dump-state\n\n", exit_help!()))
     },
     /// Recreate a checkpoint at DEST, byte for byte, verifying every chunk
     #[command(after_help = concat!("DEST becomes what the committed path was (the directory, or the file). \
-DEST must not exist, or be an empty directory, unless --in-place: then files that already match the checkpoint are left untouched, \
+DEST must not exist, or be an empty directory for a directory's checkpoint (a file's is checked out to a path \
+that names the file: DIR/vm.img, not DIR), unless --in-place: then files that already match the checkpoint are left untouched, \
 and a file that differs is patched by writing only the chunks that differ (to roll a VM image or a training run \
 back or forward; a file with other hard links is written anew instead, so that they keep their content). A file is taken to hold an earlier checkpoint's content when its size and mtime match what \
 that checkpoint recorded there and it has not changed since (its ctime: before the end of the last whole checkout \
