@@ -92,9 +92,11 @@ pub struct CheckoutSummary {
     pub id: String,
     /// Regular files restored or found up to date.
     pub files: u64,
-    /// Of those, files left untouched because they already matched.
+    /// Of those, files whose bytes already matched (by the record of an earlier checkout, or hashed): none
+    /// written, though a mode or mtime that differed is set back.
     pub files_unchanged: u64,
-    /// Of those, files updated in place by writing only the chunks that differ.
+    /// Of those, files updated in place by writing only the chunks that differ (at least a byte written, a hole
+    /// punched or the size changed).
     pub files_patched: u64,
     /// Of those, names linked to another name of the same file, as they were when committed (hard links).
     pub files_linked: u64,
@@ -175,6 +177,10 @@ struct FileTask {
     failed: AtomicBool,
     /// Finished; until then, dropping the task removes what it created.
     placed: AtomicBool,
+    /// For a file patched in place: whether a byte of it changed (written, a hole punched, its size), and
+    /// where to count it, placed with none changed, as unchanged rather than patched (round 35 review, F8).
+    changed: AtomicBool,
+    untouched: Option<Arc<AtomicU64>>,
     /// Created with its final mode, so no `chmod` is needed once it is whole (see [`NewFiles`]).
     create_mode: Option<u32>,
     /// The owner to give the file once it is whole, if it will not have it already (see [`Owners`]).
@@ -815,6 +821,11 @@ impl FileTask {
             }
         }
         self.placed.store(true, Ordering::Release);
+        if let Some(untouched) = &self.untouched
+            && !self.changed.load(Ordering::Acquire)
+        {
+            untouched.fetch_add(1, Ordering::Relaxed);
+        }
         crate::fault::point("checkout-file");
         let waiting = self.links.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
         for link in waiting {
@@ -886,6 +897,7 @@ impl FileTask {
             }
             let punch = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
             if rustix::fs::fallocate(file, punch, at, data.len() as u64).is_ok() {
+                self.changed.store(true, Ordering::Relaxed);
                 return Ok(0);
             }
         }
@@ -910,6 +922,9 @@ impl FileTask {
             file.write_all_at(&data[start..end], at + start as u64).map_err(io)?;
             written += (end - start) as u64;
             i = end;
+        }
+        if written > 0 {
+            self.changed.store(true, Ordering::Relaxed);
         }
         Ok(written)
     }
@@ -1221,6 +1236,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
         xattrs: opts.xattrs.then(Default::default),
         ..Default::default()
     });
+    let patched_untouched = Arc::new(AtomicU64::new(0));
     let mut roots = Vec::new();
     let mut made = Vec::new();
 
@@ -1251,6 +1267,7 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
             in_read: 0,
             new_files,
             owners: owners.clone(),
+            patched_untouched: patched_untouched.clone(),
             roots: &mut roots,
             made: &mut made,
             dest,
@@ -1324,6 +1341,9 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
         ended.wait();
     }
     summary.bytes_written = written.into_inner();
+    let untouched = patched_untouched.load(Ordering::Relaxed);
+    summary.files_patched -= untouched;
+    summary.files_unchanged += untouched;
     summary.files_written =
         summary.files.saturating_sub(summary.files_unchanged + summary.files_patched + summary.files_linked);
     summary.seconds = started.elapsed().as_secs_f64();
@@ -1528,6 +1548,8 @@ struct Walker<'a> {
     new_files: NewFiles,
     /// Whether owners are restored, and what came of it.
     owners: Arc<Owners>,
+    /// Files patched in place that needed no byte (see [`FileTask::untouched`]).
+    patched_untouched: Arc<AtomicU64>,
     /// The directories walks started at, checked when all is done.
     roots: &'a mut Vec<Arc<DirTask>>,
     /// Directories made on the way to a `--path` (the destination first, if made), outermost first.
@@ -2191,6 +2213,8 @@ impl Walker<'_> {
             Some((md, _)) => self.chown(entry, Some(Owner::of(md))),
             None => self.chown(entry, self.new_files.owner),
         };
+        // A patched file's size set to the checkpoint's is a change of it, as any byte written.
+        let mut resized = false;
         let opened = match &patch {
             Some((md, _)) => {
                 let open = || dirfd::open(&dir, name, OFlags::RDWR | OFlags::NONBLOCK);
@@ -2208,6 +2232,7 @@ impl Walker<'_> {
                 let f = File::from(fd.map_err(|e| Error::io(dest, e))?);
                 same_file(dest, &f, md)?;
                 f.set_len(entry.size).map_err(|e| Error::io(dest, e))?;
+                resized = md.len() != entry.size;
                 OnceLock::from((f, Target::Patched))
             }
             // Nothing there: a small file is written under its own name (a rename per file costs as much as
@@ -2235,6 +2260,8 @@ impl Walker<'_> {
             remaining: AtomicUsize::new(1),
             failed: AtomicBool::new(false),
             placed: AtomicBool::new(false),
+            changed: AtomicBool::new(resized),
+            untouched: patch.is_some().then(|| self.patched_untouched.clone()),
             create_mode,
             chown,
             owner: entry.owner,
@@ -2390,6 +2417,8 @@ mod tests {
             remaining: AtomicUsize::new(1),
             failed: AtomicBool::new(false),
             placed: AtomicBool::new(false),
+            changed: AtomicBool::new(false),
+            untouched: None,
             create_mode: None,
             chown: None,
             owner: None,

@@ -175,6 +175,36 @@ fn without_delete_a_directory_holding_files_is_not_replaced_by_a_file() {
     assert_same_tree(&src, &dest, true);
 }
 
+/// Round 35 review, F8: a large file whose bytes already match, its mtime only touched, is hashed and found
+/// the same: counted unchanged (its mtime set back), not "patched" with nothing written. One with a byte
+/// changed is patched, as before.
+#[test]
+fn a_file_whose_bytes_match_is_unchanged_not_patched() {
+    let t = fast_tempdir("inplace");
+    let (src, dest) = (t.path().join("work"), t.path().join("dest"));
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("big.bin"), pseudo_random(3 << 20, 11)).unwrap();
+    fs::write(src.join("a.txt"), b"small").unwrap();
+    let repo = Repository::init(t.path().join("repo")).unwrap();
+    let id = repo.commit(&src, &Default::default()).unwrap().id;
+    repo.checkout(&id, &dest, &Default::default()).unwrap();
+    let touch =
+        |p: &Path| fs::File::options().write(true).open(p).unwrap().set_modified(std::time::SystemTime::now()).unwrap();
+    touch(&dest.join("big.bin"));
+    touch(&dest.join("a.txt"));
+    let keep = CheckoutOptions { in_place: true, ..Default::default() };
+    let s = repo.checkout(&id, &dest, &keep).unwrap();
+    assert_eq!((s.files_unchanged, s.files_patched, s.bytes_written), (2, 0, 0), "{s:?}");
+    assert_same_tree(&src, &dest, true);
+    let f = fs::File::options().write(true).open(dest.join("big.bin")).unwrap();
+    f.write_all_at(b"x", 1 << 20).unwrap();
+    drop(f);
+    let s = repo.checkout(&id, &dest, &keep).unwrap();
+    assert_eq!((s.files_unchanged, s.files_patched), (1, 1), "{s:?}");
+    assert!(s.bytes_written > 0, "{s:?}");
+    assert_same_tree(&src, &dest, true);
+}
+
 /// A checkout's record vouches only for the destination it was made in: another directory moved to that path,
 /// holding another checkpoint's file of the same size and mtime (kept times, a reproducible build), is
 /// hashed, not taken as what the record says.
@@ -321,12 +351,13 @@ fn a_change_that_kept_size_and_mtime_is_found() {
         let s = repo.checkout(&id, &out, &in_place()).unwrap();
         assert!(fs::read(&out).unwrap() == original, "round {round}: the checkout's record vouched for a changed file");
         assert!(s.bytes_written > 0 && s.bytes_written < 1 << 20, "round {round}: {s:?}");
-        // Left as that checkout put it: trusted by its record at once, not hashed (counted as patched).
+        // Left as that checkout put it: trusted by its record at once, not hashed.
         let s = repo.checkout(&id, &out, &in_place()).unwrap();
         assert_eq!((s.files_unchanged, s.files_patched, s.bytes_written), (1, 0, 0), "round {round}: {s:?}");
     }
+    // Hashed, and found to hold the checkpoint's bytes: unchanged, nothing written.
     let s = repo.checkout(&id, &out, &CheckoutOptions { checksum: true, ..in_place() }).unwrap();
-    assert_eq!((s.files_patched, s.bytes_written), (1, 0), "{s:?}");
+    assert_eq!((s.files_unchanged, s.files_patched, s.bytes_written), (1, 0, 0), "{s:?}");
 }
 
 fn allocated(path: &Path) -> u64 {
