@@ -441,6 +441,10 @@ fn json_output_of_every_command() {
     }
     let err = json(&text(&run(&repo, &["--json", "comit"]).stderr));
     assert_eq!(err["hint"], "a similar subcommand exists: 'commit'", "{err}");
+    // A command without its subcommand: an error naming them, not the command's description (round 35, F11).
+    let o = run(&repo, &["--json", "repair"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(json(&text(&o.stderr))["error"], "a subcommand is required: index", "{}", text(&o.stderr));
     assert!(ok(run(&repo, &["--json", "tag", "--help"]), "tag --help").contains("--remove"));
 }
 

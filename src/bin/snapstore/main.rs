@@ -470,6 +470,17 @@ impl KeepArgs {
     }
 }
 
+/// The subcommands a help text lists under `Commands:` (but `help`).
+fn subcommands_listed(help: &str) -> Vec<&str> {
+    help.lines()
+        .skip_while(|l| l.trim() != "Commands:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect()
+}
+
 fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = match Cli::try_parse() {
@@ -480,6 +491,13 @@ fn main() -> ExitCode {
             // clap's text: the error, then `tip:` lines, the usage and "For more information"; the usage is
             // for a reader of text, and --help says the rest.
             let text = e.render().to_string();
+            // A command given without its subcommand renders its help, whose first line is no error (round 35
+            // review, F11).
+            if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let commands = subcommands_listed(&text);
+                let error = format!("a subcommand is required: {}", commands.join(", "));
+                return report(true, &[error], Some("--help lists the subcommands"), EXIT_USAGE);
+            }
             let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
             let end =
                 lines.iter().position(|l| ["Usage:", "tip:", "For more information"].iter().any(|s| l.starts_with(s)));

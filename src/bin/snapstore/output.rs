@@ -144,7 +144,7 @@ pub fn commit_summary(out: &mut Out, s: &CommitSummary) -> io::Result<()> {
         ))?;
     }
     out.line(&format!(
-        "  new after dedup {} ({} of {} chunks read); stored {} after compression",
+        "  new after dedup {} ({} new of {} chunks read); stored {} after compression",
         human_bytes(s.bytes_new),
         s.chunks_new,
         s.chunks_new + s.chunks_reused,
