@@ -698,6 +698,12 @@ impl Catalog {
         Ok(())
     }
 
+    /// Whether the chunk index has a row for `id`, whatever its state.
+    pub(crate) fn has_chunk_row(&self, id: &ObjectId) -> Result<bool> {
+        let mut stmt = self.conn.prepare_cached("SELECT 1 FROM chunks WHERE id = ?1")?;
+        Ok(stmt.exists([&id.0[..]])?)
+    }
+
     /// Where a chunk is stored, if it is.
     pub fn chunk_location(&self, id: &ObjectId) -> Result<Option<ChunkLocation>> {
         let mut stmt = self.conn.prepare_cached(CHUNK_LOCATION)?;

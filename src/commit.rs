@@ -989,7 +989,7 @@ impl Walker<'_, '_> {
             let mut cursor = ChunkCursor::of_size(self.catalog, &content, Some(p.size))?;
             while let Some((_, r)) = cursor.next_chunk()? {
                 if set.is_some_and(|set| set.contains(&r.id))
-                    || (self.unindexed && self.catalog.chunk_location(&r.id)?.is_none())
+                    || (self.unindexed && !self.catalog.has_chunk_row(&r.id)?)
                 {
                     return Ok(true);
                 }

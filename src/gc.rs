@@ -280,6 +280,9 @@ fn sound_copy(backend: &dyn Backend, pack: &str, e: &PackEntry, decoder: &mut Bl
     backend.read_at(pack, e.offset, &mut blob).is_ok() && decoder.decode(&e.id, e.flags, e.raw_len, &blob).is_ok()
 }
 
+/// What [`mark`]'s refusal says when chunks in use lack a row.
+const UNINDEXED_IN_USE: &str = "that checkpoints use are missing from the chunk index";
+
 /// Condemns everything no checkpoint reaches, at the current epoch, and advances the epoch.
 /// Returns the number of chunks newly condemned.
 /// In a bucket (`bucket`, its packs), chunks in use that the index lacks are first looked for in the packs
@@ -322,10 +325,10 @@ fn mark(conn: &Connection, bucket: Option<&dyn Backend>) -> Result<u64> {
             "`snapstore repair index --read-data` (it indexes what the packs still hold soundly)"
         };
         return Err(Error::corrupt(format!(
-            "{unindexed} chunk(s) that checkpoints use are missing from the chunk index, so GC collected nothing \
-             (their packs must not be repacked or deleted); run `snapstore verify` to see the files affected, then \
-             {repair}; chunks left out are stored again by committing the original data with --reread, or forget \
-             the checkpoints that use them"
+            "{unindexed} chunk(s) {UNINDEXED_IN_USE}, so GC collected nothing (their packs must not be repacked or \
+             deleted); run `snapstore verify` to see the files affected, then {repair}; chunks left out are stored \
+             again by committing the original data (the files holding them are read whatever their stat), or \
+             forget the checkpoints that use them"
         )));
     }
     let epoch = gc_epoch(conn)?;
@@ -494,6 +497,16 @@ pub(crate) fn gc(
     };
     acquire_lease(cat.connection_mut(), &me, opts.stale_after)?;
     let result = run(&mut cat, backend, remote, pack_target, opts, &me, missing);
+    if let Err(e) = &result
+        && !opts.dry_run
+        && e.to_string().contains(UNINDEXED_IN_USE)
+    {
+        // Whatever left them out, commits then read the files holding them and store them afresh (see
+        // `CHUNKS_UNINDEXED`), as after a repair that removed rows. Best effort: the refusal says more.
+        let _ = cat
+            .connection()
+            .execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, '1')", [crate::catalog::CHUNKS_UNINDEXED]);
+    }
     let _ = cat.connection().execute("DELETE FROM gc_lease WHERE pid = ?1", [std::process::id()]);
     drop(remote_lock);
     let mut summary = result?;

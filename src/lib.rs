@@ -1429,9 +1429,9 @@ impl Repository {
 
     /// [`Repository::repair_index_at`], then every indexed chunk read and checked as [`Repository::verify`]
     /// does with `opts.read_data`, and the blobs whose bytes are wrong left out of the index. Each chunk left
-    /// out is stored afresh by the next commit that meets it (commit the original data again with
-    /// [`CommitOptions::reread`], so that files unchanged by their stat are read), and from then on every
-    /// checkpoint that uses it is whole again.
+    /// out is stored afresh by the next commit that meets it (commit the original data again: until GC finds
+    /// every chunk in use indexed, a commit reads each file whose previous content holds a chunk the index
+    /// lacks, whatever its stat), and from then on every checkpoint that uses it is whole again.
     pub fn repair_index_reading_data(path: impl AsRef<Path>, opts: &VerifyOptions) -> Result<RepairReport> {
         Self::repair_local(path.as_ref(), Some(opts))
     }

@@ -30,7 +30,7 @@ pub(crate) struct Restated {
     pub written: Vec<String>,
     /// Checkpoints only this copy holds that it cannot restore either (a tree, content or chunk row it
     /// reaches is gone: a GC's record applied here dropped it after a forget that never reached this copy; or
-    /// a chunk it would publish is marked damaged, or lies in a pack a GC deleted or, by its trace, deletes):
+    /// a chunk it reaches lies in a pack a GC deleted or, by its trace, deletes):
     /// not published, since no machine could restore them from what they would name.
     pub damaged: Vec<String>,
     /// Checkpoints a lost record forgot here that the bucket's records still hold, and this copy cannot
@@ -91,9 +91,7 @@ fn restate_against(
             let checkpoint = as_recorded(catalog, &id)?;
             let conn = catalog.connection_mut();
             // Leaves what the checkpoint reaches in `temp.restate`, read by the two checks and by restate_one.
-            let whole = whole_here(conn, checkpoint.root)?
-                && sound_here(conn, Placed::Unrecorded)?
-                && packs_present(remote, conn, Placed::Unrecorded)?;
+            let whole = whole_here(conn, checkpoint.root)? && !packs_gone(remote, conn, Rows::Recorded)?;
             match whole && restate_one(remote, conn, checkpoint)? {
                 true => out.written.push(id),
                 false => out.damaged.push(id),
@@ -203,10 +201,7 @@ fn forget_again(remote: &Remote, catalog: &mut Catalog, fresh: &Path) -> Result<
     for id in lost {
         let checkpoint = as_recorded(&theirs, &id)?;
         let conn = catalog.connection_mut();
-        if whole_here(conn, checkpoint.root)?
-            && sound_here(conn, Placed::All)?
-            && packs_present(remote, conn, Placed::All)?
-        {
+        if whole_here(conn, checkpoint.root)? && !damaged_here(conn)? && !packs_gone(remote, conn, Rows::Here)? {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             crate::catalog::relist(&tx, &checkpoint)?;
             // Not where a later commit of its group part is listed here, which replaces it as it goes in (round
@@ -242,64 +237,61 @@ fn forget_again(remote: &Remote, catalog: &mut Catalog, fresh: &Path) -> Result<
     Ok((forget, relisted))
 }
 
-/// Whether no chunk of `temp.restate` (see [`whole_here`]) that `which` names is marked damaged here or placed
-/// in a pack that a GC's trace this copy applied names (that GC deletes it): one such is no checkpoint to list
-/// or publish again as whole (round 34 review, F1).
-fn sound_here(conn: &Connection, which: Placed) -> Result<bool> {
-    let unsound: bool = conn.query_row(
-        &format!(
-            "SELECT EXISTS (SELECT 1 FROM temp.restate r JOIN chunks c ON c.id = r.id WHERE r.kind = ?1 {} AND (
-                 EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.id = c.id)
-                 OR EXISTS (SELECT 1 FROM packs p JOIN remote_records t ON t.name = p.name WHERE p.id = c.pack)))",
-            which.filter()
-        ),
+/// Whether a chunk of `temp.restate` (see [`whole_here`]) is marked damaged here: one such is no checkpoint to
+/// list again as whole (round 34 review, F1). Not asked of one to publish again: its other files restore, and
+/// the next commit of the data heals the chunk; not published, its packs are orphans to every other machine,
+/// whose GC deletes them (round 36 review, F1).
+fn damaged_here(conn: &Connection) -> Result<bool> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM temp.restate r JOIN damaged_chunks d ON d.id = r.id WHERE r.kind = ?1)",
         [KIND_CHUNK],
         |r| r.get(0),
-    )?;
-    Ok(!unsound)
+    )?)
 }
 
-/// Which chunks of `temp.restate` [`sound_here`] and [`packs_present`] look at.
+/// Whose rows [`packs_gone`] looks at.
 #[derive(Clone, Copy)]
-enum Placed {
-    /// Every chunk, where this copy's rows are to restore the checkpoint.
-    All,
-    /// Those the bucket's records (`fresh`) lack: the rows a restated record would name.
-    Unrecorded,
+enum Rows {
+    /// This copy's: it is to restore the checkpoint itself.
+    Here,
+    /// The bucket's records' (`fresh`) where they have a row, this copy's otherwise: where every machine will
+    /// read the chunks once the checkpoint is published again.
+    Recorded,
 }
 
-impl Placed {
-    /// A condition on chunk `c` to add to a query.
-    fn filter(self) -> &'static str {
-        match self {
-            Placed::All => "",
-            Placed::Unrecorded => "AND NOT EXISTS (SELECT 1 FROM fresh.chunks f WHERE f.id = c.id)",
-        }
-    }
-}
-
-/// Whether every pack this copy places chunks of `temp.restate` that `which` names in is still in the bucket.
-/// A GC whose records and trace were lost with the checkpoint's may have deleted one: its rows look whole
-/// here, but a checkpoint published or listed again from them would be listed everywhere and restore nowhere
-/// (round 33 review, F2). Asked while this copy's markers hold every GC back, so the answer stands until the
-/// accept publishes.
-fn packs_present(remote: &Remote, conn: &Connection, which: Placed) -> Result<bool> {
-    let packs: Vec<String> = conn
-        .prepare(&format!(
-            "SELECT p.name FROM packs p WHERE p.id IN
-                 (SELECT c.pack FROM temp.restate r JOIN chunks c ON c.id = r.id WHERE r.kind = ?1 {})",
-            which.filter()
-        ))?
+/// Whether a pack holding chunks of `temp.restate` (see [`whole_here`]) is gone: named by a GC's trace this
+/// copy applied (that GC deletes it), or no longer in the bucket (asked, a request per pack). A GC deletes a
+/// pack only once nothing it knows uses it, so the checkpoint was forgotten where it ran, in a record lost with
+/// the checkpoint's own: published or listed again, it would undo that forget and be listed everywhere,
+/// restoring nowhere (round 33 review, F2). Every chunk counts, not only those the records lack: a commit of
+/// data stored before adds no row of its own (round 36 review, F2). Asked while this copy's markers hold every
+/// GC back, so the answer stands until the accept publishes.
+fn packs_gone(remote: &Remote, conn: &Connection, rows: Rows) -> Result<bool> {
+    let ours = "(SELECT p.name FROM chunks c JOIN packs p ON p.id = c.pack WHERE c.id = r.id)";
+    let pack = match rows {
+        Rows::Here => ours.to_string(),
+        Rows::Recorded => format!(
+            "COALESCE((SELECT p.name FROM fresh.chunks c JOIN fresh.packs p ON p.id = c.pack WHERE c.id = r.id), {ours})"
+        ),
+    };
+    let packs: Vec<Option<String>> = conn
+        .prepare(&format!("SELECT DISTINCT {pack} FROM temp.restate r WHERE r.kind = ?1"))?
         .query_map([KIND_CHUNK], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
+    let mut traced = conn.prepare("SELECT EXISTS (SELECT 1 FROM remote_records WHERE name = ?1)")?;
     for name in packs {
+        // A chunk without a row is `whole_here`'s to find.
+        let Some(name) = name else { continue };
+        if traced.query_row([&name], |r| r.get::<_, bool>(0))? {
+            return Ok(true);
+        }
         match remote.bucket.head(&name) {
             Ok(Some(_)) => {}
-            Ok(None) => return Ok(false),
+            Ok(None) => return Ok(true),
             Err(e) => return Err(Error::backend(name, e)),
         }
     }
-    Ok(true)
+    Ok(false)
 }
 
 /// Whether every object `root` reaches is in this catalog, every chunk with a row; what it reaches is left in
@@ -361,32 +353,25 @@ fn group_part(conn: &Connection, id: &str) -> Result<Option<crate::group::GroupP
 
 #[cfg(test)]
 mod tests {
-    use super::{Placed, sound_here, whole_here};
+    use super::{damaged_here, whole_here};
     use crate::testutil::pseudo_random;
     use crate::{CommitOptions, Repository};
 
-    /// A checkpoint is listed again only where every chunk it reaches has a row that is neither marked
-    /// damaged nor in a pack a GC's trace names.
+    /// A checkpoint is listed again only where every chunk it reaches has a row (`whole_here`), none of them
+    /// marked damaged (`damaged_here`).
     #[test]
-    fn a_damaged_or_traced_chunk_makes_a_checkpoint_unsound_here() {
+    fn a_damaged_or_rowless_chunk_keeps_a_checkpoint_from_being_whole_here() {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::init(dir.path()).unwrap();
         let id = repo.commit_reader("a", &mut &pseudo_random(300_000, 7)[..], &CommitOptions::default()).unwrap().id;
         let mut cat = repo.open_catalog().unwrap();
         let root = cat.checkpoint_root(&id).unwrap();
         let conn = cat.connection_mut();
-        assert!(whole_here(conn, root).unwrap() && sound_here(conn, Placed::All).unwrap());
-        let (chunk, pack): (Vec<u8>, String) = conn
-            .query_row("SELECT c.id, p.name FROM chunks c JOIN packs p ON p.id = c.pack LIMIT 1", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .unwrap();
+        assert!(whole_here(conn, root).unwrap() && !damaged_here(conn).unwrap());
+        let chunk: Vec<u8> = conn.query_row("SELECT id FROM chunks LIMIT 1", [], |r| r.get(0)).unwrap();
         conn.execute("INSERT INTO damaged_chunks (id, found_ns) VALUES (?1, 1)", [&chunk]).unwrap();
-        assert!(whole_here(conn, root).unwrap() && !sound_here(conn, Placed::All).unwrap());
+        assert!(whole_here(conn, root).unwrap() && damaged_here(conn).unwrap());
         conn.execute("DELETE FROM damaged_chunks", []).unwrap();
-        conn.execute("INSERT INTO remote_records (name) VALUES (?1)", [&pack]).unwrap();
-        assert!(!sound_here(conn, Placed::All).unwrap());
-        conn.execute("DELETE FROM remote_records", []).unwrap();
         conn.execute("DELETE FROM chunks WHERE id = ?1", [&chunk]).unwrap();
         assert!(!whole_here(conn, root).unwrap());
     }

@@ -2209,15 +2209,24 @@ fn a_checkpoint_whose_forget_was_lost_is_forgotten_again_everywhere_at_the_accep
 /// Round 33 review, F2: a's commit of x, b's forget of it and b's gc, which deleted x's pack, are all lost
 /// together, before a applied the forget. a's accept used to write x back from rows into that deleted pack, and
 /// x came back listed on every machine, restoring on none. It is not written back now (the gc's trace names
-/// the pack; where the trace is lost too, the bucket no longer has it), and no other machine lists it.
+/// the pack; where the trace is lost too, the bucket no longer has it), and no other machine lists it. In the
+/// third case x's bytes were committed before, under another name, and that checkpoint forgotten in records
+/// that stay: the lost commit added no chunk row of its own, and the pack is still found gone (round 36
+/// review, F2).
 #[test]
 fn a_commit_lost_with_its_forget_and_sweep_is_not_written_back_from_a_deleted_pack() {
-    for lose_trace in [false, true] {
+    for (lose_trace, stored_before) in [(false, false), (true, false), (false, true), (true, true)] {
         let Some((endpoint, url)) = server() else { return };
         let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
         a.ok(&["init"]);
         let (k, x) = (pseudo_random(300_000, 391), pseudo_random(300_000, 393));
         let keep = a.commit_stream("keep", &k);
+        if stored_before {
+            let earlier = a.commit_stream("x1", &x);
+            b.ok(&["sync"]);
+            b.ok(&["forget", &earlier]);
+            a.ok(&["sync"]);
+        }
         b.ok(&["sync"]);
         let before = listed(&endpoint, &url, "records/");
         let lost = a.commit_stream("x", &x);
@@ -2240,7 +2249,7 @@ fn a_commit_lost_with_its_forget_and_sweep_is_not_written_back_from_a_deleted_pa
         assert!(
             text(&accepted.stderr).contains(&format!("checkpoint {} was held by a lost record", &lost[..8]))
                 && text(&accepted.stderr).contains("not written back"),
-            "lose_trace {lose_trace}: {}",
+            "lose_trace {lose_trace}, stored_before {stored_before}: {}",
             text(&accepted.stderr)
         );
         b.run(&["sync"]);
@@ -2249,6 +2258,57 @@ fn a_commit_lost_with_its_forget_and_sweep_is_not_written_back_from_a_deleted_pa
             assert_all_restore(m, &[(keep.clone(), k.clone())]);
         }
     }
+}
+
+/// Round 36 review, F1: a checkpoint only a holds, lost with its commit's record, one of whose chunks a's
+/// `verify --read-data` marked damaged, is still written back at a's accept: its other files restore on every
+/// machine, and committing the data again heals the last. Not written back, its pack was an orphan to b, whose
+/// gc deleted it: nothing of it restored anywhere.
+#[test]
+fn a_lost_commit_with_a_damaged_chunk_is_still_written_back() {
+    let Some((endpoint, url)) = server() else { return };
+    let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+    a.ok(&["init"]);
+    let keep = a.commit_stream("keep", &pseudo_random(200_000, 401));
+    b.ok(&["sync"]);
+    let (before, packs_before) = (listed(&endpoint, &url, "records/"), packs(&endpoint, &url));
+    let src = tempfile::tempdir().unwrap();
+    for i in 0..5u64 {
+        std::fs::write(src.path().join(format!("f{i}")), pseudo_random(300_000, 421 + 2 * i)).unwrap();
+    }
+    let x = a.ok(&["-q", "commit", src.path().to_str().unwrap()]).trim().to_string();
+    let pack = packs(&endpoint, &url).into_iter().find(|p| !packs_before.contains(p)).unwrap();
+    flip_byte_in(&endpoint, &url, &pack, 0.5);
+    assert_eq!(a.run(&["verify", "--read-data"]).status.code(), Some(3), "the flipped byte is found and marked");
+    let store = bucket(&endpoint, &url);
+    for key in listed(&endpoint, &url, "records/").into_iter().filter(|k| !before.contains(k)) {
+        if !key.contains("/records/damage-") {
+            store.delete(object_name(&url, &key)).unwrap();
+        }
+    }
+    b.run(&["sync"]);
+    a.run(&["sync"]);
+    let accepted = a.run(&["sync", "--accept-missing"]);
+    assert!(text(&accepted.stderr).contains("written to the bucket again"), "{}", text(&accepted.stderr));
+    b.run(&["sync"]);
+    b.ok(&["sync", "--accept-missing"]);
+    b.ok(&["gc", "--orphan-grace", "0s"]);
+    assert!(packs(&endpoint, &url).contains(&pack), "b's gc kept x's pack");
+    let fresh = Machine::new(&endpoint, &url);
+    let out = tempfile::tempdir().unwrap();
+    let o = fresh.run(&["checkout", &x, out.path().join("x").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "one file is damaged: {}", text(&o.stderr));
+    let restored = (0..5u64)
+        .filter(|i| std::fs::read(out.path().join(format!("x/f{i}"))).ok() == Some(pseudo_random(300_000, 421 + 2 * i)))
+        .count();
+    assert_eq!(restored, 4, "every other file restores: {}", text(&o.stderr));
+    a.ok(&["commit", src.path().to_str().unwrap()]);
+    fresh.ok(&["sync"]);
+    fresh.ok(&["-q", "checkout", &x, out.path().join("again").to_str().unwrap()]);
+    for i in 0..5u64 {
+        assert!(std::fs::read(out.path().join(format!("again/f{i}"))).unwrap() == pseudo_random(300_000, 421 + 2 * i));
+    }
+    assert!(fresh.ids().contains(&keep));
 }
 
 /// Round 33 review, F1: b forgets the newest checkpoint of a path and the record is lost; a's retention, still

@@ -443,7 +443,7 @@ fn verify_marks_the_damaged_chunks_it_finds() {
 
     let out = succeeded(&f.cli(&["commit", f.src.to_str().unwrap()]), "commit after verify");
     assert!(out.contains("1 file unchanged but read again: it holds chunks marked damaged"), "{out}");
-    assert!(out.contains("(1 of "), "the marked chunk is stored afresh: {out}");
+    assert!(out.contains("(1 new of "), "the marked chunk is stored afresh: {out}");
     let out = succeeded(&f.cli(&["verify", "--read-data"]), "verify after the commit");
     assert!(out.starts_with("no damage found"), "{out}");
     assert_checkouts_identical(&f);
@@ -615,6 +615,26 @@ fn a_lost_index_row_of_a_one_chunk_file_is_a_missing_chunk_and_repairable() {
     f.repo.gc(&Default::default()).unwrap();
     let r = f.verify(DataSubset::All);
     assert!(r.is_clean(), "{r:?}");
+    assert_checkouts_identical(&f);
+}
+
+/// Whatever left a chunk in use out of the index, once GC has refused for it a plain commit of the original data
+/// reads the file holding it, though its stat is unchanged, and stores it afresh; GC then runs (round 36 review,
+/// F6: the hints asked for --reread).
+#[test]
+fn after_gc_finds_a_chunk_in_use_unindexed_a_plain_commit_stores_it_again() {
+    let f = fixture();
+    // The current a.txt's one chunk (the fixture's trees hold an older a.txt too).
+    let chunk = ObjectId::of(&fs::read(f.src.join("a.txt")).unwrap());
+    f.catalog().connection().execute("DELETE FROM chunks WHERE id = ?1", [&chunk.0[..]]).unwrap();
+    let before = f.repo.commit(&f.src, &Default::default()).unwrap();
+    assert_eq!(before.files_reread_for_damage, 0, "nothing has found the chunk missing yet: {before:?}");
+    let err = f.repo.gc(&Default::default()).unwrap_err();
+    assert!(err.is_corruption() && !err.to_string().contains("--reread"), "{err}");
+    let c = f.repo.commit(&f.src, &Default::default()).unwrap();
+    assert_eq!((c.files_reread_for_damage, c.chunks_new), (1, 1), "{c:?}");
+    f.repo.gc(&Default::default()).unwrap();
+    assert!(f.verify(DataSubset::All).is_clean());
     assert_checkouts_identical(&f);
 }
 

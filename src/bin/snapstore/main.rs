@@ -784,7 +784,9 @@ fn hint(e: &Error) -> Option<&'static str> {
              repository, `snapstore repair index` indexes what the packs hold; in an s3:// repository, on a machine \
              that accepted lost records (`sync --accept-missing`), `snapstore gc` first looks for them in the packs \
              this copy has. `snapstore verify` says which checkpoints and files are affected; where the data is \
-             gone, committing the original data again with --reread stores it afresh and makes them whole"
+             gone, committing the original data again stores it afresh and makes them whole (once `snapstore gc` or \
+             `repair index` has found it missing, the files holding it are read whatever their stat; --reread reads \
+             every file)"
         }
         Error::Corrupt { .. } | Error::UnsafeName { .. } => {
             "the repository is damaged; nothing was written in place of good data (a checkout restores every file it can \

@@ -201,7 +201,8 @@ fn verify_text(out: &mut Out, r: &VerifyReport, read_data: DataSubset, quiet: bo
             };
             out.line(&format!(
                 "hint: {what}: `snapstore repair index --read-data` rebuilds the index from what the packs hold \
-                 soundly; chunks it cannot find are stored again by committing the original data with --reread"
+                 soundly; chunks it cannot find are stored again by committing the original data (the files holding them \
+                 are then read whatever their stat)"
             ))?;
         }
     }
