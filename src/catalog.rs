@@ -110,7 +110,25 @@ const MIGRATIONS: &[&str] = &[
     // commits then store afresh instead of deduplicating against, re-pointing the row: since checkpoints name
     // chunks by id, that heals every checkpoint using them (see docs/format.md, *Verify and repair*).
     "CREATE TABLE damaged_chunks (id BLOB PRIMARY KEY, found_ns INTEGER NOT NULL) WITHOUT ROWID;",
+    // 14: a tag holding commas becomes the tags between them, as the command line has given them since
+    // (`--tag nightly,keep` is two tags, as in restic); one tag "nightly,keep" could no longer be named there,
+    // and `log` showed it as two (round 35 review, F3; round 36, F3). Records applied later are split as they
+    // are applied (`tag_parts`).
+    "WITH RECURSIVE split(checkpoint, part, rest) AS (
+         SELECT checkpoint, '', tag || ',' FROM checkpoint_tags WHERE instr(tag, ',') > 0
+         UNION ALL
+         SELECT checkpoint, substr(rest, 1, instr(rest, ',') - 1), substr(rest, instr(rest, ',') + 1)
+         FROM split WHERE rest <> ''
+     )
+     INSERT OR IGNORE INTO checkpoint_tags (checkpoint, tag) SELECT checkpoint, part FROM split WHERE part <> '';
+     DELETE FROM checkpoint_tags WHERE instr(tag, ',') > 0;",
 ];
+
+/// The tags a tag given as `tag` stands for: the parts between its commas (one tag where it has none). Tags of
+/// records written by builds that kept commas in a tag are split so as they are applied (see migration 14).
+pub(crate) fn tag_parts(tag: &str) -> impl Iterator<Item = &str> {
+    tag.split(',').filter(|p| !p.is_empty())
+}
 
 /// What a whole checkout into a destination recorded there (`checkouts`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1249,7 +1267,7 @@ fn insert_rows(
                     cp.xattrs
                 ],
             )?;
-            for tag in &c.tags {
+            for tag in c.tags.iter().flat_map(|t| tag_parts(t)) {
                 tx.execute(
                     "INSERT OR IGNORE INTO checkpoint_tags (checkpoint, tag) VALUES (?1, ?2)",
                     params![c.id, tag],
@@ -1666,16 +1684,16 @@ fn retag_rows(
         return Ok(None);
     }
     let mut removed = Vec::new();
-    for tag in remove {
+    for tag in remove.iter().flat_map(|t| tag_parts(t)) {
         if tx.execute("DELETE FROM checkpoint_tags WHERE checkpoint = ?1 AND tag = ?2", params![id, tag])? > 0 {
-            removed.push(tag.clone());
+            removed.push(tag.to_string());
         }
     }
     let mut added = Vec::new();
-    for tag in add {
+    for tag in add.iter().flat_map(|t| tag_parts(t)) {
         let insert = "INSERT OR IGNORE INTO checkpoint_tags (checkpoint, tag) VALUES (?1, ?2)";
         if tx.execute(insert, params![id, tag])? > 0 {
-            added.push(tag.clone());
+            added.push(tag.to_string());
         }
     }
     Ok(Some((added, removed)))
@@ -2065,6 +2083,43 @@ mod tests {
         assert_eq!(keys, [key("step-1\u{1}1"), key("step-2\u{1}2")]);
         assert_eq!(cat.part_of("b").unwrap(), Some(("step-2".to_string(), 1)));
         assert!(crate::remote::rebuild_pending(cat.connection()).unwrap(), "a bucket's copy is built again");
+    }
+
+    /// Migration 14 splits a tag holding commas into the tags between them, and a record's tag with commas
+    /// is split as it is applied (round 36 review, F3: such tags could no longer be named on the command line).
+    #[test]
+    fn tags_holding_commas_are_split_by_migration_14_and_when_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        Catalog::create(&path, &RepoParams::default())
+            .unwrap()
+            .connection()
+            .execute_batch(
+                "INSERT INTO checkpoints (id, time_ns, message, host, path, root, files, dirs, symlinks,
+                                          logical_bytes, new_bytes, stored_bytes, skipped)
+                 VALUES ('c', 1, '', 'h', 'p', x'00', 0, 0, 0, 0, 0, 0, 0);
+                 INSERT INTO checkpoint_tags (checkpoint, tag) VALUES
+                     ('c', 'nightly,keep'), ('c', 'keep'), ('c', ',x,,'), ('d', 'plain');
+                 PRAGMA user_version = 13;",
+            )
+            .unwrap();
+        let mut cat = Catalog::open(&path).unwrap();
+        let tags = |cat: &Catalog| -> Vec<(String, String)> {
+            cat.connection()
+                .prepare("SELECT checkpoint, tag FROM checkpoint_tags ORDER BY 1, 2")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        let pair = |c: &str, t: &str| (c.to_string(), t.to_string());
+        assert_eq!(tags(&cat), [pair("c", "keep"), pair("c", "nightly"), pair("c", "x"), pair("d", "plain")]);
+        let tx = cat.connection_mut().transaction().unwrap();
+        let (added, removed) = retag_rows(&tx, "c", &["a,b".into()], &["nightly,x".into()]).unwrap().unwrap();
+        tx.commit().unwrap();
+        assert_eq!((added, removed), (vec!["a".to_string(), "b".into()], vec!["nightly".to_string(), "x".into()]));
+        assert_eq!(tags(&cat), [pair("c", "a"), pair("c", "b"), pair("c", "keep"), pair("d", "plain")]);
     }
 
     /// A schema-5 catalog (a row per tree entry) opens as schema 6 with the same trees under the same ids.

@@ -11,7 +11,8 @@
 //!   a short history is kept whole rather than trimmed to its newest end.
 //! - `keep_within` D keeps every checkpoint strictly newer than D before the newest checkpoint of the group,
 //!   not before now: a repository left alone for a year does not lose everything on the next run.
-//! - `keep_tags` keeps every checkpoint carrying one of the tags.
+//! - `keep_tags` keeps every checkpoint carrying one of the tags; an entry `a,b` keeps one carrying both, as
+//!   restic's `--keep-tag a,b` does (entries are alternatives, as restic's repeated `--keep-tag`).
 //!
 //! A count of [`UNLIMITED`] (`u32::MAX`, restic's `unlimited`) never runs out. A count of 0, like an absent
 //! rule or a zero `keep_within`, is no rule at all: restic treats `--keep-last 0` the same way.
@@ -23,9 +24,8 @@
 //! - `keep_within` is a fixed [`Duration`]; [`parse_duration`] reads restic's `2y5m7d3h` with a year of 365
 //!   days and a month of 30 days, where restic steps back calendar years and months in local time. It also
 //!   accepts `w` (7 days), which restic does not.
-//! - Each `keep_tags` entry is one tag. restic reads `--keep-tag a,b` as "both a and b"; snapstore tags may
-//!   contain commas, so no such splitting happens here. As in restic, the empty tag `""` matches checkpoints
-//!   without tags.
+//! - Repeated `--tag` filters must all match, where restic takes any of them (`--tag a,b` needs both in
+//!   either). Tags hold no commas (from schema 14: a comma separates tags, as on restic's command line).
 //! - Checkpoints with the same time are ordered by id (the smaller id is the newer), so that the outcome
 //!   never depends on input order and the checkpoint kept by `keep_last 1` is the one `latest` names;
 //!   restic keeps the order in which it happened to load them.
@@ -69,7 +69,8 @@ pub struct Policy {
     pub keep_yearly: Option<u32>,
     /// Keep every checkpoint newer than this much before the group's newest checkpoint.
     pub keep_within: Option<Duration>,
-    /// Keep every checkpoint having one of these tags; `""` matches checkpoints without tags.
+    /// Keep every checkpoint having one of these tags; `""` matches checkpoints without tags, and `a,b` those
+    /// having both a and b (as restic's `--keep-tag a,b`).
     pub keep_tags: Vec<String>,
 }
 
@@ -108,9 +109,14 @@ impl Policy {
     }
 }
 
-/// Whether a checkpoint with `tags` carries the keep tag `keep`; the empty tag stands for having none.
+/// Whether a checkpoint with `tags` carries the keep tag `keep`; the empty tag stands for having none, and one
+/// with commas for having every tag between them (restic's `--keep-tag a,b`).
 pub(crate) fn carries(tags: &[String], keep: &str) -> bool {
-    if keep.is_empty() { tags.is_empty() } else { tags.iter().any(|t| t == keep) }
+    if keep.is_empty() {
+        tags.is_empty()
+    } else {
+        crate::catalog::tag_parts(keep).all(|part| tags.iter().any(|t| t == part))
+    }
 }
 
 /// A one-line description, e.g. `keep 7 daily, all monthly checkpoints and all checkpoints within 30d of

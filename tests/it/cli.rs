@@ -635,6 +635,14 @@ fn comma_separated_tags_are_several_tags() {
     );
     let v = json(&sx(&repo, &["--json", "forget", "--keep-last", "1", "--keep-tag", "keep", "--dry-run"]));
     assert_eq!(v["forget"], serde_json::json!([]), "the checkpoint tagged keep is kept: {v}");
+    // As in restic, `--keep-tag a,b` keeps a checkpoint carrying both; one with only one of them goes.
+    let v = json(&sx(&repo, &["--json", "forget", "--keep-last", "1", "--keep-tag", "keep,nightly", "--dry-run"]));
+    assert_eq!(v["forget"], serde_json::json!([]), "{v}");
+    let only = commit_id(&ok(commit_stdin(&repo, &["--name", "x.bin", "--tag", "nightly"], b"three"), "commit"));
+    ok(commit_stdin(&repo, &["--name", "x.bin"], b"four"), "commit");
+    let v = json(&sx(&repo, &["--json", "forget", "--keep-last", "1", "--keep-tag", "keep,nightly", "--dry-run"]));
+    let forgotten: Vec<&str> = v["forget"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert!(forgotten.contains(&only.as_str()) && !forgotten.contains(&id.as_str()), "{v}");
     assert_eq!(json(&sx(&repo, &["--json", "log", "--tag", "keep,nightly"])).as_array().map(Vec::len), Some(1));
     let t = json(&sx(&repo, &["--json", "tag", &id[..8], "--remove", "nightly,keep", "--add", "a,b"]));
     assert_eq!(

@@ -450,8 +450,9 @@ struct KeepArgs {
     /// Keep every checkpoint within DURATION of the newest (e.g. 2d12h)
     #[arg(long, value_name = "DURATION", value_parser = snapstore::parse_duration)]
     keep_within: Option<std::time::Duration>,
-    /// Keep every checkpoint with this tag (repeatable or comma-separated: any of them keeps it)
-    #[arg(long, value_name = "TAG", value_delimiter = ',')]
+    /// Keep every checkpoint with this tag (repeatable: any of them keeps it; TAG1,TAG2 keeps those with both, as
+    /// in restic)
+    #[arg(long, value_name = "TAG")]
     keep_tag: Vec<String>,
 }
 
