@@ -1075,6 +1075,7 @@ pub(crate) struct Source<'a> {
 }
 
 pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutOptions) -> Result<CheckoutSummary> {
+    crate::params::check_threads(opts.threads)?;
     let started = Instant::now();
     let catalog = Catalog::open(src.catalog_path)?;
     let root = content::root_entry(&catalog, id)?;

@@ -267,6 +267,7 @@ pub(crate) fn commit(ctx: &Context<'_>, source: Source<'_>, opts: &CommitOptions
     for t in &opts.tags {
         crate::checkpoint::validate_new_tag(t)?;
     }
+    crate::params::check_threads(opts.threads)?;
     let host = opts.host.clone().unwrap_or_else(host_name);
     let mut catalog = Catalog::open(ctx.catalog_path)?;
     if let Some(part) = &opts.group {

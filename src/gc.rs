@@ -485,6 +485,13 @@ pub(crate) fn gc(
     pack_target: u64,
     opts: &GcOptions,
 ) -> Result<GcSummary> {
+    if opts.max_unused.is_nan() || opts.max_unused < 0.0 {
+        // NaN too: it compared false with every share, so nothing was ever rewritten, silently.
+        return Err(Error::InvalidInput(format!(
+            "max_unused {} is not a share of a pack: give 0 (rewrite every pack with unused bytes) to 1 (never)",
+            opts.max_unused
+        )));
+    }
     let started = Instant::now();
     let me = host_name();
     let mut cat = Catalog::open(catalog_path)?;

@@ -203,6 +203,20 @@ impl RepoParams {
     }
 }
 
+/// The most worker threads a commit, checkout or verify takes when told how many: each holds buffers and a
+/// catalog connection, and a number the system cannot start aborts the process instead of failing the call.
+pub(crate) const MAX_THREADS: usize = 256;
+
+/// Refuses a thread count above [`MAX_THREADS`] (0 is "as many as suits the machine").
+pub(crate) fn check_threads(threads: usize) -> crate::error::Result<()> {
+    if threads > MAX_THREADS {
+        return Err(crate::error::Error::InvalidInput(format!(
+            "{threads} threads asked for; at most {MAX_THREADS} (0 picks a number for this machine)"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -120,6 +120,23 @@ pub(crate) fn pack_part(name: &str, of: u32) -> u32 {
 }
 
 impl DataSubset {
+    /// Refuses a subset built by hand that names no part there is (`Part` with `n` outside 1 to `of`) or no
+    /// share (`Fraction` not within 0 to 1): it would divide by zero or select nothing meant.
+    pub(crate) fn check(&self) -> Result<()> {
+        let ok = match *self {
+            DataSubset::Part { n, of } => n >= 1 && n <= of,
+            DataSubset::Fraction(f) => (0.0..=1.0).contains(&f),
+            DataSubset::None | DataSubset::All => true,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::InvalidInput(format!(
+                "{self:?} is not a data subset: a part n of `of` needs 1 <= n <= of, a fraction 0 to 1"
+            )))
+        }
+    }
+
     /// Whether this subset reads the pack `name`; `seed` varies random selections between runs.
     fn selects(&self, name: &str, seed: u64) -> bool {
         match *self {
@@ -286,6 +303,8 @@ pub(crate) fn verify_with(
     backend: Arc<dyn Backend>,
     opts: &VerifyOptions,
 ) -> Result<VerifyReport> {
+    opts.read_data.check()?;
+    crate::params::check_threads(opts.threads)?;
     let started = Instant::now();
     let conn = cat.connection();
     create_temp_tables(conn)?;

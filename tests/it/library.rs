@@ -16,7 +16,10 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use proptest::prelude::*;
-use snapstore::{CheckoutOptions, CommitOptions, CommitSummary, EntryKind, Error, FileInfo, ObjectId, Repository};
+use snapstore::{
+    CheckoutOptions, CommitOptions, CommitSummary, DataSubset, EntryKind, Error, FileInfo, GcOptions, ObjectId,
+    Repository, VerifyOptions,
+};
 
 use crate::util::{chunk_ids, env_num, pseudo_random};
 
@@ -2042,4 +2045,30 @@ fn checkpoints_of_one_time_have_one_newest_everywhere() {
     assert_eq!(plan.keep.iter().map(|d| &d.id).collect::<Vec<_>>(), [&newest], "keep-last 1 keeps latest");
     let next = repo.commit_reader("state", &mut &pseudo_random(3_000, 99)[..], &Default::default()).unwrap();
     assert_eq!(next.parent.as_deref(), Some(newest.as_str()), "the next commit's parent is latest");
+}
+
+/// Round 37 review, F3: options built by hand that the system cannot honour fail the call with InvalidInput
+/// instead of panicking or aborting the program (a part 0 of 0 divided by zero, 100,000 threads aborted).
+#[test]
+fn impossible_options_are_refused_not_panicked_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repository::init(dir.path().join("repo")).unwrap();
+    let id = repo.commit_reader("s", &mut &b"data"[..], &Default::default()).unwrap().id;
+    let invalid = |e: snapstore::Error| assert!(matches!(e, snapstore::Error::InvalidInput(_)), "{e:?}");
+    for read_data in
+        [DataSubset::Part { n: 0, of: 0 }, DataSubset::Part { n: 3, of: 2 }, DataSubset::Fraction(f64::NAN)]
+    {
+        invalid(repo.verify(&VerifyOptions { read_data, ..Default::default() }).unwrap_err());
+    }
+    let many = 100_000;
+    invalid(
+        repo.commit_reader("s", &mut &b"data"[..], &CommitOptions { threads: many, ..Default::default() }).unwrap_err(),
+    );
+    let dest = dir.path().join("out");
+    invalid(repo.checkout(&id, &dest, &CheckoutOptions { threads: many, ..Default::default() }).unwrap_err());
+    assert!(!dest.exists());
+    for max_unused in [f64::NAN, -0.5] {
+        invalid(repo.gc(&GcOptions { max_unused, ..Default::default() }).unwrap_err());
+    }
+    assert_eq!(repo.checkpoints().unwrap().len(), 1);
 }
