@@ -49,7 +49,9 @@ use crate::xattrs::On;
 #[derive(Clone)]
 pub struct CheckoutOptions {
     /// Update a destination that exists and is not empty, writing only what differs from the checkpoint.
-    /// Without it, such a destination is refused.
+    /// Without it, such a destination is refused. A file whose content turns out damaged while it is patched
+    /// is left partly patched (the checkpoint's bytes up to the damaged chunk), and the checkout fails saying
+    /// so: restore another checkpoint over it.
     pub in_place: bool,
     /// With `in_place`, also remove what the destination holds and the checkpoint lacks.
     pub delete: bool,
@@ -1310,9 +1312,17 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
     }
     if let Some((n, first)) = damaged.summary() {
         // No record: it would vouch for a destination that lacks these files.
+        // In place, a file being patched is neither version any more: said, so that no program resumes from it
+        // (round 37 review, F1).
+        let patched = if in_place {
+            "; a file that was being patched in place is left partly patched (the checkpoint's bytes up to the \
+             damaged chunk, its old ones after): restore another checkpoint over it, or this one once healed"
+        } else {
+            ""
+        };
         return Err(Error::corrupt(format!(
             "{n} file{} of checkpoint {} could not be restored, {} content is damaged (first: {first}); every other \
-             file is in {}",
+             file is in {}{patched}",
             if n == 1 { "" } else { "s" },
             &id[..crate::SHORT_ID_LEN.min(id.len())],
             if n == 1 { "its" } else { "their" },

@@ -365,6 +365,8 @@ impl Checkpointer {
     /// written; files it lacks are removed) and returns which it was; `None` when there is none.
     ///
     /// The schedule counts the restored step as just checkpointed, as [`Checkpointer::restore_latest`] does.
+    /// On damage ([`Error::is_corruption`]) a file being patched may be left partly patched: restore the
+    /// checkpoint before over it (docs/checkpointing.md, *Errors*).
     pub fn restore_latest_path(&mut self) -> Result<Option<Restored>> {
         let path = self.state_path()?;
         let Some((latest, step)) = self.latest(&crate::commit::path_key(path)?)? else { return Ok(None) };
@@ -497,12 +499,10 @@ fn lock_series(repo: &Repository, key: &str, host: Option<&str>) -> Result<Vec<F
     };
     let busy = |path: &std::path::Path| {
         let holder = std::fs::read_to_string(path).unwrap_or_default();
-        let holder = holder.trim().strip_prefix("pid ").map_or("pid unknown".into(), |p| format!("pid {p}"));
-        Error::InvalidInput(format!(
-            "another Checkpointer ({holder}) is checkpointing {key} in this repository; give this one another \
-             CheckpointerOptions::name, or stop the other first (one without CommitOptions::host takes every \
-             host's checkpoints of the name for its series, so it cannot run beside one pinned to a host)"
-        ))
+        let pid = holder.trim().strip_prefix("pid ").and_then(|p| p.parse().ok());
+        // Typed, so that a program restarted while its old process still runs can wait and retry (round 37
+        // review, F2: it was InvalidInput, told from a bad option by its text alone).
+        Error::SeriesBusy { key: key.to_string(), pid }
     };
     use rustix::fs::FlockOperation::{NonBlockingLockExclusive, NonBlockingLockShared};
     // `false`: the filesystem has no locks, so there is nothing to keep apart with, as before locks.

@@ -228,6 +228,21 @@ pub enum Error {
         /// How long this process waited.
         waited_secs: u64,
     },
+    /// Another [`crate::Checkpointer`] (of this or another process) holds the series this one was to take:
+    /// the same name, in this repository. It ends with its process; a program restarted while the old one
+    /// still runs can wait and try again.
+    #[error(
+        "another Checkpointer ({}) is checkpointing {key} in this repository; give this one another \
+         CheckpointerOptions::name, or stop the other first (one without CommitOptions::host takes every host's \
+         checkpoints of the name for its series, so it cannot run beside one pinned to a host)",
+        pid.map_or("pid unknown".to_string(), |p| format!("pid {p}"))
+    )]
+    SeriesBusy {
+        /// The series' key (`stdin:NAME`, or a committed path).
+        key: String,
+        /// The holder's process id, as it recorded it.
+        pid: Option<u32>,
+    },
     /// Commits are running, and the operation (`repair index`) must not race them.
     #[error("{count} commit{} running on this repository", if *count == 1 { " is" } else { "s are" })]
     CommitsRunning {

@@ -205,6 +205,28 @@ fn a_file_whose_bytes_match_is_unchanged_not_patched() {
     assert_same_tree(&src, &dest, true);
 }
 
+/// Round 37 review, F1: a file whose content turns out damaged while it is patched in place is neither
+/// version any more; the error says it is left partly patched, so that no program resumes from it.
+#[test]
+fn a_damaged_chunk_met_while_patching_is_told_as_a_partly_patched_file() {
+    let t = fast_tempdir("inplace");
+    let (src, dest) = (t.path().join("state.bin"), t.path().join("dest.bin"));
+    fs::write(&src, pseudo_random(3 << 20, 13)).unwrap();
+    let root = t.path().join("repo");
+    let repo = Repository::init(&root).unwrap();
+    let id = repo.commit(&src, &Default::default()).unwrap().id;
+    repo.checkout(&id, &dest, &Default::default()).unwrap();
+    // Every block differs, so every chunk is written; one of them is damaged in its pack.
+    fs::write(&dest, pseudo_random(3 << 20, 15)).unwrap();
+    let pack = walk_files(&root.join("packs")).into_iter().next().unwrap();
+    let mut bytes = fs::read(&pack).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    fs::write(&pack, bytes).unwrap();
+    let err = repo.checkout(&id, &dest, &CheckoutOptions { in_place: true, ..Default::default() }).unwrap_err();
+    assert!(err.is_corruption() && err.to_string().contains("left partly patched"), "{err}");
+}
+
 /// A checkout's record vouches only for the destination it was made in: another directory moved to that path,
 /// holding another checkpoint's file of the same size and mtime (kept times, a reproducible build), is
 /// hashed, not taken as what the record says.
@@ -745,4 +767,14 @@ fn a_killed_checkout_of_one_large_file_by_path_is_finished_by_a_rerun() {
     assert_eq!(fs::read(out.join("sub/vm.img")).unwrap(), data);
     assert_eq!(names(&out.join("sub")), vec!["vm.img".to_string()]);
     assert_eq!(names(&out), vec!["sub".to_string()], "only the named path is restored");
+}
+
+/// Every file under `dir`, recursively.
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() { out.extend(walk_files(&p)) } else { out.push(p) }
+    }
+    out
 }

@@ -631,6 +631,7 @@ fn exit_code(e: &Error) -> u8 {
         | Error::ChangedWhileRead(_)
         | Error::CommitsRunning { .. }
         | Error::CopyInUse { .. }
+        | Error::SeriesBusy { .. }
         | Error::RetentionRaced { .. } => EXIT_BUSY,
         Error::InvalidId(_)
         | Error::AmbiguousId { .. }
