@@ -50,8 +50,8 @@ use crate::xattrs::On;
 pub struct CheckoutOptions {
     /// Update a destination that exists and is not empty, writing only what differs from the checkpoint.
     /// Without it, such a destination is refused. A file whose content turns out damaged while it is patched
-    /// is left partly patched (the checkpoint's bytes up to the damaged chunk), and the checkout fails saying
-    /// so: restore another checkpoint over it.
+    /// is left partly patched (some chunks the checkpoint's, others as they were), and the checkout fails
+    /// saying so: restore another checkpoint over it.
     pub in_place: bool,
     /// With `in_place`, also remove what the destination holds and the checkpoint lacks.
     pub delete: bool,
@@ -1315,8 +1315,8 @@ pub(crate) fn checkout(src: &Source<'_>, id: &str, dest: &Path, opts: &CheckoutO
         // In place, a file being patched is neither version any more: said, so that no program resumes from it
         // (round 37 review, F1).
         let patched = if in_place {
-            "; a file that was being patched in place is left partly patched (the checkpoint's bytes up to the \
-             damaged chunk, its old ones after): restore another checkpoint over it, or this one once healed"
+            "; a file that was being patched in place is left partly patched (some of its chunks the checkpoint's, \
+             others as they were): restore another checkpoint over it, or this one once healed"
         } else {
             ""
         };

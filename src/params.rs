@@ -205,7 +205,7 @@ impl RepoParams {
 
 /// The most worker threads a commit, checkout or verify takes when told how many: each holds buffers and a
 /// catalog connection, and a number the system cannot start aborts the process instead of failing the call.
-pub(crate) const MAX_THREADS: usize = 256;
+pub(crate) const MAX_THREADS: usize = 4096;
 
 /// Refuses a thread count above [`MAX_THREADS`] (0 is "as many as suits the machine").
 pub(crate) fn check_threads(threads: usize) -> crate::error::Result<()> {

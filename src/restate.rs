@@ -11,6 +11,7 @@
 //! The other way round, a checkpoint the bucket's records still hold that a lost record forgot here is
 //! forgotten again, for every machine ([`forget_again`]).
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -87,11 +88,12 @@ fn restate_against(
             .query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
         let mut out = Restated::default();
+        let mut asked = HashMap::new();
         for id in ids.into_iter().filter(|id| !forgotten.contains(id)) {
             let checkpoint = as_recorded(catalog, &id)?;
             let conn = catalog.connection_mut();
             // Leaves what the checkpoint reaches in `temp.restate`, read by the two checks and by restate_one.
-            let whole = whole_here(conn, checkpoint.root)? && !packs_gone(remote, conn, Rows::Recorded)?;
+            let whole = whole_here(conn, checkpoint.root)? && !packs_gone(remote, conn, &mut asked)?;
             match whole && restate_one(remote, conn, checkpoint)? {
                 true => out.written.push(id),
                 false => out.damaged.push(id),
@@ -112,17 +114,27 @@ fn restate_one(remote: &Remote, conn: &mut Connection, checkpoint: NewCheckpoint
     let mut items = 0;
     let tx = conn.transaction()?;
     {
+        // Every row the bucket's records lack as it is here: a chunk they lack, or one they place elsewhere.
+        // The latter is a heal a lost record carried (a commit that stored a damaged or lost chunk afresh and
+        // re-pointed the row): published again as a locate item too, which moves every machine's row, or the
+        // heal is undone and the fresh copy is an orphan to every other GC (round 38 review, F1).
         let mut chunks = tx.prepare(
-            "SELECT p.name, c.offset, c.stored_len, c.raw_len, c.flags, p.size, c.id
+            "SELECT p.name, c.offset, c.stored_len, c.raw_len, c.flags, p.size, c.id,
+                    EXISTS (SELECT 1 FROM fresh.chunks f WHERE f.id = c.id)
              FROM temp.restate r JOIN chunks c ON c.id = r.id JOIN packs p ON p.id = c.pack
-             WHERE r.kind = ?1 AND NOT EXISTS (SELECT 1 FROM fresh.chunks f WHERE f.id = c.id)
+             WHERE r.kind = ?1 AND NOT EXISTS (SELECT 1 FROM fresh.chunks f JOIN fresh.packs fp ON fp.id = f.pack
+                                               WHERE f.id = c.id AND fp.name = p.name AND f.offset = c.offset)
              ORDER BY p.name, c.offset",
         )?;
         let mut rows = chunks.query([KIND_CHUNK])?;
         while let Some(row) = rows.next()? {
             let id = ObjectId::from_slice(&row.get::<_, Vec<u8>>(6)?).ok_or_else(|| Error::corrupt("malformed id"))?;
             let size: i64 = row.get(5)?;
+            let elsewhere: bool = row.get(7)?;
             let (pack, entry) = crate::gc::placed(row, id)?;
+            if elsewhere {
+                batch.locates.push((pack.clone(), entry.clone()));
+            }
             match batch.packs.last_mut() {
                 Some((name, _, entries)) if *name == pack => entries.push(entry),
                 _ => batch.packs.push((pack, size as u64, vec![entry])),
@@ -197,11 +209,15 @@ fn forget_again(remote: &Remote, catalog: &mut Catalog, fresh: &Path) -> Result<
         return Ok((Vec::new(), Vec::new()));
     }
     let theirs = Catalog::open(fresh)?;
+    // Asked afresh after the sync above.
+    let mut asked = HashMap::new();
     let (mut forget, mut relisted) = (Vec::new(), Vec::new());
     for id in lost {
         let checkpoint = as_recorded(&theirs, &id)?;
         let conn = catalog.connection_mut();
-        if whole_here(conn, checkpoint.root)? && !damaged_here(conn)? && !packs_gone(remote, conn, Rows::Here)? {
+        // A chunk marked damaged does not stop it: forgetting it again could leave its path with nothing on any
+        // machine, where its other files restore and the next commit of the data heals it (round 38, F8).
+        if whole_here(conn, checkpoint.root)? && !packs_gone(remote, conn, &mut asked)? {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             crate::catalog::relist(&tx, &checkpoint)?;
             // Not where a later commit of its group part is listed here, which replaces it as it goes in (round
@@ -237,58 +253,39 @@ fn forget_again(remote: &Remote, catalog: &mut Catalog, fresh: &Path) -> Result<
     Ok((forget, relisted))
 }
 
-/// Whether a chunk of `temp.restate` (see [`whole_here`]) is marked damaged here: one such is no checkpoint to
-/// list again as whole (round 34 review, F1). Not asked of one to publish again: its other files restore, and
-/// the next commit of the data heals the chunk; not published, its packs are orphans to every other machine,
-/// whose GC deletes them (round 36 review, F1).
-fn damaged_here(conn: &Connection) -> Result<bool> {
-    Ok(conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM temp.restate r JOIN damaged_chunks d ON d.id = r.id WHERE r.kind = ?1)",
-        [KIND_CHUNK],
-        |r| r.get(0),
-    )?)
-}
-
-/// Whose rows [`packs_gone`] looks at.
-#[derive(Clone, Copy)]
-enum Rows {
-    /// This copy's: it is to restore the checkpoint itself.
-    Here,
-    /// The bucket's records' (`fresh`) where they have a row, this copy's otherwise: where every machine will
-    /// read the chunks once the checkpoint is published again.
-    Recorded,
-}
-
-/// Whether a pack holding chunks of `temp.restate` (see [`whole_here`]) is gone: named by a GC's trace this
-/// copy applied (that GC deletes it), or no longer in the bucket (asked, a request per pack). A GC deletes a
-/// pack only once nothing it knows uses it, so the checkpoint was forgotten where it ran, in a record lost with
-/// the checkpoint's own: published or listed again, it would undo that forget and be listed everywhere,
-/// restoring nowhere (round 33 review, F2). Every chunk counts, not only those the records lack: a commit of
-/// data stored before adds no row of its own (round 36 review, F2). Asked while this copy's markers hold every
-/// GC back, so the answer stands until the accept publishes.
-fn packs_gone(remote: &Remote, conn: &Connection, rows: Rows) -> Result<bool> {
-    let ours = "(SELECT p.name FROM chunks c JOIN packs p ON p.id = c.pack WHERE c.id = r.id)";
-    let pack = match rows {
-        Rows::Here => ours.to_string(),
-        Rows::Recorded => format!(
-            "COALESCE((SELECT p.name FROM fresh.chunks c JOIN fresh.packs p ON p.id = c.pack WHERE c.id = r.id), {ours})"
-        ),
-    };
-    let packs: Vec<Option<String>> = conn
-        .prepare(&format!("SELECT DISTINCT {pack} FROM temp.restate r WHERE r.kind = ?1"))?
+/// Whether a pack holding chunks of `temp.restate` (see [`whole_here`]), as this copy places them, is gone:
+/// named by a GC's trace this copy applied (that GC deletes it), or no longer in the bucket (asked, a request
+/// per pack, each once per pass over the checkpoints: `asked`). A GC deletes a pack only once nothing it knows uses it, so
+/// the checkpoint was forgotten where it ran, in a record lost with the checkpoint's own: published or listed
+/// again, it would undo that forget and be listed everywhere, restoring nowhere (round 33 review, F2). Every
+/// chunk counts, not only those the records lack: a commit of data stored before adds no row of its own
+/// (round 36 review, F2). This copy's rows, not the records': a restated checkpoint publishes them where they
+/// differ (round 38 review, F1). Asked while this copy's markers hold every GC back, so the answers stand
+/// until the accept publishes.
+fn packs_gone(remote: &Remote, conn: &Connection, asked: &mut HashMap<String, bool>) -> Result<bool> {
+    let packs: Vec<String> = conn
+        .prepare(
+            "SELECT DISTINCT p.name FROM temp.restate r JOIN chunks c ON c.id = r.id JOIN packs p ON p.id = c.pack
+             WHERE r.kind = ?1",
+        )?
         .query_map([KIND_CHUNK], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     let mut traced = conn.prepare("SELECT EXISTS (SELECT 1 FROM remote_records WHERE name = ?1)")?;
     for name in packs {
-        // A chunk without a row is `whole_here`'s to find.
-        let Some(name) = name else { continue };
-        if traced.query_row([&name], |r| r.get::<_, bool>(0))? {
+        let gone = match asked.get(&name) {
+            Some(&gone) => gone,
+            None => {
+                let gone = traced.query_row([&name], |r| r.get::<_, bool>(0))?
+                    || match remote.bucket.head(&name) {
+                        Ok(found) => found.is_none(),
+                        Err(e) => return Err(Error::backend(name, e)),
+                    };
+                asked.insert(name, gone);
+                gone
+            }
+        };
+        if gone {
             return Ok(true);
-        }
-        match remote.bucket.head(&name) {
-            Ok(Some(_)) => {}
-            Ok(None) => return Ok(true),
-            Err(e) => return Err(Error::backend(name, e)),
         }
     }
     Ok(false)
@@ -353,25 +350,21 @@ fn group_part(conn: &Connection, id: &str) -> Result<Option<crate::group::GroupP
 
 #[cfg(test)]
 mod tests {
-    use super::{damaged_here, whole_here};
+    use super::whole_here;
     use crate::testutil::pseudo_random;
     use crate::{CommitOptions, Repository};
 
-    /// A checkpoint is listed again only where every chunk it reaches has a row (`whole_here`), none of them
-    /// marked damaged (`damaged_here`).
+    /// A checkpoint is whole here only where every chunk it reaches has a row.
     #[test]
-    fn a_damaged_or_rowless_chunk_keeps_a_checkpoint_from_being_whole_here() {
+    fn a_rowless_chunk_keeps_a_checkpoint_from_being_whole_here() {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::init(dir.path()).unwrap();
         let id = repo.commit_reader("a", &mut &pseudo_random(300_000, 7)[..], &CommitOptions::default()).unwrap().id;
         let mut cat = repo.open_catalog().unwrap();
         let root = cat.checkpoint_root(&id).unwrap();
         let conn = cat.connection_mut();
-        assert!(whole_here(conn, root).unwrap() && !damaged_here(conn).unwrap());
+        assert!(whole_here(conn, root).unwrap());
         let chunk: Vec<u8> = conn.query_row("SELECT id FROM chunks LIMIT 1", [], |r| r.get(0)).unwrap();
-        conn.execute("INSERT INTO damaged_chunks (id, found_ns) VALUES (?1, 1)", [&chunk]).unwrap();
-        assert!(whole_here(conn, root).unwrap() && damaged_here(conn).unwrap());
-        conn.execute("DELETE FROM damaged_chunks", []).unwrap();
         conn.execute("DELETE FROM chunks WHERE id = ?1", [&chunk]).unwrap();
         assert!(!whole_here(conn, root).unwrap());
     }

@@ -2311,6 +2311,68 @@ fn a_lost_commit_with_a_damaged_chunk_is_still_written_back() {
     assert!(fresh.ids().contains(&keep));
 }
 
+/// Round 38 review, F1: a's commit that healed x1's chunks (its pack damaged, or gone) by storing them afresh
+/// is lost. The bucket's records still place those chunks in the old pack; a's accept publishes its own rows
+/// again where they differ, as locates, so the fresh copy is no orphan: b's gc keeps it, and both checkpoints
+/// restore whole on every machine. Before, the heal was left out (b's gc deleted the fresh copy), or, with the
+/// old pack gone, the checkpoint was not written back at all.
+#[test]
+fn a_lost_commit_that_healed_chunks_is_written_back_with_its_heal() {
+    for delete in [false, true] {
+        let Some((endpoint, url)) = server() else { return };
+        let (a, b) = (Machine::new(&endpoint, &url), Machine::new(&endpoint, &url));
+        a.ok(&["init"]);
+        let src = tempfile::tempdir().unwrap();
+        let data = |i: u64| pseudo_random(300_000, 441 + 2 * i);
+        for i in 0..3u64 {
+            std::fs::write(src.path().join(format!("f{i}")), data(i)).unwrap();
+        }
+        let packs_before = packs(&endpoint, &url);
+        let x1 = a.ok(&["-q", "commit", src.path().to_str().unwrap()]).trim().to_string();
+        let p1 = packs(&endpoint, &url).into_iter().find(|p| !packs_before.contains(p)).unwrap();
+        b.ok(&["sync"]);
+        if delete {
+            bucket(&endpoint, &url).delete(object_name(&url, &p1)).unwrap();
+        } else {
+            flip_byte_in(&endpoint, &url, &p1, 0.5);
+        }
+        assert_eq!(a.run(&["verify", "--read-data"]).status.code(), Some(3));
+        let before = listed(&endpoint, &url, "records/");
+        let x = a.ok(&["-q", "commit", src.path().to_str().unwrap()]).trim().to_string();
+        let store = bucket(&endpoint, &url);
+        for key in listed(&endpoint, &url, "records/").into_iter().filter(|k| !before.contains(k)) {
+            if !key.contains("/records/damage-") {
+                store.delete(object_name(&url, &key)).unwrap();
+            }
+        }
+        b.run(&["sync"]);
+        a.run(&["sync"]);
+        let accepted = a.run(&["sync", "--accept-missing"]);
+        assert!(
+            text(&accepted.stderr).contains("written to the bucket again"),
+            "delete {delete}: {}",
+            text(&accepted.stderr)
+        );
+        b.run(&["sync"]);
+        b.run(&["sync", "--accept-missing"]);
+        b.ok(&["gc", "--orphan-grace", "0s"]);
+        a.ok(&["sync"]);
+        for m in [&a, &b, &Machine::new(&endpoint, &url)] {
+            for id in [&x1, &x] {
+                let out = tempfile::tempdir().unwrap();
+                let dest = out.path().join("c");
+                m.ok(&["-q", "checkout", id, dest.to_str().unwrap()]);
+                for i in 0..3u64 {
+                    assert!(
+                        std::fs::read(dest.join(format!("f{i}"))).unwrap() == data(i),
+                        "delete {delete}: {id} f{i}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Round 33 review, F1: b forgets the newest checkpoint of a path and the record is lost; a's retention, still
 /// seeing it, keeps it as the path's one survivor and forgets the older one. b's accept must not forget it
 /// again: the path would be left with no checkpoint on any machine. Whole on b, it is listed there again, and
