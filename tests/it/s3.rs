@@ -2260,6 +2260,20 @@ fn a_commit_lost_with_its_forget_and_sweep_is_not_written_back_from_a_deleted_pa
     }
 }
 
+/// Deletes the records written since `before` (not the damage marks: a shared mark is no record), lets b and
+/// a see the loss, and returns a's `sync --accept-missing`.
+fn lose_records_and_accept(endpoint: &str, url: &str, before: &[String], a: &Machine, b: &Machine) -> Output {
+    let store = bucket(endpoint, url);
+    for key in listed(endpoint, url, "records/").into_iter().filter(|k| !before.contains(k)) {
+        if !key.contains("/records/damage-") {
+            store.delete(object_name(url, &key)).unwrap();
+        }
+    }
+    b.run(&["sync"]);
+    a.run(&["sync"]);
+    a.run(&["sync", "--accept-missing"])
+}
+
 /// Round 36 review, F1: a checkpoint only a holds, lost with its commit's record, one of whose chunks a's
 /// `verify --read-data` marked damaged, is still written back at a's accept: its other files restore on every
 /// machine, and committing the data again heals the last. Not written back, its pack was an orphan to b, whose
@@ -2280,15 +2294,7 @@ fn a_lost_commit_with_a_damaged_chunk_is_still_written_back() {
     let pack = packs(&endpoint, &url).into_iter().find(|p| !packs_before.contains(p)).unwrap();
     flip_byte_in(&endpoint, &url, &pack, 0.5);
     assert_eq!(a.run(&["verify", "--read-data"]).status.code(), Some(3), "the flipped byte is found and marked");
-    let store = bucket(&endpoint, &url);
-    for key in listed(&endpoint, &url, "records/").into_iter().filter(|k| !before.contains(k)) {
-        if !key.contains("/records/damage-") {
-            store.delete(object_name(&url, &key)).unwrap();
-        }
-    }
-    b.run(&["sync"]);
-    a.run(&["sync"]);
-    let accepted = a.run(&["sync", "--accept-missing"]);
+    let accepted = lose_records_and_accept(&endpoint, &url, &before, &a, &b);
     assert!(text(&accepted.stderr).contains("written to the bucket again"), "{}", text(&accepted.stderr));
     b.run(&["sync"]);
     b.ok(&["sync", "--accept-missing"]);
@@ -2339,15 +2345,7 @@ fn a_lost_commit_that_healed_chunks_is_written_back_with_its_heal() {
         assert_eq!(a.run(&["verify", "--read-data"]).status.code(), Some(3));
         let before = listed(&endpoint, &url, "records/");
         let x = a.ok(&["-q", "commit", src.path().to_str().unwrap()]).trim().to_string();
-        let store = bucket(&endpoint, &url);
-        for key in listed(&endpoint, &url, "records/").into_iter().filter(|k| !before.contains(k)) {
-            if !key.contains("/records/damage-") {
-                store.delete(object_name(&url, &key)).unwrap();
-            }
-        }
-        b.run(&["sync"]);
-        a.run(&["sync"]);
-        let accepted = a.run(&["sync", "--accept-missing"]);
+        let accepted = lose_records_and_accept(&endpoint, &url, &before, &a, &b);
         assert!(
             text(&accepted.stderr).contains("written to the bucket again"),
             "delete {delete}: {}",
