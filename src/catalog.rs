@@ -1079,10 +1079,16 @@ pub(crate) fn checkpoint_roots(conn: &Connection) -> Result<Vec<ObjectId>> {
 }
 
 /// The `meta` key set while checkpoints may reference chunks the index lacks: a `repair index` removed chunk
-/// rows (no sound copy left in any pack). A commit then reads each file unchanged by stat whose parent content
+/// rows (no sound copy left in any pack), or a GC found chunks in use without one. A commit then reads each file unchanged by stat whose parent content
 /// holds such a chunk, and so stores it afresh, which makes every checkpoint referencing it whole again; GC's
 /// mark removes the key once it finds every chunk in use indexed.
 pub(crate) const CHUNKS_UNINDEXED: &str = "chunks_unindexed";
+
+/// Sets [`CHUNKS_UNINDEXED`].
+pub(crate) fn flag_unindexed(conn: &Connection) -> Result<()> {
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, '1')", [CHUNKS_UNINDEXED])?;
+    Ok(())
+}
 
 /// The value of `key` in the catalog's `meta` table, if it has one.
 pub(crate) fn meta_value(conn: &Connection, key: &str) -> Result<Option<String>> {

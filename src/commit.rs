@@ -316,8 +316,8 @@ fn run(
     // Chunks a read found damaged are stored afresh by this commit where it meets their bytes, which heals
     // every checkpoint using them: a file unchanged by stat whose parent content holds one is read too.
     let marked = if parent.is_some() && !opts.reread { catalog.damaged_marks(MARKS_HELD)? } else { None };
-    // So are those whose parent content holds a chunk the index lacks, while a repair's removal of rows may
-    // have left some: such a file taken by stat made a checkpoint that restores nothing of it (round 35
+    // So are those whose parent content holds a chunk the index lacks, while a repair or a GC has found some
+    // may be missing: such a file taken by stat made a checkpoint that restores nothing of it (round 35
     // review, F2).
     let unindexed = parent.is_some()
         && !opts.reread
@@ -976,7 +976,7 @@ impl Walker<'_, '_> {
     }
 
     /// Whether the parent's content of an unchanged file holds a chunk marked damaged, or one the index lacks
-    /// where a repair may have left such. A content that cannot be listed counts as holding one: reading the
+    /// while some may be missing. A content that cannot be listed counts as holding one: reading the
     /// file again records it afresh.
     fn holds_marked(&self, p: &Entry) -> bool {
         let set = match &self.marked {

@@ -510,9 +510,7 @@ pub(crate) fn gc(
     {
         // Whatever left them out, commits then read the files holding them and store them afresh (see
         // `CHUNKS_UNINDEXED`), as after a repair that removed rows. Best effort: the refusal says more.
-        let _ = cat
-            .connection()
-            .execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, '1')", [crate::catalog::CHUNKS_UNINDEXED]);
+        let _ = crate::catalog::flag_unindexed(cat.connection());
     }
     let _ = cat.connection().execute("DELETE FROM gc_lease WHERE pid = ?1", [std::process::id()]);
     drop(remote_lock);

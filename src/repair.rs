@@ -357,7 +357,7 @@ fn rebuild(
         as u64;
     if report.chunks_removed > 0 {
         // Until each is stored afresh, a commit must not take a file holding one by its stat alone.
-        tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, '1')", [crate::catalog::CHUNKS_UNINDEXED])?;
+        crate::catalog::flag_unindexed(&tx)?;
     }
     report.chunks_added = tx.execute(
         "INSERT INTO chunks (id, pack, offset, stored_len, raw_len, flags)

@@ -93,10 +93,11 @@ fn restate_against(
             let checkpoint = as_recorded(catalog, &id)?;
             let conn = catalog.connection_mut();
             // Leaves what the checkpoint reaches in `temp.restate`, read by the two checks and by restate_one.
-            let whole = whole_here(conn, checkpoint.root)? && !packs_gone(remote, conn, &mut asked)?;
-            match whole && restate_one(remote, conn, checkpoint)? {
-                true => out.written.push(id),
-                false => out.damaged.push(id),
+            if whole_here(conn, checkpoint.root)? && !packs_gone(remote, conn, &mut asked)? {
+                restate_one(remote, conn, checkpoint)?;
+                out.written.push(id);
+            } else {
+                out.damaged.push(id);
             }
         }
         (out.forgotten, out.relisted) = forget_again(remote, catalog, fresh)?;
@@ -107,9 +108,9 @@ fn restate_against(
 }
 
 /// One checkpoint, whose objects [`whole_here`] left in `temp.restate`: its chunk rows the bucket's records
-/// lack, a record per [`ITEMS`], then its trees, contents and segments they lack, with the checkpoint, in the
-/// last.
-fn restate_one(remote: &Remote, conn: &mut Connection, checkpoint: NewCheckpoint) -> Result<bool> {
+/// lack as they are here, a record per [`ITEMS`], then its trees, contents and segments they lack, with the
+/// checkpoint, in the last.
+fn restate_one(remote: &Remote, conn: &mut Connection, checkpoint: NewCheckpoint) -> Result<()> {
     let mut batch = Batch::default();
     let mut items = 0;
     let tx = conn.transaction()?;
@@ -170,7 +171,7 @@ fn restate_one(remote: &Remote, conn: &mut Connection, checkpoint: NewCheckpoint
     batch.checkpoint = Some(checkpoint);
     remote.publish(&tx, &batch)?;
     tx.commit()?;
-    Ok(true)
+    Ok(())
 }
 
 /// Settles each checkpoint that a lost record forgot here and the bucket's records (`fresh`) still hold. Left
@@ -255,13 +256,13 @@ fn forget_again(remote: &Remote, catalog: &mut Catalog, fresh: &Path) -> Result<
 
 /// Whether a pack holding chunks of `temp.restate` (see [`whole_here`]), as this copy places them, is gone:
 /// named by a GC's trace this copy applied (that GC deletes it), or no longer in the bucket (asked, a request
-/// per pack, each once per pass over the checkpoints: `asked`). A GC deletes a pack only once nothing it knows uses it, so
-/// the checkpoint was forgotten where it ran, in a record lost with the checkpoint's own: published or listed
-/// again, it would undo that forget and be listed everywhere, restoring nowhere (round 33 review, F2). Every
-/// chunk counts, not only those the records lack: a commit of data stored before adds no row of its own
-/// (round 36 review, F2). This copy's rows, not the records': a restated checkpoint publishes them where they
-/// differ (round 38 review, F1). Asked while this copy's markers hold every GC back, so the answers stand
-/// until the accept publishes.
+/// per pack, each once per pass over the checkpoints: `asked`). A GC deletes a pack only once nothing it
+/// knows uses it, so the checkpoint was forgotten where it ran, in a record lost with the checkpoint's own:
+/// published or listed again, it would undo that forget and be listed everywhere, restoring nowhere (round 33
+/// review, F2). Every chunk counts, not only those the records lack: a commit of data stored before adds no
+/// row of its own (round 36 review, F2). This copy's rows, not the records': a restated checkpoint publishes
+/// them where they differ (round 38 review, F1). Asked while this copy's markers hold every GC back, so the
+/// answers stand until the accept publishes.
 fn packs_gone(remote: &Remote, conn: &Connection, asked: &mut HashMap<String, bool>) -> Result<bool> {
     let packs: Vec<String> = conn
         .prepare(
