@@ -100,10 +100,7 @@ pub(crate) fn diff(
     f: &mut dyn FnMut(&Change) -> Result<()>,
 ) -> Result<DiffSummary> {
     let (ra, rb) = (content::root_entry(catalog, a)?, content::root_entry(catalog, b)?);
-    let max = catalog.params()?.chunk_max;
-    let zero = ChunkRef { id: ObjectId::of(&vec![0u8; max as usize]), len: max };
-    let summary = DiffSummary { from: a.to_string(), to: b.to_string(), ..Default::default() };
-    let mut d = Differ { catalog, zero, f, summary };
+    let mut d = Differ::new(catalog, f, a, b)?;
     // The root's path is empty for a directory (its entries are named relative to it), its name otherwise.
     let rel = if rb.kind == EntryKind::Dir { PathBuf::new() } else { PathBuf::from(OsStr::from_bytes(&rb.name)) };
     d.pair(&ra, &rb, &rel)?;
@@ -114,10 +111,7 @@ pub(crate) fn diff(
 /// it to compare with, as `git show` tells a root commit's. `from` is empty in the summary.
 pub(crate) fn added(catalog: &Catalog, b: &str, f: &mut dyn FnMut(&Change) -> Result<()>) -> Result<DiffSummary> {
     let rb = content::root_entry(catalog, b)?;
-    let max = catalog.params()?.chunk_max;
-    let zero = ChunkRef { id: ObjectId::of(&vec![0u8; max as usize]), len: max };
-    let summary = DiffSummary { to: b.to_string(), ..Default::default() };
-    let mut d = Differ { catalog, zero, f, summary };
+    let mut d = Differ::new(catalog, f, "", b)?;
     if rb.kind == EntryKind::Dir {
         // A directory's entries are named relative to it, as in `diff`: the root itself is no change.
         for c in catalog.tree(&rb.object()?.expect("dir has a tree"))? {
@@ -141,7 +135,15 @@ fn attributes_changed(a: &Entry, b: &Entry) -> bool {
     a.mode != b.mode || owner_changed(a, b) || a.xattrs != b.xattrs
 }
 
-impl Differ<'_> {
+impl<'a> Differ<'a> {
+    /// A comparison from checkpoint `from` (empty: nothing) to `to`, reporting each change to `f`.
+    fn new(catalog: &'a Catalog, f: &'a mut dyn FnMut(&Change) -> Result<()>, from: &str, to: &str) -> Result<Self> {
+        let max = catalog.params()?.chunk_max;
+        let zero = ChunkRef { id: ObjectId::of(&vec![0u8; max as usize]), len: max };
+        let summary = DiffSummary { from: from.to_string(), to: to.to_string(), ..Default::default() };
+        Ok(Differ { catalog, zero, f, summary })
+    }
+
     fn pair(&mut self, a: &Entry, b: &Entry, rel: &Path) -> Result<()> {
         if a.kind != b.kind {
             self.all(a, rel, ChangeKind::Removed)?;

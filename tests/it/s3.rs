@@ -2236,12 +2236,7 @@ fn a_commit_lost_with_its_forget_and_sweep_is_not_written_back_from_a_deleted_pa
         assert!(o.status.success(), "{}", text(&o.stderr));
         let g: serde_json::Value = serde_json::from_str(&text(&o.stdout)).unwrap();
         assert_eq!(g["packs_deleted"], 1, "x's pack is deleted: {g}");
-        let store = bucket(&endpoint, &url);
-        for key in listed(&endpoint, &url, "records/").into_iter().filter(|k| !before.contains(k)) {
-            if lose_trace || !key.contains("/records/swept-") {
-                store.delete(object_name(&url, &key)).unwrap();
-            }
-        }
+        lose_records_since(&endpoint, &url, &before, if lose_trace { None } else { Some("/records/swept-") });
         b.run(&["sync"]);
         a.run(&["sync"]);
         let accepted = a.run(&["sync", "--accept-missing"]);
@@ -2260,15 +2255,20 @@ fn a_commit_lost_with_its_forget_and_sweep_is_not_written_back_from_a_deleted_pa
     }
 }
 
-/// Deletes the records written since `before` (not the damage marks: a shared mark is no record), lets b and
-/// a see the loss, and returns a's `sync --accept-missing`.
-fn lose_records_and_accept(endpoint: &str, url: &str, before: &[String], a: &Machine, b: &Machine) -> Output {
+/// Deletes the objects under `records/` written since `before`, but those whose key holds `spare`.
+fn lose_records_since(endpoint: &str, url: &str, before: &[String], spare: Option<&str>) {
     let store = bucket(endpoint, url);
     for key in listed(endpoint, url, "records/").into_iter().filter(|k| !before.contains(k)) {
-        if !key.contains("/records/damage-") {
+        if !spare.is_some_and(|s| key.contains(s)) {
             store.delete(object_name(url, &key)).unwrap();
         }
     }
+}
+
+/// Deletes the records written since `before` (not the damage marks: a shared mark is no record), lets b and
+/// a see the loss, and returns a's `sync --accept-missing`.
+fn lose_records_and_accept(endpoint: &str, url: &str, before: &[String], a: &Machine, b: &Machine) -> Output {
+    lose_records_since(endpoint, url, before, Some("/records/damage-"));
     b.run(&["sync"]);
     a.run(&["sync"]);
     a.run(&["sync", "--accept-missing"])
@@ -2386,10 +2386,7 @@ fn a_lost_forget_of_a_checkpoint_still_whole_here_lists_it_again() {
     b.ok(&["sync"]);
     let before = listed(&endpoint, &url, "records/");
     b.ok(&["forget", &newest]);
-    let store = bucket(&endpoint, &url);
-    for key in listed(&endpoint, &url, "records/").into_iter().filter(|k| !before.contains(k)) {
-        store.delete(object_name(&url, &key)).unwrap();
-    }
+    lose_records_since(&endpoint, &url, &before, None);
     a.ok(&["forget", "--keep-last", "1"]);
     b.run(&["sync"]);
     let accepted = b.run(&["sync", "--accept-missing"]);
